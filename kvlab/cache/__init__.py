@@ -1,0 +1,6 @@
+"""K/V storage policies, one per attention kind, and the model-wide cache that holds them."""
+
+from .cache import Cache, register_policy
+from .storage import FullKV, KVStore, WindowKV
+
+__all__ = ["Cache", "FullKV", "KVStore", "WindowKV", "register_policy"]

@@ -1,0 +1,130 @@
+"""Per-layer K/V storage: full (every position) and window (a ring of exactly ``window`` slots).
+
+Both store K as ``[B, Hkv, L, Dk]`` and V as ``[B, Hkv, L, Dv]`` so attention reads views without
+copies. With a known ``max_length`` the tensors are allocated once; without, they grow
+geometrically (full) or up to the window (ring).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVStore:
+    """Base class: ``append`` new K/V and return what the current queries attend to."""
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def tensors(self) -> list[torch.Tensor]:
+        raise NotImplementedError
+
+    def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` for positions ``start..start+T-1``.
+
+        Returns the keys, values ``[B, Hkv, L, D]`` the T queries attend to and their absolute
+        positions ``[L]`` (``-1`` marks a slot never written).
+        """
+        raise NotImplementedError
+
+
+class _Buffers:
+    def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, dtype: torch.dtype, device) -> None:
+        self.shape = (batch, kv_heads)
+        self.dk, self.dv, self.dtype, self.device = dk, dv, dtype, device
+        self.k = torch.empty(batch, kv_heads, 0, dk, dtype=dtype, device=device)
+        self.v = torch.empty(batch, kv_heads, 0, dv, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.k.shape[2]
+
+    def resize(self, capacity: int, keep: int) -> None:
+        k = torch.empty(*self.shape, capacity, self.dk, dtype=self.dtype, device=self.device)
+        v = torch.empty(*self.shape, capacity, self.dv, dtype=self.dtype, device=self.device)
+        if keep:
+            k[:, :, :keep] = self.k[:, :, :keep]
+            v[:, :, :keep] = self.v[:, :, :keep]
+        self.k, self.v = k, v
+
+
+class FullKV(KVStore):
+    """K/V for every position: ``[B, Hkv, max_length, D]``, preallocated or grown by doubling."""
+
+    def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, max_length: int | None,
+                 dtype: torch.dtype, device) -> None:
+        self.buf = _Buffers(batch, kv_heads, dk, dv, dtype, device)
+        self.max_length = max_length
+        if max_length:
+            self.buf.resize(max_length, 0)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.buf.k, self.buf.v]
+
+    def append(self, k, v, start):
+        end = start + k.shape[2]
+        if end > self.buf.capacity:
+            if self.max_length:
+                raise ValueError(f"cache holds max_length={self.max_length} positions; "
+                                 f"{end} were requested (build the cache with a larger max_length)")
+            self.buf.resize(max(end, 2 * self.buf.capacity, 16), start)
+        self.buf.k[:, :, start:end] = k
+        self.buf.v[:, :, start:end] = v
+        kpos = torch.arange(end, device=k.device)
+        return self.buf.k[:, :, :end], self.buf.v[:, :, :end], kpos
+
+
+class WindowKV(KVStore):
+    """A ring buffer of exactly ``min(window, max_length)`` positions (sliding-window layers).
+
+    Position ``p`` lives in slot ``p % capacity``. A chunk of several tokens attends to the ring's
+    previous contents concatenated with itself, then its last ``capacity`` positions are written.
+    """
+
+    def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, window: int, max_length: int | None,
+                 dtype: torch.dtype, device) -> None:
+        self.buf = _Buffers(batch, kv_heads, dk, dv, dtype, device)
+        self.window = window
+        self.max_length = max_length
+        self.limit = min(window, max_length) if max_length else window
+        if max_length:
+            self.buf.resize(self.limit, 0)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.buf.k, self.buf.v]
+
+    def slot_positions(self, n: int, device) -> torch.Tensor:
+        """Absolute position held by each slot after ``n`` positions were written (``-1``: empty)."""
+        cap = self.buf.capacity
+        s = torch.arange(cap, device=device)
+        return torch.where(s <= n - 1, s + cap * torch.div(n - 1 - s, cap, rounding_mode="floor"), -1)
+
+    def append(self, k, v, start):
+        t = k.shape[2]
+        end = start + t
+        if self.max_length and end > self.max_length:
+            raise ValueError(f"cache holds max_length={self.max_length} positions; {end} were requested")
+        cap = self.buf.capacity
+        if cap < self.limit and end > cap:  # still filling without wrap-around: grow
+            self.buf.resize(min(self.limit, max(end, 2 * cap, 16)), start)
+            cap = self.buf.capacity
+        if t == 1:
+            slot = start % cap
+            self.buf.k[:, :, slot] = k[:, :, 0]
+            self.buf.v[:, :, slot] = v[:, :, 0]
+            if end < cap:
+                return self.buf.k[:, :, :end], self.buf.v[:, :, :end], torch.arange(end, device=k.device)
+            return self.buf.k, self.buf.v, self.slot_positions(end, k.device)
+        if start == 0:
+            k_all, v_all, kpos = k, v, torch.arange(end, device=k.device)
+        else:
+            held = min(start, cap)
+            prev = self.slot_positions(start, k.device)[:held] if start < cap else self.slot_positions(start, k.device)
+            k_all = torch.cat((self.buf.k[:, :, :held], k), dim=2)
+            v_all = torch.cat((self.buf.v[:, :, :held], v), dim=2)
+            kpos = torch.cat((prev, torch.arange(start, end, device=k.device)))
+        keep = min(t, cap)
+        slots = torch.arange(end - keep, end, device=k.device) % cap
+        self.buf.k.index_copy_(2, slots, k[:, :, t - keep:])
+        self.buf.v.index_copy_(2, slots, v[:, :, t - keep:])
+        return k_all, v_all, kpos

@@ -1,0 +1,1 @@
+"""Building blocks, one technique per file."""

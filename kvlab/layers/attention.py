@@ -1,0 +1,159 @@
+"""Grouped-query attention: MHA, GQA (arXiv 2305.13245) and MQA (arXiv 1911.02150).
+
+Options: q/k RMSNorm, sliding window (Longformer/Mistral), learned sink logits (gpt-oss), a
+sigmoid or softplus output gate computed from the attention input, and reading another layer's
+K/V (cross-layer sharing). Attention runs in ``scaled_dot_product_attention``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LayerSpec
+from .norm import RMSNorm
+from .rope import apply_rope
+
+
+@dataclass
+class Step:
+    """What one forward call shares between layers.
+
+    start: absolute index of the first new position; qpos ``[T]`` absolute indices; pad ``[B]``
+    left-pad counts or None; rope: rope tables by layer; kv: the (k, v, kpos) each producing layer
+    attended to, for the layers that share them; masks: built masks by key set.
+    """
+
+    start: int
+    qpos: torch.Tensor
+    pad: torch.Tensor | None
+    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    masks: dict[tuple, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
+
+    def mask(self, kpos: torch.Tensor, window: int | None, key: tuple) -> tuple[torch.Tensor | None, bool]:
+        """(boolean mask ``[B|1, 1, T, L]`` with True = attend, or None; whether plain causal applies)."""
+        key = (key, window)
+        if key not in self.masks:
+            t = self.qpos.shape[0]
+            if (self.pad is None and self.start == 0 and kpos.shape[0] == t and t > 1
+                    and (window is None or window >= t)):
+                self.masks[key] = (None, True)
+            else:
+                self.masks[key] = (build_mask(self.qpos, kpos, window, self.pad), False)
+        return self.masks[key]
+
+
+def build_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
+               pad: torch.Tensor | None) -> torch.Tensor | None:
+    """Causal, window and left-padding mask; a query always sees itself (pad rows stay finite)."""
+    q, k = qpos[:, None], kpos[None, :]
+    ok = (k <= q) & (k >= 0)
+    if window is not None:
+        ok &= k > q - window
+    if pad is not None:
+        ok = ok[None] & (k[None] >= pad[:, None, None])
+        ok |= (k == q)[None]
+        return ok[:, None]
+    if bool(ok.all()):
+        return None
+    return ok[None, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``.
+
+    ``mask`` is boolean ``[B|1, 1, T, L]``. ``causal`` (with mask None) means the T queries are the
+    last T keys. ``sinks [H]`` adds a per-head logit to the softmax denominator.
+    """
+    b, h, t, d = q.shape
+    hkv = k.shape[1]
+    g = h // hkv
+    if sinks is not None:
+        if g > 1:
+            k = k.repeat_interleave(g, dim=1)
+            v = v.repeat_interleave(g, dim=1)
+        s = (q @ k.transpose(-1, -2)).float() * scale
+        if causal and mask is None:
+            L = k.shape[2]
+            mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)[None, None]
+        if mask is not None:
+            s = s.masked_fill(~mask, float("-inf"))
+        s = torch.cat((s, sinks.float().view(1, h, 1, 1).expand(b, h, t, 1)), dim=-1)
+        p = s.softmax(-1)[..., :-1].to(v.dtype)
+        return p @ v
+    if g > 1 and not causal:
+        # fold the query heads of a group into the query axis: no K/V copies
+        qf = q.reshape(b, hkv, g * t, d)
+        if mask is not None:
+            mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, mask.shape[-1]).reshape(mask.shape[0], 1, g * t, -1)
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, h, t, v.shape[-1])
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=g > 1)
+
+
+class Attention(nn.Module):
+    """One attention layer described by a :class:`LayerSpec`; x ``[B, T, hidden]`` -> same shape."""
+
+    def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        h, hkv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim
+        self.q_proj = nn.Linear(hidden, h * d, bias=spec.qkv_bias)
+        if spec.stores_kv:
+            self.k_proj = nn.Linear(hidden, hkv * d, bias=spec.qkv_bias)
+            self.v_proj = nn.Linear(hidden, hkv * dv, bias=spec.qkv_bias)
+        self.o_proj = nn.Linear(h * dv, hidden, bias=spec.o_bias)
+        if spec.qk_norm:
+            self.q_norm = RMSNorm(d, eps, norm_offset)
+            if spec.stores_kv:
+                self.k_norm = RMSNorm(d, eps, norm_offset)
+        if spec.output_gate:
+            self.g_proj = nn.Linear(hidden, h if spec.gate_per_head else h * dv, bias=False)
+        if spec.sinks:
+            self.sinks = nn.Parameter(torch.zeros(h))
+
+    def project_kv(self, x: torch.Tensor, rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """K ``[B, Hkv, T, D]`` (normed, rotated) and V ``[B, Hkv, T, Dv]``."""
+        s = self.spec
+        b, t, _ = x.shape
+        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.value_dim).transpose(1, 2)
+        if s.qk_norm:
+            k = self.k_norm(k)
+        if rope is not None:
+            k = apply_rope(k, *rope)
+        return k, v
+
+    def forward(self, x: torch.Tensor, step: Step, index: int, store=None) -> torch.Tensor:
+        s = self.spec
+        b, t, _ = x.shape
+        rope = step.rope.get(index)
+        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
+        if s.qk_norm:
+            q = self.q_norm(q)
+        if rope is not None:
+            q = apply_rope(q, *rope)
+        if s.kv_source is not None:
+            k, v, kpos = step.kv[s.kv_source]
+        else:
+            k, v = self.project_kv(x, rope)
+            if store is not None:
+                k, v, kpos = store.append(k, v, step.start)
+            else:
+                kpos = step.qpos
+            step.kv[index] = (k, v, kpos)
+        src = index if s.kv_source is None else s.kv_source
+        mask, causal = step.mask(kpos, s.window, (src, kpos.shape[0]))
+        out = attend(q, k, v, mask, s.scale, causal=causal, sinks=self.sinks if s.sinks else None)
+        out = out.transpose(1, 2)  # [B, T, H, Dv]
+        if s.output_gate:
+            g = self.g_proj(x)
+            g = torch.sigmoid(g) if s.output_gate == "sigmoid" else F.softplus(g)
+            out = out * (g[..., None] if s.gate_per_head else g.view(b, t, s.num_heads, s.value_dim))
+        return self.o_proj(out.reshape(b, t, s.num_heads * s.value_dim))

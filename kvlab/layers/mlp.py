@@ -1,0 +1,31 @@
+"""Gated MLP: SwiGLU / GeGLU (Shazeer 2020, arXiv 2002.05202)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def activation(name: str):
+    if name == "silu":
+        return F.silu
+    if name == "gelu_tanh":
+        return lambda x: F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu
+    raise ValueError(f"activation={name!r}: allowed: silu, gelu_tanh, gelu")
+
+
+class GatedMLP(nn.Module):
+    """``down(act(gate(x)) * up(x))``; x ``[..., hidden]`` -> ``[..., hidden]``."""
+
+    def __init__(self, hidden: int, width: int, act: str = "silu", bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, width, bias=bias)
+        self.up_proj = nn.Linear(hidden, width, bias=bias)
+        self.down_proj = nn.Linear(width, hidden, bias=bias)
+        self.act = activation(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))

@@ -1,0 +1,29 @@
+"""RMSNorm (Zhang & Sennrich 2019) computed in fp32, with the Gemma ``1 + w`` offset as an option."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """``x / rms(x) * w`` over the last dim; ``offset=True`` applies ``1 + w`` (weights stored as w).
+
+    Computed in fp32 whatever the input dtype. Without the offset the normalised value is cast back
+    to the input dtype before the weight is applied (Llama/Qwen order); with it the product is
+    taken in fp32 and cast last (Gemma order).
+    """
+
+    def __init__(self, dim: int, eps: float = 1e-6, offset: bool = False) -> None:
+        super().__init__()
+        self.eps = eps
+        self.offset = offset
+        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.offset:
+            return (h * (1.0 + self.weight.float())).to(dtype)
+        return self.weight * h.to(dtype)

@@ -1,0 +1,94 @@
+"""Rotary position embedding (RoFormer, arXiv 2104.09864) with partial rotation and scalings.
+
+Scalings: linear position interpolation (arXiv 2306.15595), Llama 3.1 band-wise scaling, and YaRN
+(arXiv 2309.00071). Frequencies follow transformers' ``modeling_rope_utils`` so logits match.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..config import RopeSpec
+
+
+def rotary_dim(spec: RopeSpec, head_dim: int) -> int:
+    return int(head_dim * spec.partial)
+
+
+def inv_freq_and_scale(spec: RopeSpec, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies ``[rot_dim // 2]`` (fp32) and the cos/sin scale (YaRN's attention factor)."""
+    dim = rotary_dim(spec, head_dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
+    inv = 1.0 / (spec.theta ** exponents)
+    if spec.scaling == "default":
+        return inv, 1.0
+    if spec.scaling == "linear":
+        return inv / spec.factor, 1.0
+    if spec.scaling == "llama3":
+        old = spec.original_max_positions
+        low_wl, high_wl = old / spec.low_freq_factor, old / spec.high_freq_factor
+        wavelen = 2 * math.pi / inv
+        scaled = torch.where(wavelen > low_wl, inv / spec.factor, inv)
+        smooth = (old / wavelen - spec.low_freq_factor) / (spec.high_freq_factor - spec.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / spec.factor + smooth * scaled
+        medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+        return torch.where(medium, smoothed, scaled), 1.0
+    # yarn
+    factor, orig = spec.factor, spec.original_max_positions
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    att = spec.attention_factor
+    if att is None:
+        if spec.mscale and spec.mscale_all_dim:
+            att = mscale(factor, spec.mscale) / mscale(factor, spec.mscale_all_dim)
+        else:
+            att = mscale(factor)
+
+    def corr_dim(rot: float) -> float:
+        return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(spec.theta))
+
+    low, high = corr_dim(spec.beta_fast or 32), corr_dim(spec.beta_slow or 1)
+    if spec.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device="cpu") - low) / (high - low)).clamp(0, 1)
+    extrap = 1 - ramp
+    inv = (inv / factor) * (1 - extrap) + inv * extrap
+    return inv, float(att)
+
+
+class Rotary:
+    """cos/sin tables for one RopeSpec; positions ``[B, T]`` -> cos, sin ``[B, T, rot_dim]`` (fp32)."""
+
+    def __init__(self, spec: RopeSpec, head_dim: int) -> None:
+        self.spec = spec
+        self.rot_dim = rotary_dim(spec, head_dim)
+        self._inv, self.scale = inv_freq_and_scale(spec, head_dim)
+        self._by_device: dict[torch.device, torch.Tensor] = {}
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv = self._by_device.get(positions.device)
+        if inv is None:
+            inv = self._by_device.setdefault(positions.device, self._inv.to(positions.device))
+        freqs = positions[..., None].float() * inv
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos() * self.scale, emb.sin() * self.scale
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rot_dim`` channels of ``x [B, H, T, D]`` (rotate-half layout)."""
+    rot = cos.shape[-1]
+    cos = cos[:, None].to(x.dtype)
+    sin = sin[:, None].to(x.dtype)
+    if rot == x.shape[-1]:
+        x1, x2 = x.chunk(2, dim=-1)
+        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+    xr, xp = x[..., :rot], x[..., rot:]
+    x1, x2 = xr.chunk(2, dim=-1)
+    return torch.cat((xr * cos + torch.cat((-x2, x1), dim=-1) * sin, xp), dim=-1)

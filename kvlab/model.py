@@ -1,0 +1,162 @@
+"""The decoder assembled from a :class:`~kvlab.config.ModelConfig`, one block per LayerSpec."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .cache import Cache
+from .config import LayerSpec, ModelConfig
+from .layers.attention import Attention, Step
+from .layers.mlp import GatedMLP
+from .layers.moe import MoE
+from .layers.norm import RMSNorm
+from .layers.rope import Rotary
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+
+    def __init__(self, spec: LayerSpec, config: ModelConfig) -> None:
+        super().__init__()
+        hidden, eps, off = config.hidden_size, config.norm_eps, config.norm_offset
+        self.attn_norm = RMSNorm(hidden, eps, off)
+        self.attn = Attention(spec, hidden, eps, off)
+        self.mlp_norm = RMSNorm(hidden, eps, off)
+        if spec.mlp == "moe":
+            self.mlp = MoE(hidden, spec.moe, spec.activation)
+        else:
+            self.mlp = GatedMLP(hidden, spec.intermediate_size, spec.activation, spec.mlp_bias)
+
+    def forward(self, x: torch.Tensor, step: Step, index: int, store=None) -> torch.Tensor:
+        x = x + self.attn(self.attn_norm(x), step, index, store)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Left-pad counts ``[B]`` from a 0/1 mask ``[B, T]``; any other padding layout is an error."""
+    m = attention_mask.to(torch.long)
+    if m.dim() != 2:
+        raise ValueError(f"attention_mask must be [batch, length], got shape {tuple(m.shape)}")
+    if bool(((m != 0) & (m != 1)).any()):
+        raise ValueError("attention_mask must hold only 0 (padding) and 1 (token)")
+    pad = (m == 0).sum(-1)
+    pos = torch.arange(m.shape[1], device=m.device)[None]
+    if bool((m != (pos >= pad[:, None]).long()).any()):
+        raise ValueError("attention_mask: only left padding is supported (zeros before the tokens of each row)")
+    if bool((pad == m.shape[1]).any()):
+        raise ValueError("attention_mask: a row has no tokens")
+    return pad
+
+
+class Model(nn.Module):
+    """A decoder-only LM. ``model(input_ids [B, T]) -> logits [B, T, vocab]``.
+
+    With ``cache`` the call appends the T new positions to it (chunked prefill or decode).
+    ``attention_mask`` (1 = token, 0 = left padding) is read on the first call of a cache, or on
+    an uncached call.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(Block(spec, config) for spec in config.layers)
+        self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._rotary: list[Rotary | None] = []
+        shared: dict[tuple, Rotary] = {}
+        for spec in config.layers:
+            if spec.rope is None:
+                self._rotary.append(None)
+                continue
+            key = (repr(spec.rope), spec.head_dim)
+            self._rotary.append(shared.setdefault(key, Rotary(spec.rope, spec.head_dim)))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                    seed: int | None = 0, std: float = 0.02) -> Model:
+        """A randomly initialised model (normal(0, std) weights, unit norms)."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.fill_(0.0 if config.norm_offset else 1.0)
+                elif name.endswith(("bias", "sinks")):
+                    p.zero_()
+                else:
+                    p.copy_(torch.randn(p.shape, generator=gen) * std)
+        return model.to(dtype)
+
+    @property
+    def head_weight(self) -> torch.Tensor:
+        return self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def new_cache(self, batch_size: int = 1, max_length: int | None = None) -> Cache:
+        """Storage sized by each layer's spec; preallocated to ``max_length`` when given."""
+        p = self.embed.weight
+        return Cache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device)
+
+    def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
+                last_only: bool = False) -> torch.Tensor:
+        """input_ids ``[B, T]`` int64 -> logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_only``)."""
+        cfg = self.config
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
+        b, t = input_ids.shape
+        if t == 0:
+            raise ValueError("input_ids is empty")
+        start = cache.seq_len if cache is not None else 0
+        if start + t > cfg.max_positions:
+            raise ValueError(f"sequence of {start + t} positions exceeds the model's max_positions={cfg.max_positions}")
+        if cache is not None and cache.batch_size != b:
+            raise ValueError(f"cache was built for batch_size={cache.batch_size}, input has batch {b}")
+        if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size})")
+        pad = None
+        if attention_mask is not None and (cache is None or start == 0):
+            pad = left_padding(attention_mask[:, -t:] if cache is None else attention_mask[:, :t])
+            pad = pad if bool(pad.any()) else None
+            if cache is not None:
+                cache.set_padding(pad)
+        elif cache is not None:
+            pad = cache.pad
+        device = input_ids.device
+        qpos = torch.arange(start, start + t, device=device)
+        positions = qpos[None].expand(b, t) if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)
+        step = Step(start=start, qpos=qpos, pad=pad)
+        tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, rot in enumerate(self._rotary):
+            if rot is not None:
+                key = id(rot)
+                if key not in tables:
+                    tables[key] = rot(positions)
+                step.rope[i] = tables[key]
+        x = self.embed(input_ids)
+        if cfg.embed_scale is not None:
+            x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        for i, block in enumerate(self.layers):
+            x = block(x, step, i, cache.layers[i] if cache is not None else None)
+        if cache is not None:
+            cache.seq_len = start + t
+        if last_only:
+            x = x[:, -1:]
+        logits = self.norm(x) @ self.head_weight.T
+        if cfg.final_logit_softcap is not None:
+            cap = cfg.final_logit_softcap
+            logits = torch.tanh(logits / cap) * cap
+        return logits
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+
+def embed_scale_for(hidden: int) -> float:
+    """Gemma's embedding scale, sqrt(hidden)."""
+    return math.sqrt(hidden)

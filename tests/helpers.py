@@ -1,0 +1,49 @@
+"""Small random model descriptions shared by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from kvlab.config import LayerSpec, ModelConfig, MoESpec, uniform_layers
+from kvlab.model import Model
+
+# every attention kind/option the core supports, as LayerSpec keyword overrides
+ATTENTION_VARIANTS: dict[str, dict] = {
+    "mha": {"num_kv_heads": 4},
+    "gqa": {},
+    "mqa": {"num_kv_heads": 1, "qk_norm": True},
+    "window": {"window": 5},
+    "sinks": {"sinks": True},
+    "window+sinks": {"window": 4, "sinks": True},
+    "gate-sigmoid-head": {"output_gate": "sigmoid"},
+    "gate-softplus-elem": {"output_gate": "softplus", "gate_per_head": False},
+    "bias": {"qkv_bias": True, "o_bias": True},
+    "partial-rope": {"rope": {"theta": 500.0, "partial": 0.5}},
+    "nope": {"rope": None},
+}
+
+
+def tiny_config(shared: bool = True, moe: bool = False, layers: int = 3, **overrides) -> ModelConfig:
+    """A 3-layer model; with ``shared`` the last layer reads layer 1's K/V."""
+    base = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 64}
+    base.update(overrides)
+    specs = uniform_layers(layers, **base)
+    if shared:
+        specs[-1].kv_source = layers - 2
+    if moe:
+        specs[0].mlp = "moe"
+        specs[0].moe = MoESpec(num_experts=4, top_k=2, expert_size=32, shared_experts=1)
+    return ModelConfig(vocab_size=97, hidden_size=64, layers=specs, max_positions=512)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> Model:
+    model = Model.from_config(cfg, seed=seed, std=0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():  # non-trivial sinks, norms and biases so they matter in the comparisons
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "bias", "norm.weight")):
+                p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+__all__ = ["ATTENTION_VARIANTS", "LayerSpec", "random_model", "tiny_config"]

@@ -1,0 +1,97 @@
+"""Cached == uncached and prefix consistency for every attention kind and option."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import ATTENTION_VARIANTS, random_model, tiny_config
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+torch.set_grad_enabled(False)
+
+
+def run_chunked(model, ids, pad, chunk, max_length):
+    cache = model.new_cache(ids.shape[0], max_length=max_length)
+    cache.set_padding(pad)
+    outs = [model(ids[:, s:s + chunk], cache=cache) for s in range(0, ids.shape[1], chunk)]
+    return torch.cat(outs, 1), cache
+
+
+def assert_rows_close(a, b, pad, atol=1e-5):
+    for r, p in enumerate(pad.tolist()):
+        torch.testing.assert_close(a[r, p:], b[r, p:], atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(ATTENTION_VARIANTS))
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+@pytest.mark.parametrize("max_length", [40, None])
+def test_chunked_prefill_and_decode_equal_full_forward(variant, chunk, max_length):
+    cfg = tiny_config(moe=variant == "gqa", **ATTENTION_VARIANTS[variant])
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (3, 29), generator=torch.Generator().manual_seed(2))
+    pad = torch.tensor([0, 6, 11])
+    mask = (torch.arange(29)[None] >= pad[:, None]).long()
+    full = model(ids, attention_mask=mask)
+    inc, _ = run_chunked(model, ids, pad, chunk, max_length)
+    assert_rows_close(inc, full, pad)
+    # a padded row gives the logits of the same row alone, unpadded
+    for r, p in enumerate(pad.tolist()):
+        torch.testing.assert_close(model(ids[r:r + 1, p:])[0], full[r, p:], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant", sorted(ATTENTION_VARIANTS))
+def test_prefix_consistency(variant):
+    """No attention kind looks ahead: a prefix's logits are the first positions of the longer forward."""
+    cfg = tiny_config(**ATTENTION_VARIANTS[variant])
+    model = random_model(cfg, seed=3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=torch.Generator().manual_seed(4))
+    full = model(ids)
+    for n in (1, 5, 13, 23):
+        torch.testing.assert_close(model(ids[:, :n]), full[:, :n], atol=1e-5, rtol=0)
+
+
+def test_decode_differs_when_history_differs():
+    """Guard against a cache that ignores its contents: changing an early token changes later logits."""
+    cfg = tiny_config(shared=False)
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    other = ids.clone()
+    other[0, 0] = (other[0, 0] + 1) % cfg.vocab_size
+    a, _ = run_chunked(model, ids, torch.tensor([0]), 1, 12)
+    b, _ = run_chunked(model, other, torch.tensor([0]), 1, 12)
+    assert (a[0, -1] - b[0, -1]).abs().max() > 1e-4
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    heads=st.sampled_from([(4, 1), (4, 2), (4, 4), (6, 3)]),
+    head_dim=st.sampled_from([8, 16]),
+    window=st.one_of(st.none(), st.integers(1, 9)),
+    sinks=st.booleans(),
+    gate=st.sampled_from([None, "sigmoid", "softplus"]),
+    qk_norm=st.booleans(),
+    shared=st.booleans(),
+    chunk=st.integers(1, 9),
+    length=st.integers(2, 26),
+    pads=st.lists(st.integers(0, 5), min_size=1, max_size=3),
+    seed=st.integers(0, 1000),
+)
+def test_property_cached_equals_uncached(heads, head_dim, window, sinks, gate, qk_norm, shared, chunk, length, pads,
+                                         seed):
+    h, hkv = heads
+    cfg = tiny_config(shared=shared, num_heads=h, num_kv_heads=hkv, head_dim=head_dim, window=window, sinks=sinks,
+                      output_gate=gate, qk_norm=qk_norm)
+    model = random_model(cfg, seed=seed)
+    pad = torch.tensor([min(p, length - 1) for p in pads])
+    ids = torch.randint(0, cfg.vocab_size, (len(pads), length), generator=torch.Generator().manual_seed(seed))
+    mask = (torch.arange(length)[None] >= pad[:, None]).long()
+    full = model(ids, attention_mask=mask)
+    inc, cache = run_chunked(model, ids, pad, chunk, length + 2)
+    assert_rows_close(inc, full, pad)
+    for i, spec in enumerate(cfg.layers):
+        store = cache.layers[i]
+        if spec.kv_source is not None:
+            assert store is None
+        elif spec.window is not None:
+            assert store.buf.k.shape[2] == min(spec.window, length + 2)
