@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from .config import LayerSpec, ModelConfig, MoESpec, RopeSpec
 from .model import Model
+from . import presets  # a module that is also callable: kvlab.presets() lists the names
+from .costs import costs  # binds kvlab.costs to the function, not the module of the same name
 
 __version__ = "0.1.0"
 
@@ -18,10 +20,4 @@ def __getattr__(name: str):
     if name == "load":
         from .families import load
         return load
-    if name == "costs":
-        from .costs import costs
-        return costs
-    if name == "presets":
-        from .presets import presets
-        return presets
     raise AttributeError(name)

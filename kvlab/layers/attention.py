@@ -39,7 +39,9 @@ class Step:
         key = (key, window)
         if key not in self.masks:
             t = self.qpos.shape[0]
-            if (self.pad is None and self.start == 0 and kpos.shape[0] == t and t > 1
+            if t == 1 and self.pad is None:  # a decode step sees every key its store returns
+                self.masks[key] = (None, False)
+            elif (self.pad is None and self.start == 0 and kpos.shape[0] == t and t > 1
                     and (window is None or window >= t)):
                 self.masks[key] = (None, True)
             else:
@@ -67,34 +69,35 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``.
 
-    ``mask`` is boolean ``[B|1, 1, T, L]``. ``causal`` (with mask None) means the T queries are the
-    last T keys. ``sinks [H]`` adds a per-head logit to the softmax denominator.
+    ``mask`` is boolean ``[B|1, 1, T, L]`` (True = attend). ``causal`` (with mask None) means the T
+    queries are the last T keys. ``sinks [H]`` adds a per-head logit to the softmax denominator.
+    Prefill runs in ``scaled_dot_product_attention``; a decode step (T = 1) and sink attention run as
+    two matmuls with the query heads of a group folded together, so K and V are read once, uncopied.
     """
+    t = q.shape[2]
+    if sinks is None and t > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=q.shape[1] != k.shape[1])
+    if causal:
+        L = k.shape[2]
+        mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)[None, None]
+    return _attend_folded(q, k, v, mask, scale, sinks)
+
+
+def _attend_folded(q, k, v, mask, scale, sinks):
     b, h, t, d = q.shape
-    hkv = k.shape[1]
+    hkv, L = k.shape[1], k.shape[2]
     g = h // hkv
-    if sinks is not None:
-        if g > 1:
-            k = k.repeat_interleave(g, dim=1)
-            v = v.repeat_interleave(g, dim=1)
-        s = (q @ k.transpose(-1, -2)).float() * scale
-        if causal and mask is None:
-            L = k.shape[2]
-            mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)[None, None]
-        if mask is not None:
-            s = s.masked_fill(~mask, float("-inf"))
-        s = torch.cat((s, sinks.float().view(1, h, 1, 1).expand(b, h, t, 1)), dim=-1)
-        p = s.softmax(-1)[..., :-1].to(v.dtype)
-        return p @ v
-    if g > 1 and not causal:
-        # fold the query heads of a group into the query axis: no K/V copies
-        qf = q.reshape(b, hkv, g * t, d)
-        if mask is not None:
-            mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, mask.shape[-1]).reshape(mask.shape[0], 1, g * t, -1)
-        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
-        return out.reshape(b, h, t, v.shape[-1])
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-                                          enable_gqa=g > 1)
+    s = (q.reshape(b, hkv, g * t, d) @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
+    if mask is not None:
+        m = mask[:, :, None].expand(mask.shape[0], 1, g, t, L).reshape(mask.shape[0], 1, g * t, L)
+        s = s.masked_fill(~m, float("-inf"))
+    if sinks is None:
+        p = s.softmax(-1)
+    else:
+        sink = sinks.float().view(1, hkv, g, 1, 1).expand(b, hkv, g, t, 1).reshape(b, hkv, g * t, 1)
+        p = torch.cat((s, sink), dim=-1).softmax(-1)[..., :L]
+    return (p.to(v.dtype) @ v).reshape(b, h, t, v.shape[-1])
 
 
 class Attention(nn.Module):

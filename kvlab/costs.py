@@ -1,0 +1,303 @@
+"""The calculator: parameters, KV-cache bytes, bytes read per decode step and FLOPs, per layer and in total.
+
+It reads the same :class:`~kvlab.config.ModelConfig` the modules and the cache read, so its
+``kv_cache_bytes`` equals ``model.new_cache(batch_size, max_length=context).nbytes()`` byte for byte and
+``params_total`` equals the number of parameters of the built model. Each attention kind prices itself
+through a function registered with :func:`register_attention_cost`; new techniques add one there.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from kvlab.config import LayerSpec, ModelConfig
+
+# name -> bytes per element; aliases map onto these canonical names.
+DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "float64": 8}
+DTYPE_ALIASES: dict[str, str] = {
+    "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
+    "float32": "float32", "fp32": "float32", "float": "float32", "float8": "float8", "fp8": "float8",
+    "float8_e4m3fn": "float8", "float8_e5m2": "float8", "int8": "int8", "float64": "float64", "fp64": "float64",
+}
+
+
+def dtype_bytes(dtype: Any) -> tuple[str, int]:
+    """``(canonical name, bytes per element)`` for a dtype name or a ``torch.dtype``; ValueError if unknown."""
+    key = dtype
+    if not isinstance(dtype, str):
+        key = str(dtype).removeprefix("torch.") if type(dtype).__name__ == "dtype" else None
+    name = DTYPE_ALIASES.get(key.lower()) if isinstance(key, str) else None
+    if name is None:
+        allowed = ", ".join(sorted(DTYPE_ALIASES))
+        raise ValueError(f"dtype={dtype!r}: allowed: {allowed} (or the matching torch.dtype)")
+    return name, DTYPE_BYTES[name]
+
+
+@dataclass
+class AttnCost:
+    """What one attention layer costs; returned by a registered attention cost function.
+
+    ``kv_bytes`` is stored for the whole batch at ``context``; ``kv_bytes_per_token`` is per cached position of
+    one sequence; ``kv_read_bytes`` is K/V read by one decode step of the batch; FLOPs are per token
+    (decode at ``context``) and for a whole prefill of ``context`` tokens of one sequence.
+    """
+
+    params: int
+    matmul_params: int
+    kv_bytes: int
+    kv_bytes_per_token: int
+    kv_read_bytes: int
+    flops_per_token: int
+    prefill_flops: int
+
+
+AttnCostFn = Callable[[LayerSpec, int, int, int, int], AttnCost]
+_ATTENTION_COSTS: dict[str, AttnCostFn] = {}
+
+
+def register_attention_cost(kind: str, fn: AttnCostFn) -> None:
+    """Price attention kind ``kind`` with ``fn(layer, hidden, context, batch, kv_elt_bytes) -> AttnCost``."""
+    _ATTENTION_COSTS[kind] = fn
+
+
+def causal_positions(n: int, window: int | None) -> int:
+    """sum_{i=1..n} min(i, window): keys seen over a causal prefill of ``n`` tokens, in closed form."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
+def _gqa_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
+    h, kvh, hd, vd = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.value_dim
+    mats = h * hd * hidden + hidden * h * vd  # q_proj, o_proj
+    extra = (h * hd if layer.qkv_bias else 0) + (hidden if layer.o_bias else 0)
+    if layer.stores_kv:
+        mats += kvh * (hd + vd) * hidden  # k_proj, v_proj
+        extra += kvh * (hd + vd) if layer.qkv_bias else 0
+    if layer.qk_norm:
+        extra += hd * (2 if layer.stores_kv else 1)  # q_norm, k_norm
+    if layer.output_gate:
+        mats += (h if layer.gate_per_head else h * vd) * hidden
+    if layer.sinks:
+        extra += h
+    seen = context if layer.window is None else min(context, layer.window)
+    per_pos = kvh * (hd + vd) * kv_elt
+    return AttnCost(
+        params=mats + extra,
+        matmul_params=mats,
+        kv_bytes=batch * per_pos * seen if layer.stores_kv else 0,
+        kv_bytes_per_token=per_pos if layer.stores_kv else 0,
+        kv_read_bytes=batch * per_pos * seen,  # a shared layer reads its producer's entries again
+        flops_per_token=2 * h * (hd + vd) * seen,
+        prefill_flops=2 * h * (hd + vd) * causal_positions(context, layer.window),
+    )
+
+
+register_attention_cost("gqa", _gqa_cost)
+
+
+@dataclass
+class _MlpCost:
+    params: int
+    active: int  # params touched by one token
+    matmul: int  # matmul params touched by one token
+    read: int  # params read by one decode step of the batch (distinct experts)
+
+
+def _mlp_cost(layer: LayerSpec, hidden: int, batch: int) -> _MlpCost:
+    if layer.mlp == "dense":
+        i = layer.intermediate_size
+        mats = 3 * i * hidden
+        n = mats + ((2 * i + hidden) if layer.mlp_bias else 0)
+        return _MlpCost(n, n, mats, n)
+    moe = layer.moe
+    assert moe is not None
+    e, k, w = moe.num_experts, moe.top_k, moe.expert_size
+    expert = 3 * w * hidden
+    router = e * hidden
+    shared = 3 * moe.shared_width * hidden
+    always = router + shared + (e if moe.bias_correction else 0)
+    return _MlpCost(params=always + e * expert, active=always + k * expert, matmul=router + shared + k * expert,
+                    read=always + min(e, batch * k) * expert)
+
+
+@dataclass
+class LayerCosts:
+    """One layer's share. Bytes/FLOPs conventions as in :class:`Costs`."""
+
+    index: int
+    kind: str
+    mlp: str
+    heads: int
+    kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    window: int | None
+    kv_source: int | None
+    params: int
+    params_active: int
+    kv_bytes: int
+    kv_bytes_per_token: int
+    kv_read_bytes: int
+    attn_flops_per_token: int
+    prefill_attn_flops: int
+
+
+@dataclass
+class Costs:
+    """Sizes, traffic and FLOPs of a model at one context length.
+
+    Bytes stored/read cover the whole ``batch``; ``*_per_token`` figures are per token of one sequence;
+    ``prefill_flops`` covers ``batch`` sequences of ``context`` tokens. ``assumptions`` says what each assumes.
+    """
+
+    name: str
+    context: int
+    batch: int
+    dtype: str
+    kv_dtype: str
+    params_total: int
+    params_embedding: int
+    params_lm_head: int
+    params_active: int
+    params_active_non_embedding: int
+    kv_cache_bytes: int
+    kv_bytes_per_token: int
+    kv_bytes_per_token_window: int
+    kv_read_bytes_per_step: int
+    weight_read_bytes_per_step: int
+    flops_per_token: int
+    attn_flops_per_token: int
+    other_flops_per_token: int
+    prefill_flops: int
+    prefill_attn_flops: int
+    per_layer: list[LayerCosts] = field(default_factory=list)
+    assumptions: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-ready dict (per_layer as a list of dicts)."""
+        return dataclasses.asdict(self)
+
+
+def resolve_config(model: Any) -> ModelConfig:
+    """A ModelConfig from a ModelConfig, a preset name, a checkpoint directory or an object with ``.config``."""
+    if isinstance(model, ModelConfig):
+        return model
+    if isinstance(getattr(model, "config", None), ModelConfig):
+        return model.config
+    if isinstance(model, (str, Path)):
+        from kvlab.presets import get_preset, presets
+
+        if isinstance(model, str) and model in presets():
+            return get_preset(model)
+        path = Path(model)
+        if path.is_dir() and (path / "config.json").is_file():
+            try:
+                from kvlab.families import config_from_dir
+            except ImportError as exc:  # the families package is not there yet
+                raise ValueError(f"{path}: reading a checkpoint needs kvlab.families.config_from_dir ({exc})") from exc
+            return config_from_dir(path)
+        raise ValueError(f"model={str(model)!r} is neither a preset nor a directory with config.json; "
+                         f"presets: {', '.join(presets())}")
+    raise ValueError(f"model must be a ModelConfig, a preset name, a checkpoint directory or have a .config "
+                     f"ModelConfig; got {type(model).__name__}")
+
+
+def _kind(layer: LayerSpec) -> str:
+    base = "full" if layer.window is None else f"window {layer.window}"
+    if layer.attention != "gqa":
+        base = f"{layer.attention} {base}"
+    return f"shared<-{layer.kv_source}" if layer.kv_source is not None else base
+
+
+def _mlp_label(layer: LayerSpec) -> str:
+    if layer.mlp == "dense":
+        return f"dense {layer.intermediate_size}"
+    moe = layer.moe
+    assert moe is not None
+    shared = f" +{moe.shared_experts} shared" if moe.shared_experts else ""
+    return f"moe {moe.top_k}/{moe.num_experts}x{moe.expert_size}{shared}"
+
+
+def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_dtype: Any = None) -> Costs:
+    """Price ``model`` (ModelConfig, preset name, checkpoint dir or Model) at ``context`` tokens.
+
+    ``context`` is the cache length (a preallocated cache's ``max_length``) and the decode position;
+    ``dtype`` prices weights, ``kv_dtype`` (default ``dtype``) prices the K/V cache.
+    """
+    cfg = resolve_config(model)
+    for nm, v in (("context", context), ("batch", batch)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ValueError(f"{nm}={v!r}: must be a positive integer")
+    w_name, w_elt = dtype_bytes(dtype)
+    kv_name, kv_elt = dtype_bytes(dtype if kv_dtype is None else kv_dtype)
+    hidden, vocab = cfg.hidden_size, cfg.vocab_size
+
+    per_layer: list[LayerCosts] = []
+    matmul_active = read_params = 0
+    for i, layer in enumerate(cfg.layers):
+        fn = _ATTENTION_COSTS.get(layer.attention)
+        if fn is None:
+            raise ValueError(f"layers[{i}].attention={layer.attention!r}: no cost formula registered; "
+                             f"known: {', '.join(sorted(_ATTENTION_COSTS))}")
+        a = fn(layer, hidden, context, batch, kv_elt)
+        m = _mlp_cost(layer, hidden, batch)
+        norms = 2 * hidden
+        matmul_active += a.matmul_params + m.matmul
+        read_params += a.params + m.read + norms
+        per_layer.append(LayerCosts(
+            index=i, kind=_kind(layer), mlp=_mlp_label(layer), heads=layer.num_heads,
+            kv_heads=layer.num_kv_heads, head_dim=layer.head_dim, v_head_dim=layer.value_dim,
+            window=layer.window, kv_source=layer.kv_source, params=a.params + m.params + norms,
+            params_active=a.params + m.active + norms, kv_bytes=a.kv_bytes, kv_bytes_per_token=a.kv_bytes_per_token,
+            kv_read_bytes=a.kv_read_bytes, attn_flops_per_token=a.flops_per_token,
+            prefill_attn_flops=batch * a.prefill_flops))
+
+    embed = vocab * hidden
+    lm_head = 0 if cfg.tie_embeddings else vocab * hidden
+    outside = embed + lm_head + hidden  # embedding, untied head, final norm
+    params_total = outside + sum(x.params for x in per_layer)
+    params_active = outside + sum(x.params_active for x in per_layer)
+    matmul_active += vocab * hidden  # the lm head, tied or not
+    read_params += min(batch, vocab) * hidden + vocab * hidden + hidden  # embedding rows, head, final norm
+
+    attn_tok = sum(x.attn_flops_per_token for x in per_layer)
+    other_tok = 2 * matmul_active
+    prefill_attn = sum(x.prefill_attn_flops for x in per_layer)
+    full = [x for x in per_layer if x.window is None]
+    assumptions = [
+        f"weights in {w_name} ({w_elt} B/param), K/V cache in {kv_name} ({kv_elt} B/element); batch {batch}",
+        ("kv_cache_bytes: K [batch, kv_heads, L, head_dim] + V [batch, kv_heads, L, v_head_dim] per storing layer, "
+         "L = context (full) or min(window, context) (window); layers with kv_source store nothing"),
+        ("kv_bytes_per_token: per position of one sequence over full-attention layers; "
+         "kv_bytes_per_token_window: the same over window layers (held only up to the window)"),
+        ("kv_read_bytes_per_step: one decode step of the batch at position context reads min(context, window) "
+         "entries per layer; shared layers read their producer's entries again"),
+        ("weight_read_bytes_per_step: every active parameter once per step, one embedding row per sequence, the "
+         "full lm head (the embedding table when tied); MoE: min(num_experts, batch*top_k) distinct experts"),
+        ("flops_per_token: 2 x active matmul params (no embedding lookup, lm head included) + attention "
+         "2 x heads x (head_dim + v_head_dim) x min(context, window); norms, activations, softmax and RoPE ignored"),
+        ("prefill_flops: batch x (2 x active matmul params x context + causal attention sum_i min(i, window)); "
+         "logits computed for every position; no FlashAttention-style masking savings beyond causality"),
+        ("params_active: everything a token touches: dense params, router, shared experts and top_k routed experts, "
+         "embedding and lm head included (params_active_non_embedding excludes them)"),
+    ]
+    if context > cfg.max_positions:
+        assumptions.append(f"context {context} exceeds the model's max_positions {cfg.max_positions}")
+    return Costs(
+        name=cfg.name, context=context, batch=batch, dtype=w_name, kv_dtype=kv_name,
+        params_total=params_total, params_embedding=embed, params_lm_head=lm_head, params_active=params_active,
+        params_active_non_embedding=params_active - embed - lm_head,
+        kv_cache_bytes=sum(x.kv_bytes for x in per_layer),
+        kv_bytes_per_token=sum(x.kv_bytes_per_token for x in full),
+        kv_bytes_per_token_window=sum(x.kv_bytes_per_token for x in per_layer if x.window is not None),
+        kv_read_bytes_per_step=sum(x.kv_read_bytes for x in per_layer),
+        weight_read_bytes_per_step=read_params * w_elt,
+        flops_per_token=attn_tok + other_tok, attn_flops_per_token=attn_tok, other_flops_per_token=other_tok,
+        prefill_flops=batch * other_tok * context + prefill_attn, prefill_attn_flops=prefill_attn,
+        per_layer=per_layer, assumptions=assumptions,
+    )

@@ -1,0 +1,23 @@
+"""Published model configurations as :class:`~kvlab.config.ModelConfig` objects.
+
+``presets()`` lists the names, ``get_preset(name)`` builds a fresh config, ``register(name, fn, source)``
+lets a family module add its own. Every preset cites its source in ``ModelConfig.source``.
+"""
+
+import sys
+import types
+
+from kvlab.presets import baselines  # noqa: F401  (registers the baseline presets)
+from kvlab.presets.registry import get_preset, preset, preset_source, presets, register
+
+__all__ = ["get_preset", "preset", "preset_source", "presets", "register"]
+
+
+class _CallablePresets(types.ModuleType):
+    """Lets ``kvlab.presets()`` (DESIGN.md) list the names while ``kvlab.presets`` stays this module."""
+
+    def __call__(self) -> list[str]:
+        return presets()
+
+
+sys.modules[__name__].__class__ = _CallablePresets
