@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from .config import LayerSpec, ModelConfig, MoESpec, RopeSpec
-from .model import Model
 from . import presets  # a module that is also callable: kvlab.presets() lists the names
+from .config import LayerSpec, ModelConfig, MoESpec, RopeSpec
 from .costs import costs  # binds kvlab.costs to the function, not the module of the same name
+from .model import Model
 
 __version__ = "0.1.0"
 
