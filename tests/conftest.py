@@ -1,4 +1,9 @@
 import sys
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).parent))
+
+# The suite runs tiny models: one thread avoids OpenMP oversubscription on small, shared machines.
+torch.set_num_threads(1)

@@ -1,0 +1,119 @@
+"""Checkpoint families: a HF ``config.json`` -> :class:`~kvlab.config.ModelConfig`, HF tensors -> kvlab tensors.
+
+``FAMILIES`` maps the ``architectures`` entry of ``config.json`` to its :class:`Family`.
+``load(dir)`` is ``kvlab.load``: config, weights (safetensors only), shape check, model.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from ..checkpoint import read_config, read_tensors
+from ..config import ModelConfig
+from . import llama, mistral, qwen3, qwen3_moe
+from .base import Family
+
+if TYPE_CHECKING:
+    from ..model import Model
+
+FAMILIES: dict[str, Family] = {f.architecture: f for f in (
+    llama.FAMILY, mistral.FAMILY, qwen3.FAMILY, qwen3.QWEN2_FAMILY, qwen3_moe.FAMILY)}
+
+__all__ = ["FAMILIES", "Family", "config_from_dir", "config_from_hf", "expected_shapes", "family_of", "load",
+           "load_state", "register"]
+
+
+def register(family: Family) -> Family:
+    """Add a family to the registry (replacing any with the same architecture)."""
+    FAMILIES[family.architecture] = family
+    return family
+
+
+def family_of(cfg: dict[str, Any]) -> Family:
+    """The family named by ``cfg['architectures']``; ValueError listing the supported ones otherwise."""
+    archs = cfg.get("architectures") or []
+    if isinstance(archs, str):
+        archs = [archs]
+    for a in archs:
+        if a in FAMILIES:
+            return FAMILIES[a]
+    got = ", ".join(map(str, archs)) if archs else "none (no 'architectures' entry)"
+    raise ValueError(f"unsupported architecture {got}; supported: {', '.join(sorted(FAMILIES))}")
+
+
+def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
+    """A ModelConfig from a parsed ``config.json``."""
+    return family_of(cfg).config_from_hf(cfg)
+
+
+def config_from_dir(path: str | Path) -> ModelConfig:
+    """A ModelConfig from a checkpoint directory's ``config.json``."""
+    cfg = read_config(path)
+    config = config_from_hf(cfg)
+    config.source = f"{path} ({family_of(cfg).architecture})"
+    return config
+
+
+def _skeleton(config: ModelConfig) -> Model:
+    """The model with its parameters on ``meta`` (no memory, no init cost); rope tables stay on the CPU."""
+    from ..model import Model
+
+    with torch.device("meta"):
+        return Model(config)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """kvlab tensor name -> shape for ``config`` (from a parameter-free skeleton of the model)."""
+    return {k: tuple(v.shape) for k, v in _skeleton(config).state_dict().items()}
+
+
+def check_state(state: dict[str, torch.Tensor], config: ModelConfig, family: Family | None = None,
+                where: str = "checkpoint") -> None:
+    """Raise one ValueError naming every missing, unexpected or mis-shaped tensor."""
+    want = expected_shapes(config)
+    problems = []
+
+    def hf(name: str) -> str:
+        h = family.hf_name(name) if family else None
+        return f" (HF {h})" if h and h != name else ""
+
+    for name in sorted(want.keys() - state.keys()):
+        problems.append(f"missing {name}{hf(name)}: expected shape {list(want[name])}")
+    for name in sorted(state.keys() - want.keys()):
+        problems.append(f"unexpected {name}{hf(name)}: shape {list(state[name].shape)}")
+    for name in sorted(want.keys() & state.keys()):
+        if tuple(state[name].shape) != want[name]:
+            problems.append(f"wrong shape {name}{hf(name)}: expected {list(want[name])}, "
+                            f"got {list(state[name].shape)}")
+    if problems:
+        arch = f" ({family.architecture})" if family else ""
+        raise ValueError(f"{where}{arch} does not match the model its config describes:\n  " + "\n  ".join(problems))
+
+
+def load_state(path: str | Path, config: ModelConfig | None = None, dtype: torch.dtype | None = None,
+               device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
+    """The checkpoint's tensors under kvlab names, checked against ``config`` (default: its config.json).
+
+    Floating tensors are cast to ``dtype`` (if given) as they are read, one at a time.
+    """
+    cfg = read_config(path)
+    family = family_of(cfg)
+    config = config if config is not None else family.config_from_hf(cfg)
+    lazy = read_tensors(path, dtype)
+    state = family.map_weights(lazy, config)
+    if device is not None:
+        state = {k: v.to(device) for k, v in state.items()}
+    check_state(state, config, family, where=f"checkpoint {str(path)!r}")
+    return state
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Model:
+    """``kvlab.load``: a Model with the weights of a HF-layout checkpoint directory (safetensors only)."""
+    config = config_from_dir(path)
+    state = load_state(path, config, dtype=dtype, device=device)
+    model = _skeleton(config)
+    model.load_state_dict(state, strict=True, assign=True)
+    return model.to(device).eval()

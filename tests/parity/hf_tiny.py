@@ -1,0 +1,51 @@
+"""Tiny random transformers models (built offline from their own config classes) saved as checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+
+SIZES: dict[str, Any] = {"vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 3,
+                         "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}
+ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {  # architecture -> (config class, model class, extra kwargs)
+    "LlamaForCausalLM": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "Qwen3ForCausalLM": ("Qwen3Config", "Qwen3ForCausalLM", {"head_dim": 16}),
+    "Qwen2ForCausalLM": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "MistralForCausalLM": ("MistralConfig", "MistralForCausalLM", {"sliding_window": None}),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                            {"moe_intermediate_size": 32, "num_experts": 4, "num_experts_per_tok": 2,
+                             "head_dim": 16}),
+}
+
+
+def tiny_hf(arch: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
+    """A 3-layer fp32 model of ``arch`` with non-trivial random weights (norms and biases too)."""
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    cfg = getattr(transformers, cfg_cls)(**{**SIZES, **extra, **overrides})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * noise)
+            else:
+                p.copy_(0.1 * noise)
+    gc = model.generation_config
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
+    return model.eval()
+
+
+def save(model: transformers.PreTrainedModel, path: Path, **kw: Any) -> Path:
+    model.save_pretrained(path, **kw)
+    return path
+
+
+def hf_json(model: transformers.PreTrainedModel) -> dict[str, Any]:
+    """The model's config as config.json would hold it (with its ``architectures`` entry)."""
+    return {**model.config.to_dict(), "architectures": [type(model).__name__]}

@@ -1,0 +1,82 @@
+"""Parity with transformers: logits of a left-padded batch and greedy generation, per family.
+
+Each case builds a tiny random transformers model from its own config class (fp32, eager attention),
+saves it with ``save_pretrained``, loads it with ``kvlab.load`` and compares. Offline; no downloads.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from hf_tiny import save, tiny_hf
+
+import kvlab
+
+CASES: dict[str, tuple[str, dict[str, Any]]] = {
+    "llama": ("LlamaForCausalLM", {"partial_rotary_factor": 0.5}),  # ignored by transformers' Llama
+    "llama-bias-llama3rope": ("LlamaForCausalLM", {
+        "attention_bias": True, "mlp_bias": True, "num_key_value_heads": 1,
+        "rope_parameters": {"rope_type": "llama3", "rope_theta": 10000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 16}}),
+    "llama-yarn-tied": ("LlamaForCausalLM", {
+        "tie_word_embeddings": True,
+        "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 64}}),  # 4 * 64 = max_position_embeddings
+    "qwen3": ("Qwen3ForCausalLM", {}),
+    "qwen3-sliding": ("Qwen3ForCausalLM", {"use_sliding_window": True, "sliding_window": 4,
+                                           "layer_types": ["sliding_attention", "full_attention",
+                                                           "sliding_attention"]}),
+    "mistral-sliding": ("MistralForCausalLM", {"sliding_window": 4}),
+    "qwen2": ("Qwen2ForCausalLM", {}),
+    "qwen3-moe": ("Qwen3MoeForCausalLM", {"mlp_only_layers": [1], "norm_topk_prob": True}),
+}
+LENGTHS = (20, 13)  # unequal rows, left-padded; 20 tokens cross a window of 4 several times
+NEW = 32
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, kvlab.Model]:
+    arch, kw = CASES[request.param]
+    hf = tiny_hf(arch, **kw)
+    path: Path = save(hf, tmp_path_factory.mktemp(request.param))
+    return hf, kvlab.load(path)
+
+
+def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    t = max(LENGTHS)
+    ids = torch.randint(1, vocab, (len(LENGTHS), t), generator=gen)
+    mask = torch.zeros(len(LENGTHS), t, dtype=torch.long)
+    for i, n in enumerate(LENGTHS):
+        mask[i, t - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@torch.no_grad()
+def test_logits_match(pair: tuple[Any, kvlab.Model]) -> None:
+    hf, model = pair
+    ids, mask = _batch(hf.config.vocab_size)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate uses for left padding
+    want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    got = model(ids, attention_mask=mask)
+    assert got.shape == want.shape
+    real = mask.bool()
+    diff = (got[real] - want[real]).abs().max().item()
+    assert diff <= 1e-4, f"max |logits diff| {diff:.2e} over non-pad positions"
+    # rows are independent of their padding: the short row alone gives the same logits
+    alone = model(ids[1:, -LENGTHS[1]:])
+    assert (alone[0] - got[1, -LENGTHS[1]:]).abs().max().item() <= 1e-4
+
+
+@torch.no_grad()
+def test_greedy_generation_matches(pair: tuple[Any, kvlab.Model]) -> None:
+    hf, model = pair
+    ids, mask = _batch(hf.config.vocab_size)
+    want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
+                       eos_token_id=None, pad_token_id=0)
+    got = kvlab.generate(model, ids, max_new_tokens=NEW, temperature=0.0, attention_mask=mask)
+    assert got.shape == want.shape == (len(LENGTHS), max(LENGTHS) + NEW)
+    assert torch.equal(got, want), f"first differing step: {(got != want).any(0).nonzero()[0].item()}"
