@@ -1,0 +1,498 @@
+"""Prefill/decode benchmark: throughput, memory, measured vs calculated cache bytes, bandwidth use.
+
+``run_bench(spec, contexts)`` builds or loads a model, prefills each context (random ids, chunked) into
+a cache preallocated to ``context + decode_tokens``, decodes token by token, and returns one dict of
+figures per context plus machine information. ``--vs transformers`` runs the same loop in transformers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import inspect
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from kvlab.config import ModelConfig
+from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_rate, parse_dtype, table
+
+TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_WEIGHT_BUDGET = 4 * 1024**3  # bytes of weights a preset may take before it is scaled down
+WARMUP = 16  # tokens of the untimed warm-up run
+
+
+# -- what to run -------------------------------------------------------------------------------------
+def resolve_spec(spec: str | Path | ModelConfig) -> ModelConfig:
+    """A ModelConfig from a preset name, a checkpoint dir, a kvlab ModelConfig ``.json`` file or a ModelConfig."""
+    if isinstance(spec, ModelConfig):
+        return spec
+    p = Path(spec)
+    if p.is_file() and p.suffix == ".json":
+        try:
+            return ModelConfig.load(p)
+        except (json.JSONDecodeError, TypeError) as e:
+            raise ValueError(f"{str(p)!r} is not a kvlab ModelConfig JSON file: {e}") from e
+    if p.is_dir() and not (p / "config.json").is_file():
+        raise ValueError(f"{str(p)!r} is a directory without config.json; expected a checkpoint directory")
+    from kvlab.costs import resolve_config
+
+    return resolve_config(str(spec))
+
+
+def is_checkpoint(spec: Any) -> bool:
+    return isinstance(spec, (str, Path)) and Path(spec).is_dir() and (Path(spec) / "config.json").is_file()
+
+
+def _weight_bytes(cfg: ModelConfig, elt: int) -> int:
+    from kvlab.costs import costs
+
+    return costs(cfg, context=1, dtype="float32").params_total * elt
+
+
+def scale_to_fit(cfg: ModelConfig, budget_bytes: int = DEFAULT_WEIGHT_BUDGET, elt: int = 4
+                 ) -> tuple[ModelConfig, list[str]]:
+    """Shrink ``cfg`` until its weights take at most ``budget_bytes``; returns the config and what changed.
+
+    Steps, in order, stopping as soon as it fits: vocab to 32768; MoE experts down to top_k (active
+    width unchanged); hidden and MLP widths halved (attention heads and head dims, hence the K/V cache,
+    kept); then layers truncated. Only the last step changes the KV cache.
+    """
+    notes: list[str] = []
+    if _weight_bytes(cfg, elt) <= budget_bytes:
+        return cfg, notes
+    original = _weight_bytes(cfg, elt)
+
+    def fits(c: ModelConfig) -> bool:
+        return _weight_bytes(c, elt) <= budget_bytes
+
+    if cfg.vocab_size > 32768:
+        notes.append(f"vocab {cfg.vocab_size} -> 32768")
+        cfg = dataclasses.replace(cfg, vocab_size=32768)
+    if not fits(cfg) and any(x.moe is not None and x.moe.num_experts > x.moe.top_k for x in cfg.layers):
+        def fewer(_i: int, x: Any) -> Any:
+            if x.moe is not None:
+                x.moe = dataclasses.replace(x.moe, num_experts=x.moe.top_k)
+            return x
+        counts = sorted({x.moe.num_experts for x in cfg.layers if x.moe is not None})
+        cfg = cfg.replace_layers(fewer)
+        notes.append(f"MoE experts {'/'.join(map(str, counts))} -> top_k per layer (active width unchanged)")
+    hidden0 = cfg.hidden_size
+    while not fits(cfg) and cfg.hidden_size > 128:
+        def halve(_i: int, x: Any) -> Any:
+            if x.intermediate_size:
+                x.intermediate_size = max(16, x.intermediate_size // 2)
+            if x.moe is not None:
+                x.moe = dataclasses.replace(x.moe, expert_size=max(16, x.moe.expert_size // 2),
+                                            shared_size=(max(16, x.moe.shared_size // 2) if x.moe.shared_size
+                                                         else None))
+            return x
+        try:
+            cfg = dataclasses.replace(cfg.replace_layers(halve), hidden_size=cfg.hidden_size // 2)
+        except ValueError:
+            break
+    if cfg.hidden_size != hidden0:
+        notes.append(f"hidden {hidden0} -> {cfg.hidden_size}, MLP widths x{cfg.hidden_size / hidden0:g} "
+                     "(attention heads and head dims kept)")
+    n0 = cfg.num_layers
+    while not fits(cfg) and cfg.num_layers > 1:
+        cfg = dataclasses.replace(cfg, layers=[dataclasses.replace(x) for x in cfg.layers[:-1]])
+    if cfg.num_layers != n0:
+        notes.append(f"layers {n0} -> {cfg.num_layers} (the KV cache shrinks with them)")
+    notes.insert(0, f"weights {fmt_bytes(original)} -> {fmt_bytes(_weight_bytes(cfg, elt))} "
+                    f"(budget {fmt_bytes(budget_bytes)})")
+    return dataclasses.replace(cfg, name=f"{cfg.name} (scaled)"), notes
+
+
+# -- measurements ------------------------------------------------------------------------------------
+def copy_bandwidth(nbytes: int = 256 * 1024**2, repeats: int = 5) -> float:
+    """Memory bandwidth in bytes/s: ``dst.copy_(src)`` of ``nbytes``, read + written, best of ``repeats``."""
+    n = max(1, nbytes // 4)
+    src = torch.ones(n, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    dst.copy_(src)  # touch the pages
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n * 4 / best
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (``getrusage`` ru_maxrss; KiB on Linux, bytes on macOS)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(r if sys.platform == "darwin" else r * 1024)
+
+
+@contextmanager
+def rss_sampler(interval: float = 0.002) -> Iterator[dict[str, int]]:
+    """Samples RSS in a thread; yields a dict whose ``start`` and ``peak`` (bytes) are filled on exit."""
+    proc = psutil.Process()
+    out = {"start": proc.memory_info().rss, "peak": 0}
+    out["peak"] = out["start"]
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.is_set():
+            out["peak"] = max(out["peak"], proc.memory_info().rss)
+            stop.wait(interval)
+
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+    try:
+        yield out
+    finally:
+        stop.set()
+        th.join()
+        out["peak"] = max(out["peak"], proc.memory_info().rss)
+
+
+def machine_info() -> dict[str, Any]:
+    vm = psutil.virtual_memory()
+    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+            "memory_total_bytes": vm.total}
+
+
+# -- the loops ---------------------------------------------------------------------------------------
+def _timed_loop(forward: Callable[[torch.Tensor, bool], torch.Tensor], ids: torch.Tensor, chunk: int,
+                decode_tokens: int, desc: str, progress: bool) -> dict[str, Any]:
+    """Chunked prefill of ``ids`` then ``decode_tokens`` greedy steps through ``forward(ids, last_only)``."""
+    t = ids.shape[1]
+    bar = tqdm(total=t + decode_tokens, desc=desc, unit="tok", file=sys.stderr, disable=not progress, leave=False)
+    t0 = time.perf_counter()
+    logits = None
+    for s in range(0, t, chunk):
+        logits = forward(ids[:, s:s + chunk], True)
+        bar.update(min(chunk, t - s))
+    prefill_s = time.perf_counter() - t0
+    steps: list[float] = []
+    for _ in range(decode_tokens):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)
+        t1 = time.perf_counter()
+        logits = forward(nxt, False)
+        steps.append(time.perf_counter() - t1)
+        bar.update(1)
+    bar.close()
+    med = statistics.median(steps) if steps else float("nan")
+    return {"prefill_s": prefill_s, "prefill_tok_s": ids.numel() / prefill_s,
+            "decode_step_median_s": med, "decode_steps_s": steps,
+            "decode_tok_s": ids.shape[0] / med if steps else float("nan"),
+            "decode_tok_s_mean": ids.shape[0] * len(steps) / sum(steps) if steps else float("nan")}
+
+
+def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str, batch: int = 1,
+                prefill_chunk: int = 512, seed: int = 0, bandwidth: float | None = None,
+                progress: bool = True) -> list[dict[str, Any]]:
+    """Prefill + decode ``model`` at each context; figures per context (see the module docstring)."""
+    from kvlab.costs import costs
+
+    last_only = "last_only" in inspect.signature(model.forward).parameters
+    rows = []
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
+        n = max(1, min(WARMUP, model.config.max_positions - 2))
+        warm = model.new_cache(batch, max_length=n + 2)
+        _timed_loop(lambda x, _last, c=warm: model(x, cache=c), torch.zeros(batch, n, dtype=torch.long),
+                    n, 2, "warm-up", False)
+    for ctx in contexts:
+        max_length = ctx + decode_tokens
+        ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=gen)
+        gc.collect()
+        with torch.inference_mode(), rss_sampler() as mem:
+            cache = model.new_cache(batch, max_length=max_length)
+
+            def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
+                return model(x, cache=cache, last_only=last) if last_only else model(x, cache=cache)
+
+            r = _timed_loop(fwd, ids, prefill_chunk, decode_tokens, f"kvlab {fmt_context(ctx)}", progress)
+            measured = cache.nbytes()
+            del fwd, cache
+        c_alloc = costs(model.config, context=max_length, dtype=dtype, batch=batch)
+        c_mid = costs(model.config, context=ctx + decode_tokens // 2, dtype=dtype, batch=batch)
+        read = c_mid.weight_read_bytes_per_step + c_mid.kv_read_bytes_per_step
+        r.update(context=ctx, max_length=max_length, batch=batch,
+                 cache_bytes_measured=measured, cache_bytes_calculated=c_alloc.kv_cache_bytes,
+                 cache_bytes_match=measured == c_alloc.kv_cache_bytes,
+                 bytes_read_per_step=read, weight_read_bytes_per_step=c_mid.weight_read_bytes_per_step,
+                 kv_read_bytes_per_step=c_mid.kv_read_bytes_per_step,
+                 achieved_bandwidth=read / r["decode_step_median_s"],
+                 rss_start_bytes=mem["start"], rss_peak_bytes=mem["peak"],
+                 rss_delta_bytes=mem["peak"] - mem["start"], ru_maxrss_bytes=peak_rss_bytes())
+        if bandwidth:
+            r["bandwidth_utilisation"] = r["achieved_bandwidth"] / bandwidth
+        rows.append(r)
+    return rows
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise ValueError("--vs transformers needs transformers: pip install transformers==5.23.0") from e
+    return transformers
+
+
+def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int, dtype: str, batch: int = 1,
+                       prefill_chunk: int = 512, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+    """The same prefill + decode loop in transformers (``DynamicCache``, manual loop, inference mode)."""
+    tf = _transformers()
+    hf = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=TORCH_DTYPES[dtype])
+    hf.eval()
+    vocab = hf.config.get_text_config(decoder=True).vocab_size
+    rows = []
+    gen = torch.Generator().manual_seed(seed)
+    with torch.inference_mode():  # warm-up, as for kvlab
+        warm = tf.DynamicCache(config=hf.config)
+        _timed_loop(lambda x, _last, c=warm: hf(input_ids=x, past_key_values=c, use_cache=True).logits,
+                    torch.zeros(batch, WARMUP, dtype=torch.long), WARMUP, 2, "warm-up", False)
+    for ctx in contexts:
+        ids = torch.randint(0, vocab, (batch, ctx), generator=gen)
+        gc.collect()
+        with torch.inference_mode(), rss_sampler() as mem:
+            cache = tf.DynamicCache(config=hf.config)
+
+            def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
+                return hf(input_ids=x, past_key_values=cache, use_cache=True, logits_to_keep=1 if last else 0).logits
+
+            r = _timed_loop(fwd, ids, prefill_chunk, decode_tokens, f"transformers {fmt_context(ctx)}", progress)
+            held = sum(t.numel() * t.element_size() for layer in cache.layers
+                       for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
+                       if isinstance(t, torch.Tensor))
+            del fwd, cache
+        r.update(context=ctx, batch=batch, cache_bytes_measured=held, rss_start_bytes=mem["start"],
+                 rss_peak_bytes=mem["peak"], rss_delta_bytes=mem["peak"] - mem["start"],
+                 ru_maxrss_bytes=peak_rss_bytes())
+        rows.append(r)
+    return rows
+
+
+HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
+                  "Qwen3MoeForCausalLM": "qwen3_moe"}
+
+
+def _rope_dict(r: Any) -> dict[str, Any]:
+    d: dict[str, Any] = {"rope_type": r.scaling, "rope_theta": r.theta}
+    if r.partial != 1.0:
+        d["partial_rotary_factor"] = r.partial
+    if r.scaling != "default":
+        d["factor"] = r.factor
+    if r.scaling in ("llama3", "yarn"):
+        d["original_max_position_embeddings"] = r.original_max_positions
+    if r.scaling == "llama3":
+        d.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
+    if r.scaling == "yarn":
+        d.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, attention_factor=r.attention_factor,
+                 mscale=r.mscale, mscale_all_dim=r.mscale_all_dim, truncate=r.truncate)
+    return d
+
+
+def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
+    """A transformers ``config.json`` dict of ``cfg``'s shape, for the first family that reads it back equal.
+
+    Tries Llama, Qwen3, Mistral and Qwen3-MoE layouts; ValueError when none round-trips through
+    ``kvlab.families.config_from_hf`` to the same layers.
+    """
+    from kvlab.families import config_from_hf
+    from kvlab.families.base import ACTIVATIONS
+
+    x = cfg.layers[0]
+    acts = {v: k for k, v in reversed(list(ACTIVATIONS.items()))}
+    windows = [layer.window for layer in cfg.layers]
+    sliding = sorted({w for w in windows if w is not None})
+    dense = [i for i, layer in enumerate(cfg.layers) if layer.moe is None]
+    base: dict[str, Any] = {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
+        "num_attention_heads": x.num_heads, "num_key_value_heads": x.num_kv_heads, "head_dim": x.head_dim,
+        "intermediate_size": max([layer.intermediate_size for layer in cfg.layers] + [1]),
+        "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
+        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": acts.get(x.activation, x.activation),
+        "attention_bias": x.qkv_bias, "mlp_bias": x.mlp_bias,
+        "rope_parameters": _rope_dict(x.rope) if x.rope is not None else None,
+    }
+    types = ["sliding_attention" if w else "full_attention" for w in windows]
+    candidates = [
+        ("LlamaForCausalLM", {}),
+        ("Qwen3ForCausalLM", {"layer_types": types, "use_sliding_window": bool(sliding),
+                              "sliding_window": sliding[0] if sliding else None}),
+        ("MistralForCausalLM", {"sliding_window": sliding[0] if sliding else None}),
+    ]
+    if x.moe is not None or any(layer.moe is not None for layer in cfg.layers):
+        m = next(layer.moe for layer in cfg.layers if layer.moe is not None)
+        candidates.append(("Qwen3MoeForCausalLM", {
+            "num_experts": m.num_experts, "num_experts_per_tok": m.top_k, "moe_intermediate_size": m.expert_size,
+            "norm_topk_prob": m.norm_topk, "mlp_only_layers": dense, "decoder_sparse_step": 1,
+            "use_sliding_window": bool(sliding), "sliding_window": sliding[0] if sliding else None}))
+
+    def key(c: ModelConfig) -> dict[str, Any]:
+        d = c.to_dict()
+        d.pop("name")
+        d.pop("source")
+        return d
+
+    want = key(cfg)
+    for arch, extra in candidates:
+        d = {**base, **extra, "architectures": [arch], "model_type": HF_MODEL_TYPES[arch]}
+        try:
+            if key(config_from_hf(d)) == want:
+                return d
+        except (ValueError, KeyError, TypeError):
+            continue
+    raise ValueError(f"{cfg.name}: no transformers family (Llama, Qwen3, Mistral, Qwen3-MoE) has this shape; "
+                     "for --vs transformers pass a checkpoint directory instead")
+
+
+def save_random_hf(cfg: ModelConfig, out: str | Path, seed: int = 0) -> Path:
+    """Write a randomly initialised transformers checkpoint of ``cfg``'s shape to ``out``."""
+    tf = _transformers()
+    d = hf_config_dict(cfg)
+    model_type = d.pop("model_type")
+    hf_cfg = tf.AutoConfig.for_model(model_type, **d)
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+    model.save_pretrained(str(out))
+    del model
+    gc.collect()
+    return Path(out)
+
+
+def _check_lengths(cfg: ModelConfig, contexts: list[int], decode_tokens: int) -> None:
+    too_long = [c for c in contexts if c + decode_tokens > cfg.max_positions]
+    if too_long:
+        raise ValueError(f"context {fmt_context(too_long[0])} + {decode_tokens} decode tokens exceeds the "
+                         f"model's max_positions={cfg.max_positions}")
+
+
+# -- the whole run -----------------------------------------------------------------------------------
+def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens: int = 32, dtype: str = "float32",
+              threads: int | None = None, vs: str | None = None, batch: int = 1, prefill_chunk: int = 512,
+              weight_budget: int = DEFAULT_WEIGHT_BUDGET, bandwidth_bytes: int = 256 * 1024**2,
+              progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"model", "config", "scaled", "results", "transformers", "ratios", ...}``."""
+    from kvlab.model import Model
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    dtype = parse_dtype(dtype)
+    if vs not in (None, "transformers"):
+        raise ValueError(f"--vs {vs!r}: the only comparison is 'transformers'")
+    if decode_tokens < 1 or batch < 1 or prefill_chunk < 1:
+        raise ValueError("decode tokens, batch and prefill chunk must be positive integers")
+    if threads is not None:
+        if threads < 1:
+            raise ValueError(f"threads={threads}: must be a positive integer")
+        torch.set_num_threads(threads)
+    torch_dtype = TORCH_DTYPES[dtype]
+    checkpoint = is_checkpoint(spec)
+    notes: list[str] = []
+    tmp: tempfile.TemporaryDirectory | None = None
+    try:
+        if checkpoint:
+            from kvlab import load
+
+            log(f"loading {spec} ...")
+            model = load(str(spec), dtype=torch_dtype, device="cpu")
+            source_dir: Path | None = Path(spec)
+        else:
+            cfg = resolve_spec(spec)
+            elt = torch.tensor([], dtype=torch_dtype).element_size()
+            cfg, notes = scale_to_fit(cfg, weight_budget, elt)
+            _check_lengths(cfg, contexts, decode_tokens)
+            for n in notes:
+                log(f"scaled: {n}")
+            source_dir = None
+            if vs == "transformers":
+                tmp = tempfile.TemporaryDirectory(prefix="kvlab-bench-")
+                save_random_hf(cfg, tmp.name)
+                from kvlab import load
+
+                model = load(tmp.name, dtype=torch_dtype, device="cpu")
+                model.config.name = cfg.name
+                source_dir = Path(tmp.name)
+            else:
+                log(f"building a random {cfg.name} ...")
+                model = Model.from_config(cfg, dtype=torch_dtype, seed=0)
+        model.eval()
+        cfg = model.config
+        _check_lengths(cfg, contexts, decode_tokens)
+        bw = copy_bandwidth(bandwidth_bytes)
+        rows = bench_kvlab(model, contexts, decode_tokens, dtype, batch, prefill_chunk, bandwidth=bw,
+                           progress=progress)
+        weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        result: dict[str, Any] = {
+            "model": cfg.name, "source": str(spec) if not isinstance(spec, ModelConfig) else cfg.name,
+            "checkpoint": checkpoint, "scaled": notes, "dtype": dtype, "batch": batch, "decode_tokens": decode_tokens,
+            "prefill_chunk": prefill_chunk, "params": sum(p.numel() for p in model.parameters()),
+            "weight_bytes": weights, "copy_bandwidth_bytes_s": bw, "results": rows, "machine": machine_info(),
+        }
+        del model
+        gc.collect()
+        if vs == "transformers":
+            assert source_dir is not None
+            hf_rows = bench_transformers(source_dir, contexts, decode_tokens, dtype, batch, prefill_chunk,
+                                         progress=progress)
+            result["transformers"] = hf_rows
+            result["ratios"] = [{
+                "context": a["context"],
+                "decode_tok_s": a["decode_tok_s"] / b["decode_tok_s"],
+                "prefill_tok_s": a["prefill_tok_s"] / b["prefill_tok_s"],
+                "rss_delta": a["rss_delta_bytes"] / b["rss_delta_bytes"] if b["rss_delta_bytes"] else None,
+                "cache_bytes": a["cache_bytes_measured"] / b["cache_bytes_measured"]
+                if b["cache_bytes_measured"] else None,
+            } for a, b in zip(rows, hf_rows)]
+        return result
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+
+
+def format_card(r: dict[str, Any]) -> str:
+    """A readable card of a :func:`run_bench` result."""
+    m = r["machine"]
+    lines = [(f"kvlab bench: {r['model']}  ({fmt_count(r['params'])} params, {fmt_bytes(r['weight_bytes'])} "
+              f"{r['dtype']} weights, batch {r['batch']}, {r['decode_tokens']} decode tokens, "
+              f"prefill chunk {r['prefill_chunk']})"),
+             (f"machine: torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs, "
+              f"copy bandwidth {fmt_rate(r['copy_bandwidth_bytes_s'], 'B/s')}")]
+    for n in r["scaled"]:
+        lines.append(f"scaled: {n}")
+    rows = []
+    for x in r["results"]:
+        rows.append([fmt_context(x["context"]), f"{x['prefill_tok_s']:.1f}", f"{x['decode_tok_s']:.2f}",
+                     f"{x['decode_step_median_s'] * 1e3:.2f}", fmt_bytes(x["cache_bytes_measured"]),
+                     fmt_bytes(x["cache_bytes_calculated"]), "yes" if x["cache_bytes_match"] else "NO",
+                     fmt_rate(x["achieved_bandwidth"], "B/s"),
+                     f"{100 * x.get('bandwidth_utilisation', float('nan')):.0f}%",
+                     fmt_bytes(x["rss_delta_bytes"]), fmt_bytes(x["ru_maxrss_bytes"])])
+    lines += ["", table(["context", "prefill tok/s", "decode tok/s", "step ms (median)", "cache measured",
+                         "cache calculated", "equal", "bytes/step / step", "of copy bw", "RSS added",
+                         "peak RSS"], rows)]
+    if "transformers" in r:
+        hf_rows = []
+        for a, b, q in zip(r["results"], r["transformers"], r["ratios"]):
+            hf_rows.append([fmt_context(a["context"]), f"{b['prefill_tok_s']:.1f}", f"{b['decode_tok_s']:.2f}",
+                            fmt_bytes(b["cache_bytes_measured"]), fmt_bytes(b["rss_delta_bytes"]),
+                            f"{q['prefill_tok_s']:.2f}x", f"{q['decode_tok_s']:.2f}x",
+                            "-" if q["rss_delta"] is None else f"{q['rss_delta']:.2f}x"])
+        lines += ["", "transformers (same loop, DynamicCache) and kvlab/transformers ratios:",
+                  table(["context", "prefill tok/s", "decode tok/s", "cache held", "RSS added",
+                         "prefill ratio", "decode ratio", "RSS ratio"], hf_rows)]
+    lines += ["", ("bytes/step = calculated weight + K/V bytes read by one decode step at the middle of the decode;"
+                   " of copy bw = that / median step / measured copy_ bandwidth (read + write)."
+                   " RSS added = peak RSS during the run minus RSS before it (sampled every 2 ms).")]
+    return "\n".join(lines)

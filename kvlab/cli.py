@@ -1,0 +1,398 @@
+"""The ``kvlab`` command line: calc, compare, inspect, generate, bench, presets.
+
+Every verb prints a readable table by default; with ``--json`` the last line printed is one JSON
+object. Errors from the library (ValueError) print ``kvlab: error: <message>`` and exit with 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvlab.units import (
+    fmt_bytes,
+    fmt_context,
+    fmt_count,
+    fmt_flops,
+    parse_context,
+    parse_contexts,
+    parse_dtype,
+    table,
+)
+
+RAW = argparse.RawDescriptionHelpFormatter
+
+
+def _config(spec: str) -> Any:
+    from kvlab.bench import resolve_spec
+
+    return resolve_spec(spec)
+
+
+def _costs(cfg: Any, context: int, dtype: str, batch: int = 1) -> Any:
+    from kvlab.costs import costs
+
+    return costs(cfg, context=context, dtype=dtype, batch=batch)
+
+
+def _emit_json(obj: Any) -> None:
+    print(json.dumps(obj, default=str))
+
+
+def _context_or_default(text: str | None, cfg: Any) -> int:
+    return parse_context(text) if text is not None else cfg.max_positions
+
+
+# -- calc ----------------------------------------------------------------------------------------------
+def cmd_calc(args: argparse.Namespace) -> int:
+    cfg = _config(args.model)
+    ctx = _context_or_default(args.context, cfg)
+    c = _costs(cfg, ctx, parse_dtype(args.dtype), args.batch)
+    if args.json:
+        _emit_json({**c.to_dict(), "source": cfg.source})
+        return 0
+    print(f"{c.name}: context {ctx:,} tokens ({fmt_context(ctx)}), batch {c.batch}, weights {c.dtype}, "
+          f"KV {c.kv_dtype}")
+    if cfg.source:
+        print(f"source: {cfg.source}")
+    read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
+    avg = c.kv_cache_bytes / (ctx * c.batch)
+    rows = [
+        ["parameters, total", fmt_count(c.params_total), f"{c.params_total:,}"],
+        ["parameters, embedding", fmt_count(c.params_embedding), f"{c.params_embedding:,}"],
+        ["parameters, active per token", fmt_count(c.params_active), f"{c.params_active:,}"],
+        ["KV cache", fmt_bytes(c.kv_cache_bytes), f"{c.kv_cache_bytes:,}"],
+        ["KV bytes/token, full-attention layers", fmt_bytes(c.kv_bytes_per_token), f"{c.kv_bytes_per_token:,}"],
+        ["KV bytes/token, window layers (up to window)", fmt_bytes(c.kv_bytes_per_token_window),
+         f"{c.kv_bytes_per_token_window:,}"],
+        ["KV bytes/token, average at this context", fmt_bytes(avg), f"{avg:,.1f}"],
+        ["bytes read per decode step", fmt_bytes(read), f"{read:,}"],
+        ["  weights", fmt_bytes(c.weight_read_bytes_per_step), f"{c.weight_read_bytes_per_step:,}"],
+        ["  K/V", fmt_bytes(c.kv_read_bytes_per_step), f"{c.kv_read_bytes_per_step:,}"],
+        ["FLOPs per token (decode at context)", fmt_flops(c.flops_per_token), f"{c.flops_per_token:,}"],
+        ["  attention", fmt_flops(c.attn_flops_per_token), f"{c.attn_flops_per_token:,}"],
+        ["  other (matmuls)", fmt_flops(c.other_flops_per_token), f"{c.other_flops_per_token:,}"],
+        ["prefill FLOPs (whole context)", fmt_flops(c.prefill_flops), f"{c.prefill_flops:,}"],
+        ["  attention", fmt_flops(c.prefill_attn_flops), f"{c.prefill_attn_flops:,}"],
+    ]
+    print(table(["quantity", "value", "exact"], rows))
+    print("\nassumptions:")
+    for a in c.assumptions:
+        print(f"  - {a}")
+    return 0
+
+
+# -- compare -------------------------------------------------------------------------------------------
+def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int = 1) -> dict[str, Any]:
+    """KV-cache bytes of each model at each context, and ratios to the first model."""
+    out = []
+    for spec in models:
+        cfg = _config(spec)
+        cs = [_costs(cfg, ctx, dtype, batch) for ctx in contexts]
+        out.append({"model": spec, "name": cfg.name, "max_positions": cfg.max_positions,
+                    "params_total": cs[0].params_total, "kv_cache_bytes": [c.kv_cache_bytes for c in cs],
+                    "kv_read_bytes_per_step": [c.kv_read_bytes_per_step for c in cs]})
+    first = out[0]["kv_cache_bytes"]
+    for m in out:
+        m["ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["kv_cache_bytes"], first)]
+    return {"dtype": dtype, "batch": batch, "contexts": contexts, "models": out}
+
+
+def plot_compare(data: dict[str, Any], path: str | Path) -> Path:
+    """Log-log plot of KV-cache bytes against context, one line per model; written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ctx = data["contexts"]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+    for i, m in enumerate(data["models"]):
+        ls, mk = styles[i % len(styles)]
+        ax.plot(ctx, m["kv_cache_bytes"], linestyle=ls, marker=mk, label=m["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(ctx, [fmt_context(c) for c in ctx])
+    ticks = [2**k for k in range(20, 50, 2)]
+    lo = min(min(b for b in m["kv_cache_bytes"] if b) for m in data["models"] if any(m["kv_cache_bytes"]))
+    hi = max(max(m["kv_cache_bytes"]) for m in data["models"])
+    ticks = [t for t in ticks if lo / 4 <= t <= hi * 4] or ticks
+    ax.set_yticks(ticks, [fmt_bytes(t).replace(".00", "") for t in ticks])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"KV cache ({data['dtype']}, batch {data['batch']})")
+    ax.set_title("KV-cache size against context")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    contexts = parse_contexts(args.context)
+    data = compare_data(args.models, contexts, parse_dtype(args.dtype), args.batch)
+    if args.plot:
+        data["plot"] = str(plot_compare(data, args.plot))
+    if args.json:
+        _emit_json(data)
+        return 0
+    heads = ["model", "params"] + [fmt_context(c) for c in contexts]
+    rows, ratios, beyond = [], [], False
+    for m in data["models"]:
+        cells = []
+        for c, b in zip(contexts, m["kv_cache_bytes"]):
+            star = "*" if c > m["max_positions"] else ""
+            beyond |= bool(star)
+            cells.append(fmt_bytes(b) + star)
+        rows.append([m["name"], fmt_count(m["params_total"])] + cells)
+        ratios.append([m["name"], ""] + ["-" if r is None else f"{r:.3f}x" for r in m["ratio_to_first"]])
+    print(f"KV cache ({data['dtype']}, batch {data['batch']})")
+    print(table(heads, rows, left=1))
+    print(f"\nratio to {data['models'][0]['name']}")
+    print(table(heads, ratios, left=1))
+    if beyond:
+        print("\n* beyond the model's max_positions")
+    if args.plot:
+        print(f"\nplot: {data['plot']}")
+    return 0
+
+
+# -- inspect -------------------------------------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    cfg = _config(args.model)
+    ctx = _context_or_default(args.context, cfg)
+    c = _costs(cfg, ctx, parse_dtype(args.dtype), args.batch)
+    layers = [dict(vars(x)) for x in c.per_layer]
+    if args.json:
+        _emit_json({"name": c.name, "context": ctx, "dtype": c.dtype, "batch": c.batch,
+                    "kv_cache_bytes": c.kv_cache_bytes, "params_total": c.params_total, "layers": layers})
+        return 0
+    print(f"{c.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
+          f"context {ctx:,} ({fmt_context(ctx)}), {c.kv_dtype} K/V, batch {c.batch}")
+    rows = []
+    for x in c.per_layer:
+        hd = str(x.head_dim) if x.v_head_dim == x.head_dim else f"{x.head_dim}/{x.v_head_dim}"
+        rows.append([x.index, x.kind, x.mlp, x.heads, x.kv_heads, hd, "-" if x.window is None else x.window,
+                     "-" if x.kv_source is None else x.kv_source, fmt_count(x.params),
+                     f"{x.kv_bytes_per_token:,}", fmt_bytes(x.kv_bytes), fmt_flops(x.attn_flops_per_token)])
+    rows.append(["all", "", "", "", "", "", "", "", fmt_count(sum(x.params for x in c.per_layer)),
+                 f"{sum(x.kv_bytes_per_token for x in c.per_layer):,}", fmt_bytes(c.kv_cache_bytes),
+                 fmt_flops(c.attn_flops_per_token)])
+    print(table(["layer", "kind", "mlp", "heads", "kv heads", "head dim", "window", "kv src", "params",
+                 "KV B/token", f"KV @ {fmt_context(ctx)}", "attn FLOP/tok"], rows, left=3))
+    return 0
+
+
+# -- generate ------------------------------------------------------------------------------------------
+def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    import kvlab
+    from kvlab.bench import TORCH_DTYPES, is_checkpoint
+
+    if not is_checkpoint(args.model):
+        raise ValueError(f"{args.model!r} is not a checkpoint directory (config.json + *.safetensors)")
+    from kvlab.checkpoint import load_tokenizer
+
+    tok = load_tokenizer(args.model)
+    if args.ids:
+        try:
+            ids = [int(x) for x in args.ids.split(",") if x.strip()]
+        except ValueError as e:
+            raise ValueError(f"--ids {args.ids!r}: expected integers separated by commas, e.g. 1,2,3") from e
+        if not ids:
+            raise ValueError("--ids is empty")
+    elif tok is None:
+        raise ValueError(f"{args.model!r} has no tokenizer.json; pass token ids with --ids 1,2,3")
+    elif args.prompt is None:
+        raise ValueError("give a --prompt (or token ids with --ids)")
+    else:
+        ids = tok.encode(args.prompt).ids
+    model = kvlab.load(args.model, dtype=TORCH_DTYPES[parse_dtype(args.dtype)], device=args.device)
+    input_ids = torch.tensor([ids], dtype=torch.long, device=args.device)
+    stop = [int(x) for x in args.stop.split(",")] if args.stop else None
+    new: list[int] = []
+    shown = ""
+
+    def on_token(*cb_args: Any, **_: Any) -> None:
+        nonlocal shown
+        t = cb_args[-1] if cb_args else None
+        if isinstance(t, torch.Tensor):
+            new.append(int(t.reshape(-1)[0]))
+        elif isinstance(t, int):
+            new.append(t)
+        else:
+            return
+        if tok is not None:
+            text = tok.decode(new)
+            if not text.endswith("\ufffd"):  # wait for a whole character
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+        else:
+            print(f"{new[-1]} ", end="", flush=True)
+
+    t0 = time.perf_counter()
+    out = kvlab.generate(model, input_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
+                         callback=on_token if args.stream and not args.json else None)
+    dt = time.perf_counter() - t0
+    gen = out[0, len(ids):].tolist()
+    text = tok.decode(gen) if tok is not None else None
+    if args.json:
+        _emit_json({"prompt_ids": ids, "output_ids": gen, "text": text, "seconds": dt,
+                    "tokens_per_s": len(gen) / dt if dt > 0 else None})
+        return 0
+    if args.stream:
+        print()
+    elif text is not None:
+        print((args.prompt or "") + text)
+    else:
+        print(",".join(map(str, gen)))
+    print(f"[{len(gen)} tokens in {dt:.2f} s, {len(gen) / dt:.1f} tok/s]", file=sys.stderr)
+    return 0
+
+
+# -- bench ---------------------------------------------------------------------------------------------
+def cmd_bench(args: argparse.Namespace) -> int:
+    from kvlab.bench import format_card, run_bench
+
+    r = run_bench(args.model, parse_contexts(args.context), decode_tokens=args.decode_tokens, dtype=args.dtype,
+                  threads=args.threads, vs=args.vs, batch=args.batch, prefill_chunk=args.prefill_chunk,
+                  weight_budget=int(args.max_weight_gib * 1024**3), bandwidth_bytes=args.bandwidth_mib * 1024**2,
+                  progress=not args.no_progress)
+    print(format_card(r))
+    if args.json:
+        _emit_json(r)
+    return 0
+
+
+# -- presets -------------------------------------------------------------------------------------------
+def cmd_presets(args: argparse.Namespace) -> int:
+    from kvlab.presets import get_preset, presets
+
+    rows = []
+    for name in presets():
+        cfg = get_preset(name)
+        rows.append({"name": name, "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+                     "max_positions": cfg.max_positions, "source": cfg.source})
+    if args.json:
+        _emit_json({"presets": rows})
+        return 0
+    print(table(["preset", "layers", "hidden", "max positions", "source"],
+                [[r["name"], r["layers"], r["hidden"], fmt_context(r["max_positions"]), r["source"][:70]]
+                 for r in rows], align="lrrrl"))
+    return 0
+
+
+# -- parser --------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="kvlab", formatter_class=RAW,
+                                description="KV-cache calculator, inspector, generator and benchmark.",
+                                epilog="Example:\n  kvlab calc llama-3.1-8b --context 128k\n"
+                                       "  kvlab <verb> --help   (each verb shows its own example)")
+    sub = p.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    model_help = "preset name (see `kvlab presets`), checkpoint directory, or kvlab ModelConfig .json file"
+
+    def verb(name: str, helptext: str, example: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=helptext, description=helptext, formatter_class=RAW,
+                              epilog=f"Example:\n  {example}")
+
+    def common(q: argparse.ArgumentParser, dtype: str = "bf16", json_help: str = "print one JSON object") -> None:
+        q.add_argument("--dtype", default=dtype, help=f"bf16, fp16 or fp32 (default {dtype})")
+        q.add_argument("--json", action="store_true", help=json_help)
+
+    q = verb("calc", "parameters, KV-cache bytes, bytes read per step and FLOPs of one model at one context",
+             "kvlab calc llama-3.1-8b --context 128k --dtype bf16")
+    q.add_argument("model", help=model_help)
+    q.add_argument("--context", help="context length: 131072, 128k, 1m (default: the model's max positions)")
+    q.add_argument("--batch", type=int, default=1)
+    common(q)
+    q.set_defaults(func=cmd_calc)
+
+    q = verb("compare", "KV-cache bytes of several models over several contexts, with ratios and a plot",
+             "kvlab compare llama-3.1-8b gemma-4-e2b --context 8k,32k,128k,1m --plot out/compare.png")
+    q.add_argument("models", nargs="+", help=model_help)
+    q.add_argument("--context", default="8k,32k,128k,1m", help="comma-separated lengths (default 8k,32k,128k,1m)")
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--plot", help="write a log-log PNG plot of KV bytes against context here")
+    common(q)
+    q.set_defaults(func=cmd_compare)
+
+    q = verb("inspect", "per-layer table: kind, heads, head dims, window, KV source, params, KV bytes, FLOPs",
+             "kvlab inspect gemma-4-e2b --context 128k")
+    q.add_argument("model", help=model_help)
+    q.add_argument("--context", help="context length (default: the model's max positions)")
+    q.add_argument("--batch", type=int, default=1)
+    common(q)
+    q.set_defaults(func=cmd_inspect)
+
+    q = verb("generate", "generate text from a checkpoint directory (greedy at temperature 0)",
+             'kvlab generate ./ckpt --prompt "The capital of France is" --max-new-tokens 16 --stream')
+    q.add_argument("model", help="checkpoint directory (config.json + safetensors [+ tokenizer.json])")
+    q.add_argument("--prompt", help="text prompt (needs tokenizer.json in the directory)")
+    q.add_argument("--ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    q.add_argument("--max-new-tokens", type=int, default=32)
+    q.add_argument("--temperature", type=float, default=0.0)
+    q.add_argument("--top-k", type=int)
+    q.add_argument("--top-p", type=float)
+    q.add_argument("--seed", type=int)
+    q.add_argument("--stop", help="stop token ids, comma-separated")
+    q.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    q.add_argument("--device", default="cpu")
+    common(q, dtype="fp32", json_help="print one JSON object with the ids, text and speed")
+    q.set_defaults(func=cmd_generate)
+
+    q = verb("bench", "prefill/decode throughput, memory, measured vs calculated cache bytes, bandwidth use",
+             "kvlab bench llama-3.1-8b --context 1k,4k --decode-tokens 32 --json\n"
+             "  kvlab bench ./ckpt --context 4k --vs transformers")
+    q.add_argument("model", help=model_help + " (a preset is built with random weights, scaled down to fit)")
+    q.add_argument("--context", default="4k", help="comma-separated prompt lengths (default 4k)")
+    q.add_argument("--decode-tokens", type=int, default=32)
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--prefill-chunk", type=int, default=512)
+    q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    q.add_argument("--vs", choices=["transformers"], help="run the same loop in transformers and print ratios")
+    q.add_argument("--max-weight-gib", type=float, default=4.0,
+                   help="scale a preset down until its weights fit in this many GiB (default 4)")
+    q.add_argument("--bandwidth-mib", type=int, default=256,
+                   help="buffer size of the copy-bandwidth measurement in MiB (default 256)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    common(q, dtype="fp32", json_help="also print all figures as one JSON object on the last line")
+    q.set_defaults(func=cmd_bench)
+
+    q = verb("presets", "list the built-in published configurations", "kvlab presets")
+    q.add_argument("--json", action="store_true", help="print one JSON object")
+    q.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
+    try:
+        return args.func(args) or 0
+    except ValueError as e:
+        print(f"kvlab: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("kvlab: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

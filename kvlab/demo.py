@@ -1,0 +1,145 @@
+"""``python -m kvlab.demo`` (``make demo``): the calculator over every preset, then a live check.
+
+1. ``kvlab compare`` of all built-in presets at 8k, 32k, 128k and 1m, with a plot in ``out/compare.png``.
+2. For each attention kind / option (full GQA, MQA, sliding window, KV sharing, sinks, output gate,
+   MoE, plus every preset shrunk to a tiny width) a random model prefills in chunks and decodes into
+   ``model.new_cache(batch, max_length)``; the cache's measured bytes must equal the calculator's and
+   the cached logits must match a full forward pass without a cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvlab.config import LayerSpec, ModelConfig, MoESpec
+from kvlab.units import fmt_bytes, table
+
+PLOT = Path("out") / "compare.png"
+
+
+def tiny(name: str, n_layers: int = 2, hidden: int = 64, vocab: int = 97, **layer: Any) -> ModelConfig:
+    """A tiny random-model config; ``layer`` overrides the LayerSpec fields of every layer."""
+    base: dict[str, Any] = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 96}
+    base.update(layer)
+    kv_source = base.pop("kv_source", {})
+    layers = []
+    for i in range(n_layers):
+        kw = {k: (dataclasses.replace(v) if dataclasses.is_dataclass(v) else v) for k, v in base.items()}
+        layers.append(LayerSpec(**kw, kv_source=kv_source.get(i)))
+    return ModelConfig(vocab_size=vocab, hidden_size=hidden, layers=layers, max_positions=512, name=name)
+
+
+def kind_configs() -> list[ModelConfig]:
+    """One tiny config per attention kind or option the library supports."""
+    cfgs = [
+        tiny("full GQA (4 q / 2 kv heads)"),
+        tiny("MHA (4 / 4)", num_kv_heads=4),
+        tiny("MQA (4 / 1)", num_kv_heads=1),
+        tiny("sliding window 8", window=8),
+        tiny("KV sharing (layers 2,3 read 0,1)", n_layers=4, kv_source={2: 0, 3: 1}),
+        tiny("attention sinks", sinks=True),
+        tiny("output gate (sigmoid, per head)", output_gate="sigmoid"),
+        tiny("output gate (softplus, per channel)", output_gate="softplus", gate_per_head=False),
+        tiny("qk-norm + qkv bias", qk_norm=True, qkv_bias=True),
+        tiny("MoE (8 experts, top-2, 1 shared)", mlp="moe",
+             moe=MoESpec(num_experts=8, top_k=2, expert_size=32, shared_experts=1)),
+    ]
+    mixed = tiny("mixed: window + full + shared + sinks", n_layers=6, sinks=True)
+    mixed.layers = [dataclasses.replace(x, window=None if i % 3 == 2 else 8) for i, x in enumerate(mixed.layers)]
+    mixed.layers[3].kv_source, mixed.layers[5].kv_source = 0, 2
+    mixed.validate()
+    cfgs.append(mixed)
+    return cfgs
+
+
+def tiny_preset(name: str) -> ModelConfig:
+    """A preset's layer pattern (kinds, windows, sharing, heads) at a tiny width and vocab."""
+    from kvlab.presets import get_preset
+
+    cfg = get_preset(name)
+
+    def shrink(_i: int, x: LayerSpec) -> LayerSpec:
+        kv = min(x.num_kv_heads, 2)
+        x.num_heads, x.num_kv_heads = x.num_heads // x.num_kv_heads * kv, kv
+        x.head_dim, x.v_head_dim = 16, (None if x.v_head_dim is None else 8)
+        x.intermediate_size = 32 if x.intermediate_size else 0
+        if x.window is not None:
+            x.window = min(x.window, 8)
+        if x.moe is not None:
+            x.moe = dataclasses.replace(x.moe, num_experts=min(x.moe.num_experts, 4),
+                                        top_k=min(x.moe.top_k, 2, x.moe.num_experts), expert_size=16,
+                                        shared_size=16 if x.moe.shared_size else None)
+        return x
+
+    small = cfg.replace_layers(shrink)
+    return dataclasses.replace(small, vocab_size=97, hidden_size=32, max_positions=512, name=f"{name} (tiny)")
+
+
+def live_check(cfg: ModelConfig, batch: int = 2, prompt: int = 19, chunk: int = 7, decode: int = 5,
+               seed: int = 0) -> dict[str, Any]:
+    """Chunked prefill + decode into a preallocated cache; measured vs calculated bytes, cached vs full logits."""
+    from kvlab.costs import costs
+    from kvlab.model import Model
+
+    model = Model.from_config(cfg, dtype=torch.float32, seed=seed).eval()
+    max_length = prompt + decode
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, cfg.vocab_size, (batch, prompt), generator=gen)
+    with torch.inference_mode():
+        cache = model.new_cache(batch, max_length=max_length)
+        for s in range(0, prompt, chunk):
+            logits = model(ids[:, s:s + chunk], cache=cache)
+        seq = ids
+        for _ in range(decode - 1):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            seq = torch.cat([seq, nxt], 1)
+            logits = model(nxt, cache=cache)
+        full = model(seq)
+    measured = cache.nbytes()
+    calculated = costs(cfg, context=max_length, dtype="float32", batch=batch).kv_cache_bytes
+    diff = float((full[:, -1] - logits[:, -1]).abs().max())
+    return {"name": cfg.name, "measured": measured, "calculated": calculated, "bytes_ok": measured == calculated,
+            "max_logit_diff": diff, "logits_ok": diff < 1e-4}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the demo; returns 0 when every live check passed."""
+    from kvlab.cli import main as cli
+    from kvlab.presets import presets
+
+    t0 = time.perf_counter()
+    names = presets()
+    print(f"== 1. KV cache of the {len(names)} built-in presets (kvlab compare) ==\n")
+    rc = cli(["compare", *names, "--context", "8k,32k,128k,1m", "--plot", str(PLOT)])
+    if rc:
+        return rc
+
+    print("\n== 2. live check: measured cache bytes == calculated, cached logits == full forward ==\n")
+    configs = kind_configs()
+    for name in names:
+        try:
+            configs.append(tiny_preset(name))
+        except (ValueError, TypeError) as e:
+            print(f"  (skipped tiny {name}: {e})")
+    rows, ok = [], True
+    for cfg in configs:
+        r = live_check(cfg)
+        good = r["bytes_ok"] and r["logits_ok"]
+        ok &= good
+        rows.append([r["name"], f"{r['measured']:,}", f"{r['calculated']:,}", fmt_bytes(r["measured"]),
+                     f"{r['max_logit_diff']:.1e}", "OK" if good else "FAIL"])
+    print(table(["config (batch 2, prefill 19 in chunks of 7, then decode)", "measured B", "calculated B",
+                 "", "max |logit diff|", ""], rows))
+    print(f"\nplot: {PLOT.resolve()}")
+    print(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t0:.1f} s")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

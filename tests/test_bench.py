@@ -1,0 +1,105 @@
+"""The benchmark on tiny random models: measured cache bytes equal the calculator's and a hand count."""
+
+import dataclasses
+import json
+
+import pytest
+
+from kvlab.bench import copy_bandwidth, hf_config_dict, run_bench, scale_to_fit
+from kvlab.cli import main
+from kvlab.config import ModelConfig, MoESpec, uniform_layers
+from kvlab.costs import costs
+
+KV_HEADS, HEAD_DIM = 2, 16
+
+
+def tiny(window=None, shared=False, **kw) -> ModelConfig:
+    spec = {"num_heads": 4, "num_kv_heads": KV_HEADS, "head_dim": HEAD_DIM, "intermediate_size": 96, **kw}
+    layers = uniform_layers(2, **spec)
+    layers[1].window = window
+    if shared:
+        layers.append(dataclasses.replace(layers[0], kv_source=0))
+    return ModelConfig(vocab_size=101, hidden_size=64, layers=layers, max_positions=2048, name="tiny")
+
+
+def test_bench_cli_json_measured_equals_calculated(capsys, tmp_path):
+    cfg = tiny(window=8, shared=True)
+    path = tmp_path / "tiny.json"
+    cfg.save(path)
+    rc = main(["bench", str(path), "--context", "40", "--decode-tokens", "4", "--prefill-chunk", "16",
+               "--bandwidth-mib", "8", "--no-progress", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "cache measured" in out and "decode tok/s" in out
+    r = json.loads(out.strip().splitlines()[-1])
+    (row,) = r["results"]
+    per_pos = 2 * KV_HEADS * HEAD_DIM * 4  # K + V, fp32
+    by_hand = per_pos * 44 + per_pos * 8  # layer 0: 40 + 4 positions; layer 1: window 8; layer 2 shares layer 0
+    assert row["max_length"] == 44
+    assert row["cache_bytes_measured"] == row["cache_bytes_calculated"] == by_hand
+    assert row["cache_bytes_calculated"] == costs(cfg, context=44, dtype="float32").kv_cache_bytes
+    assert row["cache_bytes_match"] is True
+    assert len(row["decode_steps_s"]) == 4 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
+    assert 0 < row["bandwidth_utilisation"] and r["copy_bandwidth_bytes_s"] > 0
+    assert row["ru_maxrss_bytes"] >= row["rss_peak_bytes"] > 0
+    assert r["machine"]["torch"] and r["machine"]["threads"] >= 1 and r["machine"]["cpu_count"] >= 1
+    assert r["scaled"] == []
+
+
+def test_bench_batch_and_moe():
+    cfg = tiny(mlp="moe", moe=MoESpec(num_experts=4, top_k=2, expert_size=32), intermediate_size=0)
+    r = run_bench(cfg, [24, 33], decode_tokens=3, batch=2, prefill_chunk=10, bandwidth_bytes=4 * 1024**2,
+                  progress=False, log=lambda _: None)
+    for row, ctx in zip(r["results"], (24, 33), strict=True):
+        assert row["cache_bytes_measured"] == 2 * 2 * (2 * KV_HEADS * HEAD_DIM * 4) * (ctx + 3)
+        assert row["cache_bytes_match"]
+
+
+def test_bench_rejects_too_long_context():
+    with pytest.raises(ValueError, match="max_positions"):
+        run_bench(dataclasses.replace(tiny(), max_positions=64), [64], decode_tokens=4, progress=False,
+                  log=lambda _: None)
+
+
+def test_scale_to_fit_keeps_the_kv_cache():
+    big = ModelConfig(vocab_size=262144, hidden_size=4096, max_positions=8192, name="big",
+                      layers=uniform_layers(8, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
+                                            window=None))
+    budget = 600 * 1024**2
+    small, notes = scale_to_fit(big, budget_bytes=budget)
+    assert costs(small, context=1, dtype="float32").params_total * 4 <= budget
+    assert costs(big, context=1, dtype="float32").params_total * 4 > budget
+    assert small.num_layers == 8 and small.vocab_size == 32768 and small.hidden_size < 4096
+    assert costs(small, context=8192).kv_cache_bytes == costs(big, context=8192).kv_cache_bytes
+    assert any("vocab" in n for n in notes) and any("hidden" in n for n in notes)
+    assert scale_to_fit(tiny()) == (tiny(), [])
+
+
+def test_scale_to_fit_truncates_layers_last():
+    big = ModelConfig(vocab_size=1000, hidden_size=256, max_positions=512, name="deep",
+                      layers=uniform_layers(64, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=64))
+    small, notes = scale_to_fit(big, budget_bytes=10 * 1024**2)
+    assert small.num_layers < 64 and any("layers 64 ->" in n for n in notes)
+    assert costs(small, context=1, dtype="float32").params_total * 4 <= 10 * 1024**2
+
+
+def test_copy_bandwidth_is_positive():
+    assert copy_bandwidth(4 * 1024**2, repeats=2) > 1e6
+
+
+def test_hf_config_round_trips_or_refuses():
+    pytest.importorskip("transformers")
+    assert hf_config_dict(tiny())["architectures"] == ["LlamaForCausalLM"]
+    assert hf_config_dict(tiny(qk_norm=True))["architectures"] == ["Qwen3ForCausalLM"]
+    with pytest.raises(ValueError, match="no transformers family"):
+        hf_config_dict(tiny(sinks=True))
+
+
+def test_bench_vs_transformers_same_cache_bytes():
+    pytest.importorskip("transformers")
+    r = run_bench(tiny(), [32], decode_tokens=3, vs="transformers", prefill_chunk=16, bandwidth_bytes=4 * 1024**2,
+                  progress=False, log=lambda _: None)
+    (ours,), (theirs,), (ratio,) = r["results"], r["transformers"], r["ratios"]
+    # full attention, 32 + 3 positions: the preallocated cache and transformers' grown cache hold the same bytes
+    assert ours["cache_bytes_measured"] == theirs["cache_bytes_measured"] == 2 * (2 * KV_HEADS * HEAD_DIM * 4) * 35
+    assert ratio["decode_tok_s"] > 0 and ratio["prefill_tok_s"] > 0 and ratio["cache_bytes"] == 1.0
