@@ -10,6 +10,18 @@ from __future__ import annotations
 import torch
 
 
+_ARANGE: dict[torch.device, torch.Tensor] = {}
+
+
+def positions(n: int, device) -> torch.Tensor:
+    """``arange(n)`` as a view of a shared, grown-on-demand tensor (no allocation per decode step)."""
+    device = torch.device(device)
+    r = _ARANGE.get(device)
+    if r is None or r.shape[0] < n:
+        r = _ARANGE[device] = torch.arange(max(n, 2 * (0 if r is None else r.shape[0]), 1024), device=device)
+    return r[:n]
+
+
 class KVStore:
     """Base class: ``append`` new K/V and return what the current queries attend to."""
 
@@ -70,8 +82,7 @@ class FullKV(KVStore):
             self.buf.resize(max(end, 2 * self.buf.capacity, 16), start)
         self.buf.k[:, :, start:end] = k
         self.buf.v[:, :, start:end] = v
-        kpos = torch.arange(end, device=k.device)
-        return self.buf.k[:, :, :end], self.buf.v[:, :, :end], kpos
+        return self.buf.k[:, :, :end], self.buf.v[:, :, :end], positions(end, k.device)
 
 
 class WindowKV(KVStore):
@@ -113,10 +124,10 @@ class WindowKV(KVStore):
             self.buf.k[:, :, slot] = k[:, :, 0]
             self.buf.v[:, :, slot] = v[:, :, 0]
             if end < cap:
-                return self.buf.k[:, :, :end], self.buf.v[:, :, :end], torch.arange(end, device=k.device)
+                return self.buf.k[:, :, :end], self.buf.v[:, :, :end], positions(end, k.device)
             return self.buf.k, self.buf.v, self.slot_positions(end, k.device)
         if start == 0:
-            k_all, v_all, kpos = k, v, torch.arange(end, device=k.device)
+            k_all, v_all, kpos = k, v, positions(end, k.device)
         else:
             held = min(start, cap)
             prev = self.slot_positions(start, k.device)[:held] if start < cap else self.slot_positions(start, k.device)

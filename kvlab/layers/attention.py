@@ -71,32 +71,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     ``mask`` is boolean ``[B|1, 1, T, L]`` (True = attend). ``causal`` (with mask None) means the T
     queries are the last T keys. ``sinks [H]`` adds a per-head logit to the softmax denominator.
-    Prefill runs in ``scaled_dot_product_attention``; a decode step (T = 1) and sink attention run as
-    two matmuls with the query heads of a group folded together, so K and V are read once, uncopied.
+    A decode step (T = 1) folds the query heads of a group into the query axis, so K and V are read
+    once and never repeated per head.
     """
-    t = q.shape[2]
-    if sinks is None and t > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              enable_gqa=q.shape[1] != k.shape[1])
-    if causal:
-        L = k.shape[2]
-        mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)[None, None]
-    return _attend_folded(q, k, v, mask, scale, sinks)
-
-
-def _attend_folded(q, k, v, mask, scale, sinks):
     b, h, t, d = q.shape
     hkv, L = k.shape[1], k.shape[2]
     g = h // hkv
-    s = (q.reshape(b, hkv, g * t, d) @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
+    if sinks is None and t > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=g > 1)
+    if causal:
+        mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)[None, None]
+    qf = q.reshape(b, hkv, g * t, d)
     if mask is not None:
-        m = mask[:, :, None].expand(mask.shape[0], 1, g, t, L).reshape(mask.shape[0], 1, g * t, L)
-        s = s.masked_fill(~m, float("-inf"))
+        mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, L).reshape(mask.shape[0], 1, g * t, L)
     if sinks is None:
-        p = s.softmax(-1)
-    else:
-        sink = sinks.float().view(1, hkv, g, 1, 1).expand(b, hkv, g, t, 1).reshape(b, hkv, g * t, 1)
-        p = torch.cat((s, sink), dim=-1).softmax(-1)[..., :L]
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, h, t, v.shape[-1])
+    s = (qf @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf"))
+    sink = sinks.float().view(1, hkv, g, 1, 1).expand(b, hkv, g, t, 1).reshape(b, hkv, g * t, 1)
+    p = torch.cat((s, sink), dim=-1).softmax(-1)[..., :L]
     return (p.to(v.dtype) @ v).reshape(b, h, t, v.shape[-1])
 
 
