@@ -284,7 +284,7 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
 
 
 HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
-                  "Qwen3MoeForCausalLM": "qwen3_moe"}
+                  "Qwen3MoeForCausalLM": "qwen3_moe", "LagunaForCausalLM": "laguna"}
 
 
 def _rope_dict(r: Any) -> dict[str, Any]:
@@ -339,6 +339,10 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
             "num_experts": m.num_experts, "num_experts_per_tok": m.top_k, "moe_intermediate_size": m.expert_size,
             "norm_topk_prob": m.norm_topk, "mlp_only_layers": dense, "decoder_sparse_step": 1,
             "use_sliding_window": bool(sliding), "sliding_window": sliding[0] if sliding else None}))
+    if x.output_gate == "softplus":  # Laguna: per-layer heads and per-type RoPE
+        from kvlab.families.laguna import hf_config_extra
+
+        candidates.append(("LagunaForCausalLM", hf_config_extra(cfg, _rope_dict)))
 
     def key(c: ModelConfig) -> dict[str, Any]:
         d = c.to_dict()

@@ -182,12 +182,13 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         hd = str(x.head_dim) if x.v_head_dim == x.head_dim else f"{x.head_dim}/{x.v_head_dim}"
         rows.append([x.index, x.kind, x.mlp, x.heads, x.kv_heads, hd, "-" if x.window is None else x.window,
                      "-" if x.kv_source is None else x.kv_source, fmt_count(x.params),
-                     f"{x.kv_bytes_per_token:,}", fmt_bytes(x.kv_bytes), fmt_flops(x.attn_flops_per_token)])
+                     f"{x.kv_bytes_per_token:,}", fmt_bytes(x.kv_bytes), fmt_flops(x.attn_flops_per_token),
+                     fmt_flops(x.prefill_attn_flops)])
     rows.append(["all", "", "", "", "", "", "", "", fmt_count(sum(x.params for x in c.per_layer)),
                  f"{sum(x.kv_bytes_per_token for x in c.per_layer):,}", fmt_bytes(c.kv_cache_bytes),
-                 fmt_flops(c.attn_flops_per_token)])
+                 fmt_flops(c.attn_flops_per_token), fmt_flops(c.prefill_attn_flops)])
     print(table(["layer", "kind", "mlp", "heads", "kv heads", "head dim", "window", "kv src", "params",
-                 "KV B/token", f"KV @ {fmt_context(ctx)}", "attn FLOP/tok"], rows, left=3))
+                 "KV B/token", f"KV @ {fmt_context(ctx)}", "attn FLOP/tok", "prefill attn FLOP"], rows, left=3))
     return 0
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import torch
 
-
 _ARANGE: dict[torch.device, torch.Tensor] = {}
 
 

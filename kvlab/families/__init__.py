@@ -13,14 +13,14 @@ import torch
 
 from ..checkpoint import read_config, read_tensors
 from ..config import ModelConfig
-from . import llama, mistral, qwen3, qwen3_moe
+from . import laguna, llama, mistral, qwen3, qwen3_moe
 from .base import Family
 
 if TYPE_CHECKING:
     from ..model import Model
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
-    llama.FAMILY, mistral.FAMILY, qwen3.FAMILY, qwen3.QWEN2_FAMILY, qwen3_moe.FAMILY)}
+    llama.FAMILY, mistral.FAMILY, qwen3.FAMILY, qwen3.QWEN2_FAMILY, qwen3_moe.FAMILY, laguna.FAMILY)}
 
 __all__ = ["FAMILIES", "Family", "config_from_dir", "config_from_hf", "expected_shapes", "family_of", "load",
            "load_state", "register"]

@@ -66,7 +66,7 @@ class MoE(nn.Module):
         choice = scores + self.router_bias.float() if s.bias_correction else scores
         idx = choice.topk(s.top_k, dim=-1).indices
         w = scores.gather(-1, idx)
-        if s.norm_topk and s.top_k > 1:
+        if s.norm_topk:
             w = w / (w.sum(-1, keepdim=True) + (1e-20 if s.scoring == "sigmoid" else 0.0))
         return idx, w * s.routed_scaling
 
