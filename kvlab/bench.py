@@ -82,7 +82,7 @@ def scale_to_fit(cfg: ModelConfig, budget_bytes: int = DEFAULT_WEIGHT_BUDGET, el
 
     if cfg.vocab_size > 32768:
         notes.append(f"vocab {cfg.vocab_size} -> 32768")
-        cfg = dataclasses.replace(cfg, vocab_size=32768)
+        cfg = dataclasses.replace(cfg, vocab_size=32768, ple_vocab_size=32768 if cfg.ple_vocab_size else None)
     if not fits(cfg) and any(x.moe is not None and x.moe.num_experts > x.moe.top_k for x in cfg.layers):
         def fewer(_i: int, x: Any) -> Any:
             if x.moe is not None:
@@ -102,7 +102,9 @@ def scale_to_fit(cfg: ModelConfig, budget_bytes: int = DEFAULT_WEIGHT_BUDGET, el
                                                          else None))
             return x
         try:
-            cfg = dataclasses.replace(cfg.replace_layers(halve), hidden_size=cfg.hidden_size // 2)
+            gemma_scale = cfg.embed_scale is not None and abs(cfg.embed_scale - cfg.hidden_size ** 0.5) < 1e-9
+            cfg = dataclasses.replace(cfg.replace_layers(halve), hidden_size=cfg.hidden_size // 2,
+                                      embed_scale=(cfg.hidden_size // 2) ** 0.5 if gemma_scale else cfg.embed_scale)
         except ValueError:
             break
     if cfg.hidden_size != hidden0:
@@ -284,7 +286,8 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
 
 
 HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
-                  "Qwen3MoeForCausalLM": "qwen3_moe", "LagunaForCausalLM": "laguna"}
+                  "Qwen3MoeForCausalLM": "qwen3_moe", "LagunaForCausalLM": "laguna", "Gemma4ForCausalLM": "gemma4_text"}
+HF_MODEL_TYPES["ZayaForCausalLM"] = "zaya"
 
 
 def _rope_dict(r: Any) -> dict[str, Any]:
@@ -343,6 +346,14 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         from kvlab.families.laguna import hf_config_extra
 
         candidates.append(("LagunaForCausalLM", hf_config_extra(cfg, _rope_dict)))
+    if x.sandwich_norm:  # Gemma 4: sandwich norms, sharing, PLE, per-type heads and RoPE
+        from kvlab.families.gemma4 import hf_config_extra as gemma4_extra
+
+        candidates.append(("Gemma4ForCausalLM", gemma4_extra(cfg)))
+    if x.attention == "cca":  # ZAYA1: CCA, router MLP, skip expert
+        from kvlab.families.zaya import hf_config_extra as zaya_extra
+
+        candidates.append(("ZayaForCausalLM", zaya_extra(cfg)))
 
     def key(c: ModelConfig) -> dict[str, Any]:
         d = c.to_dict()

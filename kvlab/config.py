@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ATTENTION_KINDS = ("gqa",)
-MLP_KINDS = ("dense", "moe")
+ATTENTION_KINDS = ("gqa", "cca")
+MLP_KINDS = ("dense", "moe", "dense+moe")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
-ROPE_SCALINGS = ("default", "linear", "llama3", "yarn")
+ROPE_SCALINGS = ("default", "linear", "llama3", "yarn", "proportional")
 GATE_KINDS = (None, "sigmoid", "softplus")
 MOE_SCORINGS = ("softmax", "sigmoid")
 
@@ -40,7 +40,9 @@ class RopeSpec:
     ``factor``); ``llama3`` (Llama 3.1 band-wise scaling: ``factor``, ``low_freq_factor``,
     ``high_freq_factor``, ``original_max_positions``); ``yarn`` (arXiv 2309.00071: ``factor``,
     ``original_max_positions``, ``beta_fast``, ``beta_slow``, ``attention_factor``, ``mscale``,
-    ``mscale_all_dim``, ``truncate``).
+    ``mscale_all_dim``, ``truncate``); ``proportional`` (Gemma 4 full layers: the rotated pairs are channels
+    ``(i, i + head_dim/2)`` for ``i < partial * head_dim / 2`` with frequencies ``theta^(-2i/head_dim)`` divided
+    by ``factor``; the other pairs are not rotated).
     """
 
     theta: float = 10000.0
@@ -78,7 +80,15 @@ class MoESpec:
     ``scoring``: softmax or sigmoid router scores; ``bias_correction``: a per-expert bias added to
     the scores for the choice only (aux-loss-free balancing, DeepSeek-V3); ``norm_topk``: renormalise
     the chosen weights to sum to 1; ``routed_scaling``: multiplies the routed output;
-    ``shared_experts``: always-on experts of width ``shared_size`` (default ``expert_size``).
+    ``shared_experts``: always-on experts of width ``shared_size`` (default ``expert_size``);
+    ``router_norm``: the router reads the block's residual stream (not the MoE input), RMS-normalised
+    without a weight, times a learned per-channel scale and ``1/sqrt(hidden)`` (Gemma 4);
+    ``expert_scale``: a learned per-expert factor on the chosen weights, after renormalisation (Gemma 4).
+    ``router_hidden``: the router logits come from a small MLP in a ``router_hidden``-wide space
+    (kvlab/layers/router.py; ZAYA1); ``router_carry``: that router space also receives the previous
+    layer's router state times a learned per-channel scale (the previous layer must have the same
+    ``router_hidden``); ``skip_expert``: one extra router class that computes nothing (its tokens get
+    no routed output), with its own balancing bias under ``bias_correction`` (ZAYA1).
     """
 
     num_experts: int
@@ -90,6 +100,11 @@ class MoESpec:
     routed_scaling: float = 1.0
     shared_experts: int = 0
     shared_size: int | None = None
+    router_norm: bool = False
+    expert_scale: bool = False
+    router_hidden: int | None = None
+    router_carry: bool = False
+    skip_expert: bool = False
 
     def validate(self, where: str) -> None:
         _positive_int(where, "num_experts", self.num_experts)
@@ -100,6 +115,15 @@ class MoESpec:
             raise _err(where, "scoring", self.scoring, f"allowed: {', '.join(MOE_SCORINGS)}")
         if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
             raise _err(where, "shared_experts", self.shared_experts, "must be an integer >= 0")
+        for name in ("router_norm", "expert_scale", "router_carry", "skip_expert"):
+            if not isinstance(getattr(self, name), bool):
+                raise _err(where, name, getattr(self, name), "must be true or false")
+        if self.router_hidden is not None:
+            _positive_int(where, "router_hidden", self.router_hidden)
+            if self.router_norm:
+                raise _err(where, "router_norm", self.router_norm, "not supported together with router_hidden")
+        elif self.router_carry:
+            raise _err(where, "router_carry", self.router_carry, "needs router_hidden (the router state it carries)")
 
     @property
     def shared_width(self) -> int:
@@ -110,7 +134,10 @@ class MoESpec:
 class LayerSpec:
     """One decoder layer: its attention, its K/V storage and its MLP.
 
-    attention: ``gqa`` covers MHA (kv heads == heads), GQA and MQA (one kv head).
+    attention: ``gqa`` covers MHA (kv heads == heads), GQA and MQA (one kv head); ``cca`` is compressed
+        convolutional attention (ZAYA1, kvlab/layers/cca.py): the heads are the compressed heads,
+        q/k are mixed by two causal convolutions of kernels ``conv_kernels`` (depthwise, then grouped
+        per head) and half the value channels come from the previous token.
     window: sliding-window size in positions (a query sees itself and the ``window - 1`` before it);
         ``None`` is full causal attention. The cache of a window layer holds exactly ``window``
         positions.
@@ -120,6 +147,18 @@ class LayerSpec:
         attention input; ``gate_per_head`` gives one scalar per head, else one per channel.
     kv_source: index of an earlier layer whose K/V this layer reads; it computes and stores none.
     rope: ``None`` for a layer without positional rotation (NoPE).
+    v_norm: RMSNorm over head_dim on v without a learned weight (Gemma 4).
+    k_eq_v: no v_proj; V is the K projection before its norm and rotation (Gemma 4 full layers; needs
+        ``v_head_dim`` equal to ``head_dim``).
+    sandwich_norm: also normalise the attention output and the MLP output before they are added to the
+        residual (Gemma 2/3/4 ``post_attention`` / ``post_feedforward`` norms).
+    layer_scalar: a learned scalar multiplying the block's output residual stream (Gemma 4).
+    conv_kernels: (depthwise, grouped) convolution kernel sizes of a ``cca`` layer.
+    residual_scaling: the residual adds after attention and after the MLP become
+        ``(h + b_h) * s_h + (x + b_x) * s_x`` with learned per-channel vectors (ZAYA1).
+    mlp ``dense+moe``: a dense MLP of ``intermediate_size`` and the MoE ``moe`` in parallel on the same
+        residual, each with its own pre-norm (and post-norm with ``sandwich_norm``); their sum is the MLP
+        output (Gemma 4 26B-A4B).
     """
 
     num_heads: int
@@ -142,10 +181,18 @@ class LayerSpec:
     activation: str = "silu"
     mlp_bias: bool = False
     moe: MoESpec | None = None
+    v_norm: bool = False
+    k_eq_v: bool = False
+    sandwich_norm: bool = False
+    layer_scalar: bool = False
+    conv_kernels: tuple[int, int] = (2, 2)
+    residual_scaling: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
             self.rope = RopeSpec(**self.rope)
+        if isinstance(self.conv_kernels, list):
+            self.conv_kernels = tuple(self.conv_kernels)
         if isinstance(self.moe, dict):
             self.moe = MoESpec(**self.moe)
 
@@ -177,9 +224,21 @@ class LayerSpec:
             raise _err(where, "output_gate", self.output_gate, "allowed: None, 'sigmoid', 'softplus'")
         if self.kv_source is not None and (not isinstance(self.kv_source, int) or not 0 <= self.kv_source < index):
             raise _err(where, "kv_source", self.kv_source, "a layer can only read K/V from an earlier layer")
+        for name in ("v_norm", "k_eq_v", "sandwich_norm", "layer_scalar", "residual_scaling"):
+            if not isinstance(getattr(self, name), bool):
+                raise _err(where, name, getattr(self, name), "must be true or false")
+        if self.attention == "cca":
+            _validate_cca(self, where)
+        if self.k_eq_v and self.value_dim != self.head_dim:
+            raise _err(where, "k_eq_v", self.k_eq_v,
+                       f"V is the K projection: needs v_head_dim={self.v_head_dim} equal to head_dim={self.head_dim}")
         if self.rope is not None:
             self.rope.validate(f"{where}.rope")
             rot = int(self.head_dim * self.rope.partial)
+            if self.rope.scaling == "proportional":
+                rot = 2 * int(self.head_dim * self.rope.partial // 2)
+                if self.head_dim % 2:
+                    raise _err(where, "head_dim", self.head_dim, "proportional RoPE needs an even head_dim")
             if rot < 2 or rot % 2:
                 raise _err(f"{where}.rope", "partial", self.rope.partial,
                            f"must rotate an even number >= 2 of the head_dim={self.head_dim} channels")
@@ -187,11 +246,11 @@ class LayerSpec:
             raise _err(where, "mlp", self.mlp, f"allowed: {', '.join(MLP_KINDS)}")
         if self.activation not in ACTIVATIONS:
             raise _err(where, "activation", self.activation, f"allowed: {', '.join(ACTIVATIONS)}")
-        if self.mlp == "dense":
+        if self.mlp in ("dense", "dense+moe"):
             _positive_int(where, "intermediate_size", self.intermediate_size)
-        else:
+        if self.mlp != "dense":
             if self.moe is None:
-                raise _err(where, "moe", None, "required when mlp='moe'")
+                raise _err(where, "moe", None, f"required when mlp={self.mlp!r}")
             self.moe.validate(f"{where}.moe")
 
 
@@ -202,6 +261,12 @@ class ModelConfig:
     norm_offset: RMSNorm weights stored as ``w`` and applied as ``1 + w`` (Gemma style).
     embed_scale: multiplies the token embeddings (Gemma: sqrt(hidden)); ``None`` for none.
     final_logit_softcap: ``cap * tanh(logits / cap)`` on the output logits; ``None`` for none.
+    ple_dim: per-layer embeddings (PLE, Gemma 3n/4): every layer gets a ``ple_dim`` slice of a token table
+        of ``ple_vocab_size`` rows (default ``vocab_size``) and of a projection of the main embedding,
+        gated into the residual after the MLP (see kvlab/layers/ple.py); ``None`` for none.
+    embed_affine: the token embeddings become ``(e + b) * s`` with learned per-channel ``b``, ``s`` (ZAYA1).
+    residual_fp32: the residual stream between blocks is kept in fp32 whatever the weights' dtype; each
+        norm reads it cast to the weights' dtype (ZAYA1's ``residual_in_fp32``).
     source: where the numbers come from (a preset cites its model card or config).
     """
 
@@ -214,6 +279,10 @@ class ModelConfig:
     tie_embeddings: bool = False
     embed_scale: float | None = None
     final_logit_softcap: float | None = None
+    ple_dim: int | None = None
+    ple_vocab_size: int | None = None
+    embed_affine: bool = False
+    residual_fp32: bool = False
     name: str = "custom"
     source: str = ""
 
@@ -225,6 +294,11 @@ class ModelConfig:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def ple_rows(self) -> int:
+        """Rows of the PLE token table (0 without PLE)."""
+        return 0 if self.ple_dim is None else (self.ple_vocab_size or self.vocab_size)
+
     def validate(self) -> None:
         for name in ("vocab_size", "hidden_size", "max_positions"):
             _positive_int("", name, getattr(self, name))
@@ -234,8 +308,24 @@ class ModelConfig:
             raise _err("", "norm_eps", self.norm_eps, "must be in (0, 1)")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise _err("", "final_logit_softcap", self.final_logit_softcap, "must be > 0 or None")
+        if self.ple_dim is not None:
+            _positive_int("", "ple_dim", self.ple_dim)
+        if self.ple_vocab_size is not None:
+            if self.ple_dim is None:
+                raise _err("", "ple_vocab_size", self.ple_vocab_size, "only meaningful with ple_dim set")
+            _positive_int("", "ple_vocab_size", self.ple_vocab_size)
+        for name in ("embed_affine", "residual_fp32"):
+            if not isinstance(getattr(self, name), bool):
+                raise _err("", name, getattr(self, name), "must be true or false")
         for i, layer in enumerate(self.layers):
             layer.validate(f"layers[{i}]", i)
+            if layer.mlp != "dense" and layer.moe.router_carry:
+                prev = self.layers[i - 1] if i else None
+                width = prev.moe.router_hidden if prev is not None and prev.mlp != "dense" else None
+                if width != layer.moe.router_hidden:
+                    raise _err(f"layers[{i}].moe", "router_carry", True,
+                               f"needs the previous layer to have an MoE router of the same router_hidden="
+                               f"{layer.moe.router_hidden} (it has {width})")
             if layer.kv_source is not None:
                 src = self.layers[layer.kv_source]
                 if src.kv_source is not None:
@@ -274,6 +364,23 @@ class ModelConfig:
         """A copy with ``fn(index, LayerSpec) -> LayerSpec`` applied to every layer."""
         layers = [fn(i, dataclasses.replace(x)) for i, x in enumerate(self.layers)]
         return dataclasses.replace(self, layers=layers)
+
+
+def _validate_cca(layer: LayerSpec, where: str) -> None:
+    ks = layer.conv_kernels
+    if not (isinstance(ks, tuple) and len(ks) == 2
+            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks)):
+        raise _err(where, "conv_kernels", ks, "must be two positive integers (depthwise, grouped kernel sizes)")
+    if (layer.num_kv_heads * layer.value_dim) % 2:
+        raise _err(where, "v_head_dim", layer.value_dim,
+                   f"cca splits the num_kv_heads x v_head_dim = {layer.num_kv_heads * layer.value_dim} value "
+                   "channels into current- and previous-token halves: the product must be even")
+    for name, why in (("qk_norm", "cca L2-normalises q and k itself"), ("v_norm", "not supported with cca"),
+                      ("k_eq_v", "cca has its own value projections")):
+        if getattr(layer, name):
+            raise _err(where, name, getattr(layer, name), why + "; set it to false")
+    if layer.kv_source is not None:
+        raise _err(where, "kv_source", layer.kv_source, "a cca layer computes its own K/V (no cross-layer sharing)")
 
 
 def _as_layer(x: LayerSpec | dict[str, Any]) -> LayerSpec:

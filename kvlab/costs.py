@@ -43,7 +43,9 @@ class AttnCost:
 
     ``kv_bytes`` is stored for the whole batch at ``context``; ``kv_bytes_per_token`` is per cached position of
     one sequence; ``kv_read_bytes`` is K/V read by one decode step of the batch; FLOPs are per token
-    (decode at ``context``) and for a whole prefill of ``context`` tokens of one sequence.
+    (decode at ``context``) and for a whole prefill of ``context`` tokens of one sequence. ``state_bytes``: the
+    part of ``kv_bytes`` that does not grow with the context (a constant recurrent state per sequence, e.g.
+    CCA's convolution tail; whole batch).
     """
 
     params: int
@@ -53,6 +55,7 @@ class AttnCost:
     kv_read_bytes: int
     flops_per_token: int
     prefill_flops: int
+    state_bytes: int = 0
 
 
 AttnCostFn = Callable[[LayerSpec, int, int, int, int], AttnCost]
@@ -76,8 +79,9 @@ def _gqa_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: i
     mats = h * hd * hidden + hidden * h * vd  # q_proj, o_proj
     extra = (h * hd if layer.qkv_bias else 0) + (hidden if layer.o_bias else 0)
     if layer.stores_kv:
-        mats += kvh * (hd + vd) * hidden  # k_proj, v_proj
-        extra += kvh * (hd + vd) if layer.qkv_bias else 0
+        kv_out = kvh * (hd if layer.k_eq_v else hd + vd)  # k_proj, v_proj (none with k_eq_v: V = K projection)
+        mats += kv_out * hidden
+        extra += kv_out if layer.qkv_bias else 0
     if layer.qk_norm:
         extra += hd * (2 if layer.stores_kv else 1)  # q_norm, k_norm
     if layer.output_gate:
@@ -100,6 +104,38 @@ def _gqa_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: i
 register_attention_cost("gqa", _gqa_cost)
 
 
+def _cca_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
+    """Compressed convolutional attention (kvlab/layers/cca.py): GQA in the compressed heads plus two convolutions.
+
+    Stored per position: K and V of the compressed KV heads; per sequence: the conv tail of
+    ``(heads + kv_heads) * head_dim`` channels x ``k0 + k1 - 2`` columns and the delayed value row
+    (``kv_heads * v_head_dim / 2``). The convolution weights count as matmul parameters (each is used once per
+    token: depthwise ``C * k0``, grouped ``C * head_dim * k1``).
+    """
+    h, kvh, hd, vd = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.value_dim
+    k0, k1 = layer.conv_kernels
+    c = (h + kvh) * hd
+    mats = (h * hd + kvh * hd + kvh * vd) * hidden + hidden * h * vd + c * k0 + c * hd * k1
+    extra = 2 * c + kvh  # conv biases, key temperature
+    extra += (h * hd + kvh * hd + kvh * vd) if layer.qkv_bias else 0
+    extra += hidden if layer.o_bias else 0
+    if layer.output_gate:
+        mats += (h if layer.gate_per_head else h * vd) * hidden
+    if layer.sinks:
+        extra += h
+    seen = context if layer.window is None else min(context, layer.window)
+    per_pos = kvh * (hd + vd) * kv_elt
+    state = batch * (c * (k0 + k1 - 2) + kvh * vd // 2) * kv_elt
+    return AttnCost(
+        params=mats + extra, matmul_params=mats, kv_bytes=batch * per_pos * seen + state,
+        kv_bytes_per_token=per_pos, kv_read_bytes=batch * per_pos * seen + state,
+        flops_per_token=2 * h * (hd + vd) * seen, prefill_flops=2 * h * (hd + vd) * causal_positions(context, layer.window),
+        state_bytes=state)
+
+
+register_attention_cost("cca", _cca_cost)
+
+
 @dataclass
 class _MlpCost:
     params: int
@@ -109,20 +145,39 @@ class _MlpCost:
 
 
 def _mlp_cost(layer: LayerSpec, hidden: int, batch: int) -> _MlpCost:
+    i = layer.intermediate_size
+    mats = 3 * i * hidden
+    n = mats + ((2 * i + hidden) if layer.mlp_bias else 0)
     if layer.mlp == "dense":
-        i = layer.intermediate_size
-        mats = 3 * i * hidden
-        n = mats + ((2 * i + hidden) if layer.mlp_bias else 0)
         return _MlpCost(n, n, mats, n)
     moe = layer.moe
     assert moe is not None
     e, k, w = moe.num_experts, moe.top_k, moe.expert_size
     expert = 3 * w * hidden
-    router = e * hidden
+    classes = e + (1 if moe.skip_expert else 0)
+    router = router_mm = classes * hidden
+    if moe.router_hidden:  # down projection, router MLP (norm, fc1, fc2) and output; biases; carried-state scale
+        r = moe.router_hidden
+        router_mm = hidden * r + 2 * r * r + classes * r
+        router = router_mm + 4 * r + (r if moe.router_carry else 0)
     shared = 3 * moe.shared_width * hidden
-    always = router + shared + (e if moe.bias_correction else 0)
-    return _MlpCost(params=always + e * expert, active=always + k * expert, matmul=router + shared + k * expert,
-                    read=always + min(e, batch * k) * expert)
+    always = (router + shared + (classes if moe.bias_correction else 0) + (hidden if moe.router_norm else 0)
+              + (e if moe.expert_scale else 0))
+    c = _MlpCost(params=always + e * expert, active=always + k * expert, matmul=router_mm + shared + k * expert,
+                 read=always + min(e, batch * k) * expert)
+    if layer.mlp == "dense+moe":  # the dense MLP beside the experts
+        c = _MlpCost(c.params + n, c.active + n, c.matmul + mats, c.read + n)
+    return c
+
+
+def _block_extra(layer: LayerSpec, hidden: int, ple_dim: int | None) -> tuple[int, int]:
+    """(params, matmul params) of a block outside attention and MLP: norms, layer scalar, PLE gate."""
+    norms = 2 + (2 if layer.sandwich_norm else 0)  # attn/mlp pre-norms, post-norms
+    if layer.mlp == "dense+moe":
+        norms += 1 + (2 if layer.sandwich_norm else 0)  # MoE pre-norm, post-norms of both branches
+    params = norms * hidden + (1 if layer.layer_scalar else 0) + (8 * hidden if layer.residual_scaling else 0)
+    mats = 2 * hidden * ple_dim if ple_dim else 0  # PLE gate and projection
+    return params + mats + (hidden if ple_dim else 0), mats
 
 
 @dataclass
@@ -145,6 +200,7 @@ class LayerCosts:
     kv_read_bytes: int
     attn_flops_per_token: int
     prefill_attn_flops: int
+    kv_state_bytes: int = 0  # the constant per-sequence part of kv_bytes (e.g. CCA's conv tail), whole batch
 
 
 @dataclass
@@ -177,6 +233,10 @@ class Costs:
     prefill_attn_flops: int
     per_layer: list[LayerCosts] = field(default_factory=list)
     assumptions: list[str] = field(default_factory=list)
+    params_ple_table: int = 0  # per-layer embedding table (a lookup); included in params_total
+    params_ple: int = 0  # all PLE parameters: table, projection, norms, per-layer gates and projections
+    kv_cache_bytes_no_sharing: int = 0  # kv_cache_bytes with every layer storing its own K/V
+    kv_state_bytes: int = 0  # the part of kv_cache_bytes that does not grow with context (recurrent state)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (per_layer as a list of dicts)."""
@@ -238,7 +298,7 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
 
     per_layer: list[LayerCosts] = []
-    matmul_active = read_params = 0
+    matmul_active = read_params = kv_unshared = 0
     for i, layer in enumerate(cfg.layers):
         fn = _ATTENTION_COSTS.get(layer.attention)
         if fn is None:
@@ -246,8 +306,12 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
                              f"known: {', '.join(sorted(_ATTENTION_COSTS))}")
         a = fn(layer, hidden, context, batch, kv_elt)
         m = _mlp_cost(layer, hidden, batch)
-        norms = 2 * hidden
-        matmul_active += a.matmul_params + m.matmul
+        norms, block_mats = _block_extra(layer, hidden, cfg.ple_dim)
+        if layer.kv_source is not None:  # what the layer would store without sharing
+            kv_unshared += fn(dataclasses.replace(layer, kv_source=None), hidden, context, batch, kv_elt).kv_bytes
+        else:
+            kv_unshared += a.kv_bytes
+        matmul_active += a.matmul_params + m.matmul + block_mats
         read_params += a.params + m.read + norms
         per_layer.append(LayerCosts(
             index=i, kind=_kind(layer), mlp=_mlp_label(layer), heads=layer.num_heads,
@@ -255,15 +319,22 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
             window=layer.window, kv_source=layer.kv_source, params=a.params + m.params + norms,
             params_active=a.params + m.active + norms, kv_bytes=a.kv_bytes, kv_bytes_per_token=a.kv_bytes_per_token,
             kv_read_bytes=a.kv_read_bytes, attn_flops_per_token=a.flops_per_token,
-            prefill_attn_flops=batch * a.prefill_flops))
+            prefill_attn_flops=batch * a.prefill_flops, kv_state_bytes=a.state_bytes))
 
     embed = vocab * hidden
     lm_head = 0 if cfg.tie_embeddings else vocab * hidden
-    outside = embed + lm_head + hidden  # embedding, untied head, final norm
+    # PLE: the packed token table is a lookup (one row per token: memory, not compute); the projection
+    # of the main embedding into the per-layer space and its norm are compute
+    ple_cols = cfg.num_layers * cfg.ple_dim if cfg.ple_dim else 0
+    ple_table = cfg.ple_rows * ple_cols
+    ple_model = hidden * ple_cols + (cfg.ple_dim or 0)
+    outside = embed + lm_head + hidden + ple_table + ple_model  # embedding, untied head, final norm, PLE
+    outside += 2 * hidden if cfg.embed_affine else 0  # embedding scale and bias
     params_total = outside + sum(x.params for x in per_layer)
     params_active = outside + sum(x.params_active for x in per_layer)
-    matmul_active += vocab * hidden  # the lm head, tied or not
+    matmul_active += vocab * hidden + hidden * ple_cols  # the lm head, tied or not; the PLE projection
     read_params += min(batch, vocab) * hidden + vocab * hidden + hidden  # embedding rows, head, final norm
+    read_params += min(batch, cfg.ple_rows) * ple_cols + ple_model  # PLE: one table row per sequence
 
     attn_tok = sum(x.attn_flops_per_token for x in per_layer)
     other_tok = 2 * matmul_active
@@ -286,12 +357,28 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
         ("params_active: everything a token touches: dense params, router, shared experts and top_k routed experts, "
          "embedding and lm head included (params_active_non_embedding excludes them)"),
     ]
+    if cfg.ple_dim:
+        assumptions.append(
+            f"per-layer embeddings: params_ple_table = {cfg.ple_rows:,} rows x {cfg.num_layers} layers x {cfg.ple_dim} "
+            "is a lookup (one row read per sequence per step, no FLOPs), counted in params_total and params_active "
+            "like the embedding and excluded from params_active_non_embedding; the PLE projection and the "
+            "per-layer gates are matmuls")
+    if any(x.attention == "cca" for x in cfg.layers):
+        assumptions.append(
+            "cca layers: K/V of the compressed KV heads per position (after norm and RoPE) plus, per sequence, a "
+            "constant state of (heads + kv_heads) x head_dim x (k0 + k1 - 2) conv-tail values and kv_heads x "
+            "v_head_dim / 2 delayed values, counted in kv_cache_bytes and reported alone as kv_state_bytes; "
+            "conv weights count as matmul parameters")
+    if any(x.kv_source is not None for x in cfg.layers):
+        assumptions.append(
+            "kv_cache_bytes_no_sharing: the same model with every layer storing its own K/V (same head dims and "
+            "window caps); the difference is what cross-layer KV sharing saves")
     if context > cfg.max_positions:
         assumptions.append(f"context {context} exceeds the model's max_positions {cfg.max_positions}")
     return Costs(
         name=cfg.name, context=context, batch=batch, dtype=w_name, kv_dtype=kv_name,
         params_total=params_total, params_embedding=embed, params_lm_head=lm_head, params_active=params_active,
-        params_active_non_embedding=params_active - embed - lm_head,
+        params_active_non_embedding=params_active - embed - lm_head - ple_table,
         kv_cache_bytes=sum(x.kv_bytes for x in per_layer),
         kv_bytes_per_token=sum(x.kv_bytes_per_token for x in full),
         kv_bytes_per_token_window=sum(x.kv_bytes_per_token for x in per_layer if x.window is not None),
@@ -299,5 +386,43 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
         weight_read_bytes_per_step=read_params * w_elt,
         flops_per_token=attn_tok + other_tok, attn_flops_per_token=attn_tok, other_flops_per_token=other_tok,
         prefill_flops=batch * other_tok * context + prefill_attn, prefill_attn_flops=prefill_attn,
-        per_layer=per_layer, assumptions=assumptions,
+        per_layer=per_layer, assumptions=assumptions, params_ple_table=ple_table,
+        params_ple=ple_table + ple_model + sum(_block_extra(x, hidden, cfg.ple_dim)[1] + (hidden if cfg.ple_dim else 0)
+                                               for x in cfg.layers),
+        kv_cache_bytes_no_sharing=kv_unshared, kv_state_bytes=sum(x.kv_state_bytes for x in per_layer),
     )
+
+
+def kv_sharing_report(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1,
+                      kv_dtype: Any = None) -> dict[str, Any]:
+    """What cross-layer KV sharing saves, under each assumption a published figure may use.
+
+    ``rows[0]`` is the cache as kvlab stores it (real head dims, window layers capped at their window),
+    with and without sharing. The other rows are the simplified estimate behind figures such as
+    "Gemma 4 E2B saves about 2.7 GB at 128K": every layer treated as full attention (no window cap) with
+    one head_dim — that of layer 0, and hidden/heads where it differs. The saved fraction (shared layers /
+    layers) is the same under every assumption only when the layers have one layout.
+    """
+    cfg = resolve_config(model)
+    c = costs(cfg, context=context, dtype=dtype, batch=batch, kv_dtype=kv_dtype)
+    kv_elt = DTYPE_BYTES[c.kv_dtype]
+    shared = [i for i, x in enumerate(cfg.layers) if x.kv_source is not None]
+
+    def row(assumption: str, without: int, with_: int, head_dim: int | None) -> dict[str, Any]:
+        return {"assumption": assumption, "head_dim": head_dim, "without_sharing": without, "with_sharing": with_,
+                "saved": without - with_, "saved_fraction": (without - with_) / without if without else 0.0}
+
+    rows = [row("as kvlab stores it: real head dims, window layers hold min(window, context) positions",
+                c.kv_cache_bytes_no_sharing, c.kv_cache_bytes, None)]
+    first = cfg.layers[0]
+    dims = [(first.head_dim, f"layer 0's head_dim {first.head_dim}")]
+    per_head = cfg.hidden_size // first.num_heads
+    if per_head != first.head_dim:
+        dims.append((per_head, f"hidden/heads = {cfg.hidden_size}/{first.num_heads} = {per_head}"))
+    for hd, label in dims:
+        per_layer = [batch * x.num_kv_heads * 2 * hd * kv_elt * context for x in cfg.layers]
+        rows.append(row(f"simplified: every layer full attention (no window cap), one head_dim: {label}",
+                        sum(per_layer), sum(b for b, x in zip(per_layer, cfg.layers) if x.kv_source is None), hd))
+    return {"name": cfg.name, "context": context, "batch": batch, "kv_dtype": c.kv_dtype,
+            "num_layers": cfg.num_layers, "shared_layers": shared,
+            "sources": {i: cfg.layers[i].kv_source for i in shared}, "rows": rows}

@@ -78,7 +78,12 @@ def tiny_preset(name: str) -> ModelConfig:
         return x
 
     small = cfg.replace_layers(shrink)
-    return dataclasses.replace(small, vocab_size=97, hidden_size=32, max_positions=512, name=f"{name} (tiny)")
+    tiny_fields = {"vocab_size": 97, "hidden_size": 32, "max_positions": 512, "name": f"{name} (tiny)"}
+    if getattr(cfg, "ple_dim", None):  # per-layer embeddings: shrink the table with the vocab
+        tiny_fields.update(ple_dim=8, ple_vocab_size=None)
+    if cfg.embed_scale is not None and abs(cfg.embed_scale - cfg.hidden_size ** 0.5) < 1e-9:
+        tiny_fields["embed_scale"] = 32 ** 0.5
+    return dataclasses.replace(small, **tiny_fields)
 
 
 def live_check(cfg: ModelConfig, batch: int = 2, prompt: int = 19, chunk: int = 7, decode: int = 5,

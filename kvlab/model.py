@@ -9,30 +9,76 @@ from torch import nn
 
 from .cache import Cache
 from .config import LayerSpec, ModelConfig
-from .layers.attention import Attention, Step
+from .layers import ATTENTION_MODULES
+from .layers.attention import Step
 from .layers.mlp import GatedMLP
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
+from .layers.ple import PLEInput, PLELayer
 from .layers.rope import Rotary
+from .layers.scaling import ResidualScaling
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``."""
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+
+    Options from the LayerSpec: ``sandwich_norm`` normalises the attention and MLP outputs too
+    (``h = x + norm(attn(norm(x)))``); ``mlp='dense+moe'`` runs a dense MLP and the MoE side by side,
+    each with its own pre-norm (and post-norm with sandwich norms); with PLE (``ple_input`` given)
+    ``out += ple(out, ple_input)``; ``layer_scalar`` multiplies the output by a learned scalar;
+    ``residual_scaling`` turns both residual adds into ``(h + b_h) * s_h + (x + b_x) * s_x`` (ZAYA1).
+    The attention module is the one registered for ``spec.attention`` (kvlab/layers/__init__.py). With the
+    model's ``residual_fp32`` the stream ``x`` stays fp32 and each norm reads it in the weights' dtype.
+    """
 
     def __init__(self, spec: LayerSpec, config: ModelConfig) -> None:
         super().__init__()
         hidden, eps, off = config.hidden_size, config.norm_eps, config.norm_offset
+        self.spec = spec
         self.attn_norm = RMSNorm(hidden, eps, off)
-        self.attn = Attention(spec, hidden, eps, off)
+        self.attn = ATTENTION_MODULES[spec.attention](spec, hidden, eps, off)
         self.mlp_norm = RMSNorm(hidden, eps, off)
         if spec.mlp == "moe":
-            self.mlp = MoE(hidden, spec.moe, spec.activation)
+            self.mlp = MoE(hidden, spec.moe, spec.activation, eps)
         else:
             self.mlp = GatedMLP(hidden, spec.intermediate_size, spec.activation, spec.mlp_bias)
+        if spec.mlp == "dense+moe":
+            self.moe_norm = RMSNorm(hidden, eps, off)
+            self.moe = MoE(hidden, spec.moe, spec.activation, eps)
+            if spec.sandwich_norm:
+                self.post_dense_norm = RMSNorm(hidden, eps, off)
+                self.post_moe_norm = RMSNorm(hidden, eps, off)
+        if spec.sandwich_norm:
+            self.post_attn_norm = RMSNorm(hidden, eps, off)
+            self.post_mlp_norm = RMSNorm(hidden, eps, off)
+        if config.ple_dim is not None:
+            self.ple = PLELayer(hidden, config.ple_dim, spec.activation, eps, off)
+        if spec.layer_scalar:
+            self.layer_scalar = nn.Parameter(torch.ones(1))
+        if spec.residual_scaling:
+            self.attn_residual = ResidualScaling(hidden)
+            self.mlp_residual = ResidualScaling(hidden)
+        self.residual_fp32 = config.residual_fp32
 
-    def forward(self, x: torch.Tensor, step: Step, index: int, store=None) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), step, index, store)
-        return x + self.mlp(self.mlp_norm(x))
+    def forward(self, x: torch.Tensor, step: Step, index: int, store=None,
+                ple_input: torch.Tensor | None = None) -> torch.Tensor:
+        s = self.spec
+        low = self.attn_norm.weight.dtype if self.residual_fp32 else x.dtype  # what the norms read
+        h = self.attn(self.attn_norm(x.to(low)), step, index, store)
+        h = self.post_attn_norm(h) if s.sandwich_norm else h
+        x = self.attn_residual(h, x) if s.residual_scaling else x + h
+        xl = x.to(low)
+        h = self.mlp(self.mlp_norm(xl), carry=step.carry) if s.mlp == "moe" else self.mlp(self.mlp_norm(xl))
+        if s.mlp == "dense+moe":
+            e = self.moe(self.moe_norm(xl), router_input=xl if s.moe.router_norm else None, carry=step.carry)
+            h = self.post_dense_norm(h) + self.post_moe_norm(e) if s.sandwich_norm else h + e
+        h = self.post_mlp_norm(h) if s.sandwich_norm else h
+        x = self.mlp_residual(h, x) if s.residual_scaling else x + h
+        if ple_input is not None:
+            x = x + self.ple(x, ple_input)
+        if s.layer_scalar:
+            x = x * self.layer_scalar
+        return x
 
 
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -63,7 +109,18 @@ class Model(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        if config.ple_dim is not None:
+            self.ple = PLEInput(config.ple_rows, config.hidden_size, config.num_layers, config.ple_dim,
+                                config.norm_eps, config.norm_offset)
+        if config.embed_affine:
+            self.embed_affine_scale = nn.Parameter(torch.ones(config.hidden_size))
+            self.embed_affine_bias = nn.Parameter(torch.zeros(config.hidden_size))
         self.layers = nn.ModuleList(Block(spec, config) for spec in config.layers)
+        # from this layer on every layer reads another's K/V: only the positions whose logits are
+        # wanted need to pass through them (nothing they compute is stored)
+        self._shared_suffix = config.num_layers
+        while self._shared_suffix > 0 and config.layers[self._shared_suffix - 1].kv_source is not None:
+            self._shared_suffix -= 1
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
@@ -88,6 +145,8 @@ class Model(nn.Module):
             for name, p in model.named_parameters():
                 if name.endswith("norm.weight"):
                     p.fill_(0.0 if config.norm_offset else 1.0)
+                elif name.endswith(("layer_scalar", "router_scale", "expert_scale", "_scale", "key_temp")):
+                    p.fill_(1.0)
                 elif name.endswith(("bias", "sinks")):
                     p.zero_()
                 else:
@@ -130,7 +189,7 @@ class Model(nn.Module):
         device = input_ids.device
         qpos = torch.arange(start, start + t, device=device)
         positions = qpos[None].expand(b, t) if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)
-        step = Step(start=start, qpos=qpos, pad=pad)
+        step = Step(start=start, qpos=qpos, pad=pad, dtype=self.embed.weight.dtype)
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, rot in enumerate(self._rotary):
             if rot is not None:
@@ -141,13 +200,22 @@ class Model(nn.Module):
         x = self.embed(input_ids)
         if cfg.embed_scale is not None:
             x = x * torch.tensor(cfg.embed_scale, dtype=x.dtype)
+        if cfg.embed_affine:
+            x = (x + self.embed_affine_bias) * self.embed_affine_scale
+        ple = self.ple(input_ids, x) if cfg.ple_dim is not None else None
+        if cfg.residual_fp32:
+            x = x.float()
         for i, block in enumerate(self.layers):
-            x = block(x, step, i, cache.layers[i] if cache is not None else None)
+            if i == self._shared_suffix and last_only and x.shape[1] > 1:
+                x, step = x[:, -1:], step.last_position()
+                ple = ple[:, -1:] if ple is not None else None
+            x = block(x, step, i, cache.layers[i] if cache is not None else None,
+                      ple[:, :, i] if ple is not None else None)
         if cache is not None:
             cache.seq_len = start + t
         if last_only:
             x = x[:, -1:]
-        logits = self.norm(x) @ self.head_weight.T
+        logits = self.norm(x.to(self.norm.weight.dtype) if cfg.residual_fp32 else x) @ self.head_weight.T
         if cfg.final_logit_softcap is not None:
             cap = cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap

@@ -20,15 +20,17 @@ ATTENTION_VARIANTS: dict[str, dict] = {
     "bias": {"qkv_bias": True, "o_bias": True},
     "partial-rope": {"rope": {"theta": 500.0, "partial": 0.5}},
     "nope": {"rope": None},
+    "cca": {"attention": "cca"},  # compressed convolutional attention (cannot share K/V: no shared layer)
+    "cca-window": {"attention": "cca", "window": 4, "conv_kernels": (3, 2), "rope": {"theta": 500.0, "partial": 0.5}},
 }
 
 
 def tiny_config(shared: bool = True, moe: bool = False, layers: int = 3, **overrides) -> ModelConfig:
-    """A 3-layer model; with ``shared`` the last layer reads layer 1's K/V."""
+    """A 3-layer model; with ``shared`` the last layer reads layer 1's K/V (not for cca: it cannot share)."""
     base = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16, "intermediate_size": 64}
     base.update(overrides)
     specs = uniform_layers(layers, **base)
-    if shared:
+    if shared and base.get("attention") != "cca":
         specs[-1].kv_source = layers - 2
     if moe:
         specs[0].mlp = "moe"

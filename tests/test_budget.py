@@ -12,7 +12,12 @@ from kvlab.cli import main
 from kvlab.config import RopeSpec
 from kvlab.presets import get_preset
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """Inference only, without leaking the global grad mode into other test modules."""
+    with torch.no_grad():
+        yield
 GiB = 2**30
 
 

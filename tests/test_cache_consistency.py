@@ -8,7 +8,12 @@ from helpers import ATTENTION_VARIANTS, random_model, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """Inference only, without leaking the global grad mode into other test modules."""
+    with torch.no_grad():
+        yield
 
 
 def run_chunked(model, ids, pad, chunk, max_length):

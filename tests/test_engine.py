@@ -9,7 +9,12 @@ from helpers import random_model, tiny_config
 import kvlab
 from kvlab.engine import sample
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """Inference only, without leaking the global grad mode into other test modules."""
+    with torch.no_grad():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,12 @@ import torch.nn.functional as F
 from kvlab.config import MoESpec
 from kvlab.layers.moe import MoE
 
-torch.set_grad_enabled(False)
+
+@pytest.fixture(autouse=True, scope="module")
+def _no_grad():
+    """Inference only, without leaking the global grad mode into other test modules."""
+    with torch.no_grad():
+        yield
 
 
 def naive(moe: MoE, x: torch.Tensor) -> torch.Tensor:

@@ -1,12 +1,14 @@
 """Grouped-query attention: MHA, GQA (arXiv 2305.13245) and MQA (arXiv 1911.02150).
 
-Options: q/k RMSNorm, sliding window (Longformer/Mistral), learned sink logits (gpt-oss), a
-sigmoid or softplus output gate computed from the attention input, and reading another layer's
-K/V (cross-layer sharing). Attention runs in ``scaled_dot_product_attention``.
+Options: q/k RMSNorm, weightless v RMSNorm, V = K projection (``k_eq_v``), sliding window
+(Longformer/Mistral), learned sink logits (gpt-oss), a sigmoid or softplus output gate computed from
+the attention input, and reading another layer's K/V (cross-layer sharing). Attention runs in
+``scaled_dot_product_attention``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import torch
@@ -24,28 +26,45 @@ class Step:
 
     start: absolute index of the first new position; qpos ``[T]`` absolute indices; pad ``[B]``
     left-pad counts or None; rope: rope tables by layer; kv: the (k, v, kpos) each producing layer
-    attended to, for the layers that share them; masks: built masks by key set.
+    attended to, for the layers that share them; masks: built masks by key set; carry: per-token
+    tensors ``[B, T, ...]`` a layer passes to the next (e.g. the MoE router state, ``router_carry``).
     """
 
     start: int
     qpos: torch.Tensor
     pad: torch.Tensor | None
+    dtype: torch.dtype = torch.float32
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict[tuple, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
+    carry: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def last_position(self) -> Step:
+        """The same step for its last query only (K/V already produced stay readable)."""
+        return dataclasses.replace(self, start=self.start + self.qpos.shape[0] - 1, qpos=self.qpos[-1:], masks={},
+                                   rope={i: (c[:, -1:], s[:, -1:]) for i, (c, s) in self.rope.items()},
+                                   carry={k: v[:, -1:] for k, v in self.carry.items()})
 
     def mask(self, kpos: torch.Tensor, window: int | None, key: tuple) -> tuple[torch.Tensor | None, bool]:
-        """(boolean mask ``[B|1, 1, T, L]`` with True = attend, or None; whether plain causal applies)."""
+        """(additive mask ``[B|1, 1, T, L]`` of 0 / -inf, or None; whether plain causal applies).
+
+        Built once per step and key set, shared by every layer that uses it; additive rather than
+        boolean because SDPA on the CPU converts a boolean mask at every call.
+        """
         key = (key, window)
         if key not in self.masks:
             t = self.qpos.shape[0]
-            if t == 1 and self.pad is None:  # a decode step sees every key its store returns
+            if t == 1 and self.pad is None and (window is None or kpos.shape[0] <= window):
+                # a decode step sees every key its store returns (a ring holds at most the window)
                 self.masks[key] = (None, False)
             elif (self.pad is None and self.start == 0 and kpos.shape[0] == t and t > 1
                     and (window is None or window >= t)):
                 self.masks[key] = (None, True)
             else:
-                self.masks[key] = (build_mask(self.qpos, kpos, window, self.pad), False)
+                ok = build_mask(self.qpos, kpos, window, self.pad)
+                add = None if ok is None else torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill_(
+                    ~ok, float("-inf"))
+                self.masks[key] = (add, False)
         return self.masks[key]
 
 
@@ -69,7 +88,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
            causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``.
 
-    ``mask`` is boolean ``[B|1, 1, T, L]`` (True = attend). ``causal`` (with mask None) means the T
+    ``mask`` is additive ``[B|1, 1, T, L]`` (0 = attend, -inf = masked). ``causal`` (with mask None) means the T
     queries are the last T keys. ``sinks [H]`` adds a per-head logit to the softmax denominator.
     A decode step (T = 1) folds the query heads of a group into the query axis, so K and V are read
     once and never repeated per head.
@@ -81,7 +100,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                               enable_gqa=g > 1)
     if causal:
-        mask = torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t)[None, None]
+        mask = torch.zeros(t, L, dtype=q.dtype, device=q.device).masked_fill_(
+            ~torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t), float("-inf"))[None, None]
     qf = q.reshape(b, hkv, g * t, d)
     if mask is not None:
         mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, L).reshape(mask.shape[0], 1, g * t, L)
@@ -90,7 +110,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return out.reshape(b, h, t, v.shape[-1])
     s = (qf @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))
+        s = s + mask
     sink = sinks.float().view(1, hkv, g, 1, 1).expand(b, hkv, g, t, 1).reshape(b, hkv, g * t, 1)
     p = torch.cat((s, sink), dim=-1).softmax(-1)[..., :L]
     return (p.to(v.dtype) @ v).reshape(b, h, t, v.shape[-1])
@@ -106,7 +126,10 @@ class Attention(nn.Module):
         self.q_proj = nn.Linear(hidden, h * d, bias=spec.qkv_bias)
         if spec.stores_kv:
             self.k_proj = nn.Linear(hidden, hkv * d, bias=spec.qkv_bias)
-            self.v_proj = nn.Linear(hidden, hkv * dv, bias=spec.qkv_bias)
+            if not spec.k_eq_v:
+                self.v_proj = nn.Linear(hidden, hkv * dv, bias=spec.qkv_bias)
+            if spec.v_norm:
+                self.v_norm = RMSNorm(dv, eps, scale=False)
         self.o_proj = nn.Linear(h * dv, hidden, bias=spec.o_bias)
         if spec.qk_norm:
             self.q_norm = RMSNorm(d, eps, norm_offset)
@@ -122,7 +145,9 @@ class Attention(nn.Module):
         s = self.spec
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, s.num_kv_heads, s.value_dim).transpose(1, 2)
+        v = k if s.k_eq_v else self.v_proj(x).view(b, t, s.num_kv_heads, s.value_dim).transpose(1, 2)
+        if s.v_norm:
+            v = self.v_norm(v)
         if s.qk_norm:
             k = self.k_norm(k)
         if rope is not None:

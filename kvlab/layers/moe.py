@@ -1,7 +1,10 @@
 """Routed mixture of experts with top-k choice (GShard/Switch; DeepSeek-V3 scoring options).
 
 Router in fp32. Options: softmax or sigmoid scores, a bias added to the scores for the choice only
-(aux-loss-free balancing), renormalised top-k weights, routed scaling, always-on shared experts.
+(aux-loss-free balancing), renormalised top-k weights, routed scaling, always-on shared experts, a
+router that reads the normalised residual stream with a learned scale and per-expert output scales
+(Gemma 4), a router MLP in a narrow router space that can carry the previous layer's router state, and
+a skip expert that computes nothing (ZAYA1).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from torch import nn
 
 from ..config import MoESpec
 from .mlp import GatedMLP, activation
+from .norm import RMSNorm
+from .router import RouterMLP
 
 
 class Experts(nn.Module):
@@ -30,7 +35,8 @@ class Experts(nn.Module):
         out = torch.zeros_like(x)
         flat = idx.reshape(-1)
         order = flat.argsort()
-        counts = torch.bincount(flat, minlength=self.gate_proj.shape[0]).tolist()
+        num = self.gate_proj.shape[0]
+        counts = torch.bincount(flat, minlength=num).tolist()[:num]  # index num (a skip expert) sorts last
         token_of = order // idx.shape[1]
         w_sorted = weights.reshape(-1)[order]
         start = 0
@@ -49,31 +55,73 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """x ``[B, T, H]`` -> ``[B, T, H]``."""
 
-    def __init__(self, hidden: int, spec: MoESpec, act: str = "silu") -> None:
+    def __init__(self, hidden: int, spec: MoESpec, act: str = "silu", eps: float = 1e-6) -> None:
         super().__init__()
         self.spec = spec
-        self.router = nn.Linear(hidden, spec.num_experts, bias=False)
+        classes = spec.num_experts + (1 if spec.skip_expert else 0)
+        if spec.router_hidden is not None:
+            self.router_down = nn.Linear(hidden, spec.router_hidden)
+            if spec.router_carry:
+                self.router_state_scale = nn.Parameter(torch.ones(spec.router_hidden))
+            self.router_mlp = RouterMLP(spec.router_hidden, eps)
+        self.router = nn.Linear(spec.router_hidden or hidden, classes, bias=False)
         if spec.bias_correction:
-            self.router_bias = nn.Parameter(torch.zeros(spec.num_experts))
+            self.router_bias = nn.Parameter(torch.zeros(classes))
+        if spec.router_norm:
+            self.router_in_norm = RMSNorm(hidden, eps, scale=False)
+            self.router_scale = nn.Parameter(torch.ones(hidden))
+            self._root = hidden ** -0.5
+        if spec.expert_scale:
+            self.expert_scale = nn.Parameter(torch.ones(spec.num_experts))
         self.experts = Experts(spec.num_experts, hidden, spec.expert_size, act)
         self.shared = GatedMLP(hidden, spec.shared_width, act) if spec.shared_experts else None
 
+    def router_state(self, x: torch.Tensor, carry: dict | None, shape: tuple) -> torch.Tensor:
+        """``router_hidden``: the router-space state ``[N, R]`` of tokens ``x [N, H]``; with ``router_carry``
+        plus the previous layer's state (``carry['router']``) times a learned scale. Left in ``carry``."""
+        r = self.router_down(x)
+        if self.spec.router_carry:
+            if carry is None or "router" not in carry:
+                raise ValueError("router_carry: no router state from the previous layer was passed")
+            r = r + carry["router"].reshape(r.shape) * self.router_state_scale
+        if carry is not None:
+            carry["router"] = r.view(*shape[:-1], r.shape[-1])
+        return r
+
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k expert indices and weights ``[N, k]`` for tokens ``x [N, H]`` (fp32 router)."""
+        """Top-k expert indices and weights ``[N, k]`` for tokens ``x [N, H]`` (fp32 router).
+
+        With ``router_hidden``, ``x`` is the router state ``[N, R]`` and the router MLP runs in the weights'
+        dtype (as ZAYA1); a chosen skip expert has index ``num_experts``.
+        """
         s = self.spec
-        logits = x.float() @ self.router.weight.float().T
+        if s.router_norm:
+            x = self.router_in_norm(x) * self.router_scale * self._root
+        if s.router_hidden is not None:
+            logits = self.router(self.router_mlp(x))
+        else:
+            logits = x.float() @ self.router.weight.float().T
         scores = logits.softmax(-1) if s.scoring == "softmax" else logits.sigmoid()
-        choice = scores + self.router_bias.float() if s.bias_correction else scores
+        choice = scores.float() + self.router_bias.float() if s.bias_correction else scores
         idx = choice.topk(s.top_k, dim=-1).indices
         w = scores.gather(-1, idx)
         if s.norm_topk:
             w = w / (w.sum(-1, keepdim=True) + (1e-20 if s.scoring == "sigmoid" else 0.0))
+        if s.expert_scale:
+            scale = self.expert_scale.float()
+            w = w * (torch.cat((scale, scale.new_ones(1))) if s.skip_expert else scale)[idx]
         return idx, w * s.routed_scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None,
+                carry: dict | None = None) -> torch.Tensor:
+        """``router_input`` (same shape as x): what the router reads, when not x (``router_norm``).
+        ``carry``: the dict that passes the router state between layers (``router_hidden``)."""
         shape = x.shape
         flat = x.reshape(-1, shape[-1])
-        idx, w = self.route(flat)
+        rin = flat if router_input is None else router_input.reshape(-1, shape[-1])
+        if self.spec.router_hidden is not None:
+            rin = self.router_state(rin, carry, shape)
+        idx, w = self.route(rin)
         out = self.experts(flat, idx, w)
         if self.shared is not None:
             out = out + self.shared(flat)

@@ -11,19 +11,23 @@ class RMSNorm(nn.Module):
 
     Computed in fp32 whatever the input dtype. Without the offset the normalised value is cast back
     to the input dtype before the weight is applied (Llama/Qwen order); with it the product is
-    taken in fp32 and cast last (Gemma order).
+    taken in fp32 and cast last (Gemma order). ``scale=False``: no learned weight (Gemma 4's v norm).
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6, offset: bool = False) -> None:
+    def __init__(self, dim: int, eps: float = 1e-6, offset: bool = False, scale: bool = True) -> None:
         super().__init__()
         self.eps = eps
         self.offset = offset
-        self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.scale = scale
+        if scale:
+            self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if not self.scale:
+            return h.to(dtype)
         if self.offset:
             return (h * (1.0 + self.weight.float())).to(dtype)
         return self.weight * h.to(dtype)

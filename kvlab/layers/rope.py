@@ -1,7 +1,8 @@
 """Rotary position embedding (RoFormer, arXiv 2104.09864) with partial rotation and scalings.
 
-Scalings: linear position interpolation (arXiv 2306.15595), Llama 3.1 band-wise scaling, and YaRN
-(arXiv 2309.00071). Frequencies follow transformers' ``modeling_rope_utils`` so logits match.
+Scalings: linear position interpolation (arXiv 2306.15595), Llama 3.1 band-wise scaling, YaRN
+(arXiv 2309.00071) and Gemma 4's proportional RoPE (a fraction of the rotate-half pairs rotated, with
+frequencies of the whole head). Frequencies follow transformers' ``modeling_rope_utils`` so logits match.
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ from ..config import RopeSpec
 
 
 def rotary_dim(spec: RopeSpec, head_dim: int) -> int:
+    """Channels the cos/sin tables cover: the whole head for proportional RoPE (unrotated pairs get
+    frequency 0), else the first ``partial * head_dim``."""
+    if spec.scaling == "proportional":
+        return head_dim
     return int(head_dim * spec.partial)
 
 
 def inv_freq_and_scale(spec: RopeSpec, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[rot_dim // 2]`` (fp32) and the cos/sin scale (YaRN's attention factor)."""
     dim = rotary_dim(spec, head_dim)
+    if spec.scaling == "proportional":  # transformers' _compute_proportional_rope_parameters
+        angles = int(spec.partial * head_dim // 2)
+        inv = 1.0 / (spec.theta ** (torch.arange(0, 2 * angles, 2, dtype=torch.float32, device="cpu") / head_dim))
+        inv = torch.cat((inv, torch.zeros(head_dim // 2 - angles, dtype=torch.float32, device="cpu")))
+        return inv / spec.factor, 1.0
     exponents = torch.arange(0, dim, 2, dtype=torch.float32, device="cpu") / dim
     inv = 1.0 / (spec.theta ** exponents)
     if spec.scaling == "default":

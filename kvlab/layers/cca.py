@@ -1,0 +1,149 @@
+"""Compressed convolutional attention (CCA / CCGQA; ZAYA1, arXiv 2510.04476).
+
+Attention runs inside a compressed latent space: the LayerSpec's heads *are* the compressed heads
+(``num_heads x head_dim`` query channels, ``num_kv_heads x head_dim`` key channels, usually well below
+``hidden``), and only the attention output is projected back up by ``o_proj``. What happens between:
+
+1. down-projections ``q = q_proj(x)``, ``k = k_proj(x)``; with left padding the pad positions' input
+   is zeroed first (transformers' ZAYA "conv" mask), so padding never leaks into the state;
+2. mean-residual mixing: ``r_q = (q + k[head // group]) / 2`` per query head and ``r_k`` the mean of
+   ``r_q`` over each KV head's group of query heads;
+3. two causal convolutions over the sequence on the concatenated ``[q, k]`` channels: depthwise
+   (kernel ``conv_kernels[0]``), then grouped with one group per head (kernel ``conv_kernels[1]``);
+   ``q = conv(q)+r_q``, ``k = conv(k)+r_k``. A chunk is convolved with the carried tail of the previous
+   ``conv_kernels[0] + conv_kernels[1] - 2`` input columns prepended (zeros at the start of a
+   sequence), so chunked prefill and decode equal one full forward;
+4. value shift: the first half of the value channels come from the current token (``v_proj``), the
+   second half from the previous token (``v_shift_proj``, its last row carried across chunks; at a
+   sequence start the "previous token" is an all-zero input);
+5. q and k L2-normalised to ``sqrt(head_dim)``, k times a learned per-KV-head temperature
+   (``key_temp``; ZAYA initialises it to 0, ``Model.from_config`` to 1);
+6. partial RoPE, grouped attention (``attend``), optional sinks/window/output gate, ``o_proj``.
+
+The cache (kvlab/cache/cca.py) holds the normed, rotated compressed K/V per position plus the conv tail
+``[B, (H + Hkv) * head_dim, k0 + k1 - 2]`` and the delayed value row ``[B, Hkv * v_head_dim / 2]``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LayerSpec
+from .attention import Step, attend
+from .rope import apply_rope
+
+
+def conv_tail(spec: LayerSpec) -> int:
+    """Input columns of history the two convolutions need (``k0 - 1 + k1 - 1``)."""
+    k0, k1 = spec.conv_kernels
+    return k0 - 1 + k1 - 1
+
+
+def conv_channels(spec: LayerSpec) -> int:
+    """Channels of the convolved ``[q, k]`` stream: ``(num_heads + num_kv_heads) * head_dim``."""
+    return (spec.num_heads + spec.num_kv_heads) * spec.head_dim
+
+
+def value_half(spec: LayerSpec) -> int:
+    """Value channels taken from the previous token: half of ``num_kv_heads * v_head_dim``."""
+    return spec.num_kv_heads * spec.value_dim // 2
+
+
+class CCAttention(nn.Module):
+    """One CCA layer described by a :class:`LayerSpec` (``attention='cca'``); x ``[B, T, hidden]`` -> same."""
+
+    def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
+        super().__init__()
+        self.spec = spec
+        h, hkv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim
+        k0, k1 = spec.conv_kernels
+        half = value_half(spec)
+        self.q_proj = nn.Linear(hidden, h * d, bias=spec.qkv_bias)
+        self.k_proj = nn.Linear(hidden, hkv * d, bias=spec.qkv_bias)
+        self.v_proj = nn.Linear(hidden, half, bias=spec.qkv_bias)  # current token
+        self.v_shift_proj = nn.Linear(hidden, half, bias=spec.qkv_bias)  # read one token later
+        c = conv_channels(spec)
+        self.conv_dw = nn.Conv1d(c, c, k0, groups=c)
+        self.conv_grouped = nn.Conv1d(c, c, k1, groups=h + hkv)
+        self.key_temp = nn.Parameter(torch.ones(hkv))
+        self.o_proj = nn.Linear(h * dv, hidden, bias=spec.o_bias)
+        if spec.output_gate:
+            self.g_proj = nn.Linear(hidden, h if spec.gate_per_head else h * dv, bias=False)
+        if spec.sinks:
+            self.sinks = nn.Parameter(torch.zeros(h))
+
+    def project(self, x: torch.Tensor, step: Step, store=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q ``[B, T, H, D]``, k ``[B, T, Hkv, D]`` (before norm and RoPE) and v ``[B, T, Hkv, Dv]``.
+
+        Reads and updates the conv tail and the delayed value row of ``store`` (a CCA store) when given.
+        """
+        s = self.spec
+        b, t, _ = x.shape
+        h, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
+        g = h // hkv
+        carried = store is not None and step.start > 0
+        q = self.q_proj(x)
+        k = self.k_proj(x)
+        r_q = (q.view(b, t, h, d) + k.view(b, t, hkv, 1, d).expand(b, t, hkv, g, d).reshape(b, t, h, d)) * 0.5
+        r_k = r_q.view(b, t, hkv, g, d).mean(dim=-2)
+        qk = torch.cat((q, k), dim=-1).transpose(1, 2)  # [B, C, T]
+        tail = conv_tail(s)
+        if tail:
+            prev = store.conv if carried else qk.new_zeros(b, qk.shape[1], tail)
+            qk = torch.cat((prev, qk), dim=-1)
+            if store is not None:
+                store.conv.copy_(qk[..., -tail:])
+        qk = self.conv_grouped(self.conv_dw(qk)).transpose(1, 2)  # [B, T, C]
+        q = qk[..., :h * d].view(b, t, h, d) + r_q
+        k = qk[..., h * d:].view(b, t, hkv, d) + r_k
+        cur = self.v_proj(x)
+        shifted = self.v_shift_proj(x)
+        prev_v = store.v_prev[:, None] if carried else self.v_shift_proj(x.new_zeros(b, 1, x.shape[-1]))
+        v = torch.cat((cur, torch.cat((prev_v, shifted[:, :-1]), dim=1)), dim=-1).view(b, t, hkv, s.value_dim)
+        if store is not None:  # after the read above: prev_v may be a view of the store
+            store.v_prev.copy_(shifted[:, -1])
+        return q, k, v
+
+    def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """L2 norms to ``sqrt(head_dim)`` on ``[B, T, heads, D]``; keys times the per-KV-head temperature."""
+        scale = self.spec.head_dim ** 0.5
+        eps = torch.finfo(q.dtype).eps
+        q = q * (scale / q.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
+        k = k * (scale / k.norm(p=2, dim=-1, keepdim=True).clamp_min(eps))
+        return q, k * self.key_temp[None, None, :, None]
+
+    def forward(self, x: torch.Tensor, step: Step, index: int, store=None) -> torch.Tensor:
+        s = self.spec
+        b, t, _ = x.shape
+        if step.pad is not None:  # pad positions feed zeros to the projections, the conv and the value shift
+            x = x * (step.qpos[None] >= step.pad[:, None]).to(x.dtype)[..., None]
+        q, k, v = self.project(x, step, store)
+        q, k = self.norm_qk(q, k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        rope = step.rope.get(index)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if store is not None:
+            k, v, kpos = store.append(k, v, step.start)
+        else:
+            kpos = step.qpos
+        step.kv[index] = (k, v, kpos)
+        mask, causal = step.mask(kpos, s.window, (index, kpos.shape[0]))
+        out = attend(q, k, v, mask, s.scale, causal=causal, sinks=self.sinks if s.sinks else None)
+        out = out.transpose(1, 2)  # [B, T, H, Dv]
+        if s.output_gate:
+            gate = self.g_proj(x)
+            gate = torch.sigmoid(gate) if s.output_gate == "sigmoid" else F.softplus(gate)
+            out = out * (gate[..., None] if s.gate_per_head else gate.view(b, t, s.num_heads, s.value_dim))
+        return self.o_proj(out.reshape(b, t, s.num_heads * s.value_dim))
+
+
+def compression(spec: LayerSpec, hidden: int) -> tuple[float, float]:
+    """(query, key/value) compression factors vs MHA with ``hidden / head_dim`` heads of ``head_dim``."""
+    mha = hidden / spec.head_dim
+    return mha / spec.num_heads, mha / spec.num_kv_heads
+
+
+__all__ = ["CCAttention", "compression", "conv_channels", "conv_tail", "value_half"]

@@ -1,0 +1,195 @@
+"""ZAYA1 parity with transformers 5.23 on tiny random ``ZayaConfig`` models, and its config errors.
+
+The tiny models keep what makes ZAYA ZAYA: CCA in every layer (hybrid and hybrid-sliding), convolutions
+whose weights matter, a non-zero key temperature (ZAYA initialises it to 0: keys would be all zero),
+the router MLP carrying the previous layer's state, balancing biases that make some tokens take the
+skip expert, per-channel residual scaling and the affine embedding, all with non-trivial values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import transformers
+from hf_tiny import save
+
+import kvlab
+from kvlab.families import config_from_hf
+from kvlab.layers.moe import MoE
+
+LENGTHS = (20, 13)  # unequal rows, left-padded; 20 tokens cross a window of 4 several times
+NEW = 32
+BASE: dict[str, Any] = {
+    "vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 3, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "moe_intermediate_size": 32, "num_experts": 4,
+    "router_hidden_size": 16, "max_position_embeddings": 256, "sliding_window": 4,
+    "layer_types": ["hybrid", "hybrid_sliding", "hybrid"],
+}
+CASES: dict[str, dict[str, Any]] = {
+    "hybrid-sliding": {},
+    "bias-kernel3-untied": {"attention_bias": True, "cca_time0": 3, "tie_word_embeddings": False,
+                            "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"]},
+}
+
+
+def tiny_zaya(seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
+    cfg = transformers.ZayaConfig(**{**BASE, **overrides})
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = transformers.ZayaForCausalLM(cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=gen)
+            if name.endswith(("norm.weight", "_scale")):
+                p.copy_(1.0 + 0.2 * noise)
+            elif name.endswith("qk_norm.temp"):
+                p.copy_(1.0 + 0.3 * noise)  # non-zero key temperature
+            elif ".conv_qk_" in name and name.endswith("weight"):
+                p.copy_(0.5 * noise)  # large enough for the convolutions to matter
+            elif name.endswith("router_mlp.out_proj.weight"):
+                p.copy_(noise)  # router choices that vary from token to token
+            else:
+                p.copy_(0.1 * noise)
+        for name, b in model.named_buffers():
+            if name.endswith("balancing_biases"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=gen))  # the skip expert's too: some tokens take it
+    gc = model.generation_config
+    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
+    return model.eval()
+
+
+@pytest.fixture(scope="module", params=list(CASES))
+def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[Any, kvlab.Model]:
+    hf = tiny_zaya(**CASES[request.param])
+    path: Path = save(hf, tmp_path_factory.mktemp(request.param))
+    return hf, kvlab.load(path)
+
+
+def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    t = max(LENGTHS)
+    ids = torch.randint(1, vocab, (len(LENGTHS), t), generator=gen)
+    mask = torch.zeros(len(LENGTHS), t, dtype=torch.long)
+    for i, n in enumerate(LENGTHS):
+        mask[i, t - n:] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_config_and_values_follow_the_checkpoint(pair: tuple[Any, kvlab.Model]) -> None:
+    hf, model = pair
+    cfg, c = model.config, hf.config
+    assert all(x.attention == "cca" and x.conv_kernels == (c.cca_time0, c.cca_time1) for x in cfg.layers)
+    assert [x.window for x in cfg.layers] == [4 if t == "hybrid_sliding" else None for t in c.layer_types]
+    assert [x.moe.router_carry for x in cfg.layers] == [False, True, True]
+    assert cfg.embed_affine and cfg.residual_fp32 and cfg.tie_embeddings == c.tie_word_embeddings
+    # loading keeps every value: spot-check tensors of each kind against the transformers model
+    hs = hf.state_dict()
+    ks = model.state_dict()
+    for hf_name, kv_name in [
+        ("model.layers.1.self_attn.qk_norm.temp", "layers.1.attn.key_temp"),
+        ("model.layers.1.self_attn.qkv_proj.conv_qk_grouped.weight", "layers.1.attn.conv_grouped.weight"),
+        ("model.layers.2.mlp.gate.balancing_biases", "layers.2.mlp.router_bias"),
+        ("model.layers.2.mlp.gate.router_states_scale", "layers.2.mlp.router_state_scale"),
+        ("model.layers.0.post_mlp_residual_scale.residual_bias", "layers.0.mlp_residual.res_bias"),
+        ("model.input_hidden_states_scale", "embed_affine_scale"),
+    ]:
+        assert torch.equal(hs[hf_name], ks[kv_name]), hf_name
+    gate, up = hs["model.layers.0.mlp.experts.gate_up_proj"].chunk(2, dim=1)
+    assert torch.equal(ks["layers.0.mlp.experts.gate_proj"], gate) and torch.equal(ks["layers.0.mlp.experts.up_proj"], up)
+
+
+@torch.no_grad()
+def test_logits_match(pair: tuple[Any, kvlab.Model], monkeypatch: pytest.MonkeyPatch) -> None:
+    hf, model = pair
+    ids, mask = _batch(hf.config.vocab_size)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate uses for left padding
+    want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    chosen: list[torch.Tensor] = []
+    route = MoE.route
+
+    def spy(self: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, w = route(self, x)
+        chosen.append(idx)
+        return idx, w
+
+    monkeypatch.setattr(MoE, "route", spy)
+    got = model(ids, attention_mask=mask)
+    skip = torch.cat(chosen) == hf.config.num_experts
+    assert 0 < skip.float().mean() < 0.5  # the skip expert is exercised, and not everywhere
+    assert got.shape == want.shape
+    real = mask.bool()
+    diff = (got[real] - want[real]).abs().max().item()
+    assert diff <= 1e-4, f"max |logits diff| {diff:.2e} over non-pad positions"
+    if not hf.config.attention_bias:  # with projection biases transformers' conv sees the pads' biases
+        alone = model(ids[1:, -LENGTHS[1]:])  # the short row alone gives the same logits
+        assert (alone[0] - got[1, -LENGTHS[1]:]).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+@torch.no_grad()
+def test_chunked_prefill_equals_full_forward(pair: tuple[Any, kvlab.Model], chunk: int) -> None:
+    _, model = pair
+    ids, mask = _batch(model.config.vocab_size)
+    full = model(ids, attention_mask=mask)
+    cache = model.new_cache(ids.shape[0], max_length=ids.shape[1])
+    cache.set_padding((mask == 0).sum(-1))  # a first chunk may be all padding
+    outs = [model(ids[:, s:s + chunk], cache=cache) for s in range(0, ids.shape[1], chunk)]
+    got = torch.cat(outs, 1)
+    real = mask.bool()
+    assert (got[real] - full[real]).abs().max().item() <= 1e-5
+
+
+@torch.no_grad()
+def test_greedy_generation_matches(pair: tuple[Any, kvlab.Model]) -> None:
+    hf, model = pair
+    ids, mask = _batch(hf.config.vocab_size)
+    want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
+                       eos_token_id=None, pad_token_id=0)
+    got = kvlab.generate(model, ids, max_new_tokens=NEW, temperature=0.0, attention_mask=mask)
+    assert got.shape == want.shape == (len(LENGTHS), max(LENGTHS) + NEW)
+    assert torch.equal(got, want), f"first differing step: {(got != want).any(0).nonzero()[0].item()}"
+
+
+# -- config.json errors and defaults ---------------------------------------------------------------------------
+
+
+def _json(**overrides: Any) -> dict[str, Any]:
+    return {**BASE, "architectures": ["ZayaForCausalLM"], "model_type": "zaya", **overrides}
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("num_experts_per_tok", 2, "num_experts_per_tok=2 is not supported"),
+    ("lm_head_bias", True, "lm_head_bias=true is not supported"),
+    ("layer_types", ["hybrid", "full_attention", "hybrid"], "layer_types ['full_attention'] not supported"),
+    ("layer_types", ["hybrid"], "layer_types has 1 entries for num_hidden_layers=3"),
+    ("sliding_window", None, "hybrid_sliding layers but sliding_window is null"),
+])
+def test_unsupported_config_is_a_clear_error(key: str, value: Any, needle: str) -> None:
+    with pytest.raises(ValueError, match="ZayaForCausalLM config.json") as e:
+        config_from_hf(_json(**{key: value}))
+    assert needle in str(e.value)
+
+
+def test_defaults_follow_transformers() -> None:
+    """The hub config's nested rope_parameters plus a stray flat rope_type; defaults for everything else."""
+    cfg = config_from_hf({"architectures": ["ZayaForCausalLM"], "rope_parameters": {
+        "rope_type": "default", "hybrid": {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5}}})
+    want = kvlab.presets.get_preset("zaya1-8b")
+    assert cfg.layers == want.layers
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.norm_eps, cfg.tie_embeddings) == (262272, 2048, 1e-5, True)
+
+
+def test_bench_can_write_a_zaya_twin() -> None:
+    """`kvlab bench zaya1-8b --vs transformers` needs a ZayaConfig of the (scaled) preset's shape."""
+    from kvlab.bench import hf_config_dict, scale_to_fit
+
+    cfg, _ = scale_to_fit(kvlab.presets.get_preset("zaya1-8b"), 256 * 2**20)
+    d = hf_config_dict(cfg)
+    assert d["architectures"] == ["ZayaForCausalLM"]
+    assert config_from_hf(d).layers == cfg.layers
+    hf_cfg = transformers.ZayaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
+    assert (hf_cfg.num_attention_heads, hf_cfg.num_key_value_heads, hf_cfg.cca_time0) == (8, 2, 2)
