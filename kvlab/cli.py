@@ -68,6 +68,10 @@ def cmd_calc(args: argparse.Namespace) -> int:
         print(f"source: {cfg.source}")
     read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
     avg = c.kv_cache_bytes / (ctx * c.batch)
+    parts: dict[str, int] = {}  # csa / hca cache components, summed over the layers
+    for lc in c.per_layer:
+        for k, v in lc.kv_components.items():
+            parts[k] = parts.get(k, 0) + v
     rows = [
         ["parameters, total", fmt_count(c.params_total), f"{c.params_total:,}"],
         ["parameters, embedding", fmt_count(c.params_embedding), f"{c.params_embedding:,}"],
@@ -75,7 +79,9 @@ def cmd_calc(args: argparse.Namespace) -> int:
            ["parameters, PLE all (table, projection, gates)", fmt_count(c.params_ple), f"{c.params_ple:,}"]]
           if c.params_ple_table else []),
         ["parameters, active per token", fmt_count(c.params_active), f"{c.params_active:,}"],
+        *([["parameters, mHC maps (fp32)", fmt_count(c.params_mhc), f"{c.params_mhc:,}"]] if c.params_mhc else []),
         ["KV cache", fmt_bytes(c.kv_cache_bytes), f"{c.kv_cache_bytes:,}"],
+        *[[f"  {k.replace('_', ' ')} (csa/hca)", fmt_bytes(v), f"{v:,}"] for k, v in parts.items()],
         ["KV bytes/token, full-attention layers", fmt_bytes(c.kv_bytes_per_token), f"{c.kv_bytes_per_token:,}"],
         ["KV bytes/token, window layers (up to window)", fmt_bytes(c.kv_bytes_per_token_window),
          f"{c.kv_bytes_per_token_window:,}"],
@@ -86,6 +92,8 @@ def cmd_calc(args: argparse.Namespace) -> int:
         ["FLOPs per token (decode at context)", fmt_flops(c.flops_per_token), f"{c.flops_per_token:,}"],
         ["  attention", fmt_flops(c.attn_flops_per_token), f"{c.attn_flops_per_token:,}"],
         ["  other (matmuls)", fmt_flops(c.other_flops_per_token), f"{c.other_flops_per_token:,}"],
+        *([["    of which mHC", fmt_flops(c.mhc_flops_per_token), f"{c.mhc_flops_per_token:,}"]]
+          if c.mhc_flops_per_token else []),
         ["prefill FLOPs (whole context)", fmt_flops(c.prefill_flops), f"{c.prefill_flops:,}"],
         ["  attention", fmt_flops(c.prefill_attn_flops), f"{c.prefill_attn_flops:,}"],
     ]
@@ -117,7 +125,9 @@ def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int 
         cs = [_costs(cfg, ctx, dtype, batch) for ctx in contexts]
         out.append({"model": spec, "name": cfg.name, "max_positions": cfg.max_positions,
                     "params_total": cs[0].params_total, "kv_cache_bytes": [c.kv_cache_bytes for c in cs],
-                    "kv_read_bytes_per_step": [c.kv_read_bytes_per_step for c in cs]})
+                    "kv_read_bytes_per_step": [c.kv_read_bytes_per_step for c in cs],
+                    "kv_state_bytes": cs[0].kv_state_bytes,
+                    "attn_flops_per_token": [c.attn_flops_per_token for c in cs]})
     first = out[0]["kv_cache_bytes"]
     for m in out:
         m["ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["kv_cache_bytes"], first)]
@@ -180,6 +190,13 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print(table(heads, rows, left=1))
     print(f"\nratio to {data['models'][0]['name']}")
     print(table(heads, ratios, left=1))
+    print("\nattention FLOPs per decoded token (at that context)")
+    print(table(heads, [[m["name"], fmt_count(m["params_total"])] + [fmt_flops(f) for f in m["attn_flops_per_token"]]
+                        for m in data["models"]], left=1))
+    states = [(m["name"], m["kv_state_bytes"]) for m in data["models"] if m["kv_state_bytes"]]
+    if states:
+        print("\nincluded above, constant per-sequence state (e.g. CCA conv tails): "
+              + ", ".join(f"{n} {fmt_bytes(b)}" for n, b in states))
     if beyond:
         print("\n* beyond the model's max_positions")
     if args.plot:
@@ -297,6 +314,63 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- train ---------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from kvlab.train import load_config, train
+
+    cfg = load_config(args.config)  # validated before anything is built or written
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps {args.steps}: must be >= 1")
+        cfg.train.steps = args.steps
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.device is not None:
+        cfg.train.device = args.device
+    for k in ("steps", "seed", "device"):  # the run directory's train_config.json records the overrides
+        if getattr(args, k) is not None:
+            cfg.raw["train"][k] = getattr(args, k)
+    out = args.out or cfg.out or str(Path("runs") / Path(args.config).stem)
+    r = train(cfg, out=out, resume=args.resume, progress=not args.no_progress and not args.json).summary
+    if args.json:
+        _emit_json(r)
+        return 0
+    ev = r["eval"] or {}
+    rows = [["model", f"{r['model']} ({fmt_count(r['params'])} parameters)"],
+            ["task", f"{r['task']}, seq_len {r['seq_len']}, global batch {r['global_batch']}"],
+            ["steps", f"{r['steps']} ({r['steps_this_run']} this run, from step {r['resumed_from']})"],
+            ["processes", str(r["processes"])],
+            ["final train loss", f"{r['final_loss']:.4f}"],
+            ["eval loss / accuracy", f"{ev['eval_loss']:.4f} / {ev['eval_accuracy']:.3f}" if ev else "-"],
+            ["tokens/s", f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"],
+            ["checkpoint", str(r["checkpoint"])]]
+    print(table(["run", str(r["out"])], rows, align="ll"))
+    return 0
+
+
+# -- ablate --------------------------------------------------------------------------------------------
+def cmd_ablate(args: argparse.Namespace) -> int:
+    from kvlab.train.ablate import format_table, parse_sweep, run_sweep
+    from kvlab.train.config import read_file
+
+    raw = read_file(args.sweep)
+    try:
+        parse_sweep(raw)  # every variant built and parameter-matched before anything trains
+    except ValueError as e:
+        raise ValueError(f"{args.sweep}: {e}") from e
+    out = args.out or raw.get("out") or str(Path("runs") / ("ablate-" + Path(args.sweep).stem))
+    r = run_sweep(raw, out=out, progress=not args.no_progress and not args.json)
+    if args.plot:
+        from kvlab.train.ablate import plot_sweep
+
+        r["plot"] = str(plot_sweep(r, args.plot))
+    if args.json:
+        _emit_json(r)
+        return 0
+    print(format_table(r))
+    return 0
+
+
 # -- presets -------------------------------------------------------------------------------------------
 def cmd_presets(args: argparse.Namespace) -> int:
     from kvlab.presets import get_preset, presets
@@ -394,6 +468,33 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     common(q, dtype="fp32", json_help="also print all figures as one JSON object on the last line")
     q.set_defaults(func=cmd_bench)
+
+    q = verb("train", "train a small model from scratch (a preset scaled down or a ModelConfig) on synthetic "
+             "long-context tasks or local text; atomic checkpoints, exact --resume, data-parallel under torchrun",
+             "kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall --steps 200\n"
+             "  kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall --resume\n"
+             "  torchrun --nproc_per_node 2 -m kvlab train CONFIG --out runs/dp   (see docs/training.md)")
+    q.add_argument("config", help="training config, JSON or TOML: [model], [task], [train] (docs/training.md)")
+    q.add_argument("--out", help="run directory for checkpoints and log.jsonl (default: the config's out, "
+                   "else runs/<config name>)")
+    q.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    q.add_argument("--steps", type=int, help="override train.steps")
+    q.add_argument("--seed", type=int, help="override train.seed")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    q.add_argument("--json", action="store_true", help="print one JSON summary object (with the loss of every step)")
+    q.set_defaults(func=cmd_train)
+
+    q = verb("ablate", "train parameter-matched variants of one base model over several seeds; table of params, "
+             "KV bytes, tokens/s, eval loss and accuracy (mean ± std) with Welch's t-test against the baseline",
+             "kvlab ablate kvlab/train/examples/sweep-tiny.toml --out runs/ablate-tiny --plot out/ablate.png")
+    q.add_argument("sweep", help="sweep file, JSON or TOML: base (a training config), variants, seeds "
+                   "(kvlab/train/ablate.py)")
+    q.add_argument("--out", help="directory of the runs (default: the sweep's out, else runs/ablate-<name>)")
+    q.add_argument("--plot", help="write a PNG here: accuracy vs KV bytes, and the loss curves")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    q.add_argument("--json", action="store_true", help="print one JSON object (rows, per-seed values, loss curves)")
+    q.set_defaults(func=cmd_ablate)
 
     q = verb("presets", "list the built-in published configurations", "kvlab presets")
     q.add_argument("--json", action="store_true", help="print one JSON object")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ATTENTION_KINDS = ("gqa", "cca")
+ATTENTION_KINDS = ("gqa", "cca", "csa", "hca")
 MLP_KINDS = ("dense", "moe", "dense+moe")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_SCALINGS = ("default", "linear", "llama3", "yarn", "proportional")
@@ -131,6 +131,32 @@ class MoESpec:
 
 
 @dataclass
+class CompressSpec:
+    """Sequence-compressed attention of a ``csa`` / ``hca`` layer (DeepSeek V4; kvlab/layers/compressed.py).
+
+    ``ratio``: tokens pooled into one compressed K/V entry (CSA 4, HCA 128); ``q_lora_rank``: the low-rank query
+    path ``q = W_b norm(W_a x)``; ``o_groups`` x ``o_lora_rank``: the grouped output projection (the heads split
+    into ``o_groups`` groups, each projected to ``o_lora_rank``, then mixed to hidden). CSA only: the indexer's
+    ``index_heads`` x ``index_head_dim`` and the ``index_topk`` compressed entries each query attends to.
+    """
+
+    ratio: int
+    q_lora_rank: int
+    o_groups: int = 1
+    o_lora_rank: int = 0
+    index_heads: int = 0
+    index_head_dim: int = 0
+    index_topk: int = 0
+
+    def validate(self, where: str, kind: str) -> None:
+        for name in ("ratio", "q_lora_rank", "o_groups", "o_lora_rank"):
+            _positive_int(where, name, getattr(self, name))
+        if kind == "csa":
+            for name in ("index_heads", "index_head_dim", "index_topk"):
+                _positive_int(where, name, getattr(self, name))
+
+
+@dataclass
 class LayerSpec:
     """One decoder layer: its attention, its K/V storage and its MLP.
 
@@ -187,6 +213,7 @@ class LayerSpec:
     layer_scalar: bool = False
     conv_kernels: tuple[int, int] = (2, 2)
     residual_scaling: bool = False
+    compress: CompressSpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
@@ -195,6 +222,8 @@ class LayerSpec:
             self.conv_kernels = tuple(self.conv_kernels)
         if isinstance(self.moe, dict):
             self.moe = MoESpec(**self.moe)
+        if isinstance(self.compress, dict):
+            self.compress = CompressSpec(**self.compress)
 
     @property
     def value_dim(self) -> int:
@@ -229,6 +258,10 @@ class LayerSpec:
                 raise _err(where, name, getattr(self, name), "must be true or false")
         if self.attention == "cca":
             _validate_cca(self, where)
+        if self.attention in ("csa", "hca"):
+            _validate_compressed(self, where)
+        elif self.compress is not None:
+            raise _err(where, "compress", self.compress, "only meaningful for attention 'csa' or 'hca'")
         if self.k_eq_v and self.value_dim != self.head_dim:
             raise _err(where, "k_eq_v", self.k_eq_v,
                        f"V is the K projection: needs v_head_dim={self.v_head_dim} equal to head_dim={self.head_dim}")
@@ -267,6 +300,9 @@ class ModelConfig:
     embed_affine: the token embeddings become ``(e + b) * s`` with learned per-channel ``b``, ``s`` (ZAYA1).
     residual_fp32: the residual stream between blocks is kept in fp32 whatever the weights' dtype; each
         norm reads it cast to the weights' dtype (ZAYA1's ``residual_in_fp32``).
+    mhc_streams: manifold-constrained hyper-connections (DeepSeek V4, kvlab/layers/mhc.py): the residual stream
+        is widened into this many streams mixed by Sinkhorn-projected doubly stochastic maps around every
+        attention and MLP; ``mhc_sinkhorn_iters`` iterations with floor ``mhc_eps``; ``None`` for a plain residual.
     source: where the numbers come from (a preset cites its model card or config).
     """
 
@@ -283,6 +319,9 @@ class ModelConfig:
     ple_vocab_size: int | None = None
     embed_affine: bool = False
     residual_fp32: bool = False
+    mhc_streams: int | None = None
+    mhc_sinkhorn_iters: int = 20
+    mhc_eps: float = 1e-6
     name: str = "custom"
     source: str = ""
 
@@ -314,6 +353,17 @@ class ModelConfig:
             if self.ple_dim is None:
                 raise _err("", "ple_vocab_size", self.ple_vocab_size, "only meaningful with ple_dim set")
             _positive_int("", "ple_vocab_size", self.ple_vocab_size)
+        if self.mhc_streams is not None:
+            _positive_int("", "mhc_streams", self.mhc_streams)
+            _positive_int("", "mhc_sinkhorn_iters", self.mhc_sinkhorn_iters)
+            if not (isinstance(self.mhc_eps, (int, float)) and 0 <= self.mhc_eps < 1):
+                raise _err("", "mhc_eps", self.mhc_eps, "must be in [0, 1)")
+            if self.ple_dim is not None:
+                raise _err("", "mhc_streams", self.mhc_streams, "not supported together with ple_dim")
+            bad = [i for i, x in enumerate(self.layers) if getattr(x, "residual_scaling", False)]
+            if bad:
+                raise _err("", "mhc_streams", self.mhc_streams,
+                           f"not supported together with residual_scaling (layers {bad})")
         for name in ("embed_affine", "residual_fp32"):
             if not isinstance(getattr(self, name), bool):
                 raise _err("", name, getattr(self, name), "must be true or false")
@@ -364,6 +414,34 @@ class ModelConfig:
         """A copy with ``fn(index, LayerSpec) -> LayerSpec`` applied to every layer."""
         layers = [fn(i, dataclasses.replace(x)) for i, x in enumerate(self.layers)]
         return dataclasses.replace(self, layers=layers)
+
+
+def _validate_compressed(layer: LayerSpec, where: str) -> None:
+    c = layer.compress
+    if c is None:
+        raise _err(where, "compress", None, f"required (a CompressSpec) for attention={layer.attention!r}")
+    c.validate(f"{where}.compress", layer.attention)
+    if layer.num_kv_heads != 1:
+        raise _err(where, "num_kv_heads", layer.num_kv_heads, f"{layer.attention} has one shared K/V head: must be 1")
+    if layer.window is None:
+        raise _err(where, "window", None, f"{layer.attention} needs the sliding-window branch: a positive window")
+    if (layer.num_heads * layer.head_dim) % c.o_groups:
+        raise _err(f"{where}.compress", "o_groups", c.o_groups,
+                   f"must divide num_heads x head_dim = {layer.num_heads * layer.head_dim}")
+    if layer.rope is not None and layer.attention == "csa" and int(layer.head_dim * layer.rope.partial) > c.index_head_dim:
+        raise _err(f"{where}.compress", "index_head_dim", c.index_head_dim,
+                   f"must hold the {int(layer.head_dim * layer.rope.partial)} rotary channels")
+    if layer.rope is not None and layer.rope.scaling == "proportional":
+        raise _err(f"{where}.rope", "scaling", "proportional", f"not supported by {layer.attention}")
+    for name in ("qk_norm", "v_norm", "k_eq_v", "qkv_bias", "o_bias"):
+        if getattr(layer, name):
+            raise _err(where, name, True, f"not supported by {layer.attention} (its K/V path is fixed); set it to false")
+    if layer.output_gate is not None:
+        raise _err(where, "output_gate", layer.output_gate, f"not supported by {layer.attention}")
+    if layer.v_head_dim not in (None, layer.head_dim):
+        raise _err(where, "v_head_dim", layer.v_head_dim, f"{layer.attention} reads V = K: must equal head_dim")
+    if layer.kv_source is not None:
+        raise _err(where, "kv_source", layer.kv_source, f"a {layer.attention} layer computes its own K/V")
 
 
 def _validate_cca(layer: LayerSpec, where: str) -> None:

@@ -56,6 +56,7 @@ class AttnCost:
     flops_per_token: int
     prefill_flops: int
     state_bytes: int = 0
+    components: dict[str, int] = field(default_factory=dict)  # kv_bytes by named part (csa / hca)
 
 
 AttnCostFn = Callable[[LayerSpec, int, int, int, int], AttnCost]
@@ -136,6 +137,38 @@ def _cca_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: i
 register_attention_cost("cca", _cca_cost)
 
 
+def _compressed_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
+    """CSA / HCA (kvlab/layers/compressed.py): window ring + compressed entries (+ CSA's indexer keys) + the
+    constant compressor state (partial block, overlap block). Decode reads the window, the state and: HCA every
+    complete entry; CSA every indexer key and its top-k entries. Attention FLOPs: 4 x heads x head_dim per key
+    (QK and PV, V = K) plus CSA's indexer 2 x (index_heads x index_head_dim + index_heads) per scored entry."""
+    from kvlab.layers.compressed import compressed_cache_components, compressed_params, visible_sum
+
+    c = layer.compress
+    h, d, m = layer.num_heads, layer.head_dim, c.ratio
+    params, mats = compressed_params(layer, hidden)
+    comp = compressed_cache_components(layer, context, batch, kv_elt)
+    state = sum(v for k, v in comp.items() if k.endswith(("partial", "overlap")))
+    n = context // m
+    win = min(layer.window, context)
+    csa = layer.attention == "csa"
+    idx = 2 * (c.index_heads * c.index_head_dim + c.index_heads) if csa else 0
+    attended = min(c.index_topk, n) if csa else n
+    read = batch * kv_elt * (win * d + attended * d + (n * c.index_head_dim if csa else 0)) + state
+    return AttnCost(
+        params=params, matmul_params=mats, kv_bytes=sum(comp.values()),
+        kv_bytes_per_token=(d + (c.index_head_dim if csa else 0)) * kv_elt // m, kv_read_bytes=read,
+        flops_per_token=4 * h * d * (win + attended) + idx * n,
+        prefill_flops=4 * h * d * (causal_positions(context, layer.window)
+                                   + visible_sum(context, m, c.index_topk if csa else None))
+        + idx * visible_sum(context, m),
+        state_bytes=state, components=comp)
+
+
+register_attention_cost("csa", _compressed_cost)
+register_attention_cost("hca", _compressed_cost)
+
+
 @dataclass
 class _MlpCost:
     params: int
@@ -201,6 +234,7 @@ class LayerCosts:
     attn_flops_per_token: int
     prefill_attn_flops: int
     kv_state_bytes: int = 0  # the constant per-sequence part of kv_bytes (e.g. CCA's conv tail), whole batch
+    kv_components: dict[str, int] = field(default_factory=dict)  # kv_bytes by named part (csa / hca layers)
 
 
 @dataclass
@@ -237,6 +271,8 @@ class Costs:
     params_ple: int = 0  # all PLE parameters: table, projection, norms, per-layer gates and projections
     kv_cache_bytes_no_sharing: int = 0  # kv_cache_bytes with every layer storing its own K/V
     kv_state_bytes: int = 0  # the part of kv_cache_bytes that does not grow with context (recurrent state)
+    params_mhc: int = 0  # hyper-connection maps (mhc_streams): included in params_total and params_active
+    mhc_flops_per_token: int = 0  # their projections, stream mixing and Sinkhorn; included in flops_per_token
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (per_layer as a list of dicts)."""
@@ -319,7 +355,7 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
             window=layer.window, kv_source=layer.kv_source, params=a.params + m.params + norms,
             params_active=a.params + m.active + norms, kv_bytes=a.kv_bytes, kv_bytes_per_token=a.kv_bytes_per_token,
             kv_read_bytes=a.kv_read_bytes, attn_flops_per_token=a.flops_per_token,
-            prefill_attn_flops=batch * a.prefill_flops, kv_state_bytes=a.state_bytes))
+            prefill_attn_flops=batch * a.prefill_flops, kv_state_bytes=a.state_bytes, kv_components=a.components))
 
     embed = vocab * hidden
     lm_head = 0 if cfg.tie_embeddings else vocab * hidden
@@ -336,8 +372,17 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     read_params += min(batch, vocab) * hidden + vocab * hidden + hidden  # embedding rows, head, final norm
     read_params += min(batch, cfg.ple_rows) * ple_cols + ple_model  # PLE: one table row per sequence
 
+    mhc = {"params": 0, "matmul_params": 0, "flops_per_token": 0, "mixing_flops_per_token": 0}
+    if cfg.mhc_streams is not None:
+        from kvlab.layers.mhc import mhc_costs
+
+        mhc = mhc_costs(cfg.mhc_streams, hidden, cfg.num_layers, cfg.mhc_sinkhorn_iters)
+        params_total += mhc["params"]
+        params_active += mhc["params"]
+        matmul_active += mhc["matmul_params"]
+        read_params += -(-mhc["params"] * 4 // w_elt)  # held in fp32: 4 B each, priced at w_elt below
     attn_tok = sum(x.attn_flops_per_token for x in per_layer)
-    other_tok = 2 * matmul_active
+    other_tok = 2 * matmul_active + mhc["mixing_flops_per_token"]
     prefill_attn = sum(x.prefill_attn_flops for x in per_layer)
     full = [x for x in per_layer if x.window is None]
     assumptions = [
@@ -363,12 +408,25 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
             "is a lookup (one row read per sequence per step, no FLOPs), counted in params_total and params_active "
             "like the embedding and excluded from params_active_non_embedding; the PLE projection and the "
             "per-layer gates are matmuls")
+    if any(x.attention in ("csa", "hca") for x in cfg.layers):
+        assumptions.append(
+            "csa/hca layers: kv_bytes = window ring (min(window, context) x head_dim, K = V) + context // ratio "
+            "compressed entries x head_dim (+ csa: x index_head_dim indexer keys) + constant compressor state (partial "
+            "block: ratio - 1 raw K/V and gate rows; csa: the previous block's first series), per component in "
+            "per_layer[i].kv_components; kv_bytes_per_token = (head_dim [+ index_head_dim]) x bytes / ratio, rounded "
+            "down; decode attends window + top-k (csa) or all complete entries (hca); the indexer scores every entry")
     if any(x.attention == "cca" for x in cfg.layers):
         assumptions.append(
             "cca layers: K/V of the compressed KV heads per position (after norm and RoPE) plus, per sequence, a "
             "constant state of (heads + kv_heads) x head_dim x (k0 + k1 - 2) conv-tail values and kv_heads x "
             "v_head_dim / 2 delayed values, counted in kv_cache_bytes and reported alone as kv_state_bytes; "
             "conv weights count as matmul parameters")
+    if cfg.mhc_streams is not None:
+        assumptions.append(
+            f"mHC with {cfg.mhc_streams} streams: params_mhc = per layer 2 x ((2+n)n x nD + (2+n)n + 3), head "
+            "n x nD + n + 1; held in fp32 (weight_read_bytes counts them at 4 B); mhc_flops_per_token = 2 x their "
+            "matmul params + stream mixing 2n^2 D + read/write 4nD per hyper-connection + Sinkhorn; the residual "
+            "stream is n x wider (activations only, no cache)")
     if any(x.kv_source is not None for x in cfg.layers):
         assumptions.append(
             "kv_cache_bytes_no_sharing: the same model with every layer storing its own K/V (same head dims and "
@@ -390,6 +448,7 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
         params_ple=ple_table + ple_model + sum(_block_extra(x, hidden, cfg.ple_dim)[1] + (hidden if cfg.ple_dim else 0)
                                                for x in cfg.layers),
         kv_cache_bytes_no_sharing=kv_unshared, kv_state_bytes=sum(x.kv_state_bytes for x in per_layer),
+        params_mhc=mhc["params"], mhc_flops_per_token=mhc["flops_per_token"],
     )
 
 

@@ -11,6 +11,7 @@ from .cache import Cache
 from .config import LayerSpec, ModelConfig
 from .layers import ATTENTION_MODULES
 from .layers.attention import Step
+from .layers.mhc import HyperConnection, HyperHead, expand
 from .layers.mlp import GatedMLP
 from .layers.moe import MoE
 from .layers.norm import RMSNorm
@@ -29,6 +30,8 @@ class Block(nn.Module):
     ``residual_scaling`` turns both residual adds into ``(h + b_h) * s_h + (x + b_x) * s_x`` (ZAYA1).
     The attention module is the one registered for ``spec.attention`` (kvlab/layers/__init__.py). With the
     model's ``residual_fp32`` the stream ``x`` stays fp32 and each norm reads it in the weights' dtype.
+    With the model's ``mhc_streams`` the stream is ``[B, T, n, D]`` and each residual add becomes an mHC
+    read-in / write-out (kvlab/layers/mhc.py) around attention and around the MLP.
     """
 
     def __init__(self, spec: LayerSpec, config: ModelConfig) -> None:
@@ -59,21 +62,37 @@ class Block(nn.Module):
             self.attn_residual = ResidualScaling(hidden)
             self.mlp_residual = ResidualScaling(hidden)
         self.residual_fp32 = config.residual_fp32
+        self.mhc = config.mhc_streams is not None
+        if self.mhc:  # hyper-connections around attention and MLP (kvlab/layers/mhc.py)
+            hc = (config.mhc_streams, hidden, config.mhc_sinkhorn_iters, config.mhc_eps, eps)
+            self.attn_hc = HyperConnection(*hc)
+            self.mlp_hc = HyperConnection(*hc)
 
     def forward(self, x: torch.Tensor, step: Step, index: int, store=None,
                 ple_input: torch.Tensor | None = None) -> torch.Tensor:
         s = self.spec
         low = self.attn_norm.weight.dtype if self.residual_fp32 else x.dtype  # what the norms read
-        h = self.attn(self.attn_norm(x.to(low)), step, index, store)
+        xin = x
+        if self.mhc:  # x: the streams [B, T, n, D]; the sub-layer reads their pre-weighted sum
+            xin, post, comb = self.attn_hc.read(x)
+        h = self.attn(self.attn_norm(xin.to(low)), step, index, store)
         h = self.post_attn_norm(h) if s.sandwich_norm else h
-        x = self.attn_residual(h, x) if s.residual_scaling else x + h
-        xl = x.to(low)
+        if self.mhc:
+            x = self.attn_hc.write(post, comb, h, x)
+            xin, post, comb = self.mlp_hc.read(x)
+        else:
+            x = self.attn_residual(h, x) if s.residual_scaling else x + h
+            xin = x
+        xl = xin.to(low)
         h = self.mlp(self.mlp_norm(xl), carry=step.carry) if s.mlp == "moe" else self.mlp(self.mlp_norm(xl))
         if s.mlp == "dense+moe":
             e = self.moe(self.moe_norm(xl), router_input=xl if s.moe.router_norm else None, carry=step.carry)
             h = self.post_dense_norm(h) + self.post_moe_norm(e) if s.sandwich_norm else h + e
         h = self.post_mlp_norm(h) if s.sandwich_norm else h
-        x = self.mlp_residual(h, x) if s.residual_scaling else x + h
+        if self.mhc:
+            x = self.mlp_hc.write(post, comb, h, x)
+        else:
+            x = self.mlp_residual(h, x) if s.residual_scaling else x + h
         if ple_input is not None:
             x = x + self.ple(x, ple_input)
         if s.layer_scalar:
@@ -122,6 +141,8 @@ class Model(nn.Module):
         while self._shared_suffix > 0 and config.layers[self._shared_suffix - 1].kv_source is not None:
             self._shared_suffix -= 1
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)
+        if config.mhc_streams is not None:
+            self.mhc_head = HyperHead(config.mhc_streams, config.hidden_size, config.mhc_eps, config.norm_eps)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rotary: list[Rotary | None] = []
@@ -205,6 +226,8 @@ class Model(nn.Module):
         ple = self.ple(input_ids, x) if cfg.ple_dim is not None else None
         if cfg.residual_fp32:
             x = x.float()
+        if cfg.mhc_streams is not None:
+            x = expand(x, cfg.mhc_streams)
         for i, block in enumerate(self.layers):
             if i == self._shared_suffix and last_only and x.shape[1] > 1:
                 x, step = x[:, -1:], step.last_position()
@@ -215,6 +238,8 @@ class Model(nn.Module):
             cache.seq_len = start + t
         if last_only:
             x = x[:, -1:]
+        if cfg.mhc_streams is not None:
+            x = self.mhc_head(x)
         logits = self.norm(x.to(self.norm.weight.dtype) if cfg.residual_fp32 else x) @ self.head_weight.T
         if cfg.final_logit_softcap is not None:
             cap = cfg.final_logit_softcap

@@ -223,6 +223,15 @@ def test_zaya1_8b_preset_numbers():
     assert round(cca.params_active_non_embedding / 1e9, 2) == 0.75
 
 
+def test_compare_shows_cache_ratio_flops_and_state(capsys):
+    from kvlab.cli import main
+
+    assert main(["compare", "zaya1-8b", "zaya1-8b-gqa", "zaya1-8b-mha", "--context", "128k"]) == 0
+    out = capsys.readouterr().out
+    assert "8.000x" in out and "40.00 GiB" in out and "5.00 GiB" in out
+    assert "21.47 GFLOP" in out and "42.95 GFLOP" in out and "zaya1-8b 210.00 KiB" in out
+
+
 def test_calculator_params_equal_built_model():
     cfg = cca_config(kernels=(3, 2), zaya_block=True, qkv_bias=True, sinks=True, output_gate="softplus")
     assert kvlab.costs(cfg, context=8).params_total == Model.from_config(cfg).num_parameters()

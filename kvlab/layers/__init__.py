@@ -10,8 +10,10 @@ from torch import nn
 
 from .attention import Attention
 from .cca import CCAttention
+from .compressed import CompressedAttention
 
-ATTENTION_MODULES: dict[str, type[nn.Module]] = {"gqa": Attention, "cca": CCAttention}
+ATTENTION_MODULES: dict[str, type[nn.Module]] = {"gqa": Attention, "cca": CCAttention,
+                                                "csa": CompressedAttention, "hca": CompressedAttention}
 
 
 def register_attention(kind: str, cls: type[nn.Module]) -> None:

@@ -1,0 +1,97 @@
+"""Storage of a CSA / HCA layer (``attention='csa'`` / ``'hca'``; kvlab/layers/compressed.py).
+
+Components (each a preallocated tensor when ``max_length`` is known; ``component_nbytes()`` names them):
+
+- ``window``: the sliding-window branch, a ring of ``min(window, max_length)`` shared K/V rows ``[B, 1, W, D]``;
+- ``compressed``: one entry per complete block of ``ratio`` tokens, ``[B, max_length // ratio, D]``;
+- ``partial``: the raw projections (K/V and gate logits) of the block still being filled, ``ratio - 1`` rows of
+  ``f x D`` each (``f = 2`` for CSA, whose entries overlap two blocks, else 1);
+- ``overlap`` (CSA): the previous complete block's first series (K/V and gate logits), ``ratio`` rows of ``D``;
+- ``index_keys``, ``index_partial``, ``index_overlap`` (CSA): the same three for the indexer at its head dim.
+
+A decode step adds its token to the partial block; when the block completes, its entry is pooled and written,
+exactly as a full forward computes it.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LayerSpec
+from .cache import register_policy
+from .storage import KVStore, WindowKV
+
+
+class _Pool:
+    """What one compressor keeps: entries, the partial block and (overlapping) the previous block."""
+
+    def __init__(self, batch: int, dim: int, ratio: int, overlap: bool, max_length: int | None, dtype, device) -> None:
+        f = 2 if overlap else 1
+        self.ratio, self.dim, self.overlap = ratio, dim, overlap
+        self.max_length = max_length
+        cap = max_length // ratio if max_length else 0
+        self.entries = torch.zeros(batch, cap, dim, dtype=dtype, device=device)
+        self.partial_kv = torch.zeros(batch, ratio - 1, f * dim, dtype=dtype, device=device)
+        self.partial_gate = torch.zeros(batch, ratio - 1, f * dim, dtype=dtype, device=device)
+        if overlap:
+            self.prev_kv = torch.zeros(batch, ratio, dim, dtype=dtype, device=device)
+            self.prev_gate = torch.zeros(batch, ratio, dim, dtype=dtype, device=device)
+
+    def state(self) -> list[torch.Tensor]:
+        return [self.partial_kv, self.partial_gate] + ([self.prev_kv, self.prev_gate] if self.overlap else [])
+
+    def reserve(self, n: int) -> None:
+        """Room for ``n`` entries (grows by doubling without a ``max_length``)."""
+        cap = self.entries.shape[1]
+        if n <= cap:
+            return
+        if self.max_length:
+            raise ValueError(f"cache holds max_length={self.max_length} positions; more were requested")
+        e = self.entries
+        self.entries = torch.zeros(e.shape[0], max(n, 2 * cap, 4), e.shape[2], dtype=e.dtype, device=e.device)
+        self.entries[:, :cap] = e
+
+
+class CompressedStore(KVStore):
+    """The sliding-window ring plus the compressor (and, for CSA, indexer) state of one layer."""
+
+    def __init__(self, spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> None:
+        c = spec.compress
+        csa = spec.attention == "csa"
+        self.window = WindowKV(batch, 1, spec.head_dim, 0, spec.window, max_length, dtype, device)
+        self.pool = _Pool(batch, spec.head_dim, c.ratio, csa, max_length, dtype, device)
+        self.index = _Pool(batch, c.index_head_dim, c.ratio, True, max_length, dtype, device) if csa else None
+
+    @property
+    def buf(self):
+        return self.window.buf
+
+    def tensors(self) -> list[torch.Tensor]:
+        out = [*self.window.tensors(), self.pool.entries, *self.pool.state()]
+        if self.index is not None:
+            out += [self.index.entries, *self.index.state()]
+        return out
+
+    def component_nbytes(self) -> dict[str, int]:
+        def nb(ts):
+            return sum(t.numel() * t.element_size() for t in ts)
+
+        out = {"window": nb(self.window.tensors()), "compressed": nb([self.pool.entries]),
+               "partial": nb([self.pool.partial_kv, self.pool.partial_gate])}
+        if self.index is not None:
+            out["overlap"] = nb([self.pool.prev_kv, self.pool.prev_gate])
+            out["index_keys"] = nb([self.index.entries])
+            out["index_partial"] = nb([self.index.partial_kv, self.index.partial_gate])
+            out["index_overlap"] = nb([self.index.prev_kv, self.index.prev_gate])
+        return out
+
+    def append(self, k, v, start):
+        return self.window.append(k, v, start)
+
+
+def compressed_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> CompressedStore:
+    return CompressedStore(spec, batch, max_length, dtype, device)
+
+
+register_policy("csa", compressed_store)
+register_policy("hca", compressed_store)

@@ -1,0 +1,342 @@
+"""Sequence-compressed attention of DeepSeek V4: CSA (compressed sparse) and HCA (heavily compressed).
+
+Every layer has one shared K/V head (``K = V``), a low-rank query path and a grouped output projection::
+
+    c = norm(W_qa x);  q_h = rms(W_qb c)_h  (no weight);  kv = norm(W_kv x)      rope on the trailing channels
+    out_h = attention over [the last ``window`` kv rows | compressed entries] (+ a sink logit per head)
+    out_h <- out_h with the inverse rotation at the query position (V carried the keys' rotation)
+    y = W_ob concat_g(W_oa,g concat_{h in g} out_h)                              (grouped output projection)
+
+The compressor pools each block of ``m = ratio`` tokens into one entry,
+``E_w = norm(sum_j softmax_j(Z_j + B_j) * C_j)`` (softmax over the block's positions per channel,
+``C = W_kv' x``, ``Z = W_z x``, ``B [m, .]`` a learned positional bias), rotated at position ``w m``. CSA's entries
+overlap: ``C, Z`` have two series (``a``, ``b``) and entry ``w`` pools series ``b`` of block ``w`` with series ``a``
+of block ``w - 1`` (2m slots). Entry ``w`` is visible to the query at position ``t`` once its block is complete,
+``(w + 1) m <= t + 1``.
+
+HCA attends to every visible entry. CSA attends to ``index_topk`` of them, chosen per query by the lightning
+indexer ``I(t, w) = sum_h u_{t,h} relu(qI_{t,h} . KI_w) / sqrt(dI)``, ``u = W_u x / sqrt(HI)``, ``qI = W_qI c``
+(rotated at ``t``), ``KI`` the indexer's own overlapping compressor at ``index_head_dim``. **Causal**: each
+query ranks only the entries complete at its position (the transformers reference does too in its masks).
+
+The queries are processed in blocks: each block reads the window rows it can see, and (CSA) gathers its
+``top-k`` entries, so time and memory are linear in the sequence for a fixed window and ``top-k``
+(the indexer's scores, ``T x T/m`` multiply-adds at ``index_head_dim``, are the only term that grows faster,
+computed block by block). With left padding each row compresses its own tokens, its blocks aligned to its
+first token, so a padded row equals the row alone (rows are then processed one by one). Arithmetic follows
+transformers' ``DeepseekV4Attention`` (module names too, but ``indexer.scorer.weights_proj`` ->
+``indexer.weights_proj``); ties among indexer scores go to the earlier entry (a stable sort).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import LayerSpec
+from .norm import RMSNorm
+from .rope import inv_freq_and_scale
+
+_BLOCK_ELEMENTS = 1 << 22  # score elements per query block (bounds the memory of one block)
+
+
+def rope_tables(inv: torch.Tensor, scale: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin ``[..., rot]`` (fp32, interleaved pairs) at ``positions [...]``."""
+    f = positions.float()[..., None] * inv.to(positions.device)
+    f = f.repeat_interleave(2, dim=-1)
+    return f.cos() * scale, f.sin() * scale
+
+
+def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the trailing ``rot`` channels of ``x [..., N, D]`` in interleaved pairs (DeepSeek layout), in fp32."""
+    rot = cos.shape[-1]
+    nope, r = x[..., :-rot], x[..., -rot:].float()
+    half = torch.stack((-r[..., 1::2], r[..., 0::2]), dim=-1).flatten(-2)
+    return torch.cat((nope, (r * cos + half * sin).to(x.dtype)), dim=-1)
+
+
+class Compressor(nn.Module):
+    """Learned pooling of each block of ``ratio`` tokens into one entry of ``dim`` channels."""
+
+    def __init__(self, hidden: int, dim: int, ratio: int, overlap: bool, eps: float, norm_offset: bool) -> None:
+        super().__init__()
+        f = 2 if overlap else 1
+        self.dim, self.ratio, self.overlap = dim, ratio, overlap
+        self.kv_proj = nn.Linear(hidden, f * dim, bias=False)
+        self.gate_proj = nn.Linear(hidden, f * dim, bias=False)
+        self.position_bias = nn.Parameter(torch.zeros(ratio, f * dim))
+        self.kv_norm = RMSNorm(dim, eps, norm_offset)
+
+    def pool(self, kv: torch.Tensor, gate: torch.Tensor, prev: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+        """Raw projections of ``n`` complete blocks ``[B, n m, f d]`` -> normed entries ``[B, n, d]`` (no rope).
+
+        ``prev``: series ``a`` (kv, gate logits ``[B, m, d]``) of the block before the first, or None (none)."""
+        b, m, d = kv.shape[0], self.ratio, self.dim
+        n = kv.shape[1] // m
+        kv = kv.view(b, n, m, -1)
+        gate = gate.view(b, n, m, -1) + self.position_bias
+        if not self.overlap:
+            w = gate.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
+            return self.kv_norm((kv * w).sum(dim=2))
+        a_kv = kv.new_zeros(b, n, m, d)
+        a_gate = gate.new_full((b, n, m, d), float("-inf"))
+        if n > 1:
+            a_kv[:, 1:] = kv[:, :-1, :, :d]
+            a_gate[:, 1:] = gate[:, :-1, :, :d]
+        if prev is not None:
+            a_kv[:, 0] = prev[0]
+            a_gate[:, 0] = prev[1] + self.position_bias[:, :d]
+        kv2 = torch.cat((a_kv, kv[..., d:]), dim=2)
+        gate2 = torch.cat((a_gate, gate[..., d:]), dim=2)
+        w = gate2.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
+        return self.kv_norm((kv2 * w).sum(dim=2))
+
+    def update(self, x: torch.Tensor, start: int, pool_state, rope, row: int | None = None) -> torch.Tensor:
+        """Entries ``[B, (start + T) // m, d]`` of every complete block after the T tokens ``x`` at ``start``.
+
+        ``pool_state``: the layer's store for this compressor (kvlab/cache/compressed.py) or None (``start`` 0);
+        ``row``: x is that one row of the store's batch.
+        """
+        m, d = self.ratio, self.dim
+        r = slice(None) if row is None else slice(row, row + 1)
+        t = x.shape[1]
+        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        nb0, nb1 = start // m, (start + t) // m
+        lead = start - nb0 * m
+        if pool_state is not None and lead:
+            kv = torch.cat((pool_state.partial_kv[r, :lead], kv), dim=1)
+            gate = torch.cat((pool_state.partial_gate[r, :lead], gate), dim=1)
+        n = nb1 - nb0
+        used = n * m
+        new = None
+        if n:
+            prev = None
+            if self.overlap and nb0 and pool_state is not None:
+                prev = (pool_state.prev_kv[r], pool_state.prev_gate[r])
+            new = self.pool(kv[:, :used], gate[:, :used], prev)
+            cos, sin = rope_tables(*rope, torch.arange(nb0, nb1, device=x.device) * m)
+            new = apply_rope_tail(new, cos, sin)
+        if pool_state is None:
+            return new if new is not None else kv.new_zeros(kv.shape[0], 0, d)
+        if n:
+            pool_state.reserve(nb1)
+            pool_state.entries[r, nb0:nb1] = new
+            if self.overlap:
+                pool_state.prev_kv[r] = kv[:, used - m:used, :d]
+                pool_state.prev_gate[r] = gate[:, used - m:used, :d]
+        rest = kv.shape[1] - used
+        if rest:
+            pool_state.partial_kv[r, :rest] = kv[:, used:]
+            pool_state.partial_gate[r, :rest] = gate[:, used:]
+        return pool_state.entries[r, :nb1]
+
+
+class Indexer(Compressor):
+    """CSA's lightning indexer: its own overlapping compressor plus per-head query and weight projections."""
+
+    def __init__(self, hidden: int, q_rank: int, heads: int, dim: int, ratio: int, eps: float, norm_offset: bool):
+        super().__init__(hidden, dim, ratio, True, eps, norm_offset)
+        self.heads = heads
+        self.q_b_proj = nn.Linear(q_rank, heads * dim, bias=False)
+        self.weights_proj = nn.Linear(hidden, heads, bias=False)
+
+
+class CompressedAttention(nn.Module):
+    """A ``csa`` or ``hca`` layer; x ``[B, T, hidden]`` -> same shape."""
+
+    def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
+        super().__init__()
+        self.spec, self.cspec = spec, spec.compress
+        c = spec.compress
+        h, d = spec.num_heads, spec.head_dim
+        self.csa = spec.attention == "csa"
+        self.eps = eps
+        self.q_a_proj = nn.Linear(hidden, c.q_lora_rank, bias=False)
+        self.q_a_norm = RMSNorm(c.q_lora_rank, eps, norm_offset)
+        self.q_b_proj = nn.Linear(c.q_lora_rank, h * d, bias=False)
+        self.kv_proj = nn.Linear(hidden, d, bias=False)
+        self.kv_norm = RMSNorm(d, eps, norm_offset)
+        self.o_a_proj = nn.Linear(h * d // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)  # grouped
+        self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, hidden, bias=False)
+        if spec.sinks:
+            self.sinks = nn.Parameter(torch.zeros(h))
+        self.compressor = Compressor(hidden, d, c.ratio, self.csa, eps, norm_offset)
+        if self.csa:
+            self.compressor.indexer = Indexer(hidden, c.q_lora_rank, c.index_heads, c.index_head_dim, c.ratio, eps,
+                                              norm_offset)
+        if spec.rope is not None:
+            inv, scale = inv_freq_and_scale(spec.rope, d)
+            self._rope = (inv, scale)
+        else:  # no rotation: a zero-width table
+            self._rope = (torch.zeros(0), 1.0)
+
+    def _rot(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        if not self._rope[0].numel():
+            return x
+        cos, sin = rope_tables(*self._rope, pos)
+        if pos.dim() == 2 and x.dim() == 4:  # per-row positions [B, T] against [B, H, T, D]
+            cos, sin = cos[:, None], sin[:, None]
+        return apply_rope_tail(x, cos, -sin if inverse else sin)
+
+    def forward(self, x: torch.Tensor, step, index: int, store=None) -> torch.Tensor:
+        s, c = self.spec, self.cspec
+        b, t, _ = x.shape
+        h, d = s.num_heads, s.head_dim
+        start, qpos, pad = step.start, step.qpos, step.pad
+        pos = qpos if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)  # rotary positions
+        cq = self.q_a_norm(self.q_a_proj(x))
+        q = self.q_b_proj(cq).view(b, t, h, d).transpose(1, 2)
+        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = self._rot(q, pos)
+        kv = self._rot(self.kv_norm(self.kv_proj(x)), pos)[:, None]  # [B, 1, T, D]
+        if store is not None:
+            kw, _, kpos = store.append(kv, kv[..., :0], start)
+        else:
+            kw, kpos = kv, qpos
+        ix = self.compressor.indexer if self.csa else None
+        iq = iw = None
+        if self.csa:
+            iq = self._rot(ix.q_b_proj(cq).view(b, t, ix.heads, ix.dim).transpose(1, 2), pos)  # [B, HI, T, dI]
+            iw = ix.weights_proj(x).float() * ix.heads ** -0.5  # [B, T, HI]
+        pool = store.pool if store is not None else None
+        ipool = store.index if store is not None and self.csa else None
+        if pad is None:
+            entries = self.compressor.update(x, start, pool, self._rope)
+            ikeys = ix.update(x, start, ipool, self._rope) if self.csa else None
+            out = self._attend(q, kw, kpos, qpos, entries, ikeys, iq, iw)
+        else:  # left padding: each row compresses its own tokens, blocks aligned to its first token
+            out = torch.empty(b, h, t, d, dtype=q.dtype, device=x.device)
+            for r, p in enumerate(pad.tolist()):
+                first = start - p  # the row's position of this call's first token
+                xr, at = x[r:r + 1, max(0, -first):], max(0, first)
+                if xr.shape[1]:
+                    entries = self.compressor.update(xr, at, pool, self._rope, row=r if pool is not None else None)
+                    ikeys = ix.update(xr, at, ipool, self._rope, row=r if ipool is not None else None) if self.csa else None
+                else:
+                    entries = x.new_zeros(1, 0, d)
+                    ikeys = x.new_zeros(1, 0, ix.dim) if self.csa else None
+                out[r:r + 1] = self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, entries, ikeys,
+                                            None if iq is None else iq[r:r + 1], None if iw is None else iw[r:r + 1])
+        out = self._rot(out, pos, inverse=True).transpose(1, 2)  # [B, T, H, D]
+        g = c.o_groups
+        w = self.o_a_proj.weight.view(g, -1, h * d // g)  # [G, rank, in]
+        y = torch.einsum("btgi,gri->btgr", out.reshape(b, t, g, -1), w)
+        return self.o_b_proj(y.reshape(b, t, -1))
+
+    def _attend(self, q, kw, kpos, qpos, entries, ikeys, iq, iw) -> torch.Tensor:
+        """Attention of queries ``q [B, H, T, D]`` at positions ``qpos [T]`` over the window rows ``kw [B, 1, L, D]``
+        at ``kpos [L]`` (the last T of them are this call's) and the compressed ``entries [B, N, D]``."""
+        s, c = self.spec, self.cspec
+        b, h, t, d = q.shape
+        m = c.ratio
+        ix = self.compressor.indexer if self.csa else None
+        ring = kw.shape[2] - t  # rows held before this call (a ring: any order, positions in kpos)
+        sinks = self.sinks.float() if s.sinks else None
+        out = torch.empty(b, h, t, d, dtype=q.dtype, device=q.device)
+        n_all = entries.shape[1]
+        per_query = h * (2 * s.window + (c.index_topk if self.csa else n_all)) + (ix.heads * n_all if self.csa else 0)
+        blk = max(1, min(t, _BLOCK_ELEMENTS // max(1, b * per_query)))
+        for a in range(0, t, blk):
+            e = min(t, a + blk)
+            qp = qpos[a:e]
+            lo = max(0, a - s.window + 1)
+            # window rows: the previously held ring (only while it can still be seen) and this call's rows
+            if ring and a < max(1, s.window - 1):
+                keys = torch.cat((kw[:, :, :ring], kw[:, :, ring + lo:ring + e]), dim=2)
+                kp = torch.cat((kpos[:ring], kpos[ring + lo:ring + e]))
+            else:
+                keys, kp = kw[:, :, ring + lo:ring + e], kpos[ring + lo:ring + e]
+            ok = (kp[None] <= qp[:, None]) & (kp[None] > qp[:, None] - s.window) & (kp[None] >= 0)
+            ok |= kp[None] == qp[:, None]  # a (padding) query always sees itself
+            sw = (q[:, :, a:e] @ keys.transpose(-1, -2)).float() * s.scale  # [B, H, Q, Lw]
+            sw = sw.masked_fill(~ok, float("-inf"))
+            visible = (qp + 1) // m  # entries complete at each query
+            nv = max(0, int(visible[-1]))
+            if self.csa and nv:
+                kk = ikeys[:, :nv]
+                isc = F.relu(iq[:, :, a:e].float() @ kk.float().transpose(-1, -2)[:, None]) * ix.dim ** -0.5
+                isc = (isc * iw[:, a:e].transpose(1, 2)[..., None]).sum(dim=1)  # [B, Q, nv]
+                future = torch.arange(nv, device=q.device)[None] >= visible[:, None]
+                isc = isc.masked_fill(future[None], float("-inf"))
+                k = min(c.index_topk, nv)
+                if k < nv:
+                    val, idx = isc.topk(k + 1, dim=-1)
+                    if bool(((val[..., k - 1] == val[..., k]) & (val[..., k] > float("-inf"))).any()):
+                        # a tie at the boundary: a stable sort gives it to the earlier entry, whatever the length
+                        val, idx = isc.sort(dim=-1, descending=True, stable=True)
+                    val, idx = val[..., :k], idx[..., :k]
+                else:
+                    val, idx = isc, torch.arange(nv, device=q.device).expand_as(isc)
+                valid = val > float("-inf")  # [B, Q, k]
+                sel = entries[:, :nv][torch.arange(b, device=q.device)[:, None, None], idx]  # [B, Q, k, D]
+                sc = torch.einsum("bhqd,bqkd->bhqk", q[:, :, a:e], sel).float() * s.scale
+                sc = sc.masked_fill(~valid[:, None], float("-inf"))
+            elif nv:
+                sel = entries[:, :nv]
+                sc = (q[:, :, a:e] @ sel.transpose(-1, -2)[:, None]).float() * s.scale
+                future = torch.arange(nv, device=q.device)[None] >= visible[:, None]
+                sc = sc.masked_fill(future[None, None], float("-inf"))
+            else:
+                sc = None
+            parts = [sw] + ([sc] if sc is not None else [])
+            if sinks is not None:
+                parts.append(sinks.view(1, h, 1, 1).expand(b, h, e - a, 1))
+            p = torch.cat(parts, dim=-1).softmax(dim=-1).to(q.dtype)
+            lw = sw.shape[-1]
+            o = p[..., :lw] @ keys  # V = K
+            if sc is not None:
+                pc = p[..., lw:lw + sc.shape[-1]]
+                if self.csa:
+                    o = o + torch.einsum("bhqk,bqkd->bhqd", pc, sel)
+                else:
+                    o = o + pc @ sel[:, None]
+            out[:, :, a:e] = o
+        return out
+
+
+def compressed_params(spec: LayerSpec, hidden: int) -> tuple[int, int]:
+    """(parameters, matmul parameters) of one csa / hca layer."""
+    c = spec.compress
+    h, d, r, m = spec.num_heads, spec.head_dim, c.q_lora_rank, c.ratio
+    f = 2 if spec.attention == "csa" else 1
+    mats = hidden * r + r * h * d + hidden * d + h * d * c.o_lora_rank + c.o_groups * c.o_lora_rank * hidden
+    mats += 2 * hidden * f * d  # compressor kv / gate
+    extra = r + d + (h if spec.sinks else 0) + m * f * d + d  # q_a_norm, kv_norm, sinks, position bias, its norm
+    if spec.attention == "csa":
+        hi, di = c.index_heads, c.index_head_dim
+        mats += 2 * hidden * 2 * di + r * hi * di + hidden * hi
+        extra += m * 2 * di + di
+    return mats + extra, mats
+
+
+def visible_sum(n: int, m: int, cap: int | None = None) -> int:
+    """sum over positions p = 0..n-1 of min(cap, (p + 1) // m): entries seen over a prefill of n tokens."""
+    def s(k: int) -> int:  # sum_{i=1..k} floor(i / m)
+        q, r = divmod(k, m)
+        return m * q * (q - 1) // 2 + q * (r + 1)
+    if cap is None or n < cap * m:
+        return s(n)
+    return s(cap * m - 1) + cap * (n - cap * m + 1)
+
+
+__all__ = ["CompressedAttention", "Compressor", "Indexer", "apply_rope_tail", "compressed_params", "rope_tables",
+           "visible_sum"]
+
+
+def compressed_cache_components(spec: LayerSpec, context: int, batch: int, elt: int) -> dict[str, int]:
+    """Bytes of each component of a csa / hca layer's cache at ``max_length = context`` (kvlab/cache/compressed.py)."""
+    c = spec.compress
+    d, m = spec.head_dim, c.ratio
+    csa = spec.attention == "csa"
+    f = 2 if csa else 1
+    out = {"window": batch * min(spec.window, context) * d * elt,
+           "compressed": batch * (context // m) * d * elt,
+           "partial": 2 * batch * (m - 1) * f * d * elt}
+    if csa:
+        di = c.index_head_dim
+        out["overlap"] = 2 * batch * m * d * elt
+        out["index_keys"] = batch * (context // m) * di * elt
+        out["index_partial"] = 2 * batch * (m - 1) * 2 * di * elt
+        out["index_overlap"] = 2 * batch * m * di * elt
+    return out

@@ -1,0 +1,122 @@
+"""Manifold-constrained hyper-connections (mHC; DeepSeek V4, Xie et al. 2026) as a residual technique.
+
+The residual stream is widened into ``n`` streams ``X [B, T, n, D]`` (the embedding copied ``n`` times).
+Around each sub-layer ``f`` (attention, MLP) of any block, with ``x = rms(flatten(X))`` (no weight) and
+one linear map ``W [(2 + n) n, n D]`` plus a static bias ``b`` and three scales ``s``::
+
+    pre  = sigmoid(s0 * (W_pre x) + b_pre) + eps          [n]       read-in:  f's input = sum_j pre_j X_j
+    post = 2 * sigmoid(s1 * (W_post x) + b_post)          [n]       write-out of f's output
+    M    = Sinkhorn(softmax_rows(s2 * (W_res x) + b_res) + eps)   [n, n] doubly stochastic
+    X'_k = post_k * f(sum_j pre_j X_j) + sum_j M_jk X_j
+
+Sinkhorn-Knopp (``iters`` alternating column / row normalisations, each ``/ (sum + eps)``, ending on a
+column normalisation) runs in fp32 whatever the model's dtype; the mHC parameters are kept in fp32 too.
+Before the head the streams collapse with the same ``pre`` form (its own ``W [n, n D]``, bias, scale).
+Parameter layout and arithmetic follow transformers' ``DeepseekV4HyperConnection`` / ``DeepseekV4HyperHead``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """``[..., n, n]`` logits -> doubly stochastic (fp32): row softmax + eps, then Sinkhorn-Knopp."""
+    m = torch.softmax(logits.float(), dim=-1) + eps
+    m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    for _ in range(iters - 1):
+        m = m / (m.sum(dim=-1, keepdim=True) + eps)
+        m = m / (m.sum(dim=-2, keepdim=True) + eps)
+    return m
+
+
+def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
+
+
+class _Fp32Params(nn.Module):
+    """A module whose floating parameters stay fp32 when the model is cast (``model.to(bfloat16)``)."""
+
+    def _apply(self, fn, recurse=True):
+        def keep(t):
+            out = fn(t)
+            if t.dtype == torch.float32 and out.is_floating_point() and out.dtype != torch.float32:
+                return t.detach().to(out.device)  # keep the fp32 values, follow the device
+            return out
+        return super()._apply(keep, recurse)
+
+
+class HyperConnection(_Fp32Params):
+    """mHC around one sub-layer: ``read(X) -> (f's input, post, M)``, ``write(post, M, out, X) -> X'``."""
+
+    def __init__(self, streams: int, hidden: int, iters: int, eps: float, norm_eps: float) -> None:
+        super().__init__()
+        n = self.streams = streams
+        self.iters, self.eps, self.norm_eps = iters, eps, norm_eps
+        self.hc_fn = nn.Parameter(torch.zeros((2 + n) * n, n * hidden))
+        self.hc_bias = nn.Parameter(torch.zeros((2 + n) * n))
+        self.hc_scale = nn.Parameter(torch.ones(3))
+
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """pre ``[B, T, n]``, post ``[B, T, n]``, M ``[B, T, n, n]`` (all fp32) from the streams ``[B, T, n, D]``."""
+        n = self.streams
+        flat = _unit_rms(x.flatten(2).float(), self.norm_eps)
+        mix = F.linear(flat, self.hc_fn.float())
+        pre_w, post_w, res_w = mix.split([n, n, n * n], dim=-1)
+        pre_b, post_b, res_b = self.hc_bias.float().split([n, n, n * n])
+        s = self.hc_scale.float()
+        pre = torch.sigmoid(pre_w * s[0] + pre_b) + self.eps
+        post = 2 * torch.sigmoid(post_w * s[1] + post_b)
+        m = sinkhorn(res_w.view(*res_w.shape[:-1], n, n) * s[2] + res_b.view(n, n), self.iters, self.eps)
+        return pre, post, m
+
+    def read(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pre, post, m = self.maps(x)
+        return (pre[..., None] * x).sum(dim=2).to(x.dtype), post, m
+
+    @staticmethod
+    def write(post: torch.Tensor, m: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        return post.to(dtype)[..., None] * out[..., None, :] + m.to(dtype).transpose(-1, -2) @ x
+
+
+class HyperHead(_Fp32Params):
+    """The final collapse of the streams ``[B, T, n, D] -> [B, T, D]`` before the final norm."""
+
+    def __init__(self, streams: int, hidden: int, eps: float, norm_eps: float) -> None:
+        super().__init__()
+        self.eps, self.norm_eps = eps, norm_eps
+        self.hc_fn = nn.Parameter(torch.zeros(streams, streams * hidden))
+        self.hc_bias = nn.Parameter(torch.zeros(streams))
+        self.hc_scale = nn.Parameter(torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = _unit_rms(x.flatten(2).float(), self.norm_eps)
+        pre = torch.sigmoid(F.linear(flat, self.hc_fn.float()) * self.hc_scale.float() + self.hc_bias.float())
+        return ((pre + self.eps)[..., None] * x).sum(dim=2).to(x.dtype)
+
+
+def expand(x: torch.Tensor, streams: int) -> torch.Tensor:
+    """The embedding ``[B, T, D]`` copied into ``streams`` streams ``[B, T, n, D]``."""
+    return x[:, :, None].expand(-1, -1, streams, -1).contiguous()
+
+
+def mhc_costs(streams: int, hidden: int, num_layers: int, iters: int) -> dict[str, int]:
+    """Extra parameters and per-token FLOPs of mHC over a plain residual model.
+
+    Per block two hyper-connections (attention, MLP), each ``(2 + n) n x n D`` matmul weights, ``(2 + n) n``
+    biases and 3 scales; the head ``n x n D`` + ``n`` + 1. FLOPs per token: the map projections
+    (2 x matmul params), the stream mixing ``M^T X`` (2 n^2 D), read-in and write-out (2 n D each), per
+    hyper-connection; the head's read-in; Sinkhorn (``iters`` x 2 normalisations of n^2 elements, 2 FLOPs
+    each: sum and divide) is counted too.
+    """
+    n, d = streams, hidden
+    hc_mat = (2 + n) * n * n * d
+    head_mat = n * n * d
+    params = num_layers * 2 * (hc_mat + (2 + n) * n + 3) + head_mat + n + 1
+    matmul = num_layers * 2 * hc_mat + head_mat
+    mixing = num_layers * 2 * (2 * n * n * d + 4 * n * d + iters * 4 * n * n) + 2 * n * d
+    return {"params": params, "matmul_params": matmul, "flops_per_token": 2 * matmul + mixing,
+            "mixing_flops_per_token": mixing}

@@ -1,0 +1,18 @@
+"""The technique lab: train small kvlab models from scratch on data that needs no download.
+
+- :mod:`kvlab.train.data` — synthetic long-context tasks (associative recall, passkey, copy) and
+  byte-level text, deterministic from a seed and a sample index;
+- :mod:`kvlab.train.config` — the training config file (JSON/TOML), validated before training starts;
+- :mod:`kvlab.train.trainer` — AdamW + warmup/cosine, clipping, accumulation, bf16 autocast, evaluation;
+- :mod:`kvlab.train.checkpointing` — atomic safetensors + JSON checkpoints, exact ``--resume``;
+- :mod:`kvlab.train.dist` — data parallelism on torch.distributed (torchrun; gloo on CPU, nccl on GPU).
+
+See docs/training.md.
+"""
+
+from .config import TrainConfig, TrainSettings, load_config, parse_config, scale_model
+from .data import TASKS, make_task
+from .trainer import TrainResult, evaluate, train
+
+__all__ = ["TASKS", "TrainConfig", "TrainResult", "TrainSettings", "evaluate", "load_config", "make_task",
+           "parse_config", "scale_model", "train"]

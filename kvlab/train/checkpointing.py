@@ -1,0 +1,187 @@
+"""Atomic training checkpoints: safetensors (model, optimizer state, RNG) + a JSON state.
+
+Layout of a run directory::
+
+    out/
+      ckpt-0000200/        one complete checkpoint per saved step
+        model.safetensors      the model's state dict (loadable with safetensors alone)
+        optimizer.safetensors  AdamW moments and step counts named ``<param>.<key>``; RNG states ``rng.*``
+        state.json             step, data position, settings, optimizer hyper-parameters
+      latest.json          {"step": 200, "dir": "ckpt-0000200"}: the checkpoint to resume from
+      log.jsonl            one line per step (loss, lr, tokens/s) and per evaluation
+
+A checkpoint is written into a temporary directory, flushed, then renamed into place; only then is
+``latest.json`` replaced (write to a temporary file + ``os.replace``). A kill at any moment therefore
+leaves ``latest.json`` naming a complete checkpoint: the new one or the previous one. Older
+checkpoints are deleted only after the pointer moved.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LATEST = "latest.json"
+MODEL = "model.safetensors"
+OPTIM = "optimizer.safetensors"
+STATE = "state.json"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_json_atomic(path: Path, obj: Any) -> None:
+    """Write ``obj`` as JSON to ``path`` via a temporary file and ``os.replace``."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
+                                                                                         list[dict[str, Any]]]:
+    """The optimizer's per-parameter state as named tensors, and its param groups (hyper-parameters)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    sd = optimizer.state_dict()
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, st in sd["state"].items():
+        name = names[id(order[idx])]
+        for k, v in st.items():
+            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
+            tensors[f"{name}.{k}"] = t.detach().to("cpu").contiguous()
+    groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g2["params"]]}
+              for g, g2 in zip(sd["param_groups"], optimizer.param_groups)]
+    return tensors, groups
+
+
+def load_optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                           groups: list[dict[str, Any]]) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for idx, p in enumerate(order):
+        prefix = names[id(p)] + "."
+        st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        if st:
+            state[idx] = {k: (v if k == "step" else v.to(p.device)) for k, v in st.items()}
+    pg = []
+    start = 0
+    for g, saved in zip(optimizer.param_groups, groups):
+        pg.append({k: v for k, v in saved.items() if k != "params"} | {"params": list(range(start, start + len(g["params"])))})
+        start += len(g["params"])
+    optimizer.load_state_dict({"state": state, "param_groups": pg})
+
+
+def rng_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            out[f"rng.cuda.{i}"] = s
+    return out
+
+
+def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
+    if "rng.cpu" in tensors:
+        torch.set_rng_state(tensors["rng.cpu"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda."))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda[: torch.cuda.device_count()])
+
+
+def save_checkpoint(out: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint ``step`` atomically and point ``latest.json`` at it; keep the newest ``keep``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{step:07d}"
+    final = out / name
+    tmp = out / f".tmp-{name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+    save_file(weights, str(tmp / MODEL), metadata={"format": "pt"})
+    opt, groups = optimizer_tensors(model, optimizer)
+    save_file(opt | rng_tensors(), str(tmp / OPTIM), metadata={"format": "pt"})
+    (tmp / STATE).write_text(json.dumps(state | {"step": step, "optimizer_groups": groups}, indent=1, default=str))
+    for f in (MODEL, OPTIM, STATE):
+        _fsync_file(tmp / f)
+    _fsync_dir(tmp)
+    current = latest(out)
+    if final.exists():  # a stale copy from a run killed before it moved the pointer (never the latest)
+        if current is not None and current[0] == final:
+            shutil.rmtree(tmp)
+            return final
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(out)
+    write_json_atomic(out / LATEST, {"step": step, "dir": name})
+    kept = sorted(p for p in out.glob("ckpt-*") if p.is_dir())
+    for old in kept[:-keep] if keep > 0 else []:
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in out.glob(".tmp-ckpt-*"):
+        if stale.is_dir() and not stale.name.endswith(f"-{os.getpid()}"):
+            shutil.rmtree(stale, ignore_errors=True)
+    return final
+
+
+def latest(out: str | Path) -> tuple[Path, int] | None:
+    """The directory and step of the checkpoint ``latest.json`` names, or None when there is none."""
+    out = Path(out)
+    f = out / LATEST
+    if not f.is_file():
+        return None
+    try:
+        info = json.loads(f.read_text())
+        d = out / info["dir"]
+        step = int(info["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{str(f)!r} is not a valid checkpoint pointer: {e}") from e
+    if not (d / STATE).is_file():
+        raise ValueError(f"{str(f)!r} names {str(d)!r}, which is not a complete checkpoint")
+    return d, step
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+                    ) -> dict[str, Any]:
+    """Load a checkpoint directory into ``model`` (and ``optimizer``); returns its JSON state."""
+    path = Path(path)
+    state = json.loads((path / STATE).read_text())
+    weights = load_file(str(path / MODEL))
+    dev = next(model.parameters()).device
+    model.load_state_dict({k: v.to(dev) for k, v in weights.items()}, strict=True)
+    tensors = load_file(str(path / OPTIM))
+    if optimizer is not None:
+        load_optimizer_tensors(model, optimizer, {k: v for k, v in tensors.items() if not k.startswith("rng.")},
+                               state["optimizer_groups"])
+    restore_rng(tensors)
+    return state
+
+
+__all__ = ["latest", "load_checkpoint", "save_checkpoint", "write_json_atomic"]

@@ -1,0 +1,273 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, bf16 autocast, exact resumption.
+
+Determinism: the model is initialised from ``train.seed``; sample ``i`` of the data is a function of
+``(seed, i)`` only (kvlab/train/data.py), and optimizer step ``s`` consumes the global samples
+``s * G .. (s + 1) * G - 1`` (``G = batch_size * grad_accum * processes``), process ``r`` taking its
+contiguous share of each micro-batch. The loss of a step is the sum of the token losses over the global
+batch divided by the global number of scored tokens, so the arithmetic does not depend on how the
+batch is split. A checkpoint holds the model, the AdamW moments, the RNG states and the step (which
+is the data position); resuming from it replays the same steps as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from kvlab.model import Model
+
+from .checkpointing import latest, load_checkpoint, save_checkpoint, write_json_atomic
+from .config import TrainConfig, load_config, parse_config
+from .data import IGNORE
+from .dist import World, setup
+
+LOG = "log.jsonl"
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` returns: the trained model and a summary (the CLI's JSON)."""
+
+    model: Model
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (embeddings included), none on vectors (norms, biases, scales)."""
+    s = cfg.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    other = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": s.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=s.lr, betas=s.betas, eps=s.eps)
+
+
+def _autocast(cfg: TrainConfig, device: torch.device):
+    if cfg.train.dtype == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def _loss_sum(model: Model, ids: torch.Tensor, targets: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+    with ctx:
+        logits = model(ids)
+    logits = logits.float()
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                           reduction="sum")
+    return loss, logits
+
+
+def micro_batches(cfg: TrainConfig, world: World, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """This process's micro-batches of optimizer step ``step``."""
+    s = cfg.train
+    b = s.batch_size
+    per_step = b * s.grad_accum * world.size
+    out = []
+    for a in range(s.grad_accum):
+        start = step * per_step + a * b * world.size + world.rank * b
+        ids, tgt, _ = cfg.task.batch(s.seed, "train", start, b)
+        out.append((ids.to(world.device), tgt.to(world.device)))
+    return out
+
+
+@torch.no_grad()
+def evaluate(model: Model, cfg: TrainConfig, world: World) -> dict[str, float]:
+    """Mean loss and next-token accuracy over the scored tokens of the fixed eval samples."""
+    s = cfg.train
+    was = model.training
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=world.device)
+    ctx = _autocast(cfg, world.device)
+    for k in range(s.eval_batches):
+        start = (k * world.size + world.rank) * s.batch_size
+        ids, tgt, _ = cfg.task.batch(s.seed, "eval", start, s.batch_size)
+        ids, tgt = ids.to(world.device), tgt.to(world.device)
+        loss, logits = _loss_sum(model, ids, tgt, ctx)
+        mask = tgt != IGNORE
+        totals += torch.stack([loss.double(), ((logits.argmax(-1) == tgt) & mask).sum().double(),
+                               mask.sum().double()])
+    world.all_reduce_(totals)
+    model.train(was)
+    n = max(1.0, float(totals[2]))
+    return {"eval_loss": float(totals[0]) / n, "eval_accuracy": float(totals[1]) / n, "eval_tokens": int(totals[2])}
+
+
+def _read_log(out: Path) -> list[dict[str, Any]]:
+    f = out / LOG
+    if not f.is_file():
+        return []
+    rows = []
+    for line in f.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:  # a line cut by a kill
+            break
+    return rows
+
+
+def _truncate_log(out: Path, step: int) -> None:
+    """Keep the log lines of steps up to ``step`` (a resumed run rewrites what came after)."""
+    rows = [r for r in _read_log(out) if r.get("step", 0) <= step]
+    tmp = out / f".{LOG}.tmp"
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(out / LOG)
+
+
+def _diff(a: Any, b: Any, path: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _diff(a.get(k), b.get(k), f"{path}.{k}" if path else k)
+        return out
+    return [] if a == b else [f"{path}: {a!r} -> {b!r}"]
+
+
+def train(config: TrainConfig | dict[str, Any] | str | Path, out: str | Path | None = None, resume: bool = False,
+          progress: bool = True, max_steps: int | None = None) -> TrainResult:
+    """Train the model a config describes; checkpoints and ``log.jsonl`` go to ``out``.
+
+    ``resume``: continue from ``out/latest.json`` when it exists (a fresh start otherwise).
+    ``max_steps``: stop after this many steps of this call (the schedule still spans ``train.steps``).
+    Under ``torchrun`` the processes train data-parallel (kvlab/train/dist.py).
+    """
+    if isinstance(config, (str, Path)):
+        cfg = load_config(config)
+    elif isinstance(config, dict):
+        cfg = parse_config(config)
+    else:
+        cfg = config
+    s = cfg.train
+    out = Path(out or cfg.out or "runs/train")
+    world = setup(s.device)
+    try:
+        with torch.enable_grad():
+            return _train(cfg, out, resume, progress, max_steps, world)
+    finally:
+        world.close()
+
+
+def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps: int | None,
+           world: World) -> TrainResult:
+    s = cfg.train
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    torch.manual_seed(s.seed)
+    model = Model.from_config(cfg.model, seed=s.seed, std=s.init_std).to(world.device).train()
+    opt = build_optimizer(model, cfg)
+    global_batch = s.batch_size * s.grad_accum * world.size
+    start = 0
+    found = latest(out) if out.exists() else None
+    if found is not None and not resume:
+        raise ValueError(f"{str(out)!r} already holds a checkpoint (step {found[1]}); pass --resume to continue it "
+                         "or choose another --out")
+    if resume and found is not None:
+        state = load_checkpoint(found[0], model, opt)
+        changed = _diff(state["fingerprint"], cfg.fingerprint())
+        if changed:
+            raise ValueError(f"--resume: the config differs from the checkpoint's in: {'; '.join(changed)}")
+        if state["global_batch"] != global_batch:
+            raise ValueError(f"--resume: global batch {global_batch} (batch_size x grad_accum x processes) differs "
+                             f"from the checkpoint's {state['global_batch']}")
+        start = state["step"]
+    if world.main:
+        out.mkdir(parents=True, exist_ok=True)
+        if start:
+            _truncate_log(out, start)
+        elif (out / LOG).exists():
+            (out / LOG).unlink()
+        write_json_atomic(out / "config.json", cfg.model.to_dict())
+        write_json_atomic(out / "train_config.json", cfg.raw)
+    world.barrier()
+    params = [p for p in model.parameters()]
+    n_params = sum(p.numel() for p in params)
+    ctx = _autocast(cfg, world.device)
+    tokens_per_step = global_batch * cfg.task.seq_len
+    stop = s.steps if max_steps is None else min(s.steps, start + max_steps)
+    bar = None
+    if progress and world.main:
+        from tqdm import tqdm
+
+        bar = tqdm(total=s.steps, initial=start, desc="train", unit="step", dynamic_ncols=True)
+    log = open(out / LOG, "a") if world.main else None  # noqa: SIM115
+    evals: list[dict[str, Any]] = []
+    losses: list[float] = []
+    t_run = time.perf_counter()
+    loss_value = float("nan")
+    try:
+        for step in range(start, stop):
+            t0 = time.perf_counter()
+            lr = s.lr_at(step)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            batches = micro_batches(cfg, world, step)
+            count = torch.tensor(float(sum(int((t != IGNORE).sum()) for _, t in batches)), dtype=torch.float64,
+                                 device=world.device)
+            world.all_reduce_(count)
+            denom = max(1.0, float(count))
+            total = torch.zeros((), dtype=torch.float64, device=world.device)
+            for ids, tgt in batches:
+                loss, _ = _loss_sum(model, ids, tgt, ctx)
+                (loss / denom).backward()
+                total += loss.detach().double()
+            world.sum_grads_(params)
+            world.all_reduce_(total)
+            loss_value = float(total) / denom
+            gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf")))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            dt = time.perf_counter() - t0
+            losses.append(loss_value)
+            row: dict[str, Any] = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
+                                   "tokens_per_s": tokens_per_step / dt if dt > 0 else None}
+            done = step + 1
+            if (s.eval_every and done % s.eval_every == 0) or done == s.steps:
+                ev = evaluate(model, cfg, world)
+                row |= ev
+                evals.append({"step": done, **ev})
+            if log is not None:
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+            if bar is not None:
+                post = {"loss": f"{loss_value:.4f}", "tok/s": f"{row['tokens_per_s'] or 0:,.0f}"}
+                if "eval_loss" in row:
+                    post["eval"] = f"{row['eval_loss']:.4f}"
+                bar.set_postfix(post, refresh=False)
+                bar.update(1)
+            if (s.save_every and done % s.save_every == 0) or done == stop:
+                if world.main:
+                    save_checkpoint(out, done, model, opt, _state(cfg, done, global_batch, world), keep=s.keep)
+                world.barrier()
+    finally:
+        if bar is not None:
+            bar.close()
+        if log is not None:
+            log.close()
+    wall = time.perf_counter() - t_run
+    steps_run = stop - start
+    history = _read_log(out) if world.main else []
+    summary = {
+        "out": str(out), "model": cfg.model.name, "params": n_params, "task": type(cfg.task).__name__.lower(),
+        "steps": stop, "steps_this_run": steps_run, "resumed_from": start, "processes": world.size,
+        "global_batch": global_batch, "seq_len": cfg.task.seq_len, "final_loss": loss_value,
+        "losses": [r["loss"] for r in history] if world.main else losses,
+        "eval": evals[-1] if evals else None, "wall_s": wall,
+        "tokens_per_s": steps_run * tokens_per_step / wall if wall > 0 and steps_run else None,
+        "checkpoint": str(latest(out)[0]) if world.main and latest(out) else None,
+    }
+    return TrainResult(model=model, summary=summary)
+
+
+def _state(cfg: TrainConfig, step: int, global_batch: int, world: World) -> dict[str, Any]:
+    return {"step": step, "samples_seen": step * global_batch, "global_batch": global_batch,
+            "processes": world.size, "fingerprint": cfg.fingerprint(),
+            "train": dataclasses.asdict(cfg.train), "model_config": cfg.model.to_dict(), "raw_config": cfg.raw}
+
+
+__all__ = ["TrainResult", "build_optimizer", "evaluate", "micro_batches", "train"]
