@@ -49,3 +49,18 @@ def save(model: transformers.PreTrainedModel, path: Path, **kw: Any) -> Path:
 def hf_json(model: transformers.PreTrainedModel) -> dict[str, Any]:
     """The model's config as config.json would hold it (with its ``architectures`` entry)."""
     return {**model.config.to_dict(), "architectures": [type(model).__name__]}
+
+
+def left_padded_batch(vocab: int, lengths: tuple[int, ...], seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids ``[B, max(lengths)]`` with row i's last ``lengths[i]`` tokens real, pads (id 0) before."""
+    gen = torch.Generator().manual_seed(seed)
+    t = max(lengths)
+    ids = torch.randint(1, vocab, (len(lengths), t), generator=gen)
+    mask = (torch.arange(t)[None] >= torch.tensor([t - n for n in lengths])[:, None]).long()
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def max_diff(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> float:
+    """Largest absolute difference over the non-pad positions of ``[B, T, ...]`` tensors."""
+    real = mask.bool()
+    return (got[real] - want[real]).abs().max().item()

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from hf_tiny import left_padded_batch, max_diff
 
 import kvlab
 from kvlab.families import config_from_hf
@@ -74,21 +75,6 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return hf, kvlab.load(path)
 
 
-def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    t = max(LENGTHS)
-    ids = torch.randint(1, vocab, (len(LENGTHS), t), generator=gen)
-    mask = torch.zeros(len(LENGTHS), t, dtype=torch.long)
-    for i, n in enumerate(LENGTHS):
-        mask[i, t - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
-
-
-def _max_diff(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> float:
-    real = mask.bool()
-    return (got[real] - want[real]).abs().max().item()
-
-
 @torch.no_grad()
 def test_config_reads_every_feature(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
@@ -112,24 +98,24 @@ def test_config_reads_every_feature(pair: tuple[Any, kvlab.Model]) -> None:
 @torch.no_grad()
 def test_logits_match(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
-    ids, mask = _batch(hf.config.vocab_size)
+    ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate uses for left padding
     want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     got = model(ids, attention_mask=mask)
     assert got.shape == want.shape
-    diff = _max_diff(got, want, mask)
+    diff = max_diff(got, want, mask)
     assert diff <= 1e-4, f"max |logits diff| {diff:.2e} over non-pad positions"
     # chunked prefill + decode through the cache gives the same logits
     cache = model.new_cache(2, max_length=max(LENGTHS))
     cache.set_padding(torch.tensor([max(LENGTHS) - n for n in LENGTHS]))
     inc = torch.cat([model(ids[:, s:s + 3], cache=cache) for s in range(0, ids.shape[1], 3)], 1)
-    assert _max_diff(inc, want, mask) <= 1e-4
+    assert max_diff(inc, want, mask) <= 1e-4
 
 
 @torch.no_grad()
 def test_greedy_generation_matches(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
-    ids, mask = _batch(hf.config.vocab_size)
+    ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
     want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
                        eos_token_id=None, pad_token_id=0)
     got = kvlab.generate(model, ids, max_new_tokens=NEW, temperature=0.0, attention_mask=mask, prefill_chunk=7)
@@ -155,11 +141,11 @@ def test_conditional_generation_checkpoint_text_logits(tmp_path: Path, capfd: py
     model = kvlab.load(tmp_path)
     err = capfd.readouterr().err
     assert "loading the text model only" in err and "vision/audio" in err
-    ids, mask = _batch(text.vocab_size)
+    ids, mask = left_padded_batch(text.vocab_size, LENGTHS)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     got = model(ids, attention_mask=mask)
-    assert _max_diff(got, want, mask) <= 1e-4
+    assert max_diff(got, want, mask) <= 1e-4
 
 
 def _hf_dict(**kw: Any) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_tiny import save, tiny_hf
+from hf_tiny import left_padded_batch, save, tiny_hf
 
 import kvlab
 
@@ -45,20 +45,10 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return hf, kvlab.load(path)
 
 
-def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    t = max(LENGTHS)
-    ids = torch.randint(1, vocab, (len(LENGTHS), t), generator=gen)
-    mask = torch.zeros(len(LENGTHS), t, dtype=torch.long)
-    for i, n in enumerate(LENGTHS):
-        mask[i, t - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 @torch.no_grad()
 def test_logits_match(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
-    ids, mask = _batch(hf.config.vocab_size)
+    ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate uses for left padding
     want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     got = model(ids, attention_mask=mask)
@@ -74,7 +64,7 @@ def test_logits_match(pair: tuple[Any, kvlab.Model]) -> None:
 @torch.no_grad()
 def test_greedy_generation_matches(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
-    ids, mask = _batch(hf.config.vocab_size)
+    ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
     want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
                        eos_token_id=None, pad_token_id=0)
     got = kvlab.generate(model, ids, max_new_tokens=NEW, temperature=0.0, attention_mask=mask)

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from hf_tiny import save
+from hf_tiny import left_padded_batch, save
 
 import kvlab
 from kvlab.families import config_from_hf
@@ -69,16 +69,6 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     return hf, kvlab.load(path)
 
 
-def _batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(1)
-    t = max(LENGTHS)
-    ids = torch.randint(1, vocab, (len(LENGTHS), t), generator=gen)
-    mask = torch.zeros(len(LENGTHS), t, dtype=torch.long)
-    for i, n in enumerate(LENGTHS):
-        mask[i, t - n:] = 1
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def test_config_and_values_follow_the_checkpoint(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
     cfg, c = model.config, hf.config
@@ -105,7 +95,7 @@ def test_config_and_values_follow_the_checkpoint(pair: tuple[Any, kvlab.Model]) 
 @torch.no_grad()
 def test_logits_match(pair: tuple[Any, kvlab.Model], monkeypatch: pytest.MonkeyPatch) -> None:
     hf, model = pair
-    ids, mask = _batch(hf.config.vocab_size)
+    ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate uses for left padding
     want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
     chosen: list[torch.Tensor] = []
@@ -133,7 +123,7 @@ def test_logits_match(pair: tuple[Any, kvlab.Model], monkeypatch: pytest.MonkeyP
 @torch.no_grad()
 def test_chunked_prefill_equals_full_forward(pair: tuple[Any, kvlab.Model], chunk: int) -> None:
     _, model = pair
-    ids, mask = _batch(model.config.vocab_size)
+    ids, mask = left_padded_batch(model.config.vocab_size, LENGTHS)
     full = model(ids, attention_mask=mask)
     cache = model.new_cache(ids.shape[0], max_length=ids.shape[1])
     cache.set_padding((mask == 0).sum(-1))  # a first chunk may be all padding
@@ -146,7 +136,7 @@ def test_chunked_prefill_equals_full_forward(pair: tuple[Any, kvlab.Model], chun
 @torch.no_grad()
 def test_greedy_generation_matches(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
-    ids, mask = _batch(hf.config.vocab_size)
+    ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
     want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
                        eos_token_id=None, pad_token_id=0)
     got = kvlab.generate(model, ids, max_new_tokens=NEW, temperature=0.0, attention_mask=mask)
