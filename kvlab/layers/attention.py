@@ -116,6 +116,19 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return (p.to(v.dtype) @ v).reshape(b, h, t, v.shape[-1])
 
 
+def project_out(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Attention output ``[B, H, T, Dv]`` -> ``[B, T, hidden]``: the optional output gate (computed from
+    the attention input ``x``, per head or per channel) then ``attn.o_proj``."""
+    s = attn.spec
+    b, h, t, dv = out.shape
+    out = out.transpose(1, 2)  # [B, T, H, Dv]
+    if s.output_gate:
+        g = attn.g_proj(x)
+        g = torch.sigmoid(g) if s.output_gate == "sigmoid" else F.softplus(g)
+        out = out * (g[..., None] if s.gate_per_head else g.view(b, t, h, dv))
+    return attn.o_proj(out.reshape(b, t, h * dv))
+
+
 class Attention(nn.Module):
     """One attention layer described by a :class:`LayerSpec`; x ``[B, T, hidden]`` -> same shape."""
 
@@ -175,9 +188,4 @@ class Attention(nn.Module):
         src = index if s.kv_source is None else s.kv_source
         mask, causal = step.mask(kpos, s.window, (src, kpos.shape[0]))
         out = attend(q, k, v, mask, s.scale, causal=causal, sinks=self.sinks if s.sinks else None)
-        out = out.transpose(1, 2)  # [B, T, H, Dv]
-        if s.output_gate:
-            g = self.g_proj(x)
-            g = torch.sigmoid(g) if s.output_gate == "sigmoid" else F.softplus(g)
-            out = out * (g[..., None] if s.gate_per_head else g.view(b, t, s.num_heads, s.value_dim))
-        return self.o_proj(out.reshape(b, t, s.num_heads * s.value_dim))
+        return project_out(self, x, out)

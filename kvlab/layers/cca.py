@@ -27,11 +27,10 @@ The cache (kvlab/cache/cca.py) holds the normed, rotated compressed K/V per posi
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
-from .attention import Step, attend
+from .attention import Step, attend, project_out
 from .rope import apply_rope
 
 
@@ -116,7 +115,6 @@ class CCAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, index: int, store=None) -> torch.Tensor:
         s = self.spec
-        b, t, _ = x.shape
         if step.pad is not None:  # pad positions feed zeros to the projections, the conv and the value shift
             x = x * (step.qpos[None] >= step.pad[:, None]).to(x.dtype)[..., None]
         q, k, v = self.project(x, step, store)
@@ -132,12 +130,7 @@ class CCAttention(nn.Module):
         step.kv[index] = (k, v, kpos)
         mask, causal = step.mask(kpos, s.window, (index, kpos.shape[0]))
         out = attend(q, k, v, mask, s.scale, causal=causal, sinks=self.sinks if s.sinks else None)
-        out = out.transpose(1, 2)  # [B, T, H, Dv]
-        if s.output_gate:
-            gate = self.g_proj(x)
-            gate = torch.sigmoid(gate) if s.output_gate == "sigmoid" else F.softplus(gate)
-            out = out * (gate[..., None] if s.gate_per_head else gate.view(b, t, s.num_heads, s.value_dim))
-        return self.o_proj(out.reshape(b, t, s.num_heads * s.value_dim))
+        return project_out(self, x, out)
 
 
 def compression(spec: LayerSpec, hidden: int) -> tuple[float, float]:
