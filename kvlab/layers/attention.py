@@ -37,6 +37,7 @@ class Step:
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict[tuple, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
+    _alive: list[torch.Tensor] = field(default_factory=list, repr=False)
     carry: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def last_position(self) -> Step:
@@ -45,13 +46,16 @@ class Step:
                                    rope={i: (c[:, -1:], s[:, -1:]) for i, (c, s) in self.rope.items()},
                                    carry={k: v[:, -1:] for k, v in self.carry.items()})
 
-    def mask(self, kpos: torch.Tensor, window: int | None, key: tuple) -> tuple[torch.Tensor | None, bool]:
+    def mask(self, kpos: torch.Tensor, window: int | None) -> tuple[torch.Tensor | None, bool]:
         """(additive mask ``[B|1, 1, T, L]`` of 0 / -inf, or None; whether plain causal applies).
 
-        Built once per step and key set, shared by every layer that uses it; additive rather than
-        boolean because SDPA on the CPU converts a boolean mask at every call.
+        Built once per step for each key-position tensor and window, and shared by every layer that
+        attends to the same positions (all full-cache layers read views of one shared range), so a
+        chunk holds one mask, not one per layer. Additive rather than boolean because SDPA on the CPU
+        converts a boolean mask at every call.
         """
-        key = (key, window)
+        # the entry keeps kpos alive, so its address cannot be reused by another tensor this step
+        key = (kpos.data_ptr(), kpos.shape[0], kpos.stride(0), window)
         if key not in self.masks:
             t = self.qpos.shape[0]
             if t == 1 and self.pad is None and (window is None or kpos.shape[0] <= window):
@@ -65,6 +69,7 @@ class Step:
                 add = None if ok is None else torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill_(
                     ~ok, float("-inf"))
                 self.masks[key] = (add, False)
+            self._alive.append(kpos)
         return self.masks[key]
 
 
@@ -185,7 +190,6 @@ class Attention(nn.Module):
             else:
                 kpos = step.qpos
             step.kv[index] = (k, v, kpos)
-        src = index if s.kv_source is None else s.kv_source
-        mask, causal = step.mask(kpos, s.window, (src, kpos.shape[0]))
+        mask, causal = step.mask(kpos, s.window)
         out = attend(q, k, v, mask, s.scale, causal=causal, sinks=self.sinks if s.sinks else None)
         return project_out(self, x, out)

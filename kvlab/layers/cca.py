@@ -128,7 +128,7 @@ class CCAttention(nn.Module):
         else:
             kpos = step.qpos
         step.kv[index] = (k, v, kpos)
-        mask, causal = step.mask(kpos, s.window, (index, kpos.shape[0]))
+        mask, causal = step.mask(kpos, s.window)
         out = attend(q, k, v, mask, s.scale, causal=causal, sinks=self.sinks if s.sinks else None)
         return project_out(self, x, out)
 
