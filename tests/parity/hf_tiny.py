@@ -64,3 +64,21 @@ def max_diff(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> float
     """Largest absolute difference over the non-pad positions of ``[B, T, ...]`` tensors."""
     real = mask.bool()
     return (got[real] - want[real]).abs().max().item()
+
+
+def hf_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """transformers' logits for a left-padded batch, with the positions its ``generate`` uses."""
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+
+
+def assert_greedy_matches(hf: transformers.PreTrainedModel, model: Any, ids: torch.Tensor, mask: torch.Tensor,
+                          new: int, **generate_kw: Any) -> None:
+    """``kvlab.generate`` gives transformers' greedy tokens, ``new`` of them for every row."""
+    import kvlab
+
+    want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=new, min_new_tokens=new,
+                       eos_token_id=None, pad_token_id=0)
+    got = kvlab.generate(model, ids, max_new_tokens=new, temperature=0.0, attention_mask=mask, **generate_kw)
+    assert got.shape == want.shape == (ids.shape[0], ids.shape[1] + new)
+    assert torch.equal(got, want), f"first differing step: {(got != want).any(0).nonzero()[0].item()}"

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from hf_tiny import left_padded_batch, max_diff
+from hf_tiny import assert_greedy_matches, hf_logits, left_padded_batch, max_diff
 
 import kvlab
 from kvlab.families import config_from_hf
@@ -99,8 +99,7 @@ def test_config_reads_every_feature(pair: tuple[Any, kvlab.Model]) -> None:
 def test_logits_match(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
     ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # what transformers' generate uses for left padding
-    want = hf(input_ids=ids, attention_mask=mask, position_ids=positions).logits
+    want = hf_logits(hf, ids, mask)  # positions as transformers' generate uses them
     got = model(ids, attention_mask=mask)
     assert got.shape == want.shape
     diff = max_diff(got, want, mask)
@@ -116,11 +115,7 @@ def test_logits_match(pair: tuple[Any, kvlab.Model]) -> None:
 def test_greedy_generation_matches(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
     ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
-    want = hf.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=NEW, min_new_tokens=NEW,
-                       eos_token_id=None, pad_token_id=0)
-    got = kvlab.generate(model, ids, max_new_tokens=NEW, temperature=0.0, attention_mask=mask, prefill_chunk=7)
-    assert got.shape == want.shape == (len(LENGTHS), max(LENGTHS) + NEW)
-    assert torch.equal(got, want), f"first differing step: {(got != want).any(0).nonzero()[0].item()}"
+    assert_greedy_matches(hf, model, ids, mask, NEW, prefill_chunk=7)
 
 
 @torch.no_grad()
