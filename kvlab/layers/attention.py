@@ -121,6 +121,28 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return (p.to(v.dtype) @ v).reshape(b, h, t, v.shape[-1])
 
 
+def publish_kv(step: Step, index: int, store, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append the new K/V to the layer's store (when cached) and publish what the queries attend to,
+    with its positions, for the layers that share this layer's K/V."""
+    if store is not None:
+        k, v, kpos = store.append(k, v, step.start)
+    else:
+        kpos = step.qpos
+    step.kv[index] = (k, v, kpos)
+    return k, v, kpos
+
+
+def attend_out(attn: nn.Module, x: torch.Tensor, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kpos: torch.Tensor) -> torch.Tensor:
+    """Masked attention of ``q`` over ``k``/``v`` at positions ``kpos`` (the step's shared mask), then the
+    output gate and projection of ``attn``."""
+    s = attn.spec
+    mask, causal = step.mask(kpos, s.window)
+    out = attend(q, k, v, mask, s.scale, causal=causal, sinks=attn.sinks if s.sinks else None)
+    return project_out(attn, x, out)
+
+
 def project_out(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """Attention output ``[B, H, T, Dv]`` -> ``[B, T, hidden]``: the optional output gate (computed from
     the attention input ``x``, per head or per channel) then ``attn.o_proj``."""
@@ -184,12 +206,5 @@ class Attention(nn.Module):
         if s.kv_source is not None:
             k, v, kpos = step.kv[s.kv_source]
         else:
-            k, v = self.project_kv(x, rope)
-            if store is not None:
-                k, v, kpos = store.append(k, v, step.start)
-            else:
-                kpos = step.qpos
-            step.kv[index] = (k, v, kpos)
-        mask, causal = step.mask(kpos, s.window)
-        out = attend(q, k, v, mask, s.scale, causal=causal, sinks=self.sinks if s.sinks else None)
-        return project_out(self, x, out)
+            k, v, kpos = publish_kv(step, index, store, *self.project_kv(x, rope))
+        return attend_out(self, x, step, q, k, v, kpos)

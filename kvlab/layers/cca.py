@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec
-from .attention import Step, attend, project_out
+from .attention import Step, attend_out, publish_kv
 from .rope import apply_rope
 
 
@@ -114,7 +114,6 @@ class CCAttention(nn.Module):
         return q, k * self.key_temp[None, None, :, None]
 
     def forward(self, x: torch.Tensor, step: Step, index: int, store=None) -> torch.Tensor:
-        s = self.spec
         if step.pad is not None:  # pad positions feed zeros to the projections, the conv and the value shift
             x = x * (step.qpos[None] >= step.pad[:, None]).to(x.dtype)[..., None]
         q, k, v = self.project(x, step, store)
@@ -123,14 +122,8 @@ class CCAttention(nn.Module):
         rope = step.rope.get(index)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if store is not None:
-            k, v, kpos = store.append(k, v, step.start)
-        else:
-            kpos = step.qpos
-        step.kv[index] = (k, v, kpos)
-        mask, causal = step.mask(kpos, s.window)
-        out = attend(q, k, v, mask, s.scale, causal=causal, sinks=self.sinks if s.sinks else None)
-        return project_out(self, x, out)
+        k, v, kpos = publish_kv(step, index, store, k, v)
+        return attend_out(self, x, step, q, k, v, kpos)
 
 
 def compression(spec: LayerSpec, hidden: int) -> tuple[float, float]:
