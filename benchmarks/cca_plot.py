@@ -17,6 +17,7 @@ import json
 from pathlib import Path
 
 import torch
+from kv_flops_plot import plot_kv_and_flops
 
 import kvlab
 from kvlab.config import ModelConfig
@@ -57,35 +58,11 @@ def measure(cfg: ModelConfig, context: int, decode: int = 4) -> dict:
 
 
 def plot(data: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
     styles = {"zaya1-8b": ("-", "o", "CCA 8q/2kv x 128 (zaya1-8b)"),
               "zaya1-8b-gqa": ("--", "s", "GQA 16q/2kv x 128"),
               "zaya1-8b-mha": (":", "^", "MHA 16 x 128")}
-    for name, row in data.items():
-        ls, mk, label = styles[name]
-        a.plot(CONTEXTS, [x / 2**30 for x in row["kv_cache_bytes"]], linestyle=ls, marker=mk, label=label)
-        b.plot(CONTEXTS, [x / 1e9 for x in row["attn_flops_per_token"]], linestyle=ls, marker=mk, label=label)
-    for ax, title, unit in ((a, "KV cache (bf16, batch 1)", "GiB"),
-                            (b, "attention FLOPs per decoded token", "GFLOP")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(CONTEXTS, [fmt_context(c) for c in CONTEXTS])
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("ZAYA1-8B (40 layers, hidden 2048): CCA vs GQA vs MHA, all else equal")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return plot_kv_and_flops(data, CONTEXTS, styles,
+                             "ZAYA1-8B (40 layers, hidden 2048): CCA vs GQA vs MHA, all else equal", path)
 
 
 def main() -> None:

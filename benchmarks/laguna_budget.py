@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+from kv_flops_plot import plot_kv_and_flops
 
 import kvlab
 from kvlab.budget import budget, describe_pattern
@@ -65,33 +66,10 @@ def measure(cfg: ModelConfig, context: int, decode: int = 4) -> dict:
 
 
 def plot(data: dict, path: Path) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.5), dpi=120)
-    styles = {"laguna-xs.2": ("-", "o"), "laguna-xs.2-all-global": ("--", "s"), "laguna-xs.2-uniform-heads": (":", "^")}
-    for name, row in data.items():
-        ls, mk = styles[name]
-        a.plot(CONTEXTS, [x / 2**30 for x in row["kv_cache_bytes"]], linestyle=ls, marker=mk, label=name)
-        b.plot(CONTEXTS, [x / 1e9 for x in row["attn_flops_per_token"]], linestyle=ls, marker=mk, label=name)
-    for ax, title, unit in ((a, "KV cache (bf16, batch 1)", "GiB"),
-                            (b, "attention FLOPs per decoded token", "GFLOP")):
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xticks(CONTEXTS, [fmt_context(c) for c in CONTEXTS])
-        ax.set_xlabel("context (tokens)")
-        ax.set_ylabel(unit)
-        ax.set_title(title)
-        ax.grid(True, which="major", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("Laguna XS.2: 1 global (48 heads) : 3 sliding (64 heads, window 512)")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    styles = {name: (ls, mk, name) for name, ls, mk in (("laguna-xs.2", "-", "o"), ("laguna-xs.2-all-global", "--", "s"),
+                                                         ("laguna-xs.2-uniform-heads", ":", "^"))}
+    return plot_kv_and_flops(data, CONTEXTS, styles,
+                             "Laguna XS.2: 1 global (48 heads) : 3 sliding (64 heads, window 512)", path)
 
 
 def main() -> None:
