@@ -260,10 +260,23 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
     vocab = hf.config.get_text_config(decoder=True).vocab_size
     rows = []
     gen = torch.Generator().manual_seed(seed)
-    with torch.inference_mode():  # warm-up, as for kvlab
-        warm = tf.DynamicCache(config=hf.config)
-        _timed_loop(lambda x, _last, c=warm: hf(input_ids=x, past_key_values=c, use_cache=True).logits,
-                    torch.zeros(batch, WARMUP, dtype=torch.long), WARMUP, 2, "warm-up", False)
+    experts = None
+
+    def warm_up() -> None:  # as for kvlab
+        with torch.inference_mode():
+            warm = tf.DynamicCache(config=hf.config)
+            _timed_loop(lambda x, _last, c=warm: hf(input_ids=x, past_key_values=c, use_cache=True).logits,
+                        torch.zeros(batch, WARMUP, dtype=torch.long), WARMUP, 2, "warm-up", False)
+
+    try:
+        warm_up()
+    except RuntimeError as err:  # transformers' default grouped_mm experts fail on the CPU for some shapes
+        if "stride" not in str(err):
+            raise
+        experts = "eager"
+        hf = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=TORCH_DTYPES[dtype], experts_implementation=experts)
+        hf.eval()
+        warm_up()
     for ctx in contexts:
         ids = torch.randint(0, vocab, (batch, ctx), generator=gen)
         gc.collect()
@@ -278,6 +291,8 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
                        for t in (getattr(layer, "keys", None), getattr(layer, "values", None))
                        if isinstance(t, torch.Tensor))
             del fwd, cache
+        if experts is not None:
+            r["experts_implementation"] = experts  # the default (grouped_mm) failed for this shape
         r.update(context=ctx, batch=batch, cache_bytes_measured=held, rss_start_bytes=mem["start"],
                  rss_peak_bytes=mem["peak"], rss_delta_bytes=mem["peak"] - mem["start"],
                  ru_maxrss_bytes=peak_rss_bytes())
@@ -288,6 +303,7 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
 HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
                   "Qwen3MoeForCausalLM": "qwen3_moe", "LagunaForCausalLM": "laguna", "Gemma4ForCausalLM": "gemma4_text"}
 HF_MODEL_TYPES["ZayaForCausalLM"] = "zaya"
+HF_MODEL_TYPES["DeepseekV4ForCausalLM"] = "deepseek_v4"
 
 
 def _rope_dict(r: Any) -> dict[str, Any]:
@@ -354,6 +370,10 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         from kvlab.families.zaya import hf_config_extra as zaya_extra
 
         candidates.append(("ZayaForCausalLM", zaya_extra(cfg)))
+    if x.attention in ("csa", "hca", "swa"):  # DeepSeek V4: mHC, compressed attention, hash-routed MoE
+        from kvlab.families.deepseek_v4 import hf_config_extra as v4_extra
+
+        candidates.append(("DeepseekV4ForCausalLM", v4_extra(cfg, _rope_dict)))
 
     def key(c: ModelConfig) -> dict[str, Any]:
         d = c.to_dict()
@@ -438,6 +458,9 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
 
                 model = load(tmp.name, dtype=torch_dtype, device="cpu")
                 model.config.name = cfg.name
+                if model.num_parameters() != _weight_bytes(cfg, 1):  # transformers read the twin's config otherwise
+                    raise ValueError(f"{cfg.name}: the transformers twin has {model.num_parameters():,} parameters, "
+                                     f"the description {_weight_bytes(cfg, 1):,}: its config.json was misread")
                 source_dir = Path(tmp.name)
             else:
                 log(f"building a random {cfg.name} ...")

@@ -68,10 +68,12 @@ def cmd_calc(args: argparse.Namespace) -> int:
         print(f"source: {cfg.source}")
     read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
     avg = c.kv_cache_bytes / (ctx * c.batch)
-    parts: dict[str, int] = {}  # csa / hca cache components, summed over the layers
+    parts: dict[str, int] = {}  # csa / hca / mla cache components, summed over the layers
+    owners: dict[str, set[str]] = {}  # component -> the attention kinds holding it
     for lc in c.per_layer:
         for k, v in lc.kv_components.items():
             parts[k] = parts.get(k, 0) + v
+            owners.setdefault(k, set()).add(lc.kind.split()[0])
     rows = [
         ["parameters, total", fmt_count(c.params_total), f"{c.params_total:,}"],
         ["parameters, embedding", fmt_count(c.params_embedding), f"{c.params_embedding:,}"],
@@ -81,7 +83,8 @@ def cmd_calc(args: argparse.Namespace) -> int:
         ["parameters, active per token", fmt_count(c.params_active), f"{c.params_active:,}"],
         *([["parameters, mHC maps (fp32)", fmt_count(c.params_mhc), f"{c.params_mhc:,}"]] if c.params_mhc else []),
         ["KV cache", fmt_bytes(c.kv_cache_bytes), f"{c.kv_cache_bytes:,}"],
-        *[[f"  {k.replace('_', ' ')} (csa/hca)", fmt_bytes(v), f"{v:,}"] for k, v in parts.items()],
+        *[[f"  {k.replace('_', ' ')} ({'mla' if owners[k] == {'mla'} else 'csa/hca'})", fmt_bytes(v), f"{v:,}"]
+          for k, v in parts.items()],
         ["KV bytes/token, full-attention layers", fmt_bytes(c.kv_bytes_per_token), f"{c.kv_bytes_per_token:,}"],
         ["KV bytes/token, window layers (up to window)", fmt_bytes(c.kv_bytes_per_token_window),
          f"{c.kv_bytes_per_token_window:,}"],

@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ATTENTION_KINDS = ("gqa", "cca", "csa", "hca")
+ATTENTION_KINDS = ("gqa", "cca", "csa", "hca", "swa", "mla")
+COMPRESSED_KINDS = ("csa", "hca", "swa")  # DeepSeek V4's attention layers (kvlab/layers/compressed.py)
 MLP_KINDS = ("dense", "moe", "dense+moe")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_SCALINGS = ("default", "linear", "llama3", "yarn", "proportional")
 GATE_KINDS = (None, "sigmoid", "softplus")
-MOE_SCORINGS = ("softmax", "sigmoid")
+MOE_SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 
 def _err(where: str, name: str, value: Any, allowed: str) -> ValueError:
@@ -89,6 +90,13 @@ class MoESpec:
     layer's router state times a learned per-channel scale (the previous layer must have the same
     ``router_hidden``); ``skip_expert``: one extra router class that computes nothing (its tokens get
     no routed output), with its own balancing bias under ``bias_correction`` (ZAYA1).
+    ``scoring='sqrtsoftplus'``: scores ``sqrt(softplus(logits))`` (DeepSeek V4). ``hash_routing``: the experts
+    of a token are a fixed lookup ``tid2eid[token id]`` (a ``[vocab, top_k]`` table loaded with the weights);
+    the router still weights them (DeepSeek V4's hash-MoE layers). ``swiglu_limit``: the routed and shared
+    experts clamp the gate pre-activation to ``<= limit`` and the up pre-activation to ``[-limit, limit]``.
+    ``n_group`` / ``topk_group``: group-limited routing (DeepSeek-V3): the experts split into ``n_group`` equal
+    groups, each scored by the sum of its two best choice scores; only experts of the ``topk_group`` best groups
+    can be chosen (``topk_group`` None: every group; the defaults route freely).
     """
 
     num_experts: int
@@ -105,6 +113,10 @@ class MoESpec:
     router_hidden: int | None = None
     router_carry: bool = False
     skip_expert: bool = False
+    hash_routing: bool = False
+    swiglu_limit: float | None = None
+    n_group: int = 1
+    topk_group: int | None = None
 
     def validate(self, where: str) -> None:
         _positive_int(where, "num_experts", self.num_experts)
@@ -115,9 +127,17 @@ class MoESpec:
             raise _err(where, "scoring", self.scoring, f"allowed: {', '.join(MOE_SCORINGS)}")
         if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
             raise _err(where, "shared_experts", self.shared_experts, "must be an integer >= 0")
-        for name in ("router_norm", "expert_scale", "router_carry", "skip_expert"):
+        for name in ("router_norm", "expert_scale", "router_carry", "skip_expert", "hash_routing"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(where, name, getattr(self, name), "must be true or false")
+        if self.swiglu_limit is not None and not (isinstance(self.swiglu_limit, (int, float)) and self.swiglu_limit > 0):
+            raise _err(where, "swiglu_limit", self.swiglu_limit, "must be a positive number or None")
+        if self.hash_routing:
+            for name in ("bias_correction", "router_hidden", "skip_expert", "router_norm"):
+                if getattr(self, name):
+                    raise _err(where, name, getattr(self, name),
+                               "not supported with hash_routing (the experts come from the token-id table)")
+        _validate_groups(self, where)
         if self.router_hidden is not None:
             _positive_int(where, "router_hidden", self.router_hidden)
             if self.router_norm:
@@ -130,11 +150,92 @@ class MoESpec:
         return self.shared_experts * (self.shared_size or self.expert_size)
 
 
+def _validate_groups(m: MoESpec, where: str) -> None:
+    """Group-limited routing: ``n_group`` divides the experts, ``topk_group`` groups hold at least top_k experts."""
+    _positive_int(where, "n_group", m.n_group)
+    if m.num_experts % m.n_group:
+        raise _err(where, "n_group", m.n_group, f"must divide num_experts={m.num_experts}")
+    if m.topk_group is not None:
+        if not isinstance(m.topk_group, int) or isinstance(m.topk_group, bool) or not 1 <= m.topk_group <= m.n_group:
+            raise _err(where, "topk_group", m.topk_group, f"must be None or an integer in [1, n_group={m.n_group}]")
+        if m.topk_group * (m.num_experts // m.n_group) < m.top_k:
+            raise _err(where, "topk_group", m.topk_group,
+                       f"{m.topk_group} groups of {m.num_experts // m.n_group} experts hold fewer than top_k={m.top_k}")
+    if m.n_group > 1 and (m.skip_expert or m.hash_routing):
+        raise _err(where, "n_group", m.n_group, "group-limited routing is not supported with skip_expert or hash_routing")
+
+
+@dataclass
+class MLASpec:
+    """Multi-head latent attention of an ``mla`` layer (DeepSeek V2/V3; kvlab/layers/mla.py).
+
+    Per token the layer caches only the normalised KV latent ``c_kv`` (``kv_lora_rank``) and one rotated key
+    ``k_pe`` (``qk_rope_head_dim``) shared by every head; per-head keys ``[k_nope, k_pe]`` (``qk_nope_head_dim +
+    qk_rope_head_dim``) and values (``v_head_dim``) are up-projections of ``c_kv`` by ``kv_b_proj``.
+    ``q_lora_rank``: the low-rank query path ``q = W_b norm(W_a x)`` (None: one ``q_proj``). ``rope_interleave``:
+    the rotary channels are interleaved pairs (transformers' DeepSeek-V3 default), else rotate-half.
+    DeepSeek V3.2 sparse attention (DSA): a lightning indexer of ``index_heads`` x ``index_head_dim`` scores every
+    cached token and each query attends to its ``index_topk`` best; all three set, or none.
+    """
+
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    q_lora_rank: int | None = None
+    rope_interleave: bool = True
+    index_heads: int | None = None
+    index_head_dim: int | None = None
+    index_topk: int | None = None
+
+    @property
+    def qk_head_dim(self) -> int:
+        return self.qk_nope_head_dim + self.qk_rope_head_dim
+
+    @property
+    def sparse(self) -> bool:
+        """DeepSeek sparse attention (an indexer and top-k selection)."""
+        return self.index_topk is not None
+
+    @property
+    def rope_partial(self) -> float:
+        """The RopeSpec ``partial`` that rotates exactly ``qk_rope_head_dim`` of the ``qk_head_dim`` channels."""
+        d = self.qk_head_dim
+        p = self.qk_rope_head_dim / d
+        while int(d * p) < self.qk_rope_head_dim:
+            p = math.nextafter(p, 1.0)
+        return p
+
+    def validate(self, where: str) -> None:
+        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+            _positive_int(where, name, getattr(self, name))
+        if self.qk_rope_head_dim % 2:
+            raise _err(where, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even (rotary pairs)")
+        if self.q_lora_rank is not None:
+            _positive_int(where, "q_lora_rank", self.q_lora_rank)
+        if not isinstance(self.rope_interleave, bool):
+            raise _err(where, "rope_interleave", self.rope_interleave, "must be true or false")
+        idx = ("index_heads", "index_head_dim", "index_topk")
+        given = [n for n in idx if getattr(self, n) is not None]
+        if given and len(given) != 3:
+            missing = [n for n in idx if n not in given]
+            raise _err(where, missing[0], None, "sparse MLA (DSA) needs index_heads, index_head_dim and index_topk "
+                       "all set (or none)")
+        for name in given:
+            _positive_int(where, name, getattr(self, name))
+        if given and self.q_lora_rank is None:
+            raise _err(where, "q_lora_rank", None, "the DSA indexer reads the query latent: set q_lora_rank")
+        if given and self.index_head_dim < self.qk_rope_head_dim:
+            raise _err(where, "index_head_dim", self.index_head_dim,
+                       f"must hold the qk_rope_head_dim={self.qk_rope_head_dim} rotary channels")
+
+
 @dataclass
 class CompressSpec:
     """Sequence-compressed attention of a ``csa`` / ``hca`` layer (DeepSeek V4; kvlab/layers/compressed.py).
 
-    ``ratio``: tokens pooled into one compressed K/V entry (CSA 4, HCA 128); ``q_lora_rank``: the low-rank query
+    ``ratio``: tokens pooled into one compressed K/V entry (CSA 4, HCA 128; 0 for an ``swa`` layer, V4's
+    sliding-window-only layer, which has the same query, K/V and output paths and no compressor); ``q_lora_rank``: the low-rank query
     path ``q = W_b norm(W_a x)``; ``o_groups`` x ``o_lora_rank``: the grouped output projection (the heads split
     into ``o_groups`` groups, each projected to ``o_lora_rank``, then mixed to hidden). CSA only: the indexer's
     ``index_heads`` x ``index_head_dim`` and the ``index_topk`` compressed entries each query attends to.
@@ -149,7 +250,12 @@ class CompressSpec:
     index_topk: int = 0
 
     def validate(self, where: str, kind: str) -> None:
-        for name in ("ratio", "q_lora_rank", "o_groups", "o_lora_rank"):
+        if kind == "swa":
+            if self.ratio != 0:
+                raise _err(where, "ratio", self.ratio, "an swa layer has no compressor: must be 0")
+        else:
+            _positive_int(where, "ratio", self.ratio)
+        for name in ("q_lora_rank", "o_groups", "o_lora_rank"):
             _positive_int(where, name, getattr(self, name))
         if kind == "csa":
             for name in ("index_heads", "index_head_dim", "index_topk"):
@@ -214,6 +320,7 @@ class LayerSpec:
     conv_kernels: tuple[int, int] = (2, 2)
     residual_scaling: bool = False
     compress: CompressSpec | None = None
+    mla: MLASpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
@@ -224,6 +331,8 @@ class LayerSpec:
             self.moe = MoESpec(**self.moe)
         if isinstance(self.compress, dict):
             self.compress = CompressSpec(**self.compress)
+        if isinstance(self.mla, dict):
+            self.mla = MLASpec(**self.mla)
 
     @property
     def value_dim(self) -> int:
@@ -258,10 +367,14 @@ class LayerSpec:
                 raise _err(where, name, getattr(self, name), "must be true or false")
         if self.attention == "cca":
             _validate_cca(self, where)
-        if self.attention in ("csa", "hca"):
+        if self.attention == "mla":
+            _validate_mla(self, where)
+        elif self.mla is not None:
+            raise _err(where, "mla", self.mla, "only meaningful for attention 'mla'")
+        if self.attention in COMPRESSED_KINDS:
             _validate_compressed(self, where)
         elif self.compress is not None:
-            raise _err(where, "compress", self.compress, "only meaningful for attention 'csa' or 'hca'")
+            raise _err(where, "compress", self.compress, "only meaningful for attention 'csa', 'hca' or 'swa'")
         if self.k_eq_v and self.value_dim != self.head_dim:
             raise _err(where, "k_eq_v", self.k_eq_v,
                        f"V is the K projection: needs v_head_dim={self.v_head_dim} equal to head_dim={self.head_dim}")
@@ -442,6 +555,37 @@ def _validate_compressed(layer: LayerSpec, where: str) -> None:
         raise _err(where, "v_head_dim", layer.v_head_dim, f"{layer.attention} reads V = K: must equal head_dim")
     if layer.kv_source is not None:
         raise _err(where, "kv_source", layer.kv_source, f"a {layer.attention} layer computes its own K/V")
+
+
+def _validate_mla(layer: LayerSpec, where: str) -> None:
+    m = layer.mla
+    if m is None:
+        raise _err(where, "mla", None, "required (an MLASpec) for attention='mla'")
+    m.validate(f"{where}.mla")
+    if layer.num_kv_heads != 1:
+        raise _err(where, "num_kv_heads", layer.num_kv_heads, "mla caches one shared latent: must be 1")
+    if layer.head_dim != m.qk_head_dim:
+        raise _err(where, "head_dim", layer.head_dim, f"must equal mla.qk_nope_head_dim + mla.qk_rope_head_dim = "
+                   f"{m.qk_head_dim}")
+    if layer.value_dim != m.v_head_dim:
+        raise _err(where, "v_head_dim", layer.v_head_dim, f"must equal mla.v_head_dim={m.v_head_dim}")
+    if layer.rope is None:
+        raise _err(where, "rope", None, "mla rotates qk_rope_head_dim channels: a RopeSpec is required")
+    if layer.rope.scaling == "proportional":
+        raise _err(f"{where}.rope", "scaling", "proportional", "not supported by mla")
+    if int(layer.head_dim * layer.rope.partial) != m.qk_rope_head_dim:
+        raise _err(f"{where}.rope", "partial", layer.rope.partial,
+                   f"must rotate mla.qk_rope_head_dim={m.qk_rope_head_dim} of head_dim={layer.head_dim} channels "
+                   f"(use MLASpec.rope_partial = {m.rope_partial!r})")
+    if layer.window is not None:
+        raise _err(where, "window", layer.window, "sliding-window mla is not implemented: must be None")
+    for name in ("sinks", "qk_norm", "v_norm", "k_eq_v"):
+        if getattr(layer, name):
+            raise _err(where, name, True, "not supported by mla (its K/V path is fixed); set it to false")
+    if layer.output_gate is not None:
+        raise _err(where, "output_gate", layer.output_gate, "not supported by mla")
+    if layer.kv_source is not None:
+        raise _err(where, "kv_source", layer.kv_source, "an mla layer computes its own latent (no cross-layer sharing)")
 
 
 def _validate_cca(layer: LayerSpec, where: str) -> None:

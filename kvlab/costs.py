@@ -149,7 +149,7 @@ def _compressed_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv
     params, mats = compressed_params(layer, hidden)
     comp = compressed_cache_components(layer, context, batch, kv_elt)
     state = sum(v for k, v in comp.items() if k.endswith(("partial", "overlap")))
-    n = context // m
+    n = context // m if m else 0  # swa (ratio 0): no compressed entries
     win = min(layer.window, context)
     csa = layer.attention == "csa"
     idx = 2 * (c.index_heads * c.index_head_dim + c.index_heads) if csa else 0
@@ -157,16 +157,17 @@ def _compressed_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv
     read = batch * kv_elt * (win * d + attended * d + (n * c.index_head_dim if csa else 0)) + state
     return AttnCost(
         params=params, matmul_params=mats, kv_bytes=sum(comp.values()),
-        kv_bytes_per_token=(d + (c.index_head_dim if csa else 0)) * kv_elt // m, kv_read_bytes=read,
+        kv_bytes_per_token=(d + (c.index_head_dim if csa else 0)) * kv_elt // m if m else 0, kv_read_bytes=read,
         flops_per_token=4 * h * d * (win + attended) + idx * n,
         prefill_flops=4 * h * d * (causal_positions(context, layer.window)
-                                   + visible_sum(context, m, c.index_topk if csa else None))
-        + idx * visible_sum(context, m),
+                                   + (visible_sum(context, m, c.index_topk if csa else None) if m else 0))
+        + (idx * visible_sum(context, m) if m else 0),
         state_bytes=state, components=comp)
 
 
 register_attention_cost("csa", _compressed_cost)
 register_attention_cost("hca", _compressed_cost)
+register_attention_cost("swa", _compressed_cost)
 
 
 @dataclass
@@ -408,13 +409,17 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
             "is a lookup (one row read per sequence per step, no FLOPs), counted in params_total and params_active "
             "like the embedding and excluded from params_active_non_embedding; the PLE projection and the "
             "per-layer gates are matmuls")
-    if any(x.attention in ("csa", "hca") for x in cfg.layers):
+    if any(x.attention in ("csa", "hca", "swa") for x in cfg.layers):
         assumptions.append(
-            "csa/hca layers: kv_bytes = window ring (min(window, context) x head_dim, K = V) + context // ratio "
+            "csa/hca/swa layers (swa: the window ring only): kv_bytes = window ring (min(window, context) x head_dim, K = V) + context // ratio "
             "compressed entries x head_dim (+ csa: x index_head_dim indexer keys) + constant compressor state (partial "
             "block: ratio - 1 raw K/V and gate rows; csa: the previous block's first series), per component in "
             "per_layer[i].kv_components; kv_bytes_per_token = (head_dim [+ index_head_dim]) x bytes / ratio, rounded "
             "down; decode attends window + top-k (csa) or all complete entries (hca); the indexer scores every entry")
+    if any(x.attention == "mla" for x in cfg.layers):
+        from kvlab.layers.mla import MLA_ASSUMPTION
+
+        assumptions.append(MLA_ASSUMPTION)
     if any(x.attention == "cca" for x in cfg.layers):
         assumptions.append(
             "cca layers: K/V of the compressed KV heads per position (after norm and RoPE) plus, per sequence, a "

@@ -13,7 +13,7 @@ from .layers import ATTENTION_MODULES
 from .layers.attention import Step
 from .layers.mhc import HyperConnection, HyperHead, expand
 from .layers.mlp import GatedMLP
-from .layers.moe import MoE
+from .layers.moe import MoE, hash_table
 from .layers.norm import RMSNorm
 from .layers.ple import PLEInput, PLELayer
 from .layers.rope import Rotary
@@ -42,12 +42,12 @@ class Block(nn.Module):
         self.attn = ATTENTION_MODULES[spec.attention](spec, hidden, eps, off)
         self.mlp_norm = RMSNorm(hidden, eps, off)
         if spec.mlp == "moe":
-            self.mlp = MoE(hidden, spec.moe, spec.activation, eps)
+            self.mlp = MoE(hidden, spec.moe, spec.activation, eps, vocab=config.vocab_size)
         else:
             self.mlp = GatedMLP(hidden, spec.intermediate_size, spec.activation, spec.mlp_bias)
         if spec.mlp == "dense+moe":
             self.moe_norm = RMSNorm(hidden, eps, off)
-            self.moe = MoE(hidden, spec.moe, spec.activation, eps)
+            self.moe = MoE(hidden, spec.moe, spec.activation, eps, vocab=config.vocab_size)
             if spec.sandwich_norm:
                 self.post_dense_norm = RMSNorm(hidden, eps, off)
                 self.post_moe_norm = RMSNorm(hidden, eps, off)
@@ -145,6 +145,8 @@ class Model(nn.Module):
             self.mhc_head = HyperHead(config.mhc_streams, config.hidden_size, config.mhc_eps, config.norm_eps)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        # hash-routed MoE layers (DeepSeek V4) choose experts by token id: the ids travel in Step.carry
+        self._token_ids = any(x.mlp != "dense" and x.moe.hash_routing for x in config.layers)
         self._rotary: list[Rotary | None] = []
         shared: dict[tuple, Rotary] = {}
         for spec in config.layers:
@@ -172,6 +174,9 @@ class Model(nn.Module):
                     p.zero_()
                 else:
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+            for mod in model.modules():
+                if isinstance(mod, MoE) and mod.spec.hash_routing:
+                    mod.tid2eid.copy_(hash_table(config.vocab_size, mod.spec.top_k, mod.spec.num_experts))
         return model.to(dtype)
 
     @property
@@ -211,6 +216,8 @@ class Model(nn.Module):
         qpos = torch.arange(start, start + t, device=device)
         positions = qpos[None].expand(b, t) if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)
         step = Step(start=start, qpos=qpos, pad=pad, dtype=self.embed.weight.dtype)
+        if self._token_ids:
+            step.carry["input_ids"] = input_ids
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, rot in enumerate(self._rotary):
             if rot is not None:

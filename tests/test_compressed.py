@@ -28,7 +28,8 @@ def layer(kind, ratio, window=5, topk=2, sinks=True, rope=None, **kw):
 
 
 def config(layers=None, mhc=None):
-    layers = layers or [layer("csa", 3), layer("hca", 4, window=3), layer("csa", 4, window=1, sinks=False, topk=3)]
+    layers = layers or [layer("csa", 3), layer("hca", 4, window=3), layer("swa", 0, window=4),
+                        layer("csa", 4, window=1, sinks=False, topk=3)]
     return ModelConfig(vocab_size=61, hidden_size=32, layers=layers, max_positions=256, mhc_streams=mhc)
 
 
@@ -75,7 +76,7 @@ def naive(att: CompressedAttention, x):
     out = torch.zeros(x.shape[0], x.shape[1], x.shape[2])
     for b in range(x.shape[0]):
         xs = x[b]
-        entries = pooled_entries(att.compressor, xs, m, att.csa, inv, scale)
+        entries = pooled_entries(att.compressor, xs, m, att.csa, inv, scale) if m else []  # swa: none
         if att.csa:
             ix = att.compressor.indexer
             ikeys = pooled_entries(ix, xs, m, True, inv, scale)
@@ -85,7 +86,7 @@ def naive(att: CompressedAttention, x):
             q = att.q_b_proj(cq).view(h, d)
             q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + att.eps)
             q = rotate(q, t, inv, scale)
-            visible = list(range((t + 1) // m))
+            visible = list(range((t + 1) // m)) if m else []
             if att.csa:
                 qi = rotate(ix.q_b_proj(cq).view(ix.heads, ix.dim), t, inv, scale)
                 u = ix.weights_proj(xs[t]) / math.sqrt(ix.heads)
@@ -110,10 +111,10 @@ def naive(att: CompressedAttention, x):
     return out
 
 
-@pytest.mark.parametrize("which,ties", [(0, False), (1, False), (2, False), (0, True)])
+@pytest.mark.parametrize("which,ties", [(0, False), (1, False), (2, False), (3, False), (0, True)])
 def test_equals_naive_causal_oracle(which, ties):
     """top-k smaller than the completed blocks: kvlab == the per-position oracle (ties: every indexer score
-    equal, the earlier entries win)."""
+    equal, the earlier entries win); layer 2 is an swa layer (window branch only)."""
     cfg = config()
     model = random_model(cfg, seed=which)
     att = model.layers[which].attn

@@ -1,6 +1,6 @@
 """K/V storage policies, one per attention kind, and the model-wide cache that holds them."""
 
-from . import cca, compressed  # noqa: F401  (register the "cca", "csa" and "hca" storage policies)
+from . import cca, compressed, latent  # noqa: F401  (register the "cca", "csa", "hca" and "mla" storage policies)
 from .cache import Cache, register_policy
 from .storage import FullKV, KVStore, WindowKV
 

@@ -1,8 +1,9 @@
-"""Storage of a CSA / HCA layer (``attention='csa'`` / ``'hca'``; kvlab/layers/compressed.py).
+"""Storage of a CSA / HCA / SWA layer (``attention='csa'`` / ``'hca'`` / ``'swa'``; kvlab/layers/compressed.py).
 
 Components (each a preallocated tensor when ``max_length`` is known; ``component_nbytes()`` names them):
 
-- ``window``: the sliding-window branch, a ring of ``min(window, max_length)`` shared K/V rows ``[B, 1, W, D]``;
+- ``window``: the sliding-window branch, a ring of ``min(window, max_length)`` shared K/V rows ``[B, 1, W, D]``
+  (all an ``swa`` layer holds);
 - ``compressed``: one entry per complete block of ``ratio`` tokens, ``[B, max_length // ratio, D]``;
 - ``partial``: the raw projections (K/V and gate logits) of the block still being filled, ``ratio - 1`` rows of
   ``f x D`` each (``f = 2`` for CSA, whose entries overlap two blocks, else 1);
@@ -59,7 +60,7 @@ class CompressedStore(KVStore):
         c = spec.compress
         csa = spec.attention == "csa"
         self.window = WindowKV(batch, 1, spec.head_dim, 0, spec.window, max_length, dtype, device)
-        self.pool = _Pool(batch, spec.head_dim, c.ratio, csa, max_length, dtype, device)
+        self.pool = _Pool(batch, spec.head_dim, c.ratio, csa, max_length, dtype, device) if c.ratio else None
         self.index = _Pool(batch, c.index_head_dim, c.ratio, True, max_length, dtype, device) if csa else None
 
     @property
@@ -67,7 +68,9 @@ class CompressedStore(KVStore):
         return self.window.buf
 
     def tensors(self) -> list[torch.Tensor]:
-        out = [*self.window.tensors(), self.pool.entries, *self.pool.state()]
+        out = list(self.window.tensors())
+        if self.pool is not None:
+            out += [self.pool.entries, *self.pool.state()]
         if self.index is not None:
             out += [self.index.entries, *self.index.state()]
         return out
@@ -76,8 +79,10 @@ class CompressedStore(KVStore):
         def nb(ts):
             return sum(t.numel() * t.element_size() for t in ts)
 
-        out = {"window": nb(self.window.tensors()), "compressed": nb([self.pool.entries]),
-               "partial": nb([self.pool.partial_kv, self.pool.partial_gate])}
+        out = {"window": nb(self.window.tensors())}
+        if self.pool is None:  # swa: no compressor
+            return out
+        out |= {"compressed": nb([self.pool.entries]), "partial": nb([self.pool.partial_kv, self.pool.partial_gate])}
         if self.index is not None:
             out["overlap"] = nb([self.pool.prev_kv, self.pool.prev_gate])
             out["index_keys"] = nb([self.index.entries])
@@ -95,3 +100,4 @@ def compressed_store(spec: LayerSpec, batch: int, max_length: int | None, dtype:
 
 register_policy("csa", compressed_store)
 register_policy("hca", compressed_store)
+register_policy("swa", compressed_store)

@@ -13,7 +13,7 @@ import torch
 
 from ..checkpoint import read_config, read_tensors
 from ..config import ModelConfig
-from . import gemma4, laguna, llama, mistral, qwen3, qwen3_moe, zaya
+from . import deepseek_v3, deepseek_v4, deepseek_v32, gemma4, laguna, llama, mistral, qwen3, qwen3_moe, zaya
 from .base import Family
 
 if TYPE_CHECKING:
@@ -23,6 +23,9 @@ FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     llama.FAMILY, mistral.FAMILY, qwen3.FAMILY, qwen3.QWEN2_FAMILY, qwen3_moe.FAMILY, laguna.FAMILY)}
 FAMILIES.update({f.architecture: f for f in (gemma4.FAMILY, gemma4.CG_FAMILY)})
 FAMILIES[zaya.ARCH] = zaya.FAMILY
+FAMILIES[deepseek_v4.ARCH] = deepseek_v4.FAMILY
+FAMILIES[deepseek_v3.ARCH] = deepseek_v3.FAMILY
+FAMILIES[deepseek_v32.ARCH] = deepseek_v32.FAMILY
 
 __all__ = ["FAMILIES", "Family", "config_from_dir", "config_from_hf", "expected_shapes", "family_of", "load",
            "load_state", "register"]

@@ -14,6 +14,7 @@ overlap: ``C, Z`` have two series (``a``, ``b``) and entry ``w`` pools series ``
 of block ``w - 1`` (2m slots). Entry ``w`` is visible to the query at position ``t`` once its block is complete,
 ``(w + 1) m <= t + 1``.
 
+An ``swa`` layer (V4's sliding-window-only layers, ratio 0) has no compressor: the window branch alone.
 HCA attends to every visible entry. CSA attends to ``index_topk`` of them, chosen per query by the lightning
 indexer ``I(t, w) = sum_h u_{t,h} relu(qI_{t,h} . KI_w) / sqrt(dI)``, ``u = W_u x / sqrt(HI)``, ``qI = W_qI c``
 (rotated at ``t``), ``KI`` the indexer's own overlapping compressor at ``index_head_dim``. **Causal**: each
@@ -161,7 +162,8 @@ class CompressedAttention(nn.Module):
         self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, hidden, bias=False)
         if spec.sinks:
             self.sinks = nn.Parameter(torch.zeros(h))
-        self.compressor = Compressor(hidden, d, c.ratio, self.csa, eps, norm_offset)
+        # an swa layer (ratio 0) is the same layer without a compressor: window branch only
+        self.compressor = Compressor(hidden, d, c.ratio, self.csa, eps, norm_offset) if c.ratio else None
         if self.csa:
             self.compressor.indexer = Indexer(hidden, c.q_lora_rank, c.index_heads, c.index_head_dim, c.ratio, eps,
                                               norm_offset)
@@ -201,7 +203,11 @@ class CompressedAttention(nn.Module):
             iw = ix.weights_proj(x).float() * ix.heads ** -0.5  # [B, T, HI]
         pool = store.pool if store is not None else None
         ipool = store.index if store is not None and self.csa else None
-        if pad is None:
+        if self.compressor is None:  # swa: the window branch alone
+            out = self._attend(q, kw, kpos, qpos, None, None, None, None) if pad is None else torch.cat(
+                [self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, None, None, None, None)
+                 for r, p in enumerate(pad.tolist())])
+        elif pad is None:
             entries = self.compressor.update(x, start, pool, self._rope)
             ikeys = ix.update(x, start, ipool, self._rope) if self.csa else None
             out = self._attend(q, kw, kpos, qpos, entries, ikeys, iq, iw)
@@ -234,7 +240,7 @@ class CompressedAttention(nn.Module):
         ring = kw.shape[2] - t  # rows held before this call (a ring: any order, positions in kpos)
         sinks = self.sinks.float() if s.sinks else None
         out = torch.empty(b, h, t, d, dtype=q.dtype, device=q.device)
-        n_all = entries.shape[1]
+        n_all = entries.shape[1] if entries is not None else 0
         per_query = h * (2 * s.window + (c.index_topk if self.csa else n_all)) + (ix.heads * n_all if self.csa else 0)
         blk = max(1, min(t, _BLOCK_ELEMENTS // max(1, b * per_query)))
         for a in range(0, t, blk):
@@ -251,7 +257,7 @@ class CompressedAttention(nn.Module):
             ok |= kp[None] == qp[:, None]  # a (padding) query always sees itself
             sw = (q[:, :, a:e] @ keys.transpose(-1, -2)).float() * s.scale  # [B, H, Q, Lw]
             sw = sw.masked_fill(~ok, float("-inf"))
-            visible = (qp + 1) // m  # entries complete at each query
+            visible = (qp + 1) // m if m else qp * 0  # entries complete at each query (none without a compressor)
             nv = max(0, int(visible[-1]))
             if self.csa and nv:
                 kk = ikeys[:, :nv]
@@ -296,13 +302,15 @@ class CompressedAttention(nn.Module):
 
 
 def compressed_params(spec: LayerSpec, hidden: int) -> tuple[int, int]:
-    """(parameters, matmul parameters) of one csa / hca layer."""
+    """(parameters, matmul parameters) of one csa / hca / swa layer."""
     c = spec.compress
     h, d, r, m = spec.num_heads, spec.head_dim, c.q_lora_rank, c.ratio
     f = 2 if spec.attention == "csa" else 1
     mats = hidden * r + r * h * d + hidden * d + h * d * c.o_lora_rank + c.o_groups * c.o_lora_rank * hidden
-    mats += 2 * hidden * f * d  # compressor kv / gate
-    extra = r + d + (h if spec.sinks else 0) + m * f * d + d  # q_a_norm, kv_norm, sinks, position bias, its norm
+    extra = r + d + (h if spec.sinks else 0)  # q_a_norm, kv_norm, sinks
+    if m:  # the compressor: kv / gate projections, position bias, its norm
+        mats += 2 * hidden * f * d
+        extra += m * f * d + d
     if spec.attention == "csa":
         hi, di = c.index_heads, c.index_head_dim
         mats += 2 * hidden * 2 * di + r * hi * di + hidden * hi
@@ -330,8 +338,10 @@ def compressed_cache_components(spec: LayerSpec, context: int, batch: int, elt: 
     d, m = spec.head_dim, c.ratio
     csa = spec.attention == "csa"
     f = 2 if csa else 1
-    out = {"window": batch * min(spec.window, context) * d * elt,
-           "compressed": batch * (context // m) * d * elt,
+    out = {"window": batch * min(spec.window, context) * d * elt}
+    if not m:  # swa: the window ring only
+        return out
+    out |= {"compressed": batch * (context // m) * d * elt,
            "partial": 2 * batch * (m - 1) * f * d * elt}
     if csa:
         di = c.index_head_dim

@@ -20,12 +20,17 @@ def activation(name: str):
 class GatedMLP(nn.Module):
     """``down(act(gate(x)) * up(x))``; x ``[..., hidden]`` -> ``[..., hidden]``."""
 
-    def __init__(self, hidden: int, width: int, act: str = "silu", bias: bool = False) -> None:
+    def __init__(self, hidden: int, width: int, act: str = "silu", bias: bool = False,
+                 limit: float | None = None) -> None:
         super().__init__()
+        self.limit = limit  # DeepSeek V4's clipped SwiGLU: gate <= limit, |up| <= limit
         self.gate_proj = nn.Linear(hidden, width, bias=bias)
         self.up_proj = nn.Linear(hidden, width, bias=bias)
         self.down_proj = nn.Linear(width, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        if self.limit is None:
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x).clamp(max=self.limit)
+        return self.down_proj(self.act(g) * self.up_proj(x).clamp(min=-self.limit, max=self.limit))

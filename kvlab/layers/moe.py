@@ -10,6 +10,7 @@ a skip expert that computes nothing (ZAYA1).
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoESpec
@@ -18,11 +19,32 @@ from .norm import RMSNorm
 from .router import RouterMLP
 
 
-class Experts(nn.Module):
-    """E gated experts stored as 3-D weights: gate/up ``[E, I, H]``, down ``[E, H, I]``."""
+def hash_table(vocab: int, top_k: int, num_experts: int) -> torch.Tensor:
+    """A default token -> experts table ``[vocab, top_k]`` (int64): ``top_k`` distinct experts per token, spread by
+    a fixed multiplicative hash. Real checkpoints bring their own (``tid2eid``); this one serves random models."""
+    tok = torch.arange(vocab, dtype=torch.int64)[:, None]
+    first = (tok * 2654435761) % num_experts
+    return (first + torch.arange(top_k, dtype=torch.int64)[None]) % num_experts
 
-    def __init__(self, num: int, hidden: int, width: int, act: str) -> None:
+
+def group_limit(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Tensor:
+    """DeepSeek-V3 group-limited routing: ``choice [N, E]`` with the experts outside the ``topk_group`` best of
+    ``n_group`` equal groups set to -inf; a group scores the sum of its two best choices (transformers 5.23)."""
+    n, e = choice.shape
+    grouped = choice.view(n, n_group, e // n_group)
+    best = grouped.topk(min(2, e // n_group), dim=-1).values.sum(-1)  # [N, n_group]
+    keep = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(topk_group, dim=-1).indices, True)
+    return grouped.masked_fill(~keep[..., None], float("-inf")).view(n, e)
+
+
+class Experts(nn.Module):
+    """E gated experts stored as 3-D weights: gate/up ``[E, I, H]``, down ``[E, H, I]``.
+
+    ``limit``: clamp the gate pre-activation to ``<= limit`` and the up one to ``[-limit, limit]`` (DeepSeek V4)."""
+
+    def __init__(self, num: int, hidden: int, width: int, act: str, limit: float | None = None) -> None:
         super().__init__()
+        self.limit = limit
         self.gate_proj = nn.Parameter(torch.empty(num, width, hidden))
         self.up_proj = nn.Parameter(torch.empty(num, width, hidden))
         self.down_proj = nn.Parameter(torch.empty(num, hidden, width))
@@ -45,7 +67,10 @@ class Experts(nn.Module):
                 continue
             tok = token_of[start:start + n]
             h = x[tok]
-            h = self.act(h @ self.gate_proj[e].T) * (h @ self.up_proj[e].T)
+            g, u = h @ self.gate_proj[e].T, h @ self.up_proj[e].T
+            if self.limit is not None:
+                g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+            h = self.act(g) * u
             h = (h @ self.down_proj[e].T) * w_sorted[start:start + n, None].to(h.dtype)
             out.index_add_(0, tok, h)
             start += n
@@ -55,9 +80,13 @@ class Experts(nn.Module):
 class MoE(nn.Module):
     """x ``[B, T, H]`` -> ``[B, T, H]``."""
 
-    def __init__(self, hidden: int, spec: MoESpec, act: str = "silu", eps: float = 1e-6) -> None:
+    def __init__(self, hidden: int, spec: MoESpec, act: str = "silu", eps: float = 1e-6, vocab: int = 0) -> None:
         super().__init__()
         self.spec = spec
+        if spec.hash_routing:  # token id -> its top_k experts (DeepSeek V4 hash-MoE), loaded with the weights
+            if vocab < 1:
+                raise ValueError("hash_routing needs the vocabulary size (MoE(..., vocab=...))")
+            self.register_buffer("tid2eid", hash_table(vocab, spec.top_k, spec.num_experts))
         classes = spec.num_experts + (1 if spec.skip_expert else 0)
         if spec.router_hidden is not None:
             self.router_down = nn.Linear(hidden, spec.router_hidden)
@@ -73,8 +102,8 @@ class MoE(nn.Module):
             self._root = hidden ** -0.5
         if spec.expert_scale:
             self.expert_scale = nn.Parameter(torch.ones(spec.num_experts))
-        self.experts = Experts(spec.num_experts, hidden, spec.expert_size, act)
-        self.shared = GatedMLP(hidden, spec.shared_width, act) if spec.shared_experts else None
+        self.experts = Experts(spec.num_experts, hidden, spec.expert_size, act, spec.swiglu_limit)
+        self.shared = GatedMLP(hidden, spec.shared_width, act, limit=spec.swiglu_limit) if spec.shared_experts else None
 
     def router_state(self, x: torch.Tensor, carry: dict | None, shape: tuple) -> torch.Tensor:
         """``router_hidden``: the router-space state ``[N, R]`` of tokens ``x [N, H]``; with ``router_carry``
@@ -88,7 +117,7 @@ class MoE(nn.Module):
             carry["router"] = r.view(*shape[:-1], r.shape[-1])
         return r
 
-    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def route(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k expert indices and weights ``[N, k]`` for tokens ``x [N, H]`` (fp32 router).
 
         With ``router_hidden``, ``x`` is the router state ``[N, R]`` and the router MLP runs in the weights'
@@ -101,12 +130,24 @@ class MoE(nn.Module):
             logits = self.router(self.router_mlp(x))
         else:
             logits = x.float() @ self.router.weight.float().T
-        scores = logits.softmax(-1) if s.scoring == "softmax" else logits.sigmoid()
-        choice = scores.float() + self.router_bias.float() if s.bias_correction else scores
-        idx = choice.topk(s.top_k, dim=-1).indices
+        if s.scoring == "softmax":
+            scores = logits.softmax(-1)
+        elif s.scoring == "sigmoid":
+            scores = logits.sigmoid()
+        else:  # sqrtsoftplus (DeepSeek V4)
+            scores = F.softplus(logits).sqrt()
+        if s.hash_routing:
+            if token_ids is None:
+                raise ValueError("hash_routing: the token ids were not passed to the MoE")
+            idx = self.tid2eid[token_ids.reshape(-1)].long()
+        else:
+            choice = scores.float() + self.router_bias.float() if s.bias_correction else scores
+            if s.n_group > 1 and (s.topk_group or s.n_group) < s.n_group:
+                choice = group_limit(choice, s.n_group, s.topk_group)
+            idx = choice.topk(s.top_k, dim=-1).indices
         w = scores.gather(-1, idx)
         if s.norm_topk:
-            w = w / (w.sum(-1, keepdim=True) + (1e-20 if s.scoring == "sigmoid" else 0.0))
+            w = w / (w.sum(-1, keepdim=True) + (0.0 if s.scoring == "softmax" else 1e-20))
         if s.expert_scale:
             scale = self.expert_scale.float()
             w = w * (torch.cat((scale, scale.new_ones(1))) if s.skip_expert else scale)[idx]
@@ -121,7 +162,7 @@ class MoE(nn.Module):
         rin = flat if router_input is None else router_input.reshape(-1, shape[-1])
         if self.spec.router_hidden is not None:
             rin = self.router_state(rin, carry, shape)
-        idx, w = self.route(rin)
+        idx, w = self.route(rin, carry.get("input_ids") if carry is not None and self.spec.hash_routing else None)
         out = self.experts(flat, idx, w)
         if self.shared is not None:
             out = out + self.shared(flat)

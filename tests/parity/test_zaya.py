@@ -100,8 +100,8 @@ def test_logits_match(pair: tuple[Any, kvlab.Model], monkeypatch: pytest.MonkeyP
     chosen: list[torch.Tensor] = []
     route = MoE.route
 
-    def spy(self: MoE, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, w = route(self, x)
+    def spy(self: MoE, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, w = route(self, x, token_ids)
         chosen.append(idx)
         return idx, w
 

@@ -1,0 +1,108 @@
+"""Storage of an MLA layer (``attention='mla'``; kvlab/layers/mla.py): the latent per token, nothing per head.
+
+One buffer ``latent [B, L, kv_lora_rank + qk_rope_head_dim]`` holds, per position, the normalised KV latent
+``c_kv`` (first ``kv_lora_rank`` channels) and the rotated key ``k_pe`` shared by every head (the rest) — the
+layout FlashMLA reads (576 values per token for DeepSeek V3), so a decode step reads each cached byte once and the
+weight-absorbed attention takes keys ``[c_kv, k_pe]`` and values ``c_kv`` as views of it, without a copy.
+With DeepSeek sparse attention (``mla.index_topk``) a second buffer ``index_keys [B, L, index_head_dim]`` holds the
+indexer's keys (normalised, rotated; kept in the cache dtype, as transformers does).
+
+Preallocated to ``max_length`` when it is known, else grown by doubling. ``nbytes()`` counts both buffers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..config import LayerSpec
+from .cache import register_policy
+from .storage import KVStore, positions
+
+
+class LatentStore(KVStore):
+    """The MLA latent cache of one layer: ``latent [B, L, r + d_rope]`` (+ ``index_keys [B, L, d_index]``)."""
+
+    def __init__(self, batch: int, rank: int, rope_dim: int, index_dim: int, max_length: int | None,
+                 dtype: torch.dtype, device) -> None:
+        self.rank, self.rope_dim, self.index_dim = rank, rope_dim, index_dim
+        self.max_length = max_length
+        self.latent = torch.empty(batch, 0, rank + rope_dim, dtype=dtype, device=device)
+        self.index_keys = torch.empty(batch, 0, index_dim, dtype=dtype, device=device) if index_dim else None
+        if max_length:
+            self._resize(max_length, 0)
+
+    @property
+    def capacity(self) -> int:
+        return self.latent.shape[1]
+
+    @property
+    def c_kv(self) -> torch.Tensor:
+        """The normalised KV latents held, ``[B, capacity, kv_lora_rank]`` (a view)."""
+        return self.latent[..., :self.rank]
+
+    @property
+    def k_pe(self) -> torch.Tensor:
+        """The rotated shared keys held, ``[B, capacity, qk_rope_head_dim]`` (a view)."""
+        return self.latent[..., self.rank:]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.latent] + ([self.index_keys] if self.index_keys is not None else [])
+
+    def component_nbytes(self) -> dict[str, int]:
+        """Bytes by part: ``c_kv``, ``k_pe`` (and ``index_keys`` with DSA)."""
+        b, cap, _ = self.latent.shape
+        e = self.latent.element_size()
+        out = {"c_kv": b * cap * self.rank * e, "k_pe": b * cap * self.rope_dim * e}
+        if self.index_keys is not None:
+            out["index_keys"] = self.index_keys.numel() * self.index_keys.element_size()
+        return out
+
+    def _resize(self, capacity: int, keep: int) -> None:
+        old = self.latent
+        self.latent = old.new_empty(old.shape[0], capacity, old.shape[2])
+        self.latent[:, :keep] = old[:, :keep]
+        if self.index_keys is not None:
+            oi = self.index_keys
+            self.index_keys = oi.new_empty(oi.shape[0], capacity, oi.shape[2])
+            self.index_keys[:, :keep] = oi[:, :keep]
+
+    def _reserve(self, start: int, end: int) -> None:
+        if end <= self.capacity:
+            return
+        if self.max_length:
+            raise ValueError(f"cache holds max_length={self.max_length} positions; {end} were requested "
+                             "(build the cache with a larger max_length)")
+        self._resize(max(end, 2 * self.capacity, 16), start)
+
+    def append(self, c_kv: torch.Tensor, k_pe: torch.Tensor, start: int
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Store ``c_kv [B, T, r]`` and ``k_pe [B, T, d_rope]`` at ``start..start+T-1``.
+
+        Returns the latent ``[B, end, r + d_rope]`` held so far (a view: ``[..., :r]`` is ``c_kv``), the same
+        as ``latent`` again for the interface's (keys, values) pair, and the positions ``[end]``.
+        """
+        end = start + c_kv.shape[1]
+        self._reserve(start, end)
+        self.latent[:, start:end, :self.rank] = c_kv
+        self.latent[:, start:end, self.rank:] = k_pe
+        held = self.latent[:, :end]
+        return held, held, positions(end, c_kv.device)
+
+    def append_index(self, keys: torch.Tensor, start: int) -> torch.Tensor:
+        """Store indexer keys ``[B, T, d_index]`` at ``start..``; returns all held ``[B, end, d_index]``."""
+        if self.index_keys is None:
+            raise ValueError("this MLA layer has no indexer (mla.index_topk is None)")
+        end = start + keys.shape[1]
+        self._reserve(start, end)
+        self.index_keys[:, start:end] = keys
+        return self.index_keys[:, :end]
+
+
+def latent_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> LatentStore:
+    m = spec.mla
+    return LatentStore(batch, m.kv_lora_rank, m.qk_rope_head_dim, m.index_head_dim or 0, max_length, dtype, device)
+
+
+register_policy("mla", latent_store)
+
+__all__ = ["LatentStore", "latent_store"]

@@ -1,0 +1,285 @@
+"""Multi-head latent attention (MLA; DeepSeek-V2, arXiv 2405.04434; DeepSeek-V3, arXiv 2412.19437).
+
+Following transformers 5.23 ``modeling_deepseek_v3`` (``DeepseekV3Attention``), for ``H`` heads:
+
+- query: ``q = q_b_proj(q_a_layernorm(q_a_proj(x)))`` with ``q_lora_rank`` set, else ``q = q_proj(x)``; per head
+  ``[q_nope (qk_nope_head_dim), q_pe (qk_rope_head_dim)]``;
+- latent: ``[c_kv, k_pe] = kv_a_proj_with_mqa(x)``; ``c_kv = kv_a_layernorm(c_kv)`` (``kv_lora_rank``); ``k_pe`` is
+  one rotary key shared by every head. Only ``c_kv`` and the rotated ``k_pe`` are cached (kvlab/cache/latent.py);
+- keys and values: ``kv_b_proj(c_kv)`` gives per head ``[k_nope (qk_nope_head_dim), v (v_head_dim)]``; the key is
+  ``[k_nope, k_pe]``;
+- RoPE on ``q_pe`` and ``k_pe`` only: interleaved pairs ``(x0, x1), (x2, x3), ...`` written back de-interleaved
+  (``rope_interleave``, transformers' ``apply_rotary_pos_emb_interleave``; the DeepSeek default) or rotate-half;
+- softmax scale ``qk_head_dim ** -0.5``, times ``mscale ** 2`` with ``mscale = 0.1 * mscale_all_dim * ln(factor) + 1``
+  when the rope is scaled (YaRN) and sets ``mscale_all_dim`` (transformers' ``yarn_apply_mscale``);
+- ``o_proj`` on the ``H x v_head_dim`` output.
+
+Two equal ways to attend (``MLAttention.mode``):
+
+- ``expand``: up-project every attended latent to per-head K/V, then attention over ``qk_head_dim`` / ``v_head_dim``
+  (cheapest when the queries are as many as the keys: a prefill from position 0);
+- ``absorb``: fold ``W_uk`` into the query (``q_lat = q_nope @ W_uk``, per head ``[kv_lora_rank]``) and attend in the
+  latent space over keys ``[c_kv, k_pe]`` and values ``c_kv`` — views of the one cached buffer, read once for all
+  heads — then ``W_uv`` on the per-head latent output. What a decode step does.
+
+``auto`` (default) expands when the step starts at position 0 and absorbs otherwise (chunks after the first,
+decode). The cost formula (registered here) prices decode in the absorbed form and prefill in the expanded one.
+
+DeepSeek V3.2 sparse attention (DSA, ``mla.index_topk``; transformers' ``DeepseekV32Indexer``): a lightning indexer
+(``indexer``) reads the query latent and the layer input: queries ``wq_b(q_latent)`` (``index_heads x index_head_dim``),
+one key ``k_norm(wk(x))`` per token (cached, kvlab/cache/latent.py), both rotated rotate-half on their first
+``qk_rope_head_dim`` channels; a key's score is ``sum_h w_h relu(q_h . k / sqrt(index_head_dim))`` with
+``w = weights_proj(x) / sqrt(index_heads)``. Each query ranks only the keys it may see (causal, not padding) and
+attends to its ``index_topk`` best (all of them when fewer). The choice carries no gradient (as transformers).
+Ties (e.g. keys whose relu scores are 0 in every indexer head) are broken by ``topk``, whose order can differ between
+a chunked and a whole forward; with many indexer heads they are rare.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import LayerSpec, MLASpec, RopeSpec
+from ..costs import AttnCost, causal_positions, register_attention_cost
+from .attention import Step, attend, build_mask
+from .norm import RMSNorm
+
+LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default for q_a_layernorm / kv_a_layernorm
+
+
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
+def softmax_scale(spec: LayerSpec) -> float:
+    """``attn_scale`` if set, else ``qk_head_dim ** -0.5`` times YaRN's ``mscale(factor, mscale_all_dim) ** 2``."""
+    if spec.attn_scale is not None:
+        return spec.attn_scale
+    scale = spec.mla.qk_head_dim ** -0.5
+    r = spec.rope
+    if r is not None and r.scaling != "default" and r.mscale_all_dim:
+        m = yarn_mscale(r.factor, r.mscale_all_dim)
+        scale = scale * m * m
+    return scale
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """RoPE on all channels of ``x [B, H, T, d]`` with tables ``cos``/``sin [B, T, d]`` (``cat(freqs, freqs)``).
+
+    ``interleave``: pairs ``(x[2i], x[2i+1])`` rotate by frequency i and come out as ``[evens', odds']``
+    (transformers' ``apply_rotary_pos_emb_interleave``); else rotate-half pairs ``(x[i], x[i + d/2])``.
+    """
+    cos = cos[:, None].to(x.dtype)
+    sin = sin[:, None].to(x.dtype)
+    if interleave:
+        half = cos.shape[-1] // 2
+        c, s = cos[..., :half], sin[..., :half]
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class MLAttention(nn.Module):
+    """One MLA layer described by a :class:`LayerSpec` (``attention='mla'``); x ``[B, T, hidden]`` -> same."""
+
+    MODES = ("auto", "expand", "absorb")
+
+    def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
+        super().__init__()
+        m = spec.mla
+        self.spec = spec
+        h = spec.num_heads
+        if m.q_lora_rank is not None:
+            self.q_a_proj = nn.Linear(hidden, m.q_lora_rank, bias=spec.qkv_bias)
+            self.q_a_layernorm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS, norm_offset)
+            self.q_b_proj = nn.Linear(m.q_lora_rank, h * m.qk_head_dim, bias=False)
+        else:
+            self.q_proj = nn.Linear(hidden, h * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=spec.qkv_bias)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS, norm_offset)
+        self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(h * m.v_head_dim, hidden, bias=spec.o_bias)
+        self.scale = softmax_scale(spec)
+        self.mode = "auto"
+        if m.sparse:
+            self.indexer = Indexer(m, hidden)
+
+    def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-head queries ``[B, H, T, qk_head_dim]`` (before RoPE) and the query latent (None without q_lora)."""
+        m = self.spec.mla
+        b, t, _ = x.shape
+        q_lat = self.q_a_layernorm(self.q_a_proj(x)) if m.q_lora_rank is not None else None
+        q = self.q_b_proj(q_lat) if q_lat is not None else self.q_proj(x)
+        return q.view(b, t, self.spec.num_heads, m.qk_head_dim).transpose(1, 2), q_lat
+
+    def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``c_kv [B, T, kv_lora_rank]`` (normalised) and ``k_pe [B, T, qk_rope_head_dim]`` (before RoPE)."""
+        m = self.spec.mla
+        c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        return self.kv_a_layernorm(c_kv), k_pe
+
+    def forward(self, x: torch.Tensor, step: Step, index: int, store=None) -> torch.Tensor:
+        s, m = self.spec, self.spec.mla
+        b, t, _ = x.shape
+        q, q_lat = self.query(x)
+        q_nope, q_pe = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
+        c_kv, k_pe = self.latent(x)
+        cos, sin = step.rope[index]
+        q_pe = rotate(q_pe, cos, sin, m.rope_interleave)
+        k_pe = rotate(k_pe[:, None], cos, sin, m.rope_interleave)[:, 0]
+        if store is not None:  # one buffer [B, L, r + d_rope]: c_kv and k_pe are views of it
+            lat, _, kpos = store.append(c_kv, k_pe, step.start)
+        else:
+            lat, kpos = torch.cat((c_kv, k_pe), dim=-1), step.qpos
+        if m.sparse:
+            mask, causal = self.indexer.select(x, q_lat, cos, sin, step, store, kpos), False
+        else:
+            mask, causal = step.mask(kpos, None)
+        if self.mode not in self.MODES:
+            raise ValueError(f"MLAttention.mode={self.mode!r}: allowed: {', '.join(self.MODES)}")
+        absorb = self.mode == "absorb" or (self.mode == "auto" and step.start > 0)
+        out = (self.absorbed if absorb else self.expanded)(q_nope, q_pe, lat, mask, causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * m.v_head_dim))
+
+    def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, mask: torch.Tensor | None,
+                 causal: bool) -> torch.Tensor:
+        """Attention with per-head K/V up-projected from the latents ``lat [B, L, r + d_rope]`` -> ``[B, H, T, Dv]``."""
+        m, h = self.spec.mla, self.spec.num_heads
+        b, L, _ = lat.shape
+        c_kv, k_pe = lat.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        kv = self.kv_b_proj(c_kv).view(b, L, h, m.qk_nope_head_dim + m.v_head_dim).transpose(1, 2)
+        k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
+        k = torch.cat((k_nope, k_pe[:, None].expand(b, h, L, m.qk_rope_head_dim)), dim=-1)
+        return attend(torch.cat((q_nope, q_pe), dim=-1), k, v, mask, self.scale, causal=causal)
+
+    def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, mask: torch.Tensor | None,
+                 causal: bool) -> torch.Tensor:
+        """Attention in the latent space: keys ``[c_kv, k_pe]``, values ``c_kv`` (views of ``lat``, shared by all
+        heads), ``W_uk`` folded into the query and ``W_uv`` applied to the output -> ``[B, H, T, Dv]``."""
+        m, h = self.spec.mla, self.spec.num_heads
+        w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
+        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
+        keys = lat[:, None]  # [B, 1, L, r + d_rope]
+        out = attend(torch.cat((q_lat, q_pe), dim=-1), keys, keys[..., :m.kv_lora_rank], mask, self.scale,
+                     causal=causal)  # [B, H, T, r]
+        return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
+
+
+class Indexer(nn.Module):
+    """DeepSeek V3.2's lightning indexer: picks the ``index_topk`` keys each query attends to (an additive mask)."""
+
+    def __init__(self, m: MLASpec, hidden: int) -> None:
+        super().__init__()
+        self.m = m
+        self.wq_b = nn.Linear(m.q_lora_rank, m.index_heads * m.index_head_dim, bias=False)
+        self.wk = nn.Linear(hidden, m.index_head_dim, bias=False)
+        self.k_norm = nn.LayerNorm(m.index_head_dim, eps=1e-6)
+        self.weights_proj = nn.Linear(hidden, m.index_heads, bias=False)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate-half RoPE on the first ``qk_rope_head_dim`` channels of ``x [B, H, T, index_head_dim]``."""
+        dr = self.m.qk_rope_head_dim
+        return torch.cat((rotate(x[..., :dr], cos, sin, False), x[..., dr:]), dim=-1)
+
+    @torch.no_grad()
+    def select(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step,
+               store, kpos: torch.Tensor) -> torch.Tensor:
+        """Additive mask ``[B|1, 1, T, L]``: 0 on the top-k visible keys of each query, -inf elsewhere."""
+        m = self.m
+        b, t, _ = x.shape
+        k = self.rope(self.k_norm(self.wk(x))[:, None], cos, sin)[:, 0]  # [B, T, Di]
+        keys = store.append_index(k, step.start) if store is not None else k  # [B, L, Di]
+        q = self.rope(self.wq_b(q_lat).view(b, t, m.index_heads, m.index_head_dim).transpose(1, 2), cos, sin)
+        scores = torch.relu(q.float() @ keys.float().transpose(-1, -2)[:, None] * m.index_head_dim ** -0.5)
+        w = self.weights_proj(x).float() * m.index_heads ** -0.5  # [B, T, Hi]
+        scores = torch.einsum("bhtl,bth->btl", scores, w)  # [B, T, L]
+        ok = build_mask(step.qpos, kpos, None, step.pad)  # causal and padding: [B|1, 1, T, L] or None
+        ok = torch.ones(1, t, kpos.shape[0], dtype=torch.bool, device=x.device) if ok is None else ok[:, 0]
+        scores = scores.masked_fill(~ok, float("-inf"))
+        top = scores.topk(min(m.index_topk, kpos.shape[0]), dim=-1).indices
+        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & ok
+        return torch.zeros(chosen.shape, dtype=step.dtype, device=x.device).masked_fill_(
+            ~chosen, float("-inf"))[:, None]
+
+
+def mla_layer(num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
+              q_lora_rank: int | None = None, rope: RopeSpec | None = None, rope_interleave: bool = True,
+              index_heads: int | None = None, index_head_dim: int | None = None, index_topk: int | None = None,
+              **kw) -> LayerSpec:
+    """A consistent ``mla`` LayerSpec: head_dim = qk_nope + qk_rope, one latent "KV head", the rope (default
+    theta 1e4) rotating exactly ``qk_rope_head_dim`` channels. ``kw``: other LayerSpec fields (MLP, biases...)."""
+    m = MLASpec(kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
+                v_head_dim=v_head_dim, q_lora_rank=q_lora_rank, rope_interleave=rope_interleave,
+                index_heads=index_heads, index_head_dim=index_head_dim, index_topk=index_topk)
+    rope = RopeSpec(**vars(rope)) if rope is not None else RopeSpec()
+    rope.partial = m.rope_partial
+    return LayerSpec(num_heads=num_heads, num_kv_heads=1, head_dim=m.qk_head_dim, v_head_dim=v_head_dim,
+                     attention="mla", mla=m, rope=rope, **kw)
+
+
+def mla_params(layer: LayerSpec, hidden: int) -> tuple[int, int]:
+    """(parameters, matmul parameters) of an MLA layer, its DSA indexer included."""
+    m, h = layer.mla, layer.num_heads
+    r, dr, ql = m.kv_lora_rank, m.qk_rope_head_dim, m.q_lora_rank
+    mats = (hidden * ql + ql * h * m.qk_head_dim) if ql else hidden * h * m.qk_head_dim
+    mats += hidden * (r + dr) + r * h * (m.qk_nope_head_dim + m.v_head_dim) + h * m.v_head_dim * hidden
+    extra = (ql or 0) + r  # q_a_layernorm, kv_a_layernorm
+    extra += ((ql or 0) + r + dr) if layer.qkv_bias else 0
+    extra += hidden if layer.o_bias else 0
+    if m.sparse:  # indexer: wq_b (from the query latent), wk, weights_proj; k_norm is a LayerNorm (weight, bias)
+        mats += ql * m.index_heads * m.index_head_dim + hidden * m.index_head_dim + hidden * m.index_heads
+        extra += 2 * m.index_head_dim
+    return mats + extra, mats
+
+
+def mla_cache_components(layer: LayerSpec, context: int, batch: int, kv_elt: int) -> dict[str, int]:
+    """Cache bytes by part, as kvlab/cache/latent.py allocates them: c_kv, k_pe (and index_keys with DSA)."""
+    m = layer.mla
+    out = {"c_kv": batch * context * m.kv_lora_rank * kv_elt, "k_pe": batch * context * m.qk_rope_head_dim * kv_elt}
+    if m.sparse:
+        out["index_keys"] = batch * context * m.index_head_dim * kv_elt
+    return out
+
+
+def _mla_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
+    """MLA: the latent (``kv_lora_rank + qk_rope_head_dim`` per token; + ``index_head_dim`` indexer keys with DSA).
+
+    Decode (weight-absorbed form): every head scores ``[c_kv, k_pe]`` (``r + d_rope``) and sums ``c_kv`` (``r``)
+    per attended key: ``2 x H x (2r + d_rope)`` FLOPs per key; ``W_uk`` / ``W_uv`` count once per token as matmul
+    parameters (``kv_b_proj``). DSA: the indexer scores every cached key (``2 x index_heads x (index_head_dim + 1)``)
+    and attention reads ``min(index_topk, context)`` latents. Prefill (expanded form): ``2 x H x (qk_head_dim +
+    v_head_dim)`` per visible key (``kv_b_proj`` once per token, as matmul parameters).
+    """
+    m, h = layer.mla, layer.num_heads
+    params, mats = mla_params(layer, hidden)
+    comp = mla_cache_components(layer, context, batch, kv_elt)
+    lat = m.kv_lora_rank + m.qk_rope_head_dim
+    attended = min(m.index_topk, context) if m.sparse else context
+    idx = 2 * m.index_heads * (m.index_head_dim + 1) if m.sparse else 0
+    read = batch * kv_elt * (attended * lat + (context * m.index_head_dim if m.sparse else 0))
+    return AttnCost(
+        params=params, matmul_params=mats, kv_bytes=sum(comp.values()),
+        kv_bytes_per_token=(lat + (m.index_head_dim if m.sparse else 0)) * kv_elt, kv_read_bytes=read,
+        flops_per_token=2 * h * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * attended + idx * context,
+        prefill_flops=2 * h * (m.qk_head_dim + m.v_head_dim) * causal_positions(context, m.index_topk)
+        + idx * causal_positions(context, None),
+        components=comp)
+
+
+register_attention_cost("mla", _mla_cost)
+
+MLA_ASSUMPTION = (
+    "mla layers: kv_bytes = context x (kv_lora_rank + qk_rope_head_dim) latent values (+ index_head_dim indexer keys "
+    "with DSA, in the K/V dtype as transformers caches them; DeepSeek's kernels keep them in fp8), per component in "
+    "per_layer[i].kv_components; no per-head K/V. Decode priced in the weight-absorbed form (each cached latent read "
+    "once; attention 2 x heads x (2 kv_lora_rank + qk_rope_head_dim) per attended key; DSA attends min(index_topk, "
+    "context) and its indexer scores every cached key); prefill in the expanded form (2 x heads x (qk_head_dim + "
+    "v_head_dim) per visible key); kv_b_proj counted once per token as matmul parameters")
+
+__all__ = ["MLA_ASSUMPTION", "Indexer", "MLAttention", "mla_cache_components", "mla_layer", "mla_params", "rotate",
+           "softmax_scale"]
