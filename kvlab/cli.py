@@ -94,6 +94,7 @@ def cmd_calc(args: argparse.Namespace) -> int:
         ["  K/V", fmt_bytes(c.kv_read_bytes_per_step), f"{c.kv_read_bytes_per_step:,}"],
         ["FLOPs per token (decode at context)", fmt_flops(c.flops_per_token), f"{c.flops_per_token:,}"],
         ["  attention", fmt_flops(c.attn_flops_per_token), f"{c.attn_flops_per_token:,}"],
+        *[[f"    {k.replace('_', ' ')}", fmt_flops(v), f"{v:,}"] for k, v in c.attn_flops_components.items()],
         ["  other (matmuls)", fmt_flops(c.other_flops_per_token), f"{c.other_flops_per_token:,}"],
         *([["    of which mHC", fmt_flops(c.mhc_flops_per_token), f"{c.mhc_flops_per_token:,}"]]
           if c.mhc_flops_per_token else []),

@@ -56,7 +56,8 @@ class AttnCost:
     flops_per_token: int
     prefill_flops: int
     state_bytes: int = 0
-    components: dict[str, int] = field(default_factory=dict)  # kv_bytes by named part (csa / hca)
+    components: dict[str, int] = field(default_factory=dict)  # kv_bytes by named part (csa / hca / mla)
+    flop_components: dict[str, int] = field(default_factory=dict)  # flops_per_token by named part (csa / hca / mla)
 
 
 AttnCostFn = Callable[[LayerSpec, int, int, int, int], AttnCost]
@@ -155,6 +156,7 @@ def _compressed_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv
     idx = 2 * (c.index_heads * c.index_head_dim + c.index_heads) if csa else 0
     attended = min(c.index_topk, n) if csa else n
     read = batch * kv_elt * (win * d + attended * d + (n * c.index_head_dim if csa else 0)) + state
+    parts = {"window": 4 * h * d * win, "compressed": 4 * h * d * attended, "indexer": idx * n}
     return AttnCost(
         params=params, matmul_params=mats, kv_bytes=sum(comp.values()),
         kv_bytes_per_token=(d + (c.index_head_dim if csa else 0)) * kv_elt // m if m else 0, kv_read_bytes=read,
@@ -162,7 +164,7 @@ def _compressed_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv
         prefill_flops=4 * h * d * (causal_positions(context, layer.window)
                                    + (visible_sum(context, m, c.index_topk if csa else None) if m else 0))
         + (idx * visible_sum(context, m) if m else 0),
-        state_bytes=state, components=comp)
+        state_bytes=state, components=comp, flop_components={k: v for k, v in parts.items() if v or k == "window"})
 
 
 register_attention_cost("csa", _compressed_cost)
@@ -235,7 +237,8 @@ class LayerCosts:
     attn_flops_per_token: int
     prefill_attn_flops: int
     kv_state_bytes: int = 0  # the constant per-sequence part of kv_bytes (e.g. CCA's conv tail), whole batch
-    kv_components: dict[str, int] = field(default_factory=dict)  # kv_bytes by named part (csa / hca layers)
+    kv_components: dict[str, int] = field(default_factory=dict)  # kv_bytes by named part (csa / hca / mla layers)
+    attn_flop_components: dict[str, int] = field(default_factory=dict)  # attn_flops_per_token by named part
 
 
 @dataclass
@@ -274,6 +277,8 @@ class Costs:
     kv_state_bytes: int = 0  # the part of kv_cache_bytes that does not grow with context (recurrent state)
     params_mhc: int = 0  # hyper-connection maps (mhc_streams): included in params_total and params_active
     mhc_flops_per_token: int = 0  # their projections, stream mixing and Sinkhorn; included in flops_per_token
+    kv_components: dict[str, int] = field(default_factory=dict)  # kv_cache_bytes by named part, summed over layers
+    attn_flops_components: dict[str, int] = field(default_factory=dict)  # attn_flops_per_token by named part
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (per_layer as a list of dicts)."""
@@ -356,7 +361,8 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
             window=layer.window, kv_source=layer.kv_source, params=a.params + m.params + norms,
             params_active=a.params + m.active + norms, kv_bytes=a.kv_bytes, kv_bytes_per_token=a.kv_bytes_per_token,
             kv_read_bytes=a.kv_read_bytes, attn_flops_per_token=a.flops_per_token,
-            prefill_attn_flops=batch * a.prefill_flops, kv_state_bytes=a.state_bytes, kv_components=a.components))
+            prefill_attn_flops=batch * a.prefill_flops, kv_state_bytes=a.state_bytes, kv_components=a.components,
+            attn_flop_components=a.flop_components))
 
     embed = vocab * hidden
     lm_head = 0 if cfg.tie_embeddings else vocab * hidden
@@ -454,7 +460,18 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
                                                for x in cfg.layers),
         kv_cache_bytes_no_sharing=kv_unshared, kv_state_bytes=sum(x.kv_state_bytes for x in per_layer),
         params_mhc=mhc["params"], mhc_flops_per_token=mhc["flops_per_token"],
+        kv_components=_summed(x.kv_components for x in per_layer),
+        attn_flops_components=_summed(x.attn_flop_components for x in per_layer),
     )
+
+
+def _summed(parts: Any) -> dict[str, int]:
+    """Named parts summed over the layers (insertion order of first appearance)."""
+    out: dict[str, int] = {}
+    for p in parts:
+        for k, v in p.items():
+            out[k] = out.get(k, 0) + v
+    return out
 
 
 def kv_sharing_report(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1,

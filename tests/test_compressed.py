@@ -287,3 +287,14 @@ def test_calc_table_shows_components_and_mhc(capsys, tmp_path):
     text = capsys.readouterr().out
     for row in ("parameters, mHC maps (fp32)", "compressed (csa/hca)", "index keys (csa/hca)", "of which mHC"):
         assert row in text
+
+
+@pytest.mark.parametrize("preset", ["deepseek-v4-flash", "deepseek-v4-pro", "deepseek-v3.2"])
+@pytest.mark.parametrize("context", [100, 131072, 1048576])
+def test_components_add_up(preset, context):
+    """Per-component KV bytes and decode attention FLOPs sum to the totals (what `kvlab calc` breaks down)."""
+    c = kvlab.costs(preset, context=context)
+    assert sum(c.kv_components.values()) == c.kv_cache_bytes
+    assert sum(c.attn_flops_components.values()) == c.attn_flops_per_token
+    for lc in c.per_layer:
+        assert sum(lc.attn_flop_components.values()) == lc.attn_flops_per_token

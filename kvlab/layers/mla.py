@@ -268,7 +268,8 @@ def _mla_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: i
         flops_per_token=2 * h * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * attended + idx * context,
         prefill_flops=2 * h * (m.qk_head_dim + m.v_head_dim) * causal_positions(context, m.index_topk)
         + idx * causal_positions(context, None),
-        components=comp)
+        components=comp, flop_components={"latent": 2 * h * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * attended,
+                                          **({"indexer": idx * context} if m.sparse else {})})
 
 
 register_attention_cost("mla", _mla_cost)
