@@ -188,8 +188,7 @@ def test_costs_use_the_absorbed_decode_and_expanded_prefill_forms() -> None:
 
 
 def sparse_config(topk: int, heads: int = 16) -> ModelConfig:
-    """Sparse MLA; 16 indexer heads make ties (a key whose relu scores are 0 in every head) improbable: topk breaks
-    ties by position in its input, which differs between a chunked and a whole forward."""
+    """Sparse MLA over ``heads`` indexer heads (ties at the top-k boundary go to the earlier key)."""
     specs = [mla_layer(H, R, DN, DR, DV, q_lora_rank=12, index_heads=heads, index_head_dim=8, index_topk=topk,
                        intermediate_size=48, rope=RopeSpec(theta=500.0)) for _ in range(2)]
     return ModelConfig(vocab_size=61, hidden_size=32, layers=specs, max_positions=128)
@@ -213,8 +212,13 @@ def test_sparse_mla_is_priced_as_it_is_stored() -> None:
 
 @torch.no_grad()
 @pytest.mark.parametrize("chunk", [1, 3, 7])
-def test_sparse_chunked_prefill_then_decode_equal_full_forward(chunk: int) -> None:
-    model = random_model(sparse_config(4))
+@pytest.mark.parametrize("ties", [False, True])
+def test_sparse_chunked_prefill_then_decode_equal_full_forward(chunk: int, ties: bool) -> None:
+    """ties: every indexer score equal (zero weights) — the earlier keys win, in a chunk as in the whole forward."""
+    model = random_model(sparse_config(4, heads=2 if ties else 16))
+    if ties:
+        for layer in model.layers:
+            layer.attn.indexer.weights_proj.weight.zero_()
     ids, pad, mask = padded_batch()
     full = model(ids, attention_mask=mask)
     cache = model.new_cache(3, max_length=23)

@@ -31,8 +31,8 @@ one key ``k_norm(wk(x))`` per token (cached, kvlab/cache/latent.py), both rotate
 ``qk_rope_head_dim`` channels; a key's score is ``sum_h w_h relu(q_h . k / sqrt(index_head_dim))`` with
 ``w = weights_proj(x) / sqrt(index_heads)``. Each query ranks only the keys it may see (causal, not padding) and
 attends to its ``index_topk`` best (all of them when fewer). The choice carries no gradient (as transformers).
-Ties (e.g. keys whose relu scores are 0 in every indexer head) are broken by ``topk``, whose order can differ between
-a chunked and a whole forward; with many indexer heads they are rare.
+Ties at the top-k boundary (e.g. keys whose relu scores are 0 in every indexer head) go to the earlier key (a stable
+sort), so a chunked forward chooses as the whole forward does.
 """
 
 from __future__ import annotations
@@ -201,7 +201,12 @@ class Indexer(nn.Module):
         ok = build_mask(step.qpos, kpos, None, step.pad)  # causal and padding: [B|1, 1, T, L] or None
         ok = torch.ones(1, t, kpos.shape[0], dtype=torch.bool, device=x.device) if ok is None else ok[:, 0]
         scores = scores.masked_fill(~ok, float("-inf"))
-        top = scores.topk(min(m.index_topk, kpos.shape[0]), dim=-1).indices
+        kk = min(m.index_topk, kpos.shape[0])
+        val, top = scores.topk(min(kk + 1, kpos.shape[0]), dim=-1)
+        if kk < kpos.shape[0] and bool(((val[..., kk - 1] == val[..., kk]) & (val[..., kk] > float("-inf"))).any()):
+            # a tie at the boundary: a stable sort gives it to the earlier key, in a chunk as in a whole forward
+            top = scores.sort(dim=-1, descending=True, stable=True).indices
+        top = top[..., :kk]
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & ok
         return torch.zeros(chosen.shape, dtype=step.dtype, device=x.device).masked_fill_(
             ~chosen, float("-inf"))[:, None]
