@@ -131,10 +131,14 @@ def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int 
                     "params_total": cs[0].params_total, "kv_cache_bytes": [c.kv_cache_bytes for c in cs],
                     "kv_read_bytes_per_step": [c.kv_read_bytes_per_step for c in cs],
                     "kv_state_bytes": cs[0].kv_state_bytes,
-                    "attn_flops_per_token": [c.attn_flops_per_token for c in cs]})
-    first = out[0]["kv_cache_bytes"]
+                    "attn_flops_per_token": [c.attn_flops_per_token for c in cs],
+                    "flops_per_token": [c.flops_per_token for c in cs],
+                    "kv_components": [c.kv_components for c in cs],
+                    "attn_flops_components": [c.attn_flops_components for c in cs]})
+    first, first_flops = out[0]["kv_cache_bytes"], out[0]["flops_per_token"]
     for m in out:
         m["ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["kv_cache_bytes"], first)]
+        m["flops_ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["flops_per_token"], first_flops)]
     return {"dtype": dtype, "batch": batch, "contexts": contexts, "models": out}
 
 
@@ -197,6 +201,22 @@ def cmd_compare(args: argparse.Namespace) -> int:
     print("\nattention FLOPs per decoded token (at that context)")
     print(table(heads, [[m["name"], fmt_count(m["params_total"])] + [fmt_flops(f) for f in m["attn_flops_per_token"]]
                         for m in data["models"]], left=1))
+    print(f"\nall FLOPs per decoded token (matmuls + attention), and as a fraction of {data['models'][0]['name']}'s")
+    print(table(heads, [[m["name"], fmt_count(m["params_total"])]
+                        + [fmt_flops(f) + ("" if r is None else f" ({100 * r:.1f}%)")
+                           for f, r in zip(m["flops_per_token"], m["flops_ratio_to_first"])]
+                        for m in data["models"]], left=1))
+    parts = [m for m in data["models"] if any(m["kv_components"]) or any(m["attn_flops_components"])]
+    if parts:  # csa / hca / mla models: where the bytes and the attention FLOPs go
+        prows = []
+        for m in parts:
+            for what, key, fmt in (("KV", "kv_components", fmt_bytes), ("attn FLOPs", "attn_flops_components",
+                                                                          fmt_flops)):
+                names = list(dict.fromkeys(k for d in m[key] for k in d))
+                prows += [[m["name"], f"{what}: {k}"] + [fmt(d.get(k, 0)) for d in m[key]]
+                          for k in names]
+        print("\nby component (summed over the layers)")
+        print(table(["model", "component"] + [fmt_context(c) for c in contexts], prows, left=2))
     states = [(m["name"], m["kv_state_bytes"]) for m in data["models"] if m["kv_state_bytes"]]
     if states:
         print("\nincluded above, constant per-sequence state (e.g. CCA conv tails): "

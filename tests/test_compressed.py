@@ -298,3 +298,16 @@ def test_components_add_up(preset, context):
     assert sum(c.attn_flops_components.values()) == c.attn_flops_per_token
     for lc in c.per_layer:
         assert sum(lc.attn_flop_components.values()) == lc.attn_flops_per_token
+
+
+def test_compare_shows_components_and_flops_fraction(capsys):
+    """`kvlab compare deepseek-v3.2 deepseek-v4-pro --context 1m`: V4's FLOPs as a fraction of V3.2's, and where the
+    bytes and attention FLOPs of each go."""
+    from kvlab.cli import main
+
+    assert main(["compare", "deepseek-v3.2", "deepseek-v4-pro", "--context", "128k,1m"]) == 0
+    text = capsys.readouterr().out
+    ref, v4 = kvlab.costs("deepseek-v3.2", context=1048576), kvlab.costs("deepseek-v4-pro", context=1048576)
+    assert f"({100 * v4.flops_per_token / ref.flops_per_token:.1f}%)" in text
+    for row in ("KV: c_kv", "KV: index_keys", "attn FLOPs: indexer", "KV: compressed", "attn FLOPs: window"):
+        assert row in text
