@@ -33,6 +33,7 @@ import torch
 
 from ..config import CompressSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from .base import Family, HFState, Tensor, activation, rename, rope_from_hf, with_defaults
+from .deepseek_v3 import dequantise_fp8
 
 ARCH = "DeepseekV4ForCausalLM"
 DEFAULTS: dict[str, Any] = {  # transformers 5.23 DeepseekV4Config defaults (V4-Flash-Base shaped)
@@ -57,6 +58,17 @@ def _fail(msg: str) -> ValueError:
     return ValueError(f"{ARCH} config.json: {msg}")
 
 
+def _per_layer(types: list[Any], n: int, key: str, allowed: Any) -> list[str]:
+    """``types`` cut to ``n`` layers (configs may carry an MTP entry), checked against ``allowed``."""
+    types = list(types[:n])
+    if len(types) != n:
+        raise _fail(f"{key} has {len(types)} entries; it needs one per layer (num_hidden_layers={n})")
+    bad = sorted({str(t) for t in types if t not in allowed})
+    if bad:
+        raise _fail(f"{key} {bad} not supported; allowed: {', '.join(allowed)}")
+    return types
+
+
 def layer_types(c: dict[str, Any]) -> list[str]:
     """``layer_types``, else the legacy ``compress_ratios`` (0 / 4 / 128), else V4-Pro's default schedule."""
     n = c["num_hidden_layers"]
@@ -70,13 +82,7 @@ def layer_types(c: dict[str, Any]) -> list[str]:
     if types is None:
         types = ["heavily_compressed_attention"] * min(n, 2) + [
             "compressed_sparse_attention" if i % 2 else "heavily_compressed_attention" for i in range(max(n - 2, 0))]
-    types = list(types[:n])
-    if len(types) != n:
-        raise _fail(f"layer_types has {len(types)} entries; it needs one per layer (num_hidden_layers={n})")
-    bad = sorted({str(t) for t in types if t not in LAYER_KINDS})
-    if bad:
-        raise _fail(f"layer_types {bad} not supported; allowed: {', '.join(LAYER_KINDS)}")
-    return types
+    return _per_layer(types, n, "layer_types", LAYER_KINDS)
 
 
 def mlp_types(c: dict[str, Any]) -> list[str]:
@@ -85,13 +91,7 @@ def mlp_types(c: dict[str, Any]) -> list[str]:
     if types is None:
         h = c.get("num_hash_layers", 3)
         types = ["hash_moe"] * min(n, h) + ["moe"] * max(0, n - h)
-    types = list(types[:n])
-    if len(types) != n:
-        raise _fail(f"mlp_layer_types has {len(types)} entries; it needs one per layer (num_hidden_layers={n})")
-    bad = sorted({str(t) for t in types if t not in MLP_TYPES})
-    if bad:
-        raise _fail(f"mlp_layer_types {bad} not supported; allowed: {', '.join(MLP_TYPES)}")
-    return types
+    return _per_layer(types, n, "mlp_layer_types", MLP_TYPES)
 
 
 def ropes(c: dict[str, Any], partial: float) -> tuple[RopeSpec, RopeSpec]:
@@ -231,7 +231,7 @@ def dequantize(hf_state: HFState) -> dict[str, Tensor]:
     """FP8 weights with block-wise scales -> floating weights; other tensors pass through.
 
     A weight ``W [out, in]`` stored as float8 with a companion ``<name>_scale_inv`` (transformers) or
-    ``<module>.scale`` (DeepSeek) of shape ``[ceil(out / b0), ceil(in / b1)]`` becomes ``W * scale`` per block.
+    ``<module>.scale`` (DeepSeek) of shape ``[ceil(out / 128), ceil(in / 128)]`` becomes ``W * scale`` per block.
     An integer-typed weight with a scale (FP4 experts packed two per byte) is refused, naming the format.
     """
     out: dict[str, Tensor] = {}
@@ -251,18 +251,12 @@ def dequantize(hf_state: HFState) -> dict[str, Tensor]:
             continue
         t = hf_state[name]
         if name in scales:
-            s = hf_state[scales[name]].float()
+            s = hf_state[scales[name]]
             if not t.is_floating_point():
                 raise ValueError(f"{ARCH}: tensor {name!r} is stored as {t.dtype} with block scales "
                                  f"({scales[name]!r}): packed FP4 (e2m1) experts are not supported; convert the "
                                  "checkpoint to bf16 first")
-            if t.dim() != 2 or s.dim() != 2:
-                raise ValueError(f"{ARCH}: quantised tensor {name!r} {list(t.shape)} with scale {list(s.shape)}: "
-                                 "only 2-D block-scaled FP8 weights are supported")
-            b0, b1 = -(-t.shape[0] // s.shape[0]), -(-t.shape[1] // s.shape[1])
-            full = s.repeat_interleave(b0, 0)[:t.shape[0]].repeat_interleave(b1, 1)[:, :t.shape[1]]
-            dtype = torch.float32 if t.dtype in _FP8 else t.dtype
-            t = (t.float() * full).to(dtype)
+            t = dequantise_fp8(t, s, name)
         elif t.dtype in _FP8:
             raise ValueError(f"{ARCH}: tensor {name!r} is stored as {t.dtype} without a block scale "
                              f"({name}_scale_inv or .scale): cannot dequantise it")
