@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -356,6 +357,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             cfg.raw["train"][k] = getattr(args, k)
     out = args.out or cfg.out or str(Path("runs") / Path(args.config).stem)
     r = train(cfg, out=out, resume=args.resume, progress=not args.no_progress and not args.json).summary
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (lines would interleave)
+        return 0
     if args.json:
         _emit_json(r)
         return 0
@@ -374,24 +377,35 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 # -- ablate --------------------------------------------------------------------------------------------
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from kvlab.train.ablate import format_table, parse_sweep, run_sweep
+    from kvlab.train.ablate import dry_run, format_dry_run, format_table, load_sweep, preset_path, run_sweep
     from kvlab.train.config import read_file
 
-    raw = read_file(args.sweep)
-    try:
-        parse_sweep(raw)  # every variant built and parameter-matched before anything trains
-    except ValueError as e:
-        raise ValueError(f"{args.sweep}: {e}") from e
-    out = args.out or raw.get("out") or str(Path("runs") / ("ablate-" + Path(args.sweep).stem))
-    r = run_sweep(raw, out=out, progress=not args.no_progress and not args.json)
+    if (args.sweep is None) == (args.preset is None):
+        raise ValueError("give a sweep file or --preset NAME (one of them)")
+    path = preset_path(args.preset) if args.preset else args.sweep
+    raw = read_file(path)
+    if args.dry_run:  # parse, build and parameter-match every variant; train nothing
+        r = dry_run(path)
+        if args.json:
+            _emit_json(r)
+            return 0
+        print(format_dry_run(r))
+        return 0
+    load_sweep(path)  # every variant built and parameter-matched before anything trains
+    name = args.preset or Path(args.sweep).stem
+    out = args.out or raw.get("out") or str(Path("runs") / ("ablate-" + name.removeprefix("sweep-")))
+    r = run_sweep(raw, out=out, progress=not args.no_progress and not args.json, jobs=args.jobs)
     if args.plot:
         from kvlab.train.ablate import plot_sweep
 
         r["plot"] = str(plot_sweep(r, args.plot))
+    if args.markdown:
+        Path(args.markdown).write_text(format_table(r, markdown=True) + "\n")
     if args.json:
         _emit_json(r)
         return 0
     print(format_table(r))
+    print(f"\n{len(r['rows'])} variants x {len(r['seeds'])} seeds in {r['wall_s']:.0f} s ({r['jobs']} at a time)")
     return 0
 
 
@@ -510,14 +524,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=cmd_train)
 
     q = verb("ablate", "train parameter-matched variants of one base model over several seeds; table of params, "
-             "KV bytes, tokens/s, eval loss and accuracy (mean ± std) with Welch's t-test against the baseline",
-             "kvlab ablate kvlab/train/examples/sweep-tiny.toml --out runs/ablate-tiny --plot out/ablate.png")
-    q.add_argument("sweep", help="sweep file, JSON or TOML: base (a training config), variants, seeds "
-                   "(kvlab/train/ablate.py)")
+             "KV bytes, tokens/s, eval loss and answer accuracy (overall, by distance, by length beyond training; "
+             "mean ± std) with Welch's t-test against the baseline",
+             "kvlab ablate --preset small --jobs 2 --plot out/ablate-small.png\n"
+             "  kvlab ablate --preset small --dry-run   (build and parameter-match every variant, train nothing)\n"
+             "  kvlab ablate kvlab/train/examples/sweep-tiny.toml --out runs/ablate-tiny")
+    q.add_argument("sweep", nargs="?", help="sweep file, JSON or TOML: base (a training config), variants, seeds, "
+                   "probe (kvlab/train/ablate.py)")
+    q.add_argument("--preset", help="a built-in sweep by name (kvlab/train/examples/sweep-<name>.toml): small, tiny")
+    q.add_argument("--dry-run", action="store_true", help="parse, build and parameter-match every variant (and run "
+                   "one forward pass), then stop")
+    q.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
     q.add_argument("--out", help="directory of the runs (default: the sweep's out, else runs/ablate-<name>)")
-    q.add_argument("--plot", help="write a PNG here: accuracy vs KV bytes, and the loss curves")
+    q.add_argument("--plot", help="write a PNG here: accuracy vs KV bytes, loss curves, accuracy by distance and "
+                   "by length")
+    q.add_argument("--markdown", help="also write the tables as markdown to this file")
     q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
-    q.add_argument("--json", action="store_true", help="print one JSON object (rows, per-seed values, loss curves)")
+    q.add_argument("--json", action="store_true", help="print one JSON object (rows, per-seed values, probes, "
+                   "loss curves)")
     q.set_defaults(func=cmd_ablate)
 
     q = verb("presets", "list the built-in published configurations", "kvlab presets")

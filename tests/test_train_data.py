@@ -96,8 +96,27 @@ def test_bytes_defaults_to_the_stdlib_and_holds_out_eval(tmp_path):
     ({"kind": "recall", "seq_len": 10, "num_pairs": 8}, "task.seq_len=10"),
     ({"kind": "copy", "span": 0}, "task.span=0"),
     ({"kind": "passkey", "depth": 2}, "task.depth=2"),
+    ({"kind": "recall", "gap": [5, 2]}, "task.gap=[5, 2]"),
+    ({"kind": "recall", "seq_len": 40, "num_pairs": 4, "gap": [0, 40]}, "with the largest gap"),
 ])
 def test_bad_task_specs_name_the_problem(spec, message):
     with pytest.raises(ValueError) as e:
         make_task(spec)
     assert message in str(e.value)
+
+
+def test_recall_gap_range_spreads_distances_and_stretches_with_the_length():
+    t = make_task({"kind": "recall", "seq_len": 48, "vocab": 16, "num_pairs": 4, "num_queries": 4, "gap": [0, 20]})
+    dists = set()
+    for i in range(40):
+        ids, tgt, info = t.example(0, "eval", i)
+        assert ids.shape == (48,)
+        scored = (tgt != IGNORE).nonzero().flatten().tolist()
+        assert t.token_distances(info, len(scored)) == info["distances"]
+        for p, d in zip(scored, info["distances"]):  # the answer's pair: key at p - d - 1, value at p - d
+            assert ids[p] == ids[p - d - 1] and tgt[p] == ids[p - d]
+        dists |= set(info["distances"])
+    assert min(dists) < 10 and max(dists) > 25
+    longer = t.at_length(96)
+    assert longer.gap == [0, 68] and longer.example(0, "eval", 0)[0].shape == (96,)
+    assert make_task({"kind": "passkey", "seq_len": 32}).at_length(64).seq_len == 64

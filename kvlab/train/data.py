@@ -10,8 +10,9 @@ predicted at position ``t`` (the next token) or ``IGNORE`` where no loss is take
 Tasks (``kind``):
 
 - ``recall`` — multi-query associative recall (Zoology MQAR, arXiv 2312.04927): ``num_pairs`` key-value
-  pairs, then ``gap`` filler tokens, then queries ``k`` whose answers ``v`` are scored. The distance of a
-  query (positions from its pair to the query) is reported per sample, so accuracy can be binned by it.
+  pairs, then ``gap`` filler tokens (a number, or a ``[lo, hi]`` range sampled per example), then queries
+  ``k`` whose answers ``v`` are scored. The distance of a query (positions from its pair to the query) is
+  reported per sample, so accuracy can be binned by it.
 - ``passkey`` — needle retrieval: filler text of ``length`` tokens with a ``digits``-long key inserted at
   ``depth`` (a fraction, or a range sampled per example), then a query marker; the key is scored.
 - ``copy`` — ``span`` random tokens, a separator, then the same tokens again (the copy is scored).
@@ -63,6 +64,17 @@ class Task:
         if not isinstance(self.seq_len, int) or self.seq_len < 2:
             raise ValueError(f"task.seq_len={self.seq_len!r}: must be an integer >= 2")
 
+    def token_distances(self, info: dict[str, Any], n_scored: int) -> list[int] | None:
+        """Per scored token of a sample (in order), positions from the information it needs to where it is
+        predicted; ``None`` for tasks without a retrieval distance."""
+        return None
+
+    def at_length(self, seq_len: int) -> Task:
+        """The same task at another sequence length (fields that scale with the length scale with it)."""
+        t = dataclasses.replace(self, seq_len=seq_len)
+        t.validate()
+        return t
+
     def example(self, seed: int, split: str, index: int) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
         """Sample ``index`` of ``split`` as ``(input_ids [T], targets [T], info)``."""
         tokens, scored, info = self.sample(sample_generator(seed, split, index))
@@ -108,10 +120,27 @@ class Recall(_Symbolic):
 
     num_pairs: int = 8
     num_queries: int = 4
-    gap: int = 0
+    gap: int | list[int] = 0
 
-    def _length(self) -> int:
-        return 2 * self.num_pairs + self.gap + 1 + 2 * self.num_queries
+    def _gaps(self) -> tuple[int, int]:
+        return (self.gap[0], self.gap[1]) if isinstance(self.gap, list) else (self.gap, self.gap)
+
+    def _length(self, gap: int | None = None) -> int:
+        return 2 * self.num_pairs + (self._gaps()[1] if gap is None else gap) + 1 + 2 * self.num_queries
+
+    def token_distances(self, info, n_scored):
+        return list(info["distances"])
+
+    def at_length(self, seq_len):
+        """Longer (or shorter) filler; a ``gap`` range's upper end moves with the length, so the pairs can sit
+        anywhere in the longer context (like passkey's depth)."""
+        if isinstance(self.gap, list):
+            lo, hi = self._gaps()
+            hi = max(lo, hi + seq_len - self.seq_len)
+            t = dataclasses.replace(self, seq_len=seq_len, gap=[lo, hi])
+            t.validate()
+            return t
+        return super().at_length(seq_len)
 
     def validate(self) -> None:
         super().validate()
@@ -119,8 +148,11 @@ class Recall(_Symbolic):
             v = getattr(self, name)
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"task.{name}={v!r}: must be a positive integer")
-        if not isinstance(self.gap, int) or self.gap < 0:
-            raise ValueError(f"task.gap={self.gap!r}: must be an integer >= 0")
+        g = self.gap
+        if not ((isinstance(g, int) and not isinstance(g, bool) and g >= 0)
+                or (isinstance(g, list) and len(g) == 2 and all(isinstance(x, int) and x >= 0 for x in g)
+                    and g[0] <= g[1])):
+            raise ValueError(f"task.gap={g!r}: an integer >= 0 or a range [lo, hi] of them")
         if self.num_queries > self.num_pairs:
             raise ValueError(f"task.num_queries={self.num_queries}: at most num_pairs={self.num_pairs}")
         if self.num_pairs > self.vocab // 2:
@@ -128,22 +160,24 @@ class Recall(_Symbolic):
                              f"(vocab={self.vocab})")
         if self._length() > self.seq_len + 1:
             raise ValueError(f"task.seq_len={self.seq_len}: recall needs {self._length() - 1} positions "
-                             f"(2*num_pairs + gap + 1 + 2*num_queries - 1)")
+                             f"(2*num_pairs + gap + 1 + 2*num_queries - 1, with the largest gap)")
 
     def sample(self, gen):
         half = self.vocab // 2
         keys = torch.randperm(half, generator=gen)[: self.num_pairs]
         values = _randint(gen, half, self.vocab, self.num_pairs)
+        lo, hi = self._gaps()
+        gap = lo if lo == hi else int(_randint(gen, lo, hi + 1))
         tokens = torch.empty(self.seq_len + 1, dtype=torch.long)
         scored = torch.zeros(self.seq_len + 1, dtype=torch.bool)
-        pad = self.seq_len + 1 - self._length()  # filler before the pairs keeps every sample the same length
+        pad = self.seq_len + 1 - self._length(gap)  # filler before the pairs keeps every sample the same length
         tokens[: pad] = _randint(gen, 0, self.vocab, pad)
         p = pad
         tokens[p: p + 2 * self.num_pairs: 2] = keys
         tokens[p + 1: p + 2 * self.num_pairs: 2] = values
         p += 2 * self.num_pairs
-        tokens[p: p + self.gap] = _randint(gen, 0, self.vocab, self.gap)
-        p += self.gap
+        tokens[p: p + gap] = _randint(gen, 0, self.vocab, gap)
+        p += gap
         tokens[p] = self.special("SEP")
         p += 1
         order = torch.randperm(self.num_pairs, generator=gen)[: self.num_queries]
@@ -196,6 +230,9 @@ class Passkey(_Symbolic):
         scored[-n:] = True
         return tokens, scored, {"depth": depth, "distance": self.seq_len - n - at - 1}
 
+    def token_distances(self, info, n_scored):
+        return [info["distance"]] * n_scored
+
 
 @dataclass
 class Copy(_Symbolic):
@@ -217,6 +254,9 @@ class Copy(_Symbolic):
         scored = torch.zeros(self.seq_len + 1, dtype=torch.bool)
         scored[-self.span:] = True
         return tokens, scored, {}
+
+    def token_distances(self, info, n_scored):
+        return [self.span] * n_scored
 
 
 _CORPUS: dict[tuple, torch.Tensor] = {}
