@@ -1,8 +1,10 @@
-"""Training: loss goes down for several attention kinds, exact kill-and-resume, data parallel == one process,
-atomic checkpoints, and configs that fail before training starts, naming the problem."""
+"""Training: loss goes down for every attention kind (GQA, window, sharing, PLE, budgets, CCA, CSA/HCA/SWA, mHC,
+MLA dense and sparse, a whole DeepSeek V4) and the trained model keeps cached == uncached; exact kill-and-resume,
+data parallel == one process, atomic checkpoints, and configs that fail before training starts, naming the problem."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -38,8 +40,43 @@ def _compressed(mhc=None):
     return config(mhc=mhc)
 
 
+def _mla(sparse: bool = False):
+    from kvlab.config import ModelConfig
+    from kvlab.layers.mla import mla_layer
+
+    idx = {"index_heads": 4, "index_head_dim": 8, "index_topk": 6} if sparse else {}
+    layers = [mla_layer(4, 16, 8, 8, 16, q_lora_rank=24, intermediate_size=64, **idx) for _ in range(2)]
+    return ModelConfig(vocab_size=97, hidden_size=64, layers=layers, max_positions=512)
+
+
+def _v4():
+    """A tiny DeepSeek V4 (swa / csa / hca layers, hash-routed and top-k sqrtsoftplus MoE, mHC) via its family."""
+    from kvlab.families import deepseek_v4
+
+    return deepseek_v4.config_from_hf({
+        "vocab_size": 97, "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 4, "head_dim": 16,
+        "qk_rope_head_dim": 8, "q_lora_rank": 16, "o_groups": 2, "o_lora_rank": 8, "sliding_window": 5,
+        "index_n_heads": 2, "index_head_dim": 8, "index_topk": 3, "hc_mult": 2,
+        "layer_types": ["sliding_attention", "compressed_sparse_attention", "heavily_compressed_attention"],
+        "compress_rates": {"compressed_sparse_attention": 3, "heavily_compressed_attention": 4},
+        "n_routed_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32, "num_hash_layers": 1,
+        "max_position_embeddings": 512})
+
+
+def _budgeted():
+    from kvlab.budget import budget
+
+    return budget(tiny_config(shared=False, layers=4), pattern="1 global : 3 sliding", window=5,
+                  heads={"global": 2, "sliding": 4})
+
+
 VARIANTS = {
     "gqa": lambda: tiny_config(shared=False, layers=2),
+    "ple": lambda: dataclasses.replace(tiny_config(shared=False, layers=2), ple_dim=8),
+    "budgeted-heads": _budgeted,
+    "mla": _mla,
+    "mla-sparse": lambda: _mla(sparse=True),
+    "deepseek-v4": _v4,
     "sliding-window": lambda: tiny_config(shared=False, layers=2, window=6),
     "kv-sharing": lambda: tiny_config(shared=True, layers=3),  # layer 2 reads layer 1's K/V (kv_source)
     "cca": lambda: tiny_config(layers=2, attention="cca"),
