@@ -322,7 +322,7 @@ def _mlp_label(layer: LayerSpec) -> str:
     moe = layer.moe
     assert moe is not None
     shared = f" +{moe.shared_experts} shared" if moe.shared_experts else ""
-    return f"moe {moe.top_k}/{moe.num_experts}x{moe.expert_size}{shared}"
+    return f"moe {moe.top_k}/{moe.num_experts}x{moe.expert_size}{shared}" + (" hash" if moe.hash_routing else "")
 
 
 def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_dtype: Any = None) -> Costs:

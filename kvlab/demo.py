@@ -71,10 +71,18 @@ def tiny_preset(name: str) -> ModelConfig:
         x.intermediate_size = 32 if x.intermediate_size else 0
         if x.window is not None:
             x.window = min(x.window, 8)
+        if x.mla is not None:  # the latent, its rotary key and the (sparse) indexer at a tiny width
+            m = x.mla
+            x.mla = dataclasses.replace(m, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
+                                        q_lora_rank=16 if m.q_lora_rank else None,
+                                        **({"index_heads": 2, "index_head_dim": 8, "index_topk": 8} if m.sparse else {}))
+            x.v_head_dim = 8
+            x.rope = dataclasses.replace(x.rope, partial=x.mla.rope_partial)
         if x.moe is not None:
             x.moe = dataclasses.replace(x.moe, num_experts=min(x.moe.num_experts, 4),
                                         top_k=min(x.moe.top_k, 2, x.moe.num_experts), expert_size=16,
-                                        shared_size=16 if x.moe.shared_size else None)
+                                        shared_size=16 if x.moe.shared_size else None,
+                                        n_group=min(x.moe.n_group, 2), topk_group=None if x.moe.topk_group is None else 1)
         return x
 
     small = cfg.replace_layers(shrink)
