@@ -11,13 +11,13 @@ from .cache import Cache
 from .config import LayerSpec, ModelConfig
 from .layers import ATTENTION_MODULES
 from .layers.attention import Step
-from .layers.mhc import HyperConnection, HyperHead, expand
+from .layers.mhc import HyperHead, expand
 from .layers.mlp import GatedMLP
 from .layers.moe import MoE, hash_table
 from .layers.norm import RMSNorm
 from .layers.ple import PLEInput, PLELayer
+from .layers.residual import residuals
 from .layers.rope import Rotary
-from .layers.scaling import ResidualScaling
 
 
 class Block(nn.Module):
@@ -27,11 +27,11 @@ class Block(nn.Module):
     (``h = x + norm(attn(norm(x)))``); ``mlp='dense+moe'`` runs a dense MLP and the MoE side by side,
     each with its own pre-norm (and post-norm with sandwich norms); with PLE (``ple_input`` given)
     ``out += ple(out, ple_input)``; ``layer_scalar`` multiplies the output by a learned scalar;
-    ``residual_scaling`` turns both residual adds into ``(h + b_h) * s_h + (x + b_x) * s_x`` (ZAYA1).
+    The residual adds follow the layer's residual strategy (kvlab/layers/residual.py): plain, ``residual_scaling``
+    (``(h + b_h) * s_h + (x + b_x) * s_x``, ZAYA1) or, with the model's ``mhc_streams``, an mHC read-in / write-out
+    of the streams ``[B, T, n, D]`` around attention and around the MLP (kvlab/layers/mhc.py).
     The attention module is the one registered for ``spec.attention`` (kvlab/layers/__init__.py). With the
     model's ``residual_fp32`` the stream ``x`` stays fp32 and each norm reads it in the weights' dtype.
-    With the model's ``mhc_streams`` the stream is ``[B, T, n, D]`` and each residual add becomes an mHC
-    read-in / write-out (kvlab/layers/mhc.py) around attention and around the MLP.
     """
 
     def __init__(self, spec: LayerSpec, config: ModelConfig) -> None:
@@ -58,41 +58,28 @@ class Block(nn.Module):
             self.ple = PLELayer(hidden, config.ple_dim, spec.activation, eps, off)
         if spec.layer_scalar:
             self.layer_scalar = nn.Parameter(torch.ones(1))
-        if spec.residual_scaling:
-            self.attn_residual = ResidualScaling(hidden)
-            self.mlp_residual = ResidualScaling(hidden)
+        # how the attention and MLP outputs join the stream: plain, scaled or mHC (kvlab/layers/residual.py);
+        # a tuple, so the strategies' modules stay registered once, under their checkpoint names
+        self._residuals = residuals(self, spec, config)
         self.residual_fp32 = config.residual_fp32
-        self.mhc = config.mhc_streams is not None
-        if self.mhc:  # hyper-connections around attention and MLP (kvlab/layers/mhc.py)
-            hc = (config.mhc_streams, hidden, config.mhc_sinkhorn_iters, config.mhc_eps, eps)
-            self.attn_hc = HyperConnection(*hc)
-            self.mlp_hc = HyperConnection(*hc)
 
     def forward(self, x: torch.Tensor, step: Step, index: int, store=None,
                 ple_input: torch.Tensor | None = None) -> torch.Tensor:
         s = self.spec
+        attn_res, mlp_res = self._residuals
         low = self.attn_norm.weight.dtype if self.residual_fp32 else x.dtype  # what the norms read
-        xin = x
-        if self.mhc:  # x: the streams [B, T, n, D]; the sub-layer reads their pre-weighted sum
-            xin, post, comb = self.attn_hc.read(x)
+        xin, ctx = attn_res.read(x)  # with mHC, x holds the streams [B, T, n, D] and xin their learned mix
         h = self.attn(self.attn_norm(xin.to(low)), step, index, store)
         h = self.post_attn_norm(h) if s.sandwich_norm else h
-        if self.mhc:
-            x = self.attn_hc.write(post, comb, h, x)
-            xin, post, comb = self.mlp_hc.read(x)
-        else:
-            x = self.attn_residual(h, x) if s.residual_scaling else x + h
-            xin = x
+        x = attn_res.write(ctx, h, x)
+        xin, ctx = mlp_res.read(x)
         xl = xin.to(low)
         h = self.mlp(self.mlp_norm(xl), carry=step.carry) if s.mlp == "moe" else self.mlp(self.mlp_norm(xl))
         if s.mlp == "dense+moe":
             e = self.moe(self.moe_norm(xl), router_input=xl if s.moe.router_norm else None, carry=step.carry)
             h = self.post_dense_norm(h) + self.post_moe_norm(e) if s.sandwich_norm else h + e
         h = self.post_mlp_norm(h) if s.sandwich_norm else h
-        if self.mhc:
-            x = self.mlp_hc.write(post, comb, h, x)
-        else:
-            x = self.mlp_residual(h, x) if s.residual_scaling else x + h
+        x = mlp_res.write(ctx, h, x)
         if ple_input is not None:
             x = x + self.ple(x, ple_input)
         if s.layer_scalar:

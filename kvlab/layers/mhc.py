@@ -49,7 +49,8 @@ class _Fp32Params(nn.Module):
 
 
 class HyperConnection(_Fp32Params):
-    """mHC around one sub-layer: ``read(X) -> (f's input, post, M)``, ``write(post, M, out, X) -> X'``."""
+    """mHC around one sub-layer: ``read(X) -> (f's input, (post, M))``, ``write((post, M), out, X) -> X'`` (the
+    residual-strategy interface of kvlab/layers/residual.py)."""
 
     def __init__(self, streams: int, hidden: int, iters: int, eps: float, norm_eps: float) -> None:
         super().__init__()
@@ -72,12 +73,13 @@ class HyperConnection(_Fp32Params):
         m = sinkhorn(res_w.view(*res_w.shape[:-1], n, n) * s[2] + res_b.view(n, n), self.iters, self.eps)
         return pre, post, m
 
-    def read(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def read(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         pre, post, m = self.maps(x)
-        return (pre[..., None] * x).sum(dim=2).to(x.dtype), post, m
+        return (pre[..., None] * x).sum(dim=2).to(x.dtype), (post, m)
 
     @staticmethod
-    def write(post: torch.Tensor, m: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def write(ctx: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        post, m = ctx
         dtype = x.dtype
         return post.to(dtype)[..., None] * out[..., None, :] + m.to(dtype).transpose(-1, -2) @ x
 

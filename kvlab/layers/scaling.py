@@ -22,3 +22,11 @@ class ResidualScaling(nn.Module):
     def forward(self, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``h`` the branch output, ``x`` the residual stream (may be fp32 while ``h`` is not)."""
         return (h + self.out_bias) * self.out_scale + (x + self.res_bias) * self.res_scale
+
+    # the residual-strategy interface (kvlab/layers/residual.py)
+    @staticmethod
+    def read(x: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return x, None
+
+    def write(self, _ctx: None, h: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self(h, x)
