@@ -173,11 +173,13 @@ class CompressedAttention(nn.Module):
         else:  # no rotation: a zero-width table
             self._rope = (torch.zeros(0), 1.0)
 
-    def _rot(self, x: torch.Tensor, pos: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-        if not self._rope[0].numel():
+    def _rot(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None,
+             inverse: bool = False) -> torch.Tensor:
+        """Rotate ``x`` with this call's ``tables`` (cos, sin at the rotary positions; None: no rotation)."""
+        if tables is None:
             return x
-        cos, sin = rope_tables(*self._rope, pos)
-        if pos.dim() == 2 and x.dim() == 4:  # per-row positions [B, T] against [B, H, T, D]
+        cos, sin = tables
+        if cos.dim() == 3 and x.dim() == 4:  # per-row positions [B, T] against [B, H, T, D]
             cos, sin = cos[:, None], sin[:, None]
         return apply_rope_tail(x, cos, -sin if inverse else sin)
 
@@ -187,11 +189,12 @@ class CompressedAttention(nn.Module):
         h, d = s.num_heads, s.head_dim
         start, qpos, pad = step.start, step.qpos, step.pad
         pos = qpos if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)  # rotary positions
+        tab = rope_tables(*self._rope, pos) if self._rope[0].numel() else None  # once for q, kv, indexer, output
         cq = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(cq).view(b, t, h, d).transpose(1, 2)
         q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
-        q = self._rot(q, pos)
-        kv = self._rot(self.kv_norm(self.kv_proj(x)), pos)[:, None]  # [B, 1, T, D]
+        q = self._rot(q, tab)
+        kv = self._rot(self.kv_norm(self.kv_proj(x)), tab)[:, None]  # [B, 1, T, D]
         if store is not None:
             kw, _, kpos = store.append(kv, kv[..., :0], start)
         else:
@@ -199,7 +202,7 @@ class CompressedAttention(nn.Module):
         ix = self.compressor.indexer if self.csa else None
         iq = iw = None
         if self.csa:
-            iq = self._rot(ix.q_b_proj(cq).view(b, t, ix.heads, ix.dim).transpose(1, 2), pos)  # [B, HI, T, dI]
+            iq = self._rot(ix.q_b_proj(cq).view(b, t, ix.heads, ix.dim).transpose(1, 2), tab)  # [B, HI, T, dI]
             iw = ix.weights_proj(x).float() * ix.heads ** -0.5  # [B, T, HI]
         pool = store.pool if store is not None else None
         ipool = store.index if store is not None and self.csa else None
@@ -224,7 +227,7 @@ class CompressedAttention(nn.Module):
                     ikeys = x.new_zeros(1, 0, ix.dim) if self.csa else None
                 out[r:r + 1] = self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, entries, ikeys,
                                             None if iq is None else iq[r:r + 1], None if iw is None else iw[r:r + 1])
-        out = self._rot(out, pos, inverse=True).transpose(1, 2)  # [B, T, H, D]
+        out = self._rot(out, tab, inverse=True).transpose(1, 2)  # [B, T, H, D]
         g = c.o_groups
         w = self.o_a_proj.weight.view(g, -1, h * d // g)  # [G, rank, in]
         y = torch.einsum("btgi,gri->btgr", out.reshape(b, t, g, -1), w)
