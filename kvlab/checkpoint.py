@@ -8,7 +8,7 @@ is read only when asked for, so a loader can cast and place tensors one at a tim
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -88,13 +88,16 @@ def _open(f: Path) -> Any:
 class LazyTensors(Mapping[str, torch.Tensor]):
     """A read-only name -> tensor mapping over a checkpoint's safetensors files.
 
-    Tensors are read on access (optionally cast to ``dtype``); nothing is cached, so each tensor
+    Tensors are read on access (optionally cast to ``dtype``; those whose name ``keep_fp32(name)`` accepts are
+    read as fp32 instead, as transformers keeps some tensors of some families); nothing is cached, so each tensor
     lives only as long as its caller keeps it. ``shape(name)`` reads only the header.
     """
 
-    def __init__(self, path: str | Path, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, path: str | Path, dtype: torch.dtype | None = None,
+                 keep_fp32: Callable[[str], bool] | None = None) -> None:
         self.path = _dir(path)
         self.dtype = dtype
+        self.keep_fp32 = keep_fp32
         self._handles: dict[Path, Any] = {}
         self._where: dict[str, Path] = {}
         for f in weight_files(self.path):
@@ -116,7 +119,9 @@ class LazyTensors(Mapping[str, torch.Tensor]):
             t = self._handles[f].get_tensor(name)
         except SafetensorError as e:
             raise ValueError(f"cannot read tensor {name!r} from {str(f)!r} (truncated or corrupt?): {e}") from e
-        return t if self.dtype is None or not t.is_floating_point() else t.to(self.dtype)
+        if self.dtype is None or not t.is_floating_point():
+            return t
+        return t.float() if self.keep_fp32 is not None and self.keep_fp32(name) else t.to(self.dtype)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._where)
@@ -135,9 +140,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return self._where[name]
 
 
-def read_tensors(path: str | Path, dtype: torch.dtype | None = None) -> LazyTensors:
-    """All tensors of a checkpoint as a lazy mapping (read on access, optionally cast to ``dtype``)."""
-    return LazyTensors(path, dtype)
+def read_tensors(path: str | Path, dtype: torch.dtype | None = None,
+                 keep_fp32: Callable[[str], bool] | None = None) -> LazyTensors:
+    """All tensors of a checkpoint as a lazy mapping (read on access, optionally cast to ``dtype`` except the
+    names ``keep_fp32`` accepts, read as fp32)."""
+    return LazyTensors(path, dtype, keep_fp32)
 
 
 def tensor_shapes(path: str | Path) -> dict[str, tuple[int, ...]]:

@@ -102,12 +102,13 @@ def load_state(path: str | Path, config: ModelConfig | None = None, dtype: torch
                device: str | torch.device | None = None) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors under kvlab names, checked against ``config`` (default: its config.json).
 
-    Floating tensors are cast to ``dtype`` (if given) as they are read, one at a time.
+    Floating tensors are cast to ``dtype`` (if given) as they are read, one at a time, except those the family
+    keeps in fp32 as transformers does (``Family.keep_fp32``; e.g. DeepSeek's router biases, V4's norms and sinks).
     """
     cfg = read_config(path)
     family = family_of(cfg)
     config = config if config is not None else family.config_from_hf(cfg)
-    lazy = read_tensors(path, dtype)
+    lazy = read_tensors(path, dtype, family.keep_fp32)
     state = family.map_weights(lazy, config)
     if device is not None:
         state = {k: v.to(device) for k, v in state.items()}

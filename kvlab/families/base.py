@@ -34,6 +34,7 @@ class Family:
     config_from_hf: Callable[[dict[str, Any]], Any]
     map_weights: Callable[[HFState, Any], dict[str, Tensor]]
     names: dict[str, str] = field(default_factory=dict)  # HF template -> kvlab template, for messages
+    keep_fp32: Callable[[str], bool] | None = None  # checkpoint names loaded in fp32 whatever the dtype
 
     def hf_name(self, kvlab_name: str) -> str | None:
         """The HF name a kvlab tensor comes from (best effort, for error messages)."""

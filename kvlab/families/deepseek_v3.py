@@ -140,4 +140,9 @@ def map_weights(hf_state: HFState, config: ModelConfig, names: dict[str, str] | 
     return drop_tied_head(rename(kept, NAMES if names is None else names), config.tie_embeddings)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
+def keep_fp32(name: str) -> bool:
+    """transformers keeps the routers' correction biases in fp32 in a bf16 / fp16 model (``_keep_in_fp32_modules_strict``)."""
+    return "e_score_correction_bias" in name
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, keep_fp32)

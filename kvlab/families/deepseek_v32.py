@@ -16,6 +16,7 @@ from .base import Family, HFState, Tensor, with_defaults
 from .deepseek_v3 import DEFAULTS as V3_DEFAULTS
 from .deepseek_v3 import NAMES as V3_NAMES
 from .deepseek_v3 import build_config
+from .deepseek_v3 import keep_fp32 as v3_keep_fp32
 from .deepseek_v3 import map_weights as v3_map_weights
 
 ARCH = "DeepseekV32ForCausalLM"
@@ -50,4 +51,4 @@ def map_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return v3_map_weights(hf_state, config, NAMES)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, v3_keep_fp32)

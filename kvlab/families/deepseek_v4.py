@@ -274,7 +274,18 @@ def map_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return rename(state, NAMES)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
+# what transformers keeps in fp32 in a bf16 / fp16 V4 (``_keep_in_fp32_modules_strict``, matched as substrings of
+# the transformers name): the mHC maps, sinks, compressor position biases, router correction biases, every norm
+KEEP_FP32 = ("attn_hc", "ffn_hc", "hc_head", "sinks", "position_bias", "e_score_correction_bias", "norm")
+
+
+def keep_fp32(name: str) -> bool:
+    """Whether the checkpoint tensor ``name`` (any naming) loads in fp32 whatever the requested dtype."""
+    hf = native_name(name)
+    return any(p in hf for p in KEEP_FP32)
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, keep_fp32)
 
 
 def hf_config_extra(config: ModelConfig, rope_dict: Any) -> dict[str, Any]:

@@ -10,8 +10,9 @@ class RMSNorm(nn.Module):
     """``x / rms(x) * w`` over the last dim; ``offset=True`` applies ``1 + w`` (weights stored as w).
 
     Computed in fp32 whatever the input dtype. Without the offset the normalised value is cast back
-    to the input dtype before the weight is applied (Llama/Qwen order); with it the product is
-    taken in fp32 and cast last (Gemma order). ``scale=False``: no learned weight (Gemma 4's v norm).
+    to the input dtype before the weight is applied (Llama/Qwen order), unless the weight itself is kept in
+    fp32 (DeepSeek V4 loads its norms so); with the offset the product is taken in fp32 and cast last (Gemma
+    order). ``scale=False``: no learned weight (Gemma 4's v norm).
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, offset: bool = False, scale: bool = True) -> None:
@@ -30,4 +31,6 @@ class RMSNorm(nn.Module):
             return h.to(dtype)
         if self.offset:
             return (h * (1.0 + self.weight.float())).to(dtype)
+        if self.weight.dtype == torch.float32 and dtype != torch.float32:
+            return (self.weight * h).to(dtype)  # a weight kept in fp32 (DeepSeek V4): multiply in fp32, cast last
         return self.weight * h.to(dtype)

@@ -256,3 +256,27 @@ def test_bench_twin_has_the_description_shape(tmp_path: Path) -> None:
     biases = sum(b.numel() for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias"))
     assert biases and sum(p.numel() for p in hf.parameters()) + biases == model.num_parameters()
     assert model.num_parameters() == kvlab.costs(cfg, 1).params_total
+
+
+def test_bf16_load_keeps_what_transformers_keeps_in_fp32(pair: tuple[Any, kvlab.Model], tmp_path: Path) -> None:
+    """kvlab.load(dtype=bf16) keeps the mHC maps, norms, sinks, compressor position biases and router correction
+    biases in fp32 (exactly their checkpoint values), as transformers' V4 does; logits stay within bf16 noise of
+    transformers' own bf16 model."""
+    hf, ref = pair
+    hf.save_pretrained(tmp_path)
+    model = kvlab.load(tmp_path, dtype=torch.bfloat16)
+    kept = {n for n, p in model.named_parameters() if p.dtype == torch.float32}
+    assert kept and all(n.endswith(("norm.weight", "sinks", "position_bias", "router_bias", ".hc_fn", ".hc_bias",
+                                    ".hc_scale")) for n in kept), kept
+    assert {"layers.1.mlp.router_bias", "layers.1.attn.compressor.position_bias", "layers.0.attn.sinks",
+            "layers.0.attn_norm.weight", "norm.weight"} <= kept
+    exact = dict(ref.named_parameters())
+    for n in kept:
+        assert torch.equal(dict(model.named_parameters())[n], exact[n]), n
+    assert model.layers[0].attn.q_b_proj.weight.dtype == torch.bfloat16
+    hf16 = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(1, 96, (1, 30), generator=torch.Generator().manual_seed(0))
+    want = hf(input_ids=ids).logits
+    got, theirs = model(ids).float(), hf16(input_ids=ids).logits.float()
+    assert got.dtype == torch.float32 and model(ids).dtype == torch.bfloat16
+    assert (got - theirs).abs().max() < 0.1 and (got - want).abs().max() < 0.1
