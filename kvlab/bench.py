@@ -304,6 +304,7 @@ HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "Mis
                   "Qwen3MoeForCausalLM": "qwen3_moe", "LagunaForCausalLM": "laguna", "Gemma4ForCausalLM": "gemma4_text"}
 HF_MODEL_TYPES["ZayaForCausalLM"] = "zaya"
 HF_MODEL_TYPES["DeepseekV4ForCausalLM"] = "deepseek_v4"
+HF_MODEL_TYPES["DeepseekV3ForCausalLM"] = "deepseek_v3"
 
 
 def _rope_dict(r: Any) -> dict[str, Any]:
@@ -370,6 +371,10 @@ def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
         from kvlab.families.zaya import hf_config_extra as zaya_extra
 
         candidates.append(("ZayaForCausalLM", zaya_extra(cfg)))
+    if x.attention == "mla" and x.mla is not None and not x.mla.sparse:  # DeepSeek V3: MLA, group-routed MoE
+        from kvlab.families.deepseek_v3 import hf_config_extra as v3_extra
+
+        candidates.append(("DeepseekV3ForCausalLM", v3_extra(cfg, _rope_dict)))
     if x.attention in ("csa", "hca", "swa"):  # DeepSeek V4: mHC, compressed attention, hash-routed MoE
         from kvlab.families.deepseek_v4 import hf_config_extra as v4_extra
 

@@ -146,3 +146,27 @@ def keep_fp32(name: str) -> bool:
 
 
 FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, keep_fp32)
+
+
+def hf_config_extra(config: ModelConfig, rope_dict: Any) -> dict[str, Any]:
+    """The V3-specific ``config.json`` keys of ``config``'s shape (for random transformers twins in benchmarks).
+
+    ``rope_dict(RopeSpec) -> dict`` writes the RoPE. The caller checks the round trip through :func:`config_from_hf`.
+    """
+    layers = config.layers
+    x, m = layers[0], layers[0].mla
+    moe = next((y.moe for y in layers if y.moe is not None), None)
+    rope = {k: v for k, v in rope_dict(x.rope).items() if v is not None and k != "partial_rotary_factor"}
+    d: dict[str, Any] = {
+        "q_lora_rank": m.q_lora_rank, "kv_lora_rank": m.kv_lora_rank, "qk_nope_head_dim": m.qk_nope_head_dim,
+        "qk_rope_head_dim": m.qk_rope_head_dim, "v_head_dim": m.v_head_dim, "rope_interleave": m.rope_interleave,
+        "first_k_dense_replace": next((i for i, y in enumerate(layers) if y.moe is not None), len(layers)),
+        "num_key_value_heads": x.num_heads,  # transformers repeats per-head K/V by heads / kv heads: keep it 1
+        "head_dim": m.qk_rope_head_dim, "rope_parameters": rope, "attention_bias": x.qkv_bias,
+    }
+    if moe is not None:
+        d.update(n_routed_experts=moe.num_experts, num_experts_per_tok=moe.top_k,
+                 moe_intermediate_size=moe.expert_size, n_shared_experts=moe.shared_width // moe.expert_size,
+                 n_group=moe.n_group, topk_group=moe.topk_group, norm_topk_prob=moe.norm_topk,
+                 routed_scaling_factor=moe.routed_scaling)
+    return d

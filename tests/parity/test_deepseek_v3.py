@@ -221,3 +221,23 @@ def test_misshaped_and_missing_tensors_are_named(pair: tuple[Any, kvlab.Model, P
     assert "missing layers.0.attn.kv_a_layernorm.weight (HF model.layers.0.self_attn.kv_a_layernorm.weight)" in msg
     assert ("wrong shape layers.2.attn.kv_b_proj.weight (HF model.layers.2.self_attn.kv_b_proj.weight): "
             "expected [112, 16], got [112, 15]") in msg
+
+
+def test_bench_twin_has_the_description_shape(tmp_path: Path) -> None:
+    """`kvlab bench <V3 shape> --vs transformers` writes a DeepseekV3 checkpoint that transformers and kvlab read as
+    the same model (its head_dim / num_key_value_heads follow transformers' MLA conventions, not kvlab's)."""
+    from kvlab.bench import hf_config_dict, save_random_hf
+    from kvlab.config import ModelConfig
+
+    cfg = ModelConfig.load(Path(__file__).parents[2] / "benchmarks" / "deepseek-v3-small.json")
+    cfg.layers = cfg.layers[:3]
+    assert hf_config_dict(cfg)["architectures"] == ["DeepseekV3ForCausalLM"]
+    save_random_hf(cfg, tmp_path)
+    hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    model = kvlab.load(tmp_path)
+    assert model.config.layers == cfg.layers
+    biases = sum(b.numel() for n, b in hf.named_buffers() if n.endswith("e_score_correction_bias"))
+    assert sum(p.numel() for p in hf.parameters()) + biases == model.num_parameters() == kvlab.costs(cfg, 1).params_total
+    ids = torch.randint(1, cfg.vocab_size, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), hf(input_ids=ids).logits, atol=1e-4, rtol=0)
