@@ -22,8 +22,11 @@ Two equal ways to attend (``MLAttention.mode``):
   latent space over keys ``[c_kv, k_pe]`` and values ``c_kv`` — views of the one cached buffer, read once for all
   heads — then ``W_uv`` on the per-head latent output. What a decode step does.
 
-``auto`` (default) expands when the step starts at position 0 and absorbs otherwise (chunks after the first,
-decode). The cost formula (registered here) prices decode in the absorbed form and prefill in the expanded one.
+``auto`` (default) takes the form with fewer FLOPs for the call: per attended key, absorbing costs
+``H x T x (2 r + d_rope)`` and expanding ``H x (r x (d_nope + d_v) + T x (d_qk + d_v))`` (the up-projection is paid once
+per key for all T queries), so decode steps and short chunks absorb, a prefill and long chunks expand (V3's shape:
+below 171 queries per call absorb). The cost formula (registered here) prices decode in the absorbed form and
+prefill in the expanded one.
 
 DeepSeek V3.2 sparse attention (DSA, ``mla.index_topk``; transformers' ``DeepseekV32Indexer``): a lightning indexer
 (``indexer``) reads the query latent and the layer input: queries ``wq_b(q_latent)`` (``index_heads x index_head_dim``),
@@ -141,9 +144,15 @@ class MLAttention(nn.Module):
             mask, causal = step.mask(kpos, None)
         if self.mode not in self.MODES:
             raise ValueError(f"MLAttention.mode={self.mode!r}: allowed: {', '.join(self.MODES)}")
-        absorb = self.mode == "absorb" or (self.mode == "auto" and step.start > 0)
+        absorb = self.mode == "absorb" or (self.mode == "auto" and self.absorb_is_cheaper(t))
         out = (self.absorbed if absorb else self.expanded)(q_nope, q_pe, lat, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * m.v_head_dim))
+
+    def absorb_is_cheaper(self, t: int) -> bool:
+        """Whether attending in the latent space costs fewer FLOPs per attended key than expanding, for t queries."""
+        m = self.spec.mla
+        r = m.kv_lora_rank
+        return t * (2 * r + m.qk_rope_head_dim) < r * (m.qk_nope_head_dim + m.v_head_dim) + t * (m.qk_head_dim + m.v_head_dim)
 
     def expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, mask: torch.Tensor | None,
                  causal: bool) -> torch.Tensor:
