@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,24 +22,43 @@ ARCHS: dict[str, tuple[str, str, dict[str, Any]]] = {  # architecture -> (config
 }
 
 
-def tiny_hf(arch: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
-    """A 3-layer fp32 model of ``arch`` with non-trivial random weights (norms and biases too)."""
-    cfg_cls, model_cls, extra = ARCHS[arch]
-    cfg = getattr(transformers, cfg_cls)(**{**SIZES, **extra, **overrides})
+Rule = Callable[[str, torch.Tensor, torch.Generator], "torch.Tensor | None"]
+
+
+def random_hf(cfg: Any, model_cls: str, seed: int = 0, rules: tuple[Rule, ...] = (),
+              buffers: tuple[str, ...] = ()) -> transformers.PreTrainedModel:
+    """``transformers.<model_cls>(cfg)`` (eager attention, fp32, plain generation config) with non-trivial random
+    weights: every parameter, then every buffer whose name ends with one of ``buffers``, in order, from one generator
+    seeded with ``seed``. The first of ``rules`` that returns a tensor for ``(name, tensor, generator)`` sets it;
+    otherwise norms get ``1 + 0.2 N(0, 1)`` and the rest ``0.1 N(0, 1)``."""
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(cfg)
     gen = torch.Generator().manual_seed(seed)
+    tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if buffers and n.endswith(buffers)]
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            else:
-                p.copy_(0.1 * noise)
+        for name, p in tensors:
+            value = next((v for r in rules if (v := r(name, p, gen)) is not None), None)
+            if value is None:
+                noise = torch.randn(p.shape, generator=gen)
+                value = 1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.1 * noise
+            p.copy_(value)
     gc = model.generation_config
     gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
     return model.eval()
+
+
+def scaled(suffixes: str | tuple[str, ...], scale: float, offset: float = 0.0) -> Rule:
+    """A rule: tensors whose names end with ``suffixes`` get ``offset + scale N(0, 1)``."""
+    def rule(name: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+        return offset + scale * torch.randn(p.shape, generator=gen) if name.endswith(suffixes) else None
+    return rule
+
+
+def tiny_hf(arch: str, seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
+    """A 3-layer fp32 model of ``arch`` with non-trivial random weights (norms and biases too)."""
+    cfg_cls, model_cls, extra = ARCHS[arch]
+    return random_hf(getattr(transformers, cfg_cls)(**{**SIZES, **extra, **overrides}), model_cls, seed)
 
 
 def save(model: transformers.PreTrainedModel, path: Path, **kw: Any) -> Path:

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from hf_tiny import assert_greedy_matches, hf_logits, left_padded_batch, save
+from hf_tiny import assert_greedy_matches, hf_logits, left_padded_batch, random_hf, save, scaled
 from safetensors.torch import load_file, save_file
 
 import kvlab
@@ -52,23 +52,9 @@ CASES: dict[str, dict[str, Any]] = {
 def tiny_deepseek(seed: int = 0, v32: bool = False, **overrides: Any) -> transformers.PreTrainedModel:
     kind = "DeepseekV32" if v32 else "DeepseekV3"
     cfg = getattr(transformers, f"{kind}Config")(**{**BASE, **overrides})
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = getattr(transformers, f"{kind}ForCausalLM")(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        tensors = list(model.named_parameters()) + [(n, b) for n, b in model.named_buffers() if "e_score" in n]
-        for name, p in tensors:
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("e_score_correction_bias"):
-                p.copy_(0.5 * noise)  # large enough to change which experts (and groups) are chosen
-            else:
-                p.copy_(0.1 * noise)
-    gc = model.generation_config
-    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
-    return model.eval()
+    # correction biases large enough to change which experts (and groups) are chosen
+    return random_hf(cfg, f"{kind}ForCausalLM", seed, rules=(scaled("e_score_correction_bias", 0.5),),
+                     buffers=("e_score_correction_bias",))
 
 
 @pytest.fixture(scope="module", params=list(CASES))

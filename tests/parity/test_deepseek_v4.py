@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from hf_tiny import left_padded_batch
+from hf_tiny import left_padded_batch, random_hf
 
 import kvlab
 from kvlab.families import deepseek_v4, load_state
@@ -37,22 +37,14 @@ SIZES: dict[str, Any] = {
 def tiny_v4(seed: int = 0, **overrides: Any) -> Any:
     """A random fp32 DeepseekV4ForCausalLM with non-trivial norms, sinks, biases and hash tables."""
     cfg = transformers.DeepseekV4Config(**{**SIZES, **overrides})
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.DeepseekV4ForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            p.copy_(1.0 + 0.2 * noise if name.endswith("norm.weight") else 0.1 * noise)
-        for name, b in model.named_buffers():
-            if name.endswith("tid2eid"):  # distinct experts per token, as a real table has
-                b.copy_(torch.rand(b.shape[0], cfg.n_routed_experts, generator=gen).argsort(-1)[:, :b.shape[1]])
-            elif name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen))
-    gc = model.generation_config
-    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
-    return model.eval()
+
+    def hash_table(name: str, b: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+        if not name.endswith("tid2eid"):
+            return None  # distinct experts per token, as a real table has
+        return torch.rand(b.shape[0], cfg.n_routed_experts, generator=gen).argsort(-1)[:, :b.shape[1]]
+
+    return random_hf(cfg, "DeepseekV4ForCausalLM", seed, rules=(hash_table,),
+                     buffers=("tid2eid", "e_score_correction_bias"))
 
 
 @pytest.fixture(autouse=True)

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from hf_tiny import assert_greedy_matches, hf_logits, left_padded_batch, save
+from hf_tiny import assert_greedy_matches, hf_logits, left_padded_batch, random_hf, save, scaled
 
 import kvlab
 from kvlab.families import config_from_hf
@@ -49,23 +49,9 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def tiny_laguna(seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
-    cfg = transformers.LagunaConfig(**{**BASE, **overrides})
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.LagunaForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith("norm.weight"):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("e_score_correction_bias"):
-                p.copy_(0.5 * noise)  # large enough to change which experts are chosen
-            else:
-                p.copy_(0.1 * noise)
-    gc = model.generation_config
-    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
-    return model.eval()
+    # correction biases large enough to change which experts are chosen
+    return random_hf(transformers.LagunaConfig(**{**BASE, **overrides}), "LagunaForCausalLM", seed,
+                     rules=(scaled("e_score_correction_bias", 0.5),))
 
 
 @pytest.fixture(scope="module", params=list(CASES))

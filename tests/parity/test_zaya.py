@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from hf_tiny import assert_greedy_matches, hf_logits, left_padded_batch, save
+from hf_tiny import assert_greedy_matches, hf_logits, left_padded_batch, random_hf, save, scaled
 
 import kvlab
 from kvlab.families import config_from_hf
@@ -36,30 +36,18 @@ CASES: dict[str, dict[str, Any]] = {
 
 
 def tiny_zaya(seed: int = 0, **overrides: Any) -> transformers.PreTrainedModel:
-    cfg = transformers.ZayaConfig(**{**BASE, **overrides})
-    cfg._attn_implementation = "eager"
-    torch.manual_seed(seed)
-    model = transformers.ZayaForCausalLM(cfg)
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            noise = torch.randn(p.shape, generator=gen)
-            if name.endswith(("norm.weight", "_scale")):
-                p.copy_(1.0 + 0.2 * noise)
-            elif name.endswith("qk_norm.temp"):
-                p.copy_(1.0 + 0.3 * noise)  # non-zero key temperature
-            elif ".conv_qk_" in name and name.endswith("weight"):
-                p.copy_(0.5 * noise)  # large enough for the convolutions to matter
-            elif name.endswith("router_mlp.out_proj.weight"):
-                p.copy_(noise)  # router choices that vary from token to token
-            else:
-                p.copy_(0.1 * noise)
-        for name, b in model.named_buffers():
-            if name.endswith("balancing_biases"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=gen))  # the skip expert's too: some tokens take it
-    gc = model.generation_config
-    gc.eos_token_id, gc.pad_token_id, gc.bos_token_id = None, 0, None
-    return model.eval()
+    def conv(name: str, p: torch.Tensor, gen: torch.Generator) -> torch.Tensor | None:
+        if ".conv_qk_" in name and name.endswith("weight"):
+            return 0.5 * torch.randn(p.shape, generator=gen)  # large enough for the convolutions to matter
+        return None
+
+    rules = (scaled(("norm.weight", "_scale"), 0.2, 1.0),
+             scaled("qk_norm.temp", 0.3, 1.0),  # non-zero key temperature
+             conv,
+             scaled("router_mlp.out_proj.weight", 1.0))  # router choices that vary from token to token
+    # balancing biases (the skip expert's too: some tokens take it) get the default 0.1 N(0, 1)
+    return random_hf(transformers.ZayaConfig(**{**BASE, **overrides}), "ZayaForCausalLM", seed, rules,
+                     buffers=("balancing_biases",))
 
 
 @pytest.fixture(scope="module", params=list(CASES))
