@@ -1,10 +1,12 @@
-"""Routed mixture of experts with top-k choice (GShard/Switch; DeepSeek-V3 scoring options).
+"""Routed mixture of experts with top-k choice (GShard/Switch; DeepSeek-V3/V4 scoring options).
 
-Router in fp32. Options: softmax or sigmoid scores, a bias added to the scores for the choice only
-(aux-loss-free balancing), renormalised top-k weights, routed scaling, always-on shared experts, a
-router that reads the normalised residual stream with a learned scale and per-expert output scales
-(Gemma 4), a router MLP in a narrow router space that can carry the previous layer's router state, and
-a skip expert that computes nothing (ZAYA1).
+Router in fp32. Options: softmax, sigmoid or sqrt-softplus scores (DeepSeek V4), a bias added to the scores for
+the choice only (aux-loss-free balancing), group-limited choice (DeepSeek-V3: only the best groups of experts),
+a fixed token-id -> experts table instead of a choice (DeepSeek V4's hash-routed layers), renormalised top-k
+weights, routed scaling, always-on shared experts, SwiGLU pre-activations clipped at a limit (DeepSeek V4), a
+router that reads the normalised residual stream with a learned scale and per-expert output scales (Gemma 4), a
+router MLP in a narrow router space that can carry the previous layer's router state, and a skip expert that
+computes nothing (ZAYA1).
 """
 
 from __future__ import annotations
