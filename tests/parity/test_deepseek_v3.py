@@ -92,7 +92,6 @@ def test_logits_match(pair: tuple[Any, kvlab.Model, Path]) -> None:
     assert got.shape == want.shape
     real = mask.bool()
     diff = (got[real] - want[real]).abs().max().item()
-    print(f"max |logits diff| {diff:.2e}")
     assert diff <= 1e-4, f"max |logits diff| {diff:.2e} over non-pad positions"
     alone = model(ids[1:, -LENGTHS[1]:])  # the short row alone gives the same logits
     assert (alone[0] - got[1, -LENGTHS[1]:]).abs().max().item() <= 1e-4
