@@ -86,6 +86,19 @@ def max_diff(got: torch.Tensor, want: torch.Tensor, mask: torch.Tensor) -> float
     return (got[real] - want[real]).abs().max().item()
 
 
+def assert_padded_logits_match(model: Any, ids: torch.Tensor, mask: torch.Tensor, got: torch.Tensor,
+                               want: torch.Tensor, row_alone: int | None = 1) -> None:
+    """kvlab's logits ``got`` of the left-padded batch equal transformers' ``want`` to 1e-4 over the non-pad
+    positions; row ``row_alone`` (None: skip) run alone, without its padding, gives its padded logits."""
+    assert got.shape == want.shape
+    diff = max_diff(got, want, mask)
+    assert diff <= 1e-4, f"max |logits diff| {diff:.2e} over non-pad positions"
+    if row_alone is not None:
+        n = int(mask[row_alone].sum())
+        alone = model(ids[row_alone:row_alone + 1, -n:])
+        assert (alone[0] - got[row_alone, -n:]).abs().max().item() <= 1e-4
+
+
 def hf_logits(hf: transformers.PreTrainedModel, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """transformers' logits for a left-padded batch, with the positions its ``generate`` uses."""
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
