@@ -48,4 +48,38 @@ def random_model(cfg: ModelConfig, seed: int = 0) -> Model:
     return model.eval()
 
 
-__all__ = ["ATTENTION_VARIANTS", "LayerSpec", "random_model", "tiny_config"]
+def train_steps(model: Model, ids: torch.Tensor, steps: int, lr: float = 3e-3) -> list[float]:
+    """``steps`` AdamW steps of next-token cross-entropy on ``ids [B, T]``; the losses, one per step."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits = model(ids[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, model.config.vocab_size), ids[:, 1:].reshape(-1))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def assert_sweep_fails_before_training(raw: dict, message: str, tmp_path) -> None:
+    """``kvlab ablate`` on the sweep ``raw`` exits with 2 and creates no run directory, and parsing it raises a
+    ValueError containing ``message``."""
+    import json
+    import re
+
+    import pytest
+
+    from kvlab.cli import main
+    from kvlab.train.ablate import parse_sweep
+
+    f = tmp_path / "sweep.json"
+    f.write_text(json.dumps(raw))
+    assert main(["ablate", str(f), "--out", str(tmp_path / "runs")]) == 2
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(ValueError, match=re.escape(message)):
+        parse_sweep(raw)
+
+
+__all__ = ["ATTENTION_VARIANTS", "LayerSpec", "assert_sweep_fails_before_training", "random_model", "tiny_config",
+           "train_steps"]

@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from helpers import assert_sweep_fails_before_training
 
 from kvlab.cli import main
 from kvlab.train.ablate import dry_run, parse_sweep, preset_path, run_sweep, sweep_presets
@@ -153,13 +154,7 @@ def test_sweep_reports_probe_columns_and_parallel_runs_match(tmp_path):
     ({"seeds": [0, 0]}, "the seeds must differ"),
 ])
 def test_malformed_sweeps_fail_before_training_naming_the_problem(change, message, tmp_path):
-    raw = _sweep([{"name": "base"}]) | change
-    f = tmp_path / "sweep.json"
-    f.write_text(json.dumps(raw))
-    assert main(["ablate", str(f), "--out", str(tmp_path / "runs")]) == 2
-    assert not (tmp_path / "runs").exists()
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        parse_sweep(raw)
+    assert_sweep_fails_before_training(_sweep([{"name": "base"}]) | change, message, tmp_path)
 
 
 def test_probe_lengths_beyond_max_positions_fail_before_training(tmp_path):

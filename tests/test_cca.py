@@ -6,8 +6,7 @@ import dataclasses
 
 import pytest
 import torch
-import torch.nn.functional as F
-from helpers import random_model
+from helpers import random_model, train_steps
 
 import kvlab
 from kvlab.cache.cca import CCAStore
@@ -246,15 +245,7 @@ def test_cca_model_trains():
     cfg = cca_config()
     model = Model.from_config(cfg, seed=0, std=0.05).train()
     data = torch.randint(0, cfg.vocab_size, (4, 24), generator=torch.Generator().manual_seed(1))
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    losses = []
-    for _ in range(25):
-        logits = model(data[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), data[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = train_steps(model, data, 25)
     assert losses[-1] < 0.7 * losses[0], losses
     attn = model.layers[0].attn
     for p in (attn.conv_dw.weight, attn.conv_grouped.weight, attn.key_temp, attn.v_shift_proj.weight):

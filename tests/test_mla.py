@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import random_model
+from helpers import random_model, train_steps
 
 import kvlab
 from kvlab.cache.latent import LatentStore
@@ -282,17 +282,8 @@ def test_mla_model_trains() -> None:
     torch.manual_seed(0)
     cfg = mla_config("q-lora-interleave-yarn", moe=True)
     model = Model.from_config(cfg, seed=0, std=0.05).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, cfg.vocab_size, (4, 16), generator=gen)
-    losses = []
-    for _ in range(15):
-        logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, cfg.vocab_size), ids[:, 1:].reshape(-1))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    ids = torch.randint(0, cfg.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = train_steps(model, ids, 15)
     assert losses[-1] < 0.7 * losses[0], losses
     assert model.layers[0].attn.kv_b_proj.weight.grad is not None
 

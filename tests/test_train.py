@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import assert_sweep_fails_before_training, tiny_config
 
 from kvlab.cli import main
 from kvlab.train import checkpointing as ck
@@ -309,12 +309,4 @@ def test_ablation_matches_parameters_and_reports_welch(tmp_path):
     ({"base": None}, "training config"),
 ])
 def test_malformed_sweeps_fail_before_training(change, message, tmp_path):
-    raw = _sweep([{"name": "base"}]) | change
-    f = tmp_path / "sweep.json"
-    f.write_text(json.dumps(raw))
-    assert main(["ablate", str(f), "--out", str(tmp_path / "runs")]) == 2
-    assert not (tmp_path / "runs").exists()
-    from kvlab.train.ablate import parse_sweep
-
-    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
-        parse_sweep(raw)
+    assert_sweep_fails_before_training(_sweep([{"name": "base"}]) | change, message, tmp_path)
