@@ -25,6 +25,7 @@ from pathlib import Path
 from kv_flops_plot import plot_kv_and_flops
 
 import kvlab
+from kvlab.costs import Costs
 from kvlab.units import fmt_bytes, fmt_context, fmt_flops, table
 
 MODELS = ["deepseek-v3", "deepseek-v3.2", "deepseek-v4-flash", "deepseek-v4-pro"]
@@ -33,10 +34,10 @@ CONTEXTS = [2**k for k in range(12, 21)]  # 4K .. 1M
 PUBLISHED = {"deepseek-v4-pro": (0.10, 0.27), "deepseek-v4-flash": (0.07, 0.10)}  # (KV, FLOPs) vs V3.2 at 1M
 
 
-def deepseek_format_bytes(name: str, context: int) -> int:
-    """KV bytes at ``context`` in DeepSeek's storage formats (see the module docstring), batch 1: the calculator's
-    bf16 components with the compressed entries, the MLA latent and the indexer keys re-priced."""
-    c = kvlab.costs(name, context=context, dtype="bfloat16")
+def deepseek_format_bytes(name: str, c: Costs) -> int:
+    """KV bytes of preset ``name`` in DeepSeek's storage formats (see the module docstring): its bf16 costs ``c``
+    (batch 1), with the compressed entries, the MLA latent and the indexer keys re-priced."""
+    context = c.context
     total = 0
     for layer, lc in zip(kvlab.presets.get_preset(name).layers, c.per_layer):
         parts = dict(lc.kv_components)
@@ -66,7 +67,7 @@ def main() -> None:
             c = kvlab.costs(name, context=ctx, dtype="bfloat16")
             out["models"].setdefault(name, {})[ctx] = {
                 "kv_cache_bytes": c.kv_cache_bytes, "kv_components": c.kv_components,
-                "kv_cache_bytes_deepseek_format": deepseek_format_bytes(name, ctx),
+                "kv_cache_bytes_deepseek_format": deepseek_format_bytes(name, c),
                 "flops_per_token": c.flops_per_token, "attn_flops_per_token": c.attn_flops_per_token,
                 "attn_flops_components": c.attn_flops_components, "other_flops_per_token": c.other_flops_per_token}
             rows.append([name, fmt_bytes(c.kv_cache_bytes),

@@ -69,11 +69,10 @@ def cmd_calc(args: argparse.Namespace) -> int:
         print(f"source: {cfg.source}")
     read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
     avg = c.kv_cache_bytes / (ctx * c.batch)
-    parts: dict[str, int] = {}  # csa / hca / mla cache components, summed over the layers
+    parts = c.kv_components  # csa / hca / mla cache components, summed over the layers
     owners: dict[str, set[str]] = {}  # component -> the attention kinds holding it
     for lc in c.per_layer:
-        for k, v in lc.kv_components.items():
-            parts[k] = parts.get(k, 0) + v
+        for k in lc.kv_components:
             owners.setdefault(k, set()).add(lc.kind.split()[0])
     rows = [
         ["parameters, total", fmt_count(c.params_total), f"{c.params_total:,}"],

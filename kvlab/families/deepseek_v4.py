@@ -25,6 +25,7 @@ are refused with a message naming the format.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from typing import Any
@@ -216,6 +217,7 @@ NATIVE: list[tuple[str, str]] = [
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
+@functools.cache  # asked once by the loader's dtype rule and once by the renaming
 def native_name(name: str) -> str:
     """Any V4 tensor name in transformers' layout: DeepSeek's own (``layers.0.attn.wq_a.weight``), the same under
     ``model.`` (what transformers 5.23's ``save_pretrained`` writes) or already transformers' (unchanged)."""
