@@ -28,10 +28,10 @@ def test_bench_cli_json_measured_equals_calculated(capsys, tmp_path):
     cfg.save(path)
     rc = main(["bench", str(path), "--context", "40", "--decode-tokens", "4", "--prefill-chunk", "16",
                "--bandwidth-mib", "8", "--no-progress", "--json"])
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert rc == 0
-    assert "cache measured" in out and "decode tok/s" in out
-    r = json.loads(out.strip().splitlines()[-1])
+    assert "cache measured" in err and "decode tok/s" in err  # the card goes to stderr under --json
+    r = json.loads(out)
     (row,) = r["results"]
     per_pos = 2 * KV_HEADS * HEAD_DIM * 4  # K + V, fp32
     by_hand = per_pos * 44 + per_pos * 8  # layer 0: 40 + 4 positions; layer 1: window 8; layer 2 shares layer 0

@@ -223,3 +223,42 @@ def test_calc_and_bench_on_a_checkpoint_dir(capsys, checkpoint):
     r = last_json(out)
     assert r["checkpoint"] is True and r["scaled"] == []
     assert r["results"][0]["cache_bytes_measured"] == 2 * 2 * 2 * 8 * 4 * 103  # layers, K+V, kv heads, dim, fp32
+
+
+# -- one convention: with --json, standard output is exactly one JSON object -----------------------------------
+def _json_argv(verb, tmp_path, tiny_path, checkpoint):
+    """Cheap arguments for each verb; every run shows its progress (no --no-progress)."""
+    train_cfg = {"model": {"hidden_size": 32, "layers": [{"repeat": 2, "num_heads": 2, "num_kv_heads": 1,
+                                                          "head_dim": 16, "intermediate_size": 64}]},
+                 "task": {"kind": "passkey", "seq_len": 24, "digits": 3},
+                 "train": {"steps": 2, "batch_size": 2, "threads": 1, "eval_batches": 1}}
+    if verb == "train":
+        (tmp_path / "run.json").write_text(json.dumps(train_cfg))
+        return ["train", tmp_path / "run.json", "--out", tmp_path / "run"]
+    if verb == "ablate":
+        sweep = {"base": train_cfg, "variants": [{"name": "base"}, {"name": "sliding", "sliding": {"window": 4, "global_every": 2}}],
+                 "seeds": [0], "context": "1k", "probe": {"lengths": [24], "distance_bins": [0, 8], "samples": 4}}
+        (tmp_path / "sweep.json").write_text(json.dumps(sweep))
+        return ["ablate", tmp_path / "sweep.json", "--out", tmp_path / "ablate"]
+    return {"calc": ["calc", tiny_path, "--context", "1k"],
+            "compare": ["compare", tiny_path, tiny_path, "--context", "1k,2k"],
+            "inspect": ["inspect", tiny_path, "--context", "1k"],
+            "generate": ["generate", checkpoint, "--ids", "1,2", "--max-new-tokens", "2", "--stream"],
+            "bench": ["bench", tiny_path, "--context", "16", "--decode-tokens", "2", "--bandwidth-mib", "1"],
+            "presets": ["presets"]}[verb]
+
+
+def test_every_verb_is_tested_here():
+    from kvlab.cli import VERBS as CLI_VERBS
+
+    assert {v.NAME for v in CLI_VERBS} == set(VERBS) | {"train", "ablate"}
+
+
+@pytest.mark.parametrize("verb", VERBS + ["train", "ablate"])
+def test_json_stdout_is_one_object(capsys, tmp_path, tiny_json, checkpoint, verb):
+    _, path = tiny_json
+    rc, out, err = run(capsys, *_json_argv(verb, tmp_path, path, checkpoint), "--json")
+    assert rc == 0, err
+    assert isinstance(json.loads(out), dict)  # the whole of stdout, not only its last line
+    if verb == "bench":  # the card went to stderr
+        assert "cache measured" in err and "cache measured" not in out

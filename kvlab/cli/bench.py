@@ -1,0 +1,42 @@
+"""``kvlab bench``: prefill/decode throughput, memory, measured vs calculated cache bytes, bandwidth use."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, emit_json, report
+from kvlab.units import parse_contexts
+
+NAME = "bench"
+HELP = "prefill/decode throughput, memory, measured vs calculated cache bytes, bandwidth use"
+EXAMPLE = ("kvlab bench llama-3.1-8b --context 1k,4k --decode-tokens 32 --json\n"
+           "  kvlab bench ./ckpt --context 4k --vs transformers")
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("model", help=MODEL_HELP + " (a preset is built with random weights, scaled down to fit)")
+    q.add_argument("--context", default="4k", help="comma-separated prompt lengths (default 4k)")
+    q.add_argument("--decode-tokens", type=int, default=32)
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--prefill-chunk", type=int, default=512)
+    q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    q.add_argument("--vs", choices=["transformers"], help="run the same loop in transformers and print ratios")
+    q.add_argument("--max-weight-gib", type=float, default=4.0,
+                   help="scale a preset down until its weights fit in this many GiB (default 4)")
+    q.add_argument("--bandwidth-mib", type=int, default=256,
+                   help="buffer size of the copy-bandwidth measurement in MiB (default 256)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_dtype_and_json(q, dtype="fp32", json_help="print all figures as one JSON object on stdout (the card goes to stderr)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.bench import format_card, run_bench
+
+    r = run_bench(args.model, parse_contexts(args.context), decode_tokens=args.decode_tokens, dtype=args.dtype,
+                  threads=args.threads, vs=args.vs, batch=args.batch, prefill_chunk=args.prefill_chunk,
+                  weight_budget=int(args.max_weight_gib * 1024**3), bandwidth_bytes=args.bandwidth_mib * 1024**2,
+                  progress=not args.no_progress)
+    print(format_card(r), file=report(args))
+    if args.json:
+        emit_json(r)
+    return 0

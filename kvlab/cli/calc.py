@@ -1,0 +1,92 @@
+"""``kvlab calc``: parameters, KV-cache bytes, bytes read per decode step and FLOPs of one model at one context."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, context_or_default, costs_of, emit_json, resolve_config
+from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_dtype, table
+
+NAME = "calc"
+HELP = "parameters, KV-cache bytes, bytes read per step and FLOPs of one model at one context"
+EXAMPLE = "kvlab calc llama-3.1-8b --context 128k --dtype bf16"
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("model", help=MODEL_HELP)
+    q.add_argument("--context", help="context length: 131072, 128k, 1m (default: the model's max positions)")
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--no-kv-sharing", action="store_true",
+                   help="price the same model with every layer producing and storing its own K/V")
+    add_dtype_and_json(q)
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.costs import kv_sharing_report
+    from kvlab.sharing import shared_layers, without_sharing
+
+    cfg = resolve_config(args.model)
+    ctx = context_or_default(args.context, cfg)
+    sharing = kv_sharing_report(cfg, ctx, parse_dtype(args.dtype), args.batch) if shared_layers(cfg) else None
+    if args.no_kv_sharing:
+        cfg = without_sharing(cfg)
+    c = costs_of(cfg, ctx, parse_dtype(args.dtype), args.batch)
+    if args.json:
+        emit_json({**c.to_dict(), "source": cfg.source, "kv_sharing": sharing,
+                    "kv_sharing_off": bool(args.no_kv_sharing)})
+        return 0
+    print(f"{c.name}: context {ctx:,} tokens ({fmt_context(ctx)}), batch {c.batch}, weights {c.dtype}, "
+          f"KV {c.kv_dtype}" + (", KV sharing OFF (every layer stores its own K/V)" if args.no_kv_sharing else ""))
+    if cfg.source:
+        print(f"source: {cfg.source}")
+    read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
+    avg = c.kv_cache_bytes / (ctx * c.batch)
+    parts = c.kv_components  # csa / hca / mla cache components, summed over the layers
+    owners: dict[str, set[str]] = {}  # component -> the attention kinds holding it
+    for lc in c.per_layer:
+        for k in lc.kv_components:
+            owners.setdefault(k, set()).add(lc.kind.split()[0])
+    rows = [
+        ["parameters, total", fmt_count(c.params_total), f"{c.params_total:,}"],
+        ["parameters, embedding", fmt_count(c.params_embedding), f"{c.params_embedding:,}"],
+        *([["parameters, PLE table (a lookup, no FLOPs)", fmt_count(c.params_ple_table), f"{c.params_ple_table:,}"],
+           ["parameters, PLE all (table, projection, gates)", fmt_count(c.params_ple), f"{c.params_ple:,}"]]
+          if c.params_ple_table else []),
+        ["parameters, active per token", fmt_count(c.params_active), f"{c.params_active:,}"],
+        *([["parameters, mHC maps (fp32)", fmt_count(c.params_mhc), f"{c.params_mhc:,}"]] if c.params_mhc else []),
+        ["KV cache", fmt_bytes(c.kv_cache_bytes), f"{c.kv_cache_bytes:,}"],
+        *[[f"  {k.replace('_', ' ')} ({'mla' if owners[k] == {'mla'} else 'csa/hca'})", fmt_bytes(v), f"{v:,}"]
+          for k, v in parts.items()],
+        ["KV bytes/token, full-attention layers", fmt_bytes(c.kv_bytes_per_token), f"{c.kv_bytes_per_token:,}"],
+        ["KV bytes/token, window layers (up to window)", fmt_bytes(c.kv_bytes_per_token_window),
+         f"{c.kv_bytes_per_token_window:,}"],
+        ["KV bytes/token, average at this context", fmt_bytes(avg), f"{avg:,.1f}"],
+        ["bytes read per decode step", fmt_bytes(read), f"{read:,}"],
+        ["  weights", fmt_bytes(c.weight_read_bytes_per_step), f"{c.weight_read_bytes_per_step:,}"],
+        ["  K/V", fmt_bytes(c.kv_read_bytes_per_step), f"{c.kv_read_bytes_per_step:,}"],
+        ["FLOPs per token (decode at context)", fmt_flops(c.flops_per_token), f"{c.flops_per_token:,}"],
+        ["  attention", fmt_flops(c.attn_flops_per_token), f"{c.attn_flops_per_token:,}"],
+        *[[f"    {k.replace('_', ' ')}", fmt_flops(v), f"{v:,}"] for k, v in c.attn_flops_components.items()],
+        ["  other (matmuls)", fmt_flops(c.other_flops_per_token), f"{c.other_flops_per_token:,}"],
+        *([["    of which mHC", fmt_flops(c.mhc_flops_per_token), f"{c.mhc_flops_per_token:,}"]]
+          if c.mhc_flops_per_token else []),
+        ["prefill FLOPs (whole context)", fmt_flops(c.prefill_flops), f"{c.prefill_flops:,}"],
+        ["  attention", fmt_flops(c.prefill_attn_flops), f"{c.prefill_attn_flops:,}"],
+    ]
+    print(table(["quantity", "value", "exact"], rows))
+    if sharing is not None:
+        print(f"\nKV sharing: {len(sharing['shared_layers'])} of {sharing['num_layers']} layers read another layer's "
+              f"K/V ({', '.join(f'{i}<-{j}' for i, j in sharing['sources'].items())})")
+        def both(n: int) -> str:
+            return f"{fmt_bytes(n)} = {n / 1e9:.2f} GB"
+
+        srows = [[r["assumption"], both(r["without_sharing"]), both(r["with_sharing"]), both(r["saved"]),
+                  f"{100 * r['saved_fraction']:.1f}%"] for r in sharing["rows"]]
+        print(table(["KV cache, assumption", "without sharing", "with sharing", "saved", "saved %"], srows))
+        print("  the first row is what kvlab allocates (and this table's KV cache line"
+              + (" without sharing" if args.no_kv_sharing else "") + "); published savings "
+              "(e.g. ~2.7 GB for Gemma 4 E2B at 128K) use a simplified row")
+    print("\nassumptions:")
+    for a in c.assumptions:
+        print(f"  - {a}")
+    return 0

@@ -1,0 +1,129 @@
+"""``kvlab compare``: KV-cache bytes and FLOPs of several models over several contexts, ratios, a log-log plot."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, costs_of, emit_json, resolve_config
+from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_contexts, parse_dtype, table
+
+NAME = "compare"
+HELP = "KV-cache bytes of several models over several contexts, with ratios and a plot"
+EXAMPLE = "kvlab compare llama-3.1-8b gemma-4-e2b --context 8k,32k,128k,1m --plot out/compare.png"
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("models", nargs="+", help=MODEL_HELP)
+    q.add_argument("--context", default="8k,32k,128k,1m", help="comma-separated lengths (default 8k,32k,128k,1m)")
+    q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--plot", help="write a log-log PNG plot of KV bytes against context here")
+    add_dtype_and_json(q)
+
+
+def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int = 1) -> dict[str, Any]:
+    """KV-cache bytes of each model at each context, and ratios to the first model."""
+    out = []
+    for spec in models:
+        cfg = resolve_config(spec)
+        cs = [costs_of(cfg, ctx, dtype, batch) for ctx in contexts]
+        out.append({"model": spec, "name": cfg.name, "max_positions": cfg.max_positions,
+                    "params_total": cs[0].params_total, "kv_cache_bytes": [c.kv_cache_bytes for c in cs],
+                    "kv_read_bytes_per_step": [c.kv_read_bytes_per_step for c in cs],
+                    "kv_state_bytes": cs[0].kv_state_bytes,
+                    "attn_flops_per_token": [c.attn_flops_per_token for c in cs],
+                    "flops_per_token": [c.flops_per_token for c in cs],
+                    "kv_components": [c.kv_components for c in cs],
+                    "attn_flops_components": [c.attn_flops_components for c in cs]})
+    first, first_flops = out[0]["kv_cache_bytes"], out[0]["flops_per_token"]
+    for m in out:
+        m["ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["kv_cache_bytes"], first)]
+        m["flops_ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["flops_per_token"], first_flops)]
+    return {"dtype": dtype, "batch": batch, "contexts": contexts, "models": out}
+
+
+def plot_compare(data: dict[str, Any], path: str | Path) -> Path:
+    """Log-log plot of KV-cache bytes against context, one line per model; written to ``path``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ctx = data["contexts"]
+    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
+    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
+    for i, m in enumerate(data["models"]):
+        ls, mk = styles[i % len(styles)]
+        ax.plot(ctx, m["kv_cache_bytes"], linestyle=ls, marker=mk, label=m["name"])
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xticks(ctx, [fmt_context(c) for c in ctx])
+    ticks = [2**k for k in range(20, 50, 2)]
+    lo = min(min(b for b in m["kv_cache_bytes"] if b) for m in data["models"] if any(m["kv_cache_bytes"]))
+    hi = max(max(m["kv_cache_bytes"]) for m in data["models"])
+    ticks = [t for t in ticks if lo / 4 <= t <= hi * 4] or ticks
+    ax.set_yticks(ticks, [fmt_bytes(t).replace(".00", "") for t in ticks])
+    ax.set_xlabel("context (tokens)")
+    ax.set_ylabel(f"KV cache ({data['dtype']}, batch {data['batch']})")
+    ax.set_title("KV-cache size against context")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def run(args: argparse.Namespace) -> int:
+    contexts = parse_contexts(args.context)
+    data = compare_data(args.models, contexts, parse_dtype(args.dtype), args.batch)
+    if args.plot:
+        data["plot"] = str(plot_compare(data, args.plot))
+    if args.json:
+        emit_json(data)
+        return 0
+    heads = ["model", "params"] + [fmt_context(c) for c in contexts]
+    rows, ratios, beyond = [], [], False
+    for m in data["models"]:
+        cells = []
+        for c, b in zip(contexts, m["kv_cache_bytes"]):
+            star = "*" if c > m["max_positions"] else ""
+            beyond |= bool(star)
+            cells.append(fmt_bytes(b) + star)
+        rows.append([m["name"], fmt_count(m["params_total"])] + cells)
+        ratios.append([m["name"], ""] + ["-" if r is None else f"{r:.3f}x" for r in m["ratio_to_first"]])
+    print(f"KV cache ({data['dtype']}, batch {data['batch']})")
+    print(table(heads, rows, left=1))
+    print(f"\nratio to {data['models'][0]['name']}")
+    print(table(heads, ratios, left=1))
+    print("\nattention FLOPs per decoded token (at that context)")
+    print(table(heads, [[m["name"], fmt_count(m["params_total"])] + [fmt_flops(f) for f in m["attn_flops_per_token"]]
+                        for m in data["models"]], left=1))
+    print(f"\nall FLOPs per decoded token (matmuls + attention), and as a fraction of {data['models'][0]['name']}'s")
+    print(table(heads, [[m["name"], fmt_count(m["params_total"])]
+                        + [fmt_flops(f) + ("" if r is None else f" ({100 * r:.1f}%)")
+                           for f, r in zip(m["flops_per_token"], m["flops_ratio_to_first"])]
+                        for m in data["models"]], left=1))
+    parts = [m for m in data["models"] if any(m["kv_components"]) or any(m["attn_flops_components"])]
+    if parts:  # csa / hca / mla models: where the bytes and the attention FLOPs go
+        prows = []
+        for m in parts:
+            for what, key, fmt in (("KV", "kv_components", fmt_bytes), ("attn FLOPs", "attn_flops_components",
+                                                                          fmt_flops)):
+                names = list(dict.fromkeys(k for d in m[key] for k in d))
+                prows += [[m["name"], f"{what}: {k}"] + [fmt(d.get(k, 0)) for d in m[key]]
+                          for k in names]
+        print("\nby component (summed over the layers)")
+        print(table(["model", "component"] + [fmt_context(c) for c in contexts], prows, left=2))
+    states = [(m["name"], m["kv_state_bytes"]) for m in data["models"] if m["kv_state_bytes"]]
+    if states:
+        print("\nincluded above, constant per-sequence state (e.g. CCA conv tails): "
+              + ", ".join(f"{n} {fmt_bytes(b)}" for n, b in states))
+    if beyond:
+        print("\n* beyond the model's max_positions")
+    if args.plot:
+        print(f"\nplot: {data['plot']}")
+    return 0

@@ -1,0 +1,46 @@
+"""``kvlab inspect``: one row per layer (kind, heads, head dims, window, KV source, params, KV bytes, FLOPs)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, context_or_default, costs_of, emit_json, resolve_config
+from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_dtype, table
+
+NAME = "inspect"
+HELP = ("per-layer table: kind, heads, head dims, window, KV source, params, KV bytes, "
+        "attention FLOPs of a decode step and of prefill")
+EXAMPLE = "kvlab inspect gemma-4-e2b --context 128k"
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("model", help=MODEL_HELP)
+    q.add_argument("--context", help="context length (default: the model's max positions)")
+    q.add_argument("--batch", type=int, default=1)
+    add_dtype_and_json(q)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = resolve_config(args.model)
+    ctx = context_or_default(args.context, cfg)
+    c = costs_of(cfg, ctx, parse_dtype(args.dtype), args.batch)
+    layers = [dict(vars(x)) for x in c.per_layer]
+    if args.json:
+        emit_json({"name": c.name, "context": ctx, "dtype": c.dtype, "batch": c.batch,
+                    "kv_cache_bytes": c.kv_cache_bytes, "params_total": c.params_total, "layers": layers})
+        return 0
+    print(f"{c.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
+          f"context {ctx:,} ({fmt_context(ctx)}), {c.kv_dtype} K/V, batch {c.batch}")
+    rows = []
+    for x in c.per_layer:
+        hd = str(x.head_dim) if x.v_head_dim == x.head_dim else f"{x.head_dim}/{x.v_head_dim}"
+        rows.append([x.index, x.kind, x.mlp, x.heads, x.kv_heads, hd, "-" if x.window is None else x.window,
+                     "-" if x.kv_source is None else x.kv_source, fmt_count(x.params),
+                     f"{x.kv_bytes_per_token:,}", fmt_bytes(x.kv_bytes), fmt_flops(x.attn_flops_per_token),
+                     fmt_flops(x.prefill_attn_flops)])
+    rows.append(["all", "", "", "", "", "", "", "", fmt_count(sum(x.params for x in c.per_layer)),
+                 f"{sum(x.kv_bytes_per_token for x in c.per_layer):,}", fmt_bytes(c.kv_cache_bytes),
+                 fmt_flops(c.attn_flops_per_token), fmt_flops(c.prefill_attn_flops)])
+    print(table(["layer", "kind", "mlp", "heads", "kv heads", "head dim", "window", "kv src", "params",
+                 "KV B/token", f"KV @ {fmt_context(ctx)}", "attn FLOP/tok", "prefill attn FLOP"], rows, left=3))
+    return 0

@@ -1,0 +1,64 @@
+"""``kvlab train``: train a small model from scratch on a synthetic long-context task or local text."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from kvlab.cli.common import add_json, emit_json
+from kvlab.units import fmt_count, table
+
+NAME = "train"
+HELP = ("train a small model from scratch (a preset scaled down or a ModelConfig) on synthetic "
+        "long-context tasks or local text; atomic checkpoints, exact --resume, data-parallel under torchrun")
+EXAMPLE = ("kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall --steps 200\n"
+           "  kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall --resume\n"
+           "  torchrun --nproc_per_node 2 -m kvlab train CONFIG --out runs/dp   (see docs/training.md)")
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("config", help="training config, JSON or TOML: [model], [task], [train] (docs/training.md)")
+    q.add_argument("--out", help="run directory for checkpoints and log.jsonl (default: the config's out, "
+                   "else runs/<config name>)")
+    q.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    q.add_argument("--steps", type=int, help="override train.steps")
+    q.add_argument("--seed", type=int, help="override train.seed")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_json(q, "print one JSON summary object (with the loss of every step)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from kvlab.train import load_config, train
+
+    cfg = load_config(args.config)  # validated before anything is built or written
+    if args.steps is not None:
+        if args.steps < 1:
+            raise ValueError(f"--steps {args.steps}: must be >= 1")
+        cfg.train.steps = args.steps
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.device is not None:
+        cfg.train.device = args.device
+    for k in ("steps", "seed", "device"):  # the run directory's train_config.json records the overrides
+        if getattr(args, k) is not None:
+            cfg.raw["train"][k] = getattr(args, k)
+    out = args.out or cfg.out or str(Path("runs") / Path(args.config).stem)
+    r = train(cfg, out=out, resume=args.resume, progress=not args.no_progress).summary
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports (lines would interleave)
+        return 0
+    if args.json:
+        emit_json(r)
+        return 0
+    ev = r["eval"] or {}
+    rows = [["model", f"{r['model']} ({fmt_count(r['params'])} parameters)"],
+            ["task", f"{r['task']}, seq_len {r['seq_len']}, global batch {r['global_batch']}"],
+            ["steps", f"{r['steps']} ({r['steps_this_run']} this run, from step {r['resumed_from']})"],
+            ["processes", str(r["processes"])],
+            ["final train loss", f"{r['final_loss']:.4f}"],
+            ["eval loss / accuracy", f"{ev['eval_loss']:.4f} / {ev['eval_accuracy']:.3f}" if ev else "-"],
+            ["tokens/s", f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"],
+            ["checkpoint", str(r["checkpoint"])]]
+    print(table(["run", str(r["out"])], rows, align="ll"))
+    return 0
