@@ -300,108 +300,12 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
     return rows
 
 
-HF_MODEL_TYPES = {"LlamaForCausalLM": "llama", "Qwen3ForCausalLM": "qwen3", "MistralForCausalLM": "mistral",
-                  "Qwen3MoeForCausalLM": "qwen3_moe", "LagunaForCausalLM": "laguna", "Gemma4ForCausalLM": "gemma4_text"}
-HF_MODEL_TYPES["ZayaForCausalLM"] = "zaya"
-HF_MODEL_TYPES["DeepseekV4ForCausalLM"] = "deepseek_v4"
-HF_MODEL_TYPES["DeepseekV3ForCausalLM"] = "deepseek_v3"
-
-
-def _rope_dict(r: Any) -> dict[str, Any]:
-    d: dict[str, Any] = {"rope_type": r.scaling, "rope_theta": r.theta}
-    if r.partial != 1.0:
-        d["partial_rotary_factor"] = r.partial
-    if r.scaling != "default":
-        d["factor"] = r.factor
-    if r.scaling in ("llama3", "yarn"):
-        d["original_max_position_embeddings"] = r.original_max_positions
-    if r.scaling == "llama3":
-        d.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
-    if r.scaling == "yarn":
-        d.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, attention_factor=r.attention_factor,
-                 mscale=r.mscale, mscale_all_dim=r.mscale_all_dim, truncate=r.truncate)
-    return d
-
-
-def hf_config_dict(cfg: ModelConfig) -> dict[str, Any]:
-    """A transformers ``config.json`` dict of ``cfg``'s shape, for the first family that reads it back equal.
-
-    Tries Llama, Qwen3, Mistral and Qwen3-MoE layouts; ValueError when none round-trips through
-    ``kvlab.families.config_from_hf`` to the same layers.
-    """
-    from kvlab.families import config_from_hf
-    from kvlab.families.base import ACTIVATIONS
-
-    x = cfg.layers[0]
-    acts = {v: k for k, v in reversed(list(ACTIVATIONS.items()))}
-    windows = [layer.window for layer in cfg.layers]
-    sliding = sorted({w for w in windows if w is not None})
-    dense = [i for i, layer in enumerate(cfg.layers) if layer.moe is None]
-    base: dict[str, Any] = {
-        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers,
-        "num_attention_heads": x.num_heads, "num_key_value_heads": x.num_kv_heads, "head_dim": x.head_dim,
-        "intermediate_size": max([layer.intermediate_size for layer in cfg.layers] + [1]),
-        "max_position_embeddings": cfg.max_positions, "rms_norm_eps": cfg.norm_eps,
-        "tie_word_embeddings": cfg.tie_embeddings, "hidden_act": acts.get(x.activation, x.activation),
-        "attention_bias": x.qkv_bias, "mlp_bias": x.mlp_bias,
-        "rope_parameters": _rope_dict(x.rope) if x.rope is not None else None,
-    }
-    types = ["sliding_attention" if w else "full_attention" for w in windows]
-    candidates = [
-        ("LlamaForCausalLM", {}),
-        ("Qwen3ForCausalLM", {"layer_types": types, "use_sliding_window": bool(sliding),
-                              "sliding_window": sliding[0] if sliding else None}),
-        ("MistralForCausalLM", {"sliding_window": sliding[0] if sliding else None}),
-    ]
-    if x.moe is not None or any(layer.moe is not None for layer in cfg.layers):
-        m = next(layer.moe for layer in cfg.layers if layer.moe is not None)
-        candidates.append(("Qwen3MoeForCausalLM", {
-            "num_experts": m.num_experts, "num_experts_per_tok": m.top_k, "moe_intermediate_size": m.expert_size,
-            "norm_topk_prob": m.norm_topk, "mlp_only_layers": dense, "decoder_sparse_step": 1,
-            "use_sliding_window": bool(sliding), "sliding_window": sliding[0] if sliding else None}))
-    if x.output_gate == "softplus":  # Laguna: per-layer heads and per-type RoPE
-        from kvlab.families.laguna import hf_config_extra
-
-        candidates.append(("LagunaForCausalLM", hf_config_extra(cfg, _rope_dict)))
-    if x.sandwich_norm:  # Gemma 4: sandwich norms, sharing, PLE, per-type heads and RoPE
-        from kvlab.families.gemma4 import hf_config_extra as gemma4_extra
-
-        candidates.append(("Gemma4ForCausalLM", gemma4_extra(cfg)))
-    if x.attention == "cca":  # ZAYA1: CCA, router MLP, skip expert
-        from kvlab.families.zaya import hf_config_extra as zaya_extra
-
-        candidates.append(("ZayaForCausalLM", zaya_extra(cfg)))
-    if x.attention == "mla" and x.mla is not None and not x.mla.sparse:  # DeepSeek V3: MLA, group-routed MoE
-        from kvlab.families.deepseek_v3 import hf_config_extra as v3_extra
-
-        candidates.append(("DeepseekV3ForCausalLM", v3_extra(cfg, _rope_dict)))
-    if x.attention in ("csa", "hca", "swa"):  # DeepSeek V4: mHC, compressed attention, hash-routed MoE
-        from kvlab.families.deepseek_v4 import hf_config_extra as v4_extra
-
-        candidates.append(("DeepseekV4ForCausalLM", v4_extra(cfg, _rope_dict)))
-
-    def key(c: ModelConfig) -> dict[str, Any]:
-        d = c.to_dict()
-        d.pop("name")
-        d.pop("source")
-        return d
-
-    want = key(cfg)
-    for arch, extra in candidates:
-        d = {**base, **extra, "architectures": [arch], "model_type": HF_MODEL_TYPES[arch]}
-        try:
-            if key(config_from_hf(d)) == want:
-                return d
-        except (ValueError, KeyError, TypeError):
-            continue
-    raise ValueError(f"{cfg.name}: no transformers family (Llama, Qwen3, Mistral, Qwen3-MoE) has this shape; "
-                     "for --vs transformers pass a checkpoint directory instead")
-
-
 def save_random_hf(cfg: ModelConfig, out: str | Path, seed: int = 0) -> Path:
     """Write a randomly initialised transformers checkpoint of ``cfg``'s shape to ``out``."""
+    from kvlab.families import to_hf_config
+
     tf = _transformers()
-    d = hf_config_dict(cfg)
+    d = to_hf_config(cfg)
     model_type = d.pop("model_type")
     hf_cfg = tf.AutoConfig.for_model(model_type, **d)
     torch.manual_seed(seed)

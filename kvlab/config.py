@@ -417,6 +417,8 @@ class ModelConfig:
         is widened into this many streams mixed by Sinkhorn-projected doubly stochastic maps around every
         attention and MLP; ``mhc_sinkhorn_iters`` iterations with floor ``mhc_eps``; ``None`` for a plain residual.
     source: where the numbers come from (a preset cites its model card or config).
+    family: the transformers architecture it was read from and is written back as (``kvlab.families``);
+        ``None``: the first family that writes its shape exactly.
     """
 
     vocab_size: int
@@ -437,6 +439,7 @@ class ModelConfig:
     mhc_eps: float = 1e-6
     name: str = "custom"
     source: str = ""
+    family: str | None = None
 
     def __post_init__(self) -> None:
         self.layers = [_as_layer(x) for x in self.layers]
@@ -460,6 +463,8 @@ class ModelConfig:
             raise _err("", "norm_eps", self.norm_eps, "must be in (0, 1)")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise _err("", "final_logit_softcap", self.final_logit_softcap, "must be > 0 or None")
+        if self.family is not None and not isinstance(self.family, str):
+            raise _err("", "family", self.family, "an architecture name such as 'LlamaForCausalLM', or None")
         if self.ple_dim is not None:
             _positive_int("", "ple_dim", self.ple_dim)
         if self.ple_vocab_size is not None:

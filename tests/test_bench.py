@@ -5,10 +5,11 @@ import json
 
 import pytest
 
-from kvlab.bench import copy_bandwidth, hf_config_dict, run_bench, scale_to_fit
+from kvlab.bench import copy_bandwidth, run_bench, scale_to_fit
 from kvlab.cli import main
 from kvlab.config import ModelConfig, MoESpec, uniform_layers
 from kvlab.costs import costs
+from kvlab.families import config_from_hf, to_hf_config
 
 KV_HEADS, HEAD_DIM = 2, 16
 
@@ -89,10 +90,25 @@ def test_copy_bandwidth_is_positive():
 
 def test_hf_config_round_trips_or_refuses():
     pytest.importorskip("transformers")
-    assert hf_config_dict(tiny())["architectures"] == ["LlamaForCausalLM"]
-    assert hf_config_dict(tiny(qk_norm=True))["architectures"] == ["Qwen3ForCausalLM"]
+    assert to_hf_config(tiny())["architectures"] == ["LlamaForCausalLM"]
+    assert to_hf_config(tiny(qk_norm=True))["architectures"] == ["Qwen3ForCausalLM"]
     with pytest.raises(ValueError, match="no transformers family"):
-        hf_config_dict(tiny(sinks=True))
+        to_hf_config(tiny(sinks=True))
+
+
+def test_the_family_a_config_was_read_as_writes_it_back():
+    small = {"vocab_size": 101, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+             "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 96, "max_position_embeddings": 2048}
+    cfg = config_from_hf({"architectures": ["MistralForCausalLM"], **small, "sliding_window": None})
+    assert cfg.family == "MistralForCausalLM"
+    d = to_hf_config(cfg)  # Llama could write this shape too (no window): the recorded family decides
+    assert d["architectures"] == ["MistralForCausalLM"] and d["model_type"] == "mistral"
+    assert config_from_hf(d).layers == cfg.layers
+    untagged = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "family"})  # an older save
+    assert untagged.family is None and to_hf_config(untagged)["architectures"] == ["LlamaForCausalLM"]
+    cfg.layers[1].window = 8  # Mistral has one window for every layer
+    with pytest.raises(ValueError, match="MistralForCausalLM cannot hold"):
+        to_hf_config(cfg)
 
 
 def test_bench_vs_transformers_same_cache_bytes():

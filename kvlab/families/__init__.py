@@ -1,7 +1,8 @@
-"""Checkpoint families: a HF ``config.json`` -> :class:`~kvlab.config.ModelConfig`, HF tensors -> kvlab tensors.
+"""Checkpoint families: a HF ``config.json`` <-> :class:`~kvlab.config.ModelConfig`, HF tensors -> kvlab tensors.
 
 ``FAMILIES`` maps the ``architectures`` entry of ``config.json`` to its :class:`Family`.
 ``load(dir)`` is ``kvlab.load``: config, weights (safetensors only), shape check, model.
+``to_hf_config(cfg)`` is the way back: the transformers ``config.json`` of a ModelConfig's shape.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ FAMILIES[deepseek_v3.ARCH] = deepseek_v3.FAMILY
 FAMILIES[deepseek_v32.ARCH] = deepseek_v32.FAMILY
 
 __all__ = ["FAMILIES", "Family", "config_from_dir", "config_from_hf", "expected_shapes", "family_of", "load",
-           "load_state", "register"]
+           "load_state", "register", "to_hf_config"]
 
 
 def register(family: Family) -> Family:
@@ -50,15 +51,54 @@ def family_of(cfg: dict[str, Any]) -> Family:
 
 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
-    """A ModelConfig from a parsed ``config.json``."""
-    return family_of(cfg).config_from_hf(cfg)
+    """A ModelConfig from a parsed ``config.json``; its ``family`` records the architecture it was read as."""
+    family = family_of(cfg)
+    config = family.config_from_hf(cfg)
+    config.family = family.architecture
+    return config
+
+
+def _same(a: ModelConfig, b: ModelConfig) -> bool:
+    def key(c: ModelConfig) -> dict[str, Any]:
+        return {k: v for k, v in c.to_dict().items() if k not in ("name", "source", "family")}
+
+    return key(a) == key(b)
+
+
+def _written_by(family: Family, config: ModelConfig) -> dict[str, Any]:
+    assert family.to_hf_config is not None
+    d = family.to_hf_config(config)
+    if not _same(family.config_from_hf(d), config):
+        raise ValueError(f"{family.architecture} cannot hold {config.name}'s shape (it reads its config.json back "
+                         "as a different model)")
+    return d
+
+
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """The transformers ``config.json`` dict of ``config``'s shape (with ``architectures`` and ``model_type``).
+
+    Written by the family ``config.family`` names when it writes configs, else by the first family in
+    ``FAMILIES`` that does; either way the family must read the dict back as the same model (all but name,
+    source and family). ValueError when no family can.
+    """
+    named = FAMILIES.get(config.family) if config.family else None
+    if named is not None and named.to_hf_config is not None:
+        return _written_by(named, config)
+    writers = [f for f in FAMILIES.values() if f.to_hf_config is not None]
+    for family in writers:
+        try:
+            return _written_by(family, config)
+        except (ValueError, KeyError, TypeError):
+            continue
+    raise ValueError(f"{config.name}: no transformers family ({', '.join(f.architecture for f in writers)}) "
+                     "has this shape; for --vs transformers pass a checkpoint directory instead")
 
 
 def config_from_dir(path: str | Path) -> ModelConfig:
     """A ModelConfig from a checkpoint directory's ``config.json``."""
     cfg = read_config(path)
     config = config_from_hf(cfg)
-    config.source = f"{path} ({family_of(cfg).architecture})"
+    config.source = f"{path} ({config.family})"
     return config
 
 

@@ -28,13 +28,19 @@ IGNORED = re.compile(r"(^|\.)rotary_emb\.inv_freq$")  # non-persistent buffer so
 
 @dataclass(frozen=True)
 class Family:
-    """One checkpoint family: ``config.json`` -> ModelConfig, HF tensor names -> kvlab names."""
+    """One checkpoint family: ``config.json`` <-> ModelConfig, HF tensor names -> kvlab names.
+
+    ``to_hf_config(cfg) -> dict`` writes the transformers ``config.json`` of ``cfg``'s shape (with
+    ``architectures`` and ``model_type``) or raises ValueError when the family cannot hold that shape;
+    ``kvlab.families.to_hf_config`` checks that the family reads it back as the same layers.
+    """
 
     architecture: str
     config_from_hf: Callable[[dict[str, Any]], Any]
     map_weights: Callable[[HFState, Any], dict[str, Tensor]]
     names: dict[str, str] = field(default_factory=dict)  # HF template -> kvlab template, for messages
     keep_fp32: Callable[[str], bool] | None = None  # checkpoint names loaded in fp32 whatever the dtype
+    to_hf_config: Callable[[Any], dict[str, Any]] | None = None  # ModelConfig -> config.json; None: not written
 
     def hf_name(self, kvlab_name: str) -> str | None:
         """The HF name a kvlab tensor comes from (best effort, for error messages)."""
@@ -138,10 +144,48 @@ def with_defaults(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, An
     return {**defaults, **cfg}
 
 
-def need(cfg: dict[str, Any], key: str, arch: str) -> Any:
-    if cfg.get(key) is None:
-        raise ValueError(f"{arch} config.json: {key!r} is required")
-    return cfg[key]
+def rope_dict(r: RopeSpec) -> dict[str, Any]:
+    """One RoPE as transformers' ``rope_parameters`` (the inverse of :func:`rope_from_hf`)."""
+    d: dict[str, Any] = {"rope_type": r.scaling, "rope_theta": r.theta}
+    if r.partial != 1.0:
+        d["partial_rotary_factor"] = r.partial
+    if r.scaling != "default":
+        d["factor"] = r.factor
+    if r.scaling in ("llama3", "yarn"):
+        d["original_max_position_embeddings"] = r.original_max_positions
+    if r.scaling == "llama3":
+        d.update(low_freq_factor=r.low_freq_factor, high_freq_factor=r.high_freq_factor)
+    if r.scaling == "yarn":
+        d.update(beta_fast=r.beta_fast, beta_slow=r.beta_slow, attention_factor=r.attention_factor,
+                 mscale=r.mscale, mscale_all_dim=r.mscale_all_dim, truncate=r.truncate)
+    return d
+
+
+def hf_config(config: Any, arch: str, model_type: str, **extra: Any) -> dict[str, Any]:
+    """The Llama-layout ``config.json`` keys of ``config`` (first layer's heads, widest MLP), then ``extra``.
+
+    Every family's ``to_hf_config`` starts from these and adds or overrides its own keys.
+    """
+    x = config.layers[0]
+    acts = {v: k for k, v in reversed(list(ACTIVATIONS.items()))}
+    return {
+        "vocab_size": config.vocab_size, "hidden_size": config.hidden_size, "num_hidden_layers": config.num_layers,
+        "num_attention_heads": x.num_heads, "num_key_value_heads": x.num_kv_heads, "head_dim": x.head_dim,
+        "intermediate_size": max([layer.intermediate_size for layer in config.layers] + [1]),
+        "max_position_embeddings": config.max_positions, "rms_norm_eps": config.norm_eps,
+        "tie_word_embeddings": config.tie_embeddings, "hidden_act": acts.get(x.activation, x.activation),
+        "attention_bias": x.qkv_bias, "mlp_bias": x.mlp_bias,
+        "rope_parameters": rope_dict(x.rope) if x.rope is not None else None,
+        **extra, "architectures": [arch], "model_type": model_type,
+    }
+
+
+def single_window(config: Any, arch: str) -> int | None:
+    """The one sliding window of ``config``'s window layers (None without any); ValueError for several."""
+    windows = sorted({x.window for x in config.layers if x.window is not None})
+    if len(windows) > 1:
+        raise ValueError(f"{arch} has one sliding window; {config.name} has {windows}")
+    return windows[0] if windows else None
 
 
 def activation(cfg: dict[str, Any], arch: str) -> str:

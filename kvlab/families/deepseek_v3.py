@@ -29,7 +29,19 @@ import torch
 
 from ..config import ModelConfig, MoESpec, RopeSpec
 from ..layers.mla import mla_layer
-from .base import Family, HFState, Tensor, activation, drop_tied_head, llama_names, rename, rope_from_hf, with_defaults
+from .base import (
+    Family,
+    HFState,
+    Tensor,
+    activation,
+    drop_tied_head,
+    hf_config,
+    llama_names,
+    rename,
+    rope_dict,
+    rope_from_hf,
+    with_defaults,
+)
 
 ARCH = "DeepseekV3ForCausalLM"
 DEFAULTS: dict[str, Any] = {  # transformers 5.23 DeepseekV3Config defaults
@@ -145,16 +157,12 @@ def keep_fp32(name: str) -> bool:
     return "e_score_correction_bias" in name
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, keep_fp32)
-
-
-def hf_config_extra(config: ModelConfig, rope_dict: Any) -> dict[str, Any]:
-    """The V3-specific ``config.json`` keys of ``config``'s shape (for random transformers twins in benchmarks).
-
-    ``rope_dict(RopeSpec) -> dict`` writes the RoPE. The caller checks the round trip through :func:`config_from_hf`.
-    """
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """DeepseekV3Config keys of ``config``'s shape: dense MLA, group-routed MoE after ``first_k_dense_replace``."""
     layers = config.layers
     x, m = layers[0], layers[0].mla
+    if x.attention != "mla" or m is None or m.sparse:
+        raise ValueError(f"{ARCH}: {config.name} has no dense MLA attention")
     moe = next((y.moe for y in layers if y.moe is not None), None)
     rope = {k: v for k, v in rope_dict(x.rope).items() if v is not None and k != "partial_rotary_factor"}
     d: dict[str, Any] = {
@@ -169,4 +177,7 @@ def hf_config_extra(config: ModelConfig, rope_dict: Any) -> dict[str, Any]:
                  moe_intermediate_size=moe.expert_size, n_shared_experts=moe.shared_width // moe.expert_size,
                  n_group=moe.n_group, topk_group=moe.topk_group, norm_topk_prob=moe.norm_topk,
                  routed_scaling_factor=moe.routed_scaling)
-    return d
+    return hf_config(config, ARCH, "deepseek_v3", **d)
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, keep_fp32, to_hf_config=to_hf_config)

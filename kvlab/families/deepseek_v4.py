@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from ..config import CompressSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
-from .base import Family, HFState, Tensor, activation, rename, rope_from_hf, with_defaults
+from .base import Family, HFState, Tensor, activation, hf_config, rename, rope_dict, rope_from_hf, with_defaults
 from .deepseek_v3 import dequantise_fp8
 
 ARCH = "DeepseekV4ForCausalLM"
@@ -287,15 +287,11 @@ def keep_fp32(name: str) -> bool:
     return any(p in hf for p in KEEP_FP32)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, keep_fp32)
-
-
-def hf_config_extra(config: ModelConfig, rope_dict: Any) -> dict[str, Any]:
-    """The V4-specific ``config.json`` keys of ``config``'s shape (for random transformers twins in benchmarks).
-
-    ``rope_dict(RopeSpec) -> dict`` writes one RoPE. The caller checks the round trip through :func:`config_from_hf`.
-    """
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """DeepseekV4Config keys of ``config``'s shape: mHC, CSA/HCA/sliding layers, (hash-routed) MoE everywhere."""
     layers = config.layers
+    if any(y.attention not in LAYER_KINDS.values() or y.moe is None for y in layers) or layers[0].compress is None:
+        raise ValueError(f"{ARCH}: {config.name} needs CSA/HCA/sliding layers, each with a MoE")
     kinds = {v: k for k, v in LAYER_KINDS.items()}
     x = layers[0]
     csa = next((y.compress for y in layers if y.attention == "csa"), None)
@@ -320,4 +316,7 @@ def hf_config_extra(config: ModelConfig, rope_dict: Any) -> dict[str, Any]:
     }
     if csa is not None:
         d.update(index_n_heads=csa.index_heads, index_head_dim=csa.index_head_dim, index_topk=csa.index_topk)
-    return d
+    return hf_config(config, ARCH, "deepseek_v4", **d)
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, keep_fp32, to_hf_config=to_hf_config)

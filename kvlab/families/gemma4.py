@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec, RopeSpec
 from ..sharing import share_last
-from .base import ACTIVATIONS, Family, HFState, Tensor, _template, drop_tied_head
+from .base import ACTIVATIONS, Family, HFState, Tensor, _template, drop_tied_head, hf_config
 
 ARCH = "Gemma4ForCausalLM"
 CG_ARCH = "Gemma4ForConditionalGeneration"
@@ -223,17 +223,12 @@ def map_cg_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return _map(hf_state, config, "model.language_model.")
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
-CG_FAMILY = Family(CG_ARCH, config_from_hf, map_cg_weights,
-                   {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
-                    for k, v in NAMES.items()})
-
-
-def hf_config_extra(cfg: ModelConfig, rope_dict: Any = None) -> dict[str, Any]:
-    """The Gemma4TextConfig keys that describe ``cfg`` (for ``kvlab bench --vs transformers``)."""
-    from .base import ACTIVATIONS as acts
-
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Gemma4TextConfig keys of ``cfg``'s shape: sandwich norms, KV sharing, PLE, per-type heads and RoPE."""
+    acts = ACTIVATIONS
     layers = cfg.layers
+    if not layers[0].sandwich_norm or any(x.rope is None for x in layers):
+        raise ValueError(f"{ARCH}: {cfg.name} has no sandwich norms or a layer without RoPE")
     sliding = [x for x in layers if x.window is not None]
     full = [x for x in layers if x.window is None]
     ref = sliding[0] if sliding else layers[0]
@@ -244,7 +239,6 @@ def hf_config_extra(cfg: ModelConfig, rope_dict: Any = None) -> dict[str, Any]:
 
     def rope(x: LayerSpec) -> dict[str, Any]:
         r = x.rope
-        assert r is not None
         d: dict[str, Any] = {"rope_type": r.scaling, "rope_theta": r.theta}
         if r.scaling == "proportional":
             d["partial_rotary_factor"] = r.partial
@@ -269,7 +263,13 @@ def hf_config_extra(cfg: ModelConfig, rope_dict: Any = None) -> dict[str, Any]:
     }
     if moe is not None:
         d.update(num_experts=moe.num_experts, top_k_experts=moe.top_k, moe_intermediate_size=moe.expert_size)
-    return d
+    return hf_config(cfg, ARCH, "gemma4_text", **d)
 
 
 S, F = TYPES
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)
+CG_FAMILY = Family(CG_ARCH, config_from_hf, map_cg_weights,
+                   {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
+                    for k, v in NAMES.items()})

@@ -24,7 +24,19 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec, RopeSpec
-from .base import Family, HFState, Tensor, activation, drop_tied_head, llama_names, rename, rope_from_hf, with_defaults
+from .base import (
+    Family,
+    HFState,
+    Tensor,
+    activation,
+    drop_tied_head,
+    hf_config,
+    llama_names,
+    rename,
+    rope_dict,
+    rope_from_hf,
+    with_defaults,
+)
 
 ARCH = "LagunaForCausalLM"
 DEFAULTS: dict[str, Any] = {  # transformers 5.23 LagunaConfig defaults
@@ -181,15 +193,11 @@ def map_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return state
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
-
-
-def hf_config_extra(config: ModelConfig, rope_dict: Any) -> dict[str, Any]:
-    """The Laguna-specific ``config.json`` keys of ``config``'s shape (for random transformers twins in benchmarks).
-
-    ``rope_dict(RopeSpec) -> dict`` writes one layer type's RoPE. The caller checks the round trip.
-    """
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """LagunaConfig keys of ``config``'s shape: per-layer heads, per-type RoPE, softplus output gates."""
     layers = config.layers
+    if layers[0].output_gate != "softplus":
+        raise ValueError(f"{ARCH}: {config.name} has no softplus output gate")
     types = ["sliding_attention" if x.window is not None else "full_attention" for x in layers]
     windows = sorted({x.window for x in layers if x.window is not None})
     moe = next((x.moe for x in layers if x.moe is not None), None)
@@ -207,4 +215,7 @@ def hf_config_extra(config: ModelConfig, rope_dict: Any) -> dict[str, Any]:
     if moe is not None:
         d.update(num_experts=moe.num_experts, num_experts_per_tok=moe.top_k, moe_intermediate_size=moe.expert_size,
                  shared_expert_intermediate_size=moe.shared_width, moe_routed_scaling_factor=moe.routed_scaling)
-    return d
+    return hf_config(config, ARCH, "laguna", **d)
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)

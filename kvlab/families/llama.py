@@ -18,6 +18,7 @@ from .base import (
     activation,
     drop_tied_head,
     head_dim,
+    hf_config,
     kv_heads,
     llama_names,
     rename,
@@ -69,4 +70,9 @@ def map_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return drop_tied_head(rename(hf_state, NAMES), config.tie_embeddings)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """LlamaConfig keys of ``config``'s shape (no windows; one bias switch for q, k, v and o)."""
+    return hf_config(config, ARCH, "llama")
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, HFState, Tensor, drop_tied_head, llama_names, rename, with_defaults
+from .base import Family, HFState, Tensor, drop_tied_head, hf_config, llama_names, rename, single_window, with_defaults
 from .llama import decoder_config
 
 ARCH = "MistralForCausalLM"
@@ -34,4 +34,9 @@ def map_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return drop_tied_head(rename(hf_state, NAMES), config.tie_embeddings)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """MistralConfig keys of ``config``'s shape (one window on every layer, or none)."""
+    return hf_config(config, ARCH, "mistral", sliding_window=single_window(config, ARCH))
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)

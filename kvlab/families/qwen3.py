@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig
-from .base import Family, HFState, Tensor, drop_tied_head, llama_names, rename, with_defaults
+from .base import Family, HFState, Tensor, drop_tied_head, hf_config, llama_names, rename, single_window, with_defaults
 from .llama import decoder_config
 
 ARCH = "Qwen3ForCausalLM"
@@ -65,5 +65,12 @@ def map_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return drop_tied_head(rename(hf_state, NAMES), config.tie_embeddings)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """Qwen3Config keys of ``config``'s shape (q/k norms; sliding layers named in ``layer_types``)."""
+    w = single_window(config, ARCH)
+    types = ["sliding_attention" if x.window else "full_attention" for x in config.layers]
+    return hf_config(config, ARCH, "qwen3", layer_types=types, use_sliding_window=w is not None, sliding_window=w)
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)
 QWEN2_FAMILY = Family(QWEN2, qwen2_config_from_hf, map_weights, QWEN2_NAMES)

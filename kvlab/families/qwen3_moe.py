@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..config import ModelConfig, MoESpec
-from .base import Family, HFState, Tensor, drop_tied_head, llama_names, rename, with_defaults
+from .base import Family, HFState, Tensor, drop_tied_head, hf_config, llama_names, rename, single_window, with_defaults
 from .llama import decoder_config
 
 ARCH = "Qwen3MoeForCausalLM"
@@ -47,4 +47,16 @@ def map_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return drop_tied_head(rename(hf_state, NAMES), config.tie_embeddings)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """Qwen3MoeConfig keys of ``config``'s shape (the first MoE layer's experts; dense layers listed)."""
+    m = next((x.moe for x in config.layers if x.moe is not None), None)
+    if m is None:
+        raise ValueError(f"{ARCH}: {config.name} has no MoE layer")
+    w = single_window(config, ARCH)
+    return hf_config(config, ARCH, "qwen3_moe", num_experts=m.num_experts, num_experts_per_tok=m.top_k,
+                     moe_intermediate_size=m.expert_size, norm_topk_prob=m.norm_topk,
+                     mlp_only_layers=[i for i, x in enumerate(config.layers) if x.moe is None], decoder_sparse_step=1,
+                     use_sliding_window=w is not None, sliding_window=w)
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)

@@ -24,7 +24,7 @@ import dataclasses
 from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec, RopeSpec
-from .base import Family, HFState, Tensor, activation, drop_tied_head, rename, rope_from_hf, with_defaults
+from .base import Family, HFState, Tensor, activation, drop_tied_head, hf_config, rename, rope_from_hf, with_defaults
 
 ARCH = "ZayaForCausalLM"
 DEFAULTS: dict[str, Any] = {  # transformers 5.23 ZayaConfig defaults
@@ -119,16 +119,12 @@ def map_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return drop_tied_head(rename(hf_state, NAMES), config.tie_embeddings)
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
-
-
-def hf_config_extra(config: ModelConfig) -> dict[str, Any]:
-    """The ZAYA-specific ``config.json`` keys of ``config``'s shape (for random transformers twins in benchmarks).
-
-    The caller checks the round trip through :func:`config_from_hf`.
-    """
+def to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """ZayaConfig keys of ``config``'s shape: CCA attention, router MLP, skip expert."""
     layers = config.layers
     x = layers[0]
+    if x.attention != "cca":
+        raise ValueError(f"{ARCH}: {config.name} has no CCA attention")
     types = ["hybrid_sliding" if y.window is not None else "hybrid" for y in layers]
     windows = sorted({y.window for y in layers if y.window is not None})
     ropes: dict[str, Any] = {}
@@ -142,4 +138,7 @@ def hf_config_extra(config: ModelConfig) -> dict[str, Any]:
     if x.moe is not None:
         d.update(num_experts=x.moe.num_experts, num_experts_per_tok=x.moe.top_k,
                  moe_intermediate_size=x.moe.expert_size, router_hidden_size=x.moe.router_hidden)
-    return d
+    return hf_config(config, ARCH, "zaya", **d)
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)

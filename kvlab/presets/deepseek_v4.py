@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvlab.config import ModelConfig
-from kvlab.families import deepseek_v4
+from kvlab.families import config_from_hf, deepseek_v4
 from kvlab.presets.registry import preset
 
 FLASH_SOURCE = ("deepseek-ai/DeepSeek-V4-Flash(-Base) config.json (DeepseekV4ForCausalLM): hidden 4096, 43 layers, "
@@ -57,7 +57,7 @@ def pro_config_json() -> dict[str, Any]:
 @preset("deepseek-v4-flash", FLASH_SOURCE)
 def deepseek_v4_flash() -> ModelConfig:
     """V4-Flash: 2 sliding + 21 CSA + 20 HCA layers, mHC, hash-routed then top-6 MoE."""
-    cfg = deepseek_v4.config_from_hf(flash_config_json())
+    cfg = config_from_hf(flash_config_json())
     cfg.name, cfg.source = "deepseek-v4-flash", FLASH_SOURCE
     return cfg
 
@@ -65,6 +65,6 @@ def deepseek_v4_flash() -> ModelConfig:
 @preset("deepseek-v4-pro", PRO_SOURCE)
 def deepseek_v4_pro() -> ModelConfig:
     """V4-Pro: 31 HCA + 30 CSA layers (transformers' default schedule), mHC, 384 experts."""
-    cfg = deepseek_v4.config_from_hf(pro_config_json())
+    cfg = config_from_hf(pro_config_json())
     cfg.name, cfg.source = "deepseek-v4-pro", PRO_SOURCE
     return cfg

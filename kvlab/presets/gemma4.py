@@ -22,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from kvlab.config import ModelConfig
-from kvlab.families.gemma4 import config_from_hf
+from kvlab.families import config_from_hf
 from kvlab.presets.registry import preset
 
 S, F = "sliding_attention", "full_attention"

@@ -214,12 +214,13 @@ def test_misshaped_and_missing_tensors_are_named(pair: tuple[Any, kvlab.Model, P
 def test_bench_twin_has_the_description_shape(tmp_path: Path) -> None:
     """`kvlab bench <V3 shape> --vs transformers` writes a DeepseekV3 checkpoint that transformers and kvlab read as
     the same model (its head_dim / num_key_value_heads follow transformers' MLA conventions, not kvlab's)."""
-    from kvlab.bench import hf_config_dict, save_random_hf
+    from kvlab.bench import save_random_hf
     from kvlab.config import ModelConfig
+    from kvlab.families import to_hf_config
 
     cfg = ModelConfig.load(Path(__file__).parents[2] / "benchmarks" / "deepseek-v3-small.json")
     cfg.layers = cfg.layers[:3]
-    assert hf_config_dict(cfg)["architectures"] == ["DeepseekV3ForCausalLM"]
+    assert to_hf_config(cfg)["architectures"] == ["DeepseekV3ForCausalLM"]
     save_random_hf(cfg, tmp_path)
     hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
     model = kvlab.load(tmp_path)

@@ -232,13 +232,14 @@ def test_defaults_follow_transformers() -> None:
 def test_bench_twin_has_the_description_shape(tmp_path: Path) -> None:
     """`kvlab bench <V4 shape> --vs transformers` writes a DeepseekV4 checkpoint that transformers and kvlab both
     read as the same model (DeepseekV4Config maps ``intermediate_size`` onto the expert width: it must agree)."""
-    from kvlab.bench import hf_config_dict, save_random_hf
+    from kvlab.bench import save_random_hf
     from kvlab.config import ModelConfig
+    from kvlab.families import to_hf_config
 
     cfg = ModelConfig.load(Path(__file__).parents[2] / "benchmarks" / "deepseek-v4-small.json")
     cfg = cfg.replace_layers(lambda _i, x: x)
     cfg.layers = cfg.layers[:4]
-    d = hf_config_dict(cfg)
+    d = to_hf_config(cfg)
     assert d["architectures"] == [deepseek_v4.ARCH]
     save_random_hf(cfg, tmp_path)
     hf = transformers.DeepseekV4ForCausalLM.from_pretrained(tmp_path)

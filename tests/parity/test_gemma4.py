@@ -183,11 +183,12 @@ def test_hub_style_config_with_global_head_dim() -> None:
 @pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-26b-a4b", "gemma-4-31b"])
 def test_presets_round_trip_through_a_transformers_config(name: str) -> None:
     """``kvlab bench --vs transformers`` writes the preset (scaled to fit) as a Gemma4TextConfig."""
-    from kvlab.bench import hf_config_dict, scale_to_fit
+    from kvlab.bench import scale_to_fit
+    from kvlab.families import to_hf_config
     from kvlab.presets import get_preset
 
     cfg, _ = scale_to_fit(get_preset(name))
-    d = hf_config_dict(cfg)
+    d = to_hf_config(cfg)
     assert d["architectures"] == ["Gemma4ForCausalLM"]
     hf = transformers.Gemma4TextConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
     assert hf.kv_sharing_modes.count("reuse") == sum(x.kv_source is not None for x in cfg.layers)

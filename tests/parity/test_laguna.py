@@ -159,11 +159,12 @@ def test_gate_shape_disagreeing_with_config_is_an_error(tmp_path: Path) -> None:
 
 def test_bench_can_write_a_laguna_twin() -> None:
     """`kvlab bench laguna-xs.2 --vs transformers` needs a LagunaConfig of the (scaled) preset's shape."""
-    from kvlab.bench import hf_config_dict, scale_to_fit
+    from kvlab.bench import scale_to_fit
+    from kvlab.families import to_hf_config
     from kvlab.presets import get_preset
 
     cfg, _ = scale_to_fit(get_preset("laguna-xs.2"), 256 * 2**20)
-    d = hf_config_dict(cfg)
+    d = to_hf_config(cfg)
     assert d["architectures"] == ["LagunaForCausalLM"]
     assert config_from_hf(d).layers == cfg.layers
     hf_cfg = transformers.LagunaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})

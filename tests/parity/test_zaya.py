@@ -162,10 +162,11 @@ def test_defaults_follow_transformers() -> None:
 
 def test_bench_can_write_a_zaya_twin() -> None:
     """`kvlab bench zaya1-8b --vs transformers` needs a ZayaConfig of the (scaled) preset's shape."""
-    from kvlab.bench import hf_config_dict, scale_to_fit
+    from kvlab.bench import scale_to_fit
+    from kvlab.families import to_hf_config
 
     cfg, _ = scale_to_fit(kvlab.presets.get_preset("zaya1-8b"), 256 * 2**20)
-    d = hf_config_dict(cfg)
+    d = to_hf_config(cfg)
     assert d["architectures"] == ["ZayaForCausalLM"]
     assert config_from_hf(d).layers == cfg.layers
     hf_cfg = transformers.ZayaConfig(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
