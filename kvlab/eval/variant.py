@@ -1,0 +1,54 @@
+"""Variants of a loaded model that share its weights: the same model under another cache policy.
+
+``with_window(model, 512)`` gives every attention layer a sliding window of 512 positions (``None``: all layers
+global); the weights are the reference's own tensors, not copies, so a variant costs no memory but its cache.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import torch
+
+from ..config import ModelConfig
+from ..model import Model
+
+
+class VariantError(ValueError):
+    """A variant that cannot be built on this model."""
+
+
+def share_weights(config: ModelConfig, model: Model) -> Model:
+    """A Model built from ``config`` whose parameters and buffers are ``model``'s own tensors (same shapes)."""
+    with torch.device("meta"):
+        out = Model(config)
+    tensors = itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers(remove_duplicate=False))
+    for name, t in tensors:
+        mod_name, _, attr = name.rpartition(".")
+        try:
+            mod = out.get_submodule(mod_name)
+            old = getattr(mod, attr)
+        except AttributeError as e:
+            raise VariantError(f"the variant has no tensor {name!r}: it changes the model's structure") from e
+        if old.shape != t.shape:
+            raise VariantError(f"the variant changes tensor {name!r} from {tuple(t.shape)} to {tuple(old.shape)}")
+        (mod._parameters if attr in mod._parameters else mod._buffers)[attr] = t
+    left = [n for n, t in itertools.chain(out.named_parameters(), out.named_buffers()) if t.is_meta]
+    if left:
+        raise VariantError(f"the variant has tensors the model lacks: {', '.join(left[:5])}")
+    return out.eval()
+
+
+def with_window(model: Model, window: int | None) -> Model:
+    """Every layer's attention limited to a sliding ``window`` (None: every layer global), same weights."""
+    if window is not None and (not isinstance(window, int) or window < 1):
+        raise VariantError(f"window={window!r}: must be a positive integer or None (all layers global)")
+    cfg = copy.deepcopy(model.config)
+    for spec in cfg.layers:
+        if spec.attention != "gqa":
+            raise VariantError(f"a window variant needs full-attention (gqa) layers, layer kind {spec.attention!r}")
+        spec.window = window
+    cfg.name = f"{cfg.name} ({'all global' if window is None else f'window {window}'})"
+    cfg.validate()
+    return share_weights(cfg, model)
