@@ -273,11 +273,42 @@ def _from_dir(d: Path) -> Tokenizer | None:
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer | None:
-    """The tokenizer of a ``.gguf`` file or of a checkpoint directory (its tokenizer.json); None when it has none."""
-    p = Path(path)
+    """The tokenizer of a ``.gguf`` file, a named installed model (``smollm2-135m``) or a checkpoint directory (its
+    tokenizer.json); None when a directory has none."""
+    p = Path(_resolve(path))
     if p.is_file() and p.suffix == ".gguf":
         st = p.stat()
         return _gguf_cached(str(p.resolve()), st.st_mtime, st.st_size)
     if p.is_dir():
         return _from_dir(p)
     raise TokenizerError(f"{str(p)!r} is neither a .gguf file nor a checkpoint directory")
+
+
+def _resolve(spec: str | Path) -> str | Path:
+    try:
+        from .models import resolve_file  # named real models (kvlab/models.py)
+    except ImportError:
+        return spec
+    return resolve_file(spec) if isinstance(spec, str) else spec
+
+
+class TextStream:
+    """Decodes generated ids as they come and hands ``write`` each new piece of text (whole characters only).
+
+    ``__call__(next_ids [B])`` is a :func:`kvlab.generate` callback (row 0 is streamed); ``text`` is all so far.
+    """
+
+    def __init__(self, tok: Tokenizer, write: Any, stop_ids: Iterable[int] = ()) -> None:
+        self.tok, self.write, self.stop = tok, write, set(stop_ids)
+        self.ids: list[int] = []
+        self.text = ""
+
+    def __call__(self, nxt: Any) -> None:
+        i = int(nxt.reshape(-1)[0])  # one host sync per token: printing needs the id
+        if i in self.stop:
+            return
+        self.ids.append(i)
+        text = self.tok.decode(self.ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            self.write(text[len(self.text):])
+            self.text = text

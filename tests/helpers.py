@@ -83,3 +83,36 @@ def assert_sweep_fails_before_training(raw: dict, message: str, tmp_path) -> Non
 
 __all__ = ["ATTENTION_VARIANTS", "LayerSpec", "assert_sweep_fails_before_training", "random_model", "tiny_config",
            "train_steps"]
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def save_text_checkpoint(d, eos_token_id: int | None = None):
+    """A tiny random Llama checkpoint (vocab 258) with a byte-level BPE tokenizer (256 byte tokens, no merges,
+    ``<|im_start|>`` = 256, ``<|im_end|>`` = 257), a ChatML template and ``eos_token_id`` in
+    generation_config.json; returns the directory."""
+    import json
+    from pathlib import Path
+
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+    from kvlab.bench import save_random_hf
+    from kvlab.tokenizer import _bytes_to_unicode
+
+    d = Path(d)
+    cfg = ModelConfig(vocab_size=258, hidden_size=32, max_positions=1024, name="tiny-text",
+                      layers=uniform_layers(2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64))
+    save_random_hf(cfg, d)
+    vocab = {c: i for i, c in enumerate(_bytes_to_unicode()[b] for b in range(256))}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML, "eos_token": "<|im_end|>",
+                                                         "bos_token": "<|im_start|>"}))
+    if eos_token_id is not None:
+        (d / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}))
+    return d

@@ -1,5 +1,6 @@
 """The command line, in-process: JSON equals the calculator, errors exit 2, every verb has an example."""
 
+import io
 import json
 
 import pytest
@@ -10,7 +11,7 @@ from kvlab.config import ModelConfig, uniform_layers
 from kvlab.costs import costs
 from kvlab.presets import get_preset, presets
 
-VERBS = ["calc", "compare", "inspect", "generate", "bench", "presets"]
+VERBS = ["calc", "compare", "inspect", "generate", "chat", "eval", "bench", "presets"]
 
 
 def run(capsys, *argv):
@@ -125,7 +126,7 @@ def test_inspect_table(capsys, tiny_json):
     (["calc", "no-such-model"], "no-such-model"),
     (["calc", "llama-3.1-8b", "--dtype", "int3"], "dtype"),
     (["inspect", "llama-3.1-8b", "--context", "0"], "context length"),
-    (["generate", "no-such-dir", "--ids", "1"], "not a checkpoint directory"),
+    (["generate", "no-such-dir", "--ids", "1"], "no-such-dir"),
     (["bench", "llama-3.1-8b", "--context", "abc"], "context length"),
 ])
 def test_errors_exit_2_with_a_message(capsys, argv, needle):
@@ -235,6 +236,11 @@ def _json_argv(verb, tmp_path, tiny_path, checkpoint):
     if verb == "train":
         (tmp_path / "run.json").write_text(json.dumps(train_cfg))
         return ["train", tmp_path / "run.json", "--out", tmp_path / "run"]
+    if verb in ("chat", "eval"):
+        from helpers import save_text_checkpoint
+
+        d = save_text_checkpoint(tmp_path / "text")
+        return ["chat", d, "--max-new-tokens", "2"] if verb == "chat" else ["eval", d, "--window", "64"]
     if verb == "ablate":
         sweep = {"base": train_cfg, "variants": [{"name": "base"}, {"name": "sliding", "sliding": {"window": 4, "global_every": 2}}],
                  "seeds": [0], "context": "1k", "probe": {"lengths": [24], "distance_bins": [0, 8], "samples": 4}}
@@ -255,8 +261,9 @@ def test_every_verb_is_tested_here():
 
 
 @pytest.mark.parametrize("verb", VERBS + ["train", "ablate"])
-def test_json_stdout_is_one_object(capsys, tmp_path, tiny_json, checkpoint, verb):
+def test_json_stdout_is_one_object(capsys, monkeypatch, tmp_path, tiny_json, checkpoint, verb):
     _, path = tiny_json
+    monkeypatch.setattr("sys.stdin", io.StringIO("Hello\n"))  # kvlab chat's one turn
     rc, out, err = run(capsys, *_json_argv(verb, tmp_path, path, checkpoint), "--json")
     assert rc == 0, err
     assert isinstance(json.loads(out), dict)  # the whole of stdout, not only its last line

@@ -1,94 +1,126 @@
-"""``kvlab generate``: text from a checkpoint directory, greedy at temperature 0, optionally streamed."""
+"""``kvlab generate``: text from a model, greedy at temperature 0, optionally streamed; ``--chat`` applies the
+model's chat template and stops at the end of the turn."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
-from typing import Any
 
 from kvlab.cli.common import add_dtype_and_json, emit_json
 from kvlab.units import parse_dtype
 
 NAME = "generate"
-HELP = "generate text from a checkpoint directory (greedy at temperature 0)"
-EXAMPLE = 'kvlab generate ./ckpt --prompt "The capital of France is" --max-new-tokens 16 --stream'
+HELP = "generate text from a model (checkpoint directory, .gguf file or named model; greedy at temperature 0)"
+EXAMPLE = 'kvlab generate smollm2-135m --chat "What is the capital of France?" --stream'
+MODEL_HELP = "checkpoint directory (config.json + safetensors [+ tokenizer.json]), .gguf file or named model"
 
 
-def add_arguments(q: argparse.ArgumentParser) -> None:
-    q.add_argument("model", help="checkpoint directory (config.json + safetensors [+ tokenizer.json])")
-    q.add_argument("--prompt", help="text prompt (needs tokenizer.json in the directory)")
-    q.add_argument("--ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
-    q.add_argument("--max-new-tokens", type=int, default=32)
+def add_sampling_arguments(q: argparse.ArgumentParser) -> None:
+    """Arguments ``generate`` and ``chat`` share: sampling, stop tokens, device, dtype."""
+    q.add_argument("--max-new-tokens", type=int, default=None, help="default: 32 (--prompt/--ids), 256 (--chat)")
     q.add_argument("--temperature", type=float, default=0.0)
     q.add_argument("--top-k", type=int)
     q.add_argument("--top-p", type=float)
     q.add_argument("--seed", type=int)
-    q.add_argument("--stop", help="stop token ids, comma-separated")
-    q.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    q.add_argument("--stop", help="stop token ids, comma-separated (default: the model's end-of-turn / EOS ids; "
+                                  "'none' to run to --max-new-tokens)")
     q.add_argument("--device", default="cpu")
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("model", help=MODEL_HELP)
+    q.add_argument("--prompt", help="text prompt, continued as is")
+    q.add_argument("--chat", metavar="MESSAGE", help="a user message, rendered with the model's chat template")
+    q.add_argument("--system", help="system message for --chat")
+    q.add_argument("--ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
+    add_sampling_arguments(q)
+    q.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_dtype_and_json(q, dtype="fp32", json_help="print one JSON object with the ids, text and speed")
 
 
-def run(args: argparse.Namespace) -> int:
-    import torch
+def stop_ids(args: argparse.Namespace, tok) -> list[int]:
+    """``--stop`` parsed, or the tokenizer's own stop ids."""
+    if args.stop is None:
+        return list(tok.stop_ids) if tok is not None else []
+    if args.stop.strip().lower() == "none":
+        return []
+    try:
+        return [int(x) for x in args.stop.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--stop {args.stop!r}: expected token ids separated by commas, or 'none'") from e
 
+
+def load(args: argparse.Namespace):
+    """The model and its tokenizer (None when a checkpoint directory has no tokenizer.json)."""
     import kvlab
-    from kvlab.bench import TORCH_DTYPES, is_checkpoint
+    from kvlab.bench import TORCH_DTYPES
+    from kvlab.tokenizer import load_tokenizer
 
-    if not is_checkpoint(args.model):
-        raise ValueError(f"{args.model!r} is not a checkpoint directory (config.json + *.safetensors)")
-    from kvlab.checkpoint import load_tokenizer
+    model = kvlab.load(args.model, dtype=TORCH_DTYPES[parse_dtype(args.dtype)], device=args.device)
+    return model, load_tokenizer(args.model)
 
-    tok = load_tokenizer(args.model)
-    if args.ids:
+
+def _prompt_ids(args: argparse.Namespace, tok) -> list[int]:
+    given = [f"--{k}" for k in ("prompt", "chat", "ids") if getattr(args, k) is not None]
+    if len(given) > 1:
+        raise ValueError(f"{' and '.join(given)} together: give one prompt (--prompt text, --chat message or --ids)")
+    if not given:
+        raise ValueError("give a --prompt, a --chat message or token ids with --ids")
+    if args.system is not None and args.chat is None:
+        raise ValueError("--system goes with --chat")
+    if args.ids is not None:
         try:
             ids = [int(x) for x in args.ids.split(",") if x.strip()]
         except ValueError as e:
             raise ValueError(f"--ids {args.ids!r}: expected integers separated by commas, e.g. 1,2,3") from e
         if not ids:
             raise ValueError("--ids is empty")
-    elif tok is None:
-        raise ValueError(f"{args.model!r} has no tokenizer.json; pass token ids with --ids 1,2,3")
-    elif args.prompt is None:
-        raise ValueError("give a --prompt (or token ids with --ids)")
-    else:
-        ids = tok.encode(args.prompt).ids
-    model = kvlab.load(args.model, dtype=TORCH_DTYPES[parse_dtype(args.dtype)], device=args.device)
+        return ids
+    if tok is None:
+        raise ValueError(f"{str(args.model)!r} has no tokenizer.json; pass token ids with --ids 1,2,3")
+    if args.chat is not None:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
+            {"role": "user", "content": args.chat}]
+        return tok.encode_chat(msgs)
+    return tok.encode(args.prompt)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    import kvlab
+    from kvlab.tokenizer import TextStream
+
+    model, tok = load(args)
+    ids = _prompt_ids(args, tok)
+    if args.max_new_tokens is None:
+        args.max_new_tokens = 256 if args.chat is not None else 32
+    if len(ids) + args.max_new_tokens > model.config.max_positions:
+        raise ValueError(f"prompt of {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
+                         f"max_positions={model.config.max_positions}")
+    stops = stop_ids(args, tok)
     input_ids = torch.tensor([ids], dtype=torch.long, device=args.device)
-    stop = [int(x) for x in args.stop.split(",")] if args.stop else None
-    new: list[int] = []
-    shown = ""
-
-    def on_token(*cb_args: Any, **_: Any) -> None:
-        nonlocal shown
-        t = cb_args[-1] if cb_args else None
-        if isinstance(t, torch.Tensor):
-            new.append(int(t.reshape(-1)[0]))
-        elif isinstance(t, int):
-            new.append(t)
-        else:
-            return
-        if tok is not None:
-            text = tok.decode(new)
-            if not text.endswith("\ufffd"):  # wait for a whole character
-                print(text[len(shown):], end="", flush=True)
-                shown = text
-        else:
-            print(f"{new[-1]} ", end="", flush=True)
-
+    stream = args.stream and not args.json
+    if stream and tok is not None:
+        callback = TextStream(tok, lambda s: print(s, end="", flush=True), stops)
+    elif stream:
+        def callback(t):
+            print(f"{int(t.reshape(-1)[0])} ", end="", flush=True)
+    else:
+        callback = None
     t0 = time.perf_counter()
     out = kvlab.generate(model, input_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stop,
-                         callback=on_token if args.stream and not args.json else None)
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=callback)
     dt = time.perf_counter() - t0
     gen = out[0, len(ids):].tolist()
-    text = tok.decode(gen) if tok is not None else None
+    shown = gen[:-1] if gen and gen[-1] in stops else gen  # the stop token ends the text, it is not part of it
+    text = tok.decode(shown) if tok is not None else None
     if args.json:
-        emit_json({"prompt_ids": ids, "output_ids": gen, "text": text, "seconds": dt,
-                    "tokens_per_s": len(gen) / dt if dt > 0 else None})
+        emit_json({"prompt_ids": ids, "output_ids": gen, "text": text, "stopped": len(shown) < len(gen),
+                   "seconds": dt, "tokens_per_s": len(gen) / dt if dt > 0 else None})
         return 0
-    if args.stream:
+    if stream:
         print()
     elif text is not None:
         print((args.prompt or "") + text)

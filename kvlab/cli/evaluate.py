@@ -1,0 +1,155 @@
+"""``kvlab eval``: the quality side of a trade-off, measured through the cache on real text.
+
+Perplexity and mean log-likelihood of a model over a text (windows of ``--window`` positions, ``--stride``);
+with ``--vs MODEL`` or ``--variant`` (the same weights with other attention windows), the variant's perplexity
+and its KL divergence from the model (llama.cpp's convention) on the same tokens; with ``--needle``, retrieval
+accuracy of a fact hidden at several depths of contexts of several lengths, as a table and a heat map.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from kvlab.cli.common import add_dtype_and_json, emit_json, report
+from kvlab.cli.generate import MODEL_HELP
+from kvlab.units import fmt_context, parse_context, parse_contexts, parse_dtype, table
+
+NAME = "eval"
+HELP = "perplexity, KL divergence against a variant, and needle retrieval on real text, through the cache"
+EXAMPLE = ("kvlab eval gemma-3-270m --tokens 4k --window 4k --variant global   "
+           "|   kvlab eval smollm2-135m --needle --lengths 1k,2k --plot out/needle.png")
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    q.add_argument("model", help=MODEL_HELP)
+    q.add_argument("--text", help="UTF-8 text file (default: the Python standard library's docstrings, "
+                                  "'stdlib-docstrings', which every machine has)")
+    q.add_argument("--tokens", help="text tokens to score, from the start of the text (default: one window)")
+    q.add_argument("--window", default="1k", help="positions per window, BOS included (default 1k)")
+    q.add_argument("--stride", help="text tokens between window starts (default: back to back)")
+    q.add_argument("--chunk", type=int, default=256, help="prefill chunk: tokens fed to the cache per call")
+    who = q.add_mutually_exclusive_group()
+    who.add_argument("--vs", metavar="MODEL", help="a variant model (same vocabulary): its perplexity and KL")
+    who.add_argument("--variant", help="the same weights with other attention windows: 'window=N' (every layer "
+                                       "slides over N positions) or 'global' (no window anywhere)")
+    q.add_argument("--needle", action="store_true", help="needle-in-a-haystack retrieval instead of perplexity")
+    q.add_argument("--lengths", default="1k,2k,4k", help="needle context lengths (default 1k,2k,4k)")
+    q.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the context")
+    q.add_argument("--trials", type=int, default=1, help="needle trials per (length, depth), each its own number")
+    q.add_argument("--seed", type=int, default=0, help="seed of the needles' names and numbers")
+    q.add_argument("--plot", help="write the needle heat map (PNG) here")
+    q.add_argument("--device", default="cpu")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_dtype_and_json(q, dtype="fp32", json_help="print one JSON object with every figure and its ground")
+
+
+def _variant(spec: str, model: Any) -> Any:
+    from kvlab.eval import with_window
+
+    s = spec.strip().lower()
+    if s == "global":
+        return with_window(model, None)
+    if s.startswith("window="):
+        try:
+            return with_window(model, parse_context(s.split("=", 1)[1]))
+        except ValueError as e:
+            raise ValueError(f"--variant {spec!r}: {e}") from e
+    raise ValueError(f"--variant {spec!r}: expected 'window=N' or 'global'")
+
+
+def _depths(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as e:
+        raise ValueError(f"--depths {text!r}: expected fractions separated by commas, e.g. 0,0.5,1") from e
+
+
+def run(args: argparse.Namespace) -> int:
+    import kvlab
+    from kvlab.bench import TORCH_DTYPES
+    from kvlab.eval import kl_divergence, load_corpus, needle_test, perplexity, plot_needle
+    from kvlab.tokenizer import load_tokenizer
+
+    out = report(args)
+    progress = not args.no_progress
+    dtype = TORCH_DTYPES[parse_dtype(args.dtype)]
+    corpus = load_corpus(args.text)
+    t0 = time.perf_counter()
+    model = kvlab.load(args.model, dtype=dtype, device=args.device).eval()
+    tok = load_tokenizer(args.model)
+    if tok is None:
+        raise ValueError(f"{str(args.model)!r} has no tokenizer.json: kvlab eval needs the model's tokenizer")
+    variant, vname = None, None
+    if args.vs is not None:
+        variant, vname = kvlab.load(args.vs, dtype=dtype, device=args.device).eval(), args.vs
+    elif args.variant is not None:
+        variant, vname = _variant(args.variant, model), f"{args.model} ({args.variant})"
+    ids = tok.encode(corpus.text, special=False)
+    prefix = tok.encode("", special=True)  # the BOS the tokenizer adds, opening every window
+    ground = {"model": str(args.model), "dtype": parse_dtype(args.dtype), "text": corpus.name,
+              "provenance": corpus.provenance, "text_sha256": corpus.sha256, "text_tokens": len(ids),
+              "bos_prefix": prefix}
+    print(f"model: {args.model} ({model.config.name}, {model.num_parameters():,} parameters, {ground['dtype']}); "
+          f"loaded in {time.perf_counter() - t0:.1f} s", file=out)
+    print(f"text: {corpus.describe(len(ids))}", file=out)
+    if args.needle:
+        lengths, depths = parse_contexts(args.lengths), _depths(args.depths)
+        runs = [(str(args.model), model)] + ([(vname, variant)] if variant is not None else [])
+        results = {}
+        for name, m in runs:
+            t1 = time.perf_counter()
+            r = needle_test(m, tok, corpus.text, lengths, depths, args.trials, args.seed, progress)
+            dt = time.perf_counter() - t1
+            results[name] = {**r.as_dict(), "seconds": dt}
+            print(f"\nneedle retrieval, {name}: exact-match accuracy, {args.trials} trial(s) per cell, seed "
+                  f"{args.seed}; {dt:.1f} s", file=out)
+            rows = [[f"{n:,}", *(f"{a:.0%}" for a in row)] for n, row in zip(lengths, r.accuracy)]
+            print(table(["length \\ depth", *(f"{d:.0%}" for d in depths)], rows), file=out)
+            print(f"overall {r.overall:.1%}", file=out)
+            if args.plot:
+                path = args.plot if len(runs) == 1 else _suffixed(args.plot, runs.index((name, m)))
+                p = plot_needle(r, path, f"{name}: needle in {corpus.name}")
+                results[name]["plot"] = str(p)
+                print(f"plot: {p}", file=out)
+        if args.json:
+            emit_json({**ground, "needle": results})
+        return 0
+    window = parse_context(args.window)
+    n = min(len(ids), parse_context(args.tokens) if args.tokens else window - len(prefix))
+    text = ids[:n]
+    stride = parse_context(args.stride) if args.stride else None
+    t1 = time.perf_counter()
+    if variant is None:
+        p = perplexity(model, text, window, stride, prefix, args.chunk, progress)
+        dt = time.perf_counter() - t1
+        print(f"\nperplexity through the cache: window {window:,} ({fmt_context(window)}), stride {p.stride:,}, "
+              f"{p.windows} window(s); {dt:.1f} s", file=out)
+        print(table(["model", "tokens", "perplexity", "± se", "mean log-lik (nats/token)"],
+                    [[args.model, f"{p.tokens:,}", f"{p.ppl:.4f}", f"{p.ppl_se:.4f}", f"{p.mean_loglik:.5f}"]]),
+              file=out)
+        if args.json:
+            emit_json({**ground, "perplexity": {**p.as_dict(), "seconds": dt}})
+        return 0
+    k = kl_divergence(model, variant, text, window, stride, prefix, args.chunk, progress)
+    dt = time.perf_counter() - t1
+    print(f"\nreference vs variant on the same {k.tokens:,} tokens, window {window:,}; {dt:.1f} s", file=out)
+    print(table(["model", "perplexity", "mean log-lik"],
+                [[args.model, f"{k.ref_ppl:.4f}", f"{-k.ref_nll:.5f}"], [vname, f"{k.variant_ppl:.4f}",
+                                                                        f"{-k.variant_nll:.5f}"]]), file=out)
+    print(table(["KL(ref || variant), nats/token", "mean", "± se", "median", "p99", "max", "top-1 agreement"],
+                [["", f"{k.mean_kl:.6f}", f"{k.kl_se:.6f}", f"{k.median_kl:.6f}", f"{k.p99_kl:.6f}",
+                  f"{k.max_kl:.6f}", f"{k.top1:.2%} ± {k.top1_se:.2%}"]]), file=out)
+    if args.json:
+        emit_json({**ground, "variant": vname, "window": window, "stride": stride,
+                   "kl": {**k.as_dict(), "seconds": dt}})
+    return 0
+
+
+def _suffixed(path: str, i: int) -> str:
+    from pathlib import Path
+
+    p = Path(path)
+    return str(p.with_name(f"{p.stem}-{'variant' if i else 'model'}{p.suffix}"))
+
