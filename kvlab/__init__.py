@@ -1,23 +1,30 @@
-"""kvlab: long-context efficiency techniques of open-weight LLMs, made real and measured."""
+"""kvlab: long-context efficiency techniques of open-weight LLMs, made real and measured.
+
+``import kvlab`` (and ``kvlab.config``, ``kvlab.kinds``, ``kvlab.costs``) does not import torch; the model,
+the loaders, the presets and generation are imported on first use (PEP 562 module ``__getattr__``).
+"""
 
 from __future__ import annotations
 
-from . import presets  # a module that is also callable: kvlab.presets() lists the names
-from .config import CompressSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
-from .costs import costs  # binds kvlab.costs to the function, not the module of the same name
-from .model import Model
+import importlib
+from typing import Any
+
+from .config import CompressSpec, LayerSpec, MLASpec, ModelConfig, MoESpec, RopeSpec
+from .costs import costs  # binds kvlab.costs to the function, not the package of the same name
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressSpec", "LayerSpec", "MoESpec", "Model", "ModelConfig", "RopeSpec", "costs", "generate", "load", "presets"]
+__all__ = ["CompressSpec", "LayerSpec", "MLASpec", "MoESpec", "Model", "ModelConfig", "RopeSpec", "costs", "generate",
+           "load", "presets"]
+
+# name -> (module, attribute); attribute None: the module itself (kvlab.presets is a callable module)
+_LAZY = {"Model": ("kvlab.model", "Model"), "generate": ("kvlab.engine", "generate"),
+         "load": ("kvlab.families", "load"), "presets": ("kvlab.presets", None)}
 
 
-def __getattr__(name: str):
-    # lazy: keep `import kvlab` light and free of import cycles
-    if name == "generate":
-        from .engine import generate
-        return generate
-    if name == "load":
-        from .families import load
-        return load
-    raise AttributeError(name)
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kvlab' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    mod = importlib.import_module(module)
+    return mod if attr is None else getattr(mod, attr)

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ATTENTION_KINDS = ("gqa", "cca", "csa", "hca", "swa", "mla")
-COMPRESSED_KINDS = ("csa", "hca", "swa")  # DeepSeek V4's attention layers (kvlab/layers/compressed.py)
+from . import kinds
+from .kinds import CompressSpec, MLASpec, field_error, positive_int
+
 MLP_KINDS = ("dense", "moe", "dense+moe")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_SCALINGS = ("default", "linear", "llama3", "yarn", "proportional")
@@ -23,13 +24,8 @@ GATE_KINDS = (None, "sigmoid", "softplus")
 MOE_SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 
-def _err(where: str, name: str, value: Any, allowed: str) -> ValueError:
-    return ValueError(f"{where}.{name}={value!r}: {allowed}" if where else f"{name}={value!r}: {allowed}")
-
-
-def _positive_int(where: str, name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise _err(where, name, value, "must be a positive integer")
+_err = field_error
+_positive_int = positive_int
 
 
 @dataclass
@@ -166,103 +162,6 @@ def _validate_groups(m: MoESpec, where: str) -> None:
 
 
 @dataclass
-class MLASpec:
-    """Multi-head latent attention of an ``mla`` layer (DeepSeek V2/V3; kvlab/layers/mla.py).
-
-    Per token the layer caches only the normalised KV latent ``c_kv`` (``kv_lora_rank``) and one rotated key
-    ``k_pe`` (``qk_rope_head_dim``) shared by every head; per-head keys ``[k_nope, k_pe]`` (``qk_nope_head_dim +
-    qk_rope_head_dim``) and values (``v_head_dim``) are up-projections of ``c_kv`` by ``kv_b_proj``.
-    ``q_lora_rank``: the low-rank query path ``q = W_b norm(W_a x)`` (None: one ``q_proj``). ``rope_interleave``:
-    the rotary channels are interleaved pairs (transformers' DeepSeek-V3 default), else rotate-half.
-    DeepSeek V3.2 sparse attention (DSA): a lightning indexer of ``index_heads`` x ``index_head_dim`` scores every
-    cached token and each query attends to its ``index_topk`` best; all three set, or none.
-    """
-
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    q_lora_rank: int | None = None
-    rope_interleave: bool = True
-    index_heads: int | None = None
-    index_head_dim: int | None = None
-    index_topk: int | None = None
-
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
-    @property
-    def sparse(self) -> bool:
-        """DeepSeek sparse attention (an indexer and top-k selection)."""
-        return self.index_topk is not None
-
-    @property
-    def rope_partial(self) -> float:
-        """The RopeSpec ``partial`` that rotates exactly ``qk_rope_head_dim`` of the ``qk_head_dim`` channels."""
-        d = self.qk_head_dim
-        p = self.qk_rope_head_dim / d
-        while int(d * p) < self.qk_rope_head_dim:
-            p = math.nextafter(p, 1.0)
-        return p
-
-    def validate(self, where: str) -> None:
-        for name in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
-            _positive_int(where, name, getattr(self, name))
-        if self.qk_rope_head_dim % 2:
-            raise _err(where, "qk_rope_head_dim", self.qk_rope_head_dim, "must be even (rotary pairs)")
-        if self.q_lora_rank is not None:
-            _positive_int(where, "q_lora_rank", self.q_lora_rank)
-        if not isinstance(self.rope_interleave, bool):
-            raise _err(where, "rope_interleave", self.rope_interleave, "must be true or false")
-        idx = ("index_heads", "index_head_dim", "index_topk")
-        given = [n for n in idx if getattr(self, n) is not None]
-        if given and len(given) != 3:
-            missing = [n for n in idx if n not in given]
-            raise _err(where, missing[0], None, "sparse MLA (DSA) needs index_heads, index_head_dim and index_topk "
-                       "all set (or none)")
-        for name in given:
-            _positive_int(where, name, getattr(self, name))
-        if given and self.q_lora_rank is None:
-            raise _err(where, "q_lora_rank", None, "the DSA indexer reads the query latent: set q_lora_rank")
-        if given and self.index_head_dim < self.qk_rope_head_dim:
-            raise _err(where, "index_head_dim", self.index_head_dim,
-                       f"must hold the qk_rope_head_dim={self.qk_rope_head_dim} rotary channels")
-
-
-@dataclass
-class CompressSpec:
-    """Sequence-compressed attention of a ``csa`` / ``hca`` layer (DeepSeek V4; kvlab/layers/compressed.py).
-
-    ``ratio``: tokens pooled into one compressed K/V entry (CSA 4, HCA 128; 0 for an ``swa`` layer, V4's
-    sliding-window-only layer, which has the same query, K/V and output paths and no compressor); ``q_lora_rank``: the low-rank query
-    path ``q = W_b norm(W_a x)``; ``o_groups`` x ``o_lora_rank``: the grouped output projection (the heads split
-    into ``o_groups`` groups, each projected to ``o_lora_rank``, then mixed to hidden). CSA only: the indexer's
-    ``index_heads`` x ``index_head_dim`` and the ``index_topk`` compressed entries each query attends to.
-    """
-
-    ratio: int
-    q_lora_rank: int
-    o_groups: int = 1
-    o_lora_rank: int = 0
-    index_heads: int = 0
-    index_head_dim: int = 0
-    index_topk: int = 0
-
-    def validate(self, where: str, kind: str) -> None:
-        if kind == "swa":
-            if self.ratio != 0:
-                raise _err(where, "ratio", self.ratio, "an swa layer has no compressor: must be 0")
-        else:
-            _positive_int(where, "ratio", self.ratio)
-        for name in ("q_lora_rank", "o_groups", "o_lora_rank"):
-            _positive_int(where, name, getattr(self, name))
-        if kind == "csa":
-            for name in ("index_heads", "index_head_dim", "index_topk"):
-                _positive_int(where, name, getattr(self, name))
-
-
-@dataclass
 class LayerSpec:
     """One decoder layer: its attention, its K/V storage and its MLP.
 
@@ -347,8 +246,9 @@ class LayerSpec:
         return self.kv_source is None
 
     def validate(self, where: str, index: int) -> None:
-        if self.attention not in ATTENTION_KINDS:
-            raise _err(where, "attention", self.attention, f"allowed kinds: {', '.join(ATTENTION_KINDS)}")
+        if self.attention not in kinds.KINDS:
+            raise _err(where, "attention", self.attention, f"allowed kinds: {', '.join(kinds.KINDS)}")
+        kind = kinds.KINDS[self.attention]  # the kind's record (kvlab/kinds): its options, checks and sharing
         for name in ("num_heads", "num_kv_heads", "head_dim"):
             _positive_int(where, name, getattr(self, name))
         if self.v_head_dim is not None:
@@ -356,28 +256,22 @@ class LayerSpec:
         if self.num_heads % self.num_kv_heads:
             raise _err(where, "num_kv_heads", self.num_kv_heads,
                        f"must divide num_heads={self.num_heads}")
+        _check_options(self, kind, where)
         if self.window is not None:
             _positive_int(where, "window", self.window)
         if self.output_gate not in GATE_KINDS:
             raise _err(where, "output_gate", self.output_gate, "allowed: None, 'sigmoid', 'softplus'")
-        if self.kv_source is not None and (not isinstance(self.kv_source, int) or not 0 <= self.kv_source < index):
-            raise _err(where, "kv_source", self.kv_source, "a layer can only read K/V from an earlier layer")
-        for name in ("v_norm", "k_eq_v", "sandwich_norm", "layer_scalar", "residual_scaling"):
+        if self.kv_source is not None:
+            if not kind.can_share:
+                raise _err(where, "kv_source", self.kv_source, f"a {self.attention} layer computes its own K/V "
+                           "(no cross-layer sharing)")
+            if not isinstance(self.kv_source, int) or not 0 <= self.kv_source < index:
+                raise _err(where, "kv_source", self.kv_source, "a layer can only read K/V from an earlier layer")
+        for name in ("sinks", "qk_norm", "qkv_bias", "o_bias", "gate_per_head", "v_norm", "k_eq_v", "sandwich_norm",
+                     "layer_scalar", "residual_scaling", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(where, name, getattr(self, name), "must be true or false")
-        if self.attention == "cca":
-            _validate_cca(self, where)
-        if self.attention == "mla":
-            _validate_mla(self, where)
-        elif self.mla is not None:
-            raise _err(where, "mla", self.mla, "only meaningful for attention 'mla'")
-        if self.attention in COMPRESSED_KINDS:
-            _validate_compressed(self, where)
-        elif self.compress is not None:
-            raise _err(where, "compress", self.compress, "only meaningful for attention 'csa', 'hca' or 'swa'")
-        if self.k_eq_v and self.value_dim != self.head_dim:
-            raise _err(where, "k_eq_v", self.k_eq_v,
-                       f"V is the K projection: needs v_head_dim={self.v_head_dim} equal to head_dim={self.head_dim}")
+        kind.validate(self, where)
         if self.rope is not None:
             self.rope.validate(f"{where}.rope")
             rot = int(self.head_dim * self.rope.partial)
@@ -534,80 +428,13 @@ class ModelConfig:
         return dataclasses.replace(self, layers=layers)
 
 
-def _validate_compressed(layer: LayerSpec, where: str) -> None:
-    c = layer.compress
-    if c is None:
-        raise _err(where, "compress", None, f"required (a CompressSpec) for attention={layer.attention!r}")
-    c.validate(f"{where}.compress", layer.attention)
-    if layer.num_kv_heads != 1:
-        raise _err(where, "num_kv_heads", layer.num_kv_heads, f"{layer.attention} has one shared K/V head: must be 1")
-    if layer.window is None:
-        raise _err(where, "window", None, f"{layer.attention} needs the sliding-window branch: a positive window")
-    if (layer.num_heads * layer.head_dim) % c.o_groups:
-        raise _err(f"{where}.compress", "o_groups", c.o_groups,
-                   f"must divide num_heads x head_dim = {layer.num_heads * layer.head_dim}")
-    if layer.rope is not None and layer.attention == "csa" and int(layer.head_dim * layer.rope.partial) > c.index_head_dim:
-        raise _err(f"{where}.compress", "index_head_dim", c.index_head_dim,
-                   f"must hold the {int(layer.head_dim * layer.rope.partial)} rotary channels")
-    if layer.rope is not None and layer.rope.scaling == "proportional":
-        raise _err(f"{where}.rope", "scaling", "proportional", f"not supported by {layer.attention}")
-    for name in ("qk_norm", "v_norm", "k_eq_v", "qkv_bias", "o_bias"):
-        if getattr(layer, name):
-            raise _err(where, name, True, f"not supported by {layer.attention} (its K/V path is fixed); set it to false")
-    if layer.output_gate is not None:
-        raise _err(where, "output_gate", layer.output_gate, f"not supported by {layer.attention}")
-    if layer.v_head_dim not in (None, layer.head_dim):
-        raise _err(where, "v_head_dim", layer.v_head_dim, f"{layer.attention} reads V = K: must equal head_dim")
-    if layer.kv_source is not None:
-        raise _err(where, "kv_source", layer.kv_source, f"a {layer.attention} layer computes its own K/V")
-
-
-def _validate_mla(layer: LayerSpec, where: str) -> None:
-    m = layer.mla
-    if m is None:
-        raise _err(where, "mla", None, "required (an MLASpec) for attention='mla'")
-    m.validate(f"{where}.mla")
-    if layer.num_kv_heads != 1:
-        raise _err(where, "num_kv_heads", layer.num_kv_heads, "mla caches one shared latent: must be 1")
-    if layer.head_dim != m.qk_head_dim:
-        raise _err(where, "head_dim", layer.head_dim, f"must equal mla.qk_nope_head_dim + mla.qk_rope_head_dim = "
-                   f"{m.qk_head_dim}")
-    if layer.value_dim != m.v_head_dim:
-        raise _err(where, "v_head_dim", layer.v_head_dim, f"must equal mla.v_head_dim={m.v_head_dim}")
-    if layer.rope is None:
-        raise _err(where, "rope", None, "mla rotates qk_rope_head_dim channels: a RopeSpec is required")
-    if layer.rope.scaling == "proportional":
-        raise _err(f"{where}.rope", "scaling", "proportional", "not supported by mla")
-    if int(layer.head_dim * layer.rope.partial) != m.qk_rope_head_dim:
-        raise _err(f"{where}.rope", "partial", layer.rope.partial,
-                   f"must rotate mla.qk_rope_head_dim={m.qk_rope_head_dim} of head_dim={layer.head_dim} channels "
-                   f"(use MLASpec.rope_partial = {m.rope_partial!r})")
-    if layer.window is not None:
-        raise _err(where, "window", layer.window, "sliding-window mla is not implemented: must be None")
-    for name in ("sinks", "qk_norm", "v_norm", "k_eq_v"):
-        if getattr(layer, name):
-            raise _err(where, name, True, "not supported by mla (its K/V path is fixed); set it to false")
-    if layer.output_gate is not None:
-        raise _err(where, "output_gate", layer.output_gate, "not supported by mla")
-    if layer.kv_source is not None:
-        raise _err(where, "kv_source", layer.kv_source, "an mla layer computes its own latent (no cross-layer sharing)")
-
-
-def _validate_cca(layer: LayerSpec, where: str) -> None:
-    ks = layer.conv_kernels
-    if not (isinstance(ks, tuple) and len(ks) == 2
-            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks)):
-        raise _err(where, "conv_kernels", ks, "must be two positive integers (depthwise, grouped kernel sizes)")
-    if (layer.num_kv_heads * layer.value_dim) % 2:
-        raise _err(where, "v_head_dim", layer.value_dim,
-                   f"cca splits the num_kv_heads x v_head_dim = {layer.num_kv_heads * layer.value_dim} value "
-                   "channels into current- and previous-token halves: the product must be even")
-    for name, why in (("qk_norm", "cca L2-normalises q and k itself"), ("v_norm", "not supported with cca"),
-                      ("k_eq_v", "cca has its own value projections")):
-        if getattr(layer, name):
-            raise _err(where, name, getattr(layer, name), why + "; set it to false")
-    if layer.kv_source is not None:
-        raise _err(where, "kv_source", layer.kv_source, "a cca layer computes its own K/V (no cross-layer sharing)")
+def _check_options(layer: LayerSpec, kind: kinds.Kind, where: str) -> None:
+    """A field that belongs to other kinds (kvlab/kinds) must keep its default on a layer of ``kind``."""
+    for name in sorted(kinds.kind_options() - kind.options):
+        value, default = getattr(layer, name), _DEFAULTS[name]
+        if value != default:
+            raise _err(where, name, value, f"not supported by {kind.name} (an option of "
+                       f"{', '.join(kinds.owners(name))}); leave it at {default!r}")
 
 
 def _as_layer(x: LayerSpec | dict[str, Any]) -> LayerSpec:
@@ -621,6 +448,12 @@ def _as_layer(x: LayerSpec | dict[str, Any]) -> LayerSpec:
     if unknown:
         raise ValueError(f"unknown LayerSpec field(s) {unknown}; allowed: {sorted(known)}")
     return LayerSpec(**x)
+
+
+_DEFAULTS: dict[str, Any] = {
+    f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    for f in dataclasses.fields(LayerSpec)
+    if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
 
 
 def uniform_layers(n: int, **kw: Any) -> list[LayerSpec]:

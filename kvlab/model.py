@@ -9,7 +9,7 @@ from torch import nn
 
 from .cache import Cache
 from .config import LayerSpec, ModelConfig
-from .layers import ATTENTION_MODULES
+from .layers import attention_module
 from .layers.attention import Step
 from .layers.mhc import HyperHead, expand
 from .layers.mlp import GatedMLP
@@ -30,7 +30,7 @@ class Block(nn.Module):
     The residual adds follow the layer's residual strategy (kvlab/layers/residual.py): plain, ``residual_scaling``
     (``(h + b_h) * s_h + (x + b_x) * s_x``, ZAYA1) or, with the model's ``mhc_streams``, an mHC read-in / write-out
     of the streams ``[B, T, n, D]`` around attention and around the MLP (kvlab/layers/mhc.py).
-    The attention module is the one registered for ``spec.attention`` (kvlab/layers/__init__.py). With the
+    The attention module is the one the kinds table (kvlab/kinds) names for ``spec.attention``. With the
     model's ``residual_fp32`` the stream ``x`` stays fp32 and each norm reads it in the weights' dtype.
     """
 
@@ -39,7 +39,7 @@ class Block(nn.Module):
         hidden, eps, off = config.hidden_size, config.norm_eps, config.norm_offset
         self.spec = spec
         self.attn_norm = RMSNorm(hidden, eps, off)
-        self.attn = ATTENTION_MODULES[spec.attention](spec, hidden, eps, off)
+        self.attn = attention_module(spec, hidden, eps, off)
         self.mlp_norm = RMSNorm(hidden, eps, off)
         if spec.mlp == "moe":
             self.mlp = MoE(hidden, spec.moe, spec.activation, eps, vocab=config.vocab_size)

@@ -7,23 +7,6 @@ import torch
 from kvlab.config import LayerSpec, ModelConfig, MoESpec, uniform_layers
 from kvlab.model import Model
 
-# every attention kind/option the core supports, as LayerSpec keyword overrides
-ATTENTION_VARIANTS: dict[str, dict] = {
-    "mha": {"num_kv_heads": 4},
-    "gqa": {},
-    "mqa": {"num_kv_heads": 1, "qk_norm": True},
-    "window": {"window": 5},
-    "sinks": {"sinks": True},
-    "window+sinks": {"window": 4, "sinks": True},
-    "gate-sigmoid-head": {"output_gate": "sigmoid"},
-    "gate-softplus-elem": {"output_gate": "softplus", "gate_per_head": False},
-    "bias": {"qkv_bias": True, "o_bias": True},
-    "partial-rope": {"rope": {"theta": 500.0, "partial": 0.5}},
-    "nope": {"rope": None},
-    "cca": {"attention": "cca"},  # compressed convolutional attention (cannot share K/V: no shared layer)
-    "cca-window": {"attention": "cca", "window": 4, "conv_kernels": (3, 2), "rope": {"theta": 500.0, "partial": 0.5}},
-}
-
 
 def tiny_config(shared: bool = True, moe: bool = False, layers: int = 3, **overrides) -> ModelConfig:
     """A 3-layer model; with ``shared`` the last layer reads layer 1's K/V (not for cca: it cannot share)."""
@@ -81,7 +64,7 @@ def assert_sweep_fails_before_training(raw: dict, message: str, tmp_path) -> Non
         parse_sweep(raw)
 
 
-__all__ = ["ATTENTION_VARIANTS", "LayerSpec", "assert_sweep_fails_before_training", "random_model", "tiny_config",
+__all__ = ["LayerSpec", "assert_sweep_fails_before_training", "random_model", "tiny_config",
            "train_steps"]
 
 

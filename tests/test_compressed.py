@@ -10,8 +10,9 @@ from helpers import random_model
 
 import kvlab
 from kvlab.config import CompressSpec, LayerSpec, ModelConfig
+from kvlab.kinds.compressed import visible_sum
 from kvlab.layers.attention import Step
-from kvlab.layers.compressed import CompressedAttention, visible_sum
+from kvlab.layers.compressed import CompressedAttention
 
 
 @pytest.fixture(autouse=True)
@@ -21,10 +22,10 @@ def _no_grad():
 
 
 def layer(kind, ratio, window=5, topk=2, sinks=True, rope=None, **kw):
+    idx = {"index_heads": 3, "index_head_dim": 12, "index_topk": topk} if kind == "csa" else {}  # csa's indexer
     return LayerSpec(num_heads=4, num_kv_heads=1, head_dim=16, intermediate_size=48, attention=kind, window=window,
                      sinks=sinks, rope=rope or {"theta": 1000.0, "partial": 0.5},
-                     compress=CompressSpec(ratio=ratio, q_lora_rank=24, o_groups=2, o_lora_rank=12, index_heads=3,
-                                           index_head_dim=12, index_topk=topk), **kw)
+                     compress=CompressSpec(ratio=ratio, q_lora_rank=24, o_groups=2, o_lora_rank=12, **idx), **kw)
 
 
 def config(layers=None, mhc=None):
@@ -170,7 +171,7 @@ def test_measured_bytes_equal_calculated_per_component(max_length, batch):
     assert cache.nbytes() == c.kv_cache_bytes
     assert cache.per_layer_nbytes() == [lc.kv_bytes for lc in c.per_layer]
     for store, lc in zip(cache.layers, c.per_layer):
-        assert store.component_nbytes() == lc.kv_components
+        assert store.components() == lc.kv_components
     assert c.params_total == model.num_parameters()
 
 

@@ -1,10 +1,10 @@
-"""Measured == calculated: the cache's bytes after a run equal the calculator's, layer by layer."""
+"""Measured == calculated by hand (every kind's measured == calculated contract is tests/test_contract.py)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ATTENTION_VARIANTS, random_model, tiny_config
+from helpers import random_model, tiny_config
 
 import kvlab
 
@@ -14,22 +14,6 @@ def _no_grad():
     """Inference only, without leaking the global grad mode into other test modules."""
     with torch.no_grad():
         yield
-
-
-@pytest.mark.parametrize("variant", sorted(ATTENTION_VARIANTS))
-@pytest.mark.parametrize("max_length,batch", [(3, 1), (17, 2), (40, 3)])
-def test_cache_bytes_equal_calculator(variant, max_length, batch):
-    cfg = tiny_config(**ATTENTION_VARIANTS[variant])
-    model = random_model(cfg)
-    cache = model.new_cache(batch, max_length=max_length)
-    ids = torch.randint(0, cfg.vocab_size, (batch, max_length))
-    model(ids[:, : max_length - 1], cache=cache)
-    model(ids[:, max_length - 1:], cache=cache)
-    c = kvlab.costs(cfg, context=max_length, dtype=torch.float32, batch=batch)
-    assert cache.nbytes() == c.kv_cache_bytes
-    assert cache.per_layer_nbytes() == [lc.kv_bytes for lc in c.per_layer]
-    if cfg.layers[-1].kv_source is not None:
-        assert cache.per_layer_nbytes()[-1] == 0  # the sharing layer holds nothing
 
 
 def test_bf16_cache_and_window_bytes_by_hand():

@@ -159,7 +159,7 @@ def test_cache_holds_only_the_latent_and_equals_calculator(dtype: torch.dtype, m
         # one tensor [B, L, kv_lora_rank + qk_rope_head_dim]: no head axis, no per-head K or V
         assert [tuple(t.shape) for t in store.tensors()] == [(batch, max_length, R + DR)]
         assert store.c_kv.shape == (batch, max_length, R) and store.k_pe.shape == (batch, max_length, DR)
-        assert store.component_nbytes() == lc.kv_components == {"c_kv": batch * max_length * R * elt,
+        assert store.components() == lc.kv_components == {"c_kv": batch * max_length * R * elt,
                                                                "k_pe": batch * max_length * DR * elt}
         assert lc.kv_bytes_per_token == (R + DR) * elt
     assert c.kv_cache_bytes == 3 * batch * max_length * (R + DR) * elt
@@ -324,7 +324,7 @@ def test_bad_mla_spec_names_the_field(mla: dict, needle: str) -> None:
     ({"v_head_dim": 8}, "layers[0].v_head_dim=8: must equal mla.v_head_dim=6"),
     ({"rope": None}, "layers[0].rope=None: mla rotates qk_rope_head_dim channels"),
     ({"rope": RopeSpec(partial=0.5)}, "layers[0].rope.partial=0.5: must rotate mla.qk_rope_head_dim=4 of head_dim=12"),
-    ({"window": 8}, "layers[0].window=8: sliding-window mla is not implemented"),
+    ({"window": 8}, "layers[0].window=8: not supported by mla (an option of gqa, cca, csa, hca, swa)"),
     ({"sinks": True}, "layers[0].sinks=True: not supported by mla"),
     ({"output_gate": "sigmoid"}, "layers[0].output_gate='sigmoid': not supported by mla"),
 ])
@@ -337,12 +337,12 @@ def test_bad_mla_layer_names_the_field(override: dict, needle: str) -> None:
 
 def test_mla_spec_on_another_kind_and_kv_sharing_are_errors() -> None:
     m = MLASpec(kv_lora_rank=R, qk_nope_head_dim=DN, qk_rope_head_dim=DR, v_head_dim=DV)
-    with pytest.raises(ValueError, match=r"layers\[0\].mla=.*only meaningful for attention 'mla'"):
+    with pytest.raises(ValueError, match=r"layers\[0\].mla=.*not supported by gqa \(an option of mla\)"):
         ModelConfig(vocab_size=11, hidden_size=16,
                     layers=[LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8, mla=m)])
     a, b = mla_layer(H, R, DN, DR, DV, intermediate_size=8), mla_layer(H, R, DN, DR, DV, intermediate_size=8)
     b.kv_source = 0
-    with pytest.raises(ValueError, match=r"layers\[1\].kv_source=0: an mla layer computes its own latent"):
+    with pytest.raises(ValueError, match=r"layers\[1\].kv_source=0: a mla layer computes its own K/V"):
         ModelConfig(vocab_size=11, hidden_size=16, layers=[a, b])
 
 

@@ -1,7 +1,6 @@
-"""K/V storage policies, one per attention kind, and the model-wide cache that holds them."""
+"""K/V storage, one store per attention kind (named in its record, kvlab/kinds), and the model-wide cache."""
 
-from . import cca, compressed, latent  # noqa: F401  (register the "cca", "csa", "hca" and "mla" storage policies)
-from .cache import Cache, register_policy
+from .cache import Cache
 from .storage import FullKV, KVStore, WindowKV
 
-__all__ = ["Cache", "FullKV", "KVStore", "WindowKV", "register_policy"]
+__all__ = ["Cache", "FullKV", "KVStore", "WindowKV"]

@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 
-from ..config import LayerSpec, ModelConfig
-from .storage import FullKV, KVStore, WindowKV
-
-# attention kind -> factory(spec, batch, max_length, dtype, device) -> KVStore
-_POLICIES: dict[str, Callable[..., KVStore]] = {}
-
-
-def register_policy(kind: str, factory: Callable[..., KVStore]) -> None:
-    """Register the storage policy of an attention kind."""
-    _POLICIES[kind] = factory
-
-
-def _gqa_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> KVStore:
-    if spec.window is not None:
-        return WindowKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.window, max_length,
-                        dtype, device)
-    return FullKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, max_length, dtype, device)
-
-
-register_policy("gqa", _gqa_store)
+from .. import kinds
+from ..config import ModelConfig
+from .storage import KVStore
 
 
 class Cache:
@@ -55,9 +36,8 @@ class Cache:
             if not spec.stores_kv:
                 self.layers.append(None)
                 continue
-            if spec.attention not in _POLICIES:
-                raise ValueError(f"no cache policy for attention kind {spec.attention!r}")
-            self.layers.append(_POLICIES[spec.attention](spec, batch_size, max_length, dtype, device))
+            factory = kinds.get(spec.attention).store_factory()  # the store its record names (kvlab/kinds)
+            self.layers.append(factory(spec, batch_size, max_length, dtype, device))
 
     def set_padding(self, pad: torch.Tensor | None) -> None:
         """Left-padding counts ``[B]`` of the rows (before the first write)."""

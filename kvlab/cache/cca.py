@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..config import LayerSpec
-from .cache import register_policy
+from ..kinds.cca import conv_channels, conv_tail, value_half
 from .storage import FullKV, KVStore, WindowKV
 
 
@@ -46,8 +46,6 @@ class CCAStore(KVStore):
 
 
 def cca_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> CCAStore:
-    from ..layers.cca import conv_channels, conv_tail, value_half
-
     if spec.window is not None:
         inner: KVStore = WindowKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.window, max_length,
                                   dtype, device)
@@ -55,5 +53,3 @@ def cca_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.
         inner = FullKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, max_length, dtype, device)
     return CCAStore(inner, batch, conv_channels(spec), conv_tail(spec), value_half(spec), dtype, device)
 
-
-register_policy("cca", cca_store)

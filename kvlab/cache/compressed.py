@@ -1,6 +1,6 @@
 """Storage of a CSA / HCA / SWA layer (``attention='csa'`` / ``'hca'`` / ``'swa'``; kvlab/layers/compressed.py).
 
-Components (each a preallocated tensor when ``max_length`` is known; ``component_nbytes()`` names them):
+Components (each a preallocated tensor when ``max_length`` is known; ``components()`` names them):
 
 - ``window``: the sliding-window branch, a ring of ``min(window, max_length)`` shared K/V rows ``[B, 1, W, D]``
   (all an ``swa`` layer holds);
@@ -19,7 +19,6 @@ from __future__ import annotations
 import torch
 
 from ..config import LayerSpec
-from .cache import register_policy
 from .storage import KVStore, WindowKV
 
 
@@ -58,7 +57,7 @@ class CompressedStore(KVStore):
 
     def __init__(self, spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> None:
         c = spec.compress
-        csa = spec.attention == "csa"
+        csa = c.indexed
         self.window = WindowKV(batch, 1, spec.head_dim, 0, spec.window, max_length, dtype, device)
         self.pool = _Pool(batch, spec.head_dim, c.ratio, csa, max_length, dtype, device) if c.ratio else None
         self.index = _Pool(batch, c.index_head_dim, c.ratio, True, max_length, dtype, device) if csa else None
@@ -75,7 +74,12 @@ class CompressedStore(KVStore):
             out += [self.index.entries, *self.index.state()]
         return out
 
-    def component_nbytes(self) -> dict[str, int]:
+    def state_nbytes(self) -> int:
+        """The compressors' partial and overlap blocks (constant per sequence)."""
+        pools = [p for p in (self.pool, self.index) if p is not None]
+        return sum(t.numel() * t.element_size() for p in pools for t in p.state())
+
+    def components(self) -> dict[str, int]:
         def nb(ts):
             return sum(t.numel() * t.element_size() for t in ts)
 
@@ -97,7 +101,3 @@ class CompressedStore(KVStore):
 def compressed_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> CompressedStore:
     return CompressedStore(spec, batch, max_length, dtype, device)
 
-
-register_policy("csa", compressed_store)
-register_policy("hca", compressed_store)
-register_policy("swa", compressed_store)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import torch
 
 from ..config import LayerSpec
-from .cache import register_policy
 from .storage import KVStore, positions
 
 
@@ -48,7 +47,7 @@ class LatentStore(KVStore):
     def tensors(self) -> list[torch.Tensor]:
         return [self.latent] + ([self.index_keys] if self.index_keys is not None else [])
 
-    def component_nbytes(self) -> dict[str, int]:
+    def components(self) -> dict[str, int]:
         """Bytes by part: ``c_kv``, ``k_pe`` (and ``index_keys`` with DSA)."""
         b, cap, _ = self.latent.shape
         e = self.latent.element_size()
@@ -102,7 +101,5 @@ def latent_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: tor
     m = spec.mla
     return LatentStore(batch, m.kv_lora_rank, m.qk_rope_head_dim, m.index_head_dim or 0, max_length, dtype, device)
 
-
-register_policy("mla", latent_store)
 
 __all__ = ["LatentStore", "latent_store"]

@@ -22,13 +22,23 @@ def positions(n: int, device) -> torch.Tensor:
 
 
 class KVStore:
-    """Base class: ``append`` new K/V and return what the current queries attend to."""
+    """The store protocol every kind's store follows: ``append`` new entries and return what the current queries
+    attend to; ``tensors()`` (what it holds), ``nbytes()``, ``components()`` and ``state_nbytes()`` (what the
+    calculator prices, byte for byte). A layer never writes a store's tensors itself."""
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def components(self) -> dict[str, int]:
+        """Bytes by named part, as the kind's price reports them (``AttnCost.components``); empty: one part."""
+        return {}
+
+    def state_nbytes(self) -> int:
+        """Bytes of the constant per-sequence state (not growing with the context), as ``AttnCost.state_bytes``."""
+        return 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Store ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` for positions ``start..start+T-1``.
@@ -138,3 +148,11 @@ class WindowKV(KVStore):
         self.buf.k.index_copy_(2, slots, k[:, :, t - keep:])
         self.buf.v.index_copy_(2, slots, v[:, :, t - keep:])
         return k_all, v_all, kpos
+
+
+def gqa_store(spec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> KVStore:
+    """The store of a ``gqa`` layer: a :class:`WindowKV` ring for a window layer, else :class:`FullKV`."""
+    if spec.window is not None:
+        return WindowKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.window, max_length,
+                        dtype, device)
+    return FullKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, max_length, dtype, device)

@@ -1,29 +1,19 @@
-"""Building blocks, one technique per file.
+"""Building blocks, one technique per file; shared machinery (masks, attention, RoPE) in attention.py / rope.py.
 
-``ATTENTION_MODULES`` maps a LayerSpec's ``attention`` kind to the module class that implements it
-(``cls(spec, hidden, eps, norm_offset)``); a new kind registers itself with :func:`register_attention`.
+Which module implements an attention kind is written in its record in the kinds table (kvlab/kinds):
+:func:`attention_module` builds it.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .attention import Attention
-from .cca import CCAttention
-from .compressed import CompressedAttention
-from .mla import MLAttention
-
-ATTENTION_MODULES: dict[str, type[nn.Module]] = {"gqa": Attention, "cca": CCAttention,
-                                                "csa": CompressedAttention, "hca": CompressedAttention,
-                                                "swa": CompressedAttention}
+from .. import kinds
 
 
-def register_attention(kind: str, cls: type[nn.Module]) -> None:
-    """Register the module class of an attention kind."""
-    ATTENTION_MODULES[kind] = cls
+def attention_module(spec, hidden: int, eps: float, norm_offset: bool) -> nn.Module:
+    """The attention module of ``spec.attention`` (from its record), built as ``cls(spec, hidden, eps, norm_offset)``."""
+    return kinds.get(spec.attention).module_class()(spec, hidden, eps, norm_offset)
 
 
-register_attention("mla", MLAttention)  # multi-head latent attention (DeepSeek V2/V3; kvlab/layers/mla.py)
-
-
-__all__ = ["ATTENTION_MODULES", "register_attention"]
+__all__ = ["attention_module"]

@@ -30,24 +30,9 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec
+from ..kinds.cca import conv_channels, conv_tail, value_half
 from .attention import Step, attend_out, publish_kv
 from .rope import apply_rope
-
-
-def conv_tail(spec: LayerSpec) -> int:
-    """Input columns of history the two convolutions need (``k0 - 1 + k1 - 1``)."""
-    k0, k1 = spec.conv_kernels
-    return k0 - 1 + k1 - 1
-
-
-def conv_channels(spec: LayerSpec) -> int:
-    """Channels of the convolved ``[q, k]`` stream: ``(num_heads + num_kv_heads) * head_dim``."""
-    return (spec.num_heads + spec.num_kv_heads) * spec.head_dim
-
-
-def value_half(spec: LayerSpec) -> int:
-    """Value channels taken from the previous token: half of ``num_kv_heads * v_head_dim``."""
-    return spec.num_kv_heads * spec.value_dim // 2
 
 
 class CCAttention(nn.Module):
@@ -126,10 +111,4 @@ class CCAttention(nn.Module):
         return attend_out(self, x, step, q, k, v, kpos)
 
 
-def compression(spec: LayerSpec, hidden: int) -> tuple[float, float]:
-    """(query, key/value) compression factors vs MHA with ``hidden / head_dim`` heads of ``head_dim``."""
-    mha = hidden / spec.head_dim
-    return mha / spec.num_heads, mha / spec.num_kv_heads
-
-
-__all__ = ["CCAttention", "compression", "conv_channels", "conv_tail", "value_half"]
+__all__ = ["CCAttention"]

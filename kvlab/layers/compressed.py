@@ -151,7 +151,7 @@ class CompressedAttention(nn.Module):
         self.spec, self.cspec = spec, spec.compress
         c = spec.compress
         h, d = spec.num_heads, spec.head_dim
-        self.csa = spec.attention == "csa"
+        self.csa = spec.compress.indexed
         self.eps = eps
         self.q_a_proj = nn.Linear(hidden, c.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(c.q_lora_rank, eps, norm_offset)
@@ -304,52 +304,4 @@ class CompressedAttention(nn.Module):
         return out
 
 
-def compressed_params(spec: LayerSpec, hidden: int) -> tuple[int, int]:
-    """(parameters, matmul parameters) of one csa / hca / swa layer."""
-    c = spec.compress
-    h, d, r, m = spec.num_heads, spec.head_dim, c.q_lora_rank, c.ratio
-    f = 2 if spec.attention == "csa" else 1
-    mats = hidden * r + r * h * d + hidden * d + h * d * c.o_lora_rank + c.o_groups * c.o_lora_rank * hidden
-    extra = r + d + (h if spec.sinks else 0)  # q_a_norm, kv_norm, sinks
-    if m:  # the compressor: kv / gate projections, position bias, its norm
-        mats += 2 * hidden * f * d
-        extra += m * f * d + d
-    if spec.attention == "csa":
-        hi, di = c.index_heads, c.index_head_dim
-        mats += 2 * hidden * 2 * di + r * hi * di + hidden * hi
-        extra += m * 2 * di + di
-    return mats + extra, mats
-
-
-def visible_sum(n: int, m: int, cap: int | None = None) -> int:
-    """sum over positions p = 0..n-1 of min(cap, (p + 1) // m): entries seen over a prefill of n tokens."""
-    def s(k: int) -> int:  # sum_{i=1..k} floor(i / m)
-        q, r = divmod(k, m)
-        return m * q * (q - 1) // 2 + q * (r + 1)
-    if cap is None or n < cap * m:
-        return s(n)
-    return s(cap * m - 1) + cap * (n - cap * m + 1)
-
-
-__all__ = ["CompressedAttention", "Compressor", "Indexer", "apply_rope_tail", "compressed_params", "rope_tables",
-           "visible_sum"]
-
-
-def compressed_cache_components(spec: LayerSpec, context: int, batch: int, elt: int) -> dict[str, int]:
-    """Bytes of each component of a csa / hca layer's cache at ``max_length = context`` (kvlab/cache/compressed.py)."""
-    c = spec.compress
-    d, m = spec.head_dim, c.ratio
-    csa = spec.attention == "csa"
-    f = 2 if csa else 1
-    out = {"window": batch * min(spec.window, context) * d * elt}
-    if not m:  # swa: the window ring only
-        return out
-    out |= {"compressed": batch * (context // m) * d * elt,
-           "partial": 2 * batch * (m - 1) * f * d * elt}
-    if csa:
-        di = c.index_head_dim
-        out["overlap"] = 2 * batch * m * d * elt
-        out["index_keys"] = batch * (context // m) * di * elt
-        out["index_partial"] = 2 * batch * (m - 1) * 2 * di * elt
-        out["index_overlap"] = 2 * batch * m * di * elt
-    return out
+__all__ = ["CompressedAttention", "Compressor", "Indexer", "apply_rope_tail", "rope_tables"]

@@ -25,7 +25,7 @@ Two equal ways to attend (``MLAttention.mode``):
 ``auto`` (default) takes the form with fewer FLOPs for the call: per attended key, absorbing costs
 ``H x T x (2 r + d_rope)`` and expanding ``H x (r x (d_nope + d_v) + T x (d_qk + d_v))`` (the up-projection is paid once
 per key for all T queries), so decode steps and short chunks absorb, a prefill and long chunks expand (V3's shape:
-below 171 queries per call absorb). The cost formula (registered here) prices decode in the absorbed form and
+below 171 queries per call absorb). The price (kvlab/kinds/mla.py) prices decode in the absorbed form and
 prefill in the expanded one.
 
 DeepSeek V3.2 sparse attention (DSA, ``mla.index_topk``; transformers' ``DeepseekV32Indexer``): a lightning indexer
@@ -46,7 +46,6 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, MLASpec, RopeSpec
-from ..costs import AttnCost, causal_positions, register_attention_cost
 from .attention import Step, attend, build_mask
 from .norm import RMSNorm
 
@@ -236,65 +235,5 @@ def mla_layer(num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_
                      attention="mla", mla=m, rope=rope, **kw)
 
 
-def mla_params(layer: LayerSpec, hidden: int) -> tuple[int, int]:
-    """(parameters, matmul parameters) of an MLA layer, its DSA indexer included."""
-    m, h = layer.mla, layer.num_heads
-    r, dr, ql = m.kv_lora_rank, m.qk_rope_head_dim, m.q_lora_rank
-    mats = (hidden * ql + ql * h * m.qk_head_dim) if ql else hidden * h * m.qk_head_dim
-    mats += hidden * (r + dr) + r * h * (m.qk_nope_head_dim + m.v_head_dim) + h * m.v_head_dim * hidden
-    extra = (ql or 0) + r  # q_a_layernorm, kv_a_layernorm
-    extra += ((ql or 0) + r + dr) if layer.qkv_bias else 0
-    extra += hidden if layer.o_bias else 0
-    if m.sparse:  # indexer: wq_b (from the query latent), wk, weights_proj; k_norm is a LayerNorm (weight, bias)
-        mats += ql * m.index_heads * m.index_head_dim + hidden * m.index_head_dim + hidden * m.index_heads
-        extra += 2 * m.index_head_dim
-    return mats + extra, mats
-
-
-def mla_cache_components(layer: LayerSpec, context: int, batch: int, kv_elt: int) -> dict[str, int]:
-    """Cache bytes by part, as kvlab/cache/latent.py allocates them: c_kv, k_pe (and index_keys with DSA)."""
-    m = layer.mla
-    out = {"c_kv": batch * context * m.kv_lora_rank * kv_elt, "k_pe": batch * context * m.qk_rope_head_dim * kv_elt}
-    if m.sparse:
-        out["index_keys"] = batch * context * m.index_head_dim * kv_elt
-    return out
-
-
-def _mla_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
-    """MLA: the latent (``kv_lora_rank + qk_rope_head_dim`` per token; + ``index_head_dim`` indexer keys with DSA).
-
-    Decode (weight-absorbed form): every head scores ``[c_kv, k_pe]`` (``r + d_rope``) and sums ``c_kv`` (``r``)
-    per attended key: ``2 x H x (2r + d_rope)`` FLOPs per key; ``W_uk`` / ``W_uv`` count once per token as matmul
-    parameters (``kv_b_proj``). DSA: the indexer scores every cached key (``2 x index_heads x (index_head_dim + 1)``)
-    and attention reads ``min(index_topk, context)`` latents. Prefill (expanded form): ``2 x H x (qk_head_dim +
-    v_head_dim)`` per visible key (``kv_b_proj`` once per token, as matmul parameters).
-    """
-    m, h = layer.mla, layer.num_heads
-    params, mats = mla_params(layer, hidden)
-    comp = mla_cache_components(layer, context, batch, kv_elt)
-    lat = m.kv_lora_rank + m.qk_rope_head_dim
-    attended = min(m.index_topk, context) if m.sparse else context
-    idx = 2 * m.index_heads * (m.index_head_dim + 1) if m.sparse else 0
-    read = batch * kv_elt * (attended * lat + (context * m.index_head_dim if m.sparse else 0))
-    return AttnCost(
-        params=params, matmul_params=mats, kv_bytes=sum(comp.values()),
-        kv_bytes_per_token=(lat + (m.index_head_dim if m.sparse else 0)) * kv_elt, kv_read_bytes=read,
-        flops_per_token=2 * h * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * attended + idx * context,
-        prefill_flops=2 * h * (m.qk_head_dim + m.v_head_dim) * causal_positions(context, m.index_topk)
-        + idx * causal_positions(context, None),
-        components=comp, flop_components={"latent": 2 * h * (2 * m.kv_lora_rank + m.qk_rope_head_dim) * attended,
-                                          **({"indexer": idx * context} if m.sparse else {})})
-
-
-register_attention_cost("mla", _mla_cost)
-
-MLA_ASSUMPTION = (
-    "mla layers: kv_bytes = context x (kv_lora_rank + qk_rope_head_dim) latent values (+ index_head_dim indexer keys "
-    "with DSA, in the K/V dtype as transformers caches them; DeepSeek's kernels keep them in fp8), per component in "
-    "per_layer[i].kv_components; no per-head K/V. Decode priced in the weight-absorbed form (each cached latent read "
-    "once; attention 2 x heads x (2 kv_lora_rank + qk_rope_head_dim) per attended key; DSA attends min(index_topk, "
-    "context) and its indexer scores every cached key); prefill in the expanded form (2 x heads x (qk_head_dim + "
-    "v_head_dim) per visible key); kv_b_proj counted once per token as matmul parameters")
-
-__all__ = ["MLA_ASSUMPTION", "Indexer", "MLAttention", "mla_cache_components", "mla_layer", "mla_params", "rotate",
+__all__ = ["Indexer", "MLAttention", "mla_layer", "rotate",
            "softmax_scale"]

@@ -114,7 +114,7 @@ def test_cached_decode_equals_full_forward(pair: tuple[Any, kvlab.Model]) -> Non
         c = kvlab.costs(model.config, context=30, dtype=torch.float32, batch=2)
         assert cache.per_layer_nbytes() == [x.kv_bytes for x in c.per_layer]
         for store, lc in zip(cache.layers, c.per_layer):
-            assert store.component_nbytes() == lc.kv_components
+            assert store.components() == lc.kv_components
 
 
 def test_reference_is_not_causal_beyond_top_k(tmp_path: Path) -> None:

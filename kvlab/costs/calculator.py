@@ -2,218 +2,26 @@
 
 It reads the same :class:`~kvlab.config.ModelConfig` the modules and the cache read, so its
 ``kv_cache_bytes`` equals ``model.new_cache(batch_size, max_length=context).nbytes()`` byte for byte and
-``params_total`` equals the number of parameters of the built model. Each attention kind prices itself
-through a function registered with :func:`register_attention_cost`; new techniques add one there.
+``params_total`` equals the number of parameters of the built model. Each attention kind is priced by the
+``price`` of its record in the kinds table (kvlab/kinds/<kind>.py); the MLP, block extras and mHC by the
+modules beside this one. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from kvlab.config import LayerSpec, ModelConfig
+from kvlab import kinds
+from kvlab.config import ModelConfig
 
-# name -> bytes per element; aliases map onto these canonical names.
-DTYPE_BYTES: dict[str, int] = {"float32": 4, "bfloat16": 2, "float16": 2, "float8": 1, "int8": 1, "float64": 8}
-DTYPE_ALIASES: dict[str, str] = {
-    "bfloat16": "bfloat16", "bf16": "bfloat16", "float16": "float16", "fp16": "float16", "half": "float16",
-    "float32": "float32", "fp32": "float32", "float": "float32", "float8": "float8", "fp8": "float8",
-    "float8_e4m3fn": "float8", "float8_e5m2": "float8", "int8": "int8", "float64": "float64", "fp64": "float64",
-}
-
-
-def dtype_bytes(dtype: Any) -> tuple[str, int]:
-    """``(canonical name, bytes per element)`` for a dtype name or a ``torch.dtype``; ValueError if unknown."""
-    key = dtype
-    if not isinstance(dtype, str):
-        key = str(dtype).removeprefix("torch.") if type(dtype).__name__ == "dtype" else None
-    name = DTYPE_ALIASES.get(key.lower()) if isinstance(key, str) else None
-    if name is None:
-        allowed = ", ".join(sorted(DTYPE_ALIASES))
-        raise ValueError(f"dtype={dtype!r}: allowed: {allowed} (or the matching torch.dtype)")
-    return name, DTYPE_BYTES[name]
-
-
-@dataclass
-class AttnCost:
-    """What one attention layer costs; returned by a registered attention cost function.
-
-    ``kv_bytes`` is stored for the whole batch at ``context``; ``kv_bytes_per_token`` is per cached position of
-    one sequence; ``kv_read_bytes`` is K/V read by one decode step of the batch; FLOPs are per token
-    (decode at ``context``) and for a whole prefill of ``context`` tokens of one sequence. ``state_bytes``: the
-    part of ``kv_bytes`` that does not grow with the context (a constant recurrent state per sequence, e.g.
-    CCA's convolution tail; whole batch).
-    """
-
-    params: int
-    matmul_params: int
-    kv_bytes: int
-    kv_bytes_per_token: int
-    kv_read_bytes: int
-    flops_per_token: int
-    prefill_flops: int
-    state_bytes: int = 0
-    components: dict[str, int] = field(default_factory=dict)  # kv_bytes by named part (csa / hca / mla)
-    flop_components: dict[str, int] = field(default_factory=dict)  # flops_per_token by named part (csa / hca / mla)
-
-
-AttnCostFn = Callable[[LayerSpec, int, int, int, int], AttnCost]
-_ATTENTION_COSTS: dict[str, AttnCostFn] = {}
-
-
-def register_attention_cost(kind: str, fn: AttnCostFn) -> None:
-    """Price attention kind ``kind`` with ``fn(layer, hidden, context, batch, kv_elt_bytes) -> AttnCost``."""
-    _ATTENTION_COSTS[kind] = fn
-
-
-def causal_positions(n: int, window: int | None) -> int:
-    """sum_{i=1..n} min(i, window): keys seen over a causal prefill of ``n`` tokens, in closed form."""
-    if window is None or n <= window:
-        return n * (n + 1) // 2
-    return window * (window + 1) // 2 + (n - window) * window
-
-
-def _gqa_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
-    h, kvh, hd, vd = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.value_dim
-    mats = h * hd * hidden + hidden * h * vd  # q_proj, o_proj
-    extra = (h * hd if layer.qkv_bias else 0) + (hidden if layer.o_bias else 0)
-    if layer.stores_kv:
-        kv_out = kvh * (hd if layer.k_eq_v else hd + vd)  # k_proj, v_proj (none with k_eq_v: V = K projection)
-        mats += kv_out * hidden
-        extra += kv_out if layer.qkv_bias else 0
-    if layer.qk_norm:
-        extra += hd * (2 if layer.stores_kv else 1)  # q_norm, k_norm
-    if layer.output_gate:
-        mats += (h if layer.gate_per_head else h * vd) * hidden
-    if layer.sinks:
-        extra += h
-    seen = context if layer.window is None else min(context, layer.window)
-    per_pos = kvh * (hd + vd) * kv_elt
-    return AttnCost(
-        params=mats + extra,
-        matmul_params=mats,
-        kv_bytes=batch * per_pos * seen if layer.stores_kv else 0,
-        kv_bytes_per_token=per_pos if layer.stores_kv else 0,
-        kv_read_bytes=batch * per_pos * seen,  # a shared layer reads its producer's entries again
-        flops_per_token=2 * h * (hd + vd) * seen,
-        prefill_flops=2 * h * (hd + vd) * causal_positions(context, layer.window),
-    )
-
-
-register_attention_cost("gqa", _gqa_cost)
-
-
-def _cca_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
-    """Compressed convolutional attention (kvlab/layers/cca.py): GQA in the compressed heads plus two convolutions.
-
-    Stored per position: K and V of the compressed KV heads; per sequence: the conv tail of
-    ``(heads + kv_heads) * head_dim`` channels x ``k0 + k1 - 2`` columns and the delayed value row
-    (``kv_heads * v_head_dim / 2``). The convolution weights count as matmul parameters (each is used once per
-    token: depthwise ``C * k0``, grouped ``C * head_dim * k1``).
-    """
-    h, kvh, hd, vd = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.value_dim
-    k0, k1 = layer.conv_kernels
-    c = (h + kvh) * hd
-    mats = (h * hd + kvh * hd + kvh * vd) * hidden + hidden * h * vd + c * k0 + c * hd * k1
-    extra = 2 * c + kvh  # conv biases, key temperature
-    extra += (h * hd + kvh * hd + kvh * vd) if layer.qkv_bias else 0
-    extra += hidden if layer.o_bias else 0
-    if layer.output_gate:
-        mats += (h if layer.gate_per_head else h * vd) * hidden
-    if layer.sinks:
-        extra += h
-    seen = context if layer.window is None else min(context, layer.window)
-    per_pos = kvh * (hd + vd) * kv_elt
-    state = batch * (c * (k0 + k1 - 2) + kvh * vd // 2) * kv_elt
-    return AttnCost(
-        params=mats + extra, matmul_params=mats, kv_bytes=batch * per_pos * seen + state,
-        kv_bytes_per_token=per_pos, kv_read_bytes=batch * per_pos * seen + state,
-        flops_per_token=2 * h * (hd + vd) * seen, prefill_flops=2 * h * (hd + vd) * causal_positions(context, layer.window),
-        state_bytes=state)
-
-
-register_attention_cost("cca", _cca_cost)
-
-
-def _compressed_cost(layer: LayerSpec, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
-    """CSA / HCA (kvlab/layers/compressed.py): window ring + compressed entries (+ CSA's indexer keys) + the
-    constant compressor state (partial block, overlap block). Decode reads the window, the state and: HCA every
-    complete entry; CSA every indexer key and its top-k entries. Attention FLOPs: 4 x heads x head_dim per key
-    (QK and PV, V = K) plus CSA's indexer 2 x (index_heads x index_head_dim + index_heads) per scored entry."""
-    from kvlab.layers.compressed import compressed_cache_components, compressed_params, visible_sum
-
-    c = layer.compress
-    h, d, m = layer.num_heads, layer.head_dim, c.ratio
-    params, mats = compressed_params(layer, hidden)
-    comp = compressed_cache_components(layer, context, batch, kv_elt)
-    state = sum(v for k, v in comp.items() if k.endswith(("partial", "overlap")))
-    n = context // m if m else 0  # swa (ratio 0): no compressed entries
-    win = min(layer.window, context)
-    csa = layer.attention == "csa"
-    idx = 2 * (c.index_heads * c.index_head_dim + c.index_heads) if csa else 0
-    attended = min(c.index_topk, n) if csa else n
-    read = batch * kv_elt * (win * d + attended * d + (n * c.index_head_dim if csa else 0)) + state
-    parts = {"window": 4 * h * d * win, "compressed": 4 * h * d * attended, "indexer": idx * n}
-    return AttnCost(
-        params=params, matmul_params=mats, kv_bytes=sum(comp.values()),
-        kv_bytes_per_token=(d + (c.index_head_dim if csa else 0)) * kv_elt // m if m else 0, kv_read_bytes=read,
-        flops_per_token=4 * h * d * (win + attended) + idx * n,
-        prefill_flops=4 * h * d * (causal_positions(context, layer.window)
-                                   + (visible_sum(context, m, c.index_topk if csa else None) if m else 0))
-        + (idx * visible_sum(context, m) if m else 0),
-        state_bytes=state, components=comp, flop_components={k: v for k, v in parts.items() if v or k == "window"})
-
-
-register_attention_cost("csa", _compressed_cost)
-register_attention_cost("hca", _compressed_cost)
-register_attention_cost("swa", _compressed_cost)
-
-
-@dataclass
-class _MlpCost:
-    params: int
-    active: int  # params touched by one token
-    matmul: int  # matmul params touched by one token
-    read: int  # params read by one decode step of the batch (distinct experts)
-
-
-def _mlp_cost(layer: LayerSpec, hidden: int, batch: int) -> _MlpCost:
-    i = layer.intermediate_size
-    mats = 3 * i * hidden
-    n = mats + ((2 * i + hidden) if layer.mlp_bias else 0)
-    if layer.mlp == "dense":
-        return _MlpCost(n, n, mats, n)
-    moe = layer.moe
-    assert moe is not None
-    e, k, w = moe.num_experts, moe.top_k, moe.expert_size
-    expert = 3 * w * hidden
-    classes = e + (1 if moe.skip_expert else 0)
-    router = router_mm = classes * hidden
-    if moe.router_hidden:  # down projection, router MLP (norm, fc1, fc2) and output; biases; carried-state scale
-        r = moe.router_hidden
-        router_mm = hidden * r + 2 * r * r + classes * r
-        router = router_mm + 4 * r + (r if moe.router_carry else 0)
-    shared = 3 * moe.shared_width * hidden
-    always = (router + shared + (classes if moe.bias_correction else 0) + (hidden if moe.router_norm else 0)
-              + (e if moe.expert_scale else 0))
-    c = _MlpCost(params=always + e * expert, active=always + k * expert, matmul=router_mm + shared + k * expert,
-                 read=always + min(e, batch * k) * expert)
-    if layer.mlp == "dense+moe":  # the dense MLP beside the experts
-        c = _MlpCost(c.params + n, c.active + n, c.matmul + mats, c.read + n)
-    return c
-
-
-def _block_extra(layer: LayerSpec, hidden: int, ple_dim: int | None) -> tuple[int, int]:
-    """(params, matmul params) of a block outside attention and MLP: norms, layer scalar, PLE gate."""
-    norms = 2 + (2 if layer.sandwich_norm else 0)  # attn/mlp pre-norms, post-norms
-    if layer.mlp == "dense+moe":
-        norms += 1 + (2 if layer.sandwich_norm else 0)  # MoE pre-norm, post-norms of both branches
-    params = norms * hidden + (1 if layer.layer_scalar else 0) + (8 * hidden if layer.residual_scaling else 0)
-    mats = 2 * hidden * ple_dim if ple_dim else 0  # PLE gate and projection
-    return params + mats + (hidden if ple_dim else 0), mats
+from .block import block_extra
+from .dtypes import DTYPE_BYTES, dtype_bytes
+from .mhc import assumption as mhc_assumption
+from .mhc import mhc_cost
+from .mlp import mlp_cost
 
 
 @dataclass
@@ -309,14 +117,14 @@ def resolve_config(model: Any) -> ModelConfig:
                      f"ModelConfig; got {type(model).__name__}")
 
 
-def _kind(layer: LayerSpec) -> str:
+def _kind(layer: Any) -> str:
     base = "full" if layer.window is None else f"window {layer.window}"
     if layer.attention != "gqa":
         base = f"{layer.attention} {base}"
     return f"shared<-{layer.kv_source}" if layer.kv_source is not None else base
 
 
-def _mlp_label(layer: LayerSpec) -> str:
+def _mlp_label(layer: Any) -> str:
     if layer.mlp == "dense":
         return f"dense {layer.intermediate_size}"
     moe = layer.moe
@@ -342,13 +150,10 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     per_layer: list[LayerCosts] = []
     matmul_active = read_params = kv_unshared = 0
     for i, layer in enumerate(cfg.layers):
-        fn = _ATTENTION_COSTS.get(layer.attention)
-        if fn is None:
-            raise ValueError(f"layers[{i}].attention={layer.attention!r}: no cost formula registered; "
-                             f"known: {', '.join(sorted(_ATTENTION_COSTS))}")
+        fn = kinds.get(layer.attention).price  # the kind's price (kvlab/kinds/<kind>.py)
         a = fn(layer, hidden, context, batch, kv_elt)
-        m = _mlp_cost(layer, hidden, batch)
-        norms, block_mats = _block_extra(layer, hidden, cfg.ple_dim)
+        m = mlp_cost(layer, hidden, batch)
+        norms, block_mats = block_extra(layer, hidden, cfg.ple_dim)
         if layer.kv_source is not None:  # what the layer would store without sharing
             kv_unshared += fn(dataclasses.replace(layer, kv_source=None), hidden, context, batch, kv_elt).kv_bytes
         else:
@@ -381,9 +186,7 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
 
     mhc = {"params": 0, "matmul_params": 0, "flops_per_token": 0, "mixing_flops_per_token": 0}
     if cfg.mhc_streams is not None:
-        from kvlab.layers.mhc import mhc_costs
-
-        mhc = mhc_costs(cfg.mhc_streams, hidden, cfg.num_layers, cfg.mhc_sinkhorn_iters)
+        mhc = mhc_cost(cfg.mhc_streams, hidden, cfg.num_layers, cfg.mhc_sinkhorn_iters)
         params_total += mhc["params"]
         params_active += mhc["params"]
         matmul_active += mhc["matmul_params"]
@@ -394,8 +197,6 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     full = [x for x in per_layer if x.window is None]
     assumptions = [
         f"weights in {w_name} ({w_elt} B/param), K/V cache in {kv_name} ({kv_elt} B/element); batch {batch}",
-        ("kv_cache_bytes: K [batch, kv_heads, L, head_dim] + V [batch, kv_heads, L, v_head_dim] per storing layer, "
-         "L = context (full) or min(window, context) (window); layers with kv_source store nothing"),
         ("kv_bytes_per_token: per position of one sequence over full-attention layers; "
          "kv_bytes_per_token_window: the same over window layers (held only up to the window)"),
         ("kv_read_bytes_per_step: one decode step of the batch at position context reads min(context, window) "
@@ -415,29 +216,10 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
             "is a lookup (one row read per sequence per step, no FLOPs), counted in params_total and params_active "
             "like the embedding and excluded from params_active_non_embedding; the PLE projection and the "
             "per-layer gates are matmuls")
-    if any(x.attention in ("csa", "hca", "swa") for x in cfg.layers):
-        assumptions.append(
-            "csa/hca/swa layers (swa: the window ring only): kv_bytes = window ring (min(window, context) x head_dim, K = V) + context // ratio "
-            "compressed entries x head_dim (+ csa: x index_head_dim indexer keys) + constant compressor state (partial "
-            "block: ratio - 1 raw K/V and gate rows; csa: the previous block's first series), per component in "
-            "per_layer[i].kv_components; kv_bytes_per_token = (head_dim [+ index_head_dim]) x bytes / ratio, rounded "
-            "down; decode attends window + top-k (csa) or all complete entries (hca); the indexer scores every entry")
-    if any(x.attention == "mla" for x in cfg.layers):
-        from kvlab.layers.mla import MLA_ASSUMPTION
-
-        assumptions.append(MLA_ASSUMPTION)
-    if any(x.attention == "cca" for x in cfg.layers):
-        assumptions.append(
-            "cca layers: K/V of the compressed KV heads per position (after norm and RoPE) plus, per sequence, a "
-            "constant state of (heads + kv_heads) x head_dim x (k0 + k1 - 2) conv-tail values and kv_heads x "
-            "v_head_dim / 2 delayed values, counted in kv_cache_bytes and reported alone as kv_state_bytes; "
-            "conv weights count as matmul parameters")
+    # each attention kind of the model says what its figures assume (its record, kvlab/kinds)
+    assumptions += list(dict.fromkeys(kinds.get(x.attention).assumption for x in cfg.layers))
     if cfg.mhc_streams is not None:
-        assumptions.append(
-            f"mHC with {cfg.mhc_streams} streams: params_mhc = per layer 2 x ((2+n)n x nD + (2+n)n + 3), head "
-            "n x nD + n + 1; held in fp32 (weight_read_bytes counts them at 4 B); mhc_flops_per_token = 2 x their "
-            "matmul params + stream mixing 2n^2 D + read/write 4nD per hyper-connection + Sinkhorn; the residual "
-            "stream is n x wider (activations only, no cache)")
+        assumptions.append(mhc_assumption(cfg.mhc_streams))
     if any(x.kv_source is not None for x in cfg.layers):
         assumptions.append(
             "kv_cache_bytes_no_sharing: the same model with every layer storing its own K/V (same head dims and "
@@ -456,7 +238,7 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
         flops_per_token=attn_tok + other_tok, attn_flops_per_token=attn_tok, other_flops_per_token=other_tok,
         prefill_flops=batch * other_tok * context + prefill_attn, prefill_attn_flops=prefill_attn,
         per_layer=per_layer, assumptions=assumptions, params_ple_table=ple_table,
-        params_ple=ple_table + ple_model + sum(_block_extra(x, hidden, cfg.ple_dim)[1] + (hidden if cfg.ple_dim else 0)
+        params_ple=ple_table + ple_model + sum(block_extra(x, hidden, cfg.ple_dim)[1] + (hidden if cfg.ple_dim else 0)
                                                for x in cfg.layers),
         kv_cache_bytes_no_sharing=kv_unshared, kv_state_bytes=sum(x.kv_state_bytes for x in per_layer),
         params_mhc=mhc["params"], mhc_flops_per_token=mhc["flops_per_token"],

@@ -1,0 +1,72 @@
+"""THE table of attention techniques: one :class:`~kvlab.kinds.base.Kind` record per ``LayerSpec.attention``.
+
+This is the only place a kind's name is written. Config validation, module building (kvlab/model.py), cache
+building (kvlab/cache/cache.py), the calculator (kvlab/costs), the CLI labels and the contract tests
+(tests/test_contract.py) all read it. Adding a technique = one record here + its own files (docs/adding-a-technique.md).
+Importing this package does not import torch.
+"""
+
+from __future__ import annotations
+
+from . import cca, compressed, gqa, mla
+from .base import AttnCost, Kind, causal_positions, field_error, positive_int
+from .compressed import CompressSpec
+from .mla import MLASpec
+
+KINDS: dict[str, Kind] = {k.name: k for k in (
+    Kind(name="gqa", label="GQA / MQA / MHA", page="docs/attention.md", options=gqa.OPTIONS, validate=gqa.validate,
+         price=gqa.price, assumption=gqa.ASSUMPTION, module="kvlab.layers.attention:Attention",
+         store="kvlab.cache.storage:gqa_store", can_share=True, examples=gqa.EXAMPLES),
+    Kind(name="cca", label="CCA (compressed convolutional)", page="docs/cca.md", options=cca.OPTIONS,
+         validate=cca.validate, price=cca.price, assumption=cca.ASSUMPTION, module="kvlab.layers.cca:CCAttention",
+         store="kvlab.cache.cca:cca_store", examples=cca.EXAMPLES),
+    Kind(name="mla", label="MLA (latent)", page="docs/mla.md", options=mla.OPTIONS, validate=mla.validate,
+         price=mla.price, assumption=mla.ASSUMPTION, module="kvlab.layers.mla:MLAttention",
+         store="kvlab.cache.latent:latent_store", spec_field="mla", spec_type=MLASpec, examples=mla.EXAMPLES),
+    Kind(name="csa", label="CSA (compressed sparse)", page="docs/csa-hca.md", options=compressed.OPTIONS,
+         validate=compressed.validate_csa, price=compressed.price, assumption=compressed.ASSUMPTION,
+         module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
+         spec_field="compress", spec_type=CompressSpec, examples=compressed.CSA_EXAMPLES),
+    Kind(name="hca", label="HCA (heavily compressed)", page="docs/csa-hca.md", options=compressed.OPTIONS,
+         validate=compressed.validate_hca, price=compressed.price, assumption=compressed.ASSUMPTION,
+         module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
+         spec_field="compress", spec_type=CompressSpec, examples=compressed.HCA_EXAMPLES),
+    Kind(name="swa", label="SWA (V4 sliding only)", page="docs/csa-hca.md", options=compressed.OPTIONS,
+         validate=compressed.validate_swa, price=compressed.price, assumption=compressed.ASSUMPTION,
+         module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
+         spec_field="compress", spec_type=CompressSpec, examples=compressed.SWA_EXAMPLES),
+)}
+
+
+def register(kind: Kind) -> None:
+    """Add a record at run time (a plug-in or a test's throwaway kind); its name must be new."""
+    if kind.name in KINDS:
+        raise ValueError(f"attention kind {kind.name!r} is already in the table")
+    KINDS[kind.name] = kind
+
+
+def unregister(name: str) -> None:
+    """Remove a record added with :func:`register`."""
+    KINDS.pop(name, None)
+
+
+def get(name: str) -> Kind:
+    """The record of attention kind ``name``; a ValueError listing the known kinds otherwise."""
+    try:
+        return KINDS[name]
+    except (KeyError, TypeError):
+        raise ValueError(f"attention={name!r}: allowed kinds: {', '.join(KINDS)}") from None
+
+
+def kind_options() -> frozenset[str]:
+    """Every LayerSpec field that belongs to some kind (the rest are shared by all)."""
+    return frozenset().union(*(k.options for k in KINDS.values()))
+
+
+def owners(option: str) -> list[str]:
+    """The kinds that read LayerSpec field ``option``."""
+    return [k.name for k in KINDS.values() if option in k.options]
+
+
+__all__ = ["KINDS", "AttnCost", "CompressSpec", "Kind", "MLASpec", "causal_positions", "field_error", "get",
+           "kind_options", "owners", "positive_int", "register", "unregister"]

@@ -1,0 +1,104 @@
+"""What every technique record is made of: the :class:`Kind` record, the price it returns, and field checks.
+
+Nothing here imports torch: the config and the calculator read these records without it. The torch side of a
+record (its module and its store) is named as ``"package.module:attribute"`` and resolved on first use.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def field_error(where: str, name: str, value: Any, allowed: str) -> ValueError:
+    """``ValueError('layers[3].window=0: must be a positive integer')``: the field, its value, what is allowed."""
+    return ValueError(f"{where}.{name}={value!r}: {allowed}" if where else f"{name}={value!r}: {allowed}")
+
+
+def positive_int(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise field_error(where, name, value, "must be a positive integer")
+
+
+def causal_positions(n: int, window: int | None) -> int:
+    """sum_{i=1..n} min(i, window): keys seen over a causal prefill of ``n`` tokens, in closed form."""
+    if window is None or n <= window:
+        return n * (n + 1) // 2
+    return window * (window + 1) // 2 + (n - window) * window
+
+
+@dataclass
+class AttnCost:
+    """What one attention layer costs; returned by a kind's ``price``.
+
+    ``kv_bytes`` is stored for the whole batch at ``context``; ``kv_bytes_per_token`` is per cached position of
+    one sequence; ``kv_read_bytes`` is K/V read by one decode step of the batch; FLOPs are per token
+    (decode at ``context``) and for a whole prefill of ``context`` tokens of one sequence. ``state_bytes``: the
+    part of ``kv_bytes`` that does not grow with the context (a constant recurrent state per sequence, e.g.
+    CCA's convolution tail; whole batch). ``components``: ``kv_bytes`` by named part, as the store's
+    ``components()`` reports them (e.g. MLA's ``c_kv`` / ``k_pe``); empty for a kind with one part.
+    """
+
+    params: int
+    matmul_params: int
+    kv_bytes: int
+    kv_bytes_per_token: int
+    kv_read_bytes: int
+    flops_per_token: int
+    prefill_flops: int
+    state_bytes: int = 0
+    components: dict[str, int] = field(default_factory=dict)
+    flop_components: dict[str, int] = field(default_factory=dict)
+
+
+# price(layer, hidden, context, batch, kv_elt_bytes) -> AttnCost
+Price = Callable[[Any, int, int, int, int], AttnCost]
+
+
+def resolve(path: str) -> Any:
+    """``"kvlab.layers.cca:CCAttention"`` -> the object (imported on first use, cached by the import system)."""
+    mod, _, attr = path.partition(":")
+    return getattr(importlib.import_module(mod), attr)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """One attention technique: everything kvlab needs to build, store, price, validate and show it.
+
+    name: the ``LayerSpec.attention`` value (written only in the table, kvlab/kinds/__init__.py).
+    label: a short human name for tables and plots. page: its docs page.
+    options: the LayerSpec fields this kind reads beyond the shared ones (heads, head dims, MLP, rope...);
+        a field of another kind set to a non-default value is an error naming the field and its owner.
+    spec_field / spec_type: the kind's own sub-spec (``LayerSpec.mla`` -> MLASpec), or None.
+    validate(layer, where): checks of the kind's own options (the shared fields are checked by LayerSpec).
+    price: its parameters, KV bytes (by component), bytes read per decode step and FLOPs (an :class:`AttnCost`).
+    assumption: the text the calculator prints under a model that has this kind.
+    module: ``"pkg.mod:Class"`` of the torch module, built as ``cls(spec, hidden, eps, norm_offset)``.
+    store: ``"pkg.mod:factory"`` of its cache store, ``factory(spec, batch, max_length, dtype, device)``.
+    can_share: whether a layer of this kind may read another layer's cache (``kv_source``).
+    examples: small LayerSpec fields of layers of this kind (each a tiny model's layer): the contract tests
+        (tests/test_contract.py) run every one, so a new kind is tested the moment it is in the table.
+    """
+
+    name: str
+    label: str
+    page: str
+    options: frozenset[str]
+    validate: Callable[[Any, str], None]
+    price: Price
+    assumption: str
+    module: Any  # "pkg.mod:Class" (or the class)
+    store: Any  # "pkg.mod:factory" (or the callable)
+    spec_field: str | None = None
+    spec_type: type | None = None
+    can_share: bool = False
+    examples: tuple[dict[str, Any], ...] = ()
+
+    def module_class(self) -> Any:
+        """The module class (``module`` may also be the class itself, e.g. for a kind added at run time)."""
+        return resolve(self.module) if isinstance(self.module, str) else self.module
+
+    def store_factory(self) -> Any:
+        return resolve(self.store) if isinstance(self.store, str) else self.store

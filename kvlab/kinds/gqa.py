@@ -1,0 +1,63 @@
+"""Grouped-query attention (``gqa``): MHA (kv heads == heads), GQA and MQA (one kv head), with optional sliding
+window, sinks, q/k norms, output gate, v norm and K = V (Gemma 4 full layers). Module: kvlab/layers/attention.py;
+store: kvlab/cache/storage.py (FullKV, or a WindowKV ring of exactly ``window`` positions)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import AttnCost, causal_positions, field_error
+
+OPTIONS = frozenset({"window", "sinks", "qk_norm", "qkv_bias", "o_bias", "output_gate", "gate_per_head", "v_norm",
+                     "k_eq_v", "attn_scale"})
+
+EXAMPLES = (
+    {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16},
+    {"num_heads": 4, "num_kv_heads": 1, "head_dim": 8, "window": 5, "sinks": True, "qk_norm": True,
+     "output_gate": "sigmoid"},
+    {"num_heads": 4, "num_kv_heads": 4, "head_dim": 8, "v_head_dim": 12, "output_gate": "softplus",
+     "gate_per_head": False, "qkv_bias": True, "o_bias": True, "rope": {"theta": 500.0, "partial": 0.5}},
+    {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "k_eq_v": True, "v_norm": True, "rope": None},
+)
+
+ASSUMPTION = (
+    "kv_cache_bytes: K [batch, kv_heads, L, head_dim] + V [batch, kv_heads, L, v_head_dim] per storing layer, "
+    "L = context (full) or min(window, context) (window); layers with kv_source store nothing")
+
+
+def validate(layer: Any, where: str) -> None:
+    if layer.k_eq_v and layer.value_dim != layer.head_dim:
+        raise field_error(where, "k_eq_v", layer.k_eq_v, f"V is the K projection: needs v_head_dim="
+                          f"{layer.v_head_dim} equal to head_dim={layer.head_dim}")
+
+
+def price(layer: Any, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
+    h, kvh, hd, vd = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.value_dim
+    mats = h * hd * hidden + hidden * h * vd  # q_proj, o_proj
+    extra = (h * hd if layer.qkv_bias else 0) + (hidden if layer.o_bias else 0)
+    if layer.stores_kv:
+        kv_out = kvh * (hd if layer.k_eq_v else hd + vd)  # k_proj, v_proj (none with k_eq_v: V = K projection)
+        mats += kv_out * hidden
+        extra += kv_out if layer.qkv_bias else 0
+    if layer.qk_norm:
+        extra += hd * (2 if layer.stores_kv else 1)  # q_norm, k_norm
+    mats += gate_params(layer, hidden)
+    extra += h if layer.sinks else 0
+    seen = context if layer.window is None else min(context, layer.window)
+    per_pos = kvh * (hd + vd) * kv_elt
+    return AttnCost(
+        params=mats + extra,
+        matmul_params=mats,
+        kv_bytes=batch * per_pos * seen if layer.stores_kv else 0,
+        kv_bytes_per_token=per_pos if layer.stores_kv else 0,
+        kv_read_bytes=batch * per_pos * seen,  # a shared layer reads its producer's entries again
+        flops_per_token=2 * h * (hd + vd) * seen,
+        prefill_flops=2 * h * (hd + vd) * causal_positions(context, layer.window),
+    )
+
+
+def gate_params(layer: Any, hidden: int) -> int:
+    """Weights of the output gate (one scalar per head, or one per channel); 0 without a gate."""
+    if not layer.output_gate:
+        return 0
+    return (layer.num_heads if layer.gate_per_head else layer.num_heads * layer.value_dim) * hidden

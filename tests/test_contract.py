@@ -1,0 +1,222 @@
+"""One contract over every attention kind in the table (kvlab/kinds) and every preset.
+
+Every example layer of every kind's record, in a tiny 3-layer model (the last layer reading layer 1's cache where
+the kind can share): chunked prefill (chunks of 1, 3, 7) then token-by-token decode of a left-padded batch equals
+the full forward, with the cache preallocated and growing; a padded row equals the same row alone; the bytes each
+store holds equal the calculator's, per layer, per component and for the constant state; the calculator's
+parameter count equals the built model's. Every preset: the calculator's parameter count equals the model's built
+on the meta device. The last test adds a throwaway kind with one table entry and runs the same contract on it.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from kvlab import kinds
+from kvlab.cache.storage import KVStore, positions
+from kvlab.config import LayerSpec, ModelConfig
+from kvlab.costs import costs
+from kvlab.kinds import AttnCost, Kind, causal_positions
+from kvlab.layers.attention import attend_out, publish_kv
+from kvlab.layers.rope import apply_rope
+from kvlab.model import Model
+from kvlab.presets import get_preset, presets
+
+CASES = [pytest.param(name, i, id=f"{name}-{i}") for name, k in kinds.KINDS.items() for i in range(len(k.examples))]
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def test_every_kind_has_an_example_and_resolves():
+    for name, k in kinds.KINDS.items():
+        assert k.name == name and k.examples, name
+        assert issubclass(k.module_class(), nn.Module) and callable(k.store_factory())
+        assert k.options <= kinds.kind_options()
+
+
+def tiny(kind: str, example: int = 0, layers: int = 3) -> ModelConfig:
+    ex = kinds.KINDS[kind].examples[example]
+    specs = [LayerSpec(attention=kind, intermediate_size=40, **copy.deepcopy(ex)) for _ in range(layers)]
+    if kinds.KINDS[kind].can_share:
+        specs[-1].kv_source = layers - 2
+    return ModelConfig(vocab_size=61, hidden_size=32, layers=specs, max_positions=256)
+
+
+def random_model(cfg: ModelConfig, seed: int = 0) -> Model:
+    model = Model.from_config(cfg, seed=seed, std=0.1)
+    gen = torch.Generator().manual_seed(seed + 1)
+    for name, p in model.named_parameters():  # non-trivial sinks, norms and biases so they matter
+        if name.endswith(("sinks", "bias", "norm.weight")):
+            p.add_(torch.randn(p.shape, generator=gen) * 0.3)
+    return model.eval()
+
+
+def check_chunked_equals_full(cfg: ModelConfig, chunk: int, max_length: int | None) -> None:
+    model = random_model(cfg)
+    n, prefill = 29, 20
+    ids = torch.randint(0, cfg.vocab_size, (3, n), generator=torch.Generator().manual_seed(2))
+    pad = torch.tensor([0, 6, 11])
+    mask = (torch.arange(n)[None] >= pad[:, None]).long()
+    full = model(ids, attention_mask=mask)
+    cache = model.new_cache(3, max_length=max_length)
+    cache.set_padding(pad)
+    outs = [model(ids[:, s:min(s + chunk, prefill)], cache=cache) for s in range(0, prefill, chunk)]
+    outs += [model(ids[:, s:s + 1], cache=cache) for s in range(prefill, n)]  # decode
+    inc = torch.cat(outs, 1)
+    for r, p in enumerate(pad.tolist()):
+        torch.testing.assert_close(inc[r, p:], full[r, p:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(ids[r:r + 1, p:])[0], full[r, p:], atol=1e-5, rtol=0)
+    assert cache.seq_len == n
+
+
+def check_measured_equals_calculated(cfg: ModelConfig, max_length: int, batch: int = 2) -> None:
+    model = random_model(cfg)
+    cache = model.new_cache(batch, max_length=max_length)
+    c = costs(cfg, context=max_length, dtype="float32", batch=batch)
+    model(torch.randint(0, cfg.vocab_size, (batch, max_length)), cache=cache)  # filled: nothing grows
+    for i, (store, lc) in enumerate(zip(cache.layers, c.per_layer)):
+        if store is None:
+            assert lc.kv_bytes == 0 and cfg.layers[i].kv_source is not None
+            continue
+        assert store.nbytes() == lc.kv_bytes, f"layer {i}"
+        assert store.components() == lc.kv_components, f"layer {i}"
+        assert store.state_nbytes() == lc.kv_state_bytes, f"layer {i}"
+    assert cache.nbytes() == c.kv_cache_bytes
+    assert sum(p.numel() for p in model.parameters()) == c.params_total
+
+
+@pytest.mark.parametrize("max_length", [40, None], ids=["preallocated", "growing"])
+@pytest.mark.parametrize("chunk", [1, 3, 7])
+@pytest.mark.parametrize("kind,example", CASES)
+def test_chunked_prefill_and_decode_equal_full_forward(kind, example, chunk, max_length):
+    check_chunked_equals_full(tiny(kind, example), chunk, max_length)
+
+
+@pytest.mark.parametrize("kind,example", CASES)
+def test_no_kind_looks_ahead_and_history_matters(kind, example):
+    """A prefix's logits are the first positions of the longer forward; changing the first token changes the last
+    logits (a cache or mask that ignored its contents would not)."""
+    model = random_model(tiny(kind, example), seed=3)
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(4))
+    full = model(ids)
+    for n in (1, 5, 13, 23):
+        torch.testing.assert_close(model(ids[:, :n]), full[:, :n], atol=1e-5, rtol=0)
+    other = ids.clone()
+    other[:, 0] = (other[:, 0] + 1) % 61
+    assert (model(other)[:, -1] - full[:, -1]).abs().max() > 1e-4
+
+
+@pytest.mark.parametrize("max_length", [3, 7, 40])
+@pytest.mark.parametrize("kind,example", CASES)
+def test_measured_bytes_equal_calculated(kind, example, max_length):
+    check_measured_equals_calculated(tiny(kind, example), max_length)
+
+
+@pytest.mark.parametrize("name", presets())
+def test_preset_params_equal_the_model_on_meta(name):
+    cfg = get_preset(name)
+    with torch.device("meta"):
+        model = Model(cfg)
+    assert sum(p.numel() for p in model.parameters()) == costs(cfg, context=1).params_total
+
+
+def test_an_option_of_another_kind_is_an_error_naming_its_owner():
+    with pytest.raises(ValueError, match=r"layers\[0\]\.conv_kernels=\(9, 9\): not supported by gqa \(an option of "
+                                         r"cca\)"):
+        ModelConfig(vocab_size=11, hidden_size=16,
+                    layers=[LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8,
+                                      conv_kernels=(9, 9))])
+
+
+# -- a throwaway kind: one table entry, and the whole contract runs on it ----------------------------------------
+class KeyOnlyStore(KVStore):
+    """Stores K only ``[B, Hkv, L, D]`` (the layer's V is its K): half of a GQA cache."""
+
+    def __init__(self, spec, batch, max_length, dtype, device):
+        self.max_length = max_length
+        self.k = torch.empty(batch, spec.num_kv_heads, max_length or 0, spec.head_dim, dtype=dtype, device=device)
+
+    def tensors(self):
+        return [self.k]
+
+    def append(self, k, v, start):
+        end = start + k.shape[2]
+        if end > self.k.shape[2]:
+            grown = torch.empty(*self.k.shape[:2], max(end, 2 * self.k.shape[2]), self.k.shape[3], dtype=self.k.dtype)
+            grown[:, :, :start] = self.k[:, :, :start]
+            self.k = grown
+        self.k[:, :, start:end] = k
+        return self.k[:, :, :end], self.k[:, :, :end], positions(end, k.device)
+
+
+class KeyOnlyAttention(nn.Module):
+    """Attention whose values are its rotated keys (one projection, one cached tensor)."""
+
+    def __init__(self, spec, hidden, eps=1e-6, norm_offset=False):
+        super().__init__()
+        self.spec, self.sinks = spec, None
+        self.q_proj = nn.Linear(hidden, spec.num_heads * spec.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, spec.num_kv_heads * spec.head_dim, bias=False)
+        self.o_proj = nn.Linear(spec.num_heads * spec.head_dim, hidden, bias=False)
+
+    def forward(self, x, step, index, store=None):
+        s, (b, t, _) = self.spec, x.shape
+        rope = step.rope.get(index)
+        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        k, v, kpos = step.kv[s.kv_source] if s.kv_source is not None else publish_kv(step, index, store, k, k)
+        return attend_out(self, x, step, q, k, v, kpos)
+
+
+def key_only_price(layer, hidden, context, batch, kv_elt):
+    h, kvh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+    mats = (2 * h * d + kvh * d) * hidden
+    per_pos = kvh * d * kv_elt
+    return AttnCost(params=mats, matmul_params=mats, kv_bytes=batch * per_pos * context if layer.stores_kv else 0,
+                    kv_bytes_per_token=per_pos if layer.stores_kv else 0, kv_read_bytes=batch * per_pos * context,
+                    flops_per_token=4 * h * d * context, prefill_flops=4 * h * d * causal_positions(context, None))
+
+
+KEY_ONLY = Kind(name="key-only", label="K = V, keys cached once", page="docs/adding-a-technique.md",
+                options=frozenset({"attn_scale"}), validate=lambda layer, where: None, price=key_only_price,
+                assumption="key-only layers: K [batch, kv_heads, L, head_dim] per storing layer; V is K",
+                module=KeyOnlyAttention, store=KeyOnlyStore, can_share=True,
+                examples=({"num_heads": 4, "num_kv_heads": 2, "head_dim": 8},))
+
+
+@pytest.fixture
+def key_only():
+    kinds.register(KEY_ONLY)
+    yield "key-only"
+    kinds.unregister("key-only")
+
+
+def test_a_new_kind_is_one_table_entry(key_only):
+    cfg = tiny(key_only)
+    for chunk in (1, 3, 7):
+        for max_length in (40, None):
+            check_chunked_equals_full(cfg, chunk, max_length)
+    for max_length in (3, 40):
+        check_measured_equals_calculated(cfg, max_length)
+    c = costs(cfg, context=100, dtype="bfloat16")
+    assert c.kv_cache_bytes == 2 * 2 * 8 * 100 * 2  # two storing layers x 2 kv heads x 8 dims x 100 x 2 B
+    assert KEY_ONLY.assumption in c.assumptions
+    with pytest.raises(ValueError, match=r"layers\[0\]\.window=4: not supported by key-only"):
+        ModelConfig(vocab_size=11, hidden_size=32,
+                    layers=[LayerSpec(attention=key_only, num_heads=4, num_kv_heads=2, head_dim=8,
+                                      intermediate_size=8, window=4)])
+
+
+def test_a_kind_name_is_registered_once(key_only):
+    with pytest.raises(ValueError, match="already in the table"):
+        kinds.register(KEY_ONLY)
