@@ -258,8 +258,8 @@ def test_cca_model_trains():
 @pytest.mark.parametrize("override,needle", [
     ({"conv_kernels": (0, 2)}, "conv_kernels=(0, 2): must be two positive integers"),
     ({"conv_kernels": (2, 2, 2)}, "must be two positive integers"),
-    ({"qk_norm": True}, "cca L2-normalises q and k itself"),
-    ({"k_eq_v": True}, "cca has its own value projections"),
+    ({"qk_norm": True}, "qk_norm=True: not supported by cca (an option of gqa)"),
+    ({"k_eq_v": True}, "k_eq_v=True: not supported by cca (an option of gqa)"),
     ({"num_kv_heads": 1, "v_head_dim": 3, "num_heads": 2}, "the product must be even"),
 ])
 def test_bad_cca_spec_is_a_clear_error(override, needle):

@@ -102,15 +102,15 @@ def test_chunked_prefill_and_decode_equal_full_forward(kind, example, chunk, max
 
 @pytest.mark.parametrize("kind,example", CASES)
 def test_no_kind_looks_ahead_and_history_matters(kind, example):
-    """A prefix's logits are the first positions of the longer forward; changing the first token changes the last
-    logits (a cache or mask that ignored its contents would not)."""
+    """A prefix's logits are the first positions of the longer forward; changing an earlier token (inside every
+    example's window) changes the last logits (a cache or mask that ignored its contents would not)."""
     model = random_model(tiny(kind, example), seed=3)
     ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(4))
     full = model(ids)
     for n in (1, 5, 13, 23):
         torch.testing.assert_close(model(ids[:, :n]), full[:, :n], atol=1e-5, rtol=0)
     other = ids.clone()
-    other[:, 0] = (other[:, 0] + 1) % 61
+    other[:, -3] = (other[:, -3] + 1) % 61
     assert (model(other)[:, -1] - full[:, -1]).abs().max() > 1e-4
 
 
