@@ -126,3 +126,37 @@ def table(headers: Sequence[str], rows: Iterable[Sequence[object]], left: int = 
     out = [line(cells[0]), "  ".join("-" * w for w in widths)]
     out += [line(r) for r in cells[1:]]
     return "\n".join(out)
+
+
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMgGtT]?)(i?)([bB]?)\s*$")
+_MEMORY_UNITS = "80GiB, 80G (binary: GiB), 24GB (decimal: 10^9 bytes), 512MiB, 1.5TiB or a byte count"
+
+
+def parse_memory(text: str | int) -> int:
+    """A memory size in bytes: ``80GiB``/``80G``/``80gi`` (x1024**3), ``24GB`` (x10**9), ``512MiB``, ``1.5TiB``, ``123``.
+
+    A unit with ``i`` or without ``B`` is binary (as nvidia-smi and torch report sizes); ``GB``/``MB``/``TB`` are
+    decimal. ValueError names the text and the allowed spellings.
+    """
+    if isinstance(text, bool):
+        raise ValueError(f"memory size {text!r}: expected {_MEMORY_UNITS}")
+    if isinstance(text, int):
+        value = float(text)
+    else:
+        m = _MEMORY_RE.match(str(text))
+        if not m:
+            raise ValueError(f"memory size {text!r}: expected {_MEMORY_UNITS}")
+        number, prefix, binary, byte = m.groups()
+        power = " kmgt".index(prefix.lower()) if prefix else 0
+        if prefix and byte and not binary:
+            scale = 1000**power
+        elif not prefix and (binary or not byte) and not binary:
+            scale = 1
+        elif not prefix:
+            raise ValueError(f"memory size {text!r}: expected {_MEMORY_UNITS}")
+        else:
+            scale = 1024**power
+        value = float(number) * scale
+    if value < 1:
+        raise ValueError(f"memory size {text!r}: must be at least 1 byte")
+    return int(value)

@@ -1,0 +1,285 @@
+"""What a serving engine reserves for the K/V cache, beside the physical figure of :func:`kvlab.costs`.
+
+Each engine turns the per-layer costs (``costs(...).per_layer``: kind, window, KV source, bytes per position)
+into the bytes it reserves for ``batch`` sequences of ``context`` tokens, following rules read in its
+source; every rule is stated, with the file it comes from, in :attr:`Engine.rules`. Layers the engine's
+rules below do not cover (CSA/HCA compressed layers) are charged their physical bytes, and that is said.
+
+Sources (read 2026-11; the commits are those of the stored snapshots):
+- vLLM: vllm/v1/kv_cache_interface.py (FullAttentionSpec / SlidingWindowSpec / MLAAttentionSpec
+  ``max_memory_usage_bytes`` and page sizes), vllm/v1/core/kv_cache_utils.py (``unify_kv_cache_spec_page_size``,
+  ``_get_kv_cache_groups_uniform_page_size``, ``get_max_concurrency_for_kv_cache_config``),
+  docs/design/hybrid_kv_cache_manager.md, vllm/engine/arg_utils.py (max_num_batched_tokens defaults),
+  vllm/config/cache.py (gpu_memory_utilization 0.9, block_size 16).
+- llama.cpp: src/llama-context.cpp (``n_ctx = GGML_PAD(n_ctx, 256)``), src/llama-kv-cache-iswa.cpp
+  (SWA cache ``GGML_PAD(min(n_ctx, n_swa * n_seq + n_ubatch), 256)`` cells), src/llama-kv-cache.cpp (K and V
+  tensors of ``kv_size`` cells per layer with KV; MLA: K only, ``has_v = !is_mla``; shared layers get none).
+- SGLang: python/sglang/srt/model_executor/model_runner_kv_cache_mixin.py (``get_cell_size_per_token``,
+  ``set_num_tokens_hybrid_swa``), python/sglang/srt/server_args.py (page_size 1, swa_full_tokens_ratio 0.8).
+- transformers 5.23.0: src/transformers/cache_utils.py (DynamicLayer grows by torch.cat;
+  DynamicSlidingWindowLayer keeps ``sliding_window - 1`` tokens), models/deepseek_v3 (caches the MLA latent),
+  models/gemma4 (KV-shared layers reuse an earlier layer's cache).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+ENGINES = ("vllm", "llamacpp", "sglang", "transformers")
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class Reservation:
+    """Bytes an engine reserves for K/V (and per-sequence state) of ``batch`` x ``context``, one device."""
+
+    kv_bytes: int
+    details: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _Layer:
+    index: int
+    kind: str  # gqa / mla / cca / csa / hca / swa
+    window: int | None
+    per_token: int  # bytes per cached position of one sequence on this device
+    physical: int  # the calculator's bytes for the whole batch on this device (fallback for unmodelled kinds)
+    state: int  # constant per-sequence state, whole batch, this device
+
+
+def _layers(c: Any, tp: int) -> list[_Layer]:
+    """The storing layers of a Costs (shared layers dropped), scaled to one device of ``tp``."""
+    from kvlab.fit import _attention_kind, _tp_factor
+
+    out = []
+    for x in c.per_layer:
+        if x.kv_source is not None:
+            continue
+        kind = _attention_kind(x)
+        f, _ = _tp_factor(kind, x.kv_heads, tp, x.index)
+        out.append(_Layer(x.index, kind, x.window, round(x.kv_bytes_per_token * f), round(x.kv_bytes * f),
+                          round(x.kv_state_bytes * f)))
+    return out
+
+
+class Engine:
+    """An engine's reservation rules. ``memory_fraction``: the part of device memory it lets itself use."""
+
+    name = ""
+    memory_fraction = 1.0
+    rules: list[str] = []
+
+    def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
+        raise NotImplementedError
+
+
+class VLLM(Engine):
+    """vLLM V1 with the hybrid KV cache manager (the default for full + sliding-window models)."""
+
+    name = "vllm"
+    memory_fraction = 0.9
+
+    def __init__(self, block_size: int = 16, max_num_batched_tokens: int = 8192) -> None:
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.rules = [
+            "vllm: uses gpu_memory_utilization = 0.9 of device memory (default, vllm/config/cache.py); weights, the "
+            "profiled activation peak and the KV pool share it",
+            f"vllm: pages of block_size = {block_size} tokens (default on CUDA); full-attention and MLA layers reserve "
+            "cdiv(max_model_len, block_size) pages per request (FullAttentionSpec.max_memory_usage_bytes, "
+            "vllm/v1/kv_cache_interface.py); an MLA page holds the latent only (MLAAttentionSpec: block_size x "
+            "head_size, no separate V)",
+            "vllm: sliding-window layers reserve cdiv(min(window - 1 + max_num_batched_tokens, max_model_len), "
+            f"block_size) + 1 pages (SlidingWindowSpec), max_num_batched_tokens = {max_num_batched_tokens} (vllm serve "
+            "default on >= 70 GiB GPUs other than A100; 2048 below, vllm/engine/arg_utils.py)",
+            "vllm: page sizes are unified across layer groups: a layer with a smaller page gets a proportionally larger "
+            "block_size so every page has the largest layer's bytes (unify_kv_cache_spec_page_size, "
+            "vllm/v1/core/kv_cache_utils.py); layers are grouped by spec in groups of min(layers per type) (max if "
+            "max < 1.5 min), the last group of a type padded with empty layers, and a request is charged group_size x "
+            "the pages of every group (_get_kv_cache_groups_uniform_page_size, "
+            "get_max_concurrency_for_kv_cache_config; docs/design/hybrid_kv_cache_manager.md)",
+            "vllm: KV-shared layers (kv_sharing_target_layer) get no pages (hybrid_kv_cache_manager.md, case 5); "
+            "the 'GPU KV cache size: N tokens' log line divides the pool by num_blocks / groups x block_size, so its "
+            "implied bytes/token is page bytes x group_size x groups / block_size",
+            "vllm: CSA/HCA compressed layers and CCA state are not priced by these rules here: charged their physical "
+            "bytes, rounded up to whole pages",
+        ]
+
+    def _groups(self, layers: list[_Layer]) -> tuple[int, list[tuple[_Layer, int, int]], int]:
+        """(unified page bytes, [(representative layer, block_size, layers in group)], group_size)."""
+        paged = [x for x in layers if x.kind in ("gqa", "mla") and x.per_token]
+        if not paged:
+            return 0, [], 0
+        page = max(x.per_token for x in paged) * self.block_size
+        types: dict[tuple[Any, ...], list[_Layer]] = {}
+        for x in paged:
+            if page % (x.per_token * self.block_size):
+                raise ValueError(f"vllm: layer {x.index}'s page ({x.per_token * self.block_size} B) does not divide "
+                                 f"the largest page ({page} B): vLLM raises NotImplementedError "
+                                 "(unify_kv_cache_spec_page_size)")
+            key = ("sliding" if x.window is not None else "full", x.window, x.per_token)
+            types.setdefault(key, []).append(x)
+        counts = [len(v) for v in types.values()]
+        size = min(counts)
+        if max(counts) < size * 1.5:
+            size = max(counts)
+        groups = []
+        for members in types.values():
+            rep = members[0]
+            bs = page // rep.per_token
+            groups += [(rep, bs, size)] * cdiv(len(members), size)
+        return page, groups, size
+
+    def bytes_per_token_logged(self, c: Any, tp: int = 1) -> float:
+        """The bytes/token implied by vLLM's 'GPU KV cache size: N tokens' line (pool bytes / logged tokens)."""
+        page, groups, size = self._groups(_layers(c, tp))
+        if not groups:
+            return 0.0
+        min_bs = min(bs for _, bs, _ in groups)
+        return page * size * len(groups) / min_bs
+
+    def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
+        layers = _layers(c, tp)
+        page, groups, size = self._groups(layers)
+        pages = 0
+        for rep, bs, _ in groups:
+            if rep.window is None:
+                pages += cdiv(context, bs)
+            else:
+                pages += cdiv(min(rep.window - 1 + self.max_num_batched_tokens, context), bs) + 1
+        per_request = pages * page * size
+        other = sum(x.physical for x in layers if x.kind not in ("gqa", "mla") or not x.per_token)
+        if other and page:
+            other = cdiv(other, page) * page
+        states = sum(x.state for x in layers if x.kind in ("gqa", "mla"))
+        details = [f"{len(groups)} KV cache groups of {size} layers, page {page:,} B x {size} layers per block, "
+                   f"{pages} blocks per request"] if groups else []
+        return Reservation(batch * per_request + other + states, details)
+
+
+class LlamaCpp(Engine):
+    """llama.cpp (llama-server / llama-cli) with a unified KV cache (kv_unified) and n_seq_max = batch."""
+
+    name = "llamacpp"
+
+    def __init__(self, n_ubatch: int = 512) -> None:
+        self.n_ubatch = n_ubatch
+        self.rules = [
+            "llamacpp: n_ctx = batch x context cells (one unified cache shared by the batch's sequences), padded up "
+            "to a multiple of 256 (cparams.n_ctx = GGML_PAD(n_ctx, 256), src/llama-context.cpp)",
+            "llamacpp: every layer with K/V holds K and V tensors of n_ctx cells in the cache type (f16 by default: "
+            "2 B, like bf16) (src/llama-kv-cache.cpp); MLA layers hold K only (kv_lora_rank + rope dims, "
+            "has_v = !is_mla); KV-shared layers hold none",
+            f"llamacpp: sliding-window layers hold GGML_PAD(min(n_ctx, n_swa x batch + n_ubatch), 256) cells, "
+            f"n_ubatch = {n_ubatch} (default) (src/llama-kv-cache-iswa.cpp; --swa-full gives them n_ctx)",
+            "llamacpp: CSA/HCA compressed layers and CCA state are charged their physical bytes (no rule read)",
+            "llamacpp: the whole n_ctx is allocated at start: what is reserved does not depend on what is used",
+        ]
+
+    def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
+        n_ctx = cdiv(batch * context, 256) * 256
+        total = 0
+        swa_cells = None
+        for x in _layers(c, tp):
+            if x.kind in ("gqa", "mla"):
+                if x.window is None:
+                    total += n_ctx * x.per_token
+                else:
+                    cells = cdiv(min(n_ctx, x.window * batch + self.n_ubatch), 256) * 256
+                    swa_cells = cells
+                    total += cells * x.per_token
+                total += x.state
+            else:
+                total += x.physical
+        details = [f"n_ctx = {n_ctx:,} cells" + (f", SWA cache {swa_cells:,} cells" if swa_cells else "")]
+        return Reservation(total, details)
+
+
+class SGLang(Engine):
+    """SGLang: a token pool (page_size 1); hybrid SWA models split the pool by swa_full_tokens_ratio."""
+
+    name = "sglang"
+
+    def __init__(self, swa_full_tokens_ratio: float = 0.8, page_size: int = 1) -> None:
+        self.ratio = swa_full_tokens_ratio
+        self.page_size = page_size
+        self.rules = [
+            f"sglang: a pool of token slots, page_size = {page_size} (default, python/sglang/srt/server_args.py); "
+            "per token: full layers kv_heads x (head_dim + v_head_dim) x bytes, MLA layers (kv_lora_rank + rope dims) "
+            "x bytes (get_cell_size_per_token, model_runner_kv_cache_mixin.py); KV-shared layers are not counted",
+            f"sglang: hybrid sliding-window models get a full pool and a SWA pool with swa_tokens = "
+            f"{self.ratio} x full_tokens (swa_full_tokens_ratio default, set_num_tokens_hybrid_swa): B sequences of N "
+            "tokens need full_tokens >= B x N and swa_tokens >= B x min(N, window), and the SWA pool is reserved at "
+            "the ratio whether used or not",
+            "sglang: mem_fraction_static is chosen at start from the GPU memory (server_args.py); not applied here: "
+            "give the memory SGLang may use",
+            "sglang: CSA/HCA compressed layers and CCA state are charged their physical bytes (no rule read)",
+        ]
+
+    def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
+        layers = _layers(c, tp)
+        full = sum(x.per_token for x in layers if x.kind in ("gqa", "mla") and x.window is None)
+        swa = [x for x in layers if x.kind in ("gqa", "mla") and x.window is not None]
+        other = sum(x.physical for x in layers if x.kind not in ("gqa", "mla")) + sum(
+            x.state for x in layers if x.kind in ("gqa", "mla"))
+        tokens = cdiv(batch * context, self.page_size) * self.page_size
+        if not swa:
+            return Reservation(tokens * full + other, [f"{tokens:,} token slots"])
+        s = sum(x.per_token for x in swa)
+        if full == 0:  # all layers sliding: one SWA pool
+            need = batch * min(context, max(x.window for x in swa))
+            return Reservation(need * s + other, [f"{need:,} SWA token slots"])
+        need_swa = batch * min(context, max(x.window for x in swa))
+        full_tokens = max(tokens, cdiv(need_swa * 10**6, round(self.ratio * 10**6)))
+        swa_tokens = int(full_tokens * self.ratio)
+        return Reservation(full_tokens * full + swa_tokens * s + other,
+                           [f"full pool {full_tokens:,} tokens, SWA pool {swa_tokens:,} tokens"])
+
+
+class Transformers(Engine):
+    """transformers 5.23 ``DynamicCache`` (what ``generate`` uses by default)."""
+
+    name = "transformers"
+
+    def __init__(self) -> None:
+        self.rules = [
+            "transformers: DynamicCache grows by torch.cat, no pages: full layers hold every token "
+            "(src/transformers/cache_utils.py DynamicLayer); the concatenation briefly holds old + new copies of one "
+            "layer (not counted)",
+            "transformers: sliding layers keep the last sliding_window - 1 tokens (DynamicSlidingWindowLayer), one "
+            "fewer than kvlab's window ring",
+            "transformers: MLA layers cache the latent (kv_lora_rank and rope parts as two one-head tensors, "
+            "models/deepseek_v3), KV-shared layers reuse an earlier layer's cache (models/gemma4)",
+            "transformers: CSA/HCA layers (models/deepseek_v4) and CCA state are charged their physical bytes",
+        ]
+
+    def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
+        total = 0
+        for x in _layers(c, tp):
+            if x.kind in ("gqa", "mla"):
+                held = context if x.window is None else min(context, x.window - 1)
+                total += batch * held * x.per_token + x.state
+            else:
+                total += x.physical
+        return Reservation(total)
+
+
+_CLASSES = {"vllm": VLLM, "llamacpp": LlamaCpp, "llama.cpp": LlamaCpp, "sglang": SGLang,
+            "transformers": Transformers}
+
+
+def get_engine(engine: Any) -> Engine:
+    """An :class:`Engine` from itself or its name (vllm, llamacpp, sglang, transformers)."""
+    if isinstance(engine, Engine):
+        return engine
+    cls = _CLASSES.get(str(engine).strip().lower()) if isinstance(engine, str) else None
+    if cls is None:
+        raise ValueError(f"engine={engine!r}: allowed: {', '.join(ENGINES)}")
+    return cls()
+
+
+__all__ = ["ENGINES", "VLLM", "Engine", "LlamaCpp", "Reservation", "SGLang", "Transformers", "get_engine"]
