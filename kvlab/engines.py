@@ -24,7 +24,7 @@ Sources (read 2026-11; the commits are those of the stored snapshots):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 ENGINES = ("vllm", "llamacpp", "sglang", "transformers")
 
@@ -71,7 +71,7 @@ class Engine:
 
     name = ""
     memory_fraction = 1.0
-    rules: list[str] = []
+    rules: ClassVar[list[str]] = []
 
     def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
         raise NotImplementedError
@@ -87,26 +87,26 @@ class VLLM(Engine):
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.rules = [
-            "vllm: uses gpu_memory_utilization = 0.9 of device memory (default, vllm/config/cache.py); weights, the "
-            "profiled activation peak and the KV pool share it",
-            f"vllm: pages of block_size = {block_size} tokens (default on CUDA); full-attention and MLA layers reserve "
+            ("vllm: uses gpu_memory_utilization = 0.9 of device memory (default, vllm/config/cache.py); weights, the "
+            "profiled activation peak and the KV pool share it"),
+            (f"vllm: pages of block_size = {block_size} tokens (default on CUDA); full-attention and MLA layers reserve "
             "cdiv(max_model_len, block_size) pages per request (FullAttentionSpec.max_memory_usage_bytes, "
             "vllm/v1/kv_cache_interface.py); an MLA page holds the latent only (MLAAttentionSpec: block_size x "
-            "head_size, no separate V)",
-            "vllm: sliding-window layers reserve cdiv(min(window - 1 + max_num_batched_tokens, max_model_len), "
+            "head_size, no separate V)"),
+            ("vllm: sliding-window layers reserve cdiv(min(window - 1 + max_num_batched_tokens, max_model_len), "
             f"block_size) + 1 pages (SlidingWindowSpec), max_num_batched_tokens = {max_num_batched_tokens} (vllm serve "
-            "default on >= 70 GiB GPUs other than A100; 2048 below, vllm/engine/arg_utils.py)",
-            "vllm: page sizes are unified across layer groups: a layer with a smaller page gets a proportionally larger "
+            "default on >= 70 GiB GPUs other than A100; 2048 below, vllm/engine/arg_utils.py)"),
+            ("vllm: page sizes are unified across layer groups: a layer with a smaller page gets a proportionally larger "
             "block_size so every page has the largest layer's bytes (unify_kv_cache_spec_page_size, "
             "vllm/v1/core/kv_cache_utils.py); layers are grouped by spec in groups of min(layers per type) (max if "
             "max < 1.5 min), the last group of a type padded with empty layers, and a request is charged group_size x "
             "the pages of every group (_get_kv_cache_groups_uniform_page_size, "
-            "get_max_concurrency_for_kv_cache_config; docs/design/hybrid_kv_cache_manager.md)",
-            "vllm: KV-shared layers (kv_sharing_target_layer) get no pages (hybrid_kv_cache_manager.md, case 5); "
+            "get_max_concurrency_for_kv_cache_config; docs/design/hybrid_kv_cache_manager.md)"),
+            ("vllm: KV-shared layers (kv_sharing_target_layer) get no pages (hybrid_kv_cache_manager.md, case 5); "
             "the 'GPU KV cache size: N tokens' log line divides the pool by num_blocks / groups x block_size, so its "
-            "implied bytes/token is page bytes x group_size x groups / block_size",
-            "vllm: CSA/HCA compressed layers and CCA state are not priced by these rules here: charged their physical "
-            "bytes, rounded up to whole pages",
+            "implied bytes/token is page bytes x group_size x groups / block_size"),
+            ("vllm: CSA/HCA compressed layers and CCA state are not priced by these rules here: charged their physical "
+            "bytes, rounded up to whole pages"),
         ]
 
     def _groups(self, layers: list[_Layer]) -> tuple[int, list[tuple[_Layer, int, int]], int]:
@@ -156,8 +156,8 @@ class VLLM(Engine):
         if other and page:
             other = cdiv(other, page) * page
         states = sum(x.state for x in layers if x.kind in ("gqa", "mla"))
-        details = [f"{len(groups)} KV cache groups of {size} layers, page {page:,} B x {size} layers per block, "
-                   f"{pages} blocks per request"] if groups else []
+        details = [(f"{len(groups)} KV cache groups of {size} layers, page {page:,} B x {size} layers per block, "
+                   f"{pages} blocks per request")] if groups else []
         return Reservation(batch * per_request + other + states, details)
 
 
@@ -169,13 +169,13 @@ class LlamaCpp(Engine):
     def __init__(self, n_ubatch: int = 512) -> None:
         self.n_ubatch = n_ubatch
         self.rules = [
-            "llamacpp: n_ctx = batch x context cells (one unified cache shared by the batch's sequences), padded up "
-            "to a multiple of 256 (cparams.n_ctx = GGML_PAD(n_ctx, 256), src/llama-context.cpp)",
-            "llamacpp: every layer with K/V holds K and V tensors of n_ctx cells in the cache type (f16 by default: "
+            ("llamacpp: n_ctx = batch x context cells (one unified cache shared by the batch's sequences), padded up "
+            "to a multiple of 256 (cparams.n_ctx = GGML_PAD(n_ctx, 256), src/llama-context.cpp)"),
+            ("llamacpp: every layer with K/V holds K and V tensors of n_ctx cells in the cache type (f16 by default: "
             "2 B, like bf16) (src/llama-kv-cache.cpp); MLA layers hold K only (kv_lora_rank + rope dims, "
-            "has_v = !is_mla); KV-shared layers hold none",
-            f"llamacpp: sliding-window layers hold GGML_PAD(min(n_ctx, n_swa x batch + n_ubatch), 256) cells, "
-            f"n_ubatch = {n_ubatch} (default) (src/llama-kv-cache-iswa.cpp; --swa-full gives them n_ctx)",
+            "has_v = !is_mla); KV-shared layers hold none"),
+            (f"llamacpp: sliding-window layers hold GGML_PAD(min(n_ctx, n_swa x batch + n_ubatch), 256) cells, "
+            f"n_ubatch = {n_ubatch} (default) (src/llama-kv-cache-iswa.cpp; --swa-full gives them n_ctx)"),
             "llamacpp: CSA/HCA compressed layers and CCA state are charged their physical bytes (no rule read)",
             "llamacpp: the whole n_ctx is allocated at start: what is reserved does not depend on what is used",
         ]
@@ -208,15 +208,15 @@ class SGLang(Engine):
         self.ratio = swa_full_tokens_ratio
         self.page_size = page_size
         self.rules = [
-            f"sglang: a pool of token slots, page_size = {page_size} (default, python/sglang/srt/server_args.py); "
+            (f"sglang: a pool of token slots, page_size = {page_size} (default, python/sglang/srt/server_args.py); "
             "per token: full layers kv_heads x (head_dim + v_head_dim) x bytes, MLA layers (kv_lora_rank + rope dims) "
-            "x bytes (get_cell_size_per_token, model_runner_kv_cache_mixin.py); KV-shared layers are not counted",
-            f"sglang: hybrid sliding-window models get a full pool and a SWA pool with swa_tokens = "
+            "x bytes (get_cell_size_per_token, model_runner_kv_cache_mixin.py); KV-shared layers are not counted"),
+            (f"sglang: hybrid sliding-window models get a full pool and a SWA pool with swa_tokens = "
             f"{self.ratio} x full_tokens (swa_full_tokens_ratio default, set_num_tokens_hybrid_swa): B sequences of N "
             "tokens need full_tokens >= B x N and swa_tokens >= B x min(N, window), and the SWA pool is reserved at "
-            "the ratio whether used or not",
-            "sglang: mem_fraction_static is chosen at start from the GPU memory (server_args.py); not applied here: "
-            "give the memory SGLang may use",
+            "the ratio whether used or not"),
+            ("sglang: mem_fraction_static is chosen at start from the GPU memory (server_args.py); not applied here: "
+            "give the memory SGLang may use"),
             "sglang: CSA/HCA compressed layers and CCA state are charged their physical bytes (no rule read)",
         ]
 
@@ -247,13 +247,13 @@ class Transformers(Engine):
 
     def __init__(self) -> None:
         self.rules = [
-            "transformers: DynamicCache grows by torch.cat, no pages: full layers hold every token "
+            ("transformers: DynamicCache grows by torch.cat, no pages: full layers hold every token "
             "(src/transformers/cache_utils.py DynamicLayer); the concatenation briefly holds old + new copies of one "
-            "layer (not counted)",
-            "transformers: sliding layers keep the last sliding_window - 1 tokens (DynamicSlidingWindowLayer), one "
-            "fewer than kvlab's window ring",
-            "transformers: MLA layers cache the latent (kv_lora_rank and rope parts as two one-head tensors, "
-            "models/deepseek_v3), KV-shared layers reuse an earlier layer's cache (models/gemma4)",
+            "layer (not counted)"),
+            ("transformers: sliding layers keep the last sliding_window - 1 tokens (DynamicSlidingWindowLayer), one "
+            "fewer than kvlab's window ring"),
+            ("transformers: MLA layers cache the latent (kv_lora_rank and rope parts as two one-head tensors, "
+            "models/deepseek_v3), KV-shared layers reuse an earlier layer's cache (models/gemma4)"),
             "transformers: CSA/HCA layers (models/deepseek_v4) and CCA state are charged their physical bytes",
         ]
 

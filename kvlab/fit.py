@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvlab.costs import costs, dtype_bytes, resolve_config
-from kvlab.units import fmt_bytes
 
 BUDGETS_GIB = (24, 48, 80, 141)  # --table: consumer, L40S, H100/A100, H200
 DEFAULT_CHUNK = 512  # prefill chunk (tokens) of the workspace estimate: kvlab bench's default chunk
@@ -242,9 +241,9 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
     assumptions = [
         f"weights: params_total x {w_name} bytes (mHC maps in fp32), divided evenly over tp={tp} device(s)"
         if tp > 1 else f"weights: params_total x {w_name} bytes (mHC maps in fp32)",
-        f"K/V: the calculator's physical bytes in {kv_name} (window layers hold min(window, context) positions, "
+        (f"K/V: the calculator's physical bytes in {kv_name} (window layers hold min(window, context) positions, "
         "shared layers nothing), per component; state: the constant per-sequence part (CCA conv tails, CSA/HCA "
-        "partial blocks), listed apart",
+        "partial blocks), listed apart"),
         WORKSPACE_ASSUMPTION.format(chunk=chunk),
         "memory sizes: GiB = 1024^3 bytes, GB = 10^9 bytes; fits means total <= usable, exact to the byte",
     ]
@@ -286,7 +285,7 @@ def describe(fp: Footprint) -> list[tuple[str, int]]:
     if comps and set(comps) != {"k+v"}:
         rows += [(f"K/V: {k}", v) for k, v in comps.items()]
     else:
-        rows.append(("K/V", fp.kv_bytes + fp.state_bytes - fp.state_bytes))
+        rows.append(("K/V", fp.kv_bytes))
     if fp.state_bytes:
         rows.append(("per-sequence state (included above)" if comps and set(comps) != {"k+v"}
                      else "per-sequence state", fp.state_bytes))
@@ -296,5 +295,13 @@ def describe(fp: Footprint) -> list[tuple[str, int]]:
     return rows
 
 
-__all__ = ["BUDGETS_GIB", "FitError", "FitResult", "Footprint", "describe", "fit", "fit_table", "footprint",
-           "fmt_bytes"]
+__all__ = [
+    "BUDGETS_GIB",
+    "FitError",
+    "FitResult",
+    "Footprint",
+    "describe",
+    "fit",
+    "fit_table",
+    "footprint",
+]

@@ -64,8 +64,8 @@ HARDWARE: dict[str, Hardware] = {h.name: h for h in [
     Hardware("m3-max", "Apple M3 Max (16-core CPU, 40-core GPU) 128GB", 400e9, {}, 128 * GiB,
              "Apple M3 Max press release and tech specs (apple.com, 2023-10-30): 400 GB/s unified memory bandwidth "
              "(300 GB/s for the 14-core CPU part), up to 128 GB",
-             ["Apple publishes no bf16/fp16 FLOP/s for the M3 Max GPU: only the memory bound is priced; prefill "
-              "time is not given"]),
+             [("Apple publishes no bf16/fp16 FLOP/s for the M3 Max GPU: only the memory bound is priced; prefill "
+              "time is not given")]),
 ]}
 HARDWARE_NAMES = tuple(HARDWARE) + ("measured",)
 
@@ -173,9 +173,9 @@ def roofline(model: Any, hardware: str | Hardware, context: int, batch: int = 1,
     assumptions = [
         f"{hw.label}: {hw.bandwidth / 1e9:,.0f} GB/s, "
         + (f"{peak / 1e12:,.1f} TFLOP/s dense {fdt}" if peak else "no published FLOP/s") + f"; {hw.source}",
-        "decode step time = max(bytes read / bandwidth, FLOPs / peak FLOP/s): bytes = weight_read_bytes_per_step "
+        ("decode step time = max(bytes read / bandwidth, FLOPs / peak FLOP/s): bytes = weight_read_bytes_per_step "
         "(every active weight once; MoE: the distinct experts of the batch) + kv_read_bytes_per_step; FLOPs = batch x "
-        "flops_per_token; peaks are reached by no real kernel, so these are upper bounds on speed",
+        "flops_per_token; peaks are reached by no real kernel, so these are upper bounds on speed"),
         f"prefill = max(prefill_flops / peak, (weights x ceil(context / {chunk}) chunks + K/V written) / bandwidth)",
     ]
     if w_name != fdt and peak:

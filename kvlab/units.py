@@ -138,24 +138,17 @@ def parse_memory(text: str | int) -> int:
     A unit with ``i`` or without ``B`` is binary (as nvidia-smi and torch report sizes); ``GB``/``MB``/``TB`` are
     decimal. ValueError names the text and the allowed spellings.
     """
-    if isinstance(text, bool):
-        raise ValueError(f"memory size {text!r}: expected {_MEMORY_UNITS}")
-    if isinstance(text, int):
+    if isinstance(text, int) and not isinstance(text, bool):
         value = float(text)
     else:
         m = _MEMORY_RE.match(str(text))
         if not m:
             raise ValueError(f"memory size {text!r}: expected {_MEMORY_UNITS}")
         number, prefix, binary, byte = m.groups()
-        power = " kmgt".index(prefix.lower()) if prefix else 0
-        if prefix and byte and not binary:
-            scale = 1000**power
-        elif not prefix and (binary or not byte) and not binary:
-            scale = 1
-        elif not prefix:
+        if binary and not prefix:  # "80iB"
             raise ValueError(f"memory size {text!r}: expected {_MEMORY_UNITS}")
-        else:
-            scale = 1024**power
+        power = " kmgt".index(prefix.lower()) if prefix else 0
+        scale = 1000**power if byte and not binary else 1024**power
         value = float(number) * scale
     if value < 1:
         raise ValueError(f"memory size {text!r}: must be at least 1 byte")

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kvlab.cli import ablate, bench, calc, chat, compare, evaluate, generate, inspect, presets, train
+from kvlab.cli import ablate, bench, calc, chat, compare, evaluate, fit, generate, inspect, presets, train
 
-VERBS = [calc, compare, inspect, generate, chat, evaluate, bench, train, ablate, presets]
+VERBS = [calc, compare, inspect, fit, generate, chat, evaluate, bench, train, ablate, presets]
 
 RAW = argparse.RawDescriptionHelpFormatter
 

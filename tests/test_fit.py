@@ -1,0 +1,360 @@
+"""kvlab fit: the inverse of the calculator (exact at the boundary), TP replication, engine rules, the roofline,
+published cross-checks with their assumptions stated, and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from kvlab.cli import main
+from kvlab.config import ModelConfig, uniform_layers
+from kvlab.costs import costs
+from kvlab.engines import VLLM, LlamaCpp, SGLang, Transformers, get_engine
+from kvlab.fit import FitError, fit, fit_table, footprint
+from kvlab.hardware import HARDWARE, Hardware, get_hardware, roofline
+from kvlab.units import parse_memory
+
+GiB = 1024**3
+
+
+def tiny(n: int = 6, windows: tuple = (None, 64, 64), kv: int = 2, hd: int = 32, max_positions: int = 8192,
+         **kw) -> ModelConfig:
+    layers = uniform_layers(n, num_heads=4, num_kv_heads=kv, head_dim=hd, intermediate_size=256, **kw)
+    for i, x in enumerate(layers):
+        x.window = windows[i % len(windows)]
+    return ModelConfig(vocab_size=1000, hidden_size=128, max_positions=max_positions, layers=layers, name="tiny")
+
+
+# -- memory sizes --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("80GiB", 80 * GiB), ("80G", 80 * GiB), ("80gi", 80 * GiB), ("24GB", 24 * 10**9), ("512MiB", 512 * 1024**2),
+    ("1.5TiB", int(1.5 * 1024**4)), ("141 GB", 141 * 10**9), ("123", 123), (4096, 4096)])
+def test_memory_sizes_binary_with_i_or_bare_prefix_decimal_with_b(text, expected) -> None:
+    assert parse_memory(text) == expected
+
+
+@pytest.mark.parametrize("text", ["80XB", "", "abc", "80iB", "-1G", "0", "1,5G", True])
+def test_bad_memory_size_is_a_named_error(text) -> None:
+    with pytest.raises(ValueError, match="memory size"):
+        parse_memory(text)
+
+
+# -- the inverse of the calculator, exact at the boundary ------------------------------------------------------------
+
+@pytest.mark.parametrize(("model", "engine", "tp", "memory"), [
+    ("llama-3.1-8b", None, 1, 24 * GiB), ("gemma-4-31b", None, 1, 64 * GiB), ("gemma-4-31b", "vllm", 1, 80 * GiB),
+    ("gemma-4-e2b", "llamacpp", 1, 9 * GiB), ("zaya1-8b", None, 1, 17 * GiB), ("qwen3-8b", "sglang", 2, 12 * GiB),
+    ("deepseek-v3", None, 8, 160 * GiB), ("deepseek-v4-flash", "transformers", 4, 141 * GiB)])
+def test_largest_context_is_exact_one_more_token_does_not_fit(model, engine, tp, memory) -> None:
+    r = fit(model, memory, batch=2, engine=engine, tp=tp)
+    assert r.limited_by == "memory" and r.value > 0
+    # recomputed from scratch, not read back from the result
+    here = footprint(model, r.value, 2, tp=tp, engine=engine)
+    after = footprint(model, r.value + 1, 2, tp=tp, engine=engine)
+    assert here.total_bytes <= r.usable < after.total_bytes
+    assert r.next.context == r.value + 1 and r.next.total_bytes == after.total_bytes
+
+
+@pytest.mark.parametrize(("model", "engine"), [("llama-3.1-8b", None), ("gemma-4-31b", "vllm"),
+                                               ("gemma-4-e4b", "sglang"), ("laguna-xs.2", "llamacpp")])
+def test_largest_batch_is_exact_one_more_sequence_does_not_fit(model, engine) -> None:
+    r = fit(model, 80 * GiB, context=8192, engine=engine)
+    assert r.solve == "batch" and r.value >= 1
+    assert footprint(model, 8192, r.value, engine=engine).total_bytes <= r.usable
+    assert footprint(model, 8192, r.value + 1, engine=engine).total_bytes > r.usable
+
+
+def test_llama_fit_matches_the_hand_formula() -> None:
+    # weights 2 B/param, K/V 131,072 B/token (32 layers x 8 KV heads x 128 x 2 x 2 B): the largest context is
+    # floor((memory - weights - workspace) / 131072) once the workspace stops growing (context >= chunk)
+    c = costs("llama-3.1-8b", context=4096)
+    ws = footprint("llama-3.1-8b", 4096).workspace_bytes
+    memory = 24 * GiB
+    r = fit("llama-3.1-8b", memory, batch=1)
+    assert r.value == (memory - 2 * c.params_total - ws) // 131072
+    assert r.fits.kv_bytes == 131072 * r.value
+
+
+def test_whole_max_positions_fits_and_nothing_fits_are_reported() -> None:
+    r = fit("llama-3.1-8b", 141 * GiB)
+    assert r.limited_by == "max_positions" and r.value == 131072 and r.next is None
+    r = fit("deepseek-v3", 80 * GiB)  # 671B params in bf16 do not fit one device
+    assert r.value == 0 and r.fits is None and r.next.total_bytes > r.usable
+
+
+def test_fit_table_is_monotone_in_memory() -> None:
+    rs = fit_table("gemma-4-31b", batch=1)
+    assert [r.memory for r in rs] == [24 * GiB, 48 * GiB, 80 * GiB, 141 * GiB]
+    values = [r.value for r in rs]
+    assert values == sorted(values) and values[0] == 0 and values[-1] == 262144
+
+
+def test_state_is_listed_apart_and_kv_components_sum() -> None:
+    fp = footprint("deepseek-v4-flash", 65536)
+    c = costs("deepseek-v4-flash", context=65536)
+    assert fp.state_bytes == c.kv_state_bytes > 0
+    assert fp.kv_bytes + fp.state_bytes == c.kv_cache_bytes == sum(fp.kv_components.values())
+    z = footprint("zaya1-8b", 4096, batch=3)
+    assert z.state_bytes == costs("zaya1-8b", context=4096, batch=3).kv_state_bytes == 3 * 40 * 5376
+
+
+def test_fp8_weights_halve_the_weights_and_kv_dtype_is_separate() -> None:
+    a = footprint("qwen3-8b", 4096, weights_dtype="bf16")
+    b = footprint("qwen3-8b", 4096, weights_dtype="fp8", kv_dtype="bf16")
+    assert b.weights_bytes * 2 == a.weights_bytes and b.kv_bytes == a.kv_bytes
+
+
+def test_bad_questions_are_named_errors() -> None:
+    with pytest.raises(FitError, match="not both"):
+        fit("llama-3.1-8b", GiB, batch=1, context=10)
+    with pytest.raises(FitError, match="batch=0"):
+        fit("llama-3.1-8b", GiB, batch=0)
+    with pytest.raises(ValueError, match="engine='vlm'"):
+        fit("llama-3.1-8b", GiB, engine="vlm")
+
+
+# -- tensor parallelism ----------------------------------------------------------------------------------------------
+
+def test_tp_splits_kv_heads_then_replicates_them() -> None:
+    one = footprint("llama-3.1-8b", 8192)  # 8 KV heads on every layer
+    two = footprint("llama-3.1-8b", 8192, tp=2)
+    sixteen = footprint("llama-3.1-8b", 8192, tp=16)
+    assert two.kv_bytes * 2 == one.kv_bytes and not two.replication
+    assert sixteen.kv_bytes * 8 == one.kv_bytes  # one KV head per device, each on 2 devices
+    assert sixteen.replication == ["layers 0-31: fewer KV heads than tp=16: each KV head stored on 2 devices"]
+    assert two.weights_bytes == -(-one.weights_bytes // 2)
+    with pytest.raises(FitError, match="tp=3"):
+        footprint("llama-3.1-8b", 8192, tp=3)
+
+
+@pytest.mark.parametrize("model", ["deepseek-v3", "deepseek-v4-flash"])
+def test_tp_replicates_mla_and_compressed_latents_on_every_device(model) -> None:
+    one = footprint(model, 8192)
+    eight = footprint(model, 8192, tp=8)
+    assert eight.kv_bytes == one.kv_bytes and eight.state_bytes == one.state_bytes
+    assert "replicated on all 8 devices" in eight.replication[0]
+
+
+# -- engines ---------------------------------------------------------------------------------------------------------
+
+def test_vllm_full_attention_reserves_whole_pages() -> None:
+    c = costs("llama-3.1-8b", context=1000)
+    assert VLLM().reserve(None, c, 1000, 3).kv_bytes == 3 * 1008 * 131072  # cdiv(1000, 16) pages of 16 tokens
+    assert VLLM().reserve(None, c, 1024, 1).kv_bytes == 1024 * 131072
+
+
+def test_vllm_hybrid_groups_pad_and_charge_sliding_layers_their_window_plus_batched_tokens() -> None:
+    # 2 full + 4 sliding layers, one per-token size: groups of 2 layers (1 full, 2 sliding), page 16 tokens
+    cfg = tiny(6, windows=(None, 64, 64))
+    per_tok = 2 * 2 * 32 * 2  # kv heads x (K + V) x head_dim x 2 B
+    eng = VLLM(max_num_batched_tokens=32)
+    for n in (10, 100, 1000):
+        c = costs(cfg, context=n)
+        full_pages = -(-n // 16)
+        sw_pages = -(-min(64 - 1 + 32, n) // 16) + 1
+        assert eng.reserve(cfg, c, n, 1).kv_bytes == 2 * 16 * per_tok * (full_pages + 2 * sw_pages)
+    # 1 full + 5 sliding: group size 1, every layer its own group, no padding
+    cfg5 = tiny(6, windows=(None, 64, 64, 64, 64, 64))
+    c5 = costs(cfg5, context=1000)
+    assert eng.reserve(cfg5, c5, 1000, 1).kv_bytes == 16 * per_tok * (63 + 5 * (-(-95 // 16) + 1))
+
+
+def test_vllm_unifies_page_sizes_by_scaling_block_size() -> None:
+    # full layers with head_dim 64, sliding with 32: the sliding page is half, so its block holds 32 tokens
+    cfg = tiny(2, windows=(None, 64))
+    cfg.layers[0].head_dim = 64
+    c = costs(cfg, context=1000)
+    full_tok = 2 * 2 * 64 * 2  # sliding layers: half of it per token
+    page = 16 * full_tok
+    eng = VLLM(max_num_batched_tokens=32)
+    assert eng.reserve(cfg, c, 1000, 1).kv_bytes == page * (-(-1000 // 16) + (-(-95 // 32) + 1))
+    assert eng.bytes_per_token_logged(c) == page * 1 * 2 / 16  # 2 groups of 1 layer, min block 16
+    cfg.layers[0].head_dim = 48  # 3:2 pages: vLLM cannot unify them
+    with pytest.raises(ValueError, match="does not divide"):
+        VLLM().reserve(cfg, costs(cfg, context=100), 100, 1)
+
+
+def test_gemma_4_31b_vllm_bytes_per_token_is_the_published_983k() -> None:
+    # vLLM's log for Gemma-4-31B implies ~983,000 B/token (REFERENCE.md). Assumption: bf16 K/V, block 16; 50 sliding
+    # layers (16 KV heads x 256, 16,384 B/token) and 10 full (4 x 512 x 2 with K and V stored, 8,192 B/token): pages
+    # unified to 16 x 16,384 B, 6 groups of 10 layers -> every layer charged the sliding layers' 16,384 B
+    c = costs("gemma-4-31b", context=8192)
+    assert VLLM().bytes_per_token_logged(c) == 983_040
+    physical = sum(x.kv_bytes_per_token for x in c.per_layer)
+    assert physical == 50 * 16384 + 10 * 8192 == 901_120  # before window caps: what each layer needs per position
+    assert abs(983_040 - 983_000) / 983_000 < 1e-4
+
+
+def test_llamacpp_pads_n_ctx_and_gives_swa_layers_window_times_seqs_plus_ubatch() -> None:
+    cfg = tiny(3, windows=(None, 64, 64))
+    per_tok = 2 * 2 * 32 * 2
+    c = costs(cfg, context=1000, batch=2)
+    n_ctx = -(-2000 // 256) * 256
+    swa = -(-min(n_ctx, 64 * 2 + 512) // 256) * 256
+    assert LlamaCpp().reserve(cfg, c, 1000, 2).kv_bytes == per_tok * (n_ctx + 2 * swa)
+
+
+def test_llamacpp_reproduces_kvplans_40192_tokens_for_llama_8b_with_4_91_gib_for_kv() -> None:
+    # kvplan: Llama-3.1-8B on an L4 with 4.91 GiB left for KV -> max 40,192 tokens. 4.91 GiB / 131,072 B = 40,222
+    # tokens; llama.cpp pads n_ctx to a multiple of 256, and the largest multiple <= 40,222 is 40,192
+    fp = footprint("llama-3.1-8b", 4096, engine="llamacpp")
+    memory = fp.weights_bytes + fp.workspace_bytes + int(4.91 * GiB)
+    assert fit("llama-3.1-8b", memory).value == 40222  # physical
+    r = fit("llama-3.1-8b", memory, engine="llamacpp")
+    assert r.value == 40192 and r.fits.engine_kv_bytes == 40192 * 131072
+
+
+def test_llamacpp_mla_is_k_only_latent() -> None:
+    c = costs("deepseek-v3", context=65536)
+    assert LlamaCpp().reserve(None, c, 65536, 1).kv_bytes == c.kv_cache_bytes == 61 * (512 + 64) * 2 * 65536
+
+
+def test_sglang_splits_full_and_swa_pools_by_the_ratio() -> None:
+    cfg = tiny(3, windows=(None, 64, 64))
+    per_tok = 2 * 2 * 32 * 2
+    c = costs(cfg, context=1000)
+    full_tokens = 2 * 1000
+    assert SGLang().reserve(cfg, c, 1000, 2).kv_bytes == full_tokens * per_tok + int(full_tokens * 0.8) * 2 * per_tok
+    c = costs(cfg, context=40)  # short sequences: the SWA pool (ratio 0.8) must still hold min(40, 64) per sequence
+    full_tokens = -(-2 * 40 * 10**6 // 800000)
+    assert SGLang().reserve(cfg, c, 40, 2).kv_bytes == full_tokens * per_tok + int(full_tokens * 0.8) * 2 * per_tok
+
+
+@pytest.mark.slow
+def test_transformers_rule_matches_a_real_dynamic_cache() -> None:
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from kvlab.bench import hf_config_dict
+    from kvlab.config import RopeSpec
+
+    cfg = tiny(4, windows=(None, 16), kv=2, hd=32, qk_norm=True, rope=RopeSpec(theta=10000.0), activation="silu")
+    d = hf_config_dict(cfg)  # a Qwen3 with layer_types full / sliding
+    hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf_cfg).eval()
+    for n in (10, 40):
+        cache = transformers.DynamicCache(config=hf_cfg)
+        with torch.no_grad():
+            model(input_ids=torch.randint(0, 1000, (2, n)), past_key_values=cache, use_cache=True)
+        held = sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+        c = costs(cfg, context=n, batch=2, dtype="float32")
+        assert Transformers().reserve(cfg, c, n, 2).kv_bytes == held
+
+
+def test_every_engine_states_its_rules_with_sources() -> None:
+    for name in ("vllm", "llamacpp", "sglang", "transformers"):
+        eng = get_engine(name)
+        assert eng.rules and all(r.startswith(name) for r in eng.rules)
+        assert any(".py" in r or ".cpp" in r for r in eng.rules)
+
+
+# -- hardware and the roofline ---------------------------------------------------------------------------------------
+
+def test_decode_at_batch_1_is_memory_bound_bytes_over_bandwidth() -> None:
+    c = costs("llama-3.1-8b", context=8192)
+    r = roofline("llama-3.1-8b", "h100", context=8192)
+    assert r.decode_bound == "memory"
+    assert r.decode_bytes == c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
+    assert r.decode_tok_s_per_sequence == pytest.approx(3.35e12 / r.decode_bytes, rel=1e-12)
+
+
+def test_large_batch_short_context_turns_compute_bound_and_aggregate_is_batch_over_step() -> None:
+    hw = Hardware("toy", "toy", bandwidth=1e12, flops={"bfloat16": 1e12}, memory=GiB, source="test")
+    r = roofline("llama-3.1-8b", hw, context=16, batch=512)
+    assert r.decode_bound == "compute"
+    assert r.decode_step_s == pytest.approx(r.decode_flops / 1e12)
+    assert r.decode_tok_s_aggregate == pytest.approx(512 * r.decode_tok_s_per_sequence)
+    assert r.prefill_bound == "compute" and r.prefill_s == pytest.approx(r.prefill_flops / 1e12)
+
+
+def test_hardware_table_cites_a_source_and_unknown_names_are_named_errors() -> None:
+    for hw in HARDWARE.values():
+        assert hw.source and hw.bandwidth > 0 and hw.memory > 0
+    assert HARDWARE["h200"].memory == 141 * GiB
+    with pytest.raises(ValueError, match="hardware='b300'"):
+        get_hardware("b300")
+    assert roofline("llama-3.1-8b", "m3-max", context=1024).prefill_s is None  # no published FLOP/s
+
+
+def test_measured_hardware_uses_the_bench_copy_bandwidth(monkeypatch) -> None:
+    import kvlab.bench
+    import kvlab.hardware
+
+    monkeypatch.setattr(kvlab.bench, "copy_bandwidth", lambda _n=0: 2e10)
+    monkeypatch.setattr(kvlab.hardware, "matmul_flops", lambda _d="float32": 1e11)
+    r = roofline("qwen3-8b", "measured", context=512, weights_dtype="fp32")
+    assert r.decode_tok_s_per_sequence == pytest.approx(2e10 / r.decode_bytes)
+
+
+def test_tp_divides_weight_traffic() -> None:
+    one = roofline("llama-3.1-8b", "h100", context=8192)
+    two = roofline("llama-3.1-8b", "h100", context=8192, tp=2)
+    assert two.decode_bytes == pytest.approx(one.decode_bytes / 2, abs=2)
+
+
+# -- published cross-checks (assumptions in each docstring) -----------------------------------------------------------
+
+def test_llama_3_1_8b_is_131072_bytes_per_token_bf16() -> None:
+    """32 layers x 8 KV heads x 128 x (K + V) x 2 B (bf16)."""
+    fp = footprint("llama-3.1-8b", 1000)
+    assert fp.kv_bytes == 1000 * 131072 == 1000 * 32 * 8 * 128 * 2 * 2
+
+
+def test_deepseek_v3_at_65k_with_mla_is_4_29_gib_not_hundreds() -> None:
+    """MLA caches kv_lora_rank 512 + rope 64 per layer (61 layers, bf16): 70,272 B/token, 4.29 GiB at 65,536 tokens.
+    gguf-parser-go's 697 GiB did not apply MLA; even the expanded per-head K/V (128 heads x (192 + 128) x 2 B) is
+    4,997,120 B/token, 71x the latent."""
+    fp = footprint("deepseek-v3", 65536)
+    assert fp.kv_bytes == 61 * 576 * 2 * 65536
+    assert round(fp.kv_bytes / GiB, 2) == 4.29
+
+
+def test_deepseek_v4_flash_per_token_cost_by_component() -> None:
+    """V4-Flash (transformers 5.23 defaults): 43 layers, 2 SWA + 21 CSA (ratio 4, indexer keys 128) + 20 HCA
+    (ratio 128), head 512, window 128, bf16. At 1M: compressed 21 x 1M/4 x 512 x 2 + 20 x 1M/128 x 512 x 2,
+    indexer keys 21 x 1M/4 x 128 x 2, the window ring 43 x 128 x 512 x 2; per token of context 6,880 B (compressed
+    + indexer), 0.08 of DeepSeek-V3's 70,272."""
+    n = 1 << 20
+    fp = footprint("deepseek-v4-flash", n)
+    comp = fp.kv_components
+    assert comp["compressed"] == 21 * (n // 4) * 1024 + 20 * (n // 128) * 1024
+    assert comp["index_keys"] == 21 * (n // 4) * 256
+    assert comp["window"] == 43 * 128 * 1024
+    per_token = (comp["compressed"] + comp["index_keys"]) / n
+    assert per_token == 21 * 1024 / 4 + 20 * 1024 / 128 + 21 * 256 / 4 == 6880
+    assert per_token / (61 * 576 * 2) < 0.1
+
+
+# -- CLI -------------------------------------------------------------------------------------------------------------
+
+def test_cli_fit_prints_the_answer_and_json_holds_only_the_object(capsys) -> None:
+    assert main(["fit", "llama-3.1-8b", "--memory", "24GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "largest context:" in out and "does not fit" in out and "assumptions:" in out
+    assert main(["fit", "gemma-4-31b", "--memory", "80G", "--engine", "vllm", "--hardware", "h100", "--json"]) == 0
+    captured = capsys.readouterr()
+    d = json.loads(captured.out)
+    assert d["fit"]["value"] == fit("gemma-4-31b", 80 * GiB, engine="vllm").value
+    assert d["roofline"]["hardware"] == "h100" and "largest context" in captured.err
+
+
+def test_cli_fit_table_and_tp(capsys) -> None:
+    assert main(["fit", "deepseek-v3", "--table", "--tp", "8", "--weights-dtype", "fp8", "--context", "32k"]) == 0
+    out = capsys.readouterr().out
+    assert "largest batch" in out and "141.00 GiB" in out and "tp 8" in out
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["fit", "llama-3.1-8b", "--memory", "80 gigs"], "memory size"),
+    (["fit", "llama-3.1-8b"], "--memory"),
+    (["fit", "llama-3.1-8b", "--memory", "8G", "--engine", "tgi"], "engine='tgi'"),
+    (["fit", "llama-3.1-8b", "--memory", "8G", "--tp", "3"], "tp=3"),
+    (["fit", "llama-3.1-8b", "--memory", "8G", "--weights-dtype", "int3"], "dtype='int3'"),
+])
+def test_cli_fit_bad_input_is_a_named_error_exit_2(capsys, argv, message) -> None:
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kvlab: error:") and message in err
+
