@@ -11,7 +11,7 @@ from kvlab.config import ModelConfig, uniform_layers
 from kvlab.costs import costs
 from kvlab.presets import get_preset, presets
 
-VERBS = ["calc", "compare", "inspect", "generate", "chat", "eval", "bench", "presets"]
+VERBS = ["calc", "compare", "inspect", "fit", "generate", "chat", "eval", "bench", "presets"]
 
 
 def run(capsys, *argv):
@@ -251,6 +251,7 @@ def _json_argv(verb, tmp_path, tiny_path, checkpoint):
             "inspect": ["inspect", tiny_path, "--context", "1k"],
             "generate": ["generate", checkpoint, "--ids", "1,2", "--max-new-tokens", "2", "--stream"],
             "bench": ["bench", tiny_path, "--context", "16", "--decode-tokens", "2", "--bandwidth-mib", "1"],
+            "fit": ["fit", tiny_path, "--memory", "1GiB", "--engine", "vllm", "--hardware", "h100"],
             "presets": ["presets"]}[verb]
 
 
