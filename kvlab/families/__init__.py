@@ -14,7 +14,7 @@ import torch
 
 from ..checkpoint import read_config, read_tensors
 from ..config import ModelConfig
-from . import deepseek_v3, deepseek_v4, deepseek_v32, gemma4, laguna, llama, mistral, qwen3, qwen3_moe, zaya
+from . import deepseek_v3, deepseek_v4, deepseek_v32, gemma3, gemma4, laguna, llama, mistral, qwen3, qwen3_moe, zaya
 from .base import Family
 
 if TYPE_CHECKING:
@@ -22,7 +22,7 @@ if TYPE_CHECKING:
 
 FAMILIES: dict[str, Family] = {f.architecture: f for f in (
     llama.FAMILY, mistral.FAMILY, qwen3.FAMILY, qwen3.QWEN2_FAMILY, qwen3_moe.FAMILY, laguna.FAMILY)}
-FAMILIES.update({f.architecture: f for f in (gemma4.FAMILY, gemma4.CG_FAMILY)})
+FAMILIES.update({f.architecture: f for f in (gemma4.FAMILY, gemma4.CG_FAMILY, gemma3.FAMILY, gemma3.CG_FAMILY)})
 FAMILIES[zaya.ARCH] = zaya.FAMILY
 FAMILIES[deepseek_v4.ARCH] = deepseek_v4.FAMILY
 FAMILIES[deepseek_v3.ARCH] = deepseek_v3.FAMILY

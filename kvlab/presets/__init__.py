@@ -7,7 +7,7 @@ lets a family module add its own. Every preset cites its source in ``ModelConfig
 import sys
 import types
 
-from kvlab.presets import baselines, deepseek, deepseek_v4, gemma4, laguna, zaya  # noqa: F401  (registers the presets)
+from kvlab.presets import baselines, deepseek, deepseek_v4, gemma3, gemma4, laguna, zaya  # noqa: F401  (registers)
 from kvlab.presets.registry import get_preset, preset, preset_source, presets, register
 
 __all__ = ["get_preset", "preset", "preset_source", "presets", "register"]
