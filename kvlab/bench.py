@@ -47,7 +47,7 @@ def resolve_spec(spec: str | Path | ModelConfig) -> ModelConfig:
             return ModelConfig.load(p)
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{str(p)!r} is not a kvlab ModelConfig JSON file: {e}") from e
-    if p.is_dir() and not (p / "config.json").is_file():
+    if p.is_dir() and not (p / "config.json").is_file() and not is_checkpoint(p):
         raise ValueError(f"{str(p)!r} is a directory without config.json; expected a checkpoint directory")
     from kvlab.costs import resolve_config
 
@@ -55,7 +55,16 @@ def resolve_spec(spec: str | Path | ModelConfig) -> ModelConfig:
 
 
 def is_checkpoint(spec: Any) -> bool:
-    return isinstance(spec, (str, Path)) and Path(spec).is_dir() and (Path(spec) / "config.json").is_file()
+    """``spec`` names weights to load: a checkpoint directory (HF or kvlab's own), a ``.gguf`` file or a named model."""
+    from kvlab.gguf_checkpoint import is_gguf
+    from kvlab.models import is_named
+    from kvlab.native import native_checkpoint
+
+    if is_gguf(spec) or is_named(spec):
+        return True
+    if not isinstance(spec, (str, Path)) or not Path(spec).is_dir():
+        return False
+    return (Path(spec) / "config.json").is_file() or native_checkpoint(spec) is not None
 
 
 def _weight_bytes(cfg: ModelConfig, elt: int) -> int:
@@ -255,7 +264,10 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
                        prefill_chunk: int = 512, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
     """The same prefill + decode loop in transformers (``DynamicCache``, manual loop, inference mode)."""
     tf = _transformers()
-    hf = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=TORCH_DTYPES[dtype])
+    p = Path(path)
+    # a GGUF file: transformers dequantises it itself (it needs the gguf package)
+    where = (str(p.parent), {"gguf_file": p.name}) if p.is_file() and p.suffix.lower() == ".gguf" else (str(p), {})
+    hf = tf.AutoModelForCausalLM.from_pretrained(where[0], dtype=TORCH_DTYPES[dtype], **where[1])
     hf.eval()
     vocab = hf.config.get_text_config(decoder=True).vocab_size
     rows = []
@@ -274,7 +286,8 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
         if "stride" not in str(err):
             raise
         experts = "eager"
-        hf = tf.AutoModelForCausalLM.from_pretrained(str(path), dtype=TORCH_DTYPES[dtype], experts_implementation=experts)
+        hf = tf.AutoModelForCausalLM.from_pretrained(where[0], dtype=TORCH_DTYPES[dtype], experts_implementation=experts,
+                                                     **where[1])
         hf.eval()
         warm_up()
     for ctx in contexts:
@@ -351,7 +364,9 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
 
             log(f"loading {spec} ...")
             model = load(str(spec), dtype=torch_dtype, device="cpu")
-            source_dir: Path | None = Path(spec)
+            from kvlab.models import resolve_file
+
+            source_dir: Path | None = Path(resolve_file(spec))  # a named model: its GGUF file
         else:
             cfg = resolve_spec(spec)
             elt = torch.tensor([], dtype=torch_dtype).element_size()

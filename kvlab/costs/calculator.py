@@ -104,6 +104,16 @@ def resolve_config(model: Any) -> ModelConfig:
 
         if isinstance(model, str) and model in presets():
             return get_preset(model)
+        from kvlab.gguf_checkpoint import config_from_gguf, is_gguf
+        from kvlab.models import MODELS, resolve_file
+        from kvlab.native import native_checkpoint
+
+        model = resolve_file(model)  # a named installed model -> its GGUF file
+        if is_gguf(model):
+            return config_from_gguf(model)  # the header only
+        native = native_checkpoint(model)  # a kvlab train run / checkpoint
+        if native is not None:
+            return native.config
         path = Path(model)
         if path.is_dir() and (path / "config.json").is_file():
             try:
@@ -111,8 +121,8 @@ def resolve_config(model: Any) -> ModelConfig:
             except ImportError as exc:  # the families package is not there yet
                 raise ValueError(f"{path}: reading a checkpoint needs kvlab.families.config_from_dir ({exc})") from exc
             return config_from_dir(path)
-        raise ValueError(f"model={str(model)!r} is neither a preset nor a directory with config.json; "
-                         f"presets: {', '.join(presets())}")
+        raise ValueError(f"model={str(model)!r} is neither a preset, a named model, a .gguf file nor a directory "
+                         f"with config.json; presets: {', '.join(presets())}; named models: {', '.join(MODELS)}")
     raise ValueError(f"model must be a ModelConfig, a preset name, a checkpoint directory or have a .config "
                      f"ModelConfig; got {type(model).__name__}")
 

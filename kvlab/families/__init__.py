@@ -157,9 +157,23 @@ def load_state(path: str | Path, config: ModelConfig | None = None, dtype: torch
 
 
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Model:
-    """``kvlab.load``: a Model with the weights of a HF-layout checkpoint directory (safetensors only)."""
-    config = config_from_dir(path)
-    state = load_state(path, config, dtype=dtype, device=device)
+    """``kvlab.load``: a Model with its weights, from a HF-layout checkpoint directory (safetensors only), a ``.gguf``
+    file, a named installed model (``smollm2-135m``, ``gemma-3-270m``: kvlab/models.py) or a kvlab run / checkpoint
+    directory written by ``kvlab train`` (kvlab/native.py)."""
+    from ..gguf_checkpoint import is_gguf, load_gguf_state
+    from ..models import resolve_file
+    from ..native import native_checkpoint
+
+    path = resolve_file(path)
+    native = None if is_gguf(path) else native_checkpoint(path)
+    if is_gguf(path):
+        config, state = load_gguf_state(path, dtype=dtype, device=device)
+    elif native is not None:
+        config, state = native.config, native.state(dtype, device)
+        check_state(state, config, where=f"kvlab checkpoint {str(native.weights)!r}")
+    else:
+        config = config_from_dir(path)
+        state = load_state(path, config, dtype=dtype, device=device)
     model = _skeleton(config)
     model.load_state_dict(state, strict=True, assign=True)
     return model.to(device).eval()

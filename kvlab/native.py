@@ -1,0 +1,92 @@
+"""kvlab's own checkpoints: what ``kvlab train`` writes (kvlab/train/checkpointing.py), loadable like any model.
+
+Accepted directories:
+- a run directory: ``latest.json`` names the checkpoint to load (``ckpt-NNNNNNN/``), ``config.json`` holds the
+  kvlab ModelConfig;
+- one checkpoint directory: ``model.safetensors`` (kvlab tensor names) and ``state.json`` with its ``model_config``;
+- any directory with ``model.safetensors`` and a ``config.json`` that is a kvlab ModelConfig (a ``layers`` list and
+  no ``architectures`` entry).
+Weights are read with safetensors only (never pickle); the tensors already carry kvlab's names.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .config import ModelConfig
+
+MODEL, STATE, LATEST, CONFIG = "model.safetensors", "state.json", "latest.json", "config.json"
+
+
+@dataclass
+class NativeCheckpoint:
+    """A kvlab checkpoint: its ModelConfig and the safetensors file of its weights."""
+
+    config: ModelConfig
+    weights: Path
+
+    def state(self, dtype: torch.dtype | None = None, device: str | torch.device | None = None
+              ) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            tensors = load_file(str(self.weights))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"cannot read {str(self.weights)!r} (truncated or corrupt?): {e}") from e
+        out = {}
+        for k, v in tensors.items():
+            v = v.to(dtype) if dtype is not None and v.is_floating_point() else v
+            out[k] = v.to(device) if device is not None else v
+        return out
+
+
+def _json(f: Path) -> Any:
+    try:
+        return json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{str(f)!r} is not readable JSON: {e}") from e
+
+
+def is_native_config(d: Any) -> bool:
+    """A parsed config.json that is kvlab's own ModelConfig (not a transformers config)."""
+    return isinstance(d, dict) and isinstance(d.get("layers"), list) and "architectures" not in d
+
+
+def _config(d: Any, where: Path) -> ModelConfig:
+    try:
+        cfg = ModelConfig.from_dict(d)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{str(where)!r}: not a valid kvlab ModelConfig: {e}") from e
+    cfg.source = cfg.source or f"{where.parent} (kvlab checkpoint)"
+    return cfg
+
+
+def native_checkpoint(path: Any) -> NativeCheckpoint | None:
+    """The kvlab checkpoint at ``path``, or None when ``path`` is not one (a HF checkpoint, a file, a name...)."""
+    if not isinstance(path, (str, Path)) or not Path(path).is_dir():
+        return None
+    d = Path(path)
+    if (d / LATEST).is_file():  # a run directory: follow the pointer
+        from .train.checkpointing import latest
+
+        found = latest(d)
+        if found is None:
+            return None
+        d = found[0]
+    state = d / STATE
+    if (d / MODEL).is_file() and state.is_file():
+        s = _json(state)
+        if isinstance(s, dict) and is_native_config(s.get("model_config")):
+            return NativeCheckpoint(_config(s["model_config"], state), d / MODEL)
+    cfg = Path(path) / CONFIG
+    if (d / MODEL).is_file() and cfg.is_file():
+        c = _json(cfg)
+        if is_native_config(c):
+            return NativeCheckpoint(_config(c, cfg), d / MODEL)
+    return None
