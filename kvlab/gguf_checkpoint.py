@@ -74,6 +74,10 @@ class _Header:
         return v
 
     def value(self, kind: int, keep: bool = True) -> Any:
+        if kind == 6:  # float32: the shortest decimal that reads back as the same float32 (1e-06, not 9.99999997e-07)
+            import numpy as np
+
+            return float(np.format_float_positional(np.float32(self.take("<f")), unique=True, trim="0"))
         if kind in _SCALARS:
             return self.take(_SCALARS[kind])
         if kind == STRING:
@@ -334,6 +338,7 @@ def config_from_gguf(path: str | Path | GGUFFile) -> ModelConfig:
     g = path if isinstance(path, GGUFFile) else read_gguf(path)
     d = hf_config(g)
     config = family_of(d).config_from_hf(d)
+    config.name = g.path.name.removesuffix(".gguf")
     config.source = f"{g.path} (GGUF {g.arch}, {g.meta.get('general.name', 'unnamed')})"
     return config
 

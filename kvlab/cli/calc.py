@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, context_or_default, costs_of, emit_json, resolve_config
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_dtype, table
 
 NAME = "calc"
 HELP = "parameters, KV-cache bytes, bytes read per step and FLOPs of one model at one context"
-EXAMPLE = "kvlab calc llama-3.1-8b --context 128k --dtype bf16"
+EXAMPLE = "kvlab calc llama-3.1-8b --context 128k --dtype bf16\n  kvlab calc smollm2-135m --context 8k   # a GGUF: header only, with the file's own weight bytes"
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -19,6 +20,22 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--no-kv-sharing", action="store_true",
                    help="price the same model with every layer producing and storing its own K/V")
     add_dtype_and_json(q)
+
+
+def gguf_weights(spec: str) -> dict[str, Any] | None:
+    """The GGUF file's own weight bytes and tensor types (header only), or None when ``spec`` is not a GGUF."""
+    from kvlab.gguf_checkpoint import is_gguf, weight_bytes
+    from kvlab.models import is_named, model_file
+    from kvlab.presets import presets
+
+    if is_named(spec):  # also a preset (gemma-3-270m): the file's row when its package is installed
+        try:
+            spec = str(model_file(spec))
+        except ValueError:
+            if spec in presets():
+                return None
+            raise
+    return weight_bytes(spec) if is_gguf(spec) else None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -31,9 +48,10 @@ def run(args: argparse.Namespace) -> int:
     if args.no_kv_sharing:
         cfg = without_sharing(cfg)
     c = costs_of(cfg, ctx, parse_dtype(args.dtype), args.batch)
+    gguf = gguf_weights(args.model)  # a GGUF file (or named model): its own quantized bytes, from the header
     if args.json:
         emit_json({**c.to_dict(), "source": cfg.source, "kv_sharing": sharing,
-                    "kv_sharing_off": bool(args.no_kv_sharing)})
+                    "kv_sharing_off": bool(args.no_kv_sharing), "gguf": gguf})
         return 0
     print(f"{c.name}: context {ctx:,} tokens ({fmt_context(ctx)}), batch {c.batch}, weights {c.dtype}, "
           f"KV {c.kv_dtype}" + (", KV sharing OFF (every layer stores its own K/V)" if args.no_kv_sharing else ""))
@@ -73,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         ["prefill FLOPs (whole context)", fmt_flops(c.prefill_flops), f"{c.prefill_flops:,}"],
         ["  attention", fmt_flops(c.prefill_attn_flops), f"{c.prefill_attn_flops:,}"],
     ]
+    if gguf is not None:
+        types = ", ".join(f"{k} x{v}" for k, v in gguf["tensor_types"].items())
+        rows += [["weights in the GGUF file (as stored)", fmt_bytes(gguf["weight_bytes"]), f"{gguf['weight_bytes']:,}"],
+                 ["  bits per weight; tensor types", f"{gguf['bits_per_weight']:.2f}", types]]
     print(table(["quantity", "value", "exact"], rows))
     if sharing is not None:
         print(f"\nKV sharing: {len(sharing['shared_layers'])} of {sharing['num_layers']} layers read another layer's "
