@@ -333,11 +333,10 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
 
 def config_from_gguf(path: str | Path | GGUFFile) -> ModelConfig:
     """The ModelConfig of a GGUF file, from its header only."""
-    from .families import family_of
+    from .families import config_from_hf
 
     g = path if isinstance(path, GGUFFile) else read_gguf(path)
-    d = hf_config(g)
-    config = family_of(d).config_from_hf(d)
+    config = config_from_hf(hf_config(g))
     config.name = g.path.name.removesuffix(".gguf")
     config.source = f"{g.path} (GGUF {g.arch}, {g.meta.get('general.name', 'unnamed')})"
     return config

@@ -55,10 +55,16 @@ def load(args: argparse.Namespace):
     """The model and its tokenizer (None when a checkpoint directory has no tokenizer.json)."""
     import kvlab
     from kvlab.bench import TORCH_DTYPES
-    from kvlab.tokenizer import load_tokenizer
+    from kvlab.tokenizer import TokenizerError, load_tokenizer
 
     model = kvlab.load(args.model, dtype=TORCH_DTYPES[parse_dtype(args.dtype)], device=args.device)
-    return model, load_tokenizer(args.model)
+    try:
+        tok = load_tokenizer(args.model)
+    except TokenizerError:
+        if not getattr(args, "ids", None):
+            raise
+        tok = None  # token ids given: a file without a tokenizer (a bare GGUF) still runs
+    return model, tok
 
 
 def _prompt_ids(args: argparse.Namespace, tok) -> list[int]:

@@ -24,7 +24,17 @@ import sys
 from typing import Any
 
 from ..config import LayerSpec, ModelConfig, RopeSpec
-from .base import ACTIVATIONS, Family, HFState, Tensor, _template, drop_tied_head, rope_from_hf
+from .base import (
+    ACTIVATIONS,
+    Family,
+    HFState,
+    Tensor,
+    _template,
+    drop_tied_head,
+    hf_config,
+    rope_from_hf,
+    single_window,
+)
 
 ARCH = "Gemma3ForCausalLM"
 CG_ARCH = "Gemma3ForConditionalGeneration"
@@ -170,7 +180,32 @@ def map_cg_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
     return _map(hf_state, config, ("model.language_model.", "language_model.model."))
 
 
-FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES)
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+    """Gemma3TextConfig keys of ``cfg``'s shape (``1 + w`` sandwich and q/k norms, one window, per-type RoPE)."""
+    layers = cfg.layers
+    ok = cfg.norm_offset and all(x.sandwich_norm and x.qk_norm and x.rope is not None for x in layers)
+    if not ok or cfg.embed_scale is None or len({(x.num_kv_heads, x.head_dim, x.attn_scale) for x in layers}) != 1:
+        raise ValueError(f"{ARCH}: {cfg.name} is not Gemma 3 shaped (1 + w sandwich and q/k norms, RoPE everywhere, "
+                         "one head layout and query scale)")
+    x = layers[0]
+    qpas = round(1.0 / x.scale ** 2, 6)
+
+    def rope(t: str) -> dict[str, Any]:
+        r = next((y.rope for y, k in zip(layers, types) if k == t), None)
+        if r is None:
+            return {"rope_type": "default", "rope_theta": THETA[t]}
+        return {"rope_type": r.scaling, "rope_theta": r.theta, **({"factor": r.factor} if r.scaling != "default"
+                                                                  else {})}
+
+    types = ["sliding_attention" if y.window is not None else "full_attention" for y in layers]
+    return hf_config(cfg, ARCH, "gemma3_text", hidden_activation=hf_config(cfg, ARCH, "")["hidden_act"],
+                     layer_types=types, sliding_window=single_window(cfg, ARCH) or 4096,
+                     query_pre_attn_scalar=int(qpas) if qpas == int(qpas) else qpas,
+                     final_logit_softcapping=cfg.final_logit_softcap,
+                     rope_parameters={t: rope(t) for t in TYPES})
+
+
+FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)
 CG_FAMILY = Family(CG_ARCH, config_from_hf, map_cg_weights,
                    {k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k: v
                     for k, v in NAMES.items()})

@@ -66,7 +66,7 @@ SOURCES = {
 def _builder(name: str) -> Callable[[], ModelConfig]:
     def build() -> ModelConfig:
         cfg = config_from_hf(TEXT[name])
-        cfg.name, cfg.source = name, SOURCES[name]
+        cfg.name, cfg.source, cfg.family = name, SOURCES[name], "Gemma3ForCausalLM"
         return cfg
     return build
 

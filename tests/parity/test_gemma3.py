@@ -150,14 +150,18 @@ def test_unsupported_options_are_named(key: str, value: Any) -> None:
 
 @pytest.mark.parametrize("name", ["gemma-3-270m", "gemma-3-1b", "gemma-3-4b", "gemma-3-12b", "gemma-3-27b"])
 def test_presets_match_transformers_parameter_count(name: str) -> None:
-    """Each preset builds the transformers model of the same shape (on meta): same parameter count."""
+    """Each preset, written back as a transformers config (what ``kvlab bench --vs transformers`` does), builds the
+    transformers model of the same shape (on meta): same parameter count, same layer types and query scale."""
+    from kvlab.families import to_hf_config
     from kvlab.presets import get_preset
     from kvlab.presets.gemma3 import TEXT
 
-    d = TEXT[name]
-    hf_cfg = text_config(**{k: v for k, v in d.items() if k != "architectures"})
+    cfg = get_preset(name)
+    d = to_hf_config(cfg)
+    hf_cfg = text_config(**{k: v for k, v in d.items() if k not in ("architectures", "model_type")})
     with torch.device("meta"):
         hf = transformers.Gemma3ForCausalLM(hf_cfg)
-    cfg = get_preset(name)
     assert kvlab.costs(cfg, context=1).params_total == sum(p.numel() for p in hf.parameters())  # tied head once
     assert [x.window is None for x in cfg.layers] == [t == F for t in hf_cfg.layer_types]
+    assert hf_cfg.query_pre_attn_scalar == TEXT[name]["query_pre_attn_scalar"]
+    assert hf_cfg.rope_parameters[F].get("factor", 1.0) == (TEXT[name]["rope_scaling"] or {}).get("factor", 1.0)
