@@ -262,9 +262,9 @@ def test_bad_dtype_lists_the_allowed_values(bad: object) -> None:
 
 
 def test_bad_model_and_context_errors(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="neither a preset nor a directory") as e:
+    with pytest.raises(ValueError, match="neither a preset, a named model, a .gguf file nor a directory") as e:
         costs("llama-9", context=16)
-    assert "llama-3.1-8b" in str(e.value)
+    assert "llama-3.1-8b" in str(e.value) and "smollm2-135m" in str(e.value)
     with pytest.raises(ValueError, match="neither a preset"):
         costs(tmp_path, context=16)  # a directory without config.json
     with pytest.raises(ValueError, match="must be a ModelConfig"):
