@@ -44,6 +44,26 @@ class CCAStore(KVStore):
     def append(self, k, v, start):
         return self.inner.append(k, v, start)
 
+    def conv_input(self, qk: torch.Tensor, start: int) -> torch.Tensor:
+        """Raw ``[q, k]`` columns ``[B, C, T]`` -> ``[B, C, tail + T]``: the carried tail prepended (zeros at a
+        sequence start); the last ``tail`` columns are kept for the next call."""
+        tail = self.conv.shape[-1]
+        if not tail:
+            return qk
+        prev = self.conv if start > 0 else qk.new_zeros(qk.shape[0], qk.shape[1], tail)
+        out = torch.cat((prev, qk), dim=-1)
+        self.conv.copy_(out[..., -tail:])
+        return out
+
+    def previous_values(self, start: int) -> torch.Tensor | None:
+        """The delayed value row ``[B, 1, Hkv Dv / 2]`` carried from the last call (None at a sequence start); a
+        view, valid until :meth:`keep_values`."""
+        return self.v_prev[:, None] if start > 0 else None
+
+    def keep_values(self, last: torch.Tensor) -> None:
+        """Keep the delayed value row ``[B, Hkv Dv / 2]`` of this call's last token."""
+        self.v_prev.copy_(last)
+
 
 def cca_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> CCAStore:
     if spec.window is not None:

@@ -37,6 +37,32 @@ class _Pool:
             self.prev_kv = torch.zeros(batch, ratio, dim, dtype=dtype, device=device)
             self.prev_gate = torch.zeros(batch, ratio, dim, dtype=dtype, device=device)
 
+    def partial(self, r: slice, lead: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The raw kv / gate rows ``[B, lead, f d]`` of the incomplete block held for rows ``r``."""
+        return self.partial_kv[r, :lead], self.partial_gate[r, :lead]
+
+    def previous_block(self, r: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """Series ``a`` (kv, gate ``[B, m, d]``) of the last complete block (overlapping compressors)."""
+        return self.prev_kv[r], self.prev_gate[r]
+
+    def commit(self, r: slice, first: int, new: torch.Tensor, kv: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        """Store ``new`` entries ``[B, n, d]`` (blocks ``first..first+n-1``) for rows ``r``, the last complete
+        block's first series (overlap) and the leftover raw rows of ``kv`` / ``gate`` ``[B, n m + rest, f d]`` as
+        the next partial block. Returns every entry held for those rows ``[B, first + n, d]``."""
+        m, d, n = self.ratio, self.dim, new.shape[1]
+        used, end = n * m, first + n
+        if n:
+            self.reserve(end)
+            self.entries[r, first:end] = new
+            if self.overlap:
+                self.prev_kv[r] = kv[:, used - m:used, :d]
+                self.prev_gate[r] = gate[:, used - m:used, :d]
+        rest = kv.shape[1] - used
+        if rest:
+            self.partial_kv[r, :rest] = kv[:, used:]
+            self.partial_gate[r, :rest] = gate[:, used:]
+        return self.entries[r, :end]
+
     def state(self) -> list[torch.Tensor]:
         return [self.partial_kv, self.partial_gate] + ([self.prev_kv, self.prev_gate] if self.overlap else [])
 

@@ -41,10 +41,14 @@ class KVStore:
         return 0
 
     def append(self, k: torch.Tensor, v: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Store ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` for positions ``start..start+T-1``.
+        """Store the kind's new per-token entries for positions ``start..start+T-1``; return what the T queries
+        attend to: ``(keys, values, positions [L])`` (``-1`` marks a slot never written).
 
-        Returns the keys, values ``[B, Hkv, L, D]`` the T queries attend to and their absolute
-        positions ``[L]`` (``-1`` marks a slot never written).
+        GQA / CCA: ``k [B, Hkv, T, Dk]``, ``v [B, Hkv, T, Dv]`` -> keys, values ``[B, Hkv, L, D]``. MLA
+        (kvlab/cache/latent.py): ``c_kv [B, T, r]``, ``k_pe [B, T, d_rope]`` -> the latent ``[B, L, r + d_rope]``
+        twice (keys and values are views of it). CSA / HCA / SWA (kvlab/cache/compressed.py): the window's
+        ``kv [B, 1, T, d]`` (K = V) and an empty V. A kind's other state (CCA's conv tail, the compressors'
+        partial blocks, MLA's indexer keys) is updated through its store's own methods, never written by a layer.
         """
         raise NotImplementedError
 

@@ -67,27 +67,27 @@ class CCAttention(nn.Module):
         b, t, _ = x.shape
         h, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
         g = h // hkv
-        carried = store is not None and step.start > 0
         q = self.q_proj(x)
         k = self.k_proj(x)
         r_q = (q.view(b, t, h, d) + k.view(b, t, hkv, 1, d).expand(b, t, hkv, g, d).reshape(b, t, h, d)) * 0.5
         r_k = r_q.view(b, t, hkv, g, d).mean(dim=-2)
         qk = torch.cat((q, k), dim=-1).transpose(1, 2)  # [B, C, T]
         tail = conv_tail(s)
-        if tail:
-            prev = store.conv if carried else qk.new_zeros(b, qk.shape[1], tail)
-            qk = torch.cat((prev, qk), dim=-1)
-            if store is not None:
-                store.conv.copy_(qk[..., -tail:])
+        if store is not None:  # the store prepends the carried tail and keeps the new one
+            qk = store.conv_input(qk, step.start)
+        elif tail:
+            qk = torch.cat((qk.new_zeros(b, qk.shape[1], tail), qk), dim=-1)
         qk = self.conv_grouped(self.conv_dw(qk)).transpose(1, 2)  # [B, T, C]
         q = qk[..., :h * d].view(b, t, h, d) + r_q
         k = qk[..., h * d:].view(b, t, hkv, d) + r_k
         cur = self.v_proj(x)
         shifted = self.v_shift_proj(x)
-        prev_v = store.v_prev[:, None] if carried else self.v_shift_proj(x.new_zeros(b, 1, x.shape[-1]))
+        prev_v = store.previous_values(step.start) if store is not None else None
+        if prev_v is None:  # a sequence start: the "previous token" is an all-zero input
+            prev_v = self.v_shift_proj(x.new_zeros(b, 1, x.shape[-1]))
         v = torch.cat((cur, torch.cat((prev_v, shifted[:, :-1]), dim=1)), dim=-1).view(b, t, hkv, s.value_dim)
-        if store is not None:  # after the read above: prev_v may be a view of the store
-            store.v_prev.copy_(shifted[:, -1])
+        if store is not None:
+            store.keep_values(shifted[:, -1])
         return q, k, v
 
     def norm_qk(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

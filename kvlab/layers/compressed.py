@@ -105,32 +105,20 @@ class Compressor(nn.Module):
         kv, gate = self.kv_proj(x), self.gate_proj(x)
         nb0, nb1 = start // m, (start + t) // m
         lead = start - nb0 * m
-        if pool_state is not None and lead:
-            kv = torch.cat((pool_state.partial_kv[r, :lead], kv), dim=1)
-            gate = torch.cat((pool_state.partial_gate[r, :lead], gate), dim=1)
+        if pool_state is not None and lead:  # the raw rows of the block this call completes
+            held_kv, held_gate = pool_state.partial(r, lead)
+            kv, gate = torch.cat((held_kv, kv), dim=1), torch.cat((held_gate, gate), dim=1)
         n = nb1 - nb0
         used = n * m
-        new = None
+        new = kv.new_zeros(kv.shape[0], 0, d)
         if n:
-            prev = None
-            if self.overlap and nb0 and pool_state is not None:
-                prev = (pool_state.prev_kv[r], pool_state.prev_gate[r])
+            prev = pool_state.previous_block(r) if self.overlap and nb0 and pool_state is not None else None
             new = self.pool(kv[:, :used], gate[:, :used], prev)
             cos, sin = rope_tables(*rope, torch.arange(nb0, nb1, device=x.device) * m)
             new = apply_rope_tail(new, cos, sin)
         if pool_state is None:
-            return new if new is not None else kv.new_zeros(kv.shape[0], 0, d)
-        if n:
-            pool_state.reserve(nb1)
-            pool_state.entries[r, nb0:nb1] = new
-            if self.overlap:
-                pool_state.prev_kv[r] = kv[:, used - m:used, :d]
-                pool_state.prev_gate[r] = gate[:, used - m:used, :d]
-        rest = kv.shape[1] - used
-        if rest:
-            pool_state.partial_kv[r, :rest] = kv[:, used:]
-            pool_state.partial_gate[r, :rest] = gate[:, used:]
-        return pool_state.entries[r, :nb1]
+            return new
+        return pool_state.commit(r, nb0, new, kv, gate)
 
 
 class Indexer(Compressor):
