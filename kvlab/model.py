@@ -10,7 +10,7 @@ from torch import nn
 from .cache import Cache
 from .config import LayerSpec, ModelConfig
 from .layers import attention_module
-from .layers.attention import Step
+from .layers.core import Step
 from .layers.mhc import HyperHead, expand
 from .layers.mlp import GatedMLP
 from .layers.moe import MoE, hash_table

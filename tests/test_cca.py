@@ -11,8 +11,8 @@ from helpers import random_model, train_steps
 import kvlab
 from kvlab.cache.cca import CCAStore
 from kvlab.config import LayerSpec, ModelConfig, MoESpec
-from kvlab.layers.attention import Step
 from kvlab.layers.cca import CCAttention
+from kvlab.layers.core import Step
 from kvlab.model import Model
 
 

@@ -11,8 +11,8 @@ from helpers import random_model
 import kvlab
 from kvlab.config import CompressSpec, LayerSpec, ModelConfig
 from kvlab.kinds.compressed import visible_sum
-from kvlab.layers.attention import Step
 from kvlab.layers.compressed import CompressedAttention
+from kvlab.layers.core import Step
 
 
 @pytest.fixture(autouse=True)

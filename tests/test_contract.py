@@ -21,7 +21,7 @@ from kvlab.cache.storage import KVStore, positions
 from kvlab.config import LayerSpec, ModelConfig
 from kvlab.costs import costs
 from kvlab.kinds import AttnCost, Kind, causal_positions
-from kvlab.layers.attention import attend_out, publish_kv
+from kvlab.layers.core import attend_out, publish_kv
 from kvlab.layers.rope import apply_rope
 from kvlab.model import Model
 from kvlab.presets import get_preset, presets

@@ -102,7 +102,7 @@ def test_module_matches_a_per_head_transcription() -> None:
     model = random_model(cfg)
     attn: MLAttention = model.layers[0].attn
     x = torch.randn(1, 7, 32, generator=torch.Generator().manual_seed(0))
-    from kvlab.layers.attention import Step
+    from kvlab.layers.core import Step
     from kvlab.layers.rope import Rotary
 
     cos, sin = Rotary(spec.rope, spec.head_dim)(torch.arange(7)[None])

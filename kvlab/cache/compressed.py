@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..config import LayerSpec
-from .storage import KVStore, WindowKV
+from .storage import KVStore, WindowKV, grown, next_capacity
 
 
 class _Pool:
@@ -69,13 +69,9 @@ class _Pool:
     def reserve(self, n: int) -> None:
         """Room for ``n`` entries (grows by doubling without a ``max_length``)."""
         cap = self.entries.shape[1]
-        if n <= cap:
-            return
-        if self.max_length:
-            raise ValueError(f"cache holds max_length={self.max_length} positions; more were requested")
-        e = self.entries
-        self.entries = torch.zeros(e.shape[0], max(n, 2 * cap, 4), e.shape[2], dtype=e.dtype, device=e.device)
-        self.entries[:, :cap] = e
+        if n > cap:
+            self.entries = grown(self.entries, 1, next_capacity(n, cap, self.max_length, floor=4), cap)
+            self.entries[:, cap:].zero_()  # as preallocated: entries not yet written read as zeros
 
 
 class CompressedStore(KVStore):

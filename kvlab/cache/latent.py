@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..config import LayerSpec
-from .storage import KVStore, positions
+from .storage import KVStore, grown, next_capacity, positions
 
 
 class LatentStore(KVStore):
@@ -57,21 +57,13 @@ class LatentStore(KVStore):
         return out
 
     def _resize(self, capacity: int, keep: int) -> None:
-        old = self.latent
-        self.latent = old.new_empty(old.shape[0], capacity, old.shape[2])
-        self.latent[:, :keep] = old[:, :keep]
+        self.latent = grown(self.latent, 1, capacity, keep)
         if self.index_keys is not None:
-            oi = self.index_keys
-            self.index_keys = oi.new_empty(oi.shape[0], capacity, oi.shape[2])
-            self.index_keys[:, :keep] = oi[:, :keep]
+            self.index_keys = grown(self.index_keys, 1, capacity, keep)
 
     def _reserve(self, start: int, end: int) -> None:
-        if end <= self.capacity:
-            return
-        if self.max_length:
-            raise ValueError(f"cache holds max_length={self.max_length} positions; {end} were requested "
-                             "(build the cache with a larger max_length)")
-        self._resize(max(end, 2 * self.capacity, 16), start)
+        if end > self.capacity:
+            self._resize(next_capacity(end, self.capacity, self.max_length), start)
 
     def append(self, c_kv: torch.Tensor, k_pe: torch.Tensor, start: int
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

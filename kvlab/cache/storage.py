@@ -21,6 +21,25 @@ def positions(n: int, device) -> torch.Tensor:
     return r[:n]
 
 
+def grown(t: torch.Tensor, dim: int, capacity: int, keep: int) -> torch.Tensor:
+    """A new tensor like ``t`` with ``capacity`` slots along ``dim``, its first ``keep`` copied from ``t``."""
+    shape = list(t.shape)
+    shape[dim] = capacity
+    out = t.new_empty(shape)
+    if keep:
+        out.narrow(dim, 0, keep).copy_(t.narrow(dim, 0, keep))
+    return out
+
+
+def next_capacity(needed: int, capacity: int, max_length: int | None, floor: int = 16) -> int:
+    """Capacity of a growing store that must hold ``needed`` slots: doubling (at least ``floor``). A store
+    preallocated to ``max_length`` positions cannot grow: a ValueError saying so."""
+    if max_length:
+        raise ValueError(f"cache holds max_length={max_length} positions; {needed} were requested "
+                         "(build the cache with a larger max_length)")
+    return max(needed, 2 * capacity, floor)
+
+
 class KVStore:
     """The store protocol every kind's store follows: ``append`` new entries and return what the current queries
     attend to; ``tensors()`` (what it holds), ``nbytes()``, ``components()`` and ``state_nbytes()`` (what the
@@ -65,12 +84,7 @@ class _Buffers:
         return self.k.shape[2]
 
     def resize(self, capacity: int, keep: int) -> None:
-        k = torch.empty(*self.shape, capacity, self.dk, dtype=self.dtype, device=self.device)
-        v = torch.empty(*self.shape, capacity, self.dv, dtype=self.dtype, device=self.device)
-        if keep:
-            k[:, :, :keep] = self.k[:, :, :keep]
-            v[:, :, :keep] = self.v[:, :, :keep]
-        self.k, self.v = k, v
+        self.k, self.v = grown(self.k, 2, capacity, keep), grown(self.v, 2, capacity, keep)
 
 
 class FullKV(KVStore):
@@ -89,10 +103,7 @@ class FullKV(KVStore):
     def append(self, k, v, start):
         end = start + k.shape[2]
         if end > self.buf.capacity:
-            if self.max_length:
-                raise ValueError(f"cache holds max_length={self.max_length} positions; "
-                                 f"{end} were requested (build the cache with a larger max_length)")
-            self.buf.resize(max(end, 2 * self.buf.capacity, 16), start)
+            self.buf.resize(next_capacity(end, self.buf.capacity, self.max_length), start)
         self.buf.k[:, :, start:end] = k
         self.buf.v[:, :, start:end] = v
         return self.buf.k[:, :, :end], self.buf.v[:, :, :end], positions(end, k.device)
@@ -130,7 +141,7 @@ class WindowKV(KVStore):
             raise ValueError(f"cache holds max_length={self.max_length} positions; {end} were requested")
         cap = self.buf.capacity
         if cap < self.limit and end > cap:  # still filling without wrap-around: grow
-            self.buf.resize(min(self.limit, max(end, 2 * cap, 16)), start)
+            self.buf.resize(min(self.limit, next_capacity(end, cap, None)), start)
             cap = self.buf.capacity
         if t == 1:
             slot = start % cap

@@ -31,7 +31,7 @@ from torch import nn
 
 from ..config import LayerSpec
 from ..kinds.cca import conv_channels, conv_tail, value_half
-from .attention import Step, attend_out, publish_kv
+from .core import Step, attend_out, publish_kv
 from .rope import apply_rope
 
 

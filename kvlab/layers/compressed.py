@@ -36,25 +36,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
+from .core import softmax_with_sink, stable_topk, visible_keys
 from .norm import RMSNorm
-from .rope import inv_freq_and_scale
+from .rope import inv_freq_and_scale, rotate_part
 
 _BLOCK_ELEMENTS = 1 << 22  # score elements per query block (bounds the memory of one block)
 
 
 def rope_tables(inv: torch.Tensor, scale: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin ``[..., rot]`` (fp32, interleaved pairs) at ``positions [...]``."""
+    """cos, sin ``[..., rot / 2]`` (fp32, one per rotated pair) at ``positions [...]``."""
     f = positions.float()[..., None] * inv.to(positions.device)
-    f = f.repeat_interleave(2, dim=-1)
     return f.cos() * scale, f.sin() * scale
 
 
 def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the trailing ``rot`` channels of ``x [..., N, D]`` in interleaved pairs (DeepSeek layout), in fp32."""
-    rot = cos.shape[-1]
-    nope, r = x[..., :-rot], x[..., -rot:].float()
-    half = torch.stack((-r[..., 1::2], r[..., 0::2]), dim=-1).flatten(-2)
-    return torch.cat((nope, (r * cos + half * sin).to(x.dtype)), dim=-1)
+    """Rotate the trailing ``2 * cos.shape[-1]`` channels of ``x [..., N, D]`` in interleaved pairs (DeepSeek V4), in
+    fp32 (kvlab/layers/rope.py)."""
+    return rotate_part(x, cos, sin, "interleaved", at="tail", dtype=torch.float32)
 
 
 class Compressor(nn.Module):
@@ -121,7 +119,7 @@ class Compressor(nn.Module):
         return pool_state.commit(r, nb0, new, kv, gate)
 
 
-class Indexer(Compressor):
+class CSAIndexer(Compressor):
     """CSA's lightning indexer: its own overlapping compressor plus per-head query and weight projections."""
 
     def __init__(self, hidden: int, q_rank: int, heads: int, dim: int, ratio: int, eps: float, norm_offset: bool):
@@ -153,7 +151,7 @@ class CompressedAttention(nn.Module):
         # an swa layer (ratio 0) is the same layer without a compressor: window branch only
         self.compressor = Compressor(hidden, d, c.ratio, self.csa, eps, norm_offset) if c.ratio else None
         if self.csa:
-            self.compressor.indexer = Indexer(hidden, c.q_lora_rank, c.index_heads, c.index_head_dim, c.ratio, eps,
+            self.compressor.indexer = CSAIndexer(hidden, c.q_lora_rank, c.index_heads, c.index_head_dim, c.ratio, eps,
                                               norm_offset)
         if spec.rope is not None:
             inv, scale = inv_freq_and_scale(spec.rope, d)
@@ -244,8 +242,7 @@ class CompressedAttention(nn.Module):
                 kp = torch.cat((kpos[:ring], kpos[ring + lo:ring + e]))
             else:
                 keys, kp = kw[:, :, ring + lo:ring + e], kpos[ring + lo:ring + e]
-            ok = (kp[None] <= qp[:, None]) & (kp[None] > qp[:, None] - s.window) & (kp[None] >= 0)
-            ok |= kp[None] == qp[:, None]  # a (padding) query always sees itself
+            ok = visible_keys(qp, kp, s.window) | (kp[None] == qp[:, None])  # a (padding) query always sees itself
             sw = (q[:, :, a:e] @ keys.transpose(-1, -2)).float() * s.scale  # [B, H, Q, Lw]
             sw = sw.masked_fill(~ok, float("-inf"))
             visible = (qp + 1) // m if m else qp * 0  # entries complete at each query (none without a compressor)
@@ -257,12 +254,8 @@ class CompressedAttention(nn.Module):
                 future = torch.arange(nv, device=q.device)[None] >= visible[:, None]
                 isc = isc.masked_fill(future[None], float("-inf"))
                 k = min(c.index_topk, nv)
-                if k < nv:
-                    val, idx = isc.topk(k + 1, dim=-1)
-                    if bool(((val[..., k - 1] == val[..., k]) & (val[..., k] > float("-inf"))).any()):
-                        # a tie at the boundary: a stable sort gives it to the earlier entry, whatever the length
-                        val, idx = isc.sort(dim=-1, descending=True, stable=True)
-                    val, idx = val[..., :k], idx[..., :k]
+                if k < nv:  # ties at the boundary: the earlier entry, whatever the length
+                    val, idx = stable_topk(isc, k)
                 else:
                     val, idx = isc, torch.arange(nv, device=q.device).expand_as(isc)
                 valid = val > float("-inf")  # [B, Q, k]
@@ -276,10 +269,8 @@ class CompressedAttention(nn.Module):
                 sc = sc.masked_fill(future[None, None], float("-inf"))
             else:
                 sc = None
-            parts = [sw] + ([sc] if sc is not None else [])
-            if sinks is not None:
-                parts.append(sinks.view(1, h, 1, 1).expand(b, h, e - a, 1))
-            p = torch.cat(parts, dim=-1).softmax(dim=-1).to(q.dtype)
+            scores = sw if sc is None else torch.cat((sw, sc), dim=-1)
+            p = softmax_with_sink(scores, None if sinks is None else sinks.view(1, h, 1, 1)).to(q.dtype)
             lw = sw.shape[-1]
             o = p[..., :lw] @ keys  # V = K
             if sc is not None:
@@ -292,4 +283,4 @@ class CompressedAttention(nn.Module):
         return out
 
 
-__all__ = ["CompressedAttention", "Compressor", "Indexer", "apply_rope_tail", "rope_tables"]
+__all__ = ["CSAIndexer", "CompressedAttention", "Compressor", "apply_rope_tail", "rope_tables"]

@@ -40,20 +40,15 @@ sort), so a chunked forward chooses as the whole forward does.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from ..config import LayerSpec, MLASpec, RopeSpec
-from .attention import Step, attend, build_mask
+from .core import Step, attend, build_mask, stable_topk
 from .norm import RMSNorm
+from .rope import rotate, yarn_mscale
 
 LATENT_NORM_EPS = 1e-6  # transformers' DeepseekV3RMSNorm default for q_a_layernorm / kv_a_layernorm
-
-
-def yarn_mscale(factor: float, m: float = 1.0) -> float:
-    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
 def softmax_scale(spec: LayerSpec) -> float:
@@ -68,21 +63,12 @@ def softmax_scale(spec: LayerSpec) -> float:
     return scale
 
 
-def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
-    """RoPE on all channels of ``x [B, H, T, d]`` with tables ``cos``/``sin [B, T, d]`` (``cat(freqs, freqs)``).
-
-    ``interleave``: pairs ``(x[2i], x[2i+1])`` rotate by frequency i and come out as ``[evens', odds']``
-    (transformers' ``apply_rotary_pos_emb_interleave``); else rotate-half pairs ``(x[i], x[i + d/2])``.
-    """
-    cos = cos[:, None].to(x.dtype)
-    sin = sin[:, None].to(x.dtype)
-    if interleave:
-        half = cos.shape[-1] // 2
-        c, s = cos[..., :half], sin[..., :half]
-        x1, x2 = x[..., 0::2], x[..., 1::2]
-        return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+def rotate_all(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave: bool) -> torch.Tensor:
+    """RoPE on all channels of ``x [B, H, T, d]`` with tables ``cos``/``sin [B, T, d]`` (``cat(freqs, freqs)``):
+    interleaved pairs de-interleaved on output (``rope_interleave``) or rotate-half (kvlab/layers/rope.py)."""
+    half = cos.shape[-1] // 2
+    c, s = cos[:, None, :, :half].to(x.dtype), sin[:, None, :, :half].to(x.dtype)
+    return rotate(x, c, s, "deinterleave" if interleave else "half")
 
 
 class MLAttention(nn.Module):
@@ -108,7 +94,7 @@ class MLAttention(nn.Module):
         self.scale = softmax_scale(spec)
         self.mode = "auto"
         if m.sparse:
-            self.indexer = Indexer(m, hidden)
+            self.indexer = DSAIndexer(m, hidden)
 
     def query(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-head queries ``[B, H, T, qk_head_dim]`` (before RoPE) and the query latent (None without q_lora)."""
@@ -131,8 +117,8 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.latent(x)
         cos, sin = step.rope[index]
-        q_pe = rotate(q_pe, cos, sin, m.rope_interleave)
-        k_pe = rotate(k_pe[:, None], cos, sin, m.rope_interleave)[:, 0]
+        q_pe = rotate_all(q_pe, cos, sin, m.rope_interleave)
+        k_pe = rotate_all(k_pe[:, None], cos, sin, m.rope_interleave)[:, 0]
         if store is not None:  # one buffer [B, L, r + d_rope]: c_kv and k_pe are views of it
             lat, _, kpos = store.append(c_kv, k_pe, step.start)
         else:
@@ -178,7 +164,7 @@ class MLAttention(nn.Module):
         return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
 
 
-class Indexer(nn.Module):
+class DSAIndexer(nn.Module):
     """DeepSeek V3.2's lightning indexer: picks the ``index_topk`` keys each query attends to (an additive mask)."""
 
     def __init__(self, m: MLASpec, hidden: int) -> None:
@@ -192,7 +178,7 @@ class Indexer(nn.Module):
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate-half RoPE on the first ``qk_rope_head_dim`` channels of ``x [B, H, T, index_head_dim]``."""
         dr = self.m.qk_rope_head_dim
-        return torch.cat((rotate(x[..., :dr], cos, sin, False), x[..., dr:]), dim=-1)
+        return torch.cat((rotate_all(x[..., :dr], cos, sin, False), x[..., dr:]), dim=-1)
 
     @torch.no_grad()
     def select(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step,
@@ -209,12 +195,7 @@ class Indexer(nn.Module):
         ok = build_mask(step.qpos, kpos, None, step.pad)  # causal and padding: [B|1, 1, T, L] or None
         ok = torch.ones(1, t, kpos.shape[0], dtype=torch.bool, device=x.device) if ok is None else ok[:, 0]
         scores = scores.masked_fill(~ok, float("-inf"))
-        kk = min(m.index_topk, kpos.shape[0])
-        val, top = scores.topk(min(kk + 1, kpos.shape[0]), dim=-1)
-        if kk < kpos.shape[0] and bool(((val[..., kk - 1] == val[..., kk]) & (val[..., kk] > float("-inf"))).any()):
-            # a tie at the boundary: a stable sort gives it to the earlier key, in a chunk as in a whole forward
-            top = scores.sort(dim=-1, descending=True, stable=True).indices
-        top = top[..., :kk]
+        top = stable_topk(scores, min(m.index_topk, kpos.shape[0]))[1]  # ties: the earlier key, as a whole forward
         chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & ok
         return torch.zeros(chosen.shape, dtype=step.dtype, device=x.device).masked_fill_(
             ~chosen, float("-inf"))[:, None]
@@ -235,5 +216,5 @@ def mla_layer(num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_
                      attention="mla", mla=m, rope=rope, **kw)
 
 
-__all__ = ["Indexer", "MLAttention", "mla_layer", "rotate",
+__all__ = ["DSAIndexer", "MLAttention", "mla_layer", "rotate_all",
            "softmax_scale"]

@@ -22,6 +22,11 @@ def rotary_dim(spec: RopeSpec, head_dim: int) -> int:
     return int(head_dim * spec.partial)
 
 
+def yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's attention temperature ``0.1 m ln(factor) + 1`` (1 without scaling; arXiv 2309.00071)."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 def inv_freq_and_scale(spec: RopeSpec, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies ``[rot_dim // 2]`` (fp32) and the cos/sin scale (YaRN's attention factor)."""
     dim = rotary_dim(spec, head_dim)
@@ -48,15 +53,12 @@ def inv_freq_and_scale(spec: RopeSpec, head_dim: int) -> tuple[torch.Tensor, flo
     # yarn
     factor, orig = spec.factor, spec.original_max_positions
 
-    def mscale(scale: float, m: float = 1.0) -> float:
-        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
-
     att = spec.attention_factor
     if att is None:
         if spec.mscale and spec.mscale_all_dim:
-            att = mscale(factor, spec.mscale) / mscale(factor, spec.mscale_all_dim)
+            att = yarn_mscale(factor, spec.mscale) / yarn_mscale(factor, spec.mscale_all_dim)
         else:
-            att = mscale(factor)
+            att = yarn_mscale(factor)
 
     def corr_dim(rot: float) -> float:
         return (dim * math.log(orig / (rot * 2 * math.pi))) / (2 * math.log(spec.theta))
@@ -91,14 +93,42 @@ class Rotary:
         return emb.cos() * self.scale, emb.sin() * self.scale
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``rot_dim`` channels of ``x [B, H, T, D]`` (rotate-half layout)."""
-    rot = cos.shape[-1]
-    cos = cos[:, None].to(x.dtype)
-    sin = sin[:, None].to(x.dtype)
-    if rot == x.shape[-1]:
+LAYOUTS = ("half", "interleaved", "deinterleave")
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half") -> torch.Tensor:
+    """Rotate every channel pair of ``x [..., d]`` by the angles whose ``cos``/``sin [..., d/2]`` are given (one per pair,
+    broadcast against ``x``'s leading axes). The one rotation every RoPE variant of kvlab uses.
+
+    ``half``: pairs ``(x[i], x[i + d/2])`` (GPT-NeoX / Llama "rotate-half"); ``interleaved``: pairs
+    ``(x[2i], x[2i+1])`` written back in place (GPT-J; DeepSeek V4's trailing rotary channels); ``deinterleave``:
+    pairs ``(x[2i], x[2i+1])`` written back as ``[evens', odds']`` (transformers' DeepSeek-V3
+    ``apply_rotary_pos_emb_interleave``).
+    """
+    if layout == "half":
         x1, x2 = x.chunk(2, dim=-1)
-        return x * cos + torch.cat((-x2, x1), dim=-1) * sin
-    xr, xp = x[..., :rot], x[..., rot:]
-    x1, x2 = xr.chunk(2, dim=-1)
-    return torch.cat((xr * cos + torch.cat((-x2, x1), dim=-1) * sin, xp), dim=-1)
+    else:
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+    o1, o2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+    if layout == "interleaved":
+        return torch.stack((o1, o2), dim=-1).flatten(-2)
+    return torch.cat((o1, o2), dim=-1)
+
+
+def rotate_part(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: str = "half", at: str = "lead",
+                dtype: torch.dtype | None = None) -> torch.Tensor:
+    """:func:`rotate` on the first (``at='lead'``) or last (``'tail'``) ``2 * cos.shape[-1]`` channels of ``x``
+    (partial RoPE); the others pass through. ``dtype``: rotate in that dtype (e.g. fp32), then cast back."""
+    rot = 2 * cos.shape[-1]
+    part = x[..., :rot] if at == "lead" else x[..., x.shape[-1] - rot:]
+    r = rotate(part if dtype is None else part.to(dtype), cos, sin, layout).to(x.dtype)
+    if rot == x.shape[-1]:
+        return r
+    return torch.cat((r, x[..., rot:]) if at == "lead" else (x[..., :-rot], r), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate the first ``rot`` channels of ``x [B, H, T, D]`` (rotate-half layout) with :class:`Rotary`'s tables
+    ``cos``/``sin [B, T, rot]`` (``cat(freqs, freqs)``)."""
+    half = cos.shape[-1] // 2
+    return rotate_part(x, cos[:, None, :, :half].to(x.dtype), sin[:, None, :, :half].to(x.dtype))

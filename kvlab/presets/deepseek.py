@@ -9,7 +9,7 @@ correction bias, group-limited (8 groups, best 4), renormalised, routed scaling 
 
 ``deepseek-v3.2``: the same plus DeepSeek sparse attention (DSA): a lightning indexer of 64 heads x 128 scores
 every cached token per query and MLA attends to the best 2048. The calculator prices it (indexer keys: 128 values
-per token and layer, in the K/V dtype as transformers caches them); the module is kvlab/layers/mla.py's Indexer.
+per token and layer, in the K/V dtype as transformers caches them); the module is kvlab/layers/mla.py's DSAIndexer.
 """
 
 from __future__ import annotations

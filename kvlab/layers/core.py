@@ -1,0 +1,178 @@
+"""Attention machinery every technique shares: the per-call :class:`Step`, causal / window / padding masks,
+attention with optional sink logits, stable top-k, and publishing a layer's K/V to the layers that share it.
+
+Techniques (gqa in attention.py, cca, mla, compressed) build on these; none re-implements them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Step:
+    """What one forward call shares between layers.
+
+    start: absolute index of the first new position; qpos ``[T]`` absolute indices; pad ``[B]``
+    left-pad counts or None; rope: rope tables by layer; kv: the (k, v, kpos) each producing layer
+    attended to, for the layers that share them; masks: built masks by key set; carry: per-token
+    tensors ``[B, T, ...]`` a layer passes to the next (e.g. the MoE router state, ``router_carry``).
+    """
+
+    start: int
+    qpos: torch.Tensor
+    pad: torch.Tensor | None
+    dtype: torch.dtype = torch.float32
+    rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    masks: dict[tuple, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
+    _alive: list[torch.Tensor] = field(default_factory=list, repr=False)
+    carry: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def last_position(self) -> Step:
+        """The same step for its last query only (K/V already produced stay readable)."""
+        return dataclasses.replace(self, start=self.start + self.qpos.shape[0] - 1, qpos=self.qpos[-1:], masks={},
+                                   rope={i: (c[:, -1:], s[:, -1:]) for i, (c, s) in self.rope.items()},
+                                   carry={k: v[:, -1:] for k, v in self.carry.items()})
+
+    def mask(self, kpos: torch.Tensor, window: int | None) -> tuple[torch.Tensor | None, bool]:
+        """(additive mask ``[B|1, 1, T, L]`` of 0 / -inf, or None; whether plain causal applies).
+
+        Built once per step for each key-position tensor and window, and shared by every layer that
+        attends to the same positions (all full-cache layers read views of one shared range), so a
+        chunk holds one mask, not one per layer. Additive rather than boolean because SDPA on the CPU
+        converts a boolean mask at every call.
+        """
+        # the entry keeps kpos alive, so its address cannot be reused by another tensor this step
+        key = (kpos.data_ptr(), kpos.shape[0], kpos.stride(0), window)
+        if key not in self.masks:
+            t = self.qpos.shape[0]
+            if t == 1 and self.pad is None and (window is None or kpos.shape[0] <= window):
+                # a decode step sees every key its store returns (a ring holds at most the window)
+                self.masks[key] = (None, False)
+            elif (self.pad is None and self.start == 0 and kpos.shape[0] == t and t > 1
+                    and (window is None or window >= t)):
+                self.masks[key] = (None, True)
+            else:
+                ok = build_mask(self.qpos, kpos, window, self.pad)
+                add = None if ok is None else torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill_(
+                    ~ok, float("-inf"))
+                self.masks[key] = (add, False)
+            self._alive.append(kpos)
+        return self.masks[key]
+
+
+def visible_keys(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
+    """``[T, L]`` bool: key position ``kpos[j]`` is causal for query ``qpos[i]``, written (``>= 0``) and within the
+    query's ``window`` (itself and the ``window - 1`` before it; None: no window)."""
+    q, k = qpos[:, None], kpos[None, :]
+    ok = (k <= q) & (k >= 0)
+    if window is not None:
+        ok &= k > q - window
+    return ok
+
+
+def build_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
+               pad: torch.Tensor | None) -> torch.Tensor | None:
+    """Causal, window and left-padding mask; a query always sees itself (pad rows stay finite)."""
+    q, k = qpos[:, None], kpos[None, :]
+    ok = visible_keys(qpos, kpos, window)
+    if pad is not None:
+        ok = ok[None] & (k[None] >= pad[:, None, None])
+        ok |= (k == q)[None]
+        return ok[:, None]
+    if bool(ok.all()):
+        return None
+    return ok[None, None]
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+           causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``.
+
+    ``mask`` is additive ``[B|1, 1, T, L]`` (0 = attend, -inf = masked). ``causal`` (with mask None) means the T
+    queries are the last T keys. ``sinks [H]`` adds a per-head logit to the softmax denominator.
+    A decode step (T = 1) folds the query heads of a group into the query axis, so K and V are read
+    once and never repeated per head.
+    """
+    b, h, t, d = q.shape
+    hkv, L = k.shape[1], k.shape[2]
+    g = h // hkv
+    if sinks is None and t > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                              enable_gqa=g > 1)
+    if causal:
+        mask = torch.zeros(t, L, dtype=q.dtype, device=q.device).masked_fill_(
+            ~torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t), float("-inf"))[None, None]
+    qf = q.reshape(b, hkv, g * t, d)
+    if mask is not None:
+        mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, L).reshape(mask.shape[0], 1, g * t, L)
+    if sinks is None:
+        out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
+        return out.reshape(b, h, t, v.shape[-1])
+    s = (qf @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
+    if mask is not None:
+        s = s + mask
+    p = softmax_with_sink(s, sinks.view(1, hkv, g, 1, 1).expand(b, hkv, g, t, 1).reshape(b, hkv, g * t, 1))
+    return (p.to(v.dtype) @ v).reshape(b, h, t, v.shape[-1])
+
+
+def publish_kv(step: Step, index: int, store, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Append the new K/V to the layer's store (when cached) and publish what the queries attend to,
+    with its positions, for the layers that share this layer's K/V."""
+    if store is not None:
+        k, v, kpos = store.append(k, v, step.start)
+    else:
+        kpos = step.qpos
+    step.kv[index] = (k, v, kpos)
+    return k, v, kpos
+
+
+def attend_out(attn: nn.Module, x: torch.Tensor, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               kpos: torch.Tensor) -> torch.Tensor:
+    """Masked attention of ``q`` over ``k``/``v`` at positions ``kpos`` (the step's shared mask), then the
+    output gate and projection of ``attn``."""
+    s = attn.spec
+    mask, causal = step.mask(kpos, s.window)
+    out = attend(q, k, v, mask, s.scale, causal=causal, sinks=attn.sinks if s.sinks else None)
+    return project_out(attn, x, out)
+
+
+def project_out(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Attention output ``[B, H, T, Dv]`` -> ``[B, T, hidden]``: the optional output gate (computed from
+    the attention input ``x``, per head or per channel) then ``attn.o_proj``."""
+    s = attn.spec
+    b, h, t, dv = out.shape
+    out = out.transpose(1, 2)  # [B, T, H, Dv]
+    if s.output_gate:
+        g = attn.g_proj(x)
+        g = torch.sigmoid(g) if s.output_gate == "sigmoid" else F.softplus(g)
+        out = out * (g[..., None] if s.gate_per_head else g.view(b, t, h, dv))
+    return attn.o_proj(out.reshape(b, t, h * dv))
+
+
+def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
+    """Softmax over the last axis of ``scores [..., L]`` with an extra logit ``sink [..., 1]`` in the denominator
+    (gpt-oss / DeepSeek V4 attention sinks); the sink's own probability is dropped. Computed in fp32."""
+    scores = scores.float()
+    if sink is None:
+        return scores.softmax(dim=-1)
+    return torch.cat((scores, sink.float().expand(*scores.shape[:-1], 1)), dim=-1).softmax(dim=-1)[..., :-1]
+
+
+def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of ``scores [..., L]`` (values, indices), ties at the boundary going to the earlier index
+    (as a stable sort), so a chunked forward chooses as the whole forward does. ``k >= L``: everything, sorted."""
+    n = scores.shape[-1]
+    if k >= n:
+        return scores.sort(dim=-1, descending=True, stable=True)
+    val, idx = scores.topk(k + 1, dim=-1)
+    if bool(((val[..., k - 1] == val[..., k]) & (val[..., k] > float("-inf"))).any()):
+        val, idx = scores.sort(dim=-1, descending=True, stable=True)
+    return val[..., :k], idx[..., :k]
