@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 
+from . import kinds
 from .config import LayerSpec, ModelConfig
 
 LAYOUT = ("attention", "num_kv_heads", "head_dim", "value_dim", "window")
@@ -28,8 +29,7 @@ def layer_type(spec: LayerSpec) -> tuple:
 
 
 def _type_name(spec: LayerSpec) -> str:
-    base = "full" if spec.window is None else f"window {spec.window}"
-    return base if spec.attention == "gqa" else f"{spec.attention} {base}"
+    return kinds.layer_label(spec)
 
 
 def _check_layout(i: int, spec: LayerSpec, j: int, src: LayerSpec, why: str) -> None:

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         ["parameters, active per token", fmt_count(c.params_active), f"{c.params_active:,}"],
         *([["parameters, mHC maps (fp32)", fmt_count(c.params_mhc), f"{c.params_mhc:,}"]] if c.params_mhc else []),
         ["KV cache", fmt_bytes(c.kv_cache_bytes), f"{c.kv_cache_bytes:,}"],
-        *[[f"  {k.replace('_', ' ')} ({'mla' if owners[k] == {'mla'} else 'csa/hca'})", fmt_bytes(v), f"{v:,}"]
+        *[[f"  {k.replace('_', ' ')} ({'/'.join(sorted(owners[k]))})", fmt_bytes(v), f"{v:,}"]
           for k, v in parts.items()],
         ["KV bytes/token, full-attention layers", fmt_bytes(c.kv_bytes_per_token), f"{c.kv_bytes_per_token:,}"],
         ["KV bytes/token, window layers (up to window)", fmt_bytes(c.kv_bytes_per_token_window),

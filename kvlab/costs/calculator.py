@@ -128,10 +128,7 @@ def resolve_config(model: Any) -> ModelConfig:
 
 
 def _kind(layer: Any) -> str:
-    base = "full" if layer.window is None else f"window {layer.window}"
-    if layer.attention != "gqa":
-        base = f"{layer.attention} {base}"
-    return f"shared<-{layer.kv_source}" if layer.kv_source is not None else base
+    return f"shared<-{layer.kv_source}" if layer.kv_source is not None else kinds.layer_label(layer)
 
 
 def _mlp_label(layer: Any) -> str:

@@ -11,6 +11,7 @@ import itertools
 
 import torch
 
+from .. import kinds
 from ..config import ModelConfig
 from ..model import Model
 
@@ -46,8 +47,9 @@ def with_window(model: Model, window: int | None) -> Model:
         raise VariantError(f"window={window!r}: must be a positive integer or None (all layers global)")
     cfg = copy.deepcopy(model.config)
     for spec in cfg.layers:
-        if spec.attention != "gqa":
-            raise VariantError(f"a window variant needs full-attention (gqa) layers, layer kind {spec.attention!r}")
+        if "window" not in kinds.get(spec.attention).options:
+            raise VariantError(f"a window variant needs layers with a sliding-window option; layer kind "
+                               f"{spec.attention!r} has none")
         spec.window = window
     cfg.name = f"{cfg.name} ({'all global' if window is None else f'window {window}'})"
     cfg.validate()

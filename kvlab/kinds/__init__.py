@@ -17,21 +17,21 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind(name="gqa", label="GQA / MQA / MHA", page="docs/attention.md", options=gqa.OPTIONS, validate=gqa.validate,
          price=gqa.price, assumption=gqa.ASSUMPTION, module="kvlab.layers.attention:Attention",
          store="kvlab.cache.storage:gqa_store", can_share=True, examples=gqa.EXAMPLES),
-    Kind(name="cca", label="CCA (compressed convolutional)", page="docs/cca.md", options=cca.OPTIONS,
+    Kind(name="cca", tag="cca", label="CCA (compressed convolutional)", page="docs/cca.md", options=cca.OPTIONS,
          validate=cca.validate, price=cca.price, assumption=cca.ASSUMPTION, module="kvlab.layers.cca:CCAttention",
          store="kvlab.cache.cca:cca_store", examples=cca.EXAMPLES),
-    Kind(name="mla", label="MLA (latent)", page="docs/mla.md", options=mla.OPTIONS, validate=mla.validate,
+    Kind(name="mla", tag="mla", label="MLA (latent)", page="docs/mla.md", options=mla.OPTIONS, validate=mla.validate,
          price=mla.price, assumption=mla.ASSUMPTION, module="kvlab.layers.mla:MLAttention",
          store="kvlab.cache.latent:latent_store", spec_field="mla", spec_type=MLASpec, examples=mla.EXAMPLES),
-    Kind(name="csa", label="CSA (compressed sparse)", page="docs/csa-hca.md", options=compressed.OPTIONS,
+    Kind(name="csa", tag="csa", label="CSA (compressed sparse)", page="docs/csa-hca.md", options=compressed.OPTIONS,
          validate=compressed.validate_csa, price=compressed.price, assumption=compressed.ASSUMPTION,
          module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
          spec_field="compress", spec_type=CompressSpec, examples=compressed.CSA_EXAMPLES),
-    Kind(name="hca", label="HCA (heavily compressed)", page="docs/csa-hca.md", options=compressed.OPTIONS,
+    Kind(name="hca", tag="hca", label="HCA (heavily compressed)", page="docs/csa-hca.md", options=compressed.OPTIONS,
          validate=compressed.validate_hca, price=compressed.price, assumption=compressed.ASSUMPTION,
          module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
          spec_field="compress", spec_type=CompressSpec, examples=compressed.HCA_EXAMPLES),
-    Kind(name="swa", label="SWA (V4 sliding only)", page="docs/csa-hca.md", options=compressed.OPTIONS,
+    Kind(name="swa", tag="swa", label="SWA (V4 sliding only)", page="docs/csa-hca.md", options=compressed.OPTIONS,
          validate=compressed.validate_swa, price=compressed.price, assumption=compressed.ASSUMPTION,
          module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
          spec_field="compress", spec_type=CompressSpec, examples=compressed.SWA_EXAMPLES),
@@ -58,6 +58,13 @@ def get(name: str) -> Kind:
         raise ValueError(f"attention={name!r}: allowed kinds: {', '.join(KINDS)}") from None
 
 
+def layer_label(layer) -> str:
+    """``"full"``, ``"window 512"``, ``"cca full"``, ``"csa window 128"``: a layer's kind for per-layer tables."""
+    base = "full" if layer.window is None else f"window {layer.window}"
+    tag = get(layer.attention).tag
+    return f"{tag} {base}" if tag else base
+
+
 def kind_options() -> frozenset[str]:
     """Every LayerSpec field that belongs to some kind (the rest are shared by all)."""
     return frozenset().union(*(k.options for k in KINDS.values()))
@@ -69,4 +76,4 @@ def owners(option: str) -> list[str]:
 
 
 __all__ = ["KINDS", "AttnCost", "CompressSpec", "Kind", "MLASpec", "causal_positions", "field_error", "get",
-           "kind_options", "owners", "positive_int", "register", "unregister"]
+           "kind_options", "layer_label", "owners", "positive_int", "register", "unregister"]

@@ -78,6 +78,7 @@ class Kind:
     module: ``"pkg.mod:Class"`` of the torch module, built as ``cls(spec, hidden, eps, norm_offset)``.
     store: ``"pkg.mod:factory"`` of its cache store, ``factory(spec, batch, max_length, dtype, device)``.
     can_share: whether a layer of this kind may read another layer's cache (``kv_source``).
+    tag: the word before "full" / "window N" in per-layer tables ("" for the plain default, gqa).
     examples: small LayerSpec fields of layers of this kind (each a tiny model's layer): the contract tests
         (tests/test_contract.py) run every one, so a new kind is tested the moment it is in the table.
     """
@@ -94,6 +95,7 @@ class Kind:
     spec_field: str | None = None
     spec_type: type | None = None
     can_share: bool = False
+    tag: str = ""
     examples: tuple[dict[str, Any], ...] = ()
 
     def module_class(self) -> Any:
