@@ -40,24 +40,24 @@ class Block(nn.Module):
         self.spec = spec
         self.attn_norm = RMSNorm(hidden, eps, off)
         self.attn = attention_module(spec, hidden, eps, off)
+        def post_norm() -> nn.Module:  # sandwich norms (Gemma 2/3/4) normalise a branch's output; else nothing
+            return RMSNorm(hidden, eps, off) if spec.sandwich_norm else nn.Identity()
+
+        self.post_attn_norm = post_norm()
         self.mlp_norm = RMSNorm(hidden, eps, off)
         if spec.mlp == "moe":
             self.mlp = MoE(hidden, spec.moe, spec.activation, eps, vocab=config.vocab_size)
         else:
             self.mlp = GatedMLP(hidden, spec.intermediate_size, spec.activation, spec.mlp_bias)
+        # dense+moe (Gemma 4 26B-A4B): an MoE beside the dense MLP, on the same residual, each with its own norms
+        self.moe: MoE | None = None
         if spec.mlp == "dense+moe":
             self.moe_norm = RMSNorm(hidden, eps, off)
             self.moe = MoE(hidden, spec.moe, spec.activation, eps, vocab=config.vocab_size)
-            if spec.sandwich_norm:
-                self.post_dense_norm = RMSNorm(hidden, eps, off)
-                self.post_moe_norm = RMSNorm(hidden, eps, off)
-        if spec.sandwich_norm:
-            self.post_attn_norm = RMSNorm(hidden, eps, off)
-            self.post_mlp_norm = RMSNorm(hidden, eps, off)
-        if config.ple_dim is not None:
-            self.ple = PLELayer(hidden, config.ple_dim, spec.activation, eps, off)
-        if spec.layer_scalar:
-            self.layer_scalar = nn.Parameter(torch.ones(1))
+            self.post_dense_norm, self.post_moe_norm = post_norm(), post_norm()
+        self.post_mlp_norm = post_norm()
+        self.ple = PLELayer(hidden, config.ple_dim, spec.activation, eps, off) if config.ple_dim is not None else None
+        self.layer_scalar = nn.Parameter(torch.ones(1)) if spec.layer_scalar else None
         # how the attention and MLP outputs join the stream: plain, scaled or mHC (kvlab/layers/residual.py);
         # a tuple, so the strategies' modules stay registered once, under their checkpoint names
         self._residuals = residuals(self, spec, config)
@@ -65,24 +65,21 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, step: Step, index: int, store=None,
                 ple_input: torch.Tensor | None = None) -> torch.Tensor:
-        s = self.spec
         attn_res, mlp_res = self._residuals
         low = self.attn_norm.weight.dtype if self.residual_fp32 else x.dtype  # what the norms read
         xin, ctx = attn_res.read(x)  # with mHC, x holds the streams [B, T, n, D] and xin their learned mix
-        h = self.attn(self.attn_norm(xin.to(low)), step, index, store)
-        h = self.post_attn_norm(h) if s.sandwich_norm else h
+        h = self.post_attn_norm(self.attn(self.attn_norm(xin.to(low)), step, index, store))
         x = attn_res.write(ctx, h, x)
         xin, ctx = mlp_res.read(x)
         xl = xin.to(low)
-        h = self.mlp(self.mlp_norm(xl), carry=step.carry) if s.mlp == "moe" else self.mlp(self.mlp_norm(xl))
-        if s.mlp == "dense+moe":
-            e = self.moe(self.moe_norm(xl), router_input=xl if s.moe.router_norm else None, carry=step.carry)
-            h = self.post_dense_norm(h) + self.post_moe_norm(e) if s.sandwich_norm else h + e
-        h = self.post_mlp_norm(h) if s.sandwich_norm else h
-        x = mlp_res.write(ctx, h, x)
-        if ple_input is not None:
+        h = self.mlp(self.mlp_norm(xl), carry=step.carry)
+        if self.moe is not None:
+            e = self.moe(self.moe_norm(xl), router_input=xl if self.moe.spec.router_norm else None, carry=step.carry)
+            h = self.post_dense_norm(h) + self.post_moe_norm(e)
+        x = mlp_res.write(ctx, self.post_mlp_norm(h), x)
+        if self.ple is not None:
             x = x + self.ple(x, ple_input)
-        if s.layer_scalar:
+        if self.layer_scalar is not None:
             x = x * self.layer_scalar
         return x
 

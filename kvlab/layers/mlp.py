@@ -29,7 +29,8 @@ class GatedMLP(nn.Module):
         self.down_proj = nn.Linear(width, hidden, bias=bias)
         self.act = activation(act)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, carry: dict | None = None) -> torch.Tensor:
+        """``x [..., hidden]`` -> same; ``carry`` (per-token state between layers) is not read by a dense MLP."""
         if self.limit is None:
             return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
         g = self.gate_proj(x).clamp(max=self.limit)
