@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -33,6 +34,8 @@ class Block(nn.Module):
     The attention module is the one the kinds table (kvlab/kinds) names for ``spec.attention``. With the
     model's ``residual_fp32`` the stream ``x`` stays fp32 and each norm reads it in the weights' dtype.
     """
+
+    param_init: ClassVar[dict[str, str]] = {"layer_scalar": "ones"}  # not drawn at random by Model.from_config
 
     def __init__(self, spec: LayerSpec, config: ModelConfig) -> None:
         super().__init__()
@@ -84,6 +87,20 @@ class Block(nn.Module):
         return x
 
 
+def _init_rule(module: nn.Module, name: str) -> str:
+    """How :meth:`Model.from_config` initialises ``module``'s parameter ``name``: what the module declares in its
+    ``param_init`` (``"ones"`` / ``"zeros"``: scales, gates, sinks, norm weights), zeros for a ``bias``, ones for a
+    LayerNorm weight, else ``"normal"`` (drawn from normal(0, std))."""
+    declared = getattr(module, "param_init", {})
+    if name in declared:
+        return declared[name]
+    if name == "bias":
+        return "zeros"
+    if isinstance(module, nn.LayerNorm):
+        return "ones"
+    return "normal"
+
+
 def left_padding(attention_mask: torch.Tensor) -> torch.Tensor:
     """Left-pad counts ``[B]`` from a 0/1 mask ``[B, T]``; any other padding layout is an error."""
     m = attention_mask.to(torch.long)
@@ -108,6 +125,8 @@ class Model(nn.Module):
     an uncached call.
     """
 
+    param_init: ClassVar[dict[str, str]] = {"embed_affine_scale": "ones", "embed_affine_bias": "zeros"}  # not drawn at random
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.config = config
@@ -129,8 +148,6 @@ class Model(nn.Module):
             self.mhc_head = HyperHead(config.mhc_streams, config.hidden_size, config.mhc_eps, config.norm_eps)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        # hash-routed MoE layers (DeepSeek V4) choose experts by token id: the ids travel in Step.carry
-        self._token_ids = any(x.mlp != "dense" and x.moe.hash_routing for x in config.layers)
         self._rotary: list[Rotary | None] = []
         shared: dict[tuple, Rotary] = {}
         for spec in config.layers:
@@ -148,16 +165,14 @@ class Model(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model.to_empty(device=device)
+        owner = {id(p): (m, n) for m in model.modules() for n, p in m.named_parameters(recurse=False)}
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.fill_(0.0 if config.norm_offset else 1.0)
-                elif name.endswith(("layer_scalar", "router_scale", "expert_scale", "_scale", "key_temp")):
-                    p.fill_(1.0)
-                elif name.endswith(("bias", "sinks")):
-                    p.zero_()
-                else:
+            for p in model.parameters():
+                rule = _init_rule(*owner[id(p)])
+                if rule == "normal":
                     p.copy_(torch.randn(p.shape, generator=gen) * std)
+                else:
+                    p.fill_(1.0 if rule == "ones" else 0.0)
             for mod in model.modules():
                 if isinstance(mod, MoE) and mod.spec.hash_routing:
                     mod.tid2eid.copy_(hash_table(config.vocab_size, mod.spec.top_k, mod.spec.num_experts))
@@ -200,8 +215,7 @@ class Model(nn.Module):
         qpos = torch.arange(start, start + t, device=device)
         positions = qpos[None].expand(b, t) if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)
         step = Step(start=start, qpos=qpos, pad=pad, dtype=self.embed.weight.dtype)
-        if self._token_ids:
-            step.carry["input_ids"] = input_ids
+        step.carry["input_ids"] = input_ids  # per-token state layers may read (hash-routed MoE: DeepSeek V4)
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, rot in enumerate(self._rotary):
             if rot is not None:

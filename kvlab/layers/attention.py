@@ -8,6 +8,8 @@ the attention input, and reading another layer's K/V (cross-layer sharing). Atte
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -21,6 +23,8 @@ __all__ = ["Attention", "Step", "attend", "attend_out", "build_mask", "project_o
 
 class Attention(nn.Module):
     """One attention layer described by a :class:`LayerSpec`; x ``[B, T, hidden]`` -> same shape."""
+
+    param_init: ClassVar[dict[str, str]] = {"sinks": "zeros"}  # not drawn at random by Model.from_config
 
     def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
         super().__init__()

@@ -26,6 +26,8 @@ The cache (kvlab/cache/cca.py) holds the normed, rotated compressed K/V per posi
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -36,7 +38,10 @@ from .rope import apply_rope
 
 
 class CCAttention(nn.Module):
+
     """One CCA layer described by a :class:`LayerSpec` (``attention='cca'``); x ``[B, T, hidden]`` -> same."""
+
+    param_init: ClassVar[dict[str, str]] = {"key_temp": "ones", "sinks": "zeros"}  # not drawn at random by Model.from_config
 
     def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
         super().__init__()

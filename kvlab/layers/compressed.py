@@ -31,6 +31,8 @@ transformers' ``DeepseekV4Attention`` (module names too, but ``indexer.scorer.we
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -57,6 +59,8 @@ def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
 
 class Compressor(nn.Module):
     """Learned pooling of each block of ``ratio`` tokens into one entry of ``dim`` channels."""
+
+    param_init: ClassVar[dict[str, str]] = {"position_bias": "zeros"}  # not drawn at random by Model.from_config
 
     def __init__(self, hidden: int, dim: int, ratio: int, overlap: bool, eps: float, norm_offset: bool) -> None:
         super().__init__()
@@ -131,6 +135,8 @@ class CSAIndexer(Compressor):
 
 class CompressedAttention(nn.Module):
     """A ``csa`` or ``hca`` layer; x ``[B, T, hidden]`` -> same shape."""
+
+    param_init: ClassVar[dict[str, str]] = {"sinks": "zeros"}  # not drawn at random by Model.from_config
 
     def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
         super().__init__()

@@ -17,6 +17,8 @@ Parameter layout and arithmetic follow transformers' ``DeepseekV4HyperConnection
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -52,6 +54,8 @@ class HyperConnection(_Fp32Params):
     """mHC around one sub-layer: ``read(X) -> (f's input, (post, M))``, ``write((post, M), out, X) -> X'`` (the
     residual-strategy interface of kvlab/layers/residual.py)."""
 
+    param_init: ClassVar[dict[str, str]] = {"hc_scale": "ones", "hc_bias": "zeros"}  # not drawn at random by Model.from_config
+
     def __init__(self, streams: int, hidden: int, iters: int, eps: float, norm_eps: float) -> None:
         super().__init__()
         n = self.streams = streams
@@ -86,6 +90,8 @@ class HyperConnection(_Fp32Params):
 
 class HyperHead(_Fp32Params):
     """The final collapse of the streams ``[B, T, n, D] -> [B, T, D]`` before the final norm."""
+
+    param_init: ClassVar[dict[str, str]] = {"hc_scale": "ones", "hc_bias": "zeros"}  # not drawn at random by Model.from_config
 
     def __init__(self, streams: int, hidden: int, eps: float, norm_eps: float) -> None:
         super().__init__()

@@ -11,6 +11,8 @@ computes nothing (ZAYA1).
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -81,6 +83,9 @@ class Experts(nn.Module):
 
 class MoE(nn.Module):
     """x ``[B, T, H]`` -> ``[B, T, H]``."""
+
+    param_init: ClassVar[dict[str, str]] = {"router_state_scale": "ones", "router_bias": "zeros", "router_scale": "ones",
+                  "expert_scale": "ones"}  # not drawn at random by Model.from_config
 
     def __init__(self, hidden: int, spec: MoESpec, act: str = "silu", eps: float = 1e-6, vocab: int = 0) -> None:
         super().__init__()

@@ -22,6 +22,7 @@ class RMSNorm(nn.Module):
         self.scale = scale
         if scale:
             self.weight = nn.Parameter(torch.zeros(dim) if offset else torch.ones(dim))
+        self.param_init = {"weight": "zeros" if offset else "ones"}  # identity at initialisation (Model.from_config)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype

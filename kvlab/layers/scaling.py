@@ -7,11 +7,17 @@ per channel (scales start at 1, biases at 0, so an untrained block is the plain 
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 from torch import nn
 
 
 class ResidualScaling(nn.Module):
+    """``(h + out_bias) * out_scale + (x + res_bias) * res_scale`` with learned per-channel vectors (ZAYA1)."""
+
+    param_init: ClassVar[dict[str, str]] = {"out_scale": "ones", "out_bias": "zeros", "res_scale": "ones", "res_bias": "zeros"}
+
     def __init__(self, hidden: int) -> None:
         super().__init__()
         self.out_scale = nn.Parameter(torch.ones(hidden))
