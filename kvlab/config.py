@@ -165,10 +165,11 @@ def _validate_groups(m: MoESpec, where: str) -> None:
 class LayerSpec:
     """One decoder layer: its attention, its K/V storage and its MLP.
 
-    attention: ``gqa`` covers MHA (kv heads == heads), GQA and MQA (one kv head); ``cca`` is compressed
-        convolutional attention (ZAYA1, kvlab/layers/cca.py): the heads are the compressed heads,
-        q/k are mixed by two causal convolutions of kernels ``conv_kernels`` (depthwise, then grouped
-        per head) and half the value channels come from the previous token.
+    attention: the name of a record in the kinds table (kvlab/kinds): ``gqa`` (MHA, GQA, MQA), ``cca``, ``mla``,
+        ``csa``, ``hca``, ``swa``. The record says which of the options below the kind reads (``Kind.options``):
+        an option of another kind left away from its default is an error naming the field and its owner, and the
+        kind's own checks (``Kind.validate``) run after the shared ones. ``mla`` and ``compress`` hold the
+        sub-specs of MLA and of CSA/HCA/SWA (kvlab/kinds/mla.py, kvlab/kinds/compressed.py).
     window: sliding-window size in positions (a query sees itself and the ``window - 1`` before it);
         ``None`` is full causal attention. The cache of a window layer holds exactly ``window``
         positions.
