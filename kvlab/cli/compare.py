@@ -19,6 +19,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--context", default="8k,32k,128k,1m", help="comma-separated lengths (default 8k,32k,128k,1m)")
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--plot", help="write a log-log PNG plot of KV bytes against context here")
+    q.add_argument("--arch-plot", help="write the models' layer stacks side by side (PNG) here")
     add_dtype_and_json(q)
 
 
@@ -43,21 +44,55 @@ def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int 
     return {"dtype": dtype, "batch": batch, "contexts": contexts, "models": out}
 
 
+MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
+LINESTYLES = ["-", "--", "-.", ":"]
+
+
+def plot_labels(data: dict[str, Any]) -> list[str]:
+    """One label per model: its name, or the spec it came from (a path) when two models share a name."""
+    names = [m["name"] for m in data["models"]]
+    return [m["model"] if names.count(m["name"]) > 1 else m["name"] for m in data["models"]]
+
+
 def plot_compare(data: dict[str, Any], path: str | Path) -> Path:
-    """Log-log plot of KV-cache bytes against context, one line per model; written to ``path``."""
+    """Log-log plot of KV-cache bytes against context, one line per model; written to ``path``.
+
+    Readable with many models: a distinct colour (tab10, then tab20) and marker per model, the legend outside the
+    axes, and contexts past a model's max positions drawn hollow on a dotted line.
+    """
+    import matplotlib.pyplot as plt
+
+    fig = compare_figure(data)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def compare_figure(data: dict[str, Any]) -> Any:
+    """The matplotlib figure of :func:`plot_compare`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ctx = data["contexts"]
-    fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    styles = [("-", "o"), ("--", "s"), (":", "^"), ("-.", "D")]
-    for i, m in enumerate(data["models"]):
-        ls, mk = styles[i % len(styles)]
-        ax.plot(ctx, m["kv_cache_bytes"], linestyle=ls, marker=mk, label=m["name"])
+    n = len(data["models"])
+    cmap = plt.get_cmap("tab10" if n <= 10 else "tab20")
+    fig, ax = plt.subplots(figsize=(8.5, 5.5), dpi=120)
+    beyond_any = False
+    for i, (m, label) in enumerate(zip(data["models"], plot_labels(data))):
+        colour, mk, ls = cmap(i % cmap.N), MARKERS[i % len(MARKERS)], LINESTYLES[(i // len(MARKERS)) % 4]
+        inside = [(c, b) for c, b in zip(ctx, m["kv_cache_bytes"]) if c <= m["max_positions"]]
+        past = [(c, b) for c, b in zip(ctx, m["kv_cache_bytes"]) if c > m["max_positions"]]
+        if inside:
+            ax.plot(*zip(*inside), linestyle=ls, marker=mk, color=colour, label=label)
+        if past:
+            beyond_any = True
+            joined = inside[-1:] + past
+            ax.plot(*zip(*joined), linestyle=":", color=colour, label=None if inside else label)
+            ax.plot(*zip(*past), linestyle="none", marker=mk, markerfacecolor="white", color=colour)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log", base=2)
     ax.set_xticks(ctx, [fmt_context(c) for c in ctx])
@@ -70,11 +105,14 @@ def plot_compare(data: dict[str, Any], path: str | Path) -> Path:
     ax.set_ylabel(f"KV cache ({data['dtype']}, batch {data['batch']})")
     ax.set_title("KV-cache size against context")
     ax.grid(True, which="major", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    handles, labels = ax.get_legend_handles_labels()
+    if beyond_any:
+        from matplotlib.lines import Line2D
+
+        handles.append(Line2D([], [], linestyle=":", marker="o", markerfacecolor="white", color="grey"))
+        labels.append("past the model's max positions")
+    ax.legend(handles, labels, fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return fig
 
 
 def run(args: argparse.Namespace) -> int:
@@ -82,6 +120,11 @@ def run(args: argparse.Namespace) -> int:
     data = compare_data(args.models, contexts, parse_dtype(args.dtype), args.batch)
     if args.plot:
         data["plot"] = str(plot_compare(data, args.plot))
+    if args.arch_plot:
+        from kvlab.archplot import plot_architecture
+
+        data["arch_plot"] = str(plot_architecture([resolve_config(m) for m in args.models], args.arch_plot,
+                                                  dtype=parse_dtype(args.dtype), titles=plot_labels(data)))
     if args.json:
         emit_json(data)
         return 0
@@ -126,4 +169,6 @@ def run(args: argparse.Namespace) -> int:
         print("\n* beyond the model's max_positions")
     if args.plot:
         print(f"\nplot: {data['plot']}")
+    if args.arch_plot:
+        print(f"architecture plot: {data['arch_plot']}")
     return 0

@@ -10,13 +10,14 @@ from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_dtyp
 NAME = "inspect"
 HELP = ("per-layer table: kind, heads, head dims, window, KV source, params, KV bytes, "
         "attention FLOPs of a decode step and of prefill")
-EXAMPLE = "kvlab inspect gemma-4-e2b --context 128k"
+EXAMPLE = "kvlab inspect gemma-4-e2b --context 128k --plot out/gemma-4-e2b.png"
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("model", help=MODEL_HELP)
     q.add_argument("--context", help="context length (default: the model's max positions)")
     q.add_argument("--batch", type=int, default=1)
+    q.add_argument("--plot", help="write the layer stack as an architecture diagram (PNG) here")
     add_dtype_and_json(q)
 
 
@@ -25,9 +26,15 @@ def run(args: argparse.Namespace) -> int:
     ctx = context_or_default(args.context, cfg)
     c = costs_of(cfg, ctx, parse_dtype(args.dtype), args.batch)
     layers = [dict(vars(x)) for x in c.per_layer]
+    plot = None
+    if args.plot:
+        from kvlab.archplot import plot_architecture
+
+        plot = str(plot_architecture(cfg, args.plot, context=ctx, dtype=parse_dtype(args.dtype)))
     if args.json:
         emit_json({"name": c.name, "context": ctx, "dtype": c.dtype, "batch": c.batch,
-                    "kv_cache_bytes": c.kv_cache_bytes, "params_total": c.params_total, "layers": layers})
+                    "kv_cache_bytes": c.kv_cache_bytes, "params_total": c.params_total, "layers": layers,
+                    **({"plot": plot} if plot else {})})
         return 0
     print(f"{c.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
           f"context {ctx:,} ({fmt_context(ctx)}), {c.kv_dtype} K/V, batch {c.batch}")
@@ -43,4 +50,6 @@ def run(args: argparse.Namespace) -> int:
                  fmt_flops(c.attn_flops_per_token), fmt_flops(c.prefill_attn_flops)])
     print(table(["layer", "kind", "mlp", "heads", "kv heads", "head dim", "window", "kv src", "params",
                  "KV B/token", f"KV @ {fmt_context(ctx)}", "attn FLOP/tok", "prefill attn FLOP"], rows, left=3))
+    if plot:
+        print(f"\narchitecture plot: {plot}")
     return 0
