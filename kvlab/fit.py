@@ -40,6 +40,7 @@ class Footprint:
     workspace_bytes: int  # activation/workspace estimate (see WORKSPACE_ASSUMPTION)
     engine: str | None = None
     engine_kv_bytes: int | None = None  # what the engine reserves for K/V + state instead of the physical figure
+    engine_details: list[str] = field(default_factory=list)  # how it got there (groups, pages, cells)
     replication: list[str] = field(default_factory=list)  # tensor-parallel replication, named
 
     @property
@@ -168,7 +169,8 @@ def footprint(model: Any, context: int, batch: int = 1, weights_dtype: Any = "bf
 
         eng = get_engine(engine)
         fp.engine = eng.name
-        fp.engine_kv_bytes = eng.reserve(cfg, c, context=context, batch=batch, tp=tp).kv_bytes
+        res = eng.reserve(cfg, c, context=context, batch=batch, tp=tp)
+        fp.engine_kv_bytes, fp.engine_details = res.kv_bytes, res.details
     return fp
 
 
@@ -282,10 +284,11 @@ def describe(fp: Footprint) -> list[tuple[str, int]]:
     """(label, bytes) rows of a footprint, the K/V by component."""
     rows = [("weights", fp.weights_bytes)]
     comps = {k: v for k, v in fp.kv_components.items() if v}
+    physical = " (physical)" if fp.engine else ""
     if comps and set(comps) != {"k+v"}:
-        rows += [(f"K/V: {k}", v) for k, v in comps.items()]
+        rows += [(f"K/V{physical}: {k}", v) for k, v in comps.items()]
     else:
-        rows.append(("K/V", fp.kv_bytes))
+        rows.append((f"K/V{physical}", fp.kv_bytes))
     if fp.state_bytes:
         rows.append(("per-sequence state (included above)" if comps and set(comps) != {"k+v"}
                      else "per-sequence state", fp.state_bytes))

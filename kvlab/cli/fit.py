@@ -127,6 +127,11 @@ def run(args: argparse.Namespace) -> int:
         print(table(["", "bytes"], _rows(fp, r)), file=out)
         for note in fp.replication:
             print(f"replicated: {note}", file=out)
+        if fp.engine is not None:
+            extra = fp.engine_kv_bytes - fp.kv_bytes - fp.state_bytes
+            print(f"{fp.engine} reserves {fmt_bytes(fp.engine_kv_bytes)} for K/V where {fmt_bytes(fp.kv_bytes + fp.state_bytes)}"
+                  f" are physically needed ({'+' if extra >= 0 else '-'}{fmt_bytes(abs(extra))}): "
+                  + "; ".join(fp.engine_details) + "; the rules are under assumptions", file=out)
         if hw is not None:
             rl = roofline(cfg, hw, fp.context, fp.batch, args.weights_dtype, args.kv_dtype, args.tp, args.chunk)
             data["roofline"] = rl.to_dict()
