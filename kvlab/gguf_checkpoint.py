@@ -85,9 +85,15 @@ class _Header:
         if kind != ARRAY:
             raise GGUFFileError(f"truncated or corrupt: unknown metadata value type {kind} at byte {self.pos:,}")
         sub, n = self.take("<I"), self.take("<Q")
-        if sub in _SCALARS and not keep:  # fixed size: jump over it
-            self.pos += n * struct.calcsize(_SCALARS[sub])
-            return None
+        if sub in _SCALARS:  # fixed size: read at once (floats as stored), or jump over it
+            fmt = _SCALARS[sub]
+            size = n * struct.calcsize(fmt)
+            if self.pos + size > len(self.buf):
+                raise GGUFFileError(f"truncated or corrupt: an array of {n:,} values at byte {self.pos:,} runs past "
+                                    "the end of the file")
+            out = list(struct.unpack_from(f"<{n}{fmt[1]}", self.buf, self.pos)) if keep else None
+            self.pos += size
+            return out
         out = [self.value(sub, keep) for _ in range(n)]
         return out if keep else None
 

@@ -13,7 +13,8 @@ from typing import Any, TextIO
 
 from kvlab.units import parse_context
 
-MODEL_HELP = "preset name (see `kvlab presets`), checkpoint directory, or kvlab ModelConfig .json file"
+MODEL_HELP = ("preset name (see `kvlab presets`), checkpoint directory (transformers layout or a `kvlab train` run), "
+              ".gguf file, named model (smollm2-135m, gemma-3-270m), or kvlab ModelConfig .json file")
 
 
 def add_dtype_and_json(parser: argparse.ArgumentParser, dtype: str = "bf16",
