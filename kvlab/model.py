@@ -182,10 +182,11 @@ class Model(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
 
-    def new_cache(self, batch_size: int = 1, max_length: int | None = None) -> Cache:
-        """Storage sized by each layer's spec; preallocated to ``max_length`` when given."""
+    def new_cache(self, batch_size: int = 1, max_length: int | None = None, kv_quant=None) -> Cache:
+        """Storage sized by each layer's spec; preallocated to ``max_length`` when given; ``kv_quant``: quantized
+        K/V (``"int8"``, ``"int4-g32-r64"``, a QuantSpec...; kvlab/costs/quant.py)."""
         p = self.embed.weight
-        return Cache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device)
+        return Cache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device, kv_quant=kv_quant)
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
                 last_only: bool = False) -> torch.Tensor:

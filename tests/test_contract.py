@@ -77,10 +77,10 @@ def check_chunked_equals_full(cfg: ModelConfig, chunk: int, max_length: int | No
     assert cache.seq_len == n
 
 
-def check_measured_equals_calculated(cfg: ModelConfig, max_length: int, batch: int = 2) -> None:
+def check_measured_equals_calculated(cfg: ModelConfig, max_length: int, batch: int = 2, kv_quant=None) -> None:
     model = random_model(cfg)
-    cache = model.new_cache(batch, max_length=max_length)
-    c = costs(cfg, context=max_length, dtype="float32", batch=batch)
+    cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant)
+    c = costs(cfg, context=max_length, dtype="float32", batch=batch, kv_quant=kv_quant)
     model(torch.randint(0, cfg.vocab_size, (batch, max_length)), cache=cache)  # filled: nothing grows
     for i, (store, lc) in enumerate(zip(cache.layers, c.per_layer)):
         if store is None:
@@ -118,6 +118,61 @@ def test_no_kind_looks_ahead_and_history_matters(kind, example):
 @pytest.mark.parametrize("kind,example", CASES)
 def test_measured_bytes_equal_calculated(kind, example, max_length):
     check_measured_equals_calculated(tiny(kind, example), max_length)
+
+
+# quantized caches (kvlab/costs/quant.py): formats every example's channel counts and windows allow
+QUANT = ["int8", "int4-g4", "fp8-g4-rope", "int4-g2-r2-asym-rot", "fp4-g4-r1", "deepseek-v4",
+         {"*": "int8-g4-r3", "index_keys": "int4", "v": None}]
+QUANT_IDS = [q if isinstance(q, str) else "mixed" for q in QUANT]
+
+
+@pytest.mark.parametrize("kv_quant", QUANT, ids=QUANT_IDS)
+@pytest.mark.parametrize("max_length", [3, 40])
+@pytest.mark.parametrize("kind,example", CASES)
+def test_quantized_bytes_equal_calculated(kind, example, max_length, kv_quant):
+    """Codes, scales, zero points, residual, exact rotary channels: the store holds what the calculator prices."""
+    check_measured_equals_calculated(tiny(kind, example), max_length, kv_quant=kv_quant)
+
+
+@pytest.mark.parametrize("kind,example", CASES)
+def test_keys_per_channel_bytes_or_a_named_error(kind, example):
+    """KIVI keys (groups of 2 positions per channel) on every kind: priced exactly, or, on a ring whose window is
+    not a multiple of the group, an error naming the layer, the option and the window."""
+    cfg = tiny(kind, example)
+    window = cfg.layers[0].window
+    if kinds.KINDS[kind].name in ("gqa", "cca") and window is not None and window % 2:
+        with pytest.raises(ValueError, match=rf"layers\[0\]\.kv_quant\[k\]\.group=2: .*multiple.*window={window}"):
+            cfg_model = random_model(cfg)
+            cfg_model.new_cache(1, max_length=40, kv_quant="int8-g2-r2-kc")
+        return
+    for max_length in (3, 9, 40):
+        check_measured_equals_calculated(cfg, max_length, kv_quant="int8-g2-r2-kc")
+
+
+@pytest.mark.parametrize("kv_quant", ["int8-g4-r2-kc", "int4-g4-r3-rot"], ids=["int8-kc", "int4-rot"])
+@pytest.mark.parametrize("max_length", [40, None], ids=["preallocated", "growing"])
+@pytest.mark.parametrize("kind,example", CASES)
+def test_quantized_decode_stays_close(kind, example, max_length, kv_quant):
+    """Chunked prefill + decode through a quantized cache stays close to the unquantized forward (int8: logits
+    within 0.1 on these random models, int4: 0.6); kinds that pick keys by a top-k (DSA, CSA) are compared with
+    their indexer keys exact, and only before their first discrete choice can flip (the prefill)."""
+    cfg = tiny(kind, example)
+    if any(x.window is not None for x in cfg.layers) and kv_quant.startswith("int8"):
+        kv_quant = "int8-g4-r2"  # keys per channel in groups of 4 positions need a ring of a multiple of 4 > 5
+    model = random_model(cfg)
+    n, prefill = 29, 20
+    ids = torch.randint(0, cfg.vocab_size, (2, n), generator=torch.Generator().manual_seed(2))
+    full = model(ids)
+    cache = model.new_cache(2, max_length=max_length, kv_quant={"*": kv_quant, "index_keys": None})
+    outs = [model(ids[:, s:min(s + 3, prefill)], cache=cache) for s in range(0, prefill, 3)]
+    outs += [model(ids[:, s:s + 1], cache=cache) for s in range(prefill, n)]
+    inc = torch.cat(outs, 1)
+    tol = 0.1 if kv_quant.startswith("int8") else 0.6
+    selects = kind == "csa" or (kind == "mla" and cfg.layers[0].mla.sparse)
+    upto = 4 if selects else n  # before any top-k over quantized state can differ
+    err = (inc[:, :upto] - full[:, :upto]).abs().max()
+    assert err < tol
+    assert err > 0  # the cache really is quantized
 
 
 @pytest.mark.parametrize("name", presets())

@@ -6,6 +6,7 @@ import torch
 
 from .. import kinds
 from ..config import ModelConfig
+from ..costs.quant import check_layers, resolve_kv_quant
 from .storage import KVStore
 
 
@@ -14,11 +15,13 @@ class Cache:
 
     ``layers[i]`` is the layer's store, or ``None`` for a layer that reads another layer's K/V
     (``kv_source``): such a layer holds nothing. ``seq_len`` counts positions written (pads included);
-    ``pad`` holds each row's number of left-padding positions.
+    ``pad`` holds each row's number of left-padding positions. ``kv_quant``: quantized K/V buffers (a format
+    name such as ``"int4-g32-r64"``, a preset, a :class:`~kvlab.costs.quant.QuantSpec` or a mapping component ->
+    format; kvlab/costs/quant.py), priced by ``kvlab.costs(..., kv_quant=...)`` byte for byte.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> None:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kv_quant=None) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
         if max_length is not None:
@@ -32,12 +35,18 @@ class Cache:
         self.seq_len = 0
         self.pad: torch.Tensor | None = None
         self.layers: list[KVStore | None] = []
+        self.kv_quant = resolve_kv_quant(kv_quant)
+        if self.kv_quant:
+            check_layers(config, self.kv_quant, max_length or config.max_positions)
         for spec in config.layers:
             if not spec.stores_kv:
                 self.layers.append(None)
                 continue
             factory = kinds.get(spec.attention).store_factory()  # the store its record names (kvlab/kinds)
-            self.layers.append(factory(spec, batch_size, max_length, dtype, device))
+            if self.kv_quant:
+                self.layers.append(factory(spec, batch_size, max_length, dtype, device, quant=self.kv_quant))
+            else:
+                self.layers.append(factory(spec, batch_size, max_length, dtype, device))
 
     def set_padding(self, pad: torch.Tensor | None) -> None:
         """Left-padding counts ``[B]`` of the rows (before the first write)."""

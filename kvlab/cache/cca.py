@@ -65,11 +65,11 @@ class CCAStore(KVStore):
         self.v_prev.copy_(last)
 
 
-def cca_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> CCAStore:
+def cca_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device, quant=None) -> CCAStore:
+    """The compressed K/V (quantized per ``quant``, the resolved kv_quant) and the full-precision conv state."""
     if spec.window is not None:
         inner: KVStore = WindowKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.window, max_length,
-                                  dtype, device)
+                                  dtype, device, quant)
     else:
-        inner = FullKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, max_length, dtype, device)
+        inner = FullKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, max_length, dtype, device, quant)
     return CCAStore(inner, batch, conv_channels(spec), conv_tail(spec), value_half(spec), dtype, device)
-

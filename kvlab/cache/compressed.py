@@ -19,18 +19,22 @@ from __future__ import annotations
 import torch
 
 from ..config import LayerSpec
-from .storage import KVStore, WindowKV, grown, next_capacity
+from ..kinds.compressed import buffers
+from .storage import KVStore, WindowKV, next_capacity, rows_for
 
 
 class _Pool:
-    """What one compressor keeps: entries, the partial block and (overlapping) the previous block."""
+    """What one compressor keeps: entries (a per-position buffer, quantized per ``quant``), the partial block and
+    (overlapping) the previous block (full precision)."""
 
-    def __init__(self, batch: int, dim: int, ratio: int, overlap: bool, max_length: int | None, dtype, device) -> None:
+    def __init__(self, batch: int, dim: int, ratio: int, overlap: bool, max_length: int | None, dtype, device,
+                 buf=None, quant=None) -> None:
         f = 2 if overlap else 1
         self.ratio, self.dim, self.overlap = ratio, dim, overlap
         self.max_length = max_length
         cap = max_length // ratio if max_length else 0
-        self.entries = torch.zeros(batch, cap, dim, dtype=dtype, device=device)
+        self.rows = rows_for(buf, (batch,), dtype, device, quant, max_length)
+        self.rows.resize(cap, 0)
         self.partial_kv = torch.zeros(batch, ratio - 1, f * dim, dtype=dtype, device=device)
         self.partial_gate = torch.zeros(batch, ratio - 1, f * dim, dtype=dtype, device=device)
         if overlap:
@@ -53,7 +57,7 @@ class _Pool:
         used, end = n * m, first + n
         if n:
             self.reserve(end)
-            self.entries[r, first:end] = new
+            self.rows.write(first, new, rows=r)
             if self.overlap:
                 self.prev_kv[r] = kv[:, used - m:used, :d]
                 self.prev_gate[r] = gate[:, used - m:used, :d]
@@ -61,28 +65,32 @@ class _Pool:
         if rest:
             self.partial_kv[r, :rest] = kv[:, used:]
             self.partial_gate[r, :rest] = gate[:, used:]
-        return self.entries[r, :end]
+        return self.rows.read(end, rows=r)
 
     def state(self) -> list[torch.Tensor]:
         return [self.partial_kv, self.partial_gate] + ([self.prev_kv, self.prev_gate] if self.overlap else [])
 
     def reserve(self, n: int) -> None:
         """Room for ``n`` entries (grows by doubling without a ``max_length``)."""
-        cap = self.entries.shape[1]
-        if n > cap:
-            self.entries = grown(self.entries, 1, next_capacity(n, cap, self.max_length, floor=4), cap)
-            self.entries[:, cap:].zero_()  # as preallocated: entries not yet written read as zeros
+        cap = self.rows.capacity
+        if n > cap:  # as preallocated: entries not yet written read as zeros
+            self.rows.resize(next_capacity(n, cap, self.max_length, floor=4), cap)
 
 
 class CompressedStore(KVStore):
     """The sliding-window ring plus the compressor (and, for CSA, indexer) state of one layer."""
 
-    def __init__(self, spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> None:
+    def __init__(self, spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device,
+                 quant=None) -> None:
         c = spec.compress
         csa = c.indexed
-        self.window = WindowKV(batch, 1, spec.head_dim, 0, spec.window, max_length, dtype, device)
-        self.pool = _Pool(batch, spec.head_dim, c.ratio, csa, max_length, dtype, device) if c.ratio else None
-        self.index = _Pool(batch, c.index_head_dim, c.ratio, True, max_length, dtype, device) if csa else None
+        b = {x.name: x for x in buffers(spec, 0)}  # the buffers the price names (kvlab/kinds/compressed.py)
+        self.window = WindowKV(batch, 1, spec.head_dim, 0, spec.window, max_length, dtype, device, quant,
+                               names=("window", "window"), rope=b["window"].rope)
+        self.pool = _Pool(batch, spec.head_dim, c.ratio, csa, max_length, dtype, device, b.get("compressed"),
+                          quant) if c.ratio else None
+        self.index = _Pool(batch, c.index_head_dim, c.ratio, True, max_length, dtype, device, b.get("index_keys"),
+                           quant) if csa else None
 
     @property
     def buf(self):
@@ -91,9 +99,9 @@ class CompressedStore(KVStore):
     def tensors(self) -> list[torch.Tensor]:
         out = list(self.window.tensors())
         if self.pool is not None:
-            out += [self.pool.entries, *self.pool.state()]
+            out += [*self.pool.rows.tensors(), *self.pool.state()]
         if self.index is not None:
-            out += [self.index.entries, *self.index.state()]
+            out += [*self.index.rows.tensors(), *self.index.state()]
         return out
 
     def state_nbytes(self) -> int:
@@ -108,10 +116,10 @@ class CompressedStore(KVStore):
         out = {"window": nb(self.window.tensors())}
         if self.pool is None:  # swa: no compressor
             return out
-        out |= {"compressed": nb([self.pool.entries]), "partial": nb([self.pool.partial_kv, self.pool.partial_gate])}
+        out |= {"compressed": nb(self.pool.rows.tensors()), "partial": nb([self.pool.partial_kv, self.pool.partial_gate])}
         if self.index is not None:
             out["overlap"] = nb([self.pool.prev_kv, self.pool.prev_gate])
-            out["index_keys"] = nb([self.index.entries])
+            out["index_keys"] = nb(self.index.rows.tensors())
             out["index_partial"] = nb([self.index.partial_kv, self.index.partial_gate])
             out["index_overlap"] = nb([self.index.prev_kv, self.index.prev_gate])
         return out
@@ -120,6 +128,7 @@ class CompressedStore(KVStore):
         return self.window.append(k, v, start)
 
 
-def compressed_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> CompressedStore:
-    return CompressedStore(spec, batch, max_length, dtype, device)
+def compressed_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device,
+                     quant=None) -> CompressedStore:
+    return CompressedStore(spec, batch, max_length, dtype, device, quant)
 

@@ -15,7 +15,8 @@ from __future__ import annotations
 import torch
 
 from ..config import LayerSpec
-from .storage import KVStore, grown, next_capacity, positions
+from ..kinds.mla import buffers
+from .storage import KVStore, grown, next_capacity, positions, rows_for
 
 
 class LatentStore(KVStore):
@@ -89,9 +90,65 @@ class LatentStore(KVStore):
         return self.index_keys[:, :end]
 
 
-def latent_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> LatentStore:
+class QuantLatentStore(LatentStore):
+    """The MLA cache with quantized buffers (``kv_quant``): ``c_kv``, ``k_pe`` and DSA's ``index_keys`` each a
+    :class:`~kvlab.cache.storage.Rows` (codes, scales, residual; kvlab/cache/quant.py); reads are dequantized."""
+
+    def __init__(self, spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device,
+                 quant) -> None:
+        m = spec.mla
+        self.rank, self.rope_dim, self.index_dim = m.kv_lora_rank, m.qk_rope_head_dim, m.index_head_dim or 0
+        self.max_length = max_length
+        self.parts = {b.name: rows_for(b, (batch,), dtype, device, quant, max_length) for b in buffers(spec, 0)}
+        self.index_keys = self.parts.get("index_keys")
+        if max_length:
+            self._resize(max_length, 0)
+
+    @property
+    def capacity(self) -> int:
+        return self.parts["c_kv"].capacity
+
+    @property
+    def c_kv(self) -> torch.Tensor:
+        return self.parts["c_kv"].read()
+
+    @property
+    def k_pe(self) -> torch.Tensor:
+        return self.parts["k_pe"].read()
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for p in self.parts.values() for t in p.tensors()]
+
+    def components(self) -> dict[str, int]:
+        return {k: sum(t.numel() * t.element_size() for t in p.tensors()) for k, p in self.parts.items()}
+
+    def _resize(self, capacity: int, keep: int) -> None:
+        for p in self.parts.values():
+            p.resize(capacity, keep)
+
+    def append(self, c_kv, k_pe, start):
+        end = start + c_kv.shape[1]
+        self._reserve(start, end)
+        self.parts["c_kv"].write(start, c_kv)
+        self.parts["k_pe"].write(start, k_pe)
+        held = torch.cat((self.parts["c_kv"].read(end), self.parts["k_pe"].read(end)), dim=-1)
+        return held, held, positions(end, c_kv.device)
+
+    def append_index(self, keys, start):
+        if self.index_keys is None:
+            raise ValueError("this MLA layer has no indexer (mla.index_topk is None)")
+        end = start + keys.shape[1]
+        self._reserve(start, end)
+        self.index_keys.write(start, keys)
+        return self.index_keys.read(end)
+
+
+def latent_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device,
+                 quant=None) -> LatentStore:
+    if quant:
+        return QuantLatentStore(spec, batch, max_length, dtype, device, quant)
     m = spec.mla
     return LatentStore(batch, m.kv_lora_rank, m.qk_rope_head_dim, m.index_head_dim or 0, max_length, dtype, device)
 
 
-__all__ = ["LatentStore", "latent_store"]
+__all__ = ["LatentStore", "QuantLatentStore", "latent_store"]

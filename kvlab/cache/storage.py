@@ -72,41 +72,121 @@ class KVStore:
         raise NotImplementedError
 
 
-class _Buffers:
-    def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, dtype: torch.dtype, device) -> None:
-        self.shape = (batch, kv_heads)
-        self.dk, self.dv, self.dtype, self.device = dk, dv, dtype, device
-        self.k = torch.empty(batch, kv_heads, 0, dk, dtype=dtype, device=device)
-        self.v = torch.empty(batch, kv_heads, 0, dv, dtype=dtype, device=device)
+class Rows:
+    """A per-position buffer ``[*lead, capacity, dim]`` (positions on axis -2), plain: the values as given.
+
+    ``write(start, x)`` stores ``x [*lead, T, dim]`` at positions ``start..start+T-1`` (slot = position, or
+    position % capacity for a ``ring``: only the last ``capacity`` are kept); ``read(n)`` returns slots ``0..n-1``
+    (a view). ``rows``: a slice of the first lead axis (stores that write row by row). A quantized buffer
+    (kvlab/cache/quant.py, ``QuantRows``) has the same methods, so a store never knows which it holds.
+    """
+
+    def __init__(self, lead: tuple[int, ...], dim: int, dtype: torch.dtype, device, ring: bool = False) -> None:
+        self.t = torch.zeros(*lead, 0, dim, dtype=dtype, device=device)
+        self.ring = ring
 
     @property
     def capacity(self) -> int:
-        return self.k.shape[2]
+        return self.t.shape[-2]
 
     def resize(self, capacity: int, keep: int) -> None:
-        self.k, self.v = grown(self.k, 2, capacity, keep), grown(self.v, 2, capacity, keep)
+        cap = self.capacity
+        self.t = grown(self.t, -2, capacity, keep)
+        if capacity > cap:
+            self.t.narrow(-2, cap, capacity - cap).zero_()  # not yet written: reads as zeros
+
+    def write(self, start: int, x: torch.Tensor, rows: slice | None = None) -> None:
+        t = self.t if rows is None else self.t[rows]
+        n, cap = x.shape[-2], self.capacity
+        if not self.ring:
+            t.narrow(-2, start, n).copy_(x)
+        elif n == 1:
+            t.select(-2, start % cap).copy_(x.select(-2, 0))
+        else:
+            keep = min(n, cap)
+            end = start + n
+            t.index_copy_(t.dim() - 2, torch.arange(end - keep, end, device=x.device) % cap, x.narrow(-2, n - keep, keep))
+
+    def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
+        t = self.t if rows is None else self.t[rows]
+        return t if n is None else t.narrow(-2, 0, n)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.t]
+
+
+def rows_for(buf, lead: tuple[int, ...], dtype: torch.dtype, device, quant=None, max_length: int | None = None):
+    """A :class:`Rows` for buffer ``buf`` (a kvlab.costs.quant.Buffer), or a quantized one when ``quant`` (the
+    resolved kv_quant mapping) gives it a spec."""
+    from kvlab.costs.quant import for_buffer
+
+    spec = for_buffer(quant, buf.name)
+    if spec is None or not buf.dim:
+        return Rows(lead, buf.dim, dtype, device, ring=buf.ring is not None)
+    from .quant import QuantRows
+
+    return QuantRows(buf, spec, lead, dtype, device, max_length)
+
+
+class _Buffers:
+    """The K and V :class:`Rows` of a GQA / CCA store (``[B, Hkv, L, D]`` each)."""
+
+    def __init__(self, buffers, batch: int, dtype: torch.dtype, device, quant=None,
+                 max_length: int | None = None) -> None:
+        kb, vb = buffers
+        self.rows_k = rows_for(kb, (batch, kb.rows), dtype, device, quant, max_length)
+        self.rows_v = rows_for(vb, (batch, vb.rows), dtype, device, quant, max_length)
+
+    @property
+    def k(self) -> torch.Tensor:
+        """K as stored (plain: the values; quantized: the codes)."""
+        return self.rows_k.tensors()[0]
+
+    @property
+    def v(self) -> torch.Tensor:
+        return self.rows_v.tensors()[0]
+
+    @property
+    def capacity(self) -> int:
+        return self.rows_k.capacity
+
+    def resize(self, capacity: int, keep: int) -> None:
+        self.rows_k.resize(capacity, keep)
+        self.rows_v.resize(capacity, keep)
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        self.rows_k.write(start, k)
+        self.rows_v.write(start, v)
+
+    def read(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.rows_k.read(n), self.rows_v.read(n)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [*self.rows_k.tensors(), *self.rows_v.tensors()]
 
 
 class FullKV(KVStore):
     """K/V for every position: ``[B, Hkv, max_length, D]``, preallocated or grown by doubling."""
 
     def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, max_length: int | None,
-                 dtype: torch.dtype, device) -> None:
-        self.buf = _Buffers(batch, kv_heads, dk, dv, dtype, device)
+                 dtype: torch.dtype, device, quant=None) -> None:
+        from kvlab.costs.quant import Buffer
+
+        bufs = [Buffer("kv", "k", kv_heads, 0, dk, key=True), Buffer("kv", "v", kv_heads, 0, dv)]
+        self.buf = _Buffers(bufs, batch, dtype, device, quant, max_length)
         self.max_length = max_length
         if max_length:
             self.buf.resize(max_length, 0)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.buf.k, self.buf.v]
+        return self.buf.tensors()
 
     def append(self, k, v, start):
         end = start + k.shape[2]
         if end > self.buf.capacity:
             self.buf.resize(next_capacity(end, self.buf.capacity, self.max_length), start)
-        self.buf.k[:, :, start:end] = k
-        self.buf.v[:, :, start:end] = v
-        return self.buf.k[:, :, :end], self.buf.v[:, :, :end], positions(end, k.device)
+        self.buf.write(start, k, v)
+        return *self.buf.read(end), positions(end, k.device)
 
 
 class WindowKV(KVStore):
@@ -117,8 +197,12 @@ class WindowKV(KVStore):
     """
 
     def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, window: int, max_length: int | None,
-                 dtype: torch.dtype, device) -> None:
-        self.buf = _Buffers(batch, kv_heads, dk, dv, dtype, device)
+                 dtype: torch.dtype, device, quant=None, names: tuple[str, str] = ("k", "v"), rope: int = 0) -> None:
+        from kvlab.costs.quant import Buffer
+
+        bufs = [Buffer("kv", names[0], kv_heads, 0, dk, ring=window, key=names[0] == "k", rope=rope),
+                Buffer("kv", names[1], kv_heads, 0, dv, ring=window)]
+        self.buf = _Buffers(bufs, batch, dtype, device, quant, max_length)
         self.window = window
         self.max_length = max_length
         self.limit = min(window, max_length) if max_length else window
@@ -126,7 +210,7 @@ class WindowKV(KVStore):
             self.buf.resize(self.limit, 0)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.buf.k, self.buf.v]
+        return self.buf.tensors()
 
     def slot_positions(self, n: int, device) -> torch.Tensor:
         """Absolute position held by each slot after ``n`` positions were written (``-1``: empty)."""
@@ -144,30 +228,27 @@ class WindowKV(KVStore):
             self.buf.resize(min(self.limit, next_capacity(end, cap, None)), start)
             cap = self.buf.capacity
         if t == 1:
-            slot = start % cap
-            self.buf.k[:, :, slot] = k[:, :, 0]
-            self.buf.v[:, :, slot] = v[:, :, 0]
+            self.buf.write(start, k, v)
             if end < cap:
-                return self.buf.k[:, :, :end], self.buf.v[:, :, :end], positions(end, k.device)
-            return self.buf.k, self.buf.v, self.slot_positions(end, k.device)
+                return *self.buf.read(end), positions(end, k.device)
+            return *self.buf.read(), self.slot_positions(end, k.device)
         if start == 0:
             k_all, v_all, kpos = k, v, positions(end, k.device)
         else:
             held = min(start, cap)
             prev = self.slot_positions(start, k.device)[:held] if start < cap else self.slot_positions(start, k.device)
-            k_all = torch.cat((self.buf.k[:, :, :held], k), dim=2)
-            v_all = torch.cat((self.buf.v[:, :, :held], v), dim=2)
+            k_held, v_held = self.buf.read(held)
+            k_all = torch.cat((k_held, k), dim=2)
+            v_all = torch.cat((v_held, v), dim=2)
             kpos = torch.cat((prev, torch.arange(start, end, device=k.device)))
-        keep = min(t, cap)
-        slots = torch.arange(end - keep, end, device=k.device) % cap
-        self.buf.k.index_copy_(2, slots, k[:, :, t - keep:])
-        self.buf.v.index_copy_(2, slots, v[:, :, t - keep:])
+        self.buf.write(start, k, v)
         return k_all, v_all, kpos
 
 
-def gqa_store(spec, batch: int, max_length: int | None, dtype: torch.dtype, device) -> KVStore:
-    """The store of a ``gqa`` layer: a :class:`WindowKV` ring for a window layer, else :class:`FullKV`."""
+def gqa_store(spec, batch: int, max_length: int | None, dtype: torch.dtype, device, quant=None) -> KVStore:
+    """The store of a ``gqa`` layer: a :class:`WindowKV` ring for a window layer, else :class:`FullKV`; ``quant``:
+    the resolved kv_quant mapping (kvlab/costs/quant.py) for quantized K/V buffers."""
     if spec.window is not None:
         return WindowKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.window, max_length,
-                        dtype, device)
-    return FullKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, max_length, dtype, device)
+                        dtype, device, quant)
+    return FullKV(batch, spec.num_kv_heads, spec.head_dim, spec.value_dim, max_length, dtype, device, quant)

@@ -10,18 +10,31 @@ modules beside this one. Nothing here imports torch.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
 from kvlab import kinds
 from kvlab.config import ModelConfig
+from kvlab.kinds import AttnCost
 
 from .block import block_extra
 from .dtypes import DTYPE_BYTES, dtype_bytes
 from .mhc import assumption as mhc_assumption
 from .mhc import mhc_cost
 from .mlp import mlp_cost
+from .quant import (
+    buffer_bytes,
+    bytes_per_token,
+    check_layers,
+    for_buffer,
+    layer_buffers,
+    quant_name,
+    quantized_price,
+    resolve_kv_quant,
+)
 
 
 @dataclass
@@ -83,6 +96,7 @@ class Costs:
     params_ple: int = 0  # all PLE parameters: table, projection, norms, per-layer gates and projections
     kv_cache_bytes_no_sharing: int = 0  # kv_cache_bytes with every layer storing its own K/V
     kv_state_bytes: int = 0  # the part of kv_cache_bytes that does not grow with context (recurrent state)
+    kv_quant: str = "none"  # the quantized K/V format (kvlab/costs/quant.py), "none": every value in kv_dtype
     params_mhc: int = 0  # hyper-connection maps (mhc_streams): included in params_total and params_active
     mhc_flops_per_token: int = 0  # their projections, stream mixing and Sinkhorn; included in flops_per_token
     kv_components: dict[str, int] = field(default_factory=dict)  # kv_cache_bytes by named part, summed over layers
@@ -140,11 +154,15 @@ def _mlp_label(layer: Any) -> str:
     return f"moe {moe.top_k}/{moe.num_experts}x{moe.expert_size}{shared}" + (" hash" if moe.hash_routing else "")
 
 
-def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_dtype: Any = None) -> Costs:
+def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_dtype: Any = None,
+          kv_quant: Any = None) -> Costs:
     """Price ``model`` (ModelConfig, preset name, checkpoint dir or Model) at ``context`` tokens.
 
     ``context`` is the cache length (a preallocated cache's ``max_length``) and the decode position;
-    ``dtype`` prices weights, ``kv_dtype`` (default ``dtype``) prices the K/V cache.
+    ``dtype`` prices weights, ``kv_dtype`` (default ``dtype``) prices the K/V cache (and, with ``kv_quant``, its
+    full-precision parts: residual window, exact rotary channels, constant state). ``kv_quant``: a quantized cache
+    (``"int8"``, ``"int4-g32-r64"``, ``"deepseek-v4"``, a QuantSpec or a mapping; kvlab/costs/quant.py): codes,
+    scales, zero points, residual and group padding priced per component, as ``Cache(kv_quant=...)`` holds them.
     """
     cfg = resolve_config(model)
     for nm, v in (("context", context), ("batch", batch)):
@@ -153,16 +171,22 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     w_name, w_elt = dtype_bytes(dtype)
     kv_name, kv_elt = dtype_bytes(dtype if kv_dtype is None else kv_dtype)
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
+    quant = resolve_kv_quant(kv_quant)
+    if quant:
+        check_layers(cfg, quant, context)
+
+    def price(layer: Any, where: str) -> Any:
+        a = kinds.get(layer.attention).price(layer, hidden, context, batch, kv_elt)  # kvlab/kinds/<kind>.py
+        return quantized(a, layer, context, batch, kv_elt, quant, where) if quant else a
 
     per_layer: list[LayerCosts] = []
     matmul_active = read_params = kv_unshared = 0
     for i, layer in enumerate(cfg.layers):
-        fn = kinds.get(layer.attention).price  # the kind's price (kvlab/kinds/<kind>.py)
-        a = fn(layer, hidden, context, batch, kv_elt)
+        a = price(layer, f"layers[{i}]")
         m = mlp_cost(layer, hidden, batch)
         norms, block_mats = block_extra(layer, hidden, cfg.ple_dim)
         if layer.kv_source is not None:  # what the layer would store without sharing
-            kv_unshared += fn(dataclasses.replace(layer, kv_source=None), hidden, context, batch, kv_elt).kv_bytes
+            kv_unshared += price(dataclasses.replace(layer, kv_source=None), f"layers[{i}]").kv_bytes
         else:
             kv_unshared += a.kv_bytes
         matmul_active += a.matmul_params + m.matmul + block_mats
@@ -204,6 +228,7 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     full = [x for x in per_layer if x.window is None]
     assumptions = [
         f"weights in {w_name} ({w_elt} B/param), K/V cache in {kv_name} ({kv_elt} B/element); batch {batch}",
+        *([QUANT_ASSUMPTION.format(name=quant_name(quant), kv=kv_name)] if quant else []),
         ("kv_bytes_per_token: per position of one sequence over full-attention layers; "
          "kv_bytes_per_token_window: the same over window layers (held only up to the window)"),
         ("kv_read_bytes_per_step: one decode step of the batch at position context reads min(context, window) "
@@ -234,7 +259,7 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     if context > cfg.max_positions:
         assumptions.append(f"context {context} exceeds the model's max_positions {cfg.max_positions}")
     return Costs(
-        name=cfg.name, context=context, batch=batch, dtype=w_name, kv_dtype=kv_name,
+        name=cfg.name, context=context, batch=batch, dtype=w_name, kv_dtype=kv_name, kv_quant=quant_name(quant),
         params_total=params_total, params_embedding=embed, params_lm_head=lm_head, params_active=params_active,
         params_active_non_embedding=params_active - embed - lm_head - ple_table,
         kv_cache_bytes=sum(x.kv_bytes for x in per_layer),
@@ -252,6 +277,30 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
         kv_components=_summed(x.kv_components for x in per_layer),
         attn_flops_components=_summed(x.attn_flop_components for x in per_layer),
     )
+
+
+QUANT_ASSUMPTION = (
+    "K/V quantized as {name}: per buffer codes (int4 / fp4 two per byte) + scales (+ zero points) per group + a "
+    "{kv} residual of the last R positions (and, keys per channel, the incomplete group) + {kv} rotary channels "
+    "(rope) + group padding; constant state (conv tail, partial blocks) stays {kv}; kv_bytes_per_token and "
+    "kv_read_bytes_per_step scale by the buffers' quantized / unquantized bytes; shared layers read the "
+    "producer's quantized entries")
+
+
+def quantized(a: AttnCost, layer: Any, context: int, batch: int, elt: int, quant: dict, where: str) -> AttnCost:
+    """The kind's price ``a`` with its per-position buffers quantized per ``quant`` (kvlab/costs/quant.py)."""
+    bufs = layer_buffers(layer, context, where)
+    delta, total = quantized_price(bufs, quant, batch, elt, where)
+    plain = sum(buffer_bytes(None, b, batch, elt) for b in bufs)
+    grow = [b for b in bufs if b.ring is None] or bufs
+    tp = sum((bytes_per_token(None, b, elt) for b in grow), Fraction(0))
+    tq = sum((bytes_per_token(for_buffer(quant, b.name), b, elt) for b in grow), Fraction(0))
+    ratio = Fraction(plain + total, plain) if plain else Fraction(1)
+    comps = {k: v + delta.get(k, 0) for k, v in a.components.items()}
+    return dataclasses.replace(
+        a, kv_bytes=a.kv_bytes + total if layer.stores_kv else a.kv_bytes, components=comps,
+        kv_bytes_per_token=math.floor(a.kv_bytes_per_token * tq / tp) if tp else a.kv_bytes_per_token,
+        kv_read_bytes=a.state_bytes + math.floor((a.kv_read_bytes - a.state_bytes) * ratio))
 
 
 def _summed(parts: Any) -> dict[str, int]:

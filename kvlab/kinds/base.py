@@ -81,6 +81,9 @@ class Kind:
     tag: the word before "full" / "window N" in per-layer tables ("" for the plain default, gqa).
     examples: small LayerSpec fields of layers of this kind (each a tiny model's layer): the contract tests
         (tests/test_contract.py) run every one, so a new kind is tested the moment it is in the table.
+    buffers(layer, context): the store's per-position buffers at ``max_length = context`` (a list of
+        kvlab.costs.quant.Buffer): what a quantized cache (``kv_quant``) quantizes and the calculator prices; None:
+        the kind cannot hold a quantized cache.
     """
 
     name: str
@@ -97,6 +100,7 @@ class Kind:
     can_share: bool = False
     tag: str = ""
     examples: tuple[dict[str, Any], ...] = ()
+    buffers: Callable[[Any, int], list] | None = None
 
     def module_class(self) -> Any:
         """The module class (``module`` may also be the class itself, e.g. for a kind added at run time)."""

@@ -147,6 +147,26 @@ def cache_components(spec: Any, context: int, batch: int, elt: int) -> dict[str,
     return out
 
 
+def rotary_channels(spec: Any) -> int:
+    """The rotated trailing channels of each K = V row (and indexer key): ``int(head_dim * rope.partial)``."""
+    return int(spec.head_dim * spec.rope.partial) if spec.rope is not None else 0
+
+
+def buffers(spec: Any, context: int) -> list:
+    """The window ring, the compressed entries and CSA's indexer keys (entries are written row by row: no residual
+    window; their rotary tail kept whole with ``rope_exact``)."""
+    from kvlab.costs.quant import Buffer
+
+    c, rot = spec.compress, rotary_channels(spec)
+    out = [Buffer("window", "window", 1, min(spec.window, context), spec.head_dim, ring=spec.window, rope=rot)]
+    if c.ratio:
+        out.append(Buffer("compressed", "compressed", 1, context // c.ratio, spec.head_dim, rope=rot, residual=False))
+    if c.indexed:
+        out.append(Buffer("index_keys", "index_keys", 1, context // c.ratio, c.index_head_dim, rope=rot,
+                          residual=False))
+    return out
+
+
 def price(layer: Any, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
     """Window ring + compressed entries (+ CSA's indexer keys) + the constant compressor state (partial block,
     overlap block). Decode reads the window, the state and: HCA every complete entry; CSA every indexer key and its

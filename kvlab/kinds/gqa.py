@@ -61,3 +61,13 @@ def gate_params(layer: Any, hidden: int) -> int:
     if not layer.output_gate:
         return 0
     return (layer.num_heads if layer.gate_per_head else layer.num_heads * layer.value_dim) * hidden
+
+
+def buffers(layer: Any, context: int) -> list:
+    """K and V, ``[B, kv_heads, L, head_dim / v_head_dim]`` (L = context, or a ring of min(window, context))."""
+    from kvlab.costs.quant import Buffer
+
+    ring = layer.window
+    cap = context if ring is None else min(ring, context)
+    return [Buffer("kv", "k", layer.num_kv_heads, cap, layer.head_dim, ring=ring, key=True),
+            Buffer("kv", "v", layer.num_kv_heads, cap, layer.value_dim, ring=ring)]

@@ -139,6 +139,19 @@ def cache_components(layer: Any, context: int, batch: int, kv_elt: int) -> dict[
     return out
 
 
+def buffers(layer: Any, context: int) -> list:
+    """``c_kv``, ``k_pe`` (its rotary channels: kept whole with ``rope_exact``) and DSA's ``index_keys``, one row
+    per token each."""
+    from kvlab.costs.quant import Buffer
+
+    m = layer.mla
+    out = [Buffer("c_kv", "c_kv", 1, context, m.kv_lora_rank),
+           Buffer("k_pe", "k_pe", 1, context, m.qk_rope_head_dim, rope=m.qk_rope_head_dim)]
+    if m.sparse:
+        out.append(Buffer("index_keys", "index_keys", 1, context, m.index_head_dim, rope=m.qk_rope_head_dim))
+    return out
+
+
 def price(layer: Any, hidden: int, context: int, batch: int, kv_elt: int) -> AttnCost:
     """The latent (``kv_lora_rank + qk_rope_head_dim`` per token; + ``index_head_dim`` indexer keys with DSA).
 

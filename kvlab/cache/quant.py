@@ -1,0 +1,263 @@
+"""Quantized per-position buffers: the :class:`~kvlab.cache.storage.Rows` interface over codes, scales and a
+full-precision residual, so every store (full, window ring, MLA latent, CCA, CSA/HCA entries) holds quantized K/V
+without knowing it, and every layer reads dequantized keys and values.
+
+Layout (kvlab/costs/quant.py prices it byte for byte) of a buffer of ``C`` slots x ``D`` channels:
+``codes [*lead, C, Dq * bits / 8]`` (int8 / uint8 / float8; int4 and fp4 packed two per byte, low nibble first),
+``scales`` (and ``zeros`` when asymmetric) ``[*lead, C, Dq / group]`` per token or ``[*lead, ceil(C / G), Dq]``
+per channel (KIVI keys: groups of ``G`` positions), ``residual [*lead, S, Dq]`` exact values of the positions not
+yet quantized (the last ``R`` and the incomplete group; slot = position % S), ``tail [*lead, C, D - Dq]`` exact
+rotary channels (``rope_exact``). Position ``p`` of ``n`` written is held quantized iff
+``p < floor(max(0, n - R) / span) * span``; it is quantized once, when it leaves the residual. Reading
+dequantizes every slot and lays the residual over its positions.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+
+import torch
+
+from kvlab.costs.quant import Buffer, QuantSpec, layout
+
+from .storage import grown
+
+_QMAX = {"fp8": 448.0, "fp8_e5m2": 57344.0, "fp4": 6.0}
+_FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 magnitudes
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+@functools.lru_cache(maxsize=16)
+def hadamard(n: int, device: str = "cpu") -> torch.Tensor:
+    """The normalised Sylvester Hadamard matrix ``[n, n]`` (n a power of two): symmetric and orthogonal, H H = I."""
+    h = torch.ones(1, 1)
+    while h.shape[0] < n:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return (h / n ** 0.5).to(device)
+
+
+def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
+    """``x [..., D]`` times the block-diagonal Hadamard of ``block`` (its own inverse)."""
+    d = x.shape[-1]
+    return (x.reshape(*x.shape[:-1], d // block, block) @ hadamard(block, str(x.device))).reshape(x.shape)
+
+
+def pack4(c: torch.Tensor) -> torch.Tensor:
+    """uint8 codes ``[..., 2n]`` in 0..15 -> ``[..., n]`` bytes (even channel low nibble, odd high)."""
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def unpack4(p: torch.Tensor) -> torch.Tensor:
+    """The inverse of :func:`pack4`: bytes ``[..., n]`` -> codes ``[..., 2n]``."""
+    return torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)
+
+
+def quantize(x: torch.Tensor, spec: QuantSpec, axis: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Quantize ``x`` (float32) with one scale per slice along ``axis`` (the group axis, kept with size 1).
+
+    Returns ``(codes, scale, zero)`` (codes unpacked, same shape as ``x``: int8 / uint8 / float8; scale and zero
+    in the spec's scale dtype, ``axis`` squeezed; zero None when symmetric)."""
+    sd = _SCALE_DTYPES[spec.scale_dtype]
+    if spec.kind == "int" and not spec.symmetric:
+        lo, hi = x.amin(axis, keepdim=True), x.amax(axis, keepdim=True)
+        top = 2 ** spec.bits - 1
+        s = ((hi - lo) / top).to(sd)
+        z = lo.to(sd)
+        inv = torch.where(s.float() > 0, 1 / s.float(), 0)
+        c = torch.round((x - z.float()) * inv).clamp_(0, top).to(torch.uint8)
+        return c, s.squeeze(axis), z.squeeze(axis)
+    amax = x.abs().amax(axis, keepdim=True)
+    qmax = _QMAX.get(spec.fmt, 2 ** (spec.bits - 1) - 1)
+    s = (amax / qmax).to(sd)
+    inv = torch.where(s.float() > 0, 1 / s.float(), 0)
+    y = x * inv
+    if spec.fmt in _FP8:
+        c = y.clamp_(-qmax, qmax).to(_FP8[spec.fmt])
+    elif spec.fmt == "fp4":
+        mids = torch.tensor([(a + b) / 2 for a, b in itertools.pairwise(_FP4)], device=x.device)
+        mag = torch.bucketize(y.abs().clamp_(max=6.0).contiguous(), mids).to(torch.uint8)
+        c = mag | ((y < 0).to(torch.uint8) << 3)
+    elif spec.bits == 4:
+        c = (torch.round(y).clamp_(-8, 7) + 8).to(torch.uint8)
+    else:
+        c = torch.round(y).clamp_(-128, 127).to(torch.int8)
+    return c, s.squeeze(axis), None
+
+
+def code_values(c: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Codes (unpacked) -> the float32 values they stand for, before scaling."""
+    if spec.fmt == "fp4":
+        v = torch.tensor(_FP4, device=c.device)[(c & 7).long()]
+        return torch.where(c >= 8, -v, v)
+    if spec.bits == 4 and spec.symmetric:
+        return c.float() - 8
+    return c.float()
+
+
+def dequantize(c: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec, axis: int) -> torch.Tensor:
+    """Codes (unpacked) and their scales (``axis`` squeezed) -> float32 values."""
+    v = code_values(c, spec) * s.float().unsqueeze(axis)
+    return v if z is None else v + z.float().unsqueeze(axis)
+
+
+def spec_is_fp8(spec: QuantSpec) -> bool:
+    return spec.fmt in _FP8
+
+
+class QuantRows:
+    """A quantized per-position buffer with the :class:`~kvlab.cache.storage.Rows` interface (see the module).
+
+    ``buf`` describes it (channels, ring, keys, rotary tail; kvlab.costs.quant.Buffer), ``spec`` how it is
+    quantized, ``lead`` its leading shape (``[B, Hkv]``); ``max_length`` known: the residual holds at most that
+    many slots (it never needs more).
+    """
+
+    def __init__(self, buf: Buffer, spec: QuantSpec, lead: tuple[int, ...], dtype: torch.dtype, device,
+                 max_length: int | None = None) -> None:
+        lay = layout(spec, buf)
+        self.spec, self.dtype, self.ring = spec, dtype, buf.ring is not None
+        self.dq, self.group, self.span, self.tail_dim = lay["dq"], lay["group"], lay["span"], lay["tail"]
+        self.residual_slots = min(lay["slots"], max_length) if max_length else lay["slots"]
+        self.block = self.dq & -self.dq if spec.rotate and buf.key else 0  # largest power of two dividing dq
+        self.n = 0  # positions written (whole-batch writes)
+        sd = _SCALE_DTYPES[spec.scale_dtype]
+        code_dim = self.dq * spec.bits // 8
+        code_dtype = torch.int8 if spec.fmt == "int8" and spec.symmetric else torch.uint8  # fp8: its bytes
+        self.codes = torch.zeros(*lead, 0, code_dim, dtype=code_dtype, device=device)
+        per = self.dq if self.span > 1 else self.dq // self.group
+        self.scales = torch.zeros(*lead, 0, per, dtype=sd, device=device)
+        self.zeros = None if spec.symmetric else torch.zeros(*lead, 0, per, dtype=sd, device=device)
+        self.res = torch.zeros(*lead, self.residual_slots, self.dq, dtype=dtype, device=device)
+        self.tail = torch.zeros(*lead, 0, self.tail_dim, dtype=dtype, device=device)
+
+    @property
+    def capacity(self) -> int:
+        return self.codes.shape[-2]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.codes, self.scales, self.zeros, self.res, self.tail) if t is not None]
+
+    def resize(self, capacity: int, keep: int) -> None:
+        def grow(t: torch.Tensor, cap: int, kept: int) -> torch.Tensor:
+            old = t.shape[-2]
+            out = grown(t, -2, cap, min(kept, old))
+            if cap > old:
+                out.narrow(-2, old, cap - old).zero_()
+            return out
+
+        groups = -(-capacity // self.span)
+        self.codes = grow(self.codes, capacity, keep)
+        self.scales = grow(self.scales, groups if self.span > 1 else capacity, -(-keep // self.span))
+        if self.zeros is not None:
+            self.zeros = grow(self.zeros, self.scales.shape[-2], -(-keep // self.span))
+        self.tail = grow(self.tail, capacity, keep)
+
+    # -- writing ---------------------------------------------------------------------------------------------
+    def quantized_end(self, n: int) -> int:
+        """Positions ``< quantized_end(n)`` are held quantized once ``n`` positions were written."""
+        return max(0, n - self.spec.residual) // self.span * self.span
+
+    def _slots(self, p0: int, p1: int, device, mod: int | None = None) -> torch.Tensor:
+        r = torch.arange(p0, p1, device=device)
+        return r % mod if mod else r
+
+    def _put(self, t: torch.Tensor, p0: int, x: torch.Tensor, rows: slice | None, mod: int) -> None:
+        """Write ``x [*lead, m, *]`` at slots ``p0..`` (mod ``mod`` in a ring) of ``t``."""
+        t = t if rows is None else t[rows]
+        m = x.shape[-2]
+        if not self.ring:
+            t.narrow(-2, p0, m).copy_(x)
+        else:
+            t.index_copy_(t.dim() - 2, self._slots(p0, p0 + m, x.device, mod), x)
+
+    def _store_codes(self, lo: int, live: int, x: torch.Tensor, rows: slice | None) -> None:
+        """Quantize positions ``lo..lo+m-1`` (``x [*lead, m, dq]``, exact) and write those from ``live`` on."""
+        x = x.float()
+        if self.block:
+            x = rotate(x, self.block)
+        m = x.shape[-2]
+        if self.span > 1:  # keys per channel: groups of span positions, one scale per channel
+            g = x.reshape(*x.shape[:-2], m // self.span, self.span, self.dq)
+            c, s, z = quantize(g, self.spec, -2)
+            c = c.reshape(x.shape)
+            first = lo // self.span
+            groups = -(-self.capacity // self.span)
+            self._put(self.scales, first, s, rows, groups)
+            if z is not None:
+                self._put(self.zeros, first, z, rows, groups)
+        else:
+            g = x.reshape(*x.shape[:-1], self.dq // self.group, self.group)
+            c, s, z = quantize(g, self.spec, -1)
+            c = c.reshape(x.shape)
+            s, z = s[..., live - lo:, :], None if z is None else z[..., live - lo:, :]
+            self._put(self.scales, live, s, rows, self.capacity)
+            if z is not None:
+                self._put(self.zeros, live, z, rows, self.capacity)
+        c = c[..., live - lo:, :]
+        c = c.view(torch.uint8) if spec_is_fp8(self.spec) else c
+        self._put(self.codes, live, pack4(c) if self.spec.bits == 4 else c, rows, self.capacity)
+
+    def write(self, start: int, x: torch.Tensor, rows: slice | None = None) -> None:
+        """Store ``x [*lead, T, D]`` at positions ``start..``: its rotary tail exactly, the rest quantized as each
+        position leaves the residual (at once without one)."""
+        t, cap = x.shape[-2], self.capacity
+        end = start + t
+        live = max(start, end - cap) if self.ring else start
+        if self.tail_dim:
+            self._put(self.tail, live, x[..., live - start:, self.dq:], rows, cap)
+        xq = x[..., :self.dq]
+        if not self.residual_slots:
+            self._store_codes(live, live, xq[..., live - start:, :], rows)
+            self.n = end
+            return
+        if rows is not None:
+            raise ValueError("a buffer with a residual window is written for the whole batch at once")
+        q_old, q_new = self.quantized_end(start), self.quantized_end(end)
+        held = self.res.index_select(-2, self._slots(q_old, start, x.device, self.residual_slots))
+        full = torch.cat((held, xq.to(self.dtype)), dim=-2)  # exact values of positions q_old..end-1
+        lo = max(q_old, (end - cap) // self.span * self.span) if self.ring else q_old
+        if q_new > lo:
+            self._store_codes(lo, max(lo, end - cap) if self.ring else lo, full[..., lo - q_old:q_new - q_old, :], None)
+        keep = full[..., q_new - q_old:, :]
+        self.res.index_copy_(self.res.dim() - 2, self._slots(q_new, end, x.device, self.residual_slots), keep)
+        self.n = end
+
+    # -- reading ---------------------------------------------------------------------------------------------
+    def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
+        """Slots ``0..n-1`` dequantized ``[*lead, n, D]`` in the cache dtype (the residual's positions exact)."""
+        cap = self.capacity
+        n = cap if n is None else n
+
+        def sl(t):
+            t = t if rows is None else t[rows]
+            return t.narrow(-2, 0, n)
+
+        c = sl(self.codes)
+        c = unpack4(c) if self.spec.bits == 4 else c.view(_FP8[self.spec.fmt]) if spec_is_fp8(self.spec) else c
+        if self.span > 1:
+            s = (self.scales if rows is None else self.scales[rows]).repeat_interleave(self.span, -2)[..., :n, :]
+            z = None if self.zeros is None else (self.zeros if rows is None else self.zeros[rows]
+                                                 ).repeat_interleave(self.span, -2)[..., :n, :]
+            out = code_values(c, self.spec) * s.float()
+            out = out if z is None else out + z.float()
+        else:
+            g = c.reshape(*c.shape[:-1], self.dq // self.group, self.group)
+            out = dequantize(g, sl(self.scales), None if self.zeros is None else sl(self.zeros), self.spec, -1)
+            out = out.reshape(c.shape)
+        if self.block:
+            out = rotate(out, self.block)
+        out = out.to(self.dtype)
+        if self.residual_slots and self.n:
+            p0 = max(self.quantized_end(self.n), self.n - cap)
+            if self.n > p0:
+                vals = self.res.index_select(-2, self._slots(p0, self.n, out.device, self.residual_slots))
+                out.index_copy_(out.dim() - 2, self._slots(p0, self.n, out.device, cap if self.ring else None),
+                                vals if rows is None else vals[rows])
+        if self.tail_dim:
+            out = torch.cat((out, sl(self.tail)), dim=-1)
+        return out
+
+
+__all__ = ["QuantRows", "code_values", "dequantize", "hadamard", "pack4", "quantize", "rotate", "unpack4"]

@@ -1,0 +1,302 @@
+"""Quantized KV-cache formats: the :class:`QuantSpec` a cache is built with, its parser, and its price.
+
+A quantized per-position buffer (kvlab/cache/quant.py) of ``C`` slots x ``D`` channels holds:
+
+- codes: ``C x Dq`` values of ``bits`` each (int4 / fp4: two per byte), ``Dq = D - tail``;
+- scales (and zero points when asymmetric) in ``scale_dtype``: per token, one per ``group`` channels
+  (``C x Dq / group``); K per channel (KIVI, arXiv 2402.02750), one per ``group`` positions and channel
+  (``ceil(C / group) x Dq``: the last group padded);
+- a full-precision residual of ``R + span - 1`` slots x ``Dq`` (``span`` = group for K per channel, else 1): the
+  most recent ``R`` positions and the incomplete group, flushed into codes as they leave it;
+- ``tail`` channels kept in the cache dtype (``rope_exact``: the rotary channels, as DeepSeek V4 keeps its 64).
+
+:func:`buffer_bytes` prices one such buffer; the calculator (calculator.py) prices each kind's buffers (its
+record's ``buffers``) with it, so ``Cache.nbytes()`` equals ``costs(..., kv_quant=...)`` byte for byte.
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+from .dtypes import dtype_bytes
+
+# format -> (bits per code, kind); fp formats have no zero points
+FORMATS: dict[str, tuple[int, str]] = {"int8": (8, "int"), "int4": (4, "int"), "fp8": (8, "fp"),
+                                       "fp8_e5m2": (8, "fp"), "fp4": (4, "fp")}
+# buffer names a kv_quant mapping may override (besides "*"), by the kinds that hold them
+COMPONENTS = ("k", "v", "c_kv", "k_pe", "index_keys", "window", "compressed")
+
+
+class QuantError(ValueError):
+    """A kv_quant format, option or combination that is not allowed (names it and what is allowed)."""
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one K/V buffer is quantized.
+
+    fmt: ``int8``, ``int4`` (two codes per byte), ``fp8`` (e4m3), ``fp8_e5m2``, ``fp4`` (e2m1, two per byte).
+    group: channels sharing a scale (per token; capped at the row's channels), or positions sharing one per channel
+        (``k_per_channel``). residual: the most recent positions kept in full precision (KIVI's R).
+    k_per_channel: keys quantized per channel in groups of ``group`` positions (KIVI); values stay per token.
+    scale_dtype: dtype of the scales and zero points. symmetric: int codes around zero (no zero point).
+    rotate: keys rotated by a block Hadamard matrix before quantizing, undone exactly after dequantizing
+        (equivalently on the query side: ``q.k = (qH).(kH)``; QuaRot arXiv 2404.00456, llama.cpp's 2026 rotation).
+    rope_exact: the rotary channels (MLA's ``k_pe``, CSA/HCA/SWA's rotated tail) kept in the cache dtype.
+    """
+
+    fmt: str = "int8"
+    group: int = 32
+    residual: int = 0
+    k_per_channel: bool = False
+    scale_dtype: str = "float16"
+    symmetric: bool = True
+    rotate: bool = False
+    rope_exact: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fmt not in FORMATS:
+            raise QuantError(f"kv_quant format={self.fmt!r}: allowed: {', '.join(FORMATS)}")
+        for name in ("group",):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise QuantError(f"kv_quant {name}={v!r}: must be a positive integer")
+        if not isinstance(self.residual, int) or isinstance(self.residual, bool) or self.residual < 0:
+            raise QuantError(f"kv_quant residual={self.residual!r}: must be a non-negative integer")
+        try:
+            name, _ = dtype_bytes(self.scale_dtype)
+        except ValueError:
+            raise QuantError(f"kv_quant scale_dtype={self.scale_dtype!r}: allowed: float16, bfloat16, float32"
+                             ) from None
+        if name not in ("float16", "bfloat16", "float32"):
+            raise QuantError(f"kv_quant scale_dtype={self.scale_dtype!r}: allowed: float16, bfloat16, float32")
+        object.__setattr__(self, "scale_dtype", name)
+        if not self.symmetric and self.kind == "fp":
+            raise QuantError(f"kv_quant symmetric=False: {self.fmt} codes are signed floats (no zero point); "
+                             "asymmetric is for int8 / int4")
+
+    @property
+    def bits(self) -> int:
+        return FORMATS[self.fmt][0]
+
+    @property
+    def kind(self) -> str:
+        return FORMATS[self.fmt][1]
+
+    @property
+    def name(self) -> str:
+        """The canonical text form, parsed back by :func:`parse_quant`: ``int4-g32-r64-kc-rot``."""
+        parts = [self.fmt, f"g{self.group}"]
+        parts += [f"r{self.residual}"] if self.residual else []
+        parts += ["kc"] if self.k_per_channel else []
+        parts += ["rot"] if self.rotate else []
+        parts += ["asym"] if not self.symmetric else []
+        parts += ["rope"] if self.rope_exact else []
+        parts += [{"bfloat16": "sbf16", "float32": "s32"}[self.scale_dtype]] if self.scale_dtype != "float16" else []
+        return "-".join(parts)
+
+
+def parse_quant(text: str) -> QuantSpec:
+    """``"int4-g32-r64-kc-rot"`` -> QuantSpec: a format then options: ``gN`` group, ``rN`` residual, ``kc`` K per
+    channel, ``rot`` Hadamard rotation of K, ``asym`` zero points, ``rope`` rotary channels exact, ``s16`` /
+    ``sbf16`` / ``s32`` scale dtype."""
+    if not isinstance(text, str) or not text:
+        raise QuantError(f"kv_quant={text!r}: a format name such as int8, int4-g32-r64, fp8 or a preset "
+                         f"({', '.join(PRESETS)})")
+    fmt, *opts = text.strip().lower().split("-")
+    fmt = {"q8": "int8", "q4": "int4", "fp8_e4m3": "fp8", "e4m3": "fp8", "e5m2": "fp8_e5m2"}.get(fmt, fmt)
+    kw: dict[str, Any] = {"fmt": fmt}
+    flags = {"kc": ("k_per_channel", True), "rot": ("rotate", True), "asym": ("symmetric", False),
+             "rope": ("rope_exact", True), "s16": ("scale_dtype", "float16"), "sbf16": ("scale_dtype", "bfloat16"),
+             "s32": ("scale_dtype", "float32")}
+    for o in opts:
+        if o in flags:
+            kw[flags[o][0]] = flags[o][1]
+        elif o[:1] in ("g", "r") and o[1:].isdigit():
+            kw["group" if o[0] == "g" else "residual"] = int(o[1:])
+        else:
+            raise QuantError(f"kv_quant={text!r}: option {o!r} unknown; allowed: gN (group), rN (residual), "
+                             "kc, rot, asym, rope, s16, sbf16, s32")
+    return QuantSpec(**kw)
+
+
+# named storage presets: component -> spec ("*": every other buffer)
+PRESETS: dict[str, dict[str, QuantSpec | None]] = {
+    # DeepSeek V4 (model card / inference code): K/V entries in FP8 with the 64 rotary channels kept in bf16,
+    # the lightning indexer's keys in FP4 (e2m1 with a scale per 32 values)
+    "deepseek-v4": {"*": QuantSpec("fp8", group=64, rope_exact=True, scale_dtype="float32"),
+                    "index_keys": QuantSpec("fp4", group=32, scale_dtype="float32")},
+}
+
+
+def resolve_kv_quant(kv_quant: Any) -> dict[str, QuantSpec | None] | None:
+    """``kv_quant`` as given (None, a name, a preset name, a QuantSpec, or a mapping component -> spec with ``"*"``
+    for the rest) -> ``{component: QuantSpec | None}``; None: no quantization."""
+    if kv_quant is None or kv_quant in ("", "none", "off"):
+        return None
+    if isinstance(kv_quant, QuantSpec):
+        return {"*": kv_quant}
+    if isinstance(kv_quant, str):
+        if kv_quant in PRESETS:
+            return dict(PRESETS[kv_quant])
+        return {"*": parse_quant(kv_quant)}
+    if isinstance(kv_quant, dict):
+        out: dict[str, QuantSpec | None] = {}
+        for k, v in kv_quant.items():
+            if k != "*" and k not in COMPONENTS:
+                raise QuantError(f"kv_quant[{k!r}]: allowed components: *, {', '.join(COMPONENTS)}")
+            out[k] = None if v is None else v if isinstance(v, QuantSpec) else parse_quant(v)
+        return out
+    raise QuantError(f"kv_quant={kv_quant!r}: a format name, a preset ({', '.join(PRESETS)}), a QuantSpec or a "
+                     "mapping component -> format")
+
+
+def quant_name(q: dict[str, QuantSpec | None] | None) -> str:
+    """A short label of a resolved kv_quant: ``int4-g32`` or ``*=fp8-g64-rope, index_keys=fp4-g32``."""
+    if not q:
+        return "none"
+    for name, preset in PRESETS.items():
+        if q == preset:
+            return name
+    if list(q) == ["*"]:
+        return q["*"].name if q["*"] else "none"
+    return ", ".join(f"{k}={v.name if v else 'none'}" for k, v in q.items())
+
+
+def for_buffer(q: dict[str, QuantSpec | None] | None, component: str) -> QuantSpec | None:
+    """The spec of buffer ``component`` (its own entry, else ``"*"``)."""
+    if not q:
+        return None
+    return q[component] if component in q else q.get("*")
+
+
+@dataclass(frozen=True)
+class Buffer:
+    """One per-position buffer of a store, as its kind's record describes it (``Kind.buffers``).
+
+    component: its name (a key of the price's components, or ``"kv"`` for a kind with one part); name: the
+    kv_quant key (``k``, ``v``, ``c_kv``...); rows: leading entries per sequence (kv heads); capacity: slots at
+    ``max_length = context``; dim: channels; ring: a sliding-window ring (slot = position % capacity) of
+    ``window`` positions; key: a keys-only buffer (``k_per_channel`` and ``rotate`` apply); rope: its rotary
+    channels (the last ``rope``; kept exact with ``rope_exact``).
+    """
+
+    component: str
+    name: str
+    rows: int
+    capacity: int
+    dim: int
+    ring: int | None = None
+    key: bool = False
+    rope: int = 0
+    residual: bool = True  # False: entries written row by row (CSA/HCA pools): no residual window, per token
+
+
+def layout(spec: QuantSpec, buf: Buffer) -> dict[str, int]:
+    """What a quantized buffer is made of: ``tail`` exact channels, ``dq`` quantized channels, ``group`` (channels
+    per scale, per token), ``span`` (positions per scale: ``group`` for K per channel, else 1), ``slots`` of the
+    residual (before capping at the capacity)."""
+    tail = buf.rope if spec.rope_exact else 0
+    dq = buf.dim - tail
+    span = spec.group if spec.k_per_channel and buf.key and buf.residual else 1
+    group = dq if span > 1 else min(spec.group, dq)
+    slots = spec.residual + span - 1 if buf.residual else 0
+    return {"tail": tail, "dq": dq, "group": max(group, 1), "span": span, "slots": slots}
+
+
+def check(spec: QuantSpec, buf: Buffer, where: str) -> None:
+    """A QuantError naming the layer, the option and what is allowed, for a combination the buffer cannot hold."""
+    lay = layout(spec, buf)
+    dq, group, span = lay["dq"], lay["group"], lay["span"]
+    if dq and dq % group:
+        divisors = [g for g in range(1, dq + 1) if dq % g == 0]
+        raise QuantError(f"{where}.kv_quant[{buf.name}].group={spec.group}: must divide the {dq} quantized channels "
+                         f"(allowed: {', '.join(map(str, divisors))}, or at least {dq}: one group per row)")
+    if spec.bits == 4 and (dq % 2 or (span == 1 and group % 2)):
+        raise QuantError(f"{where}.kv_quant[{buf.name}]: {spec.fmt} packs two channels per byte: the {dq} quantized "
+                         f"channels (and a group of {group}) must be even")
+    if buf.ring is not None:
+        if lay["slots"] > buf.ring:
+            raise QuantError(f"{where}.kv_quant[{buf.name}].residual={spec.residual}: the residual"
+                             + (f" plus a group of {span} - 1" if span > 1 else "")
+                             + f" must fit the sliding window of {buf.ring} positions")
+        if span > 1 and buf.ring % span:
+            raise QuantError(f"{where}.kv_quant[{buf.name}].group={spec.group}: keys per channel in groups of "
+                             f"{span} positions need a window that is a multiple of it (window={buf.ring})")
+
+
+def buffer_bytes(spec: QuantSpec | None, buf: Buffer, batch: int, elt: int) -> int:
+    """Bytes of ``buf`` for ``batch`` sequences: ``spec`` None prices it unquantized at ``elt`` B/value."""
+    n = batch * buf.rows
+    if spec is None:
+        return n * buf.capacity * buf.dim * elt
+    lay = layout(spec, buf)
+    c, dq, span = buf.capacity, lay["dq"], lay["span"]
+    se = dtype_bytes(spec.scale_dtype)[1] * (1 if spec.symmetric else 2)
+    scales = (math.ceil(c / span) * dq) if span > 1 else c * (dq // lay["group"])
+    residual = min(lay["slots"], c)
+    return n * (c * dq * spec.bits // 8 + scales * se + residual * dq * elt + c * lay["tail"] * elt)
+
+
+def bytes_per_token(spec: QuantSpec | None, buf: Buffer, elt: int) -> Fraction:
+    """Bytes one more position adds to ``buf`` (one sequence; the residual excluded: it does not grow)."""
+    if spec is None:
+        return Fraction(buf.rows * buf.dim * elt)
+    lay = layout(spec, buf)
+    dq = lay["dq"]
+    se = dtype_bytes(spec.scale_dtype)[1] * (1 if spec.symmetric else 2)
+    scales = Fraction(dq, lay["span"]) if lay["span"] > 1 else Fraction(dq // lay["group"])
+    return buf.rows * (Fraction(dq * spec.bits, 8) + scales * se + lay["tail"] * elt)
+
+
+def bits_per_value(spec: QuantSpec, dim: int = 128, key: bool = False) -> float:
+    """Average stored bits per value of a long cache (codes + scales; residual and exact tail excluded)."""
+    buf = Buffer("kv", "k" if key else "v", 1, 1, dim, key=key)
+    return float(bytes_per_token(dataclasses.replace(spec, rope_exact=False), buf, 2) * 8 / dim)
+
+
+def quantized_price(buffers: list[Buffer], q: dict[str, QuantSpec | None], batch: int, elt: int,
+                    where: str) -> tuple[dict[str, int], int]:
+    """``(quantized - unquantized)`` bytes of a layer's buffers, by component and in total (each buffer checked)."""
+    delta: dict[str, int] = {}
+    total = 0
+    for b in buffers:
+        spec = for_buffer(q, b.name)
+        if spec is not None:
+            check(spec, b, where)
+        d = buffer_bytes(spec, b, batch, elt) - buffer_bytes(None, b, batch, elt)
+        delta[b.component] = delta.get(b.component, 0) + d
+        total += d
+    return delta, total
+
+
+def layer_buffers(layer: Any, context: int, where: str) -> list[Buffer]:
+    """The per-position buffers of a storing layer (its kind's record), or a QuantError when it has none."""
+    from kvlab import kinds
+
+    fn = kinds.get(layer.attention).buffers
+    if fn is None:
+        raise QuantError(f"{where}.attention={layer.attention!r}: this kind's store has no quantizable buffers "
+                         "(its record names none): kv_quant is not supported")
+    return fn(layer, context)
+
+
+def check_layers(config: Any, q: dict[str, QuantSpec | None], context: int) -> None:
+    """Check every storing layer's buffers against ``q`` (QuantError naming the layer, option and what is allowed)."""
+    for i, layer in enumerate(config.layers):
+        if layer.stores_kv:
+            where = f"layers[{i}]"
+            for b in layer_buffers(layer, context, where):
+                spec = for_buffer(q, b.name)
+                if spec is not None:
+                    check(spec, b, where)
+
+
+__all__ = ["COMPONENTS", "FORMATS", "PRESETS", "Buffer", "QuantError", "QuantSpec", "bits_per_value", "buffer_bytes",
+           "bytes_per_token", "check", "check_layers", "for_buffer", "layer_buffers", "layout", "parse_quant",
+           "quant_name", "quantized_price", "resolve_kv_quant"]

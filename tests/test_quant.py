@@ -1,0 +1,181 @@
+"""Quantized K/V caches (kvlab/costs/quant.py, kvlab/cache/quant.py): formats, packing, the positions held
+quantized, the fake-quantization oracle, pricing anchors and named errors. The contract over every kind (measured ==
+calculated, decode close to unquantized) is in tests/test_contract.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlab.cache.quant import QuantRows, dequantize, pack4, quantize, rotate, unpack4
+from kvlab.config import ModelConfig
+from kvlab.costs import costs
+from kvlab.costs.quant import Buffer, QuantError, QuantSpec, bits_per_value, layout, parse_quant, resolve_kv_quant
+from kvlab.layers import attention, cca
+from tests.test_contract import random_model, tiny
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def test_int4_packing_round_trips_every_byte_and_code():
+    every = torch.arange(256, dtype=torch.uint8)
+    assert torch.equal(pack4(unpack4(every)), every)
+    codes = torch.randint(0, 16, (3, 5, 64), dtype=torch.uint8)
+    packed = pack4(codes)
+    assert packed.shape == (3, 5, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack4(packed), codes)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "int4-asym", "fp4"])
+def test_values_on_the_grid_round_trip_exactly(fmt):
+    """Values that are codes times a power-of-two scale come back bit for bit (int4: -8..7 x 0.25)."""
+    spec = parse_quant(fmt)
+    grid = {"int4": [-7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7, 7],  # scale = absmax / 7
+            "int8": [-127, -100, -50, -8, -1, 0, 1, 2, 3, 7, 50, 99, 120, 127, -5, 64],  # absmax / 127
+            "int4-asym": list(range(16)),  # (max - min) / 15, zero = min
+            "fp4": [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6, 6]}[fmt]  # absmax / 6
+    x = torch.tensor(grid, dtype=torch.float32)[None, None] * 0.25
+    c, s, z = quantize(x, spec, -1)
+    back = dequantize(c, s, z, spec, -1)
+    torch.testing.assert_close(back, x, atol=0, rtol=0)
+
+
+def test_hadamard_rotation_is_its_own_exact_inverse():
+    x = torch.randn(2, 3, 7, 64, dtype=torch.float64).float()
+    torch.testing.assert_close(rotate(rotate(x, 64), 64), x, atol=1e-5, rtol=0)
+    torch.testing.assert_close(rotate(x, 16).norm(dim=-1), x.norm(dim=-1), atol=1e-4, rtol=0)
+
+
+def test_format_names_parse_and_print_back():
+    for text in ("int8-g32", "int4-g32-r64", "int4-g64-r128-kc-rot", "fp8-g64-rope-s32", "int4-g16-asym-sbf16"):
+        assert parse_quant(text).name == text
+    q = parse_quant("int4-g32-r64-kc-rot")
+    assert (q.bits, q.group, q.residual, q.k_per_channel, q.rotate) == (4, 32, 64, True, True)
+    assert resolve_kv_quant("deepseek-v4")["index_keys"].fmt == "fp4"
+
+
+@pytest.mark.parametrize("text,message", [
+    ("int3", r"format='int3': allowed: int8, int4, fp8"),
+    ("int4-x9", r"option 'x9' unknown; allowed: gN"),
+    ("fp8-asym", r"symmetric=False: fp8 codes are signed floats"),
+    ("int8-s8", r"option 's8' unknown"),
+])
+def test_bad_formats_are_named_errors(text, message):
+    with pytest.raises(QuantError, match=message):
+        parse_quant(text)
+
+
+def test_bad_combinations_name_the_layer_option_and_what_is_allowed():
+    cfg = tiny("gqa", 1)  # window 5, head_dim 8
+    with pytest.raises(ValueError, match=r"layers\[0\]\.kv_quant\[k\]\.residual=6: the residual must fit the sliding "
+                                         r"window of 5 positions"):
+        costs(cfg, context=64, kv_quant="int8-r6")
+    cfg = tiny("gqa", 2)  # v_head_dim 12
+    with pytest.raises(ValueError, match=r"layers\[0\]\.kv_quant\[v\]\.group=8: must divide the 12 quantized channels "
+                                         r"\(allowed: 1, 2, 3, 4, 6, 12"):
+        random_model(cfg).new_cache(1, 16, kv_quant="int4-g8")
+    with pytest.raises(ValueError, match=r"kv_quant\['q'\]: allowed components"):
+        costs(cfg, context=64, kv_quant={"q": "int8"})
+
+
+def test_published_bit_widths():
+    """llama.cpp q8_0 (32 int8 + an fp16 scale) is 8.5 bits per value, q4_0 4.5; KIVI's per-channel keys over 32
+    positions cost the same per value."""
+    assert bits_per_value(parse_quant("int8-g32")) == 8.5
+    assert bits_per_value(parse_quant("int4-g32")) == 4.5
+    assert bits_per_value(parse_quant("int4-g32-kc"), key=True) == 4.5
+    assert bits_per_value(parse_quant("int4-g32-asym")) == 5.0
+    c16 = costs("llama-3.1-8b", context=32768, dtype="bf16")
+    c8 = costs("llama-3.1-8b", context=32768, dtype="bf16", kv_quant="int8-g32")
+    assert c16.kv_cache_bytes == 4_294_967_296 and c8.kv_cache_bytes * 32 == c16.kv_cache_bytes * 17  # 8.5 / 16
+
+
+def fake(x: torch.Tensor, spec: QuantSpec, buf: Buffer, upto: int) -> torch.Tensor:
+    """The oracle: ``x [B, H, L, D]`` with positions ``< upto`` passed through quantize-dequantize as the cache
+    groups them (per token in groups of channels, or keys per channel in groups of positions), rotated if asked."""
+    lay = layout(spec, buf)
+    out = x.clone()
+    if upto <= 0:
+        return out
+    q = x[..., :upto, :].float()
+    block = lay["dq"] & -lay["dq"] if spec.rotate and buf.key else 0
+    q = rotate(q, block) if block else q
+    if lay["span"] > 1:
+        g = q.reshape(*q.shape[:-2], upto // lay["span"], lay["span"], lay["dq"])
+        c, s, z = quantize(g, spec, -2)
+        d = dequantize(c, s, z, spec, -2).reshape(q.shape)
+    else:
+        g = q.reshape(*q.shape[:-1], lay["dq"] // lay["group"], lay["group"])
+        c, s, z = quantize(g, spec, -1)
+        d = dequantize(c, s, z, spec, -1).reshape(q.shape)
+    out[..., :upto, :] = (rotate(d, block) if block else d).to(x.dtype)
+    return out
+
+
+@pytest.mark.parametrize("text", ["int4-g4", "int4-g4-r3", "int8-g4-r2-kc", "int4-g4-r1-kc-rot", "fp8-g8-r5"])
+@pytest.mark.parametrize("ring", [None, 8], ids=["full", "ring8"])
+def test_a_buffer_holds_quantized_exactly_the_positions_before_its_residual(text, ring):
+    """Written in uneven chunks (and wrapping around a ring of 8), the buffer reads back the oracle: positions
+    before ``floor((n - R) / span) * span`` quantize-dequantized in their groups, the rest exact."""
+    spec = parse_quant(text)
+    buf = Buffer("kv", "k", 2, 0, 16, ring=ring, key=True)
+    x = torch.randn(1, 2, 40, 16)
+    rows = QuantRows(buf, spec, (1, 2), torch.float32, "cpu", max_length=None if ring is None else 8)
+    rows.resize(40 if ring is None else 8, 0)
+    n = 0
+    for t in (1, 3, 1, 7, 1, 1, 9, 2, 1, 1, 13):
+        rows.write(n, x[..., n:n + t, :])
+        n += t
+        span = layout(spec, buf)["span"]
+        want = fake(x[..., :n, :], spec, buf, max(0, n - spec.residual) // span * span)
+        if ring is None:
+            torch.testing.assert_close(rows.read(n), want, atol=1e-6, rtol=0)
+        else:  # slot p % 8 holds position p for the last 8 positions
+            held = min(n, 8)
+            pos = torch.arange(n - held, n)
+            torch.testing.assert_close(rows.read(held)[..., pos % 8, :], want[..., pos, :], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("text,layers", [("int4-g4", 3), ("int4-g4-rot", 3), ("fp8-g8", 3), ("int4-g4-r3", 1),
+                                         ("int8-g4-r2-kc", 1), ("int4-g4-kc-rot", 1)])
+@pytest.mark.parametrize("kind,example", [("gqa", 0), ("gqa", 3), ("cca", 0)])
+def test_decode_equals_a_fake_quantized_full_forward(kind, example, text, layers, monkeypatch):
+    """Each decode step through the quantized cache equals a full forward of the same prefix whose K/V pass
+    through the same quantize-dequantize at exactly the positions the cache holds quantized at that step (the
+    layer reading another layer's cache included). A position quantized on arrival (no residual, per token) is
+    quantized for every later query, so three layers compare; with a residual or keys per channel a position is
+    exact for the queries just after it and quantized for later ones, which one full forward can only reproduce
+    for the first layer's K/V (computed from the embeddings): one layer."""
+    cfg = tiny(kind, example)
+    if layers == 1:
+        cfg = ModelConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, layers=cfg.layers[:1],
+                          max_positions=cfg.max_positions)
+    model = random_model(cfg)
+    spec = parse_quant(text)
+    kb = Buffer("kv", "k", 1, 0, cfg.layers[0].head_dim, key=True)
+    vb = Buffer("kv", "v", 1, 0, cfg.layers[0].value_dim)
+    n_total, prefill = 30, 11
+    ids = torch.randint(0, cfg.vocab_size, (2, n_total), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache(2, max_length=n_total, kv_quant=text)
+    model(ids[:, :prefill], cache=cache)
+    real = attention.publish_kv
+    moved = 0.0
+    for n in range(prefill + 1, n_total + 1):
+        step = model(ids[:, n - 1:n], cache=cache)[:, -1]
+        upto = {b.name: max(0, n - spec.residual) // layout(spec, b)["span"] * layout(spec, b)["span"]
+                for b in (kb, vb)}
+
+        def fake_publish(step_, index, store, k, v, upto=upto):
+            return real(step_, index, store, fake(k, spec, kb, upto["k"]), fake(v, spec, vb, upto["v"]))
+
+        monkeypatch.setattr(attention, "publish_kv", fake_publish)
+        monkeypatch.setattr(cca, "publish_kv", fake_publish)
+        want = model(ids[:, :n])[:, -1]
+        monkeypatch.undo()
+        torch.testing.assert_close(step, want, atol=1e-4, rtol=0)
+        moved = max(moved, float((step - model(ids[:, :n])[:, -1]).abs().max()))
+    assert moved > 1e-3  # the quantization is really there
