@@ -4,6 +4,8 @@ calculated, decode close to unquantized) is in tests/test_contract.py."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -179,3 +181,30 @@ def test_decode_equals_a_fake_quantized_full_forward(kind, example, text, layers
         torch.testing.assert_close(step, want, atol=1e-4, rtol=0)
         moved = max(moved, float((step - model(ids[:, :n])[:, -1]).abs().max()))
     assert moved > 1e-3  # the quantization is really there
+
+
+def test_calc_shows_quantized_bytes_beside_unquantized(capsys):
+    from kvlab.cli import main
+
+    assert main(["calc", "llama-3.1-8b", "--context", "32k", "--kv-quant", "int4-g32-r128"]) == 0
+    out = capsys.readouterr().out
+    q = costs("llama-3.1-8b", context=32768, kv_quant="int4-g32-r128")
+    plain = costs("llama-3.1-8b", context=32768)
+    assert "KV quantized as int4-g32-r128 beside unquantized bfloat16" in out
+    assert f"{q.kv_cache_bytes:,}" in out and f"{q.kv_cache_bytes / plain.kv_cache_bytes:.3f}x" in out
+    assert main(["calc", "llama-3.1-8b", "--context", "32k", "--kv-dtype", "int8", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["kv_quant"] == "int8-g32" and data["kv_cache_bytes"] * 32 == 17 * data["kv_unquantized"][
+        "kv_cache_bytes"]
+
+
+def test_compare_takes_several_formats_and_bad_ones_are_named(capsys):
+    from kvlab.cli import main
+
+    assert main(["compare", "llama-3.1-8b", "--context", "8k", "--kv-quant", "int8,fp8-g64", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [m["kv_quant"] for m in data["models"]] == ["none", "int8-g32", "fp8-g64"]
+    assert data["models"][1]["kv_cache_bytes"][0] == costs("llama-3.1-8b", context=8192, kv_quant="int8").kv_cache_bytes
+    assert main(["calc", "llama-3.1-8b", "--kv-quant", "int4-g7"]) == 2
+    assert "kvlab: error: layers[0].kv_quant[k].group=7: must divide the 128 quantized channels" in \
+        capsys.readouterr().err

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, context_or_default, costs_of, emit_json, resolve_config
+from kvlab.cli.common import (
+    MODEL_HELP,
+    add_dtype_and_json,
+    add_kv_dtype,
+    context_or_default,
+    costs_of,
+    emit_json,
+    kv_options,
+    resolve_config,
+)
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_dtype, table
 
 NAME = "calc"
@@ -20,6 +29,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--no-kv-sharing", action="store_true",
                    help="price the same model with every layer producing and storing its own K/V")
     add_dtype_and_json(q)
+    add_kv_dtype(q)
 
 
 def gguf_weights(spec: str) -> dict[str, Any] | None:
@@ -38,23 +48,48 @@ def gguf_weights(spec: str) -> dict[str, Any] | None:
     return weight_bytes(spec) if is_gguf(spec) else None
 
 
+QUANT_FIELDS = ("kv_cache_bytes", "kv_components", "kv_bytes_per_token", "kv_bytes_per_token_window",
+                "kv_read_bytes_per_step", "kv_state_bytes")
+
+
+def quant_rows(plain, quant) -> list[list[str]]:
+    """The KV figures unquantized and quantized side by side (calc's second table)."""
+    def row(label: str, a: int, b: int) -> list[str]:
+        return [label, fmt_bytes(a), fmt_bytes(b), f"{b / a:.3f}x" if a else "-", f"{b:,}"]
+
+    rows = [row("KV cache", plain.kv_cache_bytes, quant.kv_cache_bytes)]
+    rows += [row(f"  {k.replace('_', ' ')}", v, quant.kv_components.get(k, 0)) for k, v in plain.kv_components.items()]
+    rows += [row("KV bytes/token, full-attention layers", plain.kv_bytes_per_token, quant.kv_bytes_per_token),
+             row("KV bytes/token, window layers", plain.kv_bytes_per_token_window, quant.kv_bytes_per_token_window),
+             row("K/V read per decode step", plain.kv_read_bytes_per_step, quant.kv_read_bytes_per_step)]
+    return rows
+
+
 def run(args: argparse.Namespace) -> int:
     from kvlab.costs import kv_sharing_report
     from kvlab.sharing import shared_layers, without_sharing
 
+    kv_dtype, quants = kv_options(args)
+    if len(quants) > 1:
+        raise ValueError(f"--kv-quant={','.join(quants)}: calc prices one format (kvlab compare takes several)")
+    kv_quant = quants[0] if quants else None
     cfg = resolve_config(args.model)
     ctx = context_or_default(args.context, cfg)
-    sharing = kv_sharing_report(cfg, ctx, parse_dtype(args.dtype), args.batch) if shared_layers(cfg) else None
+    dtype = parse_dtype(args.dtype)
+    sharing = kv_sharing_report(cfg, ctx, dtype, args.batch, kv_dtype) if shared_layers(cfg) else None
     if args.no_kv_sharing:
         cfg = without_sharing(cfg)
-    c = costs_of(cfg, ctx, parse_dtype(args.dtype), args.batch)
+    c = costs_of(cfg, ctx, dtype, args.batch, kv_dtype, kv_quant)
+    plain = costs_of(cfg, ctx, dtype, args.batch, kv_dtype) if kv_quant else None  # the same cache unquantized
     gguf = gguf_weights(args.model)  # a GGUF file (or named model): its own quantized bytes, from the header
     if args.json:
+        unq = None if plain is None else {k: getattr(plain, k) for k in QUANT_FIELDS}
         emit_json({**c.to_dict(), "source": cfg.source, "kv_sharing": sharing,
-                    "kv_sharing_off": bool(args.no_kv_sharing), "gguf": gguf})
+                    "kv_sharing_off": bool(args.no_kv_sharing), "gguf": gguf, "kv_unquantized": unq})
         return 0
     print(f"{c.name}: context {ctx:,} tokens ({fmt_context(ctx)}), batch {c.batch}, weights {c.dtype}, "
-          f"KV {c.kv_dtype}" + (", KV sharing OFF (every layer stores its own K/V)" if args.no_kv_sharing else ""))
+          f"KV {c.kv_dtype}" + (f" quantized {c.kv_quant}" if kv_quant else "")
+          + (", KV sharing OFF (every layer stores its own K/V)" if args.no_kv_sharing else ""))
     if cfg.source:
         print(f"source: {cfg.source}")
     read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
@@ -96,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
         rows += [["weights in the GGUF file (as stored)", fmt_bytes(gguf["weight_bytes"]), f"{gguf['weight_bytes']:,}"],
                  ["  bits per weight; tensor types", f"{gguf['bits_per_weight']:.2f}", types]]
     print(table(["quantity", "value", "exact"], rows))
+    if plain is not None:
+        print(f"\nKV quantized as {c.kv_quant} beside unquantized {c.kv_dtype}")
+        print(table(["quantity", c.kv_dtype, c.kv_quant, "ratio", "exact"], quant_rows(plain, c)))
     if sharing is not None:
         print(f"\nKV sharing: {len(sharing['shared_layers'])} of {sharing['num_layers']} layers read another layer's "
               f"K/V ({', '.join(f'{i}<-{j}' for i, j in sharing['sources'].items())})")

@@ -6,12 +6,21 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, costs_of, emit_json, resolve_config
+from kvlab.cli.common import (
+    MODEL_HELP,
+    add_dtype_and_json,
+    add_kv_dtype,
+    costs_of,
+    emit_json,
+    kv_options,
+    resolve_config,
+)
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_contexts, parse_dtype, table
 
 NAME = "compare"
 HELP = "KV-cache bytes of several models over several contexts, with ratios and a plot"
-EXAMPLE = "kvlab compare llama-3.1-8b gemma-4-e2b --context 8k,32k,128k,1m --plot out/compare.png"
+EXAMPLE = ("kvlab compare llama-3.1-8b gemma-4-e2b --context 8k,32k,128k,1m --plot out/compare.png "
+           "--kv-quant int8,int4-g32")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -21,27 +30,36 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--plot", help="write a log-log PNG plot of KV bytes against context here")
     q.add_argument("--arch-plot", help="write the models' layer stacks side by side (PNG) here")
     add_dtype_and_json(q)
+    add_kv_dtype(q, several=True)
 
 
-def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int = 1) -> dict[str, Any]:
-    """KV-cache bytes of each model at each context, and ratios to the first model."""
+def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int = 1, kv_dtype: str | None = None,
+                 kv_quants: list[str] | None = None) -> dict[str, Any]:
+    """KV-cache bytes of each model at each context (unquantized, then one row per ``kv_quants`` format), and
+    ratios to the first model."""
     out = []
     for spec in models:
         cfg = resolve_config(spec)
-        cs = [costs_of(cfg, ctx, dtype, batch) for ctx in contexts]
-        out.append({"model": spec, "name": cfg.name, "max_positions": cfg.max_positions,
+        for q in [None, *(kv_quants or [])]:
+            cs = [costs_of(cfg, ctx, dtype, batch, kv_dtype, q) for ctx in contexts]
+            out.append(_model_row(spec, cfg, cs, q))
+    first, first_flops = out[0]["kv_cache_bytes"], out[0]["flops_per_token"]
+    for m in out:
+        m["ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["kv_cache_bytes"], first)]
+        m["flops_ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["flops_per_token"], first_flops)]
+    return {"dtype": dtype, "kv_dtype": kv_dtype or dtype, "batch": batch, "contexts": contexts, "models": out}
+
+
+def _model_row(spec: str, cfg: Any, cs: list[Any], kv_quant: str | None) -> dict[str, Any]:
+    name = cfg.name if kv_quant is None else f"{cfg.name} [{cs[0].kv_quant}]"
+    return {"model": spec, "name": name, "kv_quant": cs[0].kv_quant, "max_positions": cfg.max_positions,
                     "params_total": cs[0].params_total, "kv_cache_bytes": [c.kv_cache_bytes for c in cs],
                     "kv_read_bytes_per_step": [c.kv_read_bytes_per_step for c in cs],
                     "kv_state_bytes": cs[0].kv_state_bytes,
                     "attn_flops_per_token": [c.attn_flops_per_token for c in cs],
                     "flops_per_token": [c.flops_per_token for c in cs],
                     "kv_components": [c.kv_components for c in cs],
-                    "attn_flops_components": [c.attn_flops_components for c in cs]})
-    first, first_flops = out[0]["kv_cache_bytes"], out[0]["flops_per_token"]
-    for m in out:
-        m["ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["kv_cache_bytes"], first)]
-        m["flops_ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["flops_per_token"], first_flops)]
-    return {"dtype": dtype, "batch": batch, "contexts": contexts, "models": out}
+                    "attn_flops_components": [c.attn_flops_components for c in cs]}
 
 
 MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*", "<", ">", "h", "p"]
@@ -117,7 +135,8 @@ def compare_figure(data: dict[str, Any]) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     contexts = parse_contexts(args.context)
-    data = compare_data(args.models, contexts, parse_dtype(args.dtype), args.batch)
+    kv_dtype, quants = kv_options(args)
+    data = compare_data(args.models, contexts, parse_dtype(args.dtype), args.batch, kv_dtype, quants)
     if args.plot:
         data["plot"] = str(plot_compare(data, args.plot))
     if args.arch_plot:
@@ -138,7 +157,9 @@ def run(args: argparse.Namespace) -> int:
             cells.append(fmt_bytes(b) + star)
         rows.append([m["name"], fmt_count(m["params_total"])] + cells)
         ratios.append([m["name"], ""] + ["-" if r is None else f"{r:.3f}x" for r in m["ratio_to_first"]])
-    print(f"KV cache ({data['dtype']}, batch {data['batch']})")
+    print(f"KV cache ({data['kv_dtype']}" + (", [quantized format]" if any(m["kv_quant"] != "none" for m in
+                                                                             data["models"]) else "")
+          + f", batch {data['batch']})")
     print(table(heads, rows, left=1))
     print(f"\nratio to {data['models'][0]['name']}")
     print(table(heads, ratios, left=1))
