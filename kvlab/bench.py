@@ -361,7 +361,11 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
     try:
         if checkpoint:
             from kvlab import load
+            from kvlab.native import native_checkpoint
 
+            if vs == "transformers" and native_checkpoint(spec) is not None:
+                raise ValueError(f"{spec}: a kvlab train checkpoint has no transformers counterpart; --vs transformers "
+                                 "needs a transformers checkpoint directory, a .gguf file or a named model")
             log(f"loading {spec} ...")
             model = load(str(spec), dtype=torch_dtype, device="cpu")
             from kvlab.models import resolve_file

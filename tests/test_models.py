@@ -76,6 +76,13 @@ def test_a_kvlab_train_run_loads_and_runs_with_the_verbs(tmp_path: Path, capsys:
     assert main(["generate", str(tmp_path / "run"), "--ids", "1,2,3", "--max-new-tokens", "4", "--json"]) == 0
     got = json.loads(capsys.readouterr().out)["output_ids"]
     assert got == kvlab.generate(trained, torch.tensor([[1, 2, 3]]), max_new_tokens=4)[0, 3:].tolist()
+    assert main(["bench", str(tmp_path / "run"), "--context", "8", "--decode-tokens", "2", "--bandwidth-mib", "1",
+                 "--no-progress", "--json"]) == 0
+    bench = json.loads(capsys.readouterr().out)
+    assert bench["checkpoint"] and bench["params"] == trained.num_parameters()
+    assert all(r["cache_bytes_match"] for r in bench["results"])
+    assert main(["bench", str(tmp_path / "run"), "--context", "8", "--vs", "transformers", "--json"]) == 2
+    assert "has no transformers counterpart" in capsys.readouterr().err
     for verb in ("calc", "inspect"):
         assert main([verb, str(tmp_path / "run"), "--context", "32", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["kv_cache_bytes"] == kvlab.costs(trained.config, context=32,
