@@ -1,9 +1,11 @@
-"""GGUF checkpoints (llama.cpp's one-file format) read with the ``gguf`` package, llama.cpp's own reader.
+"""GGUF checkpoints (llama.cpp's one-file format): header -> ModelConfig, tensors dequantised -> the family's weights.
 
 The file's metadata becomes the ``config.json`` dict of the matching transformers architecture and goes through the
 same family reader as a checkpoint directory (kvlab/families), so a GGUF and its safetensors original give the same
-ModelConfig. Tensors are dequantised to fp32 by ``gguf.dequantize``, renamed to the family's HF names and handed to
-the family's weight map, with llama.cpp's layout changes undone (as llama.cpp's convert_hf_to_gguf.py makes them):
+ModelConfig. The header is parsed here (GGUF v2/v3, ggml-org/ggml docs/gguf.md); tensor types, block sizes and
+dequantisation to fp32 come from the ``gguf`` package (llama.cpp's own). Tensors are renamed to the family's HF
+names and handed to the family's weight map, with llama.cpp's layout changes undone (as its convert_hf_to_gguf.py
+makes them):
 - ``llama``: the rows of ``attn_q`` / ``attn_k`` are permuted per head from rotate-half to interleaved pairs;
 - ``gemma3``: every ``*norm.weight`` is stored as ``1 + w`` (Gemma applies ``1 + w``; kvlab stores ``w``).
 :func:`config_from_gguf` and :func:`weight_bytes` read the header only (nothing is dequantised). Nothing in the file
@@ -46,7 +48,6 @@ def is_gguf(spec: Any) -> bool:
 
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 STRING, ARRAY = 8, 9
-KEEP_ARRAYS = ("general.tags", "general.languages")  # small arrays read even without arrays=True
 
 
 class _Header:
@@ -56,8 +57,8 @@ class _Header:
     vocabulary: tens of seconds on a busy machine); this reads the same layout and skips what it is not asked for.
     """
 
-    def __init__(self, buf: Any, arrays: bool) -> None:
-        self.buf, self.arrays, self.pos = buf, arrays, 0
+    def __init__(self, buf: Any) -> None:
+        self.buf, self.pos = buf, 0
 
     def take(self, fmt: str) -> Any:
         v = struct.unpack_from(fmt, self.buf, self.pos)[0]
@@ -107,7 +108,7 @@ def _parse(path: Path, arrays: bool) -> tuple[dict[str, Any], list[tuple[str, tu
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         except ValueError:  # an empty file cannot be mapped
             raise GGUFFileError("the file is empty") from None
-    h = _Header(buf, arrays)
+    h = _Header(buf)
     try:
         if h.take("<I") != 0x46554747:
             raise GGUFFileError("not a GGUF file (it does not start with 'GGUF')")
@@ -119,7 +120,7 @@ def _parse(path: Path, arrays: bool) -> tuple[dict[str, Any], list[tuple[str, tu
         meta: dict[str, Any] = {}
         for _ in range(n_kv):
             key = h.string()
-            keep = arrays or not key.startswith("tokenizer.ggml.") or key in KEEP_ARRAYS
+            keep = arrays or not key.startswith("tokenizer.ggml.")  # the vocabulary and merges: only when asked
             meta[key] = h.value(h.take("<I"), keep)
         infos = []
         for _ in range(n_tensors):
