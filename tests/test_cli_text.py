@@ -147,3 +147,17 @@ def test_text_stream_decodes_whole_characters():
         stream(torch.tensor([i]))
     stream(torch.tensor([0]))
     assert pieces == ["é", "🙂", "a"] and stream.text == "é🙂a"
+
+
+def test_eval_at_lengths(capsys, ckpt):
+    rc, out, err = run(capsys, "eval", ckpt, "--at", "100,200", "--json")
+    assert rc == 0, err
+    got = json.loads(out)["perplexity_at"]
+    model, tok = kvlab.load(str(ckpt)), load_tokenizer(ckpt)
+    from kvlab.eval import default_corpus
+
+    ids = tok.encode(default_corpus().text, special=False)
+    assert [g["length"] for g in got] == [100, 200]
+    assert got[1]["ppl"] == pytest.approx(perplexity(model, ids[:200], 200).ppl, rel=1e-6)
+    rc, _, err = run(capsys, "eval", ckpt, "--at", "100", "--variant", "global")
+    assert rc == 2 and "--at measures one window" in err

@@ -17,6 +17,7 @@ from kvlab.eval import (
     kl_divergence,
     load_corpus,
     perplexity,
+    perplexity_at,
     plan_windows,
     token_nll,
     with_window,
@@ -152,3 +153,13 @@ def test_default_corpus_is_fixed_and_files_are_read(tmp_path):
         load_corpus(f)
     with pytest.raises(CorpusError, match="cannot read"):
         load_corpus(tmp_path / "missing.txt")
+
+
+def test_perplexity_at_lengths_equals_separate_windows():
+    model = random_model(tiny_config(window=6))
+    got = perplexity_at(model, IDS, [10, 25, 40], prefix=[5], chunk=7)
+    for n, p in zip([10, 25, 40], got):
+        want = perplexity(model, IDS[:n - 1], n, prefix=[5])
+        assert p.tokens == want.tokens == n - 1 and math.isclose(p.mean_nll, want.mean_nll, rel_tol=1e-6)
+    with pytest.raises(EvalError, match="the text has 70"):
+        perplexity_at(model, IDS, [100])

@@ -18,7 +18,7 @@ from kvlab.units import fmt_context, parse_context, parse_contexts, parse_dtype,
 
 NAME = "eval"
 HELP = "perplexity, KL divergence against a variant, and needle retrieval on real text, through the cache"
-EXAMPLE = ("kvlab eval gemma-3-270m --tokens 4k --window 4k --variant global   "
+EXAMPLE = ("kvlab eval gemma-3-270m --at 1k,2k,4k   |   kvlab eval gemma-3-270m --window 4k --variant global   "
            "|   kvlab eval smollm2-135m --needle --lengths 1k,2k --plot out/needle.png")
 
 
@@ -29,6 +29,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--tokens", help="text tokens to score, from the start of the text (default: one window)")
     q.add_argument("--window", default="1k", help="positions per window, BOS included (default 1k)")
     q.add_argument("--stride", help="text tokens between window starts (default: back to back)")
+    q.add_argument("--at", help="perplexity at several lengths from one pass, e.g. 1k,2k,4k: the first N positions of "
+                                "one window of the longest (causal attention: the same as a window of N)")
     q.add_argument("--chunk", type=int, default=256, help="prefill chunk: tokens fed to the cache per call")
     who = q.add_mutually_exclusive_group()
     who.add_argument("--vs", metavar="MODEL", help="a variant model (same vocabulary): its perplexity and KL")
@@ -69,7 +71,7 @@ def _depths(text: str) -> list[float]:
 def run(args: argparse.Namespace) -> int:
     import kvlab
     from kvlab.bench import TORCH_DTYPES
-    from kvlab.eval import kl_divergence, load_corpus, needle_test, perplexity, plot_needle
+    from kvlab.eval import kl_divergence, load_corpus, needle_test, perplexity, perplexity_at, plot_needle
     from kvlab.tokenizer import load_tokenizer
 
     out = report(args)
@@ -115,6 +117,23 @@ def run(args: argparse.Namespace) -> int:
                 print(f"plot: {p}", file=out)
         if args.json:
             emit_json({**ground, "needle": results})
+        return 0
+    if args.at is not None:
+        if variant is not None or args.tokens or args.stride:
+            raise ValueError("--at measures one window of the longest length: not with --tokens, --stride, --vs or "
+                             "--variant")
+        lengths = parse_contexts(args.at)
+        t1 = time.perf_counter()
+        ps = perplexity_at(model, ids, lengths, prefix, args.chunk, progress)
+        dt = time.perf_counter() - t1
+        print(f"\nperplexity through the cache at each length: the first N positions of one {max(lengths):,}-position "
+              f"window{' (BOS first)' if prefix else ''}; {dt:.1f} s", file=out)
+        print(table(["model", "length", "tokens", "perplexity", "± se", "mean log-lik (nats/token)"],
+                    [[args.model, f"{n:,}", f"{p.tokens:,}", f"{p.ppl:.4f}", f"{p.ppl_se:.4f}", f"{p.mean_loglik:.5f}"]
+                     for n, p in zip(lengths, ps)]), file=out)
+        if args.json:
+            emit_json({**ground, "perplexity_at": [{"length": n, **p.as_dict()} for n, p in zip(lengths, ps)],
+                       "seconds": dt})
         return 0
     window = parse_context(args.window)
     n = min(len(ids), parse_context(args.tokens) if args.tokens else window - len(prefix))

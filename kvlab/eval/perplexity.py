@@ -134,9 +134,29 @@ def token_nll(model: Model, ids: Sequence[int], window: int, stride: int | None 
 def perplexity(model: Model, ids: Sequence[int], window: int, stride: int | None = None, prefix: Sequence[int] = (),
                chunk: int = 256, progress: bool = False) -> Perplexity:
     """Perplexity of the text ``ids`` with windows of ``window`` positions (see the module docstring)."""
-    nll = token_nll(model, ids, window, stride, prefix, chunk, progress).double()
-    n = nll.numel()
+    nll = token_nll(model, ids, window, stride, prefix, chunk, progress)
     plan = plan_windows(len(ids), window, stride, len(prefix))
-    se = float(nll.std() / math.sqrt(n)) if n > 1 else float("nan")
     step = plan[1].start - plan[0].start if len(plan) > 1 else (stride or window - len(prefix) - (not prefix))
-    return Perplexity(n, len(plan), window, step, float(nll.mean()), se)
+    return summarize(nll, len(plan), window, step)
+
+
+def summarize(nll: torch.Tensor, windows: int, window: int, stride: int) -> Perplexity:
+    """The :class:`Perplexity` of per-token NLLs ``[n]``."""
+    nll = nll.double()
+    n = nll.numel()
+    se = float(nll.std() / math.sqrt(n)) if n > 1 else float("nan")
+    return Perplexity(n, windows, window, stride, float(nll.mean()), se)
+
+
+def perplexity_at(model: Model, ids: Sequence[int], lengths: Sequence[int], prefix: Sequence[int] = (),
+                  chunk: int = 256, progress: bool = False) -> list[Perplexity]:
+    """Perplexity of the first ``n`` positions (BOS included) for each ``n`` in ``lengths``, from ONE window of
+    ``max(lengths)`` positions: attention is causal, so the first ``n`` positions of a longer window see exactly
+    what a window of ``n`` would (the cache policy included)."""
+    top = max(lengths)
+    if min(lengths) < 2:
+        raise EvalError(f"lengths {list(lengths)}: each must be >= 2 positions")
+    if len(prefix) + len(ids) < top:
+        raise EvalError(f"length {top:,} needs {top - len(prefix):,} text tokens, the text has {len(ids):,}")
+    nll = token_nll(model, list(ids[:top - len(prefix)]), top, None, prefix, chunk, progress)
+    return [summarize(nll[:n - 1], 1, n, n - 1) for n in lengths]  # positions 1..n-1 are predicted
