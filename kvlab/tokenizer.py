@@ -112,9 +112,9 @@ def _field(meta: dict[str, Any], key: str, default: Any = None) -> Any:
 
 @lru_cache(maxsize=4)
 def _gguf_cached(path: str, mtime: float, size: int) -> Tokenizer:
-    from .gguf_metadata import read_metadata
+    from .gguf_checkpoint import read_gguf
 
-    reader = read_metadata(path)
+    reader = read_gguf(path, arrays=True).meta
     arch = _field(reader, "general.architecture")
     kind = _field(reader, "tokenizer.ggml.model")
     tokens: list[str] | None = _field(reader, "tokenizer.ggml.tokens")

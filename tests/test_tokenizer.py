@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from real_models import gemma3_path, smollm2_path
+from real_models import real_model_path
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -54,13 +54,13 @@ def _hf(path):
 
 @pytest.fixture(scope="module")
 def smollm2():
-    path = smollm2_path()
+    path = real_model_path("smollm2-135m")
     return load_tokenizer(path), _hf(path)
 
 
 @pytest.fixture(scope="module")
-def gemma3(tmp_path_factory):
-    path = gemma3_path(tmp_path_factory.mktemp("gemma3"))
+def gemma3():
+    path = real_model_path("gemma-3-270m")
     return load_tokenizer(path), _hf(path)
 
 
@@ -180,3 +180,18 @@ def test_chat_template_globals_and_errors():
         render("{% for %}", msgs)
     with pytest.raises(ChatTemplateError):  # the sandbox: no reaching Python internals
         render("{{ messages.__class__.__mro__ }}", msgs)
+
+
+@pytest.mark.slow
+def test_smollm2_answers_and_stops_at_the_end_of_its_turn(capsys):
+    """kvlab generate --chat on the real file: the template, greedy decoding and the <|im_end|> stop together."""
+    from kvlab.cli import main
+
+    path = real_model_path("smollm2-135m")
+    rc = main(["generate", str(path), "--chat", "What is the capital of France?", "--max-new-tokens", "40", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    got = json.loads(out)
+    tok = load_tokenizer(path)
+    assert got["stopped"] and got["output_ids"][-1] == tok.token_id("<|im_end|>")
+    assert "Paris" in got["text"] and "<|im_end|>" not in got["text"]
