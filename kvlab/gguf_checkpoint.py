@@ -6,7 +6,8 @@ ModelConfig. The header is parsed here (GGUF v2/v3, ggml-org/ggml docs/gguf.md);
 dequantisation to fp32 come from the ``gguf`` package (llama.cpp's own). Tensors are renamed to the family's HF
 names and handed to the family's weight map, with llama.cpp's layout changes undone (as its convert_hf_to_gguf.py
 makes them):
-- ``llama``: the rows of ``attn_q`` / ``attn_k`` are permuted per head from rotate-half to interleaved pairs;
+- ``llama``: the rows of ``attn_q`` / ``attn_k`` are permuted per head from rotate-half to interleaved pairs
+  (``qwen2`` and ``qwen3`` files keep them as they are);
 - ``gemma3``: every ``*norm.weight`` is stored as ``1 + w`` (Gemma applies ``1 + w``; kvlab stores ``w``).
 :func:`config_from_gguf` and :func:`weight_bytes` read the header only (nothing is dequantised). Nothing in the file
 is executed. A truncated or corrupt file raises a ValueError naming the file (and the tensor where one is at fault).
@@ -273,6 +274,16 @@ def _llama_config(g: GGUFFile) -> dict[str, Any]:
     return d
 
 
+def _qwen_config(hf_arch: str) -> Callable[[GGUFFile], dict[str, Any]]:
+    """Qwen2 / Qwen3: Llama's keys, no q/k permutation (llama.cpp's Qwen converters keep the rotate-half rows)."""
+    def config(g: GGUFFile) -> dict[str, Any]:
+        d = _common(g, hf_arch)
+        d["head_dim"] = _int(g, "attention.key_length", d["hidden_size"] // d["num_attention_heads"])
+        d["rope_theta"] = float(g.get("rope.freq_base", 10000.0))
+        return d
+    return config
+
+
 def _gemma3_config(g: GGUFFile) -> dict[str, Any]:
     d = _common(g, "Gemma3ForCausalLM")
     d["head_dim"] = _int(g, "attention.key_length", 256)
@@ -309,6 +320,10 @@ def _unshift_norm(name: str, w: torch.Tensor, d: dict[str, Any]) -> torch.Tensor
     return w - 1.0 if name.endswith("norm.weight") else w
 
 
+def _as_stored(name: str, w: torch.Tensor, d: dict[str, Any]) -> torch.Tensor:
+    return w
+
+
 @dataclass(frozen=True)
 class GGUFArch:
     """One GGUF architecture: its metadata -> config.json dict, its per-layer tensor names, its layout fix."""
@@ -320,6 +335,10 @@ class GGUFArch:
 
 ARCHS: dict[str, GGUFArch] = {
     "llama": GGUFArch(_llama_config, {**LAYER_NAMES, "ffn_norm": "post_attention_layernorm"}, _permute_qk),
+    "qwen2": GGUFArch(_qwen_config("Qwen2ForCausalLM"), {**LAYER_NAMES, "ffn_norm": "post_attention_layernorm"},
+                      _as_stored),
+    "qwen3": GGUFArch(_qwen_config("Qwen3ForCausalLM"), {**LAYER_NAMES, "ffn_norm": "post_attention_layernorm"},
+                      _as_stored),
     "gemma3": GGUFArch(_gemma3_config, {**LAYER_NAMES, "ffn_norm": "pre_feedforward_layernorm",
                                         "post_attention_norm": "post_attention_layernorm",
                                         "post_ffw_norm": "post_feedforward_layernorm"}, _unshift_norm),

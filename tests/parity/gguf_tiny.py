@@ -64,17 +64,19 @@ def write(path: Path, arch: str, meta: dict[str, Any], tensors: dict[str, np.nda
 
 def from_hf(model: torch.nn.Module, path: Path, types: Callable[[str, np.ndarray], Any] = lambda n, a: Q.F32,
             tied: bool = True) -> Path:
-    """Write a transformers Llama or Gemma 3 model as llama.cpp would."""
+    """Write a transformers Llama, Qwen2, Qwen3 or Gemma 3 model as llama.cpp would (q/k permuted for Llama only)."""
     c = model.config
-    arch = "gemma3" if c.model_type.startswith("gemma3") else "llama"
+    arch = "gemma3" if c.model_type.startswith("gemma3") else c.model_type  # llama, qwen2, qwen3
     meta: dict[str, Any] = {
         "general.name": f"tiny-{arch}", "block_count": c.num_hidden_layers, "context_length": c.max_position_embeddings,
         "embedding_length": c.hidden_size, "feed_forward_length": c.intermediate_size,
         "attention.head_count": c.num_attention_heads, "attention.head_count_kv": c.num_key_value_heads,
         "attention.layer_norm_rms_epsilon": float(c.rms_norm_eps)}
-    if arch == "llama":
+    if arch != "gemma3":
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         meta.update({"rope.freq_base": float(c.rope_parameters["rope_theta"]), "vocab_size": c.vocab_size,
-                     "rope.dimension_count": c.head_dim})
+                     "rope.dimension_count": head_dim, "attention.key_length": head_dim,
+                     "attention.value_length": head_dim})
     else:
         meta.update({"rope.freq_base": float(c.rope_parameters["full_attention"]["rope_theta"]),
                      "attention.key_length": c.head_dim, "attention.value_length": c.head_dim,
@@ -90,5 +92,5 @@ def from_hf(model: torch.nn.Module, path: Path, types: Callable[[str, np.ndarray
             a = llama_cpp_permute(a, c.num_key_value_heads)
         elif arch == "gemma3" and name.endswith("norm.weight"):
             a = a + 1.0
-        tensors[gguf_name(name, LLAMA if arch == "llama" else GEMMA3)] = a
+        tensors[gguf_name(name, GEMMA3 if arch == "gemma3" else LLAMA)] = a
     return write(path, arch, meta, tensors, types)

@@ -35,6 +35,10 @@ def hf_model(kind: str, seed: int = 0, **kw: object) -> transformers.PreTrainedM
 
     if kind == "llama":
         return random_hf(transformers.LlamaConfig(**{**LLAMA, **kw}), "LlamaForCausalLM", seed)
+    if kind == "qwen2":
+        return random_hf(transformers.Qwen2Config(**{**LLAMA, **kw}), "Qwen2ForCausalLM", seed)
+    if kind == "qwen3":  # head_dim 24 != hidden / heads, as Qwen3 models have
+        return random_hf(transformers.Qwen3Config(**{**LLAMA, "head_dim": 24, **kw}), "Qwen3ForCausalLM", seed)
     return random_hf(transformers.Gemma3TextConfig(**{**GEMMA3, **kw}), "Gemma3ForCausalLM", seed)
 
 
@@ -43,7 +47,8 @@ def ids(n: int = 21, vocab: int = 96) -> torch.Tensor:
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(("kind", "tied"), [("llama", True), ("llama", False), ("gemma3", True)])
+@pytest.mark.parametrize(("kind", "tied"), [("llama", True), ("llama", False), ("qwen2", True), ("qwen3", False),
+                                           ("gemma3", True)])
 def test_f32_gguf_equals_the_original_model(kind: str, tied: bool, tmp_path: Path) -> None:
     hf = hf_model(kind, tie_word_embeddings=tied)
     path = from_hf(hf, tmp_path / f"{kind}.gguf", tied=tied)
@@ -52,6 +57,12 @@ def test_f32_gguf_equals_the_original_model(kind: str, tied: bool, tmp_path: Pat
     x = ids()
     diff = (model(x) - hf(x).logits).abs().max().item()
     assert diff <= 1e-4, f"max |logits diff| {diff:.2e}"
+    # transformers' own GGUF reading as a second oracle, where it reads these tiny shapes: it gives a gemma3 file
+    # query_pre_attn_scalar 256 (its default; 16 here) and a qwen3 file its default head_dim 128 (attention.key_length
+    # is not read; 24 here)
+    if kind in ("llama", "qwen2"):
+        ref = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=path.name, dtype=torch.float32)
+        assert (model(x) - ref(x).logits).abs().max().item() <= 1e-4
     out = kvlab.generate(model, x, max_new_tokens=8, temperature=0.0)
     want = hf.generate(x, do_sample=False, max_new_tokens=8, min_new_tokens=8)
     assert torch.equal(out, want)
@@ -113,7 +124,8 @@ def test_truncated_file_names_the_file_and_the_tensor(tmp_path: Path) -> None:
 
 def test_unsupported_architecture_and_tensor_type_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     path = write(tmp_path / "mamba.gguf", "mamba", {"block_count": 1}, {"token_embd.weight": np.zeros((8, 32))})
-    with pytest.raises(GGUFFileError, match=r"architecture 'mamba' is not supported; supported: llama, gemma3"):
+    with pytest.raises(GGUFFileError, match=r"architecture 'mamba' is not supported; supported: llama, qwen2, qwen3, "
+                                            r"gemma3"):
         kvlab.load(path)
     # a tensor stored as IQ4_NL (gguf cannot write it: raw bytes of the right size)
     g = read_gguf(_gguf(tmp_path))
