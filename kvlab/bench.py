@@ -7,7 +7,6 @@ figures per context plus machine information. ``--vs transformers`` runs the sam
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import inspect
 import json
@@ -29,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from kvlab.config import ModelConfig
+from kvlab.shrink import scale_to_fit, weight_bytes
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_rate, parse_dtype, table
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -65,68 +65,6 @@ def is_checkpoint(spec: Any) -> bool:
     if not isinstance(spec, (str, Path)) or not Path(spec).is_dir():
         return False
     return (Path(spec) / "config.json").is_file() or native_checkpoint(spec) is not None
-
-
-def _weight_bytes(cfg: ModelConfig, elt: int) -> int:
-    from kvlab.costs import costs
-
-    return costs(cfg, context=1, dtype="float32").params_total * elt
-
-
-def scale_to_fit(cfg: ModelConfig, budget_bytes: int = DEFAULT_WEIGHT_BUDGET, elt: int = 4
-                 ) -> tuple[ModelConfig, list[str]]:
-    """Shrink ``cfg`` until its weights take at most ``budget_bytes``; returns the config and what changed.
-
-    Steps, in order, stopping as soon as it fits: vocab to 32768; MoE experts down to top_k (active
-    width unchanged); hidden and MLP widths halved (attention heads and head dims, hence the K/V cache,
-    kept); then layers truncated. Only the last step changes the KV cache.
-    """
-    notes: list[str] = []
-    if _weight_bytes(cfg, elt) <= budget_bytes:
-        return cfg, notes
-    original = _weight_bytes(cfg, elt)
-
-    def fits(c: ModelConfig) -> bool:
-        return _weight_bytes(c, elt) <= budget_bytes
-
-    if cfg.vocab_size > 32768:
-        notes.append(f"vocab {cfg.vocab_size} -> 32768")
-        cfg = dataclasses.replace(cfg, vocab_size=32768, ple_vocab_size=32768 if cfg.ple_vocab_size else None)
-    if not fits(cfg) and any(x.moe is not None and x.moe.num_experts > x.moe.top_k for x in cfg.layers):
-        def fewer(_i: int, x: Any) -> Any:
-            if x.moe is not None:
-                x.moe = dataclasses.replace(x.moe, num_experts=x.moe.top_k)
-            return x
-        counts = sorted({x.moe.num_experts for x in cfg.layers if x.moe is not None})
-        cfg = cfg.replace_layers(fewer)
-        notes.append(f"MoE experts {'/'.join(map(str, counts))} -> top_k per layer (active width unchanged)")
-    hidden0 = cfg.hidden_size
-    while not fits(cfg) and cfg.hidden_size > 128:
-        def halve(_i: int, x: Any) -> Any:
-            if x.intermediate_size:
-                x.intermediate_size = max(16, x.intermediate_size // 2)
-            if x.moe is not None:
-                x.moe = dataclasses.replace(x.moe, expert_size=max(16, x.moe.expert_size // 2),
-                                            shared_size=(max(16, x.moe.shared_size // 2) if x.moe.shared_size
-                                                         else None))
-            return x
-        try:
-            gemma_scale = cfg.embed_scale is not None and abs(cfg.embed_scale - cfg.hidden_size ** 0.5) < 1e-9
-            cfg = dataclasses.replace(cfg.replace_layers(halve), hidden_size=cfg.hidden_size // 2,
-                                      embed_scale=(cfg.hidden_size // 2) ** 0.5 if gemma_scale else cfg.embed_scale)
-        except ValueError:
-            break
-    if cfg.hidden_size != hidden0:
-        notes.append(f"hidden {hidden0} -> {cfg.hidden_size}, MLP widths x{cfg.hidden_size / hidden0:g} "
-                     "(attention heads and head dims kept)")
-    n0 = cfg.num_layers
-    while not fits(cfg) and cfg.num_layers > 1:
-        cfg = dataclasses.replace(cfg, layers=[dataclasses.replace(x) for x in cfg.layers[:-1]])
-    if cfg.num_layers != n0:
-        notes.append(f"layers {n0} -> {cfg.num_layers} (the KV cache shrinks with them)")
-    notes.insert(0, f"weights {fmt_bytes(original)} -> {fmt_bytes(_weight_bytes(cfg, elt))} "
-                    f"(budget {fmt_bytes(budget_bytes)})")
-    return dataclasses.replace(cfg, name=f"{cfg.name} (scaled)"), notes
 
 
 # -- measurements ------------------------------------------------------------------------------------
@@ -386,9 +324,9 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
 
                 model = load(tmp.name, dtype=torch_dtype, device="cpu")
                 model.config.name = cfg.name
-                if model.num_parameters() != _weight_bytes(cfg, 1):  # transformers read the twin's config otherwise
+                if model.num_parameters() != weight_bytes(cfg, 1):  # transformers read the twin's config otherwise
                     raise ValueError(f"{cfg.name}: the transformers twin has {model.num_parameters():,} parameters, "
-                                     f"the description {_weight_bytes(cfg, 1):,}: its config.json was misread")
+                                     f"the description {weight_bytes(cfg, 1):,}: its config.json was misread")
                 source_dir = Path(tmp.name)
             else:
                 log(f"building a random {cfg.name} ...")

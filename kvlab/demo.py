@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from kvlab.config import LayerSpec, ModelConfig, MoESpec
+from kvlab.shrink import tiny as shrink_tiny
 from kvlab.units import fmt_bytes, table
 
 PLOT = Path("out") / "compare.png"
@@ -61,42 +62,6 @@ def kind_configs() -> list[ModelConfig]:
     mixed.validate()
     cfgs.append(mixed)
     return cfgs
-
-
-def tiny_preset(name: str) -> ModelConfig:
-    """A preset's layer pattern (kinds, windows, sharing, heads) at a tiny width and vocab."""
-    from kvlab.presets import get_preset
-
-    cfg = get_preset(name)
-
-    def shrink(_i: int, x: LayerSpec) -> LayerSpec:
-        kv = min(x.num_kv_heads, 2)
-        x.num_heads, x.num_kv_heads = x.num_heads // x.num_kv_heads * kv, kv
-        x.head_dim, x.v_head_dim = 16, (None if x.v_head_dim is None else 8)
-        x.intermediate_size = 32 if x.intermediate_size else 0
-        if x.window is not None:
-            x.window = min(x.window, 8)
-        if x.mla is not None:  # the latent, its rotary key and the (sparse) indexer at a tiny width
-            m = x.mla
-            x.mla = dataclasses.replace(m, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
-                                        q_lora_rank=16 if m.q_lora_rank else None,
-                                        **({"index_heads": 2, "index_head_dim": 8, "index_topk": 8} if m.sparse else {}))
-            x.v_head_dim = 8
-            x.rope = dataclasses.replace(x.rope, partial=x.mla.rope_partial)
-        if x.moe is not None:
-            x.moe = dataclasses.replace(x.moe, num_experts=min(x.moe.num_experts, 4),
-                                        top_k=min(x.moe.top_k, 2, x.moe.num_experts), expert_size=16,
-                                        shared_size=16 if x.moe.shared_size else None,
-                                        n_group=min(x.moe.n_group, 2), topk_group=None if x.moe.topk_group is None else 1)
-        return x
-
-    small = cfg.replace_layers(shrink)
-    tiny_fields = {"vocab_size": 97, "hidden_size": 32, "max_positions": 512, "name": f"{name} (tiny)"}
-    if getattr(cfg, "ple_dim", None):  # per-layer embeddings: shrink the table with the vocab
-        tiny_fields.update(ple_dim=8, ple_vocab_size=None)
-    if cfg.embed_scale is not None and abs(cfg.embed_scale - cfg.hidden_size ** 0.5) < 1e-9:
-        tiny_fields["embed_scale"] = 32 ** 0.5
-    return dataclasses.replace(small, **tiny_fields)
 
 
 def live_check(cfg: ModelConfig, batch: int = 2, prompt: int = 19, chunk: int = 7, decode: int = 5,
@@ -181,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from kvlab.cli import main as cli
-    from kvlab.presets import presets
+    from kvlab.presets import get_preset, presets
 
     t0 = time.perf_counter()
     names = presets()
@@ -194,11 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     print("\n== 2. live check: measured cache bytes == calculated, cached logits == full forward ==\n", flush=True)
     configs = kind_configs()
-    for name in names:
-        try:
-            configs.append(tiny_preset(name))
-        except (ValueError, TypeError) as e:
-            print(f"  (skipped tiny {name}: {e})")
+    configs += [shrink_tiny(get_preset(name)) for name in names]  # each preset's layer pattern at a tiny width
     rows, ok = [], True
     for cfg in tqdm(configs, desc="live check", unit="config", file=sys.stderr, leave=False):
         r = live_check(cfg)

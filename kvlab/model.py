@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import ClassVar
 
 import torch
@@ -254,8 +253,3 @@ class Model(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
-
-
-def embed_scale_for(hidden: int) -> float:
-    """Gemma's embedding scale, sqrt(hidden)."""
-    return math.sqrt(hidden)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kvlab.bench import copy_bandwidth, run_bench, scale_to_fit
+from kvlab.bench import copy_bandwidth, run_bench
 from kvlab.cli import main
 from kvlab.config import ModelConfig, MoESpec, uniform_layers
 from kvlab.costs import costs
@@ -60,28 +60,6 @@ def test_bench_rejects_too_long_context():
     with pytest.raises(ValueError, match="max_positions"):
         run_bench(dataclasses.replace(tiny(), max_positions=64), [64], decode_tokens=4, progress=False,
                   log=lambda _: None)
-
-
-def test_scale_to_fit_keeps_the_kv_cache():
-    big = ModelConfig(vocab_size=262144, hidden_size=4096, max_positions=8192, name="big",
-                      layers=uniform_layers(8, num_heads=32, num_kv_heads=8, head_dim=128, intermediate_size=14336,
-                                            window=None))
-    budget = 600 * 1024**2
-    small, notes = scale_to_fit(big, budget_bytes=budget)
-    assert costs(small, context=1, dtype="float32").params_total * 4 <= budget
-    assert costs(big, context=1, dtype="float32").params_total * 4 > budget
-    assert small.num_layers == 8 and small.vocab_size == 32768 and small.hidden_size < 4096
-    assert costs(small, context=8192).kv_cache_bytes == costs(big, context=8192).kv_cache_bytes
-    assert any("vocab" in n for n in notes) and any("hidden" in n for n in notes)
-    assert scale_to_fit(tiny()) == (tiny(), [])
-
-
-def test_scale_to_fit_truncates_layers_last():
-    big = ModelConfig(vocab_size=1000, hidden_size=256, max_positions=512, name="deep",
-                      layers=uniform_layers(64, num_heads=32, num_kv_heads=32, head_dim=128, intermediate_size=64))
-    small, notes = scale_to_fit(big, budget_bytes=10 * 1024**2)
-    assert small.num_layers < 64 and any("layers 64 ->" in n for n in notes)
-    assert costs(small, context=1, dtype="float32").params_total * 4 <= 10 * 1024**2
 
 
 def test_copy_bandwidth_is_positive():

@@ -32,26 +32,17 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.config import ModelConfig
+from kvlab.shrink import FIELDS as SHRINK_FIELDS
+from kvlab.shrink import shrink
 
 from .data import Task, make_task
 
 TOP_LEVEL = ("model", "task", "train", "out")
 SCALE_FIELDS = {
     "preset": "preset name, kvlab ModelConfig .json file or checkpoint directory to start from",
-    "hidden_size": "model width",
-    "num_layers": "keep the first n layers (their pattern of kinds, windows and K/V sources)",
-    "num_heads": "query heads of every layer (KV heads keep the layer's ratio unless num_kv_heads is given)",
-    "num_kv_heads": "KV heads of every layer",
-    "head_dim": "head dim of every layer (v_head_dim follows)",
-    "intermediate_size": "dense MLP width of every layer",
-    "window": "window size of every sliding-window layer",
-    "num_experts": "experts of every MoE layer (top_k capped to it)",
-    "expert_size": "expert width of every MoE layer",
-    "ple_dim": "per-layer-embedding width (models with PLE)",
+    **SHRINK_FIELDS,
     "share_last": "the last n layers read the K/V of an earlier layer of their type (kvlab.sharing.share_last)",
     "layer_overrides": "a table of LayerSpec fields set on every layer",
-    "vocab_size": "vocabulary size (default: the task's)",
-    "max_positions": "max positions (default: the task's seq_len)",
 }
 
 
@@ -198,72 +189,25 @@ def _model_error(e: Exception) -> ValueError:
 
 
 def scale_model(cfg: ModelConfig, spec: dict[str, Any]) -> ModelConfig:
-    """``cfg`` scaled down by the fields of ``spec`` (see ``SCALE_FIELDS``); validated."""
+    """``cfg`` scaled down by the fields of ``spec`` (see ``SCALE_FIELDS``, sizes by :func:`kvlab.shrink.shrink`),
+    then ``layer_overrides`` on every layer and ``share_last``; validated."""
     from kvlab.sharing import share_last
 
     unknown = sorted(set(spec) - set(SCALE_FIELDS))
     if unknown:
         raise ValueError(f"model: unknown field(s) {unknown} for a preset-based model; allowed: "
                          f"{sorted(SCALE_FIELDS)}")
-    cfg = copy.deepcopy(cfg)
-    layers = cfg.layers
-    if "num_layers" in spec:
-        n = spec["num_layers"]
-        if not isinstance(n, int) or not 1 <= n <= len(layers):
-            raise ValueError(f"model.num_layers={n!r}: must be in [1, {len(layers)}] for {cfg.name}")
-        layers = layers[:n]
     over = spec.get("layer_overrides") or {}
     if not isinstance(over, dict):
         raise ValueError("model.layer_overrides: a table of LayerSpec fields")  # noqa: TRY004
-    known = {f.name for f in dataclasses.fields(layers[0])}
+    known = {f.name for f in dataclasses.fields(cfg.layers[0])}
     bad = sorted(set(over) - known)
     if bad:
         raise ValueError(f"model.layer_overrides: unknown LayerSpec field(s) {bad}; allowed: {sorted(known)}")
-    new = []
-    for x in layers:
-        kw: dict[str, Any] = {}
-        if "num_heads" in spec:
-            h = spec["num_heads"]
-            kw["num_heads"] = h
-            if "num_kv_heads" not in spec:
-                kv = max(1, h * x.num_kv_heads // x.num_heads)
-                while h % kv:
-                    kv -= 1
-                kw["num_kv_heads"] = kv
-        if "num_kv_heads" in spec:
-            kw["num_kv_heads"] = spec["num_kv_heads"]
-        if "head_dim" in spec:
-            kw["head_dim"] = spec["head_dim"]
-            if x.v_head_dim is not None:
-                kw["v_head_dim"] = spec["head_dim"]
-        if "intermediate_size" in spec and x.intermediate_size:
-            kw["intermediate_size"] = spec["intermediate_size"]
-        if "window" in spec and x.window is not None:
-            kw["window"] = spec["window"]
-        if x.moe is not None and ("num_experts" in spec or "expert_size" in spec):
-            e = spec.get("num_experts", x.moe.num_experts)
-            size = spec.get("expert_size", x.moe.expert_size)
-            kw["moe"] = dataclasses.replace(x.moe, num_experts=e, top_k=min(x.moe.top_k, e), expert_size=size,
-                                            shared_size=size if x.moe.shared_size else None)
-        kw.update(over)
-        try:
-            new.append(dataclasses.replace(x, **kw))
-        except (TypeError, ValueError) as e:
-            raise _model_error(e) from e
-    top: dict[str, Any] = {"layers": new, "name": f"{cfg.name} (scaled)"}
-    if "hidden_size" in spec:
-        top["hidden_size"] = spec["hidden_size"]
-        if cfg.embed_scale is not None and abs(cfg.embed_scale - math.sqrt(cfg.hidden_size)) < 1e-6:
-            top["embed_scale"] = math.sqrt(spec["hidden_size"])
-    for k in ("vocab_size", "max_positions"):
-        if k in spec:
-            top[k] = spec[k]
-    if "ple_dim" in spec and cfg.ple_dim is not None:
-        top["ple_dim"] = spec["ple_dim"]
-    if "vocab_size" in spec and cfg.ple_vocab_size is not None:
-        top["ple_vocab_size"] = min(cfg.ple_vocab_size, spec["vocab_size"])
     try:
-        out = dataclasses.replace(cfg, **top)
+        out = shrink(cfg, **{k: v for k, v in spec.items() if k in SHRINK_FIELDS})
+        if over:
+            out = dataclasses.replace(out, layers=[dataclasses.replace(x, **over) for x in out.layers])
         if "share_last" in spec:
             out = share_last(out, spec["share_last"])
     except (TypeError, ValueError) as e:

@@ -183,9 +183,9 @@ def test_hub_style_config_with_global_head_dim() -> None:
 @pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-26b-a4b", "gemma-4-31b"])
 def test_presets_round_trip_through_a_transformers_config(name: str) -> None:
     """``kvlab bench --vs transformers`` writes the preset (scaled to fit) as a Gemma4TextConfig."""
-    from kvlab.bench import scale_to_fit
     from kvlab.families import to_hf_config
     from kvlab.presets import get_preset
+    from kvlab.shrink import scale_to_fit
 
     cfg, _ = scale_to_fit(get_preset(name))
     d = to_hf_config(cfg)

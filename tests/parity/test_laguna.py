@@ -159,9 +159,9 @@ def test_gate_shape_disagreeing_with_config_is_an_error(tmp_path: Path) -> None:
 
 def test_bench_can_write_a_laguna_twin() -> None:
     """`kvlab bench laguna-xs.2 --vs transformers` needs a LagunaConfig of the (scaled) preset's shape."""
-    from kvlab.bench import scale_to_fit
     from kvlab.families import to_hf_config
     from kvlab.presets import get_preset
+    from kvlab.shrink import scale_to_fit
 
     cfg, _ = scale_to_fit(get_preset("laguna-xs.2"), 256 * 2**20)
     d = to_hf_config(cfg)

@@ -162,8 +162,8 @@ def test_defaults_follow_transformers() -> None:
 
 def test_bench_can_write_a_zaya_twin() -> None:
     """`kvlab bench zaya1-8b --vs transformers` needs a ZayaConfig of the (scaled) preset's shape."""
-    from kvlab.bench import scale_to_fit
     from kvlab.families import to_hf_config
+    from kvlab.shrink import scale_to_fit
 
     cfg, _ = scale_to_fit(kvlab.presets.get_preset("zaya1-8b"), 256 * 2**20)
     d = to_hf_config(cfg)
