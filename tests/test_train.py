@@ -265,15 +265,18 @@ def test_cli_train_json_and_toml(tmp_path, capsys):
 
 # -- ablations -------------------------------------------------------------------------------------------
 def test_welch_t_test_matches_closed_forms():
-    from kvlab.train.ablate import betainc, t_two_sided_p, welch
+    from kvlab.train.ablate import welch
 
-    assert abs(t_two_sided_p(1.0, 1) - 0.5) < 1e-12  # Cauchy
-    for t in (0.5, 1.0, 2.0, 3.0):  # df = 2: p = 1 - t / sqrt(2 + t^2)
-        assert abs(t_two_sided_p(t, 2) - (1 - t / math.sqrt(2 + t * t))) < 1e-12
-    assert abs(t_two_sided_p(1.959964, 1e7) - 0.05) < 1e-5  # the normal limit
-    assert abs(betainc(2, 3, 0.4) - 0.5248) < 1e-12
-    w = welch([1, 2, 3, 4], [2, 3, 4, 5, 9])
-    assert abs(w["t"] + 1.532942) < 1e-5 and abs(w["df"] - 5.9615) < 1e-3 and 0.1 < w["p"] < 0.25
+    # two samples of two with equal spread: df = 2, where Student's t has p = 1 - |t| / sqrt(2 + t^2)
+    for shift in (1.0, 3.0, 6.0):
+        w = welch([0.0, 2.0], [shift, shift + 2.0])
+        t = -shift / math.sqrt(2)
+        assert abs(w["t"] - t) < 1e-12 and abs(w["df"] - 2) < 1e-12
+        assert abs(w["p"] - (1 - abs(t) / math.sqrt(2 + t * t))) < 1e-12
+    w = welch([1, 2, 3, 4], [2, 3, 4, 5, 9])  # R: t.test(...): t = -1.5329, df = 5.9615, p-value = 0.1765
+    assert abs(w["t"] + 1.532942) < 1e-5 and abs(w["df"] - 5.9615) < 1e-3 and abs(w["p"] - 0.1765) < 1e-4
+    assert math.isnan(welch([1.0], [2.0, 3.0])["p"])
+    assert welch([1.0, 1.0], [2.0, 2.0])["p"] == 0.0 and welch([1.0, 1.0], [1.0, 1.0])["p"] == 1.0
 
 
 def _sweep(variants: list[dict], steps: int = 4) -> dict:

@@ -46,8 +46,11 @@ import copy
 import dataclasses
 import math
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
+
+from scipy import stats
 
 from kvlab.config import ModelConfig
 
@@ -61,61 +64,19 @@ EXAMPLES = Path(__file__).parent / "examples"
 
 
 # -- statistics ----------------------------------------------------------------------------------------
-def _betacf(a: float, b: float, x: float) -> float:
-    """Continued fraction of the incomplete beta function (modified Lentz)."""
-    tiny = 1e-300
-    qab, qap, qam = a + b, a + 1.0, a - 1.0
-    c, d = 1.0, 1.0 - qab * x / qap
-    d = 1.0 / (d if abs(d) > tiny else tiny)
-    h = d
-    for m in range(1, 500):
-        m2 = 2 * m
-        aa = m * (b - m) * x / ((qam + m2) * (a + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        h *= d * c
-        aa = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        d = 1.0 + aa * d
-        d = 1.0 / (d if abs(d) > tiny else tiny)
-        c = 1.0 + aa / c if abs(1.0 + aa / c) > tiny else tiny
-        de = d * c
-        h *= de
-        if abs(de - 1.0) < 1e-15:
-            break
-    return h
-
-
-def betainc(a: float, b: float, x: float) -> float:
-    """The regularised incomplete beta function I_x(a, b)."""
-    if x <= 0:
-        return 0.0
-    if x >= 1:
-        return 1.0
-    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x))
-    if x < (a + 1) / (a + b + 2):
-        return front * _betacf(a, b, x) / a
-    return 1.0 - front * _betacf(b, a, 1 - x) / b
-
-
-def t_two_sided_p(t: float, df: float) -> float:
-    """Two-sided p-value of Student's t with ``df`` degrees of freedom."""
-    if math.isnan(t) or df <= 0:
-        return float("nan")
-    return betainc(df / 2, 0.5, df / (df + t * t))
-
-
 def welch(a: list[float], b: list[float]) -> dict[str, float]:
-    """Welch's unequal-variance t-test of mean(a) - mean(b): t, Welch-Satterthwaite df, two-sided p."""
+    """Welch's unequal-variance t-test of mean(a) - mean(b) (``scipy.stats.ttest_ind``, ``equal_var=False``):
+    t, Welch-Satterthwaite df, two-sided p. NaN with fewer than two values on a side; with no spread on either
+    side p is 0 for different means and 1 for equal ones."""
     if len(a) < 2 or len(b) < 2:
         return {"t": float("nan"), "df": float("nan"), "p": float("nan")}
-    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
-    diff = statistics.fmean(a) - statistics.fmean(b)
-    if va + vb == 0:
+    if statistics.variance(a) + statistics.variance(b) == 0:
+        diff = statistics.fmean(a) - statistics.fmean(b)
         return {"t": float("inf") if diff else float("nan"), "df": float("inf"), "p": 0.0 if diff else 1.0}
-    t = diff / math.sqrt(va + vb)
-    df = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
-    return {"t": t, "df": df, "p": t_two_sided_p(t, df)}
+    with warnings.catch_warnings():  # seeds that agree to many digits: scipy warns of cancellation in the moments
+        warnings.simplefilter("ignore", RuntimeWarning)
+        r = stats.ttest_ind(a, b, equal_var=False)
+    return {"t": float(r.statistic), "df": float(r.df), "p": float(r.pvalue)}
 
 
 # -- variants and parameter matching -----------------------------------------------------------------
@@ -583,5 +544,5 @@ def plot_sweep(result: dict[str, Any], path: str | Path) -> Path:
     return path
 
 
-__all__ = ["apply_variant", "betainc", "dry_run", "format_dry_run", "format_table", "load_sweep", "match_params",
+__all__ = ["apply_variant", "dry_run", "format_dry_run", "format_table", "load_sweep", "match_params",
            "parse_sweep", "plot_sweep", "preset_path", "run_sweep", "sweep_presets", "welch"]
