@@ -31,6 +31,7 @@ FIELDS = {
     "mlp_factor": "multiply every dense MLP, expert and shared-expert width by this (at least 16)",
     "window": "window size of every sliding-window layer",
     "num_experts": "experts of every MoE layer (top_k and expert groups capped to fit)",
+    "max_top_k": "at most this many experts per token in every MoE layer",
     "expert_size": "expert width of every MoE layer (a shared expert's width follows)",
     "router_hidden": "width of every MLP router (ZAYA1's router_hidden)",
     "latent": "low ranks: MLA kv_lora_rank and q_lora_rank, CSA/HCA q_lora_rank and o_lora_rank",
@@ -42,7 +43,8 @@ FIELDS = {
 }
 
 TINY: dict[str, Any] = {"hidden_size": 32, "max_kv_heads": 2, "max_heads": 16, "head_dim": 16, "intermediate_size": 32,
-                        "window": 8, "num_experts": 4, "expert_size": 16, "router_hidden": 16, "latent": 16,
+                        "window": 8, "num_experts": 4, "max_top_k": 2,
+                        "expert_size": 16, "router_hidden": 16, "latent": 16,
                         "index_heads": 2, "index_topk": 8, "ple_dim": 8, "vocab_size": 97, "max_positions": 512}
 MIN_WIDTH = 16  # mlp_factor never takes an MLP below this
 
@@ -129,7 +131,7 @@ def _layer(x: LayerSpec, s: dict[str, Any]) -> LayerSpec:
 def _moe(m: MoESpec, s: dict[str, Any]) -> MoESpec:
     e = s.get("num_experts", m.num_experts)
     size = s.get("expert_size", m.expert_size)
-    top_k = min(m.top_k, e)
+    top_k = min(m.top_k, e, s.get("max_top_k", e))
     n_group = max(g for g in range(1, min(m.n_group, e) + 1) if e % g == 0)
     topk_group = None if m.topk_group is None else max(min(m.topk_group, n_group), math.ceil(top_k / (e // n_group)))
     router = s.get("router_hidden", m.router_hidden) if m.router_hidden else None

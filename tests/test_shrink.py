@@ -48,7 +48,7 @@ def test_every_sub_spec_shrinks():
     assert (m.kv_lora_rank, m.q_lora_rank, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim) == (16, 16, 8, 8, 8)
     assert (m.index_heads, m.index_head_dim, m.index_topk) == (2, 8, 8) and v32.layers[0].head_dim == 16
     moe = next(x.moe for x in v32.layers if x.moe is not None)  # 256 experts in 8 groups, top 4 groups, top-8
-    assert (moe.num_experts, moe.top_k, moe.n_group, moe.topk_group) == (4, 4, 4, 4)
+    assert (moe.num_experts, moe.top_k, moe.n_group, moe.topk_group) == (4, 2, 4, 4)
     gemma = tiny(get_preset("gemma-4-e2b"))
     assert (gemma.ple_dim, gemma.ple_rows) == (8, 97)
     zaya = tiny(get_preset("zaya1-8b"))
