@@ -136,9 +136,6 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         """The stored shape of ``name`` without reading its data."""
         return tuple(self._handles[self._where[name]].get_slice(name).get_shape())
 
-    def file_of(self, name: str) -> Path:
-        return self._where[name]
-
 
 def read_tensors(path: str | Path, dtype: torch.dtype | None = None,
                  keep_fp32: Callable[[str], bool] | None = None) -> LazyTensors:
