@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from kvlab.costs import costs, dtype_bytes, resolve_config
@@ -129,12 +130,28 @@ def _workspace(cfg: Any, c: Any, context: int, batch: int, w_name: str, chunk: i
     return t * per_token * act + batch * cfg.vocab_size * 4
 
 
+def gguf_weights(model: Any) -> dict[str, Any] | None:
+    """The GGUF file's own weight bytes (quantized tensors at their stored size) when ``model`` names one, else None."""
+    if not isinstance(model, (str, Path)):
+        return None
+    from kvlab.gguf_checkpoint import is_gguf, weight_bytes
+    from kvlab.models import resolve_file
+
+    try:
+        path = resolve_file(model)
+    except ValueError:
+        return None
+    return weight_bytes(path) if is_gguf(path) else None
+
+
 def footprint(model: Any, context: int, batch: int = 1, weights_dtype: Any = "bfloat16", kv_dtype: Any = None,
-              tp: int = 1, engine: Any = None, chunk: int = DEFAULT_CHUNK) -> Footprint:
+              tp: int = 1, engine: Any = None, chunk: int = DEFAULT_CHUNK, weights_bytes: int | None = None
+              ) -> Footprint:
     """What ``batch`` sequences of ``context`` tokens hold, per device of a ``tp``-way tensor-parallel group.
 
     ``engine``: an :class:`kvlab.engines.Engine` (or its name) whose reservation is reported beside the physical
-    K/V (``engine_kv_bytes``) and is what :attr:`Footprint.total_bytes` counts.
+    K/V (``engine_kv_bytes``) and is what :attr:`Footprint.total_bytes` counts. ``weights_bytes``: the weights'
+    size when known (a GGUF file's quantized tensors, :func:`gguf_weights`) instead of params x dtype.
     """
     cfg = resolve_config(model)
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
@@ -142,6 +159,8 @@ def footprint(model: Any, context: int, batch: int = 1, weights_dtype: Any = "bf
     c = costs(cfg, context=context, dtype=weights_dtype, batch=batch, kv_dtype=kv_dtype)
     w_name, w_elt = dtype_bytes(weights_dtype)
     weights = c.params_total * w_elt + c.params_mhc * max(0, 4 - w_elt)  # mHC maps held in fp32
+    if weights_bytes is not None:
+        weights = weights_bytes
     kv = state = 0
     comps: dict[str, int] = {}
     replicated: dict[str, list[int]] = {}
@@ -186,13 +205,18 @@ def _ranges(idx: list[int]) -> str:
 
 
 def fit(model: Any, memory: int, batch: int | None = None, context: int | None = None,
-        weights_dtype: Any = "bfloat16", kv_dtype: Any = None, tp: int = 1, engine: Any = None,
+        weights_dtype: Any = None, kv_dtype: Any = None, tp: int = 1, engine: Any = None,
         chunk: int = DEFAULT_CHUNK) -> FitResult:
     """The largest context for ``batch`` sequences (default 1), or with ``context`` the largest batch, in ``memory``.
 
     Exact at the boundary: ``fits`` is the footprint at the answer, ``next`` the footprint one token (one
     sequence) later, which exceeds the usable memory. Contexts stop at the model's ``max_positions``.
+    ``weights_dtype`` None: bf16, or for a GGUF file (or a named model) the file's own quantized weight bytes.
     """
+    gguf = gguf_weights(model) if weights_dtype is None else None
+    weights_dtype = weights_dtype or "bfloat16"
+    if kv_dtype is None and gguf is not None:
+        kv_dtype = "float16"  # llama.cpp's default cache type
     cfg = resolve_config(model)
     if batch is not None and context is not None:
         raise FitError("give batch (solve for the context) or context (solve for the batch), not both")
@@ -209,9 +233,13 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
     usable = int(memory * eng.memory_fraction) if eng is not None else memory
     w_name, _ = dtype_bytes(weights_dtype)
     kv_name, _ = dtype_bytes(weights_dtype if kv_dtype is None else kv_dtype)
+    if gguf is not None:
+        w_name = "gguf"
+
+    w_file = -(-gguf["weight_bytes"] // tp) if gguf else None
 
     def at(ctx: int, b: int) -> Footprint:
-        return footprint(cfg, ctx, b, weights_dtype, kv_dtype, tp, eng, chunk)
+        return footprint(cfg, ctx, b, weights_dtype, kv_dtype, tp, eng, chunk, weights_bytes=w_file)
 
     def ok(ctx: int, b: int) -> bool:
         return at(ctx, b).total_bytes <= usable
@@ -243,6 +271,12 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
     assumptions = [
         f"weights: params_total x {w_name} bytes (mHC maps in fp32), divided evenly over tp={tp} device(s)"
         if tp > 1 else f"weights: params_total x {w_name} bytes (mHC maps in fp32)",
+    ] if gguf is None else [
+        f"weights: the GGUF file's tensor bytes, {gguf['weight_bytes']:,} B ({gguf['bits_per_weight']:.2f} bits/weight; "
+        + ", ".join(f"{k} x{v}" for k, v in gguf["tensor_types"].items()) + f") from {gguf['file']}"
+        + (f", divided evenly over tp={tp} devices" if tp > 1 else "") + "; K/V default f16 (llama.cpp's cache type)",
+    ]
+    assumptions += [
         (f"K/V: the calculator's physical bytes in {kv_name} (window layers hold min(window, context) positions, "
         "shared layers nothing), per component; state: the constant per-sequence part (CCA conv tails, CSA/HCA "
         "partial blocks), listed apart"),

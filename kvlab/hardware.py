@@ -140,12 +140,13 @@ class Roofline:
 
 
 def roofline(model: Any, hardware: str | Hardware, context: int, batch: int = 1, weights_dtype: Any = "bfloat16",
-             kv_dtype: Any = None, tp: int = 1, chunk: int = 512) -> Roofline:
+             kv_dtype: Any = None, tp: int = 1, chunk: int = 512, weights_bytes: int | None = None) -> Roofline:
     """Decode tokens/s (per sequence and aggregate) and prefill seconds at ``context`` x ``batch`` on ``hardware``.
 
     Per device of ``tp``: weight bytes and FLOPs divided by ``tp``, K/V bytes as :func:`kvlab.fit.footprint` splits
     or replicates them; communication is not priced. Prefill: ``prefill_flops`` (whole batch) against the bytes of
-    reading the weights once per chunk of ``chunk`` tokens and writing the K/V once.
+    reading the weights once per chunk of ``chunk`` tokens and writing the K/V once. ``weights_bytes``: the whole
+    model's stored weight bytes when known (a GGUF file): weight traffic is scaled by it / (params x dtype bytes).
     """
     from kvlab.fit import _attention_kind, _tp_factor
 
@@ -153,13 +154,16 @@ def roofline(model: Any, hardware: str | Hardware, context: int, batch: int = 1,
     w_name, _ = dtype_bytes(weights_dtype)
     hw = get_hardware(hardware, w_name)
     c = costs(cfg, context=context, dtype=weights_dtype, batch=batch, kv_dtype=kv_dtype)
+    w_read = c.weight_read_bytes_per_step
+    if weights_bytes is not None:
+        w_read = round(w_read * weights_bytes / (c.params_total * dtype_bytes(weights_dtype)[1]))
     kv_read = 0.0
     kv_store = 0.0
     for x in c.per_layer:
         f, _ = _tp_factor(_attention_kind(x), x.kv_heads, tp, x.index)
         kv_read += x.kv_read_bytes * f
         kv_store += x.kv_bytes * f
-    dec_bytes = int(c.weight_read_bytes_per_step / tp + kv_read)
+    dec_bytes = int(w_read / tp + kv_read)
     dec_flops = batch * c.flops_per_token // tp
     peak, fdt = hw.peak_flops(w_name)
     t_mem = dec_bytes / hw.bandwidth
@@ -167,7 +171,7 @@ def roofline(model: Any, hardware: str | Hardware, context: int, batch: int = 1,
     step = max(t_mem, t_cmp)
     pre_flops = c.prefill_flops // tp
     chunks = -(-context // chunk)
-    pre_bytes = int(c.weight_read_bytes_per_step / tp * chunks + kv_store)
+    pre_bytes = int(w_read / tp * chunks + kv_store)
     pre_s = max(pre_flops / peak, pre_bytes / hw.bandwidth) if peak else None
     pre_bound = None if pre_s is None else ("compute" if pre_flops / peak >= pre_bytes / hw.bandwidth else "memory")
     assumptions = [

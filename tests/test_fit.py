@@ -358,3 +358,41 @@ def test_cli_fit_bad_input_is_a_named_error_exit_2(capsys, argv, message) -> Non
     err = capsys.readouterr().err
     assert err.startswith("kvlab: error:") and message in err
 
+
+
+# -- GGUF files: weights at their quantized size ----------------------------------------------------------------------
+
+def _smollm2() -> str:
+    from kvlab.models import resolve_file
+
+    try:
+        return str(resolve_file("smollm2-135m"))
+    except ValueError as e:
+        pytest.skip(f"smollm2-135m is not installed: {e}")
+
+
+def test_gguf_weights_are_the_files_quantized_bytes_and_the_fit_is_exact() -> None:
+    from kvlab.gguf_checkpoint import read_gguf
+
+    path = _smollm2()
+    g = read_gguf(path)
+    r = fit(path, 400 * 1024**2, batch=4)  # 400 MiB: Q4_1 weights (~92 MiB) + f16 K/V of 4 sequences
+    assert r.fits.weights_bytes == g.weight_bytes < 2 * costs(path, context=1).params_total
+    assert r.kv_dtype == "float16" and "GGUF file's tensor bytes" in r.assumptions[0]
+    assert r.limited_by == "memory"
+    per_token = 30 * 3 * 64 * 2 * 2  # layers x KV heads x head_dim x (K + V) x f16
+    assert r.fits.kv_bytes == 4 * per_token * r.value
+    assert r.fits.total_bytes <= r.usable < r.next.total_bytes
+    assert fit(path, 400 * 1024**2, batch=4, weights_dtype="bf16").fits.weights_bytes == 2 * costs(path, 1).params_total
+
+
+def test_gguf_roofline_reads_the_quantized_weights(capsys) -> None:
+    path = _smollm2()
+    assert main(["fit", "smollm2-135m", "--memory", "1GiB", "--hardware", "h100", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    from kvlab.gguf_checkpoint import read_gguf
+
+    c = costs(path, context=d["fit"]["value"], kv_dtype="float16")
+    w = read_gguf(path).weight_bytes
+    expected = round(c.weight_read_bytes_per_step * w / (c.params_total * 2)) + c.kv_read_bytes_per_step
+    assert d["roofline"]["decode_bytes"] == expected

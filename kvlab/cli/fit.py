@@ -25,7 +25,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     how = q.add_mutually_exclusive_group()
     how.add_argument("--batch", type=int, help="sequences; the answer is the largest context (default 1)")
     how.add_argument("--context", help="context length (131072, 128k); the answer is the largest batch")
-    q.add_argument("--weights-dtype", default="bf16", help="bf16, fp16, fp32, fp8, int8 (default bf16)")
+    q.add_argument("--weights-dtype", help="bf16, fp16, fp32, fp8, int8 (default bf16; a .gguf file or named model: "
+                                            "the file's own quantized tensor bytes)")
     q.add_argument("--kv-dtype", help="K/V cache dtype (default: the weights dtype)")
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel devices; figures are per device (default 1)")
     q.add_argument("--engine", help=f"price what a serving engine reserves: {', '.join(ENGINES)}")
@@ -62,12 +63,16 @@ def _rows(fp: Any, r: Any) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.fit import BUDGETS_GIB, fit
+    from kvlab.fit import BUDGETS_GIB, fit, gguf_weights
     from kvlab.hardware import get_hardware, roofline
 
     cfg = resolve_config(args.model)
-    hw = get_hardware(args.hardware, "float32" if args.weights_dtype in ("fp32", "float32") else "bfloat16") \
-        if args.hardware else None
+    gguf = gguf_weights(args.model) if args.weights_dtype is None else None
+    wd = args.weights_dtype or "bf16"
+    kv = args.kv_dtype or ("float16" if gguf else None)
+    w_bytes = gguf["weight_bytes"] if gguf else None
+    spec = args.model if gguf else cfg  # fit reads the file's weight bytes itself
+    hw = get_hardware(args.hardware, "float32" if wd in ("fp32", "float32") else "bfloat16") if args.hardware else None
     if args.memory is not None:
         memory = parse_memory(args.memory)
     elif hw is not None:
@@ -81,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     data: dict[str, Any] = {"model": cfg.name}
     if args.table:
         mems = [g * 1024**3 for g in BUDGETS_GIB]
-        results = [fit(cfg, m, **kw) for m in mems]
+        results = [fit(spec, m, **kw) for m in mems]
         data["table"] = [x.to_dict() for x in results]
         first = results[0]
         what = "context" if first.solve == "context" else "batch"
@@ -102,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
                     row.append(fmt_bytes(fp.engine_kv_bytes))
                 row.append(fmt_bytes(fp.total_bytes))
             if hw is not None and fp is not None:
-                rl = roofline(cfg, hw, fp.context, fp.batch, args.weights_dtype, args.kv_dtype, args.tp, args.chunk)
+                rl = roofline(cfg, hw, fp.context, fp.batch, wd, kv, args.tp, args.chunk, w_bytes)
                 row.append(f"{rl.decode_tok_s_per_sequence:,.1f} ({rl.decode_bound})")
             rows.append(row)
         heads = ["memory", f"largest {what}", "weights", "K/V", "state", "workspace"]
@@ -114,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
             emit_json(data)
         return 0
 
-    r = fit(cfg, memory, **kw)
+    r = fit(spec, memory, **kw)
     data["fit"] = r.to_dict()
     print(f"{cfg.name} on {fmt_bytes(memory)}{' per device' if args.tp > 1 else ''}: weights {r.weights_dtype}, "
           f"K/V {r.kv_dtype}, " + (f"batch {args.batch or 1}" if r.solve == "context" else f"context {context:,}")
@@ -133,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
                   f" are physically needed ({'+' if extra >= 0 else '-'}{fmt_bytes(abs(extra))}): "
                   + "; ".join(fp.engine_details) + "; the rules are under assumptions", file=out)
         if hw is not None:
-            rl = roofline(cfg, hw, fp.context, fp.batch, args.weights_dtype, args.kv_dtype, args.tp, args.chunk)
+            rl = roofline(cfg, hw, fp.context, fp.batch, wd, kv, args.tp, args.chunk, w_bytes)
             data["roofline"] = rl.to_dict()
             pre = "not priced" if rl.prefill_s is None else f"{rl.prefill_s:,.2f} s ({rl.prefill_bound}-bound)"
             print(f"\nroofline on {hw.label}: decode {rl.decode_tok_s_per_sequence:,.1f} tok/s per sequence, "
