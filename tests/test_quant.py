@@ -208,3 +208,44 @@ def test_compare_takes_several_formats_and_bad_ones_are_named(capsys):
     assert main(["calc", "llama-3.1-8b", "--kv-quant", "int4-g7"]) == 2
     assert "kvlab: error: layers[0].kv_quant[k].group=7: must divide the 128 quantized channels" in \
         capsys.readouterr().err
+
+
+def test_deepseek_storage_presets_reproduce_the_v4_model_card():
+    """DeepSeek's own storage formats: V3.2's FlashMLA FP8 cache is 656 B per token per layer (+ 132 B of FP8
+    indexer keys); V4 keeps entries in FP8 with the 64 rotary channels in bf16 and indexer keys in FP4. At 1M the
+    model card puts V4's KV at 10% (Pro) and 7% (Flash) of V3.2's; both in their deployed formats kvlab gets
+    10.7% and 7.7% (the Pro layer schedule is transformers' default, not the released one)."""
+    ctx = 1 << 20
+    v32 = costs("deepseek-v3.2", context=ctx, kv_quant="flashmla-fp8")
+    assert v32.per_layer[0].kv_components["c_kv"] + v32.per_layer[0].kv_components["k_pe"] == 656 * ctx
+    assert v32.per_layer[0].kv_components["index_keys"] == 132 * ctx
+    for model, card in (("deepseek-v4-pro", 0.10), ("deepseek-v4-flash", 0.07)):
+        v4 = costs(model, context=ctx, kv_quant="deepseek-v4")
+        comp = next(x.kv_components for x in v4.per_layer if x.kind.startswith("csa"))  # 448 fp8 + 7 fp32 + 64 bf16
+        assert comp["compressed"] == (ctx // 4) * (448 + 7 * 4 + 64 * 2)
+        assert comp["index_keys"] == (ctx // 4) * (64 + 4 * 4)
+        assert abs(v4.kv_cache_bytes / v32.kv_cache_bytes - card) < 0.01
+
+
+def test_a_kv_quant_variant_shares_the_weights_and_quantizes_its_cache():
+    from kvlab.eval import kl_divergence, with_kv_quant
+
+    model = random_model(tiny("gqa", 0))
+    var = with_kv_quant(model, "int4-g4")
+    assert var.embed.weight is model.embed.weight
+    assert var.new_cache(1, 8).nbytes() == costs(model.config, 8, "float32", kv_quant="int4-g4").kv_cache_bytes
+    assert model.new_cache(1, 8).nbytes() == costs(model.config, 8, "float32").kv_cache_bytes  # the reference: not
+    ids = torch.randint(0, 61, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    k = kl_divergence(model, var, ids, window=40)
+    assert k.tokens == 39 and k.mean_kl > 0
+    assert kl_divergence(model, with_kv_quant(model, None), ids, window=40).mean_kl == 0  # no format: identical
+
+
+def test_eval_variant_kv_is_a_quantized_cache_and_a_bad_one_is_named():
+    from kvlab.cli.evaluate import _variant
+
+    model = random_model(tiny("gqa", 0))
+    var = _variant("kv=int8-g4-r2", model)
+    assert var.new_cache(1, 8).nbytes() == costs(model.config, 8, "float32", kv_quant="int8-g4-r2").kv_cache_bytes
+    with pytest.raises(ValueError, match=r"kv_quant format='q3': allowed"):
+        _variant("kv=q3", model)

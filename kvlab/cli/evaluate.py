@@ -35,7 +35,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     who = q.add_mutually_exclusive_group()
     who.add_argument("--vs", metavar="MODEL", help="a variant model (same vocabulary): its perplexity and KL")
     who.add_argument("--variant", help="the same weights with other attention windows: 'window=N' (every layer "
-                                       "slides over N positions) or 'global' (no window anywhere)")
+                                       "slides over N positions) or 'global' (no window anywhere); or a quantized "
+                                       "K/V cache: 'kv=FORMAT' (e.g. kv=int4-g32-r64-rot; see kvlab calc --help)")
     q.add_argument("--needle", action="store_true", help="needle-in-a-haystack retrieval instead of perplexity")
     q.add_argument("--lengths", default="1k,2k,4k", help="needle context lengths (default 1k,2k,4k)")
     q.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the context")
@@ -48,9 +49,11 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
 
 
 def _variant(spec: str, model: Any) -> Any:
-    from kvlab.eval import with_window
+    from kvlab.eval import with_kv_quant, with_window
 
     s = spec.strip().lower()
+    if s.startswith("kv="):
+        return with_kv_quant(model, s.split("=", 1)[1])
     if s == "global":
         return with_window(model, None)
     if s.startswith("window="):
@@ -58,7 +61,7 @@ def _variant(spec: str, model: Any) -> Any:
             return with_window(model, parse_context(s.split("=", 1)[1]))
         except ValueError as e:
             raise ValueError(f"--variant {spec!r}: {e}") from e
-    raise ValueError(f"--variant {spec!r}: expected 'window=N' or 'global'")
+    raise ValueError(f"--variant {spec!r}: expected 'window=N', 'global' or 'kv=FORMAT'")
 
 
 def _depths(text: str) -> list[float]:

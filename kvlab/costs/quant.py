@@ -129,8 +129,14 @@ def parse_quant(text: str) -> QuantSpec:
 PRESETS: dict[str, dict[str, QuantSpec | None]] = {
     # DeepSeek V4 (model card / inference code): K/V entries in FP8 with the 64 rotary channels kept in bf16,
     # the lightning indexer's keys in FP4 (e2m1 with a scale per 32 values)
+    # (the 448 non-rotary channels of a 512 entry in groups of 64 with fp32 scales; FP4 keys with an fp32 scale per
+    # 32 values, a close stand-in for MXFP4's 1-byte power-of-two scales: 12 B more per indexer key)
     "deepseek-v4": {"*": QuantSpec("fp8", group=64, rope_exact=True, scale_dtype="float32"),
                     "index_keys": QuantSpec("fp4", group=32, scale_dtype="float32")},
+    # DeepSeek V3.2's FlashMLA FP8 cache: c_kv in FP8 with an fp32 scale per 128 channels (512 + 16 B), k_pe in the
+    # cache dtype (bf16: 128 B) = 656 B per token; the indexer keys in FP8 with one fp32 scale (132 B)
+    "flashmla-fp8": {"c_kv": QuantSpec("fp8", group=128, scale_dtype="float32"), "k_pe": None,
+                     "index_keys": QuantSpec("fp8", group=128, scale_dtype="float32")},
 }
 
 

@@ -4,8 +4,8 @@ from .corpus import Corpus, default_corpus, load_corpus
 from .kl import KLResult, kl_divergence
 from .needle import NeedleResult, needle_test, plot_needle
 from .perplexity import EvalError, Perplexity, perplexity, perplexity_at, plan_windows, token_nll
-from .variant import VariantError, share_weights, with_window
+from .variant import VariantError, share_weights, with_kv_quant, with_window
 
 __all__ = ["Corpus", "EvalError", "KLResult", "NeedleResult", "Perplexity", "VariantError", "default_corpus",
            "kl_divergence", "load_corpus", "needle_test", "perplexity", "perplexity_at", "plan_windows", "plot_needle",
-           "share_weights", "token_nll", "with_window"]
+           "share_weights", "token_nll", "with_kv_quant", "with_window"]

@@ -1,7 +1,8 @@
 """Variants of a loaded model that share its weights: the same model under another cache policy.
 
 ``with_window(model, 512)`` gives every attention layer a sliding window of 512 positions (``None``: all layers
-global); the weights are the reference's own tensors, not copies, so a variant costs no memory but its cache.
+global); ``with_kv_quant(model, "int4-g32")`` keeps the layers and quantizes the K/V cache (kvlab/costs/quant.py);
+the weights are the reference's own tensors, not copies, so a variant costs no memory but its cache.
 """
 
 from __future__ import annotations
@@ -54,3 +55,17 @@ def with_window(model: Model, window: int | None) -> Model:
     cfg.name = f"{cfg.name} ({'all global' if window is None else f'window {window}'})"
     cfg.validate()
     return share_weights(cfg, model)
+
+
+def with_kv_quant(model: Model, kv_quant) -> Model:
+    """The same model whose caches (``new_cache``) hold K/V quantized as ``kv_quant`` (``"int8"``,
+    ``"int4-g32-r64-rot"``, a QuantSpec...; kvlab/costs/quant.py), same weights."""
+    import functools
+
+    from ..costs.quant import quant_name, resolve_kv_quant
+
+    q = resolve_kv_quant(kv_quant)  # a named error now
+    out = share_weights(copy.deepcopy(model.config), model)
+    out.config.name = f"{out.config.name} (KV {quant_name(q)})"
+    out.new_cache = functools.partial(Model.new_cache, out, kv_quant=q)  # this instance's caches are quantized
+    return out
