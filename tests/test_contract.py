@@ -265,6 +265,8 @@ def test_a_new_kind_is_one_table_entry(key_only):
         check_measured_equals_calculated(cfg, max_length)
     c = costs(cfg, context=100, dtype="bfloat16")
     assert c.kv_cache_bytes == 2 * 2 * 8 * 100 * 2  # two storing layers x 2 kv heads x 8 dims x 100 x 2 B
+    with pytest.raises(ValueError, match=r"layers\[0\]\.attention='key-only': this kind's store has no quantizable"):
+        random_model(cfg).new_cache(1, 8, kv_quant="int8")  # its record names no buffers
     assert KEY_ONLY.assumption in c.assumptions
     with pytest.raises(ValueError, match=r"layers\[0\]\.window=4: not supported by key-only"):
         ModelConfig(vocab_size=11, hidden_size=32,
