@@ -19,6 +19,7 @@ import torch
 from helpers import assert_sweep_fails_before_training, tiny_config
 
 from kvlab.cli import main
+from kvlab.errors import CheckpointWriteError
 from kvlab.train import checkpointing as ck
 from kvlab.train import parse_config, train
 from kvlab.train.trainer import _read_log
@@ -187,8 +188,9 @@ def test_checkpoint_is_atomic_under_a_failure_at_any_write(tmp_path, monkeypatch
 
         monkeypatch.setattr(ck.os, "replace", boom)
         opt = torch.optim.AdamW(r.model.parameters())
-        with pytest.raises(OSError):
+        with pytest.raises(CheckpointWriteError, match="killed here"):
             ck.save_checkpoint(tmp_path, 3, r.model, opt, {"note": "new"})
+        assert not list(tmp_path.glob(".tmp-*"))
         monkeypatch.setattr(ck.os, "replace", real_replace)
         d, step = ck.latest(tmp_path)
         assert step == 2 and (d / ck.MODEL).is_file()

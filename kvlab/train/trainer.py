@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,12 +24,14 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kvlab.errors import TrainingDivergedError
 from kvlab.model import Model
 
-from .checkpointing import latest, load_checkpoint, save_checkpoint, write_json_atomic
+from .checkpointing import latest, load_checkpoint, resumable, save_checkpoint, write_json_atomic
 from .config import TrainConfig, load_config, parse_config
 from .data import IGNORE
 from .dist import World, setup
+from .lock import RunLock
 
 LOG = "log.jsonl"
 
@@ -145,12 +149,44 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, out: str | Path | N
         cfg = config
     s = cfg.train
     out = Path(out or cfg.out or "runs/train")
+    check_out_dir(out)
     world = setup(s.device)
+    lock = RunLock(out) if world.main else None
     try:
+        if lock is not None:
+            lock.acquire()
+            if lock.stale:
+                _notice(f"took over the stale lock of {str(out)!r} left by pid {lock.stale.get('pid')} "
+                        f"(started {lock.stale.get('started')}), which is no longer running")
         with torch.enable_grad():
             return _train(cfg, out, resume, progress, max_steps, world)
     finally:
+        if lock is not None:
+            lock.release()
         world.close()
+
+
+RUN_FILES = ("latest.json", "train_config.json", LOG, ".lock")
+MODEL_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json", "tokenizer.json")
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse an output path that is a file, or a directory holding a model checkpoint rather than a kvlab run."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} is a file; a run directory is needed")
+    for parent in out.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"--out {str(out)!r}: {str(parent)!r} is a file, not a directory")
+    if not out.is_dir() or any((out / f).exists() for f in RUN_FILES):
+        return
+    found = [f for f in MODEL_FILES if (out / f).exists()] + sorted(p.name for p in out.glob("*.gguf"))
+    if found:
+        raise ValueError(f"--out {str(out)!r} holds a model checkpoint ({', '.join(found)}), not a kvlab run "
+                         "directory; refusing to overwrite it: choose another --out")
+
+
+def _notice(msg: str) -> None:
+    print(f"kvlab: warning: {msg}", file=sys.stderr)
 
 
 def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps: int | None,
@@ -163,11 +199,23 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
     opt = build_optimizer(model, cfg)
     global_batch = s.batch_size * s.grad_accum * world.size
     start = 0
-    found = latest(out) if out.exists() else None
-    if found is not None and not resume:
-        raise ValueError(f"{str(out)!r} already holds a checkpoint (step {found[1]}); pass --resume to continue it "
-                         "or choose another --out")
+    if not resume:
+        found = latest(out) if out.exists() else None
+        if found is not None:
+            raise ValueError(f"{str(out)!r} already holds a checkpoint (step {found[1]}); pass --resume to continue "
+                             "it or choose another --out")
+    else:
+        if world.main:  # verifies checksums, falls back past damaged checkpoints, repoints latest.json
+            found, notes = resumable(out)
+            for n in notes:
+                _notice(n)
+        world.barrier()
+        if not world.main:
+            found = latest(out)
     if resume and found is not None:
+        if s.steps < found[1]:
+            raise ValueError(f"--resume: train.steps={s.steps} is below the step {found[1]} of the checkpoint "
+                             f"{str(found[0])!r}; pass --steps {found[1]} or more")
         state = load_checkpoint(found[0], model, opt)
         changed = _diff(state["fingerprint"], cfg.fingerprint())
         if changed:
@@ -220,6 +268,11 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
             world.all_reduce_(total)
             loss_value = float(total) / denom
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf")))
+            if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
+                if log is not None:
+                    log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
+                                          "stopped": "non-finite"}) + "\n")
+                raise _diverged(out, step + 1, loss_value, gnorm, s.lr)
             opt.step()
             opt.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
@@ -262,6 +315,16 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
         "checkpoint": str(latest(out)[0]) if world.main and latest(out) else None,
     }
     return TrainResult(model=model, summary=summary)
+
+
+def _diverged(out: Path, step: int, loss: float, gnorm: float, lr: float) -> TrainingDivergedError:
+    what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {gnorm}"
+    last = latest(out) if out.exists() else None
+    kept = (f"the last good checkpoint {str(last[0])!r} (step {last[1]}) is kept (resume it with --resume)"
+            if last else "no checkpoint had been written yet")
+    return TrainingDivergedError(f"step {step}: non-finite {what}; training stopped before the optimizer step, so "
+                                 f"no non-finite weights were saved; {kept}; try a lower train.lr (now {lr}) or "
+                                 "train.grad_clip")
 
 
 def _state(cfg: TrainConfig, step: int, global_batch: int, world: World) -> dict[str, Any]:
