@@ -8,12 +8,15 @@ is read only when asked for, so a loader can cast and place tensors one at a tim
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from .errors import CheckpointError
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -75,7 +78,22 @@ def _read_index(d: Path) -> dict[str, str]:
         raise ValueError(f"{str(f)!r} is not a valid safetensors index (needs a 'weight_map' object): {e}") from e
     if not isinstance(weight_map, dict):
         raise ValueError(f"{str(f)!r}: 'weight_map' must map tensor names to shard files")  # noqa: TRY004
+    for shard in set(weight_map.values()):
+        inside_dir(d, shard, f"{str(f)!r} names shard")
     return weight_map
+
+
+def inside_dir(d: Path, name: Any, what: str) -> Path:
+    """``d / name`` when ``name`` is a relative path that stays inside ``d`` (checked on the path's text, so files
+    that are symlinks into a cache, as the Hugging Face hub cache lays them out, stay allowed); CheckpointError
+    naming ``what`` and the name otherwise."""
+    if not isinstance(name, str) or not name or "\0" in name:
+        raise CheckpointError(f"{what} {name!r}: not a file name")
+    p = Path(name)
+    if p.is_absolute() or os.path.normpath(name).split(os.sep)[0] == os.pardir:
+        raise CheckpointError(f"{what} {name!r}, which resolves outside the checkpoint directory {str(d)!r}; "
+                              "shard names must be files inside it")
+    return d / p
 
 
 def _open(f: Path) -> Any:

@@ -14,6 +14,7 @@ import torch
 
 from ..checkpoint import read_config, read_tensors
 from ..config import ModelConfig
+from ..errors import CheckpointError
 from . import deepseek_v3, deepseek_v4, deepseek_v32, gemma3, gemma4, laguna, llama, mistral, qwen3, qwen3_moe, zaya
 from .base import Family
 
@@ -117,8 +118,10 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 def check_state(state: dict[str, torch.Tensor], config: ModelConfig, family: Family | None = None,
                 where: str = "checkpoint") -> None:
-    """Raise one ValueError naming every missing, unexpected or mis-shaped tensor."""
-    want = expected_shapes(config)
+    """Raise one CheckpointError naming every missing, unexpected or mis-shaped tensor, every integer tensor where a
+    float weight belongs and every tensor holding NaN or inf values (with their count)."""
+    skeleton = _skeleton(config).state_dict()
+    want = {k: tuple(v.shape) for k, v in skeleton.items()}
     problems = []
 
     def hf(name: str) -> str:
@@ -133,9 +136,18 @@ def check_state(state: dict[str, torch.Tensor], config: ModelConfig, family: Fam
         if tuple(state[name].shape) != want[name]:
             problems.append(f"wrong shape {name}{hf(name)}: expected {list(want[name])}, "
                             f"got {list(state[name].shape)}")
+    for name in sorted(want.keys() & state.keys()):
+        t = state[name]
+        if skeleton[name].is_floating_point() and not t.is_floating_point():
+            problems.append(f"wrong dtype {name}{hf(name)}: {t.dtype}, where a floating-point weight belongs")
+        elif not t.is_meta and t.is_floating_point() and t.dtype.itemsize > 1 and not torch.isfinite(t).all():
+            nan = int(torch.isnan(t).sum())
+            inf = int(torch.isinf(t).sum())
+            problems.append(f"non-finite values in {name}{hf(name)}: {nan + inf} of {t.numel()} ({nan} NaN, {inf} inf)")
     if problems:
         arch = f" ({family.architecture})" if family else ""
-        raise ValueError(f"{where}{arch} does not match the model its config describes:\n  " + "\n  ".join(problems))
+        raise CheckpointError(f"{where}{arch} does not match the model its config describes:\n  "
+                              + "\n  ".join(problems))
 
 
 def load_state(path: str | Path, config: ModelConfig | None = None, dtype: torch.dtype | None = None,
