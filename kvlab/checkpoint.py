@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
+from .validate import check_hf_config
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -43,6 +44,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"{str(f)!r} is not valid JSON: {e}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(f)!r} must hold a JSON object, got {type(cfg).__name__}")  # noqa: TRY004
+    check_hf_config(cfg, str(f))
     return cfg
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import kinds
 from .kinds import CompressSpec, MLASpec, field_error, positive_int
+from .validate import check_fields
 
 MLP_KINDS = ("dense", "moe", "dense+moe")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
@@ -350,6 +351,7 @@ class ModelConfig:
         return 0 if self.ple_dim is None else (self.ple_vocab_size or self.vocab_size)
 
     def validate(self) -> None:
+        check_fields(self)  # every field's type and range (kvlab/validate.py), named by its path
         for name in ("vocab_size", "hidden_size", "max_positions"):
             _positive_int("", name, getattr(self, name))
         if not self.layers:
