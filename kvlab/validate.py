@@ -54,20 +54,27 @@ POSITIVE = Range(0, lo_open=True)
 NON_NEGATIVE = Range(0)
 AT_LEAST_ONE = Range(1)
 
-# ranges that differ from the default (any integer; floats finite and >= 0); "Class.field" wins over "field". Integer
-# bounds (>= 1, divisibility, ...) stay with each class's validate(), which knows their relations; the table holds
-# those it does not check.
+# ranges that differ from the default (any integer; floats finite and >= 0); "Class.field" wins over "field".
+# Bounds that relate fields (top_k <= num_experts, divisibility, ...) stay with each class's validate().
 RANGES: dict[str, Range] = {
     # ModelConfig
+    "vocab_size": AT_LEAST_ONE, "hidden_size": AT_LEAST_ONE, "max_positions": AT_LEAST_ONE, "ple_dim": AT_LEAST_ONE,
+    "ple_vocab_size": AT_LEAST_ONE, "mhc_streams": AT_LEAST_ONE, "mhc_sinkhorn_iters": AT_LEAST_ONE,
     "norm_eps": Range(0, 1, lo_open=True, hi_open=True), "embed_scale": POSITIVE, "final_logit_softcap": POSITIVE,
     "mhc_eps": Range(0, 1, hi_open=True),
     # LayerSpec
-    "attn_scale": POSITIVE,
+    "num_heads": AT_LEAST_ONE, "num_kv_heads": AT_LEAST_ONE, "head_dim": AT_LEAST_ONE, "v_head_dim": AT_LEAST_ONE,
+    "window": AT_LEAST_ONE, "attn_scale": POSITIVE, "conv_kernels": AT_LEAST_ONE,
     # RopeSpec
     "theta": POSITIVE, "factor": POSITIVE, "original_max_positions": AT_LEAST_ONE, "low_freq_factor": POSITIVE,
     "high_freq_factor": POSITIVE, "beta_fast": POSITIVE, "beta_slow": POSITIVE, "attention_factor": POSITIVE,
     # MoESpec
-    "routed_scaling": POSITIVE, "swiglu_limit": POSITIVE, "shared_size": AT_LEAST_ONE,
+    "num_experts": AT_LEAST_ONE, "expert_size": AT_LEAST_ONE, "n_group": AT_LEAST_ONE, "router_hidden": AT_LEAST_ONE,
+    "shared_size": AT_LEAST_ONE, "routed_scaling": POSITIVE, "swiglu_limit": POSITIVE,
+    # MLASpec / CompressSpec
+    "kv_lora_rank": AT_LEAST_ONE, "qk_nope_head_dim": AT_LEAST_ONE, "qk_rope_head_dim": AT_LEAST_ONE,
+    "q_lora_rank": AT_LEAST_ONE, "MLASpec.index_heads": AT_LEAST_ONE, "MLASpec.index_head_dim": AT_LEAST_ONE,
+    "MLASpec.index_topk": AT_LEAST_ONE, "CompressSpec.o_groups": AT_LEAST_ONE, "CompressSpec.o_lora_rank": AT_LEAST_ONE,
 }
 
 
@@ -111,11 +118,28 @@ def _describe(tp: Any) -> str:
     return f"a {getattr(tp, '__name__', str(tp))}"
 
 
+def _describe_tuple(args: tuple[Any, ...], rng: Range | None) -> str:
+    if not args or args[-1] is Ellipsis or len(set(args)) != 1 or args[0] not in (int, float):
+        return _describe(tuple[args] if args else tuple)  # type: ignore[valid-type]
+    words = {1: "one", 2: "two", 3: "three", 4: "four"}
+    count = words.get(len(args), str(len(args)))
+    if args[0] is int:
+        return f"{count} positive integers" if rng == AT_LEAST_ONE else f"{count} integers" + (f" {rng}" if rng else "")
+    return f"{count} finite numbers {rng or NON_NEGATIVE}"
+
+
 def _fail(path: str, value: Any, tp: Any, rng: Range | None = None) -> ConfigError:
+    if typing.get_origin(tp) is tuple:
+        return ConfigError(f"{path}={value!r}: must be {_describe_tuple(typing.get_args(tp), rng)}")
     union = typing.get_origin(tp) in (typing.Union, types.UnionType)
     options = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
-    text = " or ".join(_describe(a) + (f" {rng}" if rng is not None and str(rng) and a in (int, float) else "")
-                       for a in options)
+
+    def one(a: Any) -> str:
+        if a is int and rng == AT_LEAST_ONE:
+            return "a positive integer"
+        return _describe(a) + (f" {rng}" if rng is not None and str(rng) and a in (int, float) else "")
+
+    text = " or ".join(one(a) for a in options)
     if union and type(None) in typing.get_args(tp):
         text += " or None"
     return ConfigError(f"{path}={value!r}: must be {text}")
@@ -157,10 +181,13 @@ def _check(value: Any, tp: Any, path: str, rng: Range | None, ranges: dict[str, 
             raise _fail(path, value, tp)
     elif origin is tuple:
         if not isinstance(value, (tuple, list)) or (args and args[-1] is not Ellipsis and len(value) != len(args)):
-            raise _fail(path, value, tp)
+            raise _fail(path, value, tp, rng)
         for i, v in enumerate(value):
             if args:
-                _check(v, args[0] if args[-1] is Ellipsis else args[i], f"{path}[{i}]", rng, ranges)
+                try:
+                    _check(v, args[0] if args[-1] is Ellipsis else args[i], f"{path}[{i}]", rng, ranges)
+                except ConfigError:
+                    raise _fail(path, value, tp, rng) from None
     elif origin is list:
         if not isinstance(value, list):
             raise _fail(path, value, tp)

@@ -24,7 +24,7 @@ def _dict(**top) -> dict:
 
 
 @pytest.mark.parametrize("edit, message", [
-    (lambda d: d["layers"][3].update(num_heads="4"), "layers[3].num_heads='4': must be an integer"),
+    (lambda d: d["layers"][3].update(num_heads="4"), "layers[3].num_heads='4': must be a positive integer"),
     (lambda d: d["layers"][1].update(attn_scale=float("nan")), "layers[1].attn_scale=nan: must be a finite number > 0"),
     (lambda d: d["layers"][0].update(attn_scale=-0.125), "layers[0].attn_scale=-0.125: must be a finite number > 0"),
     (lambda d: d["layers"][0].update(attn_scale=0.0), "layers[0].attn_scale=0.0: must be a finite number > 0"),
@@ -36,9 +36,9 @@ def _dict(**top) -> dict:
     (lambda d: d["layers"][2]["rope"].update(factor="x"), "layers[2].rope.factor='x': must be a finite number > 0"),
     (lambda d: d["layers"][2]["rope"].update(theta=float("inf")), "layers[2].rope.theta=inf"),
     (lambda d: d["layers"][1].update(qk_norm="yes"), "layers[1].qk_norm='yes': must be true or false"),
-    (lambda d: d["layers"][1].update(window=4.0), "layers[1].window=4.0: must be an integer or None"),
+    (lambda d: d["layers"][1].update(window=4.0), "layers[1].window=4.0: must be a positive integer or None"),
     (lambda d: d["layers"][0].update(rope="default"), "layers[0].rope='default': must be a RopeSpec or None"),
-    (lambda d: d.update(vocab_size=True), "vocab_size=True: must be an integer"),
+    (lambda d: d.update(vocab_size=True), "vocab_size=True: must be a positive integer"),
 ])
 def test_model_config_values_are_checked_by_type_and_range_naming_the_field(edit, message):
     d = _dict()
@@ -72,7 +72,7 @@ def test_a_field_range_declared_in_its_metadata_wins():
     check_fields(Spec())
     with pytest.raises(ConfigError, match=r"^width=9: must be an integer in \[2, 8\]$"):
         check_fields(Spec(width=9))
-    with pytest.raises(ConfigError, match=r"^pairs\[1\]=nan: must be a finite number >= 0$"):
+    with pytest.raises(ConfigError, match=r"^pairs=\(0.5, nan\): must be two finite numbers >= 0$"):
         check_fields(Spec(pairs=(0.5, math.nan)))
 
 
