@@ -18,6 +18,7 @@ from .layers.norm import RMSNorm
 from .layers.ple import PLEInput, PLELayer
 from .layers.residual import residuals
 from .layers.rope import Rotary
+from .preflight import check_memory
 
 
 class Block(nn.Module):
@@ -182,9 +183,14 @@ class Model(nn.Module):
         return self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
 
     def new_cache(self, batch_size: int = 1, max_length: int | None = None, kv_quant=None) -> Cache:
-        """Storage sized by each layer's spec; preallocated to ``max_length`` when given; ``kv_quant``: quantized
-        K/V (``"int8"``, ``"int4-g32-r64"``, a QuantSpec...; kvlab/costs/quant.py)."""
+        """Storage sized by each layer's spec; preallocated to ``max_length`` when given, after a memory preflight
+        (InsufficientMemoryError when it cannot fit, unless inside ``kvlab.preflight.forced()``); ``kv_quant``:
+        quantized K/V (``"int8"``, ``"int4-g32-r64"``, a QuantSpec...; kvlab/costs/quant.py)."""
         p = self.embed.weight
+        if isinstance(max_length, int) and 0 < max_length <= self.config.max_positions and isinstance(batch_size, int) \
+                and batch_size > 0:
+            check_memory(self.config, batch_size, max_length, p.dtype, p.device, what=f"{self.config.name} cache",
+                         kv_quant=kv_quant)
         return Cache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device, kv_quant=kv_quant)
 
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
