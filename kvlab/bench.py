@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from kvlab.config import ModelConfig
+from kvlab.preflight import check_memory
 from kvlab.shrink import scale_to_fit, weight_bytes
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_rate, parse_dtype, table
 
@@ -43,15 +44,37 @@ def resolve_spec(spec: str | Path | ModelConfig) -> ModelConfig:
         return spec
     p = Path(spec)
     if p.is_file() and p.suffix == ".json":
+        hf_config_file(p)
         try:
             return ModelConfig.load(p)
         except (json.JSONDecodeError, TypeError) as e:
             raise ValueError(f"{str(p)!r} is not a kvlab ModelConfig JSON file: {e}") from e
     if p.is_dir() and not (p / "config.json").is_file() and not is_checkpoint(p):
         raise ValueError(f"{str(p)!r} is a directory without config.json; expected a checkpoint directory")
+    if isinstance(spec, str) and not p.exists():  # a name: a preset (any case), an installed model, else suggestions
+        from kvlab.names import find, installed_models, unknown_model
+        from kvlab.presets import find_preset, get_preset, presets
+
+        name = find_preset(spec)
+        if name is not None:
+            return get_preset(name)
+        if find(spec, installed_models()) is None and p.suffix != ".gguf":
+            raise unknown_model(spec, presets())
     from kvlab.costs import resolve_config
 
     return resolve_config(str(spec))
+
+
+def hf_config_file(p: Path) -> None:
+    """Refuse a checkpoint's own ``config.json`` given where its directory is expected (naming the directory)."""
+    if p.name != "config.json" or not p.is_file():
+        return
+    try:
+        d = json.loads(p.read_text())
+    except (OSError, ValueError):
+        return
+    if isinstance(d, dict) and ("architectures" in d or "model_type" in d):
+        raise ValueError(f"{str(p)!r} is a checkpoint's config.json: pass the directory {str(p.parent)!r} instead")
 
 
 def is_checkpoint(spec: Any) -> bool:
@@ -304,6 +327,8 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             if vs == "transformers" and native_checkpoint(spec) is not None:
                 raise ValueError(f"{spec}: a kvlab train checkpoint has no transformers counterpart; --vs transformers "
                                  "needs a transformers checkpoint directory, a .gguf file or a named model")
+            check_memory(resolve_spec(spec), batch, max(contexts) + decode_tokens, torch_dtype, weights=True,
+                         what=str(spec))
             log(f"loading {spec} ...")
             model = load(str(spec), dtype=torch_dtype, device="cpu")
             from kvlab.models import resolve_file
@@ -316,6 +341,7 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             _check_lengths(cfg, contexts, decode_tokens)
             for n in notes:
                 log(f"scaled: {n}")
+            check_memory(cfg, batch, max(contexts) + decode_tokens, torch_dtype, weights=True)
             source_dir = None
             if vs == "transformers":
                 tmp = tempfile.TemporaryDirectory(prefix="kvlab-bench-")

@@ -14,7 +14,8 @@ import torch
 
 from ..checkpoint import read_config, read_tensors
 from ..config import ModelConfig
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnknownNameError
+from ..names import did_you_mean, find
 from . import deepseek_v3, deepseek_v4, deepseek_v32, gemma3, gemma4, laguna, llama, mistral, qwen3, qwen3_moe, zaya
 from .base import Family
 
@@ -45,10 +46,12 @@ def family_of(cfg: dict[str, Any]) -> Family:
     if isinstance(archs, str):
         archs = [archs]
     for a in archs:
-        if a in FAMILIES:
-            return FAMILIES[a]
+        found = find(a, FAMILIES) if isinstance(a, str) else None
+        if found is not None:
+            return FAMILIES[found]
     got = ", ".join(map(str, archs)) if archs else "none (no 'architectures' entry)"
-    raise ValueError(f"unsupported architecture {got}; supported: {', '.join(sorted(FAMILIES))}")
+    near = did_you_mean(str(archs[0]), FAMILIES) if archs else ""
+    raise UnknownNameError(f"unsupported architecture {got}{near}; supported: {', '.join(sorted(FAMILIES))}")
 
 
 def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:

@@ -8,9 +8,9 @@ import sys
 import types
 
 from kvlab.presets import baselines, deepseek, deepseek_v4, gemma3, gemma4, laguna, zaya  # noqa: F401  (registers)
-from kvlab.presets.registry import get_preset, preset, preset_source, presets, register
+from kvlab.presets.registry import find_preset, get_preset, preset, preset_source, presets, register
 
-__all__ = ["get_preset", "preset", "preset_source", "presets", "register"]
+__all__ = ["find_preset", "get_preset", "preset", "preset_source", "presets", "register"]
 
 
 class _CallablePresets(types.ModuleType):

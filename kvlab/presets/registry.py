@@ -54,7 +54,7 @@ def get_preset(name: str) -> ModelConfig:
     if not cfg.source:
         cfg.source = entry.source
     if cfg.name == "custom":
-        cfg.name = name
+        cfg.name = find_preset(name) or name
     return cfg
 
 
@@ -63,8 +63,17 @@ def preset_source(name: str) -> str:
     return _entry(name).source
 
 
+def find_preset(name: str) -> str | None:
+    """The registered name ``name`` denotes (exact, else ignoring case), or None."""
+    from kvlab.names import find
+
+    return find(name, _REGISTRY) if isinstance(name, str) else None
+
+
 def _entry(name: str) -> _Entry:
-    entry = _REGISTRY.get(name) if isinstance(name, str) else None
-    if entry is None:
-        raise ValueError(f"unknown preset {name!r}; available: {', '.join(presets()) or '(none)'}")
-    return entry
+    found = find_preset(name)
+    if found is None:
+        from kvlab.names import unknown
+
+        raise unknown("preset", str(name), presets())
+    return _REGISTRY[found]
