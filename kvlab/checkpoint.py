@@ -28,6 +28,8 @@ PICKLE_PATTERNS = ("pytorch_model*.bin", "*.bin", "*.pt", "*.pth", "*.ckpt")
 
 def _dir(path: str | Path) -> Path:
     p = Path(path)
+    if p.is_file() and (p.name in (CONFIG, INDEX, TOKENIZER) or p.suffix == ".safetensors"):
+        raise CheckpointError(f"{str(p)!r} is a file of a checkpoint: pass the directory {str(p.parent)!r}")
     if not p.is_dir():
         raise ValueError(f"checkpoint directory {str(p)!r} does not exist or is not a directory")
     return p

@@ -3,7 +3,7 @@
 A cache or model that cannot fit is refused with :class:`~kvlab.errors.InsufficientMemoryError` naming both
 figures and the options that would fit (a smaller batch, a shorter context, a sliding window on the full-attention
 layers, an 8-bit cache), instead of dying in the allocator. Available memory is ``psutil``'s available RAM on the
-CPU and ``torch.cuda.mem_get_info`` on a GPU. Inside ``with forced():`` (the CLI's ``--force``) nothing is refused.
+CPU and ``torch.cuda.mem_get_info`` on a GPU. Importing this module does not import torch. Inside ``with forced():`` (the CLI's ``--force``) nothing is refused.
 Activations and allocator overhead are not counted: the figure is a lower bound of what the run needs.
 """
 
@@ -14,8 +14,6 @@ import contextvars
 import dataclasses
 from collections.abc import Iterator
 from typing import Any
-
-import torch
 
 from .errors import InsufficientMemoryError
 from .units import fmt_bytes, fmt_context
@@ -34,18 +32,19 @@ def forced() -> Iterator[None]:
         _FORCE.reset(token)
 
 
-def available_bytes(device: str | torch.device = "cpu") -> int:
+def available_bytes(device: Any = "cpu") -> int:
     """Memory that can be allocated now on ``device``: free GPU memory, or the RAM available without swapping."""
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        return int(torch.cuda.mem_get_info(dev)[0])
+    if str(device).startswith("cuda"):
+        import torch
+
+        return int(torch.cuda.mem_get_info(torch.device(device))[0])
     import psutil
 
     return int(psutil.virtual_memory().available)
 
 
 def _dtype_name(dtype: Any) -> str:
-    return str(dtype).removeprefix("torch.") if isinstance(dtype, torch.dtype) else str(dtype)
+    return str(dtype).removeprefix("torch.")  # a torch.dtype or a name
 
 
 def weight_bytes(cfg: Any, dtype: Any) -> int:
@@ -106,7 +105,7 @@ def options_that_fit(cfg: Any, batch: int, context: int, dtype: Any, budget: int
     return out
 
 
-def check_memory(cfg: Any, batch: int, context: int, dtype: Any, device: str | torch.device = "cpu",
+def check_memory(cfg: Any, batch: int, context: int, dtype: Any, device: Any = "cpu",
                  weights: bool = False, what: str = "") -> int:
     """Refuse (InsufficientMemoryError) when the K/V cache of ``batch`` x ``context`` (plus ``cfg``'s weights when
     ``weights``) would need more than the memory available on ``device``; returns the bytes needed otherwise."""
@@ -127,7 +126,7 @@ def check_memory(cfg: Any, batch: int, context: int, dtype: Any, device: str | t
         fit = f"; options that fit: {'; '.join(options)}" if options else "; no smaller batch or context fits"
     raise InsufficientMemoryError(
         f"{name}: batch {batch} x context {fmt_context(context)} in {_dtype_name(dtype)} needs at least "
-        f"{fmt_bytes(need)} ({parts}), but only {fmt_bytes(avail)} is available on {torch.device(device)}{fit}; "
+        f"{fmt_bytes(need)} ({parts}), but only {fmt_bytes(avail)} is available on {device}{fit}; "
         "pass --force to try anyway")
 
 

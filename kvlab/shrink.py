@@ -222,6 +222,9 @@ def scale_to_fit(cfg: ModelConfig, budget_bytes: int = 4 * 1024**3, elt: int = 4
         cfg = shrink(cfg, name=name, num_layers=cfg.num_layers - 1)
     if cfg.num_layers != n0:
         notes.append(f"layers {n0} -> {cfg.num_layers} (the KV cache shrinks with them)")
+    if not fits(cfg):
+        raise ValueError(f"weight budget {fmt_bytes(budget_bytes)} (--max-weight-gib): {name} does not fit even "
+                         f"scaled down to one layer ({fmt_bytes(weight_bytes(cfg, elt))}); raise the budget")
     notes.insert(0, f"weights {fmt_bytes(original)} -> {fmt_bytes(weight_bytes(cfg, elt))} "
                     f"(budget {fmt_bytes(budget_bytes)})")
     return dataclasses.replace(cfg, name=f"{name} (scaled)"), notes

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Sequence
+from fractions import Fraction
 
 _CONTEXT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?|\d[\d_]*)\s*([kKmMgG]?)\s*$")
 _SCALE = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
@@ -15,8 +17,12 @@ DTYPE_ALIASES = {
 }
 
 
+MAX_CONTEXT = 2**53  # the largest length every consumer (JSON readers, float plots) holds exactly
+
+
 def parse_context(text: str | int) -> int:
-    """One context length: ``131072``, ``128k`` (x1024), ``1m`` (x1024**2), ``32K``, ``1.5k``."""
+    """One context length: ``131072``, ``128k`` (x1024), ``1m`` (x1024**2), ``32K``, ``1.5k``; exact (no float
+    rounding) and at most ``MAX_CONTEXT`` tokens."""
     if isinstance(text, bool):
         raise TypeError(f"context length {text!r}: expected a positive integer such as 131072, 128k or 1m")
     if isinstance(text, int):
@@ -28,12 +34,28 @@ def parse_context(text: str | int) -> int:
         if not m:
             raise ValueError(f"context length {text!r}: expected a positive integer such as 131072, 128k or 1m")
         number, suffix = m.group(1).replace("_", ""), m.group(2).lower()
-        exact = float(number) * _SCALE[suffix]
-        if exact != int(exact):
-            raise ValueError(f"context length {text!r} is not a whole number of tokens ({exact})")
+        if len(number) > 40:  # far past MAX_CONTEXT; Fraction of a huge literal would be slow
+            shown = f"{str(text)[:20]}...({len(number)} digits)"
+            raise ValueError(f"context length {shown} is larger than the largest supported {MAX_CONTEXT:,} tokens")
+        exact = Fraction(number) * _SCALE[suffix]
+        if exact.denominator != 1:
+            raise ValueError(f"context length {text!r} is not a whole number of tokens ({float(exact)})")
         value = int(exact)
     if value < 1:
         raise ValueError(f"context length {text!r}: must be at least 1 token")
+    if value > MAX_CONTEXT:
+        raise ValueError(f"context length {text!r} is larger than the largest supported {MAX_CONTEXT:,} tokens")
+    return value
+
+
+def parse_number(text: str | float, name: str, low: float = 0.0, low_open: bool = True) -> float:
+    """A finite number above ``low`` (or at least ``low``) from a command-line value; ValueError naming ``name``."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} {text!r}: expected a number") from None
+    if not math.isfinite(value) or (value <= low if low_open else value < low):
+        raise ValueError(f"{name} {text!r}: expected a finite number {'>' if low_open else '>='} {low:g}")
     return value
 
 

@@ -87,7 +87,7 @@ def test_generate_checks_weights_and_cache_before_loading(available, tmp_path, c
 
 def test_force_flag_lets_bench_try_anyway(available, capsys):
     available(1)
-    args = ["bench", "llama-3.1-8b", "--context", "64", "--decode-tokens", "2", "--max-weight-gib", "0.002",
+    args = ["bench", "llama-3.1-8b", "--context", "64", "--decode-tokens", "2", "--max-weight-gib", "0.05",
             "--bandwidth-mib", "1", "--no-progress", "--json"]
     assert main(args) == 2
     assert "--force" in capsys.readouterr().err

@@ -9,9 +9,13 @@ Every verb prints a readable table by default; with ``--json`` standard output h
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import sys
+import traceback
 
 from kvlab.cli import ablate, bench, calc, chat, compare, evaluate, fit, generate, inspect, presets, train
+from kvlab.preflight import forced
 
 VERBS = [calc, compare, inspect, fit, generate, chat, evaluate, bench, train, ablate, presets]
 
@@ -23,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvlab", formatter_class=RAW,
                                 description="KV-cache calculator, inspector, generator and benchmark.",
                                 epilog="Example:\n  kvlab calc llama-3.1-8b --context 128k\n"
-                                       "  kvlab <verb> --help   (each verb shows its own example)")
+                                       "  kvlab <verb> --help   (each verb shows its own example)\n"
+                                       "--debug (anywhere) or KVLAB_DEBUG=1: print the traceback of an error")
     sub = p.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
     for verb in VERBS:
@@ -34,23 +39,50 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+DEBUG_ENV = "KVLAB_DEBUG"
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; returns the exit status (0 ok, 2 usage or input error, 130 interrupted)."""
+    """Entry point; returns the exit status (0 ok, 2 usage or input error or any other failure, 130 interrupted).
+
+    Every error prints one line ``kvlab: error: ...`` on standard error, without a traceback unless ``--debug``
+    (anywhere on the command line) or the environment variable ``KVLAB_DEBUG=1`` asks for it.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    argv = [a for a in argv if a != "--debug"]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     try:
-        return args.func(args) or 0
-    except ValueError as e:
-        print(f"kvlab: error: {e}", file=sys.stderr)
-        return 2
+        with forced() if getattr(args, "force", False) else contextlib.nullcontext():
+            return args.func(args) or 0
     except KeyboardInterrupt:
         print("kvlab: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except Exception as e:  # noqa: BLE001  (every failure is one line and exit code 2; --debug shows where)
+        if debug:
+            traceback.print_exc()
+        print(f"kvlab: error: {describe_error(e)}", file=sys.stderr)
+        if not debug and not isinstance(e, ValueError):
+            print(f"kvlab: (run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
+        return 2
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an exception: a ValueError's own message (kvlab's named errors); a file-system error with the
+    path and its reason; anything else with its type, as it is not an input kvlab expected."""
+    if isinstance(e, ValueError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename!r}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, MemoryError):
+        return "out of memory (the memory preflight let this through: lower the batch or the context)"
+    return f"{type(e).__name__}: {e}"
 
 
 if __name__ == "__main__":

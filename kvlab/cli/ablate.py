@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kvlab.cli.common import add_json, emit_json
+from kvlab.cli.common import add_json, emit_json, output_dir, output_file
 
 NAME = "ablate"
 HELP = ("train parameter-matched variants of one base model over several seeds; table of params, "
@@ -23,10 +23,10 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--dry-run", action="store_true", help="parse, build and parameter-match every variant (and run "
                    "one forward pass), then stop")
     q.add_argument("--jobs", type=int, default=1, help="runs at a time, each its own process (default 1)")
-    q.add_argument("--out", help="directory of the runs (default: the sweep's out, else runs/ablate-<name>)")
-    q.add_argument("--plot", help="write a PNG here: accuracy vs KV bytes, loss curves, accuracy by distance and "
+    q.add_argument("--out", type=output_dir("--out"), help="directory of the runs (default: the sweep's out, else runs/ablate-<name>)")
+    q.add_argument("--plot", type=output_file("--plot"), help="write a PNG here: accuracy vs KV bytes, loss curves, accuracy by distance and "
                    "by length")
-    q.add_argument("--markdown", help="also write the tables as markdown to this file")
+    q.add_argument("--markdown", type=output_file("--markdown"), help="also write the tables as markdown to this file")
     q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_json(q, "print one JSON object (rows, per-seed values, probes, loss curves)")
 

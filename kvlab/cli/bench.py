@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, emit_json, report
+from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, add_force, emit_json, positive_number, report
 from kvlab.units import parse_contexts
 
 NAME = "bench"
@@ -21,11 +21,12 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--prefill-chunk", type=int, default=512)
     q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     q.add_argument("--vs", choices=["transformers"], help="run the same loop in transformers and print ratios")
-    q.add_argument("--max-weight-gib", type=float, default=4.0,
+    q.add_argument("--max-weight-gib", type=positive_number("--max-weight-gib"), default=4.0,
                    help="scale a preset down until its weights fit in this many GiB (default 4)")
     q.add_argument("--bandwidth-mib", type=int, default=256,
                    help="buffer size of the copy-bandwidth measurement in MiB (default 256)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_force(q)
     add_dtype_and_json(q, dtype="fp32", json_help="print all figures as one JSON object on stdout (the card goes to stderr)")
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TextIO
 
 from kvlab.units import parse_context, parse_dtype
@@ -87,3 +89,102 @@ def emit_json(obj: Any) -> None:
 def report(args: argparse.Namespace) -> TextIO:
     """Where tables and notices go: standard output, or standard error when ``--json`` is given."""
     return sys.stderr if getattr(args, "json", False) else sys.stdout
+
+
+# -- argument checks shared by the verbs (argparse ``type=`` functions: a bad value exits with 2, naming it) -------
+def arg_type(fn: Callable[[str], Any], name: str) -> Callable[[str], Any]:
+    """An argparse ``type=`` from ``fn(text)``, whose ValueError message becomes the argument's error message."""
+    def parse(text: str) -> Any:
+        try:
+            return fn(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def check_output_file(text: str, flag: str = "path") -> str:
+    """A file path to write: not a directory, and no part of its parent is a file."""
+    p = Path(text)
+    if p.is_dir():
+        raise ValueError(f"{flag} {text!r} is a directory; give a file name")
+    _parents_are_dirs(p, flag, text)
+    return text
+
+
+def check_output_dir(text: str, flag: str = "path") -> str:
+    """A directory to create or reuse: not a file, and no part of its parent is a file."""
+    p = Path(text)
+    if p.exists() and not p.is_dir():
+        raise ValueError(f"{flag} {text!r} is a file; a directory is needed")
+    _parents_are_dirs(p, flag, text)
+    return text
+
+
+def _parents_are_dirs(p: Path, flag: str, text: str) -> None:
+    for parent in p.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{flag} {text!r}: {str(parent)!r} is a file, not a directory")
+            return
+
+
+def output_file(flag: str) -> Callable[[str], str]:
+    return arg_type(lambda t: check_output_file(t, flag), "output file")
+
+
+def output_dir(flag: str) -> Callable[[str], str]:
+    return arg_type(lambda t: check_output_dir(t, flag), "output directory")
+
+
+def check_device(text: str) -> str:
+    """A torch device that exists here (``cpu``, ``cuda``, ``cuda:1``, ``mps``); ValueError naming what is available."""
+    if text == "cpu":
+        return text
+    import torch
+
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {text!r}: not a device name; use cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"--device {text!r}: there is no CUDA device here; use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"--device {text!r}: this machine has {n} CUDA device(s): cuda:0 .. cuda:{n - 1}")
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise ValueError(f"--device {text!r}: MPS is not available here; use --device cpu")
+    elif dev.type != "cpu":
+        raise ValueError(f"--device {text!r}: kvlab runs on cpu, cuda or mps")
+    return text
+
+
+device_arg = arg_type(check_device, "device")
+
+
+def positive_number(flag: str) -> Callable[[str], float]:
+    """``type=`` for a finite number > 0 (``nan``, ``inf``, 0 and negatives refused, naming ``flag``)."""
+    from kvlab.units import parse_number
+
+    return arg_type(lambda t: parse_number(t, flag), "number")
+
+
+def add_force(parser: argparse.ArgumentParser) -> None:
+    """``--force``: skip the memory preflight (kvlab/preflight.py) and try anyway."""
+    parser.add_argument("--force", action="store_true",
+                        help="allocate even when the memory preflight says it will not fit")
+
+
+def preflight_checkpoint(spec: str, batch: int, context: int, dtype: Any, device: str) -> None:
+    """The memory preflight of loading checkpoint directory ``spec`` and caching ``batch`` x ``context`` positions,
+    before anything is read (other model kinds are checked when their cache is built)."""
+    from kvlab.bench import is_checkpoint, resolve_spec
+    from kvlab.preflight import check_memory
+
+    if not is_checkpoint(spec):
+        return
+    cfg = resolve_spec(spec)
+    check_memory(cfg, batch, min(context, cfg.max_positions), dtype, device, weights=True, what=str(spec))

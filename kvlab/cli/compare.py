@@ -13,6 +13,7 @@ from kvlab.cli.common import (
     costs_of,
     emit_json,
     kv_options,
+    output_file,
     resolve_config,
 )
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_contexts, parse_dtype, table
@@ -27,8 +28,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("models", nargs="+", help=MODEL_HELP)
     q.add_argument("--context", default="8k,32k,128k,1m", help="comma-separated lengths (default 8k,32k,128k,1m)")
     q.add_argument("--batch", type=int, default=1)
-    q.add_argument("--plot", help="write a log-log PNG plot of KV bytes against context here")
-    q.add_argument("--arch-plot", help="write the models' layer stacks side by side (PNG) here")
+    q.add_argument("--plot", type=output_file("--plot"), help="write a log-log PNG plot of KV bytes against context here")
+    q.add_argument("--arch-plot", type=output_file("--arch-plot"),
+                   help="write the models' layer stacks side by side (PNG) here")
     add_dtype_and_json(q)
     add_kv_dtype(q, several=True)
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from kvlab.cli.common import add_dtype_and_json, emit_json
+from kvlab.cli.common import add_dtype_and_json, add_force, device_arg, emit_json, preflight_checkpoint
 from kvlab.units import parse_dtype
 
 NAME = "generate"
@@ -25,7 +25,8 @@ def add_sampling_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int)
     q.add_argument("--stop", help="stop token ids, comma-separated (default: the model's end-of-turn / EOS ids; "
                                   "'none' to run to --max-new-tokens)")
-    q.add_argument("--device", default="cpu")
+    q.add_argument("--device", type=device_arg, default="cpu")
+    add_force(q)
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -88,20 +89,30 @@ def _prompt_ids(args: argparse.Namespace, tok) -> list[int]:
     if args.chat is not None:
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [
             {"role": "user", "content": args.chat}]
-        return tok.encode_chat(msgs)
-    return tok.encode(args.prompt)
+        ids = tok.encode_chat(msgs)
+    else:
+        ids = tok.encode(args.prompt)
+    if not ids:
+        flag = "--chat" if args.chat is not None else "--prompt"
+        raise ValueError(f"{flag} {getattr(args, flag[2:])!r} encodes to no tokens; give a non-empty prompt")
+    return ids
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
     import kvlab
-    from kvlab.tokenizer import TextStream
+    from kvlab.bench import TORCH_DTYPES, is_checkpoint
+    from kvlab.tokenizer import TextStream, load_tokenizer
 
-    model, tok = load(args)
-    ids = _prompt_ids(args, tok)
     if args.max_new_tokens is None:
         args.max_new_tokens = 256 if args.chat is not None else 32
+    if is_checkpoint(args.model):  # the memory preflight (weights + cache), before any weight is read
+        n = len(_prompt_ids(args, load_tokenizer(args.model)))
+        preflight_checkpoint(args.model, 1, n + args.max_new_tokens, TORCH_DTYPES[parse_dtype(args.dtype)],
+                             args.device)
+    model, tok = load(args)
+    ids = _prompt_ids(args, tok)
     if len(ids) + args.max_new_tokens > model.config.max_positions:
         raise ValueError(f"prompt of {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
                          f"max_positions={model.config.max_positions}")

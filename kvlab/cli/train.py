@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from kvlab.cli.common import add_json, emit_json
+from kvlab.cli.common import add_json, emit_json, output_dir
 from kvlab.units import fmt_count, table
 
 NAME = "train"
@@ -19,7 +19,7 @@ EXAMPLE = ("kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall -
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("config", help="training config, JSON or TOML: [model], [task], [train] (docs/training.md)")
-    q.add_argument("--out", help="run directory for checkpoints and log.jsonl (default: the config's out, "
+    q.add_argument("--out", type=output_dir("--out"), help="run directory for checkpoints and log.jsonl (default: the config's out, "
                    "else runs/<config name>)")
     q.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
     q.add_argument("--steps", type=int, help="override train.steps")
