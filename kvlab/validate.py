@@ -135,9 +135,10 @@ def _fail(path: str, value: Any, tp: Any, rng: Range | None = None) -> ConfigErr
     options = [a for a in typing.get_args(tp) if a is not type(None)] if union else [tp]
 
     def one(a: Any) -> str:
-        if a is int and rng == AT_LEAST_ONE:
+        r = NON_NEGATIVE if rng is None and a is float else rng  # the default range of floats
+        if a is int and r == AT_LEAST_ONE:
             return "a positive integer"
-        return _describe(a) + (f" {rng}" if rng is not None and str(rng) and a in (int, float) else "")
+        return _describe(a) + (f" {r}" if r is not None and str(r) and a in (int, float) else "")
 
     text = " or ".join(one(a) for a in options)
     if union and type(None) in typing.get_args(tp):

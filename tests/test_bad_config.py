@@ -101,3 +101,20 @@ def test_checkpoint_config_json_values_are_checked_naming_file_and_key(tmp_path,
     assert main(["calc", str(tmp_path), "--context", "1k"]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("weight_decay", float("nan"), "train.weight_decay=nan: must be a finite number >= 0"),
+    ("grad_clip", float("nan"), "train.grad_clip=nan: must be a finite number >= 0 or None"),
+    ("steps", "10", "train.steps='10': must be an integer"),
+    ("betas", [0.9, float("inf")], "train.betas=[0.9, inf]: must be two finite numbers >= 0"),
+])
+def test_training_settings_are_checked_by_the_same_layer(field, value, message):
+    from kvlab.train import parse_config
+
+    raw = {"model": {"hidden_size": 32, "layers": [{"num_heads": 2, "num_kv_heads": 1, "head_dim": 16,
+                                                     "intermediate_size": 64}]},
+           "task": {"kind": "copy", "seq_len": 16, "vocab": 16, "span": 6}, "train": {"steps": 2, field: value}}
+    with pytest.raises(ConfigError) as e:
+        parse_config(raw)
+    assert message in str(e.value)

@@ -34,6 +34,7 @@ from typing import Any
 from kvlab.config import ModelConfig
 from kvlab.shrink import FIELDS as SHRINK_FIELDS
 from kvlab.shrink import shrink
+from kvlab.validate import check_fields
 
 from .data import Task, make_task
 
@@ -94,6 +95,8 @@ class TrainSettings:
         return floor + (self.lr - floor) * 0.5 * (1 + math.cos(math.pi * t))
 
     def validate(self) -> None:
+        check_fields(self, "train")  # every field's type, finite numbers (kvlab/validate.py)
+
         def pos_int(name: str, zero: bool = False) -> None:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < (0 if zero else 1):
