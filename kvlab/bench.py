@@ -58,8 +58,10 @@ def resolve_spec(spec: str | Path | ModelConfig) -> ModelConfig:
         name = find_preset(spec)
         if name is not None:
             return get_preset(name)
-        if find(spec, installed_models()) is None and p.suffix != ".gguf":
+        model = find(spec, installed_models())
+        if model is None and p.suffix != ".gguf":
             raise unknown_model(spec, presets())
+        spec = model or spec
     from kvlab.costs import resolve_config
 
     return resolve_config(str(spec))
