@@ -54,18 +54,26 @@ def stop_ids(args: argparse.Namespace, tok) -> list[int]:
 
 def load(args: argparse.Namespace):
     """The model and its tokenizer (None when a checkpoint directory has no tokenizer.json)."""
+    return load_model(args), tokenizer_of(args)
+
+
+def load_model(args: argparse.Namespace):
     import kvlab
     from kvlab.bench import TORCH_DTYPES
+
+    return kvlab.load(args.model, dtype=TORCH_DTYPES[parse_dtype(args.dtype)], device=args.device)
+
+
+def tokenizer_of(args: argparse.Namespace):
+    """The model's tokenizer; None when it has none and token ids are given (a bare GGUF still runs)."""
     from kvlab.tokenizer import TokenizerError, load_tokenizer
 
-    model = kvlab.load(args.model, dtype=TORCH_DTYPES[parse_dtype(args.dtype)], device=args.device)
     try:
-        tok = load_tokenizer(args.model)
+        return load_tokenizer(args.model)
     except TokenizerError:
         if not getattr(args, "ids", None):
             raise
-        tok = None  # token ids given: a file without a tokenizer (a bare GGUF) still runs
-    return model, tok
+        return None
 
 
 def _prompt_ids(args: argparse.Namespace, tok) -> list[int]:
@@ -102,17 +110,17 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import kvlab
-    from kvlab.bench import TORCH_DTYPES, is_checkpoint
-    from kvlab.tokenizer import TextStream, load_tokenizer
+    from kvlab.bench import TORCH_DTYPES
+    from kvlab.tokenizer import TextStream
 
     if args.max_new_tokens is None:
         args.max_new_tokens = 256 if args.chat is not None else 32
-    if is_checkpoint(args.model):  # the memory preflight (weights + cache), before any weight is read
-        n = len(_prompt_ids(args, load_tokenizer(args.model)))
-        preflight_checkpoint(args.model, 1, n + args.max_new_tokens, TORCH_DTYPES[parse_dtype(args.dtype)],
-                             args.device)
-    model, tok = load(args)
+    tok = tokenizer_of(args)
     ids = _prompt_ids(args, tok)
+    # the memory preflight (weights + cache), before any weight is read
+    preflight_checkpoint(args.model, 1, len(ids) + args.max_new_tokens, TORCH_DTYPES[parse_dtype(args.dtype)],
+                         args.device)
+    model = load_model(args)
     if len(ids) + args.max_new_tokens > model.config.max_positions:
         raise ValueError(f"prompt of {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
                          f"max_positions={model.config.max_positions}")
