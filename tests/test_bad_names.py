@@ -9,6 +9,7 @@ import pytest
 
 from kvlab.bench import resolve_spec
 from kvlab.cli import main
+from kvlab.costs import costs
 from kvlab.errors import UnknownNameError
 from kvlab.families import config_from_hf
 from kvlab.names import did_you_mean, find
@@ -27,6 +28,7 @@ def test_unknown_preset_suggests_the_nearest_names(capsys):
 def test_names_match_ignoring_case(capsys):
     assert get_preset("Gemma-4-E2B").name == "gemma-4-e2b"
     assert resolve_spec("LLAMA-3.1-8B").name == "llama-3.1-8b"
+    assert costs("Llama-3.1-8B", context=1024).kv_cache_bytes == costs("llama-3.1-8b", context=1024).kv_cache_bytes
     assert main(["calc", "Llama-3.1-8B", "--context", "1k", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["name"] == "llama-3.1-8b"
     assert find("a", ["A", "a"]) == "a" and find("b", ["B", "b2"]) == "B" and find("c", ["C", "c "]) == "C"

@@ -114,9 +114,9 @@ def resolve_config(model: Any) -> ModelConfig:
     if isinstance(getattr(model, "config", None), ModelConfig):
         return model.config
     if isinstance(model, (str, Path)):
-        from kvlab.presets import get_preset, presets
+        from kvlab.presets import find_preset, get_preset, presets
 
-        if isinstance(model, str) and model in presets():
+        if isinstance(model, str) and find_preset(model) is not None:  # any case
             return get_preset(model)
         from kvlab.gguf_checkpoint import config_from_gguf, is_gguf
         from kvlab.models import MODELS, resolve_file
