@@ -2,7 +2,7 @@
 
 A cache or model that cannot fit is refused with :class:`~kvlab.errors.InsufficientMemoryError` naming both
 figures and the options that would fit (a smaller batch, a shorter context, a sliding window on the full-attention
-layers, an 8-bit cache), instead of dying in the allocator. Available memory is ``psutil``'s available RAM on the
+layers, a quantized cache), instead of dying in the allocator. Available memory is ``psutil``'s available RAM on the
 CPU and ``torch.cuda.mem_get_info`` on a GPU. Importing this module does not import torch. Inside ``with forced():`` (the CLI's ``--force``) nothing is refused.
 Activations and allocator overhead are not counted: the figure is a lower bound of what the run needs.
 """
@@ -20,6 +20,7 @@ from .units import fmt_bytes, fmt_context
 
 _FORCE: contextvars.ContextVar[bool] = contextvars.ContextVar("kvlab_preflight_force", default=False)
 WINDOWS = (32768, 16384, 8192, 4096, 2048, 1024)
+QUANT_OPTIONS = (("int8", "8-bit"), ("int4", "4-bit"))  # the first that fits is offered
 
 
 @contextlib.contextmanager
@@ -60,12 +61,12 @@ def _elt(dtype: Any) -> int:
     return dtype_bytes(_dtype_name(dtype))[1]
 
 
-def kv_bytes(cfg: Any, batch: int, context: int, dtype: Any, kv_dtype: Any = None) -> int:
-    """The calculator's K/V cache bytes of ``batch`` sequences preallocated to ``context`` positions."""
+def kv_bytes(cfg: Any, batch: int, context: int, dtype: Any, kv_quant: Any = None) -> int:
+    """The calculator's K/V cache bytes of ``batch`` sequences preallocated to ``context`` positions (stored as
+    ``kv_quant`` when given)."""
     from .costs import costs
 
-    return costs(cfg, context=context, dtype=_dtype_name(dtype), batch=batch,
-                 kv_dtype=None if kv_dtype is None else _dtype_name(kv_dtype)).kv_cache_bytes
+    return costs(cfg, context=context, dtype=_dtype_name(dtype), batch=batch, kv_quant=kv_quant).kv_cache_bytes
 
 
 def _largest(fits: Any, lo: int, hi: int) -> int | None:
@@ -81,35 +82,39 @@ def _largest(fits: Any, lo: int, hi: int) -> int | None:
     return lo
 
 
-def options_that_fit(cfg: Any, batch: int, context: int, dtype: Any, budget: int) -> list[str]:
-    """What would fit in ``budget`` bytes of K/V: a smaller batch, a shorter context, a window, an 8-bit cache."""
+def options_that_fit(cfg: Any, batch: int, context: int, dtype: Any, budget: int, kv_quant: Any = None) -> list[str]:
+    """What would fit in ``budget`` bytes of K/V: a smaller batch, a shorter context, a window, a quantized cache."""
     out: list[str] = []
-    b = _largest(lambda n: kv_bytes(cfg, n, context, dtype) <= budget, 1, batch - 1)
+    b = _largest(lambda n: kv_bytes(cfg, n, context, dtype, kv_quant) <= budget, 1, batch - 1)
     if b is not None:
-        out.append(f"--batch {b} ({fmt_bytes(kv_bytes(cfg, b, context, dtype))} of KV)")
-    c = _largest(lambda n: kv_bytes(cfg, batch, n, dtype) <= budget, 1, context - 1)
+        out.append(f"--batch {b} ({fmt_bytes(kv_bytes(cfg, b, context, dtype, kv_quant))} of KV)")
+    c = _largest(lambda n: kv_bytes(cfg, batch, n, dtype, kv_quant) <= budget, 1, context - 1)
     if c is not None:
         c = c // 1024 * 1024 if c >= 1024 else c
-        out.append(f"--context {fmt_context(c)} ({fmt_bytes(kv_bytes(cfg, batch, c, dtype))} of KV)")
+        out.append(f"--context {fmt_context(c)} ({fmt_bytes(kv_bytes(cfg, batch, c, dtype, kv_quant))} of KV)")
     full = [i for i, x in enumerate(cfg.layers) if x.attention == "gqa" and x.window is None]
     for w in (w for w in WINDOWS if w < context):
         try:
             windowed = cfg.replace_layers(lambda i, x, w=w: dataclasses.replace(x, window=w) if i in full else x)
         except ValueError:
             break
-        if full and (kv := kv_bytes(windowed, batch, context, dtype)) <= budget:
+        if full and (kv := kv_bytes(windowed, batch, context, dtype, kv_quant)) <= budget:
             out.append(f"a sliding window of {w} on the {len(full)} full-attention layers ({fmt_bytes(kv)} of KV)")
             break
-    if _elt(dtype) > 1 and (kv := kv_bytes(cfg, batch, context, dtype, kv_dtype="int8")) <= budget:
-        out.append(f"an 8-bit quantized KV cache ({fmt_bytes(kv)})")
+    if kv_quant is None:
+        for fmt, label in QUANT_OPTIONS:
+            if (kv := kv_bytes(cfg, batch, context, dtype, fmt)) <= budget:
+                out.append(f"a {label} quantized KV cache, kv_quant={fmt!r} ({fmt_bytes(kv)})")
+                break
     return out
 
 
 def check_memory(cfg: Any, batch: int, context: int, dtype: Any, device: Any = "cpu",
-                 weights: bool = False, what: str = "") -> int:
-    """Refuse (InsufficientMemoryError) when the K/V cache of ``batch`` x ``context`` (plus ``cfg``'s weights when
-    ``weights``) would need more than the memory available on ``device``; returns the bytes needed otherwise."""
-    kv = kv_bytes(cfg, batch, context, dtype)
+                 weights: bool = False, what: str = "", kv_quant: Any = None) -> int:
+    """Refuse (InsufficientMemoryError) when the K/V cache of ``batch`` x ``context`` (stored as ``kv_quant`` when
+    given; plus ``cfg``'s weights when ``weights``) would need more than the memory available on ``device``;
+    returns the bytes needed otherwise."""
+    kv = kv_bytes(cfg, batch, context, dtype, kv_quant)
     w = weight_bytes(cfg, dtype) if weights else 0
     need = kv + w
     if _FORCE.get():
@@ -122,7 +127,7 @@ def check_memory(cfg: Any, batch: int, context: int, dtype: Any, device: Any = "
     if w >= avail:
         fit = "; the weights alone do not fit: use a smaller dtype or a smaller model"
     else:
-        options = options_that_fit(cfg, batch, context, dtype, avail - w)
+        options = options_that_fit(cfg, batch, context, dtype, avail - w, kv_quant)
         fit = f"; options that fit: {'; '.join(options)}" if options else "; no smaller batch or context fits"
     raise InsufficientMemoryError(
         f"{name}: batch {batch} x context {fmt_context(context)} in {_dtype_name(dtype)} needs at least "

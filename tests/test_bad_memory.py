@@ -54,7 +54,7 @@ def test_every_suggested_option_fits_and_the_next_step_up_does_not(available):
 
     c = parse_context(ctx)
     assert preflight.kv_bytes(cfg, 8, c, "bfloat16") <= budget < preflight.kv_bytes(cfg, 8, c + 1024, "bfloat16")
-    assert "sliding window of" in msg and "8-bit quantized KV cache" in msg
+    assert "sliding window of" in msg and "8-bit quantized KV cache, kv_quant='int8'" in msg
 
 
 def test_new_cache_is_refused_before_allocating_and_forced_allocates(available):
@@ -68,6 +68,17 @@ def test_new_cache_is_refused_before_allocating_and_forced_allocates(available):
     assert cache.nbytes() == need
     available(need)
     assert model.new_cache(2, max_length=512).nbytes() == need  # exactly enough is enough
+
+
+def test_a_quantized_cache_is_priced_as_quantized_by_the_preflight(available):
+    model = Model.from_config(tiny_config(shared=False, layers=2), seed=0)
+    plain = costs(model.config, context=512, dtype="float32", batch=2).kv_cache_bytes
+    int8 = costs(model.config, context=512, dtype="float32", batch=2, kv_quant="int8").kv_cache_bytes
+    assert int8 < plain
+    available(int8)
+    with pytest.raises(InsufficientMemoryError, match="kv_quant='int8'"):  # offered as the option that fits
+        model.new_cache(2, max_length=512)
+    assert model.new_cache(2, max_length=512, kv_quant="int8").nbytes() == int8
 
 
 def test_generate_checks_weights_and_cache_before_loading(available, tmp_path, capsys, monkeypatch):

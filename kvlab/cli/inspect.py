@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, context_or_default, costs_of, emit_json, resolve_config
+from kvlab.cli.common import (
+    MODEL_HELP,
+    add_dtype_and_json,
+    context_or_default,
+    costs_of,
+    emit_json,
+    output_file,
+    resolve_config,
+)
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_dtype, table
 
 NAME = "inspect"
@@ -17,7 +25,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("model", help=MODEL_HELP)
     q.add_argument("--context", help="context length (default: the model's max positions)")
     q.add_argument("--batch", type=int, default=1)
-    q.add_argument("--plot", help="write the layer stack as an architecture diagram (PNG) here")
+    q.add_argument("--plot", type=output_file("--plot"), help="write the layer stack as an architecture diagram (PNG) here")
     add_dtype_and_json(q)
 
 
