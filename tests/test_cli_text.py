@@ -128,7 +128,7 @@ def test_eval_needle_table_json_and_plot(capsys, ckpt, tmp_path):
 
 def test_eval_bad_variant_is_named(capsys, ckpt):
     rc, _, err = run(capsys, "eval", ckpt, "--variant", "sliding")
-    assert rc == 2 and "expected 'window=N' or 'global'" in err
+    assert rc == 2 and "expected 'window=N', 'global' or 'kv=FORMAT'" in err
 
 
 def test_text_stream_decodes_whole_characters():
