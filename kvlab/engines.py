@@ -26,7 +26,34 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from kvlab.errors import FitError
+
 ENGINES = ("vllm", "llamacpp", "sglang", "transformers")
+
+
+LATENT_KINDS = ("mla", "csa", "hca", "swa")  # one shared latent / K=V head per layer: not split by TP
+
+
+def _tp_factor(kind: str, kv_heads: int, tp: int, index: int) -> tuple[float, str | None]:
+    """Fraction of one layer's K/V on one device of ``tp``, and the replication it implies (or None)."""
+    if tp == 1:
+        return 1.0, None
+    if kind in LATENT_KINDS:
+        return 1.0, "latent"
+    if tp >= kv_heads:
+        if tp % kv_heads:
+            raise FitError(f"tp={tp}: layer {index} has {kv_heads} KV heads; vLLM needs tp to be a multiple of the KV "
+                           f"heads when it exceeds them (QKVParallelLinear: num_kv_head_replicas = tp / kv_heads)")
+        return 1.0 / kv_heads, f"{tp // kv_heads}x" if tp > kv_heads else None
+    if kv_heads % tp:
+        raise FitError(f"tp={tp}: layer {index} has {kv_heads} KV heads, not divisible by tp (vLLM splits KV heads "
+                       "evenly: num_kv_heads = kv_heads / tp)")
+    return 1.0 / tp, None
+
+
+def _attention_kind(layer_costs: Any) -> str:
+    kind = layer_costs.kind.split()[0]
+    return kind if kind in LATENT_KINDS + ("cca",) else "gqa"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -53,8 +80,6 @@ class _Layer:
 
 def _layers(c: Any, tp: int) -> list[_Layer]:
     """The storing layers of a Costs (shared layers dropped), scaled to one device of ``tp``."""
-    from kvlab.fit import _attention_kind, _tp_factor
-
     out = []
     for x in c.per_layer:
         if x.kv_source is not None:

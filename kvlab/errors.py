@@ -40,3 +40,7 @@ class UnknownNameError(KvlabError):
 
 __all__ = ["CheckpointError", "CheckpointWriteError", "ConfigError", "InsufficientMemoryError", "KvlabError",
            "RunLockedError", "TrainingDivergedError", "UnknownNameError"]
+
+
+class FitError(KvlabError):
+    """A fit question that has no answer as asked (bad batch, context, tensor-parallel size...)."""

@@ -17,14 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.costs import costs, dtype_bytes, resolve_config
+from kvlab.engines import _attention_kind, _tp_factor, get_engine
+from kvlab.errors import FitError
 
 BUDGETS_GIB = (24, 48, 80, 141)  # --table: consumer, L40S, H100/A100, H200
 DEFAULT_CHUNK = 512  # prefill chunk (tokens) of the workspace estimate: kvlab bench's default chunk
-LATENT_KINDS = ("mla", "csa", "hca", "swa")  # one shared latent / K=V head per layer: not split by TP
-
-
-class FitError(ValueError):
-    """A fit question that has no answer as asked (bad batch, context, tensor-parallel size...)."""
 
 
 @dataclass
@@ -91,28 +88,6 @@ WORKSPACE_ASSUMPTION = (
     "top_k x expert width + shared experts), in the weights' dtype (fp32 for fp32 weights, else 2 B), plus fp32 logits "
     "for one position per sequence; attention assumed fused (no T x context score matrix); engines add CUDA graphs, "
     "the allocator's slack and sampling buffers on top (vLLM measures its own peak with a profile run)")
-
-
-def _tp_factor(kind: str, kv_heads: int, tp: int, index: int) -> tuple[float, str | None]:
-    """Fraction of one layer's K/V on one device of ``tp``, and the replication it implies (or None)."""
-    if tp == 1:
-        return 1.0, None
-    if kind in LATENT_KINDS:
-        return 1.0, "latent"
-    if tp >= kv_heads:
-        if tp % kv_heads:
-            raise FitError(f"tp={tp}: layer {index} has {kv_heads} KV heads; vLLM needs tp to be a multiple of the KV "
-                           f"heads when it exceeds them (QKVParallelLinear: num_kv_head_replicas = tp / kv_heads)")
-        return 1.0 / kv_heads, f"{tp // kv_heads}x" if tp > kv_heads else None
-    if kv_heads % tp:
-        raise FitError(f"tp={tp}: layer {index} has {kv_heads} KV heads, not divisible by tp (vLLM splits KV heads "
-                       "evenly: num_kv_heads = kv_heads / tp)")
-    return 1.0 / tp, None
-
-
-def _attention_kind(layer_costs: Any) -> str:
-    kind = layer_costs.kind.split()[0]
-    return kind if kind in LATENT_KINDS + ("cca",) else "gqa"
 
 
 def _workspace(cfg: Any, c: Any, context: int, batch: int, w_name: str, chunk: int) -> int:
@@ -184,8 +159,6 @@ def footprint(model: Any, context: int, batch: int = 1, weights_dtype: Any = "bf
                    kv_components=comps, state_bytes=state,
                    workspace_bytes=_workspace(cfg, c, context, batch, w_name, chunk), replication=notes)
     if engine is not None:
-        from kvlab.engines import get_engine
-
         eng = get_engine(engine)
         fp.engine = eng.name
         res = eng.reserve(cfg, c, context=context, batch=batch, tp=tp)
@@ -227,8 +200,6 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
             raise FitError(f"{nm}={v!r}: must be a positive integer")
     eng = None
     if engine is not None:
-        from kvlab.engines import get_engine
-
         eng = get_engine(engine)
     usable = int(memory * eng.memory_fraction) if eng is not None else memory
     w_name, _ = dtype_bytes(weights_dtype)

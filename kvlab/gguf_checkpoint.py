@@ -9,7 +9,7 @@ makes them):
 - ``llama``: the rows of ``attn_q`` / ``attn_k`` are permuted per head from rotate-half to interleaved pairs
   (``qwen2`` and ``qwen3`` files keep them as they are);
 - ``gemma3``: every ``*norm.weight`` is stored as ``1 + w`` (Gemma applies ``1 + w``; kvlab stores ``w``).
-:func:`config_from_gguf` and :func:`weight_bytes` read the header only (nothing is dequantised). Nothing in the file
+:func:`weight_bytes` (and kvlab.families.config_from_gguf) read the header only (nothing is dequantised). Nothing in the file
 is executed. A truncated or corrupt file raises a ValueError naming the file (and the tensor where one is at fault).
 """
 
@@ -24,8 +24,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from .config import ModelConfig
 
 # the tensor types kvlab dequantises (those ``gguf.dequantize`` implements and llama.cpp's common files use)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -357,17 +355,6 @@ def hf_config(g: GGUFFile) -> dict[str, Any]:
     return _arch(g).config(g)
 
 
-def config_from_gguf(path: str | Path | GGUFFile) -> ModelConfig:
-    """The ModelConfig of a GGUF file, from its header only."""
-    from .families import config_from_hf
-
-    g = path if isinstance(path, GGUFFile) else read_gguf(path)
-    config = config_from_hf(hf_config(g))
-    config.name = g.path.name.removesuffix(".gguf")
-    config.source = f"{g.path} (GGUF {g.arch}, {g.meta.get('general.name', 'unnamed')})"
-    return config
-
-
 def hf_name(g: GGUFFile, name: str) -> str:
     """The transformers name of GGUF tensor ``name``; an unknown one is a named error."""
     if name in TOP_NAMES:
@@ -417,22 +404,6 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
 
     def __len__(self) -> int:
         return len(self.names)
-
-
-def load_gguf_state(path: str | Path | GGUFFile, config: ModelConfig | None = None, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
-    """The file's config and its tensors under kvlab names (dequantised), checked against the config."""
-    from .families import check_state, family_of
-
-    g = path if isinstance(path, GGUFFile) else read_gguf(path)
-    config = config if config is not None else config_from_gguf(g)
-    tensors = GGUFTensors(g, dtype)
-    family = family_of(tensors.cfg)
-    state = family.map_weights(tensors, config)
-    if device is not None:
-        state = {k: v.to(device) for k, v in state.items()}
-    check_state(state, config, family, where=f"GGUF file {str(g.path)!r}")
-    return config, state
 
 
 def weight_bytes(path: str | Path) -> dict[str, Any]:

@@ -20,7 +20,8 @@ import torch
 
 from ..config import LayerSpec
 from ..kinds.compressed import buffers
-from .storage import KVStore, WindowKV, next_capacity, rows_for
+from .growth import next_capacity
+from .storage import KVStore, WindowKV, rows_for
 
 
 class _Pool:

@@ -16,7 +16,8 @@ import torch
 
 from ..config import LayerSpec
 from ..kinds.mla import buffers
-from .storage import KVStore, grown, next_capacity, positions, rows_for
+from .growth import grown, next_capacity
+from .storage import KVStore, positions, rows_for
 
 
 class LatentStore(KVStore):

@@ -19,9 +19,10 @@ import itertools
 
 import torch
 
-from kvlab.costs.quant import Buffer, QuantSpec, layout
+from kvlab.costs.quant import QuantSpec, layout
+from kvlab.kinds import Buffer
 
-from .storage import grown
+from .growth import grown
 
 _QMAX = {"fp8": 448.0, "fp8_e5m2": 57344.0, "fp4": 6.0}
 _FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
@@ -109,7 +110,7 @@ def spec_is_fp8(spec: QuantSpec) -> bool:
 class QuantRows:
     """A quantized per-position buffer with the :class:`~kvlab.cache.storage.Rows` interface (see the module).
 
-    ``buf`` describes it (channels, ring, keys, rotary tail; kvlab.costs.quant.Buffer), ``spec`` how it is
+    ``buf`` describes it (channels, ring, keys, rotary tail; kvlab.kinds.Buffer), ``spec`` how it is
     quantized, ``lead`` its leading shape (``[B, Hkv]``); ``max_length`` known: the residual holds at most that
     many slots (it never needs more).
     """

@@ -9,6 +9,12 @@ from __future__ import annotations
 
 import torch
 
+from kvlab.costs.quant import for_buffer
+from kvlab.kinds import Buffer
+
+from .growth import grown, next_capacity
+from .quant import QuantRows
+
 _ARANGE: dict[torch.device, torch.Tensor] = {}
 
 
@@ -19,25 +25,6 @@ def positions(n: int, device) -> torch.Tensor:
     if r is None or r.shape[0] < n:
         r = _ARANGE[device] = torch.arange(max(n, 2 * (0 if r is None else r.shape[0]), 1024), device=device)
     return r[:n]
-
-
-def grown(t: torch.Tensor, dim: int, capacity: int, keep: int) -> torch.Tensor:
-    """A new tensor like ``t`` with ``capacity`` slots along ``dim``, its first ``keep`` copied from ``t``."""
-    shape = list(t.shape)
-    shape[dim] = capacity
-    out = t.new_empty(shape)
-    if keep:
-        out.narrow(dim, 0, keep).copy_(t.narrow(dim, 0, keep))
-    return out
-
-
-def next_capacity(needed: int, capacity: int, max_length: int | None, floor: int = 16) -> int:
-    """Capacity of a growing store that must hold ``needed`` slots: doubling (at least ``floor``). A store
-    preallocated to ``max_length`` positions cannot grow: a ValueError saying so."""
-    if max_length:
-        raise ValueError(f"cache holds max_length={max_length} positions; {needed} were requested "
-                         "(build the cache with a larger max_length)")
-    return max(needed, 2 * capacity, floor)
 
 
 class KVStore:
@@ -116,15 +103,11 @@ class Rows:
 
 
 def rows_for(buf, lead: tuple[int, ...], dtype: torch.dtype, device, quant=None, max_length: int | None = None):
-    """A :class:`Rows` for buffer ``buf`` (a kvlab.costs.quant.Buffer), or a quantized one when ``quant`` (the
+    """A :class:`Rows` for buffer ``buf`` (a kvlab.kinds.Buffer), or a quantized one when ``quant`` (the
     resolved kv_quant mapping) gives it a spec."""
-    from kvlab.costs.quant import for_buffer
-
     spec = for_buffer(quant, buf.name)
     if spec is None or not buf.dim:
         return Rows(lead, buf.dim, dtype, device, ring=buf.ring is not None)
-    from .quant import QuantRows
-
     return QuantRows(buf, spec, lead, dtype, device, max_length)
 
 
@@ -170,8 +153,6 @@ class FullKV(KVStore):
 
     def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, max_length: int | None,
                  dtype: torch.dtype, device, quant=None) -> None:
-        from kvlab.costs.quant import Buffer
-
         bufs = [Buffer("kv", "k", kv_heads, 0, dk, key=True), Buffer("kv", "v", kv_heads, 0, dv)]
         self.buf = _Buffers(bufs, batch, dtype, device, quant, max_length)
         self.max_length = max_length
@@ -198,8 +179,6 @@ class WindowKV(KVStore):
 
     def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, window: int, max_length: int | None,
                  dtype: torch.dtype, device, quant=None, names: tuple[str, str] = ("k", "v"), rope: int = 0) -> None:
-        from kvlab.costs.quant import Buffer
-
         bufs = [Buffer("kv", names[0], kv_heads, 0, dk, ring=window, key=names[0] == "k", rope=rope),
                 Buffer("kv", names[1], kv_heads, 0, dv, ring=window)]
         self.buf = _Buffers(bufs, batch, dtype, device, quant, max_length)

@@ -118,12 +118,14 @@ def resolve_config(model: Any) -> ModelConfig:
 
         if isinstance(model, str) and find_preset(model) is not None:  # any case
             return get_preset(model)
-        from kvlab.gguf_checkpoint import config_from_gguf, is_gguf
+        from kvlab.gguf_checkpoint import is_gguf
         from kvlab.models import MODELS, resolve_file
         from kvlab.native import native_checkpoint
 
         model = resolve_file(model)  # a named installed model -> its GGUF file
         if is_gguf(model):
+            from kvlab.families import config_from_gguf
+
             return config_from_gguf(model)  # the header only
         native = native_checkpoint(model)  # a kvlab train run / checkpoint
         if native is not None:

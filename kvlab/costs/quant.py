@@ -23,6 +23,9 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
 
+from kvlab import kinds
+from kvlab.kinds import Buffer
+
 from .dtypes import dtype_bytes
 
 # format -> (bits per code, kind); fp formats have no zero points
@@ -181,28 +184,6 @@ def for_buffer(q: dict[str, QuantSpec | None] | None, component: str) -> QuantSp
     return q[component] if component in q else q.get("*")
 
 
-@dataclass(frozen=True)
-class Buffer:
-    """One per-position buffer of a store, as its kind's record describes it (``Kind.buffers``).
-
-    component: its name (a key of the price's components, or ``"kv"`` for a kind with one part); name: the
-    kv_quant key (``k``, ``v``, ``c_kv``...); rows: leading entries per sequence (kv heads); capacity: slots at
-    ``max_length = context``; dim: channels; ring: a sliding-window ring (slot = position % capacity) of
-    ``window`` positions; key: a keys-only buffer (``k_per_channel`` and ``rotate`` apply); rope: its rotary
-    channels (the last ``rope``; kept exact with ``rope_exact``).
-    """
-
-    component: str
-    name: str
-    rows: int
-    capacity: int
-    dim: int
-    ring: int | None = None
-    key: bool = False
-    rope: int = 0
-    residual: bool = True  # False: entries written row by row (CSA/HCA pools): no residual window, per token
-
-
 def layout(spec: QuantSpec, buf: Buffer) -> dict[str, int]:
     """What a quantized buffer is made of: ``tail`` exact channels, ``dq`` quantized channels, ``group`` (channels
     per scale, per token), ``span`` (positions per scale: ``group`` for K per channel, else 1), ``slots`` of the
@@ -283,8 +264,6 @@ def quantized_price(buffers: list[Buffer], q: dict[str, QuantSpec | None], batch
 
 def layer_buffers(layer: Any, context: int, where: str) -> list[Buffer]:
     """The per-position buffers of a storing layer (its kind's record), or a QuantError when it has none."""
-    from kvlab import kinds
-
     fn = kinds.get(layer.attention).buffers
     if fn is None:
         raise QuantError(f"{where}.attention={layer.attention!r}: this kind's store has no quantizable buffers "

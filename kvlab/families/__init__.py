@@ -15,6 +15,7 @@ import torch
 from ..checkpoint import read_config, read_tensors
 from ..config import ModelConfig
 from ..errors import CheckpointError, UnknownNameError
+from ..gguf_checkpoint import GGUFFile, GGUFTensors, hf_config, is_gguf, read_gguf
 from ..names import did_you_mean, find
 from . import deepseek_v3, deepseek_v4, deepseek_v32, gemma3, gemma4, laguna, llama, mistral, qwen3, qwen3_moe, zaya
 from .base import Family
@@ -171,11 +172,33 @@ def load_state(path: str | Path, config: ModelConfig | None = None, dtype: torch
     return state
 
 
+def config_from_gguf(path: str | Path | GGUFFile) -> ModelConfig:
+    """The ModelConfig of a GGUF file, from its header only."""
+    g = path if isinstance(path, GGUFFile) else read_gguf(path)
+    config = config_from_hf(hf_config(g))
+    config.name = g.path.name.removesuffix(".gguf")
+    config.source = f"{g.path} (GGUF {g.arch}, {g.meta.get('general.name', 'unnamed')})"
+    return config
+
+
+def load_gguf_state(path: str | Path | GGUFFile, config: ModelConfig | None = None, dtype: torch.dtype | None = None,
+                    device: str | torch.device | None = None) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """The file's config and its tensors under kvlab names (dequantised), checked against the config."""
+    g = path if isinstance(path, GGUFFile) else read_gguf(path)
+    config = config if config is not None else config_from_gguf(g)
+    tensors = GGUFTensors(g, dtype)
+    family = family_of(tensors.cfg)
+    state = family.map_weights(tensors, config)
+    if device is not None:
+        state = {k: v.to(device) for k, v in state.items()}
+    check_state(state, config, family, where=f"GGUF file {str(g.path)!r}")
+    return config, state
+
+
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Model:
     """``kvlab.load``: a Model with its weights, from a HF-layout checkpoint directory (safetensors only), a ``.gguf``
     file, a named installed model (``smollm2-135m``, ``gemma-3-270m``: kvlab/models.py) or a kvlab run / checkpoint
     directory written by ``kvlab train`` (kvlab/native.py)."""
-    from ..gguf_checkpoint import is_gguf, load_gguf_state
     from ..models import resolve_file
     from ..native import native_checkpoint
 

@@ -9,7 +9,7 @@ Importing this package does not import torch.
 from __future__ import annotations
 
 from . import cca, compressed, gqa, mla
-from .base import AttnCost, Kind, causal_positions, field_error, positive_int
+from .base import AttnCost, Buffer, Kind, causal_positions, field_error, positive_int
 from .compressed import CompressSpec
 from .mla import MLASpec
 
@@ -80,5 +80,5 @@ def owners(option: str) -> list[str]:
     return [k.name for k in KINDS.values() if option in k.options]
 
 
-__all__ = ["KINDS", "AttnCost", "CompressSpec", "Kind", "MLASpec", "causal_positions", "field_error", "get",
+__all__ = ["KINDS", "AttnCost", "Buffer", "CompressSpec", "Kind", "MLASpec", "causal_positions", "field_error", "get",
            "kind_options", "layer_label", "owners", "positive_int", "register", "unregister"]

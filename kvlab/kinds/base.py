@@ -53,6 +53,28 @@ class AttnCost:
     flop_components: dict[str, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class Buffer:
+    """One per-position buffer of a store, as its kind's record describes it (``Kind.buffers``).
+
+    component: its name (a key of the price's components, or ``"kv"`` for a kind with one part); name: the
+    kv_quant key (``k``, ``v``, ``c_kv``...); rows: leading entries per sequence (kv heads); capacity: slots at
+    ``max_length = context``; dim: channels; ring: a sliding-window ring (slot = position % capacity) of
+    ``window`` positions; key: a keys-only buffer (``k_per_channel`` and ``rotate`` apply); rope: its rotary
+    channels (the last ``rope``; kept exact with ``rope_exact``).
+    """
+
+    component: str
+    name: str
+    rows: int
+    capacity: int
+    dim: int
+    ring: int | None = None
+    key: bool = False
+    rope: int = 0
+    residual: bool = True  # False: entries written row by row (CSA/HCA pools): no residual window, per token
+
+
 # price(layer, hidden, context, batch, kv_elt_bytes) -> AttnCost
 Price = Callable[[Any, int, int, int, int], AttnCost]
 
@@ -82,7 +104,7 @@ class Kind:
     examples: small LayerSpec fields of layers of this kind (each a tiny model's layer): the contract tests
         (tests/test_contract.py) run every one, so a new kind is tested the moment it is in the table.
     buffers(layer, context): the store's per-position buffers at ``max_length = context`` (a list of
-        kvlab.costs.quant.Buffer): what a quantized cache (``kv_quant``) quantizes and the calculator prices; None:
+        kvlab.kinds.Buffer): what a quantized cache (``kv_quant``) quantizes and the calculator prices; None:
         the kind cannot hold a quantized cache.
     """
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .base import AttnCost, causal_positions, field_error, positive_int
+from .base import AttnCost, Buffer, causal_positions, field_error, positive_int
 
 OPTIONS = frozenset({"compress", "window", "sinks", "attn_scale"})
 
@@ -155,8 +155,6 @@ def rotary_channels(spec: Any) -> int:
 def buffers(spec: Any, context: int) -> list:
     """The window ring, the compressed entries and CSA's indexer keys (entries are written row by row: no residual
     window; their rotary tail kept whole with ``rope_exact``)."""
-    from kvlab.costs.quant import Buffer
-
     c, rot = spec.compress, rotary_channels(spec)
     out = [Buffer("window", "window", 1, min(spec.window, context), spec.head_dim, ring=spec.window, rope=rot)]
     if c.ratio:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .base import AttnCost, causal_positions, field_error
+from .base import AttnCost, Buffer, causal_positions, field_error
 
 OPTIONS = frozenset({"window", "sinks", "qk_norm", "qkv_bias", "o_bias", "output_gate", "gate_per_head", "v_norm",
                      "k_eq_v", "attn_scale"})
@@ -65,8 +65,6 @@ def gate_params(layer: Any, hidden: int) -> int:
 
 def buffers(layer: Any, context: int) -> list:
     """K and V, ``[B, kv_heads, L, head_dim / v_head_dim]`` (L = context, or a ring of min(window, context))."""
-    from kvlab.costs.quant import Buffer
-
     ring = layer.window
     cap = context if ring is None else min(ring, context)
     return [Buffer("kv", "k", layer.num_kv_heads, cap, layer.head_dim, ring=ring, key=True),

@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from .base import AttnCost, causal_positions, field_error, positive_int
+from .base import AttnCost, Buffer, causal_positions, field_error, positive_int
 
 OPTIONS = frozenset({"mla", "qkv_bias", "o_bias", "attn_scale"})
 
@@ -142,8 +142,6 @@ def cache_components(layer: Any, context: int, batch: int, kv_elt: int) -> dict[
 def buffers(layer: Any, context: int) -> list:
     """``c_kv``, ``k_pe`` (its rotary channels: kept whole with ``rope_exact``) and DSA's ``index_keys``, one row
     per token each."""
-    from kvlab.costs.quant import Buffer
-
     m = layer.mla
     out = [Buffer("c_kv", "c_kv", 1, context, m.kv_lora_rank),
            Buffer("k_pe", "k_pe", 1, context, m.qk_rope_head_dim, rope=m.qk_rope_head_dim)]

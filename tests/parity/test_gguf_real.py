@@ -75,7 +75,7 @@ def test_greedy_generation_matches_transformers(pair: tuple[str, Any, kvlab.Mode
 
 def test_named_model_config_is_the_preset() -> None:
     """The Gemma 3 270M file's metadata describes exactly the published config the preset cites."""
-    from kvlab.gguf_checkpoint import config_from_gguf
+    from kvlab.families import config_from_gguf
     from kvlab.presets import get_preset
 
     try:
