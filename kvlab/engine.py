@@ -69,10 +69,11 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
     pad = left_padding(attention_mask) if attention_mask is not None else None
     if max_new_tokens == 0:
         return input_ids.clone()
+    model.check_ids(input_ids)  # once, where input enters: the steps below read nothing back
     cache = model.new_cache(b, max_length=t + max_new_tokens)
     cache.set_padding(pad)
     for s in range(0, t, prefill_chunk):
-        logits = model(input_ids[:, s:s + prefill_chunk], cache=cache, last_only=True)
+        logits = model(input_ids[:, s:s + prefill_chunk], cache=cache, last_only=True, check=False)
     stops = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=input_ids.device)
     gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=input_ids.device)
@@ -90,5 +91,5 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
             if bool(done.all()):
                 break
         if n < max_new_tokens:
-            logits = model(nxt[:, None], cache=cache)
+            logits = model.decode_step(nxt[:, None], cache)
     return out[:, :t + n]

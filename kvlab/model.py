@@ -193,9 +193,23 @@ class Model(nn.Module):
                          kv_quant=kv_quant)
         return Cache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device, kv_quant=kv_quant)
 
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        """A ValueError unless every id lies in ``[0, vocab_size)`` (two host reads: done where input enters)."""
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
+
+    def decode_step(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One step of ids the caller already checked (e.g. tokens it sampled): ``[B, T]`` -> logits ``[B, T, vocab]``.
+
+        No host read for any kind (tests/test_compile.py compiles it as one graph): what ``generate`` and the
+        benchmark call per token, and what ``torch.compile`` wraps."""
+        return self(input_ids, cache=cache, check=False)
+
     def forward(self, input_ids: torch.Tensor, cache: Cache | None = None, attention_mask: torch.Tensor | None = None,
-                last_only: bool = False) -> torch.Tensor:
-        """input_ids ``[B, T]`` int64 -> logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_only``)."""
+                last_only: bool = False, check: bool = True) -> torch.Tensor:
+        """input_ids ``[B, T]`` int64 -> logits ``[B, T, vocab]`` (``[B, 1, vocab]`` with ``last_only``).
+
+        ``check``: validate the ids' range (:meth:`check_ids`, a host read); False where they were checked on entry."""
         cfg = self.config
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, length], got shape {tuple(input_ids.shape)}")
@@ -207,8 +221,8 @@ class Model(nn.Module):
             raise ValueError(f"sequence of {start + t} positions exceeds the model's max_positions={cfg.max_positions}")
         if cache is not None and cache.batch_size != b:
             raise ValueError(f"cache was built for batch_size={cache.batch_size}, input has batch {b}")
-        if int(input_ids.min()) < 0 or int(input_ids.max()) >= cfg.vocab_size:
-            raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size})")
+        if check:
+            self.check_ids(input_ids)
         pad = None
         if attention_mask is not None and (cache is None or start == 0):
             pad = left_padding(attention_mask[:, -t:] if cache is None else attention_mask[:, :t])

@@ -27,6 +27,30 @@ def positions(n: int, device) -> torch.Tensor:
     return r[:n]
 
 
+_RINGS: dict[tuple[torch.device, int], tuple[int, torch.Tensor]] = {}
+
+
+def ring_positions(cap: int, n: int, device) -> torch.Tensor:
+    """Absolute position held by each slot ``[cap]`` of a ring of ``cap`` slots after ``n`` positions were written
+    (``-1``: empty): the rotated position vector.
+
+    The last one built for each ring size is kept, so the layers of one decode step share one tensor (and the
+    step's mask cache, keyed by that tensor, builds one mask for all of them) instead of allocating per layer.
+    A compiled step computes it in its graph."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return _ring_positions(cap, n, device)
+    hit = _RINGS.get((device, cap))
+    if hit is None or hit[0] != n:
+        hit = _RINGS[(device, cap)] = (n, _ring_positions(cap, n, device))
+    return hit[1]
+
+
+def _ring_positions(cap: int, n: int, device) -> torch.Tensor:
+    s = torch.arange(cap, device=device)
+    return torch.where(s <= n - 1, s + cap * torch.div(n - 1 - s, cap, rounding_mode="floor"), -1)
+
+
 class KVStore:
     """The store protocol every kind's store follows: ``append`` new entries and return what the current queries
     attend to; ``tensors()`` (what it holds), ``nbytes()``, ``components()`` and ``state_nbytes()`` (what the
@@ -192,10 +216,9 @@ class WindowKV(KVStore):
         return self.buf.tensors()
 
     def slot_positions(self, n: int, device) -> torch.Tensor:
-        """Absolute position held by each slot after ``n`` positions were written (``-1``: empty)."""
-        cap = self.buf.capacity
-        s = torch.arange(cap, device=device)
-        return torch.where(s <= n - 1, s + cap * torch.div(n - 1 - s, cap, rounding_mode="floor"), -1)
+        """Absolute position held by each slot after ``n`` positions were written (``-1``: empty); see
+        :func:`ring_positions` (one tensor per step shared by every ring of the same size)."""
+        return ring_positions(self.buf.capacity, n, device)
 
     def append(self, k, v, start):
         t = k.shape[2]

@@ -31,7 +31,6 @@ class Step:
     rope: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict[tuple, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
-    _alive: list[torch.Tensor] = field(default_factory=list, repr=False)
     carry: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def last_position(self) -> Step:
@@ -44,13 +43,14 @@ class Step:
         """(additive mask ``[B|1, 1, T, L]`` of 0 / -inf, or None; whether plain causal applies).
 
         Built once per step for each key-position tensor and window, and shared by every layer that
-        attends to the same positions (all full-cache layers read views of one shared range), so a
-        chunk holds one mask, not one per layer. Additive rather than boolean because SDPA on the CPU
+        attends to the same positions (all full-cache layers read views of one shared range, all rings of one
+        size one rotated position vector), so a chunk holds one mask, not one per layer. Additive rather than boolean because SDPA on the CPU
         converts a boolean mask at every call.
         """
-        # the entry keeps kpos alive, so its address cannot be reused by another tensor this step
-        key = (kpos.data_ptr(), kpos.shape[0], kpos.stride(0), window)
-        if key not in self.masks:
+        # keyed by the tensor's identity (the entry keeps kpos alive; no data pointer read, so it traces)
+        key = next((k for k in self.masks if k[0] is kpos and k[1] == window), None)
+        if key is None:
+            key = (kpos, window)
             t = self.qpos.shape[0]
             if t == 1 and self.pad is None and (window is None or kpos.shape[0] <= window):
                 # a decode step sees every key its store returns (a ring holds at most the window)
@@ -63,7 +63,6 @@ class Step:
                 add = None if ok is None else torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill_(
                     ~ok, float("-inf"))
                 self.masks[key] = (add, False)
-            self._alive.append(kpos)
         return self.masks[key]
 
 
@@ -77,18 +76,24 @@ def visible_keys(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> 
     return ok
 
 
+def visible_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
+                 pad: torch.Tensor | None) -> torch.Tensor:
+    """``[B|1, T, L]`` bool: causal, window and left padding (key ``kpos >= pad`` of its row); a query always sees
+    itself (pad rows stay finite). Tensor operations only (no host read)."""
+    ok = visible_keys(qpos, kpos, window)
+    if pad is None:
+        return ok[None]
+    return (ok[None] & (kpos[None, None] >= pad[:, None, None])) | (kpos[None] == qpos[:, None])[None]
+
+
 def build_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
                pad: torch.Tensor | None) -> torch.Tensor | None:
-    """Causal, window and left-padding mask; a query always sees itself (pad rows stay finite)."""
-    q, k = qpos[:, None], kpos[None, :]
-    ok = visible_keys(qpos, kpos, window)
-    if pad is not None:
-        ok = ok[None] & (k[None] >= pad[:, None, None])
-        ok |= (k == q)[None]
-        return ok[:, None]
-    if bool(ok.all()):
+    """:func:`visible_mask` as ``[B|1, 1, T, L]``; None for a chunk of several queries that sees every key (the
+    one host read, never made by a decode step)."""
+    ok = visible_mask(qpos, kpos, window, pad)
+    if pad is None and qpos.shape[0] > 1 and bool(ok.all()):
         return None
-    return ok[None, None]
+    return ok[:, None]
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -168,11 +173,21 @@ def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.
 
 def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``k`` best of ``scores [..., L]`` (values, indices), ties at the boundary going to the earlier index
-    (as a stable sort), so a chunked forward chooses as the whole forward does. ``k >= L``: everything, sorted."""
+    (as a stable sort), so a chunked forward chooses as the whole forward does. ``k >= L``: everything, sorted.
+
+    ``k < L``: in index order. Without a host read: the k-th best value is the threshold; every score above it is
+    chosen, then the earliest of those equal to it until k are chosen; the chosen indices are packed by a
+    cumulative sum (``O(L)`` tensor operations, no sort)."""
     n = scores.shape[-1]
     if k >= n:
         return scores.sort(dim=-1, descending=True, stable=True)
-    val, idx = scores.topk(k + 1, dim=-1)
-    if bool(((val[..., k - 1] == val[..., k]) & (val[..., k] > float("-inf"))).any()):
-        val, idx = scores.sort(dim=-1, descending=True, stable=True)
-    return val[..., :k], idx[..., :k]
+    thr = scores.topk(k, dim=-1).values[..., k - 1:]  # [..., 1]
+    above = scores > thr
+    tied = scores == thr
+    room = k - above.sum(-1, keepdim=True)  # how many of the tied the k still take
+    chosen = above | (tied & (tied.cumsum(-1) <= room))
+    slot = torch.where(chosen, chosen.cumsum(-1) - 1, k)  # the (k+1)-th slot collects the rest
+    idx = torch.zeros(*scores.shape[:-1], k + 1, dtype=torch.long, device=scores.device)
+    ar = torch.arange(n, device=scores.device).expand_as(scores)
+    idx = idx.scatter(-1, slot, ar)[..., :k]
+    return scores.gather(-1, idx), idx

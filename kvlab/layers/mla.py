@@ -44,7 +44,7 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, MLASpec, RopeSpec
-from .core import Step, attend, build_mask, stable_topk
+from .core import Step, attend, stable_topk, visible_mask
 from .norm import RMSNorm
 from .rope import rotate, yarn_mscale
 
@@ -123,14 +123,22 @@ class MLAttention(nn.Module):
             lat, _, kpos = store.append(c_kv, k_pe, step.start)
         else:
             lat, kpos = torch.cat((c_kv, k_pe), dim=-1), step.qpos
-        if m.sparse:
-            mask, causal = self.indexer.select(x, q_lat, cos, sin, step, store, kpos), False
-        else:
-            mask, causal = step.mask(kpos, None)
         if self.mode not in self.MODES:
             raise ValueError(f"MLAttention.mode={self.mode!r}: allowed: {', '.join(self.MODES)}")
         absorb = self.mode == "absorb" or (self.mode == "auto" and self.absorb_is_cheaper(t))
-        out = (self.absorbed if absorb else self.expanded)(q_nope, q_pe, lat, mask, causal)
+        if m.sparse:
+            idx, valid = self.indexer.select(x, q_lat, cos, sin, step, store, kpos)
+            if absorb:  # read only the chosen latents
+                out = self.absorbed_sparse(q_nope, q_pe, lat, idx, valid)
+            else:  # expanding every latent once for all queries: a mask of each query's choice
+                chosen = torch.zeros(*idx.shape[:2], lat.shape[1], dtype=torch.bool, device=x.device).scatter_(
+                    -1, idx, valid)
+                mask = torch.zeros(chosen.shape, dtype=step.dtype, device=x.device).masked_fill_(
+                    ~chosen, float("-inf"))[:, None]
+                out = self.expanded(q_nope, q_pe, lat, mask, False)
+        else:
+            mask, causal = step.mask(kpos, None)
+            out = (self.absorbed if absorb else self.expanded)(q_nope, q_pe, lat, mask, causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, s.num_heads * m.v_head_dim))
 
     def absorb_is_cheaper(self, t: int) -> bool:
@@ -164,8 +172,24 @@ class MLAttention(nn.Module):
         return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
 
 
+    def absorbed_sparse(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, idx: torch.Tensor,
+                        valid: torch.Tensor) -> torch.Tensor:
+        """:meth:`absorbed` over each query's chosen latents only: ``idx``/``valid [B, T, k]`` -> ``[B, H, T, Dv]``.
+        Gathers ``[B, T, k, r + d_rope]`` (the bytes the calculator prices for DSA), never the whole cache."""
+        m, h = self.spec.mla, self.spec.num_heads
+        b, t, k = idx.shape
+        w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
+        q = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe), dim=-1)  # [B, H, T, r + d_rope]
+        sel = lat.gather(1, idx.reshape(b, t * k, 1).expand(b, t * k, lat.shape[-1])).view(b, t, k, -1)
+        s = torch.einsum("bhtd,btkd->bhtk", q, sel).float() * self.scale
+        p = s.masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1).to(q.dtype)
+        out = torch.einsum("bhtk,btkr->bhtr", p, sel[..., :m.kv_lora_rank])
+        return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
+
+
 class DSAIndexer(nn.Module):
-    """DeepSeek V3.2's lightning indexer: picks the ``index_topk`` keys each query attends to (an additive mask)."""
+    """DeepSeek V3.2's lightning indexer: picks the ``index_topk`` keys each query attends to."""
 
     def __init__(self, m: MLASpec, hidden: int) -> None:
         super().__init__()
@@ -182,8 +206,9 @@ class DSAIndexer(nn.Module):
 
     @torch.no_grad()
     def select(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step,
-               store, kpos: torch.Tensor) -> torch.Tensor:
-        """Additive mask ``[B|1, 1, T, L]``: 0 on the top-k visible keys of each query, -inf elsewhere."""
+               store, kpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chosen keys of each query: indices ``[B, T, k]`` (``k = min(index_topk, L)``) and whether each is a
+        visible key ``[B, T, k]`` (a query that sees fewer than k keys gets invalid picks). No host read."""
         m = self.m
         b, t, _ = x.shape
         k = self.rope(self.k_norm(self.wk(x))[:, None], cos, sin)[:, 0]  # [B, T, Di]
@@ -192,13 +217,11 @@ class DSAIndexer(nn.Module):
         scores = torch.relu(q.float() @ keys.float().transpose(-1, -2)[:, None] * m.index_head_dim ** -0.5)
         w = self.weights_proj(x).float() * m.index_heads ** -0.5  # [B, T, Hi]
         scores = torch.einsum("bhtl,bth->btl", scores, w)  # [B, T, L]
-        ok = build_mask(step.qpos, kpos, None, step.pad)  # causal and padding: [B|1, 1, T, L] or None
-        ok = torch.ones(1, t, kpos.shape[0], dtype=torch.bool, device=x.device) if ok is None else ok[:, 0]
+        ok = visible_mask(step.qpos, kpos, None, step.pad)  # causal and padding: [B|1, T, L]
         scores = scores.masked_fill(~ok, float("-inf"))
         top = stable_topk(scores, min(m.index_topk, kpos.shape[0]))[1]  # ties: the earlier key, as a whole forward
-        chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(-1, top, True) & ok
-        return torch.zeros(chosen.shape, dtype=step.dtype, device=x.device).masked_fill_(
-            ~chosen, float("-inf"))[:, None]
+        top = top.expand(b, *top.shape[1:])
+        return top, ok.expand(b, *ok.shape[1:]).gather(-1, top)
 
 
 def mla_layer(num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,

@@ -57,11 +57,17 @@ class Experts(nn.Module):
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x ``[N, H]``, idx/weights ``[N, k]`` -> ``[N, H]``; loops over experts that got tokens."""
+        """x ``[N, H]``, idx/weights ``[N, k]`` -> ``[N, H]``.
+
+        Few tokens (``N k <= E``: a decode step): each token's k experts' weights are gathered and applied as a
+        batched matmul, reading exactly the chosen experts, with no host read. Else a loop over the experts that
+        got tokens (one host read of the counts)."""
+        num = self.gate_proj.shape[0]
+        if idx.numel() <= num:
+            return self.gathered(x, idx, weights)
         out = torch.zeros_like(x)
         flat = idx.reshape(-1)
         order = flat.argsort()
-        num = self.gate_proj.shape[0]
         counts = torch.bincount(flat, minlength=num).tolist()[:num]  # index num (a skip expert) sorts last
         token_of = order // idx.shape[1]
         w_sorted = weights.reshape(-1)[order]
@@ -79,6 +85,23 @@ class Experts(nn.Module):
             out.index_add_(0, tok, h)
             start += n
         return out
+
+
+    def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The experts of each (token, choice) gathered: ``[N k, I, H]`` weights, one batched matmul each; a skip
+        expert (index ``E``) reads expert 0 with weight 0."""
+        n, k = idx.shape
+        num = self.gate_proj.shape[0]
+        flat = idx.reshape(-1)
+        skip = flat >= num
+        e = flat.clamp(max=num - 1)
+        w = weights.reshape(-1).masked_fill(skip, 0.0)
+        h = x.repeat_interleave(k, dim=0)[:, :, None]  # [N k, H, 1]
+        g, u = (self.gate_proj[e] @ h)[..., 0], (self.up_proj[e] @ h)[..., 0]  # [N k, I]
+        if self.limit is not None:
+            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+        h = (self.down_proj[e] @ (self.act(g) * u)[:, :, None])[..., 0] * w[:, None].to(x.dtype)  # [N k, H]
+        return h.view(n, k, -1).sum(1)
 
 
 class MoE(nn.Module):
