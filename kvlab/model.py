@@ -195,8 +195,14 @@ class Model(nn.Module):
 
     def check_ids(self, input_ids: torch.Tensor) -> None:
         """A ValueError unless every id lies in ``[0, vocab_size)`` (two host reads: done where input enters)."""
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
-            raise ValueError(f"input_ids must lie in [0, vocab_size={self.config.vocab_size})")
+        cfg = self.config
+        if not input_ids.numel():
+            return
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(f"input_ids must lie in [0, vocab_size={cfg.vocab_size})")
+        if cfg.ple_dim is not None and hi >= cfg.ple_rows:
+            raise ValueError(f"input_ids must lie in [0, ple_vocab_size={cfg.ple_rows}) for the per-layer embeddings")
 
     def decode_step(self, input_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
         """One step of ids the caller already checked (e.g. tokens it sampled): ``[B, T]`` -> logits ``[B, T, vocab]``.

@@ -68,6 +68,31 @@ class _Pool:
             self.partial_gate[r, :rest] = gate[:, used:]
         return self.rows.read(end, rows=r)
 
+    def commit_step(self, w: torch.Tensor, lead: torch.Tensor, active: torch.Tensor, complete: torch.Tensor,
+                    new: torch.Tensor, kv: torch.Tensor, block_kv: torch.Tensor, block_gate: torch.Tensor,
+                    n: int) -> torch.Tensor:
+        """One decode token per row (kvlab/layers/compressed.py ``Compressor.step``): rows whose token completes
+        block ``w [B]`` store ``new [B, 1, d]`` there and (overlap) the block's first series from ``block_kv`` /
+        ``block_gate [B, m, f d]``; the other active rows keep the token's raw ``kv`` (and gate, the last row of
+        ``block_gate``) at slot ``lead [B]`` of the partial block. Masks, not branches. Returns ``entries[:, :n]``."""
+        m, d = self.ratio, self.dim
+        self.reserve(n)
+        rows = torch.arange(w.shape[0], device=w.device)
+        cap = self.entries.shape[1]
+        if cap:
+            wi = w.clamp(0, cap - 1)
+            self.entries[rows, wi] = torch.where(complete[:, None], new[:, 0], self.entries[rows, wi])
+        if self.overlap:
+            c = complete[:, None, None]
+            self.prev_kv.copy_(torch.where(c, block_kv[..., :d], self.prev_kv))
+            self.prev_gate.copy_(torch.where(c, block_gate[..., :d], self.prev_gate))
+        if m > 1:
+            li = lead.clamp(0, m - 2)
+            keep = (active & ~complete)[:, None]
+            self.partial_kv[rows, li] = torch.where(keep, kv[:, 0], self.partial_kv[rows, li])
+            self.partial_gate[rows, li] = torch.where(keep, block_gate[:, -1], self.partial_gate[rows, li])
+        return self.entries[:, :n]
+
     def state(self) -> list[torch.Tensor]:
         return [self.partial_kv, self.partial_gate] + ([self.prev_kv, self.prev_gate] if self.overlap else [])
 

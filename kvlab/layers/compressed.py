@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
-from .core import softmax_with_sink, stable_topk, visible_keys
+from .core import softmax_with_sink, stable_topk, visible_keys, visible_mask
 from .norm import RMSNorm
 from .rope import inv_freq_and_scale, rotate_part
 
@@ -123,6 +123,35 @@ class Compressor(nn.Module):
         return pool_state.commit(r, nb0, new, kv, gate)
 
 
+    def step(self, x: torch.Tensor, pos: torch.Tensor, pool_state, rope, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decode token per row: ``x [B, 1, hidden]`` at row positions ``pos [B]`` (a row's own position: the
+        call's start less its left padding; negative: still padding, nothing is written).
+
+        Every row's candidate entry (its partial block plus this token, pooled) is computed, and written only where
+        the token completes the row's block (a mask, not a branch). Returns the first ``n`` entries held ``[B, n,
+        d]`` (``n``: the most any row has) and how many of them each row sees ``[B]``."""
+        m = self.ratio
+        kv, gate = self.kv_proj(x), self.gate_proj(x)  # [B, 1, f d]
+        active = pos >= 0
+        lead = pos.remainder(m)  # rows of the block already held
+        w = torch.div(pos, m, rounding_mode="floor")  # the block this token belongs to
+        complete = active & (lead == m - 1)
+        if m > 1:
+            block_kv = torch.cat((pool_state.partial_kv, kv), dim=1)  # [B, m, f d]: valid where complete
+            block_gate = torch.cat((pool_state.partial_gate, gate), dim=1)
+        else:
+            block_kv, block_gate = kv, gate
+        prev = None
+        if self.overlap:  # the previous block's series a, none before a row's first block
+            has = (w > 0)[:, None, None]
+            prev = (torch.where(has, pool_state.prev_kv, 0.0), torch.where(has, pool_state.prev_gate, float("-inf")))
+        new = self.pool(block_kv, block_gate, prev)  # [B, 1, d]
+        cos, sin = rope_tables(*rope, (w * m)[:, None])
+        new = apply_rope_tail(new, cos, sin)
+        entries = pool_state.commit_step(w, lead, active, complete, new, kv, block_kv, block_gate, n)
+        return entries, torch.div(pos + 1, m, rounding_mode="floor").clamp(min=0)
+
+
 class CSAIndexer(Compressor):
     """CSA's lightning indexer: its own overlapping compressor plus per-head query and weight projections."""
 
@@ -198,14 +227,23 @@ class CompressedAttention(nn.Module):
             iw = ix.weights_proj(x).float() * ix.heads ** -0.5  # [B, T, HI]
         pool = store.pool if store is not None else None
         ipool = store.index if store is not None and self.csa else None
-        if self.compressor is None:  # swa: the window branch alone
-            out = self._attend(q, kw, kpos, qpos, None, None, None, None) if pad is None else torch.cat(
-                [self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, None, None, None, None)
+        if store is not None and t == 1:  # a decode step: tensor operations over the rows, no host read
+            rowpos = (torch.full((b,), start, device=x.device) if pad is None else start - pad)
+            entries = ikeys = nvis = None
+            if self.compressor is not None:
+                n = (start + 1) // c.ratio  # entries the row with the least padding holds
+                entries, nvis = self.compressor.step(x, rowpos, pool, self._rope, n)
+                if self.csa:
+                    ikeys = ix.step(x, rowpos, ipool, self._rope, n)[0]
+            out = self._attend_step(q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw)
+        elif self.compressor is None:  # swa: the window branch alone
+            out = self._attend(q, kw, kpos, qpos, start, None, None, None, None) if pad is None else torch.cat(
+                [self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, start - p, None, None, None, None)
                  for r, p in enumerate(pad.tolist())])
         elif pad is None:
             entries = self.compressor.update(x, start, pool, self._rope)
             ikeys = ix.update(x, start, ipool, self._rope) if self.csa else None
-            out = self._attend(q, kw, kpos, qpos, entries, ikeys, iq, iw)
+            out = self._attend(q, kw, kpos, qpos, start, entries, ikeys, iq, iw)
         else:  # left padding: each row compresses its own tokens, blocks aligned to its first token
             out = torch.empty(b, h, t, d, dtype=q.dtype, device=x.device)
             for r, p in enumerate(pad.tolist()):
@@ -217,7 +255,7 @@ class CompressedAttention(nn.Module):
                 else:
                     entries = x.new_zeros(1, 0, d)
                     ikeys = x.new_zeros(1, 0, ix.dim) if self.csa else None
-                out[r:r + 1] = self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, entries, ikeys,
+                out[r:r + 1] = self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, first, entries, ikeys,
                                             None if iq is None else iq[r:r + 1], None if iw is None else iw[r:r + 1])
         out = self._rot(out, tab, inverse=True).transpose(1, 2)  # [B, T, H, D]
         g = c.o_groups
@@ -225,9 +263,10 @@ class CompressedAttention(nn.Module):
         y = torch.einsum("btgi,gri->btgr", out.reshape(b, t, g, -1), w)
         return self.o_b_proj(y.reshape(b, t, -1))
 
-    def _attend(self, q, kw, kpos, qpos, entries, ikeys, iq, iw) -> torch.Tensor:
-        """Attention of queries ``q [B, H, T, D]`` at positions ``qpos [T]`` over the window rows ``kw [B, 1, L, D]``
-        at ``kpos [L]`` (the last T of them are this call's) and the compressed ``entries [B, N, D]``."""
+    def _attend(self, q, kw, kpos, qpos, q0: int, entries, ikeys, iq, iw) -> torch.Tensor:
+        """Attention of queries ``q [B, H, T, D]`` at positions ``qpos [T]`` (the first is ``q0``) over the window
+        rows ``kw [B, 1, L, D]`` at ``kpos [L]`` (the last T of them are this call's) and the compressed
+        ``entries [B, N, D]``."""
         s, c = self.spec, self.cspec
         b, h, t, d = q.shape
         m = c.ratio
@@ -243,16 +282,18 @@ class CompressedAttention(nn.Module):
             qp = qpos[a:e]
             lo = max(0, a - s.window + 1)
             # window rows: the previously held ring (only while it can still be seen) and this call's rows
-            if ring and a < max(1, s.window - 1):
+            if ring and lo and a < max(1, s.window - 1):  # a gap between the ring and this block's rows
                 keys = torch.cat((kw[:, :, :ring], kw[:, :, ring + lo:ring + e]), dim=2)
                 kp = torch.cat((kpos[:ring], kpos[ring + lo:ring + e]))
+            elif ring:  # the ring and the rows up to this block's last: one view, no copy
+                keys, kp = kw[:, :, :ring + e], kpos[:ring + e]
             else:
-                keys, kp = kw[:, :, ring + lo:ring + e], kpos[ring + lo:ring + e]
+                keys, kp = kw[:, :, lo:e], kpos[lo:e]
             ok = visible_keys(qp, kp, s.window) | (kp[None] == qp[:, None])  # a (padding) query always sees itself
             sw = (q[:, :, a:e] @ keys.transpose(-1, -2)).float() * s.scale  # [B, H, Q, Lw]
             sw = sw.masked_fill(~ok, float("-inf"))
             visible = (qp + 1) // m if m else qp * 0  # entries complete at each query (none without a compressor)
-            nv = max(0, int(visible[-1]))
+            nv = max(0, (q0 + e) // m) if m else 0  # as visible[-1], without reading it back
             if self.csa and nv:
                 kk = ikeys[:, :nv]
                 isc = F.relu(iq[:, :, a:e].float() @ kk.float().transpose(-1, -2)[:, None]) * ix.dim ** -0.5
@@ -287,6 +328,41 @@ class CompressedAttention(nn.Module):
                     o = o + pc @ sel[:, None]
             out[:, :, a:e] = o
         return out
+
+    def _attend_step(self, q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw) -> torch.Tensor:
+        """One decode query per row ``q [B, H, 1, D]`` over the whole window ring ``kw [B, 1, L, D]`` (in place, at
+        slot positions ``kpos [L]``; left padding ``pad [B]`` masked) and the first ``nvis [B]`` of the compressed
+        ``entries [B, N, D]`` of each row (CSA: the indexer's top-k of them, gathered). No host read."""
+        s, c = self.spec, self.cspec
+        b, h = q.shape[:2]
+        ok = visible_mask(qpos, kpos, s.window, pad)  # [B|1, 1, L]
+        sw = (q @ kw.transpose(-1, -2)).float() * s.scale  # [B, H, 1, L]
+        sw = sw.masked_fill(~ok[:, None], float("-inf"))
+        n = 0 if entries is None else entries.shape[1]
+        sc = None
+        if n:
+            seen = torch.arange(n, device=q.device)[None] < nvis[:, None]  # [B, N]
+            if self.csa:
+                ix = self.compressor.indexer
+                isc = F.relu(iq.float() @ ikeys.float().transpose(-1, -2)[:, None]) * ix.dim ** -0.5  # [B, HI, 1, N]
+                isc = (isc * iw.transpose(1, 2)[..., None]).sum(dim=1).masked_fill(~seen[:, None], float("-inf"))
+                k = min(c.index_topk, n)
+                val, idx = stable_topk(isc, k) if k < n else (isc, torch.arange(n, device=q.device).expand_as(isc))
+                sel = entries.gather(1, idx.reshape(b, k, 1).expand(b, k, entries.shape[-1]))  # [B, k, D]
+                sc = (q @ sel.transpose(-1, -2)[:, None]).float() * s.scale
+                sc = sc.masked_fill(~(val > float("-inf"))[:, None], float("-inf"))
+            else:
+                sel = entries
+                sc = (q @ sel.transpose(-1, -2)[:, None]).float() * s.scale  # [B, H, 1, N]
+                sc = sc.masked_fill(~seen[:, None, None], float("-inf"))
+        scores = sw if sc is None else torch.cat((sw, sc), dim=-1)
+        sinks = self.sinks.float().view(1, h, 1, 1) if s.sinks else None
+        p = softmax_with_sink(scores, sinks).to(q.dtype)
+        lw = sw.shape[-1]
+        o = p[..., :lw] @ kw  # V = K
+        if sc is not None:
+            o = o + p[..., lw:] @ sel[:, None]
+        return o
 
 
 __all__ = ["CSAIndexer", "CompressedAttention", "Compressor", "apply_rope_tail", "rope_tables"]

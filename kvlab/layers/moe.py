@@ -59,12 +59,16 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[N, H]``, idx/weights ``[N, k]`` -> ``[N, H]``.
 
-        Few tokens (``N k <= E``: a decode step): each token's k experts' weights are gathered and applied as a
-        batched matmul, reading exactly the chosen experts, with no host read. Else a loop over the experts that
-        got tokens (one host read of the counts)."""
+        No host read for a decode step: few choices (``N k <= E``) gather each token's k experts' weights and
+        apply them as a batched matmul, reading exactly the chosen experts; up to ``4 E`` choices run every expert
+        on every token (each expert's weights read once, as the loop would, at most ``4 E / k`` times the FLOPs) and
+        combine with the routing weights. More (a prefill): a loop over the experts that got tokens (one host
+        read of the counts)."""
         num = self.gate_proj.shape[0]
         if idx.numel() <= num:
             return self.gathered(x, idx, weights)
+        if idx.numel() <= 4 * num:
+            return self.dense(x, idx, weights)
         out = torch.zeros_like(x)
         flat = idx.reshape(-1)
         order = flat.argsort()
@@ -86,6 +90,18 @@ class Experts(nn.Module):
             start += n
         return out
 
+
+    def dense(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Every expert on every token ``[E, N, .]``, combined by the routing weights scattered to ``[N, E]`` (a
+        skip expert, index ``E``, drops out)."""
+        num = self.gate_proj.shape[0]
+        comb = torch.zeros(x.shape[0], num + 1, dtype=weights.dtype, device=x.device).scatter_add_(
+            1, idx, weights)[:, :num]  # [N, E]
+        g, u = x @ self.gate_proj.transpose(1, 2), x @ self.up_proj.transpose(1, 2)  # [E, N, I]
+        if self.limit is not None:
+            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+        h = (self.act(g) * u) @ self.down_proj.transpose(1, 2)  # [E, N, H]
+        return (h * comb.T[..., None].to(h.dtype)).sum(0)
 
     def gathered(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The experts of each (token, choice) gathered: ``[N k, I, H]`` weights, one batched matmul each; a skip
