@@ -5,6 +5,9 @@ aten op ``_local_scalar_dense``; ``.tolist()`` counted separately): on a GPU eac
 Kernels: aten ops dispatched by the step, per layer. Usage::
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/host_reads.py [--pad] [preset ...]
+
+(``PYTHONPATH`` at another checkout measures that one: the decode step is ``Model.decode_step`` where it exists,
+else the forward.)
 """
 
 from __future__ import annotations
@@ -14,8 +17,9 @@ import argparse
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kvlab.demo import tiny_preset
 from kvlab.model import Model
+from kvlab.presets import get_preset
+from kvlab.shrink import tiny as shrink_tiny
 
 PRESETS = ["qwen3-8b", "gemma-4-e2b", "laguna-xs.2", "zaya1-8b", "deepseek-v3", "deepseek-v3.2", "deepseek-v4-flash"]
 
@@ -38,7 +42,7 @@ class Count(TorchDispatchMode):
 
 def decode_step_counts(name: str, pad: bool = False, prompt: int = 40) -> tuple[int, int, int, int]:
     """(host reads, tolist calls, kernels, layers) of one decode step of the tiny ``name`` after ``prompt`` tokens."""
-    cfg = tiny_preset(name)
+    cfg = shrink_tiny(get_preset(name))
     model = Model.from_config(cfg, seed=0).eval()
     b = 2
     ids = torch.randint(0, cfg.vocab_size, (b, prompt + 1), generator=torch.Generator().manual_seed(0))
@@ -56,8 +60,9 @@ def decode_step_counts(name: str, pad: bool = False, prompt: int = 40) -> tuple[
 
         torch.Tensor.tolist = counted
         try:
+            step = getattr(model, "decode_step", None)  # what generate calls per token (before it: the forward)
             with Count() as c:
-                model(ids[:, prompt:], cache=cache)
+                step(ids[:, prompt:], cache) if step is not None else model(ids[:, prompt:], cache=cache)
         finally:
             torch.Tensor.tolist = orig
     return c.reads, tolist[0], c.ops, cfg.num_layers

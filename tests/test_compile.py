@@ -15,7 +15,8 @@ import torch
 from test_contract import CASES, random_model, tiny
 
 from kvlab import kinds
-from kvlab.demo import tiny_preset
+from kvlab.presets import get_preset
+from kvlab.shrink import tiny as shrink_tiny
 
 PRESETS = ["zaya1-8b", "deepseek-v4-flash", "gemma-4-e2b"]  # MoE (router carry, hash routing, dense), mHC, PLE
 
@@ -52,7 +53,7 @@ def test_unpadded_decode_step_of_every_kind_is_one_graph(kind):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_decode_step_of_tiny_presets_is_one_graph(name):
-    check_decode_compiles(tiny_preset(name), [0, 6, 11])
+    check_decode_compiles(shrink_tiny(get_preset(name)), [0, 6, 11])
 
 
 def test_decode_step_compiled_by_inductor_equals_eager():
