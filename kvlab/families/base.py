@@ -144,6 +144,18 @@ def with_defaults(cfg: dict[str, Any], defaults: dict[str, Any]) -> dict[str, An
     return {**defaults, **cfg}
 
 
+def text_part(cfg: dict[str, Any], defaults: dict[str, Any], arch: str, cg_arch: str) -> tuple[dict[str, Any], str]:
+    """The defaults-filled text config of a causal-LM config or of the ``text_config`` of a multimodal
+    ``...ForConditionalGeneration`` config (whose own ``tie_word_embeddings`` decides the lm head's tie; Gemma 3/4),
+    and the architecture it came from."""
+    if cg_arch in (cfg.get("architectures") or []) or "text_config" in cfg:
+        text = dict(cfg.get("text_config") or {})
+        if "tie_word_embeddings" in cfg:
+            text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
+        return {**defaults, **text}, cg_arch
+    return {**defaults, **cfg}, arch
+
+
 def rope_dict(r: RopeSpec) -> dict[str, Any]:
     """One RoPE as transformers' ``rope_parameters`` (the inverse of :func:`rope_from_hf`)."""
     d: dict[str, Any] = {"rope_type": r.scaling, "rope_theta": r.theta}

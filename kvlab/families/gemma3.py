@@ -34,6 +34,7 @@ from .base import (
     hf_config,
     rope_from_hf,
     single_window,
+    text_part,
 )
 
 ARCH = "Gemma3ForCausalLM"
@@ -51,13 +52,7 @@ TYPES = ("sliding_attention", "full_attention")
 
 def text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The defaults-filled text config and the architecture it came from."""
-    archs = cfg.get("architectures") or []
-    if CG_ARCH in archs or "text_config" in cfg:
-        text = dict(cfg.get("text_config") or {})
-        if "tie_word_embeddings" in cfg:  # Gemma3Config's own flag decides the tie of lm_head
-            text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
-        return {**DEFAULTS, **text}, CG_ARCH
-    return {**DEFAULTS, **cfg}, ARCH
+    return text_part(cfg, DEFAULTS, ARCH, CG_ARCH)
 
 
 def rope_parameters(c: dict[str, Any], arch: str) -> dict[str, dict[str, Any]]:

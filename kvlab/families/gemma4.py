@@ -24,7 +24,7 @@ from typing import Any
 
 from ..config import LayerSpec, ModelConfig, MoESpec, RopeSpec
 from ..sharing import share_last
-from .base import ACTIVATIONS, Family, HFState, Tensor, _template, drop_tied_head, hf_config
+from .base import ACTIVATIONS, Family, HFState, Tensor, _template, drop_tied_head, hf_config, text_part
 
 ARCH = "Gemma4ForCausalLM"
 CG_ARCH = "Gemma4ForConditionalGeneration"
@@ -46,13 +46,7 @@ OVERRIDABLE = ("head_dim", "num_key_value_heads")
 
 def text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The defaults-filled text config and the architecture it came from."""
-    archs = cfg.get("architectures") or []
-    if CG_ARCH in archs or "text_config" in cfg:
-        text = dict(cfg.get("text_config") or {})
-        if "tie_word_embeddings" in cfg:  # Gemma4Config's own flag decides the tie of lm_head
-            text["tie_word_embeddings"] = cfg["tie_word_embeddings"]
-        return {**DEFAULTS, **text}, CG_ARCH
-    return {**DEFAULTS, **cfg}, ARCH
+    return text_part(cfg, DEFAULTS, ARCH, CG_ARCH)
 
 
 def _rope(p: dict[str, Any] | None, kind: str, arch: str) -> RopeSpec:
