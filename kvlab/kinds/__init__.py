@@ -13,6 +13,16 @@ from .base import AttnCost, Buffer, Kind, causal_positions, field_error, positiv
 from .compressed import CompressSpec
 from .mla import MLASpec
 
+
+def _deepseek_v4(name: str, label: str, validate, examples: tuple) -> Kind:
+    """A record of one of DeepSeek V4's layer kinds: they share the module, store, price and sub-spec
+    (kvlab/kinds/compressed.py) and differ in their checks (compressor, indexer) and examples."""
+    return Kind(name=name, tag=name, label=label, page="docs/csa-hca.md", options=compressed.OPTIONS,
+                validate=validate, price=compressed.price, assumption=compressed.ASSUMPTION,
+                module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
+                spec_field="compress", spec_type=CompressSpec, examples=examples, buffers=compressed.buffers)
+
+
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind(name="gqa", label="GQA / MQA / MHA", page="docs/attention.md", options=gqa.OPTIONS, validate=gqa.validate,
          price=gqa.price, assumption=gqa.ASSUMPTION, module="kvlab.layers.attention:Attention",
@@ -25,21 +35,9 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          price=mla.price, assumption=mla.ASSUMPTION, module="kvlab.layers.mla:MLAttention",
          store="kvlab.cache.latent:latent_store", spec_field="mla", spec_type=MLASpec, examples=mla.EXAMPLES,
          buffers=mla.buffers),
-    Kind(name="csa", tag="csa", label="CSA (compressed sparse)", page="docs/csa-hca.md", options=compressed.OPTIONS,
-         validate=compressed.validate_csa, price=compressed.price, assumption=compressed.ASSUMPTION,
-         module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
-         spec_field="compress", spec_type=CompressSpec, examples=compressed.CSA_EXAMPLES,
-         buffers=compressed.buffers),
-    Kind(name="hca", tag="hca", label="HCA (heavily compressed)", page="docs/csa-hca.md", options=compressed.OPTIONS,
-         validate=compressed.validate_hca, price=compressed.price, assumption=compressed.ASSUMPTION,
-         module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
-         spec_field="compress", spec_type=CompressSpec, examples=compressed.HCA_EXAMPLES,
-         buffers=compressed.buffers),
-    Kind(name="swa", tag="swa", label="SWA (V4 sliding only)", page="docs/csa-hca.md", options=compressed.OPTIONS,
-         validate=compressed.validate_swa, price=compressed.price, assumption=compressed.ASSUMPTION,
-         module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
-         spec_field="compress", spec_type=CompressSpec, examples=compressed.SWA_EXAMPLES,
-         buffers=compressed.buffers),
+    _deepseek_v4("csa", "CSA (compressed sparse)", compressed.validate_csa, compressed.CSA_EXAMPLES),
+    _deepseek_v4("hca", "HCA (heavily compressed)", compressed.validate_hca, compressed.HCA_EXAMPLES),
+    _deepseek_v4("swa", "SWA (V4 sliding only)", compressed.validate_swa, compressed.SWA_EXAMPLES),
 )}
 
 
