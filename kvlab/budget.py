@@ -140,7 +140,8 @@ def budget(cfg: ModelConfig, pattern: str | Sequence[str] | None = None, *, wind
            heads: int | Mapping[str, int] | Sequence[int] | None = None,
            kv_heads: int | Mapping[str, int] | Sequence[int] | None = None,
            head_dim: int | Mapping[str, int] | Sequence[int] | None = None,
-           rope: Any = None, name: str | None = None, source: str | None = None) -> ModelConfig:
+           rope: Any = None, sink_tokens: int | None = None, name: str | None = None,
+           source: str | None = None) -> ModelConfig:
     """A copy of ``cfg`` whose layers follow an attention budget.
 
     pattern: which layers are global and which sliding: a string such as ``"1 global : 3 sliding"``
@@ -152,6 +153,9 @@ def budget(cfg: ModelConfig, pattern: str | Sequence[str] | None = None, *, wind
         left out keeps its layers' values) or a per-layer list; ``None`` keeps every layer's own.
     rope: a RopeSpec (or dict of its fields) for all layers, a ``{"global": .., "sliding": ..}`` map of them
         (``None`` as a value means no rotation), or a per-layer list; ``None`` keeps each layer's own.
+    sink_tokens: each sliding layer's first positions kept visible past its window (StreamingLLM's attention
+        sinks, arXiv 2309.17453; ``LayerSpec.sink_tokens``): one count for every sliding layer; ``None`` keeps
+        each sliding layer's own. Global layers have none.
     name: the new config's name (default ``<name>-budget``); source: its citation (default: the pattern and
         the base model's source).
 
@@ -181,6 +185,9 @@ def budget(cfg: ModelConfig, pattern: str | Sequence[str] | None = None, *, wind
     else:
         raise ValueError(f"window={window!r}: expected a positive integer or a per-layer list")
 
+    if sink_tokens is not None and (not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool)
+                                    or sink_tokens < 0):
+        raise ValueError(f"sink_tokens={sink_tokens!r}: expected a non-negative integer (or None: keep)")
     hs = _per_layer("heads", heads, kinds, (int,))
     kvs = _per_layer("kv_heads", kv_heads, kinds, (int,))
     hds = _per_layer("head_dim", head_dim, kinds, (int,))
@@ -201,11 +208,14 @@ def budget(cfg: ModelConfig, pattern: str | Sequence[str] | None = None, *, wind
                 raise ValueError(f"window for layers[{i}] is {w!r} but the pattern makes it a global layer "
                                  "(use None for global layers)")
             s.window = None
+            s.sink_tokens = 0
         else:
             w = spec.window if w is _KEEP else w
             if w is None:
                 raise ValueError(f"layers[{i}] is a sliding layer but has no window: pass window=<positions>")
             s.window = _count("window", i, kind, w)
+            if sink_tokens is not None:
+                s.sink_tokens = sink_tokens
         if hs[i] is not _KEEP:
             s.num_heads = _count("heads", i, kind, hs[i])
         if kvs[i] is not _KEEP:

@@ -174,7 +174,11 @@ class LayerSpec:
     window: sliding-window size in positions (a query sees itself and the ``window - 1`` before it);
         ``None`` is full causal attention. The cache of a window layer holds exactly ``window``
         positions.
-    sinks: learned per-head sink logits added to the softmax denominator (gpt-oss style).
+    sinks: learned per-head sink logits added to the softmax denominator (gpt-oss style): a parameter, no
+        cached position (not to be confused with ``sink_tokens``).
+    sink_tokens: (``gqa`` window layers) the first ``sink_tokens`` real positions of each sequence stay in the
+        window layer's store and are always attended, past the window (StreamingLLM's attention sinks, Xiao et
+        al. 2023, arXiv 2309.17453): cached tokens, counted in the cache and the calculator; 0: none.
     qk_norm: RMSNorm over head_dim on q and k before RoPE (Qwen3, OLMo 2 style).
     output_gate: ``sigmoid`` or ``softplus`` gate on the attention output, computed from the
         attention input; ``gate_per_head`` gives one scalar per head, else one per channel.
@@ -202,6 +206,7 @@ class LayerSpec:
     v_head_dim: int | None = None
     window: int | None = None
     sinks: bool = False
+    sink_tokens: int = 0
     qk_norm: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
@@ -397,7 +402,7 @@ class ModelConfig:
                     raise _err(f"layers[{i}]", "kv_source", layer.kv_source,
                                f"layers[{layer.kv_source}] reads its K/V from layers[{src.kv_source}]; "
                                "name the producing layer")
-                for f in ("num_kv_heads", "head_dim", "value_dim", "window", "attention"):
+                for f in ("num_kv_heads", "head_dim", "value_dim", "window", "sink_tokens", "attention"):
                     if getattr(src, f) != getattr(layer, f):
                         raise _err(f"layers[{i}]", "kv_source", layer.kv_source,
                                    f"layers[{i}].{f}={getattr(layer, f)!r} differs from "

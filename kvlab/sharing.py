@@ -20,12 +20,12 @@ import dataclasses
 from . import kinds
 from .config import LayerSpec, ModelConfig
 
-LAYOUT = ("attention", "num_kv_heads", "head_dim", "value_dim", "window")
+LAYOUT = ("attention", "num_kv_heads", "head_dim", "value_dim", "window", "sink_tokens")
 
 
 def layer_type(spec: LayerSpec) -> tuple:
-    """What 'the same type' means for sharing: attention kind and window (full = None)."""
-    return spec.attention, spec.window
+    """What 'the same type' means for sharing: attention kind, window (full = None) and sink tokens."""
+    return spec.attention, spec.window, spec.sink_tokens
 
 
 def _type_name(spec: LayerSpec) -> str:

@@ -55,6 +55,9 @@ class Cache:
         if pad is not None and not bool(pad.any()):
             pad = None
         self.pad = pad
+        for store in self.layers:  # stores that place positions by row (sink tokens) read it once, here
+            if hasattr(store, "set_padding"):
+                store.set_padding(pad)
 
     def nbytes(self) -> int:
         """Bytes held by the cache's K/V tensors, exactly."""

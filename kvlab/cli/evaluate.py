@@ -19,6 +19,7 @@ from kvlab.units import fmt_context, parse_context, parse_contexts, parse_dtype,
 NAME = "eval"
 HELP = "perplexity, KL divergence against a variant, and needle retrieval on real text, through the cache"
 EXAMPLE = ("kvlab eval gemma-3-270m --at 1k,2k,4k   |   kvlab eval gemma-3-270m --window 4k --variant global   "
+           "|   kvlab eval smollm2-135m --window 2k --variant window=512 --sink-tokens 4   "
            "|   kvlab eval smollm2-135m --needle --lengths 1k,2k --plot out/needle.png")
 
 
@@ -37,6 +38,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     who.add_argument("--variant", help="the same weights with other attention windows: 'window=N' (every layer "
                                        "slides over N positions) or 'global' (no window anywhere); or a quantized "
                                        "K/V cache: 'kv=FORMAT' (e.g. kv=int4-g32-r64-rot; see kvlab calc --help)")
+    q.add_argument("--sink-tokens", type=int, default=0, metavar="S",
+                   help="with --variant window=N: each window layer also keeps the first S positions visible "
+                        "(StreamingLLM's attention sinks; default 0)")
     q.add_argument("--needle", action="store_true", help="needle-in-a-haystack retrieval instead of perplexity")
     q.add_argument("--lengths", default="1k,2k,4k", help="needle context lengths (default 1k,2k,4k)")
     q.add_argument("--depths", default="0,0.25,0.5,0.75,1", help="needle depths, fractions of the context")
@@ -48,7 +52,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     add_dtype_and_json(q, dtype="fp32", json_help="print one JSON object with every figure and its ground")
 
 
-def _variant(spec: str, model: Any) -> Any:
+def _variant(spec: str, model: Any, sink_tokens: int = 0) -> Any:
     from kvlab.eval import with_kv_quant, with_window
 
     s = spec.strip().lower()
@@ -58,7 +62,7 @@ def _variant(spec: str, model: Any) -> Any:
         return with_window(model, None)
     if s.startswith("window="):
         try:
-            return with_window(model, parse_context(s.split("=", 1)[1]))
+            return with_window(model, parse_context(s.split("=", 1)[1]), sink_tokens)
         except ValueError as e:
             raise ValueError(f"--variant {spec!r}: {e}") from e
     raise ValueError(f"--variant {spec!r}: expected 'window=N', 'global' or 'kv=FORMAT'")
@@ -77,6 +81,11 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.eval import kl_divergence, load_corpus, needle_test, perplexity, perplexity_at, plot_needle
     from kvlab.tokenizer import load_tokenizer
 
+    if args.sink_tokens < 0:
+        raise ValueError(f"--sink-tokens {args.sink_tokens}: must be a non-negative integer")
+    if args.sink_tokens and not (args.variant or "").strip().lower().startswith("window="):
+        raise ValueError(f"--sink-tokens {args.sink_tokens}: only with --variant window=N (sink tokens live in window "
+                         "layers)")
     out = report(args)
     progress = not args.no_progress
     dtype = TORCH_DTYPES[parse_dtype(args.dtype)]
@@ -90,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
     if args.vs is not None:
         variant, vname = kvlab.load(args.vs, dtype=dtype, device=args.device).eval(), args.vs
     elif args.variant is not None:
-        variant, vname = _variant(args.variant, model), f"{args.model} ({args.variant})"
+        variant = _variant(args.variant, model, args.sink_tokens)
+        vname = f"{args.model} ({args.variant}" + (f", {args.sink_tokens} sink tokens)" if args.sink_tokens else ")")
     ids = tok.encode(corpus.text, special=False)
     prefix = tok.encode("", special=True)  # the BOS the tokenizer adds, opening every window
     ground = {"model": str(args.model), "dtype": parse_dtype(args.dtype), "text": corpus.name,

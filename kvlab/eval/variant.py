@@ -42,17 +42,29 @@ def share_weights(config: ModelConfig, model: Model) -> Model:
     return out.eval()
 
 
-def with_window(model: Model, window: int | None) -> Model:
-    """Every layer's attention limited to a sliding ``window`` (None: every layer global), same weights."""
+def with_window(model: Model, window: int | None, sink_tokens: int = 0) -> Model:
+    """Every layer's attention limited to a sliding ``window`` (None: every layer global), same weights;
+    ``sink_tokens``: each window layer also keeps its first that many positions visible (StreamingLLM's attention
+    sinks, arXiv 2309.17453; ``LayerSpec.sink_tokens``)."""
     if window is not None and (not isinstance(window, int) or window < 1):
         raise VariantError(f"window={window!r}: must be a positive integer or None (all layers global)")
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+        raise VariantError(f"sink_tokens={sink_tokens!r}: must be a non-negative integer")
+    if sink_tokens and window is None:
+        raise VariantError(f"sink_tokens={sink_tokens}: needs a window (global layers already see every position)")
     cfg = copy.deepcopy(model.config)
     for spec in cfg.layers:
         if "window" not in kinds.get(spec.attention).options:
             raise VariantError(f"a window variant needs layers with a sliding-window option; layer kind "
                                f"{spec.attention!r} has none")
+        if sink_tokens and "sink_tokens" not in kinds.get(spec.attention).options:
+            raise VariantError(f"sink_tokens={sink_tokens}: layer kind {spec.attention!r} has no sink-token option "
+                               f"(kinds with one: {', '.join(kinds.owners('sink_tokens'))})")
         spec.window = window
-    cfg.name = f"{cfg.name} ({'all global' if window is None else f'window {window}'})"
+        spec.sink_tokens = sink_tokens
+    label = "all global" if window is None else f"window {window}" + (f" + {sink_tokens} sink tokens"
+                                                                      if sink_tokens else "")
+    cfg.name = f"{cfg.name} ({label})"
     cfg.validate()
     return share_weights(cfg, model)
 

@@ -62,8 +62,11 @@ def get(name: str) -> Kind:
 
 
 def layer_label(layer) -> str:
-    """``"full"``, ``"window 512"``, ``"cca full"``, ``"csa window 128"``: a layer's kind for per-layer tables."""
+    """``"full"``, ``"window 512"``, ``"window 512 + 4 sink tokens"``, ``"cca full"``, ``"csa window 128"``: a layer's
+    kind for per-layer tables."""
     base = "full" if layer.window is None else f"window {layer.window}"
+    if getattr(layer, "sink_tokens", 0):
+        base += f" + {layer.sink_tokens} sink tokens"
     tag = get(layer.attention).tag
     return f"{tag} {base}" if tag else base
 

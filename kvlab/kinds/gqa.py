@@ -1,6 +1,8 @@
 """Grouped-query attention (``gqa``): MHA (kv heads == heads), GQA and MQA (one kv head), with optional sliding
-window, sinks, q/k norms, output gate, v norm and K = V (Gemma 4 full layers). Module: kvlab/layers/attention.py;
-store: kvlab/cache/storage.py (FullKV, or a WindowKV ring of exactly ``window`` positions)."""
+window (optionally keeping ``sink_tokens`` first positions visible: StreamingLLM, arXiv 2309.17453), learned sink
+logits, q/k norms, output gate, v norm and K = V (Gemma 4 full layers). Module: kvlab/layers/attention.py;
+store: kvlab/cache/storage.py (FullKV, a WindowKV ring of exactly ``window`` positions, or a SinkWindowKV: the
+``sink_tokens`` first positions plus that ring)."""
 
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ from typing import Any
 
 from .base import AttnCost, Buffer, causal_positions, field_error
 
-OPTIONS = frozenset({"window", "sinks", "qk_norm", "qkv_bias", "o_bias", "output_gate", "gate_per_head", "v_norm",
+OPTIONS = frozenset({"window", "sinks", "sink_tokens", "qk_norm", "qkv_bias", "o_bias", "output_gate", "gate_per_head", "v_norm",
                      "k_eq_v", "attn_scale"})
 
 EXAMPLES = (
@@ -18,14 +20,20 @@ EXAMPLES = (
     {"num_heads": 4, "num_kv_heads": 4, "head_dim": 8, "v_head_dim": 12, "output_gate": "softplus",
      "gate_per_head": False, "qkv_bias": True, "o_bias": True, "rope": {"theta": 500.0, "partial": 0.5}},
     {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "k_eq_v": True, "v_norm": True, "rope": None},
+    {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "window": 4, "sink_tokens": 2},
 )
 
 ASSUMPTION = (
     "kv_cache_bytes: K [batch, kv_heads, L, head_dim] + V [batch, kv_heads, L, v_head_dim] per storing layer, "
-    "L = context (full) or min(window, context) (window); layers with kv_source store nothing")
+    "L = context (full) or min(window + sink_tokens, context) (window); layers with kv_source store nothing")
 
 
 def validate(layer: Any, where: str) -> None:
+    s = layer.sink_tokens
+    if not isinstance(s, int) or isinstance(s, bool) or s < 0:
+        raise field_error(where, "sink_tokens", s, "must be a non-negative integer (0: no sink tokens)")
+    if s and layer.window is None:
+        raise field_error(where, "sink_tokens", s, "needs a window (a full layer already sees every position)")
     if layer.k_eq_v and layer.value_dim != layer.head_dim:
         raise field_error(where, "k_eq_v", layer.k_eq_v, f"V is the K projection: needs v_head_dim="
                           f"{layer.v_head_dim} equal to head_dim={layer.head_dim}")
@@ -43,7 +51,7 @@ def price(layer: Any, hidden: int, context: int, batch: int, kv_elt: int) -> Att
         extra += hd * (2 if layer.stores_kv else 1)  # q_norm, k_norm
     mats += gate_params(layer, hidden)
     extra += h if layer.sinks else 0
-    seen = context if layer.window is None else min(context, layer.window)
+    seen = context if layer.window is None else min(context, layer.window + layer.sink_tokens)
     per_pos = kvh * (hd + vd) * kv_elt
     return AttnCost(
         params=mats + extra,
@@ -52,7 +60,8 @@ def price(layer: Any, hidden: int, context: int, batch: int, kv_elt: int) -> Att
         kv_bytes_per_token=per_pos if layer.stores_kv else 0,
         kv_read_bytes=batch * per_pos * seen,  # a shared layer reads its producer's entries again
         flops_per_token=2 * h * (hd + vd) * seen,
-        prefill_flops=2 * h * (hd + vd) * causal_positions(context, layer.window),
+        prefill_flops=2 * h * (hd + vd) * causal_positions(
+            context, None if layer.window is None else layer.window + layer.sink_tokens),
     )
 
 
@@ -64,8 +73,19 @@ def gate_params(layer: Any, hidden: int) -> int:
 
 
 def buffers(layer: Any, context: int) -> list:
-    """K and V, ``[B, kv_heads, L, head_dim / v_head_dim]`` (L = context, or a ring of min(window, context))."""
-    ring = layer.window
-    cap = context if ring is None else min(ring, context)
-    return [Buffer("kv", "k", layer.num_kv_heads, cap, layer.head_dim, ring=ring, key=True),
-            Buffer("kv", "v", layer.num_kv_heads, cap, layer.value_dim, ring=ring)]
+    """K and V, ``[B, kv_heads, L, head_dim / v_head_dim]`` (L = context, or a ring of min(window, context)); with
+    ``sink_tokens`` S: the ring holds positions >= S (min(window, context - S) slots) and two more buffers hold
+    the first min(S, context), written once (quantized as soon as written: no residual window)."""
+    ring, s = layer.window, layer.sink_tokens
+    cap = context if ring is None else min(ring, max(context - s, 0))
+    out = [Buffer("kv", "k", layer.num_kv_heads, cap, layer.head_dim, ring=ring, key=True),
+           Buffer("kv", "v", layer.num_kv_heads, cap, layer.value_dim, ring=ring)]
+    if s:
+        out += sink_buffers(layer, min(s, context))
+    return out
+
+
+def sink_buffers(layer: Any, capacity: int) -> list:
+    """The sink tokens' K and V (``capacity`` slots, position = slot; no residual window)."""
+    return [Buffer("kv", "k", layer.num_kv_heads, capacity, layer.head_dim, key=True, residual=False),
+            Buffer("kv", "v", layer.num_kv_heads, capacity, layer.value_dim, residual=False)]

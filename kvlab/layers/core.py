@@ -39,58 +39,72 @@ class Step:
                                    rope={i: (c[:, -1:], s[:, -1:]) for i, (c, s) in self.rope.items()},
                                    carry={k: v[:, -1:] for k, v in self.carry.items()})
 
-    def mask(self, kpos: torch.Tensor, window: int | None) -> tuple[torch.Tensor | None, bool]:
+    def mask(self, kpos: torch.Tensor, window: int | None, sink_tokens: int = 0
+             ) -> tuple[torch.Tensor | None, bool]:
         """(additive mask ``[B|1, 1, T, L]`` of 0 / -inf, or None; whether plain causal applies).
 
-        Built once per step for each key-position tensor and window, and shared by every layer that
+        ``kpos [L]`` (or ``[B, L]`` per row: a store with sink tokens on a left-padded batch); ``sink_tokens``:
+        each row's first that many real positions stay visible past the ``window`` (:func:`visible_mask`).
+        Built once per step for each key-position tensor, window and sink count, and shared by every layer that
         attends to the same positions (all full-cache layers read views of one shared range, all rings of one
-        size one rotated position vector), so a chunk holds one mask, not one per layer. Additive rather than boolean because SDPA on the CPU
-        converts a boolean mask at every call.
+        size one rotated position vector), so a chunk holds one mask, not one per layer. Additive rather than
+        boolean because SDPA on the CPU converts a boolean mask at every call.
         """
         # keyed by the tensor's identity (the entry keeps kpos alive; no data pointer read, so it traces)
-        key = next((k for k in self.masks if k[0] is kpos and k[1] == window), None)
+        key = next((k for k in self.masks if k[0] is kpos and k[1] == window and k[2] == sink_tokens), None)
         if key is None:
-            key = (kpos, window)
-            t = self.qpos.shape[0]
-            if t == 1 and self.pad is None and (window is None or kpos.shape[0] <= window):
-                # a decode step sees every key its store returns (a ring holds at most the window)
+            key = (kpos, window, sink_tokens)
+            t, n = self.qpos.shape[0], kpos.shape[-1]
+            if t == 1 and self.pad is None and kpos.dim() == 1 and (window is None or n <= window + sink_tokens):
+                # a decode step sees every key its store returns (a ring holds at most the window, plus the sinks)
                 self.masks[key] = (None, False)
-            elif (self.pad is None and self.start == 0 and kpos.shape[0] == t and t > 1
+            elif (self.pad is None and self.start == 0 and kpos.dim() == 1 and n == t and t > 1
                     and (window is None or window >= t)):
                 self.masks[key] = (None, True)
             else:
-                ok = build_mask(self.qpos, kpos, window, self.pad)
+                ok = build_mask(self.qpos, kpos, window, self.pad, sink_tokens)
                 add = None if ok is None else torch.zeros(ok.shape, dtype=self.dtype, device=ok.device).masked_fill_(
                     ~ok, float("-inf"))
                 self.masks[key] = (add, False)
         return self.masks[key]
 
 
-def visible_keys(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None) -> torch.Tensor:
-    """``[T, L]`` bool: key position ``kpos[j]`` is causal for query ``qpos[i]``, written (``>= 0``) and within the
-    query's ``window`` (itself and the ``window - 1`` before it; None: no window)."""
-    q, k = qpos[:, None], kpos[None, :]
+def visible_keys(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None, sink_tokens: int = 0,
+                 first: torch.Tensor | int = 0) -> torch.Tensor:
+    """``[T, L]`` (``[B, T, L]`` for ``kpos [B, L]`` or ``first [B, 1, 1]``) bool: key position ``kpos[j]`` is
+    causal for query ``qpos[i]``, written (``>= 0``) and within the query's ``window`` (itself and the
+    ``window - 1`` before it; None: no window), or one of the row's ``sink_tokens`` first positions
+    (``first .. first + sink_tokens - 1``; ``first``: the row's left padding), which stay visible past the window
+    (StreamingLLM's attention sinks, Xiao et al. 2023, arXiv 2309.17453)."""
+    q, k = qpos[:, None], kpos[..., None, :]
     ok = (k <= q) & (k >= 0)
     if window is not None:
-        ok &= k > q - window
+        near = k > q - window
+        if sink_tokens:
+            near = near | (k < first + sink_tokens)
+        ok = ok & near
     return ok
 
 
 def visible_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
-                 pad: torch.Tensor | None) -> torch.Tensor:
-    """``[B|1, T, L]`` bool: causal, window and left padding (key ``kpos >= pad`` of its row); a query always sees
-    itself (pad rows stay finite). Tensor operations only (no host read)."""
-    ok = visible_keys(qpos, kpos, window)
+                 pad: torch.Tensor | None, sink_tokens: int = 0) -> torch.Tensor:
+    """``[B|1, T, L]`` bool: causal, window (with its ``sink_tokens``: each row's first real positions) and left
+    padding (key ``kpos >= pad`` of its row); a query always sees itself (pad rows stay finite). ``kpos``: ``[L]``
+    or ``[B, L]`` (per row). Tensor operations only (no host read)."""
     if pad is None:
-        return ok[None]
-    return (ok[None] & (kpos[None, None] >= pad[:, None, None])) | (kpos[None] == qpos[:, None])[None]
+        ok = visible_keys(qpos, kpos, window, sink_tokens)
+        return ok if ok.dim() == 3 else ok[None]
+    p = pad[:, None, None]
+    k = kpos[..., None, :]
+    ok = visible_keys(qpos, kpos, window, sink_tokens, p)
+    return (ok & (k >= p)) | (k == qpos[:, None])
 
 
 def build_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
-               pad: torch.Tensor | None) -> torch.Tensor | None:
+               pad: torch.Tensor | None, sink_tokens: int = 0) -> torch.Tensor | None:
     """:func:`visible_mask` as ``[B|1, 1, T, L]``; None for a chunk of several queries that sees every key (the
     one host read, never made by a decode step)."""
-    ok = visible_mask(qpos, kpos, window, pad)
+    ok = visible_mask(qpos, kpos, window, pad, sink_tokens)
     if pad is None and qpos.shape[0] > 1 and bool(ok.all()):
         return None
     return ok[:, None]
@@ -144,7 +158,7 @@ def attend_out(attn: nn.Module, x: torch.Tensor, step: Step, q: torch.Tensor, k:
     """Masked attention of ``q`` over ``k``/``v`` at positions ``kpos`` (the step's shared mask), then the
     output gate and projection of ``attn``."""
     s = attn.spec
-    mask, causal = step.mask(kpos, s.window)
+    mask, causal = step.mask(kpos, s.window, s.sink_tokens)
     out = attend(q, k, v, mask, s.scale, causal=causal, sinks=attn.sinks if s.sinks else None)
     return project_out(attn, x, out)
 
