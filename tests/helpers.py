@@ -99,3 +99,29 @@ def save_text_checkpoint(d, eos_token_id: int | None = None):
     if eos_token_id is not None:
         (d / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_token_id}))
     return d
+
+
+def with_shared_kv(model: Model, n: int) -> Model:
+    """``model``'s weights under ``kvlab.sharing.share_last(config, n)``: the last ``n`` layers read an earlier
+    layer's K/V, so their own K/V projections (and K norms) are dropped; every other tensor is carried as is.
+    (A test stand-in for kvlab.retrofit's public conversion.)"""
+    from kvlab.sharing import share_last
+
+    new = Model.from_config(share_last(model.config, n))
+    state = model.state_dict()
+    new.load_state_dict({k: state[k] for k in new.state_dict()}, strict=True)
+    return new.eval()
+
+
+def save_native(model: Model, d) -> None:
+    """Write ``model`` as a kvlab checkpoint directory: ``model.safetensors`` (kvlab names) + its ModelConfig as
+    ``config.json`` (loadable by kvlab.load, kvlab/native.py)."""
+    import json
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    d = Path(d)
+    d.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps(model.config.to_dict()))

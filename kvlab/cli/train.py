@@ -1,4 +1,5 @@
-"""``kvlab train``: train a small model from scratch on a synthetic long-context task or local text."""
+"""``kvlab train``: train a model from scratch or from any checkpoint kvlab loads, on synthetic long-context tasks or
+real text, optionally by distillation from a teacher (a ``[distill]`` table)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,19 @@ from kvlab.cli.common import add_json, emit_json, output_dir
 from kvlab.units import fmt_count, table
 
 NAME = "train"
-HELP = ("train a small model from scratch (a preset scaled down or a ModelConfig) on synthetic "
-        "long-context tasks or local text; atomic checkpoints, exact --resume, data-parallel under torchrun")
+HELP = ("train a model from scratch (a preset scaled down or a ModelConfig) or from any checkpoint kvlab loads "
+        "([model] init = ...), on synthetic long-context tasks or real text, optionally distilling a teacher "
+        "([distill]); atomic checkpoints, exact --resume, data-parallel under torchrun")
 EXAMPLE = ("kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall --steps 200\n"
            "  kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall --resume\n"
+           "  kvlab train kvlab/train/examples/distill-smollm2-shared.toml --out runs/distilled   (a converted\n"
+           "    checkpoint as [model] init, [task] kind = \"text\", [distill] teacher = \"smollm2-135m\")\n"
            "  torchrun --nproc_per_node 2 -m kvlab train CONFIG --out runs/dp   (see docs/training.md)")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
-    q.add_argument("config", help="training config, JSON or TOML: [model], [task], [train] (docs/training.md)")
+    q.add_argument("config", help="training config, JSON or TOML: [model], [task], [train], optional [distill] "
+                               "(docs/training.md)")
     q.add_argument("--out", type=output_dir("--out"), help="run directory for checkpoints and log.jsonl (default: the config's out, "
                    "else runs/<config name>)")
     q.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
@@ -58,6 +63,12 @@ def run(args: argparse.Namespace) -> int:
             ["processes", str(r["processes"])],
             ["final train loss", f"{r['final_loss']:.4f}"],
             ["eval loss / accuracy", f"{ev['eval_loss']:.4f} / {ev['eval_accuracy']:.3f}" if ev else "-"],
+            *([["started from", str(r["init"])]] if r.get("init") else []),
+            *([["teacher", str(r["distill"]["teacher"])],
+               ["KL vs teacher (train, first -> last step)", f"{r['kl'][0]:.4f} -> {r['kl'][-1]:.4f}"
+                if r.get("kl") and r["kl"][0] is not None and r["kl"][-1] is not None else "-"],
+               ["eval KL vs teacher / top-1 agreement", f"{ev['eval_kl']:.4f} / {ev['eval_top1']:.3f}"
+                if "eval_kl" in ev else "-"]] if r.get("distill") else []),
             ["tokens/s", f"{r['tokens_per_s']:,.0f}" if r["tokens_per_s"] else "-"],
             ["checkpoint", str(r["checkpoint"])]]
     print(table(["run", str(r["out"])], rows, align="ll"))

@@ -1,7 +1,10 @@
-"""The technique lab: train small kvlab models from scratch on data that needs no download.
+"""The technique lab: train small kvlab models from scratch, or any model kvlab loads, on data that needs no download.
 
 - :mod:`kvlab.train.data` — synthetic long-context tasks (associative recall, passkey, copy) and
-  byte-level text, deterministic from a seed and a sample index;
+  byte-level text, deterministic from a seed and a sample index; :mod:`kvlab.train.text` — real text cut by a
+  model's own tokenizer, held out from kvlab eval's corpus;
+- :mod:`kvlab.train.init` — start from a checkpoint (``[model] init = ...``);
+- :mod:`kvlab.train.distill` — recovery by distillation from a frozen teacher (``[distill]``, :func:`recover`);
 - :mod:`kvlab.train.config` — the training config file (JSON/TOML), validated before training starts;
 - :mod:`kvlab.train.trainer` — AdamW + warmup/cosine, clipping, accumulation, bf16 autocast, evaluation;
 - :mod:`kvlab.train.checkpointing` — atomic safetensors + JSON checkpoints, exact ``--resume``;

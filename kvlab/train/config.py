@@ -1,6 +1,6 @@
 """The training configuration file: a model, a task and training settings, validated before anything runs.
 
-A file (JSON or TOML) holds three tables::
+A file (JSON or TOML) holds three tables (and an optional fourth, ``[distill]``)::
 
     [model]                 # a preset scaled down ...
     preset = "gemma-4-e2b"  # or a ModelConfig .json file / checkpoint directory
@@ -17,7 +17,13 @@ A file (JSON or TOML) holds three tables::
 
 ``model`` is either ``{"preset": ..., <scale fields>}`` or a ModelConfig written out (``vocab_size``,
 ``hidden_size``, ``layers`` [...]); a layer entry may carry ``"repeat": n``. ``vocab_size`` and
-``max_positions`` default to what the task needs. Every error names the table and field at fault.
+``max_positions`` default to what the task needs. Or ``{"init": <anything kvlab.load accepts>}``: training starts
+from that model's weights (fp32 master weights) and its own ModelConfig; ``init`` takes no other field (a changed
+architecture is a conversion: convert first, then start from the converted checkpoint) -- InitError otherwise.
+
+``[distill]`` (kvlab/train/distill.py): ``teacher`` (anything kvlab.load accepts, same vocabulary as the student),
+``kl_weight`` (1.0), ``lm_weight`` (0.0), ``temperature`` (1.0). With a ``text`` task the tokenizer defaults to the
+teacher's (else to ``model.init``'s). Every error names the table and field at fault.
 """
 
 from __future__ import annotations
@@ -32,13 +38,15 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.config import ModelConfig
+from kvlab.errors import ConfigError
 from kvlab.shrink import FIELDS as SHRINK_FIELDS
 from kvlab.shrink import shrink
 from kvlab.validate import check_fields
 
 from .data import Task, make_task
+from .init import InitError, init_config
 
-TOP_LEVEL = ("model", "task", "train", "out")
+TOP_LEVEL = ("model", "task", "train", "distill", "out")
 SCALE_FIELDS = {
     "preset": "preset name, kvlab ModelConfig .json file or checkpoint directory to start from",
     **SHRINK_FIELDS,
@@ -131,21 +139,59 @@ class TrainSettings:
             raise ValueError(f"train.device={self.device!r}: allowed auto, cpu, cuda")
 
 
+class DistillError(ConfigError):
+    """A ``[distill]`` table that cannot be run (no teacher, a teacher of another vocabulary, zero loss weights)."""
+
+
+@dataclass
+class DistillSettings:
+    """The ``[distill]`` table: loss per scored token = ``kl_weight * T^2 * KL(teacher_T || student_T) +
+    lm_weight * cross-entropy``, where ``_T`` is the next-token softmax at temperature ``T`` (Hinton et al. 2015,
+    arXiv 1503.02531: ``T^2`` keeps the gradient scale when ``T != 1``)."""
+
+    teacher: str
+    kl_weight: float = 1.0
+    lm_weight: float = 0.0
+    temperature: float = 1.0
+
+    def validate(self) -> None:
+        if not isinstance(self.teacher, str) or not self.teacher:
+            raise DistillError(f"distill.teacher={self.teacher!r}: a model kvlab.load accepts (checkpoint directory, "
+                               ".gguf, named model such as smollm2-135m, kvlab run directory)")
+        for n in ("kl_weight", "lm_weight"):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise DistillError(f"distill.{n}={v!r}: a number >= 0")
+        if self.kl_weight == 0 and self.lm_weight == 0:
+            raise DistillError("distill.kl_weight and distill.lm_weight are both 0: the loss would be zero; set "
+                               "kl_weight > 0 (distillation) and/or lm_weight > 0 (language-model loss)")
+        t = self.temperature
+        if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t) or t <= 0:
+            raise DistillError(f"distill.temperature={t!r}: a number > 0")
+
+
 @dataclass
 class TrainConfig:
-    """A validated training configuration: the resolved ModelConfig, the task and the settings."""
+    """A validated training configuration: the resolved ModelConfig, the task and the settings; ``init`` the model
+    whose weights training starts from (None: random init), ``distill`` the teacher and loss weights (None: LM loss)."""
 
     model: ModelConfig
     task: Task
     train: TrainSettings
     out: str | None = None
     raw: dict[str, Any] = field(default_factory=dict)
+    init: str | None = None
+    distill: DistillSettings | None = None
 
     def fingerprint(self) -> dict[str, Any]:
         """What a resumed run must share with the run it continues."""
         t = {k: v for k, v in dataclasses.asdict(self.train).items() if k not in TrainSettings.RESUMABLE}
-        return json.loads(json.dumps({"model": self.model.to_dict(), "task": dataclasses.asdict(self.task),
-                                      "train": t}, default=str))
+        fp: dict[str, Any] = {"model": self.model.to_dict(), "task": dataclasses.asdict(self.task), "train": t}
+        if self.init is not None:
+            fp["init"] = self.init
+        if self.distill is not None:
+            fp["distill"] = dataclasses.asdict(self.distill)
+        return json.loads(json.dumps(fp, default=str))
 
 
 def read_file(path: str | Path) -> dict[str, Any]:
@@ -222,6 +268,20 @@ def build_model_config(spec: Any, task: Task) -> ModelConfig:
     """The ModelConfig a ``model`` table describes, with vocab and positions defaulted from the task."""
     if not isinstance(spec, dict):
         raise ValueError(f"model: a table (a preset to scale, or a ModelConfig), got {type(spec).__name__}")  # noqa: TRY004
+    if "init" in spec:
+        extra = sorted(set(spec) - {"init"})
+        if extra:
+            raise InitError(f"model.init={spec['init']!r} starts from that checkpoint's own ModelConfig; field(s) "
+                            f"{extra} cannot be set beside it (a changed architecture is a conversion: convert the "
+                            "model first, e.g. with kvlab retrofit, and start from the converted checkpoint)")
+        cfg = init_config(spec["init"])
+        if cfg.vocab_size < task.vocab_size:
+            raise InitError(f"model.init={spec['init']!r} has vocab_size {cfg.vocab_size:,}; the task needs at least "
+                            f"{task.vocab_size:,}")
+        if cfg.max_positions < task.seq_len:
+            raise InitError(f"model.init={spec['init']!r} has max_positions {cfg.max_positions:,}; the task's "
+                            f"seq_len is {task.seq_len:,}")
+        return cfg
     spec = dict(spec)
     spec.setdefault("vocab_size", task.vocab_size)
     spec.setdefault("max_positions", task.seq_len)
@@ -256,7 +316,15 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     for k in ("model", "task", "train"):
         if k not in raw:
             raise ValueError(f"missing field {k!r} (a training config needs model, task and train)")
-    task = make_task(raw["task"])
+    dist = _distill(raw.get("distill"))
+    model_spec = raw["model"]
+    init = model_spec.get("init") if isinstance(model_spec, dict) else None
+    task_spec = raw["task"]
+    if isinstance(task_spec, dict) and task_spec.get("kind") == "text" and "tokenizer" not in task_spec:
+        default = dist.teacher if dist is not None else init
+        if default is not None:  # the teacher's tokenizer (else the starting model's)
+            task_spec = {**task_spec, "tokenizer": str(default)}
+    task = make_task(task_spec)
     tr = raw["train"]
     if not isinstance(tr, dict):
         raise ValueError("train: a table of training settings")  # noqa: TRY004
@@ -268,11 +336,33 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
         raise ValueError("train: missing field 'steps'")
     settings = TrainSettings(**tr)
     settings.validate()
-    model = build_model_config(raw["model"], task)
+    model = build_model_config(model_spec, task)
+    if dist is not None:
+        teacher = init_config(dist.teacher, field="distill.teacher")
+        if teacher.vocab_size != model.vocab_size:
+            raise DistillError(f"distill.teacher={dist.teacher!r} has vocab_size {teacher.vocab_size:,}, the student "
+                               f"{model.vocab_size:,}: KL on next-token distributions needs the same vocabulary")
     out = raw.get("out")
     if out is not None and not isinstance(out, str):
         raise ValueError(f"out={out!r}: a directory path")
-    return TrainConfig(model=model, task=task, train=settings, out=out, raw=copy.deepcopy(raw))
+    return TrainConfig(model=model, task=task, train=settings, out=out, raw=copy.deepcopy(raw),
+                       init=str(init) if init is not None else None, distill=dist)
+
+
+def _distill(spec: Any) -> DistillSettings | None:
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise DistillError(f"distill: a table with a 'teacher', got {type(spec).__name__}")
+    known = {f.name for f in dataclasses.fields(DistillSettings)}
+    bad = sorted(set(spec) - known)
+    if bad:
+        raise DistillError(f"distill: unknown field(s) {bad}; allowed: {sorted(known)}")
+    if "teacher" not in spec:
+        raise DistillError("distill: missing field 'teacher' (the model to distil from)")
+    d = DistillSettings(**spec)
+    d.validate()
+    return d
 
 
 def load_config(path: str | Path) -> TrainConfig:
@@ -283,5 +373,5 @@ def load_config(path: str | Path) -> TrainConfig:
         raise ValueError(f"{path}: {e}") from e
 
 
-__all__ = ["SCALE_FIELDS", "TrainConfig", "TrainSettings", "build_model_config", "load_config", "parse_config",
+__all__ = ["SCALE_FIELDS", "DistillError", "DistillSettings", "TrainConfig", "TrainSettings", "build_model_config", "load_config", "parse_config",
            "scale_model"]

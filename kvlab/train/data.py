@@ -19,6 +19,8 @@ Tasks (``kind``):
 - ``bytes`` — byte-level language modelling (vocab 256) on local text files; the default corpus is the
   Python standard library's source tree (``sysconfig.get_paths()["stdlib"]``), present on every machine.
   The last ``eval_fraction`` of the concatenated bytes is held out for evaluation.
+- ``text`` — language modelling on real text cut by a model's own tokenizer (kvlab/train/text.py); the default
+  text is standard-library docstrings disjoint from ``kvlab eval``'s default corpus.
 """
 
 from __future__ import annotations
@@ -332,7 +334,9 @@ class Bytes(Task):
         return chunk[:-1], chunk[1:].clone(), {}
 
 
-TASKS: dict[str, type[Task]] = {"recall": Recall, "passkey": Passkey, "copy": Copy, "bytes": Bytes}
+from .text import Text  # text.py builds on Task above
+
+TASKS: dict[str, type[Task]] = {"recall": Recall, "passkey": Passkey, "copy": Copy, "bytes": Bytes, "text": Text}
 
 
 def make_task(spec: dict[str, Any]) -> Task:
@@ -355,5 +359,5 @@ def make_task(spec: dict[str, Any]) -> Task:
     return task
 
 
-__all__ = ["IGNORE", "TASKS", "Bytes", "Copy", "Passkey", "Recall", "Task", "default_text_root", "make_task",
+__all__ = ["IGNORE", "TASKS", "Bytes", "Copy", "Passkey", "Recall", "Task", "Text", "default_text_root", "make_task",
            "sample_generator"]

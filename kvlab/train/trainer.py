@@ -7,6 +7,10 @@ contiguous share of each micro-batch. The loss of a step is the sum of the token
 batch divided by the global number of scored tokens, so the arithmetic does not depend on how the
 batch is split. A checkpoint holds the model, the AdamW moments, the RNG states and the step (which
 is the data position); resuming from it replays the same steps as a run that never stopped.
+
+``model.init`` starts from a loaded model's weights instead of ``train.seed``'s random init; a ``[distill]`` table
+adds a frozen teacher (kvlab/train/distill.py) whose next-token distribution the loss pulls the student towards.
+The teacher is deterministic and never saved, so the resume guarantee holds for distillation too.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ from .checkpointing import latest, load_checkpoint, resumable, save_checkpoint, 
 from .config import TrainConfig, load_config, parse_config
 from .data import IGNORE
 from .dist import World, setup
+from .distill import kl_sum
+from .init import init_model
 from .lock import RunLock
 
 LOG = "log.jsonl"
@@ -59,13 +65,21 @@ def _autocast(cfg: TrainConfig, device: torch.device):
     return nullcontext()
 
 
-def _loss_sum(model: Model, ids: torch.Tensor, targets: torch.Tensor, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_sum(model: Model, ids: torch.Tensor, targets: torch.Tensor, ctx, cfg: TrainConfig | None = None,
+              teacher: Model | None = None) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """``(loss summed over the scored tokens, student logits [B, T, V] fp32, parts)``; with a teacher the loss is
+    ``kl_weight * T^2 * KL + lm_weight * CE`` and ``parts`` holds the (unweighted) sums ``kl`` and ``lm``."""
     with ctx:
         logits = model(ids)
     logits = logits.float()
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
-                           reduction="sum")
-    return loss, logits
+    ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE,
+                         reduction="sum")
+    if teacher is None or cfg is None or cfg.distill is None:
+        return ce, logits, {}
+    d = cfg.distill
+    kl = kl_sum(teacher, ids, targets, logits, ctx, d.temperature)
+    loss = d.kl_weight * d.temperature ** 2 * kl + d.lm_weight * ce
+    return loss, logits, {"kl": kl.detach(), "lm": ce.detach()}
 
 
 def micro_batches(cfg: TrainConfig, world: World, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -82,25 +96,33 @@ def micro_batches(cfg: TrainConfig, world: World, step: int) -> list[tuple[torch
 
 
 @torch.no_grad()
-def evaluate(model: Model, cfg: TrainConfig, world: World) -> dict[str, float]:
-    """Mean loss and next-token accuracy over the scored tokens of the fixed eval samples."""
+def evaluate(model: Model, cfg: TrainConfig, world: World, teacher: Model | None = None) -> dict[str, float]:
+    """Mean loss (cross-entropy) and next-token accuracy over the scored tokens of the fixed eval samples; with a
+    ``teacher`` also ``eval_kl``, the mean KL(teacher || student) per token at temperature 1 (kvlab eval's KL), and
+    ``eval_top1``, how often both pick the same next token."""
     s = cfg.train
     was = model.training
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64, device=world.device)
+    totals = torch.zeros(5, dtype=torch.float64, device=world.device)
     ctx = _autocast(cfg, world.device)
     for k in range(s.eval_batches):
         start = (k * world.size + world.rank) * s.batch_size
         ids, tgt, _ = cfg.task.batch(s.seed, "eval", start, s.batch_size)
         ids, tgt = ids.to(world.device), tgt.to(world.device)
-        loss, logits = _loss_sum(model, ids, tgt, ctx)
+        loss, logits, _ = _loss_sum(model, ids, tgt, ctx)
         mask = tgt != IGNORE
+        kl = agree = torch.zeros((), device=world.device)
+        if teacher is not None:
+            kl, agree = kl_sum(teacher, ids, tgt, logits, ctx, 1.0, agreement=True)
         totals += torch.stack([loss.double(), ((logits.argmax(-1) == tgt) & mask).sum().double(),
-                               mask.sum().double()])
+                               mask.sum().double(), kl.double(), agree.double()])
     world.all_reduce_(totals)
     model.train(was)
     n = max(1.0, float(totals[2]))
-    return {"eval_loss": float(totals[0]) / n, "eval_accuracy": float(totals[1]) / n, "eval_tokens": int(totals[2])}
+    out = {"eval_loss": float(totals[0]) / n, "eval_accuracy": float(totals[1]) / n, "eval_tokens": int(totals[2])}
+    if teacher is not None:
+        out |= {"eval_kl": float(totals[3]) / n, "eval_top1": float(totals[4]) / n}
+    return out
 
 
 def _read_log(out: Path) -> list[dict[str, Any]]:
@@ -195,7 +217,15 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
     if s.threads:
         torch.set_num_threads(s.threads)
     torch.manual_seed(s.seed)
-    model = Model.from_config(cfg.model, seed=s.seed, std=s.init_std).to(world.device).train()
+    if cfg.init is not None:  # fp32 master weights of the model to start from
+        model = init_model(cfg.init, world.device).train()
+        if model.config.to_dict() != cfg.model.to_dict():
+            raise ValueError(f"model.init={cfg.init!r} changed since the config was read: its ModelConfig differs")
+    else:
+        model = Model.from_config(cfg.model, seed=s.seed, std=s.init_std).to(world.device).train()
+    teacher = None
+    if cfg.distill is not None:  # frozen, never in a checkpoint
+        teacher = init_model(cfg.distill.teacher, world.device, field="distill.teacher").requires_grad_(False)
     opt = build_optimizer(model, cfg)
     global_batch = s.batch_size * s.grad_accum * world.size
     start = 0
@@ -259,14 +289,17 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
                                  device=world.device)
             world.all_reduce_(count)
             denom = max(1.0, float(count))
-            total = torch.zeros((), dtype=torch.float64, device=world.device)
+            total = torch.zeros(3, dtype=torch.float64, device=world.device)  # loss, kl, lm sums
             for ids, tgt in batches:
-                loss, _ = _loss_sum(model, ids, tgt, ctx)
+                loss, _, parts = _loss_sum(model, ids, tgt, ctx, cfg, teacher)
                 (loss / denom).backward()
-                total += loss.detach().double()
+                total[0] += loss.detach().double()
+                if parts:
+                    total[1] += parts["kl"].double()
+                    total[2] += parts["lm"].double()
             world.sum_grads_(params)
             world.all_reduce_(total)
-            loss_value = float(total) / denom
+            loss_value = float(total[0]) / denom
             gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf")))
             if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
                 if log is not None:
@@ -279,9 +312,11 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
             losses.append(loss_value)
             row: dict[str, Any] = {"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
                                    "tokens_per_s": tokens_per_step / dt if dt > 0 else None}
+            if teacher is not None:
+                row |= {"kl": float(total[1]) / denom, "lm": float(total[2]) / denom}
             done = step + 1
             if (s.eval_every and done % s.eval_every == 0) or done == s.steps:
-                ev = evaluate(model, cfg, world)
+                ev = evaluate(model, cfg, world, teacher)
                 row |= ev
                 evals.append({"step": done, **ev})
             if log is not None:
@@ -289,6 +324,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
                 log.flush()
             if bar is not None:
                 post = {"loss": f"{loss_value:.4f}", "tok/s": f"{row['tokens_per_s'] or 0:,.0f}"}
+                if "kl" in row:
+                    post["kl"] = f"{row['kl']:.4f}"
                 if "eval_loss" in row:
                     post["eval"] = f"{row['eval_loss']:.4f}"
                 bar.set_postfix(post, refresh=False)
@@ -313,7 +350,12 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
         "eval": evals[-1] if evals else None, "wall_s": wall,
         "tokens_per_s": steps_run * tokens_per_step / wall if wall > 0 and steps_run else None,
         "checkpoint": str(latest(out)[0]) if world.main and latest(out) else None,
+        "init": cfg.init,
     }
+    if cfg.distill is not None:
+        summary["distill"] = dataclasses.asdict(cfg.distill)
+        summary["kl"] = [r.get("kl") for r in history] if world.main else None
+        summary["lm"] = [r.get("lm") for r in history] if world.main else None
     return TrainResult(model=model, summary=summary)
 
 
