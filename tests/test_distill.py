@@ -230,3 +230,4 @@ def test_cli_trains_a_distillation_config_and_reports_kl(models, tmp_path, capsy
     assert main(["train", str(f), "--out", str(tmp_path / "j"), "--no-progress", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert len(s["kl"]) == 2 and s["eval"]["eval_kl"] >= 0 and s["init"] == models["student"]
+    assert s["text"].startswith("file ")

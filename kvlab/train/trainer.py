@@ -352,6 +352,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
         "checkpoint": str(latest(out)[0]) if world.main and latest(out) else None,
         "init": cfg.init,
     }
+    if hasattr(cfg.task, "provenance"):  # real text: where it came from
+        summary["text"] = cfg.task.provenance()
     if cfg.distill is not None:
         summary["distill"] = dataclasses.asdict(cfg.distill)
         summary["kl"] = [r.get("kl") for r in history] if world.main else None
