@@ -15,11 +15,12 @@ from .costs import costs  # binds kvlab.costs to the function, not the package o
 __version__ = "0.1.0"
 
 __all__ = ["CompressSpec", "LayerSpec", "MLASpec", "MoESpec", "Model", "ModelConfig", "RopeSpec", "costs", "generate",
-           "load", "presets"]
+           "load", "presets", "save"]
 
 # name -> (module, attribute); attribute None: the module itself (kvlab.presets is a callable module)
 _LAZY = {"Model": ("kvlab.model", "Model"), "generate": ("kvlab.engine", "generate"),
-         "load": ("kvlab.families", "load"), "presets": ("kvlab.presets", None)}
+         "load": ("kvlab.families", "load"), "presets": ("kvlab.presets", None),
+         "save": ("kvlab.native", "save")}
 
 
 def __getattr__(name: str) -> Any:

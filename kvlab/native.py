@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .config import ModelConfig
+from .errors import CheckpointWriteError
 
 MODEL, STATE, LATEST, CONFIG = "model.safetensors", "state.json", "latest.json", "config.json"
 
@@ -90,3 +91,46 @@ def native_checkpoint(path: Any) -> NativeCheckpoint | None:
         if is_native_config(c):
             return NativeCheckpoint(_config(c, cfg), d / MODEL)
     return None
+
+
+def save(model: Any, path: str | Path, tokenizer: Any = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` as a kvlab checkpoint directory ``path``: ``model.safetensors`` (kvlab tensor names, CPU,
+    contiguous), ``config.json`` (its ModelConfig) and, when given, the tokenizer (``tokenizer.json`` and friends,
+    kvlab/tokenizer.py) and ``extra`` JSON files (name -> object, e.g. a retrofit report). ``kvlab.load(path)`` and
+    every verb accept the result. Written into a temporary directory and moved into place, so a crash never leaves
+    a half-written checkpoint under ``path``; an existing non-empty ``path`` is refused (name the error, no overwrite).
+    """
+    import os
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointWriteError(f"{str(out)!r} already exists and is not an empty directory; choose another path")
+    tmp = out.parent / f".tmp-{out.name}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        seen: set[int] = set()
+        weights = {}
+        for k, v in model.state_dict().items():  # safetensors refuses aliased tensors: a second name gets a copy
+            t = v.detach().to("cpu")
+            weights[k] = t.clone() if t.data_ptr() in seen else t.contiguous()
+            seen.add(t.data_ptr())
+        save_file(weights, str(tmp / MODEL), metadata={"format": "pt", "kvlab": "checkpoint"})
+        (tmp / CONFIG).write_text(json.dumps(model.config.to_dict(), indent=1, default=str))
+        if tokenizer is not None:
+            from .tokenizer import save_tokenizer
+
+            save_tokenizer(tokenizer, tmp)
+        for name, obj in (extra or {}).items():
+            (tmp / name).write_text(json.dumps(obj, indent=1, default=str))
+        if out.exists():
+            out.rmdir()
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

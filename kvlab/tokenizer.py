@@ -312,3 +312,16 @@ class TextStream:
         if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
             self.write(text[len(self.text):])
             self.text = text
+
+
+def save_tokenizer(tok: Tokenizer, path: str | Path) -> None:
+    """Write ``tok`` into directory ``path`` as a checkpoint carries it: ``tokenizer.json``, ``tokenizer_config.json``
+    (special tokens, chat template) and ``generation_config.json`` (stop ids), read back by :func:`load_tokenizer`
+    with the same ids, specials, stop ids and template."""
+    d = Path(path)
+    tok.backend.save(str(d / "tokenizer.json"))
+    cfg: dict[str, Any] = dict(tok.special_tokens)
+    if tok.chat_template is not None:
+        cfg["chat_template"] = tok.chat_template
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg, indent=1))
+    (d / "generation_config.json").write_text(json.dumps({"eos_token_id": list(tok.stop_ids)}, indent=1))

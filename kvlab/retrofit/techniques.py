@@ -1,0 +1,135 @@
+"""Conversions by name: ``"share-last:6"``, ``"share-adjacent:2"``, ``"window:512,pattern=3sliding+1global,sinks=4"``,
+``"prune-heads:0.5"`` — what ``kvlab retrofit --to`` and ``--sweep`` take. A technique string is
+``NAME[:VALUE][,KEY=VALUE...]``; ``+`` in a pattern stands for ``:`` (``3sliding+1global`` = ``3 sliding : 1 global``).
+
+``TECHNIQUES`` maps each name to a :class:`Technique`: what it does, its options, and the function applying it;
+a new conversion is one entry here plus its own module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ..model import Model
+from .convert import Converted, RetrofitError
+
+
+@dataclass(frozen=True)
+class Technique:
+    """One conversion: ``apply(model, value, options, ids) -> Converted``; ``needs_text``: it measures something on
+    real text (``ids``) first; ``example`` is shown in errors and ``--help``."""
+
+    name: str
+    help: str
+    example: str
+    apply: Callable[[Model, str | None, dict[str, str], Any], Converted]
+    needs_text: bool = False
+
+
+def _int(name: str, key: str, v: str | None) -> int:
+    try:
+        return int(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise RetrofitError(f"{name}: {key}={v!r} must be an integer") from None
+
+
+def _number(name: str, key: str, v: str | None) -> int | float:
+    try:
+        return int(v) if v is not None and v.isdigit() else float(v)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise RetrofitError(f"{name}: {key}={v!r} must be a number (a head count or a fraction in (0, 1])") from None
+
+
+def _no_options(name: str, opts: dict[str, str], allowed: tuple[str, ...] = ()) -> None:
+    bad = sorted(set(opts) - set(allowed))
+    if bad:
+        raise RetrofitError(f"{name}: unknown option(s) {bad}; allowed: {list(allowed) or 'none'}")
+
+
+def _share_last(model, value, opts, ids):
+    from .sharing import to_shared
+
+    _no_options("share-last", opts)
+    return to_shared(model, last=_int("share-last", "layers", value))
+
+
+def _share_adjacent(model, value, opts, ids):
+    from .sharing import to_shared
+
+    _no_options("share-adjacent", opts)
+    return to_shared(model, group=_int("share-adjacent", "group", value or "2"))
+
+
+def _window(model, value, opts, ids):
+    from .window import to_window
+
+    _no_options("window", opts, ("pattern", "sinks"))
+    pattern = opts.get("pattern")
+    return to_window(model, _int("window", "window", value), pattern.replace("+", ":") if pattern else None,
+                     _int("window", "sinks", opts.get("sinks", "0")))
+
+
+def _prune(model, value, opts, ids):
+    from .heads import prune_heads
+
+    _no_options("prune-heads", opts, ("global", "sliding"))
+    if opts:
+        keep: Any = {k: _number("prune-heads", k, v) for k, v in opts.items()}
+        if value is not None:
+            raise RetrofitError("prune-heads: give one keep value (prune-heads:0.5) or per-kind ones "
+                                "(prune-heads:global=0.5,sliding=1.0), not both")
+    else:
+        keep = _number("prune-heads", "keep", value)
+    return prune_heads(model, keep, ids=ids)
+
+
+TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
+    Technique("share-last", "the last N layers read an earlier layer's K/V (Gemma 4 pattern)", "share-last:6",
+              _share_last),
+    Technique("share-adjacent", "every G adjacent layers share one layer's K/V (CLA)", "share-adjacent:2",
+              _share_adjacent),
+    Technique("window", "sliding window W on every layer or on a pattern's sliding layers, optional sink tokens "
+              "(StreamingLLM)", "window:512,pattern=3sliding+1global,sinks=4", _window),
+    Technique("prune-heads", "keep the most important query heads per layer (count or fraction; per kind with "
+              "global=/sliding=)", "prune-heads:0.5", _prune, needs_text=True),
+)}
+
+
+def register(t: Technique) -> Technique:
+    """Add a conversion to :data:`TECHNIQUES`."""
+    TECHNIQUES[t.name] = t
+    return t
+
+
+def parse(text: str) -> tuple[Technique, str | None, dict[str, str]]:
+    """``"window:512,sinks=4"`` -> (the window Technique, ``"512"``, ``{"sinks": "4"}``)."""
+    if not isinstance(text, str) or not text.strip():
+        raise RetrofitError(f"technique {text!r}: write NAME[:VALUE][,KEY=VALUE...]; known: {', '.join(TECHNIQUES)}")
+    head, _, rest = text.strip().partition(":")
+    name = head.strip().lower()
+    if name not in TECHNIQUES:
+        from ..names import did_you_mean
+
+        raise RetrofitError(f"unknown technique {name!r}{did_you_mean(name, TECHNIQUES)}; known: "
+                            + "; ".join(f"{t.name} (e.g. {t.example})" for t in TECHNIQUES.values()))
+    value, opts = None, {}
+    for part in [p.strip() for p in rest.split(",") if p.strip()] if rest else []:
+        if "=" in part:
+            k, _, v = part.partition("=")
+            opts[k.strip().lower()] = v.strip()
+        elif value is None:
+            value = part
+        else:
+            raise RetrofitError(f"technique {text!r}: a second value {part!r}; options are KEY=VALUE")
+    return TECHNIQUES[name], value, opts
+
+
+def apply(model: Model, technique: str, ids: Any = None) -> Converted:
+    """``model`` converted by ``technique`` (a technique string); ``ids``: real text token ids for conversions that
+    measure something first (head importance)."""
+    t, value, opts = parse(technique)
+    if t.needs_text and ids is None:
+        raise RetrofitError(f"{t.name}: needs text token ids (ids=...) to measure on")
+    return t.apply(model, value, opts, ids)

@@ -1,0 +1,44 @@
+"""Attention budget as a retrofit: a sliding-window : global pattern with window ``W`` and optional sink tokens
+(StreamingLLM, Xiao et al. 2023, arXiv 2309.17453: the first ``S`` positions stay visible to window layers).
+
+Weights are unchanged (every tensor carried); only the cache policy changes, so this is a training-free start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from ..budget import budget
+from ..model import Model
+from .convert import Converted, RetrofitError, convert
+
+
+def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens: int = 0) -> Converted:
+    """``model`` with sliding windows of ``window`` positions on the layers ``pattern`` makes sliding
+    (``"1 global : 3 sliding"``; None: every layer) and ``sink_tokens`` first positions kept visible."""
+    cfg = model.config
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise RetrofitError(f"window: window={window!r} must be a positive integer")
+    if window >= cfg.max_positions:
+        raise RetrofitError(f"window: window={window} is not smaller than the model's max_positions="
+                            f"{cfg.max_positions}: every layer would still see every position")
+    if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
+        raise RetrofitError(f"window: sink_tokens={sink_tokens!r} must be an integer >= 0")
+    for i, x in enumerate(cfg.layers):
+        if x.attention != "gqa":
+            raise RetrofitError(f"window: layers[{i}] is a {x.attention!r} layer; the window retrofit applies to gqa "
+                                "layers")
+    try:
+        new = budget(cfg, pattern or "sliding", window=window)
+    except (TypeError, ValueError) as e:
+        raise RetrofitError(f"window: {e}") from e
+    if sink_tokens:
+        new = dataclasses.replace(new, layers=[dataclasses.replace(x, sink_tokens=sink_tokens) if x.window else x
+                                               for x in new.layers])
+    what = f"window:{window}" + (f",pattern={pattern.replace(' ', '').replace(':', '+')}" if pattern else "") + \
+        (f",sinks={sink_tokens}" if sink_tokens else "")
+    new.name = f"{cfg.name} ({what})"
+    out = convert(model, new, technique=what)
+    out.report.notes.append("weights unchanged; only the cache policy differs (window layers keep "
+                            f"{window} positions" + (f" plus the first {sink_tokens}" if sink_tokens else "") + ")")
+    return out
