@@ -14,10 +14,10 @@ import os
 import sys
 import traceback
 
-from kvlab.cli import ablate, bench, calc, chat, compare, evaluate, fit, generate, inspect, presets, train
+from kvlab.cli import ablate, bench, calc, chat, compare, evaluate, fit, generate, inspect, presets, retrofit, train
 from kvlab.preflight import forced
 
-VERBS = [calc, compare, inspect, fit, generate, chat, evaluate, bench, train, ablate, presets]
+VERBS = [calc, compare, inspect, fit, generate, chat, evaluate, bench, train, ablate, retrofit, presets]
 
 RAW = argparse.RawDescriptionHelpFormatter
 

@@ -18,13 +18,15 @@ from .convert import Converted, RetrofitError
 
 @dataclass(frozen=True)
 class Technique:
-    """One conversion: ``apply(model, value, options, ids) -> Converted``; ``needs_text``: it measures something on
-    real text (``ids``) first; ``example`` is shown in errors and ``--help``."""
+    """One conversion: ``read(value, options) -> kwargs`` checks and converts the technique string's parts (no model
+    needed, so a bad string fails before anything loads); ``apply(model, ids=..., **kwargs) -> Converted``.
+    ``needs_text``: it measures something on real text (``ids``) first; ``example`` is shown in errors and help."""
 
     name: str
     help: str
     example: str
-    apply: Callable[[Model, str | None, dict[str, str], Any], Converted]
+    read: Callable[[str | None, dict[str, str]], dict[str, Any]]
+    apply: Callable[..., Converted]
     needs_text: bool = False
 
 
@@ -42,58 +44,66 @@ def _number(name: str, key: str, v: str | None) -> int | float:
         raise RetrofitError(f"{name}: {key}={v!r} must be a number (a head count or a fraction in (0, 1])") from None
 
 
-def _no_options(name: str, opts: dict[str, str], allowed: tuple[str, ...] = ()) -> None:
+def _options(name: str, opts: dict[str, str], allowed: tuple[str, ...] = ()) -> None:
     bad = sorted(set(opts) - set(allowed))
     if bad:
         raise RetrofitError(f"{name}: unknown option(s) {bad}; allowed: {list(allowed) or 'none'}")
 
 
-def _share_last(model, value, opts, ids):
-    from .sharing import to_shared
-
-    _no_options("share-last", opts)
-    return to_shared(model, last=_int("share-last", "layers", value))
+def _read_share_last(value, opts):
+    _options("share-last", opts)
+    return {"last": _int("share-last", "layers", value)}
 
 
-def _share_adjacent(model, value, opts, ids):
-    from .sharing import to_shared
-
-    _no_options("share-adjacent", opts)
-    return to_shared(model, group=_int("share-adjacent", "group", value or "2"))
+def _read_share_adjacent(value, opts):
+    _options("share-adjacent", opts)
+    return {"group": _int("share-adjacent", "group", value or "2")}
 
 
-def _window(model, value, opts, ids):
-    from .window import to_window
-
-    _no_options("window", opts, ("pattern", "sinks"))
+def _read_window(value, opts):
+    _options("window", opts, ("pattern", "sinks"))
     pattern = opts.get("pattern")
-    return to_window(model, _int("window", "window", value), pattern.replace("+", ":") if pattern else None,
-                     _int("window", "sinks", opts.get("sinks", "0")))
+    return {"window": _int("window", "window", value), "pattern": pattern.replace("+", ":") if pattern else None,
+            "sink_tokens": _int("window", "sinks", opts.get("sinks", "0"))}
 
 
-def _prune(model, value, opts, ids):
-    from .heads import prune_heads
-
-    _no_options("prune-heads", opts, ("global", "sliding"))
+def _read_prune(value, opts):
+    _options("prune-heads", opts, ("global", "sliding"))
     if opts:
-        keep: Any = {k: _number("prune-heads", k, v) for k, v in opts.items()}
         if value is not None:
             raise RetrofitError("prune-heads: give one keep value (prune-heads:0.5) or per-kind ones "
                                 "(prune-heads:global=0.5,sliding=1.0), not both")
-    else:
-        keep = _number("prune-heads", "keep", value)
-    return prune_heads(model, keep, ids=ids)
+        return {"keep": {k: _number("prune-heads", k, v) for k, v in opts.items()}}
+    return {"keep": _number("prune-heads", "keep", value)}
+
+
+def _shared(model, ids=None, **kw):
+    from .sharing import to_shared
+
+    return to_shared(model, **kw)
+
+
+def _windowed(model, ids=None, **kw):
+    from .window import to_window
+
+    return to_window(model, **kw)
+
+
+def _pruned(model, ids=None, **kw):
+    from .heads import prune_heads
+
+    return prune_heads(model, ids=ids, **kw)
 
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique("share-last", "the last N layers read an earlier layer's K/V (Gemma 4 pattern)", "share-last:6",
-              _share_last),
+              _read_share_last, _shared),
     Technique("share-adjacent", "every G adjacent layers share one layer's K/V (CLA)", "share-adjacent:2",
-              _share_adjacent),
+              _read_share_adjacent, _shared),
     Technique("window", "sliding window W on every layer or on a pattern's sliding layers, optional sink tokens "
-              "(StreamingLLM)", "window:512,pattern=3sliding+1global,sinks=4", _window),
+              "(StreamingLLM)", "window:512,pattern=3sliding+1global,sinks=4", _read_window, _windowed),
     Technique("prune-heads", "keep the most important query heads per layer (count or fraction; per kind with "
-              "global=/sliding=)", "prune-heads:0.5", _prune, needs_text=True),
+              "global=/sliding=)", "prune-heads:0.5", _read_prune, _pruned, needs_text=True),
 )}
 
 
@@ -103,8 +113,9 @@ def register(t: Technique) -> Technique:
     return t
 
 
-def parse(text: str) -> tuple[Technique, str | None, dict[str, str]]:
-    """``"window:512,sinks=4"`` -> (the window Technique, ``"512"``, ``{"sinks": "4"}``)."""
+def parse(text: str) -> tuple[Technique, dict[str, Any]]:
+    """``"window:512,sinks=4"`` -> (the window Technique, ``{"window": 512, "pattern": None, "sink_tokens": 4}``);
+    every part checked (a RetrofitError naming it), no model needed."""
     if not isinstance(text, str) or not text.strip():
         raise RetrofitError(f"technique {text!r}: write NAME[:VALUE][,KEY=VALUE...]; known: {', '.join(TECHNIQUES)}")
     head, _, rest = text.strip().partition(":")
@@ -123,13 +134,14 @@ def parse(text: str) -> tuple[Technique, str | None, dict[str, str]]:
             value = part
         else:
             raise RetrofitError(f"technique {text!r}: a second value {part!r}; options are KEY=VALUE")
-    return TECHNIQUES[name], value, opts
+    t = TECHNIQUES[name]
+    return t, t.read(value, opts)
 
 
 def apply(model: Model, technique: str, ids: Any = None) -> Converted:
     """``model`` converted by ``technique`` (a technique string); ``ids``: real text token ids for conversions that
     measure something first (head importance)."""
-    t, value, opts = parse(technique)
+    t, kwargs = parse(technique)
     if t.needs_text and ids is None:
         raise RetrofitError(f"{t.name}: needs text token ids (ids=...) to measure on")
-    return t.apply(model, value, opts, ids)
+    return t.apply(model, ids=ids, **kwargs)

@@ -1,0 +1,256 @@
+"""``kvlab retrofit``: convert a pretrained model to a technique, optionally recover it by distillation against the
+original, and measure what it costs (perplexity, KL, needle) against what it saves (KV bytes, decode speed).
+
+One conversion (``--to``) writes ``OUT/converted`` (a kvlab checkpoint with the tokenizer and ``retrofit.json``),
+``OUT/recovered-seed<S>`` per recovery seed (a train run directory), and ``OUT/report.json``. ``--sweep`` runs a
+list of conversions into ``OUT/<technique>/`` and writes one table (``OUT/table.md``) and the frontier plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from kvlab.cli.common import add_json, device_arg, emit_json, output_dir, output_file, report
+from kvlab.cli.generate import MODEL_HELP
+from kvlab.units import fmt_bytes, parse_context, parse_contexts, table
+
+NAME = "retrofit"
+HELP = "convert a pretrained model to a technique, recover it by distillation, measure cost against savings"
+EXAMPLE = ("kvlab retrofit smollm2-135m --to share-last:6 --out out/share6 --recover 200\n"
+           "  kvlab retrofit smollm2-135m --to window:512,sinks=4 --out out/win512\n"
+           "  kvlab retrofit smollm2-135m --sweep share-last:6 window:512 prune-heads:0.67 --out out/sweep --recover 100")
+
+DEFAULT_SWEEP = ("share-last:6", "share-adjacent:2", "window:512", "window:512,sinks=4",
+                 "window:512,pattern=3sliding+1global,sinks=4", "prune-heads:0.67")
+
+
+def add_arguments(q: argparse.ArgumentParser) -> None:
+    from kvlab.retrofit import TECHNIQUES
+
+    q.add_argument("model", help=MODEL_HELP)
+    what = q.add_mutually_exclusive_group(required=True)
+    what.add_argument("--to", metavar="TECHNIQUE", help="the conversion: " + "; ".join(
+        f"{t.example} ({t.help})" for t in TECHNIQUES.values()))
+    what.add_argument("--sweep", nargs="*", metavar="TECHNIQUE",
+                      help=f"several conversions, one table and plot (none given: {' '.join(DEFAULT_SWEEP)})")
+    q.add_argument("--out", type=output_dir("--out"), required=True, help="output directory")
+    q.add_argument("--recover", type=int, default=0, metavar="STEPS",
+                   help="distillation steps against the original after converting (0: none)")
+    q.add_argument("--seeds", default="0", help="recovery seeds, comma-separated (spread over seeds is reported)")
+    q.add_argument("--seq-len", type=int, default=256, help="recovery sequence length (tokens)")
+    q.add_argument("--batch", type=int, default=4, help="recovery batch size")
+    q.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
+    q.add_argument("--lm-weight", type=float, default=0.0, help="weight of the LM loss beside the KL (default 0)")
+    q.add_argument("--resume", action="store_true", help="continue interrupted recoveries from their checkpoints")
+    q.add_argument("--length", default="2k", help="positions of the KL / perplexity window (default 2k)")
+    q.add_argument("--needle", default="", help="needle lengths, e.g. 1k,2k (default: none)")
+    q.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths (default 0.1,0.5,0.9)")
+    q.add_argument("--no-eval", action="store_true", help="convert (and recover) only; no measurements")
+    q.add_argument("--decode-context", default="1k", help="context of the decode-speed measurement (0: skip)")
+    q.add_argument("--plot", type=output_file("--plot"), help="frontier plot (PNG; default OUT/frontier.png)")
+    q.add_argument("--device", type=device_arg, default="cpu")
+    q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    add_json(q, "print one JSON object with every row and its ground")
+
+
+def slug(technique: str) -> str:
+    """A directory name for a technique string (``window:512,sinks=4`` -> ``window-512-sinks-4``)."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", technique).strip("-")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: integers separated by commas, e.g. 0,1,2") from None
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    return seeds
+
+
+class Setup:
+    """What every conversion of one run shares: the original model, its tokenizer, the text and its ground."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        import kvlab
+        from kvlab.eval.corpus import default_corpus
+        from kvlab.tokenizer import load_tokenizer
+
+        self.args = args
+        self.model = kvlab.load(args.model, device=args.device).eval()
+        self.tok = load_tokenizer(args.model)
+        if self.tok is None:
+            raise ValueError(f"{str(args.model)!r} has no tokenizer: kvlab retrofit measures on real text with the "
+                             "model's own tokenizer")
+        self.corpus = default_corpus()
+        self.ids = self.tok.encode(self.corpus.text, special=False)
+        self.prefix = self.tok.encode("", special=True)
+        self.length = parse_context(args.length)
+        if self.length > self.model.config.max_positions:
+            raise ValueError(f"--length {args.length}: exceeds the model's max_positions="
+                             f"{self.model.config.max_positions}")
+        # head importance is measured on text after the evaluation window, never on the tokens scored
+        self.calibration = self.ids[self.length:self.length + 4096]
+        self.ground = {"model": str(args.model), "model_name": self.model.config.name, "text": self.corpus.name,
+                       "provenance": self.corpus.provenance, "text_sha256": self.corpus.sha256,
+                       "eval_window": self.length, "dtype": "float32"}
+
+
+def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[Any, Path]:
+    """Convert, save to ``out/converted`` (or reuse a saved one when resuming); the converted model and its path."""
+    import kvlab
+    from kvlab.retrofit import apply
+
+    target = out / "converted"
+    if target.is_dir() and (target / "retrofit.json").is_file():
+        print(f"{technique}: reusing {target}", file=out_stream)
+        return kvlab.load(target, device=setup.args.device).eval(), target
+    t0 = time.perf_counter()
+    conv = apply(setup.model, technique, ids=setup.calibration)
+    kvlab.save(conv.model, target, tokenizer=setup.tok,
+               extra={"retrofit.json": {**conv.report.to_dict(), "source_model": str(setup.args.model)}})
+    print(f"{conv.report.summary()}; saved {target} in {time.perf_counter() - t0:.1f} s", file=out_stream)
+    for n in conv.report.notes:
+        print(f"  {n}", file=out_stream)
+    return conv.model, target
+
+
+def recover_one(setup: Setup, student: Path, out: Path, seed: int, out_stream) -> tuple[Any, dict[str, Any]]:
+    import kvlab
+    from kvlab.train.distill import recover
+
+    a = setup.args
+    run = out / f"recovered-seed{seed}"
+    r = recover(student, a.model, run, steps=a.recover, seq_len=a.seq_len, batch_size=a.batch, lr=a.lr,
+                lm_weight=a.lm_weight, seed=seed, resume=a.resume or run.exists(), progress=not a.no_progress)
+    s = r.summary
+    print(f"recovered {student.parent.name} seed {seed}: {s.get('steps')} steps, final loss {s.get('final_loss'):.4f}, "
+          f"{s.get('wall_s', 0):.0f} s", file=out_stream)
+    return kvlab.load(run, device=a.device).eval(), {"steps": s.get("steps"), "final_loss": s.get("final_loss"),
+                                                     "wall_s": s.get("wall_s"), "run": str(run)}
+
+
+def measure_one(setup: Setup, model: Any) -> dict[str, Any]:
+    from kvlab.retrofit.report import measure
+
+    a = setup.args
+    needle = parse_contexts(a.needle) if a.needle else []
+    depths = [float(x) for x in a.depths.split(",") if x.strip()]
+    return measure(setup.model, model, setup.ids, setup.prefix, setup.length, setup.tok, setup.corpus.text, needle,
+                   depths, decode_context=parse_context(a.decode_context) if a.decode_context != "0" else 0,
+                   progress=not a.no_progress)
+
+
+def run_technique(setup: Setup, technique: str, out: Path, out_stream) -> list[dict[str, Any]]:
+    """Rows for one technique: converted, then each recovery seed."""
+    a = setup.args
+    model, path = convert_one(setup, technique, out, out_stream)
+    rows = []
+    if not a.no_eval:
+        rows.append({"technique": technique, "recovery_steps": 0, "checkpoint": str(path), **measure_one(setup, model)})
+    for seed in _seeds(a.seeds) if a.recover else []:
+        rec, info = recover_one(setup, path, out, seed, out_stream)
+        if not a.no_eval:
+            rows.append({"technique": technique, "recovery_steps": a.recover, "seed": seed, "recovery": info,
+                         "checkpoint": info["run"], **measure_one(setup, rec)})
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> str:
+    head = ["technique", "recovery", "KV @4K", "KV @32K", "KV @128K", "KV vs orig", "ppl", "KL (± se)", "top-1",
+            "needle", "decode tok/s"]
+    body = []
+    if ref is not None:
+        body.append(["original", "-", *(fmt_bytes(ref["ref_kv_bytes"][k]) for k in ("4096", "32768", "131072")),
+                     "1.00x", f"{ref['ref_ppl']:.3f}", "0", "100%", "", ""])
+    for r in rows:
+        rec = f"{r['recovery_steps']} steps, seed {r['seed']}" if r.get("recovery_steps") else "none"
+        needle = f"{r['needle']['overall']:.0%}" if "needle" in r else ""
+        dec = f"{r['decode']['tok_s']:.1f}" if "decode" in r else ""
+        body.append([r["technique"], rec, *(fmt_bytes(r["kv_bytes"][k]) for k in ("4096", "32768", "131072")),
+                     f"{r['kv_ratio_32k']:.2f}x", f"{r['ppl']:.3f}", f"{r['kl']:.4f} ± {r['kl_se']:.4f}",
+                     f"{r['top1']:.1%}", needle, dec])
+    return table(head, body)
+
+
+def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per technique with several recovery seeds: mean and sample standard deviation of KL and perplexity."""
+    import statistics
+
+    out = []
+    for t in dict.fromkeys(r["technique"] for r in rows):
+        rec = [r for r in rows if r["technique"] == t and r.get("recovery_steps")]
+        if len(rec) > 1:
+            kls, ppls = [r["kl"] for r in rec], [r["ppl"] for r in rec]
+            out.append({"technique": t, "seeds": [r["seed"] for r in rec], "kl_mean": statistics.mean(kls),
+                        "kl_sd": statistics.stdev(kls), "ppl_mean": statistics.mean(ppls),
+                        "ppl_sd": statistics.stdev(ppls)})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from kvlab.retrofit import parse
+    from kvlab.train.lock import RunLock
+
+    out_stream = report(args)
+    if args.recover < 0:
+        raise ValueError(f"--recover {args.recover}: must be >= 0 steps")
+    techniques = [args.to] if args.to is not None else list(args.sweep or DEFAULT_SWEEP)
+    for t in techniques:
+        parse(t)  # a named error before anything loads
+    _seeds(args.seeds)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    with RunLock(out):
+        setup = Setup(args)
+        print(f"model: {args.model} ({setup.model.config.name}, {setup.model.num_parameters():,} parameters); text: "
+              f"{setup.corpus.describe(len(setup.ids))}", file=out_stream)
+        rows: list[dict[str, Any]] = []
+        for t in techniques:
+            print(f"\n== {t}", file=out_stream)
+            rows += run_technique(setup, t, out if args.to is not None else out / slug(t), out_stream)
+            sys.stderr.flush()
+        result = {**setup.ground, "techniques": techniques, "rows": rows, "spread": spread(rows),
+                  "wall_s": time.perf_counter() - t0}
+        if rows:
+            print("\n" + format_rows(rows, rows[0]), file=out_stream)
+            for s in result["spread"]:
+                print(f"{s['technique']}: seeds {s['seeds']}: KL {s['kl_mean']:.4f} ± {s['kl_sd']:.4f} (sd), "
+                      f"ppl {s['ppl_mean']:.3f} ± {s['ppl_sd']:.3f}", file=out_stream)
+            (out / "table.md").write_text(_markdown(rows))
+            from kvlab.retrofit.report import plot_frontier
+
+            plot = plot_frontier(rows, args.plot or out / "frontier.png",
+                                 f"{setup.model.config.name}: retrofits on {setup.corpus.name}, KL at "
+                                 f"{setup.length:,} positions")
+            result["plot"] = str(plot)
+            print(f"table: {out / 'table.md'}; plot: {plot}", file=out_stream)
+        (out / "report.json").write_text(json.dumps(result, indent=1, default=str))
+    if args.json:
+        emit_json(result)
+    return 0
+
+
+def _markdown(rows: list[dict[str, Any]]) -> str:
+    ref = rows[0]
+    lines = [("| technique | recovery | KV @4K | KV @32K | KV @128K | KV vs original | perplexity | KL (nats/token) | "
+             "top-1 | needle | decode tok/s |"), "|---|---|---|---|---|---|---|---|---|---|---|",
+             (f"| original | - | {fmt_bytes(ref['ref_kv_bytes']['4096'])} | {fmt_bytes(ref['ref_kv_bytes']['32768'])} | "
+             f"{fmt_bytes(ref['ref_kv_bytes']['131072'])} | 1.00x | {ref['ref_ppl']:.2f} | 0 | 100% | | |")]
+    for r in rows:
+        rec = f"{r['recovery_steps']} steps (seed {r['seed']})" if r.get("recovery_steps") else "none"
+        needle = f"{r['needle']['overall']:.0%}" if "needle" in r else ""
+        dec = f"{r['decode']['tok_s']:.1f}" if "decode" in r else ""
+        lines.append(f"| `{r['technique']}` | {rec} | {fmt_bytes(r['kv_bytes']['4096'])} | "
+                     f"{fmt_bytes(r['kv_bytes']['32768'])} | {fmt_bytes(r['kv_bytes']['131072'])} | "
+                     f"{r['kv_ratio_32k']:.2f}x | {r['ppl']:.2f} | {r['kl']:.4f} ± {r['kl_se']:.4f} | {r['top1']:.1%} | "
+                     f"{needle} | {dec} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,165 @@
+"""Retrofits on tiny random models: what is carried is the source's tensors, what should be exact is exact, the
+converted model saves/loads and its cache holds what the calculator says; bad conversions are named errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import kvlab
+from kvlab.config import ModelConfig, uniform_layers
+from kvlab.errors import CheckpointWriteError
+from kvlab.retrofit import RetrofitError, apply, convert, head_importance, prune_heads, to_shared, to_window
+from tests.helpers import random_model
+
+
+def _model(layers: int = 4, heads: int = 4, kv: int = 2, **kw) -> kvlab.Model:
+    specs = uniform_layers(layers, num_heads=heads, num_kv_heads=kv, head_dim=16, intermediate_size=64, **kw)
+    return random_model(ModelConfig(vocab_size=97, hidden_size=64, layers=specs, max_positions=256))
+
+
+def _ids(t: int = 40, b: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 97, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_same_config_carries_every_tensor_exactly():
+    m = _model()
+    out = convert(m, m.config)
+    assert len(out.report.carried) == len(m.state_dict()) and not out.report.dropped and not out.report.initialised
+    ids = _ids()
+    assert torch.equal(out.model(ids), m(ids))
+
+
+def test_share_last_drops_exactly_the_consumers_kv_and_keeps_the_rest():
+    m = _model()
+    out = to_shared(m, last=2)
+    cfg = out.model.config
+    assert [x.kv_source for x in cfg.layers] == [None, None, 1, 1]
+    assert sorted(out.report.dropped) == sorted(f"layers.{i}.attn.{p}_proj.weight" for i in (2, 3) for p in "kv")
+    src = m.state_dict()
+    for name, t in out.model.state_dict().items():
+        assert torch.equal(t, src[name]), name
+    # the consumers' queries now attend to layer 1's K/V: outputs change, earlier layers' do not
+    ids = _ids()
+    assert not torch.allclose(out.model(ids), m(ids))
+    n = 64
+    assert out.model.new_cache(2, n).nbytes() == kvlab.costs(cfg, context=n, batch=2, dtype="float32").kv_cache_bytes
+
+
+def test_share_adjacent_is_cla():
+    out = apply(_model(), "share-adjacent:2")
+    assert [x.kv_source for x in out.model.config.layers] == [None, 0, None, 2]
+
+
+def test_window_covering_the_sequence_is_exact_and_a_short_one_is_not():
+    m = _model()
+    ids = _ids(40)
+    wide = to_window(m, 64)
+    assert not wide.report.dropped and not wide.report.derived
+    assert torch.allclose(wide.model(ids), m(ids), atol=1e-5)
+    short = to_window(m, 8, pattern="1 sliding : 1 global")
+    assert [x.window for x in short.model.config.layers] == [8, None, 8, None]
+    a, b = short.model(ids), m(ids)
+    assert torch.allclose(a[:, :8], b[:, :8], atol=1e-5)  # the first 8 positions see the same keys
+    assert not torch.allclose(a[:, 8:], b[:, 8:], atol=1e-3)
+
+
+def test_pruning_heads_equals_zeroing_their_output_columns():
+    m = _model(heads=4, kv=2)
+    scores = torch.tensor([[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0], [4.0, 1.0, 1.0, 4.0], [1.0, 4.0, 4.0, 1.0]])
+    out = prune_heads(m, 2, scores=scores)
+    assert [x.num_heads for x in out.model.config.layers] == [2] * 4
+    # one head kept per KV group (heads 0-1 read KV head 0, heads 2-3 KV head 1), the better of each pair
+    kept = [[0, 2], [1, 3], [0, 3], [1, 2]]
+    oracle = convert(m, m.config).model
+    with torch.no_grad():
+        for i, keep in enumerate(kept):
+            w = oracle.layers[i].attn.o_proj.weight.view(64, 4, 16)
+            for h in set(range(4)) - set(keep):
+                w[:, h] = 0
+    ids = _ids()
+    assert torch.allclose(out.model(ids), oracle(ids), atol=1e-5)
+    assert out.model.num_parameters() == m.num_parameters() - 4 * 2 * 2 * 16 * 64
+
+
+def test_pruning_nothing_is_the_same_model():
+    m = _model()
+    out = prune_heads(m, 1.0, scores=torch.rand(4, 4))
+    ids = _ids()
+    assert torch.equal(out.model(ids), m(ids)) and not out.report.derived
+
+
+def test_head_importance_is_the_contribution_norm():
+    m = _model()
+    ids = _ids(32, 1)[0]
+    base = head_importance(m, ids)
+    with torch.no_grad():
+        m.layers[1].attn.o_proj.weight.view(64, 4, 16)[:, 2] *= 3.0
+    after = head_importance(m, ids)
+    assert torch.allclose(after[1, 2], 3 * base[1, 2], rtol=1e-4)
+    assert torch.allclose(after[1, [0, 1, 3]], base[1, [0, 1, 3]], rtol=1e-5)  # same layer input, other heads
+    assert torch.equal(after[0], base[0])
+
+
+def test_saved_conversion_loads_with_every_verb(tmp_path):
+    m = _model()
+    out = apply(m, "share-last:1")
+    d = kvlab.save(out.model, tmp_path / "ck", extra={"retrofit.json": out.report.to_dict()})
+    back = kvlab.load(d)
+    ids = _ids()
+    assert torch.equal(back(ids), out.model(ids))
+    assert back.config.layers[-1].kv_source == 2
+    assert json.loads((d / "retrofit.json").read_text())["technique"] == "share-last:1"
+    with pytest.raises(CheckpointWriteError, match="already exists"):
+        kvlab.save(out.model, d)
+    from kvlab.cli import main
+
+    assert main(["generate", str(d), "--ids", "1,2,3", "--max-new-tokens", "2", "--json"]) == 0
+
+
+@pytest.mark.parametrize("technique, message", [
+    ("share-last:4", "at most 3 can share"),
+    ("share-last:x", "must be an integer"),
+    ("window:256", "max_positions=256"),
+    ("window:0", "positive integer"),
+    ("window:16,sink=3", "unknown option"),
+    ("prune-heads:3", "can keep [2, 4]"),
+    ("prune-heads:1.5", "(0, 1]"),
+    ("shrae-last:2", "unknown technique"),
+])
+def test_bad_conversions_are_named_errors(technique, message):
+    with pytest.raises(RetrofitError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        apply(_model(), technique, ids=list(range(20)))
+
+
+def test_cli_converts_measures_and_writes_the_table(tmp_path, capsys):
+    from kvlab.cli import main
+    from tests.helpers import save_text_checkpoint
+
+    src = save_text_checkpoint(tmp_path / "src")
+    out = tmp_path / "rf"
+    assert main(["retrofit", str(src), "--sweep", "share-last:1", "window:16,pattern=1sliding+1global", "--out",
+                 str(out), "--length", "128", "--decode-context", "32", "--no-progress", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    rows = {r["technique"]: r for r in res["rows"]}
+    assert set(rows) == {"share-last:1", "window:16,pattern=1sliding+1global"}
+    for r in rows.values():
+        assert r["decode"]["cache_bytes_measured"] == r["decode"]["cache_bytes_calculated"]
+        assert r["kl"] > 0 and r["eval_tokens"] == 127
+    win = rows["window:16,pattern=1sliding+1global"]
+    assert win["kv_bytes"]["32768"] == win["ref_kv_bytes"]["32768"] // 2 + 16 * (2 * 8 * 2) * 4  # 1 ring of 16
+    assert (out / "table.md").read_text().count("\n") == 5 and (out / "frontier.png").stat().st_size > 0
+    back = kvlab.load(out / "share-last-1" / "converted")
+    assert back.config.layers[1].kv_source == 0
+    # the converted checkpoint carries the tokenizer: every verb runs on it
+    assert main(["eval", str(out / "share-last-1" / "converted"), "--window", "64", "--json", "--no-progress"]) == 0
+
+
+def test_cli_rejects_a_bad_technique_before_loading(tmp_path, capsys):
+    from kvlab.cli import main
+
+    assert main(["retrofit", "smollm2-135m", "--to", "window:abc", "--out", str(tmp_path / "x")]) == 2
+    assert "window: window='abc' must be an integer" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
