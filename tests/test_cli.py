@@ -11,7 +11,7 @@ from kvlab.config import ModelConfig, uniform_layers
 from kvlab.costs import costs
 from kvlab.presets import get_preset, presets
 
-VERBS = ["calc", "compare", "inspect", "fit", "generate", "chat", "eval", "bench", "presets"]
+VERBS = ["calc", "compare", "inspect", "fit", "generate", "chat", "eval", "bench", "retrofit", "presets"]
 
 
 def run(capsys, *argv):
@@ -236,11 +236,13 @@ def _json_argv(verb, tmp_path, tiny_path, checkpoint):
     if verb == "train":
         (tmp_path / "run.json").write_text(json.dumps(train_cfg))
         return ["train", tmp_path / "run.json", "--out", tmp_path / "run"]
-    if verb in ("chat", "eval"):
+    if verb in ("chat", "eval", "retrofit"):
         from helpers import save_text_checkpoint
 
         d = save_text_checkpoint(tmp_path / "text")
-        return ["chat", d, "--max-new-tokens", "2"] if verb == "chat" else ["eval", d, "--window", "64"]
+        return {"chat": ["chat", d, "--max-new-tokens", "2"], "eval": ["eval", d, "--window", "64"],
+                "retrofit": ["retrofit", d, "--to", "share-last:1", "--out", tmp_path / "rf", "--length", "64",
+                             "--decode-context", "16"]}[verb]
     if verb == "ablate":
         sweep = {"base": train_cfg, "variants": [{"name": "base"}, {"name": "sliding", "sliding": {"window": 4, "global_every": 2}}],
                  "seeds": [0], "context": "1k", "probe": {"lengths": [24], "distance_bins": [0, 8], "samples": 4}}
