@@ -78,7 +78,9 @@ def _loss_sum(model: Model, ids: torch.Tensor, targets: torch.Tensor, ctx, cfg: 
         return ce, logits, {}
     d = cfg.distill
     kl = kl_sum(teacher, ids, targets, logits, ctx, d.temperature)
-    loss = d.kl_weight * d.temperature ** 2 * kl + d.lm_weight * ce
+    loss = d.kl_weight * d.temperature ** 2 * kl
+    if d.lm_weight:  # no backward through the cross-entropy when it only is logged
+        loss = loss + d.lm_weight * ce
     return loss, logits, {"kl": kl.detach(), "lm": ce.detach()}
 
 
@@ -328,6 +330,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
                     post["kl"] = f"{row['kl']:.4f}"
                 if "eval_loss" in row:
                     post["eval"] = f"{row['eval_loss']:.4f}"
+                if "eval_kl" in row:
+                    post["eval_kl"] = f"{row['eval_kl']:.4f}"
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
             if (s.save_every and done % s.save_every == 0) or done == stop:
