@@ -189,3 +189,20 @@ def test_eval_cli_rejects_sink_tokens_without_a_window(capsys, argv, needle):
     rc = main(["eval", "smollm2-135m", *argv])
     err = capsys.readouterr().err
     assert rc == 2 and err.startswith(f"kvlab: error: {needle}") and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_sink_tokens_bring_a_windowed_smollm2_closer_to_itself():
+    """On the real SmolLM2-135M (every layer cut to a 128 window, first 512 tokens of the default corpus), keeping 4
+    sink tokens lowers the KL divergence from the unmodified model (docs/attention.md measures it at 2K)."""
+    from real_models import real_model_path
+
+    from kvlab.eval import kl_divergence, load_corpus
+    from kvlab.tokenizer import load_tokenizer
+
+    path = real_model_path("smollm2-135m")
+    model = kvlab.load(path).eval()
+    ids = load_tokenizer("smollm2-135m").encode(load_corpus().text[:20000], special=False)[:512]
+    plain = kl_divergence(model, with_window(model, 128), ids, window=512, chunk=128)
+    sinks = kl_divergence(model, with_window(model, 128, sink_tokens=4), ids, window=512, chunk=128)
+    assert sinks.mean_kl < plain.mean_kl, (sinks.mean_kl, plain.mean_kl)
