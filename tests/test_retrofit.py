@@ -163,3 +163,29 @@ def test_cli_rejects_a_bad_technique_before_loading(tmp_path, capsys):
     assert main(["retrofit", "smollm2-135m", "--to", "window:abc", "--out", str(tmp_path / "x")]) == 2
     assert "window: window='abc' must be an integer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_cli_recovers_by_distillation_over_seeds(tmp_path, capsys):
+    from kvlab.cli import main
+    from tests.helpers import save_text_checkpoint
+
+    src = save_text_checkpoint(tmp_path / "src")
+    out = tmp_path / "rf"
+    argv = ["retrofit", str(src), "--to", "share-last:1", "--out", str(out), "--recover", "3", "--seeds", "0,1",
+            "--seq-len", "32", "--batch", "2", "--lr", "1e-3", "--length", "96", "--decode-context", "0",
+            "--no-progress", "--json"]
+    assert main(argv) == 0
+    res = json.loads(capsys.readouterr().out)
+    before, *after = res["rows"]
+    assert before["recovery_steps"] == 0 and [r["seed"] for r in after] == [0, 1]
+    assert all(r["recovery"]["steps"] == 3 for r in after)
+    assert after[0]["kl"] != after[1]["kl"] and after[0]["kl"] != before["kl"]  # trained, and seeds differ
+    assert res["spread"][0]["seeds"] == [0, 1] and res["spread"][0]["kl_sd"] > 0
+    run = out / "recovered-seed0"
+    assert kvlab.load(run).config.layers[1].kv_source == 0  # the recovered model keeps the technique
+    assert main(["eval", str(run), "--window", "64", "--json", "--no-progress"]) == 0  # carries the tokenizer
+    capsys.readouterr()
+    # a second invocation resumes: converted model reused, finished recoveries not retrained
+    assert main(argv) == 0
+    again = json.loads(capsys.readouterr().out)
+    assert [r["kl"] for r in again["rows"]] == pytest.approx([r["kl"] for r in res["rows"]], rel=1e-6)

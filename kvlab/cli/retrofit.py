@@ -94,8 +94,10 @@ class Setup:
         if self.length > self.model.config.max_positions:
             raise ValueError(f"--length {args.length}: exceeds the model's max_positions="
                              f"{self.model.config.max_positions}")
-        # head importance is measured on text after the evaluation window, never on the tokens scored
-        self.calibration = self.ids[self.length:self.length + 4096]
+        # head importance is measured on the training text (disjoint from the evaluation corpus), never on what is scored
+        from kvlab.train.text import training_corpus
+
+        self.calibration = self.tok.encode(training_corpus().text[:200_000], special=False)[:4096]
         self.ground = {"model": str(args.model), "model_name": self.model.config.name, "text": self.corpus.name,
                        "provenance": self.corpus.provenance, "text_sha256": self.corpus.sha256,
                        "eval_window": self.length, "dtype": "float32"}
@@ -129,6 +131,9 @@ def recover_one(setup: Setup, student: Path, out: Path, seed: int, out_stream) -
     r = recover(student, a.model, run, steps=a.recover, seq_len=a.seq_len, batch_size=a.batch, lr=a.lr,
                 lm_weight=a.lm_weight, seed=seed, resume=a.resume or run.exists(), progress=not a.no_progress)
     s = r.summary
+    from kvlab.tokenizer import save_tokenizer
+
+    save_tokenizer(setup.tok, run)  # the run directory carries the tokenizer: kvlab eval / chat run on it
     print(f"recovered {student.parent.name} seed {seed}: {s.get('steps')} steps, final loss {s.get('final_loss'):.4f}, "
           f"{s.get('wall_s', 0):.0f} s", file=out_stream)
     return kvlab.load(run, device=a.device).eval(), {"steps": s.get("steps"), "final_loss": s.get("final_loss"),
