@@ -140,17 +140,20 @@ def test_cli_converts_measures_and_writes_the_table(tmp_path, capsys):
 
     src = save_text_checkpoint(tmp_path / "src")
     out = tmp_path / "rf"
-    assert main(["retrofit", str(src), "--sweep", "share-last:1", "window:16,pattern=1sliding+1global", "--out",
-                 str(out), "--length", "128", "--decode-context", "32", "--no-progress", "--json"]) == 0
+    assert main(["retrofit", str(src), "--sweep", "share-last:1", "window:16,pattern=1sliding+1global",
+                 "kv-quant:int4-g8", "--out", str(out), "--length", "128", "--decode-context", "32", "--no-progress",
+                 "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     rows = {r["technique"]: r for r in res["rows"]}
-    assert set(rows) == {"share-last:1", "window:16,pattern=1sliding+1global"}
+    assert set(rows) == {"share-last:1", "window:16,pattern=1sliding+1global", "kv-quant:int4-g8"}
     for r in rows.values():
-        assert r["decode"]["cache_bytes_measured"] == r["decode"]["cache_bytes_calculated"]
+        assert r["cache"]["match"] and r["cache"]["measured"] == r["cache"]["calculated"] > 0
         assert r["kl"] > 0 and r["eval_tokens"] == 127
     win = rows["window:16,pattern=1sliding+1global"]
     assert win["kv_bytes"]["32768"] == win["ref_kv_bytes"]["32768"] // 2 + 16 * (2 * 8 * 2) * 4  # 1 ring of 16
-    assert (out / "table.md").read_text().count("\n") == 5 and (out / "frontier.png").stat().st_size > 0
+    q = rows["kv-quant:int4-g8"]  # 4-bit codes + one fp32 scale per 8 values... priced as the cache holds them
+    assert q["kv_bytes"]["4096"] < q["ref_kv_bytes"]["4096"] / 3 and q["checkpoint"] is None
+    assert (out / "table.md").read_text().count("\n") == 6 and (out / "frontier.png").stat().st_size > 0
     back = kvlab.load(out / "share-last-1" / "converted")
     assert back.config.layers[1].kv_source == 0
     # the converted checkpoint carries the tokenizer: every verb runs on it
@@ -189,3 +192,15 @@ def test_cli_recovers_by_distillation_over_seeds(tmp_path, capsys):
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert [r["kl"] for r in again["rows"]] == pytest.approx([r["kl"] for r in res["rows"]], rel=1e-6)
+
+
+def test_window_with_sink_tokens_sets_them_on_window_layers_only():
+    out = apply(_model(), "window:8,pattern=1sliding+1global,sinks=2")
+    assert [(x.window, x.sink_tokens) for x in out.model.config.layers] == [(8, 2), (None, 0)] * 2
+    ids = _ids(40)
+    # the sinks keep the first positions visible: position 20 of a window layer sees keys 0-1 and 13-20
+    from kvlab.eval.variant import with_window
+
+    ref = with_window(_model(), 8, sink_tokens=2)  # every layer windowed, a different model
+    assert not torch.allclose(out.model(ids), ref(ids))
+    assert torch.allclose(out.model(ids)[:, :8], _model()(ids)[:, :8], atol=1e-5)

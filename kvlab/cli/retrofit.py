@@ -103,8 +103,9 @@ class Setup:
                        "eval_window": self.length, "dtype": "float32"}
 
 
-def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[Any, Path]:
-    """Convert, save to ``out/converted`` (or reuse a saved one when resuming); the converted model and its path."""
+def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[Any, Path | None]:
+    """Convert, save to ``out/converted`` (or reuse a saved one when resuming); the converted model and its path
+    (None for a cache format: same weights, nothing to save)."""
     import kvlab
     from kvlab.retrofit import apply
 
@@ -114,6 +115,9 @@ def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[An
         return kvlab.load(target, device=setup.args.device).eval(), target
     t0 = time.perf_counter()
     conv = apply(setup.model, technique, ids=setup.calibration)
+    if getattr(conv.model, "kv_quant", None) is not None:  # a cache format: nothing new to save
+        print(f"{conv.report.summary()}; {conv.report.notes[0]}", file=out_stream)
+        return conv.model, None
     kvlab.save(conv.model, target, tokenizer=setup.tok,
                extra={"retrofit.json": {**conv.report.to_dict(), "source_model": str(setup.args.model)}})
     print(f"{conv.report.summary()}; saved {target} in {time.perf_counter() - t0:.1f} s", file=out_stream)
@@ -157,7 +161,11 @@ def run_technique(setup: Setup, technique: str, out: Path, out_stream) -> list[d
     model, path = convert_one(setup, technique, out, out_stream)
     rows = []
     if not a.no_eval:
-        rows.append({"technique": technique, "recovery_steps": 0, "checkpoint": str(path), **measure_one(setup, model)})
+        rows.append({"technique": technique, "recovery_steps": 0, "checkpoint": str(path) if path else None,
+                     **measure_one(setup, model)})
+    if path is None and a.recover:
+        print(f"{technique}: a cache format changes no weights: nothing to recover", file=out_stream)
+        return rows
     for seed in _seeds(a.seeds) if a.recover else []:
         rec, info = recover_one(setup, path, out, seed, out_stream)
         if not a.no_eval:

@@ -77,6 +77,25 @@ def _read_prune(value, opts):
     return {"keep": _number("prune-heads", "keep", value)}
 
 
+def _read_kv_quant(value, opts):
+    from ..costs.quant import resolve_kv_quant
+
+    _options("kv-quant", opts)
+    if not value:
+        raise RetrofitError("kv-quant: name a format, e.g. kv-quant:int8 or kv-quant:int4-g32-r64")
+    try:
+        resolve_kv_quant(value)
+    except ValueError as e:
+        raise RetrofitError(f"kv-quant: {e}") from e
+    return {"fmt": value}
+
+
+def _quantized(model, ids=None, **kw):
+    from .quant import to_kv_quant
+
+    return to_kv_quant(model, **kw)
+
+
 def _shared(model, ids=None, **kw):
     from .sharing import to_shared
 
@@ -104,6 +123,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
               "(StreamingLLM)", "window:512,pattern=3sliding+1global,sinks=4", _read_window, _windowed),
     Technique("prune-heads", "keep the most important query heads per layer (count or fraction; per kind with "
               "global=/sliding=)", "prune-heads:0.5", _read_prune, _pruned, needs_text=True),
+    Technique("kv-quant", "quantized K/V cache, same weights (a run-time cache format; kvlab calc --help lists them)",
+              "kv-quant:int4-g32-r64", _read_kv_quant, _quantized),
 )}
 
 

@@ -1,0 +1,31 @@
+"""KV-cache quantization as a training-free retrofit point (kvlab/costs/quant.py formats: ``int8``, ``int4-g32-r64``,
+``fp8``, ...): the weights are the source's own tensors, the caches the model makes hold K/V quantized.
+
+A cache format is a run-time option, not a checkpoint change: ``kvlab.load(...)`` then ``new_cache(...,
+kv_quant=...)`` or ``--kv-quant`` on the verbs; the model returned here carries ``kv_quant`` so the report prices
+and measures the quantized cache.
+"""
+
+from __future__ import annotations
+
+from ..model import Model
+from .convert import Converted, Report, RetrofitError
+
+
+def to_kv_quant(model: Model, fmt: str) -> Converted:
+    """``model`` whose caches are quantized as ``fmt`` (same weights, no copy)."""
+    from ..costs.quant import quant_name, resolve_kv_quant
+    from ..eval.variant import with_kv_quant
+
+    try:
+        q = resolve_kv_quant(fmt)
+        out = with_kv_quant(model, q)
+    except ValueError as e:
+        raise RetrofitError(f"kv-quant: {e}") from e
+    out.kv_quant = q
+    name = quant_name(q)
+    report = Report(f"kv-quant:{name}", model.config.name, out.config.name,
+                    carried=list(model.state_dict()),
+                    notes=[(f"weights unchanged; K/V cached as {name} (a run-time cache format: pass kv_quant / "
+                           "--kv-quant when running the saved checkpoint)")])
+    return Converted(out, report)
