@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.costs import costs, dtype_bytes, resolve_config
+from kvlab.costs.dtypes import kv_dtype_for
 from kvlab.engines import _attention_kind, _tp_factor, get_engine
 from kvlab.errors import FitError
 
@@ -132,8 +133,8 @@ def footprint(model: Any, context: int, batch: int = 1, weights_dtype: Any = "bf
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise FitError(f"tp={tp!r}: must be a positive integer")
     c = costs(cfg, context=context, dtype=weights_dtype, batch=batch, kv_dtype=kv_dtype)
-    w_name, w_elt = dtype_bytes(weights_dtype)
-    weights = c.params_total * w_elt + c.params_mhc * max(0, 4 - w_elt)  # mHC maps held in fp32
+    w_name = c.dtype
+    weights = c.weights_bytes  # params x dtype, mHC maps held in fp32
     if weights_bytes is not None:
         weights = weights_bytes
     kv = state = 0
@@ -203,7 +204,7 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
         eng = get_engine(engine)
     usable = int(memory * eng.memory_fraction) if eng is not None else memory
     w_name, _ = dtype_bytes(weights_dtype)
-    kv_name, _ = dtype_bytes(weights_dtype if kv_dtype is None else kv_dtype)
+    kv_name, _ = kv_dtype_for(weights_dtype, kv_dtype)
     if gguf is not None:
         w_name = "gguf"
 

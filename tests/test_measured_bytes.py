@@ -33,3 +33,20 @@ def test_growing_cache_never_exceeds_window():
     for _ in range(20):
         model(torch.randint(0, 97, (1, 1)), cache=cache)
     assert all(s.buf.k.shape[2] == 6 for s in cache.layers)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_costs_of_a_model_prices_its_own_dtype(dtype):
+    """The README's promise: a loaded model is priced in the dtype it holds, without being told."""
+    cfg = tiny_config(window=5)
+    model = random_model(cfg).to(dtype)
+    elt = torch.tensor([], dtype=dtype).element_size()
+    c = kvlab.costs(model, context=64, batch=2)
+    assert c.dtype == str(dtype).removeprefix("torch.") and c.kv_dtype == c.dtype
+    assert model.new_cache(2, max_length=64).nbytes() == c.kv_cache_bytes
+    bf16 = kvlab.costs(cfg, context=64, batch=2)  # a bare ModelConfig carries no dtype: bf16
+    assert c.kv_cache_bytes * 2 == bf16.kv_cache_bytes * elt
+    told = kvlab.costs(model, context=64, batch=2, dtype="fp16")  # told otherwise: what it is told
+    assert told.kv_cache_bytes == bf16.kv_cache_bytes and told.dtype == "float16"
+    assert kvlab.costs(model, context=64, batch=2, kv_quant="int8").kv_cache_bytes == \
+        model.new_cache(2, max_length=64, kv_quant="int8").nbytes()

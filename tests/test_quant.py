@@ -14,6 +14,7 @@ from kvlab.config import ModelConfig
 from kvlab.costs import costs
 from kvlab.costs.quant import Buffer, QuantError, QuantSpec, bits_per_value, layout, parse_quant, resolve_kv_quant
 from kvlab.layers import attention, cca
+from kvlab.units import fmt_bytes
 from tests.test_contract import random_model, tiny
 
 
@@ -249,3 +250,34 @@ def test_eval_variant_kv_is_a_quantized_cache_and_a_bad_one_is_named():
     assert var.new_cache(1, 8).nbytes() == costs(model.config, 8, "float32", kv_quant="int8-g4-r2").kv_cache_bytes
     with pytest.raises(ValueError, match=r"kv_quant format='q3': allowed"):
         _variant("kv=q3", model)
+
+
+def test_calc_prices_weights_and_kv_separately_with_resident_memory(capsys):
+    """fp8 weights with an int4 cache: the weights at 1 B/param, the cache in int4 with bf16 scales and residual
+    (not in fp8), the resident total = weights + K/V + state beside the per-step traffic."""
+    from kvlab.cli import main
+
+    assert main(["calc", "qwen3-8b", "--context", "32k", "--dtype", "fp8", "--kv-dtype", "int4", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    bf16 = costs("qwen3-8b", context=32768)
+    q = costs("qwen3-8b", context=32768, kv_quant="int4")  # its residual and scales in bf16
+    assert d["dtype"] == "float8" and d["kv_dtype"] == "bfloat16" and d["weights_bytes"] == bf16.params_total
+    assert d["kv_cache_bytes"] == q.kv_cache_bytes < bf16.kv_cache_bytes // 3
+    assert d["resident_bytes"] == bf16.params_total + q.kv_cache_bytes
+    assert d["weight_read_bytes_per_step"] * 2 == bf16.weight_read_bytes_per_step
+    assert main(["calc", "qwen3-8b", "--context", "32k", "--dtype", "fp8", "--kv-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    c = costs("qwen3-8b", context=32768, dtype="fp8", kv_quant="fp8")  # fp8 codes + a scale per group of 32
+    assert bf16.kv_cache_bytes // 2 < c.kv_cache_bytes < bf16.kv_cache_bytes * 0.6
+    row = next(x for x in out.splitlines() if x.startswith("resident memory (weights + K/V + state)"))
+    assert row.split()[-3:] == [*fmt_bytes(c.params_total + c.kv_cache_bytes).split(),
+                                f"{c.params_total + c.kv_cache_bytes:,}"]
+    assert main(["calc", "qwen3-8b", "--dtype", "int3"]) == 2
+    assert "kvlab: error: dtype='int3': allowed:" in capsys.readouterr().err
+
+
+def test_resident_memory_counts_state_and_fp32_mhc_maps():
+    cca = costs("zaya1-8b", context=1024)  # CCA: a constant conv/value state per sequence
+    assert cca.kv_state_bytes > 0 and cca.resident_bytes == cca.params_total * 2 + cca.kv_cache_bytes
+    v4 = costs("deepseek-v4-flash", context=1024, dtype="fp8")
+    assert v4.params_mhc and v4.weights_bytes == v4.params_total + 3 * v4.params_mhc

@@ -7,19 +7,22 @@ from typing import Any
 
 from kvlab.cli.common import (
     MODEL_HELP,
-    add_dtype_and_json,
     add_kv_dtype,
+    add_price_dtype_and_json,
     context_or_default,
     costs_of,
     emit_json,
     kv_options,
+    parse_price_dtype,
     resolve_config,
 )
-from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_dtype, table
+from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, table
 
 NAME = "calc"
 HELP = "parameters, KV-cache bytes, bytes read per step and FLOPs of one model at one context"
-EXAMPLE = "kvlab calc llama-3.1-8b --context 128k --dtype bf16\n  kvlab calc smollm2-135m --context 8k   # a GGUF: header only, with the file's own weight bytes"
+EXAMPLE = ("kvlab calc llama-3.1-8b --context 128k --dtype bf16\n"
+           "  kvlab calc qwen3-8b --context 32k --dtype fp8 --kv-quant int4-g32-r64   # fp8 weights, int4 K/V\n"
+           "  kvlab calc smollm2-135m --context 8k   # a GGUF: header only, with the file's own weight bytes")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -28,7 +31,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--no-kv-sharing", action="store_true",
                    help="price the same model with every layer producing and storing its own K/V")
-    add_dtype_and_json(q)
+    add_price_dtype_and_json(q)
     add_kv_dtype(q)
 
 
@@ -75,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
     kv_quant = quants[0] if quants else None
     cfg = resolve_config(args.model)
     ctx = context_or_default(args.context, cfg)
-    dtype = parse_dtype(args.dtype)
+    dtype = parse_price_dtype(args.dtype)
     sharing = kv_sharing_report(cfg, ctx, dtype, args.batch, kv_dtype) if shared_layers(cfg) else None
     if args.no_kv_sharing:
         cfg = without_sharing(cfg)
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     gguf = gguf_weights(args.model)  # a GGUF file (or named model): its own quantized bytes, from the header
     if args.json:
         unq = None if plain is None else {k: getattr(plain, k) for k in QUANT_FIELDS}
-        emit_json({**c.to_dict(), "source": cfg.source, "kv_sharing": sharing,
+        resident = (gguf["weight_bytes"] if gguf is not None else c.weights_bytes) + c.kv_cache_bytes
+        emit_json({**c.to_dict(), "resident_bytes": resident, "source": cfg.source, "kv_sharing": sharing,
                     "kv_sharing_off": bool(args.no_kv_sharing), "gguf": gguf, "kv_unquantized": unq})
         return 0
     print(f"{c.name}: context {ctx:,} tokens ({fmt_context(ctx)}), batch {c.batch}, weights {c.dtype}, "
@@ -93,6 +97,8 @@ def run(args: argparse.Namespace) -> int:
     if cfg.source:
         print(f"source: {cfg.source}")
     read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
+    weights = gguf["weight_bytes"] if gguf is not None else c.weights_bytes  # a GGUF file: as stored
+    resident = weights + c.kv_cache_bytes
     avg = c.kv_cache_bytes / (ctx * c.batch)
     parts = c.kv_components  # csa / hca / mla cache components, summed over the layers
     owners: dict[str, set[str]] = {}  # component -> the attention kinds holding it
@@ -114,6 +120,13 @@ def run(args: argparse.Namespace) -> int:
         ["KV bytes/token, window layers (up to window)", fmt_bytes(c.kv_bytes_per_token_window),
          f"{c.kv_bytes_per_token_window:,}"],
         ["KV bytes/token, average at this context", fmt_bytes(avg), f"{avg:,.1f}"],
+        ["resident memory (weights + K/V + state)", fmt_bytes(resident), f"{resident:,}"],
+        [f"  weights ({'as stored in the GGUF file' if gguf is not None else c.dtype})", fmt_bytes(weights),
+         f"{weights:,}"],
+        ["  K/V" + (" and constant state" if c.kv_state_bytes else ""), fmt_bytes(c.kv_cache_bytes),
+         f"{c.kv_cache_bytes:,}"],
+        *([["    of which constant state", fmt_bytes(c.kv_state_bytes), f"{c.kv_state_bytes:,}"]]
+          if c.kv_state_bytes else []),
         ["bytes read per decode step", fmt_bytes(read), f"{read:,}"],
         ["  weights", fmt_bytes(c.weight_read_bytes_per_step), f"{c.weight_read_bytes_per_step:,}"],
         ["  K/V", fmt_bytes(c.kv_read_bytes_per_step), f"{c.kv_read_bytes_per_step:,}"],

@@ -26,6 +26,20 @@ def add_dtype_and_json(parser: argparse.ArgumentParser, dtype: str = "bf16",
     add_json(parser, json_help)
 
 
+def add_price_dtype_and_json(parser: argparse.ArgumentParser) -> None:
+    """``--dtype`` of the weights a calculator verb prices (8-bit weights too) and ``--json``."""
+    parser.add_argument("--dtype", default="bf16", help="weights: bf16, fp16, fp32, fp8 or int8 (default bf16; "
+                        "the K/V cache follows it, bf16 for 8-bit weights, unless --kv-dtype / --kv-quant)")
+    add_json(parser)
+
+
+def parse_price_dtype(text: str) -> str:
+    """A dtype the calculator prices (bf16, fp16, fp32, fp8, int8 and their long names), canonical."""
+    from kvlab.costs import dtype_bytes
+
+    return dtype_bytes(str(text).strip())[0]
+
+
 def add_json(parser: argparse.ArgumentParser, help: str = "print one JSON object on stdout") -> None:
     """``--json``: standard output holds only the JSON object; tables and notices go to standard error."""
     parser.add_argument("--json", action="store_true", help=help)

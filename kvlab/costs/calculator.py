@@ -21,7 +21,7 @@ from kvlab.config import ModelConfig
 from kvlab.kinds import AttnCost
 
 from .block import block_extra
-from .dtypes import DTYPE_BYTES, dtype_bytes
+from .dtypes import DTYPE_BYTES, dtype_bytes, kv_dtype_for, model_dtype
 from .mhc import assumption as mhc_assumption
 from .mhc import mhc_cost
 from .mlp import mlp_cost
@@ -101,6 +101,8 @@ class Costs:
     mhc_flops_per_token: int = 0  # their projections, stream mixing and Sinkhorn; included in flops_per_token
     kv_components: dict[str, int] = field(default_factory=dict)  # kv_cache_bytes by named part, summed over layers
     attn_flops_components: dict[str, int] = field(default_factory=dict)  # attn_flops_per_token by named part
+    weights_bytes: int = 0  # params_total in dtype (mHC maps in fp32): what the weights hold in memory
+    resident_bytes: int = 0  # weights_bytes + kv_cache_bytes (K/V and constant state): held between steps
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (per_layer as a list of dicts)."""
@@ -156,12 +158,14 @@ def _mlp_label(layer: Any) -> str:
     return f"moe {moe.top_k}/{moe.num_experts}x{moe.expert_size}{shared}" + (" hash" if moe.hash_routing else "")
 
 
-def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_dtype: Any = None,
+def costs(model: Any, context: int, dtype: Any = None, batch: int = 1, kv_dtype: Any = None,
           kv_quant: Any = None) -> Costs:
     """Price ``model`` (ModelConfig, preset name, checkpoint dir or Model) at ``context`` tokens.
 
     ``context`` is the cache length (a preallocated cache's ``max_length``) and the decode position;
-    ``dtype`` prices weights, ``kv_dtype`` (default ``dtype``) prices the K/V cache (and, with ``kv_quant``, its
+    ``dtype`` prices weights: default the dtype a loaded Model holds them in (so ``costs(model, n).kv_cache_bytes
+    == model.new_cache(1, n).nbytes()`` for an fp32 model too), else bf16. ``kv_dtype`` (default ``dtype``; bf16
+    when the weights are 8-bit) prices the K/V cache (and, with ``kv_quant``, its
     full-precision parts: residual window, exact rotary channels, constant state). ``kv_quant``: a quantized cache
     (``"int8"``, ``"int4-g32-r64"``, ``"deepseek-v4"``, a QuantSpec or a mapping; kvlab/costs/quant.py): codes,
     scales, zero points, residual and group padding priced per component, as ``Cache(kv_quant=...)`` holds them.
@@ -170,8 +174,10 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     for nm, v in (("context", context), ("batch", batch)):
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{nm}={v!r}: must be a positive integer")
+    if dtype is None:
+        dtype = model_dtype(model) or "bfloat16"
     w_name, w_elt = dtype_bytes(dtype)
-    kv_name, kv_elt = dtype_bytes(dtype if kv_dtype is None else kv_dtype)
+    kv_name, kv_elt = kv_dtype_for(dtype, kv_dtype)
     hidden, vocab = cfg.hidden_size, cfg.vocab_size
     quant = resolve_kv_quant(kv_quant)
     if quant:
@@ -229,7 +235,9 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
     prefill_attn = sum(x.prefill_attn_flops for x in per_layer)
     full = [x for x in per_layer if x.window is None]
     assumptions = [
-        f"weights in {w_name} ({w_elt} B/param), K/V cache in {kv_name} ({kv_elt} B/element); batch {batch}",
+        f"weights in {w_name} ({w_elt} B/param), K/V cache in {kv_name} ({kv_elt} B/element); batch {batch}"
+        + ("; 8-bit weights compute and cache in bf16 unless a K/V dtype is given" if kv_dtype is None and w_elt == 1
+           else ""),
         *([QUANT_ASSUMPTION.format(name=quant_name(quant), kv=kv_name)] if quant else []),
         ("kv_bytes_per_token: per position of one sequence over full-attention layers; "
          "kv_bytes_per_token_window: the same over window layers (held only up to the window)"),
@@ -260,11 +268,13 @@ def costs(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1, kv_
             "window caps); the difference is what cross-layer KV sharing saves")
     if context > cfg.max_positions:
         assumptions.append(f"context {context} exceeds the model's max_positions {cfg.max_positions}")
+    weights = params_total * w_elt + mhc["params"] * max(0, 4 - w_elt)  # mHC maps held in fp32
+    kv_total = sum(x.kv_bytes for x in per_layer)
     return Costs(
         name=cfg.name, context=context, batch=batch, dtype=w_name, kv_dtype=kv_name, kv_quant=quant_name(quant),
         params_total=params_total, params_embedding=embed, params_lm_head=lm_head, params_active=params_active,
         params_active_non_embedding=params_active - embed - lm_head - ple_table,
-        kv_cache_bytes=sum(x.kv_bytes for x in per_layer),
+        kv_cache_bytes=kv_total, weights_bytes=weights, resident_bytes=weights + kv_total,
         kv_bytes_per_token=sum(x.kv_bytes_per_token for x in full),
         kv_bytes_per_token_window=sum(x.kv_bytes_per_token for x in per_layer if x.window is not None),
         kv_read_bytes_per_step=sum(x.kv_read_bytes for x in per_layer),
@@ -314,7 +324,7 @@ def _summed(parts: Any) -> dict[str, int]:
     return out
 
 
-def kv_sharing_report(model: Any, context: int, dtype: Any = "bfloat16", batch: int = 1,
+def kv_sharing_report(model: Any, context: int, dtype: Any = None, batch: int = 1,
                       kv_dtype: Any = None) -> dict[str, Any]:
     """What cross-layer KV sharing saves, under each assumption a published figure may use.
 
@@ -325,7 +335,7 @@ def kv_sharing_report(model: Any, context: int, dtype: Any = "bfloat16", batch: 
     layers) is the same under every assumption only when the layers have one layout.
     """
     cfg = resolve_config(model)
-    c = costs(cfg, context=context, dtype=dtype, batch=batch, kv_dtype=kv_dtype)
+    c = costs(model, context=context, dtype=dtype, batch=batch, kv_dtype=kv_dtype)
     kv_elt = DTYPE_BYTES[c.kv_dtype]
     shared = [i for i, x in enumerate(cfg.layers) if x.kv_source is not None]
 

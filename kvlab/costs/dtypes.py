@@ -23,3 +23,27 @@ def dtype_bytes(dtype: Any) -> tuple[str, int]:
         allowed = ", ".join(sorted(DTYPE_ALIASES))
         raise ValueError(f"dtype={dtype!r}: allowed: {allowed} (or the matching torch.dtype)")
     return name, DTYPE_BYTES[name]
+
+
+def kv_dtype_for(dtype: Any, kv_dtype: Any = None) -> tuple[str, int]:
+    """``(name, bytes)`` of the K/V cache's dtype: ``kv_dtype`` when given, else the weights' ``dtype``, except that
+    8-bit weights (fp8, int8) cache bf16 activations (weight-only quantization computes in bf16: vLLM's
+    ``kv_cache_dtype="auto"`` is the model's activation dtype)."""
+    if kv_dtype is not None:
+        return dtype_bytes(kv_dtype)
+    name, elt = dtype_bytes(dtype)
+    return dtype_bytes("bfloat16") if elt == 1 else (name, elt)
+
+
+def model_dtype(model: Any) -> str | None:
+    """The dtype a loaded model's weights (and so its cache) are held in, read without importing torch: the
+    token embedding's (what ``Model.new_cache`` allocates in), else the first parameter's; None for anything
+    that is not a module with parameters (a ModelConfig, a preset name, a path)."""
+    weight = getattr(getattr(model, "embed", None), "weight", None)
+    if weight is None:
+        params = getattr(model, "parameters", None)
+        if not callable(params):
+            return None
+        weight = next(iter(params()), None)
+    dt = getattr(weight, "dtype", None)
+    return None if dt is None else dtype_bytes(dt)[0]
