@@ -140,8 +140,16 @@ def machine_info() -> dict[str, Any]:
     vm = psutil.virtual_memory()
     return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
+            "threads_chosen": _threads_line(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "cpu_count": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
             "memory_total_bytes": vm.total}
+
+
+def _threads_line() -> str:
+    from kvlab.threads import chosen
+
+    plan = chosen()
+    return plan.describe() if plan is not None and plan.threads == torch.get_num_threads() else "torch's own"
 
 
 # -- the loops ---------------------------------------------------------------------------------------
@@ -313,10 +321,11 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
         raise ValueError(f"--vs {vs!r}: the only comparison is 'transformers'")
     if decode_tokens < 1 or batch < 1 or prefill_chunk < 1:
         raise ValueError("decode tokens, batch and prefill chunk must be positive integers")
-    if threads is not None:
-        if threads < 1:
-            raise ValueError(f"threads={threads}: must be a positive integer")
-        torch.set_num_threads(threads)
+    from kvlab import threads as threads_mod
+
+    done = threads_mod.chosen()  # the CLI set --threads or the default already
+    if threads is not None or done is None or done.threads != torch.get_num_threads():
+        threads_mod.apply(threads)  # --threads, else the default from the CPUs left idle
     torch_dtype = TORCH_DTYPES[dtype]
     checkpoint = is_checkpoint(spec)
     notes: list[str] = []
@@ -399,7 +408,8 @@ def format_card(r: dict[str, Any]) -> str:
     lines = [(f"kvlab bench: {r['model']}  ({fmt_count(r['params'])} params, {fmt_bytes(r['weight_bytes'])} "
               f"{r['dtype']} weights, batch {r['batch']}, {r['decode_tokens']} decode tokens, "
               f"prefill chunk {r['prefill_chunk']})"),
-             (f"machine: torch {m['torch']}, {m['threads']} threads, {m['cpu_count']} CPUs, "
+             (f"machine: torch {m['torch']}, {m.get('threads_chosen') or str(m['threads']) + ' threads'}, "
+              f"{m['cpu_count']} CPUs, OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset'}, "
               f"copy bandwidth {fmt_rate(r['copy_bandwidth_bytes_s'], 'B/s')}")]
     for n in r["scaled"]:
         lines.append(f"scaled: {n}")

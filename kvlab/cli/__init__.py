@@ -15,6 +15,7 @@ import sys
 import traceback
 
 from kvlab.cli import ablate, bench, calc, chat, compare, evaluate, fit, generate, inspect, presets, retrofit, train
+from kvlab.cli.common import setup_threads
 from kvlab.preflight import forced
 
 VERBS = [calc, compare, inspect, fit, generate, chat, evaluate, bench, train, ablate, retrofit, presets]
@@ -58,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     try:
         with forced() if getattr(args, "force", False) else contextlib.nullcontext():
+            setup_threads(args)  # verbs that compute: --threads or the default, before torch starts its threads
             return args.func(args) or 0
     except KeyboardInterrupt:
         print("kvlab: interrupted", file=sys.stderr)

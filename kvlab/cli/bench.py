@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, add_force, emit_json, positive_number, report
+from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, add_force, add_threads, emit_json, positive_number, report
 from kvlab.units import parse_contexts
 
 NAME = "bench"
@@ -19,7 +19,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--decode-tokens", type=int, default=32)
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--prefill-chunk", type=int, default=512)
-    q.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    add_threads(q)
     q.add_argument("--vs", choices=["transformers"], help="run the same loop in transformers and print ratios")
     q.add_argument("--max-weight-gib", type=positive_number("--max-weight-gib"), default=4.0,
                    help="scale a preset down until its weights fit in this many GiB (default 4)")

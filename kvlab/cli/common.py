@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,30 @@ def parse_price_dtype(text: str) -> str:
     from kvlab.costs import dtype_bytes
 
     return dtype_bytes(str(text).strip())[0]
+
+
+THREADS_HELP = ("compute threads (default: $KVLAB_THREADS, else the CPUs this process may use that other work leaves "
+                "idle: affinity, cgroup quota, physical cores, load average; kvlab/threads.py)")
+
+
+def add_threads(parser: argparse.ArgumentParser) -> None:
+    """``--threads``: the compute threads; the CLI sets them (or the default) before the verb runs."""
+    parser.add_argument("--threads", type=int, help=THREADS_HELP)
+
+
+def setup_threads(args: argparse.Namespace) -> None:
+    """For a verb with ``--threads``: OMP_WAIT_POLICY=PASSIVE on a busy machine (before torch loads, unless the
+    user set it), then torch's thread count: ``--threads`` or the default (kvlab/threads.py)."""
+    if not hasattr(args, "threads"):
+        return
+    from kvlab import threads
+
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: must be a positive integer")
+    plan = threads.machine()
+    if args.threads is None and not os.environ.get(threads.ENV):
+        threads.prepare_openmp(plan)
+    threads.apply(args.threads, plan)
 
 
 def add_json(parser: argparse.ArgumentParser, help: str = "print one JSON object on stdout") -> None:

@@ -12,7 +12,7 @@ import argparse
 import time
 from typing import Any
 
-from kvlab.cli.common import add_dtype_and_json, device_arg, emit_json, output_file, report
+from kvlab.cli.common import add_dtype_and_json, add_threads, device_arg, emit_json, output_file, report
 from kvlab.cli.generate import MODEL_HELP
 from kvlab.units import fmt_context, parse_context, parse_contexts, parse_dtype, table
 
@@ -48,6 +48,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int, default=0, help="seed of the needles' names and numbers")
     q.add_argument("--plot", type=output_file("--plot"), help="write the needle heat map (PNG) here")
     q.add_argument("--device", type=device_arg, default="cpu")
+    add_threads(q)
     q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_dtype_and_json(q, dtype="fp32", json_help="print one JSON object with every figure and its ground")
 

@@ -7,7 +7,7 @@ import argparse
 import sys
 import time
 
-from kvlab.cli.common import add_dtype_and_json, add_force, device_arg, emit_json, preflight_checkpoint
+from kvlab.cli.common import add_dtype_and_json, add_force, add_threads, device_arg, emit_json, preflight_checkpoint
 from kvlab.units import parse_dtype
 
 NAME = "generate"
@@ -26,6 +26,7 @@ def add_sampling_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--stop", help="stop token ids, comma-separated (default: the model's end-of-turn / EOS ids; "
                                   "'none' to run to --max-new-tokens)")
     q.add_argument("--device", type=device_arg, default="cpu")
+    add_threads(q)
     add_force(q)
 
 

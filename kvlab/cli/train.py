@@ -7,7 +7,7 @@ import argparse
 import os
 from pathlib import Path
 
-from kvlab.cli.common import add_json, emit_json, output_dir
+from kvlab.cli.common import THREADS_HELP, add_json, emit_json, output_dir
 from kvlab.units import fmt_count, table
 
 NAME = "train"
@@ -30,6 +30,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--steps", type=int, help="override train.steps")
     q.add_argument("--seed", type=int, help="override train.seed")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")
+    q.add_argument("--threads", type=int, help="override train.threads: " + THREADS_HELP)
     q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_json(q, "print one JSON summary object (with the loss of every step)")
 
@@ -46,7 +47,9 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.seed = args.seed
     if args.device is not None:
         cfg.train.device = args.device
-    for k in ("steps", "seed", "device"):  # the run directory's train_config.json records the overrides
+    if args.threads is not None:
+        cfg.train.threads = args.threads
+    for k in ("steps", "seed", "device", "threads"):  # the run directory's train_config.json records the overrides
         if getattr(args, k) is not None:
             cfg.raw["train"][k] = getattr(args, k)
     out = args.out or cfg.out or str(Path("runs") / Path(args.config).stem)
