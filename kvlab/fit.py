@@ -74,6 +74,7 @@ class FitResult:
     weights_dtype: str
     kv_dtype: str
     assumptions: list[str] = field(default_factory=list)
+    kv_quant: str = "none"  # the quantized K/V format priced ("none": every value in kv_dtype)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -121,18 +122,20 @@ def gguf_weights(model: Any) -> dict[str, Any] | None:
 
 
 def footprint(model: Any, context: int, batch: int = 1, weights_dtype: Any = "bfloat16", kv_dtype: Any = None,
-              tp: int = 1, engine: Any = None, chunk: int = DEFAULT_CHUNK, weights_bytes: int | None = None
-              ) -> Footprint:
+              tp: int = 1, engine: Any = None, chunk: int = DEFAULT_CHUNK, weights_bytes: int | None = None,
+              kv_quant: Any = None) -> Footprint:
     """What ``batch`` sequences of ``context`` tokens hold, per device of a ``tp``-way tensor-parallel group.
 
     ``engine``: an :class:`kvlab.engines.Engine` (or its name) whose reservation is reported beside the physical
     K/V (``engine_kv_bytes``) and is what :attr:`Footprint.total_bytes` counts. ``weights_bytes``: the weights'
     size when known (a GGUF file's quantized tensors, :func:`gguf_weights`) instead of params x dtype.
+    ``kv_quant``: a quantized K/V format (``"int8"``, ``"int4-g32-r64"``, ``"deepseek-v4"``; kvlab/costs/quant.py),
+    priced with its scales, zero points, residual window and group padding as :func:`kvlab.costs` prices it.
     """
     cfg = resolve_config(model)
     if not isinstance(tp, int) or isinstance(tp, bool) or tp < 1:
         raise FitError(f"tp={tp!r}: must be a positive integer")
-    c = costs(cfg, context=context, dtype=weights_dtype, batch=batch, kv_dtype=kv_dtype)
+    c = costs(cfg, context=context, dtype=weights_dtype, batch=batch, kv_dtype=kv_dtype, kv_quant=kv_quant)
     w_name = c.dtype
     weights = c.weights_bytes  # params x dtype, mHC maps held in fp32
     if weights_bytes is not None:
@@ -180,13 +183,17 @@ def _ranges(idx: list[int]) -> str:
 
 def fit(model: Any, memory: int, batch: int | None = None, context: int | None = None,
         weights_dtype: Any = None, kv_dtype: Any = None, tp: int = 1, engine: Any = None,
-        chunk: int = DEFAULT_CHUNK) -> FitResult:
+        chunk: int = DEFAULT_CHUNK, kv_quant: Any = None) -> FitResult:
     """The largest context for ``batch`` sequences (default 1), or with ``context`` the largest batch, in ``memory``.
 
     Exact at the boundary: ``fits`` is the footprint at the answer, ``next`` the footprint one token (one
     sequence) later, which exceeds the usable memory. Contexts stop at the model's ``max_positions``.
     ``weights_dtype`` None: bf16, or for a GGUF file (or a named model) the file's own quantized weight bytes.
+    ``kv_quant``: a quantized K/V format, as :func:`footprint` takes it.
     """
+    from kvlab.costs.quant import quant_name, resolve_kv_quant
+
+    quant = resolve_kv_quant(kv_quant)  # a named error before any search
     gguf = gguf_weights(model) if weights_dtype is None else None
     weights_dtype = weights_dtype or "bfloat16"
     if kv_dtype is None and gguf is not None:
@@ -211,7 +218,7 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
     w_file = -(-gguf["weight_bytes"] // tp) if gguf else None
 
     def at(ctx: int, b: int) -> Footprint:
-        return footprint(cfg, ctx, b, weights_dtype, kv_dtype, tp, eng, chunk, weights_bytes=w_file)
+        return footprint(cfg, ctx, b, weights_dtype, kv_dtype, tp, eng, chunk, weights_bytes=w_file, kv_quant=quant)
 
     def ok(ctx: int, b: int) -> bool:
         return at(ctx, b).total_bytes <= usable
@@ -249,9 +256,11 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
         + (f", divided evenly over tp={tp} devices" if tp > 1 else "") + "; K/V default f16 (llama.cpp's cache type)",
     ]
     assumptions += [
-        (f"K/V: the calculator's physical bytes in {kv_name} (window layers hold min(window, context) positions, "
-        "shared layers nothing), per component; state: the constant per-sequence part (CCA conv tails, CSA/HCA "
-        "partial blocks), listed apart"),
+        (f"K/V: the calculator's physical bytes in {kv_name}"
+         + (f" quantized as {quant_name(quant)} (codes, scales, zero points, a {kv_name} residual window, exact "
+            "rotary channels and group padding, as kvlab's cache holds them)" if quant else "")
+         + " (window layers hold min(window, context) positions, shared layers nothing), per component; state: the "
+         "constant per-sequence part (CCA conv tails, CSA/HCA partial blocks), listed apart"),
         WORKSPACE_ASSUMPTION.format(chunk=chunk),
         "memory sizes: GiB = 1024^3 bytes, GB = 10^9 bytes; fits means total <= usable, exact to the byte",
     ]
@@ -266,7 +275,8 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
     if limited == "max_positions":
         assumptions.append(f"the whole max_positions ({cfg.max_positions:,}) fits; contexts are not searched beyond it")
     return FitResult(name=cfg.name, solve=solve, value=value, memory=memory, usable=usable, limited_by=limited,
-                     fits=fits, next=nxt, weights_dtype=w_name, kv_dtype=kv_name, assumptions=assumptions)
+                     fits=fits, next=nxt, weights_dtype=w_name, kv_dtype=kv_name, assumptions=assumptions,
+                     kv_quant=quant_name(quant))
 
 
 def _largest(ok: Any, lo: int, hi: int) -> int:

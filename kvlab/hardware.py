@@ -140,7 +140,8 @@ class Roofline:
 
 
 def roofline(model: Any, hardware: str | Hardware, context: int, batch: int = 1, weights_dtype: Any = "bfloat16",
-             kv_dtype: Any = None, tp: int = 1, chunk: int = 512, weights_bytes: int | None = None) -> Roofline:
+             kv_dtype: Any = None, tp: int = 1, chunk: int = 512, weights_bytes: int | None = None,
+             kv_quant: Any = None) -> Roofline:
     """Decode tokens/s (per sequence and aggregate) and prefill seconds at ``context`` x ``batch`` on ``hardware``.
 
     Per device of ``tp``: weight bytes and FLOPs divided by ``tp``, K/V bytes as :func:`kvlab.fit.footprint` splits
@@ -153,7 +154,7 @@ def roofline(model: Any, hardware: str | Hardware, context: int, batch: int = 1,
     cfg = resolve_config(model)
     w_name, _ = dtype_bytes(weights_dtype)
     hw = get_hardware(hardware, w_name)
-    c = costs(cfg, context=context, dtype=weights_dtype, batch=batch, kv_dtype=kv_dtype)
+    c = costs(cfg, context=context, dtype=weights_dtype, batch=batch, kv_dtype=kv_dtype, kv_quant=kv_quant)
     w_read = c.weight_read_bytes_per_step
     if weights_bytes is not None:
         w_read = round(w_read * weights_bytes / (c.params_total * dtype_bytes(weights_dtype)[1]))

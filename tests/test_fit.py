@@ -100,6 +100,44 @@ def test_state_is_listed_apart_and_kv_components_sum() -> None:
     assert z.state_bytes == costs("zaya1-8b", context=4096, batch=3).kv_state_bytes == 3 * 40 * 5376
 
 
+@pytest.mark.parametrize(("model", "fmt", "engine", "memory"), [
+    ("llama-3.1-8b", "int8", None, 20 * GiB), ("llama-3.1-8b", "int4-g32-r128", "vllm", 20 * GiB),
+    ("gemma-4-31b", "int4-g64-kc-asym-r64", None, 60 * GiB), ("zaya1-8b", "fp8-g32", None, 17 * GiB),
+    ("deepseek-v3", "int8-g64", None, 1260 * GiB), ("qwen3-8b", "fp4-g16-rot", "sglang", 18 * GiB),
+    ("deepseek-v4-flash", "deepseek-v4", None, 535 * GiB)])
+def test_quantized_kv_fit_is_exact_one_more_token_does_not_fit(model, fmt, engine, memory) -> None:
+    """Quantized formats priced with their scales, zero points, residual window and padding (kvlab/costs/quant.py):
+    the boundary is exact, and the K/V held is what the calculator prices for that format."""
+    r = fit(model, memory, batch=2, kv_quant=fmt, engine=engine)
+    assert r.limited_by == "memory" and r.value > 0 and r.kv_quant != "none"
+    here = footprint(model, r.value, 2, kv_quant=fmt, engine=engine)
+    after = footprint(model, r.value + 1, 2, kv_quant=fmt, engine=engine)
+    assert here.total_bytes <= r.usable < after.total_bytes
+    q = costs(model, context=r.value, batch=2, kv_quant=fmt)
+    assert here.kv_bytes + here.state_bytes == q.kv_cache_bytes < costs(model, context=r.value, batch=2).kv_cache_bytes
+    assert r.value > fit(model, memory, batch=2, engine=engine).value  # a smaller cache: a longer context
+
+
+def test_int8_kv_fit_matches_the_hand_formula() -> None:
+    # int8 codes + one bf16 scale per group of 32 values: 131,072 x (1 + 2/32) / 2 = 69,632 B/token for Llama-3.1-8B
+    c = costs("llama-3.1-8b", context=4096)
+    ws = footprint("llama-3.1-8b", 4096).workspace_bytes
+    memory = 16 * GiB
+    r = fit("llama-3.1-8b", memory, kv_quant="int8-g32")
+    assert r.value == (memory - 2 * c.params_total - ws) // 69632 and r.fits.kv_bytes == 69632 * r.value
+    assert "quantized as int8-g32" in " ".join(r.assumptions)
+
+
+def test_cli_fit_takes_a_kv_format(capsys) -> None:
+    assert main(["fit", "llama-3.1-8b", "--memory", "16GiB", "--kv-quant", "int8", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["fit"]["kv_quant"] == "int8-g32" and d["fit"]["value"] == fit("llama-3.1-8b", 16 * GiB, kv_quant="int8").value
+    assert main(["fit", "llama-3.1-8b", "--memory", "16GiB", "--kv-dtype", "int8", "--json"]) == 0  # as calc reads it
+    assert json.loads(capsys.readouterr().out)["fit"]["value"] == d["fit"]["value"]
+    assert main(["fit", "llama-3.1-8b", "--memory", "16GiB", "--kv-quant", "int4-g7"]) == 2
+    assert "kvlab: error: " in capsys.readouterr().err
+
+
 def test_fp8_weights_halve_the_weights_and_kv_dtype_is_separate() -> None:
     a = footprint("qwen3-8b", 4096, weights_dtype="bf16")
     b = footprint("qwen3-8b", 4096, weights_dtype="fp8", kv_dtype="bf16")

@@ -5,14 +5,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvlab.cli.common import MODEL_HELP, add_json, emit_json, report, resolve_config
+from kvlab.cli.common import KV_QUANT_HELP, MODEL_HELP, add_json, emit_json, kv_options, report, resolve_config
 from kvlab.units import fmt_bytes, fmt_context, parse_context, parse_memory, table
 
 NAME = "fit"
 HELP = ("largest context for a batch (or largest batch for a context) that fits a memory budget: weights, K/V by "
         "component, per-sequence state and workspace listed apart; --engine prices what a serving engine reserves, "
         "--tp one device of a tensor-parallel group, --hardware a roofline of decode and prefill speed")
-EXAMPLE = "kvlab fit gemma-4-31b --memory 80GiB --batch 1 --engine vllm --hardware h100"
+EXAMPLE = ("kvlab fit gemma-4-31b --memory 80GiB --batch 1 --engine vllm --hardware h100\n"
+           "  kvlab fit llama-3.1-8b --memory 24GiB --kv-quant int4-g32-r128   # an int4 cache with its scales")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -27,7 +28,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     how.add_argument("--context", help="context length (131072, 128k); the answer is the largest batch")
     q.add_argument("--weights-dtype", help="bf16, fp16, fp32, fp8, int8 (default bf16; a .gguf file or named model: "
                                             "the file's own quantized tensor bytes)")
-    q.add_argument("--kv-dtype", help="K/V cache dtype (default: the weights dtype)")
+    q.add_argument("--kv-dtype", help="K/V cache dtype: bf16, fp16, fp32 (default: the weights dtype, bf16 for 8-bit "
+                                       "weights), or a quantized format as --kv-quant")
+    q.add_argument("--kv-quant", help=KV_QUANT_HELP)
     q.add_argument("--tp", type=int, default=1, help="tensor-parallel devices; figures are per device (default 1)")
     q.add_argument("--engine", help=f"price what a serving engine reserves: {', '.join(ENGINES)}")
     q.add_argument("--hardware", help=f"roofline of decode/prefill speed: {', '.join(HARDWARE_NAMES)} (measured: "
@@ -66,10 +69,14 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.fit import BUDGETS_GIB, fit, gguf_weights
     from kvlab.hardware import get_hardware, roofline
 
+    kv_dtype, quants = kv_options(args)  # --kv-dtype int8 is a quantized format, as in calc
+    if len(quants) > 1:
+        raise ValueError(f"--kv-quant={','.join(quants)}: fit prices one format")
+    kv_quant = quants[0] if quants else None
     cfg = resolve_config(args.model)
     gguf = gguf_weights(args.model) if args.weights_dtype is None else None
     wd = args.weights_dtype or "bf16"
-    kv = args.kv_dtype or ("float16" if gguf else None)
+    kv = kv_dtype or ("float16" if gguf else None)
     w_bytes = gguf["weight_bytes"] if gguf else None
     spec = args.model if gguf else cfg  # fit reads the file's weight bytes itself
     hw = get_hardware(args.hardware, "float32" if wd in ("fp32", "float32") else "bfloat16") if args.hardware else None
@@ -81,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--memory: give the memory of one device (80GiB, 24GB ...) or a --hardware")
     context = parse_context(args.context) if args.context is not None else None
     kw = {"batch": args.batch if context is None else None, "context": context, "weights_dtype": args.weights_dtype,
-              "kv_dtype": args.kv_dtype, "tp": args.tp, "engine": args.engine, "chunk": args.chunk}
+          "kv_dtype": kv_dtype, "tp": args.tp, "engine": args.engine, "chunk": args.chunk, "kv_quant": kv_quant}
     out = report(args)
     data: dict[str, Any] = {"model": cfg.name}
     if args.table:
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
         what = "context" if first.solve == "context" else "batch"
         given = f"batch {args.batch or 1}" if what == "context" else f"context {context:,}"
         print(f"{cfg.name}: largest {what} per device memory ({given}, weights {first.weights_dtype}, K/V "
-              f"{first.kv_dtype}{f', tp {args.tp}' if args.tp > 1 else ''}"
+              f"{first.kv_dtype}{f' quantized {first.kv_quant}' if kv_quant else ''}{f', tp {args.tp}' if args.tp > 1 else ''}"
               f"{f', {args.engine} reservation' if args.engine else ''})", file=out)
         rows = []
         for r in results:
@@ -107,7 +114,7 @@ def run(args: argparse.Namespace) -> int:
                     row.append(fmt_bytes(fp.engine_kv_bytes))
                 row.append(fmt_bytes(fp.total_bytes))
             if hw is not None and fp is not None:
-                rl = roofline(cfg, hw, fp.context, fp.batch, wd, kv, args.tp, args.chunk, w_bytes)
+                rl = roofline(cfg, hw, fp.context, fp.batch, wd, kv, args.tp, args.chunk, w_bytes, kv_quant)
                 row.append(f"{rl.decode_tok_s_per_sequence:,.1f} ({rl.decode_bound})")
             rows.append(row)
         heads = ["memory", f"largest {what}", "weights", "K/V", "state", "workspace"]
@@ -122,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     r = fit(spec, memory, **kw)
     data["fit"] = r.to_dict()
     print(f"{cfg.name} on {fmt_bytes(memory)}{' per device' if args.tp > 1 else ''}: weights {r.weights_dtype}, "
-          f"K/V {r.kv_dtype}, " + (f"batch {args.batch or 1}" if r.solve == "context" else f"context {context:,}")
+          f"K/V {r.kv_dtype}{f' quantized {r.kv_quant}' if kv_quant else ''}, " + (f"batch {args.batch or 1}" if r.solve == "context" else f"context {context:,}")
           + (f", tp {args.tp}" if args.tp > 1 else "") + (f", {args.engine}" if args.engine else ""), file=out)
     print(_answer(r), file=out)
     if r.fits is not None:
@@ -138,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
                   f" are physically needed ({'+' if extra >= 0 else '-'}{fmt_bytes(abs(extra))}): "
                   + "; ".join(fp.engine_details) + "; the rules are under assumptions", file=out)
         if hw is not None:
-            rl = roofline(cfg, hw, fp.context, fp.batch, wd, kv, args.tp, args.chunk, w_bytes)
+            rl = roofline(cfg, hw, fp.context, fp.batch, wd, kv, args.tp, args.chunk, w_bytes, kv_quant)
             data["roofline"] = rl.to_dict()
             pre = "not priced" if rl.prefill_s is None else f"{rl.prefill_s:,.2f} s ({rl.prefill_bound}-bound)"
             print(f"\nroofline on {hw.label}: decode {rl.decode_tok_s_per_sequence:,.1f} tok/s per sequence, "
