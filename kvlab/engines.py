@@ -2,12 +2,16 @@
 
 Each engine turns the per-layer costs (``costs(...).per_layer``: kind, window, KV source, bytes per position)
 into the bytes it reserves for ``batch`` sequences of ``context`` tokens, following rules read in its
-source; every rule is stated, with the file it comes from, in :attr:`Engine.rules`. Layers the engine's
-rules below do not cover (CSA/HCA compressed layers) are charged their physical bytes, and that is said.
+source; every rule is stated, with the file it comes from, in :attr:`Engine.rules`. Layers whose rules were not
+read (DeepSeek V4 and CCA layers in llama.cpp, SGLang and transformers) are charged their physical bytes, and the
+rules say so by name. vLLM prices DeepSeek V4's fp8_ds_mla pages and CCA's state pages by its own rules.
 
 Sources (read 2026-11; the commits are those of the stored snapshots):
-- vLLM: vllm/v1/kv_cache_interface.py (FullAttentionSpec / SlidingWindowSpec / MLAAttentionSpec
-  ``max_memory_usage_bytes`` and page sizes), vllm/v1/core/kv_cache_utils.py (``unify_kv_cache_spec_page_size``,
+- vLLM: vllm/v1/kv_cache_interface.py (FullAttentionSpec / SlidingWindowSpec / MLAAttentionSpec /
+  SlidingWindowMLASpec ``max_memory_usage_bytes`` and page sizes, ``_apply_alignment_padding``),
+  vllm/model_executor/layers/deepseek_v4_attention.py (fp8_ds_mla head bytes, DeepseekV4IndexerCache),
+  vllm/model_executor/models/zaya.py + layers/mamba/cca.py (CCA state as MambaSpec),
+  vllm/platforms/interface.py (``_align_hybrid_block_size``), vllm/v1/core/kv_cache_utils.py (``unify_kv_cache_spec_page_size``,
   ``_get_kv_cache_groups_uniform_page_size``, ``get_max_concurrency_for_kv_cache_config``),
   docs/design/hybrid_kv_cache_manager.md, vllm/engine/arg_utils.py (max_num_batched_tokens defaults),
   vllm/config/cache.py (gpu_memory_utilization 0.9, block_size 16).
@@ -32,6 +36,7 @@ ENGINES = ("vllm", "llamacpp", "sglang", "transformers")
 
 
 LATENT_KINDS = ("mla", "csa", "hca", "swa")  # one shared latent / K=V head per layer: not split by TP
+PAGED = ("gqa", "mla")  # K/V in per-token pages in every engine's rules
 
 
 def _tp_factor(kind: str, kv_heads: int, tp: int, index: int) -> tuple[float, str | None]:
@@ -60,6 +65,10 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def fmt_int(n: int) -> str:
+    return f"{n:,}"
+
+
 @dataclass
 class Reservation:
     """Bytes an engine reserves for K/V (and per-sequence state) of ``batch`` x ``context``, one device."""
@@ -76,9 +85,10 @@ class _Layer:
     per_token: int  # bytes per cached position of one sequence on this device
     physical: int  # the calculator's bytes for the whole batch on this device (fallback for unmodelled kinds)
     state: int  # constant per-sequence state, whole batch, this device
+    spec: Any = None  # the layer's LayerSpec (DeepSeek V4 layers: head dims, ratio, indexer)
 
 
-def _layers(c: Any, tp: int) -> list[_Layer]:
+def _layers(c: Any, tp: int, cfg: Any = None) -> list[_Layer]:
     """The storing layers of a Costs (shared layers dropped), scaled to one device of ``tp``."""
     out = []
     for x in c.per_layer:
@@ -87,8 +97,31 @@ def _layers(c: Any, tp: int) -> list[_Layer]:
         kind = _attention_kind(x)
         f, _ = _tp_factor(kind, x.kv_heads, tp, x.index)
         out.append(_Layer(x.index, kind, x.window, round(x.kv_bytes_per_token * f), round(x.kv_bytes * f),
-                          round(x.kv_state_bytes * f)))
+                          round(x.kv_state_bytes * f), cfg.layers[x.index] if cfg is not None else None))
     return out
+
+
+def round_up(a: int, b: int) -> int:
+    return cdiv(a, b) * b
+
+
+V4_KINDS = ("csa", "hca", "swa")
+
+
+def v4_entry_bytes(spec: Any) -> int:
+    """Bytes of one DeepSeek V4 K=V entry in vLLM's fp8_ds_mla layout: fp8 no-rope channels, bf16 rotary channels,
+    one ue8m0 scale per 64 no-rope channels and 1 pad byte (584 for V4's 448 + 64; deepseek_v4_attention.py
+    ``head_bytes``)."""
+    rot = int(spec.head_dim * spec.rope.partial) if spec.rope is not None else 0
+    nope = spec.head_dim - rot
+    return nope + 2 * rot + nope // 64 + 1
+
+
+def v4_index_bytes(spec: Any) -> int:
+    """Bytes of one CSA indexer key in vLLM: fp8 channels + one fp32 scale per 128 (132 for 128 channels;
+    DeepseekV4Indexer ``k_cache_head_dim``)."""
+    d = spec.compress.index_head_dim
+    return d + d // 128 * 4
 
 
 class Engine:
@@ -108,9 +141,12 @@ class VLLM(Engine):
     name = "vllm"
     memory_fraction = 0.9
 
-    def __init__(self, block_size: int = 16, max_num_batched_tokens: int = 8192) -> None:
+    def __init__(self, block_size: int = 16, max_num_batched_tokens: int = 8192, v4_block_size: int = 256,
+                 v4_swa_block_size: int = 64) -> None:
         self.block_size = block_size
         self.max_num_batched_tokens = max_num_batched_tokens
+        self.v4_block_size = v4_block_size
+        self.v4_swa_block_size = v4_swa_block_size
         self.rules = [
             ("vllm: uses gpu_memory_utilization = 0.9 of device memory (default, vllm/config/cache.py); weights, the "
             "profiled activation peak and the KV pool share it"),
@@ -130,17 +166,51 @@ class VLLM(Engine):
             ("vllm: KV-shared layers (kv_sharing_target_layer) get no pages (hybrid_kv_cache_manager.md, case 5); "
             "the 'GPU KV cache size: N tokens' log line divides the pool by num_blocks / groups x block_size, so its "
             "implied bytes/token is page bytes x group_size x groups / block_size"),
-            ("vllm: CSA/HCA compressed layers and CCA state are not priced by these rules here: charged their physical "
-            "bytes, rounded up to whole pages"),
+            (f"vllm: DeepSeek V4 layers (csa/hca/swa) store every K=V entry in the fp8_ds_mla layout whatever the K/V "
+            "dtype ('DeepseekV4 only supports fp8 kv-cache format'): no-rope channels fp8, rotary channels bf16, one "
+            "scale byte per 64 channels + 1 pad byte = 584 B for V4's 448 + 64 (head_bytes, "
+            "vllm/model_executor/layers/deepseek_v4_attention.py); compressed entries: MLAAttentionSpec(compress_ratio, "
+            f"alignment=576), a page of block_size = {v4_block_size} tokens holds block_size / ratio entries, padded "
+            "to a multiple of 576 B (_apply_alignment_padding, vllm/v1/kv_cache_interface.py), cdiv(max_model_len, "
+            "block_size) pages per request; CSA indexer keys: 132 B each (128 fp8 + 4 B scale, DeepseekV4IndexerCache) "
+            "in the same kind of pages; the window: DeepseekV4SWACache's SlidingWindowMLASpec (584 B per token, "
+            f"alignment 576) with the sliding-window rule above, block_size {v4_swa_block_size}"),
+            (f"vllm: DeepSeek V4 assumptions: block_size {v4_block_size} for the compressed/indexer pages and "
+            f"{v4_swa_block_size} for the window pages (the values of the V4 backends' specs as reproduced from the "
+            "source, not a documented default); the compressor's partial/overlap state is charged kvlab's physical "
+            "bytes (vLLM keeps it in its own fp32 state pages, not priced here); page sizes are not unified across "
+            "V4's cache types"),
+            ("vllm: CCA layers (ZAYA1, vllm/model_executor/models/zaya.py): K/V in full-attention pages like any "
+            "layer, the conv/value state as a Mamba-style state (vllm/model_executor/layers/mamba/cca.py, MambaSpec): "
+            "the attention block_size is raised to 16 x cdiv(state, 16 x attention bytes/token) when one page cannot "
+            "hold the state, and the state page padded to the attention page (Platform._align_hybrid_block_size, "
+            "vllm/platforms/interface.py); one state page per layer per request (mamba_cache_mode 'none', no "
+            "speculative blocks, MambaSpec.max_memory_usage_bytes); the state bytes are kvlab's"),
         ]
 
+    def _block_size(self, layers: list[_Layer]) -> int:
+        """block_size, raised for a hybrid with a per-sequence state (CCA) so one attention page holds the state
+        (Platform._align_hybrid_block_size: kernel alignment 16, FlashAttention's MultipleOf(16))."""
+        states = [x.state // max(1, self._batch) for x in layers if x.kind == "cca" and x.state]
+        paged = [x.per_token for x in layers if x.kind in PAGED + ("cca",) and x.per_token]
+        if not states or not paged:
+            return self.block_size
+        align = max(16, self.block_size)
+        need = align * cdiv(max(states), align * max(paged))
+        return max(self.block_size, need)
+
     def _groups(self, layers: list[_Layer]) -> tuple[int, list[tuple[_Layer, int, int]], int]:
-        """(unified page bytes, [(representative layer, block_size, layers in group)], group_size)."""
-        paged = [x for x in layers if x.kind in ("gqa", "mla") and x.per_token]
+        """(unified page bytes, [(representative layer, block_size, layers in group)], group_size); a CCA state
+        type is a group whose layers hold one page each per request (block_size 0 marks it)."""
+        paged = [x for x in layers if x.kind in PAGED + ("cca",) and x.per_token]  # CCA's K/V: attention pages
         if not paged:
             return 0, [], 0
-        page = max(x.per_token for x in paged) * self.block_size
+        bsz = self._block_size(layers)
+        page = max(x.per_token for x in paged) * bsz
         types: dict[tuple[Any, ...], list[_Layer]] = {}
+        for x in layers:
+            if x.kind == "cca" and x.state:
+                types.setdefault(("state",), []).append(x)
         for x in paged:
             if page % (x.per_token * self.block_size):
                 raise ValueError(f"vllm: layer {x.index}'s page ({x.per_token * self.block_size} B) does not divide "
@@ -153,37 +223,75 @@ class VLLM(Engine):
         if max(counts) < size * 1.5:
             size = max(counts)
         groups = []
-        for members in types.values():
+        for key, members in types.items():
             rep = members[0]
-            bs = page // rep.per_token
+            bs = 0 if key == ("state",) else page // rep.per_token
             groups += [(rep, bs, size)] * cdiv(len(members), size)
         return page, groups, size
 
+    _batch = 1
+
     def bytes_per_token_logged(self, c: Any, tp: int = 1) -> float:
         """The bytes/token implied by vLLM's 'GPU KV cache size: N tokens' line (pool bytes / logged tokens)."""
+        self._batch = c.batch
         page, groups, size = self._groups(_layers(c, tp))
         if not groups:
             return 0.0
-        min_bs = min(bs for _, bs, _ in groups)
+        min_bs = min(bs for _, bs, _ in groups if bs)
         return page * size * len(groups) / min_bs
 
+    def _v4(self, x: _Layer, context: int) -> tuple[int, str]:
+        """One DeepSeek V4 layer's pages for one request: (bytes, what)."""
+        spec, e = x.spec, v4_entry_bytes(x.spec)
+        bw = self.v4_swa_block_size
+        win = cdiv(min(spec.window - 1 + self.max_num_batched_tokens, context), bw) + 1
+        total = win * round_up(bw * e, 576)
+        what = f"window {win} pages of {round_up(bw * e, 576):,} B"
+        ratio = spec.compress.ratio
+        if ratio:
+            if self.v4_block_size % ratio:
+                raise FitError(f"vllm: layer {x.index}: block_size {self.v4_block_size} is not a multiple of the "
+                               f"compression ratio {ratio} (MLAAttentionSpec.storage_block_size = block_size / ratio)")
+            pages = cdiv(context, self.v4_block_size)
+            per = self.v4_block_size // ratio
+            total += pages * round_up(per * e, 576)
+            what += f", compressed {pages} pages of {round_up(per * e, 576):,} B"
+            if spec.compress.indexed:
+                total += pages * round_up(per * v4_index_bytes(spec), 576)
+                what += f", indexer keys {pages} pages of {round_up(per * v4_index_bytes(spec), 576):,} B"
+        return total, what
+
     def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
-        layers = _layers(c, tp)
+        layers = _layers(c, tp, cfg)
+        self._batch = batch
         page, groups, size = self._groups(layers)
-        pages = 0
+        pages = state_pages = 0
         for rep, bs, _ in groups:
-            if rep.window is None:
+            if bs == 0:  # a CCA state group: one page per layer per request
+                state_pages += 1
+            elif rep.window is None:
                 pages += cdiv(context, bs)
             else:
                 pages += cdiv(min(rep.window - 1 + self.max_num_batched_tokens, context), bs) + 1
-        per_request = pages * page * size
-        other = sum(x.physical for x in layers if x.kind not in ("gqa", "mla") or not x.per_token)
+        per_request = (pages + state_pages) * page * size
+        v4 = [x for x in layers if x.kind in V4_KINDS]
+        v4_bytes, v4_what = 0, ""
+        for x in v4:
+            b, what = self._v4(x, context)
+            v4_bytes += b
+            v4_what = v4_what or what
+        other = sum(x.physical for x in layers if x.kind not in PAGED + V4_KINDS + ("cca",)
+                    or (x.kind in PAGED + ("cca",) and not x.per_token))
         if other and page:
             other = cdiv(other, page) * page
-        states = sum(x.state for x in layers if x.kind in ("gqa", "mla"))
+        states = sum(x.state for x in layers if x.kind in PAGED + V4_KINDS)  # V4 compressor state: kvlab's bytes
         details = [(f"{len(groups)} KV cache groups of {size} layers, page {page:,} B x {size} layers per block, "
-                   f"{pages} blocks per request")] if groups else []
-        return Reservation(batch * per_request + other + states, details)
+                   f"{pages} blocks per request" + (f" + {state_pages} state page(s) (CCA), block_size raised to "
+                                                    f"{self._block_size(layers)}" if state_pages else ""))] if groups else []
+        if v4:
+            details.append(f"{len(v4)} DeepSeek V4 layers in fp8_ds_mla ({v4_entry_bytes(v4[0].spec)} B/entry), per "
+                           f"request {fmt_int(v4_bytes)} B (first layer: {v4_what})")
+        return Reservation(batch * (per_request + v4_bytes) + other + states, details)
 
 
 class LlamaCpp(Engine):
@@ -201,7 +309,9 @@ class LlamaCpp(Engine):
             "has_v = !is_mla); KV-shared layers hold none"),
             (f"llamacpp: sliding-window layers hold GGML_PAD(min(n_ctx, n_swa x batch + n_ubatch), 256) cells, "
             f"n_ubatch = {n_ubatch} (default) (src/llama-kv-cache-iswa.cpp; --swa-full gives them n_ctx)"),
-            "llamacpp: CSA/HCA compressed layers and CCA state are charged their physical bytes (no rule read)",
+            ("llamacpp: DeepSeek V4 (src/models/deepseek4.cpp) and ZAYA1's CCA (src/models/zaya.cpp) run in llama.cpp, "
+             "but their cache rules were not read here: csa/hca/swa layers and CCA layers (K/V and state) are charged "
+             "kvlab's physical bytes"),
             "llamacpp: the whole n_ctx is allocated at start: what is reserved does not depend on what is used",
         ]
 
@@ -242,7 +352,9 @@ class SGLang(Engine):
             "the ratio whether used or not"),
             ("sglang: mem_fraction_static is chosen at start from the GPU memory (server_args.py); not applied here: "
             "give the memory SGLang may use"),
-            "sglang: CSA/HCA compressed layers and CCA state are charged their physical bytes (no rule read)",
+            ("sglang: DeepSeek V4 (python/sglang/srt/models/deepseek_v4.py) and ZAYA1's CCA (models/zaya.py) run in "
+             "SGLang, but their pool rules were not read here: csa/hca/swa layers and CCA layers (K/V and state) are "
+             "charged kvlab's physical bytes"),
         ]
 
     def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:

@@ -214,6 +214,55 @@ def test_vllm_unifies_page_sizes_by_scaling_block_size() -> None:
         VLLM().reserve(cfg, costs(cfg, context=100), 100, 1)
 
 
+def test_vllm_deepseek_v4_pages_are_fp8_ds_mla_entries_padded_to_576_bytes() -> None:
+    """V4 in vLLM: 584-B entries (448 fp8 + 64 bf16 rotary + 7 scales + 1 pad) whatever the K/V dtype; compressed
+    and indexer pages of 256 tokens hold 256 / ratio entries (132-B indexer keys), padded to a multiple of 576 B;
+    window pages of 64 tokens under the sliding-window rule; the compressor state at kvlab's physical bytes."""
+    cfg = get_engine("vllm")
+    n, batch = 65536, 2
+    c = costs("deepseek-v4-flash", context=n, batch=batch)
+    kinds = [x.kind.split()[0] for x in c.per_layer]
+    assert (kinds.count("swa"), kinds.count("csa"), kinds.count("hca")) == (2, 21, 20)  # the published schedule
+
+    def up(b: int) -> int:
+        return -(-b // 576) * 576
+
+    window = (-(-min(128 - 1 + 8192, n) // 64) + 1) * up(64 * 584)  # 131 pages of 37,440 B
+    csa = (n // 256) * (up(256 // 4 * 584) + up(256 // 4 * 132))
+    hca = (n // 256) * up(256 // 128 * 584)  # 2 entries: 1,168 B padded to 1,728
+    per_request = 43 * window + 21 * csa + 20 * hca
+    state = sum(x.kv_state_bytes for x in c.per_layer)
+    from kvlab.presets import get_preset
+
+    got = cfg.reserve(get_preset("deepseek-v4-flash"), c, n, batch).kv_bytes
+    assert got == batch * per_request + state
+    fp32 = costs("deepseek-v4-flash", context=n, batch=batch, dtype="float32")  # entries stay fp8_ds_mla
+    assert cfg.reserve(get_preset("deepseek-v4-flash"), fp32, n, batch).kv_bytes == got - state + 2 * state
+
+
+def test_vllm_cca_state_takes_one_attention_page_and_raises_the_block_size_when_needed() -> None:
+    z = costs("zaya1-8b", context=1000, batch=3)  # 2 KV heads x 128 x (K+V) x 2 B = 1,024 B/token, state 5,376 B
+    per_seq_state = z.per_layer[0].kv_state_bytes // 3
+    assert z.per_layer[0].kv_bytes_per_token == 1024 and per_seq_state <= 16 * 1024
+    assert VLLM().reserve(None, z, 1000, 3).kv_bytes == 3 * 40 * 16384 * (-(-1000 // 16) + 1)
+    cfg = tiny(2, windows=(None,), kv=1, hd=16, attention="cca", conv_kernels=(8, 8))
+    c = costs(cfg, context=300)
+    per_tok, state = c.per_layer[0].kv_bytes_per_token, c.per_layer[0].kv_state_bytes
+    assert state > 16 * per_tok  # a page of 16 tokens cannot hold the state: the block grows
+    bs = 16 * -(-state // (16 * per_tok))
+    assert VLLM().reserve(cfg, c, 300, 1).kv_bytes == 2 * bs * per_tok * (-(-300 // bs) + 1)
+    assert f"block_size raised to {bs}" in VLLM().reserve(cfg, c, 300, 1).details[0]
+
+
+def test_engines_without_a_read_rule_name_the_kinds_they_charge_physically() -> None:
+    for name in ("llamacpp", "sglang"):
+        text = " ".join(get_engine(name).rules)
+        assert "deepseek4" in text.lower().replace("_", "") or "deepseek_v4" in text
+        assert "zaya" in text and "charged kvlab's physical bytes" in text
+    c = costs("deepseek-v4-flash", context=4096)
+    assert LlamaCpp().reserve(None, c, 4096, 1).kv_bytes == c.kv_cache_bytes == SGLang().reserve(None, c, 4096, 1).kv_bytes
+
+
 def test_gemma_4_31b_vllm_bytes_per_token_is_the_published_983k() -> None:
     # vLLM's log for Gemma-4-31B implies ~983,000 B/token (REFERENCE.md). Assumption: bf16 K/V, block 16; 50 sliding
     # layers (16 KV heads x 256, 16,384 B/token) and 10 full (4 x 512 x 2 with K and V stored, 8,192 B/token): pages
