@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from kvlab.costs.dtypes import DTYPE_BYTES
 from kvlab.errors import FitError
 
 ENGINES = ("vllm", "llamacpp", "sglang", "transformers")
@@ -391,18 +392,43 @@ class Transformers(Engine):
             "fewer than kvlab's window ring"),
             ("transformers: MLA layers cache the latent (kv_lora_rank and rope parts as two one-head tensors, "
             "models/deepseek_v3), KV-shared layers reuse an earlier layer's cache (models/gemma4)"),
-            "transformers: CSA/HCA layers (models/deepseek_v4) and CCA state are charged their physical bytes",
+            ("transformers: DeepSeek V4 (models/deepseek_v4, DeepseekV4CSACache / DeepseekV4HCACache): csa/hca "
+             "layers keep the last sliding_window - 1 K=V rows once (keys and values share storage), swa layers "
+             "(a plain DynamicSlidingWindowLayer) keep them as separate K and V; compressed entries (and CSA indexer "
+             "keys) grow by torch.cat, one per ratio tokens; the compressor's buffer holds the context mod ratio "
+             "newest projected rows and their gates (CSA: two series, 2 x head_dim wide, and the indexer's); CSA "
+             "keeps the last window's overlap rows and gates (ratio x head_dim, and the indexer's) once a window "
+             "closed; all in the model's dtype"),
+            "transformers: CCA state (models/zaya) is charged kvlab's physical bytes (its cache rule was not read)",
         ]
 
     def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
         total = 0
-        for x in _layers(c, tp):
+        elt = DTYPE_BYTES[c.kv_dtype]
+        for x in _layers(c, tp, cfg):
             if x.kind in ("gqa", "mla"):
                 held = context if x.window is None else min(context, x.window - 1)
                 total += batch * held * x.per_token + x.state
+            elif x.kind in V4_KINDS and x.spec is not None:
+                total += batch * elt * self._v4_values(x.spec, context)
             else:
                 total += x.physical
         return Reservation(total)
+
+    @staticmethod
+    def _v4_values(spec: Any, n: int) -> int:
+        """Values one sequence's DeepSeek V4 layer holds in transformers' cache after ``n`` tokens."""
+        d, r = spec.head_dim, spec.compress.ratio
+        held = min(n, spec.window - 1) * d * (2 if spec.attention == "swa" else 1)
+        if not r:
+            return held
+        csa = spec.compress.indexed
+        di = spec.compress.index_head_dim if csa else 0
+        m = n % r  # the buffer: projected rows and gates not yet pooled
+        held += (n // r) * (d + di) + 2 * m * (2 if csa else 1) * (d + di)
+        if csa and n >= r:  # the last closed window's overlap rows and gates
+            held += 2 * r * (d + di)
+        return held
 
 
 _CLASSES = {"vllm": VLLM, "llamacpp": LlamaCpp, "llama.cpp": LlamaCpp, "sglang": SGLang,

@@ -273,3 +273,28 @@ def test_bf16_load_keeps_what_transformers_keeps_in_fp32(pair: tuple[Any, kvlab.
     got, theirs = model(ids).float(), hf16(input_ids=ids).logits.float()
     assert got.dtype == torch.float32 and model(ids).dtype == torch.bfloat16
     assert (got - theirs).abs().max() < 0.1 and (got - want).abs().max() < 0.1
+
+
+def test_transformers_engine_rule_matches_a_real_v4_cache(pair: tuple[Any, kvlab.Model]) -> None:
+    """kvlab.engines.Transformers prices what transformers' DynamicCache holds for V4 (window rows, compressed
+    entries, indexer keys, compressor buffers and overlap rows), counted tensor by tensor after prefills that end
+    before, inside and after whole compression windows."""
+    from kvlab.costs import costs
+    from kvlab.engines import Transformers
+
+    hf, model = pair
+
+    def held(cache: Any) -> int:
+        total = 0
+        for layer in cache.layers:
+            tensors = [layer.keys] + ([] if layer.values is layer.keys else [layer.values])
+            for name in ("compressed_kv", "buffer_kv", "buffer_gate", "overlap_kv", "overlap_gate"):
+                tensors += [t for t in getattr(layer, name, {}).values() if t is not None]
+            total += sum(t.numel() * t.element_size() for t in tensors)
+        return total
+
+    for n in (1, 2, 7, 12, 13, 24):
+        cache = transformers.DynamicCache(config=hf.config)
+        hf(input_ids=torch.randint(0, 96, (2, n)), past_key_values=cache, use_cache=True)
+        c = costs(model.config, context=n, batch=2, dtype="float32")
+        assert Transformers().reserve(model.config, c, n, 2).kv_bytes == held(cache), n
