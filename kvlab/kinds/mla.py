@@ -37,6 +37,9 @@ class MLASpec:
     qk_rope_head_dim``) and values (``v_head_dim``) are up-projections of ``c_kv`` by ``kv_b_proj``.
     ``q_lora_rank``: the low-rank query path ``q = W_b norm(W_a x)`` (None: one ``q_proj``). ``rope_interleave``:
     the rotary channels are interleaved pairs (transformers' DeepSeek-V3 default), else rotate-half.
+    ``latent_norm``: ``c_kv`` is RMS-normalised by ``kv_a_layernorm`` (DeepSeek; the default); False: the latent is
+    the plain linear ``W_a x`` (no norm weight), as a K/V factorisation of a GQA model needs to be exact
+    (kvlab/retrofit/mla.py).
     DeepSeek V3.2 sparse attention (DSA): a lightning indexer of ``index_heads`` x ``index_head_dim`` scores every
     cached token and each query attends to its ``index_topk`` best; all three set, or none.
     """
@@ -50,6 +53,7 @@ class MLASpec:
     index_heads: int | None = None
     index_head_dim: int | None = None
     index_topk: int | None = None
+    latent_norm: bool = True
 
     @property
     def qk_head_dim(self) -> int:
@@ -78,6 +82,8 @@ class MLASpec:
             positive_int(where, "q_lora_rank", self.q_lora_rank)
         if not isinstance(self.rope_interleave, bool):
             raise field_error(where, "rope_interleave", self.rope_interleave, "must be true or false")
+        if not isinstance(self.latent_norm, bool):
+            raise field_error(where, "latent_norm", self.latent_norm, "must be true or false")
         idx = ("index_heads", "index_head_dim", "index_topk")
         given = [n for n in idx if getattr(self, n) is not None]
         if given and len(given) != 3:
@@ -121,7 +127,7 @@ def params(layer: Any, hidden: int) -> tuple[int, int]:
     r, dr, ql = m.kv_lora_rank, m.qk_rope_head_dim, m.q_lora_rank
     mats = (hidden * ql + ql * h * m.qk_head_dim) if ql else hidden * h * m.qk_head_dim
     mats += hidden * (r + dr) + r * h * (m.qk_nope_head_dim + m.v_head_dim) + h * m.v_head_dim * hidden
-    extra = (ql or 0) + r  # q_a_layernorm, kv_a_layernorm
+    extra = (ql or 0) + (r if m.latent_norm else 0)  # q_a_layernorm, kv_a_layernorm
     extra += ((ql or 0) + r + dr) if layer.qkv_bias else 0
     extra += hidden if layer.o_bias else 0
     if m.sparse:  # indexer: wq_b (from the query latent), wk, weights_proj; k_norm is a LayerNorm (weight, bias)

@@ -4,7 +4,8 @@ Following transformers 5.23 ``modeling_deepseek_v3`` (``DeepseekV3Attention``), 
 
 - query: ``q = q_b_proj(q_a_layernorm(q_a_proj(x)))`` with ``q_lora_rank`` set, else ``q = q_proj(x)``; per head
   ``[q_nope (qk_nope_head_dim), q_pe (qk_rope_head_dim)]``;
-- latent: ``[c_kv, k_pe] = kv_a_proj_with_mqa(x)``; ``c_kv = kv_a_layernorm(c_kv)`` (``kv_lora_rank``); ``k_pe`` is
+- latent: ``[c_kv, k_pe] = kv_a_proj_with_mqa(x)``; ``c_kv = kv_a_layernorm(c_kv)`` (``kv_lora_rank``; no norm with
+  ``mla.latent_norm=False``, kvlab's option for K/V factorised from a GQA model); ``k_pe`` is
   one rotary key shared by every head. Only ``c_kv`` and the rotated ``k_pe`` are cached (kvlab/cache/latent.py);
 - keys and values: ``kv_b_proj(c_kv)`` gives per head ``[k_nope (qk_nope_head_dim), v (v_head_dim)]``; the key is
   ``[k_nope, k_pe]``;
@@ -88,7 +89,7 @@ class MLAttention(nn.Module):
         else:
             self.q_proj = nn.Linear(hidden, h * m.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=spec.qkv_bias)
-        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS, norm_offset)
+        self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS, norm_offset) if m.latent_norm else nn.Identity()
         self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
         self.o_proj = nn.Linear(h * m.v_head_dim, hidden, bias=spec.o_bias)
         self.scale = softmax_scale(spec)
@@ -227,12 +228,12 @@ class DSAIndexer(nn.Module):
 def mla_layer(num_heads: int, kv_lora_rank: int, qk_nope_head_dim: int, qk_rope_head_dim: int, v_head_dim: int,
               q_lora_rank: int | None = None, rope: RopeSpec | None = None, rope_interleave: bool = True,
               index_heads: int | None = None, index_head_dim: int | None = None, index_topk: int | None = None,
-              **kw) -> LayerSpec:
+              latent_norm: bool = True, **kw) -> LayerSpec:
     """A consistent ``mla`` LayerSpec: head_dim = qk_nope + qk_rope, one latent "KV head", the rope (default
     theta 1e4) rotating exactly ``qk_rope_head_dim`` channels. ``kw``: other LayerSpec fields (MLP, biases...)."""
     m = MLASpec(kv_lora_rank=kv_lora_rank, qk_nope_head_dim=qk_nope_head_dim, qk_rope_head_dim=qk_rope_head_dim,
                 v_head_dim=v_head_dim, q_lora_rank=q_lora_rank, rope_interleave=rope_interleave,
-                index_heads=index_heads, index_head_dim=index_head_dim, index_topk=index_topk)
+                index_heads=index_heads, index_head_dim=index_head_dim, index_topk=index_topk, latent_norm=latent_norm)
     rope = RopeSpec(**vars(rope)) if rope is not None else RopeSpec()
     rope.partial = m.rope_partial
     return LayerSpec(num_heads=num_heads, num_kv_heads=1, head_dim=m.qk_head_dim, v_head_dim=v_head_dim,
