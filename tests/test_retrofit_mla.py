@@ -42,20 +42,34 @@ def test_factorisation_at_full_rank_reproduces_the_kv_projections() -> None:
     assert (up @ down - m.double()).abs().max().item() < 1e-12
     up, down = factorise(m, 20)  # truncated: the best rank-20 approximation, not the matrix
     assert (up @ down - m.double()).abs().max().item() > 1e-2
-    # in a converted GQA model: kv_b_proj @ kv_a (latent rows) gives back every head's non-rotary K rows and V rows
+    # activation-aware: exact at full rank; truncated, a smaller error on the inputs it measured than plain SVD
+    x = torch.randn(500, HID, generator=torch.Generator().manual_seed(1)).double() * torch.linspace(0.01, 3, HID)
+    c = x.T @ x / 500
+    up, down = factorise(m, 40, c)
+    assert (up @ down - m.double()).abs().max().item() < 1e-8
+    err = [((x @ (m.double() - u @ d).T) ** 2).mean().item() for u, d in (factorise(m, 20), factorise(m, 20, c))]
+    assert err[1] < 0.8 * err[0]  # (the optimum for that error; plain SVD is optimal for the Frobenius one)
+    # in a converted GQA model: kv_b_proj @ kv_a (latent rows) gives back every head's non-rotary K rows and V rows,
+    # and the kept rotary rows as k_pe (from kv_a) plus the residual off it (from the latent)
     model = random_model(gqa_config(2)).float()
-    rank = 2 * (D - 8 + D)
+    rank = 2 * (D + D)
     out = to_mla(model, rank=rank, rope_dims=8)
-    kept = select_pairs(model, 8)
+    kept = select_pairs(model, 8, "high")
     rope_rows = list(kept.pairs) + [j + D // 2 for j in kept.pairs]
     nope = [c for c in range(D) if c not in rope_rows]
     for i, block in enumerate(out.model.layers):
         a = block.attn
-        w = (a.kv_b_proj.weight @ a.kv_a_proj_with_mqa.weight[:rank]).view(4, len(nope) + D, HID)
+        w = (a.kv_b_proj.weight @ a.kv_a_proj_with_mqa.weight[:rank]).view(4, D + D, HID)
         src = model.layers[i].attn
-        k = src.k_proj.weight.view(2, D, HID)[:, nope].repeat_interleave(2, 0)
+        k = src.k_proj.weight.view(2, D, HID).repeat_interleave(2, 0)
         v = src.v_proj.weight.view(2, D, HID).repeat_interleave(2, 0)
-        torch.testing.assert_close(w, torch.cat((k, v), dim=1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(w[:, :len(nope)], k[:, nope], atol=1e-5, rtol=0)
+        torch.testing.assert_close(w[:, D:], v, atol=1e-5, rtol=0)
+        q = a.q_proj.weight.view(4, D + 8, HID)
+        wr = model.layers[i].attn.q_proj.weight.view(4, D, HID)[:, rope_rows]
+        u = (q[:, D:] * wr).sum(-1) / (wr * wr).sum(-1)  # the shared-key weight u_g(h) of each rotary channel
+        k_pe = a.kv_a_proj_with_mqa.weight[rank:]
+        torch.testing.assert_close(w[:, len(nope):D] + u[:, :, None] * k_pe, k[:, rope_rows], atol=1e-5, rtol=0)
 
 
 @torch.no_grad()
@@ -67,7 +81,7 @@ def test_nothing_dropped_reproduces_the_logits(case: str) -> None:
         tie_rotary_rows(model)
     g = model.config.layers[0].num_kv_heads
     ids = ids_()
-    out = to_mla(model, rank=g * (D - 8 + D), rope_dims=8, ids=ids)
+    out = to_mla(model, rank=g * ((D - 8 if g == 1 else D) + D), rope_dims=8, ids=ids)
     assert out.model.config.layers[0].attention == "mla" and not out.model.config.layers[0].mla.latent_norm
     assert out.report.initialised == {} and out.report.dropped == []
     assert "layers.0.attn.kv_b_proj.weight" in out.report.derived
@@ -82,8 +96,8 @@ def test_what_is_dropped_changes_the_logits() -> None:
     model = random_model(gqa_config(2, partial=0.5)).float()
     ids = ids_()
     ref = model(ids)
-    full = 2 * (D - 8 + D)
-    for rank, rope in ((full, 8), (2 * (D - 4 + D), 4), (full - 8, 8)):  # unequal rotary keys; 2 of 4 pairs; rank
+    full = 2 * (D + D)
+    for rank, rope in ((full, 8), (full, 4), (full - 8, 8)):  # unequal rotary keys; 2 of 4 pairs; lower rank
         out = to_mla(model, rank=rank, rope_dims=rope)
         assert (out.model(ids) - ref).abs().max().item() > 1e-3
         assert "approximate" in out.report.notes[-1]
@@ -97,7 +111,7 @@ def test_two_norm_selection_keeps_the_pairs_that_contribute() -> None:
                 v = w.view(-1, D, HID)
                 v *= 0.01
                 v[:, [2, 3, 10, 11]] *= 1000.0
-    kept = select_pairs(model, 4)
+    kept = select_pairs(model, 4, "2norm")
     assert kept.pairs == (2, 3)
     assert kept.rope.scaling == "linear" and kept.rope.factor == pytest.approx(1000.0 ** (4 / 16))
     assert kept.rope.theta == pytest.approx(1000.0 ** (2 * 2 / 16))
@@ -152,11 +166,13 @@ def test_technique_string_and_save_load(tmp_path) -> None:
 
 
 @pytest.mark.parametrize("kw, match", [
-    ({"rank": 97}, r"mla: rank=97 must be an integer in \[1, 48\]: the joint K/V width is 2 KV heads"),
+    ({"rank": 97}, r"mla: rank=97 must be an integer in \[1, 64\]: the joint K/V width is 2 KV heads x \(16 "),
     ({"rank": 0}, r"rank=0"),
     ({"rank": 8, "rope_dims": 5}, r"rope_dims=5 must be an even number of rotary channels in \[2, 16\]"),
-    ({"rank": 8, "rope_dims": 16}, r"below head_dim=16"),
-    ({"rank": 8, "select": "random"}, r"select='random'; allowed: 2norm, high, uniform"),
+    ({"rank": 8, "rope_dims": 18}, r"rope_dims=18 must be an even number of rotary channels in \[2, 16\]"),
+    ({"rank": 8, "svd": "activations"}, r"svd='activations' measures the inputs on text: give ids="),
+    ({"rank": 8, "svd": "exact"}, r"svd='exact'; allowed: auto, weights, activations"),
+    ({"rank": 8, "select": "random"}, r"select='random'; allowed: high, 2norm, uniform"),
 ])
 def test_bad_options_are_named(kw, match) -> None:
     with pytest.raises(RetrofitError, match=match):
@@ -175,6 +191,11 @@ def test_layers_it_cannot_convert_are_named(layer, match) -> None:
         setattr(cfg.layers[1], k, v)
     with pytest.raises(RetrofitError, match=match):
         to_mla(random_model(cfg), 8, ids=ids_())
+
+
+def test_mqa_needs_a_non_rotary_part() -> None:
+    with pytest.raises(RetrofitError, match=r"rope_dims=16 makes every channel of the single KV head rotary"):
+        to_mla(random_model(gqa_config(1)), 8, 16)
 
 
 def test_a_non_gqa_layer_and_scaled_rope_are_named() -> None:
@@ -202,3 +223,4 @@ def test_latent_norm_option_is_validated_and_priced() -> None:
         m = Model.from_config(cfg)
         assert kvlab.costs(cfg, context=8).params_total == m.num_parameters()
         assert ("layers.0.attn.kv_a_layernorm.weight" in m.state_dict()) == norm
+
