@@ -224,3 +224,14 @@ def test_latent_norm_option_is_validated_and_priced() -> None:
         assert kvlab.costs(cfg, context=8).params_total == m.num_parameters()
         assert ("layers.0.attn.kv_a_layernorm.weight" in m.state_dict()) == norm
 
+
+
+@pytest.mark.parametrize("text, match", [
+    ("mla", r"mla: needs a latent rank, e.g. mla:rank=128,rope=32"),
+    ("mla:16,rank=16", r"give the rank once"),
+    ("mla:rank=16,rope=x", r"rope='x' must be an integer"),
+    ("mla:rank=16,window=3", r"unknown option\(s\) \['window'\]"),
+])
+def test_bad_technique_strings_are_named(text: str, match: str) -> None:
+    with pytest.raises(RetrofitError, match=match):
+        apply(random_model(gqa_config(2)), text)

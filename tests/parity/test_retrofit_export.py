@@ -98,6 +98,8 @@ def test_what_no_architecture_expresses_is_named(tmp_path) -> None:
     src = llama()
     with pytest.raises(ExportError, match=r"shared K/V"):
         export_hf(to_shared(src, last=2).model, tmp_path / "a")
+    with pytest.raises(ExportError, match=r"layers \[1, 3\] keep sink tokens in their sliding window"):
+        export_hf(to_window(src, 8, "1 global : 1 sliding", sink_tokens=2).model, tmp_path / "s")
     with pytest.raises(ExportError, match=r"already exists"):
         (tmp_path / "b").mkdir()
         (tmp_path / "b" / "x").write_text("")
