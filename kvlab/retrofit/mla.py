@@ -298,26 +298,32 @@ def to_mla(model: Model, rank: int, rope_dims: int | None = None, select: str = 
     return out
 
 
-def _mla_technique(model, value, opts, ids):
-    from .techniques import _int, _no_options
+def _read(value: str | None, opts: dict[str, str]) -> dict:
+    """``mla:rank=128,rope=32[,select=high][,svd=auto]`` (or ``mla:128,...``) -> :func:`to_mla` keyword arguments."""
+    from .techniques import _int, _options
 
-    _no_options("mla", opts, ("rank", "rope", "select", "svd"))
+    _options("mla", opts, ("rank", "rope", "select", "svd"))
     if value is not None and "rank" in opts:
         raise RetrofitError("mla: give the rank once (mla:128 or mla:rank=128)")
     rank = opts.get("rank", value)
     if rank is None:
         raise RetrofitError("mla: needs a latent rank, e.g. mla:rank=128,rope=32")
+    select, svd = opts.get("select", "high"), opts.get("svd", "auto")
+    if select not in SELECT:
+        raise RetrofitError(f"mla: select={select!r}; allowed: {', '.join(SELECT)}")
+    if svd not in SVD:
+        raise RetrofitError(f"mla: svd={svd!r}; allowed: {', '.join(SVD)}")
     rope = opts.get("rope")
-    return to_mla(model, _int("mla", "rank", rank), None if rope is None else _int("mla", "rope", rope),
-                  opts.get("select", "high"), opts.get("svd", "auto"), ids=ids)
+    return {"rank": _int("mla", "rank", rank), "rope_dims": None if rope is None else _int("mla", "rope", rope),
+            "select": select, "svd": svd}
 
 
 def _register() -> None:
     from .techniques import Technique, register
 
-    register(Technique("mla", "GQA/MHA -> DeepSeek MLA: partial RoPE (rope= kept rotary channels, 2-norm selected) "
-                       "and a joint SVD of K/V at latent rank (MHA2MLA / TransMLA)", "mla:rank=128,rope=32",
-                       _mla_technique))
+    register(Technique("mla", "GQA/MHA -> DeepSeek MLA: partial RoPE (rope= kept rotary channels) and a joint SVD of "
+                       "K/V at latent rank (MHA2MLA / TransMLA; calibrated on the text when given)",
+                       "mla:rank=128,rope=32", _read, to_mla))
 
 
 _register()
