@@ -142,10 +142,11 @@ def test_cli_converts_measures_and_writes_the_table(tmp_path, capsys):
     out = tmp_path / "rf"
     assert main(["retrofit", str(src), "--sweep", "share-last:1", "window:16,pattern=1sliding+1global",
                  "kv-quant:int4-g8", "--out", str(out), "--length", "128", "--decode-context", "32", "--no-progress",
-                 "--json"]) == 0
+                 "--needle", "200", "--depths", "0.5", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     rows = {r["technique"]: r for r in res["rows"]}
     assert set(rows) == {"share-last:1", "window:16,pattern=1sliding+1global", "kv-quant:int4-g8"}
+    assert res["original_needle"]["lengths"] == [200] and all(r["needle"]["depths"] == [0.5] for r in rows.values())
     for r in rows.values():
         assert r["cache"]["match"] and r["cache"]["measured"] == r["cache"]["calculated"] > 0
         assert r["kl"] > 0 and r["eval_tokens"] == 127

@@ -179,8 +179,9 @@ def format_rows(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> str:
             "needle", "decode tok/s"]
     body = []
     if ref is not None:
+        on = ref.get("original_needle")
         body.append(["original", "-", *(fmt_bytes(ref["ref_kv_bytes"][k]) for k in ("4096", "32768", "131072")),
-                     "1.00x", f"{ref['ref_ppl']:.3f}", "0", "100%", "", ""])
+                     "1.00x", f"{ref['ref_ppl']:.3f}", "0", "100%", f"{on['overall']:.0%}" if on else "", ""])
     for r in rows:
         rec = f"{r['recovery_steps']} steps, seed {r['seed']}" if r.get("recovery_steps") else "none"
         needle = f"{r['needle']['overall']:.0%}" if "needle" in r else ""
@@ -227,6 +228,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"model: {args.model} ({setup.model.config.name}, {setup.model.num_parameters():,} parameters); text: "
               f"{setup.corpus.describe(len(setup.ids))}", file=out_stream)
         rows: list[dict[str, Any]] = []
+        if args.needle and not args.no_eval:  # the original's own retrieval on the same grid, for comparison
+            from kvlab.eval.needle import needle_test
+
+            needle = parse_contexts(args.needle)
+            depths = [float(x) for x in args.depths.split(",") if x.strip()]
+            r = needle_test(setup.model, setup.tok, setup.corpus.text, needle, depths, 1, 0, not args.no_progress)
+            setup.ground["original_needle"] = {"lengths": needle, "depths": depths, "accuracy": r.accuracy,
+                                               "overall": r.overall}
         for t in techniques:
             print(f"\n== {t}", file=out_stream)
             rows += run_technique(setup, t, out if args.to is not None else out / slug(t), out_stream)
@@ -234,6 +243,7 @@ def run(args: argparse.Namespace) -> int:
         result = {**setup.ground, "techniques": techniques, "rows": rows, "spread": spread(rows),
                   "wall_s": time.perf_counter() - t0}
         if rows:
+            rows[0]["original_needle"] = setup.ground.get("original_needle")
             print("\n" + format_rows(rows, rows[0]), file=out_stream)
             for s in result["spread"]:
                 print(f"{s['technique']}: seeds {s['seeds']}: KL {s['kl_mean']:.4f} ± {s['kl_sd']:.4f} (sd), "
@@ -257,7 +267,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
     lines = [("| technique | recovery | KV @4K | KV @32K | KV @128K | KV vs original | perplexity | KL (nats/token) | "
              "top-1 | needle | decode tok/s |"), "|---|---|---|---|---|---|---|---|---|---|---|",
              (f"| original | - | {fmt_bytes(ref['ref_kv_bytes']['4096'])} | {fmt_bytes(ref['ref_kv_bytes']['32768'])} | "
-             f"{fmt_bytes(ref['ref_kv_bytes']['131072'])} | 1.00x | {ref['ref_ppl']:.2f} | 0 | 100% | | |")]
+             f"{fmt_bytes(ref['ref_kv_bytes']['131072'])} | 1.00x | {ref['ref_ppl']:.2f} | 0 | 100% | "
+             f"{format(ref['original_needle']['overall'], '.0%') if ref.get('original_needle') else ''} | |")]
     for r in rows:
         rec = f"{r['recovery_steps']} steps (seed {r['seed']})" if r.get("recovery_steps") else "none"
         needle = f"{r['needle']['overall']:.0%}" if "needle" in r else ""
