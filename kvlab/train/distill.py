@@ -59,8 +59,9 @@ def distill_config(student: str | Path, teacher: str | Path, *, steps: int = 200
     task: dict[str, Any] = {"kind": "text", "seq_len": seq_len, "tokenizer": str(tokenizer or teacher)}
     if text_files:
         task["files"] = [str(f) for f in text_files]
+    # a checkpoint every quarter of the run: an interrupted recovery (kvlab retrofit --resume) loses at most that
     train: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "dtype": dtype,
-                             "eval_batches": eval_batches}
+                             "eval_batches": eval_batches, "save_every": max(1, steps // 4)}
     if threads is not None:
         train["threads"] = threads
     return {"model": {"init": str(student)}, "task": task, "train": train,
