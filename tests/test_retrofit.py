@@ -205,3 +205,22 @@ def test_window_with_sink_tokens_sets_them_on_window_layers_only():
     ref = with_window(_model(), 8, sink_tokens=2)  # every layer windowed, a different model
     assert not torch.allclose(out.model(ids), ref(ids))
     assert torch.allclose(out.model(ids)[:, :8], _model()(ids)[:, :8], atol=1e-5)
+
+
+def test_cli_exports_a_window_pattern_that_transformers_runs_identically(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from kvlab.cli import main
+    from tests.helpers import save_text_checkpoint
+
+    src = save_text_checkpoint(tmp_path / "src")
+    out = tmp_path / "rf"
+    assert main(["retrofit", str(src), "--to", "window:8,pattern=1sliding+1global", "--out", str(out), "--export", "hf",
+                 "--no-eval", "--no-progress"]) == 0
+    ours = kvlab.load(out / "converted")
+    hf = AutoModelForCausalLM.from_pretrained(out / "hf", dtype=torch.float32).eval()
+    ids = torch.randint(0, 258, (1, 30), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4)
+    assert main(["retrofit", str(src), "--sweep", "share-last:1", "--out", str(tmp_path / "x"), "--export", "hf"]) == 2
+    assert "--export writes one conversion" in capsys.readouterr().err

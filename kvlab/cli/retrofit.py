@@ -23,6 +23,7 @@ NAME = "retrofit"
 HELP = "convert a pretrained model to a technique, recover it by distillation, measure cost against savings"
 EXAMPLE = ("kvlab retrofit smollm2-135m --to share-last:6 --out out/share6 --recover 200\n"
            "  kvlab retrofit smollm2-135m --to window:512,sinks=4 --out out/win512\n"
+           "  kvlab retrofit smollm2-135m --to mla:rank=256,rope=32 --out out/mla --recover 200 --export hf\n"
            "  kvlab retrofit smollm2-135m --sweep share-last:6 window:512 prune-heads:0.67 --out out/sweep --recover 100")
 
 DEFAULT_SWEEP = ("share-last:6", "share-adjacent:2", "window:512", "window:512,sinks=4",
@@ -52,6 +53,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths (default 0.1,0.5,0.9)")
     q.add_argument("--no-eval", action="store_true", help="convert (and recover) only; no measurements")
     q.add_argument("--decode-context", default="1k", help="context of the decode-speed measurement (0: skip)")
+    q.add_argument("--export", choices=["hf"], help="also write each converted (and recovered) model as a transformers "
+                   "checkpoint (OUT/hf, OUT/recovered-seed<S>-hf) where a transformers architecture expresses it "
+                   "(MLA as DeepseekV3ForCausalLM, window patterns through layer_types); vLLM / SGLang serve it")
     q.add_argument("--plot", type=output_file("--plot"), help="frontier plot (PNG; default OUT/frontier.png)")
     q.add_argument("--device", type=device_arg, default="cpu")
     q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
@@ -91,7 +95,7 @@ class Setup:
         self.ids = self.tok.encode(self.corpus.text, special=False)
         self.prefix = self.tok.encode("", special=True)
         self.length = parse_context(args.length)
-        if self.length > self.model.config.max_positions:
+        if not args.no_eval and self.length > self.model.config.max_positions:
             raise ValueError(f"--length {args.length}: exceeds the model's max_positions="
                              f"{self.model.config.max_positions}")
         # head importance is measured on the training text (disjoint from the evaluation corpus), never on what is scored
@@ -155,10 +159,22 @@ def measure_one(setup: Setup, model: Any) -> dict[str, Any]:
                    progress=not a.no_progress)
 
 
+def export_one(setup: Setup, model: Any, target: Path, out_stream) -> None:
+    """``--export hf``: the model as a transformers checkpoint at ``target`` (kept when it already exists)."""
+    from kvlab.retrofit.export import export_hf
+
+    if setup.args.export != "hf" or (target / "config.json").is_file():
+        return
+    export_hf(model, target, tokenizer=setup.tok)
+    print(f"exported {target} (transformers)", file=out_stream)
+
+
 def run_technique(setup: Setup, technique: str, out: Path, out_stream) -> list[dict[str, Any]]:
     """Rows for one technique: converted, then each recovery seed."""
     a = setup.args
     model, path = convert_one(setup, technique, out, out_stream)
+    if path is not None:
+        export_one(setup, model, out / "hf", out_stream)
     rows = []
     if not a.no_eval:
         rows.append({"technique": technique, "recovery_steps": 0, "checkpoint": str(path) if path else None,
@@ -168,6 +184,7 @@ def run_technique(setup: Setup, technique: str, out: Path, out_stream) -> list[d
         return rows
     for seed in _seeds(a.seeds) if a.recover else []:
         rec, info = recover_one(setup, path, out, seed, out_stream)
+        export_one(setup, rec, out / f"recovered-seed{seed}-hf", out_stream)
         if not a.no_eval:
             rows.append({"technique": technique, "recovery_steps": a.recover, "seed": seed, "recovery": info,
                          "checkpoint": info["run"], **measure_one(setup, rec)})
@@ -219,6 +236,8 @@ def run(args: argparse.Namespace) -> int:
     techniques = [args.to] if args.to is not None else list(args.sweep or DEFAULT_SWEEP)
     for t in techniques:
         parse(t)  # a named error before anything loads
+    if args.export and args.sweep is not None:
+        raise ValueError("--export writes one conversion: use it with --to, not --sweep")
     _seeds(args.seeds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
