@@ -2,7 +2,9 @@
 
 ``run_bench(spec, contexts)`` builds or loads a model, prefills each context (random ids, chunked) into
 a cache preallocated to ``context + decode_tokens``, decodes token by token, and returns one dict of
-figures per context plus machine information. ``--vs transformers`` runs the same loop in transformers.
+figures per context plus machine information. ``kv_dtypes`` runs it once per K/V cache format (a float dtype:
+the model and its cache in that dtype; a quantized format such as ``int8``: the model in ``dtype``, its cache
+quantized, kvlab/costs/quant.py). ``--vs transformers`` runs the same loop in transformers.
 """
 
 from __future__ import annotations
@@ -179,18 +181,47 @@ def _timed_loop(forward: Callable[[torch.Tensor, bool], torch.Tensor], ids: torc
             "decode_tok_s_mean": ids.shape[0] * len(steps) / sum(steps) if steps else float("nan")}
 
 
+def kv_formats(kv_dtypes: list[str] | None, dtype: str) -> list[tuple[str, str, str | None]]:
+    """``--kv-dtype`` entries -> ``(label, model dtype, kv_quant or None)`` each: a float dtype (``fp32``,
+    ``bf16``, ``fp16``) runs the model and its cache in it (a kvlab cache holds the model's dtype); a quantized
+    format (``int8``, ``int4-g32``, ``fp8``, a preset...) runs the model in ``dtype`` with that cache. None: one
+    run, the unquantized cache in ``dtype``. A bad entry is a ValueError naming it and what is allowed."""
+    from kvlab.costs.quant import QuantError, resolve_kv_quant
+
+    if not kv_dtypes:
+        return [(dtype, dtype, None)]
+    out = []
+    for text in kv_dtypes:
+        try:
+            d = parse_dtype(text)
+        except ValueError:
+            d = None
+        if d is not None:
+            out.append((d, d, None))
+            continue
+        try:
+            resolve_kv_quant(text)
+        except QuantError as e:
+            raise ValueError(f"--kv-dtype {text!r}: a float dtype (fp32, bf16, fp16) or a quantized format: {e}"
+                             ) from None
+        out.append((text, dtype, text))
+    return out
+
+
 def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str, batch: int = 1,
                 prefill_chunk: int = 512, seed: int = 0, bandwidth: float | None = None,
-                progress: bool = True) -> list[dict[str, Any]]:
-    """Prefill + decode ``model`` at each context; figures per context (see the module docstring)."""
+                progress: bool = True, kv_quant: str | None = None) -> list[dict[str, Any]]:
+    """Prefill + decode ``model`` at each context; figures per context (see the module docstring); ``kv_quant``:
+    a quantized cache format (kvlab/costs/quant.py), priced with it."""
     from kvlab.costs import costs
+    from kvlab.costs.quant import quant_name, resolve_kv_quant
 
     last_only = "last_only" in inspect.signature(model.forward).parameters
     rows = []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
         n = max(1, min(WARMUP, model.config.max_positions - 2))
-        warm = model.new_cache(batch, max_length=n + 2)
+        warm = model.new_cache(batch, max_length=n + 2, kv_quant=kv_quant)
         _timed_loop(lambda x, _last, c=warm: model(x, cache=c), torch.zeros(batch, n, dtype=torch.long),
                     n, 2, "warm-up", False)
     for ctx in contexts:
@@ -198,18 +229,20 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
         ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=gen)
         gc.collect()
         with torch.inference_mode(), rss_sampler() as mem:
-            cache = model.new_cache(batch, max_length=max_length)
+            cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant)
 
             def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
                 return model(x, cache=cache, last_only=last) if last_only else model(x, cache=cache)
 
-            r = _timed_loop(fwd, ids, prefill_chunk, decode_tokens, f"kvlab {fmt_context(ctx)}", progress)
+            r = _timed_loop(fwd, ids, prefill_chunk, decode_tokens, f"kvlab {kv_quant or dtype} {fmt_context(ctx)}",
+                            progress)
             measured = cache.nbytes()
             del fwd, cache
-        c_alloc = costs(model.config, context=max_length, dtype=dtype, batch=batch)
-        c_mid = costs(model.config, context=ctx + decode_tokens // 2, dtype=dtype, batch=batch)
+        c_alloc = costs(model.config, context=max_length, dtype=dtype, batch=batch, kv_quant=kv_quant)
+        c_mid = costs(model.config, context=ctx + decode_tokens // 2, dtype=dtype, batch=batch, kv_quant=kv_quant)
         read = c_mid.weight_read_bytes_per_step + c_mid.kv_read_bytes_per_step
-        r.update(context=ctx, max_length=max_length, batch=batch,
+        r.update(context=ctx, max_length=max_length, batch=batch, dtype=dtype,
+                 kv_dtype=kv_quant or dtype, kv_quant=quant_name(resolve_kv_quant(kv_quant)),
                  cache_bytes_measured=measured, cache_bytes_calculated=c_alloc.kv_cache_bytes,
                  cache_bytes_match=measured == c_alloc.kv_cache_bytes,
                  bytes_read_per_step=read, weight_read_bytes_per_step=c_mid.weight_read_bytes_per_step,
@@ -311,14 +344,21 @@ def _check_lengths(cfg: ModelConfig, contexts: list[int], decode_tokens: int) ->
 def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens: int = 32, dtype: str = "float32",
               threads: int | None = None, vs: str | None = None, batch: int = 1, prefill_chunk: int = 512,
               weight_budget: int = DEFAULT_WEIGHT_BUDGET, bandwidth_bytes: int = 256 * 1024**2,
-              progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Run the benchmark; returns ``{"model", "config", "scaled", "results", "transformers", "ratios", ...}``."""
+              progress: bool = True, log: Callable[[str], None] | None = None,
+              kv_dtypes: list[str] | None = None) -> dict[str, Any]:
+    """Run the benchmark; returns ``{"model", "config", "scaled", "results", "transformers", "ratios", ...}``.
+
+    ``kv_dtypes``: one run per K/V cache format (:func:`kv_formats`), ``results`` holding a row per format and
+    context (each names its ``kv_dtype``, ``kv_quant`` and model ``dtype``)."""
     from kvlab.model import Model
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     dtype = parse_dtype(dtype)
     if vs not in (None, "transformers"):
         raise ValueError(f"--vs {vs!r}: the only comparison is 'transformers'")
+    formats = kv_formats(kv_dtypes, dtype)
+    if vs == "transformers" and formats != [(dtype, dtype, None)]:
+        raise ValueError("--vs transformers compares the unquantized cache in --dtype: drop --kv-dtype")
     if decode_tokens < 1 or batch < 1 or prefill_chunk < 1:
         raise ValueError("decode tokens, batch and prefill chunk must be positive integers")
     from kvlab import threads as threads_mod
@@ -372,14 +412,29 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
         cfg = model.config
         _check_lengths(cfg, contexts, decode_tokens)
         bw = copy_bandwidth(bandwidth_bytes)
-        rows = bench_kvlab(model, contexts, decode_tokens, dtype, batch, prefill_chunk, bandwidth=bw,
-                           progress=progress)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
+        rows = []
+        for _label, d, q in formats:
+            if d != dtype:  # a float cache format: the model and its cache in that dtype (same weights, rounded)
+                if checkpoint:
+                    from kvlab import load
+
+                    m = load(str(spec), dtype=TORCH_DTYPES[d], device="cpu")
+                else:
+                    m = Model.from_config(cfg, dtype=TORCH_DTYPES[d], seed=0)
+                m.eval()
+            else:
+                m = model
+            rows += bench_kvlab(m, contexts, decode_tokens, d, batch, prefill_chunk, bandwidth=bw,
+                                progress=progress, kv_quant=q)
+            del m
+            gc.collect()
         result: dict[str, Any] = {
             "model": cfg.name, "source": str(spec) if not isinstance(spec, ModelConfig) else cfg.name,
             "checkpoint": checkpoint, "scaled": notes, "dtype": dtype, "batch": batch, "decode_tokens": decode_tokens,
             "prefill_chunk": prefill_chunk, "params": sum(p.numel() for p in model.parameters()),
-            "weight_bytes": weights, "copy_bandwidth_bytes_s": bw, "results": rows, "machine": machine_info(),
+            "weight_bytes": weights, "copy_bandwidth_bytes_s": bw, "kv_dtypes": [f[0] for f in formats],
+            "results": rows, "machine": machine_info(),
         }
         del model
         gc.collect()
@@ -415,13 +470,14 @@ def format_card(r: dict[str, Any]) -> str:
         lines.append(f"scaled: {n}")
     rows = []
     for x in r["results"]:
-        rows.append([fmt_context(x["context"]), f"{x['prefill_tok_s']:.1f}", f"{x['decode_tok_s']:.2f}",
+        rows.append([x.get("kv_dtype", r["dtype"]), x.get("dtype", r["dtype"]), fmt_context(x["context"]),
+                     f"{x['prefill_tok_s']:.1f}", f"{x['decode_tok_s']:.2f}",
                      f"{x['decode_step_median_s'] * 1e3:.2f}", fmt_bytes(x["cache_bytes_measured"]),
                      fmt_bytes(x["cache_bytes_calculated"]), "yes" if x["cache_bytes_match"] else "NO",
                      fmt_rate(x["achieved_bandwidth"], "B/s"),
                      f"{100 * x.get('bandwidth_utilisation', float('nan')):.0f}%",
                      fmt_bytes(x["rss_delta_bytes"]), fmt_bytes(x["ru_maxrss_bytes"])])
-    lines += ["", table(["context", "prefill tok/s", "decode tok/s", "step ms (median)", "cache measured",
+    lines += ["", table(["KV cache", "model", "context", "prefill tok/s", "decode tok/s", "step ms (median)", "cache measured",
                          "cache calculated", "equal", "bytes/step / step", "of copy bw", "RSS added",
                          "peak RSS"], rows)]
     if "transformers" in r:
@@ -434,7 +490,9 @@ def format_card(r: dict[str, Any]) -> str:
         lines += ["", "transformers (same loop, DynamicCache) and kvlab/transformers ratios:",
                   table(["context", "prefill tok/s", "decode tok/s", "cache held", "RSS added",
                          "prefill ratio", "decode ratio", "RSS ratio"], hf_rows)]
-    lines += ["", ("bytes/step = calculated weight + K/V bytes read by one decode step at the middle of the decode;"
+    lines += ["", ("KV cache = the cache's format (a float dtype: the model and cache in it; a quantized format: "
+                   "codes + scales, residual in the model's dtype); model = weights' dtype. "
+                   "bytes/step = calculated weight + K/V bytes read by one decode step at the middle of the decode;"
                    " of copy bw = that / median step / measured copy_ bandwidth (read + write)."
                    " RSS added = peak RSS during the run minus RSS before it (sampled every 2 ms).")]
     return "\n".join(lines)

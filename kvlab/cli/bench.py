@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 
-from kvlab.cli.common import MODEL_HELP, add_dtype_and_json, add_force, add_threads, emit_json, positive_number, report
+from kvlab.cli.common import (
+    KV_QUANT_HELP,
+    MODEL_HELP,
+    add_dtype_and_json,
+    add_force,
+    add_threads,
+    emit_json,
+    positive_number,
+    report,
+)
 from kvlab.units import parse_contexts
 
 NAME = "bench"
 HELP = "prefill/decode throughput, memory, measured vs calculated cache bytes, bandwidth use"
 EXAMPLE = ("kvlab bench llama-3.1-8b --context 1k,4k --decode-tokens 32 --json\n"
+           "  kvlab bench benchmarks/qwen3-100m.json --context 4k,16k --kv-dtype fp32,bf16,int8,int4\n"
            "  kvlab bench ./ckpt --context 4k --vs transformers")
 
 
@@ -20,6 +30,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--prefill-chunk", type=int, default=512)
     add_threads(q)
+    q.add_argument("--kv-dtype", help="comma-separated K/V cache formats, one run each: fp32, bf16, fp16 (the model "
+                   "and its cache in that dtype) or a quantized format (the model in --dtype): " + KV_QUANT_HELP)
+    q.add_argument("--kv-quant", help="quantized cache formats, comma-separated (appended to --kv-dtype's)")
     q.add_argument("--vs", choices=["transformers"], help="run the same loop in transformers and print ratios")
     q.add_argument("--max-weight-gib", type=positive_number("--max-weight-gib"), default=4.0,
                    help="scale a preset down until its weights fit in this many GiB (default 4)")
@@ -30,13 +43,19 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     add_dtype_and_json(q, dtype="fp32", json_help="print all figures as one JSON object on stdout (the card goes to stderr)")
 
 
+def kv_list(args: argparse.Namespace) -> list[str] | None:
+    """The ``--kv-dtype`` and ``--kv-quant`` entries in order; None when neither is given."""
+    items = [x.strip() for opt in (args.kv_dtype, args.kv_quant) for x in (opt or "").split(",") if x.strip()]
+    return items or None
+
+
 def run(args: argparse.Namespace) -> int:
     from kvlab.bench import format_card, run_bench
 
     r = run_bench(args.model, parse_contexts(args.context), decode_tokens=args.decode_tokens, dtype=args.dtype,
                   threads=args.threads, vs=args.vs, batch=args.batch, prefill_chunk=args.prefill_chunk,
                   weight_budget=int(args.max_weight_gib * 1024**3), bandwidth_bytes=args.bandwidth_mib * 1024**2,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, kv_dtypes=kv_list(args))
     print(format_card(r), file=report(args))
     if args.json:
         emit_json(r)
