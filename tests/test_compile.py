@@ -21,12 +21,12 @@ from kvlab.shrink import tiny as shrink_tiny
 PRESETS = ["zaya1-8b", "deepseek-v4-flash", "gemma-4-e2b"]  # MoE (router carry, hash routing, dense), mHC, PLE
 
 
-def check_decode_compiles(cfg, pad: list[int] | None, backend: str = "eager") -> None:
+def check_decode_compiles(cfg, pad: list[int] | None, backend: str = "eager", kv_quant: str | None = None) -> None:
     with torch.no_grad():
         model = random_model(cfg)
     b, prompt = 3, 20
     ids = torch.randint(0, cfg.vocab_size, (b, prompt + 2), generator=torch.Generator().manual_seed(2))
-    cache = model.new_cache(b, max_length=40)
+    cache = model.new_cache(b, max_length=40, kv_quant=kv_quant)
     if pad is not None:
         cache.set_padding(torch.tensor(pad))
     with torch.inference_mode():
@@ -54,6 +54,14 @@ def test_unpadded_decode_step_of_every_kind_is_one_graph(kind):
 @pytest.mark.parametrize("name", PRESETS)
 def test_decode_step_of_tiny_presets_is_one_graph(name):
     check_decode_compiles(shrink_tiny(get_preset(name)), [0, 6, 11])
+
+
+@pytest.mark.parametrize("kind,example,kv_quant", [("gqa", 0, "int8"), ("gqa", 1, "int4-g8-r3"),
+                                                   ("cca", 1, "int8-g4-kc-rot")])
+def test_quantized_decode_step_is_one_graph(kind, example, kv_quant):
+    """A quantized cache's decode step (attention walking the dequantized blocks, kvlab/layers/blocked.py) too:
+    full layers, a window ring with sinks and a residual, CCA keys per channel rotated."""
+    check_decode_compiles(tiny(kind, example), [0, 6, 11], kv_quant=kv_quant)
 
 
 def test_decode_step_compiled_by_inductor_equals_eager():

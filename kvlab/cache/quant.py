@@ -228,37 +228,121 @@ class QuantRows:
     # -- reading ---------------------------------------------------------------------------------------------
     def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
         """Slots ``0..n-1`` dequantized ``[*lead, n, D]`` in the cache dtype (the residual's positions exact)."""
-        cap = self.capacity
-        n = cap if n is None else n
+        n = self.capacity if n is None else n
+        lead = self.codes.shape[:-2] if rows is None else self.codes[rows].shape[:-2]
+        out = torch.empty(*lead, n, self.dq + self.tail_dim, dtype=torch.float32, device=self.codes.device)
+        return self.read_block(0, n, out, rows, self.n).to(self.dtype)
 
-        def sl(t):
+    def read_block(self, lo: int, hi: int, out: torch.Tensor, rows: slice | None = None,
+                   written: int | None = None) -> torch.Tensor:
+        """Slots ``lo..hi-1`` dequantized into ``out [*lead, hi - lo, D]`` (float32; returned): codes times scales
+        (plus zero points; rotated back), the residual's positions (of ``written``, default all written) laid over
+        exactly, the rotary tail copied. Only these slots are read: a decode step walks the buffer block by block
+        (:class:`QuantView`) instead of dequantizing all of it."""
+        m, dq, spec = hi - lo, self.dq, self.spec
+
+        def sl(t, a=lo, b=hi):
             t = t if rows is None else t[rows]
-            return t.narrow(-2, 0, n)
+            return t.narrow(-2, a, b - a)
 
         c = sl(self.codes)
-        c = unpack4(c) if self.spec.bits == 4 else c.view(_FP8[self.spec.fmt]) if spec_is_fp8(self.spec) else c
-        if self.span > 1:
-            s = (self.scales if rows is None else self.scales[rows]).repeat_interleave(self.span, -2)[..., :n, :]
-            z = None if self.zeros is None else (self.zeros if rows is None else self.zeros[rows]
-                                                 ).repeat_interleave(self.span, -2)[..., :n, :]
-            out = code_values(c, self.spec) * s.float()
-            out = out if z is None else out + z.float()
+        c = unpack4(c) if spec.bits == 4 else c.view(_FP8[spec.fmt]) if spec_is_fp8(spec) else c
+        v = c if c.dtype in (torch.int8, torch.uint8) and not (spec.bits == 4 and spec.symmetric) \
+            and spec.fmt != "fp4" else code_values(c, spec)
+        q = out[..., :dq]
+        if self.span > 1:  # one scale per channel for each group of span positions
+            g0, g1 = lo // self.span, -(-hi // self.span)
+            s = sl(self.scales, g0, g1).float().repeat_interleave(self.span, -2)[..., lo - g0 * self.span:, :][..., :m, :]
+            torch.mul(v, s, out=q)
+            if self.zeros is not None:
+                q.add_(sl(self.zeros, g0, g1).float().repeat_interleave(self.span, -2)
+                       [..., lo - g0 * self.span:, :][..., :m, :])
         else:
-            g = c.reshape(*c.shape[:-1], self.dq // self.group, self.group)
-            out = dequantize(g, sl(self.scales), None if self.zeros is None else sl(self.zeros), self.spec, -1)
-            out = out.reshape(c.shape)
+            shape = (*c.shape[:-1], dq // self.group, self.group)
+            torch.mul(v.reshape(shape), sl(self.scales).float().unsqueeze(-1), out=q.view(shape))
+            if self.zeros is not None:
+                q.view(shape).add_(sl(self.zeros).float().unsqueeze(-1))
         if self.block:
-            out = rotate(out, self.block)
-        out = out.to(self.dtype)
-        if self.residual_slots and self.n:
-            p0 = max(self.quantized_end(self.n), self.n - cap)
-            if self.n > p0:
-                vals = self.res.index_select(-2, self._slots(p0, self.n, out.device, self.residual_slots))
-                out.index_copy_(out.dim() - 2, self._slots(p0, self.n, out.device, cap if self.ring else None),
-                                vals if rows is None else vals[rows])
+            q.copy_(rotate(q, self.block))
+        n = self.n if written is None else written
+        if self.residual_slots and n:
+            cap = self.capacity
+            p0 = max(self.quantized_end(n), n - cap)
+            for a, b in self._runs(p0, n, cap):  # positions a..b-1 sit in slots a % cap.. (contiguous)
+                sa = a % cap if self.ring else a
+                x0, x1 = max(lo, sa), min(hi, sa + b - a)
+                if x1 > x0:
+                    p = a + x0 - sa
+                    vals = self.res.index_select(-2, self._slots(p, p + x1 - x0, out.device, self.residual_slots))
+                    q.narrow(-2, x0 - lo, x1 - x0).copy_(vals if rows is None else vals[rows])
         if self.tail_dim:
-            out = torch.cat((out, sl(self.tail)), dim=-1)
+            out[..., dq:].copy_(sl(self.tail))
         return out
 
+    def _runs(self, p0: int, p1: int, cap: int) -> list[tuple[int, int]]:
+        """Positions ``p0..p1-1`` split where a ring's slots wrap around (at most two runs of contiguous slots)."""
+        if not self.ring or p1 - p0 <= 0:
+            return [(p0, p1)]
+        wrap = (p0 // cap + 1) * cap
+        return [(p0, min(p1, wrap))] + ([(wrap, p1)] if p1 > wrap else [])
 
-__all__ = ["QuantRows", "code_values", "dequantize", "hadamard", "pack4", "quantize", "rotate", "unpack4"]
+    def view(self, n: int) -> QuantView | torch.Tensor:
+        """Slots ``0..n-1`` for a decode step's blocked attention (nothing dequantized yet); with
+        :data:`DECODE_BLOCK_BYTES` 0, dequantized whole (as :meth:`read`)."""
+        return QuantView(self, n) if DECODE_BLOCK_BYTES else self.read(n)
+
+
+DECODE_BLOCK_BYTES = 1 << 20  # float32 bytes of one dequantized block in a decode step; 0: dequantize whole buffers
+_SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
+
+
+def scratch(numel: int, device) -> torch.Tensor:
+    """A float32 buffer of at least ``numel`` values, shared by every layer and step (grown on demand; a compiled
+    step allocates its own)."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return torch.empty(numel, dtype=torch.float32, device=device)
+    t = _SCRATCH.get((device, 0))
+    if t is None or t.numel() < numel:
+        t = _SCRATCH[(device, 0)] = torch.empty(numel, dtype=torch.float32, device=device)
+    return t[:numel]
+
+
+class QuantView:
+    """Slots ``0..n-1`` of a :class:`QuantRows` (``[*lead, n, D]``, ``lead = [B, Hkv]``) as a decode step's
+    attention reads them: :meth:`block` dequantizes a block of slots into a reused float32 scratch buffer, so
+    the whole dequantized K or V never exists (kvlab/layers/blocked.py attends block by block); :meth:`dense`
+    is the whole buffer, for a caller that needs a tensor."""
+
+    def __init__(self, rows: QuantRows, n: int) -> None:
+        self.rows, self.n = rows, n
+        self.lead = tuple(rows.codes.shape[:-2])
+        self.dim = rows.dq + rows.tail_dim
+        self.written = rows.n  # the residual's positions as of this step (a later write changes the buffer)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.lead, self.n, self.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.rows.dtype
+
+    def block_size(self) -> int:
+        """Slots per block: :data:`DECODE_BLOCK_BYTES` of float32, a multiple of the scale group's span."""
+        per = 4 * self.dim * max(1, int(torch.Size(self.lead).numel()))
+        span = self.rows.span
+        return max(span, DECODE_BLOCK_BYTES // per // span * span)
+
+    def block(self, lo: int, hi: int) -> torch.Tensor:
+        """Slots ``lo..hi-1`` dequantized, float32 ``[*lead, hi - lo, D]``: a view of the shared scratch, valid
+        until the next block is read."""
+        out = scratch(int(torch.Size(self.lead).numel()) * (hi - lo) * self.dim, self.rows.codes.device)
+        return self.rows.read_block(lo, hi, out.view(*self.lead, hi - lo, self.dim), None, self.written)
+
+    def dense(self) -> torch.Tensor:
+        """All ``n`` slots dequantized, in the cache dtype."""
+        return self.rows.read(self.n)
+
+
+__all__ = ["DECODE_BLOCK_BYTES", "QuantRows", "QuantView", "code_values", "dequantize", "hadamard", "pack4", "quantize", "rotate", "unpack4"]

@@ -165,8 +165,11 @@ class _Buffers:
         self.rows_k.write(start, k)
         self.rows_v.write(start, v)
 
-    def read(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.rows_k.read(n), self.rows_v.read(n)
+    def read(self, n: int | None = None, view: bool = False) -> tuple:
+        """K and V of slots ``0..n-1``; ``view`` (a decode step): a quantized buffer as a blocked reader
+        (kvlab/cache/quant.py ``QuantView``, dequantized block by block inside attention) instead of a tensor."""
+        n = self.capacity if n is None else n
+        return tuple(r.view(n) if view and isinstance(r, QuantRows) else r.read(n) for r in (self.rows_k, self.rows_v))
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.rows_k.tensors(), *self.rows_v.tensors()]
@@ -191,7 +194,7 @@ class FullKV(KVStore):
         if end > self.buf.capacity:
             self.buf.resize(next_capacity(end, self.buf.capacity, self.max_length), start)
         self.buf.write(start, k, v)
-        return *self.buf.read(end), positions(end, k.device)
+        return *self.buf.read(end, view=k.shape[2] == 1), positions(end, k.device)
 
 
 class WindowKV(KVStore):
@@ -232,8 +235,8 @@ class WindowKV(KVStore):
         if t == 1:
             self.buf.write(start, k, v)
             if end < cap:
-                return *self.buf.read(end), positions(end, k.device)
-            return *self.buf.read(), self.slot_positions(end, k.device)
+                return *self.buf.read(end, view=True), positions(end, k.device)
+            return *self.buf.read(view=True), self.slot_positions(end, k.device)
         if start == 0:
             k_all, v_all, kpos = k, v, positions(end, k.device)
         else:

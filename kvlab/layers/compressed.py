@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
+from .blocked import dense
 from .core import softmax_with_sink, stable_topk, visible_keys, visible_mask
 from .norm import RMSNorm
 from .rope import inv_freq_and_scale, rotate_part
@@ -218,6 +219,7 @@ class CompressedAttention(nn.Module):
         kv = self._rot(self.kv_norm(self.kv_proj(x)), tab)[:, None]  # [B, 1, T, D]
         if store is not None:
             kw, _, kpos = store.append(kv, kv[..., :0], start)
+            kw = dense(kw)  # a quantized ring's blocked reader: this kind attends over a tensor
         else:
             kw, kpos = kv, qpos
         ix = self.compressor.indexer if self.csa else None

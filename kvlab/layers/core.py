@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocked import attend_blocked, dense, is_blocked
+
 
 @dataclass
 class Step:
@@ -112,7 +114,8 @@ def build_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
-    """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``.
+    """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``; k/v may be blocked readers of a quantized
+    cache (a decode step: attended block by block, kvlab/layers/blocked.py).
 
     ``mask`` is additive ``[B|1, 1, T, L]`` (0 = attend, -inf = masked). ``causal`` (with mask None) means the T
     queries are the last T keys. ``sinks [H]`` adds a per-head logit to the softmax denominator.
@@ -120,6 +123,10 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     once and never repeated per head.
     """
     b, h, t, d = q.shape
+    if is_blocked(k) or is_blocked(v):  # a quantized cache (kvlab/layers/blocked.py)
+        if t == 1:
+            return attend_blocked(q, k, v, mask, scale, sinks)
+        k, v = dense(k), dense(v)
     hkv, L = k.shape[1], k.shape[2]
     g = h // hkv
     if sinks is None and t > 1:

@@ -1,0 +1,183 @@
+"""Decode over a quantized cache attends block by block (kvlab/layers/blocked.py over kvlab/cache/quant.py's
+QuantView): it equals attention over the whole dequantized K/V (ring wrap-around, residual, keys per channel,
+rotation, padding mask, sink logits) and the fake-quantization oracle across several blocks, and it never
+dequantizes a whole buffer; ``kvlab bench --kv-dtype`` measures each format."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import pytest
+import torch
+
+from kvlab.cache import quant
+from kvlab.cache.quant import QuantRows, QuantView
+from kvlab.cli import main
+from kvlab.config import ModelConfig
+from kvlab.costs.quant import Buffer, layout, parse_quant
+from kvlab.layers import attention
+from kvlab.layers.blocked import attend_blocked
+from kvlab.layers.core import attend
+from tests.test_contract import random_model, tiny
+from tests.test_quant import fake
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+def small_blocks(monkeypatch, positions: int, lead: int, dim: int) -> None:
+    """Blocks of ``positions`` slots for a buffer of ``lead`` rows x ``dim`` channels."""
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * positions * lead * dim)
+
+
+@pytest.mark.parametrize("text", ["int8-g4", "int4-g4-r3", "int8-g4-r2-kc", "int4-g4-r1-kc-rot-asym", "fp8-g8-r5",
+                                  "fp4-g8"])
+@pytest.mark.parametrize("ring", [None, 8], ids=["full", "ring8"])
+@pytest.mark.parametrize("extras", ["plain", "mask+sinks"])
+def test_blocked_attention_equals_attention_over_the_dequantized_buffers(monkeypatch, text, ring, extras):
+    """Written in uneven chunks (wrapping around a ring of 8), every prefix attended in blocks of 3 positions (4
+    with keys per channel) equals attention over the buffers read whole."""
+    spec = parse_quant(text)
+    b, hkv, g, d = 2, 2, 3, 16
+    kb, vb = Buffer("kv", "k", hkv, 0, d, ring=ring, key=True), Buffer("kv", "v", hkv, 0, d, ring=ring)
+    rows = [QuantRows(x, spec, (b, hkv), torch.float32, "cpu", max_length=None if ring is None else 8)
+            for x in (kb, vb)]
+    for r in rows:
+        r.resize(40 if ring is None else 8, 0)
+    small_blocks(monkeypatch, 3, b * hkv, d)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, b, hkv, 40, d, generator=gen)
+    sinks = torch.randn(hkv * g, generator=gen) if extras != "plain" else None
+    n, blocks = 0, set()
+    for t in (1, 3, 1, 7, 1, 1, 9, 2, 1, 1, 13):
+        for r, xi in zip(rows, x, strict=True):
+            r.write(n, xi[..., n:n + t, :])
+        n += t
+        held = min(n, ring or n)
+        views = [r.view(held) for r in rows]
+        assert all(isinstance(v, QuantView) for v in views)
+        blocks.add(views[0].block_size())
+        q = torch.randn(b, hkv * g, 1, d, generator=gen)
+        mask = None
+        if extras != "plain":  # the first row left-padded: its first slots masked
+            mask = torch.zeros(b, 1, 1, held)
+            mask[0, ..., : held // 3] = float("-inf")
+        got = attend_blocked(q, *views, mask, 0.25, sinks)
+        want = attend(q, rows[0].read(held), rows[1].read(held), mask, 0.25, sinks=sinks)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    span = layout(spec, kb)["span"]
+    assert blocks == {max(span, 3 // span * span)}  # several blocks per read (40 or 8 slots)
+
+
+@pytest.mark.parametrize("text", ["int4-g4", "int4-g4-r3", "int8-g4-r2-kc", "int4-g4-kc-rot", "fp8-g8"])
+@pytest.mark.parametrize("kind,example", [("gqa", 0), ("gqa", 1), ("cca", 0), ("cca", 1)])
+def test_blocked_decode_equals_a_fake_quantized_full_forward(monkeypatch, kind, example, text):
+    """tests/test_quant.py's oracle (one layer: its K/V come from the embeddings) with blocks of 4 positions, full
+    layers and window rings (with sink logits): each decode step equals a full forward whose K/V pass through the
+    same quantize-dequantize at the positions the cache holds quantized."""
+    cfg = tiny(kind, example)
+    spec = parse_quant(text)
+    if spec.k_per_channel and cfg.layers[0].window is not None and cfg.layers[0].window % spec.group:
+        pytest.skip("keys per channel need a window that is a multiple of the group (a named error)")
+    if cfg.layers[0].window is not None and spec.residual + layout(spec, Buffer(
+            "kv", "k", 1, 0, cfg.layers[0].head_dim, key=True))["span"] - 1 > cfg.layers[0].window:
+        pytest.skip("the residual must fit the window (a named error)")
+    cfg = ModelConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, layers=cfg.layers[:1],
+                      max_positions=cfg.max_positions)
+    model = random_model(cfg)
+    s0 = cfg.layers[0]
+    small_blocks(monkeypatch, 4, 2 * s0.num_kv_heads, max(s0.head_dim, s0.value_dim))
+    kb = Buffer("kv", "k", 1, 0, s0.head_dim, key=True)
+    vb = Buffer("kv", "v", 1, 0, s0.value_dim)
+    n_total, prefill = 30, 11
+    ids = torch.randint(0, cfg.vocab_size, (2, n_total), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache(2, max_length=n_total, kv_quant=text)
+    model(ids[:, :prefill], cache=cache)
+    real = attention.publish_kv
+    from kvlab.layers import cca
+
+    for n in range(prefill + 1, n_total + 1):
+        step = model(ids[:, n - 1:n], cache=cache)[:, -1]
+        upto = {b.name: max(0, n - spec.residual) // layout(spec, b)["span"] * layout(spec, b)["span"]
+                for b in (kb, vb)}
+
+        def fake_publish(step_, index, store, k, v, upto=upto):
+            return real(step_, index, store, fake(k, spec, kb, upto["k"]), fake(v, spec, vb, upto["v"]))
+
+        with monkeypatch.context() as m:
+            m.setattr(attention, "publish_kv", fake_publish)
+            m.setattr(cca, "publish_kv", fake_publish)
+            want = model(ids[:, :n])[:, -1]
+        torch.testing.assert_close(step, want, atol=1e-4, rtol=0)
+
+
+def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch):
+    """At 200 positions with blocks of 64, a decode step reads every buffer in blocks of at most 64 slots that
+    cover it once, and never through ``read`` (the whole buffer); with DECODE_BLOCK_BYTES 0 it reads it whole."""
+    cfg = tiny("gqa", 0)
+    model = random_model(cfg)
+    cache = model.new_cache(1, max_length=210, kv_quant="int4-g8")
+    model(torch.randint(0, cfg.vocab_size, (1, 200)), cache=cache)
+    s0 = cfg.layers[0]
+    small_blocks(monkeypatch, 64, s0.num_kv_heads, s0.head_dim)
+    seen: list[tuple[int, int, int]] = []
+    reads: list[int] = []
+    real_block, real_read = QuantRows.read_block, QuantRows.read
+
+    def spy_block(self, lo, hi, out, rows=None, written=None):
+        seen.append((id(self), lo, hi))
+        return real_block(self, lo, hi, out, rows, written)
+
+    def spy_read(self, n=None, rows=None):
+        reads.append(n)
+        return real_read(self, n, rows)
+
+    monkeypatch.setattr(QuantRows, "read_block", spy_block)
+    monkeypatch.setattr(QuantRows, "read", spy_read)
+    model(torch.tensor([[3]]), cache=cache)
+    assert reads == []
+    by_buffer: dict[int, list[tuple[int, int]]] = {}
+    for key, lo, hi in seen:
+        by_buffer.setdefault(key, []).append((lo, hi))
+    assert len(by_buffer) == 4  # K and V of the two storing layers (the third reads layer 1's)
+    for spans in by_buffer.values():
+        assert max(hi - lo for lo, hi in spans) == 64
+        covered = sorted(set(spans))
+        assert covered[0][0] == 0 and covered[-1][1] == 201
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(covered))
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 0)
+    model(torch.tensor([[4]]), cache=cache)
+    assert reads == [202] * 4
+
+
+def test_bench_kv_dtype_runs_each_format(capsys, tmp_path):
+    """One row per format and context; each quantized cache measured == calculated and smaller than fp32's."""
+    cfg = tiny("gqa", 0)
+    cfg.name = "tiny"
+    path = tmp_path / "tiny.json"
+    cfg.save(path)
+    rc = main(["bench", str(path), "--context", "24", "--decode-tokens", "2", "--prefill-chunk", "8",
+               "--bandwidth-mib", "4", "--no-progress", "--kv-dtype", "fp32,bf16,int8", "--kv-quant", "int4-g8",
+               "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "KV cache" in err and "int4-g8" in err
+    r = json.loads(out)
+    assert r["kv_dtypes"] == ["float32", "bfloat16", "int8", "int4-g8"]
+    rows = {x["kv_dtype"]: x for x in r["results"]}
+    assert [x["dtype"] for x in r["results"]] == ["float32", "bfloat16", "float32", "float32"]
+    assert rows["int8"]["kv_quant"] == "int8-g32" and rows["float32"]["kv_quant"] == "none"
+    for x in r["results"]:
+        assert x["cache_bytes_match"] and x["decode_tok_s"] > 0
+    fp32 = rows["float32"]["cache_bytes_measured"]
+    assert rows["bfloat16"]["cache_bytes_measured"] * 2 == fp32
+    assert fp32 > rows["int8"]["cache_bytes_measured"] > rows["int4-g8"]["cache_bytes_measured"]
+
+
+def test_bench_bad_kv_dtype_is_a_named_error(capsys):
+    assert main(["bench", "llama-3.1-8b", "--kv-dtype", "fp32,int3", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "kvlab: error:" in err and "--kv-dtype 'int3'" in err and "int8" in err and "Traceback" not in err
