@@ -247,21 +247,25 @@ class QuantRows:
 
         c = sl(self.codes)
         c = unpack4(c) if spec.bits == 4 else c.view(_FP8[spec.fmt]) if spec_is_fp8(spec) else c
-        v = c if c.dtype in (torch.int8, torch.uint8) and not (spec.bits == 4 and spec.symmetric) \
-            and spec.fmt != "fp4" else code_values(c, spec)
         q = out[..., :dq]
+        q.copy_(code_values(c, spec) if spec.fmt == "fp4" else c)  # int8 / uint8 / float8 codes cast in the copy
+        if spec.fmt == "int4" and spec.symmetric:
+            q.sub_(8)
         if self.span > 1:  # one scale per channel for each group of span positions
             g0, g1 = lo // self.span, -(-hi // self.span)
-            s = sl(self.scales, g0, g1).float().repeat_interleave(self.span, -2)[..., lo - g0 * self.span:, :][..., :m, :]
-            torch.mul(v, s, out=q)
+            a = lo - g0 * self.span
+
+            def per_position(t):
+                return sl(t, g0, g1).float().repeat_interleave(self.span, -2).narrow(-2, a, m)
+
+            q.mul_(per_position(self.scales))
             if self.zeros is not None:
-                q.add_(sl(self.zeros, g0, g1).float().repeat_interleave(self.span, -2)
-                       [..., lo - g0 * self.span:, :][..., :m, :])
+                q.add_(per_position(self.zeros))
         else:
-            shape = (*c.shape[:-1], dq // self.group, self.group)
-            torch.mul(v.reshape(shape), sl(self.scales).float().unsqueeze(-1), out=q.view(shape))
+            qg = q.view(*q.shape[:-1], dq // self.group, self.group)
+            qg.mul_(sl(self.scales).float().unsqueeze(-1))
             if self.zeros is not None:
-                q.view(shape).add_(sl(self.zeros).float().unsqueeze(-1))
+                qg.add_(sl(self.zeros).float().unsqueeze(-1))
         if self.block:
             q.copy_(rotate(q, self.block))
         n = self.n if written is None else written
