@@ -9,7 +9,7 @@ kvlab did before the blocked decode: ``kvlab.cache.quant.DECODE_BLOCK_BYTES = 0`
 dequantized block by block inside attention, kvlab/layers/blocked.py).
 
     python benchmarks/kv_quant_speed.py benchmarks/qwen3-100m.json benchmarks/gemma4-e2b-small.json \\
-        --context 4k,16k --decode-tokens 24 [--profile int8] [--json out.json]
+        --context 4k,16k --decode-tokens 24 [--blocks 1024,4096] [--profile int8] [--json out.json]
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def fill(src, dst, ctx: int, dtype: torch.dtype) -> None:
     dst.seq_len = ctx
 
 
-def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], profile: str | None) -> list[dict]:
+def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], profile: str | None,
+              blocks: list[int]) -> list[dict]:
     cfg = resolve_spec(spec)
     models = {torch.float32: Model.from_config(cfg, dtype=torch.float32, seed=0).eval()}
     if "bf16" in formats:
@@ -54,7 +55,7 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
     rows = []
     for ctx in contexts:
         runs = []  # (label, path, model, cache)
-        max_length = ctx + 2 * (steps + 2) + 2
+        max_length = ctx + (2 + len(blocks)) * (steps + 2) + 8
         ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
             base = models[torch.float32].new_cache(1, max_length)
@@ -72,13 +73,15 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                 else:
                     cache = models[torch.float32].new_cache(1, max_length, kv_quant=f)
                     fill(base, cache, ctx, torch.float32)
-                    runs += [(f, "dense", models[torch.float32], cache), (f, "blocked", models[torch.float32], cache)]
+                    runs.append((f, "dense", models[torch.float32], cache))
+                    runs += [(f, f"blocked {b >> 10} KiB", models[torch.float32], cache) for b in blocks]
             times: dict[tuple[str, str], list[float]] = {(r[0], r[1]): [] for r in runs}
             tok = ids[:, -1:]
             block = quant.DECODE_BLOCK_BYTES
             for i in range(steps + 2):  # round-robin; the first two rounds are warm-up
                 for label, path, model, cache in runs:
-                    quant.DECODE_BLOCK_BYTES = 0 if path == "dense" else block
+                    quant.DECODE_BLOCK_BYTES = 0 if path == "dense" else int(path.split()[1]) << 10 if " " in path \
+                        else block
                     t1 = time.perf_counter()
                     model.decode_step(tok, cache)
                     dt_s = time.perf_counter() - t1
@@ -90,8 +93,9 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                 from torch.profiler import profile as prof
 
                 for label, path, model, cache in runs:
-                    if label != profile or path == "dense":
+                    if label != profile or not path.startswith("blocked"):
                         continue
+                    quant.DECODE_BLOCK_BYTES = int(path.split()[1]) << 10
                     with prof(activities=[ProfilerActivity.CPU]) as p:
                         for _ in range(3):
                             model.decode_step(tok, cache)
@@ -115,13 +119,16 @@ def main() -> None:
     ap.add_argument("--context", default="4k,16k")
     ap.add_argument("--decode-tokens", type=int, default=24)
     ap.add_argument("--formats", default="fp32,bf16,int8,int4")
-    ap.add_argument("--profile", help="a format to profile (blocked path) after the timed steps")
+    ap.add_argument("--profile", help="a format to profile (blocked paths) after the timed steps")
+    ap.add_argument("--blocks", default=str(quant.DECODE_BLOCK_BYTES >> 10),
+                    help="comma-separated block sizes in KiB to step quantized caches with (default: kvlab's)")
     ap.add_argument("--json", help="write the rows to this file")
     a = ap.parse_args()
     formats = [f.strip() for f in a.formats.split(",")]
     rows = []
     for s in a.shapes:
-        rows += run_shape(s, parse_contexts(a.context), a.decode_tokens, formats, a.profile)
+        rows += run_shape(s, parse_contexts(a.context), a.decode_tokens, formats, a.profile,
+                          [int(b) << 10 for b in a.blocks.split(",")])
     print(table(["model", "context", "KV cache", "decode path", "tok/s", "step ms (median)", "min-max ms",
                  "vs fp32", "cache"],
                 [[r["model"], fmt_context(r["context"]), r["kv"], r["path"], f"{r['decode_tok_s']:.2f}",
