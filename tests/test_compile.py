@@ -58,9 +58,14 @@ def test_decode_step_of_tiny_presets_is_one_graph(name):
 
 @pytest.mark.parametrize("kind,example,kv_quant", [("gqa", 0, "int8"), ("gqa", 1, "int4-g8-r3"),
                                                    ("cca", 1, "int8-g4-kc-rot")])
-def test_quantized_decode_step_is_one_graph(kind, example, kv_quant):
-    """A quantized cache's decode step (attention walking the dequantized blocks, kvlab/layers/blocked.py) too:
-    full layers, a window ring with sinks and a residual, CCA keys per channel rotated."""
+def test_quantized_decode_step_is_one_graph(kind, example, kv_quant, monkeypatch):
+    """A quantized cache's decode step (attention walking the cache in blocks of 2 positions,
+    kvlab/layers/blocked.py) too: full layers, a window ring with sinks and a residual, CCA keys per channel
+    rotated."""
+    from kvlab.cache import quant
+
+    spec = tiny(kind, example).layers[0]
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 2 * 3 * spec.num_kv_heads * spec.head_dim)
     check_decode_compiles(tiny(kind, example), [0, 6, 11], kv_quant=kv_quant)
 
 

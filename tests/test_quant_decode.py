@@ -34,7 +34,8 @@ def small_blocks(monkeypatch, positions: int, lead: int, dim: int) -> None:
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * positions * lead * dim)
 
 
-@pytest.mark.parametrize("text", ["int8-g4", "int4-g4-r3", "int8-g4-r2-kc", "int4-g4-r1-kc-rot-asym", "fp8-g8-r5",
+@pytest.mark.parametrize("text", ["int8-g4", "int8-g16-rot", "int4-g4-r3", "int4-g4-r3-rot-asym", "int8-g4-r2-kc",
+                                  "int4-g4-r1-kc-rot-asym", "fp8-g8-r5",
                                   "fp4-g8"])
 @pytest.mark.parametrize("ring", [None, 8], ids=["full", "ring8"])
 @pytest.mark.parametrize("extras", ["plain", "mask+sinks"])
@@ -115,28 +116,35 @@ def test_blocked_decode_equals_a_fake_quantized_full_forward(monkeypatch, kind, 
         torch.testing.assert_close(step, want, atol=1e-4, rtol=0)
 
 
-def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch):
+@pytest.mark.parametrize("text", ["int4-g8", "int8-g4-kc"])
+def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
     """At 200 positions with blocks of 64, a decode step reads every buffer in blocks of at most 64 slots that
-    cover it once, and never through ``read`` (the whole buffer); with DECODE_BLOCK_BYTES 0 it reads it whole."""
+    cover it once (codes and scales apart: ``raw_block``; keys per channel dequantized: ``read_block``), and never
+    through ``read`` (the whole buffer); with DECODE_BLOCK_BYTES 0 it reads it whole."""
     cfg = tiny("gqa", 0)
     model = random_model(cfg)
-    cache = model.new_cache(1, max_length=210, kv_quant="int4-g8")
+    cache = model.new_cache(1, max_length=210, kv_quant=text)
     model(torch.randint(0, cfg.vocab_size, (1, 200)), cache=cache)
     s0 = cfg.layers[0]
     small_blocks(monkeypatch, 64, s0.num_kv_heads, s0.head_dim)
     seen: list[tuple[int, int, int]] = []
     reads: list[int] = []
-    real_block, real_read = QuantRows.read_block, QuantRows.read
+    real_block, real_raw, real_read = QuantRows.read_block, QuantRows.raw_block, QuantRows.read
 
     def spy_block(self, lo, hi, out, rows=None, written=None):
         seen.append((id(self), lo, hi))
         return real_block(self, lo, hi, out, rows, written)
+
+    def spy_raw(self, lo, hi, out, written=None):
+        seen.append((id(self), lo, hi))
+        return real_raw(self, lo, hi, out, written)
 
     def spy_read(self, n=None, rows=None):
         reads.append(n)
         return real_read(self, n, rows)
 
     monkeypatch.setattr(QuantRows, "read_block", spy_block)
+    monkeypatch.setattr(QuantRows, "raw_block", spy_raw)
     monkeypatch.setattr(QuantRows, "read", spy_read)
     model(torch.tensor([[3]]), cache=cache)
     assert reads == []

@@ -239,49 +239,91 @@ class QuantRows:
         (plus zero points; rotated back), the residual's positions (of ``written``, default all written) laid over
         exactly, the rotary tail copied. Only these slots are read: a decode step walks the buffer block by block
         (:class:`QuantView`) instead of dequantizing all of it."""
-        m, dq, spec = hi - lo, self.dq, self.spec
-
-        def sl(t, a=lo, b=hi):
-            t = t if rows is None else t[rows]
-            return t.narrow(-2, a, b - a)
-
-        c = sl(self.codes)
-        c = unpack4(c) if spec.bits == 4 else c.view(_FP8[spec.fmt]) if spec_is_fp8(spec) else c
+        m, dq = hi - lo, self.dq
         q = out[..., :dq]
-        q.copy_(code_values(c, spec) if spec.fmt == "fp4" else c)  # int8 / uint8 / float8 codes cast in the copy
-        if spec.fmt == "int4" and spec.symmetric:
-            q.sub_(8)
+        self._codes_into(lo, hi, q, rows)
         if self.span > 1:  # one scale per channel for each group of span positions
             g0, g1 = lo // self.span, -(-hi // self.span)
             a = lo - g0 * self.span
 
             def per_position(t):
-                return sl(t, g0, g1).float().repeat_interleave(self.span, -2).narrow(-2, a, m)
+                t = t if rows is None else t[rows]
+                return t.narrow(-2, g0, g1 - g0).float().repeat_interleave(self.span, -2).narrow(-2, a, m)
 
             q.mul_(per_position(self.scales))
             if self.zeros is not None:
                 q.add_(per_position(self.zeros))
         else:
+            s, z = self._token_scales(lo, hi, rows)
             qg = q.view(*q.shape[:-1], dq // self.group, self.group)
-            qg.mul_(sl(self.scales).float().unsqueeze(-1))
-            if self.zeros is not None:
-                qg.add_(sl(self.zeros).float().unsqueeze(-1))
+            qg.mul_(s.unsqueeze(-1))
+            if z is not None:
+                qg.add_(z.unsqueeze(-1))
         if self.block:
             q.copy_(rotate(q, self.block))
-        n = self.n if written is None else written
-        if self.residual_slots and n:
-            cap = self.capacity
-            p0 = max(self.quantized_end(n), n - cap)
-            for a, b in self._runs(p0, n, cap):  # positions a..b-1 sit in slots a % cap.. (contiguous)
-                sa = a % cap if self.ring else a
-                x0, x1 = max(lo, sa), min(hi, sa + b - a)
-                if x1 > x0:
-                    p = a + x0 - sa
-                    vals = self.res.index_select(-2, self._slots(p, p + x1 - x0, out.device, self.residual_slots))
-                    q.narrow(-2, x0 - lo, x1 - x0).copy_(vals if rows is None else vals[rows])
+        for x0, x1, vals in self._residual(lo, hi, rows, written):
+            q.narrow(-2, x0, x1 - x0).copy_(vals)
         if self.tail_dim:
-            out[..., dq:].copy_(sl(self.tail))
+            t = self.tail if rows is None else self.tail[rows]
+            out[..., dq:].copy_(t.narrow(-2, lo, m))
         return out
+
+    @property
+    def foldable(self) -> bool:
+        """Scales one per token and group of channels, no exact tail: attention may apply them to the query and the
+        probabilities instead of the codes (:meth:`raw_block`)."""
+        return self.span == 1 and not self.tail_dim
+
+    def raw_block(self, lo: int, hi: int, out: torch.Tensor, written: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Slots ``lo..hi-1`` (a :attr:`foldable` buffer) as ``(codes, scales, zeros)``: the code values cast into
+        ``out [*lead, m, Dq]`` (float32), their scales and zero points ``[*lead, m, Dq / group]`` (float32; zeros None
+        when there are none), value = code * scale + zero per group of channels (rotated keys: in the rotated
+        basis, so the query is rotated instead). The residual's positions hold their exact values (rotated) with
+        scale 1 and zero 0. Saves the pass that multiplies every code by its scale."""
+        self._codes_into(lo, hi, out, None, shift=False)
+        s, z = self._token_scales(lo, hi, None)
+        if self.spec.fmt == "int4" and self.spec.symmetric:  # codes stored + 8: value = (c - 8) s = c s - 8 s
+            z = s * -8.0 if z is None else z - 8 * s
+        for x0, x1, vals in self._residual(lo, hi, None, written):
+            out.narrow(-2, x0, x1 - x0).copy_(rotate(vals.float(), self.block) if self.block else vals)
+            s.narrow(-2, x0, x1 - x0).fill_(1)
+            if z is not None:
+                z.narrow(-2, x0, x1 - x0).zero_()
+        return out, s, z
+
+    def _codes_into(self, lo: int, hi: int, q: torch.Tensor, rows: slice | None, shift: bool = True) -> None:
+        """The code values of slots ``lo..hi-1`` cast into ``q [*lead, m, Dq]`` (int4 symmetric codes less 8 when
+        ``shift``)."""
+        spec = self.spec
+        c = (self.codes if rows is None else self.codes[rows]).narrow(-2, lo, hi - lo)
+        c = unpack4(c) if spec.bits == 4 else c.view(_FP8[spec.fmt]) if spec_is_fp8(spec) else c
+        q.copy_(code_values(c, spec) if spec.fmt == "fp4" else c)  # int8 / uint8 / float8 codes cast in the copy
+        if shift and spec.fmt == "int4" and spec.symmetric:
+            q.sub_(8)
+
+    def _token_scales(self, lo: int, hi: int, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scales and zero points (None) of slots ``lo..hi-1``, float32 ``[*lead, m, Dq / group]`` (fresh tensors)."""
+        def sl(t):
+            return (t if rows is None else t[rows]).narrow(-2, lo, hi - lo).to(torch.float32, copy=True)
+
+        return sl(self.scales), None if self.zeros is None else sl(self.zeros)
+
+    def _residual(self, lo: int, hi: int, rows: slice | None, written: int | None):
+        """``(x0, x1, values)``: the residual's exact values ``[*lead, x1 - x0, Dq]`` of block slots ``lo + x0..lo + x1 - 1``
+        (positions of ``written``, default all written)."""
+        n = self.n if written is None else written
+        if not (self.residual_slots and n):
+            return
+        cap = self.capacity
+        p0 = max(self.quantized_end(n), n - cap)
+        for a, b in self._runs(p0, n, cap):  # positions a..b-1 sit in slots a % cap.. (contiguous)
+            sa = a % cap if self.ring else a
+            x0, x1 = max(lo, sa), min(hi, sa + b - a)
+            if x1 > x0:
+                p = a + x0 - sa
+                vals = self.res.index_select(-2, self._slots(p, p + x1 - x0, self.res.device, self.residual_slots))
+                yield x0 - lo, x1 - lo, vals if rows is None else vals[rows]
 
     def _runs(self, p0: int, p1: int, cap: int) -> list[tuple[int, int]]:
         """Positions ``p0..p1-1`` split where a ring's slots wrap around (at most two runs of contiguous slots)."""
@@ -296,7 +338,7 @@ class QuantRows:
         return QuantView(self, n) if DECODE_BLOCK_BYTES else self.read(n)
 
 
-DECODE_BLOCK_BYTES = 1 << 20  # float32 bytes of one dequantized block in a decode step; 0: dequantize whole buffers
+DECODE_BLOCK_BYTES = 4 << 20  # float32 bytes of one dequantized block in a decode step; 0: dequantize whole buffers
 _SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
@@ -343,6 +385,16 @@ class QuantView:
         until the next block is read."""
         out = scratch(int(torch.Size(self.lead).numel()) * (hi - lo) * self.dim, self.rows.codes.device)
         return self.rows.read_block(lo, hi, out.view(*self.lead, hi - lo, self.dim), None, self.written)
+
+    @property
+    def foldable(self) -> bool:
+        return self.rows.foldable
+
+    def raw(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Slots ``lo..hi-1`` as ``(codes, scales, zeros)`` (:meth:`QuantRows.raw_block`), the codes in the shared
+        scratch (valid until the next block is read)."""
+        out = scratch(int(torch.Size(self.lead).numel()) * (hi - lo) * self.dim, self.rows.codes.device)
+        return self.rows.raw_block(lo, hi, out.view(*self.lead, hi - lo, self.dim), self.written)
 
     def dense(self) -> torch.Tensor:
         """All ``n`` slots dequantized, in the cache dtype."""

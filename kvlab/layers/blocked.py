@@ -1,11 +1,14 @@
 """Decode attention over a quantized cache, block by block: the whole dequantized K/V never exists.
 
 A decode step (one query per row) over ``L`` cached positions whose K/V are a blocked reader
-(kvlab/cache/quant.py ``QuantView``: ``block(lo, hi)`` dequantizes slots ``lo..hi-1`` into a reused float32
-scratch) runs in two passes over a few large blocks: scores ``q.k`` block by block into ``[B, Hkv, G, L]`` (G query
-heads per KV head: small next to K), one exact softmax over them (mask and sink logits as in ``core.attend``),
-then ``p.v`` accumulated block by block. Tensor operations only, no host read; the loop is over blocks (a
-handful), never tokens or heads. Computed in float32 whatever the cache dtype.
+(kvlab/cache/quant.py ``QuantView``) and span more than one block runs in two passes over a few large blocks: scores ``q.k`` block by block into
+``[B, Hkv, G, L]`` (G query heads per KV head: small next to K), one exact softmax over them (mask and sink logits
+as in ``core.attend``), then ``p.v`` accumulated block by block. Where the scales are one per token and group of
+channels (``foldable``), a block is its codes cast to float32 and the scales are applied on the small side --
+``q.k = sum_g s_g (q_g . c_g) + z_g sum(q_g)`` and ``p.v = sum_g (p s_g) c_g + (p z_g)`` -- instead of multiplying
+every code (rotated keys: the query is rotated, ``q.Hk = Hq.k``); otherwise a block is dequantized (``block``).
+Tensor operations only, no host read; the loop is over blocks (a handful), never tokens or heads. Computed in
+float32 whatever the cache dtype.
 """
 
 from __future__ import annotations
@@ -20,10 +23,13 @@ class BlockedKV(Protocol):
 
     shape: tuple[int, ...]
     n: int
+    foldable: bool
 
     def block_size(self) -> int: ...
 
     def block(self, lo: int, hi: int) -> torch.Tensor: ...
+
+    def raw(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
     def dense(self) -> torch.Tensor: ...
 
@@ -33,16 +39,80 @@ def is_blocked(x) -> bool:
     return not isinstance(x, torch.Tensor)
 
 
+def one_block(x) -> bool:
+    """``x`` is a tensor or a reader whose slots fit one block: read whole, it costs no more memory than a block
+    (and attention runs in ``scaled_dot_product_attention`` as over an unquantized cache)."""
+    return not is_blocked(x) or x.n <= x.block_size()
+
+
 def dense(x) -> torch.Tensor:
     """A tensor of ``x`` (a blocked reader dequantized whole)."""
     return x.dense() if is_blocked(x) else x
 
 
-def _blocks(x, n: int):
+def _ranges(x, n: int):
     size = x.block_size() if is_blocked(x) else n
-    for lo in range(0, n, size):
-        hi = min(n, lo + size)
-        yield lo, hi, (x.block(lo, hi) if is_blocked(x) else x.narrow(-2, lo, hi - lo).float())
+    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
+def _groups(x) -> int:
+    """Scale groups per row of a foldable reader (1 for a tensor)."""
+    return x.rows.dq // x.rows.group if is_blocked(x) else 1
+
+
+def _scores(qf: torch.Tensor, k, n: int) -> torch.Tensor:
+    """``qf [B, Hkv, G, D]`` (float32) against every key -> ``[B, Hkv, G, n]``."""
+    if not (is_blocked(k) and k.foldable):
+        blocks = (k.block(lo, hi) if is_blocked(k) else k.narrow(-2, lo, hi - lo).float() for lo, hi in _ranges(k, n))
+        return torch.cat([qf @ kb.transpose(-1, -2) for kb in blocks], dim=-1)
+    b, hkv, g, d = qf.shape
+    ng = _groups(k)
+    if k.rows.block:
+        from kvlab.cache.quant import rotate
+
+        qf = rotate(qf, k.rows.block)
+    qg = qf.view(b, hkv, g, ng, d // ng)
+    qsum = qg.sum(-1)  # [B, Hkv, G, ng]: what a zero point multiplies
+    if ng > 1:  # one query row per (head, group), zero outside the group: [B, Hkv, G * ng, D]
+        eye = torch.eye(ng, dtype=qf.dtype, device=qf.device)
+        qf = (qg[..., None, :] * eye[:, :, None]).reshape(b, hkv, g * ng, d)
+    out = []
+    for lo, hi in _ranges(k, n):
+        c, s, z = k.raw(lo, hi)  # [B, Hkv, m, D], [B, Hkv, m, ng] x2
+        part = (qf @ c.transpose(-1, -2)).view(b, hkv, g, ng, hi - lo)  # sum over each group's channels of q c
+        st = s.transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, ng, m]
+        sc = (part * st).sum(3) if ng > 1 else part[:, :, :, 0] * st[:, :, :, 0]
+        if z is not None:
+            sc = sc + qsum @ z.transpose(-1, -2)
+        out.append(sc)
+    return torch.cat(out, dim=-1)
+
+
+def _weighted_values(p: torch.Tensor, v, n: int) -> torch.Tensor:
+    """``p [B, Hkv, G, n]`` (float32) times the values -> ``[B, Hkv, G, Dv]``."""
+    out = None
+    if not (is_blocked(v) and v.foldable):
+        for lo, hi in _ranges(v, n):
+            vb = v.block(lo, hi) if is_blocked(v) else v.narrow(-2, lo, hi - lo).float()
+            part = p[..., lo:hi] @ vb
+            out = part if out is None else out.add_(part)
+        return out
+    b, hkv, g, _ = p.shape
+    ng = _groups(v)
+    for lo, hi in _ranges(v, n):
+        c, s, z = v.raw(lo, hi)
+        d = c.shape[-1]
+        pb = p[..., lo:hi]  # [B, Hkv, G, m]
+        if ng == 1:
+            part = (pb * s.transpose(-1, -2)) @ c
+        else:  # (p s_g) c for every group g, then each group's own channels
+            pw = (pb[:, :, :, None] * s.transpose(-1, -2)[:, :, None]).reshape(b, hkv, g * ng, hi - lo)
+            full = (pw @ c).view(b, hkv, g, ng, ng, d // ng)
+            part = full.diagonal(dim1=3, dim2=4).transpose(-1, -2).reshape(b, hkv, g, d)
+        if z is not None:
+            part = part + (pb @ z).repeat_interleave(d // ng, -1)
+        out = part if out is None else out.add_(part)
+    return out
 
 
 def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float,
@@ -55,24 +125,18 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
     b, h, t, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     g = h // hkv
-    qf = q.reshape(b, hkv, g, d).float()
-    s = torch.cat([qf @ kb.transpose(-1, -2) for _, _, kb in _blocks(k, n)], dim=-1)  # [B, Hkv, G, L]
-    s = s * scale
+    s = _scores(q.reshape(b, hkv, g, d).float(), k, n) * scale  # [B, Hkv, G, L]
     if mask is not None:
         s = s + mask.reshape(mask.shape[0], 1, 1, n)
     if sinks is None:  # normalised after p.v, as SDPA's kernel does
-        m = s.amax(-1, keepdim=True)
-        p = (s - m).exp_()
+        p = (s - s.amax(-1, keepdim=True)).exp_()
         den = p.sum(-1, keepdim=True)
     else:
         p = softmax_with_sink(s, sinks.float().view(1, hkv, g, 1).expand(b, hkv, g, 1))
         den = None
-    out = None
-    for lo, hi, vb in _blocks(v, n):
-        part = p[..., lo:hi] @ vb  # [B, Hkv, G, Dv]
-        out = part if out is None else out.add_(part)
+    out = _weighted_values(p, v, n)
     out = out if den is None else out / den
     return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
 
 
-__all__ = ["BlockedKV", "attend_blocked", "dense", "is_blocked"]
+__all__ = ["BlockedKV", "attend_blocked", "dense", "is_blocked", "one_block"]

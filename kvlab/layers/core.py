@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocked import attend_blocked, dense, is_blocked
+from .blocked import attend_blocked, dense, is_blocked, one_block
 
 
 @dataclass
@@ -124,7 +124,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     b, h, t, d = q.shape
     if is_blocked(k) or is_blocked(v):  # a quantized cache (kvlab/layers/blocked.py)
-        if t == 1:
+        if t == 1 and not (one_block(k) and one_block(v)):
             return attend_blocked(q, k, v, mask, scale, sinks)
         k, v = dense(k), dense(v)
     hkv, L = k.shape[1], k.shape[2]
