@@ -1,12 +1,12 @@
 """Decode speed of quantized K/V caches against the unquantized ones, measured side by side (not part of CI).
 
-For each shape and context: one fp32 prefill (random ids, chunks of 512); the other caches (bf16 model and cache;
-int8 / int4 caches of the fp32 model) are filled with that prefill's K/V through their stores' ``append`` (a
-quantized store quantizes on write), which saves a prefill per format: a decode step's cost does not depend on
-the values. Then decode steps run round-robin over every (format, path) so machine load hits each alike; a
-quantized cache is stepped both ways on the same cache: ``dense`` (every step dequantizes whole buffers, as
-kvlab did before the blocked decode: ``kvlab.cache.quant.DECODE_BLOCK_BYTES = 0``) and ``blocked`` (the default:
-dequantized block by block inside attention, kvlab/layers/blocked.py).
+For each shape and context, every cache (fp32; bf16 model and cache; int8 / int4 caches of the fp32 model) is
+filled with the same random K/V (unit normal) through its stores' ``append`` (a quantized store quantizes on
+write) instead of a prefill -- a decode step's cost does not depend on the values, and a 16K prefill per format
+would cost minutes (``kvlab bench --kv-dtype`` runs the real prefill). Then decode steps run round-robin over every (format, path) so machine load hits each alike; a
+quantized cache is stepped both ways on the same cache: ``before`` (every step dequantizes whole buffers with
+:func:`read_before`, ``QuantRows.read`` as it was at commit eb7aabd, before the blocked decode) and ``blocked N KiB``
+(dequantized block by block inside attention, kvlab/layers/blocked.py, blocks of N KiB; kvlab's default 4096).
 
     python benchmarks/kv_quant_speed.py benchmarks/qwen3-100m.json benchmarks/gemma4-e2b-small.json \\
         --context 4k,16k --decode-tokens 24 [--blocks 1024,4096] [--profile int8] [--json out.json]
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -24,26 +25,56 @@ import torch
 
 from kvlab.bench import machine_info, resolve_spec
 from kvlab.cache import quant
-from kvlab.cache.storage import WindowKV
 from kvlab.model import Model
 from kvlab.units import fmt_context, parse_contexts, table
 
 
-def fill(src, dst, ctx: int, dtype: torch.dtype) -> None:
-    """Write the K/V positions ``0..ctx-1`` held by cache ``src`` (plain) into cache ``dst`` through its stores."""
-    for s, d in zip(src.layers, dst.layers, strict=True):
-        if s is None:
+def read_before(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
+    """``QuantRows.read`` at commit eb7aabd (the whole buffer dequantized at once), kept to measure against."""
+    cap = self.capacity
+    n = cap if n is None else n
+
+    def sl(t):
+        t = t if rows is None else t[rows]
+        return t.narrow(-2, 0, n)
+
+    c = sl(self.codes)
+    c = quant.unpack4(c) if self.spec.bits == 4 else c.view(quant._FP8[self.spec.fmt]) if quant.spec_is_fp8(
+        self.spec) else c
+    if self.span > 1:
+        s = (self.scales if rows is None else self.scales[rows]).repeat_interleave(self.span, -2)[..., :n, :]
+        z = None if self.zeros is None else (self.zeros if rows is None else self.zeros[rows]
+                                             ).repeat_interleave(self.span, -2)[..., :n, :]
+        out = quant.code_values(c, self.spec) * s.float()
+        out = out if z is None else out + z.float()
+    else:
+        g = c.reshape(*c.shape[:-1], self.dq // self.group, self.group)
+        out = quant.dequantize(g, sl(self.scales), None if self.zeros is None else sl(self.zeros), self.spec, -1)
+        out = out.reshape(c.shape)
+    if self.block:
+        out = quant.rotate(out, self.block)
+    out = out.to(self.dtype)
+    if self.residual_slots and self.n:
+        p0 = max(self.quantized_end(self.n), self.n - cap)
+        if self.n > p0:
+            vals = self.res.index_select(-2, self._slots(p0, self.n, out.device, self.residual_slots))
+            out.index_copy_(out.dim() - 2, self._slots(p0, self.n, out.device, cap if self.ring else None),
+                            vals if rows is None else vals[rows])
+    if self.tail_dim:
+        out = torch.cat((out, sl(self.tail)), dim=-1)
+    return out
+
+
+def fill(cache, cfg, ctx: int, dtype: torch.dtype) -> None:
+    """Write random K/V (seed 0, the same for every cache) at positions ``0..ctx-1`` of every storing layer."""
+    gen = torch.Generator().manual_seed(0)
+    for store, spec in zip(cache.layers, cfg.layers, strict=True):
+        if store is None:
             continue
-        rk, rv = s.buf.rows_k, s.buf.rows_v
-        if isinstance(s, WindowKV):
-            cap = rk.capacity
-            held = min(ctx, cap)
-            slots = torch.arange(ctx - held, ctx) % cap
-            k, v, start = rk.read()[..., slots, :], rv.read()[..., slots, :], ctx - held
-        else:
-            k, v, start = rk.read(ctx), rv.read(ctx), 0
-        d.append(k.to(dtype), v.to(dtype), start)
-    dst.seq_len = ctx
+        k = torch.randn(1, spec.num_kv_heads, ctx, spec.head_dim, generator=gen)
+        v = torch.randn(1, spec.num_kv_heads, ctx, spec.value_dim, generator=gen)
+        store.append(k.to(dtype), v.to(dtype), 0)
+    cache.seq_len = ctx
 
 
 def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], profile: str | None,
@@ -56,35 +87,29 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
     for ctx in contexts:
         runs = []  # (label, path, model, cache)
         max_length = ctx + (2 + len(blocks)) * (steps + 2) + 8
-        ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
         with torch.inference_mode():
-            base = models[torch.float32].new_cache(1, max_length)
-            t0 = time.perf_counter()
-            for s in range(0, ctx, 512):
-                models[torch.float32](ids[:, s:s + 512], cache=base, last_only=True)
-            print(f"{cfg.name} {fmt_context(ctx)}: prefill {time.perf_counter() - t0:.0f} s", file=sys.stderr)
             for f in formats:
                 if f in ("fp32", "bf16"):
                     dt = torch.float32 if f == "fp32" else torch.bfloat16
-                    cache = base if f == "fp32" else models[dt].new_cache(1, max_length)
-                    if f != "fp32":
-                        fill(base, cache, ctx, dt)
+                    cache = models[dt].new_cache(1, max_length)
+                    fill(cache, cfg, ctx, dt)
                     runs.append((f, "-", models[dt], cache))
                 else:
                     cache = models[torch.float32].new_cache(1, max_length, kv_quant=f)
-                    fill(base, cache, ctx, torch.float32)
-                    runs.append((f, "dense", models[torch.float32], cache))
+                    fill(cache, cfg, ctx, torch.float32)
+                    runs.append((f, "before", models[torch.float32], cache))
                     runs += [(f, f"blocked {b >> 10} KiB", models[torch.float32], cache) for b in blocks]
             times: dict[tuple[str, str], list[float]] = {(r[0], r[1]): [] for r in runs}
-            tok = ids[:, -1:]
-            block = quant.DECODE_BLOCK_BYTES
+            tok = torch.tensor([[1]])
+            block, view = quant.DECODE_BLOCK_BYTES, quant.QuantRows.view
             for i in range(steps + 2):  # round-robin; the first two rounds are warm-up
                 for label, path, model, cache in runs:
-                    quant.DECODE_BLOCK_BYTES = 0 if path == "dense" else int(path.split()[1]) << 10 if " " in path \
-                        else block
+                    quant.DECODE_BLOCK_BYTES = int(path.split()[1]) << 10 if path.startswith("blocked") else block
+                    quant.QuantRows.view = read_before if path == "before" else view
                     t1 = time.perf_counter()
                     model.decode_step(tok, cache)
                     dt_s = time.perf_counter() - t1
+                    quant.QuantRows.view = view
                     if i >= 2:
                         times[(label, path)].append(dt_s)
             quant.DECODE_BLOCK_BYTES = block
@@ -101,15 +126,16 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                             model.decode_step(tok, cache)
                     print(f"\nprofile: {cfg.name} {fmt_context(ctx)} {label} {path}, 3 steps", file=sys.stderr)
                     print(p.key_averages().table(sort_by="self_cpu_time_total", row_limit=18), file=sys.stderr)
-        ref = statistics.median(times[("fp32", "-")]) if ("fp32", "-") in times else None
+        ref = times.get(("fp32", "-"))
         for (label, path), ts in times.items():
             med = statistics.median(ts)
+            paired = None if ref is None else statistics.median(a / b for a, b in zip(ref, ts, strict=True))
             rows.append({"model": cfg.name, "context": ctx, "kv": label, "path": path, "steps": len(ts),
                          "step_ms_median": med * 1e3, "decode_tok_s": 1 / med,
                          "step_ms_spread": [min(ts) * 1e3, max(ts) * 1e3],
-                         "vs_fp32": None if ref is None else ref / med,
+                         "vs_fp32": paired,
                          "cache_bytes": next(r[3] for r in runs if r[0] == label).nbytes()})
-        del runs, base
+        del runs
     return rows
 
 
@@ -122,9 +148,13 @@ def main() -> None:
     ap.add_argument("--profile", help="a format to profile (blocked paths) after the timed steps")
     ap.add_argument("--blocks", default=str(quant.DECODE_BLOCK_BYTES >> 10),
                     help="comma-separated block sizes in KiB to step quantized caches with (default: kvlab's)")
+    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--json", help="write the rows to this file")
     a = ap.parse_args()
     formats = [f.strip() for f in a.formats.split(",")]
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    print(f"load average before: {os.getloadavg()}", file=sys.stderr)
     rows = []
     for s in a.shapes:
         rows += run_shape(s, parse_contexts(a.context), a.decode_tokens, formats, a.profile,
@@ -135,9 +165,12 @@ def main() -> None:
                   f"{r['step_ms_median']:.1f}", f"{r['step_ms_spread'][0]:.0f}-{r['step_ms_spread'][1]:.0f}",
                   "-" if r["vs_fp32"] is None else f"{r['vs_fp32']:.2f}x", f"{r['cache_bytes'] / 2**20:.1f} MiB"]
                  for r in rows]))
+    print(f"load average after: {os.getloadavg()}; vs fp32 = median over rounds of the fp32 step time over this "
+          "path's in the same round", file=sys.stderr)
     if a.json:
         with open(a.json, "w") as f:
-            json.dump({"rows": rows, "machine": machine_info(), "argv": sys.argv}, f, indent=1)
+            json.dump({"rows": rows, "machine": machine_info(), "argv": sys.argv, "load": os.getloadavg()}, f,
+                      indent=1)
 
 
 if __name__ == "__main__":
