@@ -8,8 +8,10 @@ Layout (kvlab/costs/quant.py prices it byte for byte) of a buffer of ``C`` slots
 per channel (KIVI keys: groups of ``G`` positions), ``residual [*lead, S, Dq]`` exact values of the positions not
 yet quantized (the last ``R`` and the incomplete group; slot = position % S), ``tail [*lead, C, D - Dq]`` exact
 rotary channels (``rope_exact``). Position ``p`` of ``n`` written is held quantized iff
-``p < floor(max(0, n - R) / span) * span``; it is quantized once, when it leaves the residual. Reading
-dequantizes every slot and lays the residual over its positions.
+``p < floor(max(0, n - R) / span) * span``; it is quantized once, when it leaves the residual. ``read``
+dequantizes every slot and lays the residual over its positions; a decode step instead gets a :class:`QuantView`
+that attention (kvlab/layers/blocked.py) reads block by block -- :data:`DECODE_BLOCK_BYTES` of float32 at a time in
+one scratch buffer shared by all layers -- so the whole dequantized K/V never exists.
 """
 
 from __future__ import annotations
@@ -297,8 +299,13 @@ class QuantRows:
         ``shift``)."""
         spec = self.spec
         c = (self.codes if rows is None else self.codes[rows]).narrow(-2, lo, hi - lo)
-        c = unpack4(c) if spec.bits == 4 else c.view(_FP8[spec.fmt]) if spec_is_fp8(spec) else c
-        q.copy_(code_values(c, spec) if spec.fmt == "fp4" else c)  # int8 / uint8 / float8 codes cast in the copy
+        if spec.fmt == "int4":  # each nibble cast straight into its channel (low nibble = even channel)
+            pairs = q.view(*q.shape[:-1], q.shape[-1] // 2, 2)
+            pairs.select(-1, 0).copy_(c & 15)
+            pairs.select(-1, 1).copy_(c >> 4)
+        else:
+            c = unpack4(c) if spec.bits == 4 else c.view(_FP8[spec.fmt]) if spec_is_fp8(spec) else c
+            q.copy_(code_values(c, spec) if spec.fmt == "fp4" else c)  # int8 / uint8 / float8 codes cast in the copy
         if shift and spec.fmt == "int4" and spec.symmetric:
             q.sub_(8)
 
