@@ -120,8 +120,11 @@ def test_blocked_decode_equals_a_fake_quantized_full_forward(monkeypatch, kind, 
 def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
     """At 200 positions with blocks of 64, a decode step reads every buffer in blocks of at most 64 slots that
     cover it once (codes and scales apart: ``raw_block``; keys per channel dequantized: ``read_block``), and never
-    through ``read`` (the whole buffer); with DECODE_BLOCK_BYTES 0 it reads it whole."""
-    cfg = tiny("gqa", 0)
+    through ``read`` (the whole buffer); with DECODE_BLOCK_BYTES 0 it reads it whole. With a third layer reading the
+    second's cache, that cache is dequantized whole once per step for its readers (not once per reader)."""
+    full = tiny("gqa", 0)  # layer 2 reads layer 1's K/V
+    cfg = ModelConfig(vocab_size=full.vocab_size, hidden_size=full.hidden_size, layers=full.layers[:2],
+                      max_positions=full.max_positions)
     model = random_model(cfg)
     cache = model.new_cache(1, max_length=210, kv_quant=text)
     model(torch.randint(0, cfg.vocab_size, (1, 200)), cache=cache)
@@ -151,7 +154,7 @@ def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
     by_buffer: dict[int, list[tuple[int, int]]] = {}
     for key, lo, hi in seen:
         by_buffer.setdefault(key, []).append((lo, hi))
-    assert len(by_buffer) == 4  # K and V of the two storing layers (the third reads layer 1's)
+    assert len(by_buffer) == 4  # K and V of the two layers
     for spans in by_buffer.values():
         assert max(hi - lo for lo, hi in spans) == 64
         covered = sorted(set(spans))
@@ -160,6 +163,15 @@ def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 0)
     model(torch.tensor([[4]]), cache=cache)
     assert reads == [202] * 4
+    shared = random_model(full)
+    cache = shared.new_cache(1, max_length=210, kv_quant=text)
+    shared(torch.randint(0, cfg.vocab_size, (1, 200)), cache=cache)
+    small_blocks(monkeypatch, 64, s0.num_kv_heads, s0.head_dim)
+    reads.clear()
+    seen.clear()
+    shared(torch.tensor([[3]]), cache=cache)
+    assert reads == [201, 201]  # layer 1's K and V, once, for its reader (layer 2)
+    assert len({key for key, _, _ in seen}) == 4  # each storing layer still walks its own K and V in blocks
 
 
 def test_bench_kv_dtype_runs_each_format(capsys, tmp_path):

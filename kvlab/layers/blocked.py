@@ -4,7 +4,8 @@ A decode step (one query per row) over ``L`` cached positions whose K/V are a bl
 (kvlab/cache/quant.py ``QuantView``) and span more than one block runs in two passes over a few large blocks: scores ``q.k`` block by block into
 ``[B, Hkv, G, L]`` (G query heads per KV head: small next to K), one exact softmax over them (mask and sink logits
 as in ``core.attend``), then ``p.v`` accumulated block by block. Where the scales are one per token and group of
-channels (``foldable``), a block is its codes cast to float32 and the scales are applied on the small side --
+channels (``foldable``) and few (at most ``FOLD_ROWS`` query heads x groups per KV head), a block is its codes
+cast to float32 and the scales are applied on the small side --
 ``q.k = sum_g s_g (q_g . c_g) + z_g sum(q_g)`` and ``p.v = sum_g (p s_g) c_g + (p z_g)`` -- instead of multiplying
 every code (rotated keys: the query is rotated, ``q.Hk = Hq.k``); otherwise a block is dequantized (``block``).
 Tensor operations only, no host read; the loop is over blocks (a handful), never tokens or heads. Computed in
@@ -60,9 +61,18 @@ def _groups(x) -> int:
     return x.rows.dq // x.rows.group if is_blocked(x) else 1
 
 
+FOLD_ROWS = 16  # fold the scales when (query heads per KV head) x (scale groups per row) is at most this
+
+
+def _folds(x, g: int) -> bool:
+    """Apply ``x``'s scales on the small side: its scales allow it and the folded matrix products stay thin (each
+    product has ``g x groups`` rows instead of ``g``; a wide one costs more than scaling the block)."""
+    return is_blocked(x) and x.foldable and g * _groups(x) <= FOLD_ROWS
+
+
 def _scores(qf: torch.Tensor, k, n: int) -> torch.Tensor:
     """``qf [B, Hkv, G, D]`` (float32) against every key -> ``[B, Hkv, G, n]``."""
-    if not (is_blocked(k) and k.foldable):
+    if not _folds(k, qf.shape[2]):
         blocks = (k.block(lo, hi) if is_blocked(k) else k.narrow(-2, lo, hi - lo).float() for lo, hi in _ranges(k, n))
         return torch.cat([qf @ kb.transpose(-1, -2) for kb in blocks], dim=-1)
     b, hkv, g, d = qf.shape
@@ -91,7 +101,7 @@ def _scores(qf: torch.Tensor, k, n: int) -> torch.Tensor:
 def _weighted_values(p: torch.Tensor, v, n: int) -> torch.Tensor:
     """``p [B, Hkv, G, n]`` (float32) times the values -> ``[B, Hkv, G, Dv]``."""
     out = None
-    if not (is_blocked(v) and v.foldable):
+    if not _folds(v, p.shape[2]):
         for lo, hi in _ranges(v, n):
             vb = v.block(lo, hi) if is_blocked(v) else v.narrow(-2, lo, hi - lo).float()
             part = p[..., lo:hi] @ vb
