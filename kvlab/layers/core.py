@@ -23,7 +23,8 @@ class Step:
     start: absolute index of the first new position; qpos ``[T]`` absolute indices; pad ``[B]``
     left-pad counts or None; rope: rope tables by layer; kv: the (k, v, kpos) each producing layer
     attended to, for the layers that share them; masks: built masks by key set; carry: per-token
-    tensors ``[B, T, ...]`` a layer passes to the next (e.g. the MoE router state, ``router_carry``).
+    tensors ``[B, T, ...]`` a layer passes to the next (e.g. the MoE router state, ``router_carry``); shared: the
+    layers whose K/V other layers read (a quantized cache of theirs is published dequantized, once for all).
     """
 
     start: int
@@ -34,6 +35,7 @@ class Step:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict[tuple, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
     carry: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: frozenset[int] = frozenset()
 
     def last_position(self) -> Step:
         """The same step for its last query only (K/V already produced stay readable)."""
@@ -156,6 +158,8 @@ def publish_kv(step: Step, index: int, store, k: torch.Tensor, v: torch.Tensor
         k, v, kpos = store.append(k, v, step.start)
     else:
         kpos = step.qpos
+    if index in step.shared and (is_blocked(k) or is_blocked(v)):  # read by other layers: dequantized once for all
+        k, v = dense(k), dense(v)
     step.kv[index] = (k, v, kpos)
     return k, v, kpos
 
