@@ -351,13 +351,14 @@ _SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 def scratch(numel: int, device) -> torch.Tensor:
     """A float32 buffer of at least ``numel`` values, shared by every layer and step (grown on demand; a compiled
-    step allocates its own)."""
+    step allocates its own; one per inference mode, as an inference tensor cannot be written outside it)."""
     device = torch.device(device)
     if torch.compiler.is_compiling():
         return torch.empty(numel, dtype=torch.float32, device=device)
-    t = _SCRATCH.get((device, 0))
+    key = (device, int(torch.is_inference_mode_enabled()))
+    t = _SCRATCH.get(key)
     if t is None or t.numel() < numel:
-        t = _SCRATCH[(device, 0)] = torch.empty(numel, dtype=torch.float32, device=device)
+        t = _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=device)
     return t[:numel]
 
 
