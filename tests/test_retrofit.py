@@ -224,3 +224,6 @@ def test_cli_exports_a_window_pattern_that_transformers_runs_identically(tmp_pat
         assert torch.allclose(hf(ids).logits, ours(ids), atol=1e-4)
     assert main(["retrofit", str(src), "--sweep", "share-last:1", "--out", str(tmp_path / "x"), "--export", "hf"]) == 2
     assert "--export writes one conversion" in capsys.readouterr().err
+    # the output directory holds another conversion: refused, not silently reused
+    assert main(["retrofit", str(src), "--to", "window:4", "--out", str(out), "--no-eval", "--no-progress"]) == 2
+    assert "holds the conversion 'window:8,pattern=1sliding+1global', not 'window:4'" in capsys.readouterr().err

@@ -115,6 +115,11 @@ def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[An
 
     target = out / "converted"
     if target.is_dir() and (target / "retrofit.json").is_file():
+        import json
+
+        saved = json.loads((target / "retrofit.json").read_text()).get("requested")
+        if saved != technique:
+            raise ValueError(f"{str(target)!r} holds the conversion {saved!r}, not {technique!r}: choose another --out")
         print(f"{technique}: reusing {target}", file=out_stream)
         return kvlab.load(target, device=setup.args.device).eval(), target
     t0 = time.perf_counter()
@@ -123,7 +128,8 @@ def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[An
         print(f"{conv.report.summary()}; {conv.report.notes[0]}", file=out_stream)
         return conv.model, None
     kvlab.save(conv.model, target, tokenizer=setup.tok,
-               extra={"retrofit.json": {**conv.report.to_dict(), "source_model": str(setup.args.model)}})
+               extra={"retrofit.json": {**conv.report.to_dict(), "requested": technique,
+                                        "source_model": str(setup.args.model)}})
     print(f"{conv.report.summary()}; saved {target} in {time.perf_counter() - t0:.1f} s", file=out_stream)
     for n in conv.report.notes:
         print(f"  {n}", file=out_stream)
