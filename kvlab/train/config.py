@@ -328,10 +328,7 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
     tr = raw["train"]
     if not isinstance(tr, dict):
         raise ValueError("train: a table of training settings")  # noqa: TRY004
-    known = {f.name for f in dataclasses.fields(TrainSettings)}
-    bad = sorted(set(tr) - known)
-    if bad:
-        raise ValueError(f"train: unknown field(s) {bad}; allowed: {sorted(known)}")
+    _known_fields(tr, TrainSettings, "train", ValueError)
     if "steps" not in tr:
         raise ValueError("train: missing field 'steps'")
     settings = TrainSettings(**tr)
@@ -349,15 +346,20 @@ def parse_config(raw: dict[str, Any]) -> TrainConfig:
                        init=str(init) if init is not None else None, distill=dist)
 
 
+def _known_fields(table: dict[str, Any], cls: type, where: str, error: type[ValueError]) -> None:
+    """``error`` naming the fields of ``table`` that dataclass ``cls`` does not have, and the ones it does."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(table) - known)
+    if bad:
+        raise error(f"{where}: unknown field(s) {bad}; allowed: {sorted(known)}")
+
+
 def _distill(spec: Any) -> DistillSettings | None:
     if spec is None:
         return None
     if not isinstance(spec, dict):
         raise DistillError(f"distill: a table with a 'teacher', got {type(spec).__name__}")
-    known = {f.name for f in dataclasses.fields(DistillSettings)}
-    bad = sorted(set(spec) - known)
-    if bad:
-        raise DistillError(f"distill: unknown field(s) {bad}; allowed: {sorted(known)}")
+    _known_fields(spec, DistillSettings, "distill", DistillError)
     if "teacher" not in spec:
         raise DistillError("distill: missing field 'teacher' (the model to distil from)")
     d = DistillSettings(**spec)
