@@ -167,6 +167,9 @@ def test_cli_rejects_a_bad_technique_before_loading(tmp_path, capsys):
     assert main(["retrofit", "smollm2-135m", "--to", "window:abc", "--out", str(tmp_path / "x")]) == 2
     assert "window: window='abc' must be an integer" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+    assert main(["retrofit", "smollm2-135m", "--to", "window:8", "--depths", "0.1,x", "--out", str(tmp_path / "x")]) == 2
+    assert "--depths '0.1,x': expected fractions" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_cli_recovers_by_distillation_over_seeds(tmp_path, capsys):

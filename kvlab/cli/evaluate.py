@@ -69,7 +69,7 @@ def _variant(spec: str, model: Any, sink_tokens: int = 0) -> Any:
     raise ValueError(f"--variant {spec!r}: expected 'window=N', 'global' or 'kv=FORMAT'")
 
 
-def _depths(text: str) -> list[float]:
+def parse_depths(text: str) -> list[float]:
     try:
         return [float(x) for x in text.split(",") if x.strip()]
     except ValueError as e:
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
           f"loaded in {time.perf_counter() - t0:.1f} s", file=out)
     print(f"text: {corpus.describe(len(ids))}", file=out)
     if args.needle:
-        lengths, depths = parse_contexts(args.lengths), _depths(args.depths)
+        lengths, depths = parse_contexts(args.lengths), parse_depths(args.depths)
         runs = [(str(args.model), model)] + ([(vname, variant)] if variant is not None else [])
         results = {}
         for name, m in runs:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from kvlab.cli.common import add_json, device_arg, emit_json, output_dir, output_file, report
+from kvlab.cli.evaluate import parse_depths as depth_list
 from kvlab.cli.generate import MODEL_HELP
 from kvlab.units import fmt_bytes, parse_context, parse_contexts, table
 
@@ -159,7 +160,7 @@ def measure_one(setup: Setup, model: Any) -> dict[str, Any]:
 
     a = setup.args
     needle = parse_contexts(a.needle) if a.needle else []
-    depths = [float(x) for x in a.depths.split(",") if x.strip()]
+    depths = depth_list(a.depths)
     return measure(setup.model, model, setup.ids, setup.prefix, setup.length, setup.tok, setup.corpus.text, needle,
                    depths, decode_context=parse_context(a.decode_context) if a.decode_context != "0" else 0,
                    progress=not a.no_progress)
@@ -245,6 +246,7 @@ def run(args: argparse.Namespace) -> int:
     if args.export and args.sweep is not None:
         raise ValueError("--export writes one conversion: use it with --to, not --sweep")
     _seeds(args.seeds)
+    depth_list(args.depths)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -257,7 +259,7 @@ def run(args: argparse.Namespace) -> int:
             from kvlab.eval.needle import needle_test
 
             needle = parse_contexts(args.needle)
-            depths = [float(x) for x in args.depths.split(",") if x.strip()]
+            depths = depth_list(args.depths)
             r = needle_test(setup.model, setup.tok, setup.corpus.text, needle, depths, 1, 0, not args.no_progress)
             setup.ground["original_needle"] = {"lengths": needle, "depths": depths, "accuracy": r.accuracy,
                                                "overall": r.overall}
