@@ -111,6 +111,27 @@ def test_inspect_json_per_layer(capsys, tiny_json):
     assert got["layers"][2]["kv_source"] == 0 and got["layers"][1]["window"] == 8
 
 
+def test_inspect_and_compare_price_8bit_weights_and_quantized_kv(capsys, tiny_json):
+    """fp8 / int8 weights as calc prices them (K/V in bf16 unless told), a quantized cache per layer."""
+    cfg, path = tiny_json
+    rc, out, _ = run(capsys, "inspect", path, "--context", "2k", "--dtype", "fp8", "--kv-quant", "int4-g8",
+                     "--json")
+    assert rc == 0
+    got = last_json(out)
+    c = costs(cfg, context=2048, dtype="fp8", kv_quant="int4-g8")
+    plain = costs(cfg, context=2048, dtype="fp8")
+    assert (got["dtype"], got["kv_dtype"]) == ("float8", "bfloat16") and got["kv_quant"] == c.kv_quant
+    assert [x["kv_bytes"] for x in got["layers"]] == [x.kv_bytes for x in c.per_layer]
+    assert got["kv_cache_bytes"] == c.kv_cache_bytes < plain.kv_cache_bytes
+    rc, out, _ = run(capsys, "compare", path, path, "--context", "1k", "--dtype", "int8", "--json")
+    got = last_json(out)
+    assert rc == 0 and (got["dtype"], got["kv_dtype"]) == ("int8", "bfloat16")
+    assert got["models"][0]["kv_cache_bytes"] == [costs(cfg, context=1024, dtype="int8").kv_cache_bytes]
+    assert got["models"][0]["kv_cache_bytes"] == [costs(cfg, context=1024, dtype="bf16").kv_cache_bytes]
+    rc, out, _ = run(capsys, "inspect", path, "--context", "1k", "--dtype", "fp8")
+    assert rc == 0 and "weights float8" in out.splitlines()[0] and "bfloat16 K/V" in out.splitlines()[0]
+
+
 def test_inspect_table(capsys, tiny_json):
     _, path = tiny_json
     rc, out, _ = run(capsys, "inspect", path, "--context", "2k")

@@ -8,15 +8,16 @@ from typing import Any
 
 from kvlab.cli.common import (
     MODEL_HELP,
-    add_dtype_and_json,
     add_kv_dtype,
+    add_price_dtype_and_json,
     costs_of,
     emit_json,
     kv_options,
     output_file,
+    parse_price_dtype,
     resolve_config,
 )
-from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_contexts, parse_dtype, table
+from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_contexts, table
 
 NAME = "compare"
 HELP = "KV-cache bytes of several models over several contexts, with ratios and a plot"
@@ -31,7 +32,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--plot", type=output_file("--plot"), help="write a log-log PNG plot of KV bytes against context here")
     q.add_argument("--arch-plot", type=output_file("--arch-plot"),
                    help="write the models' layer stacks side by side (PNG) here")
-    add_dtype_and_json(q)
+    add_price_dtype_and_json(q)
     add_kv_dtype(q, several=True)
 
 
@@ -49,12 +50,12 @@ def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int 
     for m in out:
         m["ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["kv_cache_bytes"], first)]
         m["flops_ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["flops_per_token"], first_flops)]
-    return {"dtype": dtype, "kv_dtype": kv_dtype or dtype, "batch": batch, "contexts": contexts, "models": out}
+    return {"dtype": dtype, "kv_dtype": out[0]["kv_dtype"], "batch": batch, "contexts": contexts, "models": out}
 
 
 def _model_row(spec: str, cfg: Any, cs: list[Any], kv_quant: str | None) -> dict[str, Any]:
     name = cfg.name if kv_quant is None else f"{cfg.name} [{cs[0].kv_quant}]"
-    return {"model": spec, "name": name, "kv_quant": cs[0].kv_quant, "max_positions": cfg.max_positions,
+    return {"model": spec, "name": name, "kv_dtype": cs[0].kv_dtype, "kv_quant": cs[0].kv_quant, "max_positions": cfg.max_positions,
                     "params_total": cs[0].params_total, "kv_cache_bytes": [c.kv_cache_bytes for c in cs],
                     "kv_read_bytes_per_step": [c.kv_read_bytes_per_step for c in cs],
                     "kv_state_bytes": cs[0].kv_state_bytes,
@@ -138,14 +139,15 @@ def compare_figure(data: dict[str, Any]) -> Any:
 def run(args: argparse.Namespace) -> int:
     contexts = parse_contexts(args.context)
     kv_dtype, quants = kv_options(args)
-    data = compare_data(args.models, contexts, parse_dtype(args.dtype), args.batch, kv_dtype, quants)
+    dtype = parse_price_dtype(args.dtype)
+    data = compare_data(args.models, contexts, dtype, args.batch, kv_dtype, quants)
     if args.plot:
         data["plot"] = str(plot_compare(data, args.plot))
     if args.arch_plot:
         from kvlab.archplot import plot_architecture
 
         data["arch_plot"] = str(plot_architecture([resolve_config(m) for m in args.models], args.arch_plot,
-                                                  dtype=parse_dtype(args.dtype), titles=plot_labels(data)))
+                                                  dtype=dtype, titles=plot_labels(data)))
     if args.json:
         emit_json(data)
         return 0
@@ -161,7 +163,7 @@ def run(args: argparse.Namespace) -> int:
         ratios.append([m["name"], ""] + ["-" if r is None else f"{r:.3f}x" for r in m["ratio_to_first"]])
     print(f"KV cache ({data['kv_dtype']}" + (", [quantized format]" if any(m["kv_quant"] != "none" for m in
                                                                              data["models"]) else "")
-          + f", batch {data['batch']})")
+          + f", batch {data['batch']}; weights {data['dtype']})")
     print(table(heads, rows, left=1))
     print(f"\nratio to {data['models'][0]['name']}")
     print(table(heads, ratios, left=1))

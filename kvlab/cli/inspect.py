@@ -6,14 +6,17 @@ import argparse
 
 from kvlab.cli.common import (
     MODEL_HELP,
-    add_dtype_and_json,
+    add_kv_dtype,
+    add_price_dtype_and_json,
     context_or_default,
     costs_of,
     emit_json,
+    kv_options,
     output_file,
+    parse_price_dtype,
     resolve_config,
 )
-from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, parse_dtype, table
+from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, table
 
 NAME = "inspect"
 HELP = ("per-layer table: kind, heads, head dims, window, KV source, params, KV bytes, "
@@ -26,26 +29,34 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--context", help="context length (default: the model's max positions)")
     q.add_argument("--batch", type=int, default=1)
     q.add_argument("--plot", type=output_file("--plot"), help="write the layer stack as an architecture diagram (PNG) here")
-    add_dtype_and_json(q)
+    add_price_dtype_and_json(q)
+    add_kv_dtype(q)
 
 
 def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.model)
     ctx = context_or_default(args.context, cfg)
-    c = costs_of(cfg, ctx, parse_dtype(args.dtype), args.batch)
+    dtype = parse_price_dtype(args.dtype)
+    kv_dtype, quants = kv_options(args)
+    if len(quants) > 1:
+        raise ValueError("--kv-quant: inspect prices one format at a time (use kvlab compare for several)")
+    c = costs_of(cfg, ctx, dtype, args.batch, kv_dtype, quants[0] if quants else None)
     layers = [dict(vars(x)) for x in c.per_layer]
     plot = None
     if args.plot:
         from kvlab.archplot import plot_architecture
 
-        plot = str(plot_architecture(cfg, args.plot, context=ctx, dtype=parse_dtype(args.dtype)))
+        plot = str(plot_architecture(cfg, args.plot, context=ctx, dtype=dtype))
     if args.json:
-        emit_json({"name": c.name, "context": ctx, "dtype": c.dtype, "batch": c.batch,
+        emit_json({"name": c.name, "context": ctx, "dtype": c.dtype, "kv_dtype": c.kv_dtype,
+                   "kv_quant": c.kv_quant, "batch": c.batch,
                     "kv_cache_bytes": c.kv_cache_bytes, "params_total": c.params_total, "layers": layers,
                     **({"plot": plot} if plot else {})})
         return 0
     print(f"{c.name}: {cfg.num_layers} layers, hidden {cfg.hidden_size}, vocab {cfg.vocab_size}; "
-          f"context {ctx:,} ({fmt_context(ctx)}), {c.kv_dtype} K/V, batch {c.batch}")
+          f"context {ctx:,} ({fmt_context(ctx)}), weights {c.dtype}, "
+          + (f"K/V {c.kv_quant} (exact parts {c.kv_dtype})" if c.kv_quant != "none" else f"{c.kv_dtype} K/V")
+          + f", batch {c.batch}")
     rows = []
     for x in c.per_layer:
         hd = str(x.head_dim) if x.v_head_dim == x.head_dim else f"{x.head_dim}/{x.v_head_dim}"
