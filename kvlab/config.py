@@ -22,6 +22,7 @@ MLP_KINDS = ("dense", "moe", "dense+moe")
 ACTIVATIONS = ("silu", "gelu_tanh", "gelu")
 ROPE_SCALINGS = ("default", "linear", "llama3", "yarn", "proportional")
 GATE_KINDS = (None, "sigmoid", "softplus")
+WEIGHT_DTYPES = ("bfloat16", "float16", "float32", "float64")  # ModelConfig.dtype: what a Model can hold
 MOE_SCORINGS = ("softmax", "sigmoid", "sqrtsoftplus")
 
 
@@ -320,6 +321,10 @@ class ModelConfig:
     source: where the numbers come from (a preset cites its model card or config).
     family: the transformers architecture it was read from and is written back as (``kvlab.families``);
         ``None``: the first family that writes its shape exactly.
+    dtype: the dtype the weights are held in (``bfloat16``, ``float16``, ``float32``, ``float64``): a checkpoint's
+        ``config.json`` ``dtype``/``torch_dtype``, kept up to date by a Model holding this config (after ``.to()``
+        too); what ``kvlab.costs(config, ...)`` prices unless told otherwise. ``None``: not known (priced as
+        bf16). Not part of the shape: configs that differ only in ``dtype`` compare equal.
     """
 
     vocab_size: int
@@ -341,6 +346,7 @@ class ModelConfig:
     name: str = "custom"
     source: str = ""
     family: str | None = None
+    dtype: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         self.layers = [_as_layer(x) for x in self.layers]
@@ -367,6 +373,8 @@ class ModelConfig:
             raise _err("", "final_logit_softcap", self.final_logit_softcap, "must be > 0 or None")
         if self.family is not None and not isinstance(self.family, str):
             raise _err("", "family", self.family, "an architecture name such as 'LlamaForCausalLM', or None")
+        if self.dtype is not None and self.dtype not in WEIGHT_DTYPES:
+            raise _err("", "dtype", self.dtype, f"one of {', '.join(WEIGHT_DTYPES)}, or None")
         if self.ple_dim is not None:
             _positive_int("", "ple_dim", self.ple_dim)
         if self.ple_vocab_size is not None:

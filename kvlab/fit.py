@@ -188,17 +188,18 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
 
     Exact at the boundary: ``fits`` is the footprint at the answer, ``next`` the footprint one token (one
     sequence) later, which exceeds the usable memory. Contexts stop at the model's ``max_positions``.
-    ``weights_dtype`` None: bf16, or for a GGUF file (or a named model) the file's own quantized weight bytes.
+    ``weights_dtype`` None: the config's stored dtype (else bf16), or for a GGUF file (or a named model) the
+    file's own quantized weight bytes.
     ``kv_quant``: a quantized K/V format, as :func:`footprint` takes it.
     """
     from kvlab.costs.quant import quant_name, resolve_kv_quant
 
     quant = resolve_kv_quant(kv_quant)  # a named error before any search
     gguf = gguf_weights(model) if weights_dtype is None else None
-    weights_dtype = weights_dtype or "bfloat16"
     if kv_dtype is None and gguf is not None:
         kv_dtype = "float16"  # llama.cpp's default cache type
     cfg = resolve_config(model)
+    weights_dtype = weights_dtype or cfg.dtype or "bfloat16"
     if batch is not None and context is not None:
         raise FitError("give batch (solve for the context) or context (solve for the batch), not both")
     if not isinstance(memory, int) or memory < 1:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+import dataclasses
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .cache import Cache
-from .config import LayerSpec, ModelConfig
+from .config import WEIGHT_DTYPES, LayerSpec, ModelConfig
 from .layers import attention_module
 from .layers.core import Step
 from .layers.mhc import HyperHead, expand
@@ -129,7 +130,7 @@ class Model(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.config = config
+        self.config = dataclasses.replace(config, layers=list(config.layers))  # its own: ``dtype`` follows the weights
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.ple_dim is not None:
             self.ple = PLEInput(config.ple_rows, config.hidden_size, config.num_layers, config.ple_dim,
@@ -179,6 +180,14 @@ class Model(nn.Module):
                 if isinstance(mod, MoE) and mod.spec.hash_routing:
                     mod.tid2eid.copy_(hash_table(config.vocab_size, mod.spec.top_k, mod.spec.num_experts))
         return model.to(dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Model:
+        """``.to()``, ``.half()``, ``.float()``...: then ``config.dtype`` names the dtype the weights are in, so
+        ``kvlab.costs(model.config, n)`` prices what ``new_cache`` allocates."""
+        out = super()._apply(fn, recurse)
+        dt = str(self.embed.weight.dtype).removeprefix("torch.")
+        self.config.dtype = dt if dt in WEIGHT_DTYPES else None
+        return out
 
     @property
     def head_weight(self) -> torch.Tensor:

@@ -236,9 +236,13 @@ def test_generate_prompt_with_tokenizer(capsys, checkpoint, tmp_path):
 
 
 def test_calc_and_bench_on_a_checkpoint_dir(capsys, checkpoint):
+    stored = json.loads((checkpoint / "config.json").read_text())["dtype"]
+    assert stored == "float32"  # what transformers wrote: the checkpoint's own dtype is priced by default
     rc, out, _ = run(capsys, "calc", checkpoint, "--context", "200", "--json")
-    assert rc == 0
-    assert last_json(out)["kv_cache_bytes"] == costs(str(checkpoint), context=200).kv_cache_bytes == 2 * 2 * 2 * 8 * 2 * 200
+    assert rc == 0 and last_json(out)["dtype"] == "float32"
+    assert last_json(out)["kv_cache_bytes"] == costs(str(checkpoint), context=200).kv_cache_bytes == 2 * 2 * 2 * 8 * 4 * 200
+    rc, out, _ = run(capsys, "calc", checkpoint, "--context", "200", "--dtype", "bf16", "--json")
+    assert rc == 0 and last_json(out)["kv_cache_bytes"] == 2 * 2 * 2 * 8 * 2 * 200  # told otherwise
     rc, out, _ = run(capsys, "bench", checkpoint, "--context", "100", "--decode-tokens", "3", "--bandwidth-mib", "4",
                      "--no-progress", "--json")
     assert rc == 0

@@ -347,3 +347,48 @@ def test_biases_tied_head_and_moe_match_transformers() -> None:
     ours = ModelConfig(vocab_size=100, hidden_size=32,
                        layers=uniform_layers(3, num_heads=4, num_kv_heads=2, head_dim=8, mlp="moe", moe=moe))
     assert costs(ours, context=1).params_total == _hf_numel(tf.MixtralForCausalLM, hf)
+
+
+def test_config_dtype_follows_the_model_and_is_what_costs_prices(tmp_path):
+    """README: ``costs(model.config, n)`` prices what ``model.new_cache(1, n)`` holds, whatever dtype the model is
+    in (and after ``.to()``); the user's config is not changed; a saved checkpoint's config carries its dtype."""
+    import torch
+
+    import kvlab
+    from kvlab.model import Model
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, max_positions=128, name="dt",
+                      layers=uniform_layers(2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64))
+    model = Model.from_config(cfg)
+    assert cfg.dtype is None and model.config.dtype == "float32" and model.config == cfg
+    for dt, name in ((None, "float32"), (torch.bfloat16, "bfloat16"), (torch.float16, "float16")):
+        if dt is not None:
+            model.to(dt)
+        assert model.config.dtype == name
+        want = model.new_cache(1, 100).nbytes()
+        assert costs(model.config, context=100).kv_cache_bytes == want == costs(model, context=100).kv_cache_bytes
+    assert costs(cfg, context=100).kv_cache_bytes == 2 * 2 * 2 * 8 * 2 * 100  # no dtype known: bf16
+    model.float()
+    kvlab.save(model, tmp_path / "m")
+    assert kvlab.load(tmp_path / "m", dtype=torch.float32).config.dtype == "float32"
+    assert costs(str(tmp_path / "m"), context=100).kv_cache_bytes == 2 * 2 * 2 * 8 * 4 * 100
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_an_hf_config_carries_its_stored_dtype(key):
+    from kvlab.families import config_from_hf
+
+    hf = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64, "hidden_size": 32,
+          "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 128, key: "float16"}
+    assert config_from_hf(hf).dtype == "float16"
+    assert costs(config_from_hf(hf), context=10).kv_dtype == "float16"
+    assert config_from_hf({**hf, key: "auto"}).dtype is None
+
+
+def test_config_dtype_out_of_range_is_named():
+    with pytest.raises(ValueError, match="dtype") as e:
+        ModelConfig(vocab_size=64, hidden_size=32, layers=uniform_layers(1, num_heads=4, num_kv_heads=2,
+                                                                         head_dim=8, intermediate_size=64),
+                    dtype="float8")
+    assert "bfloat16" in str(e.value)

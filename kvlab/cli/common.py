@@ -29,16 +29,18 @@ def add_dtype_and_json(parser: argparse.ArgumentParser, dtype: str = "bf16",
 
 def add_price_dtype_and_json(parser: argparse.ArgumentParser) -> None:
     """``--dtype`` of the weights a calculator verb prices (8-bit weights too) and ``--json``."""
-    parser.add_argument("--dtype", default="bf16", help="weights: bf16, fp16, fp32, fp8 or int8 (default bf16; "
-                        "the K/V cache follows it, bf16 for 8-bit weights, unless --kv-dtype / --kv-quant)")
+    parser.add_argument("--dtype", help="weights: bf16, fp16, fp32, fp8 or int8 (default: the dtype the checkpoint "
+                        "stores, its config.json's dtype, else bf16; the K/V cache follows it, bf16 for 8-bit "
+                        "weights, unless --kv-dtype / --kv-quant)")
     add_json(parser)
 
 
-def parse_price_dtype(text: str) -> str:
-    """A dtype the calculator prices (bf16, fp16, fp32, fp8, int8 and their long names), canonical."""
+def parse_price_dtype(text: str | None) -> str | None:
+    """A dtype the calculator prices (bf16, fp16, fp32, fp8, int8 and their long names), canonical; None (not
+    given): the model's own, as ``kvlab.costs`` picks it."""
     from kvlab.costs import dtype_bytes
 
-    return dtype_bytes(str(text).strip())[0]
+    return None if text is None else dtype_bytes(str(text).strip())[0]
 
 
 THREADS_HELP = ("compute threads (default: $KVLAB_THREADS, else the CPUs this process may use that other work leaves "

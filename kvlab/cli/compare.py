@@ -50,12 +50,12 @@ def compare_data(models: list[str], contexts: list[int], dtype: str, batch: int 
     for m in out:
         m["ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["kv_cache_bytes"], first)]
         m["flops_ratio_to_first"] = [(b / f if f else None) for b, f in zip(m["flops_per_token"], first_flops)]
-    return {"dtype": dtype, "kv_dtype": out[0]["kv_dtype"], "batch": batch, "contexts": contexts, "models": out}
+    return {"dtype": out[0]["dtype"], "kv_dtype": out[0]["kv_dtype"], "batch": batch, "contexts": contexts, "models": out}
 
 
 def _model_row(spec: str, cfg: Any, cs: list[Any], kv_quant: str | None) -> dict[str, Any]:
     name = cfg.name if kv_quant is None else f"{cfg.name} [{cs[0].kv_quant}]"
-    return {"model": spec, "name": name, "kv_dtype": cs[0].kv_dtype, "kv_quant": cs[0].kv_quant, "max_positions": cfg.max_positions,
+    return {"model": spec, "name": name, "dtype": cs[0].dtype, "kv_dtype": cs[0].kv_dtype, "kv_quant": cs[0].kv_quant, "max_positions": cfg.max_positions,
                     "params_total": cs[0].params_total, "kv_cache_bytes": [c.kv_cache_bytes for c in cs],
                     "kv_read_bytes_per_step": [c.kv_read_bytes_per_step for c in cs],
                     "kv_state_bytes": cs[0].kv_state_bytes,

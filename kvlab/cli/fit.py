@@ -26,7 +26,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     how = q.add_mutually_exclusive_group()
     how.add_argument("--batch", type=int, help="sequences; the answer is the largest context (default 1)")
     how.add_argument("--context", help="context length (131072, 128k); the answer is the largest batch")
-    q.add_argument("--weights-dtype", help="bf16, fp16, fp32, fp8, int8 (default bf16; a .gguf file or named model: "
+    q.add_argument("--weights-dtype", help="bf16, fp16, fp32, fp8, int8 (default: the checkpoint's stored dtype, else bf16; a .gguf file or named model: "
                                             "the file's own quantized tensor bytes)")
     q.add_argument("--kv-dtype", help="K/V cache dtype: bf16, fp16, fp32 (default: the weights dtype, bf16 for 8-bit "
                                        "weights), or a quantized format as --kv-quant")
@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
     kv_quant = quants[0] if quants else None
     cfg = resolve_config(args.model)
     gguf = gguf_weights(args.model) if args.weights_dtype is None else None
-    wd = args.weights_dtype or "bf16"
+    wd = args.weights_dtype or cfg.dtype or "bf16"
     kv = kv_dtype or ("float16" if gguf else None)
     w_bytes = gguf["weight_bytes"] if gguf else None
     spec = args.model if gguf else cfg  # fit reads the file's weight bytes itself

@@ -163,7 +163,8 @@ def costs(model: Any, context: int, dtype: Any = None, batch: int = 1, kv_dtype:
     """Price ``model`` (ModelConfig, preset name, checkpoint dir or Model) at ``context`` tokens.
 
     ``context`` is the cache length (a preallocated cache's ``max_length``) and the decode position;
-    ``dtype`` prices weights: default the dtype a loaded Model holds them in (so ``costs(model, n).kv_cache_bytes
+    ``dtype`` prices weights: default the dtype a loaded Model holds them in, else the config's ``dtype`` (a
+    checkpoint's stored dtype; a Model keeps its config's up to date, so ``costs(model.config, n).kv_cache_bytes
     == model.new_cache(1, n).nbytes()`` for an fp32 model too), else bf16. ``kv_dtype`` (default ``dtype``; bf16
     when the weights are 8-bit) prices the K/V cache (and, with ``kv_quant``, its
     full-precision parts: residual window, exact rotary channels, constant state). ``kv_quant``: a quantized cache
@@ -175,7 +176,7 @@ def costs(model: Any, context: int, dtype: Any = None, batch: int = 1, kv_dtype:
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             raise ValueError(f"{nm}={v!r}: must be a positive integer")
     if dtype is None:
-        dtype = model_dtype(model) or "bfloat16"
+        dtype = model_dtype(model) or cfg.dtype or "bfloat16"
     w_name, w_elt = dtype_bytes(dtype)
     kv_name, kv_elt = kv_dtype_for(dtype, kv_dtype)
     hidden, vocab = cfg.hidden_size, cfg.vocab_size

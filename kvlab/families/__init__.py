@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from ..checkpoint import read_config, read_tensors
-from ..config import ModelConfig
+from ..config import WEIGHT_DTYPES, ModelConfig
 from ..errors import CheckpointError, UnknownNameError
 from ..gguf_checkpoint import GGUFFile, GGUFTensors, hf_config, is_gguf, read_gguf
 from ..names import did_you_mean, find
@@ -60,12 +60,14 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     family = family_of(cfg)
     config = family.config_from_hf(cfg)
     config.family = family.architecture
+    stored = cfg.get("dtype") or cfg.get("torch_dtype") or (cfg.get("text_config") or {}).get("dtype")
+    config.dtype = stored if stored in WEIGHT_DTYPES else None  # what the checkpoint holds ("auto", absent: unknown)
     return config
 
 
 def _same(a: ModelConfig, b: ModelConfig) -> bool:
     def key(c: ModelConfig) -> dict[str, Any]:
-        return {k: v for k, v in c.to_dict().items() if k not in ("name", "source", "family")}
+        return {k: v for k, v in c.to_dict().items() if k not in ("name", "source", "family", "dtype")}
 
     return key(a) == key(b)
 
