@@ -3,8 +3,9 @@
 Each engine turns the per-layer costs (``costs(...).per_layer``: kind, window, KV source, bytes per position)
 into the bytes it reserves for ``batch`` sequences of ``context`` tokens, following rules read in its
 source; every rule is stated, with the file it comes from, in :attr:`Engine.rules`. Layers whose rules were not
-read (DeepSeek V4 and CCA layers in llama.cpp, SGLang and transformers) are charged their physical bytes, and the
-rules say so by name. vLLM prices DeepSeek V4's fp8_ds_mla pages and CCA's state pages by its own rules.
+transcribed (DeepSeek V4 and CCA layers in SGLang, CCA state in transformers) are charged their physical bytes, and
+the rules say so by name. vLLM prices DeepSeek V4's fp8_ds_mla pages and CCA's state pages by its own rules,
+llama.cpp its per-sequence V4 streams; llama.cpp has no CCA (the model is refused).
 
 Sources (read 2026-11; the commits are those of the stored snapshots):
 - vLLM: vllm/v1/kv_cache_interface.py (FullAttentionSpec / SlidingWindowSpec / MLAAttentionSpec /
@@ -17,7 +18,9 @@ Sources (read 2026-11; the commits are those of the stored snapshots):
   vllm/config/cache.py (gpu_memory_utilization 0.9, block_size 16).
 - llama.cpp: src/llama-context.cpp (``n_ctx = GGML_PAD(n_ctx, 256)``), src/llama-kv-cache-iswa.cpp
   (SWA cache ``GGML_PAD(min(n_ctx, n_swa * n_seq + n_ubatch), 256)`` cells), src/llama-kv-cache.cpp (K and V
-  tensors of ``kv_size`` cells per layer with KV; MLA: K only, ``has_v = !is_mla``; shared layers get none).
+  tensors of ``kv_size`` cells per layer with KV; MLA: K only, ``has_v = !is_mla``; shared layers get none),
+  src/llama-kv-cache-dsv4.cpp + src/llama-model.cpp ``create_memory`` (DeepSeek V4: per-sequence window, compressed,
+  indexer-key caches and fp32 compressor states; ggml-org/llama.cpp#24162); ZAYA1: no mainline support (#23112).
 - SGLang: python/sglang/srt/model_executor/model_runner_kv_cache_mixin.py (``get_cell_size_per_token``,
   ``set_num_tokens_hybrid_swa``), python/sglang/srt/server_args.py (page_size 1, swa_full_tokens_ratio 0.8).
 - transformers 5.23.0: src/transformers/cache_utils.py (DynamicLayer grows by torch.cat;
@@ -296,43 +299,96 @@ class VLLM(Engine):
 
 
 class LlamaCpp(Engine):
-    """llama.cpp (llama-server / llama-cli) with a unified KV cache (kv_unified) and n_seq_max = batch."""
+    """llama.cpp (llama-server / llama-cli) with n_seq_max = batch and a unified KV cache (``kv_unified=False``: one
+    stream per sequence, as ``llama-server -np B`` without ``--kv-unified``)."""
 
     name = "llamacpp"
 
-    def __init__(self, n_ubatch: int = 512) -> None:
+    def __init__(self, n_ubatch: int = 512, kv_unified: bool = True) -> None:
         self.n_ubatch = n_ubatch
+        self.kv_unified = kv_unified
+        mode = ("kv_unified (llama-server's default with -np auto): one cache shared by the batch's sequences, "
+                "n_ctx_seq = n_ctx" if kv_unified else "not kv_unified (llama-server -np B): one stream per sequence "
+                "of n_ctx_seq = GGML_PAD(n_ctx / batch, 256) cells")
         self.rules = [
-            ("llamacpp: n_ctx = batch x context cells (one unified cache shared by the batch's sequences), padded up "
-            "to a multiple of 256 (cparams.n_ctx = GGML_PAD(n_ctx, 256), src/llama-context.cpp)"),
-            ("llamacpp: every layer with K/V holds K and V tensors of n_ctx cells in the cache type (f16 by default: "
+            (f"llamacpp: n_ctx = batch x context cells, padded up to a multiple of 256 (cparams.n_ctx = "
+            f"GGML_PAD(n_ctx, 256), src/llama-context.cpp); {mode}"),
+            ("llamacpp: every layer with K/V holds K and V tensors of n_ctx_seq cells a stream in the cache type (f16 by default: "
             "2 B, like bf16) (src/llama-kv-cache.cpp); MLA layers hold K only (kv_lora_rank + rope dims, "
             "has_v = !is_mla); KV-shared layers hold none"),
-            (f"llamacpp: sliding-window layers hold GGML_PAD(min(n_ctx, n_swa x batch + n_ubatch), 256) cells, "
-            f"n_ubatch = {n_ubatch} (default) (src/llama-kv-cache-iswa.cpp; --swa-full gives them n_ctx)"),
-            ("llamacpp: DeepSeek V4 (src/models/deepseek4.cpp) and ZAYA1's CCA (src/models/zaya.cpp) run in llama.cpp, "
-             "but their cache rules were not read here: csa/hca/swa layers and CCA layers (K/V and state) are charged "
-             "kvlab's physical bytes"),
+            (f"llamacpp: sliding-window layers hold GGML_PAD(min(n_ctx_seq, n_swa x (batch if unified else 1) + "
+            f"n_ubatch), 256) cells per stream, n_ubatch = {n_ubatch} (default) (src/llama-kv-cache-iswa.cpp; "
+            "--swa-full gives them n_ctx_seq)"),
+            ("llamacpp: DeepSeek V4 (src/llama-kv-cache-dsv4.cpp, created for LLM_ARCH_DEEPSEEK4 in "
+             "llama_model::create_memory, src/llama-model.cpp; ggml-org/llama.cpp#24162) keeps one stream per "
+             "sequence even with kv_unified, each sized for kv_size = n_ctx_seq cells (with kv_unified that is the "
+             "whole n_ctx = batch x context per sequence): every "
+             "layer a K-only window cache (llama_kv_cache_iswa with all layers sliding, head_dim x 1 KV head) of "
+             "GGML_PAD(min(kv_size, n_swa + n_ubatch), 256) cells; ratio-4 (CSA) layers a K-only compressed cache of "
+             "GGML_PAD(max(1, cdiv(kv_size, 4)), 256) cells and an indexer-key cache of as many cells x "
+             "index_head_dim; ratio-128 (HCA) layers a compressed cache of GGML_PAD(max(1, cdiv(kv_size, 128)), 256) "
+             "cells; all in the cache type (f16 by default); plus fp32 compressor states per sequence "
+             "(llama_dsv4_comp_state: kv and score rows, CSA 2 x 4 rows x 2 x head_dim, its indexer 8 rows x "
+             "2 x index_head_dim, HCA 128 rows x head_dim); no rollback planes (n_rs_seq = 0: no MTP drafting); "
+             "only ratios 0, 4 and 128 load (src/models/deepseek4.cpp)"),
+            ("llamacpp: ZAYA1's CCA does not run in mainline llama.cpp (the draft ggml-org/llama.cpp#23112 was "
+             "closed unmerged, 2026-09): a model with CCA layers has no llama.cpp reservation and is refused"),
             "llamacpp: the whole n_ctx is allocated at start: what is reserved does not depend on what is used",
         ]
 
     def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
-        n_ctx = cdiv(batch * context, 256) * 256
+        n_ctx = round_up(batch * context, 256)
+        n_ctx_seq, streams, swa_seqs = (n_ctx, 1, batch) if self.kv_unified else (round_up(n_ctx // batch, 256), batch, 1)
         total = 0
         swa_cells = None
-        for x in _layers(c, tp):
+        v4 = []
+        for x in _layers(c, tp, cfg):
             if x.kind in ("gqa", "mla"):
                 if x.window is None:
-                    total += n_ctx * x.per_token
+                    total += streams * n_ctx_seq * x.per_token
                 else:
-                    cells = cdiv(min(n_ctx, x.window * batch + self.n_ubatch), 256) * 256
-                    swa_cells = cells
-                    total += cells * x.per_token
+                    swa_cells = round_up(min(n_ctx_seq, x.window * swa_seqs + self.n_ubatch), 256)
+                    total += streams * swa_cells * x.per_token
                 total += x.state
+            elif x.kind in V4_KINDS:
+                v4.append(x)
+            elif x.kind == "cca":
+                raise FitError(f"llamacpp: layer {x.index} is a CCA layer (ZAYA1): mainline llama.cpp has no CCA "
+                               "support (draft ggml-org/llama.cpp#23112 closed unmerged); choose another engine")
             else:
                 total += x.physical
-        details = [f"n_ctx = {n_ctx:,} cells" + (f", SWA cache {swa_cells:,} cells" if swa_cells else "")]
+        details = [f"n_ctx = {n_ctx:,} cells" + (f" in {streams} streams of {n_ctx_seq:,}" if streams > 1 else "")
+                   + (f", SWA cache {swa_cells:,} cells" if swa_cells else "")]
+        if v4:
+            cells = self.v4_cells(v4[0].spec, n_ctx_seq)
+            per_seq = sum(self.v4_stream_bytes(x.spec, n_ctx_seq, DTYPE_BYTES[c.kv_dtype]) for x in v4)
+            total += batch * per_seq
+            details = [(f"n_ctx_seq = {n_ctx_seq:,}; {batch} DeepSeek V4 stream(s) of {per_seq:,} B: window "
+                        f"{cells['window']:,} cells, CSA {cells['csa']:,}, HCA {cells['hca']:,} cells a layer")]
         return Reservation(total, details)
+
+    def v4_cells(self, spec: Any, kv_size: int) -> dict[str, int]:
+        """Cells per sequence stream of llama.cpp's DeepSeek V4 caches (llama_kv_cache_dsv4 constructor)."""
+        return {"window": round_up(min(kv_size, spec.window + self.n_ubatch), 256),
+                "csa": round_up(max(1, cdiv(kv_size, 4)), 256), "hca": round_up(max(1, cdiv(kv_size, 128)), 256)}
+
+    def v4_stream_bytes(self, spec: Any, kv_size: int, elt: int) -> int:
+        """Bytes one sequence's stream of one DeepSeek V4 layer holds: the K-only window cache, the compressed and
+        indexer-key caches (``elt`` bytes a value) and the fp32 compressor states."""
+        if spec is None:
+            raise FitError("llamacpp: DeepSeek V4 layers are priced from the model's layer specs: pass the config")
+        ratio, d = spec.compress.ratio, spec.head_dim * spec.num_kv_heads
+        cells = self.v4_cells(spec, kv_size)
+        held = cells["window"] * d * elt
+        if ratio == 4:  # CSA: overlapping compressor (2 x ratio rows of 2 x head_dim), indexer keys and their state
+            di = spec.compress.index_head_dim
+            held += cells["csa"] * (d + di) * elt + 2 * (2 * ratio) * (2 * d + 2 * di) * 4
+        elif ratio == 128:  # HCA: ratio rows of head_dim for kv and score
+            held += cells["hca"] * d * elt + 2 * ratio * d * 4
+        elif ratio:
+            raise FitError(f"llamacpp: compression ratio {ratio}: llama.cpp's DeepSeek V4 loader takes 0, 4 and 128 "
+                           "only (src/models/deepseek4.cpp)")
+        return held
 
 
 class SGLang(Engine):

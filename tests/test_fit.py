@@ -46,7 +46,8 @@ def test_bad_memory_size_is_a_named_error(text) -> None:
 @pytest.mark.parametrize(("model", "engine", "tp", "memory"), [
     ("llama-3.1-8b", None, 1, 24 * GiB), ("gemma-4-31b", None, 1, 64 * GiB), ("gemma-4-31b", "vllm", 1, 80 * GiB),
     ("gemma-4-e2b", "llamacpp", 1, 9 * GiB), ("zaya1-8b", None, 1, 17 * GiB), ("qwen3-8b", "sglang", 2, 12 * GiB),
-    ("deepseek-v3", None, 8, 160 * GiB), ("deepseek-v4-flash", "transformers", 4, 141 * GiB)])
+    ("deepseek-v3", None, 8, 160 * GiB), ("deepseek-v4-flash", "transformers", 4, 141 * GiB),
+    ("deepseek-v4-flash", "llamacpp", 4, 141 * GiB)])
 def test_largest_context_is_exact_one_more_token_does_not_fit(model, engine, tp, memory) -> None:
     r = fit(model, memory, batch=2, engine=engine, tp=tp)
     assert r.limited_by == "memory" and r.value > 0
@@ -57,13 +58,14 @@ def test_largest_context_is_exact_one_more_token_does_not_fit(model, engine, tp,
     assert r.next.context == r.value + 1 and r.next.total_bytes == after.total_bytes
 
 
-@pytest.mark.parametrize(("model", "engine"), [("llama-3.1-8b", None), ("gemma-4-31b", "vllm"),
-                                               ("gemma-4-e4b", "sglang"), ("laguna-xs.2", "llamacpp")])
-def test_largest_batch_is_exact_one_more_sequence_does_not_fit(model, engine) -> None:
-    r = fit(model, 80 * GiB, context=8192, engine=engine)
+@pytest.mark.parametrize(("model", "engine", "tp", "memory"), [
+    ("llama-3.1-8b", None, 1, 80 * GiB), ("gemma-4-31b", "vllm", 1, 80 * GiB), ("gemma-4-e4b", "sglang", 1, 80 * GiB),
+    ("laguna-xs.2", "llamacpp", 1, 80 * GiB), ("deepseek-v4-flash", "llamacpp", 4, 141 * GiB)])
+def test_largest_batch_is_exact_one_more_sequence_does_not_fit(model, engine, tp, memory) -> None:
+    r = fit(model, memory, context=8192, engine=engine, tp=tp)
     assert r.solve == "batch" and r.value >= 1
-    assert footprint(model, 8192, r.value, engine=engine).total_bytes <= r.usable
-    assert footprint(model, 8192, r.value + 1, engine=engine).total_bytes > r.usable
+    assert footprint(model, 8192, r.value, engine=engine, tp=tp).total_bytes <= r.usable
+    assert footprint(model, 8192, r.value + 1, engine=engine, tp=tp).total_bytes > r.usable
 
 
 def test_llama_fit_matches_the_hand_formula() -> None:
@@ -254,13 +256,53 @@ def test_vllm_cca_state_takes_one_attention_page_and_raises_the_block_size_when_
     assert f"block_size raised to {bs}" in VLLM().reserve(cfg, c, 300, 1).details[0]
 
 
-def test_engines_without_a_read_rule_name_the_kinds_they_charge_physically() -> None:
-    for name in ("llamacpp", "sglang"):
-        text = " ".join(get_engine(name).rules)
-        assert "deepseek4" in text.lower().replace("_", "") or "deepseek_v4" in text
-        assert "zaya" in text and "charged kvlab's physical bytes" in text
+def test_sglang_names_the_kinds_it_charges_physically() -> None:
+    text = " ".join(get_engine("sglang").rules)
+    assert "deepseek_v4" in text and "zaya" in text and "charged kvlab's physical bytes" in text
     c = costs("deepseek-v4-flash", context=4096)
-    assert LlamaCpp().reserve(None, c, 4096, 1).kv_bytes == c.kv_cache_bytes == SGLang().reserve(None, c, 4096, 1).kv_bytes
+    assert SGLang().reserve(None, c, 4096, 1).kv_bytes == c.kv_cache_bytes
+
+
+def _pad256(n: int) -> int:
+    return -(-n // 256) * 256
+
+
+@pytest.mark.parametrize(("n", "batch"), [(4096, 1), (65536, 2), (1000, 3)])
+def test_llamacpp_deepseek_v4_keeps_a_stream_per_sequence_sized_for_n_ctx_seq(n, batch) -> None:
+    """llama.cpp's V4 cache (src/llama-kv-cache-dsv4.cpp), by hand for V4-Flash (head_dim 512, 1 KV head, window
+    128, indexer keys of 128, f16 = 2 B like bf16): with kv_unified every sequence's stream is sized for the whole
+    n_ctx; window 768 cells (pad256(128 + n_ubatch 512)), CSA/indexer pad256(n_ctx / 4), HCA pad256(n_ctx / 128)
+    cells, and fp32 compressor states (CSA 8 rows x 1,024 + its indexer 8 x 256, HCA 128 x 512; kv and score)."""
+    from kvlab.presets import get_preset
+
+    cfg = get_preset("deepseek-v4-flash")
+    c = costs(cfg, context=n, batch=batch)
+    n_ctx = _pad256(batch * n)
+    window = _pad256(min(n_ctx, 128 + 512)) * 512 * 2
+    csa = _pad256(-(-n_ctx // 4)) * (512 + 128) * 2 + 2 * 8 * (1024 + 256) * 4
+    hca = _pad256(-(-n_ctx // 128)) * 512 * 2 + 2 * 128 * 512 * 4
+    per_seq = 43 * window + 21 * csa + 20 * hca  # 2 swa + 21 csa + 20 hca layers, every one with a window
+    assert LlamaCpp().reserve(cfg, c, n, batch).kv_bytes == batch * per_seq
+    # one stream per sequence (llama-server -np B): each stream sized for pad256(n_ctx / batch) only
+    n_seq = _pad256(n_ctx // batch)
+    per_seq = 43 * _pad256(min(n_seq, 640)) * 1024 + 21 * (_pad256(-(-n_seq // 4)) * 1280 + 81920) + 20 * (
+        _pad256(-(-n_seq // 128)) * 1024 + 524288)
+    assert LlamaCpp(kv_unified=False).reserve(cfg, c, n, batch).kv_bytes == batch * per_seq
+
+
+def test_llamacpp_non_unified_gives_each_sequence_its_own_stream() -> None:
+    cfg = tiny(3, windows=(None, 64, 64))
+    per_tok = 2 * 2 * 32 * 2
+    c = costs(cfg, context=1000, batch=2)
+    n_seq = _pad256(_pad256(2000) // 2)  # 1,024 cells a stream
+    swa = _pad256(min(n_seq, 64 + 512))
+    assert LlamaCpp(kv_unified=False).reserve(cfg, c, 1000, 2).kv_bytes == 2 * per_tok * (n_seq + 2 * swa)
+
+
+def test_llamacpp_refuses_cca_it_has_no_mainline_support() -> None:
+    with pytest.raises(FitError, match="CCA layer.*23112"):
+        footprint("zaya1-8b", 4096, engine="llamacpp")
+    assert "23112" in " ".join(get_engine("llamacpp").rules)
 
 
 def test_gemma_4_31b_vllm_bytes_per_token_is_the_published_983k() -> None:
