@@ -3,9 +3,9 @@
 Each engine turns the per-layer costs (``costs(...).per_layer``: kind, window, KV source, bytes per position)
 into the bytes it reserves for ``batch`` sequences of ``context`` tokens, following rules read in its
 source; every rule is stated, with the file it comes from, in :attr:`Engine.rules`. Layers whose rules were not
-transcribed (DeepSeek V4 and CCA layers in SGLang, CCA state in transformers) are charged their physical bytes, and
-the rules say so by name. vLLM prices DeepSeek V4's fp8_ds_mla pages and CCA's state pages by its own rules,
-llama.cpp its per-sequence V4 streams; llama.cpp has no CCA (the model is refused).
+transcribed (CCA layers in SGLang, CCA state in transformers) are charged their physical bytes, and the rules say so
+by name. vLLM prices DeepSeek V4's fp8_ds_mla pages and CCA's state pages by its own rules, llama.cpp its
+per-sequence V4 streams, SGLang its V4 pools per full token; llama.cpp has no CCA (the model is refused).
 
 Sources (read 2026-11; the commits are those of the stored snapshots):
 - vLLM: vllm/v1/kv_cache_interface.py (FullAttentionSpec / SlidingWindowSpec / MLAAttentionSpec /
@@ -22,7 +22,9 @@ Sources (read 2026-11; the commits are those of the stored snapshots):
   src/llama-kv-cache-dsv4.cpp + src/llama-model.cpp ``create_memory`` (DeepSeek V4: per-sequence window, compressed,
   indexer-key caches and fp32 compressor states; ggml-org/llama.cpp#24162); ZAYA1: no mainline support (#23112).
 - SGLang: python/sglang/srt/model_executor/model_runner_kv_cache_mixin.py (``get_cell_size_per_token``,
-  ``set_num_tokens_hybrid_swa``), python/sglang/srt/server_args.py (page_size 1, swa_full_tokens_ratio 0.8).
+  ``set_num_tokens_hybrid_swa``), python/sglang/srt/server_args.py (page_size 1, swa_full_tokens_ratio 0.8),
+  python/sglang/srt/model_executor/pool_configurator.py (``DSV4PoolConfigurator``: DeepSeek V4 bytes per full token,
+  HCA state per request slot), python/sglang/srt/mem_cache/deepseek_v4_memory_pool.py.
 - transformers 5.23.0: src/transformers/cache_utils.py (DynamicLayer grows by torch.cat;
   DynamicSlidingWindowLayer keeps ``sliding_window - 1`` tokens), models/deepseek_v3 (caches the MLA latent),
   models/gemma4 (KV-shared layers reuse an earlier layer's cache).
@@ -31,6 +33,7 @@ Sources (read 2026-11; the commits are those of the stored snapshots):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any, ClassVar
 
 from kvlab.costs.dtypes import DTYPE_BYTES
@@ -392,13 +395,15 @@ class LlamaCpp(Engine):
 
 
 class SGLang(Engine):
-    """SGLang: a token pool (page_size 1); hybrid SWA models split the pool by swa_full_tokens_ratio."""
+    """SGLang: a token pool (page_size 1); hybrid SWA models split the pool by swa_full_tokens_ratio; DeepSeek V4
+    gets its own pools sized from one count of full tokens (pages of ``v4_page_size``)."""
 
     name = "sglang"
 
-    def __init__(self, swa_full_tokens_ratio: float = 0.8, page_size: int = 1) -> None:
+    def __init__(self, swa_full_tokens_ratio: float = 0.8, page_size: int = 1, v4_page_size: int = 256) -> None:
         self.ratio = swa_full_tokens_ratio
         self.page_size = page_size
+        self.v4_page_size = v4_page_size
         self.rules = [
             (f"sglang: a pool of token slots, page_size = {page_size} (default, python/sglang/srt/server_args.py); "
             "per token: full layers kv_heads x (head_dim + v_head_dim) x bytes, MLA layers (kv_lora_rank + rope dims) "
@@ -409,13 +414,30 @@ class SGLang(Engine):
             "the ratio whether used or not"),
             ("sglang: mem_fraction_static is chosen at start from the GPU memory (server_args.py); not applied here: "
             "give the memory SGLang may use"),
-            ("sglang: DeepSeek V4 (python/sglang/srt/models/deepseek_v4.py) and ZAYA1's CCA (models/zaya.py) run in "
-             "SGLang, but their pool rules were not read here: csa/hca/swa layers and CCA layers (K/V and state) are "
-             "charged kvlab's physical bytes"),
+            ("sglang: DeepSeek V4 (python/sglang/srt/models/deepseek_v4.py) is sized by DSV4PoolConfigurator "
+             "(python/sglang/srt/model_executor/pool_configurator.py) from one count of full tokens F, in pages of "
+             f"{self.v4_page_size} tokens (compressed attention needs a multiple of 128; "
+             "mem_cache/deepseek_v4_memory_pool.py): SWA pool floor(F x swa_full_tokens_ratio) tokens on every layer, "
+             "CSA pool F / 4, HCA pool F / 128, indexer keys F / 4 on CSA layers, CSA compressor-state rings of 8 rows "
+             "per window-size block of the SWA pool; priced per full token as _get_bytes_per_full_token does: "
+             "584 B a K=V entry (fp8_ds_mla: 448 fp8 + 64 bf16 rotary + 8 scale bytes), 132 B an indexer key, fp32 "
+             "states (2 x 2 x head_dim, indexer 2 x 2 x index_head_dim); plus the HCA compressor state fixed per "
+             "request slot (_get_c128_state_fixed_bytes: ceil((slots x 128 + 129) / 128) x 128 rows x 2 x head_dim "
+             "x 4 B per HCA layer, slots = max_running_requests + 1, taken as batch + 1, i.e. --max-running-requests "
+             "B). B sequences of N tokens need F >= B x pages(N) and the SWA pool >= B x min(N, window); the bytes "
+             "are what the configurator charges for F (the pools it allocates add page padding, not counted); "
+             "SGLang may set a V4-specific swa_full_tokens_ratio or page_size at start (not read here)"),
+            ("sglang: ZAYA1's CCA (python/sglang/srt/models/zaya.py, sgl-project/sglang#26347) runs in SGLang, but "
+             "its pool rule was not read here: CCA layers (K/V and state) are charged kvlab's physical bytes"),
         ]
 
     def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
-        layers = _layers(c, tp)
+        layers = _layers(c, tp, cfg)
+        v4 = [x for x in layers if x.kind in V4_KINDS]
+        if v4:
+            if len(v4) != len(layers):
+                raise FitError("sglang: a model mixing DeepSeek V4 layers with others has no SGLang pool rule")
+            return self._v4(v4, context, batch)
         full = sum(x.per_token for x in layers if x.kind in ("gqa", "mla") and x.window is None)
         swa = [x for x in layers if x.kind in ("gqa", "mla") and x.window is not None]
         other = sum(x.physical for x in layers if x.kind not in ("gqa", "mla")) + sum(
@@ -433,6 +455,41 @@ class SGLang(Engine):
         return Reservation(full_tokens * full + swa_tokens * s + other,
                            [f"full pool {full_tokens:,} tokens, SWA pool {swa_tokens:,} tokens"])
 
+
+    def v4_bytes_per_full_token(self, specs: list[Any]) -> Fraction:
+        """Bytes DSV4PoolConfigurator charges per full token (``_get_bytes_per_full_token``, offline C128 state,
+        fp32 compressor states, no HiSparse, no speculative decoding)."""
+        d = specs[0].head_dim
+        rot = int(d * specs[0].rope.partial) if specs[0].rope is not None else 0
+        entry = (d - rot) + 2 * rot + 8  # 584 for 448 + 64
+        di = max(x.compress.index_head_dim for x in specs)
+        index = di + di // 128 * 4  # 132 for 128
+        n4 = sum(1 for x in specs if x.compress.ratio == 4)
+        n128 = sum(1 for x in specs if x.compress.ratio == 128)
+        r, ring_per_token = Fraction(str(self.ratio)), Fraction(8, specs[0].window)  # 8-row rings per window block
+        return (r * entry * len(specs) + Fraction(entry, 4) * n4 + Fraction(entry, 128) * n128 + Fraction(index, 4) * n4
+                + r * ring_per_token * (2 * 2 * d * 4 + 2 * 2 * di * 4) * n4)
+
+    def _v4(self, layers: list[_Layer], context: int, batch: int) -> Reservation:
+        specs = [x.spec for x in layers]
+        if any(s is None for s in specs):
+            raise FitError("sglang: DeepSeek V4 layers are priced from the model's layer specs: pass the config")
+        if any(s.compress.ratio not in (0, 4, 128) for s in specs):
+            raise FitError("sglang: DeepSeek V4 pools exist for compression ratios 0, 4 and 128 only "
+                           "(get_compress_state_ring_size)")
+        page, window = self.v4_page_size, specs[0].window
+        need_swa = batch * min(context, window)
+        full = max(batch * round_up(context, page), round_up(cdiv(need_swa * 10**6, round(self.ratio * 10**6)), page))
+        while int(full * self.ratio) // page * page < need_swa:
+            full += page
+        per_token = self.v4_bytes_per_full_token(specs)
+        n128 = sum(1 for s in specs if s.compress.ratio == 128)
+        rows = round_up((batch + 1) * 128 + 128 + 1, 128)
+        c128 = rows * 2 * specs[0].head_dim * 4 * n128
+        total = -(-full * per_token.numerator // per_token.denominator) + c128
+        swa = int(full * self.ratio) // page * page
+        return Reservation(total, [(f"DeepSeek V4 pools: {full:,} full tokens ({float(per_token):,.2f} B each), SWA "
+                                    f"{swa:,} tokens, HCA state {c128:,} B for {batch + 1} request slots")])
 
 class Transformers(Engine):
     """transformers 5.23 ``DynamicCache`` (what ``generate`` uses by default)."""

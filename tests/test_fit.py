@@ -13,6 +13,7 @@ from kvlab.costs import costs
 from kvlab.engines import VLLM, LlamaCpp, SGLang, Transformers, get_engine
 from kvlab.fit import FitError, fit, fit_table, footprint
 from kvlab.hardware import HARDWARE, Hardware, get_hardware, roofline
+from kvlab.presets import get_preset
 from kvlab.units import parse_memory
 
 GiB = 1024**3
@@ -47,7 +48,7 @@ def test_bad_memory_size_is_a_named_error(text) -> None:
     ("llama-3.1-8b", None, 1, 24 * GiB), ("gemma-4-31b", None, 1, 64 * GiB), ("gemma-4-31b", "vllm", 1, 80 * GiB),
     ("gemma-4-e2b", "llamacpp", 1, 9 * GiB), ("zaya1-8b", None, 1, 17 * GiB), ("qwen3-8b", "sglang", 2, 12 * GiB),
     ("deepseek-v3", None, 8, 160 * GiB), ("deepseek-v4-flash", "transformers", 4, 141 * GiB),
-    ("deepseek-v4-flash", "llamacpp", 4, 141 * GiB)])
+    ("deepseek-v4-flash", "llamacpp", 4, 141 * GiB), ("deepseek-v4-flash", "sglang", 4, 141 * GiB)])
 def test_largest_context_is_exact_one_more_token_does_not_fit(model, engine, tp, memory) -> None:
     r = fit(model, memory, batch=2, engine=engine, tp=tp)
     assert r.limited_by == "memory" and r.value > 0
@@ -60,7 +61,8 @@ def test_largest_context_is_exact_one_more_token_does_not_fit(model, engine, tp,
 
 @pytest.mark.parametrize(("model", "engine", "tp", "memory"), [
     ("llama-3.1-8b", None, 1, 80 * GiB), ("gemma-4-31b", "vllm", 1, 80 * GiB), ("gemma-4-e4b", "sglang", 1, 80 * GiB),
-    ("laguna-xs.2", "llamacpp", 1, 80 * GiB), ("deepseek-v4-flash", "llamacpp", 4, 141 * GiB)])
+    ("laguna-xs.2", "llamacpp", 1, 80 * GiB), ("deepseek-v4-flash", "llamacpp", 4, 141 * GiB),
+    ("deepseek-v4-flash", "sglang", 4, 141 * GiB)])
 def test_largest_batch_is_exact_one_more_sequence_does_not_fit(model, engine, tp, memory) -> None:
     r = fit(model, memory, context=8192, engine=engine, tp=tp)
     assert r.solve == "batch" and r.value >= 1
@@ -258,9 +260,30 @@ def test_vllm_cca_state_takes_one_attention_page_and_raises_the_block_size_when_
 
 def test_sglang_names_the_kinds_it_charges_physically() -> None:
     text = " ".join(get_engine("sglang").rules)
-    assert "deepseek_v4" in text and "zaya" in text and "charged kvlab's physical bytes" in text
-    c = costs("deepseek-v4-flash", context=4096)
-    assert SGLang().reserve(None, c, 4096, 1).kv_bytes == c.kv_cache_bytes
+    assert "models/zaya.py" in text and "charged kvlab's physical bytes" in text
+    z = costs("zaya1-8b", context=4096, batch=2)
+    assert SGLang().reserve(get_preset("zaya1-8b"), z, 4096, 2).kv_bytes == z.kv_cache_bytes
+
+
+@pytest.mark.parametrize(("n", "batch"), [(4096, 1), (65536, 2), (100, 3)])
+def test_sglang_deepseek_v4_pools_are_priced_per_full_token_as_its_configurator_does(n, batch) -> None:
+    """SGLang's DSV4PoolConfigurator by hand for V4-Flash (43 layers: 21 CSA, 20 HCA; swa_full_tokens_ratio 0.8):
+    per full token 0.8 x 584 B x 43 (SWA pool) + 584/4 x 21 (CSA) + 584/128 x 20 (HCA) + 132/4 x 21 (indexer keys)
+    + 0.8 x 8/128 x (8,192 + 2,048) x 21 (CSA compressor rings, fp32) = 34,691.85 B; F = batch x pages of 256
+    tokens (and enough for the SWA pool to hold batch x min(N, 128)); plus the HCA state for batch + 1 slots."""
+    from fractions import Fraction
+
+    cfg = get_preset("deepseek-v4-flash")
+    c = costs(cfg, context=n, batch=batch)
+    r = Fraction(4, 5)
+    per_token = (r * 584 * 43 + Fraction(584, 4) * 21 + Fraction(584, 128) * 20 + Fraction(132, 4) * 21
+                 + r * Fraction(8, 128) * (8192 + 2048) * 21)
+    assert float(per_token) == 34691.85
+    full = batch * -(-n // 256) * 256
+    assert int(full * 0.8) // 256 * 256 >= batch * min(n, 128)  # the SWA pool holds the windows at these shapes
+    c128 = -(-((batch + 1) * 128 + 129) // 128) * 128 * 2 * 512 * 4 * 20
+    expected = -(-full * per_token.numerator // per_token.denominator) + c128
+    assert SGLang().reserve(cfg, c, n, batch).kv_bytes == expected
 
 
 def _pad256(n: int) -> int:
@@ -273,8 +296,6 @@ def test_llamacpp_deepseek_v4_keeps_a_stream_per_sequence_sized_for_n_ctx_seq(n,
     128, indexer keys of 128, f16 = 2 B like bf16): with kv_unified every sequence's stream is sized for the whole
     n_ctx; window 768 cells (pad256(128 + n_ubatch 512)), CSA/indexer pad256(n_ctx / 4), HCA pad256(n_ctx / 128)
     cells, and fp32 compressor states (CSA 8 rows x 1,024 + its indexer 8 x 256, HCA 128 x 512; kv and score)."""
-    from kvlab.presets import get_preset
-
     cfg = get_preset("deepseek-v4-flash")
     c = costs(cfg, context=n, batch=batch)
     n_ctx = _pad256(batch * n)
