@@ -427,8 +427,12 @@ class SGLang(Engine):
              "B). B sequences of N tokens need F >= B x pages(N) and the SWA pool >= B x min(N, window); the bytes "
              "are what the configurator charges for F (the pools it allocates add page padding, not counted); "
              "SGLang may set a V4-specific swa_full_tokens_ratio or page_size at start (not read here)"),
-            ("sglang: ZAYA1's CCA (python/sglang/srt/models/zaya.py, sgl-project/sglang#26347) runs in SGLang, but "
-             "its pool rule was not read here: CCA layers (K/V and state) are charged kvlab's physical bytes"),
+            ("sglang: ZAYA1's CCA (python/sglang/srt/models/zaya.py, sgl-project/sglang#26347) runs in SGLang with "
+             "K/V in the token pool and the conv state in the MambaPool (python/sglang/srt/configs/zaya.py "
+             "mamba2_cache_params: (heads + kv_heads) x head_dim x 2 conv rows + hidden_size prev_hs values per CCA "
+             "layer per slot), but the MambaPool's slot count (handle_max_mamba_cache: radix cache, overlap buffers, "
+             "max_mamba_cache_size) was not transcribed: CCA layers (K/V and state) are charged kvlab's physical "
+             "bytes"),
         ]
 
     def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
