@@ -21,7 +21,7 @@ import torch
 
 from kvlab.eval.corpus import Corpus, _docstrings, load_corpus
 
-from .data import Task, sample_generator
+from .task import Task, sample_generator
 
 # prose-carrying pure-Python modules, none of them in kvlab eval's DEFAULT_MODULES (a test checks the two are disjoint)
 TRAIN_MODULES = (
