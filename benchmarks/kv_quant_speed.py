@@ -23,9 +23,10 @@ import time
 
 import torch
 
-from kvlab.bench import machine_info, resolve_spec
+from kvlab.bench import machine_info
 from kvlab.cache import quant
 from kvlab.model import Model
+from kvlab.resolve import resolve_spec
 from kvlab.units import fmt_context, parse_contexts, table
 
 

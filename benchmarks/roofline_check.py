@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     for shape in shapes:
         r = run_bench(str(shape), contexts, decode_tokens=args.decode_tokens, dtype="float32", threads=args.threads,
                       progress=False, log=lambda _m: None)
-        from kvlab.bench import resolve_spec
+        from kvlab.resolve import resolve_spec
         from kvlab.shrink import scale_to_fit
 
         cfg, _ = scale_to_fit(resolve_spec(str(shape)))

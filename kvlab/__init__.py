@@ -19,7 +19,7 @@ __all__ = ["CompressSpec", "LayerSpec", "MLASpec", "MoESpec", "Model", "ModelCon
 
 # name -> (module, attribute); attribute None: the module itself (kvlab.presets is a callable module)
 _LAZY = {"Model": ("kvlab.model", "Model"), "generate": ("kvlab.engine", "generate"),
-         "load": ("kvlab.families", "load"), "presets": ("kvlab.presets", None),
+         "load": ("kvlab.loading", "load"), "presets": ("kvlab.presets", None),
          "save": ("kvlab.native", "save")}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gc
 import inspect
-import json
 import os
 import platform
 import resource
@@ -31,67 +30,13 @@ from tqdm import tqdm
 
 from kvlab.config import ModelConfig
 from kvlab.preflight import check_memory
+from kvlab.resolve import is_checkpoint, resolve_spec
 from kvlab.shrink import scale_to_fit, weight_bytes
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_rate, parse_dtype, table
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_WEIGHT_BUDGET = 4 * 1024**3  # bytes of weights a preset may take before it is scaled down
 WARMUP = 16  # tokens of the untimed warm-up run
-
-
-# -- what to run -------------------------------------------------------------------------------------
-def resolve_spec(spec: str | Path | ModelConfig) -> ModelConfig:
-    """A ModelConfig from a preset name, a checkpoint dir, a kvlab ModelConfig ``.json`` file or a ModelConfig."""
-    if isinstance(spec, ModelConfig):
-        return spec
-    p = Path(spec)
-    if p.is_file() and p.suffix == ".json":
-        hf_config_file(p)
-        try:
-            return ModelConfig.load(p)
-        except (json.JSONDecodeError, TypeError) as e:
-            raise ValueError(f"{str(p)!r} is not a kvlab ModelConfig JSON file: {e}") from e
-    if p.is_dir() and not (p / "config.json").is_file() and not is_checkpoint(p):
-        raise ValueError(f"{str(p)!r} is a directory without config.json; expected a checkpoint directory")
-    if isinstance(spec, str) and not p.exists():  # a name: a preset (any case), an installed model, else suggestions
-        from kvlab.names import find, installed_models, unknown_model
-        from kvlab.presets import find_preset, get_preset, presets
-
-        name = find_preset(spec)
-        if name is not None:
-            return get_preset(name)
-        model = find(spec, installed_models())
-        if model is None and p.suffix != ".gguf":
-            raise unknown_model(spec, presets())
-        spec = model or spec
-    from kvlab.costs import resolve_config
-
-    return resolve_config(str(spec))
-
-
-def hf_config_file(p: Path) -> None:
-    """Refuse a checkpoint's own ``config.json`` given where its directory is expected (naming the directory)."""
-    if p.name != "config.json" or not p.is_file():
-        return
-    try:
-        d = json.loads(p.read_text())
-    except (OSError, ValueError):
-        return
-    if isinstance(d, dict) and ("architectures" in d or "model_type" in d):
-        raise ValueError(f"{str(p)!r} is a checkpoint's config.json: pass the directory {str(p.parent)!r} instead")
-
-
-def is_checkpoint(spec: Any) -> bool:
-    """``spec`` names weights to load: a checkpoint directory (HF or kvlab's own), a ``.gguf`` file or a named model."""
-    from kvlab.gguf_checkpoint import is_gguf
-    from kvlab.models import is_named
-    from kvlab.native import native_checkpoint
-
-    if is_gguf(spec) or is_named(spec):
-        return True
-    if not isinstance(spec, (str, Path)) or not Path(spec).is_dir():
-        return False
-    return (Path(spec) / "config.json").is_file() or native_checkpoint(spec) is not None
 
 
 # -- measurements ------------------------------------------------------------------------------------

@@ -11,13 +11,15 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import CheckpointError
 from .validate import check_hf_config
+
+if TYPE_CHECKING:
+    import torch
 
 CONFIG = "config.json"
 SINGLE = "model.safetensors"
@@ -107,7 +109,7 @@ def _open(f: Path) -> Any:
         raise ValueError(f"cannot read safetensors file {str(f)!r} (truncated or corrupt?): {e}") from e
 
 
-class LazyTensors(Mapping[str, torch.Tensor]):
+class LazyTensors(Mapping[str, "torch.Tensor"]):
     """A read-only name -> tensor mapping over a checkpoint's safetensors files.
 
     Tensors are read on access (optionally cast to ``dtype``; those whose name ``keep_fp32(name)`` accepts are

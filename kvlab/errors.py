@@ -14,6 +14,10 @@ class ConfigError(KvlabError):
     """A configuration field has the wrong type or a value outside its allowed range."""
 
 
+class RetrofitError(ConfigError):
+    """A conversion that cannot apply to this model (names the layer and the option; kvlab/retrofit)."""
+
+
 class CheckpointError(KvlabError):
     """A checkpoint file is missing, damaged, unsafe or holds tensors that cannot be used."""
 

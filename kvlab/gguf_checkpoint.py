@@ -21,9 +21,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 # the tensor types kvlab dequantises (those ``gguf.dequantize`` implements and llama.cpp's common files use)
 SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K",
@@ -368,7 +369,7 @@ def hf_name(g: GGUFFile, name: str) -> str:
                         f"(known: {', '.join(TOP_NAMES)}, blk.N.{{{', '.join(names)}}}.weight/bias)")
 
 
-class GGUFTensors(Mapping[str, torch.Tensor]):
+class GGUFTensors(Mapping[str, "torch.Tensor"]):
     """HF name -> tensor over a GGUF file: dequantised to fp32 on access, layout fixed, cast to ``dtype``."""
 
     def __init__(self, g: GGUFFile, dtype: torch.dtype | None = None) -> None:
@@ -385,6 +386,7 @@ class GGUFTensors(Mapping[str, torch.Tensor]):
 
     def __getitem__(self, name: str) -> torch.Tensor:
         import numpy as np
+        import torch  # only when tensors are read: the header side (config, weight bytes) runs without torch
         from gguf import dequantize
 
         src = self.names[name]

@@ -14,12 +14,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .config import ModelConfig
 from .errors import CheckpointWriteError
+
+if TYPE_CHECKING:
+    import torch
 
 MODEL, STATE, LATEST, CONFIG = "model.safetensors", "state.json", "latest.json", "config.json"
 
@@ -68,14 +69,29 @@ def _config(d: Any, where: Path) -> ModelConfig:
     return cfg
 
 
+def latest(out: str | Path) -> tuple[Path, int] | None:
+    """The directory and step of the checkpoint ``latest.json`` names, or None when there is none."""
+    out = Path(out)
+    f = out / LATEST
+    if not f.is_file():
+        return None
+    try:
+        info = json.loads(f.read_text())
+        d = out / info["dir"]
+        step = int(info["step"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"{str(f)!r} is not a valid checkpoint pointer: {e}") from e
+    if not (d / STATE).is_file():
+        raise ValueError(f"{str(f)!r} names {str(d)!r}, which is not a complete checkpoint")
+    return d, step
+
+
 def native_checkpoint(path: Any) -> NativeCheckpoint | None:
     """The kvlab checkpoint at ``path``, or None when ``path`` is not one (a HF checkpoint, a file, a name...)."""
     if not isinstance(path, (str, Path)) or not Path(path).is_dir():
         return None
     d = Path(path)
     if (d / LATEST).is_file():  # a run directory: follow the pointer
-        from .train.checkpointing import latest
-
         found = latest(d)
         if found is None:
             return None

@@ -7,13 +7,13 @@ import json
 
 import pytest
 
-from kvlab.bench import resolve_spec
 from kvlab.cli import main
 from kvlab.costs import costs
 from kvlab.errors import UnknownNameError
 from kvlab.families import config_from_hf
 from kvlab.names import did_you_mean, find
 from kvlab.presets import get_preset
+from kvlab.resolve import resolve_spec
 
 
 def test_unknown_preset_suggests_the_nearest_names(capsys):

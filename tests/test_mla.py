@@ -13,9 +13,10 @@ from helpers import random_model, train_steps
 import kvlab
 from kvlab.cache.latent import LatentStore
 from kvlab.config import LayerSpec, MLASpec, ModelConfig, MoESpec, RopeSpec
-from kvlab.layers.mla import MLAttention, mla_layer, softmax_scale
+from kvlab.layers.mla import MLAttention, softmax_scale
 from kvlab.model import Model
 from kvlab.presets import get_preset
+from kvlab.specs import mla_layer
 
 H, R, DN, DR, DV = 4, 16, 8, 4, 6  # heads, kv_lora_rank, qk_nope, qk_rope, v_head
 CASES = {

@@ -199,7 +199,7 @@ def test_mqa_needs_a_non_rotary_part() -> None:
 
 
 def test_a_non_gqa_layer_and_scaled_rope_are_named() -> None:
-    from kvlab.layers.mla import mla_layer
+    from kvlab.specs import mla_layer
 
     cfg = ModelConfig(vocab_size=61, hidden_size=HID, max_positions=64,
                       layers=[mla_layer(4, 8, 8, 4, 8, intermediate_size=16)])
@@ -215,7 +215,7 @@ def test_a_non_gqa_layer_and_scaled_rope_are_named() -> None:
 def test_latent_norm_option_is_validated_and_priced() -> None:
     with pytest.raises(ValueError, match="latent_norm"):
         MLASpec(8, 8, 4, 8, latent_norm="no").validate("layers[0].mla")
-    from kvlab.layers.mla import mla_layer
+    from kvlab.specs import mla_layer
 
     for norm in (True, False):
         cfg = ModelConfig(vocab_size=61, hidden_size=HID, max_positions=64,

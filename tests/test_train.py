@@ -43,7 +43,7 @@ def _compressed(mhc=None):
 
 def _mla(sparse: bool = False):
     from kvlab.config import ModelConfig
-    from kvlab.layers.mla import mla_layer
+    from kvlab.specs import mla_layer
 
     idx = {"index_heads": 4, "index_head_dim": 8, "index_topk": 6} if sparse else {}
     layers = [mla_layer(4, 16, 8, 8, 16, q_lora_rank=24, intermediate_size=64, **idx) for _ in range(2)]

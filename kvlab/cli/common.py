@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from kvlab.preflight import check_memory
+from kvlab.resolve import is_checkpoint, resolve_spec
 from kvlab.units import parse_context, parse_dtype
 
 MODEL_HELP = ("preset name (see `kvlab presets`), checkpoint directory (transformers layout or a `kvlab train` run), "
@@ -74,8 +76,6 @@ def add_json(parser: argparse.ArgumentParser, help: str = "print one JSON object
 
 def resolve_config(spec: str) -> Any:
     """A ModelConfig from a preset name, checkpoint directory or ModelConfig .json file."""
-    from kvlab.bench import resolve_spec
-
     return resolve_spec(spec)
 
 
@@ -222,9 +222,6 @@ def add_force(parser: argparse.ArgumentParser) -> None:
 def preflight_checkpoint(spec: str, batch: int, context: int, dtype: Any, device: str) -> None:
     """The memory preflight of loading checkpoint directory ``spec`` and caching ``batch`` x ``context`` positions,
     before anything is read (other model kinds are checked when their cache is built)."""
-    from kvlab.bench import is_checkpoint, resolve_spec
-    from kvlab.preflight import check_memory
-
     if not is_checkpoint(spec):
         return
     cfg = resolve_spec(spec)

@@ -13,7 +13,6 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from fractions import Fraction
-from pathlib import Path
 from typing import Any
 
 from kvlab import kinds
@@ -110,39 +109,15 @@ class Costs:
 
 
 def resolve_config(model: Any) -> ModelConfig:
-    """A ModelConfig from a ModelConfig, a preset name, a checkpoint directory or an object with ``.config``."""
+    """A ModelConfig from a ModelConfig, a preset name, a checkpoint directory or an object with ``.config``
+    (kvlab/resolve.py)."""
     if isinstance(model, ModelConfig):
         return model
-    if isinstance(getattr(model, "config", None), ModelConfig):
-        return model.config
-    if isinstance(model, (str, Path)):
-        from kvlab.presets import find_preset, get_preset, presets
+    # not at the top: `import kvlab` imports this module, and the presets and families it would pull in load only
+    # when a name is priced
+    from kvlab import resolve
 
-        if isinstance(model, str) and find_preset(model) is not None:  # any case
-            return get_preset(model)
-        from kvlab.gguf_checkpoint import is_gguf
-        from kvlab.models import MODELS, resolve_file
-        from kvlab.native import native_checkpoint
-
-        model = resolve_file(model)  # a named installed model -> its GGUF file
-        if is_gguf(model):
-            from kvlab.families import config_from_gguf
-
-            return config_from_gguf(model)  # the header only
-        native = native_checkpoint(model)  # a kvlab train run / checkpoint
-        if native is not None:
-            return native.config
-        path = Path(model)
-        if path.is_dir() and (path / "config.json").is_file():
-            try:
-                from kvlab.families import config_from_dir
-            except ImportError as exc:  # the families package is not there yet
-                raise ValueError(f"{path}: reading a checkpoint needs kvlab.families.config_from_dir ({exc})") from exc
-            return config_from_dir(path)
-        raise ValueError(f"model={str(model)!r} is neither a preset, a named model, a .gguf file nor a directory "
-                         f"with config.json; presets: {', '.join(presets())}; named models: {', '.join(MODELS)}")
-    raise ValueError(f"model must be a ModelConfig, a preset name, a checkpoint directory or have a .config "
-                     f"ModelConfig; got {type(model).__name__}")
+    return resolve.resolve_config(model)
 
 
 def _kind(layer: Any) -> str:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..config import RopeSpec
 
-Tensor = torch.Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
+else:
+    Tensor = "torch.Tensor"  # annotations only: a family's config side (what the calculator reads) needs no torch
 HFState = Mapping[str, Tensor]
 
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
@@ -112,6 +113,8 @@ def rename(hf_state: HFState, names: dict[str, str]) -> dict[str, Tensor]:
         key, idx = _template(name)
         target = names.get(key)
         out[target.format(i=idx) if target else name] = hf_state[name]
+    import torch  # weight work: the config side of a family (what the calculator reads) imports without torch
+
     for (i, proj), by_index in experts.items():
         if sorted(by_index) != list(range(len(by_index))):
             for n in by_index.values():  # a gap: leave them unstacked so the check names them
@@ -128,7 +131,7 @@ def drop_tied_head(state: dict[str, Tensor], tied: bool) -> dict[str, Tensor]:
     """
     if tied and "lm_head.weight" in state:
         head, emb = state["lm_head.weight"], state.get("embed.weight")
-        if emb is not None and head.shape == emb.shape and not torch.equal(head, emb):
+        if emb is not None and head.shape == emb.shape and not head.equal(emb):
             raise ValueError("lm_head.weight differs from model.embed_tokens.weight although config.json sets "
                              "tie_word_embeddings=true; refusing to guess which one the model uses")
         if emb is not None:

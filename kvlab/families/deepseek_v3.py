@@ -25,10 +25,8 @@ import math
 import re
 from typing import Any
 
-import torch
-
 from ..config import ModelConfig, MoESpec, RopeSpec
-from ..layers.mla import mla_layer
+from ..specs import mla_layer
 from .base import (
     Family,
     HFState,
@@ -134,7 +132,7 @@ def dequantise_fp8(weight: Tensor, scale_inv: Tensor, name: str = "weight") -> T
         raise ValueError(f"{name}: fp8 block scales of shape {list(scale_inv.shape)} do not fit a weight of shape "
                          f"{list(weight.shape)} in {br} x {bc} blocks (expected {list(want)})")
     s = scale_inv.float().repeat_interleave(br, 0)[:r].repeat_interleave(bc, 1)[:, :c]
-    out_dtype = weight.dtype if weight.dtype.itemsize > 1 else torch.float32
+    out_dtype = weight.dtype if weight.dtype.itemsize > 1 else s.dtype  # fp8 -> fp32
     return (weight.float() * s).to(out_dtype)
 
 

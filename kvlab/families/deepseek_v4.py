@@ -30,8 +30,6 @@ import re
 import sys
 from typing import Any
 
-import torch
-
 from ..config import CompressSpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from .base import Family, HFState, Tensor, activation, hf_config, rename, rope_dict, rope_from_hf, with_defaults
 from .deepseek_v3 import dequantise_fp8
@@ -214,9 +212,6 @@ NATIVE: list[tuple[str, str]] = [
     (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."), (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
     (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
 ]
-_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
-
-
 @functools.cache  # asked once by the loader's dtype rule and once by the renaming
 def native_name(name: str) -> str:
     """Any V4 tensor name in transformers' layout: DeepSeek's own (``layers.0.attn.wq_a.weight``), the same under
@@ -259,7 +254,7 @@ def dequantize(hf_state: HFState) -> dict[str, Tensor]:
                                  f"({scales[name]!r}): packed FP4 (e2m1) experts are not supported; convert the "
                                  "checkpoint to bf16 first")
             t = dequantise_fp8(t, s, name)
-        elif t.dtype in _FP8:
+        elif t.is_floating_point() and t.dtype.itemsize == 1:  # an fp8 format
             raise ValueError(f"{ARCH}: tensor {name!r} is stored as {t.dtype} without a block scale "
                              f"({name}_scale_inv or .scale): cannot dequantise it")
         out[name] = t

@@ -15,8 +15,8 @@ per token and layer, in the K/V dtype as transformers caches them); the module i
 from __future__ import annotations
 
 from kvlab.config import ModelConfig, MoESpec, RopeSpec
-from kvlab.layers.mla import mla_layer
 from kvlab.presets.registry import preset
+from kvlab.specs import mla_layer
 
 DEEPSEEK_V3 = ("deepseek-ai/DeepSeek-V3 config.json (DeepseekV3ForCausalLM; = transformers 5.23 DeepseekV3Config "
                "defaults: hidden 7168, 61 layers, 128 heads, q_lora_rank 1536, kv_lora_rank 512, qk_nope 128, qk_rope "

@@ -12,12 +12,8 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..errors import ConfigError
+from ..errors import RetrofitError
 from ..model import Model
-
-
-class RetrofitError(ConfigError):
-    """A conversion that cannot apply to this model (names the layer and the option)."""
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 from ..config import ModelConfig
 from ..layers.mla import LATENT_NORM_EPS
 from ..model import Model
-from .convert import RetrofitError
+from .core import RetrofitError
 
 SMOLLM3 = "SmolLM3ForCausalLM"
 LINEAR_MARGIN = 1e-10  # mean(c^2) / eps bound of the latent fed to DeepSeek's kv_a_layernorm

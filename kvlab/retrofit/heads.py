@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..model import Model
-from .convert import Converted, RetrofitError, convert
+from .core import Converted, RetrofitError, convert
 
 
 def _gqa_layers(model: Model, what: str) -> None:

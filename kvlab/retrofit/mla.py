@@ -38,11 +38,10 @@ from collections.abc import Sequence
 import torch
 
 from ..config import LayerSpec, MLASpec, RopeSpec
+from ..errors import RetrofitError
 from ..model import Model
-from .convert import Converted, RetrofitError, convert
-
-SELECT = ("high", "2norm", "uniform")
-SVD = ("auto", "weights", "activations")
+from .core import Converted, convert
+from .techniques import SELECT, SVD
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,33 +297,4 @@ def to_mla(model: Model, rank: int, rope_dims: int | None = None, select: str = 
     return out
 
 
-def _read(value: str | None, opts: dict[str, str]) -> dict:
-    """``mla:rank=128,rope=32[,select=high][,svd=auto]`` (or ``mla:128,...``) -> :func:`to_mla` keyword arguments."""
-    from .techniques import _int, _options
-
-    _options("mla", opts, ("rank", "rope", "select", "svd"))
-    if value is not None and "rank" in opts:
-        raise RetrofitError("mla: give the rank once (mla:128 or mla:rank=128)")
-    rank = opts.get("rank", value)
-    if rank is None:
-        raise RetrofitError("mla: needs a latent rank, e.g. mla:rank=128,rope=32")
-    select, svd = opts.get("select", "high"), opts.get("svd", "auto")
-    if select not in SELECT:
-        raise RetrofitError(f"mla: select={select!r}; allowed: {', '.join(SELECT)}")
-    if svd not in SVD:
-        raise RetrofitError(f"mla: svd={svd!r}; allowed: {', '.join(SVD)}")
-    rope = opts.get("rope")
-    return {"rank": _int("mla", "rank", rank), "rope_dims": None if rope is None else _int("mla", "rope", rope),
-            "select": select, "svd": svd}
-
-
-def _register() -> None:
-    from .techniques import Technique, register
-
-    register(Technique("mla", "GQA/MHA -> DeepSeek MLA: partial RoPE (rope= kept rotary channels) and a joint SVD of "
-                       "K/V at latent rank (MHA2MLA / TransMLA; calibrated on the text when given)",
-                       "mla:rank=128,rope=32", _read, to_mla))
-
-
-_register()
 __all__ = ["RopePairs", "factorise", "input_moments", "select_pairs", "to_mla"]

@@ -9,7 +9,7 @@ and measures the quantized cache.
 from __future__ import annotations
 
 from ..model import Model
-from .convert import Converted, Report, RetrofitError
+from .core import Converted, Report, RetrofitError
 
 
 def to_kv_quant(model: Model, fmt: str) -> Converted:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from ..model import Model
 from ..sharing import share_adjacent, share_last
-from .convert import Converted, RetrofitError, convert
+from .core import Converted, RetrofitError, convert
 
 
 def to_shared(model: Model, last: int | None = None, group: int | None = None) -> Converted:

@@ -3,31 +3,47 @@
 ``NAME[:VALUE][,KEY=VALUE...]``; ``+`` in a pattern stands for ``:`` (``3sliding+1global`` = ``3 sliding : 1 global``).
 
 ``TECHNIQUES`` maps each name to a :class:`Technique`: what it does, its options, and the function applying it;
-a new conversion is one entry here plus its own module.
+a new conversion is one entry here plus its own module. This table imports without torch (the CLI lists it in
+``kvlab retrofit --help`` and checks a technique string before loading anything); the conversion itself is named
+``"package.module:function"`` and imported when it runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..model import Model
-from .convert import Converted, RetrofitError
+from ..costs.quant import resolve_kv_quant
+from ..errors import RetrofitError
+from ..kinds.base import resolve
+from ..names import did_you_mean
+
+if TYPE_CHECKING:
+    from ..model import Model
+    from .core import Converted
+
+SELECT = ("high", "2norm", "uniform")  # mla: which rotary pairs are kept (kvlab/retrofit/mla.py)
+SVD = ("auto", "weights", "activations")  # mla: the factorisation of K/V
 
 
 @dataclass(frozen=True)
 class Technique:
     """One conversion: ``read(value, options) -> kwargs`` checks and converts the technique string's parts (no model
-    needed, so a bad string fails before anything loads); ``apply(model, ids=..., **kwargs) -> Converted``.
-    ``needs_text``: it measures something on real text (``ids``) first; ``example`` is shown in errors and help."""
+    needed, so a bad string fails before anything loads); ``apply``: ``"package.module:function"`` (or the function)
+    called as ``function(model, **kwargs)``, plus ``ids=`` when the technique measures on text (``ids`` given, or
+    ``needs_text``: it must) -> Converted. ``example`` is shown in errors and help."""
 
     name: str
     help: str
     example: str
     read: Callable[[str | None, dict[str, str]], dict[str, Any]]
-    apply: Callable[..., Converted]
+    apply: str | Callable[..., Converted]
     needs_text: bool = False
+    takes_text: bool = False  # apply accepts ids= (measures on text when given)
+
+    def function(self) -> Callable[..., Converted]:
+        return resolve(self.apply) if isinstance(self.apply, str) else self.apply
 
 
 def _int(name: str, key: str, v: str | None) -> int:
@@ -78,8 +94,6 @@ def _read_prune(value, opts):
 
 
 def _read_kv_quant(value, opts):
-    from ..costs.quant import resolve_kv_quant
-
     _options("kv-quant", opts)
     if not value:
         raise RetrofitError("kv-quant: name a format, e.g. kv-quant:int8 or kv-quant:int4-g32-r64")
@@ -90,41 +104,40 @@ def _read_kv_quant(value, opts):
     return {"fmt": value}
 
 
-def _quantized(model, ids=None, **kw):
-    from .quant import to_kv_quant
-
-    return to_kv_quant(model, **kw)
-
-
-def _shared(model, ids=None, **kw):
-    from .sharing import to_shared
-
-    return to_shared(model, **kw)
-
-
-def _windowed(model, ids=None, **kw):
-    from .window import to_window
-
-    return to_window(model, **kw)
-
-
-def _pruned(model, ids=None, **kw):
-    from .heads import prune_heads
-
-    return prune_heads(model, ids=ids, **kw)
+def _read_mla(value: str | None, opts: dict[str, str]) -> dict:
+    """``mla:rank=128,rope=32[,select=high][,svd=auto]`` (or ``mla:128,...``) -> ``to_mla`` keyword arguments."""
+    _options("mla", opts, ("rank", "rope", "select", "svd"))
+    if value is not None and "rank" in opts:
+        raise RetrofitError("mla: give the rank once (mla:128 or mla:rank=128)")
+    rank = opts.get("rank", value)
+    if rank is None:
+        raise RetrofitError("mla: needs a latent rank, e.g. mla:rank=128,rope=32")
+    select, svd = opts.get("select", "high"), opts.get("svd", "auto")
+    if select not in SELECT:
+        raise RetrofitError(f"mla: select={select!r}; allowed: {', '.join(SELECT)}")
+    if svd not in SVD:
+        raise RetrofitError(f"mla: svd={svd!r}; allowed: {', '.join(SVD)}")
+    rope = opts.get("rope")
+    return {"rank": _int("mla", "rank", rank), "rope_dims": None if rope is None else _int("mla", "rope", rope),
+            "select": select, "svd": svd}
 
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique("share-last", "the last N layers read an earlier layer's K/V (Gemma 4 pattern)", "share-last:6",
-              _read_share_last, _shared),
+              _read_share_last, "kvlab.retrofit.sharing:to_shared"),
     Technique("share-adjacent", "every G adjacent layers share one layer's K/V (CLA)", "share-adjacent:2",
-              _read_share_adjacent, _shared),
+              _read_share_adjacent, "kvlab.retrofit.sharing:to_shared"),
     Technique("window", "sliding window W on every layer or on a pattern's sliding layers, optional sink tokens "
-              "(StreamingLLM)", "window:512,pattern=3sliding+1global,sinks=4", _read_window, _windowed),
+              "(StreamingLLM)", "window:512,pattern=3sliding+1global,sinks=4", _read_window,
+              "kvlab.retrofit.window:to_window"),
     Technique("prune-heads", "keep the most important query heads per layer (count or fraction; per kind with "
-              "global=/sliding=)", "prune-heads:0.5", _read_prune, _pruned, needs_text=True),
+              "global=/sliding=)", "prune-heads:0.5", _read_prune, "kvlab.retrofit.heads:prune_heads",
+              needs_text=True, takes_text=True),
     Technique("kv-quant", "quantized K/V cache, same weights (a run-time cache format; kvlab calc --help lists them)",
-              "kv-quant:int4-g32-r64", _read_kv_quant, _quantized),
+              "kv-quant:int4-g32-r64", _read_kv_quant, "kvlab.retrofit.quant:to_kv_quant"),
+    Technique("mla", "GQA/MHA -> DeepSeek MLA: partial RoPE (rope= kept rotary channels) and a joint SVD of "
+              "K/V at latent rank (MHA2MLA / TransMLA; calibrated on the text when given)",
+              "mla:rank=128,rope=32", _read_mla, "kvlab.retrofit.mla:to_mla", takes_text=True),
 )}
 
 
@@ -142,8 +155,6 @@ def parse(text: str) -> tuple[Technique, dict[str, Any]]:
     head, _, rest = text.strip().partition(":")
     name = head.strip().lower()
     if name not in TECHNIQUES:
-        from ..names import did_you_mean
-
         raise RetrofitError(f"unknown technique {name!r}{did_you_mean(name, TECHNIQUES)}; known: "
                             + "; ".join(f"{t.name} (e.g. {t.example})" for t in TECHNIQUES.values()))
     value, opts = None, {}
@@ -165,4 +176,4 @@ def apply(model: Model, technique: str, ids: Any = None) -> Converted:
     t, kwargs = parse(technique)
     if t.needs_text and ids is None:
         raise RetrofitError(f"{t.name}: needs text token ids (ids=...) to measure on")
-    return t.apply(model, ids=ids, **kwargs)
+    return t.function()(model, **kwargs, **({"ids": ids} if t.takes_text else {}))

@@ -10,7 +10,7 @@ import dataclasses
 
 from ..budget import budget
 from ..model import Model
-from .convert import Converted, RetrofitError, convert
+from .core import Converted, RetrofitError, convert
 
 
 def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens: int = 0) -> Converted:

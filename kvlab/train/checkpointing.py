@@ -34,11 +34,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kvlab.errors import CheckpointError, CheckpointWriteError
+from kvlab.native import LATEST, MODEL, STATE, latest
 
-LATEST = "latest.json"
-MODEL = "model.safetensors"
 OPTIM = "optimizer.safetensors"
-STATE = "state.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -196,23 +194,6 @@ def _latest_or_none(out: Path) -> tuple[Path, int] | None:
         return latest(out)
     except ValueError:
         return None
-
-
-def latest(out: str | Path) -> tuple[Path, int] | None:
-    """The directory and step of the checkpoint ``latest.json`` names, or None when there is none."""
-    out = Path(out)
-    f = out / LATEST
-    if not f.is_file():
-        return None
-    try:
-        info = json.loads(f.read_text())
-        d = out / info["dir"]
-        step = int(info["step"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise ValueError(f"{str(f)!r} is not a valid checkpoint pointer: {e}") from e
-    if not (d / STATE).is_file():
-        raise ValueError(f"{str(f)!r} names {str(d)!r}, which is not a complete checkpoint")
-    return d, step
 
 
 def verify_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -39,6 +39,8 @@ from typing import Any
 
 from kvlab.config import ModelConfig
 from kvlab.errors import ConfigError
+from kvlab.resolve import resolve_spec
+from kvlab.sharing import share_last
 from kvlab.shrink import FIELDS as SHRINK_FIELDS
 from kvlab.shrink import shrink
 from kvlab.validate import check_fields
@@ -240,8 +242,6 @@ def _model_error(e: Exception) -> ValueError:
 def scale_model(cfg: ModelConfig, spec: dict[str, Any]) -> ModelConfig:
     """``cfg`` scaled down by the fields of ``spec`` (see ``SCALE_FIELDS``, sizes by :func:`kvlab.shrink.shrink`),
     then ``layer_overrides`` on every layer and ``share_last``; validated."""
-    from kvlab.sharing import share_last
-
     unknown = sorted(set(spec) - set(SCALE_FIELDS))
     if unknown:
         raise ValueError(f"model: unknown field(s) {unknown} for a preset-based model; allowed: "
@@ -286,8 +286,6 @@ def build_model_config(spec: Any, task: Task) -> ModelConfig:
     spec.setdefault("vocab_size", task.vocab_size)
     spec.setdefault("max_positions", task.seq_len)
     if "preset" in spec:
-        from kvlab.bench import resolve_spec
-
         base = resolve_spec(spec["preset"])
         rest = {k: v for k, v in spec.items() if k != "preset"}
         cfg = scale_model(base, rest)

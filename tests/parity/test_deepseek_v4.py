@@ -16,7 +16,8 @@ import torch
 from hf_tiny import left_padded_batch, random_hf
 
 import kvlab
-from kvlab.families import deepseek_v4, load_state
+from kvlab.families import deepseek_v4
+from kvlab.loading import load_state
 
 transformers = pytest.importorskip("transformers")
 
