@@ -11,7 +11,16 @@ import torch
 import kvlab
 from kvlab.config import ModelConfig, uniform_layers
 from kvlab.errors import CheckpointWriteError
-from kvlab.retrofit import RetrofitError, apply, convert, head_importance, prune_heads, to_shared, to_window
+from kvlab.retrofit import (
+    Derived,
+    RetrofitError,
+    apply,
+    convert,
+    head_importance,
+    prune_heads,
+    to_shared,
+    to_window,
+)
 from tests.helpers import random_model
 
 
@@ -82,6 +91,28 @@ def test_pruning_heads_equals_zeroing_their_output_columns():
     ids = _ids()
     assert torch.allclose(out.model(ids), oracle(ids), atol=1e-5)
     assert out.model.num_parameters() == m.num_parameters() - 4 * 2 * 2 * 16 * 64
+
+
+def test_a_derived_tensor_uses_the_sources_it_lists_whatever_its_note_says():
+    m = _model(layers=1)
+    w = m.state_dict()["layers.0.attn.q_proj.weight"]
+    note = "q_proj of layer 0, scaled"  # names no tensor: the sources say what was used
+    out = convert(m, m.config, derived={"layers.0.attn.q_proj.weight": Derived(w * 2, note, (
+        "layers.0.attn.q_proj.weight", "layers.0.attn.k_proj.weight"))})
+    assert out.report.derived == {"layers.0.attn.q_proj.weight": note}
+    assert "layers.0.attn.k_proj.weight" in out.report.carried and not out.report.dropped
+    assert torch.equal(out.model.state_dict()["layers.0.attn.q_proj.weight"], w * 2)
+    with pytest.raises(RetrofitError, match="names source.*'layers.0.attn.w_q'"):
+        convert(m, m.config, derived={"layers.0.attn.q_proj.weight": Derived(w, "x", ("layers.0.attn.w_q",))})
+
+
+def test_pruning_reports_each_derived_tensor_and_drops_nothing_it_read():
+    m = _model(layers=2, heads=4, kv=2, sinks=True)
+    out = prune_heads(m, 2, scores=torch.rand(2, 4))
+    assert sorted(out.report.derived) == sorted(f"layers.{i}.attn.{n}" for i in (0, 1)
+                                                for n in ("q_proj.weight", "o_proj.weight", "sinks"))
+    assert out.report.derived["layers.1.attn.o_proj.weight"].startswith("layers.1.attn.o_proj.weight columns of heads")
+    assert out.report.dropped == []
 
 
 def test_pruning_nothing_is_the_same_model():

@@ -22,11 +22,11 @@ from .techniques import TECHNIQUES, Technique, apply, parse, register
 
 # The technique table (and so ``kvlab retrofit --help``) imports without torch; the conversions load on first use
 # (PEP 562 module ``__getattr__``, as ``kvlab`` itself does). name -> its module.
-_LAZY = {"Converted": "core", "Report": "core", "convert": "core", "ExportError": "export",
+_LAZY = {"Converted": "core", "Derived": "core", "Report": "core", "convert": "core", "ExportError": "export",
          "export_hf": "export", "head_importance": "heads", "prune_heads": "heads", "to_mla": "mla",
          "to_shared": "sharing", "to_window": "window"}
 
-__all__ = ["TECHNIQUES", "Converted", "ExportError", "Report", "RetrofitError", "Technique", "apply", "convert",
+__all__ = ["TECHNIQUES", "Converted", "Derived", "ExportError", "Report", "RetrofitError", "Technique", "apply", "convert",
            "export_hf", "head_importance", "parse", "prune_heads", "register", "to_mla", "to_shared", "to_window"]
 
 

@@ -45,6 +45,16 @@ class Report:
                 f"{len(self.initialised)} initialised, {len(self.dropped)} dropped")
 
 
+@dataclass(frozen=True)
+class Derived:
+    """A tensor a conversion computed for the new model: its value, how (the Report's text) and the source tensors it
+    was computed from (they count as used, not dropped)."""
+
+    value: torch.Tensor
+    how: str
+    sources: tuple[str, ...]
+
+
 @dataclass
 class Converted:
     """A converted model and its :class:`Report`."""
@@ -53,14 +63,15 @@ class Converted:
     report: Report
 
 
-def convert(model: Model, config: ModelConfig, derived: dict[str, tuple[torch.Tensor, str]] | None = None,
+def convert(model: Model, config: ModelConfig, derived: dict[str, Derived] | None = None,
             technique: str = "convert", init_std: float = 0.02, seed: int = 0) -> Converted:
     """``model`` rebuilt under ``config`` (validated), on the same device and dtype.
 
-    Every tensor of the new model is, in this order: given in ``derived`` (name -> (tensor, how)); carried from
+    Every tensor of the new model is, in this order: given in ``derived`` (name -> :class:`Derived`); carried from
     ``model`` when the name exists there with the same shape; or initialised as :meth:`Model.from_config` does
     (normal(0, ``init_std``) matrices, declared ones/zeros for norms and gates), seeded by ``seed``. Source tensors
-    used by neither are reported as dropped. A derived tensor of the wrong shape is a RetrofitError naming it.
+    used by neither are reported as dropped. A derived tensor of the wrong shape, or naming a source the model does
+    not have, is a RetrofitError naming it.
     """
     config.validate()
     derived = derived or {}
@@ -78,13 +89,17 @@ def convert(model: Model, config: ModelConfig, derived: dict[str, tuple[torch.Te
     with torch.no_grad():
         for name, t in new.state_dict().items():
             if name in derived:
-                value, how = derived[name]
-                if tuple(value.shape) != tuple(t.shape):
-                    raise RetrofitError(f"{technique}: derived tensor {name!r} has shape {list(value.shape)}, the "
+                d = derived[name]
+                if tuple(d.value.shape) != tuple(t.shape):
+                    raise RetrofitError(f"{technique}: derived tensor {name!r} has shape {list(d.value.shape)}, the "
                                         f"converted model expects {list(t.shape)}")
-                t.copy_(value)
-                report.derived[name] = how
-                used.update(_sources(how, src))
+                missing = [s for s in d.sources if s not in src]
+                if missing:
+                    raise RetrofitError(f"{technique}: derived tensor {name!r} names source(s) {missing} the model "
+                                        "does not have")
+                t.copy_(d.value)
+                report.derived[name] = d.how
+                used.update(d.sources)
             elif name in src and tuple(src[name].shape) == tuple(t.shape):
                 t.copy_(src[name])
                 report.carried.append(name)
@@ -105,11 +120,6 @@ def convert(model: Model, config: ModelConfig, derived: dict[str, tuple[torch.Te
     report.dropped = [n for n in src if n not in used]
     new.train(model.training)
     return Converted(new, report)
-
-
-def _sources(how: str, src: dict[str, torch.Tensor]) -> set[str]:
-    """Source tensor names mentioned in a derivation note (they count as used, not dropped)."""
-    return {w.strip(",;()") for w in how.split() if w.strip(",;()") in src}
 
 
 def _init_rules(model: Model, std: float) -> dict[str, str]:

@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from ..model import Model
-from .core import Converted, RetrofitError, convert
+from .core import Converted, Derived, RetrofitError, convert
 
 
 def _gqa_layers(model: Model, what: str) -> None:
@@ -126,15 +126,16 @@ def prune_heads(model: Model, keep: float | Mapping[str, int | float] | Sequence
         rows = (idx[:, None] * d + torch.arange(d, device=idx.device)).flatten()
         vcols = (idx[:, None] * dv + torch.arange(dv, device=idx.device)).flatten()
         how = f"heads {kept} of {h}"
-        derived[p + "q_proj.weight"] = (attn.q_proj.weight[rows], f"{p}q_proj.weight rows of {how}")
+        parts = [("q_proj.weight", attn.q_proj.weight[rows], "rows"), ("o_proj.weight", attn.o_proj.weight[:, vcols],
+                                                                        "columns")]
         if attn.q_proj.bias is not None:
-            derived[p + "q_proj.bias"] = (attn.q_proj.bias[rows], f"{p}q_proj.bias entries of {how}")
-        derived[p + "o_proj.weight"] = (attn.o_proj.weight[:, vcols], f"{p}o_proj.weight columns of {how}")
+            parts.append(("q_proj.bias", attn.q_proj.bias[rows], "entries"))
         if x.output_gate:
-            grow = idx if x.gate_per_head else vcols
-            derived[p + "g_proj.weight"] = (attn.g_proj.weight[grow], f"{p}g_proj.weight rows of {how}")
+            parts.append(("g_proj.weight", attn.g_proj.weight[idx if x.gate_per_head else vcols], "rows"))
         if x.sinks:
-            derived[p + "sinks"] = (attn.sinks[idx], f"{p}sinks entries of {how}")
+            parts.append(("sinks", attn.sinks[idx], "entries"))
+        for name, value, what in parts:  # each from the source tensor of the same name
+            derived[p + name] = Derived(value, f"{p}{name} {what} of {how}", (p + name,))
     new = dataclasses.replace(cfg, layers=layers, name=f"{cfg.name} (heads {sum(counts)}/"
                               f"{sum(x.num_heads for x in cfg.layers)})")
     out = convert(model, new, derived=derived, technique=f"prune-heads:{sum(counts)}/"

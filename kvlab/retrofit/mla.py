@@ -40,7 +40,7 @@ import torch
 from ..config import LayerSpec, MLASpec, RopeSpec
 from ..errors import RetrofitError
 from ..model import Model
-from .core import Converted, convert
+from .core import Converted, Derived, convert
 from .techniques import SELECT, SVD
 
 
@@ -247,7 +247,7 @@ def to_mla(model: Model, rank: int, rope_dims: int | None = None, select: str = 
         new.validate()
     except ValueError as e:
         raise RetrofitError(f"mla: {e}") from e
-    derived: dict[str, tuple[torch.Tensor, str]] = {}
+    derived: dict[str, Derived] = {}
     residual = []
     for i in range(cfg.num_layers):
         attn, p = model.layers[i].attn, f"layers.{i}.attn"
@@ -272,15 +272,16 @@ def to_mla(model: Model, rank: int, rope_dims: int | None = None, select: str = 
         residual.append(float((joint - up @ down).norm() / joint.norm().clamp_min(1e-30)))
         up_k, up_v = up[:g * dn].view(g, dn, rank), up[g * dn:].view(g, dv, rank)
         kv_b = torch.cat((up_k, up_v), dim=1).repeat_interleave(per, 0).reshape(hq * (dn + dv), rank)
-        kv = f"{p}.k_proj.weight {p}.v_proj.weight"
+        kv_src = (f"{p}.k_proj.weight", f"{p}.v_proj.weight")
+        kv = " ".join(kv_src)
         how_q = (f"{p}.q_proj.weight rows permuted to [non-rotary, kept rotary pairs {list(kept.pairs)}], the rotary "
                  "rows times the shared-key weights")
         how_a = (f"joint SVD (rank {rank}) of {kv} (non-rotary K rows and V): down-projection; then the shared "
                  "rotary key: principal component over the KV heads of each kept pair")
         how_b = f"joint SVD (rank {rank}) of {kv}: up-projection, per query head its group's rows"
-        derived[f"{p}.q_proj.weight"] = (q.to(dtype), how_q)
-        derived[f"{p}.kv_a_proj_with_mqa.weight"] = (torch.cat((down, k_pe)).to(dtype), how_a)
-        derived[f"{p}.kv_b_proj.weight"] = (kv_b.to(dtype), how_b)
+        derived[f"{p}.q_proj.weight"] = Derived(q.to(dtype), how_q, (f"{p}.q_proj.weight",))
+        derived[f"{p}.kv_a_proj_with_mqa.weight"] = Derived(torch.cat((down, k_pe)).to(dtype), how_a, kv_src)
+        derived[f"{p}.kv_b_proj.weight"] = Derived(kv_b.to(dtype), how_b, kv_src)
     out = convert(model, new, derived=derived, technique=what)
     exact = g == 1 and rope_dims == rot
     out.report.notes += [
