@@ -191,6 +191,29 @@ def test_an_option_of_another_kind_is_an_error_naming_its_owner():
                                       conv_kernels=(9, 9))])
 
 
+def _cross_options() -> list:
+    """(kind, option of other kinds, a value the owners' own examples give it): every option a kind does not read."""
+    default = LayerSpec(num_heads=1, num_kv_heads=1, head_dim=2)  # every option at its default
+    out = []
+    for name, k in kinds.KINDS.items():
+        for option in sorted(kinds.kind_options() - k.options):
+            value = next(ex[option] for owner in kinds.owners(option) for ex in kinds.KINDS[owner].examples
+                         if option in ex and ex[option] != getattr(default, option))
+            out.append(pytest.param(name, option, value, id=f"{name}-{option}"))
+    return out
+
+
+@pytest.mark.parametrize(("kind", "option", "value"), _cross_options())
+def test_every_option_of_another_kind_is_refused_naming_the_field_and_its_owners(kind, option, value):
+    """From the table alone: each kind's record lists its options; any other kind's option, set to a value its owner
+    accepts, is a ValueError naming the layer, the field, this kind and the owners."""
+    layer = {**copy.deepcopy(kinds.KINDS[kind].examples[0]), option: copy.deepcopy(value)}
+    owners = ", ".join(kinds.owners(option))
+    with pytest.raises(ValueError, match=rf"^layers\[0\]\.{option}=.*: not supported by {kind} \(an option of "
+                                         rf"{owners}\); leave it at "):
+        ModelConfig(vocab_size=61, hidden_size=32, layers=[LayerSpec(attention=kind, intermediate_size=40, **layer)])
+
+
 # -- a throwaway kind: one table entry, and the whole contract runs on it ----------------------------------------
 class KeyOnlyStore(KVStore):
     """Stores K only ``[B, Hkv, L, D]`` (the layer's V is its K): half of a GQA cache."""
