@@ -26,7 +26,7 @@ def _deepseek_v4(name: str, label: str, validate, examples: tuple) -> Kind:
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind(name="gqa", label="GQA / MQA / MHA", page="docs/attention.md", options=gqa.OPTIONS, validate=gqa.validate,
          price=gqa.price, assumption=gqa.ASSUMPTION, module="kvlab.layers.attention:Attention",
-         store="kvlab.cache.storage:gqa_store", can_share=True, examples=gqa.EXAMPLES,
+         store="kvlab.cache.gqa:gqa_store", can_share=True, examples=gqa.EXAMPLES,
          buffers=gqa.buffers),
     Kind(name="cca", tag="cca", label="CCA (compressed convolutional)", page="docs/cca.md", options=cca.OPTIONS,
          validate=cca.validate, price=cca.price, assumption=cca.ASSUMPTION, module="kvlab.layers.cca:CCAttention",

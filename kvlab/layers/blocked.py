@@ -18,6 +18,10 @@ from typing import Protocol
 
 import torch
 
+from kvlab.cache.quant import rotate
+
+from .sinks import softmax_with_sink
+
 
 class BlockedKV(Protocol):
     """What :func:`attend_blocked` reads K or V through (kvlab/cache/quant.py ``QuantView``)."""
@@ -78,8 +82,6 @@ def _scores(qf: torch.Tensor, k, n: int) -> torch.Tensor:
     b, hkv, g, d = qf.shape
     ng = _groups(k)
     if k.rows.block:
-        from kvlab.cache.quant import rotate
-
         qf = rotate(qf, k.rows.block)
     qg = qf.view(b, hkv, g, ng, d // ng)
     qsum = qg.sum(-1)  # [B, Hkv, G, ng]: what a zero point multiplies
@@ -130,8 +132,6 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
     """q ``[B, H, 1, D]``, k / v ``[B, Hkv, L, D]`` (blocked readers or tensors) -> ``[B, H, 1, Dv]`` in q's dtype.
 
     ``mask``: additive ``[B|1, 1, 1, L]`` or None; ``sinks [H]``: a per-head logit in the softmax denominator."""
-    from .core import softmax_with_sink
-
     b, h, t, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     g = h // hkv

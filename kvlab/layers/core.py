@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocked import attend_blocked, dense, is_blocked, one_block
+from .sinks import softmax_with_sink
 
 
 @dataclass
@@ -185,15 +186,6 @@ def project_out(attn: nn.Module, x: torch.Tensor, out: torch.Tensor) -> torch.Te
         g = torch.sigmoid(g) if s.output_gate == "sigmoid" else F.softplus(g)
         out = out * (g[..., None] if s.gate_per_head else g.view(b, t, h, dv))
     return attn.o_proj(out.reshape(b, t, h * dv))
-
-
-def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor | None) -> torch.Tensor:
-    """Softmax over the last axis of ``scores [..., L]`` with an extra logit ``sink [..., 1]`` in the denominator
-    (gpt-oss / DeepSeek V4 attention sinks); the sink's own probability is dropped. Computed in fp32."""
-    scores = scores.float()
-    if sink is None:
-        return scores.softmax(dim=-1)
-    return torch.cat((scores, sink.float().expand(*scores.shape[:-1], 1)), dim=-1).softmax(dim=-1)[..., :-1]
 
 
 def stable_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:

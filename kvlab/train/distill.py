@@ -1,9 +1,7 @@
 """Recovery by distillation: fine-tune a (converted) student against a frozen teacher's next-token distributions.
 
-The loss of a scored token is ``kl_weight * T^2 * KL(p_teacher,T || p_student,T) + lm_weight * CE(student)``, the
-softmaxes at temperature ``T`` taken in fp32 (Hinton et al. 2015, arXiv 1503.02531; the KL direction of
-llama.cpp's ``--kl-divergence`` and of kvlab eval). The teacher runs under the same autocast as the student, under
-``no_grad``, with frozen weights that are never written to a checkpoint.
+The loss of a scored token is ``kl_weight * T^2 * KL(p_teacher,T || p_student,T) + lm_weight * CE(student)``
+(kvlab/train/teacher.py, which the trainer reads).
 
 :func:`recover` is the Python entry point (used by ``kvlab retrofit``): a student and a teacher that ``kvlab.load``
 accepts, real text (kvlab/train/text.py, held out from ``kvlab eval``'s corpus) cut by the teacher's tokenizer, and
@@ -13,38 +11,10 @@ a normal ``kvlab train`` run directory as output (``kvlab.load(out)`` and every 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import torch
-import torch.nn.functional as F
-
-from .data import IGNORE
-
-if TYPE_CHECKING:
-    from kvlab.model import Model
-
-    from .trainer import TrainResult
-
-
-def kl_sum(teacher: Model, ids: torch.Tensor, targets: torch.Tensor, student_logits: torch.Tensor, ctx,
-           temperature: float = 1.0, agreement: bool = False) -> Any:
-    """Sum over the scored positions (``targets != IGNORE``) of KL(teacher || student) at ``temperature``.
-
-    ids, targets ``[B, T]``; student_logits ``[B, T, V]`` (fp32, with its graph). With ``agreement`` also the count of
-    scored positions where both models' argmax agree: ``(kl, agree)``.
-    """
-    with torch.no_grad(), ctx:
-        t_logits = teacher(ids)
-    mask = (targets != IGNORE).reshape(-1)
-    v = student_logits.shape[-1]
-    s = student_logits.reshape(-1, v)[mask].float()
-    t = t_logits.reshape(-1, v)[mask].float()
-    if temperature != 1.0:
-        s, t = s / temperature, t / temperature
-    kl = F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="sum")
-    if agreement:
-        return kl, (s.argmax(-1) == t.argmax(-1)).sum()
-    return kl
+from .config import parse_config
+from .trainer import TrainResult, train
 
 
 def distill_config(student: str | Path, teacher: str | Path, *, steps: int = 200, seq_len: int = 256,
@@ -84,13 +54,10 @@ def recover(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
     continue ``out`` exactly. Returns the :class:`~kvlab.train.trainer.TrainResult` (trained student, summary with
     the per-step ``kl`` / ``lm`` and the final ``eval`` incl. ``eval_kl`` against the teacher).
     """
-    from .config import parse_config
-    from .trainer import train
-
     raw = distill_config(student, teacher, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature, seed=seed, dtype=dtype,
                          threads=threads, text_files=text_files, tokenizer=tokenizer)
     return train(parse_config(raw), out=out, resume=resume, progress=progress)
 
 
-__all__ = ["distill_config", "kl_sum", "recover"]
+__all__ = ["distill_config", "recover"]

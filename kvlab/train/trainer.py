@@ -35,9 +35,9 @@ from .checkpointing import latest, load_checkpoint, resumable, save_checkpoint, 
 from .config import TrainConfig, load_config, parse_config
 from .data import IGNORE
 from .dist import World, setup
-from .distill import kl_sum
 from .init import init_model
 from .lock import RunLock
+from .teacher import kl_sum
 
 LOG = "log.jsonl"
 
