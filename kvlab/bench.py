@@ -28,10 +28,19 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from kvlab import threads as threads_mod
 from kvlab.config import ModelConfig
+from kvlab.costs import costs
+from kvlab.costs.quant import QuantError, quant_name, resolve_kv_quant
+from kvlab.families import to_hf_config
+from kvlab.loading import load
+from kvlab.model import Model
+from kvlab.models import resolve_file
+from kvlab.native import native_checkpoint
 from kvlab.preflight import check_memory
 from kvlab.resolve import is_checkpoint, resolve_spec
 from kvlab.shrink import scale_to_fit, weight_bytes
+from kvlab.threads import chosen
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_rate, parse_dtype, table
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -93,8 +102,6 @@ def machine_info() -> dict[str, Any]:
 
 
 def _threads_line() -> str:
-    from kvlab.threads import chosen
-
     plan = chosen()
     return plan.describe() if plan is not None and plan.threads == torch.get_num_threads() else "torch's own"
 
@@ -131,8 +138,6 @@ def kv_formats(kv_dtypes: list[str] | None, dtype: str) -> list[tuple[str, str, 
     ``bf16``, ``fp16``) runs the model and its cache in it (a kvlab cache holds the model's dtype); a quantized
     format (``int8``, ``int4-g32``, ``fp8``, a preset...) runs the model in ``dtype`` with that cache. None: one
     run, the unquantized cache in ``dtype``. A bad entry is a ValueError naming it and what is allowed."""
-    from kvlab.costs.quant import QuantError, resolve_kv_quant
-
     if not kv_dtypes:
         return [(dtype, dtype, None)]
     out = []
@@ -158,9 +163,6 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
                 progress: bool = True, kv_quant: str | None = None) -> list[dict[str, Any]]:
     """Prefill + decode ``model`` at each context; figures per context (see the module docstring); ``kv_quant``:
     a quantized cache format (kvlab/costs/quant.py), priced with it."""
-    from kvlab.costs import costs
-    from kvlab.costs.quant import quant_name, resolve_kv_quant
-
     last_only = "last_only" in inspect.signature(model.forward).parameters
     rows = []
     gen = torch.Generator().manual_seed(seed)
@@ -264,8 +266,6 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
 
 def save_random_hf(cfg: ModelConfig, out: str | Path, seed: int = 0) -> Path:
     """Write a randomly initialised transformers checkpoint of ``cfg``'s shape to ``out``."""
-    from kvlab.families import to_hf_config
-
     tf = _transformers()
     d = to_hf_config(cfg)
     model_type = d.pop("model_type")
@@ -295,8 +295,6 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
 
     ``kv_dtypes``: one run per K/V cache format (:func:`kv_formats`), ``results`` holding a row per format and
     context (each names its ``kv_dtype``, ``kv_quant`` and model ``dtype``)."""
-    from kvlab.model import Model
-
     log = log or (lambda msg: print(msg, file=sys.stderr))
     dtype = parse_dtype(dtype)
     if vs not in (None, "transformers"):
@@ -306,7 +304,6 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
         raise ValueError("--vs transformers compares the unquantized cache in --dtype: drop --kv-dtype")
     if decode_tokens < 1 or batch < 1 or prefill_chunk < 1:
         raise ValueError("decode tokens, batch and prefill chunk must be positive integers")
-    from kvlab import threads as threads_mod
 
     done = threads_mod.chosen()  # the CLI set --threads or the default already
     if threads is not None or done is None or done.threads != torch.get_num_threads():
@@ -317,9 +314,6 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
     tmp: tempfile.TemporaryDirectory | None = None
     try:
         if checkpoint:
-            from kvlab import load
-            from kvlab.native import native_checkpoint
-
             if vs == "transformers" and native_checkpoint(spec) is not None:
                 raise ValueError(f"{spec}: a kvlab train checkpoint has no transformers counterpart; --vs transformers "
                                  "needs a transformers checkpoint directory, a .gguf file or a named model")
@@ -327,8 +321,6 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
                          what=str(spec))
             log(f"loading {spec} ...")
             model = load(str(spec), dtype=torch_dtype, device="cpu")
-            from kvlab.models import resolve_file
-
             source_dir: Path | None = Path(resolve_file(spec))  # a named model: its GGUF file
         else:
             cfg = resolve_spec(spec)
@@ -342,8 +334,6 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             if vs == "transformers":
                 tmp = tempfile.TemporaryDirectory(prefix="kvlab-bench-")
                 save_random_hf(cfg, tmp.name)
-                from kvlab import load
-
                 model = load(tmp.name, dtype=torch_dtype, device="cpu")
                 model.config.name = cfg.name
                 if model.num_parameters() != weight_bytes(cfg, 1):  # transformers read the twin's config otherwise
@@ -362,8 +352,6 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
         for _label, d, q in formats:
             if d != dtype:  # a float cache format: the model and its cache in that dtype (same weights, rounded)
                 if checkpoint:
-                    from kvlab import load
-
                     m = load(str(spec), dtype=TORCH_DTYPES[d], device="cpu")
                 else:
                     m = Model.from_config(cfg, dtype=TORCH_DTYPES[d], seed=0)

@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
+import kvlab
+from kvlab.cli import main as cli
 from kvlab.config import LayerSpec, ModelConfig, MoESpec
+from kvlab.costs import costs
+from kvlab.engine import generate
+from kvlab.model import Model
+from kvlab.presets import get_preset, presets
 from kvlab.shrink import tiny as shrink_tiny
 from kvlab.units import fmt_bytes, table
 
@@ -67,9 +73,6 @@ def kind_configs() -> list[ModelConfig]:
 def live_check(cfg: ModelConfig, batch: int = 2, prompt: int = 19, chunk: int = 7, decode: int = 5,
                seed: int = 0) -> dict[str, Any]:
     """Chunked prefill + decode into a preallocated cache; measured vs calculated bytes, cached vs full logits."""
-    from kvlab.costs import costs
-    from kvlab.model import Model
-
     model = Model.from_config(cfg, dtype=torch.float32, seed=seed).eval()
     max_length = prompt + decode
     gen = torch.Generator().manual_seed(seed)
@@ -99,9 +102,6 @@ PPL_WINDOW = 512
 def real_model(name: str = REAL_MODEL, question: str = QUESTION, window: int = PPL_WINDOW) -> dict[str, Any] | None:
     """Stage 3: the real model answers ``question`` (streamed) and its perplexity on the default corpus is measured
     through a cache of ``window`` positions; None (with the reason printed) when the model is not installed."""
-    import kvlab
-    from kvlab.costs import costs
-    from kvlab.engine import generate
     from kvlab.eval import default_corpus, perplexity
     from kvlab.tokenizer import TextStream, load_tokenizer
 
@@ -145,8 +145,6 @@ def main(argv: list[str] | None = None) -> int:
     """Run the demo; returns 0 when every live check passed."""
     from tqdm import tqdm
 
-    from kvlab.cli import main as cli
-    from kvlab.presets import get_preset, presets
 
     t0 = time.perf_counter()
     names = presets()

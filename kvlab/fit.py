@@ -18,8 +18,11 @@ from typing import Any
 
 from kvlab.costs import costs, dtype_bytes, resolve_config
 from kvlab.costs.dtypes import kv_dtype_for
+from kvlab.costs.quant import quant_name, resolve_kv_quant
 from kvlab.engines import _attention_kind, _tp_factor, get_engine
 from kvlab.errors import FitError
+from kvlab.gguf_checkpoint import is_gguf, weight_bytes
+from kvlab.models import resolve_file
 
 BUDGETS_GIB = (24, 48, 80, 141)  # --table: consumer, L40S, H100/A100, H200
 DEFAULT_CHUNK = 512  # prefill chunk (tokens) of the workspace estimate: kvlab bench's default chunk
@@ -111,8 +114,6 @@ def gguf_weights(model: Any) -> dict[str, Any] | None:
     """The GGUF file's own weight bytes (quantized tensors at their stored size) when ``model`` names one, else None."""
     if not isinstance(model, (str, Path)):
         return None
-    from kvlab.gguf_checkpoint import is_gguf, weight_bytes
-    from kvlab.models import resolve_file
 
     try:
         path = resolve_file(model)
@@ -192,8 +193,6 @@ def fit(model: Any, memory: int, batch: int | None = None, context: int | None =
     file's own quantized weight bytes.
     ``kv_quant``: a quantized K/V format, as :func:`footprint` takes it.
     """
-    from kvlab.costs.quant import quant_name, resolve_kv_quant
-
     quant = resolve_kv_quant(kv_quant)  # a named error before any search
     gguf = gguf_weights(model) if weights_dtype is None else None
     if kv_dtype is None and gguf is not None:

@@ -16,6 +16,7 @@ is executed. A truncated or corrupt file raises a ValueError naming the file (an
 from __future__ import annotations
 
 import math
+import mmap
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
@@ -101,8 +102,6 @@ class _Header:
 
 def _parse(path: Path, arrays: bool) -> tuple[dict[str, Any], list[tuple[str, tuple[int, ...], int, int]], int]:
     """(metadata, [(name, dims innermost first, ggml type id, relative offset)], data start) of a GGUF file."""
-    import mmap
-
     with open(path, "rb") as f:
         try:
             buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)

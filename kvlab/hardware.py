@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvlab.costs import costs, dtype_bytes, resolve_config
+from kvlab.fit import _attention_kind, _tp_factor
 
 
 @dataclass
@@ -72,7 +73,7 @@ HARDWARE_NAMES = tuple(HARDWARE) + ("measured",)
 
 def matmul_flops(dtype: str = "float32", n: int = 1024, repeats: int = 5) -> float:
     """FLOP/s of an ``n x n`` torch matmul on the CPU in ``dtype``, best of ``repeats`` (2 n^3 per product)."""
-    import torch
+    import torch  # only when this machine is measured: kvlab fit prices the named hardware without torch
 
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
@@ -92,7 +93,7 @@ def measured(dtype: str = "float32", bandwidth_bytes: int = 256 * 1024**2) -> Ha
     """This machine: ``kvlab.bench.copy_bandwidth`` (read + write bytes / s), a matmul's FLOP/s, total RAM."""
     import psutil
 
-    from kvlab.bench import copy_bandwidth
+    from kvlab.bench import copy_bandwidth  # the benchmark (torch) only when this machine is measured
 
     name, _ = dtype_bytes(dtype)
     bw = copy_bandwidth(bandwidth_bytes)
@@ -149,8 +150,6 @@ def roofline(model: Any, hardware: str | Hardware, context: int, batch: int = 1,
     reading the weights once per chunk of ``chunk`` tokens and writing the K/V once. ``weights_bytes``: the whole
     model's stored weight bytes when known (a GGUF file): weight traffic is scaled by it / (params x dtype bytes).
     """
-    from kvlab.fit import _attention_kind, _tp_factor
-
     cfg = resolve_config(model)
     w_name, _ = dtype_bytes(weights_dtype)
     hw = get_hardware(hardware, w_name)

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .errors import UnknownNameError
+from .models import MODELS
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -52,12 +53,8 @@ def unknown(kind: str, name: str, choices: Iterable[str]) -> UnknownNameError:
 
 
 def installed_models() -> list[str]:
-    """Names of the real models kvlab can load from installed packages (kvlab.models, where present)."""
-    try:
-        from kvlab import models  # type: ignore[attr-defined]
-    except ImportError:
-        return []
-    return sorted(getattr(models, "MODELS", {}))
+    """Names of the real models kvlab can load from installed packages (kvlab/models.py)."""
+    return sorted(MODELS)
 
 
 def hf_cache_snapshots(hub_id: str) -> list[Path]:

@@ -12,6 +12,8 @@ Weights are read with safetensors only (never pickle); the tensors already carry
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,9 +118,6 @@ def save(model: Any, path: str | Path, tokenizer: Any = None, extra: dict[str, A
     every verb accept the result. Written into a temporary directory and moved into place, so a crash never leaves
     a half-written checkpoint under ``path``; an existing non-empty ``path`` is refused (name the error, no overwrite).
     """
-    import os
-    import shutil
-
     from safetensors.torch import save_file
 
     out = Path(path)

@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+from .costs import costs, dtype_bytes
 from .errors import InsufficientMemoryError
 from .units import fmt_bytes, fmt_context
 
@@ -36,7 +37,7 @@ def forced() -> Iterator[None]:
 def available_bytes(device: Any = "cpu") -> int:
     """Memory that can be allocated now on ``device``: free GPU memory, or the RAM available without swapping."""
     if str(device).startswith("cuda"):
-        import torch
+        import torch  # only for a CUDA device: the CLI's preflight runs before anything loads torch
 
         return int(torch.cuda.mem_get_info(torch.device(device))[0])
     import psutil
@@ -50,22 +51,16 @@ def _dtype_name(dtype: Any) -> str:
 
 def weight_bytes(cfg: Any, dtype: Any) -> int:
     """Bytes of ``cfg``'s parameters in ``dtype`` (the calculator's parameter count)."""
-    from .costs import costs
-
     return costs(cfg, context=1, dtype=_dtype_name(dtype)).params_total * _elt(dtype)
 
 
 def _elt(dtype: Any) -> int:
-    from .costs import dtype_bytes
-
     return dtype_bytes(_dtype_name(dtype))[1]
 
 
 def kv_bytes(cfg: Any, batch: int, context: int, dtype: Any, kv_quant: Any = None) -> int:
     """The calculator's K/V cache bytes of ``batch`` sequences preallocated to ``context`` positions (stored as
     ``kv_quant`` when given)."""
-    from .costs import costs
-
     return costs(cfg, context=context, dtype=_dtype_name(dtype), batch=batch, kv_quant=kv_quant).kv_cache_bytes
 
 

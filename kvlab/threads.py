@@ -138,7 +138,7 @@ def apply(threads: int | None = None, plan: ThreadPlan | None = None) -> ThreadP
     """Set torch's thread count: ``threads`` when given (the user's), else ``$KVLAB_THREADS``, else the default
     read from the machine (or ``plan``); the choice is remembered for :func:`chosen` (benchmark cards record it)."""
     global _CHOSEN
-    import torch
+    import torch  # here, not at import: OMP_WAIT_POLICY must be set (prepare_openmp) before torch loads
 
     given = "--threads"
     if threads is None and os.environ.get(ENV, "").strip():

@@ -26,6 +26,10 @@ from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers,
 from tokenizers import Tokenizer as _HFTokenizer
 from tokenizers.models import BPE
 
+from .chat import render
+from .gguf_checkpoint import read_gguf
+from .models import resolve_file
+
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp token types (gguf.TokenType)
 # the control tokens llama.cpp treats as "end of generation" by their text (src/llama-vocab.cpp)
 END_OF_TURN = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<EOT>",
@@ -93,8 +97,6 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             **kwargs: Any) -> str:
         """The conversation rendered by the model's chat template, as transformers renders it (kvlab/chat.py)."""
-        from .chat import render
-
         if self.chat_template is None:
             raise TokenizerError(f"{self.source} has no chat template (a base model?): give a plain prompt instead")
         return render(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
@@ -112,8 +114,6 @@ def _field(meta: dict[str, Any], key: str, default: Any = None) -> Any:
 
 @lru_cache(maxsize=4)
 def _gguf_cached(path: str, mtime: float, size: int) -> Tokenizer:
-    from .gguf_checkpoint import read_gguf
-
     reader = read_gguf(path, arrays=True).meta
     arch = _field(reader, "general.architecture")
     kind = _field(reader, "tokenizer.ggml.model")
@@ -285,10 +285,7 @@ def load_tokenizer(path: str | Path) -> Tokenizer | None:
 
 
 def _resolve(spec: str | Path) -> str | Path:
-    try:
-        from .models import resolve_file  # named real models (kvlab/models.py)
-    except ImportError:
-        return spec
+    """A named real model (kvlab/models.py) -> its file; anything else as given."""
     return resolve_file(spec) if isinstance(spec, str) else spec
 
 

@@ -1,4 +1,5 @@
-"""How kvlab's modules import each other: no cycle, and torch only where a model runs.
+"""How kvlab's modules import each other: no cycle, torch only where a model runs, and no function-level import that
+only dodges a cycle.
 
 The graph is read from the source (every module's top-level imports, ``if TYPE_CHECKING:`` blocks left out) and
 checked by running: each pricing path in a fresh interpreter, and every module imported in one interpreter in a fixed
@@ -20,6 +21,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PKG = ROOT / "kvlab"
 # third-party packages worth keeping out of a module that does not need them (slow to import, or optional)
 HEAVY = {"torch", "matplotlib", "transformers", "scipy", "numpy", "gguf", "tokenizers", "jinja2", "psutil"}
+# function-level kvlab imports kept for a reason other than a heavy dependency (importer, imported): why
+ALLOWED_LAZY = {
+    ("kvlab.costs.calculator", "kvlab.resolve"): "`import kvlab` imports the calculator; the presets and families "
+                                                 "load only when a name is priced",
+}
 
 
 def _module_name(path: Path) -> str:
@@ -146,6 +152,25 @@ def test_a_cycle_in_the_graph_would_be_found(monkeypatch: pytest.MonkeyPatch) ->
     g["kvlab.config"] = [*g["kvlab.config"], "kvlab.costs.calculator"]  # calculator -> config -> calculator
     monkeypatch.setattr(sys.modules[__name__], "graph", lambda: g)
     assert any({"kvlab.config", "kvlab.costs.calculator"} <= set(c) for c in cycles())
+
+
+def test_function_level_imports_each_keep_a_heavy_dependency_out() -> None:
+    """A function-level import of a kvlab module is there to keep a heavy package (torch, matplotlib...) out of its
+    importer (e.g. the CLI's verbs import the model when they run); one that brings nothing heavy the importer does
+    not already load only dodges a cycle, or nothing: it belongs at the top. Standard-library imports belong at the
+    top too."""
+    bad = []
+    for m in modules():
+        for line, target in _imports(m)[1]:
+            where = f"{modules()[m].relative_to(ROOT)}:{line} imports {target}"
+            if target in sys.stdlib_module_names:
+                bad.append(f"{where}: a standard-library module, import it at the top")
+            elif target.startswith("kvlab") and (m, target) not in ALLOWED_LAZY:
+                kept_out = (closure(target) - closure(m)) & HEAVY
+                if not kept_out:
+                    bad.append(f"{where}: it keeps nothing heavy out of {m} ({sorted(closure(m) & HEAVY)} already "
+                               "loaded, or it loads none): import it at the top")
+    assert bad == []
 
 
 def test_every_module_imports_in_one_interpreter_in_a_fixed_order() -> None:

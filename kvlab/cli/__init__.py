@@ -3,7 +3,8 @@
 
 Every verb prints a readable table by default; with ``--json`` standard output holds only one JSON object
 (tables, notices and progress bars go to standard error). Errors from the library (ValueError) print
-``kvlab: error: <message>`` and exit with 2.
+``kvlab: error: <message>`` and exit with 2. A verb imports the model side (torch, tokenizers, matplotlib) inside
+``run``, so ``kvlab calc``, ``compare``, ``fit`` and every ``--help`` start without it (tests/test_imports.py).
 """
 
 from __future__ import annotations

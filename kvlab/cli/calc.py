@@ -16,6 +16,11 @@ from kvlab.cli.common import (
     parse_price_dtype,
     resolve_config,
 )
+from kvlab.costs import kv_sharing_report
+from kvlab.gguf_checkpoint import is_gguf, weight_bytes
+from kvlab.models import is_named, model_file
+from kvlab.presets import presets
+from kvlab.sharing import shared_layers, without_sharing
 from kvlab.units import fmt_bytes, fmt_context, fmt_count, fmt_flops, table
 
 NAME = "calc"
@@ -37,10 +42,6 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
 
 def gguf_weights(spec: str) -> dict[str, Any] | None:
     """The GGUF file's own weight bytes and tensor types (header only), or None when ``spec`` is not a GGUF."""
-    from kvlab.gguf_checkpoint import is_gguf, weight_bytes
-    from kvlab.models import is_named, model_file
-    from kvlab.presets import presets
-
     if is_named(spec):  # also a preset (gemma-3-270m): the file's row when its package is installed
         try:
             spec = str(model_file(spec))
@@ -69,9 +70,6 @@ def quant_rows(plain, quant) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.costs import kv_sharing_report
-    from kvlab.sharing import shared_layers, without_sharing
-
     kv_dtype, quants = kv_options(args)
     if len(quants) > 1:
         raise ValueError(f"--kv-quant={','.join(quants)}: calc prices one format (kvlab compare takes several)")

@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 
+import kvlab
 from kvlab.cli.common import add_dtype_and_json, emit_json
 from kvlab.cli.generate import MODEL_HELP, add_sampling_arguments, load, stop_ids
 
@@ -28,7 +29,6 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import kvlab
     from kvlab.tokenizer import TextStream
 
     model, tok = load(args)

@@ -14,9 +14,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TextIO
 
+from kvlab import threads
+from kvlab.costs import costs, dtype_bytes
+from kvlab.costs.quant import resolve_kv_quant
 from kvlab.preflight import check_memory
 from kvlab.resolve import is_checkpoint, resolve_spec
-from kvlab.units import parse_context, parse_dtype
+from kvlab.units import parse_context, parse_dtype, parse_number
 
 MODEL_HELP = ("preset name (see `kvlab presets`), checkpoint directory (transformers layout or a `kvlab train` run), "
               ".gguf file, named model (smollm2-135m, gemma-3-270m), or kvlab ModelConfig .json file")
@@ -40,8 +43,6 @@ def add_price_dtype_and_json(parser: argparse.ArgumentParser) -> None:
 def parse_price_dtype(text: str | None) -> str | None:
     """A dtype the calculator prices (bf16, fp16, fp32, fp8, int8 and their long names), canonical; None (not
     given): the model's own, as ``kvlab.costs`` picks it."""
-    from kvlab.costs import dtype_bytes
-
     return None if text is None else dtype_bytes(str(text).strip())[0]
 
 
@@ -59,7 +60,6 @@ def setup_threads(args: argparse.Namespace) -> None:
     user set it), then torch's thread count: ``--threads`` or the default (kvlab/threads.py)."""
     if not hasattr(args, "threads"):
         return
-    from kvlab import threads
 
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads {args.threads}: must be a positive integer")
@@ -81,8 +81,6 @@ def resolve_config(spec: str) -> Any:
 
 def costs_of(cfg: Any, context: int, dtype: str, batch: int = 1, kv_dtype: str | None = None,
              kv_quant: Any = None) -> Any:
-    from kvlab.costs import costs
-
     return costs(cfg, context=context, dtype=dtype, batch=batch, kv_dtype=kv_dtype, kv_quant=kv_quant)
 
 
@@ -101,8 +99,6 @@ def add_kv_dtype(parser: argparse.ArgumentParser, several: bool = False) -> None
 def kv_options(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     """``(kv_dtype, [kv_quant formats])`` from ``--kv-dtype`` / ``--kv-quant``; a quantized format given as
     ``--kv-dtype`` (``--kv-dtype int8``) is a ``--kv-quant`` (priced with its scales), a float dtype the cache's."""
-    from kvlab.costs.quant import resolve_kv_quant
-
     kv_dtype = args.kv_dtype
     quants = [q.strip() for q in (args.kv_quant or "").split(",") if q.strip()]
     if kv_dtype is not None:
@@ -208,8 +204,6 @@ device_arg = arg_type(check_device, "device")
 
 def positive_number(flag: str) -> Callable[[str], float]:
     """``type=`` for a finite number > 0 (``nan``, ``inf``, 0 and negatives refused, naming ``flag``)."""
-    from kvlab.units import parse_number
-
     return arg_type(lambda t: parse_number(t, flag), "number")
 
 

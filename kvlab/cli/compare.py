@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from kvlab.archplot import plot_architecture
 from kvlab.cli.common import (
     MODEL_HELP,
     add_kv_dtype,
@@ -144,8 +145,6 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         data["plot"] = str(plot_compare(data, args.plot))
     if args.arch_plot:
-        from kvlab.archplot import plot_architecture
-
         data["arch_plot"] = str(plot_architecture([resolve_config(m) for m in args.models], args.arch_plot,
                                                   dtype=dtype, titles=plot_labels(data)))
     if args.json:

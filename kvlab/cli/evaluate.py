@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 from typing import Any
 
+import kvlab
 from kvlab.cli.common import add_dtype_and_json, add_threads, device_arg, emit_json, output_file, report
 from kvlab.cli.generate import MODEL_HELP
 from kvlab.units import fmt_context, parse_context, parse_contexts, parse_dtype, table
@@ -77,7 +79,6 @@ def parse_depths(text: str) -> list[float]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import kvlab
     from kvlab.bench import TORCH_DTYPES
     from kvlab.eval import kl_divergence, load_corpus, needle_test, perplexity, perplexity_at, plot_needle
     from kvlab.tokenizer import load_tokenizer
@@ -181,8 +182,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _suffixed(path: str, i: int) -> str:
-    from pathlib import Path
-
     p = Path(path)
     return str(p.with_name(f"{p.stem}-{'variant' if i else 'model'}{p.suffix}"))
 

@@ -6,6 +6,9 @@ import argparse
 from typing import Any
 
 from kvlab.cli.common import KV_QUANT_HELP, MODEL_HELP, add_json, emit_json, kv_options, report, resolve_config
+from kvlab.engines import ENGINES
+from kvlab.fit import BUDGETS_GIB, describe, fit, gguf_weights
+from kvlab.hardware import HARDWARE_NAMES, get_hardware, roofline
 from kvlab.units import fmt_bytes, fmt_context, parse_context, parse_memory, table
 
 NAME = "fit"
@@ -17,9 +20,6 @@ EXAMPLE = ("kvlab fit gemma-4-31b --memory 80GiB --batch 1 --engine vllm --hardw
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
-    from kvlab.engines import ENGINES
-    from kvlab.hardware import HARDWARE_NAMES
-
     q.add_argument("model", help=MODEL_HELP)
     q.add_argument("--memory", help="memory of one device: 80GiB, 80G (binary), 24GB (decimal) (default: the "
                                     "--hardware's memory)")
@@ -54,8 +54,6 @@ def _answer(r: Any) -> str:
 
 
 def _rows(fp: Any, r: Any) -> list[list[str]]:
-    from kvlab.fit import describe
-
     rows = [[label, fmt_bytes(b)] for label, b in describe(fp)]
     if fp.engine_kv_bytes is not None:
         rows.append(["physical total", fmt_bytes(fp.physical_bytes)])
@@ -66,9 +64,6 @@ def _rows(fp: Any, r: Any) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.fit import BUDGETS_GIB, fit, gguf_weights
-    from kvlab.hardware import get_hardware, roofline
-
     kv_dtype, quants = kv_options(args)  # --kv-dtype int8 is a quantized format, as in calc
     if len(quants) > 1:
         raise ValueError(f"--kv-quant={','.join(quants)}: fit prices one format")

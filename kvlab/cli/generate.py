@@ -7,6 +7,7 @@ import argparse
 import sys
 import time
 
+import kvlab
 from kvlab.cli.common import add_dtype_and_json, add_force, add_threads, device_arg, emit_json, preflight_checkpoint
 from kvlab.units import parse_dtype
 
@@ -59,7 +60,6 @@ def load(args: argparse.Namespace):
 
 
 def load_model(args: argparse.Namespace):
-    import kvlab
     from kvlab.bench import TORCH_DTYPES
 
     return kvlab.load(args.model, dtype=TORCH_DTYPES[parse_dtype(args.dtype)], device=args.device)
@@ -110,7 +110,6 @@ def _prompt_ids(args: argparse.Namespace, tok) -> list[int]:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import kvlab
     from kvlab.bench import TORCH_DTYPES
     from kvlab.tokenizer import TextStream
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from kvlab.archplot import plot_architecture
 from kvlab.cli.common import (
     MODEL_HELP,
     add_kv_dtype,
@@ -44,8 +45,6 @@ def run(args: argparse.Namespace) -> int:
     layers = [dict(vars(x)) for x in c.per_layer]
     plot = None
     if args.plot:
-        from kvlab.archplot import plot_architecture
-
         plot = str(plot_architecture(cfg, args.plot, context=ctx, dtype=dtype))
     if args.json:
         emit_json({"name": c.name, "context": ctx, "dtype": c.dtype, "kv_dtype": c.kv_dtype,

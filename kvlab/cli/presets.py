@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from kvlab.cli.common import add_json, emit_json
+from kvlab.presets import get_preset, presets
 from kvlab.units import fmt_context, table
 
 NAME = "presets"
@@ -17,8 +18,6 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.presets import get_preset, presets
-
     rows = []
     for name in presets():
         cfg = get_preset(name)

@@ -9,15 +9,19 @@ list of conversions into ``OUT/<technique>/`` and writes one table (``OUT/table.
 from __future__ import annotations
 
 import argparse
+import json
 import re
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+import kvlab
 from kvlab.cli.common import add_json, device_arg, emit_json, output_dir, output_file, report
 from kvlab.cli.evaluate import parse_depths as depth_list
 from kvlab.cli.generate import MODEL_HELP
+from kvlab.retrofit import TECHNIQUES, apply, parse
 from kvlab.units import fmt_bytes, parse_context, parse_contexts, table
 
 NAME = "retrofit"
@@ -32,8 +36,6 @@ DEFAULT_SWEEP = ("share-last:6", "share-adjacent:2", "window:512", "window:512,s
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
-    from kvlab.retrofit import TECHNIQUES
-
     q.add_argument("model", help=MODEL_HELP)
     what = q.add_mutually_exclusive_group(required=True)
     what.add_argument("--to", metavar="TECHNIQUE", help="the conversion: " + "; ".join(
@@ -82,7 +84,6 @@ class Setup:
     """What every conversion of one run shares: the original model, its tokenizer, the text and its ground."""
 
     def __init__(self, args: argparse.Namespace) -> None:
-        import kvlab
         from kvlab.eval.corpus import default_corpus
         from kvlab.tokenizer import load_tokenizer
 
@@ -111,13 +112,8 @@ class Setup:
 def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[Any, Path | None]:
     """Convert, save to ``out/converted`` (or reuse a saved one when resuming); the converted model and its path
     (None for a cache format: same weights, nothing to save)."""
-    import kvlab
-    from kvlab.retrofit import apply
-
     target = out / "converted"
     if target.is_dir() and (target / "retrofit.json").is_file():
-        import json
-
         saved = json.loads((target / "retrofit.json").read_text()).get("requested")
         if saved != technique:
             raise ValueError(f"{str(target)!r} holds the conversion {saved!r}, not {technique!r}: choose another --out")
@@ -138,7 +134,6 @@ def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[An
 
 
 def recover_one(setup: Setup, student: Path, out: Path, seed: int, out_stream) -> tuple[Any, dict[str, Any]]:
-    import kvlab
     from kvlab.train.distill import recover
 
     a = setup.args
@@ -218,8 +213,6 @@ def format_rows(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> str:
 
 def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per technique with several recovery seeds: mean and sample standard deviation of KL and perplexity."""
-    import statistics
-
     out = []
     for t in dict.fromkeys(r["technique"] for r in rows):
         rec = [r for r in rows if r["technique"] == t and r.get("recovery_steps")]
@@ -232,9 +225,6 @@ def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from kvlab.retrofit import parse
     from kvlab.train.lock import RunLock
 
     out_stream = report(args)

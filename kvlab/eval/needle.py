@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from ..engine import generate
 from ..model import Model
 from ..tokenizer import Tokenizer
 from .perplexity import EvalError
@@ -75,7 +76,6 @@ def needle_test(model: Model, tok: Tokenizer, text: str, lengths: Sequence[int],
     """Exact-match retrieval accuracy of a needle at each (length, depth); see the module docstring."""
     from tqdm import tqdm
 
-    from ..engine import generate
 
     for d in depths:
         if not 0.0 <= d <= 1.0:

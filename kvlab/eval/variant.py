@@ -8,12 +8,14 @@ the weights are the reference's own tensors, not copies, so a variant costs no m
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 
 import torch
 
 from .. import kinds
 from ..config import ModelConfig
+from ..costs.quant import quant_name, resolve_kv_quant
 from ..model import Model
 
 
@@ -72,10 +74,6 @@ def with_window(model: Model, window: int | None, sink_tokens: int = 0) -> Model
 def with_kv_quant(model: Model, kv_quant) -> Model:
     """The same model whose caches (``new_cache``) hold K/V quantized as ``kv_quant`` (``"int8"``,
     ``"int4-g32-r64-rot"``, a QuantSpec...; kvlab/costs/quant.py), same weights."""
-    import functools
-
-    from ..costs.quant import quant_name, resolve_kv_quant
-
     q = resolve_kv_quant(kv_quant)  # a named error now
     out = share_weights(copy.deepcopy(model.config), model)
     out.config.name = f"{out.config.name} (KV {quant_name(q)})"

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from kvlab.config import ModelConfig
+from kvlab.names import find, unknown
 
 
 @dataclass(frozen=True)
@@ -65,15 +66,11 @@ def preset_source(name: str) -> str:
 
 def find_preset(name: str) -> str | None:
     """The registered name ``name`` denotes (exact, else ignoring case), or None."""
-    from kvlab.names import find
-
     return find(name, _REGISTRY) if isinstance(name, str) else None
 
 
 def _entry(name: str) -> _Entry:
     found = find_preset(name)
     if found is None:
-        from kvlab.names import unknown
-
         raise unknown("preset", str(name), presets())
     return _REGISTRY[found]

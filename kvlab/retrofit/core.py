@@ -13,7 +13,7 @@ import torch
 
 from ..config import ModelConfig
 from ..errors import RetrofitError
-from ..model import Model
+from ..model import Model, _init_rule
 
 
 @dataclass
@@ -123,8 +123,6 @@ def convert(model: Model, config: ModelConfig, derived: dict[str, Derived] | Non
 
 
 def _init_rules(model: Model, std: float) -> dict[str, str]:
-    from ..model import _init_rule
-
     rules = {}
     for mod_name, mod in model.named_modules():
         for n, _ in mod.named_parameters(recurse=False):

@@ -30,6 +30,9 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
+from ..families import FAMILIES, to_hf_config
+from ..families.base import Family, hf_config, llama_names
+from ..families.deepseek_v3 import ARCH
 from ..layers.mla import LATENT_NORM_EPS
 from ..model import Model
 from .core import RetrofitError
@@ -80,14 +83,10 @@ def export_hf(model: Model, path: str | Path, tokenizer: Any = None) -> Path:
 
 
 def _llama_name(k: str) -> str | None:
-    from ..families.base import Family, llama_names
-
     return Family("", lambda c: c, lambda s, c: s, llama_names()).hf_name(k)
 
 
 def _gqa(cfg: ModelConfig) -> tuple[dict[str, Any], Any]:
-    from ..families import FAMILIES, to_hf_config
-
     sinks = [i for i, x in enumerate(cfg.layers) if getattr(x, "sink_tokens", 0)]
     if sinks:
         raise ExportError(f"export: layers {sinks} keep sink tokens in their sliding window (StreamingLLM); no "
@@ -113,8 +112,6 @@ def _gqa(cfg: ModelConfig) -> tuple[dict[str, Any], Any]:
 
 
 def _smollm3(cfg: ModelConfig, window: int) -> dict[str, Any]:
-    from ..families.base import hf_config
-
     n = cfg.num_layers
     types = ["sliding_attention" if x.window else "full_attention" for x in cfg.layers]
     return hf_config(cfg, SMOLLM3, "smollm3", layer_types=types, use_sliding_window=True, sliding_window=window,
@@ -122,9 +119,6 @@ def _smollm3(cfg: ModelConfig, window: int) -> dict[str, Any]:
 
 
 def _mla(model: Model, cfg: ModelConfig, state: dict[str, torch.Tensor]) -> tuple[dict[str, Any], dict, Any]:
-    from ..families import FAMILIES, to_hf_config
-    from ..families.deepseek_v3 import ARCH
-
     layers = []
     state = dict(state)
     for i, x in enumerate(cfg.layers):

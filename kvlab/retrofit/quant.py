@@ -8,14 +8,14 @@ and measures the quantized cache.
 
 from __future__ import annotations
 
+from ..costs.quant import quant_name, resolve_kv_quant
 from ..model import Model
 from .core import Converted, Report, RetrofitError
 
 
 def to_kv_quant(model: Model, fmt: str) -> Converted:
     """``model`` whose caches are quantized as ``fmt`` (same weights, no copy)."""
-    from ..costs.quant import quant_name, resolve_kv_quant
-    from ..eval.variant import with_kv_quant
+    from ..eval.variant import with_kv_quant  # kvlab.eval reads text (tokenizers): only when converting
 
     try:
         q = resolve_kv_quant(fmt)

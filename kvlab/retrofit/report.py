@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from ..costs import costs
 from ..model import Model
 
 CONTEXTS = (4096, 32768, 131072)
@@ -27,8 +28,6 @@ def _dtype_name(model: Model) -> str:
 
 def kv_bytes(model: Model, contexts: Sequence[int] = CONTEXTS) -> dict[str, int]:
     """Calculated KV-cache bytes (batch 1, the model's dtype, its cache format) at each context, keyed by context."""
-    from ..costs import costs
-
     q = getattr(model, "kv_quant", None)
     return {str(n): costs(model.config, context=n, dtype=_dtype_name(model), kv_quant=q).kv_cache_bytes
             for n in contexts}
@@ -38,8 +37,6 @@ def kv_bytes(model: Model, contexts: Sequence[int] = CONTEXTS) -> dict[str, int]
 def cache_bytes(model: Model, ids: Sequence[int]) -> tuple[int, int]:
     """(measured, calculated) bytes of the model's own cache (its format) after a prefill of ``ids``, allocated for
     exactly ``len(ids)`` positions."""
-    from ..costs import costs
-
     n = len(ids)
     cache = model.new_cache(1, n)
     model(torch.tensor([list(ids)], device=model.embed.weight.device), cache=cache)
@@ -54,7 +51,7 @@ def measure(reference: Model, variant: Model, ids: Sequence[int], prefix: Sequen
     """One report row for ``variant`` against ``reference`` (see the module docstring). ``ids``: text tokens;
     ``length``: positions per KL window (BOS ``prefix`` included); needle retrieval when ``needle_lengths`` (needs
     ``tok`` and ``text``); decode speed at ``decode_context`` (0: skipped)."""
-    from ..bench import bench_kvlab
+    from ..bench import bench_kvlab  # the benchmark and evaluations (psutil, tokenizers) when a row is measured
     from ..eval.kl import kl_divergence
     from ..eval.needle import needle_test
 

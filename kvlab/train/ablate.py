@@ -45,16 +45,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import multiprocessing as mp
 import statistics
+import sys
+import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from scipy import stats
 
+from kvlab.budget import budget
 from kvlab.config import ModelConfig
+from kvlab.costs import costs
+from kvlab.model import Model
+from kvlab.sharing import share_adjacent, share_last
+from kvlab.units import fmt_bytes, fmt_context, fmt_count, parse_context, table
 
+from .checkpointing import write_json_atomic
 from .config import parse_config, read_file
+from .data import make_task
+from .probe import bin_labels, parse_probe, probe
+from .trainer import train
 
 VARIANT_FIELDS = ("name", "layer_overrides", "layer_pattern", "sliding", "budget", "model", "share_last",
                   "share_adjacent")
@@ -81,8 +94,6 @@ def welch(a: list[float], b: list[float]) -> dict[str, float]:
 
 # -- variants and parameter matching -----------------------------------------------------------------
 def num_params(cfg: ModelConfig) -> int:
-    from kvlab.costs import costs
-
     return costs(cfg, context=1, dtype="float32").params_total
 
 
@@ -96,8 +107,6 @@ def _replace_layer(x, over: dict[str, Any], what: str):
 
 def apply_variant(base: ModelConfig, v: dict[str, Any]) -> ModelConfig:
     """The base model with a variant's changes (an error names the variant and the field)."""
-    from kvlab.sharing import share_adjacent, share_last
-
     name = v.get("name")
     try:
         cfg = copy.deepcopy(base)
@@ -121,8 +130,6 @@ def apply_variant(base: ModelConfig, v: dict[str, Any]) -> ModelConfig:
                       for i, x in enumerate(layers)]
         cfg = dataclasses.replace(cfg, layers=layers)
         if "budget" in v:
-            from kvlab.budget import budget
-
             b = v["budget"]
             if not isinstance(b, dict) or set(b) - set(BUDGET_FIELDS):
                 raise ValueError(f"budget: a table of kvlab.budget arguments {list(BUDGET_FIELDS)}"
@@ -198,11 +205,6 @@ def preset_path(name: str) -> Path:
 # -- parsing -----------------------------------------------------------------------------------------
 def parse_sweep(raw: dict[str, Any]) -> dict[str, Any]:
     """Validate a sweep and build every variant's training config (matched) before anything trains."""
-    from kvlab.units import parse_context
-
-    from .data import make_task
-    from .probe import parse_probe
-
     if not isinstance(raw, dict):
         raise ValueError("a sweep is a table with 'base' and 'variants'")  # noqa: TRY004
     unknown = sorted(set(raw) - set(SWEEP_FIELDS))
@@ -278,10 +280,8 @@ def dry_run(path_or_raw: str | Path | dict[str, Any]) -> dict[str, Any]:
     """Everything a sweep does before training: parse, build every variant's model (weights and all),
     check its parameter count against the calculator's and the baseline's, and run one forward pass at the
     longest probe length. Returns the rows of :func:`format_dry_run`."""
-    import torch
+    import torch  # the dry run builds the models; reading, planning and tabulating a sweep need no torch
 
-    from kvlab.costs import costs
-    from kvlab.model import Model
 
     sweep = load_sweep(path_or_raw)
     base = sweep["base"]
@@ -313,8 +313,6 @@ def dry_run(path_or_raw: str | Path | dict[str, Any]) -> dict[str, Any]:
 
 
 def format_dry_run(r: dict[str, Any]) -> str:
-    from kvlab.units import fmt_bytes, fmt_context, fmt_count, table
-
     rows = [[x["name"], fmt_count(x["params"]), f"{x['params_vs_baseline']:+.1%}", fmt_bytes(x["kv_cache_bytes"]),
              x["layers"]] for x in r["rows"]]
     head = ["variant", "params", "vs baseline", f"KV @ {fmt_context(r['context'])} bf16", "attention (/window)"]
@@ -326,11 +324,6 @@ def format_dry_run(r: dict[str, Any]) -> str:
 # -- running -----------------------------------------------------------------------------------------
 def _run_one(cfg, out: str, probe_spec: dict[str, Any], progress: bool) -> dict[str, Any]:
     """Train one variant x seed and probe it (also the worker of a parallel sweep)."""
-    import time
-
-    from .probe import probe
-    from .trainer import train
-
     t0 = time.perf_counter()
     r = train(cfg, out=out, progress=progress)
     pr = probe(r.model, cfg.task, lengths=probe_spec["lengths"], distance_bins=probe_spec["distance_bins"],
@@ -353,12 +346,6 @@ def run_sweep(path_or_raw: str | Path | dict[str, Any], out: str | Path | None =
               progress: bool = False, jobs: int = 1) -> dict[str, Any]:
     """Train every variant and seed (``jobs`` at a time, each its own process when > 1), probe each model,
     and return the rows of the table: per-seed values, mean, std and Welch's p against the baseline."""
-    import time
-
-    from kvlab.costs import costs
-
-    from .probe import bin_labels
-
     sweep = load_sweep(path_or_raw)
     if not isinstance(jobs, int) or jobs < 1:
         raise ValueError(f"jobs={jobs!r}: a positive integer")
@@ -375,16 +362,11 @@ def run_sweep(path_or_raw: str | Path | dict[str, Any], out: str | Path | None =
         for k, seed, cfg, d in work:
             results[(k, seed)] = _run_one(cfg, d, sweep["probe"], progress)
     else:
-        import multiprocessing as mp
-        from concurrent.futures import ProcessPoolExecutor
-
         with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
             futs = {pool.submit(_run_one, cfg, d, sweep["probe"], False): (k, seed) for k, seed, cfg, d in work}
             for f, key in futs.items():
                 results[key] = f.result()
                 if progress:
-                    import sys
-
                     print(f"ablate: {sweep['variants'][key[0]]['name']} seed {key[1]} done "
                           f"({len(results)}/{len(work)})", file=sys.stderr, flush=True)
     wall = time.perf_counter() - t0
@@ -426,7 +408,6 @@ def run_sweep(path_or_raw: str | Path | dict[str, Any], out: str | Path | None =
               "probe": sweep["probe"],
               "columns": {"distance": dict(zip(dist_keys, labels)),
                           "length": {key: str(n) for key, n in zip(len_keys, sweep["probe"]["lengths"])}}}
-    from .checkpointing import write_json_atomic
 
     write_json_atomic(out / "results.json", result)  # the table and plot can be redrawn from it
     return result
@@ -443,8 +424,6 @@ def _cell(r: dict[str, Any], key: str, fmt: str) -> str:
 
 def table_rows(result: dict[str, Any]) -> tuple[list[list[str]], list[str], list[list[str]], list[str]]:
     """The two tables' headers and rows: costs and losses; retrieval accuracy by distance and by length."""
-    from kvlab.units import fmt_bytes, fmt_context, fmt_count
-
     head1 = ["variant", "params", f"KV @ {fmt_context(result['context'])} bf16", "train tokens/s",
              "final eval loss", "answer accuracy"]
     rows1 = [[r["name"], fmt_count(r["params"]), fmt_bytes(r["kv_cache_bytes"]), f"{r['tokens_per_s']:,.0f}",
@@ -470,8 +449,6 @@ def _footer(result: dict[str, Any]) -> str:
 
 
 def format_table(result: dict[str, Any], markdown: bool = False) -> str:
-    from kvlab.units import table
-
     head1, rows1, head2, rows2 = table_rows(result)
     if markdown:
         def md(head: list[str], rows: list[list[str]]) -> str:

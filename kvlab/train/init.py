@@ -12,8 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+import kvlab
 from kvlab.config import ModelConfig
 from kvlab.errors import KvlabError
+from kvlab.families import config_from_dir, config_from_gguf
+from kvlab.gguf_checkpoint import is_gguf
+from kvlab.models import resolve_file
+from kvlab.native import native_checkpoint
 
 if TYPE_CHECKING:
     from kvlab.model import Model
@@ -40,11 +45,6 @@ def _explain(spec: str, field: str, e: Exception) -> InitError:
 
 def init_config(spec: str | Path, field: str = "model.init") -> ModelConfig:
     """The ModelConfig of the model ``spec`` names, read without its weights."""
-    from kvlab.families import config_from_dir, config_from_gguf
-    from kvlab.gguf_checkpoint import is_gguf
-    from kvlab.models import resolve_file
-    from kvlab.native import native_checkpoint
-
     spec = _check_spec(spec, field)
     try:
         path = resolve_file(spec)
@@ -62,8 +62,6 @@ def init_config(spec: str | Path, field: str = "model.init") -> ModelConfig:
 
 def init_model(spec: str | Path, device: str | torch.device = "cpu", field: str = "model.init") -> Model:
     """The model ``spec`` names with its weights in fp32 (master weights for training), in eval mode."""
-    import kvlab
-
     spec = _check_spec(spec, field)
     try:
         return kvlab.load(spec, dtype=torch.float32, device=device)

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from kvlab.eval.corpus import Corpus, _docstrings, load_corpus
+from kvlab.tokenizer import TokenizerError, load_tokenizer
 
 from .task import Task, sample_generator
 
@@ -55,8 +56,6 @@ _TOKENS: dict[tuple, tuple[torch.Tensor, list[int], str]] = {}
 
 
 def _tokenizer(spec: str):
-    from kvlab.tokenizer import TokenizerError, load_tokenizer
-
     try:
         tok = load_tokenizer(spec)
     except ValueError as e:
@@ -100,8 +99,6 @@ class Text(Task):
     def validate(self) -> None:
         super().validate()
         if not isinstance(self.tokenizer, str) or not self.tokenizer:
-            from kvlab.tokenizer import TokenizerError
-
             raise TokenizerError(f"task.tokenizer={self.tokenizer!r}: name the model whose tokenizer cuts the text (a "
                              "checkpoint directory, .gguf or named model; in a distillation it defaults to the "
                              "teacher's)")
