@@ -67,14 +67,34 @@ def read_before(self, n: int | None = None, rows: slice | None = None) -> torch.
 
 
 def fill(cache, cfg, ctx: int, dtype: torch.dtype) -> None:
-    """Write random K/V (seed 0, the same for every cache) at positions ``0..ctx-1`` of every storing layer."""
+    """Write random values (seed 0, the same for every cache) at positions ``0..ctx-1`` of every storing layer:
+    K/V (GQA, CCA, sink window), the latent and rotary key (MLA; DSA's indexer keys), the window ring, the
+    compressed entries and indexer keys (CSA/HCA/SWA; the partial block left as zeros)."""
+    from kvlab.cache.compressed import CompressedStore
+    from kvlab.cache.latent import LatentStore
+
     gen = torch.Generator().manual_seed(0)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
     for store, spec in zip(cache.layers, cfg.layers, strict=True):
         if store is None:
             continue
-        k = torch.randn(1, spec.num_kv_heads, ctx, spec.head_dim, generator=gen)
-        v = torch.randn(1, spec.num_kv_heads, ctx, spec.value_dim, generator=gen)
-        store.append(k.to(dtype), v.to(dtype), 0)
+        if isinstance(store, LatentStore):
+            m = spec.mla
+            store.append(rnd(1, ctx, m.kv_lora_rank), rnd(1, ctx, m.qk_rope_head_dim), 0)
+            if store.index_keys is not None:
+                store.append_index(rnd(1, ctx, m.index_head_dim), 0)
+        elif isinstance(store, CompressedStore):
+            store.window.append(rnd(1, 1, ctx, spec.head_dim), rnd(1, 1, ctx, 0), 0)
+            for pool in (store.pool, store.index):
+                if pool is not None and ctx // pool.ratio:
+                    n = ctx // pool.ratio
+                    pool.reserve(n)
+                    pool.rows.write(0, rnd(1, n, pool.dim))
+        else:
+            store.append(rnd(1, spec.num_kv_heads, ctx, spec.head_dim), rnd(1, spec.num_kv_heads, ctx, spec.value_dim), 0)
     cache.seq_len = ctx
 
 
