@@ -57,11 +57,15 @@ def test_decode_step_of_tiny_presets_is_one_graph(name):
 
 
 @pytest.mark.parametrize("kind,example,kv_quant", [("gqa", 0, "int8"), ("gqa", 1, "int4-g8-r3"),
-                                                   ("cca", 1, "int8-g4-kc-rot")])
+                                                   ("cca", 1, "int8-g4-kc-rot"), ("gqa", 4, "int4-g4-r2"),
+                                                   ("mla", 0, "int4-g4-r3"), ("mla", 1, "deepseek-v4"),
+                                                   ("csa", 0, "deepseek-v4"), ("hca", 0, "int8-g4-r2"),
+                                                   ("swa", 0, "fp8-g4-rope")])
 def test_quantized_decode_step_is_one_graph(kind, example, kv_quant, monkeypatch):
-    """A quantized cache's decode step (attention walking the cache in blocks of 2 positions,
+    """A quantized cache's decode step (attention walking the cache in blocks of 2 to 4 positions,
     kvlab/layers/blocked.py) too: full layers, a window ring with sinks and a residual, CCA keys per channel
-    rotated."""
+    rotated, a sink-token window (sinks then ring), MLA's latent and rotary key (DSA: its indexer keys scored by
+    blocks, the chosen latents gathered), CSA/HCA/SWA rings, entries written by row masks and indexer keys."""
     from kvlab.cache import quant
 
     spec = tiny(kind, example).layers[0]

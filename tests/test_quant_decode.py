@@ -5,6 +5,7 @@ dequantizes a whole buffer; ``kvlab bench --kv-dtype`` measures each format."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 
@@ -19,7 +20,7 @@ from kvlab.costs.quant import Buffer, layout, parse_quant
 from kvlab.layers import attention
 from kvlab.layers.blocked import attend_blocked
 from kvlab.layers.core import attend
-from tests.test_contract import random_model, tiny
+from tests.test_contract import CASES, random_model, tiny
 from tests.test_quant import fake
 
 
@@ -204,3 +205,50 @@ def test_bench_bad_kv_dtype_is_a_named_error(capsys):
     assert main(["bench", "llama-3.1-8b", "--kv-dtype", "fp32,int3", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "kvlab: error:" in err and "--kv-dtype 'int3'" in err and "int8" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("kv_quant,block_bytes", [("int4-g4-r3", 1), ("fp8-g4-rope", 300), ("deepseek-v4", 1),
+                                                  ("int8-g2-rot", 300), ("int4-g2-asym-rot", 1),
+                                                  ("int8-g2-asym-rot", 300)])
+@pytest.mark.parametrize("kind,example", CASES)
+def test_blocked_decode_of_every_kind_equals_dequantizing_whole_buffers(monkeypatch, kind, example, kv_quant,
+                                                                        block_bytes):
+    """Every kind (GQA full, ring and sink-token window, CCA, MLA's latent and rotary key with and without DSA's
+    indexer keys, CSA/HCA/SWA rings, entries and indexer keys) decodes a left-padded batch through readers walked in
+    blocks of a few slots (1 byte: one slot, or a group's span, per block) as with every buffer dequantized whole
+    (``DECODE_BLOCK_BYTES`` 0, what these kinds did before), each step from the same cache state (a copy), and a
+    blocked step reads its buffers by blocks or chosen rows only, never more than a block at once. One layer, so every value
+    written is the same on both paths: a later layer's input differs by float rounding, enough to flip a code at a
+    rounding boundary and move the logits by 1e-4 (tests/test_contract.py checks 3 layers, sharing included)."""
+    full = tiny(kind, example)
+    cfg = ModelConfig(vocab_size=full.vocab_size, hidden_size=full.hidden_size, layers=full.layers[:1],
+                      max_positions=full.max_positions)
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(2, max_length=30, kv_quant=kv_quant)
+    cache.set_padding(torch.tensor([0, 3]))
+    model(ids[:, :17], cache=cache)
+    calls: dict[str, int] = {}
+
+    def spy(name):
+        real = getattr(QuantRows, name)
+
+        def wrapped(self, *a, **k):
+            whole = name == "read" and (a[0] if a else k.get("n")) > QuantView(self, 1).block_size()
+            calls[name + " whole" * whole] = calls.get(name, 0) + 1
+            return real(self, *a, **k)
+
+        monkeypatch.setattr(QuantRows, name, wrapped)
+
+    for name in ("read", "read_block", "raw_block", "gather"):
+        spy(name)
+    for n in range(17, 30):
+        other = copy.deepcopy(cache)
+        monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", block_bytes)
+        calls.clear()
+        got = model(ids[:, n:n + 1], cache=cache)
+        assert "read whole" not in calls and set(calls) - {"read"}  # blocks (or a top-k's rows); a part that fits one
+        # block (a sink-token window's sinks) read whole, as a buffer that fits one block always was
+        monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 0)
+        want = model(ids[:, n:n + 1], cache=other)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -21,7 +21,7 @@ import torch
 from ..config import LayerSpec
 from ..kinds.compressed import buffers
 from .growth import next_capacity
-from .storage import KVStore, Rows, WindowKV, rows_for
+from .storage import KVStore, WindowKV, decode_read, rows_for
 
 
 class _Pool:
@@ -74,19 +74,14 @@ class _Pool:
         """One decode token per row (kvlab/layers/compressed.py ``Compressor.step``): rows whose token completes
         block ``w [B]`` store ``new [B, 1, d]`` there and (overlap) the block's first series from ``block_kv`` /
         ``block_gate [B, m, f d]``; the other active rows keep the token's raw ``kv`` (and gate, the last row of
-        ``block_gate``) at slot ``lead [B]`` of the partial block. Masks, not branches (plain entries; quantized ones are written
-        row by row after a host read). Returns the first ``n`` entries ``[B, n, d]``."""
+        ``block_gate``) at slot ``lead [B]`` of the partial block. Masks, not branches, no host read (quantized
+        entries too: ``write_rows``). Returns the first ``n`` entries: a reader of ``[B, n, d]`` (quantized: dequantized
+        block by block or only the rows a top-k chose, kvlab/layers/blocked.py; plain: a view)."""
         m, d = self.ratio, self.dim
         self.reserve(n)
         rows = torch.arange(w.shape[0], device=w.device)
-        cap = self.rows.capacity
-        if type(self.rows) is Rows and cap:  # plain entries: a masked write at each row's block
-            t, wi = self.rows.t, w.clamp(0, cap - 1)
-            t[rows, wi] = torch.where(complete[:, None], new[:, 0], t[rows, wi])
-        elif cap:  # quantized entries (kvlab/cache/quant.py) are written through their own write: row by row
-            for r, (done, at) in enumerate(zip(complete.tolist(), w.tolist())):
-                if done:
-                    self.rows.write(at, new[r:r + 1], rows=slice(r, r + 1))
+        if self.rows.capacity:  # a masked write at each row's block
+            self.rows.write_rows(w, new, complete)
         if self.overlap:
             c = complete[:, None, None]
             self.prev_kv.copy_(torch.where(c, block_kv[..., :d], self.prev_kv))
@@ -96,7 +91,7 @@ class _Pool:
             keep = (active & ~complete)[:, None]
             self.partial_kv[rows, li] = torch.where(keep, kv[:, 0], self.partial_kv[rows, li])
             self.partial_gate[rows, li] = torch.where(keep, block_gate[:, -1], self.partial_gate[rows, li])
-        return self.rows.read(n)
+        return decode_read(self.rows, n)
 
     def state(self) -> list[torch.Tensor]:
         return [self.partial_kv, self.partial_gate] + ([self.prev_kv, self.prev_gate] if self.overlap else [])

@@ -16,8 +16,9 @@ import torch
 
 from ..config import LayerSpec
 from ..kinds.mla import buffers
+from ..layers.blocked import Cat
 from .growth import grown, next_capacity
-from .storage import KVStore, positions, rows_for
+from .storage import KVStore, decode_read, positions, rows_for
 
 
 class LatentStore(KVStore):
@@ -93,7 +94,8 @@ class LatentStore(KVStore):
 
 class QuantLatentStore(LatentStore):
     """The MLA cache with quantized buffers (``kv_quant``): ``c_kv``, ``k_pe`` and DSA's ``index_keys`` each a
-    :class:`~kvlab.cache.storage.Rows` (codes, scales, residual; kvlab/cache/quant.py); reads are dequantized."""
+    :class:`~kvlab.cache.storage.Rows` (codes, scales, residual; kvlab/cache/quant.py); a decode step reads them as
+    blocked readers (keys ``[c_kv, k_pe]`` a channel :class:`~kvlab.layers.blocked.Cat`), other calls dequantized."""
 
     def __init__(self, spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device,
                  quant) -> None:
@@ -132,7 +134,10 @@ class QuantLatentStore(LatentStore):
         self._reserve(start, end)
         self.parts["c_kv"].write(start, c_kv)
         self.parts["k_pe"].write(start, k_pe)
-        held = torch.cat((self.parts["c_kv"].read(end), self.parts["k_pe"].read(end)), dim=-1)
+        if c_kv.shape[1] == 1:  # a decode step: both buffers as readers, attended block by block
+            held = Cat([decode_read(self.parts[x], end) for x in ("c_kv", "k_pe")], -1)
+        else:
+            held = torch.cat((self.parts["c_kv"].read(end), self.parts["k_pe"].read(end)), dim=-1)
         return held, held, positions(end, c_kv.device)
 
     def append_index(self, keys, start):
@@ -141,7 +146,7 @@ class QuantLatentStore(LatentStore):
         end = start + keys.shape[1]
         self._reserve(start, end)
         self.index_keys.write(start, keys)
-        return self.index_keys.read(end)
+        return decode_read(self.index_keys, end) if keys.shape[1] == 1 else self.index_keys.read(end)
 
 
 def latent_store(spec: LayerSpec, batch: int, max_length: int | None, dtype: torch.dtype, device,

@@ -227,6 +227,25 @@ class QuantRows:
         self.res.index_copy_(self.res.dim() - 2, self._slots(q_new, end, x.device, self.residual_slots), keep)
         self.n = end
 
+    def write_rows(self, at: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """Store ``x [B, 1, D]`` at slot ``at[b]`` of each row ``b`` where ``mask [B]`` holds, quantized at once (a
+        buffer of lead ``[B]`` without a residual window, not a ring: CSA/HCA entries a decode step completes on
+        some rows). Masked writes, no branch and no host read, so a decode step compiles as one graph."""
+        if self.residual_slots or self.ring or self.codes.dim() != 3:
+            raise ValueError("write_rows: a per-row write needs a buffer of lead [B] without residual window or ring")
+        xq = x[..., :self.dq].float()
+        if self.block:
+            xq = rotate(xq, self.block)
+        c, s, z = quantize(xq.reshape(*xq.shape[:-1], self.dq // self.group, self.group), self.spec, -1)
+        c = c.reshape(xq.shape)
+        c = c.view(torch.uint8) if spec_is_fp8(self.spec) else c
+        new = [pack4(c) if self.spec.bits == 4 else c, s, z, x[..., self.dq:]]
+        rows = torch.arange(x.shape[0], device=x.device)
+        slot = at.clamp(0, max(self.capacity - 1, 0))
+        for t, v in zip((self.codes, self.scales, self.zeros, self.tail), new, strict=True):
+            if t is not None and t.shape[-1]:
+                t[rows, slot] = torch.where(mask[:, None], v[:, 0].to(t.dtype), t[rows, slot])
+
     # -- reading ---------------------------------------------------------------------------------------------
     def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
         """Slots ``0..n-1`` dequantized ``[*lead, n, D]`` in the cache dtype (the residual's positions exact)."""
@@ -294,6 +313,42 @@ class QuantRows:
                 z.narrow(-2, x0, x1 - x0).zero_()
         return out, s, z
 
+    def gather(self, idx: torch.Tensor, written: int | None = None) -> torch.Tensor:
+        """The slots ``idx [B, k]`` of each row (a buffer of lead ``[B]``, not a ring) dequantized, ``[B, k, D]`` in
+        the cache dtype: only those rows' codes and scales are read (a top-k choice: DSA's latents, CSA's entries),
+        the residual's positions (of ``written``) exact. Tensor operations only."""
+        if self.ring or self.codes.dim() != 3:
+            raise ValueError("gather: a buffer of lead [B] that is not a ring")
+        b, k = idx.shape
+
+        def pick(t, at):
+            return t.gather(1, at[..., None].expand(b, k, t.shape[-1]))
+
+        spec, dq = self.spec, self.dq
+        c = pick(self.codes, idx)
+        c = unpack4(c) if spec.bits == 4 else c.view(_FP8[spec.fmt]) if spec_is_fp8(spec) else c
+        v = code_values(c, spec)
+        if self.span > 1:  # one scale per channel for each group of span positions
+            g = torch.div(idx, self.span, rounding_mode="floor")
+            v = v * pick(self.scales, g).float()
+            if self.zeros is not None:
+                v = v + pick(self.zeros, g).float()
+        else:
+            vg = v.view(b, k, dq // self.group, self.group) * pick(self.scales, idx).float()[..., None]
+            if self.zeros is not None:
+                vg = vg + pick(self.zeros, idx).float()[..., None]
+            v = vg.view(b, k, dq)
+        if self.block:
+            v = rotate(v, self.block)
+        n = self.n if written is None else written
+        if self.residual_slots and n:
+            p0 = self.quantized_end(n)
+            exact = pick(self.res, idx.remainder(self.residual_slots)).float()
+            v = torch.where((idx >= p0)[..., None], exact, v)
+        if self.tail_dim:
+            v = torch.cat((v, pick(self.tail, idx).float()), dim=-1)
+        return v.to(self.dtype)
+
     def _codes_into(self, lo: int, hi: int, q: torch.Tensor, rows: slice | None, shift: bool = True) -> None:
         """The code values of slots ``lo..hi-1`` cast into ``q [*lead, m, Dq]`` (int4 symmetric codes less 8 when
         ``shift``)."""
@@ -339,10 +394,14 @@ class QuantRows:
         wrap = (p0 // cap + 1) * cap
         return [(p0, min(p1, wrap))] + ([(wrap, p1)] if p1 > wrap else [])
 
-    def view(self, n: int) -> QuantView | torch.Tensor:
-        """Slots ``0..n-1`` for a decode step's blocked attention (nothing dequantized yet); with
+    def view(self, n: int, heads: bool = False) -> QuantView | torch.Tensor:
+        """Slots ``0..n-1`` for a decode step's blocked attention (nothing dequantized yet); ``heads``: a buffer of
+        lead ``[B]`` read as ``[B, 1, n, D]`` (one shared head: MLA's latent, CSA/HCA entries). With
         :data:`DECODE_BLOCK_BYTES` 0, dequantized whole (as :meth:`read`)."""
-        return QuantView(self, n) if DECODE_BLOCK_BYTES else self.read(n)
+        if DECODE_BLOCK_BYTES:
+            return QuantView(self, n, heads)
+        t = self.read(n)
+        return t[:, None] if heads else t
 
 
 DECODE_BLOCK_BYTES = 4 << 20  # float32 bytes of one dequantized block in a decode step; 0: dequantize whole buffers
@@ -363,24 +422,32 @@ def scratch(numel: int, device) -> torch.Tensor:
 
 
 class QuantView:
-    """Slots ``0..n-1`` of a :class:`QuantRows` (``[*lead, n, D]``, ``lead = [B, Hkv]``) as a decode step's
-    attention reads them: :meth:`block` dequantizes a block of slots into a reused float32 scratch buffer, so
-    the whole dequantized K or V never exists (kvlab/layers/blocked.py attends block by block); :meth:`dense`
-    is the whole buffer, for a caller that needs a tensor."""
+    """Slots ``0..n-1`` of a :class:`QuantRows` (``[*lead, n, D]``, ``lead = [B, Hkv]``; ``heads``: a buffer of lead
+    ``[B]`` read as ``[B, 1, n, D]``) as a decode step's attention reads them: :meth:`block` dequantizes a block of
+    slots into a reused float32 scratch buffer, so the whole dequantized buffer never exists
+    (kvlab/layers/blocked.py attends block by block); :meth:`gather` dequantizes chosen slots only (a top-k);
+    :meth:`dense` is the whole buffer, for a caller that needs a tensor."""
 
-    def __init__(self, rows: QuantRows, n: int) -> None:
-        self.rows, self.n = rows, n
+    def __init__(self, rows: QuantRows, n: int, heads: bool = False) -> None:
+        self.rows, self.n, self.heads = rows, n, heads
         self.lead = tuple(rows.codes.shape[:-2])
         self.dim = rows.dq + rows.tail_dim
         self.written = rows.n  # the residual's positions as of this step (a later write changes the buffer)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.lead, self.n, self.dim)
+        return (self.lead[0], 1, *self.lead[1:], self.n, self.dim) if self.heads else (*self.lead, self.n, self.dim)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.rows.dtype
+
+    def with_heads(self) -> QuantView:
+        """The same slots read as ``[B, 1, n, D]`` (a buffer of lead ``[B]``)."""
+        return self if self.heads else QuantView(self.rows, self.n, True)
+
+    def _out(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unsqueeze(1) if self.heads else t
 
     def block_size(self) -> int:
         """Slots per block: :data:`DECODE_BLOCK_BYTES` of float32, a multiple of the scale group's span."""
@@ -392,7 +459,7 @@ class QuantView:
         """Slots ``lo..hi-1`` dequantized, float32 ``[*lead, hi - lo, D]``: a view of the shared scratch, valid
         until the next block is read."""
         out = scratch(int(torch.Size(self.lead).numel()) * (hi - lo) * self.dim, self.rows.codes.device)
-        return self.rows.read_block(lo, hi, out.view(*self.lead, hi - lo, self.dim), None, self.written)
+        return self._out(self.rows.read_block(lo, hi, out.view(*self.lead, hi - lo, self.dim), None, self.written))
 
     @property
     def foldable(self) -> bool:
@@ -402,11 +469,16 @@ class QuantView:
         """Slots ``lo..hi-1`` as ``(codes, scales, zeros)`` (:meth:`QuantRows.raw_block`), the codes in the shared
         scratch (valid until the next block is read)."""
         out = scratch(int(torch.Size(self.lead).numel()) * (hi - lo) * self.dim, self.rows.codes.device)
-        return self.rows.raw_block(lo, hi, out.view(*self.lead, hi - lo, self.dim), self.written)
+        c, s, z = self.rows.raw_block(lo, hi, out.view(*self.lead, hi - lo, self.dim), self.written)
+        return self._out(c), self._out(s), None if z is None else self._out(z)
+
+    def gather(self, idx: torch.Tensor) -> torch.Tensor:
+        """Slots ``idx [B, k]`` of each row dequantized, ``[B, k, D]`` in the cache dtype (:meth:`QuantRows.gather`)."""
+        return self.rows.gather(idx, self.written)
 
     def dense(self) -> torch.Tensor:
         """All ``n`` slots dequantized, in the cache dtype."""
-        return self.rows.read(self.n)
+        return self._out(self.rows.read(self.n))
 
 
 __all__ = ["DECODE_BLOCK_BYTES", "QuantRows", "QuantView", "code_values", "dequantize", "hadamard", "pack4", "quantize", "rotate", "unpack4"]

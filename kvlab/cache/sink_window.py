@@ -10,7 +10,8 @@ shared ring also holds a padded row's sink positions ``>= S``; the positions ret
 for that row, so nothing is attended twice. Plain and preallocated, sinks and ring are two views of one tensor
 (sinks first), so a decode step writes its token and reads one view: no copy, no host read. Quantized
 (``kv_quant``), the sinks are two more buffers quantized like the ring (kvlab/kinds/gqa.py ``buffers``), without a
-residual window: each is quantized when written.
+residual window: each is quantized when written; a decode step reads sinks and ring as blocked readers joined along
+positions (kvlab/layers/blocked.py ``Cat``), dequantized block by block inside attention.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ import torch
 
 from kvlab.kinds import Buffer, gqa
 
+from ..layers.blocked import Cat
 from .growth import next_capacity
-from .storage import KVStore, Rows, _Buffers, _ring_positions, positions
+from .storage import KVStore, Rows, _Buffers, _ring_positions, decode_read, positions
 
 _SLOTS: dict[tuple, tuple[int, torch.Tensor | None, torch.Tensor]] = {}
 
@@ -147,6 +149,17 @@ class SinkWindowKV(KVStore):
             if self.pad is None and end <= kj.shape[2]:  # nothing wrapped yet: slot i holds position i
                 return kj.narrow(2, 0, end), vj.narrow(2, 0, end), positions(end, k.device)
             return kj, vj, self.slot_positions(end, k.device)
+        if t == 1 and no_pad_query and start > 0:  # a quantized decode step: the sinks then the ring, as readers
+            self._write(start, k, v)
+            ns, held = self.sink_cap, self.ring.capacity if self.ring is not None else 0
+            if self.pad is None and end <= ns + held:  # nothing wrapped yet: slot i holds position i
+                ns, held = min(end, ns), max(0, end - s) if self.ring is not None else 0
+                kpos = positions(end, k.device)
+            else:
+                kpos = self.slot_positions(end, k.device)
+            parts = [(self.sink, ns)] + ([(self.ring, held)] if held else [])
+            kv = [Cat([decode_read(getattr(p, which), m) for p, m in parts], -2) for which in ("rows_k", "rows_v")]
+            return *(x.parts[0] if len(parts) == 1 else x for x in kv), kpos
         if start == 0:
             self._write(start, k, v)
             return k, v, positions(end, k.device)

@@ -118,6 +118,13 @@ class Rows:
             end = start + n
             t.index_copy_(t.dim() - 2, torch.arange(end - keep, end, device=x.device) % cap, x.narrow(-2, n - keep, keep))
 
+    def write_rows(self, at: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
+        """Store ``x [B, 1, dim]`` at slot ``at[b]`` of each row ``b`` where ``mask [B]`` holds (lead ``[B]``; a
+        masked write, no host read)."""
+        rows = torch.arange(x.shape[0], device=x.device)
+        slot = at.clamp(0, max(self.capacity - 1, 0))
+        self.t[rows, slot] = torch.where(mask[:, None], x[:, 0], self.t[rows, slot])
+
     def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
         t = self.t if rows is None else self.t[rows]
         return t if n is None else t.narrow(-2, 0, n)
@@ -133,6 +140,16 @@ def rows_for(buf, lead: tuple[int, ...], dtype: torch.dtype, device, quant=None,
     if spec is None or not buf.dim:
         return Rows(lead, buf.dim, dtype, device, ring=buf.ring is not None)
     return QuantRows(buf, spec, lead, dtype, device, max_length)
+
+
+def decode_read(rows, n: int, heads: bool = False):
+    """Slots ``0..n-1`` of ``rows`` for a decode step: a quantized buffer as a blocked reader (kvlab/cache/quant.py
+    ``QuantView``, dequantized block by block inside attention), a plain one as its view; ``heads``: a buffer of lead
+    ``[B]`` read as ``[B, 1, n, D]``."""
+    if isinstance(rows, QuantRows):
+        return rows.view(n, heads)
+    t = rows.read(n)
+    return t[:, None] if heads else t
 
 
 class _Buffers:
@@ -169,7 +186,7 @@ class _Buffers:
         """K and V of slots ``0..n-1``; ``view`` (a decode step): a quantized buffer as a blocked reader
         (kvlab/cache/quant.py ``QuantView``, dequantized block by block inside attention) instead of a tensor."""
         n = self.capacity if n is None else n
-        return tuple(r.view(n) if view and isinstance(r, QuantRows) else r.read(n) for r in (self.rows_k, self.rows_v))
+        return tuple(decode_read(r, n) if view else r.read(n) for r in (self.rows_k, self.rows_v))
 
     def tensors(self) -> list[torch.Tensor]:
         return [*self.rows_k.tensors(), *self.rows_v.tensors()]

@@ -8,8 +8,12 @@ channels (``foldable``) and few (at most ``FOLD_ROWS`` query heads x groups per 
 cast to float32 and the scales are applied on the small side --
 ``q.k = sum_g s_g (q_g . c_g) + z_g sum(q_g)`` and ``p.v = sum_g (p s_g) c_g + (p z_g)`` -- instead of multiplying
 every code (rotated keys: the query is rotated, ``q.Hk = Hq.k``); otherwise a block is dequantized (``block``).
-Tensor operations only, no host read; the loop is over blocks (a handful), never tokens or heads. Computed in
-float32 whatever the cache dtype.
+
+Every kind reads its cache through the same readers: a :class:`Cat` joins readers or tensors along positions (CSA/HCA:
+the window ring then the compressed entries; a sink-token window: the sinks then the ring) or along channels (MLA:
+keys ``[c_kv, k_pe]``, two buffers quantized apart); :func:`scores` is the blocked ``q.k`` alone (indexers: DSA's and
+CSA's keys), :func:`gather` dequantizes only the rows a top-k chose. Tensor operations only, no host read; the loop
+is over blocks (a handful) and parts (two), never tokens or heads. Computed in float32 whatever the cache dtype.
 """
 
 from __future__ import annotations
@@ -39,20 +43,89 @@ class BlockedKV(Protocol):
     def dense(self) -> torch.Tensor: ...
 
 
+class Cat:
+    """Readers or tensors joined along ``axis`` -2 (positions) or -1 (channels), read part by part (nothing is
+    concatenated until :meth:`dense`). ``shape``: the joined shape."""
+
+    def __init__(self, parts: list, axis: int) -> None:
+        if axis not in (-2, -1):
+            raise ValueError(f"Cat axis={axis}: allowed: -2 (positions), -1 (channels)")
+        self.parts, self.axis = list(parts), axis
+        shape = list(self.parts[0].shape)
+        shape[axis] = sum(p.shape[axis] for p in self.parts)
+        self.shape = tuple(shape)
+        self.n = shape[-2]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].dtype
+
+    def offsets(self) -> list[tuple[int, int]]:
+        """``(lo, hi)`` of each part along the axis."""
+        out, at = [], 0
+        for p in self.parts:
+            out.append((at, at + p.shape[self.axis]))
+            at += p.shape[self.axis]
+        return out
+
+    def dense(self) -> torch.Tensor:
+        return torch.cat([dense(p) for p in self.parts], dim=self.axis)
+
+
 def is_blocked(x) -> bool:
-    """``x`` is a blocked reader rather than a tensor."""
+    """``x`` is a blocked reader (or a :class:`Cat`) rather than a tensor."""
     return not isinstance(x, torch.Tensor)
 
 
 def one_block(x) -> bool:
     """``x`` is a tensor or a reader whose slots fit one block: read whole, it costs no more memory than a block
     (and attention runs in ``scaled_dot_product_attention`` as over an unquantized cache)."""
+    if isinstance(x, Cat):
+        return all(one_block(p) for p in x.parts)
     return not is_blocked(x) or x.n <= x.block_size()
 
 
 def dense(x) -> torch.Tensor:
     """A tensor of ``x`` (a blocked reader dequantized whole)."""
     return x.dense() if is_blocked(x) else x
+
+
+def prepare(x):
+    """``x`` for a decode step: a reader that fits one block read whole (a tensor), a :class:`Cat` part by part."""
+    if isinstance(x, Cat):
+        return Cat([prepare(p) for p in x.parts], x.axis)
+    return dense(x) if one_block(x) else x
+
+
+def with_heads(x):
+    """``x [B, L, D]`` (one row per sequence: MLA's latent, CSA/HCA entries) as ``[B, 1, L, D]``."""
+    if isinstance(x, Cat):
+        return Cat([with_heads(p) for p in x.parts], x.axis)
+    return x.with_heads() if is_blocked(x) else x[:, None]
+
+
+def channels(x, lo: int, hi: int):
+    """Channels ``lo..hi-1`` of ``x`` (a tensor, or a channel :class:`Cat` whose parts cover them exactly: MLA's
+    values ``c_kv`` out of its keys ``[c_kv, k_pe]``)."""
+    if not is_blocked(x):
+        return x[..., lo:hi]
+    if isinstance(x, Cat) and x.axis == -1:
+        inside = [p for p, (a, b) in zip(x.parts, x.offsets(), strict=True) if lo <= a and b <= hi]
+        if sum(p.shape[-1] for p in inside) == hi - lo:
+            return inside[0] if len(inside) == 1 else Cat(inside, -1)
+    raise ValueError(f"channels {lo}..{hi - 1}: not a union of the reader's parts")
+
+
+def gather(x, idx: torch.Tensor) -> torch.Tensor:
+    """Rows ``idx [B, k]`` of ``x [B, L, D]`` (a tensor, a reader: only those rows dequantized, or a channel
+    :class:`Cat`) -> ``[B, k, D]``."""
+    if isinstance(x, Cat):
+        if x.axis != -1:
+            raise ValueError("gather: rows of a reader joined along positions")
+        return torch.cat([gather(p, idx) for p in x.parts], dim=-1)
+    if is_blocked(x):
+        return x.gather(idx)
+    return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
 def _ranges(x, n: int):
@@ -74,8 +147,22 @@ def _folds(x, g: int) -> bool:
     return is_blocked(x) and x.foldable and g * _groups(x) <= FOLD_ROWS
 
 
+def scores(qf: torch.Tensor, k) -> torch.Tensor:
+    """``qf [B, Hkv, G, D]`` (float32) against every key of ``k [B, Hkv, L, D]`` (a reader, a :class:`Cat` or a
+    tensor), block by block -> ``[B, Hkv, G, L]`` float32 (indexers apply their relu and head weights to it)."""
+    return _scores(qf.contiguous(), k, k.shape[-2])
+
+
 def _scores(qf: torch.Tensor, k, n: int) -> torch.Tensor:
     """``qf [B, Hkv, G, D]`` (float32) against every key -> ``[B, Hkv, G, n]``."""
+    if isinstance(k, Cat):
+        if k.axis == -2:  # parts along positions: their scores side by side
+            return torch.cat([_scores(qf, p, p.shape[-2]) for p in k.parts], dim=-1)
+        out = None  # parts along channels: q.k summed over them
+        for p, (lo, hi) in zip(k.parts, k.offsets(), strict=True):
+            part = _scores(qf[..., lo:hi].contiguous(), p, n)
+            out = part if out is None else out.add_(part)
+        return out
     if not _folds(k, qf.shape[2]):
         blocks = (k.block(lo, hi) if is_blocked(k) else k.narrow(-2, lo, hi - lo).float() for lo, hi in _ranges(k, n))
         return torch.cat([qf @ kb.transpose(-1, -2) for kb in blocks], dim=-1)
@@ -102,6 +189,14 @@ def _scores(qf: torch.Tensor, k, n: int) -> torch.Tensor:
 
 def _weighted_values(p: torch.Tensor, v, n: int) -> torch.Tensor:
     """``p [B, Hkv, G, n]`` (float32) times the values -> ``[B, Hkv, G, Dv]``."""
+    if isinstance(v, Cat):
+        if v.axis == -1:  # parts along channels: their outputs side by side
+            return torch.cat([_weighted_values(p, part, n) for part in v.parts], dim=-1)
+        out = None  # parts along positions: each part's probabilities times its values, summed
+        for part, (lo, hi) in zip(v.parts, v.offsets(), strict=True):
+            o = _weighted_values(p[..., lo:hi], part, hi - lo)
+            out = o if out is None else out.add_(o)
+        return out
     out = None
     if not _folds(v, p.shape[2]):
         for lo, hi in _ranges(v, n):
@@ -149,4 +244,5 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
     return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
 
 
-__all__ = ["BlockedKV", "attend_blocked", "dense", "is_blocked", "one_block"]
+__all__ = ["BlockedKV", "Cat", "attend_blocked", "channels", "dense", "gather", "is_blocked", "one_block", "prepare",
+           "scores", "with_heads"]

@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
-from .blocked import dense
-from .core import softmax_with_sink, stable_topk, visible_keys, visible_mask
+from .blocked import Cat, dense, gather, scores, with_heads
+from .core import attend, softmax_with_sink, stable_topk, visible_keys, visible_mask
 from .norm import RMSNorm
 from .rope import inv_freq_and_scale, rotate_part
 
@@ -217,9 +217,9 @@ class CompressedAttention(nn.Module):
         q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
         q = self._rot(q, tab)
         kv = self._rot(self.kv_norm(self.kv_proj(x)), tab)[:, None]  # [B, 1, T, D]
-        if store is not None:
+        if store is not None:  # a quantized ring's decode step: a blocked reader (kvlab/layers/blocked.py)
             kw, _, kpos = store.append(kv, kv[..., :0], start)
-            kw = dense(kw)  # a quantized ring's blocked reader: this kind attends over a tensor
+            kw = kw if t == 1 else dense(kw)
         else:
             kw, kpos = kv, qpos
         ix = self.compressor.indexer if self.csa else None
@@ -334,37 +334,32 @@ class CompressedAttention(nn.Module):
     def _attend_step(self, q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw) -> torch.Tensor:
         """One decode query per row ``q [B, H, 1, D]`` over the whole window ring ``kw [B, 1, L, D]`` (in place, at
         slot positions ``kpos [L]``; left padding ``pad [B]`` masked) and the first ``nvis [B]`` of the compressed
-        ``entries [B, N, D]`` of each row (CSA: the indexer's top-k of them, gathered). No host read."""
+        ``entries [B, N, D]`` of each row (CSA: the indexer's top-k of them, gathered). The ring, the entries and the
+        indexer keys may be a quantized cache's readers: attended (and scored) block by block, the chosen entries
+        alone dequantized (kvlab/layers/blocked.py); one softmax over both branches, V = K. No host read."""
         s, c = self.spec, self.cspec
-        b, h = q.shape[:2]
+        b = q.shape[0]
         ok = visible_mask(qpos, kpos, s.window, pad)  # [B|1, 1, L]
-        sw = (q @ kw.transpose(-1, -2)).float() * s.scale  # [B, H, 1, L]
-        sw = sw.masked_fill(~ok[:, None], float("-inf"))
-        n = 0 if entries is None else entries.shape[1]
-        sc = None
+        parts, seen = [kw], [ok.expand(b, 1, ok.shape[-1])]
+        n = 0 if entries is None else entries.shape[-2]
         if n:
-            seen = torch.arange(n, device=q.device)[None] < nvis[:, None]  # [B, N]
+            vis = (torch.arange(n, device=q.device)[None] < nvis[:, None])[:, None]  # [B, 1, N]
             if self.csa:
                 ix = self.compressor.indexer
-                isc = F.relu(iq.float() @ ikeys.float().transpose(-1, -2)[:, None]) * ix.dim ** -0.5  # [B, HI, 1, N]
-                isc = (isc * iw.transpose(1, 2)[..., None]).sum(dim=1).masked_fill(~seen[:, None], float("-inf"))
+                qi = iq.float().transpose(1, 2)  # [B, 1, HI, dI]
+                isc = F.relu(scores(qi, with_heads(ikeys)).transpose(1, 2) * ix.dim ** -0.5)  # [B, HI, 1, N]
+                isc = (isc * iw.transpose(1, 2)[..., None]).sum(dim=1).masked_fill(~vis, float("-inf"))
                 k = min(c.index_topk, n)
                 val, idx = stable_topk(isc, k) if k < n else (isc, torch.arange(n, device=q.device).expand_as(isc))
-                sel = entries.gather(1, idx.reshape(b, k, 1).expand(b, k, entries.shape[-1]))  # [B, k, D]
-                sc = (q @ sel.transpose(-1, -2)[:, None]).float() * s.scale
-                sc = sc.masked_fill(~(val > float("-inf"))[:, None], float("-inf"))
+                parts.append(gather(entries, idx.reshape(b, k))[:, None])  # [B, 1, k, D]: only those dequantized
+                seen.append(val > float("-inf"))
             else:
-                sel = entries
-                sc = (q @ sel.transpose(-1, -2)[:, None]).float() * s.scale  # [B, H, 1, N]
-                sc = sc.masked_fill(~seen[:, None, None], float("-inf"))
-        scores = sw if sc is None else torch.cat((sw, sc), dim=-1)
-        sinks = self.sinks.float().view(1, h, 1, 1) if s.sinks else None
-        p = softmax_with_sink(scores, sinks).to(q.dtype)
-        lw = sw.shape[-1]
-        o = p[..., :lw] @ kw  # V = K
-        if sc is not None:
-            o = o + p[..., lw:] @ sel[:, None]
-        return o
+                parts.append(with_heads(entries))
+                seen.append(vis)
+        keys = Cat(parts, -2) if len(parts) > 1 else parts[0]
+        visible = torch.cat(seen, dim=-1)[:, :, None]  # [B, 1, 1, L + N]
+        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        return attend(q, keys, keys, mask, s.scale, sinks=self.sinks if s.sinks else None)
 
 
 __all__ = ["CSAIndexer", "CompressedAttention", "Compressor", "apply_rope_tail", "rope_tables"]

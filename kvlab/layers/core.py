@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocked import attend_blocked, dense, is_blocked, one_block
+from .blocked import attend_blocked, dense, is_blocked, prepare
 from .sinks import softmax_with_sink
 
 
@@ -126,10 +126,15 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     once and never repeated per head.
     """
     b, h, t, d = q.shape
-    if is_blocked(k) or is_blocked(v):  # a quantized cache (kvlab/layers/blocked.py)
-        if t == 1 and not (one_block(k) and one_block(v)):
-            return attend_blocked(q, k, v, mask, scale, sinks)
-        k, v = dense(k), dense(v)
+    if is_blocked(k) or is_blocked(v):  # a quantized cache or joined parts (kvlab/layers/blocked.py)
+        if t == 1:  # what fits one block read whole; anything left a reader: attended block by block
+            same = v is k
+            k = prepare(k)
+            v = k if same else prepare(v)
+            if is_blocked(k) or is_blocked(v):
+                return attend_blocked(q, k, v, mask, scale, sinks)
+        else:
+            k, v = dense(k), dense(v)
     hkv, L = k.shape[1], k.shape[2]
     g = h // hkv
     if sinks is None and t > 1:

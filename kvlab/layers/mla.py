@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, MLASpec
+from .blocked import channels, dense, gather, is_blocked, scores, with_heads
 from .core import Step, attend, stable_topk, visible_mask
 from .norm import RMSNorm
 from .rope import rotate, yarn_mscale
@@ -120,13 +121,15 @@ class MLAttention(nn.Module):
         cos, sin = step.rope[index]
         q_pe = rotate_all(q_pe, cos, sin, m.rope_interleave)
         k_pe = rotate_all(k_pe[:, None], cos, sin, m.rope_interleave)[:, 0]
-        if store is not None:  # one buffer [B, L, r + d_rope]: c_kv and k_pe are views of it
-            lat, _, kpos = store.append(c_kv, k_pe, step.start)
+        if store is not None:  # one buffer [B, L, r + d_rope]: c_kv and k_pe are views of it (quantized, a decode
+            lat, _, kpos = store.append(c_kv, k_pe, step.start)  # step: readers, kvlab/layers/blocked.py)
         else:
             lat, kpos = torch.cat((c_kv, k_pe), dim=-1), step.qpos
         if self.mode not in self.MODES:
             raise ValueError(f"MLAttention.mode={self.mode!r}: allowed: {', '.join(self.MODES)}")
         absorb = self.mode == "absorb" or (self.mode == "auto" and self.absorb_is_cheaper(t))
+        if not absorb:
+            lat = dense(lat)
         if m.sparse:
             idx, valid = self.indexer.select(x, q_lat, cos, sin, step, store, kpos)
             if absorb:  # read only the chosen latents
@@ -167,8 +170,8 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
-        keys = lat[:, None]  # [B, 1, L, r + d_rope]
-        out = attend(torch.cat((q_lat, q_pe), dim=-1), keys, keys[..., :m.kv_lora_rank], mask, self.scale,
+        keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: c_kv and k_pe read block by block)
+        out = attend(torch.cat((q_lat, q_pe), dim=-1), keys, channels(keys, 0, m.kv_lora_rank), mask, self.scale,
                      causal=causal)  # [B, H, T, r]
         return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
 
@@ -182,7 +185,7 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
         q = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe), dim=-1)  # [B, H, T, r + d_rope]
-        sel = lat.gather(1, idx.reshape(b, t * k, 1).expand(b, t * k, lat.shape[-1])).view(b, t, k, -1)
+        sel = gather(lat, idx.reshape(b, t * k)).view(b, t, k, -1)  # a quantized cache: only these rows dequantized
         s = torch.einsum("bhtd,btkd->bhtk", q, sel).float() * self.scale
         p = s.masked_fill(~valid[:, None], float("-inf")).softmax(dim=-1).to(q.dtype)
         out = torch.einsum("bhtk,btkr->bhtr", p, sel[..., :m.kv_lora_rank])
@@ -215,12 +218,16 @@ class DSAIndexer(nn.Module):
         k = self.rope(self.k_norm(self.wk(x))[:, None], cos, sin)[:, 0]  # [B, T, Di]
         keys = store.append_index(k, step.start) if store is not None else k  # [B, L, Di]
         q = self.rope(self.wq_b(q_lat).view(b, t, m.index_heads, m.index_head_dim).transpose(1, 2), cos, sin)
-        scores = torch.relu(q.float() @ keys.float().transpose(-1, -2)[:, None] * m.index_head_dim ** -0.5)
+        if is_blocked(keys):  # a quantized decode step: the keys scored block by block
+            qk = scores(q.float().transpose(1, 2), with_heads(keys)).transpose(1, 2)  # [B, Hi, 1, L]
+        else:
+            qk = q.float() @ keys.float().transpose(-1, -2)[:, None]
+        rel = torch.relu(qk * m.index_head_dim ** -0.5)
         w = self.weights_proj(x).float() * m.index_heads ** -0.5  # [B, T, Hi]
-        scores = torch.einsum("bhtl,bth->btl", scores, w)  # [B, T, L]
+        total = torch.einsum("bhtl,bth->btl", rel, w)  # [B, T, L]
         ok = visible_mask(step.qpos, kpos, None, step.pad)  # causal and padding: [B|1, T, L]
-        scores = scores.masked_fill(~ok, float("-inf"))
-        top = stable_topk(scores, min(m.index_topk, kpos.shape[0]))[1]  # ties: the earlier key, as a whole forward
+        total = total.masked_fill(~ok, float("-inf"))
+        top = stable_topk(total, min(m.index_topk, kpos.shape[0]))[1]  # ties: the earlier key, as a whole forward
         top = top.expand(b, *top.shape[1:])
         return top, ok.expand(b, *ok.shape[1:]).gather(-1, top)
 
