@@ -122,8 +122,8 @@ def test_measured_bytes_equal_calculated(kind, example, max_length):
 
 # quantized caches (kvlab/costs/quant.py): formats every example's channel counts and windows allow
 QUANT = ["int8", "int4-g4", "fp8-g4-rope", "int4-g2-r2-asym-rot", "fp4-g4-r1", "deepseek-v4",
-         {"*": "int8-g4-r3", "index_keys": "int4", "v": None}]
-QUANT_IDS = [q if isinstance(q, str) else "mixed" for q in QUANT]
+         {"*": "int8-g4-r3", "index_keys": "int4", "v": None}, {"*": "int8-g4-r3", 0: None, 1: "int4-g4"}]
+QUANT_IDS = [q if isinstance(q, str) else "per-layer" if 0 in q else "mixed" for q in QUANT]
 
 
 @pytest.mark.parametrize("kv_quant", QUANT, ids=QUANT_IDS)

@@ -85,6 +85,47 @@ def test_bad_combinations_name_the_layer_option_and_what_is_allowed():
         costs(cfg, context=64, kv_quant={"q": "int8"})
 
 
+def test_layer_overrides_lay_over_the_mapping_priced_and_held_alike():
+    """A layer index overrides the mapping for that layer alone: None leaves it unquantized, a format replaces its
+    default, a mapping its components (MLA: layer 2's c_kv in int8, its k_pe still exact as the mapping says); a layer
+    reading another's cache reads the producer's format. Held bytes == priced bytes, layer by layer."""
+    cfg = tiny("mla", 0)
+    q = {"*": "int4-g4", "k_pe": None, 0: None, 2: {"c_kv": "int8-g4"}}
+    model = random_model(cfg)
+    cache = model.new_cache(2, 24, kv_quant=q)
+    model(torch.randint(0, cfg.vocab_size, (2, 24)), cache=cache)
+    c = costs(cfg, context=24, dtype="float32", batch=2, kv_quant=q)
+    plain = costs(cfg, context=24, dtype="float32", batch=2)
+    assert [s.nbytes() for s in cache.layers] == [x.kv_bytes for x in c.per_layer]
+    assert c.per_layer[0].kv_bytes == plain.per_layer[0].kv_bytes  # layer 0 unquantized
+    int4 = costs(cfg, context=24, dtype="float32", batch=2, kv_quant={"*": "int4-g4", "k_pe": None}).per_layer
+    int8 = costs(cfg, context=24, dtype="float32", batch=2, kv_quant={"*": "int8-g4", "k_pe": None}).per_layer
+    assert c.per_layer[1].kv_components == int4[1].kv_components
+    assert c.per_layer[2].kv_components == int8[2].kv_components != int4[2].kv_components
+    assert c.per_layer[2].kv_components["k_pe"] == plain.per_layer[2].kv_components["k_pe"]
+    assert c.kv_quant == "*=int4-g4, k_pe=none, layers[0]=none, layers[2]={c_kv=int8-g4}"
+    shared = tiny("gqa", 0)  # layer 2 reads layer 1's cache
+    a = costs(shared, context=64, kv_quant={"*": "int8", 1: "int4-g8"})
+    b = costs(shared, context=64, kv_quant="int4-g8")
+    assert a.per_layer[2].kv_read_bytes == b.per_layer[2].kv_read_bytes  # the producer's int4
+
+
+@pytest.mark.parametrize("q,message", [
+    ({"*": "int8", 7: None}, r"kv_quant\[7\]: layer 7 unknown: the model has 3 layers \(0\.\.2\)"),
+    ({"*": "int8", 2: "int4"}, r"kv_quant\[2\]: layers\[2\] reads layer 1's cache \(kv_source\) and stores nothing"),
+    ({1: {"c_kv": "int8"}}, r"kv_quant\[1\]\['c_kv'\]: layers\[1\] \(gqa\) holds no 'c_kv' buffer; its buffers: k, v"),
+    ({1: {"q": "int8"}}, r"kv_quant\[1\]\['q'\]: allowed components: \*, k, v"),
+    ({-1: None}, r"kv_quant\[-1\]: a layer index must be 0 or more"),
+    ({"*": "int8", 1: "int4-g8"}, r"layers\[1\]\.kv_quant\[v\]\.group=8: must divide the 12 quantized channels"),
+])
+def test_bad_layer_overrides_are_named_errors(q, message):
+    cfg = tiny("gqa", 2)  # head_dim 8, v_head_dim 12; layer 2 reads layer 1
+    with pytest.raises(QuantError, match=message):
+        costs(cfg, context=64, kv_quant=q)
+    with pytest.raises(QuantError, match=message):
+        random_model(cfg).new_cache(1, 16, kv_quant=q)
+
+
 def test_published_bit_widths():
     """llama.cpp q8_0 (32 int8 + an fp16 scale) is 8.5 bits per value, q4_0 4.5; KIVI's per-channel keys over 32
     positions cost the same per value."""

@@ -6,7 +6,7 @@ import torch
 
 from .. import kinds
 from ..config import ModelConfig
-from ..costs.quant import check_layers, resolve_kv_quant
+from ..costs.quant import check_layers, for_layer, resolve_kv_quant
 from .storage import KVStore
 
 
@@ -17,7 +17,7 @@ class Cache:
     (``kv_source``): such a layer holds nothing. ``seq_len`` counts positions written (pads included);
     ``pad`` holds each row's number of left-padding positions. ``kv_quant``: quantized K/V buffers (a format
     name such as ``"int4-g32-r64"``, a preset, a :class:`~kvlab.costs.quant.QuantSpec` or a mapping component ->
-    format; kvlab/costs/quant.py), priced by ``kvlab.costs(..., kv_quant=...)`` byte for byte.
+    format and layer index -> overrides; kvlab/costs/quant.py), priced by ``kvlab.costs(..., kv_quant=...)`` byte for byte.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
@@ -38,13 +38,14 @@ class Cache:
         self.kv_quant = resolve_kv_quant(kv_quant)
         if self.kv_quant:
             check_layers(config, self.kv_quant, max_length or config.max_positions)
-        for spec in config.layers:
+        for i, spec in enumerate(config.layers):
             if not spec.stores_kv:
                 self.layers.append(None)
                 continue
             factory = kinds.get(spec.attention).store_factory()  # the store its record names (kvlab/kinds)
-            if self.kv_quant:
-                self.layers.append(factory(spec, batch_size, max_length, dtype, device, quant=self.kv_quant))
+            quant = for_layer(self.kv_quant, i)  # this layer's components (its overrides laid over the rest)
+            if quant:
+                self.layers.append(factory(spec, batch_size, max_length, dtype, device, quant=quant))
             else:
                 self.layers.append(factory(spec, batch_size, max_length, dtype, device))
 

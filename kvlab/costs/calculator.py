@@ -29,6 +29,7 @@ from .quant import (
     bytes_per_token,
     check_layers,
     for_buffer,
+    for_layer,
     layer_buffers,
     quant_name,
     quantized_price,
@@ -159,18 +160,19 @@ def costs(model: Any, context: int, dtype: Any = None, batch: int = 1, kv_dtype:
     if quant:
         check_layers(cfg, quant, context)
 
-    def price(layer: Any, where: str) -> Any:
+    def price(layer: Any, where: str, index: int) -> Any:
         a = kinds.get(layer.attention).price(layer, hidden, context, batch, kv_elt)  # kvlab/kinds/<kind>.py
-        return quantized(a, layer, context, batch, kv_elt, quant, where) if quant else a
+        q = for_layer(quant, index)  # the layer's own components (a reader: its producer's)
+        return quantized(a, layer, context, batch, kv_elt, q, where) if q else a
 
     per_layer: list[LayerCosts] = []
     matmul_active = read_params = kv_unshared = 0
     for i, layer in enumerate(cfg.layers):
-        a = price(layer, f"layers[{i}]")
+        a = price(layer, f"layers[{i}]", i if layer.kv_source is None else layer.kv_source)
         m = mlp_cost(layer, hidden, batch)
         norms, block_mats = block_extra(layer, hidden, cfg.ple_dim)
         if layer.kv_source is not None:  # what the layer would store without sharing
-            kv_unshared += price(dataclasses.replace(layer, kv_source=None), f"layers[{i}]").kv_bytes
+            kv_unshared += price(dataclasses.replace(layer, kv_source=None), f"layers[{i}]", i).kv_bytes
         else:
             kv_unshared += a.kv_bytes
         matmul_active += a.matmul_params + m.matmul + block_mats

@@ -143,9 +143,14 @@ PRESETS: dict[str, dict[str, QuantSpec | None]] = {
 }
 
 
-def resolve_kv_quant(kv_quant: Any) -> dict[str, QuantSpec | None] | None:
-    """``kv_quant`` as given (None, a name, a preset name, a QuantSpec, or a mapping component -> spec with ``"*"``
-    for the rest) -> ``{component: QuantSpec | None}``; None: no quantization."""
+def resolve_kv_quant(kv_quant: Any) -> dict | None:
+    """``kv_quant`` as given -> ``{component: QuantSpec | None}`` (plus ``{layer index: overrides}``); None: no
+    quantization.
+
+    Given as None, a format name, a preset name, a QuantSpec, or a mapping: components (``"*"`` for the rest,
+    :data:`COMPONENTS`) to a format / QuantSpec / None (kept in the cache dtype), and layer indices to that layer's
+    overrides: None (the layer unquantized), a format (its ``"*"``) or a mapping of components, laid over the rest of
+    the mapping for that layer only, e.g. ``{"*": "fp8-g64", "k_pe": None, 0: None, 5: {"c_kv": "int8"}}``."""
     if kv_quant is None or kv_quant in ("", "none", "off"):
         return None
     if isinstance(kv_quant, QuantSpec):
@@ -155,17 +160,43 @@ def resolve_kv_quant(kv_quant: Any) -> dict[str, QuantSpec | None] | None:
             return dict(PRESETS[kv_quant])
         return {"*": parse_quant(kv_quant)}
     if isinstance(kv_quant, dict):
-        out: dict[str, QuantSpec | None] = {}
+        out: dict = {}
         for k, v in kv_quant.items():
-            if k != "*" and k not in COMPONENTS:
-                raise QuantError(f"kv_quant[{k!r}]: allowed components: *, {', '.join(COMPONENTS)}")
-            out[k] = None if v is None else v if isinstance(v, QuantSpec) else parse_quant(v)
+            if isinstance(k, int) and not isinstance(k, bool):
+                if k < 0:
+                    raise QuantError(f"kv_quant[{k}]: a layer index must be 0 or more")
+                out[k] = None if v is None else _components(v, f"kv_quant[{k}]")
+                continue
+            out.update(_components({k: v}, "kv_quant"))
         return out
     raise QuantError(f"kv_quant={kv_quant!r}: a format name, a preset ({', '.join(PRESETS)}), a QuantSpec or a "
-                     "mapping component -> format")
+                     "mapping component -> format (and layer index -> format or mapping)")
 
 
-def quant_name(q: dict[str, QuantSpec | None] | None) -> str:
+def _components(v: Any, where: str) -> dict[str, QuantSpec | None]:
+    """A format, preset, QuantSpec or mapping component -> format as ``{component: QuantSpec | None}``."""
+    if not isinstance(v, dict):
+        return resolve_kv_quant(v) or {"*": None}
+    out: dict[str, QuantSpec | None] = {}
+    for k, x in v.items():
+        if k != "*" and k not in COMPONENTS:
+            raise QuantError(f"{where}[{k!r}]: allowed components: *, {', '.join(COMPONENTS)}"
+                             + (" (a layer index only at the top level)" if isinstance(k, int) else ""))
+        out[k] = None if x is None else x if isinstance(x, QuantSpec) else parse_quant(x)
+    return out
+
+
+def for_layer(q: dict | None, index: int) -> dict[str, QuantSpec | None] | None:
+    """The components of layer ``index`` (the mapping's components with that layer's overrides laid over them);
+    None when none of its buffers is quantized."""
+    if not q or (index in q and q[index] is None):
+        return None
+    out = {k: v for k, v in q.items() if isinstance(k, str)}
+    out.update(q.get(index) or {})
+    return out if any(v is not None for v in out.values()) else None
+
+
+def quant_name(q: dict | None) -> str:
     """A short label of a resolved kv_quant: ``int4-g32`` or ``*=fp8-g64-rope, index_keys=fp4-g32``."""
     if not q:
         return "none"
@@ -174,11 +205,17 @@ def quant_name(q: dict[str, QuantSpec | None] | None) -> str:
             return name
     if list(q) == ["*"]:
         return q["*"].name if q["*"] else "none"
-    return ", ".join(f"{k}={v.name if v else 'none'}" for k, v in q.items())
+
+    def one(k, v):
+        if isinstance(k, int):
+            return f"layers[{k}]=" + ("none" if v is None else "{" + ", ".join(one(c, x) for c, x in v.items()) + "}")
+        return f"{k}={v.name if v else 'none'}"
+
+    return ", ".join(one(k, v) for k, v in q.items())
 
 
 def for_buffer(q: dict[str, QuantSpec | None] | None, component: str) -> QuantSpec | None:
-    """The spec of buffer ``component`` (its own entry, else ``"*"``)."""
+    """The spec of buffer ``component`` (its own entry, else ``"*"``) in one layer's components (:func:`for_layer`)."""
     if not q:
         return None
     return q[component] if component in q else q.get("*")
@@ -271,17 +308,34 @@ def layer_buffers(layer: Any, context: int, where: str) -> list[Buffer]:
     return fn(layer, context)
 
 
-def check_layers(config: Any, q: dict[str, QuantSpec | None], context: int) -> None:
-    """Check every storing layer's buffers against ``q`` (QuantError naming the layer, option and what is allowed)."""
+def check_layers(config: Any, q: dict, context: int) -> None:
+    """Check every storing layer's buffers against its components (:func:`for_layer`), and every layer override:
+    QuantError naming the layer, the option and what is allowed."""
+    n = len(config.layers)
+    for k, ov in q.items():
+        if not isinstance(k, int):
+            continue
+        if k >= n:
+            raise QuantError(f"kv_quant[{k}]: layer {k} unknown: the model has {n} layers (0..{n - 1})")
+        layer = config.layers[k]
+        if not layer.stores_kv:
+            raise QuantError(f"kv_quant[{k}]: layers[{k}] reads layer {layer.kv_source}'s cache (kv_source) and "
+                             f"stores nothing: override layer {layer.kv_source} instead")
+        names = sorted({b.name for b in layer_buffers(layer, context, f"layers[{k}]")})
+        for c in ov or {}:
+            if c != "*" and c not in names:
+                raise QuantError(f"kv_quant[{k}][{c!r}]: layers[{k}] ({layer.attention}) holds no {c!r} buffer; its "
+                                 f"buffers: {', '.join(names)}")
     for i, layer in enumerate(config.layers):
-        if layer.stores_kv:
+        lq = for_layer(q, i)
+        if layer.stores_kv and lq:
             where = f"layers[{i}]"
             for b in layer_buffers(layer, context, where):
-                spec = for_buffer(q, b.name)
+                spec = for_buffer(lq, b.name)
                 if spec is not None:
                     check(spec, b, where)
 
 
 __all__ = ["COMPONENTS", "FORMATS", "PRESETS", "Buffer", "QuantError", "QuantSpec", "bits_per_value", "buffer_bytes",
-           "bytes_per_token", "check", "check_layers", "for_buffer", "layer_buffers", "layout", "parse_quant",
+           "bytes_per_token", "check", "check_layers", "for_buffer", "for_layer", "layer_buffers", "layout", "parse_quant",
            "quant_name", "quantized_price", "resolve_kv_quant"]
