@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from kvlab.config import LayerSpec, ModelConfig, MoESpec, uniform_layers
@@ -125,3 +127,60 @@ def save_native(model: Model, d) -> None:
     d.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps(model.config.to_dict()))
+
+
+def fake(x: torch.Tensor, spec, buf, upto: int) -> torch.Tensor:
+    """The quantization oracle: ``x [B, H, L, D]`` with positions ``< upto`` passed through quantize-dequantize as a
+    quantized cache groups them (per token in groups of channels, or keys per channel in groups of positions),
+    rotated if asked (``spec`` a kvlab.costs.quant.QuantSpec, ``buf`` the kvlab.kinds.Buffer it fills)."""
+    from kvlab.cache.quant import dequantize, quantize, rotate
+    from kvlab.costs.quant import layout
+
+    lay = layout(spec, buf)
+    out = x.clone()
+    if upto <= 0:
+        return out
+    q = x[..., :upto, :].float()
+    block = lay["dq"] & -lay["dq"] if spec.rotate and buf.key else 0
+    q = rotate(q, block) if block else q
+    if lay["span"] > 1:
+        g = q.reshape(*q.shape[:-2], upto // lay["span"], lay["span"], lay["dq"])
+        c, s, z = quantize(g, spec, -2)
+        d = dequantize(c, s, z, spec, -2).reshape(q.shape)
+    else:
+        g = q.reshape(*q.shape[:-1], lay["dq"] // lay["group"], lay["group"])
+        c, s, z = quantize(g, spec, -1)
+        d = dequantize(c, s, z, spec, -1).reshape(q.shape)
+    out[..., :upto, :] = (rotate(d, block) if block else d).to(x.dtype)
+    return out
+
+
+def fake_quantized_decode(model: Model, kv_quant: str, monkeypatch, n_total: int = 30, prefill: int = 11
+                          ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The decode oracle of a quantized GQA / CCA cache: prefill ``prefill`` tokens (a batch of 2) through a
+    ``kv_quant`` cache, then decode one token at a time up to ``n_total``; yields ``(n, step, want)`` per step: the
+    step's last logits and those of a full forward of the same ``n`` tokens whose K/V pass through :func:`fake` at
+    exactly the positions the cache holds quantized after ``n`` writes (a position leaves the residual in groups)."""
+    from kvlab.costs.quant import Buffer, layout, parse_quant
+    from kvlab.layers import attention, cca
+
+    cfg = model.config
+    spec = parse_quant(kv_quant)
+    kb = Buffer("kv", "k", 1, 0, cfg.layers[0].head_dim, key=True)
+    vb = Buffer("kv", "v", 1, 0, cfg.layers[0].value_dim)
+    ids = torch.randint(0, cfg.vocab_size, (2, n_total), generator=torch.Generator().manual_seed(5))
+    cache = model.new_cache(2, max_length=n_total, kv_quant=kv_quant)
+    model(ids[:, :prefill], cache=cache)
+    real = attention.publish_kv
+    for n in range(prefill + 1, n_total + 1):
+        step = model(ids[:, n - 1:n], cache=cache)[:, -1]
+        upto = {b.name: max(0, n - spec.residual) // layout(spec, b)["span"] * layout(spec, b)["span"] for b in (kb, vb)}
+
+        def fake_publish(step_, index, store, k, v, upto=upto):
+            return real(step_, index, store, fake(k, spec, kb, upto["k"]), fake(v, spec, vb, upto["v"]))
+
+        with monkeypatch.context() as m:
+            m.setattr(attention, "publish_kv", fake_publish)
+            m.setattr(cca, "publish_kv", fake_publish)
+            want = model(ids[:, :n])[:, -1]
+        yield ids[:, :n], step, want

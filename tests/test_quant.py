@@ -12,9 +12,9 @@ import torch
 from kvlab.cache.quant import QuantRows, dequantize, pack4, quantize, rotate, unpack4
 from kvlab.config import ModelConfig
 from kvlab.costs import costs
-from kvlab.costs.quant import Buffer, QuantError, QuantSpec, bits_per_value, layout, parse_quant, resolve_kv_quant
-from kvlab.layers import attention, cca
+from kvlab.costs.quant import Buffer, QuantError, bits_per_value, layout, parse_quant, resolve_kv_quant
 from kvlab.units import fmt_bytes
+from tests.helpers import fake, fake_quantized_decode
 from tests.test_contract import random_model, tiny
 
 
@@ -138,28 +138,6 @@ def test_published_bit_widths():
     assert c16.kv_cache_bytes == 4_294_967_296 and c8.kv_cache_bytes * 32 == c16.kv_cache_bytes * 17  # 8.5 / 16
 
 
-def fake(x: torch.Tensor, spec: QuantSpec, buf: Buffer, upto: int) -> torch.Tensor:
-    """The oracle: ``x [B, H, L, D]`` with positions ``< upto`` passed through quantize-dequantize as the cache
-    groups them (per token in groups of channels, or keys per channel in groups of positions), rotated if asked."""
-    lay = layout(spec, buf)
-    out = x.clone()
-    if upto <= 0:
-        return out
-    q = x[..., :upto, :].float()
-    block = lay["dq"] & -lay["dq"] if spec.rotate and buf.key else 0
-    q = rotate(q, block) if block else q
-    if lay["span"] > 1:
-        g = q.reshape(*q.shape[:-2], upto // lay["span"], lay["span"], lay["dq"])
-        c, s, z = quantize(g, spec, -2)
-        d = dequantize(c, s, z, spec, -2).reshape(q.shape)
-    else:
-        g = q.reshape(*q.shape[:-1], lay["dq"] // lay["group"], lay["group"])
-        c, s, z = quantize(g, spec, -1)
-        d = dequantize(c, s, z, spec, -1).reshape(q.shape)
-    out[..., :upto, :] = (rotate(d, block) if block else d).to(x.dtype)
-    return out
-
-
 @pytest.mark.parametrize("text", ["int4-g4", "int4-g4-r3", "int8-g4-r2-kc", "int4-g4-r1-kc-rot", "fp8-g8-r5"])
 @pytest.mark.parametrize("ring", [None, 8], ids=["full", "ring8"])
 def test_a_buffer_holds_quantized_exactly_the_positions_before_its_residual(text, ring):
@@ -199,29 +177,10 @@ def test_decode_equals_a_fake_quantized_full_forward(kind, example, text, layers
         cfg = ModelConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, layers=cfg.layers[:1],
                           max_positions=cfg.max_positions)
     model = random_model(cfg)
-    spec = parse_quant(text)
-    kb = Buffer("kv", "k", 1, 0, cfg.layers[0].head_dim, key=True)
-    vb = Buffer("kv", "v", 1, 0, cfg.layers[0].value_dim)
-    n_total, prefill = 30, 11
-    ids = torch.randint(0, cfg.vocab_size, (2, n_total), generator=torch.Generator().manual_seed(5))
-    cache = model.new_cache(2, max_length=n_total, kv_quant=text)
-    model(ids[:, :prefill], cache=cache)
-    real = attention.publish_kv
     moved = 0.0
-    for n in range(prefill + 1, n_total + 1):
-        step = model(ids[:, n - 1:n], cache=cache)[:, -1]
-        upto = {b.name: max(0, n - spec.residual) // layout(spec, b)["span"] * layout(spec, b)["span"]
-                for b in (kb, vb)}
-
-        def fake_publish(step_, index, store, k, v, upto=upto):
-            return real(step_, index, store, fake(k, spec, kb, upto["k"]), fake(v, spec, vb, upto["v"]))
-
-        monkeypatch.setattr(attention, "publish_kv", fake_publish)
-        monkeypatch.setattr(cca, "publish_kv", fake_publish)
-        want = model(ids[:, :n])[:, -1]
-        monkeypatch.undo()
+    for prefix, step, want in fake_quantized_decode(model, text, monkeypatch):
         torch.testing.assert_close(step, want, atol=1e-4, rtol=0)
-        moved = max(moved, float((step - model(ids[:, :n])[:, -1]).abs().max()))
+        moved = max(moved, float((step - model(prefix)[:, -1]).abs().max()))
     assert moved > 1e-3  # the quantization is really there
 
 

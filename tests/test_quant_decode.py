@@ -17,11 +17,10 @@ from kvlab.cache.quant import QuantRows, QuantView
 from kvlab.cli import main
 from kvlab.config import ModelConfig
 from kvlab.costs.quant import Buffer, layout, parse_quant
-from kvlab.layers import attention
 from kvlab.layers.blocked import attend_blocked
 from kvlab.layers.core import attend
+from tests.helpers import fake_quantized_decode
 from tests.test_contract import CASES, random_model, tiny
-from tests.test_quant import fake
 
 
 @pytest.fixture(autouse=True)
@@ -93,27 +92,7 @@ def test_blocked_decode_equals_a_fake_quantized_full_forward(monkeypatch, kind, 
     model = random_model(cfg)
     s0 = cfg.layers[0]
     small_blocks(monkeypatch, 4, 2 * s0.num_kv_heads, max(s0.head_dim, s0.value_dim))
-    kb = Buffer("kv", "k", 1, 0, s0.head_dim, key=True)
-    vb = Buffer("kv", "v", 1, 0, s0.value_dim)
-    n_total, prefill = 30, 11
-    ids = torch.randint(0, cfg.vocab_size, (2, n_total), generator=torch.Generator().manual_seed(5))
-    cache = model.new_cache(2, max_length=n_total, kv_quant=text)
-    model(ids[:, :prefill], cache=cache)
-    real = attention.publish_kv
-    from kvlab.layers import cca
-
-    for n in range(prefill + 1, n_total + 1):
-        step = model(ids[:, n - 1:n], cache=cache)[:, -1]
-        upto = {b.name: max(0, n - spec.residual) // layout(spec, b)["span"] * layout(spec, b)["span"]
-                for b in (kb, vb)}
-
-        def fake_publish(step_, index, store, k, v, upto=upto):
-            return real(step_, index, store, fake(k, spec, kb, upto["k"]), fake(v, spec, vb, upto["v"]))
-
-        with monkeypatch.context() as m:
-            m.setattr(attention, "publish_kv", fake_publish)
-            m.setattr(cca, "publish_kv", fake_publish)
-            want = model(ids[:, :n])[:, -1]
+    for _, step, want in fake_quantized_decode(model, text, monkeypatch):
         torch.testing.assert_close(step, want, atol=1e-4, rtol=0)
 
 
