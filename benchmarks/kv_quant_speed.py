@@ -5,7 +5,8 @@ filled with the same random K/V (unit normal) through its stores' ``append`` (a 
 write) instead of a prefill -- a decode step's cost does not depend on the values, and a 16K prefill per format
 would cost minutes (``kvlab bench --kv-dtype`` runs the real prefill). Then decode steps run round-robin over every (format, path) so machine load hits each alike; a
 quantized cache is stepped both ways on the same cache: ``before`` (every step dequantizes whole buffers with
-:func:`read_before`, ``QuantRows.read`` as it was at commit eb7aabd, before the blocked decode) and ``blocked N KiB``
+:func:`read_before`, ``QuantRows.read`` as it was at commit eb7aabd, before the blocked decode; MLA, CSA/HCA/SWA
+and sink-token windows read every buffer so until commit 6c9daf0) and ``blocked N KiB``
 (dequantized block by block inside attention, kvlab/layers/blocked.py, blocks of N KiB; kvlab's default 4096).
 
     python benchmarks/kv_quant_speed.py benchmarks/qwen3-100m.json benchmarks/gemma4-e2b-small.json \\
@@ -64,6 +65,12 @@ def read_before(self, n: int | None = None, rows: slice | None = None) -> torch.
     if self.tail_dim:
         out = torch.cat((out, sl(self.tail)), dim=-1)
     return out
+
+
+def view_before(self, n: int, heads: bool = False) -> torch.Tensor:
+    """``QuantRows.view`` on the ``before`` path: the whole buffer dequantized by :func:`read_before`."""
+    t = read_before(self, n)
+    return t[:, None] if heads else t
 
 
 def fill(cache, cfg, ctx: int, dtype: torch.dtype) -> None:
@@ -126,7 +133,7 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
             for i in range(steps + 2):  # round-robin; the first two rounds are warm-up
                 for label, path, model, cache in runs:
                     quant.DECODE_BLOCK_BYTES = int(path.split()[1]) << 10 if path.startswith("blocked") else block
-                    quant.QuantRows.view = read_before if path == "before" else view
+                    quant.QuantRows.view = view_before if path == "before" else view
                     t1 = time.perf_counter()
                     model.decode_step(tok, cache)
                     dt_s = time.perf_counter() - t1

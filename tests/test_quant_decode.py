@@ -17,7 +17,7 @@ from kvlab.cache.quant import QuantRows, QuantView
 from kvlab.cli import main
 from kvlab.config import ModelConfig
 from kvlab.costs.quant import Buffer, layout, parse_quant
-from kvlab.layers.blocked import attend_blocked
+from kvlab.layers.blocked import Cat, attend_blocked, values_in_keys
 from kvlab.layers.core import attend
 from tests.helpers import fake_quantized_decode
 from tests.test_contract import CASES, random_model, tiny
@@ -230,4 +230,46 @@ def test_blocked_decode_of_every_kind_equals_dequantizing_whole_buffers(monkeypa
         # block (a sink-token window's sinks) read whole, as a buffer that fits one block always was
         monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 0)
         want = model(ids[:, n:n + 1], cache=other)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("text", ["int8-g4", "int4-g4-r3", "fp8-g8-r5-rope", "int4-g4-r2-kc-rot-asym"])
+@pytest.mark.parametrize("joined", ["k=v", "channels", "positions"])
+def test_one_pass_when_the_values_are_in_the_keys(monkeypatch, text, joined):
+    """Values that are the keys (CSA/HCA/SWA rings; a position Cat of ring and entries) or the keys' first channels
+    (MLA: c_kv of [c_kv, k_pe], two buffers quantized apart) are attended in one pass with an online softmax, blocks of
+    3 positions (keys per channel: 4) and two readers alive at once: equal to attention over the buffers read whole,
+    with a padding mask and sink logits, at every prefix of uneven writes."""
+    spec = parse_quant(text)
+    b, g = 2, 4
+    bufs = [Buffer("kv", "k", 1, 0, 16, key=True, rope=8), Buffer("kv", "k", 1, 0, 8, key=True, rope=8)]
+    rows = [QuantRows(x, spec, (b, 1), torch.float32, "cpu") for x in bufs]
+    for r in rows:
+        r.resize(40, 0)
+    small_blocks(monkeypatch, 3, b, 16)
+    gen = torch.Generator().manual_seed(2)
+    x = [torch.randn(b, 1, 40, r.dq + r.tail_dim, generator=gen) for r in rows]
+    sinks = torch.randn(g, generator=gen)
+    n = 0
+    for t in (1, 3, 1, 7, 1, 9, 2, 1, 13):
+        for r, xi in zip(rows, x, strict=True):
+            r.write(n, xi[..., n:n + t, :])
+        n += t
+        views = [r.view(n) for r in rows]
+        if joined == "k=v":
+            k = v = views[0]
+            kd = vd = rows[0].read(n)
+        elif joined == "channels":
+            k = Cat(views, -1)
+            v = k.parts[0]
+            kd, vd = torch.cat([r.read(n) for r in rows], -1), rows[0].read(n)
+        else:
+            k = v = Cat([views[0], rows[0].read(n)[..., : n // 2, :]], -2)  # a reader then a tensor
+            kd = vd = torch.cat((rows[0].read(n), rows[0].read(n)[..., : n // 2, :]), -2)
+        assert values_in_keys(k, v)
+        q = torch.randn(b, g, 1, kd.shape[-1], generator=gen)
+        mask = torch.zeros(b, 1, 1, kd.shape[-2])
+        mask[0, ..., : kd.shape[-2] // 3] = float("-inf")
+        got = attend_blocked(q, k, v, mask, 0.25, sinks)
+        want = attend(q, kd, vd, mask, 0.25, sinks=sinks)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -408,13 +408,14 @@ DECODE_BLOCK_BYTES = 4 << 20  # float32 bytes of one dequantized block in a deco
 _SCRATCH: dict[tuple[torch.device, int], torch.Tensor] = {}
 
 
-def scratch(numel: int, device) -> torch.Tensor:
+def scratch(numel: int, device, slot: int = 0) -> torch.Tensor:
     """A float32 buffer of at least ``numel`` values, shared by every layer and step (grown on demand; a compiled
-    step allocates its own; one per inference mode, as an inference tensor cannot be written outside it)."""
+    step allocates its own; one per inference mode, as an inference tensor cannot be written outside it; ``slot``:
+    another buffer, for blocks of two readers alive at once)."""
     device = torch.device(device)
     if torch.compiler.is_compiling():
         return torch.empty(numel, dtype=torch.float32, device=device)
-    key = (device, int(torch.is_inference_mode_enabled()))
+    key = (device, int(torch.is_inference_mode_enabled()), slot)
     t = _SCRATCH.get(key)
     if t is None or t.numel() < numel:
         t = _SCRATCH[key] = torch.empty(numel, dtype=torch.float32, device=device)
@@ -455,10 +456,10 @@ class QuantView:
         span = self.rows.span
         return max(span, DECODE_BLOCK_BYTES // per // span * span)
 
-    def block(self, lo: int, hi: int) -> torch.Tensor:
-        """Slots ``lo..hi-1`` dequantized, float32 ``[*lead, hi - lo, D]``: a view of the shared scratch, valid
-        until the next block is read."""
-        out = scratch(int(torch.Size(self.lead).numel()) * (hi - lo) * self.dim, self.rows.codes.device)
+    def block(self, lo: int, hi: int, slot: int = 0) -> torch.Tensor:
+        """Slots ``lo..hi-1`` dequantized, float32 ``[*lead, hi - lo, D]``: a view of the shared scratch (``slot``),
+        valid until the next block is read into it."""
+        out = scratch(int(torch.Size(self.lead).numel()) * (hi - lo) * self.dim, self.rows.codes.device, slot)
         return self._out(self.rows.read_block(lo, hi, out.view(*self.lead, hi - lo, self.dim), None, self.written))
 
     @property

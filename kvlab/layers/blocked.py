@@ -36,7 +36,7 @@ class BlockedKV(Protocol):
 
     def block_size(self) -> int: ...
 
-    def block(self, lo: int, hi: int) -> torch.Tensor: ...
+    def block(self, lo: int, hi: int, slot: int = 0) -> torch.Tensor: ...
 
     def raw(self, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]: ...
 
@@ -222,14 +222,77 @@ def _weighted_values(p: torch.Tensor, v, n: int) -> torch.Tensor:
     return out
 
 
+def values_in_keys(k, v) -> bool:
+    """The values are the keys (CSA/HCA/SWA: K = V) or the keys' first channels (MLA: values ``c_kv`` of keys
+    ``[c_kv, k_pe]``): one pass over the blocks reads both."""
+    return v is k or (isinstance(k, Cat) and k.axis == -1 and v is k.parts[0])
+
+
+def _key_blocks(k, n: int, at: int = 0):
+    """``(lo, hi, blocks)`` walking ``k [B, Hkv, n, D]`` block by block from position ``at``: ``blocks`` the
+    float32 block of each channel part (one for a reader or a tensor; a channel :class:`Cat`: one per part, each
+    reader in its own scratch slot)."""
+    if isinstance(k, Cat) and k.axis == -2:
+        for part, (lo, hi) in zip(k.parts, k.offsets(), strict=True):
+            yield from _key_blocks(part, hi - lo, at + lo)
+        return
+    parts = k.parts if isinstance(k, Cat) else [k]
+    size = min([p.block_size() for p in parts if is_blocked(p)] or [max(n, 1)])
+    for lo in range(0, n, size):
+        hi = min(n, lo + size)
+        yield at + lo, at + hi, [p.block(lo, hi, i) if is_blocked(p) else p.narrow(-2, lo, hi - lo).float()
+                                 for i, p in enumerate(parts)]
+
+
+def _attend_one_pass(qf: torch.Tensor, k, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None
+                     ) -> torch.Tensor:
+    """:func:`attend_blocked` where the values are in the keys (:func:`values_in_keys`): each block is read once
+    for its scores and its values, the softmax kept online (running maximum, rescaled sums; FlashDecoding).
+    ``qf [B, Hkv, G, D]`` float32 -> ``[B, Hkv, G, Dv]``."""
+    n = k.shape[-2]
+    if isinstance(k, Cat) and k.axis == -1:
+        qs = [qf[..., lo:hi] for lo, hi in k.offsets()]
+    else:
+        qs = [qf]
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], 1, 1, n)
+    m = den = acc = safe = None
+    for lo, hi, blocks in _key_blocks(k, n):
+        s = None
+        for qp, kb in zip(qs, blocks, strict=True):
+            part = qp @ kb.transpose(-1, -2)
+            s = part if s is None else s.add_(part)
+        s = s * scale
+        if mask is not None:
+            s = s + mask[..., lo:hi]
+        top = s.amax(-1, keepdim=True)
+        m = top if m is None else torch.maximum(m, top)
+        last, safe = safe, torch.where(m == float("-inf"), 0.0, m)  # rows with nothing visible yet stay finite
+        p = (s - safe).exp_()
+        pv = p @ blocks[0]  # the values: the block itself, or its first channel part
+        if acc is None:
+            den, acc = p.sum(-1, keepdim=True), pv
+        else:
+            corr = (last - safe).exp_()
+            den, acc = den * corr + p.sum(-1, keepdim=True), acc * corr + pv
+    if sinks is not None:
+        den = den + (sinks - safe).exp()
+    return acc / den
+
+
 def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float,
                    sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, 1, D]``, k / v ``[B, Hkv, L, D]`` (blocked readers or tensors) -> ``[B, H, 1, Dv]`` in q's dtype.
 
-    ``mask``: additive ``[B|1, 1, 1, L]`` or None; ``sinks [H]``: a per-head logit in the softmax denominator."""
+    ``mask``: additive ``[B|1, 1, 1, L]`` or None; ``sinks [H]``: a per-head logit in the softmax denominator.
+    Values in the keys (:func:`values_in_keys`): one pass; otherwise scores, then values."""
     b, h, t, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     g = h // hkv
+    if values_in_keys(k, v):
+        sk = None if sinks is None else sinks.float().view(1, hkv, g, 1)
+        out = _attend_one_pass(q.reshape(b, hkv, g, d).float(), k, mask, scale, sk)
+        return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
     s = _scores(q.reshape(b, hkv, g, d).float(), k, n) * scale  # [B, Hkv, G, L]
     if mask is not None:
         s = s + mask.reshape(mask.shape[0], 1, 1, n)
@@ -245,4 +308,4 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
 
 
 __all__ = ["BlockedKV", "Cat", "attend_blocked", "channels", "dense", "gather", "is_blocked", "one_block", "prepare",
-           "scores", "with_heads"]
+           "scores", "values_in_keys", "with_heads"]

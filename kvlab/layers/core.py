@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocked import attend_blocked, dense, is_blocked, prepare
+from .blocked import attend_blocked, dense, is_blocked, prepare, values_in_keys
 from .sinks import softmax_with_sink
 
 
@@ -128,9 +128,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     b, h, t, d = q.shape
     if is_blocked(k) or is_blocked(v):  # a quantized cache or joined parts (kvlab/layers/blocked.py)
         if t == 1:  # what fits one block read whole; anything left a reader: attended block by block
-            same = v is k
-            k = prepare(k)
-            v = k if same else prepare(v)
+            kp = prepare(k)
+            v = kp if v is k else kp.parts[0] if values_in_keys(k, v) else prepare(v)  # K = V: read once
+            k = kp
             if is_blocked(k) or is_blocked(v):
                 return attend_blocked(q, k, v, mask, scale, sinks)
         else:
