@@ -6,7 +6,7 @@ write) instead of a prefill -- a decode step's cost does not depend on the value
 would cost minutes (``kvlab bench --kv-dtype`` runs the real prefill). Then decode steps run round-robin over every (format, path) so machine load hits each alike; a
 quantized cache is stepped both ways on the same cache: ``before`` (every step dequantizes whole buffers with
 :func:`read_before`, ``QuantRows.read`` as it was at commit eb7aabd, before the blocked decode; MLA, CSA/HCA/SWA
-and sink-token windows read every buffer so until commit 6c9daf0) and ``blocked N KiB``
+and sink-token windows read every buffer so until commit 5eebaba) and ``blocked N KiB``
 (dequantized block by block inside attention, kvlab/layers/blocked.py, blocks of N KiB; kvlab's default 4096).
 
     python benchmarks/kv_quant_speed.py benchmarks/qwen3-100m.json benchmarks/gemma4-e2b-small.json \\
