@@ -154,23 +154,33 @@ def test_a_cycle_in_the_graph_would_be_found(monkeypatch: pytest.MonkeyPatch) ->
     assert any({"kvlab.config", "kvlab.costs.calculator"} <= set(c) for c in cycles())
 
 
+def misplaced(m: str, nested: list[tuple[int, str]]) -> list[str]:
+    """The function-level imports of module ``m`` (``[(line, module)]``) that belong at the top: a standard-library
+    module, or a kvlab module that keeps no heavy package out of ``m`` (and is not in ``ALLOWED_LAZY``)."""
+    bad = []
+    for line, target in nested:
+        where = f"{modules()[m].relative_to(ROOT)}:{line} imports {target}"
+        if target in sys.stdlib_module_names:
+            bad.append(f"{where}: a standard-library module, import it at the top")
+        elif target.startswith("kvlab") and (m, target) not in ALLOWED_LAZY and not (closure(target) - closure(m)) & HEAVY:
+            bad.append(f"{where}: it keeps nothing heavy out of {m} ({sorted(closure(m) & HEAVY)} already loaded, or it "
+                       "loads none): import it at the top")
+    return bad
+
+
 def test_function_level_imports_each_keep_a_heavy_dependency_out() -> None:
     """A function-level import of a kvlab module is there to keep a heavy package (torch, matplotlib...) out of its
     importer (e.g. the CLI's verbs import the model when they run); one that brings nothing heavy the importer does
     not already load only dodges a cycle, or nothing: it belongs at the top. Standard-library imports belong at the
     top too."""
-    bad = []
-    for m in modules():
-        for line, target in _imports(m)[1]:
-            where = f"{modules()[m].relative_to(ROOT)}:{line} imports {target}"
-            if target in sys.stdlib_module_names:
-                bad.append(f"{where}: a standard-library module, import it at the top")
-            elif target.startswith("kvlab") and (m, target) not in ALLOWED_LAZY:
-                kept_out = (closure(target) - closure(m)) & HEAVY
-                if not kept_out:
-                    bad.append(f"{where}: it keeps nothing heavy out of {m} ({sorted(closure(m) & HEAVY)} already "
-                               "loaded, or it loads none): import it at the top")
-    assert bad == []
+    assert [b for m in modules() for b in misplaced(m, _imports(m)[1])] == []
+
+
+def test_the_rule_flags_a_pointless_function_level_import() -> None:
+    assert misplaced("kvlab.cli.calc", [(1, "kvlab.model")]) == []  # keeps torch out of the CLI: fine
+    assert misplaced("kvlab.model", [(1, "kvlab.units")])  # torch-free, and model already loads torch
+    assert misplaced("kvlab.cli.calc", [(1, "kvlab.units")])  # loads nothing heavy
+    assert misplaced("kvlab.config", [(1, "json")])  # standard library
 
 
 def test_every_module_imports_in_one_interpreter_in_a_fixed_order() -> None:
