@@ -15,6 +15,7 @@ from kvlab.eval import (
     VariantError,
     default_corpus,
     kl_divergence,
+    kl_from_logits,
     load_corpus,
     perplexity,
     perplexity_at,
@@ -95,6 +96,25 @@ def test_kl_of_a_model_against_itself_is_zero_and_against_a_perturbed_copy_posit
     one = kl_divergence(model, other, IDS, window=len(IDS), chunk=5)
     assert math.isclose(one.mean_kl, float(by_hand.double().mean()), rel_tol=1e-4)
     assert one.top1 == float((lp.argmax(-1) == lq.argmax(-1)).double().mean())
+
+
+def test_kl_from_logits_of_two_known_distributions_and_their_targets():
+    # two-token vocabulary: P = (0.5, 0.5) against Q = (0.8, 0.2): KL = 0.5 ln(0.5/0.8) + 0.5 ln(0.5/0.2)
+    ref = torch.zeros(3, 2)
+    var = torch.log(torch.tensor([[0.8, 0.2], [0.8, 0.2], [0.2, 0.8]]))
+    tgt = torch.tensor([0, 1, 1])
+    chunks = [(ref[:2], var[:2], tgt[:2]), (ref[2:], var[2:], tgt[2:])]  # chunk boundaries do not matter
+    r = kl_from_logits(iter(chunks))
+    expect = 0.5 * math.log(0.5 / 0.8) + 0.5 * math.log(0.5 / 0.2)
+    assert r.tokens == 3 and math.isclose(r.mean_kl, expect, rel_tol=1e-6) and r.kl_se < 1e-6
+    assert math.isclose(r.ref_nll, math.log(2), rel_tol=1e-6)
+    assert math.isclose(r.variant_nll, -(math.log(0.8) + math.log(0.2) + math.log(0.8)) / 3, rel_tol=1e-6)
+    # ties in the reference pick index 0, the variant picks 0, 0, 1
+    assert math.isclose(r.top1, 2 / 3)
+    with pytest.raises(EvalError, match="one shape"):
+        kl_from_logits([(ref, var[:, :1], tgt)])
+    with pytest.raises(EvalError, match="at least one"):
+        kl_from_logits([])
 
 
 def test_window_variant_shares_weights_and_changes_only_the_attention_span():

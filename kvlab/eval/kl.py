@@ -10,7 +10,7 @@ through their own caches (kvlab/eval/perplexity.py), in lockstep, so no logits a
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -52,15 +52,27 @@ def kl_divergence(reference: Model, variant: Model, ids: Sequence[int], window: 
     if reference.config.vocab_size != variant.config.vocab_size:
         raise EvalError(f"reference and variant have different vocabularies ({reference.config.vocab_size:,} vs "
                         f"{variant.config.vocab_size:,} tokens): KL needs the same one")
-    kls, agree, nll_r, nll_v = [], [], [], []
     ref_it = scored_logits(reference, ids, window, stride, prefix, chunk, progress, "KL divergence")
     var_it = scored_logits(variant, ids, window, stride, prefix, chunk, False)
-    for (lr, tgt), (lv, _) in zip(ref_it, var_it, strict=True):
-        lp_r, lp_v = lr.log_softmax(-1), lv.to(lr.device).log_softmax(-1)
+    return kl_from_logits((lr, lv, tgt) for (lr, tgt), (lv, _) in zip(ref_it, var_it, strict=True))
+
+
+def kl_from_logits(chunks: Iterable[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> KLResult:
+    """The :class:`KLResult` of ``(reference logits [n, V], variant logits [n, V], targets [n])`` chunks, in text
+    order: logits of the same scored tokens from any two runs (another engine's included, e.g. llama.cpp's)."""
+    kls, agree, nll_r, nll_v = [], [], [], []
+    for lr, lv, tgt in chunks:
+        if lr.shape != lv.shape or lr.ndim != 2 or tgt.shape != lr.shape[:1]:
+            raise EvalError(f"KL needs reference and variant logits of one shape [n, V] and targets [n]; got "
+                            f"{tuple(lr.shape)}, {tuple(lv.shape)} and {tuple(tgt.shape)}")
+        lp_r, lp_v = lr.float().log_softmax(-1), lv.to(lr.device).float().log_softmax(-1)
+        tgt = tgt.to(lr.device)
         kls.append((lp_r.exp() * (lp_r - lp_v)).sum(-1).clamp(min=0).double().cpu())  # clamp: fp rounding below 0
         agree.append((lp_r.argmax(-1) == lp_v.argmax(-1)).cpu())
         nll_r.append(-lp_r.gather(-1, tgt[:, None])[:, 0].double().cpu())
-        nll_v.append(-lp_v.gather(-1, tgt[:, None].to(lp_v.device))[:, 0].double().cpu())
+        nll_v.append(-lp_v.gather(-1, tgt[:, None])[:, 0].double().cpu())
+    if not kls:
+        raise EvalError("KL needs at least one scored token")
     kl, top = torch.cat(kls), torch.cat(agree).double()
     n = kl.numel()
     p = float(top.mean())
