@@ -87,7 +87,8 @@ def llama(path: Path, n_ctx: int, kv: str, threads: int, logits_all: bool, flash
         os.environ["LLAMA_ATTN_ROT_DISABLE"] = "1"
     try:
         return Llama(str(path), n_ctx=n_ctx, n_batch=512, n_ubatch=512, logits_all=logits_all, type_k=t, type_v=t,
-                     flash_attn=flash_attn, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0)
+                     flash_attn=flash_attn, n_threads=threads, n_threads_batch=threads, verbose=False, seed=0,
+                     swa_full=False)  # sliding-window layers hold their window (+ one batch), not the context
     finally:
         module.llama_cpp.llama_model_default_params = default
         os.environ.pop("LLAMA_ATTN_ROT_DISABLE", None)
@@ -379,8 +380,9 @@ def main() -> None:
 
 def report(out: dict[str, Any]) -> None:
     g = out["ground"]
-    log(f"\n{g['model']} ({g['file']}), {g['tokens_scored']} tokens of {g['text']}; {g['threads']}")
+    log(f"\n{g['model']} ({g['file']}), {g['text']}; {g['threads']}")
     if "quality" in out:
+        log(f"quality: {g['tokens_scored']} tokens scored, one window of {g['window']} positions")
         refs = sorted({k for r in out["quality"] for k in r["vs"]}, key=lambda k: k != "kvlab fp32")
         head = ["engine", "K/V cache", "ppl"] + [h for k in refs for h in (f"KL vs {k}", f"top-1 vs {k}")]
         rows = []
@@ -392,7 +394,9 @@ def report(out: dict[str, Any]) -> None:
             rows.append(cells)
         log(table(head, rows))
     if "speed" in out:
-        log(f"copy bandwidth (torch, 256 MiB, {g['threads']}): {g['copy_bandwidth_GBps']:.2f} GB/s")
+        sp = g["speed"]
+        log(f"speed: {sp['prompt']}-token prompt, {sp['rounds']} rounds x {sp['decode_per_round']} steps per engine; "
+            f"copy bandwidth (torch, 256 MiB, {g['threads']}): {g['copy_bandwidth_GBps']:.2f} GB/s")
         rows = [[r["engine"], f"{r['prefill_tok_s']:.0f}", f"{r['decode_tok_s']:.1f}",
                  f"{r['step_ms_median']:.2f} ({r['step_ms_p10']:.2f}-{r['step_ms_p90']:.2f})",
                  f"{r['weight_bytes_per_step'] / 1e6:.1f}", f"{r['kv_bytes_per_step'] / 1e6:.2f}",
