@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 from kvlab import threads as threads_mod
+from kvlab.compiled import CompiledStep, check_backend
 from kvlab.config import ModelConfig
 from kvlab.costs import costs
 from kvlab.costs.quant import QuantError, quant_name, resolve_kv_quant
@@ -108,9 +109,14 @@ def _threads_line() -> str:
 
 # -- the loops ---------------------------------------------------------------------------------------
 def _timed_loop(forward: Callable[[torch.Tensor, bool], torch.Tensor], ids: torch.Tensor, chunk: int,
-                decode_tokens: int, desc: str, progress: bool) -> dict[str, Any]:
-    """Chunked prefill of ``ids`` then ``decode_tokens`` greedy steps through ``forward(ids, last_only)``."""
+                decode_tokens: int, desc: str, progress: bool,
+                step: Callable[[torch.Tensor], torch.Tensor] | None = None, first_apart: bool = False
+                ) -> dict[str, Any]:
+    """Chunked prefill of ``ids`` through ``forward(ids, last_only)``, then ``decode_tokens`` greedy steps through
+    ``step(ids)`` (default ``forward(ids, False)``). ``first_apart``: the first step (a compile) is reported as
+    ``first_step_s`` and left out of the step statistics."""
     t = ids.shape[1]
+    step = step or (lambda x: forward(x, False))
     bar = tqdm(total=t + decode_tokens, desc=desc, unit="tok", file=sys.stderr, disable=not progress, leave=False)
     t0 = time.perf_counter()
     logits = None
@@ -122,15 +128,16 @@ def _timed_loop(forward: Callable[[torch.Tensor, bool], torch.Tensor], ids: torc
     for _ in range(decode_tokens):
         nxt = logits[:, -1].argmax(-1, keepdim=True)
         t1 = time.perf_counter()
-        logits = forward(nxt, False)
+        logits = step(nxt)
         steps.append(time.perf_counter() - t1)
         bar.update(1)
     bar.close()
-    med = statistics.median(steps) if steps else float("nan")
+    timed = steps[1:] if first_apart and len(steps) > 1 else steps
+    med = statistics.median(timed) if timed else float("nan")
     return {"prefill_s": prefill_s, "prefill_tok_s": ids.numel() / prefill_s,
-            "decode_step_median_s": med, "decode_steps_s": steps,
-            "decode_tok_s": ids.shape[0] / med if steps else float("nan"),
-            "decode_tok_s_mean": ids.shape[0] * len(steps) / sum(steps) if steps else float("nan")}
+            "decode_step_median_s": med, "decode_steps_s": steps, "first_step_s": steps[0] if steps else None,
+            "decode_tok_s": ids.shape[0] / med if timed else float("nan"),
+            "decode_tok_s_mean": ids.shape[0] * len(timed) / sum(timed) if timed else float("nan")}
 
 
 def kv_formats(kv_dtypes: list[str] | None, dtype: str) -> list[tuple[str, str, str | None]]:
@@ -160,10 +167,15 @@ def kv_formats(kv_dtypes: list[str] | None, dtype: str) -> list[tuple[str, str, 
 
 def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str, batch: int = 1,
                 prefill_chunk: int = 512, seed: int = 0, bandwidth: float | None = None,
-                progress: bool = True, kv_quant: str | None = None) -> list[dict[str, Any]]:
+                progress: bool = True, kv_quant: str | None = None, compile: str | None = None
+                ) -> list[dict[str, Any]]:
     """Prefill + decode ``model`` at each context; figures per context (see the module docstring); ``kv_quant``:
-    a quantized cache format (kvlab/costs/quant.py), priced with it."""
+    a quantized cache format (kvlab/costs/quant.py), priced with it. Each step is ``model.decode_step`` (the ids
+    were checked on entry, as in ``generate``); ``compile``: a torch.compile backend (kvlab/compiled.py) it runs
+    through, the first step of each context (a compile at a new cache size) reported apart as ``first_step_s``,
+    with ``compiles``, the graphs it compiled."""
     last_only = "last_only" in inspect.signature(model.forward).parameters
+    decode = CompiledStep(model, compile) if compile else getattr(model, "decode_step", None)
     rows = []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
@@ -172,7 +184,9 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
         _timed_loop(lambda x, _last, c=warm: model(x, cache=c), torch.zeros(batch, n, dtype=torch.long),
                     n, 2, "warm-up", False)
     for ctx in contexts:
-        max_length = ctx + decode_tokens
+        # compiled: one spare position, so the last step does not write a buffer's last slot (a quantized buffer
+        # traces that slot differently: one more graph, compiled inside the timed steps)
+        max_length = ctx + decode_tokens + (1 if compile else 0)
         ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=gen)
         gc.collect()
         with torch.inference_mode(), rss_sampler() as mem:
@@ -181,13 +195,19 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
             def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
                 return model(x, cache=cache, last_only=last) if last_only else model(x, cache=cache)
 
-            r = _timed_loop(fwd, ids, prefill_chunk, decode_tokens, f"kvlab {kv_quant or dtype} {fmt_context(ctx)}",
-                            progress)
+            def step(x: torch.Tensor, cache: Any = cache, fwd: Callable = fwd) -> torch.Tensor:
+                return decode(x, cache) if decode is not None else fwd(x, False)
+
+            before = decode.compiles if compile else 0
+            how = "compiled" if compile else "eager"
+            r = _timed_loop(fwd, ids, prefill_chunk, decode_tokens,
+                            f"kvlab {kv_quant or dtype} {how} {fmt_context(ctx)}", progress, step, bool(compile))
             measured = cache.nbytes()
-            del fwd, cache
+            del fwd, step, cache
         c_alloc = costs(model.config, context=max_length, dtype=dtype, batch=batch, kv_quant=kv_quant)
         c_mid = costs(model.config, context=ctx + decode_tokens // 2, dtype=dtype, batch=batch, kv_quant=kv_quant)
         read = c_mid.weight_read_bytes_per_step + c_mid.kv_read_bytes_per_step
+        r.update(compiled=bool(compile), backend=compile, compiles=decode.compiles - before if compile else 0)
         r.update(context=ctx, max_length=max_length, batch=batch, dtype=dtype,
                  kv_dtype=kv_quant or dtype, kv_quant=quant_name(resolve_kv_quant(kv_quant)),
                  cache_bytes_measured=measured, cache_bytes_calculated=c_alloc.kv_cache_bytes,
@@ -290,16 +310,19 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
               threads: int | None = None, vs: str | None = None, batch: int = 1, prefill_chunk: int = 512,
               weight_budget: int = DEFAULT_WEIGHT_BUDGET, bandwidth_bytes: int = 256 * 1024**2,
               progress: bool = True, log: Callable[[str], None] | None = None,
-              kv_dtypes: list[str] | None = None) -> dict[str, Any]:
+              kv_dtypes: list[str] | None = None, compile: bool | str = False) -> dict[str, Any]:
     """Run the benchmark; returns ``{"model", "config", "scaled", "results", "transformers", "ratios", ...}``.
 
     ``kv_dtypes``: one run per K/V cache format (:func:`kv_formats`), ``results`` holding a row per format and
-    context (each names its ``kv_dtype``, ``kv_quant`` and model ``dtype``)."""
+    context (each names its ``kv_dtype``, ``kv_quant`` and model ``dtype``). ``compile``: each format is run
+    eager, then with the decode step compiled (kvlab/compiled.py; a row's ``compiled`` says which), and
+    ``compile_speedup`` pairs them."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     dtype = parse_dtype(dtype)
     if vs not in (None, "transformers"):
         raise ValueError(f"--vs {vs!r}: the only comparison is 'transformers'")
     formats = kv_formats(kv_dtypes, dtype)
+    backend = check_backend(compile)
     if vs == "transformers" and formats != [(dtype, dtype, None)]:
         raise ValueError("--vs transformers compares the unquantized cache in --dtype: drop --kv-dtype")
     if decode_tokens < 1 or batch < 1 or prefill_chunk < 1:
@@ -358,8 +381,9 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
                 m.eval()
             else:
                 m = model
-            rows += bench_kvlab(m, contexts, decode_tokens, d, batch, prefill_chunk, bandwidth=bw,
-                                progress=progress, kv_quant=q)
+            for how in (None, backend) if backend else (None,):
+                rows += bench_kvlab(m, contexts, decode_tokens, d, batch, prefill_chunk, bandwidth=bw,
+                                    progress=progress, kv_quant=q, compile=how)
             del m
             gc.collect()
         result: dict[str, Any] = {
@@ -367,8 +391,10 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             "checkpoint": checkpoint, "scaled": notes, "dtype": dtype, "batch": batch, "decode_tokens": decode_tokens,
             "prefill_chunk": prefill_chunk, "params": sum(p.numel() for p in model.parameters()),
             "weight_bytes": weights, "copy_bandwidth_bytes_s": bw, "kv_dtypes": [f[0] for f in formats],
-            "results": rows, "machine": machine_info(),
+            "results": rows, "machine": machine_info(), "compile": backend,
         }
+        if backend:
+            result["compile_speedup"] = compile_speedup(rows)
         del model
         gc.collect()
         if vs == "transformers":
@@ -376,6 +402,7 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             hf_rows = bench_transformers(source_dir, contexts, decode_tokens, dtype, batch, prefill_chunk,
                                          progress=progress)
             result["transformers"] = hf_rows
+            compiled = {x["context"]: x for x in rows if x["compiled"]}
             result["ratios"] = [{
                 "context": a["context"],
                 "decode_tok_s": a["decode_tok_s"] / b["decode_tok_s"],
@@ -383,11 +410,31 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
                 "rss_delta": a["rss_delta_bytes"] / b["rss_delta_bytes"] if b["rss_delta_bytes"] else None,
                 "cache_bytes": a["cache_bytes_measured"] / b["cache_bytes_measured"]
                 if b["cache_bytes_measured"] else None,
-            } for a, b in zip(rows, hf_rows)]
+                **({"decode_tok_s_compiled": compiled[a["context"]]["decode_tok_s"] / b["decode_tok_s"]}
+                   if a["context"] in compiled else {}),
+            } for a, b in zip([x for x in rows if not x["compiled"]], hf_rows)]
         return result
     finally:
         if tmp is not None:
             tmp.cleanup()
+
+
+def compile_speedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Eager and compiled rows of the same cache format and context side by side: decode tok/s, bandwidth use,
+    the compiled / eager ratio and the first compiled step (the compile)."""
+    eager = {(x["kv_dtype"], x["context"]): x for x in rows if not x["compiled"]}
+    out = []
+    for c in rows:
+        e = eager.get((c["kv_dtype"], c["context"])) if c["compiled"] else None
+        if e is None:
+            continue
+        out.append({"kv_dtype": c["kv_dtype"], "dtype": c["dtype"], "context": c["context"],
+                    "eager_decode_tok_s": e["decode_tok_s"], "compiled_decode_tok_s": c["decode_tok_s"],
+                    "speedup": c["decode_tok_s"] / e["decode_tok_s"],
+                    "eager_bandwidth_utilisation": e.get("bandwidth_utilisation"),
+                    "compiled_bandwidth_utilisation": c.get("bandwidth_utilisation"),
+                    "first_step_s": c["first_step_s"], "compiles": c["compiles"]})
+    return out
 
 
 def format_card(r: dict[str, Any]) -> str:
@@ -403,29 +450,44 @@ def format_card(r: dict[str, Any]) -> str:
         lines.append(f"scaled: {n}")
     rows = []
     for x in r["results"]:
-        rows.append([x.get("kv_dtype", r["dtype"]), x.get("dtype", r["dtype"]), fmt_context(x["context"]),
+        step = ("compiled" if x.get("compiled") else "eager") + (f" (+{x['first_step_s']:.1f} s)"
+                                                                 if x.get("compiles") else "")
+        rows.append([x.get("kv_dtype", r["dtype"]), x.get("dtype", r["dtype"]), fmt_context(x["context"]), step,
                      f"{x['prefill_tok_s']:.1f}", f"{x['decode_tok_s']:.2f}",
                      f"{x['decode_step_median_s'] * 1e3:.2f}", fmt_bytes(x["cache_bytes_measured"]),
                      fmt_bytes(x["cache_bytes_calculated"]), "yes" if x["cache_bytes_match"] else "NO",
                      fmt_rate(x["achieved_bandwidth"], "B/s"),
                      f"{100 * x.get('bandwidth_utilisation', float('nan')):.0f}%",
                      fmt_bytes(x["rss_delta_bytes"]), fmt_bytes(x["ru_maxrss_bytes"])])
-    lines += ["", table(["KV cache", "model", "context", "prefill tok/s", "decode tok/s", "step ms (median)", "cache measured",
+    lines += ["", table(["KV cache", "model", "context", "decode step", "prefill tok/s", "decode tok/s", "step ms (median)", "cache measured",
                          "cache calculated", "equal", "bytes/step / step", "of copy bw", "RSS added",
                          "peak RSS"], rows)]
+    if r.get("compile_speedup"):
+        sp = [[q["kv_dtype"], fmt_context(q["context"]), f"{q['eager_decode_tok_s']:.2f}",
+               f"{q['compiled_decode_tok_s']:.2f}", f"{q['speedup']:.2f}x",
+               f"{100 * (q['eager_bandwidth_utilisation'] or float('nan')):.0f}%",
+               f"{100 * (q['compiled_bandwidth_utilisation'] or float('nan')):.0f}%",
+               f"{q['first_step_s']:.1f} s", str(q["compiles"])] for q in r["compile_speedup"]]
+        lines += ["", f"eager and compiled decode (torch.compile, {r['compile']}), same run:",
+                  table(["KV cache", "context", "eager tok/s", "compiled tok/s", "compiled/eager", "eager of copy bw",
+                         "compiled of copy bw", "first compiled step", "graphs compiled"], sp)]
     if "transformers" in r:
         hf_rows = []
         for a, b, q in zip(r["results"], r["transformers"], r["ratios"]):
             hf_rows.append([fmt_context(a["context"]), f"{b['prefill_tok_s']:.1f}", f"{b['decode_tok_s']:.2f}",
                             fmt_bytes(b["cache_bytes_measured"]), fmt_bytes(b["rss_delta_bytes"]),
                             f"{q['prefill_tok_s']:.2f}x", f"{q['decode_tok_s']:.2f}x",
-                            "-" if q["rss_delta"] is None else f"{q['rss_delta']:.2f}x"])
+                            "-" if q["rss_delta"] is None else f"{q['rss_delta']:.2f}x"]
+                           + ([f"{q['decode_tok_s_compiled']:.2f}x"] if "decode_tok_s_compiled" in q else []))
         lines += ["", "transformers (same loop, DynamicCache) and kvlab/transformers ratios:",
                   table(["context", "prefill tok/s", "decode tok/s", "cache held", "RSS added",
-                         "prefill ratio", "decode ratio", "RSS ratio"], hf_rows)]
+                         "prefill ratio", "decode ratio", "RSS ratio"]
+                        + (["compiled decode ratio"] if r.get("compile") else []), hf_rows)]
     lines += ["", ("KV cache = the cache's format (a float dtype: the model and cache in it; a quantized format: "
                    "codes + scales, residual in the model's dtype); model = weights' dtype. "
                    "bytes/step = calculated weight + K/V bytes read by one decode step at the middle of the decode;"
                    " of copy bw = that / median step / measured copy_ bandwidth (read + write)."
-                   " RSS added = peak RSS during the run minus RSS before it (sampled every 2 ms).")]
+                   " RSS added = peak RSS during the run minus RSS before it (sampled every 2 ms)."
+                   " decode step: eager, or compiled (+ the first step's seconds when it compiled a graph: at a new"
+                   " cache size; that step is left out of the median).")]
     return "\n".join(lines)

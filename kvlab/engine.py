@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
+from .compiled import check_backend, compiled_step
 from .model import Model, left_padding
 
 
@@ -38,7 +41,8 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
              top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
              stop_tokens: Iterable[int] | None = None, attention_mask: torch.Tensor | None = None,
              lengths: Iterable[int] | None = None, prefill_chunk: int = 512, pad_token_id: int = 0,
-             callback: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
+             callback: Callable[[torch.Tensor], None] | None = None, compile: bool | str = False,
+             stats: dict[str, Any] | None = None) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by up to ``max_new_tokens``; returns ``[B, T + n]``.
 
     Batches of unequal lengths are left-padded: give ``attention_mask`` (1 = token) or ``lengths``
@@ -46,6 +50,12 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
     tokens so its peak memory is bounded by the chunk. A row stops at one of ``stop_tokens`` and is
     filled with ``pad_token_id`` after; generation ends when every row stopped. ``callback`` gets
     each step's new tokens ``[B]``.
+
+    ``compile=True`` runs the decode step through ``torch.compile`` (kvlab/compiled.py: inductor, CUDA graphs on a
+    GPU; one graph for the whole decode, built on the first step and kept on the model); greedy tokens are eager's.
+    A backend name (``"eager"``, ``"aot_eager"``) traces without generating code. ``stats``, a dict, is filled
+    with ``prefill_s``, ``decode_s`` (all steps), ``decode_steps``, ``first_step_s`` (the first decode step: the
+    compile when compiled) and ``compiles`` (graphs compiled by this call).
     """
     cfg = model.config
     if input_ids.dim() == 1:
@@ -67,13 +77,22 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
             raise ValueError(f"lengths must give each of the {b} rows a length in [1, {t}]")
         attention_mask = (torch.arange(t, device=input_ids.device)[None] >= (t - lens)[:, None]).long()
     pad = left_padding(attention_mask) if attention_mask is not None else None
+    backend = check_backend(compile)
     if max_new_tokens == 0:
+        if stats is not None:
+            stats.update(prefill_s=0.0, first_step_s=0.0, decode_s=0.0, decode_steps=0, compiled=backend is not None,
+                         compiles=0)
         return input_ids.clone()
     model.check_ids(input_ids)  # once, where input enters: the steps below read nothing back
     cache = model.new_cache(b, max_length=t + max_new_tokens)
     cache.set_padding(pad)
+    step = compiled_step(model, backend) if backend else model.decode_step
+    compiles = step.compiles if backend else 0
+    clock = _Clock(input_ids.device, stats is not None)
     for s in range(0, t, prefill_chunk):
         logits = model(input_ids[:, s:s + prefill_chunk], cache=cache, last_only=True, check=False)
+    prefill_s = clock.lap()
+    first_s = 0.0
     stops = torch.tensor(sorted(set(stop_tokens or ())), dtype=torch.long, device=input_ids.device)
     gen = torch.Generator(device=input_ids.device).manual_seed(seed) if seed is not None else None
     out = torch.empty(b, t + max_new_tokens, dtype=torch.long, device=input_ids.device)
@@ -91,5 +110,25 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
             if bool(done.all()):
                 break
         if n < max_new_tokens:
-            logits = model.decode_step(nxt[:, None], cache)
+            logits = step(nxt[:, None], cache)
+            if n == 1:
+                first_s = clock.lap()
+    if stats is not None:
+        stats.update(prefill_s=prefill_s, first_step_s=first_s, decode_s=first_s + clock.lap(),
+                     decode_steps=max(n - 1, 0), compiled=backend is not None,
+                     compiles=step.compiles - compiles if backend else 0)
     return out[:, :t + n]
+
+
+class _Clock:
+    """Wall-clock laps for ``generate``'s ``stats`` (synchronising a GPU only when asked for them)."""
+
+    def __init__(self, device: torch.device, on: bool) -> None:
+        self.sync = on and device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        t, self.t = self.t, time.perf_counter()
+        return self.t - t

@@ -97,3 +97,52 @@ def test_bench_vs_transformers_same_cache_bytes():
     # full attention, 32 + 3 positions: the preallocated cache and transformers' grown cache hold the same bytes
     assert ours["cache_bytes_measured"] == theirs["cache_bytes_measured"] == 2 * (2 * KV_HEADS * HEAD_DIM * 4) * 35
     assert ratio["decode_tok_s"] > 0 and ratio["prefill_tok_s"] > 0 and ratio["cache_bytes"] == 1.0
+
+
+def test_bench_compiled_beside_eager(capsys, tmp_path, monkeypatch):
+    """``--compile``: every context eager then compiled (dynamo traced without code generation here); the first
+    compiled step of a new cache size is reported apart, its graph counted; the speedups pair the rows."""
+    from kvlab import compiled
+
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
+    path = tmp_path / "tiny.json"
+    tiny(window=8).save(path)
+    rc = main(["bench", str(path), "--context", "24,40", "--decode-tokens", "3", "--prefill-chunk", "16",
+               "--bandwidth-mib", "8", "--no-progress", "--compile", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "compiled/eager" in err
+    r = json.loads(out)
+    eager = [x for x in r["results"] if not x["compiled"]]
+    comp = [x for x in r["results"] if x["compiled"]]
+    assert [x["context"] for x in eager] == [x["context"] for x in comp] == [24, 40]
+    assert all(x["cache_bytes_match"] for x in r["results"])
+    assert [x["max_length"] for x in comp] == [28, 44]  # one spare position (kvlab/bench.py)
+    assert comp[0]["compiles"] >= 1 and comp[0]["first_step_s"] > 0 and len(comp[0]["decode_steps_s"]) == 3
+    assert all(x["compiles"] == 0 for x in eager)
+    for q, e, c in zip(r["compile_speedup"], eager, comp, strict=True):
+        assert q["speedup"] == c["decode_tok_s"] / e["decode_tok_s"] and q["context"] == e["context"]
+
+
+def test_bench_compile_bad_backend_is_named():
+    from kvlab.compiled import CompileError
+
+    with pytest.raises(CompileError, match="compile='inductr'"):
+        run_bench(tiny(), [24], decode_tokens=2, compile="inductr", progress=False, log=lambda _: None)
+
+
+def test_generate_cli_compile(capsys, tmp_path, monkeypatch):
+    """``kvlab generate --compile``: the eager tokens; the JSON reports the compile apart from the decode rate."""
+    import kvlab
+    from kvlab import compiled
+
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
+    d = tmp_path / "ckpt"
+    kvlab.save(kvlab.Model.from_config(tiny(window=8), seed=0), d)
+    runs = []
+    for extra in ([], ["--compile"]):
+        assert main(["generate", str(d), "--ids", "1,2,3", "--max-new-tokens", "12", "--stop", "none", "--json",
+                     *extra]) == 0
+        runs.append(json.loads(capsys.readouterr().out))
+    assert runs[1]["output_ids"] == runs[0]["output_ids"] and len(runs[0]["output_ids"]) == 12
+    assert runs[1]["compiled"] and runs[1]["compiles"] >= 1 and runs[1]["decode_tok_s"] > 0
+    assert not runs[0]["compiled"] and runs[0]["compiles"] == 0

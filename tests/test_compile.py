@@ -76,3 +76,49 @@ def test_quantized_decode_step_is_one_graph(kind, example, kv_quant, monkeypatch
 def test_decode_step_compiled_by_inductor_equals_eager():
     """The real compiler (inductor, C++ on the CPU) on a windowed GQA layer with sinks."""
     check_decode_compiles(tiny("gqa", 1), [0, 6, 11], backend="inductor")
+
+
+# -- the compiled decode step of generate and the benchmark (kvlab/compiled.py) ----------------------------------
+def test_generate_compiled_by_inductor_gives_eager_tokens_and_compiles_once():
+    """``generate(compile=True)``: inductor's C++ kernels; greedy tokens equal eager's (a left-padded batch); the
+    23 decode steps compile one graph (the position count is a symbol, not a constant per step); a second call
+    on the same shapes compiles none."""
+    from kvlab.engine import generate
+
+    with torch.no_grad():
+        model = random_model(tiny("gqa", 0))
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
+    eager = generate(model, ids, max_new_tokens=24, lengths=[9, 5])
+    stats: dict = {}
+    assert torch.equal(generate(model, ids, max_new_tokens=24, lengths=[9, 5], compile=True, stats=stats), eager)
+    assert stats["compiled"] and stats["compiles"] == 1 and stats["decode_steps"] == 23
+    again: dict = {}
+    assert torch.equal(generate(model, ids, max_new_tokens=24, lengths=[9, 5], compile=True, stats=again), eager)
+    assert again["compiles"] == 0
+
+
+@pytest.mark.parametrize("kind,example", [("gqa", 1), ("csa", 0)])  # a ring with sinks; a ring + compressor
+def test_compiled_decode_compiles_per_regime_not_per_step(kind, example):
+    """Traced by dynamo without code generation (backend "eager"): greedy tokens equal eager's; a full cache
+    compiles one graph for 40 steps (the inductor test above); a window ring (and a compressor) one more where it
+    first wraps, and none in the 20 steps after every ring wrapped."""
+    from kvlab.compiled import compiled_step
+    from kvlab.engine import generate
+
+    with torch.no_grad():
+        model = random_model(tiny(kind, example))
+    ids = torch.randint(0, 61, (3, 6), generator=torch.Generator().manual_seed(4))
+    stats: dict = {}
+    out = generate(model, ids, max_new_tokens=40, lengths=[6, 4, 2], compile="eager", stats=stats)
+    assert torch.equal(out, generate(model, ids, max_new_tokens=40, lengths=[6, 4, 2]))
+    windowed = any(s.window for s in model.config.layers)
+    assert 1 <= stats["compiles"] <= (3 if windowed else 1)
+    step = compiled_step(model, "eager")
+    cache = model.new_cache(3, max_length=46)
+    with torch.inference_mode():
+        model(ids, cache=cache)
+        for i in range(40):
+            step(out[:, 6 + i:7 + i].clone(), cache)
+            if i == 19:
+                after_wrap = step.compiles
+    assert step.compiles == after_wrap  # steps 20-39: past every wrap, nothing new

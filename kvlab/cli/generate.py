@@ -39,6 +39,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
     add_sampling_arguments(q)
     q.add_argument("--stream", action="store_true", help="print tokens as they are generated")
+    q.add_argument("--compile", action="store_true", help="run the decode step through torch.compile (inductor; "
+                   "CUDA graphs on a GPU): the first step compiles (reported apart), the steps after run faster")
     add_dtype_and_json(q, dtype="fp32", json_help="print one JSON object with the ids, text and speed")
 
 
@@ -135,15 +137,17 @@ def run(args: argparse.Namespace) -> int:
     else:
         callback = None
     t0 = time.perf_counter()
+    stats: dict = {}
     out = kvlab.generate(model, input_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=callback)
+                         top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=callback,
+                         compile=args.compile, stats=stats)
     dt = time.perf_counter() - t0
     gen = out[0, len(ids):].tolist()
     shown = gen[:-1] if gen and gen[-1] in stops else gen  # the stop token ends the text, it is not part of it
     text = tok.decode(shown) if tok is not None else None
     if args.json:
         emit_json({"prompt_ids": ids, "output_ids": gen, "text": text, "stopped": len(shown) < len(gen),
-                   "seconds": dt, "tokens_per_s": len(gen) / dt if dt > 0 else None})
+                   "seconds": dt, "tokens_per_s": len(gen) / dt if dt > 0 else None, **speed(stats)})
         return 0
     if stream:
         print()
@@ -151,5 +155,19 @@ def run(args: argparse.Namespace) -> int:
         print((args.prompt or "") + text)
     else:
         print(",".join(map(str, gen)))
-    print(f"[{len(gen)} tokens in {dt:.2f} s, {len(gen) / dt:.1f} tok/s]", file=sys.stderr)
+    sp = speed(stats)
+    steady = (f"; {'compiled' if args.compile else 'eager'} decode {sp['decode_tok_s']:.1f} tok/s after a first step "
+              f"of {sp['first_step_s']:.2f} s" + (" (the compile)" if sp["compiles"] else "")
+              if sp["decode_tok_s"] is not None else "")
+    print(f"[{len(gen)} tokens in {dt:.2f} s, {len(gen) / dt:.1f} tok/s{steady}]", file=sys.stderr)
     return 0
+
+
+def speed(stats: dict) -> dict:
+    """``generate``'s stats as reported: the first decode step (the compile, when compiled) apart from the steady
+    decode rate of the steps after it (batch 1)."""
+    rest = stats["decode_steps"] - 1
+    after = stats["decode_s"] - stats["first_step_s"]
+    return {"compiled": stats["compiled"], "compiles": stats["compiles"], "prefill_s": stats["prefill_s"],
+            "first_step_s": stats["first_step_s"] if stats["decode_steps"] else None,
+            "decode_tok_s": rest / after if rest > 0 and after > 0 else None}

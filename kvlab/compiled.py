@@ -1,0 +1,100 @@
+"""A compiled decode step: ``Model.decode_step`` through ``torch.compile``, traced once per model.
+
+The step reads nothing back to the host (tests/test_compile.py), so it compiles as one graph (``fullgraph``).
+The cache is preallocated (``max_length``), so its tensors keep their shapes (traced as constants); the one thing
+that changes per step is the number of positions written (``cache.seq_len``, a Python int), traced as a symbol
+(``torch.compiler.config.dynamic_sources``) instead of a constant: decoding N tokens compiles once, not N times. A window layer's store branches on whether
+its ring has wrapped yet, so a decode that crosses the wrap compiles a second graph there (and a CSA/HCA
+compressor one more), never one per step. On the CPU the backend is inductor (C++ kernels); on CUDA inductor
+with CUDA graphs (``mode="reduce-overhead"``).
+"""
+
+from __future__ import annotations
+
+import time
+import types
+from typing import Any
+
+import torch
+
+SEQ_LEN = "L['cache'].seq_len"  # the decode step's argument ``cache``, its attribute ``seq_len``
+DEFAULT_BACKEND = "inductor"  # what compile=True means (tests set "eager": the same trace, no code generation)
+RECOMPILE_LIMIT = 32  # graphs per model: one per cache size and window regime, never one per step
+BACKENDS = ("inductor", "aot_eager", "eager")  # eager / aot_eager: the trace without code generation (tests)
+
+
+class CompileError(ValueError):
+    """A compiled decode step was asked for with something it does not support, or torch.compile failed."""
+
+
+def graphs_compiled() -> int:
+    """Graphs torch.compile has compiled in this process so far (``torch._dynamo`` counters)."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def check_backend(compile: bool | str) -> str | None:
+    """``compile`` as given to ``generate`` / the benchmark -> the backend name (None: eager, not compiled)."""
+    if compile is False or compile is None:
+        return None
+    if compile is True:
+        return DEFAULT_BACKEND
+    if isinstance(compile, str) and compile in BACKENDS:
+        return compile
+    raise CompileError(f"compile={compile!r}: give True (inductor), False, or a backend name in {list(BACKENDS)}")
+
+
+class CompiledStep:
+    """``step(ids [B, 1], cache) -> logits [B, 1, vocab]``: ``model.decode_step`` compiled.
+
+    ``first_call_s``: wall time of the first call (trace + compile + one step); ``compiles``: graphs compiled
+    by this step's calls so far (1 for a decode that never crosses a window's wrap-around)."""
+
+    def __init__(self, model: Any, backend: str = "inductor") -> None:
+        device = next(model.parameters()).device
+        mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else None
+        # a fresh code object per model: torch.compile keeps its graphs (and its limit of 8 recompiles) per code
+        # object, so models compiled in one process (fp32 and bf16, or one per test) do not share one budget
+        from kvlab.model import Model
+
+        fn = Model.decode_step
+        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                                   fn.__closure__)
+        self.backend, self.mode, self.device = backend, mode, device
+        self._fn = torch.compile(types.MethodType(fresh, model), backend=backend, mode=mode, fullgraph=True)
+        self.first_call_s: float | None = None
+        self.compiles = 0
+
+    def __call__(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
+        from torch.fx.experimental import _config as fx_config
+
+        before = graphs_compiled()
+        t0 = time.perf_counter() if self.first_call_s is None else 0.0
+        try:
+            # the position count is a symbol from the first trace on (else: a constant, then a second compile);
+            # no duck sizing: a count that happens to equal a buffer's size must not become a guard
+            with torch.compiler.config.patch(dynamic_sources=SEQ_LEN), fx_config.patch(use_duck_shape=False), \
+                    torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                out = self._fn(ids, cache)
+        except Exception as e:
+            if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                raise  # the model's own error (a ValueError naming the input) as eager raises it
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            raise CompileError(f"torch.compile ({self.backend}) failed on the decode step: {type(e).__name__}: "
+                               f"{first} (run without compile)") from e
+        self.compiles += graphs_compiled() - before
+        if self.first_call_s is None:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # once, for the compile time; no sync in the steps after
+            self.first_call_s = time.perf_counter() - t0
+        return out
+
+
+def compiled_step(model: Any, backend: str = "inductor") -> CompiledStep:
+    """The model's compiled decode step for ``backend``, built on first use and kept on the model (so a second
+    ``generate`` reuses the graphs)."""
+    steps = model.__dict__.setdefault("_compiled_steps", {})
+    if backend not in steps:
+        steps[backend] = CompiledStep(model, backend)
+    return steps[backend]
