@@ -69,6 +69,10 @@ class CompiledStep:
     def __call__(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
         from torch.fx.experimental import _config as fx_config
 
+        from kvlab.cache.storage import positions
+
+        if cache.max_length:  # the shared position vector (kvlab/cache/storage.py) grown for the whole cache now:
+            positions(cache.max_length + 1, ids.device)  # its growth mid-decode would change a traced tensor
         before = graphs_compiled()
         t0 = time.perf_counter() if self.first_call_s is None else 0.0
         try:
