@@ -108,36 +108,53 @@ def _threads_line() -> str:
 
 
 # -- the loops ---------------------------------------------------------------------------------------
-def _timed_loop(forward: Callable[[torch.Tensor, bool], torch.Tensor], ids: torch.Tensor, chunk: int,
-                decode_tokens: int, desc: str, progress: bool,
-                step: Callable[[torch.Tensor], torch.Tensor] | None = None, first_apart: bool = False
+Forward = Callable[[torch.Tensor, bool], torch.Tensor]  # (ids, last_only) -> logits: the prefill's calls
+Step = Callable[[torch.Tensor], torch.Tensor]  # ids [B, 1] -> logits: one decode step
+
+
+def _timed_loop(forward: Forward, ids: torch.Tensor, chunk: int, decode_tokens: int, desc: str, progress: bool
                 ) -> dict[str, Any]:
-    """Chunked prefill of ``ids`` through ``forward(ids, last_only)``, then ``decode_tokens`` greedy steps through
-    ``step(ids)`` (default ``forward(ids, False)``). ``first_apart``: the first step (a compile) is reported as
-    ``first_step_s`` and left out of the step statistics."""
+    """Chunked prefill of ``ids`` then ``decode_tokens`` greedy steps through ``forward(ids, last_only)``."""
+    return _timed_lanes([(forward, lambda x: forward(x, False), False)], ids, chunk, decode_tokens, desc,
+                        progress)[0]
+
+
+def _timed_lanes(lanes: list[tuple[Forward, Step, bool]], ids: torch.Tensor, chunk: int, decode_tokens: int,
+                 desc: str, progress: bool) -> list[dict[str, Any]]:
+    """Each lane ``(forward, step, first_apart)`` (its own cache) prefills ``ids`` in chunks through ``forward``,
+    one lane after the other; then the lanes decode ``decode_tokens`` greedy tokens through ``step`` taking turns
+    step by step, so that on a shared machine they meet the same load. ``first_apart``: the lane's first step (a
+    compile) is reported as ``first_step_s`` and left out of its step statistics."""
     t = ids.shape[1]
-    step = step or (lambda x: forward(x, False))
-    bar = tqdm(total=t + decode_tokens, desc=desc, unit="tok", file=sys.stderr, disable=not progress, leave=False)
-    t0 = time.perf_counter()
-    logits = None
-    for s in range(0, t, chunk):
-        logits = forward(ids[:, s:s + chunk], True)
-        bar.update(min(chunk, t - s))
-    prefill_s = time.perf_counter() - t0
-    steps: list[float] = []
+    bar = tqdm(total=len(lanes) * (t + decode_tokens), desc=desc, unit="tok", file=sys.stderr,
+               disable=not progress, leave=False)
+    logits: list[torch.Tensor] = []
+    prefill: list[float] = []
+    for forward, _step, _first in lanes:
+        t0 = time.perf_counter()
+        for s in range(0, t, chunk):
+            out = forward(ids[:, s:s + chunk], True)
+            bar.update(min(chunk, t - s))
+        prefill.append(time.perf_counter() - t0)
+        logits.append(out)
+    steps: list[list[float]] = [[] for _ in lanes]
     for _ in range(decode_tokens):
-        nxt = logits[:, -1].argmax(-1, keepdim=True)
-        t1 = time.perf_counter()
-        logits = step(nxt)
-        steps.append(time.perf_counter() - t1)
-        bar.update(1)
+        for i, (_forward, step, _first) in enumerate(lanes):
+            nxt = logits[i][:, -1].argmax(-1, keepdim=True)
+            t1 = time.perf_counter()
+            logits[i] = step(nxt)
+            steps[i].append(time.perf_counter() - t1)
+            bar.update(1)
     bar.close()
-    timed = steps[1:] if first_apart and len(steps) > 1 else steps
-    med = statistics.median(timed) if timed else float("nan")
-    return {"prefill_s": prefill_s, "prefill_tok_s": ids.numel() / prefill_s,
-            "decode_step_median_s": med, "decode_steps_s": steps, "first_step_s": steps[0] if steps else None,
-            "decode_tok_s": ids.shape[0] / med if timed else float("nan"),
-            "decode_tok_s_mean": ids.shape[0] * len(timed) / sum(timed) if timed else float("nan")}
+    rows = []
+    for (_forward, _step, first_apart), pre, st in zip(lanes, prefill, steps):
+        timed = st[1:] if first_apart and len(st) > 1 else st
+        med = statistics.median(timed) if timed else float("nan")
+        rows.append({"prefill_s": pre, "prefill_tok_s": ids.numel() / pre,
+                     "decode_step_median_s": med, "decode_steps_s": st, "first_step_s": st[0] if st else None,
+                     "decode_tok_s": ids.shape[0] / med if timed else float("nan"),
+                     "decode_tok_s_mean": ids.shape[0] * len(timed) / sum(timed) if timed else float("nan")})
+    return rows
 
 
 def kv_formats(kv_dtypes: list[str] | None, dtype: str) -> list[tuple[str, str, str | None]]:
@@ -171,11 +188,13 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
                 ) -> list[dict[str, Any]]:
     """Prefill + decode ``model`` at each context; figures per context (see the module docstring); ``kv_quant``:
     a quantized cache format (kvlab/costs/quant.py), priced with it. Each step is ``model.decode_step`` (the ids
-    were checked on entry, as in ``generate``); ``compile``: a torch.compile backend (kvlab/compiled.py) it runs
-    through, the first step of each context (a compile at a new cache size) reported apart as ``first_step_s``,
-    with ``compiles``, the graphs it compiled."""
+    were checked on entry, as in ``generate``). ``compile``: a torch.compile backend (kvlab/compiled.py): each
+    context then has two rows, eager and compiled (``compiled``), decoded in turns on two caches of the same
+    size; the compiled row's first step (a compile, at a new cache size) is reported apart as ``first_step_s``,
+    with ``compiles``, the graphs it compiled; the RSS figures are the pair's."""
     last_only = "last_only" in inspect.signature(model.forward).parameters
-    decode = CompiledStep(model, compile) if compile else getattr(model, "decode_step", None)
+    compiled = CompiledStep(model, compile) if compile else None
+    eager = getattr(model, "decode_step", None)
     rows = []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
@@ -190,37 +209,51 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
         ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=gen)
         gc.collect()
         with torch.inference_mode(), rss_sampler() as mem:
-            cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant)
+            caches, lanes = [], []
+            for step in [eager] + ([compiled] if compiled else []):
+                cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant)
 
-            def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
-                return model(x, cache=cache, last_only=last) if last_only else model(x, cache=cache)
+                def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
+                    return model(x, cache=cache, last_only=last) if last_only else model(x, cache=cache)
 
-            def step(x: torch.Tensor, cache: Any = cache, fwd: Callable = fwd) -> torch.Tensor:
-                return decode(x, cache) if decode is not None else fwd(x, False)
+                def one(x: torch.Tensor, cache: Any = cache, fwd: Forward = fwd, step: Any = step) -> torch.Tensor:
+                    return step(x, cache) if step is not None else fwd(x, False)
 
-            before = decode.compiles if compile else 0
-            how = "compiled" if compile else "eager"
-            r = _timed_loop(fwd, ids, prefill_chunk, decode_tokens,
-                            f"kvlab {kv_quant or dtype} {how} {fmt_context(ctx)}", progress, step, bool(compile))
-            measured = cache.nbytes()
-            del fwd, step, cache
-        c_alloc = costs(model.config, context=max_length, dtype=dtype, batch=batch, kv_quant=kv_quant)
-        c_mid = costs(model.config, context=ctx + decode_tokens // 2, dtype=dtype, batch=batch, kv_quant=kv_quant)
-        read = c_mid.weight_read_bytes_per_step + c_mid.kv_read_bytes_per_step
-        r.update(compiled=bool(compile), backend=compile, compiles=decode.compiles - before if compile else 0)
-        r.update(context=ctx, max_length=max_length, batch=batch, dtype=dtype,
-                 kv_dtype=kv_quant or dtype, kv_quant=quant_name(resolve_kv_quant(kv_quant)),
-                 cache_bytes_measured=measured, cache_bytes_calculated=c_alloc.kv_cache_bytes,
-                 cache_bytes_match=measured == c_alloc.kv_cache_bytes,
-                 bytes_read_per_step=read, weight_read_bytes_per_step=c_mid.weight_read_bytes_per_step,
-                 kv_read_bytes_per_step=c_mid.kv_read_bytes_per_step,
-                 achieved_bandwidth=read / r["decode_step_median_s"],
-                 rss_start_bytes=mem["start"], rss_peak_bytes=mem["peak"],
-                 rss_delta_bytes=mem["peak"] - mem["start"], ru_maxrss_bytes=peak_rss_bytes())
-        if bandwidth:
-            r["bandwidth_utilisation"] = r["achieved_bandwidth"] / bandwidth
-        rows.append(r)
+                caches.append(cache)
+                lanes.append((fwd, one, step is compiled))
+            before = compiled.compiles if compiled else 0
+            how = " eager + compiled" if compiled else ""
+            timed = _timed_lanes(lanes, ids, prefill_chunk, decode_tokens,
+                                 f"kvlab {kv_quant or dtype}{how} {fmt_context(ctx)}", progress)
+            measured = [c.nbytes() for c in caches]
+            del lanes, caches
+        for r, nbytes, is_compiled in zip(timed, measured, (False, True)):
+            r.update(compiled=is_compiled, backend=compile if is_compiled else None,
+                     compiles=compiled.compiles - before if is_compiled else 0)
+            rows.append(_figures(r, model.config, ctx, max_length, decode_tokens, dtype, batch, kv_quant, nbytes,
+                                 mem, bandwidth))
     return rows
+
+
+def _figures(r: dict[str, Any], cfg: ModelConfig, ctx: int, max_length: int, decode_tokens: int, dtype: str,
+             batch: int, kv_quant: str | None, measured: int, mem: dict[str, int], bandwidth: float | None
+             ) -> dict[str, Any]:
+    """A timed row completed with the cache bytes (measured and calculated), bytes read per step, bandwidth, RSS."""
+    c_alloc = costs(cfg, context=max_length, dtype=dtype, batch=batch, kv_quant=kv_quant)
+    c_mid = costs(cfg, context=ctx + decode_tokens // 2, dtype=dtype, batch=batch, kv_quant=kv_quant)
+    read = c_mid.weight_read_bytes_per_step + c_mid.kv_read_bytes_per_step
+    r.update(context=ctx, max_length=max_length, batch=batch, dtype=dtype,
+             kv_dtype=kv_quant or dtype, kv_quant=quant_name(resolve_kv_quant(kv_quant)),
+             cache_bytes_measured=measured, cache_bytes_calculated=c_alloc.kv_cache_bytes,
+             cache_bytes_match=measured == c_alloc.kv_cache_bytes,
+             bytes_read_per_step=read, weight_read_bytes_per_step=c_mid.weight_read_bytes_per_step,
+             kv_read_bytes_per_step=c_mid.kv_read_bytes_per_step,
+             achieved_bandwidth=read / r["decode_step_median_s"],
+             rss_start_bytes=mem["start"], rss_peak_bytes=mem["peak"],
+             rss_delta_bytes=mem["peak"] - mem["start"], ru_maxrss_bytes=peak_rss_bytes())
+    if bandwidth:
+        r["bandwidth_utilisation"] = r["achieved_bandwidth"] / bandwidth
+    return r
 
 
 def _transformers() -> Any:
@@ -381,9 +414,8 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
                 m.eval()
             else:
                 m = model
-            for how in (None, backend) if backend else (None,):
-                rows += bench_kvlab(m, contexts, decode_tokens, d, batch, prefill_chunk, bandwidth=bw,
-                                    progress=progress, kv_quant=q, compile=how)
+            rows += bench_kvlab(m, contexts, decode_tokens, d, batch, prefill_chunk, bandwidth=bw,
+                                progress=progress, kv_quant=q, compile=backend)
             del m
             gc.collect()
         result: dict[str, Any] = {
@@ -489,5 +521,6 @@ def format_card(r: dict[str, Any]) -> str:
                    " of copy bw = that / median step / measured copy_ bandwidth (read + write)."
                    " RSS added = peak RSS during the run minus RSS before it (sampled every 2 ms)."
                    " decode step: eager, or compiled (+ the first step's seconds when it compiled a graph: at a new"
-                   " cache size; that step is left out of the median).")]
+                   " cache size; that step is left out of the median); a context's eager and compiled steps run in"
+                   " turns, on two caches (so they meet the same load; RSS figures are the pair's).")]
     return "\n".join(lines)
