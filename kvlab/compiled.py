@@ -5,8 +5,10 @@ The cache is preallocated (``max_length``), so its tensors keep their shapes (tr
 that changes per step is the number of positions written (``cache.seq_len``, a Python int), traced as a symbol
 (``torch.compiler.config.dynamic_sources``) instead of a constant: decoding N tokens compiles once, not N times. A window layer's store branches on whether
 its ring has wrapped yet, so a decode that crosses the wrap compiles a second graph there (and a CSA/HCA
-compressor one more), never one per step. On the CPU the backend is inductor (C++ kernels); on CUDA inductor
-with CUDA graphs (``mode="reduce-overhead"``).
+compressor one more), never one per step. The backend is inductor (C++ kernels on the CPU, Triton on CUDA). Not
+CUDA graphs (``mode="reduce-overhead"``): torch records one CUDA graph per value of the graph's int inputs
+(torch/_inductor/cudagraph_trees.py, keyed by them), so with the position count an int it would record one per
+step; CUDA graphs need the position as a device tensor (not done; no GPU here to measure it).
 """
 
 from __future__ import annotations
@@ -53,7 +55,6 @@ class CompiledStep:
 
     def __init__(self, model: Any, backend: str = "inductor") -> None:
         device = next(model.parameters()).device
-        mode = "reduce-overhead" if backend == "inductor" and device.type == "cuda" else None
         # a fresh code object per model: torch.compile keeps its graphs (and its limit of 8 recompiles) per code
         # object, so models compiled in one process (fp32 and bf16, or one per test) do not share one budget
         from kvlab.model import Model
@@ -61,8 +62,8 @@ class CompiledStep:
         fn = Model.decode_step
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                    fn.__closure__)
-        self.backend, self.mode, self.device = backend, mode, device
-        self._fn = torch.compile(types.MethodType(fresh, model), backend=backend, mode=mode, fullgraph=True)
+        self.backend, self.device = backend, device
+        self._fn = torch.compile(types.MethodType(fresh, model), backend=backend, fullgraph=True)
         self.first_call_s: float | None = None
         self.compiles = 0
 

@@ -51,8 +51,8 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
     filled with ``pad_token_id`` after; generation ends when every row stopped. ``callback`` gets
     each step's new tokens ``[B]``.
 
-    ``compile=True`` runs the decode step through ``torch.compile`` (kvlab/compiled.py: inductor, CUDA graphs on a
-    GPU; one graph for the whole decode, built on the first step and kept on the model); greedy tokens are eager's.
+    ``compile=True`` runs the decode step through ``torch.compile`` (kvlab/compiled.py: inductor, no CUDA graphs
+    yet; one graph for the whole decode, built on the first step and kept on the model); greedy tokens are eager's.
     A backend name (``"eager"``, ``"aot_eager"``) traces without generating code. ``stats``, a dict, is filled
     with ``prefill_s``, ``decode_s`` (all steps), ``decode_steps``, ``first_step_s`` (the first decode step: the
     compile when compiled) and ``compiles`` (graphs compiled by this call).

@@ -35,7 +35,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    "and its cache in that dtype) or a quantized format (the model in --dtype): " + KV_QUANT_HELP)
     q.add_argument("--kv-quant", help="quantized cache formats, comma-separated (appended to --kv-dtype's)")
     q.add_argument("--compile", action="store_true", help="also run the decode step through torch.compile "
-                   "(inductor; CUDA graphs on a GPU) and print eager and compiled side by side, with the compile time")
+                   "(inductor) and print eager and compiled side by side, with the compile time")
     q.add_argument("--vs", choices=["transformers"], help="run the same loop in transformers and print ratios")
     q.add_argument("--max-weight-gib", type=positive_number("--max-weight-gib"), default=4.0,
                    help="scale a preset down until its weights fit in this many GiB (default 4)")

@@ -39,8 +39,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--ids", help="prompt as token ids, e.g. 1,2,3 (no tokenizer needed)")
     add_sampling_arguments(q)
     q.add_argument("--stream", action="store_true", help="print tokens as they are generated")
-    q.add_argument("--compile", action="store_true", help="run the decode step through torch.compile (inductor; "
-                   "CUDA graphs on a GPU): the first step compiles (reported apart), the steps after run faster")
+    q.add_argument("--compile", action="store_true", help="run the decode step through torch.compile (inductor): "
+                   "the first step compiles (reported apart), the steps after run faster")
     add_dtype_and_json(q, dtype="fp32", json_help="print one JSON object with the ids, text and speed")
 
 
