@@ -157,7 +157,7 @@ def run(args: argparse.Namespace) -> int:
         print(",".join(map(str, gen)))
     sp = speed(stats)
     steady = (f"; {'compiled' if args.compile else 'eager'} decode {sp['decode_tok_s']:.1f} tok/s after a first step "
-              f"of {sp['first_step_s']:.2f} s" + (" (the compile)" if sp["compiles"] else "")
+              f"of {sp['first_step_s']:.2f} s" + (f"; {sp['compiles']} graph(s) compiled" if args.compile else "")
               if sp["decode_tok_s"] is not None else "")
     print(f"[{len(gen)} tokens in {dt:.2f} s, {len(gen) / dt:.1f} tok/s{steady}]", file=sys.stderr)
     return 0
