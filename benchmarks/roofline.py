@@ -126,22 +126,29 @@ def table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def profile(shape: Path, context: int, dtype: str, threads: int | None, rows: int = 12) -> None:
-    """Self CPU time by operator of 8 eager and 8 compiled decode steps after a ``context``-token prefill."""
+def profile(shape: Path, context: int, dtype: str, threads: int | None, rows: int = 12) -> dict[str, Any]:
+    """Self CPU time by operator of 8 eager and 8 compiled decode steps after a ``context``-token prefill, and the
+    step split into the weight matmuls (``aten::mm``, with the bandwidth they reach reading the weights),
+    attention (SDPA) and the rest, beside a copy bandwidth measured just before."""
     import torch
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as tprofile
 
     from kvlab import threads as threads_mod
-    from kvlab.bench import TORCH_DTYPES, resolve_spec
+    from kvlab.bench import TORCH_DTYPES, copy_bandwidth, resolve_spec
     from kvlab.compiled import CompiledStep
+    from kvlab.costs import costs
     from kvlab.model import Model
     from kvlab.shrink import scale_to_fit
 
     threads_mod.apply(threads)
     cfg, _ = scale_to_fit(resolve_spec(str(shape)))
     model = Model.from_config(cfg, dtype=TORCH_DTYPES[DTYPES[dtype]], seed=0).eval()
+    c = costs(cfg, context=context + 6, dtype=DTYPES[dtype])
     ids = torch.randint(0, cfg.vocab_size, (1, context), generator=torch.Generator().manual_seed(0))
+    out: dict[str, Any] = {"shape": shape.stem, "dtype": dtype, "context": context,
+                           "weight_read_bytes_per_step": c.weight_read_bytes_per_step,
+                           "kv_read_bytes_per_step": c.kv_read_bytes_per_step}
     for how in ("eager", "compiled"):
         step = CompiledStep(model, "inductor") if how == "compiled" else model.decode_step
         with torch.inference_mode():
@@ -151,12 +158,29 @@ def profile(shape: Path, context: int, dtype: str, threads: int | None, rows: in
             nxt = torch.zeros(1, 1, dtype=torch.long)
             for _ in range(2):  # the compile, and one more
                 step(nxt, cache)
+            bw = copy_bandwidth()
             with tprofile(activities=[ProfilerActivity.CPU]) as prof:
                 for _ in range(8):
                     step(nxt, cache)
-        print(f"\n== {shape.stem} {dtype} {how}, context {context}, 8 decode steps, "
-              f"{torch.get_num_threads()} threads ==")
+        ev = {e.key: e.self_cpu_time_total / 8 / 1e6 for e in prof.key_averages()}  # seconds per step
+        total = sum(ev.values())
+        mm = ev.get("aten::mm", 0.0) + ev.get("aten::addmm", 0.0) + ev.get("aten::bmm", 0.0)
+        attn = sum(v for k, v in ev.items() if "scaled_dot_product" in k)
+        r = {"copy_bandwidth_bytes_s": bw, "step_s": total, "mm_s": mm, "attention_s": attn,
+             "rest_s": total - mm - attn, "mm_bandwidth_bytes_s": c.weight_read_bytes_per_step / mm if mm else None,
+             "step_bandwidth_bytes_s": (c.weight_read_bytes_per_step + c.kv_read_bytes_per_step) / total}
+        out[how] = r
+        print(f"\n== {shape.stem} {dtype} {how}, context {context}, 8 decode steps, {torch.get_num_threads()} "
+              f"threads; copy bandwidth just before {bw / 1e9:.2f} GB/s ==")
+        print(f"step {total * 1e3:.1f} ms: weight matmuls {mm * 1e3:.1f} ms ({100 * mm / total:.0f}%, reading "
+              f"{c.weight_read_bytes_per_step / 1e6:.0f} MB at {r['mm_bandwidth_bytes_s'] / 1e9:.2f} GB/s = "
+              f"{100 * r['mm_bandwidth_bytes_s'] / bw:.0f}% of copy bw), attention {attn * 1e3:.1f} ms "
+              f"({100 * attn / total:.0f}%, {c.kv_read_bytes_per_step / 1e6:.0f} MB of K/V), the rest "
+              f"{r['rest_s'] * 1e3:.1f} ms ({100 * r['rest_s'] / total:.0f}%); whole step "
+              f"{100 * r['step_bandwidth_bytes_s'] / bw:.0f}% of copy bw")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    print(json.dumps(out))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
