@@ -122,7 +122,7 @@ def table(data: dict[str, Any]) -> str:
                          f"{q['compiled_decode_tok_s']:.2f} | {q['speedup']:.2f}x | "
                          f"{100 * q['eager_bandwidth_utilisation']:.0f}% | "
                          f"{100 * q['compiled_bandwidth_utilisation']:.0f}% | {q['first_step_s']:.0f} s | "
-                         f"{h['decode_tok_s'] if h else float('nan'):.2f} | {e['prefill_tok_s']:.1f} |")
+                         f"{format(h['decode_tok_s'], '.2f') if h else '-'} | {e['prefill_tok_s']:.1f} |")
     return "\n".join(lines)
 
 
