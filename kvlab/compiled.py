@@ -1,14 +1,15 @@
 """A compiled decode step: ``Model.decode_step`` through ``torch.compile``, traced once per model.
 
 The step reads nothing back to the host (tests/test_compile.py), so it compiles as one graph (``fullgraph``).
-The cache is preallocated (``max_length``), so its tensors keep their shapes (traced as constants); the one thing
-that changes per step is the number of positions written (``cache.seq_len``, a Python int), traced as a symbol
-(``torch.compiler.config.dynamic_sources``) instead of a constant: decoding N tokens compiles once, not N times. A window layer's store branches on whether
-its ring has wrapped yet, so a decode that crosses the wrap compiles a second graph there (and a CSA/HCA
-compressor one more), never one per step. The backend is inductor (C++ kernels on the CPU, Triton on CUDA). Not
-CUDA graphs (``mode="reduce-overhead"``): torch records one CUDA graph per value of the graph's int inputs
-(torch/_inductor/cudagraph_trees.py, keyed by them), so with the position count an int it would record one per
-step; CUDA graphs need the position as a device tensor (not done; no GPU here to measure it).
+The cache is preallocated (``max_length``), so its tensors keep their shapes; the one thing that changes per step
+is the number of positions written (``cache.seq_len``, a Python int), traced as a symbol
+(``torch.compiler.config.dynamic_sources``) instead of a constant: decoding N tokens compiles once, not N times.
+More graphs only where the step's Python branches (docs/performance.md): a new cache size, a window ring before
+and after it first wraps, a CSA/HCA compressor's regime, a quantized cache's number of decode blocks; never one
+per step. The backend is inductor (C++ kernels on the CPU, Triton on CUDA). Not CUDA graphs
+(``mode="reduce-overhead"``): torch records one CUDA graph per value of the graph's int inputs
+(torch/_inductor/cudagraph_trees.py), so with the position count an int it would record one per step; CUDA
+graphs need the position as a device tensor (not done; no GPU here to measure it).
 """
 
 from __future__ import annotations
