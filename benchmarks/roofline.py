@@ -39,7 +39,8 @@ def measure(shapes: list[Path], contexts: list[int], dtypes: list[str], vs: str 
             data["runs"].append({"shape": shape.stem, "what": f"kvlab {d}", **r})
             out.write_text(json.dumps(data, indent=1))
         if vs == "transformers":
-            from kvlab.bench import bench_transformers, resolve_spec, save_random_hf
+            from kvlab.bench import bench_transformers, save_random_hf
+            from kvlab.resolve import resolve_spec
             from kvlab.shrink import scale_to_fit
 
             print(f"{shape.stem} transformers fp32 ...", file=sys.stderr, flush=True)
@@ -135,10 +136,11 @@ def profile(shape: Path, context: int, dtype: str, threads: int | None, rows: in
     from torch.profiler import profile as tprofile
 
     from kvlab import threads as threads_mod
-    from kvlab.bench import TORCH_DTYPES, copy_bandwidth, resolve_spec
+    from kvlab.bench import TORCH_DTYPES, copy_bandwidth
     from kvlab.compiled import CompiledStep
     from kvlab.costs import costs
     from kvlab.model import Model
+    from kvlab.resolve import resolve_spec
     from kvlab.shrink import scale_to_fit
 
     threads_mod.apply(threads)
