@@ -19,6 +19,10 @@ import types
 from typing import Any
 
 import torch
+from torch.fx.experimental import _config as fx_config
+
+from kvlab.cache.storage import positions
+from kvlab.model import Model
 
 SEQ_LEN = "L['cache'].seq_len"  # the decode step's argument ``cache``, its attribute ``seq_len``
 DEFAULT_BACKEND = "inductor"  # what compile=True means (tests set "eager": the same trace, no code generation)
@@ -58,8 +62,6 @@ class CompiledStep:
         device = next(model.parameters()).device
         # a fresh code object per model: torch.compile keeps its graphs (and its limit of 8 recompiles) per code
         # object, so models compiled in one process (fp32 and bf16, or one per test) do not share one budget
-        from kvlab.model import Model
-
         fn = Model.decode_step
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                    fn.__closure__)
@@ -69,10 +71,6 @@ class CompiledStep:
         self.compiles = 0
 
     def __call__(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
-        from torch.fx.experimental import _config as fx_config
-
-        from kvlab.cache.storage import positions
-
         if cache.max_length:  # the shared position vector (kvlab/cache/storage.py) grown for the whole cache now:
             positions(cache.max_length + 1, ids.device)  # its growth mid-decode would change a traced tensor
         before = graphs_compiled()
