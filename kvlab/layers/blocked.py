@@ -129,7 +129,9 @@ def gather(x, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _ranges(x, n: int):
-    size = x.block_size() if is_blocked(x) else n
+    if not is_blocked(x):  # one block, without a range() over n: a compiled step would fix n (a graph per step)
+        return [(0, n)] if n > 0 else []
+    size = x.block_size()
     return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
 
 
