@@ -116,6 +116,9 @@ class SinkWindowKV(KVStore):
 
     # -- writing -----------------------------------------------------------------------------------------------
     def _write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        # stored values carry no autograd history: sinks and ring are views of one tensor, and an in-place write of
+        # a grad-carrying value into one view made the next write into the other fail outside torch.no_grad()
+        k, v = k.detach(), v.detach()
         end = start + k.shape[2]
         if start < self.sink_end:
             if self.pad_rows is None:
