@@ -9,6 +9,7 @@ is the state eager writes).
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -19,6 +20,10 @@ from kvlab.presets import get_preset
 from kvlab.shrink import tiny as shrink_tiny
 
 PRESETS = ["zaya1-8b", "deepseek-v4-flash", "gemma-4-e2b"]  # MoE (router carry, hash routing, dense), mHC, PLE
+# the first layers hold every block feature of these two (tracing all 40 / 43 layers cost 46 s / 103 s of the suite):
+# ZAYA1 4 CCA + MoE layers (the router carry crosses 3 boundaries); V4 swa, swa, csa, hca, csa, hca (hash-routed MoE
+# on the first 3, score-routed after); Gemma 4 E2B whole (its shared layers are the last 20)
+LAYERS = {"zaya1-8b": 4, "deepseek-v4-flash": 6}
 
 
 def check_decode_compiles(cfg, pad: list[int] | None, backend: str = "eager", kv_quant: str | None = None) -> None:
@@ -53,7 +58,10 @@ def test_unpadded_decode_step_of_every_kind_is_one_graph(kind):
 
 @pytest.mark.parametrize("name", PRESETS)
 def test_decode_step_of_tiny_presets_is_one_graph(name):
-    check_decode_compiles(shrink_tiny(get_preset(name)), [0, 6, 11])
+    cfg = shrink_tiny(get_preset(name))
+    if name in LAYERS:
+        cfg = dataclasses.replace(cfg, layers=cfg.layers[:LAYERS[name]])
+    check_decode_compiles(cfg, [0, 6, 11])
 
 
 @pytest.mark.parametrize("kind,example,kv_quant", [("gqa", 0, "int8"), ("gqa", 1, "int4-g8-r3"),
