@@ -40,7 +40,7 @@ def _text(x: Any, spec: Any) -> str:
     if spec.compress is not None and spec.compress.ratio:
         parts.append(f"/{spec.compress.ratio}" + (" +index" if spec.compress.index_heads else ""))
     if spec.attention == "cca":
-        parts.append("conv " + ",".join(map(str, spec.conv_kernels)))
+        parts.append("conv " + ",".join(map(str, spec.cca.conv_kernels)))
     if x.window is not None:
         parts.append(f"win {x.window}")
     if x.kv_source is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import kinds
-from .kinds import CompressSpec, MLASpec, field_error, positive_int
+from .kinds import CCASpec, CompressSpec, MLASpec, field_error, positive_int
 from .validate import check_fields
 
 MLP_KINDS = ("dense", "moe", "dense+moe")
@@ -170,8 +170,18 @@ class LayerSpec:
     attention: the name of a record in the kinds table (kvlab/kinds): ``gqa`` (MHA, GQA, MQA), ``cca``, ``mla``,
         ``csa``, ``hca``, ``swa``. The record says which of the options below the kind reads (``Kind.options``):
         an option of another kind left away from its default is an error naming the field and its owner, and the
-        kind's own checks (``Kind.validate``) run after the shared ones. ``mla`` and ``compress`` hold the
-        sub-specs of MLA and of CSA/HCA/SWA (kvlab/kinds/mla.py, kvlab/kinds/compressed.py).
+        kind's own checks (``Kind.validate``) run after the shared ones. ``mla``, ``compress`` and ``cca`` hold the
+        sub-specs of MLA, of CSA/HCA/SWA and of CCA (kvlab/kinds/mla.py, compressed.py, cca.py): options only
+        that kind has, so they cannot even be written on another kind's layer. A saved config with CCA's old flat
+        ``conv_kernels`` field still loads (``Kind.moved``: the value moves into ``cca``).
+        Which options stay flat here, and why (``Kind.options`` of each record, checked in tests/test_contract.py):
+        ``window`` (gqa, cca, csa, hca, swa), ``sinks`` (gqa, cca, csa, hca, swa), ``qkv_bias`` / ``o_bias``
+        (gqa, cca, mla), ``output_gate`` / ``gate_per_head`` (gqa, cca) and ``attn_scale`` (all) are read by several
+        kinds. ``qk_norm``, ``v_norm``, ``k_eq_v`` and ``sink_tokens`` are read by ``gqa`` alone today; they stay
+        flat because gqa is the default kind that every family, retrofit, store and sharing check reads them on
+        (some 35 files), and they are per-head attention variants, not a different storage or module: another kind
+        could adopt one by listing it in its record. Set on a layer of a kind that does not list them, they are
+        refused with the error above.
     window: sliding-window size in positions (a query sees itself and the ``window - 1`` before it);
         ``None`` is full causal attention. The cache of a window layer holds exactly ``window``
         positions.
@@ -191,7 +201,6 @@ class LayerSpec:
     sandwich_norm: also normalise the attention output and the MLP output before they are added to the
         residual (Gemma 2/3/4 ``post_attention`` / ``post_feedforward`` norms).
     layer_scalar: a learned scalar multiplying the block's output residual stream (Gemma 4).
-    conv_kernels: (depthwise, grouped) convolution kernel sizes of a ``cca`` layer.
     residual_scaling: the residual adds after attention and after the MLP become
         ``(h + b_h) * s_h + (x + b_x) * s_x`` with learned per-channel vectors (ZAYA1).
     mlp ``dense+moe``: a dense MLP of ``intermediate_size`` and the MoE ``moe`` in parallel on the same
@@ -224,22 +233,24 @@ class LayerSpec:
     k_eq_v: bool = False
     sandwich_norm: bool = False
     layer_scalar: bool = False
-    conv_kernels: tuple[int, int] = (2, 2)
     residual_scaling: bool = False
     compress: CompressSpec | None = None
     mla: MLASpec | None = None
+    cca: CCASpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
             self.rope = RopeSpec(**self.rope)
-        if isinstance(self.conv_kernels, list):
-            self.conv_kernels = tuple(self.conv_kernels)
         if isinstance(self.moe, dict):
             self.moe = MoESpec(**self.moe)
-        if isinstance(self.compress, dict):
-            self.compress = CompressSpec(**self.compress)
-        if isinstance(self.mla, dict):
-            self.mla = MLASpec(**self.mla)
+        for kind in kinds.KINDS.values():  # each kind's sub-spec (mla, compress, cca...), also given as a dict
+            f = kind.spec_field
+            if f is not None and isinstance(getattr(self, f, None), dict):
+                setattr(self, f, _sub_spec(kind.spec_type, getattr(self, f), f))
+        kind = kinds.KINDS.get(self.attention) if isinstance(self.attention, str) else None
+        if (kind is not None and kind.spec_field is not None and getattr(self, kind.spec_field, None) is None
+                and _all_defaults(kind.spec_type)):
+            setattr(self, kind.spec_field, kind.spec_type())  # e.g. a cca layer without options: CCASpec()
 
     @property
     def value_dim(self) -> int:
@@ -349,7 +360,7 @@ class ModelConfig:
     dtype: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        self.layers = [_as_layer(x) for x in self.layers]
+        self.layers = [_as_layer(x, i) for i, x in enumerate(self.layers)]
         self.validate()
 
     @property
@@ -428,7 +439,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"unknown ModelConfig field(s) {unknown}; allowed: {sorted(known)}")
-        d["layers"] = [_as_layer(x) for x in d.get("layers", [])]
+        d["layers"] = [_as_layer(x, i) for i, x in enumerate(d.get("layers", []))]
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
@@ -453,12 +464,51 @@ def _check_options(layer: LayerSpec, kind: kinds.Kind, where: str) -> None:
                        f"{', '.join(kinds.owners(name))}); leave it at {default!r}")
 
 
-def _as_layer(x: LayerSpec | dict[str, Any]) -> LayerSpec:
+def _sub_spec(cls: type, d: dict[str, Any], name: str) -> Any:
+    """``cls(**d)``; a ValueError naming the field and what is allowed when ``d`` has a key ``cls`` does not."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"{name}: unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(known)}")
+    return cls(**d)
+
+
+def _all_defaults(cls: type) -> bool:
+    """Whether ``cls()`` can be built: every field of the dataclass has a default."""
+    return all(f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING
+               for f in dataclasses.fields(cls))
+
+
+def _moved_fields(x: dict[str, Any], where: str) -> None:
+    """Older kvlab versions saved some kind options as flat LayerSpec fields (``conv_kernels``): move each into its
+    kind's sub-spec (``Kind.moved``), in place. On a layer of another kind the field must hold its old default."""
+    attention = x.get("attention", _DEFAULTS["attention"])
+    for kind in kinds.KINDS.values():
+        for name, spec_field in kind.moved.items():
+            if name not in x:
+                continue
+            value = x.pop(name)
+            value = tuple(value) if isinstance(value, list) else value
+            default = next(f.default for f in dataclasses.fields(kind.spec_type) if f.name == name)
+            if attention == kind.name:
+                sub = x.get(spec_field)
+                sub = dict(sub) if isinstance(sub, dict) else dataclasses.asdict(sub) if sub is not None else {}
+                if name in sub and tuple(sub[name]) != value:
+                    raise _err(where, name, value, f"differs from {spec_field}.{name}={sub[name]!r}; give it once, "
+                               f"in {spec_field}")
+                x[spec_field] = {name: value, **sub}
+            elif value != default:
+                raise _err(where, name, value, f"not supported by {attention} (an option of {kind.name}); "
+                           f"leave it at {default!r}")
+
+
+def _as_layer(x: LayerSpec | dict[str, Any], index: int = 0) -> LayerSpec:
     if isinstance(x, LayerSpec):
         return x
     if not isinstance(x, dict):
         raise TypeError(f"layers entries must be LayerSpec or dict, got {type(x).__name__}")
     x = dict(x)
+    _moved_fields(x, f"layers[{index}]")
     known = {f.name for f in dataclasses.fields(LayerSpec)}
     unknown = sorted(set(x) - known)
     if unknown:

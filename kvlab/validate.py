@@ -64,7 +64,9 @@ RANGES: dict[str, Range] = {
     "mhc_eps": Range(0, 1, hi_open=True),
     # LayerSpec
     "num_heads": AT_LEAST_ONE, "num_kv_heads": AT_LEAST_ONE, "head_dim": AT_LEAST_ONE, "v_head_dim": AT_LEAST_ONE,
-    "window": AT_LEAST_ONE, "attn_scale": POSITIVE, "conv_kernels": AT_LEAST_ONE,
+    "window": AT_LEAST_ONE, "attn_scale": POSITIVE,
+    # CCASpec
+    "conv_kernels": AT_LEAST_ONE,
     # RopeSpec
     "theta": POSITIVE, "factor": POSITIVE, "original_max_positions": AT_LEAST_ONE, "low_freq_factor": POSITIVE,
     "high_freq_factor": POSITIVE, "beta_fast": POSITIVE, "beta_slow": POSITIVE, "attention_factor": POSITIVE,

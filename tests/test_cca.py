@@ -10,7 +10,7 @@ from helpers import random_model, train_steps
 
 import kvlab
 from kvlab.cache.cca import CCAStore
-from kvlab.config import LayerSpec, ModelConfig, MoESpec
+from kvlab.config import CCASpec, LayerSpec, ModelConfig, MoESpec
 from kvlab.layers.cca import CCAttention
 from kvlab.layers.core import Step
 from kvlab.model import Model
@@ -21,7 +21,7 @@ def cca_config(kernels=(2, 2), window=None, zaya_block=False, **kw) -> ModelConf
     layers = []
     for i in range(3):
         spec = LayerSpec(num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=48, attention="cca",
-                         conv_kernels=kernels, window=window if i == 1 else None,
+                         cca=CCASpec(conv_kernels=kernels), window=window if i == 1 else None,
                          rope={"theta": 1000.0, "partial": 0.5}, **kw)
         if zaya_block:
             spec.residual_scaling = True
@@ -55,7 +55,7 @@ def naive_project(attn: CCAttention, x: torch.Tensor) -> tuple[torch.Tensor, tor
     """q, k (before norm) and v of one unpadded sequence ``x [T, hidden]``, one position and channel at a time."""
     s = attn.spec
     h, hkv, d = s.num_heads, s.num_kv_heads, s.head_dim
-    g, (k0, k1) = h // hkv, s.conv_kernels
+    g, (k0, k1) = h // hkv, s.cca.conv_kernels
     t_len = x.shape[0]
     q, k = attn.q_proj(x), attn.k_proj(x)
     qk = torch.cat((q, k), -1)  # [T, C]
@@ -90,7 +90,7 @@ def naive_project(attn: CCAttention, x: torch.Tensor) -> tuple[torch.Tensor, tor
 @pytest.mark.parametrize("kernels", [(2, 2), (3, 2), (1, 3)])
 @torch.no_grad()
 def test_projection_equals_token_by_token_transcription(kernels):
-    spec = LayerSpec(num_heads=4, num_kv_heads=2, head_dim=4, attention="cca", conv_kernels=kernels, qkv_bias=True,
+    spec = LayerSpec(num_heads=4, num_kv_heads=2, head_dim=4, attention="cca", cca=CCASpec(kernels), qkv_bias=True,
                      intermediate_size=8)
     attn = CCAttention(spec, hidden=12)
     gen = torch.Generator().manual_seed(0)
@@ -256,8 +256,8 @@ def test_cca_model_trains():
 
 
 @pytest.mark.parametrize("override,needle", [
-    ({"conv_kernels": (0, 2)}, "conv_kernels=(0, 2): must be two positive integers"),
-    ({"conv_kernels": (2, 2, 2)}, "must be two positive integers"),
+    ({"cca": {"conv_kernels": (0, 2)}}, "cca.conv_kernels=(0, 2): must be two positive integers"),
+    ({"cca": {"conv_kernels": (2, 2, 2)}}, "must be two positive integers"),
     ({"qk_norm": True}, "qk_norm=True: not supported by cca (an option of gqa)"),
     ({"k_eq_v": True}, "k_eq_v=True: not supported by cca (an option of gqa)"),
     ({"num_kv_heads": 1, "v_head_dim": 3, "num_heads": 2}, "the product must be even"),
@@ -292,4 +292,4 @@ def test_config_round_trips_through_json(tmp_path):
     cfg = cca_config(kernels=(3, 2), zaya_block=True)
     cfg.save(tmp_path / "c.json")
     back = ModelConfig.load(tmp_path / "c.json")
-    assert back == cfg and back.layers[0].conv_kernels == (3, 2)
+    assert back == cfg and back.layers[0].cca == CCASpec(conv_kernels=(3, 2))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from helpers import tiny_config
 
-from kvlab.config import LayerSpec, ModelConfig, uniform_layers
+from kvlab.config import CCASpec, LayerSpec, ModelConfig, uniform_layers
 
 
 def layers(n=4, **kw):
@@ -101,3 +102,33 @@ def test_layerspec_defaults():
     s = LayerSpec(num_heads=8, num_kv_heads=2, head_dim=64)
     assert s.value_dim == 64 and s.stores_kv and s.scale == pytest.approx(0.125)
     assert dataclasses.replace(s, kv_source=0).stores_kv is False
+
+
+def test_a_config_saved_with_the_old_flat_conv_kernels_still_loads(tmp_path):
+    """kvlab before CCASpec wrote ``conv_kernels`` on every layer (CCA's option, (2, 2) on the others): such a
+    config.json loads, the value moving into ``cca`` on a cca layer; a non-default value on another kind is refused."""
+    cfg = ModelConfig(vocab_size=11, hidden_size=16, layers=[
+        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8),
+        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8, attention="cca",
+                  cca=CCASpec(conv_kernels=(3, 2)))])
+    old = cfg.to_dict()
+    for x, kernels in zip(old["layers"], ([2, 2], [3, 2])):  # as the old to_dict() + json wrote them
+        del x["cca"]
+        x["conv_kernels"] = kernels
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    back = ModelConfig.load(tmp_path / "config.json")
+    assert back == cfg and back.layers[1].cca.conv_kernels == (3, 2) and back.layers[0].cca is None
+    assert ModelConfig.from_dict(old) == cfg
+    old["layers"][0]["conv_kernels"] = [9, 9]
+    with pytest.raises(ValueError, match=r"layers\[0\]\.conv_kernels=\(9, 9\): not supported by gqa \(an option of "
+                                         r"cca\); leave it at \(2, 2\)"):
+        ModelConfig.from_dict(old)
+    old["layers"][0]["conv_kernels"] = [2, 2]
+    old["layers"][1]["cca"] = {"conv_kernels": [2, 3]}  # both forms, disagreeing
+    with pytest.raises(ValueError, match=r"layers\[1\]\.conv_kernels=\(3, 2\): differs from cca\.conv_kernels"):
+        ModelConfig.from_dict(old)
+
+
+def test_an_unknown_sub_spec_field_is_named():
+    with pytest.raises(ValueError, match=r"cca: unknown CCASpec field\(s\) \['kernels'\]; allowed: \['conv_kernels'\]"):
+        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, attention="cca", cca={"kernels": (2, 2)})

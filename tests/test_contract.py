@@ -184,11 +184,28 @@ def test_preset_params_equal_the_model_on_meta(name):
 
 
 def test_an_option_of_another_kind_is_an_error_naming_its_owner():
-    with pytest.raises(ValueError, match=r"layers\[0\]\.conv_kernels=\(9, 9\): not supported by gqa \(an option of "
-                                         r"cca\)"):
+    with pytest.raises(TypeError, match="conv_kernels"):  # CCA's option lives in its own spec: no flat field
+        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, conv_kernels=(9, 9))
+    with pytest.raises(ValueError, match=r"layers\[0\]\.cca=CCASpec\(conv_kernels=\(9, 9\)\): not supported by gqa "
+                                         r"\(an option of cca\); leave it at None"):
         ModelConfig(vocab_size=11, hidden_size=16,
                     layers=[LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8,
-                                      conv_kernels=(9, 9))])
+                                      cca=kinds.CCASpec(conv_kernels=(9, 9)))])
+
+
+def test_a_kind_whose_sub_spec_has_only_defaults_gets_one():
+    """A layer of a kind whose record has a sub-spec with a default for every option (cca) gets that sub-spec, so
+    ``LayerSpec(attention=...)`` alone is a complete layer; kinds with required sub-spec options (mla) do not."""
+    for name, k in kinds.KINDS.items():
+        if k.spec_field is None:
+            continue
+        try:
+            default = k.spec_type()
+        except TypeError:  # a required option: the layer must give the sub-spec
+            continue
+        assert getattr(LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, attention=name), k.spec_field) == default
+        assert getattr(LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8), k.spec_field) is None  # gqa: none
+    assert LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, attention="cca").cca == kinds.CCASpec((2, 2))
 
 
 def _cross_options() -> list:

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from kvlab.cli import main
-from kvlab.config import ModelConfig, uniform_layers
+from kvlab.config import CCASpec, ModelConfig, uniform_layers
 from kvlab.costs import costs
 from kvlab.engines import VLLM, LlamaCpp, SGLang, Transformers, get_engine
 from kvlab.fit import FitError, fit, fit_table, footprint
@@ -249,7 +249,7 @@ def test_vllm_cca_state_takes_one_attention_page_and_raises_the_block_size_when_
     per_seq_state = z.per_layer[0].kv_state_bytes // 3
     assert z.per_layer[0].kv_bytes_per_token == 1024 and per_seq_state <= 16 * 1024
     assert VLLM().reserve(None, z, 1000, 3).kv_bytes == 3 * 40 * 16384 * (-(-1000 // 16) + 1)
-    cfg = tiny(2, windows=(None,), kv=1, hd=16, attention="cca", conv_kernels=(8, 8))
+    cfg = tiny(2, windows=(None,), kv=1, hd=16, attention="cca", cca=CCASpec(conv_kernels=(8, 8)))
     c = costs(cfg, context=300)
     per_tok, state = c.per_layer[0].kv_bytes_per_token, c.per_layer[0].kv_state_bytes
     assert state > 16 * per_tok  # a page of 16 tokens cannot hold the state: the block grows

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import LayerSpec, ModelConfig, MoESpec, RopeSpec
+from ..config import CCASpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from .base import Family, HFState, Tensor, activation, drop_tied_head, hf_config, rename, rope_from_hf, with_defaults
 
 ARCH = "ZayaForCausalLM"
@@ -77,7 +77,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
                       router_carry=i > 0, skip_expert=True)
         layers.append(LayerSpec(
             num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"], head_dim=c["head_dim"],
-            attention="cca", conv_kernels=(int(c["cca_time0"]), int(c["cca_time1"])),
+            attention="cca", cca=CCASpec(conv_kernels=(int(c["cca_time0"]), int(c["cca_time1"]))),
             window=int(c["sliding_window"]) if t == "hybrid_sliding" else None, qkv_bias=bias, o_bias=bias,
             rope=dataclasses.replace(ropes[t]), residual_scaling=True, mlp="moe", moe=moe, activation=act))
     return ModelConfig(vocab_size=c["vocab_size"], hidden_size=c["hidden_size"], layers=layers,
@@ -134,7 +134,7 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
                         "partial_rotary_factor": y.rope.partial}
     d: dict[str, Any] = {"layer_types": types, "sliding_window": windows[0] if windows else None,
                          "rope_parameters": ropes, "attention_bias": x.qkv_bias, "lm_head_bias": False,
-                         "cca_time0": x.conv_kernels[0], "cca_time1": x.conv_kernels[1]}
+                         "cca_time0": x.cca.conv_kernels[0], "cca_time1": x.cca.conv_kernels[1]}
     if x.moe is not None:
         d.update(num_experts=x.moe.num_experts, num_experts_per_tok=x.moe.top_k,
                  moe_intermediate_size=x.moe.expert_size, router_hidden_size=x.moe.router_hidden)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from . import cca, compressed, gqa, mla
 from .base import AttnCost, Buffer, Kind, causal_positions, field_error, positive_int
+from .cca import CCASpec
 from .compressed import CompressSpec
 from .mla import MLASpec
 
@@ -30,7 +31,8 @@ KINDS: dict[str, Kind] = {k.name: k for k in (
          buffers=gqa.buffers),
     Kind(name="cca", tag="cca", label="CCA (compressed convolutional)", page="docs/cca.md", options=cca.OPTIONS,
          validate=cca.validate, price=cca.price, assumption=cca.ASSUMPTION, module="kvlab.layers.cca:CCAttention",
-         store="kvlab.cache.cca:cca_store", examples=cca.EXAMPLES, buffers=gqa.buffers),
+         store="kvlab.cache.cca:cca_store", spec_field="cca", spec_type=CCASpec, moved=cca.MOVED,
+         examples=cca.EXAMPLES, buffers=gqa.buffers),
     Kind(name="mla", tag="mla", label="MLA (latent)", page="docs/mla.md", options=mla.OPTIONS, validate=mla.validate,
          price=mla.price, assumption=mla.ASSUMPTION, module="kvlab.layers.mla:MLAttention",
          store="kvlab.cache.latent:latent_store", spec_field="mla", spec_type=MLASpec, examples=mla.EXAMPLES,
@@ -81,5 +83,5 @@ def owners(option: str) -> list[str]:
     return [k.name for k in KINDS.values() if option in k.options]
 
 
-__all__ = ["KINDS", "AttnCost", "Buffer", "CompressSpec", "Kind", "MLASpec", "causal_positions", "field_error", "get",
+__all__ = ["KINDS", "AttnCost", "Buffer", "CCASpec", "CompressSpec", "Kind", "MLASpec", "causal_positions", "field_error", "get",
            "kind_options", "layer_label", "owners", "positive_int", "register", "unregister"]

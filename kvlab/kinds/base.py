@@ -93,7 +93,11 @@ class Kind:
     label: a short human name for tables and plots. page: its docs page.
     options: the LayerSpec fields this kind reads beyond the shared ones (heads, head dims, MLP, rope...);
         a field of another kind set to a non-default value is an error naming the field and its owner.
-    spec_field / spec_type: the kind's own sub-spec (``LayerSpec.mla`` -> MLASpec), or None.
+    spec_field / spec_type: the kind's own sub-spec (``LayerSpec.mla`` -> MLASpec), or None. A layer of the kind
+        given none gets ``spec_type()`` when every option of the sub-spec has a default (CCASpec).
+    moved: flat LayerSpec fields of older kvlab versions that now live in the sub-spec (``{"conv_kernels": "cca"}``):
+        a saved config dict that still has one loads (the value moves into the sub-spec; on a layer of another
+        kind, a non-default value is the usual "not supported" error).
     validate(layer, where): checks of the kind's own options (the shared fields are checked by LayerSpec).
     price: its parameters, KV bytes (by component), bytes read per decode step and FLOPs (an :class:`AttnCost`).
     assumption: the text the calculator prints under a model that has this kind.
@@ -119,6 +123,7 @@ class Kind:
     store: Any  # "pkg.mod:factory" (or the callable)
     spec_field: str | None = None
     spec_type: type | None = None
+    moved: dict[str, str] = field(default_factory=dict)
     can_share: bool = False
     tag: str = ""
     examples: tuple[dict[str, Any], ...] = ()

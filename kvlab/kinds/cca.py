@@ -4,17 +4,20 @@ kvlab/cache/cca.py (the compressed K/V per position plus a constant conv tail an
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from .base import AttnCost, causal_positions, field_error
 from .gqa import gate_params
 
-OPTIONS = frozenset({"window", "sinks", "qkv_bias", "o_bias", "output_gate", "gate_per_head", "conv_kernels",
-                     "attn_scale"})
+OPTIONS = frozenset({"cca", "window", "sinks", "qkv_bias", "o_bias", "output_gate", "gate_per_head", "attn_scale"})
+
+# flat LayerSpec fields of older kvlab versions now held by CCASpec: a saved config that has them still loads
+MOVED = {"conv_kernels": "cca"}
 
 EXAMPLES = (
     {"num_heads": 4, "num_kv_heads": 2, "head_dim": 16},
-    {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "window": 4, "conv_kernels": (3, 2),
+    {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "window": 4, "cca": {"conv_kernels": (3, 2)},
      "rope": {"theta": 500.0, "partial": 0.5}},
 )
 
@@ -25,9 +28,31 @@ ASSUMPTION = (
     "conv weights count as matmul parameters")
 
 
+@dataclass
+class CCASpec:
+    """The options only a ``cca`` layer has (``LayerSpec.cca``; ZAYA1's ``cca_time0`` / ``cca_time1``).
+
+    ``conv_kernels``: kernel sizes (depthwise, grouped) of the two causal convolutions over the ``[q, k]`` stream.
+    A ``cca`` layer given no CCASpec gets ``CCASpec()`` (ZAYA1's (2, 2)).
+    """
+
+    conv_kernels: tuple[int, int] = (2, 2)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.conv_kernels, list):  # from JSON
+            self.conv_kernels = tuple(self.conv_kernels)
+
+    def validate(self, where: str) -> None:
+        ks = self.conv_kernels
+        if not (isinstance(ks, tuple) and len(ks) == 2
+                and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks)):
+            raise field_error(where, "conv_kernels", ks,
+                              "must be two positive integers (depthwise, grouped kernel sizes)")
+
+
 def conv_tail(spec: Any) -> int:
     """Input columns of history the two convolutions need (``k0 - 1 + k1 - 1``)."""
-    k0, k1 = spec.conv_kernels
+    k0, k1 = spec.cca.conv_kernels
     return k0 - 1 + k1 - 1
 
 
@@ -42,10 +67,9 @@ def value_half(spec: Any) -> int:
 
 
 def validate(layer: Any, where: str) -> None:
-    ks = layer.conv_kernels
-    if not (isinstance(ks, tuple) and len(ks) == 2
-            and all(isinstance(k, int) and not isinstance(k, bool) and k >= 1 for k in ks)):
-        raise field_error(where, "conv_kernels", ks, "must be two positive integers (depthwise, grouped kernel sizes)")
+    if not isinstance(layer.cca, CCASpec):
+        raise field_error(where, "cca", layer.cca, "must be a CCASpec (or left unset: CCASpec())")
+    layer.cca.validate(f"{where}.cca")
     if (layer.num_kv_heads * layer.value_dim) % 2:
         raise field_error(where, "v_head_dim", layer.value_dim,
                           f"cca splits the num_kv_heads x v_head_dim = {layer.num_kv_heads * layer.value_dim} value "
@@ -61,7 +85,7 @@ def price(layer: Any, hidden: int, context: int, batch: int, kv_elt: int) -> Att
     token: depthwise ``C * k0``, grouped ``C * head_dim * k1``).
     """
     h, kvh, hd, vd = layer.num_heads, layer.num_kv_heads, layer.head_dim, layer.value_dim
-    k0, k1 = layer.conv_kernels
+    k0, k1 = layer.cca.conv_kernels
     c = conv_channels(layer)
     mats = (h * hd + kvh * hd + kvh * vd) * hidden + hidden * h * vd + c * k0 + c * hd * k1 + gate_params(layer, hidden)
     extra = 2 * c + kvh  # conv biases, key temperature

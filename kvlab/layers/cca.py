@@ -9,9 +9,9 @@ Attention runs inside a compressed latent space: the LayerSpec's heads *are* the
 2. mean-residual mixing: ``r_q = (q + k[head // group]) / 2`` per query head and ``r_k`` the mean of
    ``r_q`` over each KV head's group of query heads;
 3. two causal convolutions over the sequence on the concatenated ``[q, k]`` channels: depthwise
-   (kernel ``conv_kernels[0]``), then grouped with one group per head (kernel ``conv_kernels[1]``);
+   (kernel ``cca.conv_kernels[0]``), then grouped with one group per head (kernel ``cca.conv_kernels[1]``);
    ``q = conv(q)+r_q``, ``k = conv(k)+r_k``. A chunk is convolved with the carried tail of the previous
-   ``conv_kernels[0] + conv_kernels[1] - 2`` input columns prepended (zeros at the start of a
+   ``k0 + k1 - 2`` input columns prepended (zeros at the start of a
    sequence), so chunked prefill and decode equal one full forward;
 4. value shift: the first half of the value channels come from the current token (``v_proj``), the
    second half from the previous token (``v_shift_proj``, its last row carried across chunks; at a
@@ -47,7 +47,7 @@ class CCAttention(nn.Module):
         super().__init__()
         self.spec = spec
         h, hkv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim
-        k0, k1 = spec.conv_kernels
+        k0, k1 = spec.cca.conv_kernels
         half = value_half(spec)
         self.q_proj = nn.Linear(hidden, h * d, bias=spec.qkv_bias)
         self.k_proj = nn.Linear(hidden, hkv * d, bias=spec.qkv_bias)

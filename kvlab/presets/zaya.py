@@ -32,7 +32,7 @@ def _layers(attention: str, heads: int, kv_heads: int) -> list[LayerSpec]:
         moe = MoESpec(num_experts=16, top_k=1, expert_size=2048, scoring="softmax", norm_topk=False,
                       bias_correction=True, router_hidden=256, router_carry=i > 0, skip_expert=True)
         layers.append(LayerSpec(num_heads=heads, num_kv_heads=kv_heads, head_dim=128, attention=attention,
-                                conv_kernels=(2, 2), rope=RopeSpec(theta=5_000_000.0, partial=0.5),
+                                rope=RopeSpec(theta=5_000_000.0, partial=0.5),  # cca: CCASpec() = kernels (2, 2)
                                 residual_scaling=True, mlp="moe", moe=moe))
     return layers
 

@@ -68,7 +68,7 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
 def test_config_and_values_follow_the_checkpoint(pair: tuple[Any, kvlab.Model]) -> None:
     hf, model = pair
     cfg, c = model.config, hf.config
-    assert all(x.attention == "cca" and x.conv_kernels == (c.cca_time0, c.cca_time1) for x in cfg.layers)
+    assert all(x.attention == "cca" and x.cca.conv_kernels == (c.cca_time0, c.cca_time1) for x in cfg.layers)
     assert [x.window for x in cfg.layers] == [4 if t == "hybrid_sliding" else None for t in c.layer_types]
     assert [x.moe.router_carry for x in cfg.layers] == [False, True, True]
     assert cfg.embed_affine and cfg.residual_fp32 and cfg.tie_embeddings == c.tie_word_embeddings
