@@ -147,3 +147,15 @@ def _with(parser, verb, fn):
     sub = next(a for a in parser._actions if a.dest == "verb")
     sub.choices[verb].set_defaults(func=fn)
     return parser
+
+
+@pytest.mark.parametrize("verb", ["calc", "inspect", "fit"])
+@pytest.mark.parametrize("flags", [["--kv-quant", "int8,int4"], ["--kv-dtype", "int8", "--kv-quant", "int4"]])
+def test_verbs_that_price_one_kv_format_refuse_several_naming_the_verb(capsys, verb, flags):
+    """calc, inspect and fit share one check (kvlab/cli/common.py one_kv_format); compare takes several."""
+    extra = ["--memory", "24GiB"] if verb == "fit" else []
+    rc, err = run(capsys, verb, "llama-3.1-8b", *flags, *extra)
+    assert rc == 2 and one_line_error(err) == (f"kvlab: error: --kv-quant=int8,int4: {verb} prices one format at a "
+                                               "time (kvlab compare takes several)")
+    rc, _ = run(capsys, "compare", "llama-3.1-8b", *flags, "--context", "4k")
+    assert rc == 0

@@ -12,7 +12,7 @@ from kvlab.cli.common import (
     context_or_default,
     costs_of,
     emit_json,
-    kv_options,
+    one_kv_format,
     parse_price_dtype,
     resolve_config,
 )
@@ -70,10 +70,7 @@ def quant_rows(plain, quant) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    kv_dtype, quants = kv_options(args)
-    if len(quants) > 1:
-        raise ValueError(f"--kv-quant={','.join(quants)}: calc prices one format (kvlab compare takes several)")
-    kv_quant = quants[0] if quants else None
+    kv_dtype, kv_quant = one_kv_format(args, "calc")
     cfg = resolve_config(args.model)
     ctx = context_or_default(args.context, cfg)
     dtype = parse_price_dtype(args.dtype)

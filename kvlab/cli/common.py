@@ -113,6 +113,16 @@ def kv_options(args: argparse.Namespace) -> tuple[str | None, list[str]]:
     return kv_dtype, quants
 
 
+def one_kv_format(args: argparse.Namespace, verb: str) -> tuple[str | None, str | None]:
+    """``(kv_dtype, kv_quant or None)`` for a verb that prices one cache format (calc, inspect, fit): ValueError
+    naming the verb when ``--kv-quant`` (with ``--kv-dtype``) gives several."""
+    kv_dtype, quants = kv_options(args)
+    if len(quants) > 1:
+        raise ValueError(f"--kv-quant={','.join(quants)}: {verb} prices one format at a time (kvlab compare takes "
+                         "several)")
+    return kv_dtype, quants[0] if quants else None
+
+
 def context_or_default(text: str | None, cfg: Any) -> int:
     """``--context`` parsed, or the model's max positions when not given."""
     return parse_context(text) if text is not None else cfg.max_positions

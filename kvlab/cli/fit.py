@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from kvlab.cli.common import KV_QUANT_HELP, MODEL_HELP, add_json, emit_json, kv_options, report, resolve_config
+from kvlab.cli.common import KV_QUANT_HELP, MODEL_HELP, add_json, emit_json, one_kv_format, report, resolve_config
 from kvlab.engines import ENGINES
 from kvlab.fit import BUDGETS_GIB, describe, fit, gguf_weights
 from kvlab.hardware import HARDWARE_NAMES, get_hardware, roofline
@@ -64,10 +64,7 @@ def _rows(fp: Any, r: Any) -> list[list[str]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    kv_dtype, quants = kv_options(args)  # --kv-dtype int8 is a quantized format, as in calc
-    if len(quants) > 1:
-        raise ValueError(f"--kv-quant={','.join(quants)}: fit prices one format")
-    kv_quant = quants[0] if quants else None
+    kv_dtype, kv_quant = one_kv_format(args, "fit")  # --kv-dtype int8 is a quantized format, as in calc
     cfg = resolve_config(args.model)
     gguf = gguf_weights(args.model) if args.weights_dtype is None else None
     wd = args.weights_dtype or cfg.dtype or "bf16"

@@ -12,7 +12,7 @@ from kvlab.cli.common import (
     context_or_default,
     costs_of,
     emit_json,
-    kv_options,
+    one_kv_format,
     output_file,
     parse_price_dtype,
     resolve_config,
@@ -38,10 +38,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = resolve_config(args.model)
     ctx = context_or_default(args.context, cfg)
     dtype = parse_price_dtype(args.dtype)
-    kv_dtype, quants = kv_options(args)
-    if len(quants) > 1:
-        raise ValueError("--kv-quant: inspect prices one format at a time (use kvlab compare for several)")
-    c = costs_of(cfg, ctx, dtype, args.batch, kv_dtype, quants[0] if quants else None)
+    kv_dtype, kv_quant = one_kv_format(args, "inspect")
+    c = costs_of(cfg, ctx, dtype, args.batch, kv_dtype, kv_quant)
     layers = [dict(vars(x)) for x in c.per_layer]
     plot = None
     if args.plot:
