@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import copy
 from typing import Any, ClassVar
 
 import torch
@@ -130,7 +130,9 @@ class Model(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.config = dataclasses.replace(config, layers=list(config.layers))  # its own: ``dtype`` follows the weights
+        # its own copy (``dtype`` follows the weights), not re-validated: ``config`` was when it was built
+        self.config = copy.copy(config)
+        self.config.layers = list(config.layers)
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         if config.ple_dim is not None:
             self.ple = PLEInput(config.ple_rows, config.hidden_size, config.num_layers, config.ple_dim,

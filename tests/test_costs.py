@@ -371,6 +371,24 @@ def test_config_dtype_follows_the_model_and_is_what_costs_prices(tmp_path):
     assert costs(str(tmp_path / "m"), context=100).kv_cache_bytes == 2 * 2 * 2 * 8 * 4 * 100
 
 
+def test_a_model_holds_its_own_copy_of_the_config_without_validating_it_again(monkeypatch):
+    """Model copies its config (its dtype follows the weights) without re-running the config's validation."""
+    import torch
+
+    from kvlab.model import Model
+
+    cfg = ModelConfig(vocab_size=64, hidden_size=32, max_positions=128,
+                      layers=uniform_layers(2, num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=64))
+    calls = []
+    monkeypatch.setattr(ModelConfig, "validate", lambda self: calls.append(self))
+    model = Model(cfg).to(torch.float16)
+    assert not calls
+    assert model.config == cfg and model.config is not cfg and model.config.layers is not cfg.layers
+    assert model.config.dtype == "float16" and cfg.dtype is None
+    model.config.layers.append(model.config.layers[0])
+    assert len(cfg.layers) == 2
+
+
 @pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
 def test_an_hf_config_carries_its_stored_dtype(key):
     from kvlab.families import config_from_hf
