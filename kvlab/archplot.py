@@ -13,34 +13,46 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kvlab import kinds as kind_table
 from kvlab.costs import costs, resolve_config
 
-COLOURS = {  # colour-blind-safe (Okabe-Ito) by kind
-    "full": "#0072B2", "window": "#56B4E9", "mla": "#D55E00", "cca": "#009E73",
-    "csa": "#CC79A7", "hca": "#E69F00", "swa": "#F0E442",
-}
-LABELS = {"full": "full attention", "window": "sliding window", "mla": "MLA (latent K/V)", "cca": "CCA (compressed conv.)", "csa": "CSA (compressed + indexer)",
-          "hca": "HCA (heavily compressed)", "swa": "window only (V4)"}
+PLAIN = {"full": "#0072B2", "window": "#56B4E9"}  # kinds without a colour of their own (gqa): full / sliding window
+PLAIN_LABELS = {"full": "full attention", "window": "sliding window"}
+
+
+def colours() -> dict[str, str]:
+    """Colour by key: ``full`` / ``window`` and every kind of the table that has a ``Kind.colour``."""
+    return {**PLAIN, **{k.name: k.colour for k in kind_table.KINDS.values() if k.colour}}
+
+
+COLOURS = colours()  # the built-in kinds' (a kind registered later is drawn through colours())
+
+
+def _label(key: str) -> str:
+    return PLAIN_LABELS.get(key) or kind_table.get(key).label
+
+
+def _dark(colour: str) -> bool:
+    """White text reads better on it (relative luminance below 0.35, WCAG formula)."""
+    def lin(c: float) -> float:
+        return c / 12.92 if c <= 0.04045 else ((c + 0.055) / 1.055) ** 2.4
+    r, g, b = (lin(int(colour[i:i + 2], 16) / 255) for i in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b < 0.35
 
 
 def _kind(x: Any) -> str:
     """The colour key of a layer (a shared layer: the kind it would be, drawn pale)."""
-    k = x.kind.split()[0]
-    if k in COLOURS:
-        return k
+    if kind_table.get(x.attention).colour:
+        return x.attention
     return "full" if x.window is None else "window"
 
 
 def _text(x: Any, spec: Any) -> str:
     hd = str(x.head_dim) if x.head_dim == x.v_head_dim else f"{x.head_dim}/{x.v_head_dim}"
     parts = [f"{x.index:>2}", f"{x.heads}q/{x.kv_heads}kv x {hd}"]
-    if spec.attention == "mla" and spec.mla is not None:
-        parts[1] = f"{x.heads}q, latent {spec.mla.kv_lora_rank}+{spec.mla.qk_rope_head_dim}"
-        parts[1] += " +index" if spec.mla.index_heads else ""
-    if spec.compress is not None and spec.compress.ratio:
-        parts.append(f"/{spec.compress.ratio}" + (" +index" if spec.compress.index_heads else ""))
-    if spec.attention == "cca":
-        parts.append("conv " + ",".join(map(str, spec.cca.conv_kernels)))
+    detail = kind_table.get(spec.attention).detail
+    if detail is not None and detail(spec):
+        parts.append(detail(spec))
     if x.window is not None:
         parts.append(f"win {x.window}")
     if x.kv_source is not None:
@@ -54,6 +66,7 @@ def _draw(ax: Any, bar: Any, cfg: Any, context: int, dtype: str, title: str | No
 
     c = costs(cfg, context=context, kv_dtype=dtype)
     n = len(c.per_layer)
+    palette = colours()
     kinds: set[str] = set()
     for x, spec in zip(c.per_layer, cfg.layers):
         k = _kind(x)
@@ -61,19 +74,19 @@ def _draw(ax: Any, bar: Any, cfg: Any, context: int, dtype: str, title: str | No
         kinds.add("shared" if shared else k)
         kinds.add(k)
         y = n - 1 - x.index
-        ax.add_patch(Rectangle((0, y + 0.08), 1, 0.84, facecolor=COLOURS[k], alpha=0.35 if shared else 1.0, lw=0))
-        dark = k in ("full", "mla", "cca", "csa") and not shared
+        ax.add_patch(Rectangle((0, y + 0.08), 1, 0.84, facecolor=palette[k], alpha=0.35 if shared else 1.0, lw=0))
+        dark = _dark(palette[k]) and not shared
         ax.text(0.02, y + 0.5, _text(x, spec), va="center", ha="left", fontsize=6.2, family="monospace",
                 color="white" if dark else "black")
         b = x.kv_bytes_per_token
         capped = k == "window" and b > 0  # holds at most `window` positions
-        bar.barh(y + 0.5, b, height=0.84, facecolor=COLOURS[k], hatch="////" if capped else None,
-                 edgecolor="white" if capped else COLOURS[k], lw=0)
+        bar.barh(y + 0.5, b, height=0.84, facecolor=palette[k], hatch="////" if capped else None,
+                 edgecolor="white" if capped else palette[k], lw=0)
         if shared:
             src = n - 1 - x.kv_source
             ax.add_patch(FancyArrowPatch((-0.01, src + 0.5), (-0.01, y + 0.5), connectionstyle="arc3,rad=0.35",
                                          arrowstyle="-|>", mutation_scale=6, lw=0.7, alpha=0.8,
-                                         color=COLOURS[_kind(c.per_layer[x.kv_source])]))
+                                         color=palette[_kind(c.per_layer[x.kv_source])]))
     ax.set_xlim(-0.22, 1)
     ax.set_ylim(0, n)
     ax.axis("off")
@@ -125,11 +138,12 @@ def architecture_figure(models: Any, context: int | None = None, dtype: str = "b
         bar = fig.add_subplot(grid[0, 2 * i + 1], sharex=bars[0] if bars else None)  # one scale for every stack
         bars.append(bar)
         kinds |= _draw(ax, bar, cfg, context or cfg.max_positions, dtype, titles[i] if titles else None)
-    handles = [Patch(facecolor=COLOURS[k], label=LABELS[k]) for k in COLOURS if k in kinds and k != "shared"]
+    palette = colours()
+    handles = [Patch(facecolor=palette[k], label=_label(k)) for k in palette if k in kinds and k != "shared"]
     if "shared" in kinds:
         handles.append(Patch(facecolor="#999999", alpha=0.35, label="pale: reads an earlier layer's K/V (arrow)"))
     if "window" in kinds:
-        handles.append(Patch(facecolor=COLOURS["window"], hatch="////", edgecolor="white",
+        handles.append(Patch(facecolor=palette["window"], hatch="////", edgecolor="white",
                              label="hatched bar: held for <= window positions"))
     fig.legend(handles=handles, loc="upper center", ncol=min(len(handles), 2 * len(cfgs)), fontsize=7, frameon=False)
     return fig

@@ -212,7 +212,7 @@ class LayerSpec:
     num_kv_heads: int
     head_dim: int
     intermediate_size: int = 0
-    attention: str = "gqa"
+    attention: str = kinds.DEFAULT
     v_head_dim: int | None = None
     window: int | None = None
     sinks: bool = False

@@ -36,21 +36,24 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any, ClassVar
 
+from kvlab import kinds
 from kvlab.costs.dtypes import DTYPE_BYTES
 from kvlab.errors import FitError
+from kvlab.kinds.base import DEEPSEEK_V4, PAGED, PAGED_STATE
 
 ENGINES = ("vllm", "llamacpp", "sglang", "transformers")
 
+# A layer's kind enters the rules below only through its record (kvlab/kinds): ``Kind.serving`` (how engines lay its
+# cache out: PAGED, PAGED_STATE, DEEPSEEK_V4 or unmodelled) and ``Kind.tp_split`` (K/V split by KV head under TP).
+PAGES = (PAGED, PAGED_STATE)  # K/V in attention pages (PAGED_STATE: plus a per-sequence state)
 
-LATENT_KINDS = ("mla", "csa", "hca", "swa")  # one shared latent / K=V head per layer: not split by TP
-PAGED = ("gqa", "mla")  # K/V in per-token pages in every engine's rules
 
-
-def _tp_factor(kind: str, kv_heads: int, tp: int, index: int) -> tuple[float, str | None]:
-    """Fraction of one layer's K/V on one device of ``tp``, and the replication it implies (or None)."""
+def _tp_factor(split: bool, kv_heads: int, tp: int, index: int) -> tuple[float, str | None]:
+    """Fraction of one layer's K/V on one device of ``tp``, and the replication it implies (or None); ``split``:
+    TP splits the layer's K/V by KV head (else one shared latent / K=V head, replicated)."""
     if tp == 1:
         return 1.0, None
-    if kind in LATENT_KINDS:
+    if not split:
         return 1.0, "latent"
     if tp >= kv_heads:
         if tp % kv_heads:
@@ -63,9 +66,9 @@ def _tp_factor(kind: str, kv_heads: int, tp: int, index: int) -> tuple[float, st
     return 1.0 / tp, None
 
 
-def _attention_kind(layer_costs: Any) -> str:
-    kind = layer_costs.kind.split()[0]
-    return kind if kind in LATENT_KINDS + ("cca",) else "gqa"
+def layer_tp_factor(layer_costs: Any, tp: int) -> tuple[float, str | None]:
+    """:func:`_tp_factor` of one ``costs(...).per_layer`` entry, its split read from its kind's record."""
+    return _tp_factor(kinds.get(layer_costs.attention).tp_split, layer_costs.kv_heads, tp, layer_costs.index)
 
 
 def cdiv(a: int, b: int) -> int:
@@ -87,7 +90,7 @@ class Reservation:
 @dataclass
 class _Layer:
     index: int
-    kind: str  # gqa / mla / cca / csa / hca / swa
+    kind: str  # its record's Kind.serving: PAGED, PAGED_STATE, DEEPSEEK_V4 or unmodelled ("")
     window: int | None
     per_token: int  # bytes per cached position of one sequence on this device
     physical: int  # the calculator's bytes for the whole batch on this device (fallback for unmodelled kinds)
@@ -101,18 +104,14 @@ def _layers(c: Any, tp: int, cfg: Any = None) -> list[_Layer]:
     for x in c.per_layer:
         if x.kv_source is not None:
             continue
-        kind = _attention_kind(x)
-        f, _ = _tp_factor(kind, x.kv_heads, tp, x.index)
-        out.append(_Layer(x.index, kind, x.window, round(x.kv_bytes_per_token * f), round(x.kv_bytes * f),
+        f, _ = layer_tp_factor(x, tp)
+        out.append(_Layer(x.index, kinds.get(x.attention).serving, x.window, round(x.kv_bytes_per_token * f), round(x.kv_bytes * f),
                           round(x.kv_state_bytes * f), cfg.layers[x.index] if cfg is not None else None))
     return out
 
 
 def round_up(a: int, b: int) -> int:
     return cdiv(a, b) * b
-
-
-V4_KINDS = ("csa", "hca", "swa")
 
 
 def v4_entry_bytes(spec: Any) -> int:
@@ -198,8 +197,8 @@ class VLLM(Engine):
     def _block_size(self, layers: list[_Layer]) -> int:
         """block_size, raised for a hybrid with a per-sequence state (CCA) so one attention page holds the state
         (Platform._align_hybrid_block_size: kernel alignment 16, FlashAttention's MultipleOf(16))."""
-        states = [x.state // max(1, self._batch) for x in layers if x.kind == "cca" and x.state]
-        paged = [x.per_token for x in layers if x.kind in PAGED + ("cca",) and x.per_token]
+        states = [x.state // max(1, self._batch) for x in layers if x.kind == PAGED_STATE and x.state]
+        paged = [x.per_token for x in layers if x.kind in PAGES and x.per_token]
         if not states or not paged:
             return self.block_size
         align = max(16, self.block_size)
@@ -209,14 +208,14 @@ class VLLM(Engine):
     def _groups(self, layers: list[_Layer]) -> tuple[int, list[tuple[_Layer, int, int]], int]:
         """(unified page bytes, [(representative layer, block_size, layers in group)], group_size); a CCA state
         type is a group whose layers hold one page each per request (block_size 0 marks it)."""
-        paged = [x for x in layers if x.kind in PAGED + ("cca",) and x.per_token]  # CCA's K/V: attention pages
+        paged = [x for x in layers if x.kind in PAGES and x.per_token]  # CCA's K/V: attention pages
         if not paged:
             return 0, [], 0
         bsz = self._block_size(layers)
         page = max(x.per_token for x in paged) * bsz
         types: dict[tuple[Any, ...], list[_Layer]] = {}
         for x in layers:
-            if x.kind == "cca" and x.state:
+            if x.kind == PAGED_STATE and x.state:
                 types.setdefault(("state",), []).append(x)
         for x in paged:
             if page % (x.per_token * self.block_size):
@@ -281,17 +280,17 @@ class VLLM(Engine):
             else:
                 pages += cdiv(min(rep.window - 1 + self.max_num_batched_tokens, context), bs) + 1
         per_request = (pages + state_pages) * page * size
-        v4 = [x for x in layers if x.kind in V4_KINDS]
+        v4 = [x for x in layers if x.kind == DEEPSEEK_V4]
         v4_bytes, v4_what = 0, ""
         for x in v4:
             b, what = self._v4(x, context)
             v4_bytes += b
             v4_what = v4_what or what
-        other = sum(x.physical for x in layers if x.kind not in PAGED + V4_KINDS + ("cca",)
-                    or (x.kind in PAGED + ("cca",) and not x.per_token))
+        other = sum(x.physical for x in layers if x.kind not in (*PAGES, DEEPSEEK_V4)
+                    or (x.kind in PAGES and not x.per_token))
         if other and page:
             other = cdiv(other, page) * page
-        states = sum(x.state for x in layers if x.kind in PAGED + V4_KINDS)  # V4 compressor state: kvlab's bytes
+        states = sum(x.state for x in layers if x.kind in (PAGED, DEEPSEEK_V4))  # V4 compressor state: kvlab's bytes
         details = [(f"{len(groups)} KV cache groups of {size} layers, page {page:,} B x {size} layers per block, "
                    f"{pages} blocks per request" + (f" + {state_pages} state page(s) (CCA), block_size raised to "
                                                     f"{self._block_size(layers)}" if state_pages else ""))] if groups else []
@@ -346,16 +345,16 @@ class LlamaCpp(Engine):
         swa_cells = None
         v4 = []
         for x in _layers(c, tp, cfg):
-            if x.kind in ("gqa", "mla"):
+            if x.kind == PAGED:
                 if x.window is None:
                     total += streams * n_ctx_seq * x.per_token
                 else:
                     swa_cells = round_up(min(n_ctx_seq, x.window * swa_seqs + self.n_ubatch), 256)
                     total += streams * swa_cells * x.per_token
                 total += x.state
-            elif x.kind in V4_KINDS:
+            elif x.kind == DEEPSEEK_V4:
                 v4.append(x)
-            elif x.kind == "cca":
+            elif x.kind == PAGED_STATE:
                 raise FitError(f"llamacpp: layer {x.index} is a CCA layer (ZAYA1): mainline llama.cpp has no CCA "
                                "support (draft ggml-org/llama.cpp#23112 closed unmerged); choose another engine")
             else:
@@ -367,13 +366,13 @@ class LlamaCpp(Engine):
             per_seq = sum(self.v4_stream_bytes(x.spec, n_ctx_seq, DTYPE_BYTES[c.kv_dtype]) for x in v4)
             total += batch * per_seq
             details = [(f"n_ctx_seq = {n_ctx_seq:,}; {batch} DeepSeek V4 stream(s) of {per_seq:,} B: window "
-                        f"{cells['window']:,} cells, CSA {cells['csa']:,}, HCA {cells['hca']:,} cells a layer")]
+                        f"{cells['window']:,} cells, CSA {cells['ratio4']:,}, HCA {cells['ratio128']:,} cells a layer")]
         return Reservation(total, details)
 
     def v4_cells(self, spec: Any, kv_size: int) -> dict[str, int]:
         """Cells per sequence stream of llama.cpp's DeepSeek V4 caches (llama_kv_cache_dsv4 constructor)."""
         return {"window": round_up(min(kv_size, spec.window + self.n_ubatch), 256),
-                "csa": round_up(max(1, cdiv(kv_size, 4)), 256), "hca": round_up(max(1, cdiv(kv_size, 128)), 256)}
+                "ratio4": round_up(max(1, cdiv(kv_size, 4)), 256), "ratio128": round_up(max(1, cdiv(kv_size, 128)), 256)}
 
     def v4_stream_bytes(self, spec: Any, kv_size: int, elt: int) -> int:
         """Bytes one sequence's stream of one DeepSeek V4 layer holds: the K-only window cache, the compressed and
@@ -385,9 +384,9 @@ class LlamaCpp(Engine):
         held = cells["window"] * d * elt
         if ratio == 4:  # CSA: overlapping compressor (2 x ratio rows of 2 x head_dim), indexer keys and their state
             di = spec.compress.index_head_dim
-            held += cells["csa"] * (d + di) * elt + 2 * (2 * ratio) * (2 * d + 2 * di) * 4
+            held += cells["ratio4"] * (d + di) * elt + 2 * (2 * ratio) * (2 * d + 2 * di) * 4
         elif ratio == 128:  # HCA: ratio rows of head_dim for kv and score
-            held += cells["hca"] * d * elt + 2 * ratio * d * 4
+            held += cells["ratio128"] * d * elt + 2 * ratio * d * 4
         elif ratio:
             raise FitError(f"llamacpp: compression ratio {ratio}: llama.cpp's DeepSeek V4 loader takes 0, 4 and 128 "
                            "only (src/models/deepseek4.cpp)")
@@ -437,15 +436,14 @@ class SGLang(Engine):
 
     def reserve(self, cfg: Any, c: Any, context: int, batch: int, tp: int = 1) -> Reservation:
         layers = _layers(c, tp, cfg)
-        v4 = [x for x in layers if x.kind in V4_KINDS]
+        v4 = [x for x in layers if x.kind == DEEPSEEK_V4]
         if v4:
             if len(v4) != len(layers):
                 raise FitError("sglang: a model mixing DeepSeek V4 layers with others has no SGLang pool rule")
             return self._v4(v4, context, batch)
-        full = sum(x.per_token for x in layers if x.kind in ("gqa", "mla") and x.window is None)
-        swa = [x for x in layers if x.kind in ("gqa", "mla") and x.window is not None]
-        other = sum(x.physical for x in layers if x.kind not in ("gqa", "mla")) + sum(
-            x.state for x in layers if x.kind in ("gqa", "mla"))
+        full = sum(x.per_token for x in layers if x.kind == PAGED and x.window is None)
+        swa = [x for x in layers if x.kind == PAGED and x.window is not None]
+        other = sum(x.physical for x in layers if x.kind != PAGED) + sum(x.state for x in layers if x.kind == PAGED)
         tokens = cdiv(batch * context, self.page_size) * self.page_size
         if not swa:
             return Reservation(tokens * full + other, [f"{tokens:,} token slots"])
@@ -523,10 +521,10 @@ class Transformers(Engine):
         total = 0
         elt = DTYPE_BYTES[c.kv_dtype]
         for x in _layers(c, tp, cfg):
-            if x.kind in ("gqa", "mla"):
+            if x.kind == PAGED:
                 held = context if x.window is None else min(context, x.window - 1)
                 total += batch * held * x.per_token + x.state
-            elif x.kind in V4_KINDS and x.spec is not None:
+            elif x.kind == DEEPSEEK_V4 and x.spec is not None:
                 total += batch * elt * self._v4_values(x.spec, context)
             else:
                 total += x.physical
@@ -536,7 +534,7 @@ class Transformers(Engine):
     def _v4_values(spec: Any, n: int) -> int:
         """Values one sequence's DeepSeek V4 layer holds in transformers' cache after ``n`` tokens."""
         d, r = spec.head_dim, spec.compress.ratio
-        held = min(n, spec.window - 1) * d * (2 if spec.attention == "swa" else 1)
+        held = min(n, spec.window - 1) * d * (1 if r else 2)  # ratio 0 (swa): a plain sliding layer, K and V apart
         if not r:
             return held
         csa = spec.compress.indexed

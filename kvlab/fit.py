@@ -19,7 +19,7 @@ from typing import Any
 from kvlab.costs import costs, dtype_bytes, resolve_config
 from kvlab.costs.dtypes import kv_dtype_for
 from kvlab.costs.quant import quant_name, resolve_kv_quant
-from kvlab.engines import _attention_kind, _tp_factor, get_engine
+from kvlab.engines import get_engine, layer_tp_factor
 from kvlab.errors import FitError
 from kvlab.gguf_checkpoint import is_gguf, weight_bytes
 from kvlab.models import resolve_file
@@ -145,7 +145,7 @@ def footprint(model: Any, context: int, batch: int = 1, weights_dtype: Any = "bf
     comps: dict[str, int] = {}
     replicated: dict[str, list[int]] = {}
     for x in c.per_layer:
-        f, rep = _tp_factor(_attention_kind(x), x.kv_heads, tp, x.index)
+        f, rep = layer_tp_factor(x, tp)
         if rep is not None and x.kv_source is None:
             replicated.setdefault(rep, []).append(x.index)
         layer_state = round(x.kv_state_bytes * f)

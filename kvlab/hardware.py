@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvlab.costs import costs, dtype_bytes, resolve_config
-from kvlab.fit import _attention_kind, _tp_factor
+from kvlab.engines import layer_tp_factor
 
 
 @dataclass
@@ -160,7 +160,7 @@ def roofline(model: Any, hardware: str | Hardware, context: int, batch: int = 1,
     kv_read = 0.0
     kv_store = 0.0
     for x in c.per_layer:
-        f, _ = _tp_factor(_attention_kind(x), x.kv_heads, tp, x.index)
+        f, _ = layer_tp_factor(x, tp)
         kv_read += x.kv_read_bytes * f
         kv_store += x.kv_bytes * f
     dec_bytes = int(w_read / tp + kv_read)

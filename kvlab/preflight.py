@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Any
 
+from . import kinds
 from .costs import costs, dtype_bytes
 from .errors import InsufficientMemoryError
 from .units import fmt_bytes, fmt_context
@@ -87,7 +88,7 @@ def options_that_fit(cfg: Any, batch: int, context: int, dtype: Any, budget: int
     if c is not None:
         c = c // 1024 * 1024 if c >= 1024 else c
         out.append(f"--context {fmt_context(c)} ({fmt_bytes(kv_bytes(cfg, batch, c, dtype, kv_quant))} of KV)")
-    full = [i for i, x in enumerate(cfg.layers) if x.attention == "gqa" and x.window is None]
+    full = [i for i, x in enumerate(cfg.layers) if kinds.takes(x.attention, "window") and x.window is None]
     for w in (w for w in WINDOWS if w < context):
         try:
             windowed = cfg.replace_layers(lambda i, x, w=w: dataclasses.replace(x, window=w) if i in full else x)

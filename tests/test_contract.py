@@ -17,10 +17,13 @@ import torch
 from torch import nn
 
 from kvlab import kinds
+from kvlab.archplot import architecture_figure, colours
 from kvlab.cache.storage import KVStore, positions
 from kvlab.config import LayerSpec, ModelConfig
 from kvlab.costs import costs
+from kvlab.engines import ENGINES, get_engine
 from kvlab.kinds import AttnCost, Kind, causal_positions
+from kvlab.kinds.base import DEEPSEEK_V4, PAGED, PAGED_STATE, UNMODELLED
 from kvlab.layers.core import attend_out, publish_kv
 from kvlab.layers.rope import apply_rope
 from kvlab.model import Model
@@ -40,6 +43,9 @@ def test_every_kind_has_an_example_and_resolves():
         assert k.name == name and k.examples, name
         assert issubclass(k.module_class(), nn.Module) and callable(k.store_factory())
         assert k.options <= kinds.kind_options()
+        assert k.serving in (PAGED, PAGED_STATE, DEEPSEEK_V4, UNMODELLED) and (k.colour is None or k.colour in colours().values())
+        if k.detail is not None:  # what a diagram writes on each example layer
+            assert all(isinstance(k.detail(LayerSpec(attention=name, **copy.deepcopy(ex))), str) for ex in k.examples)
 
 
 def tiny(kind: str, example: int = 0, layers: int = 3) -> ModelConfig:
@@ -308,6 +314,10 @@ def test_a_new_kind_is_one_table_entry(key_only):
     with pytest.raises(ValueError, match=r"layers\[0\]\.attention='key-only': this kind's store has no quantizable"):
         random_model(cfg).new_cache(1, 8, kv_quant="int8")  # its record names no buffers
     assert KEY_ONLY.assumption in c.assumptions
+    for engine in ENGINES:  # no serving rule in its record: every engine charges the calculator's bytes
+        assert get_engine(engine).reserve(cfg, c, 100, 1).kv_bytes == c.kv_cache_bytes
+    texts = [t.get_text() for t in architecture_figure(cfg).axes[0].texts]  # drawn in the plain full colour
+    assert len(texts) == 3 and texts[2].split()[:3] == ["2", "4q/2kv", "x"] and "<- 1" in texts[2]
     with pytest.raises(ValueError, match=r"layers\[0\]\.window=4: not supported by key-only"):
         ModelConfig(vocab_size=11, hidden_size=32,
                     layers=[LayerSpec(attention=key_only, num_heads=4, num_kv_heads=2, head_dim=8,

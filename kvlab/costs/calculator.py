@@ -60,6 +60,7 @@ class LayerCosts:
     kv_state_bytes: int = 0  # the constant per-sequence part of kv_bytes (e.g. CCA's conv tail), whole batch
     kv_components: dict[str, int] = field(default_factory=dict)  # kv_bytes by named part (csa / hca / mla layers)
     attn_flop_components: dict[str, int] = field(default_factory=dict)  # attn_flops_per_token by named part
+    attention: str = ""  # the layer's kind: LayerSpec.attention, a name of the kinds table (kvlab/kinds)
 
 
 @dataclass
@@ -184,7 +185,7 @@ def costs(model: Any, context: int, dtype: Any = None, batch: int = 1, kv_dtype:
             params_active=a.params + m.active + norms, kv_bytes=a.kv_bytes, kv_bytes_per_token=a.kv_bytes_per_token,
             kv_read_bytes=a.kv_read_bytes, attn_flops_per_token=a.flops_per_token,
             prefill_attn_flops=batch * a.prefill_flops, kv_state_bytes=a.state_bytes, kv_components=a.components,
-            attn_flop_components=a.flop_components))
+            attn_flop_components=a.flop_components, attention=layer.attention))
 
     embed = vocab * hidden
     lm_head = 0 if cfg.tie_embeddings else vocab * hidden

@@ -9,38 +9,43 @@ Importing this package does not import torch.
 from __future__ import annotations
 
 from . import cca, compressed, gqa, mla
-from .base import AttnCost, Buffer, Kind, causal_positions, field_error, positive_int
+from .base import DEEPSEEK_V4, PAGED, PAGED_STATE, AttnCost, Buffer, Kind, causal_positions, field_error, positive_int
 from .cca import CCASpec
 from .compressed import CompressSpec
 from .mla import MLASpec
 
 
-def _deepseek_v4(name: str, label: str, validate, examples: tuple) -> Kind:
+def _deepseek_v4(name: str, label: str, validate, examples: tuple, colour: str) -> Kind:
     """A record of one of DeepSeek V4's layer kinds: they share the module, store, price and sub-spec
-    (kvlab/kinds/compressed.py) and differ in their checks (compressor, indexer) and examples."""
+    (kvlab/kinds/compressed.py) and differ in their checks (compressor, indexer), examples and colour."""
     return Kind(name=name, tag=name, label=label, page="docs/csa-hca.md", options=compressed.OPTIONS,
                 validate=validate, price=compressed.price, assumption=compressed.ASSUMPTION,
                 module="kvlab.layers.compressed:CompressedAttention", store="kvlab.cache.compressed:compressed_store",
-                spec_field="compress", spec_type=CompressSpec, examples=examples, buffers=compressed.buffers)
+                spec_field="compress", spec_type=CompressSpec, examples=examples, buffers=compressed.buffers,
+                serving=DEEPSEEK_V4, tp_split=False, colour=colour, detail=compressed.detail)
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind(name="gqa", label="GQA / MQA / MHA", page="docs/attention.md", options=gqa.OPTIONS, validate=gqa.validate,
          price=gqa.price, assumption=gqa.ASSUMPTION, module="kvlab.layers.attention:Attention",
          store="kvlab.cache.gqa:gqa_store", can_share=True, examples=gqa.EXAMPLES,
-         buffers=gqa.buffers),
+         buffers=gqa.buffers, serving=PAGED, retrofits=frozenset({"window", "prune-heads", "mla"})),
     Kind(name="cca", tag="cca", label="CCA (compressed convolutional)", page="docs/cca.md", options=cca.OPTIONS,
          validate=cca.validate, price=cca.price, assumption=cca.ASSUMPTION, module="kvlab.layers.cca:CCAttention",
          store="kvlab.cache.cca:cca_store", spec_field="cca", spec_type=CCASpec, moved=cca.MOVED,
-         examples=cca.EXAMPLES, buffers=gqa.buffers),
+         examples=cca.EXAMPLES, buffers=gqa.buffers, serving=PAGED_STATE, colour="#009E73", detail=cca.detail),
     Kind(name="mla", tag="mla", label="MLA (latent)", page="docs/mla.md", options=mla.OPTIONS, validate=mla.validate,
          price=mla.price, assumption=mla.ASSUMPTION, module="kvlab.layers.mla:MLAttention",
          store="kvlab.cache.latent:latent_store", spec_field="mla", spec_type=MLASpec, examples=mla.EXAMPLES,
-         buffers=mla.buffers),
-    _deepseek_v4("csa", "CSA (compressed sparse)", compressed.validate_csa, compressed.CSA_EXAMPLES),
-    _deepseek_v4("hca", "HCA (heavily compressed)", compressed.validate_hca, compressed.HCA_EXAMPLES),
-    _deepseek_v4("swa", "SWA (V4 sliding only)", compressed.validate_swa, compressed.SWA_EXAMPLES),
+         buffers=mla.buffers, serving=PAGED, tp_split=False, colour="#D55E00", detail=mla.detail),
+    # diagram colours: Okabe-Ito, colour-blind safe (gqa: kvlab/archplot.py's full / sliding-window pair)
+    _deepseek_v4("csa", "CSA (compressed sparse)", compressed.validate_csa, compressed.CSA_EXAMPLES, "#CC79A7"),
+    _deepseek_v4("hca", "HCA (heavily compressed)", compressed.validate_hca, compressed.HCA_EXAMPLES, "#E69F00"),
+    _deepseek_v4("swa", "SWA (V4 sliding only)", compressed.validate_swa, compressed.SWA_EXAMPLES, "#F0E442"),
 )}
+
+
+DEFAULT = "gqa"  # the kind of a LayerSpec that names none
 
 
 def register(kind: Kind) -> None:
@@ -73,6 +78,16 @@ def layer_label(layer) -> str:
     return f"{tag} {base}" if tag else base
 
 
+def takes(name: str, retrofit: str) -> bool:
+    """Whether retrofit ``retrofit`` (kvlab/retrofit) converts a layer of kind ``name`` (``Kind.retrofits``)."""
+    return retrofit in get(name).retrofits
+
+
+def taking(retrofit: str) -> str:
+    """The kinds ``retrofit`` converts, for messages (``"gqa"``)."""
+    return ", ".join(k.name for k in KINDS.values() if retrofit in k.retrofits) or "no"
+
+
 def kind_options() -> frozenset[str]:
     """Every LayerSpec field that belongs to some kind (the rest are shared by all)."""
     return frozenset().union(*(k.options for k in KINDS.values()))
@@ -83,5 +98,6 @@ def owners(option: str) -> list[str]:
     return [k.name for k in KINDS.values() if option in k.options]
 
 
-__all__ = ["KINDS", "AttnCost", "Buffer", "CCASpec", "CompressSpec", "Kind", "MLASpec", "causal_positions", "field_error", "get",
-           "kind_options", "layer_label", "owners", "positive_int", "register", "unregister"]
+__all__ = ["DEFAULT", "KINDS", "AttnCost", "Buffer", "CCASpec", "CompressSpec", "Kind", "MLASpec", "causal_positions",
+           "field_error", "get", "kind_options", "layer_label", "owners", "positive_int", "register", "takes", "taking",
+           "unregister"]

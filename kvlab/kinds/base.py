@@ -75,6 +75,12 @@ class Buffer:
     residual: bool = True  # False: entries written row by row (CSA/HCA pools): no residual window, per token
 
 
+# How serving engines lay a kind's cache out (Kind.serving; the rules of each engine are in kvlab/engines.py)
+PAGED = "paged"  # K/V (or a latent) per token, in pages or token slots: gqa, mla
+PAGED_STATE = "paged+state"  # per-token K/V pages plus a constant per-sequence state: cca
+DEEPSEEK_V4 = "deepseek_v4"  # DeepSeek V4's window ring + compressed entries (+ indexer keys): csa, hca, swa
+UNMODELLED = ""  # no engine rule transcribed: engines charge the calculator's physical bytes
+
 # price(layer, hidden, context, batch, kv_elt_bytes) -> AttnCost
 Price = Callable[[Any, int, int, int, int], AttnCost]
 
@@ -110,6 +116,15 @@ class Kind:
     buffers(layer, context): the store's per-position buffers at ``max_length = context`` (a list of
         kvlab.kinds.Buffer): what a quantized cache (``kv_quant``) quantizes and the calculator prices; None:
         the kind cannot hold a quantized cache.
+    serving: how serving engines (kvlab/engines.py: vLLM, llama.cpp, SGLang, transformers) lay its cache out:
+        :data:`PAGED`, :data:`PAGED_STATE`, :data:`DEEPSEEK_V4`, or :data:`UNMODELLED` (physical bytes charged).
+    tp_split: tensor parallelism splits its K/V by KV head (False: one shared latent / K=V head, replicated on
+        every device).
+    retrofits: the conversions of kvlab/retrofit that apply to its layers (technique names: ``window``,
+        ``prune-heads``, ``mla``); each conversion and the memory pre-flight's advice read it.
+    colour: its colour in architecture diagrams (kvlab/archplot.py); None: the full / sliding-window colours.
+    detail(layer): a few words on what the per-layer diagram writes for a layer of this kind beyond heads and
+        window (MLA's latent, CCA's kernels); None: nothing.
     """
 
     name: str
@@ -128,6 +143,11 @@ class Kind:
     tag: str = ""
     examples: tuple[dict[str, Any], ...] = ()
     buffers: Callable[[Any, int], list] | None = None
+    serving: str = UNMODELLED
+    tp_split: bool = True
+    retrofits: frozenset[str] = frozenset()
+    colour: str | None = None
+    detail: Callable[[Any], str] | None = None
 
     def module_class(self) -> Any:
         """The module class (``module`` may also be the class itself, e.g. for a kind added at run time)."""

@@ -66,6 +66,11 @@ def value_half(spec: Any) -> int:
     return spec.num_kv_heads * spec.value_dim // 2
 
 
+def detail(layer: Any) -> str:
+    """``conv 2,2``: the kernel sizes, for per-layer diagrams."""
+    return "conv " + ",".join(map(str, layer.cca.conv_kernels))
+
+
 def validate(layer: Any, where: str) -> None:
     if not isinstance(layer.cca, CCASpec):
         raise field_error(where, "cca", layer.cca, "must be a CCASpec (or left unset: CCASpec())")

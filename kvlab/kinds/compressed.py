@@ -101,6 +101,12 @@ def validate_swa(layer: Any, where: str) -> None:
     _validate(layer, where, compressor=False, indexer=False)
 
 
+def detail(layer: Any) -> str:
+    """``/4 +index`` (ratio, CSA's indexer) for per-layer diagrams; "" for swa."""
+    c = layer.compress
+    return f"/{c.ratio}" + (" +index" if c.indexed else "") if c.ratio else ""
+
+
 def params(spec: Any, hidden: int) -> tuple[int, int]:
     """(parameters, matmul parameters) of one csa / hca / swa layer."""
     c = spec.compress

@@ -121,6 +121,12 @@ def validate(layer: Any, where: str) -> None:
                           f"channels (use MLASpec.rope_partial = {m.rope_partial!r})")
 
 
+def detail(layer: Any) -> str:
+    """``latent 512+64`` (``+index`` with DSA), for per-layer diagrams."""
+    m = layer.mla
+    return f"latent {m.kv_lora_rank}+{m.qk_rope_head_dim}" + (" +index" if m.sparse else "")
+
+
 def params(layer: Any, hidden: int) -> tuple[int, int]:
     """(parameters, matmul parameters) of an MLA layer, its DSA indexer included."""
     m, h = layer.mla, layer.num_heads

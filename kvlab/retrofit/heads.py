@@ -17,14 +17,16 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from .. import kinds
 from ..model import Model
 from .core import Converted, Derived, RetrofitError, convert
 
 
 def _gqa_layers(model: Model, what: str) -> None:
     for i, x in enumerate(model.config.layers):
-        if x.attention != "gqa":
-            raise RetrofitError(f"{what}: layers[{i}] is a {x.attention!r} layer; head pruning applies to gqa layers")
+        if not kinds.takes(x.attention, "prune-heads"):
+            raise RetrofitError(f"{what}: layers[{i}] is a {x.attention!r} layer; head pruning applies to "
+                                f"{kinds.taking('prune-heads')} layers")
 
 
 @torch.no_grad()

@@ -37,6 +37,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import kinds
 from ..config import LayerSpec, MLASpec, RopeSpec
 from ..errors import RetrofitError
 from ..model import Model
@@ -66,8 +67,9 @@ def _check(model: Model, rank: int, rope_dims: int | None, select: str, svd: str
         raise RetrofitError("mla: svd='activations' measures the inputs on text: give ids=...")
     for i, x in enumerate(cfg.layers):
         where = f"mla: layers[{i}]"
-        if x.attention != "gqa":
-            raise RetrofitError(f"{where} is a {x.attention!r} layer; the MLA retrofit converts gqa layers")
+        if not kinds.takes(x.attention, "mla"):
+            raise RetrofitError(f"{where} is a {x.attention!r} layer; the MLA retrofit converts {kinds.taking('mla')} "
+                                "layers")
         bad = [n for n, v in (("kv_source", x.kv_source is not None), ("window", x.window is not None),
                               ("sinks", x.sinks), ("qk_norm", x.qk_norm), ("qkv_bias", x.qkv_bias),
                               ("output_gate", x.output_gate is not None), ("v_norm", x.v_norm), ("k_eq_v", x.k_eq_v))

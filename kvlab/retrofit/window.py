@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from .. import kinds
 from ..budget import budget
 from ..model import Model
 from .core import Converted, RetrofitError, convert
@@ -25,9 +26,9 @@ def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens
     if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
         raise RetrofitError(f"window: sink_tokens={sink_tokens!r} must be an integer >= 0")
     for i, x in enumerate(cfg.layers):
-        if x.attention != "gqa":
-            raise RetrofitError(f"window: layers[{i}] is a {x.attention!r} layer; the window retrofit applies to gqa "
-                                "layers")
+        if not kinds.takes(x.attention, "window"):
+            raise RetrofitError(f"window: layers[{i}] is a {x.attention!r} layer; the window retrofit applies to "
+                                f"{kinds.taking('window')} layers")
     try:
         new = budget(cfg, pattern or "sliding", window=window)
     except (TypeError, ValueError) as e:
