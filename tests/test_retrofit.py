@@ -3,6 +3,7 @@ converted model saves/loads and its cache holds what the calculator says; bad co
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -156,6 +157,8 @@ def test_saved_conversion_loads_with_every_verb(tmp_path):
     ("window:256", "max_positions=256"),
     ("window:0", "positive integer"),
     ("window:16,sink=3", "unknown option"),
+    ("window:16,sinks=2,sinks-on=global", "allowed: all, converted"),
+    ("window:16,sinks-on=converted", "give their count too"),
     ("prune-heads:3", "can keep [2, 4]"),
     ("prune-heads:1.5", "(0, 1]"),
     ("shrae-last:2", "unknown technique"),
@@ -239,6 +242,45 @@ def test_window_with_sink_tokens_sets_them_on_window_layers_only():
     ref = with_window(_model(), 8, sink_tokens=2)  # every layer windowed, a different model
     assert not torch.allclose(out.model(ids), ref(ids))
     assert torch.allclose(out.model(ids)[:, :8], _model()(ids)[:, :8], atol=1e-5)
+
+
+def _mixed(windows=(8, None, 8, None)) -> kvlab.Model:
+    """A tiny model with its own sliding and global layers (Gemma 3's 5 sliding : 1 global, shortened)."""
+    specs = [dataclasses.replace(x, window=w) for x, w in
+             zip(uniform_layers(len(windows), num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64), windows)]
+    return random_model(ModelConfig(vocab_size=97, hidden_size=64, layers=specs, max_positions=256))
+
+
+def test_sinks_on_converted_puts_sink_tokens_only_on_layers_that_were_global():
+    from kvlab.budget import budget
+    from kvlab.retrofit.report import cache_bytes
+
+    m = _mixed()
+    out = apply(m, "window:8,sinks=2,sinks-on=converted")
+    assert [(x.window, x.sink_tokens) for x in out.model.config.layers] == [(8, 0), (8, 2)] * 2
+    assert out.report.technique == "window:8,sinks=2,sinks-on=converted" and not out.report.dropped
+    # the model the docs' Gemma 3 row was first built as by hand: the all-sliding budget, sinks on layers 1 and 3
+    hand = budget(m.config, "sliding", window=8)
+    hand = dataclasses.replace(hand, layers=[dataclasses.replace(x, sink_tokens=2 if i % 2 else 0)
+                                             for i, x in enumerate(hand.layers)])
+    ids = _ids(40)
+    assert torch.equal(out.model(ids), convert(m, hand).model(ids))
+    every = apply(m, "window:8,sinks=2").model  # sinks on the source's own sliding layers too: another model
+    assert [x.sink_tokens for x in every.config.layers] == [2] * 4
+    assert not torch.allclose(out.model(ids), every(ids))
+    # measured cache == calculator == 4 rings of 8 positions + 2 sink positions on the 2 converted layers,
+    # each position 2 KV heads x 16 channels x (K, V) x 4 bytes
+    per_position = 2 * 16 * 2 * 4
+    for model, stored in ((out.model, 4 * 8 + 2 * 2), (every, 4 * (8 + 2))):
+        measured, calculated = cache_bytes(model, ids[0].tolist())
+        assert measured == calculated == stored * per_position
+
+
+def test_sinks_on_converted_needs_a_layer_the_conversion_makes_sliding():
+    with pytest.raises(RetrofitError, match="no layer of .* becomes sliding"):
+        apply(_mixed(), "window:8,pattern=1sliding+1global,sinks=2,sinks-on=converted")  # layers 0, 2 already slid
+    assert [x.sink_tokens for x in apply(_mixed(), "window:8,pattern=1sliding+1global,sinks=2").model.config.layers] \
+        == [2, 0, 2, 0]
 
 
 def test_cli_exports_a_window_pattern_that_transformers_runs_identically(tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Conversions by name: ``"share-last:6"``, ``"share-adjacent:2"``, ``"window:512,pattern=3sliding+1global,sinks=4"``,
-``"prune-heads:0.5"`` — what ``kvlab retrofit --to`` and ``--sweep`` take. A technique string is
-``NAME[:VALUE][,KEY=VALUE...]``; ``+`` in a pattern stands for ``:`` (``3sliding+1global`` = ``3 sliding : 1 global``).
+``"window:512,sinks=4,sinks-on=converted"``, ``"prune-heads:0.5"`` — what ``kvlab retrofit --to`` and ``--sweep``
+take. A technique string is ``NAME[:VALUE][,KEY=VALUE...]``; ``+`` in a pattern stands for ``:`` (``3sliding+1global`` = ``3 sliding : 1 global``).
 
 ``TECHNIQUES`` maps each name to a :class:`Technique`: what it does, its options, and the function applying it;
 a new conversion is one entry here plus its own module. This table imports without torch (the CLI lists it in
@@ -76,11 +76,19 @@ def _read_share_adjacent(value, opts):
     return {"group": _int("share-adjacent", "group", value or "2")}
 
 
+SINKS_ON = ("all", "converted")  # window: which window layers get the sink tokens (kvlab/retrofit/window.py)
+
+
 def _read_window(value, opts):
-    _options("window", opts, ("pattern", "sinks"))
-    pattern = opts.get("pattern")
+    _options("window", opts, ("pattern", "sinks", "sinks-on"))
+    pattern, sinks_on = opts.get("pattern"), opts.get("sinks-on", "all").lower()
+    if sinks_on not in SINKS_ON:
+        raise RetrofitError(f"window: sinks-on={sinks_on!r}; allowed: {', '.join(SINKS_ON)} (every window layer, or "
+                            "only the layers the conversion makes sliding)")
+    if "sinks-on" in opts and "sinks" not in opts:
+        raise RetrofitError("window: sinks-on= says where the sink tokens go; give their count too (sinks=4)")
     return {"window": _int("window", "window", value), "pattern": pattern.replace("+", ":") if pattern else None,
-            "sink_tokens": _int("window", "sinks", opts.get("sinks", "0"))}
+            "sink_tokens": _int("window", "sinks", opts.get("sinks", "0")), "sinks_on": sinks_on}
 
 
 def _read_prune(value, opts):
@@ -128,7 +136,8 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique("share-adjacent", "every G adjacent layers share one layer's K/V (CLA)", "share-adjacent:2",
               _read_share_adjacent, "kvlab.retrofit.sharing:to_shared"),
     Technique("window", "sliding window W on every layer or on a pattern's sliding layers, optional sink tokens "
-              "(StreamingLLM)", "window:512,pattern=3sliding+1global,sinks=4", _read_window,
+              "(StreamingLLM) on every window layer or, with sinks-on=converted, only on the layers that were global",
+              "window:512,pattern=3sliding+1global,sinks=4", _read_window,
               "kvlab.retrofit.window:to_window"),
     Technique("prune-heads", "keep the most important query heads per layer (count or fraction; per kind with "
               "global=/sliding=)", "prune-heads:0.5", _read_prune, "kvlab.retrofit.heads:prune_heads",
@@ -148,7 +157,8 @@ def register(t: Technique) -> Technique:
 
 
 def parse(text: str) -> tuple[Technique, dict[str, Any]]:
-    """``"window:512,sinks=4"`` -> (the window Technique, ``{"window": 512, "pattern": None, "sink_tokens": 4}``);
+    """``"window:512,sinks=4"`` -> (the window Technique, ``{"window": 512, "pattern": None, "sink_tokens": 4,
+    "sinks_on": "all"}``);
     every part checked (a RetrofitError naming it), no model needed."""
     if not isinstance(text, str) or not text.strip():
         raise RetrofitError(f"technique {text!r}: write NAME[:VALUE][,KEY=VALUE...]; known: {', '.join(TECHNIQUES)}")

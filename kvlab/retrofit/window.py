@@ -1,5 +1,8 @@
 """Attention budget as a retrofit: a sliding-window : global pattern with window ``W`` and optional sink tokens
-(StreamingLLM, Xiao et al. 2023, arXiv 2309.17453: the first ``S`` positions stay visible to window layers).
+(StreamingLLM, Xiao et al. 2023, arXiv 2309.17453: the first ``S`` positions stay visible to window layers) — on
+every window layer, or (``sinks_on="converted"``) only on the layers the conversion makes sliding: a model that
+already has sliding layers (Gemma 3: 5 sliding : 1 global) was trained with those layers never seeing the first
+positions past their window, and sinks there hurt it (docs/retrofit.md).
 
 Weights are unchanged (every tensor carried); only the cache policy changes, so this is a training-free start.
 """
@@ -14,9 +17,11 @@ from ..model import Model
 from .core import Converted, RetrofitError, convert
 
 
-def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens: int = 0) -> Converted:
+def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens: int = 0,
+              sinks_on: str = "all") -> Converted:
     """``model`` with sliding windows of ``window`` positions on the layers ``pattern`` makes sliding
-    (``"1 global : 3 sliding"``; None: every layer) and ``sink_tokens`` first positions kept visible."""
+    (``"1 global : 3 sliding"``; None: every layer) and ``sink_tokens`` first positions kept visible on every window
+    layer (``sinks_on="all"``) or only on those that were global in ``model`` (``"converted"``)."""
     cfg = model.config
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise RetrofitError(f"window: window={window!r} must be a positive integer")
@@ -25,6 +30,9 @@ def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens
                             f"{cfg.max_positions}: every layer would still see every position")
     if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
         raise RetrofitError(f"window: sink_tokens={sink_tokens!r} must be an integer >= 0")
+    if sinks_on not in ("all", "converted"):
+        raise RetrofitError(f"window: sinks_on={sinks_on!r}; allowed: 'all' (every window layer) or 'converted' (the "
+                            "layers that were global)")
     for i, x in enumerate(cfg.layers):
         if not kinds.takes(x.attention, "window"):
             raise RetrofitError(f"window: layers[{i}] is a {x.attention!r} layer; the window retrofit applies to "
@@ -34,12 +42,22 @@ def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens
     except (TypeError, ValueError) as e:
         raise RetrofitError(f"window: {e}") from e
     if sink_tokens:
-        new = dataclasses.replace(new, layers=[dataclasses.replace(x, sink_tokens=sink_tokens) if x.window else x
-                                               for x in new.layers])
+        sink = [x.window is not None and (sinks_on == "all" or old.window is None)
+                for x, old in zip(new.layers, cfg.layers)]
+        if sinks_on == "converted" and not any(sink):
+            raise RetrofitError(f"window: sinks-on=converted: no layer of {cfg.name} becomes sliding (every layer the "
+                                "pattern makes sliding already was), so no layer would get the sink tokens; use "
+                                "sinks-on=all or a pattern that windows a global layer")
+        new = dataclasses.replace(new, layers=[dataclasses.replace(x, sink_tokens=sink_tokens) if s else x
+                                               for x, s in zip(new.layers, sink)])
     what = f"window:{window}" + (f",pattern={pattern.replace(' ', '').replace(':', '+')}" if pattern else "") + \
-        (f",sinks={sink_tokens}" if sink_tokens else "")
+        (f",sinks={sink_tokens}" if sink_tokens else "") + \
+        (",sinks-on=converted" if sink_tokens and sinks_on == "converted" else "")
     new.name = f"{cfg.name} ({what})"
     out = convert(model, new, technique=what)
+    where = f" on layers {[i for i, s in enumerate(sink) if s]}, global before" if sink_tokens and \
+        sinks_on == "converted" else ""
     out.report.notes.append("weights unchanged; only the cache policy differs (window layers keep "
-                            f"{window} positions" + (f" plus the first {sink_tokens}" if sink_tokens else "") + ")")
+                            f"{window} positions" + (f" plus the first {sink_tokens}{where}" if sink_tokens else "")
+                            + ")")
     return out
