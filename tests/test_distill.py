@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +25,9 @@ from kvlab.train.config import DistillError
 from kvlab.train.distill import recover
 from kvlab.train.init import InitError
 from kvlab.train.text import TRAIN_MODULES, training_corpus
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture(scope="module")
@@ -156,6 +162,44 @@ def test_recover_writes_a_run_that_every_verb_loads(models, tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in r.model.state_dict().items())
     assert main(["eval", models["teacher"], "--vs", str(tmp_path / "rec"), "--text", models["text"],
                  "--window", "64", "--json", "--no-progress"]) == 0
+
+
+def _torchrun(argv: list[str]) -> dict:
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "kvlab", *argv, "--json", "--no-progress"], env=ENV, capture_output=True, text=True,
+                       timeout=240, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
+
+
+def test_fsdp_distillation_on_two_processes_equals_one_process(models, tmp_path):
+    """FSDP2 on 2 gloo processes (student and teacher sharded, batch 2 each) computes what one process computes with
+    batch 4: the same loss and KL at every step, the same weights in its checkpoint, and a sharded resume continues
+    it exactly (the checkpoint's whole tensors sliced back into shards)."""
+    d = {"teacher": models["teacher"], "lm_weight": 0.5}
+    one = train(run_cfg(models, steps=3, distill=d, batch_size=4, save_every=1), out=tmp_path / "one",
+                progress=False).summary
+    cfg_file = tmp_path / "fsdp.json"
+    cfg_file.write_text(json.dumps(run_cfg(models, steps=3, distill=d, batch_size=2, save_every=1)))
+    # a 2-step run is the first 2 steps of the 3-step one (both at the peak lr: 1 warmup step, the cosine from step 1)
+    two = _torchrun(["train", str(cfg_file), "--out", str(tmp_path / "two"), "--fsdp", "--steps", "2"])
+    assert two["processes"] == 2 and two["global_batch"] == 4 and two["steps"] == 2
+    assert json.loads((tmp_path / "two" / "train_config.json").read_text())["train"]["fsdp"] is True
+    two = _torchrun(["train", str(cfg_file), "--out", str(tmp_path / "two"), "--fsdp", "--resume"])
+    assert two["resumed_from"] == 2 and two["steps"] == 3
+    torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.tensor(two["kl"]), torch.tensor(one["kl"]), atol=1e-5, rtol=1e-5)
+    a, b = kvlab.load(tmp_path / "one").state_dict(), kvlab.load(tmp_path / "two").state_dict()
+    start = kvlab.load(models["student"]).state_dict()
+    assert set(a) == set(b) and any(not torch.equal(a[k], start[k]) for k in a)  # trained, and the same tensors
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-5)
+
+
+def test_fsdp_needs_torchrun(models, tmp_path):
+    with pytest.raises(ValueError, match="launch it with torchrun"):
+        train(run_cfg(models, steps=1, fsdp=True), out=tmp_path, progress=False)
+    assert not (tmp_path / "latest.json").exists()
 
 
 def test_text_task_is_a_function_of_seed_split_index_and_holds_out_kvlab_evals_corpus(models):

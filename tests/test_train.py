@@ -158,7 +158,7 @@ def test_sigkill_and_resume_gives_the_same_losses(tmp_path):
     assert summary["losses"] == ref  # bit for bit
 
 
-def test_two_process_gloo_equals_one_process(tmp_path):
+def test_two_processes_data_parallel_and_fsdp_equal_one_process(tmp_path):
     # MoE: an expert unused by every process keeps no gradient, exactly as in one process
     run = tiny_run(tiny_config(shared=True, layers=3, moe=True).to_dict(), steps=6, batch_size=4)
     one = train(run, out=tmp_path / "one", progress=False).summary
@@ -173,6 +173,15 @@ def test_two_process_gloo_equals_one_process(tmp_path):
     assert two["processes"] == 2 and two["global_batch"] == 4
     torch.testing.assert_close(torch.tensor(two["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
     assert abs(two["eval"]["eval_loss"] - one["eval"]["eval_loss"]) < 1e-5
+    # FSDP2 (kvlab/train/fsdp.py) on the same 2 processes: the same steps, each process holding half of every tensor;
+    # layer 2 reads layer 1's K/V, published during the forward into the one Step object every block shares
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "-m", "kvlab", "train", str(cfg_file), "--out", str(tmp_path / "fsdp"), "--fsdp", "--json"],
+                       env=ENV, capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sharded = json.loads([x for x in r.stdout.splitlines() if x.startswith("{")][-1])
+    torch.testing.assert_close(torch.tensor(sharded["losses"]), torch.tensor(one["losses"]), atol=1e-5, rtol=1e-5)
+    assert abs(sharded["eval"]["eval_loss"] - one["eval"]["eval_loss"]) < 1e-5
 
 
 def test_checkpoint_is_atomic_under_a_failure_at_any_write(tmp_path, monkeypatch):

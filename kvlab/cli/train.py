@@ -13,12 +13,14 @@ from kvlab.units import fmt_count, table
 NAME = "train"
 HELP = ("train a model from scratch (a preset scaled down or a ModelConfig) or from any checkpoint kvlab loads "
         "([model] init = ...), on synthetic long-context tasks or real text, optionally distilling a teacher "
-        "([distill]); atomic checkpoints, exact --resume, data-parallel under torchrun")
+        "([distill]); atomic checkpoints, exact --resume, data-parallel or FSDP2-sharded (--fsdp) under torchrun")
 EXAMPLE = ("kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall --steps 200\n"
            "  kvlab train kvlab/train/examples/recall-gqa.toml --out runs/recall --resume\n"
            "  kvlab train kvlab/train/examples/distill-smollm2-shared.toml --out runs/distilled   (a converted\n"
            "    checkpoint as [model] init, [task] kind = \"text\", [distill] teacher = \"smollm2-135m\")\n"
-           "  torchrun --nproc_per_node 2 -m kvlab train CONFIG --out runs/dp   (see docs/training.md)")
+           "  torchrun --nproc_per_node 2 -m kvlab train CONFIG --out runs/dp   (see docs/training.md)\n"
+           "  torchrun --nproc_per_node 8 -m kvlab train CONFIG --out runs/big --fsdp   (shard a model that does not fit "
+           "one process)")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -31,6 +33,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seed", type=int, help="override train.seed")
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")
     q.add_argument("--threads", type=int, help="override train.threads: " + THREADS_HELP)
+    q.add_argument("--fsdp", action="store_true", default=None,
+                   help="shard weights, gradients and AdamW moments over the torchrun processes with PyTorch's FSDP2 "
+                   "(train.fsdp; same data split, loss and checkpoints as data parallel)")
     q.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_json(q, "print one JSON summary object (with the loss of every step)")
 
@@ -49,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
         cfg.train.device = args.device
     if args.threads is not None:
         cfg.train.threads = args.threads
-    for k in ("steps", "seed", "device", "threads"):  # the run directory's train_config.json records the overrides
+    if args.fsdp:
+        cfg.train.fsdp = True
+    for k in ("steps", "seed", "device", "threads", "fsdp"):  # the run directory's train_config.json records the overrides
         if getattr(args, k) is not None:
             cfg.raw["train"][k] = getattr(args, k)
     out = args.out or cfg.out or str(Path("runs") / Path(args.config).stem)

@@ -36,6 +36,8 @@ from safetensors.torch import load_file, save_file
 from kvlab.errors import CheckpointError, CheckpointWriteError
 from kvlab.native import LATEST, MODEL, STATE, latest
 
+from .fsdp import full, like
+
 OPTIM = "optimizer.safetensors"
 
 
@@ -82,18 +84,31 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor],
-                                                                                         list[dict[str, Any]]]:
-    """The optimizer's per-parameter state as named tensors, and its param groups (hyper-parameters)."""
+def model_tensors(model: torch.nn.Module, keep: bool = True) -> dict[str, torch.Tensor]:
+    """The model's state dict as whole CPU tensors (a sharded model's DTensors gathered: then every process calls
+    this, and only the one with ``keep`` holds the result, one tensor at a time on the others)."""
+    out = {}
+    for k, v in model.state_dict().items():
+        t = full(v.detach())
+        if keep:
+            out[k] = t.to("cpu").contiguous()
+    return out
+
+
+def optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer, keep: bool = True
+                      ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """The optimizer's per-parameter state as named tensors, and its param groups (hyper-parameters); a sharded
+    model's moments gathered whole (every process calls this; ``keep`` as in :func:`model_tensors`)."""
     names = {id(p): n for n, p in model.named_parameters()}
     sd = optimizer.state_dict()
     order = [p for g in optimizer.param_groups for p in g["params"]]
     tensors: dict[str, torch.Tensor] = {}
-    for idx, st in sd["state"].items():
+    for idx in sorted(sd["state"]):  # the same order on every process (the gathers are collectives)
         name = names[id(order[idx])]
-        for k, v in st.items():
-            t = v if isinstance(v, torch.Tensor) else torch.tensor(v)
-            tensors[f"{name}.{k}"] = t.detach().to("cpu").contiguous()
+        for k, v in sd["state"][idx].items():
+            t = full(v.detach()) if isinstance(v, torch.Tensor) else torch.tensor(v)
+            if keep:
+                tensors[f"{name}.{k}"] = t.to("cpu").contiguous()
     groups = [{k: v for k, v in g.items() if k != "params"} | {"params": [names[id(p)] for p in g2["params"]]}
               for g, g2 in zip(sd["param_groups"], optimizer.param_groups)]
     return tensors, groups
@@ -108,7 +123,7 @@ def load_optimizer_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimi
         prefix = names[id(p)] + "."
         st = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
         if st:
-            state[idx] = {k: (v if k == "step" else v.to(p.device)) for k, v in st.items()}
+            state[idx] = {k: (v if k == "step" else like(v, p)) for k, v in st.items()}
     pg = []
     start = 0
     for g, saved in zip(optimizer.param_groups, groups):
@@ -134,8 +149,13 @@ def restore_rng(tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_checkpoint(out: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    state: dict[str, Any], keep: int = 2) -> Path:
+                    state: dict[str, Any], keep: int = 2,
+                    gathered: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[dict[str, Any]]] | None
+                    = None) -> Path:
     """Write checkpoint ``step`` atomically and point ``latest.json`` at it; keep the newest ``keep``.
+
+    ``gathered``: ``(model_tensors(...), *optimizer_tensors(...))`` already taken (a sharded model: every process
+    gathers, rank 0 writes); by default they are taken here.
 
     An OSError while writing (disk full, ...) removes the partial checkpoint and raises CheckpointWriteError;
     ``latest.json`` keeps naming the previous checkpoint.
@@ -151,9 +171,8 @@ def save_checkpoint(out: str | Path, step: int, model: torch.nn.Module, optimize
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        weights = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        weights, opt, groups = gathered or (model_tensors(model), *optimizer_tensors(model, optimizer))
         save_file(weights, str(tmp / MODEL), metadata={"format": "pt"})
-        opt, groups = optimizer_tensors(model, optimizer)
         save_file(opt | rng_tensors(), str(tmp / OPTIM), metadata={"format": "pt"})
         sums = {f: sha256(tmp / f) for f in (MODEL, OPTIM)}
         (tmp / STATE).write_text(json.dumps(state | {"step": step, "optimizer_groups": groups, "sha256": sums},
@@ -277,8 +296,8 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     path = Path(path)
     state = verify_checkpoint(path)
     weights = _load(path / MODEL)
-    dev = next(model.parameters()).device
-    model.load_state_dict({k: v.to(dev) for k, v in weights.items()}, strict=True)
+    current = model.state_dict()  # a sharded model's DTensors: each process takes its shard of the whole tensors
+    model.load_state_dict({k: like(v, current[k]) if k in current else v for k, v in weights.items()}, strict=True)
     tensors = _load(path / OPTIM)
     if optimizer is not None:
         load_optimizer_tensors(model, optimizer, {k: v for k, v in tensors.items() if not k.startswith("rng.")},
@@ -294,5 +313,5 @@ def _load(f: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {str(f)!r} cannot be read (truncated or corrupt?): {e}") from e
 
 
-__all__ = ["checkpoints", "latest", "load_checkpoint", "resumable", "save_checkpoint", "sha256", "verify_checkpoint",
-           "write_json_atomic"]
+__all__ = ["checkpoints", "latest", "load_checkpoint", "model_tensors", "optimizer_tensors", "resumable",
+           "save_checkpoint", "sha256", "verify_checkpoint", "write_json_atomic"]

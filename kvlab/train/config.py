@@ -86,9 +86,11 @@ class TrainSettings:
     keep: int = 2
     device: str = "auto"
     threads: int | None = None
+    fsdp: bool = False  # under torchrun: shard weights, gradients, AdamW moments with FSDP2 (kvlab/train/fsdp.py)
 
-    # settings that may change between a run and its resumption (they do not change the arithmetic)
-    RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "keep", "threads")
+    # settings that may change between a run and its resumption (they do not change the arithmetic; a sharded run
+    # computes what data parallel computes, up to float summation order, and writes the same checkpoint layout)
+    RESUMABLE = ("steps", "eval_every", "eval_batches", "save_every", "keep", "threads", "fsdp")
 
     @property
     def warmup(self) -> int:

@@ -11,6 +11,9 @@ is the data position); resuming from it replays the same steps as a run that nev
 ``model.init`` starts from a loaded model's weights instead of ``train.seed``'s random init; a ``[distill]`` table
 adds a frozen teacher (kvlab/train/distill.py) whose next-token distribution the loss pulls the student towards.
 The teacher is deterministic and never saved, so the resume guarantee holds for distillation too.
+
+``train.fsdp`` (under ``torchrun``) shards the model, its gradients and AdamW moments, and the teacher, with FSDP2
+(kvlab/train/fsdp.py); the data split, the loss and the checkpoints are those of data parallel.
 """
 
 from __future__ import annotations
@@ -31,10 +34,19 @@ import torch.nn.functional as F
 from kvlab.errors import TrainingDivergedError
 from kvlab.model import Model
 
-from .checkpointing import latest, load_checkpoint, resumable, save_checkpoint, write_json_atomic
+from .checkpointing import (
+    latest,
+    load_checkpoint,
+    model_tensors,
+    optimizer_tensors,
+    resumable,
+    save_checkpoint,
+    write_json_atomic,
+)
 from .config import TrainConfig, load_config, parse_config
 from .data import IGNORE
 from .dist import World, setup
+from .fsdp import scalar, shard
 from .init import init_model
 from .lock import RunLock
 from .teacher import kl_sum
@@ -163,7 +175,8 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, out: str | Path | N
 
     ``resume``: continue from ``out/latest.json`` when it exists (a fresh start otherwise).
     ``max_steps``: stop after this many steps of this call (the schedule still spans ``train.steps``).
-    Under ``torchrun`` the processes train data-parallel (kvlab/train/dist.py).
+    Under ``torchrun`` the processes train data-parallel (kvlab/train/dist.py), or fully sharded with
+    ``train.fsdp`` (kvlab/train/fsdp.py; the returned model is then the sharded one: load ``out`` for a whole one).
     """
     if isinstance(config, (str, Path)):
         cfg = load_config(config)
@@ -175,6 +188,10 @@ def train(config: TrainConfig | dict[str, Any] | str | Path, out: str | Path | N
     out = Path(out or cfg.out or "runs/train")
     check_out_dir(out)
     world = setup(s.device)
+    if s.fsdp and world.size < 2:
+        world.close()
+        raise ValueError("train.fsdp (--fsdp) shards the model over the processes of torchrun; this run has one "
+                         "process: launch it with torchrun --nproc_per_node N (N >= 2), or drop fsdp")
     lock = RunLock(out) if world.main else None
     try:
         if lock is not None:
@@ -228,6 +245,10 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
     teacher = None
     if cfg.distill is not None:  # frozen, never in a checkpoint
         teacher = init_model(cfg.distill.teacher, world.device, field="distill.teacher").requires_grad_(False)
+    if s.fsdp:  # before the optimizer: it holds the sharded parameters
+        shard(model)
+        if teacher is not None:
+            shard(teacher)
     opt = build_optimizer(model, cfg)
     global_batch = s.batch_size * s.grad_accum * world.size
     start = 0
@@ -299,10 +320,11 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
                 if parts:
                     total[1] += parts["kl"].double()
                     total[2] += parts["lm"].double()
-            world.sum_grads_(params)
+            if not s.fsdp:  # FSDP2 has reduce-scattered (summed) the gradients in backward
+                world.sum_grads_(params)
             world.all_reduce_(total)
             loss_value = float(total[0]) / denom
-            gnorm = float(torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf")))
+            gnorm = scalar(torch.nn.utils.clip_grad_norm_(params, s.grad_clip if s.grad_clip else float("inf")))
             if not (math.isfinite(loss_value) and math.isfinite(gnorm)):
                 if log is not None:
                     log.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": gnorm,
@@ -335,8 +357,12 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
                 bar.set_postfix(post, refresh=False)
                 bar.update(1)
             if (s.save_every and done % s.save_every == 0) or done == stop:
+                # sharded: every process gathers the whole tensors (collectives), rank 0 keeps and writes them
+                gathered = (model_tensors(model, world.main), *optimizer_tensors(model, opt, world.main)) \
+                    if s.fsdp else None
                 if world.main:
-                    save_checkpoint(out, done, model, opt, _state(cfg, done, global_batch, world), keep=s.keep)
+                    save_checkpoint(out, done, model, opt, _state(cfg, done, global_batch, world), keep=s.keep,
+                                    gathered=gathered)
                 world.barrier()
     finally:
         if bar is not None:
