@@ -183,7 +183,7 @@ def test_fsdp_distillation_on_two_processes_equals_one_process(models, tmp_path)
     cfg_file.write_text(json.dumps(run_cfg(models, steps=3, distill=d, batch_size=2, save_every=1)))
     # a 2-step run is the first 2 steps of the 3-step one (both at the peak lr: 1 warmup step, the cosine from step 1)
     two = _torchrun(["train", str(cfg_file), "--out", str(tmp_path / "two"), "--fsdp", "--steps", "2"])
-    assert two["processes"] == 2 and two["global_batch"] == 4 and two["steps"] == 2
+    assert two["processes"] == 2 and two["fsdp"] and two["global_batch"] == 4 and two["steps"] == 2
     assert json.loads((tmp_path / "two" / "train_config.json").read_text())["train"]["fsdp"] is True
     two = _torchrun(["train", str(cfg_file), "--out", str(tmp_path / "two"), "--fsdp", "--resume"])
     assert two["resumed_from"] == 2 and two["steps"] == 3

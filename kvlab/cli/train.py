@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     rows = [["model", f"{r['model']} ({fmt_count(r['params'])} parameters)"],
             ["task", f"{r['task']}, seq_len {r['seq_len']}, global batch {r['global_batch']}"],
             ["steps", f"{r['steps']} ({r['steps_this_run']} this run, from step {r['resumed_from']})"],
-            ["processes", str(r["processes"])],
+            ["processes", str(r["processes"]) + (" (FSDP2-sharded)" if r.get("fsdp") else "")],
             ["final train loss", f"{r['final_loss']:.4f}"],
             ["eval loss / accuracy", f"{ev['eval_loss']:.4f} / {ev['eval_accuracy']:.3f}" if ev else "-"],
             *([["started from", str(r["init"])]] if r.get("init") else []),

@@ -8,7 +8,8 @@
 - :mod:`kvlab.train.config` — the training config file (JSON/TOML), validated before training starts;
 - :mod:`kvlab.train.trainer` — AdamW + warmup/cosine, clipping, accumulation, bf16 autocast, evaluation;
 - :mod:`kvlab.train.checkpointing` — atomic safetensors + JSON checkpoints, exact ``--resume``;
-- :mod:`kvlab.train.dist` — data parallelism on torch.distributed (torchrun; gloo on CPU, nccl on GPU).
+- :mod:`kvlab.train.dist` — data parallelism on torch.distributed (torchrun; gloo on CPU, nccl on GPU);
+  :mod:`kvlab.train.fsdp` — the same, sharded with PyTorch's FSDP2 (``train.fsdp``, ``--fsdp``);
 - :mod:`kvlab.train.ablate` — parameter-matched sweeps over techniques, seeds and Welch's t-test (``kvlab ablate``);
 - :mod:`kvlab.train.probe` — answer accuracy by distance and by length beyond the training length.
 
