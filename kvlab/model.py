@@ -146,8 +146,6 @@ class Model(nn.Module):
         self._shared_suffix = config.num_layers
         while self._shared_suffix > 0 and config.layers[self._shared_suffix - 1].kv_source is not None:
             self._shared_suffix -= 1
-        # layers whose K/V other layers read: a quantized cache of theirs is dequantized once per step for all
-        self._kv_read = frozenset(spec.kv_source for spec in config.layers if spec.kv_source is not None)
         self.norm = RMSNorm(config.hidden_size, config.norm_eps, config.norm_offset)
         if config.mhc_streams is not None:
             self.mhc_head = HyperHead(config.mhc_streams, config.hidden_size, config.mhc_eps, config.norm_eps)
@@ -253,7 +251,7 @@ class Model(nn.Module):
         device = input_ids.device
         qpos = torch.arange(start, start + t, device=device)
         positions = qpos[None].expand(b, t) if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)
-        step = Step(start=start, qpos=qpos, pad=pad, dtype=self.embed.weight.dtype, shared=self._kv_read)
+        step = Step(start=start, qpos=qpos, pad=pad, dtype=self.embed.weight.dtype)
         step.carry["input_ids"] = input_ids  # per-token state layers may read (hash-routed MoE: DeepSeek V4)
         tables: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for i, rot in enumerate(self._rotary):

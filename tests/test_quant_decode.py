@@ -12,11 +12,12 @@ import json
 import pytest
 import torch
 
+from kvlab import kinds
 from kvlab.cache import quant
 from kvlab.cache.quant import QuantRows, QuantView
 from kvlab.cli import main
 from kvlab.config import ModelConfig
-from kvlab.costs.quant import Buffer, layout, parse_quant
+from kvlab.costs.quant import Buffer, QuantError, layout, parse_quant
 from kvlab.layers.blocked import Cat, attend_blocked, values_in_keys
 from kvlab.layers.core import attend
 from tests.helpers import fake_quantized_decode
@@ -101,7 +102,7 @@ def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
     """At 200 positions with blocks of 64, a decode step reads every buffer in blocks of at most 64 slots that
     cover it once (codes and scales apart: ``raw_block``; keys per channel dequantized: ``read_block``), and never
     through ``read`` (the whole buffer); with DECODE_BLOCK_BYTES 0 it reads it whole. With a third layer reading the
-    second's cache, that cache is dequantized whole once per step for its readers (not once per reader)."""
+    second's cache, that reader walks the second layer's quantized buffers in blocks too (nothing read whole)."""
     full = tiny("gqa", 0)  # layer 2 reads layer 1's K/V
     cfg = ModelConfig(vocab_size=full.vocab_size, hidden_size=full.hidden_size, layers=full.layers[:2],
                       max_positions=full.max_positions)
@@ -150,11 +151,70 @@ def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
     reads.clear()
     seen.clear()
     shared(torch.tensor([[3]]), cache=cache)
-    assert reads == [201, 201]  # layer 1's K and V, once, for itself and its reader (layer 2)
-    widest: dict[int, int] = {}
+    assert reads == []
+    walks: dict[int, list[tuple[int, int]]] = {}
     for key, lo, hi in seen:
-        widest[key] = max(widest.get(key, 0), hi - lo)
-    assert sorted(widest.values()) == [64, 64, 201, 201]  # layer 0's K and V in blocks, layer 1's whole (by read)
+        walks.setdefault(key, []).append((lo, hi))
+    blocks = [(0, 64), (64, 128), (128, 192), (192, 201)]
+    assert len(walks) == 4 and all(max(hi - lo for lo, hi in w) == 64 for w in walks.values())
+    # layer 0's K and V walked once; layer 1's twice: by itself, then by its reader (layer 2), nothing copied
+    assert sorted(sorted(w) for w in walks.values()) == sorted([blocks] * 2 + [sorted(blocks * 2)] * 2)
+
+
+@pytest.mark.parametrize("kv_quant", ["int4-g4-r3", "int8-g2-asym-rot", "int8-g4-r2-kc", "fp8-g4"])
+@pytest.mark.parametrize("kind,example", [c for c in CASES if kinds.KINDS[c.values[0]].can_share])
+def test_a_layer_reading_a_shared_quantized_cache_decodes_it_in_blocks(monkeypatch, kind, example, kv_quant):
+    """Layer 1 reads layer 0's quantized cache (``kv_source``): a left-padded batch decodes through blocks of 2
+    slots of the producer's buffers for both layers -- nothing read whole, no buffer of the reader's -- and equals
+    the same steps with every buffer dequantized whole (DECODE_BLOCK_BYTES 0), each step from the same cache
+    state. Layer 0's K/V come from the embeddings, so both paths quantize the same values."""
+    cfg = tiny(kind, example, layers=2)
+    assert cfg.layers[1].kv_source == 0
+    spec = parse_quant(kv_quant)
+    s0 = cfg.layers[0]
+    model = random_model(cfg)
+    ids = torch.randint(0, cfg.vocab_size, (2, 30), generator=torch.Generator().manual_seed(5))
+    try:
+        cache = model.new_cache(2, max_length=30, kv_quant=kv_quant)
+    except QuantError as e:  # keys per channel or a residual that do not fit the window
+        assert "window" in str(e)
+        pytest.skip(f"a named error: {e}")
+    assert cache.layers[1] is None
+    cache.set_padding(torch.tensor([0, 3]))
+    model(ids[:, :17], cache=cache)
+    reads: dict[tuple, int] = {}
+    real_read, real_block, real_raw = QuantRows.read, QuantRows.read_block, QuantRows.raw_block
+
+    def count(key):
+        reads[key] = reads.get(key, 0) + 1
+
+    def spy_read(self, n=None, rows=None):
+        count((id(self), "read", self.capacity if n is None else n))
+        return real_read(self, n, rows)
+
+    def spy_block(self, lo, hi, out, rows=None, written=None):
+        count((id(self), "block", lo, hi))
+        return real_block(self, lo, hi, out, rows, written)
+
+    def spy_raw(self, lo, hi, out, written=None):
+        count((id(self), "block", lo, hi))
+        return real_raw(self, lo, hi, out, written)
+
+    monkeypatch.setattr(QuantRows, "read", spy_read)
+    monkeypatch.setattr(QuantRows, "read_block", spy_block)
+    monkeypatch.setattr(QuantRows, "raw_block", spy_raw)
+    for n in range(17, 30):
+        other = copy.deepcopy(cache)
+        small_blocks(monkeypatch, 2, 2 * s0.num_kv_heads, max(s0.head_dim, s0.value_dim))
+        reads.clear()
+        got = model(ids[:, n:n + 1], cache=cache)
+        # every block (and a sink-token part that fits one block, read whole) read twice: by layer 0, then by its
+        # reader; never a buffer read whole
+        assert any(k[1] == "block" for k in reads) and set(reads.values()) == {2}
+        assert all(k[2] <= 2 * (spec.group if spec.k_per_channel else 1) for k in reads if k[1] == "read")
+        monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 0)
+        want = model(ids[:, n:n + 1], cache=other)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
 def test_bench_kv_dtype_runs_each_format(capsys, tmp_path):

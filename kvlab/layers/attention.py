@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec
-from .blocked import dense, is_blocked
 from .core import Step, attend, attend_out, build_mask, project_out, publish_kv
 from .norm import RMSNorm
 from .rope import apply_rope
@@ -72,10 +71,7 @@ class Attention(nn.Module):
         if rope is not None:
             q = apply_rope(q, *rope)
         if s.kv_source is not None:
-            k, v, kpos = step.kv[s.kv_source]
-            if is_blocked(k) or is_blocked(v):  # a shared quantized cache: dequantized once per step for its readers
-                k, v = dense(k), dense(v)
-                step.kv[s.kv_source] = (k, v, kpos)
+            k, v, kpos = step.kv[s.kv_source]  # a quantized cache: the producer's readers, walked block by block
         else:
             k, v, kpos = publish_kv(step, index, store, *self.project_kv(x, rope))
         return attend_out(self, x, step, q, k, v, kpos)

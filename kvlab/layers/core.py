@@ -24,8 +24,7 @@ class Step:
     start: absolute index of the first new position; qpos ``[T]`` absolute indices; pad ``[B]``
     left-pad counts or None; rope: rope tables by layer; kv: the (k, v, kpos) each producing layer
     attended to, for the layers that share them; masks: built masks by key set; carry: per-token
-    tensors ``[B, T, ...]`` a layer passes to the next (e.g. the MoE router state, ``router_carry``); shared: the
-    layers whose K/V other layers read (a quantized cache of theirs is published dequantized, once for all).
+    tensors ``[B, T, ...]`` a layer passes to the next (e.g. the MoE router state, ``router_carry``).
     """
 
     start: int
@@ -36,7 +35,6 @@ class Step:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict[tuple, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
     carry: dict[str, torch.Tensor] = field(default_factory=dict)
-    shared: frozenset[int] = frozenset()
 
     def last_position(self) -> Step:
         """The same step for its last query only (K/V already produced stay readable)."""
@@ -159,13 +157,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 def publish_kv(step: Step, index: int, store, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Append the new K/V to the layer's store (when cached) and publish what the queries attend to,
-    with its positions, for the layers that share this layer's K/V."""
+    with its positions, for the layers that share this layer's K/V (a quantized cache's decode step: its blocked
+    readers, which the sharing layers walk block by block as this one does; nothing dequantized whole)."""
     if store is not None:
         k, v, kpos = store.append(k, v, step.start)
     else:
         kpos = step.qpos
-    if index in step.shared and (is_blocked(k) or is_blocked(v)):  # read by other layers: dequantized once for all
-        k, v = dense(k), dense(v)
     step.kv[index] = (k, v, kpos)
     return k, v, kpos
 
