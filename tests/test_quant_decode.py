@@ -99,8 +99,8 @@ def test_blocked_decode_equals_a_fake_quantized_full_forward(monkeypatch, kind, 
 
 @pytest.mark.parametrize("text", ["int4-g8", "int8-g4-kc"])
 def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
-    """At 200 positions with blocks of 64, a decode step reads every buffer in blocks of at most 64 slots that
-    cover it once (codes and scales apart: ``raw_block``; keys per channel dequantized: ``read_block``), and never
+    """At 200 positions with blocks of 64, a decode step reads every buffer in one pass, each block's keys then its
+    values, in blocks of at most 64 slots that cover it once (codes and scales apart: ``raw_block``; keys per channel dequantized: ``read_block``), and never
     through ``read`` (the whole buffer); with DECODE_BLOCK_BYTES 0 it reads it whole. With a third layer reading the
     second's cache, that reader walks the second layer's quantized buffers in blocks too (nothing read whole)."""
     full = tiny("gqa", 0)  # layer 2 reads layer 1's K/V
@@ -132,6 +132,9 @@ def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
     monkeypatch.setattr(QuantRows, "read", spy_read)
     model(torch.tensor([[3]]), cache=cache)
     assert reads == []
+    k0, v0 = (id(r) for r in (cache.layers[0].buf.rows_k, cache.layers[0].buf.rows_v))
+    blocks = [(0, 64), (64, 128), (128, 192), (192, 201)]  # one pass: each block's keys, then its values
+    assert seen[:8] == [(key, lo, hi) for lo, hi in blocks for key in (k0, v0)]
     by_buffer: dict[int, list[tuple[int, int]]] = {}
     for key, lo, hi in seen:
         by_buffer.setdefault(key, []).append((lo, hi))
@@ -155,7 +158,6 @@ def test_a_decode_step_never_dequantizes_a_whole_buffer(monkeypatch, text):
     walks: dict[int, list[tuple[int, int]]] = {}
     for key, lo, hi in seen:
         walks.setdefault(key, []).append((lo, hi))
-    blocks = [(0, 64), (64, 128), (128, 192), (192, 201)]
     assert len(walks) == 4 and all(max(hi - lo for lo, hi in w) == 64 for w in walks.values())
     # layer 0's K and V walked once; layer 1's twice: by itself, then by its reader (layer 2), nothing copied
     assert sorted(sorted(w) for w in walks.values()) == sorted([blocks] * 2 + [sorted(blocks * 2)] * 2)

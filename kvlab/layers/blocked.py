@@ -1,13 +1,14 @@
 """Decode attention over a quantized cache, block by block: the whole dequantized K/V never exists.
 
 A decode step (one query per row) over ``L`` cached positions whose K/V are a blocked reader
-(kvlab/cache/quant.py ``QuantView``) and span more than one block runs in two passes over a few large blocks: scores ``q.k`` block by block into
-``[B, Hkv, G, L]`` (G query heads per KV head: small next to K), one exact softmax over them (mask and sink logits
-as in ``core.attend``), then ``p.v`` accumulated block by block. Where the scales are one per token and group of
-channels (``foldable``) and few (at most ``FOLD_ROWS`` query heads x groups per KV head), a block is its codes
-cast to float32 and the scales are applied on the small side --
-``q.k = sum_g s_g (q_g . c_g) + z_g sum(q_g)`` and ``p.v = sum_g (p s_g) c_g + (p z_g)`` -- instead of multiplying
-every code (rotated keys: the query is rotated, ``q.Hk = Hq.k``); otherwise a block is dequantized (``block``).
+(kvlab/cache/quant.py ``QuantView``) and span more than one block runs in one pass over a few large blocks, the
+softmax kept online (running maximum, rescaled sums; FlashDecoding; mask and sink logits as in ``core.attend``):
+each block's scores ``q.k`` then, right after, its ``p.v`` (values in the keys -- MLA, CSA/HCA/SWA -- from the same
+dequantized block). Where the scales are one per token and group of channels (``foldable``) and few (at most
+``FOLD_ROWS`` query heads x groups per KV head), a block is its codes cast to float32 and the scales are applied on
+the small side -- ``q.k = sum_g s_g (q_g . c_g) + z_g sum(q_g)`` and ``p.v = sum_g (p s_g) c_g + (p z_g)`` -- instead
+of multiplying every code (rotated keys: the query is rotated, ``q.Hk = Hq.k``); otherwise a block is dequantized
+(``block``).
 
 Every kind reads its cache through the same readers: a :class:`Cat` joins readers or tensors along positions (CSA/HCA:
 the window ring then the compressed entries; a sink-token window: the sinks then the ring) or along channels (MLA:
@@ -23,8 +24,6 @@ from typing import Protocol
 import torch
 
 from kvlab.cache.quant import rotate
-
-from .sinks import softmax_with_sink
 
 
 class BlockedKV(Protocol):
@@ -128,11 +127,20 @@ def gather(x, idx: torch.Tensor) -> torch.Tensor:
     return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
 
 
-def _ranges(x, n: int):
-    if not is_blocked(x):  # one block, without a range() over n: a compiled step would fix n (a graph per step)
+def _ranges(x, n: int, *more) -> list[tuple[int, int]]:
+    """``(lo, hi)`` blocks walking ``n`` positions of ``x`` (and of ``more``, read alongside): the smallest reader's
+    block size, a multiple of the largest scale span (keys per channel: groups of positions)."""
+    readers = [y for z in (x, *more) for y in _parts(z) if is_blocked(y)]
+    if not readers:  # one block, without a range() over n: a compiled step would fix n (a graph per step)
         return [(0, n)] if n > 0 else []
-    size = x.block_size()
+    span = max(y.rows.span for y in readers)
+    size = max(span, min(y.block_size() for y in readers) // span * span)
     return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+
+
+def _parts(x) -> list:
+    """The leaves of ``x`` (a reader, a tensor, or a :class:`Cat` of them)."""
+    return [y for p in x.parts for y in _parts(p)] if isinstance(x, Cat) else [x]
 
 
 def _groups(x) -> int:
@@ -157,71 +165,141 @@ def scores(qf: torch.Tensor, k) -> torch.Tensor:
 
 def _scores(qf: torch.Tensor, k, n: int) -> torch.Tensor:
     """``qf [B, Hkv, G, D]`` (float32) against every key -> ``[B, Hkv, G, n]``."""
+    if isinstance(k, Cat) and k.axis == -2:  # parts along positions: their scores side by side
+        return torch.cat([_scores(qf, p, p.shape[-2]) for p in k.parts], dim=-1)
+    qk = _query_for(qf, k)
+    return torch.cat([_block_scores(qk, lo, hi) for lo, hi in _ranges(k, n)], dim=-1)
+
+
+def _query_for(qf: torch.Tensor, k) -> list:
+    """What :func:`_block_scores` needs of the query ``qf [B, Hkv, G, D]`` (float32) for the keys ``k`` (a reader, a
+    tensor or a channel :class:`Cat`): per channel part ``(part, query, qsum)``; for a part whose scales fold
+    (:func:`_folds`) the query rotated as its keys were, one row per (head, scale group) zero outside the group,
+    and ``qsum [B, Hkv, G, groups]`` (what a zero point multiplies); otherwise the query and None."""
     if isinstance(k, Cat):
-        if k.axis == -2:  # parts along positions: their scores side by side
-            return torch.cat([_scores(qf, p, p.shape[-2]) for p in k.parts], dim=-1)
-        out = None  # parts along channels: q.k summed over them
-        for p, (lo, hi) in zip(k.parts, k.offsets(), strict=True):
-            part = _scores(qf[..., lo:hi].contiguous(), p, n)
-            out = part if out is None else out.add_(part)
-        return out
+        if k.axis != -1:
+            raise ValueError("_query_for: keys joined along positions are scored part by part")
+        return [x for p, (lo, hi) in zip(k.parts, k.offsets(), strict=True)
+                for x in _query_for(qf[..., lo:hi].contiguous(), p)]
     if not _folds(k, qf.shape[2]):
-        blocks = (k.block(lo, hi) if is_blocked(k) else k.narrow(-2, lo, hi - lo).float() for lo, hi in _ranges(k, n))
-        return torch.cat([qf @ kb.transpose(-1, -2) for kb in blocks], dim=-1)
+        return [(k, qf, None)]
     b, hkv, g, d = qf.shape
     ng = _groups(k)
     if k.rows.block:
         qf = rotate(qf, k.rows.block)
     qg = qf.view(b, hkv, g, ng, d // ng)
-    qsum = qg.sum(-1)  # [B, Hkv, G, ng]: what a zero point multiplies
-    if ng > 1:  # one query row per (head, group), zero outside the group: [B, Hkv, G * ng, D]
+    qsum = qg.sum(-1)
+    if ng > 1:
         eye = torch.eye(ng, dtype=qf.dtype, device=qf.device)
         qf = (qg[..., None, :] * eye[:, :, None]).reshape(b, hkv, g * ng, d)
-    out = []
-    for lo, hi in _ranges(k, n):
-        c, s, z = k.raw(lo, hi)  # [B, Hkv, m, D], [B, Hkv, m, ng] x2
-        part = (qf @ c.transpose(-1, -2)).view(b, hkv, g, ng, hi - lo)  # sum over each group's channels of q c
-        st = s.transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, ng, m]
-        sc = (part * st).sum(3) if ng > 1 else part[:, :, :, 0] * st[:, :, :, 0]
-        if z is not None:
-            sc = sc + qsum @ z.transpose(-1, -2)
-        out.append(sc)
-    return torch.cat(out, dim=-1)
+    return [(k, qf, qsum)]
 
 
-def _weighted_values(p: torch.Tensor, v, n: int) -> torch.Tensor:
-    """``p [B, Hkv, G, n]`` (float32) times the values -> ``[B, Hkv, G, Dv]``."""
-    if isinstance(v, Cat):
-        if v.axis == -1:  # parts along channels: their outputs side by side
-            return torch.cat([_weighted_values(p, part, n) for part in v.parts], dim=-1)
-        out = None  # parts along positions: each part's probabilities times its values, summed
-        for part, (lo, hi) in zip(v.parts, v.offsets(), strict=True):
-            o = _weighted_values(p[..., lo:hi], part, hi - lo)
-            out = o if out is None else out.add_(o)
-        return out
+def _block_scores(qk: list, lo: int, hi: int) -> torch.Tensor:
+    """Scores of the query prepared by :func:`_query_for` against keys ``lo..hi-1`` -> ``[B, Hkv, G, hi - lo]``
+    float32, summed over the channel parts (each block read, used and left before the next)."""
     out = None
-    if not _folds(v, p.shape[2]):
-        for lo, hi in _ranges(v, n):
-            vb = v.block(lo, hi) if is_blocked(v) else v.narrow(-2, lo, hi - lo).float()
-            part = p[..., lo:hi] @ vb
-            out = part if out is None else out.add_(part)
-        return out
-    b, hkv, g, _ = p.shape
-    ng = _groups(v)
-    for lo, hi in _ranges(v, n):
-        c, s, z = v.raw(lo, hi)
-        d = c.shape[-1]
-        pb = p[..., lo:hi]  # [B, Hkv, G, m]
-        if ng == 1:
-            part = (pb * s.transpose(-1, -2)) @ c
-        else:  # (p s_g) c for every group g, then each group's own channels
-            pw = (pb[:, :, :, None] * s.transpose(-1, -2)[:, :, None]).reshape(b, hkv, g * ng, hi - lo)
-            full = (pw @ c).view(b, hkv, g, ng, ng, d // ng)
-            part = full.diagonal(dim1=3, dim2=4).transpose(-1, -2).reshape(b, hkv, g, d)
-        if z is not None:
-            part = part + (pb @ z).repeat_interleave(d // ng, -1)
-        out = part if out is None else out.add_(part)
+    for k, qf, qsum in qk:
+        if qsum is None:
+            kb = k.block(lo, hi) if is_blocked(k) else k.narrow(-2, lo, hi - lo).float()
+            sc = qf @ kb.transpose(-1, -2)
+        else:
+            b, hkv, g, ng = qsum.shape
+            c, s, z = k.raw(lo, hi)  # [B, Hkv, m, D], [B, Hkv, m, ng] x2
+            part = (qf @ c.transpose(-1, -2)).view(b, hkv, g, ng, hi - lo)  # sum over each group's channels of q c
+            st = s.transpose(-1, -2)[:, :, None]  # [B, Hkv, 1, ng, m]
+            sc = (part * st).sum(3) if ng > 1 else part[:, :, :, 0] * st[:, :, :, 0]
+            if z is not None:
+                sc = sc + qsum @ z.transpose(-1, -2)
+        out = sc if out is None else out.add_(sc)
     return out
+
+
+def _block_values(pb: torch.Tensor, v, lo: int, hi: int) -> torch.Tensor:
+    """``pb [B, Hkv, G, hi - lo]`` (float32) times values ``lo..hi-1`` of ``v`` (a reader, a tensor or a channel
+    :class:`Cat`: its parts' outputs side by side) -> ``[B, Hkv, G, Dv]``."""
+    if isinstance(v, Cat):
+        if v.axis != -1:
+            raise ValueError("_block_values: values joined along positions are read part by part")
+        return torch.cat([_block_values(pb, part, lo, hi) for part in v.parts], dim=-1)
+    if not _folds(v, pb.shape[2]):
+        vb = v.block(lo, hi) if is_blocked(v) else v.narrow(-2, lo, hi - lo).float()
+        return pb @ vb
+    b, hkv, g, m = pb.shape
+    ng = _groups(v)
+    c, s, z = v.raw(lo, hi)
+    d = c.shape[-1]
+    if ng == 1:
+        out = (pb * s.transpose(-1, -2)) @ c
+    else:  # (p s_g) c for every group g, then each group's own channels
+        pw = (pb[:, :, :, None] * s.transpose(-1, -2)[:, :, None]).reshape(b, hkv, g * ng, m)
+        full = (pw @ c).view(b, hkv, g, ng, ng, d // ng)
+        out = full.diagonal(dim1=3, dim2=4).transpose(-1, -2).reshape(b, hkv, g, d)
+    if z is not None:
+        out = out + (pb @ z).repeat_interleave(d // ng, -1)
+    return out
+
+
+class _Online:
+    """A softmax computed block by block (FlashDecoding): running maximum ``m``, denominator and ``p.v`` sum, each
+    rescaled when the maximum grows. Rows with nothing visible yet stay finite."""
+
+    def __init__(self) -> None:
+        self.m = self.den = self.acc = self.safe = self.corr = None
+
+    def probs(self, s: torch.Tensor) -> torch.Tensor:
+        """Scores ``s [B, Hkv, G, m]`` of the next block -> their ``exp(s - running maximum)``."""
+        top = s.amax(-1, keepdim=True)
+        self.m = top if self.m is None else torch.maximum(self.m, top)
+        last, self.safe = self.safe, torch.where(self.m == float("-inf"), 0.0, self.m)
+        if last is not None:
+            self.corr = (last - self.safe).exp_()
+        return (s - self.safe).exp_()
+
+    def add(self, p: torch.Tensor, pv: torch.Tensor) -> None:
+        """Add the block's probabilities ``p`` (from :meth:`probs`) and their values ``pv [B, Hkv, G, Dv]``."""
+        if self.acc is None:
+            self.den, self.acc = p.sum(-1, keepdim=True), pv
+        else:
+            self.den = self.den * self.corr + p.sum(-1, keepdim=True)
+            self.acc = self.acc * self.corr + pv
+
+    def result(self, sinks: torch.Tensor | None) -> torch.Tensor:
+        """``acc / den``; ``sinks [1, Hkv, G, 1]``: a logit added to the denominator only."""
+        den = self.den if sinks is None else self.den + (sinks - self.safe).exp()
+        return self.acc / den
+
+
+def _segments(k, v, n: int, at: int = 0):
+    """``(at, n, k, v)`` along positions: a position :class:`Cat` of keys and one of values (same offsets: a
+    sink-token window's sinks then its ring) walked part by part."""
+    if isinstance(k, Cat) and k.axis == -2 or isinstance(v, Cat) and v.axis == -2:
+        if not (isinstance(k, Cat) and isinstance(v, Cat) and k.axis == v.axis == -2 and k.offsets() == v.offsets()):
+            raise ValueError("attend_blocked: keys and values joined along positions must have the same parts")
+        for kp, vp, (lo, hi) in zip(k.parts, v.parts, k.offsets(), strict=True):
+            yield from _segments(kp, vp, hi - lo, at + lo)
+        return
+    yield at, n, k, v
+
+
+def _attend_online(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None
+                   ) -> torch.Tensor:
+    """:func:`attend_blocked` for separate keys and values (GQA, CCA): one pass over the positions, each block's
+    keys scored (scales folded where they fold), its values read right after, the softmax kept online (:class:`_Online`).
+    ``qf [B, Hkv, G, D]`` float32 -> ``[B, Hkv, G, Dv]``."""
+    n = k.shape[-2]
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], 1, 1, n)
+    state = _Online()
+    for at, m, kp, vp in _segments(k, v, n):
+        qk = _query_for(qf, kp)
+        for lo, hi in _ranges(kp, m, vp):
+            s = _block_scores(qk, lo, hi).mul_(scale)
+            if mask is not None:
+                s = s + mask[..., at + lo:at + hi]
+            p = state.probs(s)
+            state.add(p, _block_values(p, vp, lo, hi))
+    return state.result(sinks)
 
 
 def values_in_keys(k, v) -> bool:
@@ -258,7 +336,7 @@ def _attend_one_pass(qf: torch.Tensor, k, mask: torch.Tensor | None, scale: floa
         qs = [qf]
     if mask is not None:
         mask = mask.reshape(mask.shape[0], 1, 1, n)
-    m = den = acc = safe = None
+    state = _Online()
     for lo, hi, blocks in _key_blocks(k, n):
         s = None
         for qp, kb in zip(qs, blocks, strict=True):
@@ -267,19 +345,9 @@ def _attend_one_pass(qf: torch.Tensor, k, mask: torch.Tensor | None, scale: floa
         s = s * scale
         if mask is not None:
             s = s + mask[..., lo:hi]
-        top = s.amax(-1, keepdim=True)
-        m = top if m is None else torch.maximum(m, top)
-        last, safe = safe, torch.where(m == float("-inf"), 0.0, m)  # rows with nothing visible yet stay finite
-        p = (s - safe).exp_()
-        pv = p @ blocks[0]  # the values: the block itself, or its first channel part
-        if acc is None:
-            den, acc = p.sum(-1, keepdim=True), pv
-        else:
-            corr = (last - safe).exp_()
-            den, acc = den * corr + p.sum(-1, keepdim=True), acc * corr + pv
-    if sinks is not None:
-        den = den + (sinks - safe).exp()
-    return acc / den
+        p = state.probs(s)
+        state.add(p, p @ blocks[0])  # the values: the block itself, or its first channel part
+    return state.result(sinks)
 
 
 def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float,
@@ -287,25 +355,15 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
     """q ``[B, H, 1, D]``, k / v ``[B, Hkv, L, D]`` (blocked readers or tensors) -> ``[B, H, 1, Dv]`` in q's dtype.
 
     ``mask``: additive ``[B|1, 1, 1, L]`` or None; ``sinks [H]``: a per-head logit in the softmax denominator.
-    Values in the keys (:func:`values_in_keys`): one pass; otherwise scores, then values."""
+    One pass over the blocks with an online softmax: values in the keys (:func:`values_in_keys`) read with them,
+    separate values (GQA, CCA) block by block right after their keys."""
     b, h, t, d = q.shape
-    hkv, n = k.shape[1], k.shape[2]
+    hkv = k.shape[1]
     g = h // hkv
-    if values_in_keys(k, v):
-        sk = None if sinks is None else sinks.float().view(1, hkv, g, 1)
-        out = _attend_one_pass(q.reshape(b, hkv, g, d).float(), k, mask, scale, sk)
-        return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
-    s = _scores(q.reshape(b, hkv, g, d).float(), k, n) * scale  # [B, Hkv, G, L]
-    if mask is not None:
-        s = s + mask.reshape(mask.shape[0], 1, 1, n)
-    if sinks is None:  # normalised after p.v, as SDPA's kernel does
-        p = (s - s.amax(-1, keepdim=True)).exp_()
-        den = p.sum(-1, keepdim=True)
-    else:
-        p = softmax_with_sink(s, sinks.float().view(1, hkv, g, 1).expand(b, hkv, g, 1))
-        den = None
-    out = _weighted_values(p, v, n)
-    out = out if den is None else out / den
+    sk = None if sinks is None else sinks.float().view(1, hkv, g, 1)
+    qf = q.reshape(b, hkv, g, d).float()
+    out = (_attend_one_pass(qf, k, mask, scale, sk) if values_in_keys(k, v)
+           else _attend_online(qf.contiguous(), k, v, mask, scale, sk))
     return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
 
 
