@@ -140,7 +140,7 @@ def fake(x: torch.Tensor, spec, buf, upto: int) -> torch.Tensor:
     out = x.clone()
     if upto <= 0:
         return out
-    q = x[..., :upto, :].float()
+    q = x[..., :upto, :lay["dq"]].float()  # the rotary tail (``rope_exact``) stays exact
     block = lay["dq"] & -lay["dq"] if spec.rotate and buf.key else 0
     q = rotate(q, block) if block else q
     if lay["span"] > 1:
@@ -151,8 +151,92 @@ def fake(x: torch.Tensor, spec, buf, upto: int) -> torch.Tensor:
         g = q.reshape(*q.shape[:-1], lay["dq"] // lay["group"], lay["group"])
         c, s, z = quantize(g, spec, -1)
         d = dequantize(c, s, z, spec, -1).reshape(q.shape)
-    out[..., :upto, :] = (rotate(d, block) if block else d).to(x.dtype)
+    out[..., :upto, :lay["dq"]] = (rotate(d, block) if block else d).to(x.dtype)
     return out
+
+
+class FakeRows:
+    """The storage oracle of one quantized buffer: the exact values of every position written (a ring's evicted
+    ones too), read back through :func:`fake` at the positions a quantized buffer holds quantized -- those before
+    ``floor((n - R) / span) * span`` of the ``n`` written (every position when the buffer has no residual window:
+    quantized when written). Same interface as kvlab.cache.storage.Rows (and QuantRows' ``view``), none of
+    QuantRows' code (codes, packing, scales, ring groups, residual slots, blocked reads)."""
+
+    def __init__(self, buf, spec, lead: tuple[int, ...], dtype: torch.dtype, device, max_length: int | None = None):
+        from kvlab.costs.quant import layout
+
+        self.buf, self.spec, self.ring = buf, spec, buf.ring is not None
+        self.span = layout(spec, buf)["span"]
+        self.hist = torch.zeros(*lead, 0, buf.dim, dtype=dtype, device=device)  # by position
+        self.cap = 0
+        self.n = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.cap
+
+    def _grow(self, n: int) -> None:
+        if self.hist.shape[-2] < n:
+            more = self.hist.new_zeros(*self.hist.shape[:-2], n - self.hist.shape[-2], self.hist.shape[-1])
+            self.hist = torch.cat((self.hist, more), dim=-2)
+
+    def resize(self, capacity: int, keep: int) -> None:
+        self.cap = capacity
+        self._grow(0 if self.ring else capacity)
+
+    def write(self, start: int, x: torch.Tensor, rows: slice | None = None) -> None:
+        end = start + x.shape[-2]
+        self._grow(end)
+        (self.hist if rows is None else self.hist[rows])[..., start:end, :] = x
+        self.n = max(self.n, end)
+
+    def write_rows(self, at: torch.Tensor, x: torch.Tensor, mask: torch.Tensor) -> None:
+        rows = torch.arange(x.shape[0])
+        slot = at.clamp(0, max(self.cap - 1, 0))
+        self.hist[rows, slot] = torch.where(mask[:, None], x[:, 0], self.hist[rows, slot])
+
+    def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
+        n = self.cap if n is None else n
+        upto = max(0, self.n - self.spec.residual) // self.span * self.span if self.buf.residual else self.hist.shape[-2]
+        f = fake(self.hist, self.spec, self.buf, upto)
+        f = f if rows is None else f[rows]
+        if not self.ring:
+            return f[..., :n, :]
+        s = torch.arange(n)
+        p = s + self.cap * torch.div(self.n - 1 - s, self.cap, rounding_mode="floor")  # the position slot s holds
+        return torch.where((p >= 0)[:, None], f.index_select(-2, p.clamp(min=0)), 0)
+
+    def view(self, n: int, heads: bool = False) -> torch.Tensor:
+        t = self.read(n)
+        return t[:, None] if heads else t
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.hist]
+
+
+def fake_storage_decode(model: Model, kv_quant: str, monkeypatch, pad: tuple[int, ...] = (0, 3), n_total: int = 30,
+                        prefill: int = 11) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The decode oracle of every kind: a left-padded batch prefilled (``prefill`` tokens) then decoded one token at a
+    time up to ``n_total`` through a ``kv_quant`` cache and, call for call, through the same cache with each
+    quantized buffer replaced by a :class:`FakeRows` (the kind's store unchanged: what it writes and reads, in
+    which order, at which positions; the values it reads passed through :func:`fake` at the positions held
+    quantized) and through an unquantized cache. Yields ``(n, step, want, exact)``: the last logits of each after
+    ``n`` positions."""
+    from kvlab.cache import storage
+
+    b = len(pad)
+    ids = torch.randint(0, model.config.vocab_size, (b, n_total), generator=torch.Generator().manual_seed(7))
+    pads = torch.tensor(pad)
+    caches = [model.new_cache(b, max_length=n_total, kv_quant=kv_quant)]
+    with monkeypatch.context() as m:
+        m.setattr(storage, "QuantRows", FakeRows)
+        caches.append(model.new_cache(b, max_length=n_total, kv_quant=kv_quant))
+    caches.append(model.new_cache(b, max_length=n_total))
+    for c in caches:
+        c.set_padding(pads)
+        model(ids[:, :prefill], cache=c)
+    for n in range(prefill + 1, n_total + 1):
+        yield n, *(model(ids[:, n - 1:n], cache=c)[:, -1] for c in caches)
 
 
 def fake_quantized_decode(model: Model, kv_quant: str, monkeypatch, n_total: int = 30, prefill: int = 11

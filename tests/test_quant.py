@@ -9,13 +9,14 @@ import json
 import pytest
 import torch
 
+from kvlab.cache import quant
 from kvlab.cache.quant import QuantRows, dequantize, pack4, quantize, rotate, unpack4
 from kvlab.config import ModelConfig
 from kvlab.costs import costs
 from kvlab.costs.quant import Buffer, QuantError, bits_per_value, layout, parse_quant, resolve_kv_quant
 from kvlab.units import fmt_bytes
-from tests.helpers import fake, fake_quantized_decode
-from tests.test_contract import random_model, tiny
+from tests.helpers import fake, fake_quantized_decode, fake_storage_decode
+from tests.test_contract import CASES, random_model, tiny
 
 
 @pytest.fixture(autouse=True)
@@ -181,6 +182,33 @@ def test_decode_equals_a_fake_quantized_full_forward(kind, example, text, layers
     for prefix, step, want in fake_quantized_decode(model, text, monkeypatch):
         torch.testing.assert_close(step, want, atol=1e-4, rtol=0)
         moved = max(moved, float((step - model(prefix)[:, -1]).abs().max()))
+    assert moved > 1e-3  # the quantization is really there
+
+
+@pytest.mark.parametrize("text", ["int4-g4-r3", "int8-g4-r2-kc", "fp8-g4-rope", "int4-g4-asym-rot", "deepseek-v4"])
+@pytest.mark.parametrize("kind,example", CASES)
+def test_decode_of_every_kind_equals_fake_quantized_storage(kind, example, text, monkeypatch):
+    """The oracle for every kind (MLA's latent, rotary key and DSA's indexer keys; CSA/HCA/SWA's window ring,
+    compressed entries and indexer keys; GQA/CCA full, ring and sink tokens): a left-padded batch, prefilled then
+    decoded across window wrap-arounds, compressed blocks and decode blocks of 2 slots, gives each step the logits of
+    the same steps over exact storage read through the same quantize-dequantize (tests/helpers.py ``FakeRows``) at
+    exactly the positions the cache holds quantized (residual, groups of positions for keys per channel, exact
+    rotary channels, the deepseek-v4 preset's mix). One layer: its entries come from the embeddings, so both
+    caches hold the same values to quantize. GQA/CCA also have the full-forward oracle above."""
+    cfg = tiny(kind, example)
+    cfg = ModelConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, layers=cfg.layers[:1],
+                      max_positions=cfg.max_positions)
+    model = random_model(cfg)
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 1)  # one slot (or one group of positions) per block
+    try:
+        steps = list(fake_storage_decode(model, text, monkeypatch))
+    except QuantError as e:  # keys per channel or a residual that does not fit the example's window
+        assert "window" in str(e)
+        pytest.skip(f"a named error: {e}")
+    moved = 0.0
+    for _, got, want, exact in steps:
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        moved = max(moved, float((got - exact).abs().max()))
     assert moved > 1e-3  # the quantization is really there
 
 
