@@ -13,7 +13,15 @@ from kvlab.cache import quant
 from kvlab.cache.quant import QuantRows, dequantize, pack4, quantize, rotate, unpack4
 from kvlab.config import ModelConfig
 from kvlab.costs import costs
-from kvlab.costs.quant import Buffer, QuantError, bits_per_value, layout, parse_quant, resolve_kv_quant
+from kvlab.costs.quant import (
+    Buffer,
+    QuantError,
+    bits_per_value,
+    layout,
+    parse_quant,
+    quant_name,
+    resolve_kv_quant,
+)
 from kvlab.units import fmt_bytes
 from tests.helpers import fake, fake_quantized_decode, fake_storage_decode
 from tests.test_contract import CASES, random_model, tiny
@@ -104,7 +112,7 @@ def test_layer_overrides_lay_over_the_mapping_priced_and_held_alike():
     assert c.per_layer[1].kv_components == int4[1].kv_components
     assert c.per_layer[2].kv_components == int8[2].kv_components != int4[2].kv_components
     assert c.per_layer[2].kv_components["k_pe"] == plain.per_layer[2].kv_components["k_pe"]
-    assert c.kv_quant == "*=int4-g4, k_pe=none, layers[0]=none, layers[2]={c_kv=int8-g4}"
+    assert c.kv_quant == "int4-g4+k_pe=none+0=none+2.c_kv=int8-g4"
     shared = tiny("gqa", 0)  # layer 2 reads layer 1's cache
     a = costs(shared, context=64, kv_quant={"*": "int8", 1: "int4-g8"})
     b = costs(shared, context=64, kv_quant="int4-g8")
@@ -125,6 +133,87 @@ def test_bad_layer_overrides_are_named_errors(q, message):
         costs(cfg, context=64, kv_quant=q)
     with pytest.raises(QuantError, match=message):
         random_model(cfg).new_cache(1, 16, kv_quant=q)
+
+
+@pytest.mark.parametrize("text,mapping", [
+    ("int4-g32+0-1=int8+k_pe=none", {"*": "int4-g32", "k_pe": None, 0: "int8", 1: "int8"}),
+    ("deepseek-v4+0=none+3=int8", {**resolve_kv_quant("deepseek-v4"), 0: None, 3: "int8"}),
+    ("none+2=int4-g32", {"*": None, 2: "int4-g32"}),
+    ("c_kv=fp8-g128-s32+k_pe=none+index_keys=fp8-g128-s32", "flashmla-fp8"),
+    ("c_kv=fp8-g128+k_pe=none", {"c_kv": "fp8-g128", "k_pe": None}),
+    ("int4+0.k=int8+0.v=none+5-6=deepseek-v4", {"*": "int4", 0: {"k": "int8", "v": None}, 5: "deepseek-v4",
+                                                6: "deepseek-v4"}),
+    ("int8-g32+0.*=none+1-2=int4-g32", {"*": "int8", 0: {"*": None}, 1: "int4-g32", 2: "int4-g32"}),
+    ("INT4-G32 + 1=Int8", {"*": "int4-g32", 1: "int8"}),
+])
+def test_per_layer_text_form_reads_as_the_mapping_and_prints_back(text, mapping):
+    """The CLI's per-layer form (items joined by '+': a default, then components, layers N or N-M, or N.component)
+    resolves to the same mapping as the Python API, and every resolved mapping prints back (``quant_name``) as a
+    text that resolves to it again."""
+    q = resolve_kv_quant(text)
+    assert q == resolve_kv_quant(mapping)
+    assert resolve_kv_quant(quant_name(q)) == q
+
+
+@pytest.mark.parametrize("text,message", [
+    ("int4++0=int8", r"an empty item; items are joined by '\+'"),
+    ("int4+int8", r"'int8': only the first item may be a bare format"),
+    ("int4+x=int8", r"x=int8: 'x' is not a component \(k, v, c_kv"),
+    ("int4+3-1=int8", r"3-1=int8: layers 3-1: the first layer must not be after the last"),
+    ("int4+0=int9", r"0=int9: kv_quant format='int9': allowed: int8, int4"),
+    ("int9+0=int8", r"kv_quant='int9\+0=int8': kv_quant format='int9'"),
+    ("int4+0=none+0.k=int8", r"layer 0 is unquantized \(0=none\) and 0.k=int8 quantizes one of its buffers"),
+    ("int4+0.q=int8", r"0.q=int8: kv_quant\[0\]\['q'\]: allowed components"),
+    ("int4+k=deepseek-v4", r"k=deepseek-v4: kv_quant='deepseek-v4': option 'v4' unknown"),
+])
+def test_bad_per_layer_text_is_a_named_error(text, message):
+    with pytest.raises(QuantError, match=message):
+        resolve_kv_quant(text)
+
+
+def test_per_layer_kv_quant_on_every_verb_is_priced_as_the_api(capsys, tmp_path):
+    """``--kv-quant`` with per-layer items on calc, inspect, compare (several formats, one row each), fit and bench
+    (a run measuring the cache) prices and holds the bytes the Python API's mapping does; retrofit's kv-quant and
+    eval's ``--variant kv=`` read the same text; a layer the model lacks is a named error with exit code 2."""
+    from kvlab.cli import main
+    from kvlab.cli.evaluate import _variant
+    from kvlab.fit import fit
+    from kvlab.retrofit import parse
+
+    cfg = tiny("mla", 0)
+    cfg.name = "tiny-mla"
+    path = str(tmp_path / "tiny.json")
+    cfg.save(path)
+    text, api = "int4-g4+k_pe=none+0=none+2.c_kv=int8-g4", {"*": "int4-g4", "k_pe": None, 0: None,
+                                                            2: {"c_kv": "int8-g4"}}
+    c = costs(cfg, context=24, dtype="float32", kv_quant=api)
+    cache = random_model(cfg).new_cache(1, 24, kv_quant=api)
+    assert cache.nbytes() == c.kv_cache_bytes and c.kv_quant == text
+
+    def run(*argv):
+        assert main([*argv, "--json"]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out)
+
+    got = run("calc", path, "--context", "24", "--dtype", "fp32", "--kv-quant", text)
+    assert got["kv_cache_bytes"] == c.kv_cache_bytes and got["kv_quant"] == text
+    assert run("inspect", path, "--context", "24", "--dtype", "fp32", "--kv-dtype", text)["kv_cache_bytes"] == \
+        c.kv_cache_bytes
+    rows = run("compare", path, "--context", "24", "--dtype", "fp32", "--kv-quant", f"int8,{text}")["models"]
+    assert [m["kv_quant"] for m in rows] == ["none", "int8-g32", text]
+    assert rows[2]["kv_cache_bytes"] == [c.kv_cache_bytes]
+    got = run("fit", path, "--memory", "420KiB", "--weights-dtype", "fp32", "--kv-quant", text)["fit"]
+    want = fit(cfg, 420 << 10, weights_dtype="fp32", kv_quant=api)
+    assert got["limited_by"] == "memory" and (got["value"], got["fits"]["kv_bytes"]) == (want.value, want.fits.kv_bytes)
+    bench = run("bench", path, "--context", "16", "--decode-tokens", "1", "--no-progress", "--kv-dtype", f"fp32,{text}")
+    assert [x["kv_quant"] for x in bench["results"]] == ["none", text]
+    assert all(x["cache_bytes_match"] for x in bench["results"])
+    assert resolve_kv_quant(parse(f"kv-quant:{text}")[1]["fmt"]) == resolve_kv_quant(api)
+    variant = _variant(f"kv={text}", random_model(cfg))  # kvlab eval --variant kv=...
+    assert variant.new_cache(1, 24).nbytes() == c.kv_cache_bytes
+    assert main(["calc", path, "--kv-quant", "int4-g4+3=int8"]) == 2
+    err = capsys.readouterr().err
+    assert "kvlab: error: kv_quant[3]: layer 3 unknown: the model has 3 layers (0..2)" in err
+    assert "Traceback" not in err
 
 
 def test_published_bit_widths():

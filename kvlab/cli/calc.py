@@ -27,6 +27,7 @@ NAME = "calc"
 HELP = "parameters, KV-cache bytes, bytes read per step and FLOPs of one model at one context"
 EXAMPLE = ("kvlab calc llama-3.1-8b --context 128k --dtype bf16\n"
            "  kvlab calc qwen3-8b --context 32k --dtype fp8 --kv-quant int4-g32-r64   # fp8 weights, int4 K/V\n"
+           "  kvlab calc qwen3-8b --context 32k --kv-quant int4-g32+0-1=int8+35=none   # per layer: '+' items\n"
            "  kvlab calc smollm2-135m --context 8k   # a GGUF: header only, with the file's own weight bytes")
 
 

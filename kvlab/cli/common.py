@@ -86,7 +86,9 @@ def costs_of(cfg: Any, context: int, dtype: str, batch: int = 1, kv_dtype: str |
 
 KV_QUANT_HELP = ("quantized K/V cache: int8, int4, fp8, fp4 with options -gN (group), -rN (full-precision residual "
                  "of the last N tokens), -kc (keys per channel, KIVI), -rot (Hadamard-rotated keys), -asym (zero "
-                 "points), -rope (rotary channels exact), e.g. int4-g32-r64; or the preset deepseek-v4")
+                 "points), -rope (rotary channels exact), e.g. int4-g32-r64; or the preset deepseek-v4; per layer "
+                 "or component, items joined by '+': int4-g32+0-1=int8+5=none+k_pe=none+3.c_kv=fp8 (layers 0-1 "
+                 "int8, layer 5 unquantized, k_pe exact everywhere, layer 3's c_kv fp8)")
 
 
 def add_kv_dtype(parser: argparse.ArgumentParser, several: bool = False) -> None:

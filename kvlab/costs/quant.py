@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass
 from fractions import Fraction
 from typing import Any
@@ -158,6 +159,8 @@ def resolve_kv_quant(kv_quant: Any) -> dict | None:
     if isinstance(kv_quant, str):
         if kv_quant in PRESETS:
             return dict(PRESETS[kv_quant])
+        if "+" in kv_quant or "=" in kv_quant:
+            return parse_kv_quant(kv_quant)
         return {"*": parse_quant(kv_quant)}
     if isinstance(kv_quant, dict):
         out: dict = {}
@@ -171,6 +174,63 @@ def resolve_kv_quant(kv_quant: Any) -> dict | None:
         return out
     raise QuantError(f"kv_quant={kv_quant!r}: a format name, a preset ({', '.join(PRESETS)}), a QuantSpec or a "
                      "mapping component -> format (and layer index -> format or mapping)")
+
+
+MAX_LAYER = 4095  # the highest layer index the text form takes (a model's own count is checked with its config)
+_KEY = re.compile(r"(\d+)(?:-(\d+))?(?:\.([a-z_]+|\*))?")
+
+
+def parse_kv_quant(text: str) -> dict | None:
+    """The compact text form of a kv_quant mapping (the CLI's ``--kv-quant``), items joined by ``+``: an optional
+    first item without ``=``, the default of every buffer (a format, a preset or ``none``), then ``KEY=VALUE`` items
+    laid over it in order. KEY: a component (``k_pe``, ``index_keys``... :data:`COMPONENTS`) for every layer; a layer
+    ``N`` or a range ``N-M`` (inclusive), VALUE a format, a preset or ``none`` (the layer unquantized); a layer's
+    component ``N.c_kv`` (``N-M.c_kv``), VALUE a format or ``none``. E.g. ``int4-g32+0-1=int8+k_pe=none`` is
+    ``{"*": "int4-g32", "k_pe": None, 0: "int8", 1: "int8"}``; :func:`quant_name` prints a mapping back this way."""
+    out: dict = {}
+    for i, item in enumerate(x.strip() for x in text.strip().lower().split("+")):
+        if not item:
+            raise QuantError(f"kv_quant={text!r}: an empty item; items are joined by '+', e.g. int4-g32+0=int8")
+        if "=" not in item:
+            if i:
+                raise QuantError(f"kv_quant={text!r}: {item!r}: only the first item may be a bare format (every "
+                                     "buffer's default); the others are KEY=VALUE with KEY a component, a layer N, "
+                                 "layers N-M or a layer's component N.c_kv")
+            try:
+                out.update(resolve_kv_quant(item) or {"*": None})
+            except QuantError as e:
+                raise QuantError(f"kv_quant={text!r}: {e}") from None
+            continue
+        try:
+            _lay_over(out, item)
+        except QuantError as e:
+            raise QuantError(f"kv_quant={text!r}: {item}: {e}") from None
+    return out
+
+
+def _lay_over(out: dict, item: str) -> None:
+    """One ``KEY=VALUE`` item of :func:`parse_kv_quant` laid over the mapping ``out``."""
+    key, val = (x.strip() for x in item.split("=", 1))
+    none = val in ("none", "off")
+    if key == "*" or key in COMPONENTS:
+        out.update(_components({key: None if none else val}, "kv_quant"))
+        return
+    m = _KEY.fullmatch(key)
+    if not m:
+        raise QuantError(f"{key!r} is not a component ({', '.join(COMPONENTS)}), a layer N, layers N-M or a layer's "
+                         "component N.c_kv")
+    a, b, comp = int(m[1]), int(m[2] if m[2] is not None else m[1]), m[3]
+    if b < a or b > MAX_LAYER:
+        raise QuantError(f"layers {a}-{b}: the first layer must not be after the last, nor the last above {MAX_LAYER}")
+    for layer in range(a, b + 1):
+        where = f"kv_quant[{layer}]"
+        if comp is None:
+            out[layer] = None if none else _components(val, where)
+        elif layer in out and out[layer] is None:
+            raise QuantError(f"layer {layer} is unquantized ({layer}=none) and {key}={val} quantizes one of its "
+                             "buffers: give one or the other")
+        else:
+            out[layer] = {**(out.get(layer) or {}), **_components({comp: None if none else val}, where)}
 
 
 def _components(v: Any, where: str) -> dict[str, QuantSpec | None]:
@@ -197,21 +257,39 @@ def for_layer(q: dict | None, index: int) -> dict[str, QuantSpec | None] | None:
 
 
 def quant_name(q: dict | None) -> str:
-    """A short label of a resolved kv_quant: ``int4-g32`` or ``*=fp8-g64-rope, index_keys=fp4-g32``."""
+    """A resolved kv_quant as text that :func:`resolve_kv_quant` reads back (:func:`parse_kv_quant`): ``int4-g32``,
+    a preset name, or ``fp8-g64-rope+index_keys=fp4-g32+0-1=int8+5.c_kv=none``."""
     if not q:
         return "none"
     for name, preset in PRESETS.items():
         if q == preset:
             return name
-    if list(q) == ["*"]:
-        return q["*"].name if q["*"] else "none"
 
-    def one(k, v):
-        if isinstance(k, int):
-            return f"layers[{k}]=" + ("none" if v is None else "{" + ", ".join(one(c, x) for c, x in v.items()) + "}")
-        return f"{k}={v.name if v else 'none'}"
+    def fmt(v):
+        return v.name if v else "none"
 
-    return ", ".join(one(k, v) for k, v in q.items())
+    comps = {k: v for k, v in q.items() if isinstance(k, str)}
+    preset = next((n for n, p in PRESETS.items() if comps == p), None)
+    if preset:
+        items = [preset]
+    else:
+        items = [fmt(q["*"])] if "*" in q else []
+        items += [f"{k}={fmt(v)}" for k, v in comps.items() if k != "*"]
+    layers = sorted(k for k in q if isinstance(k, int))
+    runs: list[list] = []  # [first, last, override]: consecutive layers with the same override
+    for k in layers:
+        if runs and runs[-1][1] == k - 1 and q[k] == runs[-1][2]:
+            runs[-1][1] = k
+        else:
+            runs.append([k, k, q[k]])
+    for a, b, v in runs:
+        key = str(a) if a == b else f"{a}-{b}"
+        preset = next((n for n, p in PRESETS.items() if v == p), None)
+        if v is None or preset or (list(v) == ["*"] and v["*"] is not None):
+            items.append(f"{key}={'none' if v is None else preset or fmt(v['*'])}")
+        else:
+            items += [f"{key}.{c}={fmt(x)}" for c, x in v.items()]
+    return "+".join(items)
 
 
 def for_buffer(q: dict[str, QuantSpec | None] | None, component: str) -> QuantSpec | None:
@@ -337,5 +415,5 @@ def check_layers(config: Any, q: dict, context: int) -> None:
 
 
 __all__ = ["COMPONENTS", "FORMATS", "PRESETS", "Buffer", "QuantError", "QuantSpec", "bits_per_value", "buffer_bytes",
-           "bytes_per_token", "check", "check_layers", "for_buffer", "for_layer", "layer_buffers", "layout", "parse_quant",
-           "quant_name", "quantized_price", "resolve_kv_quant"]
+           "bytes_per_token", "check", "check_layers", "for_buffer", "for_layer", "layer_buffers", "layout",
+           "parse_kv_quant", "parse_quant", "quant_name", "quantized_price", "resolve_kv_quant"]

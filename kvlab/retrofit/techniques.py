@@ -41,6 +41,7 @@ class Technique:
     apply: str | Callable[..., Converted]
     needs_text: bool = False
     takes_text: bool = False  # apply accepts ids= (measures on text when given)
+    whole_value: bool = False  # everything after the colon is the value, read as is (kv-quant:int4-g32+0=int8)
 
     def function(self) -> Callable[..., Converted]:
         return resolve(self.apply) if isinstance(self.apply, str) else self.apply
@@ -143,7 +144,7 @@ TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
               "global=/sliding=)", "prune-heads:0.5", _read_prune, "kvlab.retrofit.heads:prune_heads",
               needs_text=True, takes_text=True),
     Technique("kv-quant", "quantized K/V cache, same weights (a run-time cache format; kvlab calc --help lists them)",
-              "kv-quant:int4-g32-r64", _read_kv_quant, "kvlab.retrofit.quant:to_kv_quant"),
+              "kv-quant:int4-g32-r64", _read_kv_quant, "kvlab.retrofit.quant:to_kv_quant", whole_value=True),
     Technique("mla", "GQA/MHA -> DeepSeek MLA: partial RoPE (rope= kept rotary channels) and a joint SVD of "
               "K/V at latent rank (MHA2MLA / TransMLA; calibrated on the text when given)",
               "mla:rank=128,rope=32", _read_mla, "kvlab.retrofit.mla:to_mla", takes_text=True),
@@ -168,6 +169,9 @@ def parse(text: str) -> tuple[Technique, dict[str, Any]]:
         raise RetrofitError(f"unknown technique {name!r}{did_you_mean(name, TECHNIQUES)}; known: "
                             + "; ".join(f"{t.name} (e.g. {t.example})" for t in TECHNIQUES.values()))
     value, opts = None, {}
+    t = TECHNIQUES[name]
+    if t.whole_value:
+        return t, t.read(rest.strip() or None, {})
     for part in [p.strip() for p in rest.split(",") if p.strip()] if rest else []:
         if "=" in part:
             k, _, v = part.partition("=")
@@ -176,7 +180,6 @@ def parse(text: str) -> tuple[Technique, dict[str, Any]]:
             value = part
         else:
             raise RetrofitError(f"technique {text!r}: a second value {part!r}; options are KEY=VALUE")
-    t = TECHNIQUES[name]
     return t, t.read(value, opts)
 
 
