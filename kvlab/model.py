@@ -11,25 +11,24 @@ from torch import nn
 from .cache import Cache
 from .config import WEIGHT_DTYPES, LayerSpec, ModelConfig
 from .layers import attention_module
+from .layers.block_parts import feed_forward, outputs, post_norm
 from .layers.core import Step
 from .layers.mhc import HyperHead, expand
-from .layers.mlp import GatedMLP
 from .layers.moe import MoE, hash_table
 from .layers.norm import RMSNorm
-from .layers.ple import PLEInput, PLELayer
+from .layers.ple import PLEInput
 from .layers.residual import residuals
 from .layers.rope import Rotary
 from .preflight import check_memory
 
 
 class Block(nn.Module):
-    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``.
+    """Pre-norm block: ``h = x + attn(norm(x)); out = h + mlp(norm(h))``, assembled from pieces.
 
-    Options from the LayerSpec: ``sandwich_norm`` normalises the attention and MLP outputs too
-    (``h = x + norm(attn(norm(x)))``); ``mlp='dense+moe'`` runs a dense MLP and the MoE side by side,
-    each with its own pre-norm (and post-norm with sandwich norms); with PLE (``ple_input`` given)
-    ``out += ple(out, ple_input)``; ``layer_scalar`` multiplies the output by a learned scalar;
-    The residual adds follow the layer's residual strategy (kvlab/layers/residual.py): plain, ``residual_scaling``
+    The pieces (kvlab/layers/block_parts.py) hold the block-level techniques: sandwich norms normalise the attention
+    and MLP outputs too (``h = x + norm(attn(norm(x)))``); the MLP side is a dense MLP, an MoE, or both side by side
+    (``mlp='dense+moe'``), each with its own pre-norm (and post-norm with sandwich norms); the output pieces add PLE
+    (``out += ple(out, ple_input)``) and multiply by the layer scalar. The residual adds follow the layer's residual strategy (kvlab/layers/residual.py): plain, ``residual_scaling``
     (``(h + b_h) * s_h + (x + b_x) * s_x``, ZAYA1) or, with the model's ``mhc_streams``, an mHC read-in / write-out
     of the streams ``[B, T, n, D]`` around attention and around the MLP (kvlab/layers/mhc.py).
     The attention module is the one the kinds table (kvlab/kinds) names for ``spec.attention``. With the
@@ -44,24 +43,12 @@ class Block(nn.Module):
         self.spec = spec
         self.attn_norm = RMSNorm(hidden, eps, off)
         self.attn = attention_module(spec, hidden, eps, off)
-        def post_norm() -> nn.Module:  # sandwich norms (Gemma 2/3/4) normalise a branch's output; else nothing
-            return RMSNorm(hidden, eps, off) if spec.sandwich_norm else nn.Identity()
-
-        self.post_attn_norm = post_norm()
-        self.mlp_norm = RMSNorm(hidden, eps, off)
-        if spec.mlp == "moe":
-            self.mlp = MoE(hidden, spec.moe, spec.activation, eps, vocab=config.vocab_size)
-        else:
-            self.mlp = GatedMLP(hidden, spec.intermediate_size, spec.activation, spec.mlp_bias)
-        # dense+moe (Gemma 4 26B-A4B): an MoE beside the dense MLP, on the same residual, each with its own norms
-        self.moe: MoE | None = None
-        if spec.mlp == "dense+moe":
-            self.moe_norm = RMSNorm(hidden, eps, off)
-            self.moe = MoE(hidden, spec.moe, spec.activation, eps, vocab=config.vocab_size)
-            self.post_dense_norm, self.post_moe_norm = post_norm(), post_norm()
-        self.post_mlp_norm = post_norm()
-        self.ple = PLELayer(hidden, config.ple_dim, spec.activation, eps, off) if config.ple_dim is not None else None
-        self.layer_scalar = nn.Parameter(torch.ones(1)) if spec.layer_scalar else None
+        self.post_attn_norm = post_norm(spec, config)
+        # the pieces (kvlab/layers/block_parts.py), registered under their checkpoint names: the MLP side (dense, MoE
+        # or both), the MLP's post-norm, then what is applied to the output stream (PLE, layer scalar)
+        self._ffn = feed_forward(self, spec, config)
+        self.post_mlp_norm = post_norm(spec, config)
+        self._outputs = outputs(self, spec, config)
         # how the attention and MLP outputs join the stream: plain, scaled or mHC (kvlab/layers/residual.py);
         # a tuple, so the strategies' modules stay registered once, under their checkpoint names
         self._residuals = residuals(self, spec, config)
@@ -75,16 +62,9 @@ class Block(nn.Module):
         h = self.post_attn_norm(self.attn(self.attn_norm(xin.to(low)), step, index, store))
         x = attn_res.write(ctx, h, x)
         xin, ctx = mlp_res.read(x)
-        xl = xin.to(low)
-        h = self.mlp(self.mlp_norm(xl), carry=step.carry)
-        if self.moe is not None:
-            e = self.moe(self.moe_norm(xl), router_input=xl if self.moe.spec.router_norm else None, carry=step.carry)
-            h = self.post_dense_norm(h) + self.post_moe_norm(e)
-        x = mlp_res.write(ctx, self.post_mlp_norm(h), x)
-        if self.ple is not None:
-            x = x + self.ple(x, ple_input)
-        if self.layer_scalar is not None:
-            x = x * self.layer_scalar
+        x = mlp_res.write(ctx, self.post_mlp_norm(self._ffn(self, xin.to(low), step.carry)), x)
+        for piece in self._outputs:  # PLE, layer scalar
+            x = piece(self, x, ple_input)
         return x
 
 
