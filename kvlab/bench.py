@@ -4,7 +4,10 @@
 a cache preallocated to ``context + decode_tokens``, decodes token by token, and returns one dict of
 figures per context plus machine information. ``kv_dtypes`` runs it once per K/V cache format (a float dtype:
 the model and its cache in that dtype; a quantized format such as ``int8``: the model in ``dtype``, its cache
-quantized, kvlab/costs/quant.py). ``--vs transformers`` runs the same loop in transformers.
+quantized, kvlab/costs/quant.py). ``--vs transformers`` runs the same loop in transformers. ``device``: where the
+model, its cache and the copy-bandwidth measurement run (``cpu``, ``cuda``...); on a GPU the harness waits for the
+device (``torch.cuda.synchronize``) before reading the clock after each timed call — the decode step itself issues
+no synchronisation — and device memory (``torch.cuda.max_memory_allocated``) is reported beside the RSS.
 """
 
 from __future__ import annotations
@@ -50,18 +53,47 @@ WARMUP = 16  # tokens of the untimed warm-up run
 
 
 # -- measurements ------------------------------------------------------------------------------------
-def copy_bandwidth(nbytes: int = 256 * 1024**2, repeats: int = 5) -> float:
-    """Memory bandwidth in bytes/s: ``dst.copy_(src)`` of ``nbytes``, read + written, best of ``repeats``."""
+def copy_bandwidth(nbytes: int = 256 * 1024**2, repeats: int = 5, device: str | torch.device = "cpu") -> float:
+    """Memory bandwidth in bytes/s of ``device``: ``dst.copy_(src)`` of ``nbytes``, read + written, best of
+    ``repeats``."""
     n = max(1, nbytes // 4)
-    src = torch.ones(n, dtype=torch.float32)
+    src = torch.ones(n, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
     dst.copy_(src)  # touch the pages
+    wait = waiter(src.device)
     best = float("inf")
     for _ in range(repeats):
+        wait()
         t0 = time.perf_counter()
         dst.copy_(src)
+        wait()
         best = min(best, time.perf_counter() - t0)
     return 2 * n * 4 / best
+
+
+def waiter(device: torch.device) -> Callable[[], None]:
+    """What the harness calls before reading the clock: waits for ``device``'s queued work (a no-op on the CPU)."""
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+@contextmanager
+def device_memory(device: torch.device) -> Iterator[dict[str, int]]:
+    """Peak device memory (``torch.cuda.max_memory_allocated``) over the block: ``start``, ``peak`` in bytes; empty
+    on the CPU (the RSS sampler covers it)."""
+    out: dict[str, int] = {}
+    if device.type != "cuda":
+        yield out
+        return
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    out["start"] = torch.cuda.memory_allocated(device)
+    try:
+        yield out
+    finally:
+        torch.cuda.synchronize(device)
+        out["peak"] = torch.cuda.max_memory_allocated(device)
 
 
 def peak_rss_bytes() -> int:
@@ -93,9 +125,12 @@ def rss_sampler(interval: float = 0.002) -> Iterator[dict[str, int]]:
         out["peak"] = max(out["peak"], proc.memory_info().rss)
 
 
-def machine_info() -> dict[str, Any]:
+def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     vm = psutil.virtual_memory()
-    return {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+    dev = torch.device(device)
+    gpu = {"device_name": torch.cuda.get_device_name(dev), "device_memory_bytes":
+           torch.cuda.get_device_properties(dev).total_memory, "cuda": torch.version.cuda} if dev.type == "cuda" else {}
+    return {"device": str(dev), **gpu, "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
             "threads_chosen": _threads_line(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
             "cpu_count": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
@@ -124,25 +159,31 @@ def _timed_lanes(lanes: list[tuple[Forward, Step, bool]], ids: torch.Tensor, chu
     """Each lane ``(forward, step, first_apart)`` (its own cache) prefills ``ids`` in chunks through ``forward``,
     one lane after the other; then the lanes decode ``decode_tokens`` greedy tokens through ``step`` taking turns
     step by step, so that on a shared machine they meet the same load. ``first_apart``: the lane's first step (a
-    compile) is reported as ``first_step_s`` and left out of its step statistics."""
+    compile) is reported as ``first_step_s`` and left out of its step statistics. ``ids`` lives on the models'
+    device; on a GPU each timed call is waited for before the clock is read (:func:`waiter`)."""
     t = ids.shape[1]
+    wait = waiter(ids.device)
     bar = tqdm(total=len(lanes) * (t + decode_tokens), desc=desc, unit="tok", file=sys.stderr,
                disable=not progress, leave=False)
     logits: list[torch.Tensor] = []
     prefill: list[float] = []
     for forward, _step, _first in lanes:
+        wait()
         t0 = time.perf_counter()
         for s in range(0, t, chunk):
             out = forward(ids[:, s:s + chunk], True)
             bar.update(min(chunk, t - s))
+        wait()
         prefill.append(time.perf_counter() - t0)
         logits.append(out)
     steps: list[list[float]] = [[] for _ in lanes]
     for _ in range(decode_tokens):
         for i, (_forward, step, _first) in enumerate(lanes):
             nxt = logits[i][:, -1].argmax(-1, keepdim=True)
+            wait()
             t1 = time.perf_counter()
             logits[i] = step(nxt)
+            wait()
             steps[i].append(time.perf_counter() - t1)
             bar.update(1)
     bar.close()
@@ -195,20 +236,22 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
     last_only = "last_only" in inspect.signature(model.forward).parameters
     compiled = CompiledStep(model, compile) if compile else None
     eager = getattr(model, "decode_step", None)
+    device = next(model.parameters()).device
     rows = []
     gen = torch.Generator().manual_seed(seed)
     with torch.inference_mode():  # warm-up: first calls pay for allocator and kernel set-up
         n = max(1, min(WARMUP, model.config.max_positions - 2))
         warm = model.new_cache(batch, max_length=n + 2, kv_quant=kv_quant)
-        _timed_loop(lambda x, _last, c=warm: model(x, cache=c), torch.zeros(batch, n, dtype=torch.long),
+        _timed_loop(lambda x, _last, c=warm: model(x, cache=c), torch.zeros(batch, n, dtype=torch.long, device=device),
                     n, 2, "warm-up", False)
+        del warm
     for ctx in contexts:
         # compiled: one spare position, so the last step does not write a buffer's last slot (a quantized buffer
         # traces that slot differently: one more graph, compiled inside the timed steps)
         max_length = ctx + decode_tokens + (1 if compile else 0)
-        ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=gen)
+        ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=gen).to(device)
         gc.collect()
-        with torch.inference_mode(), rss_sampler() as mem:
+        with torch.inference_mode(), rss_sampler() as mem, device_memory(device) as dmem:
             caches, lanes = [], []
             for step in [eager] + ([compiled] if compiled else []):
                 cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant)
@@ -231,14 +274,15 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
             r.update(compiled=is_compiled, backend=compile if is_compiled else None,
                      compiles=compiled.compiles - before if is_compiled else 0)
             rows.append(_figures(r, model.config, ctx, max_length, decode_tokens, dtype, batch, kv_quant, nbytes,
-                                 mem, bandwidth))
+                                 mem, bandwidth, dmem))
     return rows
 
 
 def _figures(r: dict[str, Any], cfg: ModelConfig, ctx: int, max_length: int, decode_tokens: int, dtype: str,
-             batch: int, kv_quant: str | None, measured: int, mem: dict[str, int], bandwidth: float | None
-             ) -> dict[str, Any]:
-    """A timed row completed with the cache bytes (measured and calculated), bytes read per step, bandwidth, RSS."""
+             batch: int, kv_quant: str | None, measured: int, mem: dict[str, int], bandwidth: float | None,
+             dmem: dict[str, int] | None = None) -> dict[str, Any]:
+    """A timed row completed with the cache bytes (measured and calculated), bytes read per step, bandwidth, RSS
+    (and device memory on a GPU)."""
     c_alloc = costs(cfg, context=max_length, dtype=dtype, batch=batch, kv_quant=kv_quant)
     c_mid = costs(cfg, context=ctx + decode_tokens // 2, dtype=dtype, batch=batch, kv_quant=kv_quant)
     read = c_mid.weight_read_bytes_per_step + c_mid.kv_read_bytes_per_step
@@ -251,9 +295,16 @@ def _figures(r: dict[str, Any], cfg: ModelConfig, ctx: int, max_length: int, dec
              achieved_bandwidth=read / r["decode_step_median_s"],
              rss_start_bytes=mem["start"], rss_peak_bytes=mem["peak"],
              rss_delta_bytes=mem["peak"] - mem["start"], ru_maxrss_bytes=peak_rss_bytes())
+    if dmem:
+        r.update(_device_figures(dmem))
     if bandwidth:
         r["bandwidth_utilisation"] = r["achieved_bandwidth"] / bandwidth
     return r
+
+
+def _device_figures(dmem: dict[str, int]) -> dict[str, int]:
+    return {"device_mem_start_bytes": dmem["start"], "device_mem_peak_bytes": dmem["peak"],
+            "device_mem_delta_bytes": dmem["peak"] - dmem["start"]}
 
 
 def _transformers() -> Any:
@@ -265,13 +316,15 @@ def _transformers() -> Any:
 
 
 def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int, dtype: str, batch: int = 1,
-                       prefill_chunk: int = 512, seed: int = 0, progress: bool = True) -> list[dict[str, Any]]:
+                       prefill_chunk: int = 512, seed: int = 0, progress: bool = True,
+                       device: str | torch.device = "cpu") -> list[dict[str, Any]]:
     """The same prefill + decode loop in transformers (``DynamicCache``, manual loop, inference mode)."""
     tf = _transformers()
     p = Path(path)
     # a GGUF file: transformers dequantises it itself (it needs the gguf package)
     where = (str(p.parent), {"gguf_file": p.name}) if p.is_file() and p.suffix.lower() == ".gguf" else (str(p), {})
-    hf = tf.AutoModelForCausalLM.from_pretrained(where[0], dtype=TORCH_DTYPES[dtype], **where[1])
+    device = torch.device(device)
+    hf = tf.AutoModelForCausalLM.from_pretrained(where[0], dtype=TORCH_DTYPES[dtype], **where[1]).to(device)
     hf.eval()
     vocab = hf.config.get_text_config(decoder=True).vocab_size
     rows = []
@@ -282,7 +335,7 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
         with torch.inference_mode():
             warm = tf.DynamicCache(config=hf.config)
             _timed_loop(lambda x, _last, c=warm: hf(input_ids=x, past_key_values=c, use_cache=True).logits,
-                        torch.zeros(batch, WARMUP, dtype=torch.long), WARMUP, 2, "warm-up", False)
+                        torch.zeros(batch, WARMUP, dtype=torch.long, device=device), WARMUP, 2, "warm-up", False)
 
     try:
         warm_up()
@@ -291,13 +344,13 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
             raise
         experts = "eager"
         hf = tf.AutoModelForCausalLM.from_pretrained(where[0], dtype=TORCH_DTYPES[dtype], experts_implementation=experts,
-                                                     **where[1])
+                                                     **where[1]).to(device)
         hf.eval()
         warm_up()
     for ctx in contexts:
-        ids = torch.randint(0, vocab, (batch, ctx), generator=gen)
+        ids = torch.randint(0, vocab, (batch, ctx), generator=gen).to(device)
         gc.collect()
-        with torch.inference_mode(), rss_sampler() as mem:
+        with torch.inference_mode(), rss_sampler() as mem, device_memory(device) as dmem:
             cache = tf.DynamicCache(config=hf.config)
 
             def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
@@ -312,7 +365,7 @@ def bench_transformers(path: str | Path, contexts: list[int], decode_tokens: int
             r["experts_implementation"] = experts  # the default (grouped_mm) failed for this shape
         r.update(context=ctx, batch=batch, cache_bytes_measured=held, rss_start_bytes=mem["start"],
                  rss_peak_bytes=mem["peak"], rss_delta_bytes=mem["peak"] - mem["start"],
-                 ru_maxrss_bytes=peak_rss_bytes())
+                 ru_maxrss_bytes=peak_rss_bytes(), **(_device_figures(dmem) if dmem else {}))
         rows.append(r)
     return rows
 
@@ -343,13 +396,14 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
               threads: int | None = None, vs: str | None = None, batch: int = 1, prefill_chunk: int = 512,
               weight_budget: int = DEFAULT_WEIGHT_BUDGET, bandwidth_bytes: int = 256 * 1024**2,
               progress: bool = True, log: Callable[[str], None] | None = None,
-              kv_dtypes: list[str] | None = None, compile: bool | str = False) -> dict[str, Any]:
+              kv_dtypes: list[str] | None = None, compile: bool | str = False,
+              device: str | torch.device = "cpu") -> dict[str, Any]:
     """Run the benchmark; returns ``{"model", "config", "scaled", "results", "transformers", "ratios", ...}``.
 
     ``kv_dtypes``: one run per K/V cache format (:func:`kv_formats`), ``results`` holding a row per format and
     context (each names its ``kv_dtype``, ``kv_quant`` and model ``dtype``). ``compile``: each format is run
     eager, then with the decode step compiled (kvlab/compiled.py; a row's ``compiled`` says which), and
-    ``compile_speedup`` pairs them."""
+    ``compile_speedup`` pairs them. ``device``: where the models run (``cpu``, ``cuda``, ``cuda:N``)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     dtype = parse_dtype(dtype)
     if vs not in (None, "transformers"):
@@ -365,6 +419,7 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
     if threads is not None or done is None or done.threads != torch.get_num_threads():
         threads_mod.apply(threads)  # --threads, else the default from the CPUs left idle
     torch_dtype = TORCH_DTYPES[dtype]
+    device = torch.device(device)
     checkpoint = is_checkpoint(spec)
     notes: list[str] = []
     tmp: tempfile.TemporaryDirectory | None = None
@@ -373,10 +428,10 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             if vs == "transformers" and native_checkpoint(spec) is not None:
                 raise ValueError(f"{spec}: a kvlab train checkpoint has no transformers counterpart; --vs transformers "
                                  "needs a transformers checkpoint directory, a .gguf file or a named model")
-            check_memory(resolve_spec(spec), batch, max(contexts) + decode_tokens, torch_dtype, weights=True,
+            check_memory(resolve_spec(spec), batch, max(contexts) + decode_tokens, torch_dtype, device, weights=True,
                          what=str(spec))
             log(f"loading {spec} ...")
-            model = load(str(spec), dtype=torch_dtype, device="cpu")
+            model = load(str(spec), dtype=torch_dtype, device=device)
             source_dir: Path | None = Path(resolve_file(spec))  # a named model: its GGUF file
         else:
             cfg = resolve_spec(spec)
@@ -385,12 +440,12 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             _check_lengths(cfg, contexts, decode_tokens)
             for n in notes:
                 log(f"scaled: {n}")
-            check_memory(cfg, batch, max(contexts) + decode_tokens, torch_dtype, weights=True)
+            check_memory(cfg, batch, max(contexts) + decode_tokens, torch_dtype, device, weights=True)
             source_dir = None
             if vs == "transformers":
                 tmp = tempfile.TemporaryDirectory(prefix="kvlab-bench-")
                 save_random_hf(cfg, tmp.name)
-                model = load(tmp.name, dtype=torch_dtype, device="cpu")
+                model = load(tmp.name, dtype=torch_dtype, device=device)
                 model.config.name = cfg.name
                 if model.num_parameters() != weight_bytes(cfg, 1):  # transformers read the twin's config otherwise
                     raise ValueError(f"{cfg.name}: the transformers twin has {model.num_parameters():,} parameters, "
@@ -398,19 +453,19 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
                 source_dir = Path(tmp.name)
             else:
                 log(f"building a random {cfg.name} ...")
-                model = Model.from_config(cfg, dtype=torch_dtype, seed=0)
+                model = Model.from_config(cfg, dtype=torch_dtype, device=device, seed=0)
         model.eval()
         cfg = model.config
         _check_lengths(cfg, contexts, decode_tokens)
-        bw = copy_bandwidth(bandwidth_bytes)
+        bw = copy_bandwidth(bandwidth_bytes, device=device)
         weights = sum(p.numel() * p.element_size() for p in model.parameters())
         rows = []
         for _label, d, q in formats:
             if d != dtype:  # a float cache format: the model and its cache in that dtype (same weights, rounded)
                 if checkpoint:
-                    m = load(str(spec), dtype=TORCH_DTYPES[d], device="cpu")
+                    m = load(str(spec), dtype=TORCH_DTYPES[d], device=device)
                 else:
-                    m = Model.from_config(cfg, dtype=TORCH_DTYPES[d], seed=0)
+                    m = Model.from_config(cfg, dtype=TORCH_DTYPES[d], device=device, seed=0)
                 m.eval()
             else:
                 m = model
@@ -423,7 +478,7 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             "checkpoint": checkpoint, "scaled": notes, "dtype": dtype, "batch": batch, "decode_tokens": decode_tokens,
             "prefill_chunk": prefill_chunk, "params": sum(p.numel() for p in model.parameters()),
             "weight_bytes": weights, "copy_bandwidth_bytes_s": bw, "kv_dtypes": [f[0] for f in formats],
-            "results": rows, "machine": machine_info(), "compile": backend,
+            "results": rows, "machine": machine_info(device), "compile": backend, "device": str(device),
         }
         if backend:
             result["compile_speedup"] = compile_speedup(rows)
@@ -432,7 +487,7 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
         if vs == "transformers":
             assert source_dir is not None
             hf_rows = bench_transformers(source_dir, contexts, decode_tokens, dtype, batch, prefill_chunk,
-                                         progress=progress)
+                                         progress=progress, device=device)
             result["transformers"] = hf_rows
             compiled = {x["context"]: x for x in rows if x["compiled"]}
             result["ratios"] = [{
@@ -440,6 +495,8 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
                 "decode_tok_s": a["decode_tok_s"] / b["decode_tok_s"],
                 "prefill_tok_s": a["prefill_tok_s"] / b["prefill_tok_s"],
                 "rss_delta": a["rss_delta_bytes"] / b["rss_delta_bytes"] if b["rss_delta_bytes"] else None,
+                **({"device_mem_delta": a["device_mem_delta_bytes"] / b["device_mem_delta_bytes"]}
+                   if b.get("device_mem_delta_bytes") else {}),
                 "cache_bytes": a["cache_bytes_measured"] / b["cache_bytes_measured"]
                 if b["cache_bytes_measured"] else None,
                 **({"decode_tok_s_compiled": compiled[a["context"]]["decode_tok_s"] / b["decode_tok_s"]}
@@ -475,11 +532,15 @@ def format_card(r: dict[str, Any]) -> str:
     lines = [(f"kvlab bench: {r['model']}  ({fmt_count(r['params'])} params, {fmt_bytes(r['weight_bytes'])} "
               f"{r['dtype']} weights, batch {r['batch']}, {r['decode_tokens']} decode tokens, "
               f"prefill chunk {r['prefill_chunk']})"),
-             (f"machine: torch {m['torch']}, {m.get('threads_chosen') or str(m['threads']) + ' threads'}, "
+             (f"machine: {m.get('device_name', m.get('device', 'cpu'))}, "
+              f"torch {m['torch']}, {m.get('threads_chosen') or str(m['threads']) + ' threads'}, "
               f"{m['cpu_count']} CPUs, OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset'}, "
               f"copy bandwidth {fmt_rate(r['copy_bandwidth_bytes_s'], 'B/s')}")]
     for n in r["scaled"]:
         lines.append(f"scaled: {n}")
+    gpu = any("device_mem_delta_bytes" in x for x in r["results"])  # on a GPU: device memory, not RSS
+    mem_added, mem_peak = ("device_mem_delta_bytes", "device_mem_peak_bytes") if gpu else ("rss_delta_bytes",
+                                                                                           "ru_maxrss_bytes")
     rows = []
     for x in r["results"]:
         step = ("compiled" if x.get("compiled") else "eager") + (f" (+{x['first_step_s']:.1f} s)"
@@ -490,10 +551,10 @@ def format_card(r: dict[str, Any]) -> str:
                      fmt_bytes(x["cache_bytes_calculated"]), "yes" if x["cache_bytes_match"] else "NO",
                      fmt_rate(x["achieved_bandwidth"], "B/s"),
                      f"{100 * x.get('bandwidth_utilisation', float('nan')):.0f}%",
-                     fmt_bytes(x["rss_delta_bytes"]), fmt_bytes(x["ru_maxrss_bytes"])])
+                     fmt_bytes(x[mem_added]), fmt_bytes(x[mem_peak])])
     lines += ["", table(["KV cache", "model", "context", "decode step", "prefill tok/s", "decode tok/s", "step ms (median)", "cache measured",
-                         "cache calculated", "equal", "bytes/step / step", "of copy bw", "RSS added",
-                         "peak RSS"], rows)]
+                         "cache calculated", "equal", "bytes/step / step", "of copy bw",
+                         "GPU mem added" if gpu else "RSS added", "peak GPU mem" if gpu else "peak RSS"], rows)]
     if r.get("compile_speedup"):
         sp = [[q["kv_dtype"], fmt_context(q["context"]), f"{q['eager_decode_tok_s']:.2f}",
                f"{q['compiled_decode_tok_s']:.2f}", f"{q['speedup']:.2f}x",
@@ -505,21 +566,25 @@ def format_card(r: dict[str, Any]) -> str:
                          "compiled of copy bw", "first compiled step", "graphs compiled"], sp)]
     if "transformers" in r:
         hf_rows = []
-        for a, b, q in zip(r["results"], r["transformers"], r["ratios"]):
-            hf_rows.append([fmt_context(a["context"]), f"{b['prefill_tok_s']:.1f}", f"{b['decode_tok_s']:.2f}",
-                            fmt_bytes(b["cache_bytes_measured"]), fmt_bytes(b["rss_delta_bytes"]),
+        ratio = "device_mem_delta" if gpu else "rss_delta"
+        for b, q in zip(r["transformers"], r["ratios"]):
+            hf_rows.append([fmt_context(q["context"]), f"{b['prefill_tok_s']:.1f}", f"{b['decode_tok_s']:.2f}",
+                            fmt_bytes(b["cache_bytes_measured"]), fmt_bytes(b.get(mem_added, b["rss_delta_bytes"])),
                             f"{q['prefill_tok_s']:.2f}x", f"{q['decode_tok_s']:.2f}x",
-                            "-" if q["rss_delta"] is None else f"{q['rss_delta']:.2f}x"]
+                            "-" if q.get(ratio) is None else f"{q[ratio]:.2f}x"]
                            + ([f"{q['decode_tok_s_compiled']:.2f}x"] if "decode_tok_s_compiled" in q else []))
         lines += ["", "transformers (same loop, DynamicCache) and kvlab/transformers ratios:",
-                  table(["context", "prefill tok/s", "decode tok/s", "cache held", "RSS added",
-                         "prefill ratio", "decode ratio", "RSS ratio"]
+                  table(["context", "prefill tok/s", "decode tok/s", "cache held",
+                         "GPU mem added" if gpu else "RSS added", "prefill ratio", "decode ratio",
+                         "GPU mem ratio" if gpu else "RSS ratio"]
                         + (["compiled decode ratio"] if r.get("compile") else []), hf_rows)]
     lines += ["", ("KV cache = the cache's format (a float dtype: the model and cache in it; a quantized format: "
                    "codes + scales, residual in the model's dtype); model = weights' dtype. "
                    "bytes/step = calculated weight + K/V bytes read by one decode step at the middle of the decode;"
                    " of copy bw = that / median step / measured copy_ bandwidth (read + write)."
-                   " RSS added = peak RSS during the run minus RSS before it (sampled every 2 ms)."
+                   " RSS added = peak RSS during the run minus RSS before it (sampled every 2 ms); on a GPU, GPU mem"
+                   " added = peak torch.cuda.max_memory_allocated minus what was allocated before, and the clock is"
+                   " read after torch.cuda.synchronize (the harness's, not the step's)."
                    " decode step: eager, or compiled (+ the first step's seconds when it compiled a graph: at a new"
                    " cache size; that step is left out of the median); a context's eager and compiled steps run in"
                    " turns, on two caches (so they meet the same load; RSS figures are the pair's).")]

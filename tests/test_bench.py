@@ -146,3 +146,45 @@ def test_generate_cli_compile(capsys, tmp_path, monkeypatch):
     assert runs[1]["output_ids"] == runs[0]["output_ids"] and len(runs[0]["output_ids"]) == 12
     assert runs[1]["compiled"] and runs[1]["compiles"] >= 1 and runs[1]["decode_tok_s"] > 0
     assert not runs[0]["compiled"] and runs[0]["compiles"] == 0
+
+
+def test_bench_device(capsys, tmp_path):
+    """``--device``: a device that is not here is refused by name; on CUDA (where there is one) the run is on the GPU,
+    its cache measured == calculated, with the GPU's memory figures; on the CPU no device memory is reported."""
+    import torch
+
+    path = tmp_path / "tiny.json"
+    tiny(window=8).save(path)
+    args = ["bench", str(path), "--context", "24", "--decode-tokens", "2", "--prefill-chunk", "16",
+            "--bandwidth-mib", "8", "--no-progress", "--json"]
+    gpu = torch.cuda.is_available()
+    if not gpu:
+        assert main(args + ["--device", "cuda"]) == 2
+        assert "--device 'cuda': there is no CUDA device here" in capsys.readouterr().err
+    rc = main(args + ["--device", "cuda" if gpu else "cpu"])
+    out, err = capsys.readouterr()
+    assert rc == 0
+    r = json.loads(out)
+    (row,) = r["results"]
+    assert r["device"] == r["machine"]["device"] == ("cuda" if gpu else "cpu")
+    assert row["cache_bytes_match"] and row["decode_tok_s"] > 0
+    assert ("device_mem_peak_bytes" in row) == gpu and ("peak GPU mem" in err) == gpu
+    if gpu:
+        assert row["device_mem_delta_bytes"] >= row["cache_bytes_measured"]  # the cache is allocated on the GPU
+
+
+def test_bench_card_pairs_transformers_rows_by_context(capsys, tmp_path, monkeypatch):
+    """With ``--compile --vs transformers`` the kvlab rows alternate eager / compiled: the transformers table still
+    names each of its own contexts."""
+    pytest.importorskip("transformers")
+    from kvlab import compiled
+    from kvlab.bench import format_card
+
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
+    r = run_bench(tiny(), [16, 24], decode_tokens=2, vs="transformers", prefill_chunk=16, compile=True,
+                  bandwidth_bytes=4 * 1024**2, progress=False, log=lambda _: None)
+    assert [q["context"] for q in r["ratios"]] == [x["context"] for x in r["transformers"]] == [16, 24]
+    card = format_card(r)
+    hf_table = card.split("kvlab/transformers ratios:")[1]
+    rows = [line.split()[0] for line in hf_table.strip().splitlines()[2:4]]
+    assert rows == ["16", "24"], hf_table

@@ -10,6 +10,7 @@ from kvlab.cli.common import (
     add_dtype_and_json,
     add_force,
     add_threads,
+    device_arg,
     emit_json,
     positive_number,
     report,
@@ -21,7 +22,8 @@ HELP = "prefill/decode throughput, memory, measured vs calculated cache bytes, b
 EXAMPLE = ("kvlab bench llama-3.1-8b --context 1k,4k --decode-tokens 32 --json\n"
            "  kvlab bench benchmarks/qwen3-100m.json --context 4k,16k --kv-dtype fp32,bf16,int8,int4\n"
            "  kvlab bench ./ckpt --context 4k --vs transformers\n"
-           "  kvlab bench benchmarks/qwen3-100m.json --context 1k,16k --kv-dtype fp32,bf16 --compile")
+           "  kvlab bench benchmarks/qwen3-100m.json --context 1k,16k --kv-dtype fp32,bf16 --compile\n"
+           "  kvlab bench benchmarks/qwen3-100m.json --context 16k --device cuda --compile --vs transformers")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -41,6 +43,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    help="scale a preset down until its weights fit in this many GiB (default 4)")
     q.add_argument("--bandwidth-mib", type=int, default=256,
                    help="buffer size of the copy-bandwidth measurement in MiB (default 256)")
+    q.add_argument("--device", type=device_arg, default="cpu", help="where the models and caches run: cpu (default), "
+                   "cuda, cuda:N (the clock is read after a device synchronisation, memory from torch.cuda)")
     q.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
     add_force(q)
     add_dtype_and_json(q, dtype="fp32", json_help="print all figures as one JSON object on stdout (the card goes to stderr)")
@@ -58,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     r = run_bench(args.model, parse_contexts(args.context), decode_tokens=args.decode_tokens, dtype=args.dtype,
                   threads=args.threads, vs=args.vs, batch=args.batch, prefill_chunk=args.prefill_chunk,
                   weight_budget=int(args.max_weight_gib * 1024**3), bandwidth_bytes=args.bandwidth_mib * 1024**2,
-                  progress=not args.no_progress, kv_dtypes=kv_list(args), compile=args.compile)
+                  progress=not args.no_progress, kv_dtypes=kv_list(args), compile=args.compile, device=args.device)
     print(format_card(r), file=report(args))
     if args.json:
         emit_json(r)
