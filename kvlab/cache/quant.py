@@ -17,7 +17,6 @@ one scratch buffer shared by all layers -- so the whole dequantized K/V never ex
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 
@@ -39,6 +38,14 @@ def hadamard(n: int, device: str = "cpu") -> torch.Tensor:
     while h.shape[0] < n:
         h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
     return (h / n ** 0.5).to(device)
+
+
+@functools.lru_cache(maxsize=16)
+def _fp4_table(device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The e2m1 magnitudes ``[8]`` and the midpoints between them ``[7]`` on ``device``, built once per device (a
+    ``torch.tensor`` per call would copy from the host, a synchronisation on a GPU)."""
+    mags = torch.tensor(_FP4)
+    return mags.to(device), ((mags[1:] + mags[:-1]) / 2).to(device)
 
 
 def rotate(x: torch.Tensor, block: int) -> torch.Tensor:
@@ -79,7 +86,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, axis: int) -> tuple[torch.Tensor,
     if spec.fmt in _FP8:
         c = y.clamp_(-qmax, qmax).to(_FP8[spec.fmt])
     elif spec.fmt == "fp4":
-        mids = torch.tensor([(a + b) / 2 for a, b in itertools.pairwise(_FP4)], device=x.device)
+        mids = _fp4_table(str(x.device))[1]
         mag = torch.bucketize(y.abs().clamp_(max=6.0).contiguous(), mids).to(torch.uint8)
         c = mag | ((y < 0).to(torch.uint8) << 3)
     elif spec.bits == 4:
@@ -92,7 +99,7 @@ def quantize(x: torch.Tensor, spec: QuantSpec, axis: int) -> tuple[torch.Tensor,
 def code_values(c: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Codes (unpacked) -> the float32 values they stand for, before scaling."""
     if spec.fmt == "fp4":
-        v = torch.tensor(_FP4, device=c.device)[(c & 7).long()]
+        v = _fp4_table(str(c.device))[0][(c & 7).long()]
         return torch.where(c >= 8, -v, v)
     if spec.bits == 4 and spec.symmetric:
         return c.float() - 8

@@ -194,6 +194,16 @@ class CompressedAttention(nn.Module):
             self._rope = (inv, scale)
         else:  # no rotation: a zero-width table
             self._rope = (torch.zeros(0), 1.0)
+        self._inv_by_device: dict[torch.device, torch.Tensor] = {}  # the frequencies on each device used (not a
+        # buffer: a model built on the meta device keeps them), copied once, not per step (a copy from the host syncs)
+
+    def _rope_on(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        """``(inverse frequencies, scale)`` with the frequencies on ``device``."""
+        inv, scale = self._rope
+        if inv.device != device:
+            hit = self._inv_by_device.get(device)
+            inv = hit if hit is not None else self._inv_by_device.setdefault(device, inv.to(device))
+        return inv, scale
 
     def _rot(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None,
              inverse: bool = False) -> torch.Tensor:
@@ -211,7 +221,8 @@ class CompressedAttention(nn.Module):
         h, d = s.num_heads, s.head_dim
         start, qpos, pad = step.start, step.qpos, step.pad
         pos = qpos if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)  # rotary positions
-        tab = rope_tables(*self._rope, pos) if self._rope[0].numel() else None  # once for q, kv, indexer, output
+        rope = self._rope_on(x.device)
+        tab = rope_tables(*rope, pos) if rope[0].numel() else None  # once for q, kv, indexer, output
         cq = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(cq).view(b, t, h, d).transpose(1, 2)
         q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
@@ -234,17 +245,17 @@ class CompressedAttention(nn.Module):
             entries = ikeys = nvis = None
             if self.compressor is not None:
                 n = (start + 1) // c.ratio  # entries the row with the least padding holds
-                entries, nvis = self.compressor.step(x, rowpos, pool, self._rope, n)
+                entries, nvis = self.compressor.step(x, rowpos, pool, rope, n)
                 if self.csa:
-                    ikeys = ix.step(x, rowpos, ipool, self._rope, n)[0]
+                    ikeys = ix.step(x, rowpos, ipool, rope, n)[0]
             out = self._attend_step(q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw)
         elif self.compressor is None:  # swa: the window branch alone
             out = self._attend(q, kw, kpos, qpos, start, None, None, None, None) if pad is None else torch.cat(
                 [self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, start - p, None, None, None, None)
                  for r, p in enumerate(pad.tolist())])
         elif pad is None:
-            entries = self.compressor.update(x, start, pool, self._rope)
-            ikeys = ix.update(x, start, ipool, self._rope) if self.csa else None
+            entries = self.compressor.update(x, start, pool, rope)
+            ikeys = ix.update(x, start, ipool, rope) if self.csa else None
             out = self._attend(q, kw, kpos, qpos, start, entries, ikeys, iq, iw)
         else:  # left padding: each row compresses its own tokens, blocks aligned to its first token
             out = torch.empty(b, h, t, d, dtype=q.dtype, device=x.device)
@@ -252,8 +263,8 @@ class CompressedAttention(nn.Module):
                 first = start - p  # the row's position of this call's first token
                 xr, at = x[r:r + 1, max(0, -first):], max(0, first)
                 if xr.shape[1]:
-                    entries = self.compressor.update(xr, at, pool, self._rope, row=r if pool is not None else None)
-                    ikeys = ix.update(xr, at, ipool, self._rope, row=r if ipool is not None else None) if self.csa else None
+                    entries = self.compressor.update(xr, at, pool, rope, row=r if pool is not None else None)
+                    ikeys = ix.update(xr, at, ipool, rope, row=r if ipool is not None else None) if self.csa else None
                 else:
                     entries = x.new_zeros(1, 0, d)
                     ikeys = x.new_zeros(1, 0, ix.dim) if self.csa else None

@@ -37,7 +37,8 @@ class PLEInput(nn.Module):
     def forward(self, input_ids: torch.Tensor, embeds: torch.Tensor) -> torch.Tensor:
         b, t = input_ids.shape  # ids checked against the table's rows where input enters (Model.check_ids)
         w = self.table.weight
-        tab = self.table(input_ids) * torch.tensor(self.table_scale, dtype=w.dtype, device=w.device)
+        # the scale rounded to the table's dtype as the reference does; torch.full, not torch.tensor: no host copy
+        tab = self.table(input_ids) * torch.full((), self.table_scale, dtype=w.dtype, device=w.device)
         ctx = self.norm((self.proj(embeds) * self.proj_scale).view(b, t, self.layers, self.dim))
         return (ctx + tab.view(b, t, self.layers, self.dim)) * (2.0 ** -0.5)
 
