@@ -113,6 +113,19 @@ def build_mask(qpos: torch.Tensor, kpos: torch.Tensor, window: int | None,
     return ok[:, None]
 
 
+def _matmul_decode(q: torch.Tensor) -> bool:
+    """A decode step (q ``[B, H, 1, D]``) on a GPU attends by two matmuls instead of SDPA, except compiled in 16 bits.
+
+    Measured on an H200 (qwen3-100m, benchmarks/cuda_graph_bound.py, docs/performance.md): eager bf16 SDPA picks
+    cuDNN, whose plan costs ~3 ms of host time per call at a new cache length (51 / 81 ms a step at 4K / 16K, vs
+    10.7 / 10.4 ms by matmuls); fp32 SDPA picks the memory-efficient kernel, one block per head over all keys (21 ms
+    of GPU time a step at 16K; matmuls 11.3 ms eager, 9.8 compiled); compiled bf16 SDPA is the faster (3.5 vs 7.8 ms
+    at 16K: matmuls do not split the keys across the GPU)."""
+    if not q.is_cuda or q.shape[2] != 1:
+        return False
+    return not (torch.compiler.is_compiling() and q.dtype in (torch.bfloat16, torch.float16))
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``; k/v may be blocked readers of a quantized
@@ -144,13 +157,17 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     qf = q.reshape(b, hkv, g * t, d)
     if mask is not None:
         mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, L).reshape(mask.shape[0], 1, g * t, L)
-    if sinks is None:
+    if sinks is None and not _matmul_decode(q):
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
         return out.reshape(b, h, t, v.shape[-1])
+    # sinks, or an eager / fp32 decode step on a GPU: two matmuls reading K and V once each
     s = (qf @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
     if mask is not None:
         s = s + mask
-    p = softmax_with_sink(s, sinks.view(1, hkv, g, 1, 1).expand(b, hkv, g, t, 1).reshape(b, hkv, g * t, 1))
+    if sinks is None:
+        p = torch.softmax(s, dim=-1)
+    else:
+        p = softmax_with_sink(s, sinks.view(1, hkv, g, 1, 1).expand(b, hkv, g, t, 1).reshape(b, hkv, g * t, 1))
     return (p.to(v.dtype) @ v).reshape(b, h, t, v.shape[-1])
 
 
