@@ -28,9 +28,10 @@ class Block(nn.Module):
     The pieces (kvlab/layers/block_parts.py) hold the block-level techniques: sandwich norms normalise the attention
     and MLP outputs too (``h = x + norm(attn(norm(x)))``); the MLP side is a dense MLP, an MoE, or both side by side
     (``mlp='dense+moe'``), each with its own pre-norm (and post-norm with sandwich norms); the output pieces add PLE
-    (``out += ple(out, ple_input)``) and multiply by the layer scalar. The residual adds follow the layer's residual strategy (kvlab/layers/residual.py): plain, ``residual_scaling``
-    (``(h + b_h) * s_h + (x + b_x) * s_x``, ZAYA1) or, with the model's ``mhc_streams``, an mHC read-in / write-out
-    of the streams ``[B, T, n, D]`` around attention and around the MLP (kvlab/layers/mhc.py).
+    (``out += ple(out, ple_input)``) and multiply by the layer scalar. The residual adds follow the layer's residual
+    strategy (kvlab/layers/residual.py): plain, ``residual_scaling`` (``(h + b_h) * s_h + (x + b_x) * s_x``, ZAYA1)
+    or, with the model's ``mhc_streams``, an mHC read-in / write-out of the streams ``[B, T, n, D]`` around attention
+    and around the MLP (kvlab/layers/mhc.py).
     The attention module is the one the kinds table (kvlab/kinds) names for ``spec.attention``. With the
     model's ``residual_fp32`` the stream ``x`` stays fp32 and each norm reads it in the weights' dtype.
     """
