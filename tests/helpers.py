@@ -195,6 +195,9 @@ class FakeRows:
         slot = at.clamp(0, max(self.cap - 1, 0))
         self.hist[rows, slot] = torch.where(mask[:, None], x[:, 0], self.hist[rows, slot])
 
+    def write_at(self, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        self.hist[rows, slots] = x
+
     def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
         n = self.cap if n is None else n
         upto = max(0, self.n - self.spec.residual) // self.span * self.span if self.buf.residual else self.hist.shape[-2]

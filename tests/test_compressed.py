@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -217,6 +218,33 @@ def test_left_padded_rows_equal_rows_alone(chunk):
     assert torch.isfinite(out).all()
     for r, p in enumerate(pad.tolist()):
         torch.testing.assert_close(out[r, p:], model(ids[r:r + 1, p:])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kv_quant", [None, "int8", "int4-g4"])
+def test_left_padded_prefill_runs_every_row_at_once(kv_quant):
+    """A left-padded prefill compresses all rows in one pass (each compressor projects the batch once per call, not
+    once per row), chunks ending mid-block at different points per row; with a quantized cache too (entries written
+    at each row's own blocks), the padded rows equal the rows alone."""
+    cfg = config()
+    model = random_model(cfg, seed=3)
+    ids = torch.randint(0, cfg.vocab_size, (4, 19), generator=torch.Generator().manual_seed(3))
+    pad = torch.tensor([0, 2, 7, 13])
+    calls = []
+    for mod in model.modules():
+        if isinstance(mod, CompressedAttention) and mod.compressor is not None:
+            mod.compressor.kv_proj.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    cache = model.new_cache(4, max_length=24, kv_quant=kv_quant)
+    cache.set_padding(pad)
+    chunks = [0, 5, 9, 19]
+    out = torch.cat([model(ids[:, a:b], cache=cache) for a, b in itertools.pairwise(chunks)], 1)
+    compressors = sum(isinstance(m, CompressedAttention) and m.compressor is not None for m in model.modules())
+    assert calls == [4] * compressors * (len(chunks) - 1)  # the whole batch, once per layer and call
+    assert torch.isfinite(out).all()
+    for r, p in enumerate(pad.tolist()):  # the row alone, cut where the batch was (a quantized cache reads earlier
+        alone = model.new_cache(1, max_length=24, kv_quant=kv_quant)  # calls' positions quantized, its own exact)
+        cuts = sorted({max(0, c - p) for c in chunks})
+        want = torch.cat([model(ids[r:r + 1, p + a:p + b], cache=alone) for a, b in itertools.pairwise(cuts)], 1)[0]
+        torch.testing.assert_close(out[r, p:], want, atol=1e-5, rtol=0)
 
 
 def test_validation():

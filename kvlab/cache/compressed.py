@@ -68,6 +68,36 @@ class _Pool:
             self.partial_gate[r, :rest] = gate[:, used:]
         return self.rows.read(end, rows=r)
 
+    def commit_rows(self, first: torch.Tensor, counts: torch.Tensor, new: torch.Tensor, kv: torch.Tensor,
+                    gate: torch.Tensor, rest: torch.Tensor) -> torch.Tensor:
+        """A left-padded prefill call, every row at once (kvlab/layers/compressed.py ``Compressor.update_padded``):
+        row ``r`` stores its ``counts[r]`` entries ``new [B, n, d]`` at blocks ``first[r]..``, (overlap) the first
+        series of its last complete block and, as its partial block, the ``rest[r]`` raw rows after its complete
+        blocks; ``kv`` / ``gate [B, n m + m - 1, f d]``: each row's raw rows from the start of its first block.
+        Returns every entry held ``[B, max(first + counts), d]``."""
+        m, d = self.ratio, self.dim
+        b, n = new.shape[:2]
+        dev = new.device
+        end = int((first + counts).max())
+        if n:
+            self.reserve(end)
+            w = torch.arange(n, device=dev)[None]
+            keep = w < counts[:, None]  # [B, n] the row's own blocks
+            rows = torch.arange(b, device=dev)[:, None].expand(b, n)
+            self.rows.write_at(rows[keep], (first[:, None] + w)[keep], new[keep])
+            if self.overlap:
+                last = ((counts - 1).clamp(min=0) * m)[:, None, None] + torch.arange(m, device=dev)[None, :, None]
+                has = (counts > 0)[:, None, None]
+                self.prev_kv.copy_(torch.where(has, kv[..., :d].gather(1, last.expand(-1, -1, d)), self.prev_kv))
+                self.prev_gate.copy_(torch.where(has, gate[..., :d].gather(1, last.expand(-1, -1, d)), self.prev_gate))
+        if m > 1:
+            j = torch.arange(m - 1, device=dev)[None]
+            at = (counts[:, None] * m + j)[..., None].expand(-1, -1, kv.shape[-1])
+            left = (j < rest[:, None])[..., None]
+            self.partial_kv.copy_(torch.where(left, kv.gather(1, at), self.partial_kv))
+            self.partial_gate.copy_(torch.where(left, gate.gather(1, at), self.partial_gate))
+        return self.rows.read(end)
+
     def commit_step(self, w: torch.Tensor, lead: torch.Tensor, active: torch.Tensor, complete: torch.Tensor,
                     new: torch.Tensor, kv: torch.Tensor, block_kv: torch.Tensor, block_gate: torch.Tensor,
                     n: int) -> torch.Tensor:

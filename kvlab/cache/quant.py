@@ -238,20 +238,31 @@ class QuantRows:
         """Store ``x [B, 1, D]`` at slot ``at[b]`` of each row ``b`` where ``mask [B]`` holds, quantized at once (a
         buffer of lead ``[B]`` without a residual window, not a ring: CSA/HCA entries a decode step completes on
         some rows). Masked writes, no branch and no host read, so a decode step compiles as one graph."""
+        new = self._row_codes(x, "write_rows")
+        rows = torch.arange(x.shape[0], device=x.device)
+        slot = at.clamp(0, max(self.capacity - 1, 0))
+        for t, v in zip((self.codes, self.scales, self.zeros, self.tail), new, strict=True):
+            if t is not None and t.shape[-1]:
+                t[rows, slot] = torch.where(mask[:, None], v[:, 0].to(t.dtype), t[rows, slot])
+
+    def write_at(self, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Store ``x [K, D]`` at slot ``slots[k]`` of row ``rows[k]`` (distinct pairs), quantized at once, as
+        :meth:`write_rows` (CSA/HCA entries of a left-padded prefill, each row at its own blocks)."""
+        for t, v in zip((self.codes, self.scales, self.zeros, self.tail), self._row_codes(x, "write_at"), strict=True):
+            if t is not None and t.shape[-1]:
+                t[rows, slots] = v.to(t.dtype)
+
+    def _row_codes(self, x: torch.Tensor, what: str) -> list[torch.Tensor | None]:
+        """``x [..., D]`` quantized per position: codes, scales, zero points (or None), rotary tail."""
         if self.residual_slots or self.ring or self.codes.dim() != 3:
-            raise ValueError("write_rows: a per-row write needs a buffer of lead [B] without residual window or ring")
+            raise ValueError(f"{what}: a per-row write needs a buffer of lead [B] without residual window or ring")
         xq = x[..., :self.dq].float()
         if self.block:
             xq = rotate(xq, self.block)
         c, s, z = quantize(xq.reshape(*xq.shape[:-1], self.dq // self.group, self.group), self.spec, -1)
         c = c.reshape(xq.shape)
         c = c.view(torch.uint8) if spec_is_fp8(self.spec) else c
-        new = [pack4(c) if self.spec.bits == 4 else c, s, z, x[..., self.dq:]]
-        rows = torch.arange(x.shape[0], device=x.device)
-        slot = at.clamp(0, max(self.capacity - 1, 0))
-        for t, v in zip((self.codes, self.scales, self.zeros, self.tail), new, strict=True):
-            if t is not None and t.shape[-1]:
-                t[rows, slot] = torch.where(mask[:, None], v[:, 0].to(t.dtype), t[rows, slot])
+        return [pack4(c) if self.spec.bits == 4 else c, s, z, x[..., self.dq:]]
 
     # -- reading ---------------------------------------------------------------------------------------------
     def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:

@@ -125,6 +125,10 @@ class Rows:
         slot = at.clamp(0, max(self.capacity - 1, 0))
         self.t[rows, slot] = torch.where(mask[:, None], x[:, 0], self.t[rows, slot])
 
+    def write_at(self, rows: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> None:
+        """Store ``x [K, dim]`` at slot ``slots[k]`` of row ``rows[k]`` (lead ``[B]``; distinct pairs)."""
+        self.t[rows, slots] = x.to(self.t.dtype)
+
     def read(self, n: int | None = None, rows: slice | None = None) -> torch.Tensor:
         t = self.t if rows is None else self.t[rows]
         return t if n is None else t.narrow(-2, 0, n)

@@ -24,9 +24,9 @@ The queries are processed in blocks: each block reads the window rows it can see
 ``top-k`` entries, so time and memory are linear in the sequence for a fixed window and ``top-k``
 (the indexer's scores, ``T x T/m`` multiply-adds at ``index_head_dim``, are the only term that grows faster,
 computed block by block). With left padding each row compresses its own tokens, its blocks aligned to its
-first token, so a padded row equals the row alone (rows are then processed one by one). Arithmetic follows
-transformers' ``DeepseekV4Attention`` (module names too, but ``indexer.scorer.weights_proj`` ->
-``indexer.weights_proj``); ties among indexer scores go to the earlier entry (a stable sort).
+first token, so a padded row equals the row alone (all rows at once: each row's tokens gathered into place).
+Arithmetic follows transformers' ``DeepseekV4Attention`` (module names too, but ``indexer.scorer.weights_proj``
+-> ``indexer.weights_proj``); ties among indexer scores go to the earlier entry (a stable sort).
 """
 
 from __future__ import annotations
@@ -96,14 +96,13 @@ class Compressor(nn.Module):
         w = gate2.softmax(dim=2, dtype=torch.float32).to(kv.dtype)
         return self.kv_norm((kv2 * w).sum(dim=2))
 
-    def update(self, x: torch.Tensor, start: int, pool_state, rope, row: int | None = None) -> torch.Tensor:
+    def update(self, x: torch.Tensor, start: int, pool_state, rope) -> torch.Tensor:
         """Entries ``[B, (start + T) // m, d]`` of every complete block after the T tokens ``x`` at ``start``.
 
-        ``pool_state``: the layer's store for this compressor (kvlab/cache/compressed.py) or None (``start`` 0);
-        ``row``: x is that one row of the store's batch.
+        ``pool_state``: the layer's store for this compressor (kvlab/cache/compressed.py) or None (``start`` 0).
         """
         m, d = self.ratio, self.dim
-        r = slice(None) if row is None else slice(row, row + 1)
+        r = slice(None)
         t = x.shape[1]
         kv, gate = self.kv_proj(x), self.gate_proj(x)
         nb0, nb1 = start // m, (start + t) // m
@@ -123,6 +122,47 @@ class Compressor(nn.Module):
             return new
         return pool_state.commit(r, nb0, new, kv, gate)
 
+    def update_padded(self, x: torch.Tensor, start: int, pad: torch.Tensor, pool_state, rope) -> torch.Tensor:
+        """:meth:`update` for a left-padded batch, every row at once: row ``r``'s tokens sit at its own positions
+        ``start - pad[r] + i`` (negative: padding, skipped), its blocks aligned to its first token. Each row's
+        sequence from the start of its current block (the partial block held, then its tokens) is gathered into
+        place, the blocks of the longest are pooled for all rows, and each row keeps (and the store writes) only
+        its own complete ones; the rest are finite values past the row's count, never visible (its queries see
+        ``(position + 1) // m`` entries) and overwritten when the row's block completes. Returns the entries
+        ``[B, N, d]`` (``N``: the most any row holds)."""
+        m, d = self.ratio, self.dim
+        b, t = x.shape[:2]
+        dev = x.device
+        first = start - pad  # [B] each row's position of this call's first token
+        at = first.clamp(min=0)
+        skip = (-first).clamp(min=0, max=t)  # the row's padding tokens in this call
+        end = (first + t).clamp(min=0)
+        nb0, nb1 = torch.div(at, m, rounding_mode="floor"), torch.div(end, m, rounding_mode="floor")
+        kv, gate = self.kv_proj(x), self.gate_proj(x)
+        held = m - 1 if pool_state is not None else 0  # raw rows of the partial block, in front of the tokens
+        lead = at - nb0 * m if held else torch.zeros_like(at)
+        if held:
+            kv = torch.cat((pool_state.partial_kv, kv), dim=1)
+            gate = torch.cat((pool_state.partial_gate, gate), dim=1)
+        counts = nb1 - nb0  # [B] complete blocks per row
+        n = int(counts.max())  # the batch's host read of a prefill call (never in a decode step)
+        u = torch.arange(n * m + m - 1, device=dev)[None]  # the aligned row: its partial block, then its tokens
+        src = torch.where(u < lead[:, None], u, held + skip[:, None] + u - lead[:, None]).clamp(max=kv.shape[1] - 1)
+        kv = kv.gather(1, src[..., None].expand(-1, -1, kv.shape[-1]))
+        gate = gate.gather(1, src[..., None].expand(-1, -1, gate.shape[-1]))
+        prev = None
+        if self.overlap and pool_state is not None:  # the previous block's series a, none before a row's first block
+            has = (nb0 > 0)[:, None, None]
+            prev = (torch.where(has, pool_state.prev_kv, 0.0), torch.where(has, pool_state.prev_gate, float("-inf")))
+        new = kv.new_zeros(b, 0, d)
+        if n:
+            new = self.pool(kv[:, :n * m], gate[:, :n * m], prev)
+            cos, sin = rope_tables(*rope, (nb0[:, None] + torch.arange(n, device=dev)) * m)
+            new = apply_rope_tail(new, cos, sin)
+        if pool_state is None:
+            return new
+        rest = lead + (t - skip) - counts * m  # raw rows left in each row's new partial block
+        return pool_state.commit_rows(nb0, counts, new, kv, gate, rest)
 
     def step(self, x: torch.Tensor, pos: torch.Tensor, pool_state, rope, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode token per row: ``x [B, 1, hidden]`` at row positions ``pos [B]`` (a row's own position: the
@@ -250,36 +290,26 @@ class CompressedAttention(nn.Module):
                     ikeys = ix.step(x, rowpos, ipool, rope, n)[0]
             out = self._attend_step(q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw)
         elif self.compressor is None:  # swa: the window branch alone
-            out = self._attend(q, kw, kpos, qpos, start, None, None, None, None) if pad is None else torch.cat(
-                [self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, start - p, None, None, None, None)
-                 for r, p in enumerate(pad.tolist())])
+            out = self._attend(q, kw, kpos, qpos, start, None, None, None, None, pad)
         elif pad is None:
             entries = self.compressor.update(x, start, pool, rope)
             ikeys = ix.update(x, start, ipool, rope) if self.csa else None
             out = self._attend(q, kw, kpos, qpos, start, entries, ikeys, iq, iw)
-        else:  # left padding: each row compresses its own tokens, blocks aligned to its first token
-            out = torch.empty(b, h, t, d, dtype=q.dtype, device=x.device)
-            for r, p in enumerate(pad.tolist()):
-                first = start - p  # the row's position of this call's first token
-                xr, at = x[r:r + 1, max(0, -first):], max(0, first)
-                if xr.shape[1]:
-                    entries = self.compressor.update(xr, at, pool, rope, row=r if pool is not None else None)
-                    ikeys = ix.update(xr, at, ipool, rope, row=r if ipool is not None else None) if self.csa else None
-                else:
-                    entries = x.new_zeros(1, 0, d)
-                    ikeys = x.new_zeros(1, 0, ix.dim) if self.csa else None
-                out[r:r + 1] = self._attend(q[r:r + 1], kw[r:r + 1], kpos - p, qpos - p, first, entries, ikeys,
-                                            None if iq is None else iq[r:r + 1], None if iw is None else iw[r:r + 1])
+        else:  # left padding: each row compresses its own tokens, blocks aligned to its first token (all rows at once)
+            entries = self.compressor.update_padded(x, start, pad, pool, rope)
+            ikeys = ix.update_padded(x, start, pad, ipool, rope) if self.csa else None
+            out = self._attend(q, kw, kpos, qpos, start, entries, ikeys, iq, iw, pad)
         out = self._rot(out, tab, inverse=True).transpose(1, 2)  # [B, T, H, D]
         g = c.o_groups
         w = self.o_a_proj.weight.view(g, -1, h * d // g)  # [G, rank, in]
         y = torch.einsum("btgi,gri->btgr", out.reshape(b, t, g, -1), w)
         return self.o_b_proj(y.reshape(b, t, -1))
 
-    def _attend(self, q, kw, kpos, qpos, q0: int, entries, ikeys, iq, iw) -> torch.Tensor:
+    def _attend(self, q, kw, kpos, qpos, q0: int, entries, ikeys, iq, iw, pad=None) -> torch.Tensor:
         """Attention of queries ``q [B, H, T, D]`` at positions ``qpos [T]`` (the first is ``q0``) over the window
         rows ``kw [B, 1, L, D]`` at ``kpos [L]`` (the last T of them are this call's) and the compressed
-        ``entries [B, N, D]``."""
+        ``entries [B, N, D]``. ``pad [B]``: left padding, row ``r``'s positions are ``qpos - pad[r]`` (its padding
+        keys hidden, its entries counted from its first token); a padding query sees itself alone."""
         s, c = self.spec, self.cspec
         b, h, t, d = q.shape
         m = c.ratio
@@ -290,6 +320,7 @@ class CompressedAttention(nn.Module):
         n_all = entries.shape[1] if entries is not None else 0
         per_query = h * (2 * s.window + (c.index_topk if self.csa else n_all)) + (ix.heads * n_all if self.csa else 0)
         blk = max(1, min(t, _BLOCK_ELEMENTS // max(1, b * per_query)))
+        pmin = 0 if pad is None else int(pad.min())  # the least padded row (a prefill call's host read)
         for a in range(0, t, blk):
             e = min(t, a + blk)
             qp = qpos[a:e]
@@ -302,17 +333,22 @@ class CompressedAttention(nn.Module):
                 keys, kp = kw[:, :, :ring + e], kpos[:ring + e]
             else:
                 keys, kp = kw[:, :, lo:e], kpos[lo:e]
-            ok = visible_keys(qp, kp, s.window) | (kp[None] == qp[:, None])  # a (padding) query always sees itself
+            ok = visible_keys(qp, kp, s.window)[None]  # [B|1, Q, Lw]
+            rowq = qp[None] if pad is None else qp[None] - pad[:, None]  # [B|1, Q] the rows' own positions
+            if pad is not None:  # a row's padding keys are not written for it
+                ok = ok & (kp[None, None] >= pad[:, None, None])
+            ok = ok | (kp[None] == qp[:, None])  # a (padding) query always sees itself
             sw = (q[:, :, a:e] @ keys.transpose(-1, -2)).float() * s.scale  # [B, H, Q, Lw]
-            sw = sw.masked_fill(~ok, float("-inf"))
-            visible = (qp + 1) // m if m else qp * 0  # entries complete at each query (none without a compressor)
-            nv = max(0, (q0 + e) // m) if m else 0  # as visible[-1], without reading it back
+            sw = sw.masked_fill(~ok[:, None], float("-inf"))
+            # entries complete at each query (none without a compressor; none for a padding query)
+            visible = torch.div(rowq + 1, m, rounding_mode="floor").clamp(min=0) if m else rowq * 0
+            nv = min(entries.shape[1], max(0, (q0 - pmin + e) // m)) if m else 0  # the most any row sees
             if self.csa and nv:
                 kk = ikeys[:, :nv]
                 isc = F.relu(iq[:, :, a:e].float() @ kk.float().transpose(-1, -2)[:, None]) * ix.dim ** -0.5
                 isc = (isc * iw[:, a:e].transpose(1, 2)[..., None]).sum(dim=1)  # [B, Q, nv]
-                future = torch.arange(nv, device=q.device)[None] >= visible[:, None]
-                isc = isc.masked_fill(future[None], float("-inf"))
+                future = torch.arange(nv, device=q.device) >= visible[..., None]  # [B|1, Q, nv]
+                isc = isc.masked_fill(future, float("-inf"))
                 k = min(c.index_topk, nv)
                 if k < nv:  # ties at the boundary: the earlier entry, whatever the length
                     val, idx = stable_topk(isc, k)
@@ -325,8 +361,8 @@ class CompressedAttention(nn.Module):
             elif nv:
                 sel = entries[:, :nv]
                 sc = (q[:, :, a:e] @ sel.transpose(-1, -2)[:, None]).float() * s.scale
-                future = torch.arange(nv, device=q.device)[None] >= visible[:, None]
-                sc = sc.masked_fill(future[None, None], float("-inf"))
+                future = torch.arange(nv, device=q.device) >= visible[..., None]  # [B|1, Q, nv]
+                sc = sc.masked_fill(future[:, None], float("-inf"))
             else:
                 sc = None
             scores = sw if sc is None else torch.cat((sw, sc), dim=-1)
