@@ -9,7 +9,7 @@ import torch
 from helpers import random_model, tiny_config
 
 import kvlab
-from kvlab.layers.mhc import HyperConnection, HyperHead, sinkhorn
+from kvlab.layers.mhc import HyperConnection, HyperHead, sinkhorn, sinkhorn_by_rows
 from kvlab.model import Model
 
 
@@ -31,6 +31,36 @@ def test_sinkhorn_doubly_stochastic_fp32(n):
     assert bool((m >= 0).all())
     torch.testing.assert_close(m.sum(-1), torch.ones(3, 5, n), atol=1e-5, rtol=0)
     torch.testing.assert_close(m.sum(-2), torch.ones(3, 5, n), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n", [2, 4, 6])
+def test_sinkhorn_by_rows_is_the_same_arithmetic(n):
+    """The form compiled steps use (one row per tensor) against the whole-matrix form eager uses: equal to the last
+    bit for n <= 4 (torch adds a column's values in order), within float rounding beyond."""
+    logits = torch.randn(3, 5, n, n, generator=torch.Generator().manual_seed(n)) * 3
+    whole, rows = sinkhorn(logits, iters=20, eps=1e-6), sinkhorn_by_rows(logits, iters=20, eps=1e-6)
+    if n <= 4:
+        assert torch.equal(rows, whole)
+    torch.testing.assert_close(rows, whole, atol=1e-6, rtol=0)
+
+
+def test_compiled_sinkhorn_runs_one_loop_per_iteration():
+    """Inductor (C++ on the CPU) turns the compiled Sinkhorn of a decode step (``[1, 1, 4, 4]``) into one loop per
+    iteration, a column normalisation fused with the next row normalisation, plus the softmax and the output:
+    ``iters + 2`` loops at most (inductor's generated kernel count), where the whole-matrix form takes a loop per
+    normalisation (``2 iters + 1``); and the same values as eager."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor import config as inductor_config
+    from torch._inductor import metrics
+
+    iters = 5
+    logits = torch.randn(1, 1, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    torch._dynamo.reset()
+    metrics.reset()
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        out = torch.compile(sinkhorn, backend="inductor", fullgraph=True)(logits, iters, 1e-6)
+    assert 1 <= metrics.generated_kernel_count <= iters + 2 < 2 * iters + 1
+    torch.testing.assert_close(out, sinkhorn(logits, iters, 1e-6), atol=1e-6, rtol=0)
 
 
 def test_bf16_model_keeps_mhc_in_fp32(no_grad):
