@@ -1,0 +1,259 @@
+"""Issue 17's targets under one load: kvlab eager, kvlab compiled and transformers decode in turns (outside CI).
+
+``kvlab bench --vs transformers --compile`` runs transformers' loop after kvlab's, minutes later, so on a shared
+machine its kvlab / transformers ratio carries the load's swings. Here, per benchmark shape (``benchmarks/*.json``,
+random weights scaled as ``kvlab bench`` scales them, one transformers checkpoint loaded by both) and context:
+
+1. kvlab prefills the context (chunks of 512, eager), timed, peak RSS over the prefill; its cache is copied for the
+   compiled lane (the same state, no second prefill); transformers prefills the same ids, timed, peak RSS;
+2. the copy bandwidth is measured; then three lanes decode ``--decode-tokens`` greedy tokens taking turns step by
+   step: kvlab eager (``Model.decode_step``), kvlab compiled (kvlab/compiled.py, inductor; its first step, the
+   compile, reported apart), transformers (``DynamicCache``); the copy bandwidth is measured again after;
+3. each lane's step is profiled (torch.profiler, ``--profile-steps`` steps): self CPU time by operator, split into
+   weight matmuls (``aten::mm`` / ``addmm``), attention (SDPA, ``bmm``) and the rest.
+
+Bytes read per step and the bandwidth share are the calculator's (kvlab/costs), as in ``kvlab bench``. The load
+average is recorded around every part. The JSON (``--out``) is rewritten after each shape; ``--budget-min`` stops
+before a shape that would start past it (the skipped ones are listed).
+
+    PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/same_load.py benchmarks/qwen3-100m.json:16k \\
+        benchmarks/qwen3-100m.json:4k:bf16 benchmarks/laguna-small.json:16k:eager --out same_load.json
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/same_load.py --table same_load.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def _breakdown(prof: Any, steps: int, top: int = 10) -> dict[str, Any]:
+    ev = {e.key: e.self_cpu_time_total / steps / 1e6 for e in prof.key_averages()}  # seconds per step
+    total = sum(ev.values())
+    mm = sum(ev.get(k, 0.0) for k in ("aten::mm", "aten::addmm"))
+    attn = sum(v for k, v in ev.items() if "scaled_dot_product" in k or k == "aten::bmm")
+    return {"step_s": total, "weight_mm_s": mm, "attention_s": attn, "rest_s": total - mm - attn,
+            "top": sorted(([k, v] for k, v in ev.items()), key=lambda kv: -kv[1])[:top]}
+
+
+def _profile(step: Any, logits: torch.Tensor, steps: int) -> tuple[dict[str, Any], torch.Tensor]:
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            logits = step(logits[:, -1].argmax(-1, keepdim=True))
+    return _breakdown(prof, steps), logits
+
+
+def run_shape(shape: Path, ctx: int, decode_tokens: int, dtype: str, profile_steps: int, compile: bool = True
+              ) -> dict[str, Any]:
+    import transformers as tf
+
+    from kvlab.bench import TORCH_DTYPES, WARMUP, copy_bandwidth, rss_sampler, save_random_hf
+    from kvlab.compiled import CompiledStep
+    from kvlab.costs import costs
+    from kvlab.loading import load
+    from kvlab.resolve import resolve_spec
+    from kvlab.shrink import scale_to_fit
+
+    td = TORCH_DTYPES[dtype]
+    cfg, notes = scale_to_fit(resolve_spec(str(shape)))
+    out: dict[str, Any] = {"shape": shape.stem, "context": ctx, "dtype": dtype, "decode_tokens": decode_tokens,
+                           "threads": torch.get_num_threads(), "scaled": notes, "load": {"start": _load()}}
+    with tempfile.TemporaryDirectory(prefix="same-load-") as tmp:
+        save_random_hf(cfg, tmp)
+        model = load(tmp, dtype=td, device="cpu").eval()
+        hf = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=td).eval()
+        ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+        warm = torch.zeros(1, WARMUP, dtype=torch.long)
+        with torch.inference_mode():  # warm-up, as kvlab bench: allocator and kernel set-up
+            c = model.new_cache(1, max_length=WARMUP + 2)
+            model(warm, cache=c)
+            try:
+                hf(input_ids=warm, past_key_values=tf.DynamicCache(config=hf.config), use_cache=True)
+            except RuntimeError as err:  # transformers' grouped_mm experts fail on the CPU for some shapes
+                if "stride" not in str(err):
+                    raise
+                hf = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=td, experts_implementation="eager").eval()
+                out["transformers_experts"] = "eager"
+                hf(input_ids=warm, past_key_values=tf.DynamicCache(config=hf.config), use_cache=True)
+    spare = decode_tokens + 2 * profile_steps + 2
+    with torch.inference_mode():
+        gc.collect()
+        with rss_sampler() as mem:
+            cache = model.new_cache(1, max_length=ctx + spare)
+            t0 = time.perf_counter()
+            for s in range(0, ctx, 512):
+                k_logits = model(ids[:, s:s + 512], cache=cache, last_only=True)
+            k_pre = time.perf_counter() - t0
+        out["kvlab_prefill"] = {"s": k_pre, "tok_s": ctx / k_pre, "rss_delta": mem["peak"] - mem["start"]}
+        out["load"]["after_kvlab_prefill"] = _load()
+        other = copy.deepcopy(cache) if compile else None
+        gc.collect()
+        with rss_sampler() as mem:
+            hcache = tf.DynamicCache(config=hf.config)
+            t0 = time.perf_counter()
+            for s in range(0, ctx, 512):
+                h_logits = hf(input_ids=ids[:, s:s + 512], past_key_values=hcache, use_cache=True,
+                              logits_to_keep=1).logits
+            h_pre = time.perf_counter() - t0
+        out["transformers_prefill"] = {"s": h_pre, "tok_s": ctx / h_pre, "rss_delta": mem["peak"] - mem["start"]}
+        out["load"]["after_prefills"] = _load()
+        compiled = CompiledStep(model, "inductor") if compile else None
+        lanes = {
+            "eager": lambda x: model.decode_step(x, cache),
+            "compiled": lambda x: compiled(x, other),
+            "transformers": lambda x: hf(input_ids=x, past_key_values=hcache, use_cache=True).logits,
+        }
+        if not compile:
+            del lanes["compiled"]
+        logits = {"eager": k_logits, "compiled": k_logits, "transformers": h_logits}
+        times: dict[str, list[float]] = {k: [] for k in lanes}
+        out["copy_bandwidth_before"] = copy_bandwidth()
+        for _ in range(decode_tokens):
+            for name, step in lanes.items():
+                nxt = logits[name][:, -1].argmax(-1, keepdim=True)
+                t1 = time.perf_counter()
+                logits[name] = step(nxt)
+                times[name].append(time.perf_counter() - t1)
+        out["copy_bandwidth_after"] = copy_bandwidth()
+        out["load"]["after_decode"] = _load()
+        c = costs(cfg, context=ctx + decode_tokens // 2, dtype=dtype)
+        read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
+        out.update(weight_read_bytes_per_step=c.weight_read_bytes_per_step,
+                   kv_read_bytes_per_step=c.kv_read_bytes_per_step,
+                   compiles=compiled.compiles if compiled else None,
+                   first_compiled_step_s=times["compiled"][0] if compiled else None)
+        for name, st in times.items():
+            timed = st[1:] if name == "compiled" else st
+            med = statistics.median(timed)
+            out[name] = {"steps_s": st, "median_s": med, "tok_s": 1 / med}
+            if name != "transformers":
+                out[name]["achieved_bandwidth"] = read / med
+        if profile_steps:
+            for name, step in lanes.items():
+                out[name]["profile"], logits[name] = _profile(step, logits[name], profile_steps)
+            out["load"]["after_profile"] = _load()
+    return out  # the models and caches go with this frame
+
+
+def table(data: dict[str, Any]) -> str:
+    """Markdown: one line per shape, dtype and context."""
+    lines = [("| shape | dtype | context | kvlab eager tok/s | kvlab compiled tok/s | transformers tok/s | "
+              "eager / tf | compiled / tf | compiled / eager | eager of copy bw | compiled of copy bw | "
+              "prefill kvlab / tf tok/s | prefill peak RSS kvlab / tf | first compiled step | load |"),
+             "|" + "---|" * 15]
+    for r in data["runs"]:
+        bw = min(r["copy_bandwidth_before"], r["copy_bandwidth_after"])
+        e, c, h = r["eager"], r.get("compiled"), r["transformers"]
+        kp, hp = r["kvlab_prefill"], r["transformers_prefill"]
+        loads = list(r["load"].values())
+
+        def rate(x):
+            return f"{x['tok_s']:.2f}" if x else "-"
+
+        def ratio(a, b):
+            return f"{a['tok_s'] / b['tok_s']:.2f}x" if a and b else "-"
+
+        def share(x, bw=bw):
+            return f"{100 * x['achieved_bandwidth'] / bw:.0f}%" if x else "-"
+
+        first = f"{r['first_compiled_step_s']:.0f} s" if c else "-"
+        lines.append(
+            f"| {r['shape']} | {r['dtype']} | {r['context']} | {rate(e)} | {rate(c)} | {rate(h)} | {ratio(e, h)} | "
+            f"{ratio(c, h)} | {ratio(c, e)} | {share(e)} | {share(c)} | {kp['tok_s']:.0f} / {hp['tok_s']:.0f} "
+            f"({kp['tok_s'] / hp['tok_s']:.2f}x) | {kp['rss_delta'] / 2**20:.0f} / {hp['rss_delta'] / 2**20:.0f} MiB | "
+            f"{first} | {min(loads):.1f}-{max(loads):.1f} |")
+    return "\n".join(lines)
+
+
+def profile_table(data: dict[str, Any]) -> str:
+    lines = [("| shape | dtype | context | lane | step ms | weight matmuls | attention (SDPA, bmm) | the rest | "
+              "top operators (ms per step) |"), "|" + "---|" * 9]
+    for r in data["runs"]:
+        for lane in ("eager", "compiled", "transformers"):
+            p = r.get(lane, {}).get("profile")
+            if not p:
+                continue
+            t = p["step_s"]
+            top = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in p["top"][:5])
+            lines.append(f"| {r['shape']} | {r['dtype']} | {r['context']} | {lane} | {1e3 * t:.1f} | "
+                         f"{100 * p['weight_mm_s'] / t:.0f}% | {100 * p['attention_s'] / t:.0f}% | "
+                         f"{100 * p['rest_s'] / t:.0f}% | {top} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kvlab import threads as threads_mod
+    from kvlab.units import parse_contexts
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("runs", nargs="+", metavar="SHAPE:CONTEXT[:bf16][:eager]",
+                    help="one run each, in this order: a benchmark JSON, a context (16k), bf16 (else fp32), eager "
+                         "(no compiled lane)")
+    ap.add_argument("--decode-tokens", type=int, default=8)
+    ap.add_argument("--profile-steps", type=int, default=3)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--budget-min", type=float, default=30.0, help="start no run after this many minutes")
+    ap.add_argument("--out", type=Path, default=Path("same_load.json"))
+    ap.add_argument("--table", action="store_true", help="the runs are one JSON of a finished run: print its tables")
+    args = ap.parse_args(argv)
+    if args.table:
+        data = json.loads(Path(args.runs[0]).read_text())
+        print(table(data) + "\n\n" + profile_table(data))
+        return 0
+    threads_mod.apply(args.threads)
+    plan = []
+    for run in args.runs:
+        shape, ctx, *flags = run.split(":")
+        bad = [f for f in flags if f not in ("bf16", "eager")]
+        if bad:
+            ap.error(f"{run}: {bad[0]!r} is not bf16 or eager")
+        plan.append((Path(shape), parse_contexts(ctx)[0], "bfloat16" if "bf16" in flags else "float32",
+                     "eager" not in flags))
+    data: dict[str, Any] = {"runs": [], "skipped": [], "threads": torch.get_num_threads(),
+                            "command": " ".join(sys.argv)}
+    t0 = time.time()
+    for shape, ctx, dtype, compile in plan:
+        if time.time() - t0 > 60 * args.budget_min:
+            data["skipped"].append(f"{shape.stem} {dtype} {ctx}")
+            continue
+        print(f"{shape.stem} {dtype} {ctx} (load {_load():.1f}, {time.time() - t0:.0f} s in) ...", file=sys.stderr,
+              flush=True)
+        try:
+            data["runs"].append(run_shape(shape, ctx, args.decode_tokens, dtype, args.profile_steps, compile))
+        except Exception as err:  # noqa: BLE001 - a failed shape is recorded, the others still run
+            data["failed"] = data.get("failed", []) + [f"{shape.stem} {dtype} {ctx}: {type(err).__name__}: {err}"]
+            print(data["failed"][-1], file=sys.stderr, flush=True)
+            continue
+        finally:
+            gc.collect()
+        data["wall_s"] = time.time() - t0
+        args.out.write_text(json.dumps(data, indent=1))
+        print(table({"runs": data["runs"][-1:]}).splitlines()[-1], file=sys.stderr, flush=True)
+    args.out.write_text(json.dumps(data, indent=1))
+    print(table(data) + "\n\n" + profile_table(data))
+    for f in data.get("failed", []):
+        print(f"failed: {f}")
+    if data["skipped"]:
+        print("skipped (budget): " + ", ".join(data["skipped"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
