@@ -19,7 +19,7 @@ from kv_flops_plot import plot_kv_and_flops
 
 import kvlab
 from kvlab.budget import budget, describe_pattern
-from kvlab.config import LayerSpec, ModelConfig, MoESpec, RopeSpec
+from kvlab.config import GQASpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from kvlab.model import Model
 from kvlab.units import fmt_bytes, fmt_context, fmt_flops, table
 
@@ -35,8 +35,8 @@ def scaled_laguna(layers: int = 8, hidden: int = 256, window: int = 64) -> Model
         moe = None if i == 0 else MoESpec(num_experts=8, top_k=2, expert_size=64, scoring="sigmoid",
                                           bias_correction=True, routed_scaling=2.5, shared_experts=1)
         specs.append(LayerSpec(
-            num_heads=6 if g else 8, num_kv_heads=2, head_dim=32, window=None if g else window, qk_norm=True,
-            output_gate="softplus", rope=RopeSpec(theta=5e5, partial=0.5, scaling="yarn", factor=32.0,
+            num_heads=6 if g else 8, num_kv_heads=2, head_dim=32, window=None if g else window,
+            gqa=GQASpec(qk_norm=True), output_gate="softplus", rope=RopeSpec(theta=5e5, partial=0.5, scaling="yarn", factor=32.0,
                                                   original_max_positions=1024, beta_fast=64.0, attention_factor=1.0)
             if g else RopeSpec(theta=1e4), mlp="moe" if moe else "dense", intermediate_size=0 if moe else 512,
             moe=moe))

@@ -9,13 +9,13 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from .config import CCASpec, CompressSpec, LayerSpec, MLASpec, ModelConfig, MoESpec, RopeSpec
+from .config import CCASpec, CompressSpec, GQASpec, LayerSpec, MLASpec, ModelConfig, MoESpec, RopeSpec
 from .costs import costs  # binds kvlab.costs to the function, not the package of the same name
 
 __version__ = "0.1.0"
 
-__all__ = ["CCASpec", "CompressSpec", "LayerSpec", "MLASpec", "MoESpec", "Model", "ModelConfig", "RopeSpec", "costs",
-           "generate", "load", "presets", "save"]
+__all__ = ["CCASpec", "CompressSpec", "GQASpec", "LayerSpec", "MLASpec", "MoESpec", "Model", "ModelConfig", "RopeSpec",
+           "costs", "generate", "load", "presets", "save"]
 
 # name -> (module, attribute); attribute None: the module itself (kvlab.presets is a callable module)
 _LAZY = {"Model": ("kvlab.model", "Model"), "generate": ("kvlab.engine", "generate"),

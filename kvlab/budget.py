@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .config import LayerSpec, ModelConfig, RopeSpec
+from .kinds import GQASpec, with_spec
 
 KINDS = ("global", "sliding")
 _ALIASES = {"global": "global", "full": "global", "full_attention": "global",
@@ -154,7 +155,7 @@ def budget(cfg: ModelConfig, pattern: str | Sequence[str] | None = None, *, wind
     rope: a RopeSpec (or dict of its fields) for all layers, a ``{"global": .., "sliding": ..}`` map of them
         (``None`` as a value means no rotation), or a per-layer list; ``None`` keeps each layer's own.
     sink_tokens: each sliding layer's first positions kept visible past its window (StreamingLLM's attention
-        sinks, arXiv 2309.17453; ``LayerSpec.sink_tokens``): one count for every sliding layer; ``None`` keeps
+        sinks, arXiv 2309.17453; ``GQASpec.sink_tokens``): one count for every sliding layer; ``None`` keeps
         each sliding layer's own. Global layers have none.
     name: the new config's name (default ``<name>-budget``); source: its citation (default: the pattern and
         the base model's source).
@@ -208,14 +209,18 @@ def budget(cfg: ModelConfig, pattern: str | Sequence[str] | None = None, *, wind
                 raise ValueError(f"window for layers[{i}] is {w!r} but the pattern makes it a global layer "
                                  "(use None for global layers)")
             s.window = None
-            s.sink_tokens = 0
+            if s.gqa is not None:
+                s.gqa = dataclasses.replace(s.gqa, sink_tokens=0)
         else:
             w = spec.window if w is _KEEP else w
             if w is None:
                 raise ValueError(f"layers[{i}] is a sliding layer but has no window: pass window=<positions>")
             s.window = _count("window", i, kind, w)
-            if sink_tokens is not None:
-                s.sink_tokens = sink_tokens
+            if sink_tokens is not None and s.gqa is not None:
+                s.gqa = dataclasses.replace(s.gqa, sink_tokens=sink_tokens)
+            elif sink_tokens:
+                raise ValueError(f"sink_tokens={sink_tokens}: layers[{i}] is a {s.attention!r} layer; sink tokens are "
+                                 f"an option of {', '.join(with_spec(GQASpec))} (GQASpec.sink_tokens)")
         if hs[i] is not _KEEP:
             s.num_heads = _count("heads", i, kind, hs[i])
         if kvs[i] is not _KEEP:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from . import kinds
-from .kinds import CCASpec, CompressSpec, MLASpec, field_error, positive_int
+from .kinds import CCASpec, CompressSpec, GQASpec, MLASpec, field_error, positive_int
 from .validate import check_fields
 
 MLP_KINDS = ("dense", "moe", "dense+moe")
@@ -170,34 +170,24 @@ class LayerSpec:
     attention: the name of a record in the kinds table (kvlab/kinds): ``gqa`` (MHA, GQA, MQA), ``cca``, ``mla``,
         ``csa``, ``hca``, ``swa``. The record says which of the options below the kind reads (``Kind.options``):
         an option of another kind left away from its default is an error naming the field and its owner, and the
-        kind's own checks (``Kind.validate``) run after the shared ones. ``mla``, ``compress`` and ``cca`` hold the
-        sub-specs of MLA, of CSA/HCA/SWA and of CCA (kvlab/kinds/mla.py, compressed.py, cca.py): options only
-        that kind has, so they cannot even be written on another kind's layer. A saved config with CCA's old flat
-        ``conv_kernels`` field still loads (``Kind.moved``: the value moves into ``cca``).
+        kind's own checks (``Kind.validate``) run after the shared ones. ``gqa``, ``mla``, ``compress`` and ``cca``
+        hold the sub-specs of GQA, MLA, CSA/HCA/SWA and CCA (kvlab/kinds/gqa.py, mla.py, compressed.py, cca.py):
+        options only that kind has (GQASpec: ``qk_norm``, ``v_norm``, ``k_eq_v``, ``sink_tokens``; CCASpec:
+        ``conv_kernels``), so they cannot even be written on another kind's layer. A saved config with the old flat
+        fields of these options still loads (``Kind.moved``: the value moves into ``gqa`` / ``cca``).
         Which options stay flat here, and why (``Kind.options`` of each record, checked in tests/test_contract.py):
         ``window`` (gqa, cca, csa, hca, swa), ``sinks`` (gqa, cca, csa, hca, swa), ``qkv_bias`` / ``o_bias``
         (gqa, cca, mla), ``output_gate`` / ``gate_per_head`` (gqa, cca) and ``attn_scale`` (all) are read by several
-        kinds. ``qk_norm``, ``v_norm``, ``k_eq_v`` and ``sink_tokens`` are read by ``gqa`` alone today; they stay
-        flat because gqa is the default kind that every family, retrofit, store and sharing check reads them on
-        (some 35 files), and they are per-head attention variants, not a different storage or module: another kind
-        could adopt one by listing it in its record. Set on a layer of a kind that does not list them, they are
-        refused with the error above.
+        kinds. Set on a layer of a kind that does not list them, they are refused with the error above.
     window: sliding-window size in positions (a query sees itself and the ``window - 1`` before it);
         ``None`` is full causal attention. The cache of a window layer holds exactly ``window``
         positions.
     sinks: learned per-head sink logits added to the softmax denominator (gpt-oss style): a parameter, no
-        cached position (not to be confused with ``sink_tokens``).
-    sink_tokens: (``gqa`` window layers) the first ``sink_tokens`` real positions of each sequence stay in the
-        window layer's store and are always attended, past the window (StreamingLLM's attention sinks, Xiao et
-        al. 2023, arXiv 2309.17453): cached tokens, counted in the cache and the calculator; 0: none.
-    qk_norm: RMSNorm over head_dim on q and k before RoPE (Qwen3, OLMo 2 style).
+        cached position (not to be confused with ``GQASpec.sink_tokens``).
     output_gate: ``sigmoid`` or ``softplus`` gate on the attention output, computed from the
         attention input; ``gate_per_head`` gives one scalar per head, else one per channel.
     kv_source: index of an earlier layer whose K/V this layer reads; it computes and stores none.
     rope: ``None`` for a layer without positional rotation (NoPE).
-    v_norm: RMSNorm over head_dim on v without a learned weight (Gemma 4).
-    k_eq_v: no v_proj; V is the K projection before its norm and rotation (Gemma 4 full layers; needs
-        ``v_head_dim`` equal to ``head_dim``).
     sandwich_norm: also normalise the attention output and the MLP output before they are added to the
         residual (Gemma 2/3/4 ``post_attention`` / ``post_feedforward`` norms).
     layer_scalar: a learned scalar multiplying the block's output residual stream (Gemma 4).
@@ -216,8 +206,6 @@ class LayerSpec:
     v_head_dim: int | None = None
     window: int | None = None
     sinks: bool = False
-    sink_tokens: int = 0
-    qk_norm: bool = False
     qkv_bias: bool = False
     o_bias: bool = False
     output_gate: str | None = None
@@ -229,28 +217,30 @@ class LayerSpec:
     activation: str = "silu"
     mlp_bias: bool = False
     moe: MoESpec | None = None
-    v_norm: bool = False
-    k_eq_v: bool = False
     sandwich_norm: bool = False
     layer_scalar: bool = False
     residual_scaling: bool = False
     compress: CompressSpec | None = None
     mla: MLASpec | None = None
     cca: CCASpec | None = None
+    gqa: GQASpec | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.rope, dict):
             self.rope = RopeSpec(**self.rope)
         if isinstance(self.moe, dict):
             self.moe = MoESpec(**self.moe)
-        for kind in kinds.KINDS.values():  # each kind's sub-spec (mla, compress, cca...), also given as a dict
-            f = kind.spec_field
-            if f is not None and isinstance(getattr(self, f, None), dict):
-                setattr(self, f, _sub_spec(kind.spec_type, getattr(self, f), f))
         kind = kinds.KINDS.get(self.attention) if isinstance(self.attention, str) else None
+        for other in kinds.KINDS.values():  # each kind's sub-spec (gqa, mla, compress, cca...), also given as a dict
+            f = other.spec_field
+            if f is not None and isinstance(getattr(self, f, None), dict):
+                setattr(self, f, _sub_spec(other.spec_type, getattr(self, f), f))
+            if (kind is not None and f is not None and f != kind.spec_field and _all_defaults(other.spec_type)
+                    and getattr(self, f) == other.spec_type()):
+                setattr(self, f, None)  # switched to another kind (replace(x, attention=...)): no option was set
         if (kind is not None and kind.spec_field is not None and getattr(self, kind.spec_field, None) is None
                 and _all_defaults(kind.spec_type)):
-            setattr(self, kind.spec_field, kind.spec_type())  # e.g. a cca layer without options: CCASpec()
+            setattr(self, kind.spec_field, kind.spec_type())  # e.g. a gqa layer without options: GQASpec()
 
     @property
     def value_dim(self) -> int:
@@ -286,8 +276,8 @@ class LayerSpec:
                            "(no cross-layer sharing)")
             if not isinstance(self.kv_source, int) or not 0 <= self.kv_source < index:
                 raise _err(where, "kv_source", self.kv_source, "a layer can only read K/V from an earlier layer")
-        for name in ("sinks", "qk_norm", "qkv_bias", "o_bias", "gate_per_head", "v_norm", "k_eq_v", "sandwich_norm",
-                     "layer_scalar", "residual_scaling", "mlp_bias"):
+        for name in ("sinks", "qkv_bias", "o_bias", "gate_per_head", "sandwich_norm", "layer_scalar", "residual_scaling",
+                     "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _err(where, name, getattr(self, name), "must be true or false")
         kind.validate(self, where)
@@ -421,11 +411,11 @@ class ModelConfig:
                     raise _err(f"layers[{i}]", "kv_source", layer.kv_source,
                                f"layers[{layer.kv_source}] reads its K/V from layers[{src.kv_source}]; "
                                "name the producing layer")
-                for f in ("num_kv_heads", "head_dim", "value_dim", "window", "sink_tokens", "attention"):
-                    if getattr(src, f) != getattr(layer, f):
+                for f in LAYOUT:
+                    if layout(src, f) != layout(layer, f):
                         raise _err(f"layers[{i}]", "kv_source", layer.kv_source,
-                                   f"layers[{i}].{f}={getattr(layer, f)!r} differs from "
-                                   f"layers[{layer.kv_source}].{f}={getattr(src, f)!r}; "
+                                   f"layers[{i}].{f}={layout(layer, f)!r} differs from "
+                                   f"layers[{layer.kv_source}].{f}={layout(src, f)!r}; "
                                    "a layer can only share K/V of the same layout")
 
     # -- serialisation -------------------------------------------------------------------------
@@ -453,6 +443,15 @@ class ModelConfig:
         """A copy with ``fn(index, LayerSpec) -> LayerSpec`` applied to every layer."""
         layers = [fn(i, dataclasses.replace(x)) for i, x in enumerate(self.layers)]
         return dataclasses.replace(self, layers=layers)
+
+
+# what a layer reading another layer's K/V (``kv_source``) must have in common with it (also kvlab/sharing.py)
+LAYOUT = ("attention", "num_kv_heads", "head_dim", "value_dim", "window", "gqa.sink_tokens")
+
+
+def layout(layer: LayerSpec, name: str) -> Any:
+    """Field ``name`` of :data:`LAYOUT` on ``layer`` (``gqa.sink_tokens``: 0 on a layer of another kind)."""
+    return kinds.gqa.sink_tokens(layer) if name == "gqa.sink_tokens" else getattr(layer, name)
 
 
 def _check_options(layer: LayerSpec, kind: kinds.Kind, where: str) -> None:
@@ -488,18 +487,23 @@ def _moved_fields(x: dict[str, Any], where: str) -> None:
             if name not in x:
                 continue
             value = x.pop(name)
-            value = tuple(value) if isinstance(value, list) else value
+            value = _listless(value)
             default = next(f.default for f in dataclasses.fields(kind.spec_type) if f.name == name)
             if attention == kind.name:
                 sub = x.get(spec_field)
                 sub = dict(sub) if isinstance(sub, dict) else dataclasses.asdict(sub) if sub is not None else {}
-                if name in sub and tuple(sub[name]) != value:
+                if name in sub and _listless(sub[name]) != value:
                     raise _err(where, name, value, f"differs from {spec_field}.{name}={sub[name]!r}; give it once, "
                                f"in {spec_field}")
                 x[spec_field] = {name: value, **sub}
             elif value != default:
                 raise _err(where, name, value, f"not supported by {attention} (an option of {kind.name}); "
                            f"leave it at {default!r}")
+
+
+def _listless(value: Any) -> Any:
+    """A JSON list as the tuple the dataclass holds; any other value as is."""
+    return tuple(value) if isinstance(value, list) else value
 
 
 def _as_layer(x: LayerSpec | dict[str, Any], index: int = 0) -> LayerSpec:

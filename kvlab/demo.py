@@ -26,7 +26,7 @@ import torch
 import kvlab
 from kvlab import kinds
 from kvlab.cli import main as cli
-from kvlab.config import LayerSpec, ModelConfig, MoESpec
+from kvlab.config import GQASpec, LayerSpec, ModelConfig, MoESpec
 from kvlab.costs import costs
 from kvlab.engine import generate
 from kvlab.model import Model
@@ -60,7 +60,7 @@ def kind_configs() -> list[ModelConfig]:
         tiny("attention sinks", sinks=True),
         tiny("output gate (sigmoid, per head)", output_gate="sigmoid"),
         tiny("output gate (softplus, per channel)", output_gate="softplus", gate_per_head=False),
-        tiny("qk-norm + qkv bias", qk_norm=True, qkv_bias=True),
+        tiny("qk-norm + qkv bias", gqa=GQASpec(qk_norm=True), qkv_bias=True),
         tiny("MoE (8 experts, top-2, 1 shared)", mlp="moe",
              moe=MoESpec(num_experts=8, top_k=2, expert_size=32, shared_experts=1)),
     ]

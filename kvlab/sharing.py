@@ -18,14 +18,12 @@ import copy
 import dataclasses
 
 from . import kinds
-from .config import LayerSpec, ModelConfig
-
-LAYOUT = ("attention", "num_kv_heads", "head_dim", "value_dim", "window", "sink_tokens")
+from .config import LAYOUT, LayerSpec, ModelConfig, layout
 
 
 def layer_type(spec: LayerSpec) -> tuple:
     """What 'the same type' means for sharing: attention kind, window (full = None) and sink tokens."""
-    return spec.attention, spec.window, spec.sink_tokens
+    return spec.attention, spec.window, kinds.gqa.sink_tokens(spec)
 
 
 def _type_name(spec: LayerSpec) -> str:
@@ -34,9 +32,9 @@ def _type_name(spec: LayerSpec) -> str:
 
 def _check_layout(i: int, spec: LayerSpec, j: int, src: LayerSpec, why: str) -> None:
     for f in LAYOUT:
-        if getattr(spec, f) != getattr(src, f):
+        if layout(spec, f) != layout(src, f):
             raise ValueError(f"{why}: layers[{i}] would read the K/V of layers[{j}], but "
-                             f"layers[{i}].{f}={getattr(spec, f)!r} differs from layers[{j}].{f}={getattr(src, f)!r}; "
+                             f"layers[{i}].{f}={layout(spec, f)!r} differs from layers[{j}].{f}={layout(src, f)!r}; "
                              "a layer can only share K/V of the same layout")
 
 

@@ -35,7 +35,7 @@ def _dict(**top) -> dict:
     (lambda d: d["layers"][2]["rope"].update(partial="0.5"), "layers[2].rope.partial='0.5': must be a finite number"),
     (lambda d: d["layers"][2]["rope"].update(factor="x"), "layers[2].rope.factor='x': must be a finite number > 0"),
     (lambda d: d["layers"][2]["rope"].update(theta=float("inf")), "layers[2].rope.theta=inf"),
-    (lambda d: d["layers"][1].update(qk_norm="yes"), "layers[1].qk_norm='yes': must be true or false"),
+    (lambda d: d["layers"][1]["gqa"].update(qk_norm="yes"), "layers[1].gqa.qk_norm='yes': must be true or false"),
     (lambda d: d["layers"][1].update(window=4.0), "layers[1].window=4.0: must be a positive integer or None"),
     (lambda d: d["layers"][0].update(rope="default"), "layers[0].rope='default': must be a RopeSpec or None"),
     (lambda d: d.update(vocab_size=True), "vocab_size=True: must be a positive integer"),

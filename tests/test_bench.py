@@ -7,7 +7,7 @@ import pytest
 
 from kvlab.bench import copy_bandwidth, run_bench
 from kvlab.cli import main
-from kvlab.config import ModelConfig, MoESpec, uniform_layers
+from kvlab.config import GQASpec, ModelConfig, MoESpec, uniform_layers
 from kvlab.costs import costs
 from kvlab.families import config_from_hf, to_hf_config
 
@@ -69,7 +69,7 @@ def test_copy_bandwidth_is_positive():
 def test_hf_config_round_trips_or_refuses():
     pytest.importorskip("transformers")
     assert to_hf_config(tiny())["architectures"] == ["LlamaForCausalLM"]
-    assert to_hf_config(tiny(qk_norm=True))["architectures"] == ["Qwen3ForCausalLM"]
+    assert to_hf_config(tiny(gqa=GQASpec(qk_norm=True)))["architectures"] == ["Qwen3ForCausalLM"]
     with pytest.raises(ValueError, match="no transformers family"):
         to_hf_config(tiny(sinks=True))
 

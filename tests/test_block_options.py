@@ -23,7 +23,8 @@ def one(**kw) -> ModelConfig:
 
 
 @pytest.mark.parametrize("kw,message", [
-    ({"k_eq_v": True, "v_head_dim": 8}, r"layers\[0\]\.k_eq_v=True: V is the K projection: needs v_head_dim=8"),
+    ({"gqa": {"k_eq_v": True}, "v_head_dim": 8},
+     r"layers\[0\]\.gqa\.k_eq_v=True: V is the K projection: needs v_head_dim=8"),
     ({"sandwich_norm": 1}, r"layers\[0\]\.sandwich_norm=1: must be true or false"),
     ({"layer_scalar": "yes"}, r"layers\[0\]\.layer_scalar='yes': must be true or false"),
     ({"mlp": "dense+moe"}, r"layers\[0\]\.moe=None: required when mlp='dense\+moe'"),
@@ -49,7 +50,7 @@ def test_ple_fields_are_validated() -> None:
 def test_every_new_field_round_trips_through_json(tmp_path) -> None:
     moe = MoESpec(num_experts=4, top_k=2, expert_size=8, router_norm=True, expert_scale=True)
     cfg = ModelConfig(vocab_size=50, hidden_size=32, ple_dim=4, ple_vocab_size=40, layers=[
-        LayerSpec(num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=32, v_norm=True, k_eq_v=True,
+        LayerSpec(num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=32, gqa={"v_norm": True, "k_eq_v": True},
                   sandwich_norm=True, layer_scalar=True, mlp="dense+moe", moe=moe,
                   rope=RopeSpec(theta=1e6, scaling="proportional", partial=0.25)),
         LayerSpec(num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64, kv_source=0)])
@@ -73,8 +74,8 @@ def test_proportional_rope_matches_transformers() -> None:
 def test_block_formula_by_hand() -> None:
     """One layer recomputed from its weights: sandwich norms, K = V, v norm, layer scalar, PLE."""
     cfg = ModelConfig(vocab_size=50, hidden_size=32, ple_dim=4, embed_scale=2.0, layers=[
-        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=24, qk_norm=True, v_norm=True,
-                  k_eq_v=True, sandwich_norm=True, layer_scalar=True, attn_scale=1.0, rope=None, activation="gelu")])
+        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=24,
+                  gqa={"qk_norm": True, "v_norm": True, "k_eq_v": True}, sandwich_norm=True, layer_scalar=True, attn_scale=1.0, rope=None, activation="gelu")])
     m = random_model(cfg, seed=1)
     with torch.no_grad():
         m.layers[0].layer_scalar.fill_(0.7)

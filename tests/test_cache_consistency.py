@@ -8,6 +8,8 @@ from helpers import random_model, tiny_config
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kvlab.config import GQASpec
+
 
 @pytest.fixture(autouse=True, scope="module")
 def _no_grad():
@@ -58,7 +60,7 @@ def test_property_cached_equals_uncached(heads, head_dim, window, sinks, gate, q
                                          seed):
     h, hkv = heads
     cfg = tiny_config(shared=shared, num_heads=h, num_kv_heads=hkv, head_dim=head_dim, window=window, sinks=sinks,
-                      output_gate=gate, qk_norm=qk_norm)
+                      output_gate=gate, gqa=GQASpec(qk_norm=qk_norm))
     model = random_model(cfg, seed=seed)
     pad = torch.tensor([min(p, length - 1) for p in pads])
     ids = torch.randint(0, cfg.vocab_size, (len(pads), length), generator=torch.Generator().manual_seed(seed))

@@ -258,8 +258,8 @@ def test_cca_model_trains():
 @pytest.mark.parametrize("override,needle", [
     ({"cca": {"conv_kernels": (0, 2)}}, "cca.conv_kernels=(0, 2): must be two positive integers"),
     ({"cca": {"conv_kernels": (2, 2, 2)}}, "must be two positive integers"),
-    ({"qk_norm": True}, "qk_norm=True: not supported by cca (an option of gqa)"),
-    ({"k_eq_v": True}, "k_eq_v=True: not supported by cca (an option of gqa)"),
+    ({"gqa": {"qk_norm": True}}, "gqa=GQASpec(qk_norm=True, v_norm=False, k_eq_v=False, sink_tokens=0): not supported"),
+    ({"gqa": {"k_eq_v": True}}, "k_eq_v=True, sink_tokens=0): not supported by cca (an option of gqa)"),
     ({"num_kv_heads": 1, "v_head_dim": 3, "num_heads": 2}, "the product must be even"),
 ])
 def test_bad_cca_spec_is_a_clear_error(override, needle):

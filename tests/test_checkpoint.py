@@ -99,7 +99,7 @@ def test_llama_config_biases_head_dim_and_rope() -> None:
     c = config_from_hf(hf_json(hf))
     spec = c.layers[0]
     assert (spec.qkv_bias, spec.o_bias, spec.mlp_bias, spec.head_dim, spec.num_kv_heads) == (True, True, True, 8, 2)
-    assert spec.window is None and not spec.qk_norm
+    assert spec.window is None and not spec.gqa.qk_norm
     r = spec.rope
     assert (r.scaling, r.theta, r.factor, r.original_max_positions, r.high_freq_factor) == ("llama3", 5e5, 8.0, 64, 4.0)
     assert (c.vocab_size, c.hidden_size, c.num_layers, c.max_positions) == (128, 64, 3, 256)
@@ -128,7 +128,7 @@ def test_qwen3_windows_follow_layer_types() -> None:
                  layer_types=["sliding_attention", "full_attention", "sliding_attention"])
     c = config_from_hf(hf_json(hf))
     assert [x.window for x in c.layers] == [4, None, 4]
-    assert all(x.qk_norm and not x.qkv_bias and not x.o_bias for x in c.layers)
+    assert all(x.gqa.qk_norm and not x.qkv_bias and not x.o_bias for x in c.layers)
     # sliding_window is ignored unless use_sliding_window (Qwen3Config sets it to None)
     off = config_from_hf({**hf_json(hf), "use_sliding_window": False, "sliding_window": 4,
                           "layer_types": None, "max_window_layers": 1})
@@ -142,7 +142,7 @@ def test_mistral_and_qwen2_config() -> None:
     assert [x.window for x in m.layers] == [4, 4, 4]
     assert config_from_hf(hf_json(tiny_hf("MistralForCausalLM"))).layers[0].window is None
     q2 = config_from_hf(hf_json(tiny_hf("Qwen2ForCausalLM"))).layers[0]
-    assert (q2.qkv_bias, q2.o_bias, q2.qk_norm) == (True, False, False)
+    assert (q2.qkv_bias, q2.o_bias, q2.gqa.qk_norm) == (True, False, False)
 
 
 def test_qwen3_moe_config() -> None:

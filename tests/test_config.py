@@ -8,7 +8,7 @@ import json
 import pytest
 from helpers import tiny_config
 
-from kvlab.config import CCASpec, LayerSpec, ModelConfig, uniform_layers
+from kvlab.config import CCASpec, GQASpec, LayerSpec, ModelConfig, uniform_layers
 
 
 def layers(n=4, **kw):
@@ -132,3 +132,42 @@ def test_a_config_saved_with_the_old_flat_conv_kernels_still_loads(tmp_path):
 def test_an_unknown_sub_spec_field_is_named():
     with pytest.raises(ValueError, match=r"cca: unknown CCASpec field\(s\) \['kernels'\]; allowed: \['conv_kernels'\]"):
         LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, attention="cca", cca={"kernels": (2, 2)})
+
+
+def test_a_config_saved_with_the_old_flat_gqa_options_still_loads(tmp_path):
+    """kvlab before GQASpec wrote ``qk_norm``, ``v_norm``, ``k_eq_v`` and ``sink_tokens`` on every layer (gqa's
+    options, at their defaults on the others): such a config.json loads, the values moving into ``gqa`` on a gqa
+    layer; a non-default value on another kind, or the two forms disagreeing, is a named error."""
+    cfg = ModelConfig(vocab_size=11, hidden_size=16, layers=[
+        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8, window=4,
+                  gqa=GQASpec(qk_norm=True, v_norm=True, k_eq_v=True, sink_tokens=2)),
+        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8, attention="cca")])
+    old = cfg.to_dict()
+    flat = ({"qk_norm": True, "v_norm": True, "k_eq_v": True, "sink_tokens": 2},
+            {"qk_norm": False, "v_norm": False, "k_eq_v": False, "sink_tokens": 0})
+    for x, values in zip(old["layers"], flat):  # as the old to_dict() + json wrote them
+        del x["gqa"]
+        x.update(values)
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    back = ModelConfig.load(tmp_path / "config.json")
+    assert back == cfg and back.layers[0].gqa == GQASpec(True, True, True, 2) and back.layers[1].gqa is None
+    assert ModelConfig.from_dict(old) == cfg
+    old["layers"][1]["qk_norm"] = True
+    with pytest.raises(ValueError, match=r"layers\[1\]\.qk_norm=True: not supported by cca \(an option of gqa\); "
+                                         r"leave it at False"):
+        ModelConfig.from_dict(old)
+    old["layers"][1]["qk_norm"] = False
+    old["layers"][0]["gqa"] = {"sink_tokens": 3}  # both forms, disagreeing
+    with pytest.raises(ValueError, match=r"layers\[0\]\.sink_tokens=2: differs from gqa\.sink_tokens=3"):
+        ModelConfig.from_dict(old)
+    old["layers"][0]["gqa"] = {"sink_tokens": 2, "qk_norm": True}  # both forms, agreeing: one value
+    assert ModelConfig.from_dict(old) == cfg
+
+
+def test_an_unknown_gqa_spec_field_is_named():
+    with pytest.raises(ValueError, match=r"gqa: unknown GQASpec field\(s\) \['qknorm'\]; allowed: \['k_eq_v', "
+                                         r"'qk_norm', 'sink_tokens', 'v_norm'\]"):
+        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, gqa={"qknorm": True})
+    with pytest.raises(ValueError, match=r"layers\[0\]\.gqa\.qk_norm='yes': must be true or false"):
+        ModelConfig(vocab_size=11, hidden_size=16, layers=[LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8,
+                                                                     intermediate_size=8, gqa={"qk_norm": "yes"})])

@@ -11,6 +11,7 @@ on the meta device. The last test adds a throwaway kind with one table entry and
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -190,8 +191,14 @@ def test_preset_params_equal_the_model_on_meta(name):
 
 
 def test_an_option_of_another_kind_is_an_error_naming_its_owner():
-    with pytest.raises(TypeError, match="conv_kernels"):  # CCA's option lives in its own spec: no flat field
-        LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, conv_kernels=(9, 9))
+    for flat in ("conv_kernels", "qk_norm", "v_norm", "k_eq_v", "sink_tokens"):  # each in its kind's own spec
+        with pytest.raises(TypeError, match=flat):
+            LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, **{flat: (9, 9) if flat == "conv_kernels" else 1})
+    with pytest.raises(ValueError, match=r"layers\[0\]\.gqa=GQASpec\(qk_norm=True, .*\): not supported by cca "
+                                         r"\(an option of gqa\); leave it at None"):
+        ModelConfig(vocab_size=11, hidden_size=16,
+                    layers=[LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8, attention="cca",
+                                      gqa=kinds.GQASpec(qk_norm=True))])
     with pytest.raises(ValueError, match=r"layers\[0\]\.cca=CCASpec\(conv_kernels=\(9, 9\)\): not supported by gqa "
                                          r"\(an option of cca\); leave it at None"):
         ModelConfig(vocab_size=11, hidden_size=16,
@@ -200,8 +207,10 @@ def test_an_option_of_another_kind_is_an_error_naming_its_owner():
 
 
 def test_a_kind_whose_sub_spec_has_only_defaults_gets_one():
-    """A layer of a kind whose record has a sub-spec with a default for every option (cca) gets that sub-spec, so
-    ``LayerSpec(attention=...)`` alone is a complete layer; kinds with required sub-spec options (mla) do not."""
+    """A layer of a kind whose record has a sub-spec with a default for every option (gqa, cca) gets that sub-spec,
+    so ``LayerSpec(attention=...)`` alone is a complete layer, and a layer of any other kind gets none; kinds with
+    required sub-spec options (mla) do not."""
+    filled = 0
     for name, k in kinds.KINDS.items():
         if k.spec_field is None:
             continue
@@ -209,9 +218,22 @@ def test_a_kind_whose_sub_spec_has_only_defaults_gets_one():
             default = k.spec_type()
         except TypeError:  # a required option: the layer must give the sub-spec
             continue
+        filled += 1
         assert getattr(LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, attention=name), k.spec_field) == default
-        assert getattr(LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8), k.spec_field) is None  # gqa: none
+        for other in kinds.KINDS.keys() - {name}:
+            assert getattr(LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, attention=other), k.spec_field) is None
+    assert filled >= 2
     assert LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, attention="cca").cca == kinds.CCASpec((2, 2))
+    assert LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8).gqa == kinds.GQASpec(False, False, False, 0)
+    # a layer switched to another kind drops its old kind's untouched sub-spec and gets the new one's
+    switched = dataclasses.replace(LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8), attention="cca")
+    assert switched.gqa is None and switched.cca == kinds.CCASpec()
+    back = dataclasses.replace(switched, attention="gqa")
+    assert back.cca is None and back.gqa == kinds.GQASpec()
+    with pytest.raises(ValueError, match=r"layers\[0\]\.gqa=GQASpec\(qk_norm=True, .*not supported by cca"):
+        ModelConfig(vocab_size=11, hidden_size=16, layers=[dataclasses.replace(
+            LayerSpec(num_heads=2, num_kv_heads=1, head_dim=8, intermediate_size=8, gqa={"qk_norm": True}),
+            attention="cca")])  # a set option is never dropped
 
 
 def _cross_options() -> list:

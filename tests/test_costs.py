@@ -100,7 +100,7 @@ def test_shared_layer_has_no_k_v_projections() -> None:
 
 def test_attention_extras_params_by_hand() -> None:
     h = 64
-    extras = {"qk_norm": True, "sinks": True, "output_gate": "sigmoid", "v_head_dim": 32}
+    extras = {"gqa": {"qk_norm": True}, "sinks": True, "output_gate": "sigmoid", "v_head_dim": 32}
     layers = [LayerSpec(4, 2, 16, intermediate_size=8, gate_per_head=False, **extras),
               LayerSpec(4, 2, 16, intermediate_size=8, gate_per_head=True, kv_source=0, **extras)]
     c = costs(ModelConfig(vocab_size=5, hidden_size=h, layers=layers), context=3)

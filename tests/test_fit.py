@@ -376,10 +376,10 @@ def test_sglang_splits_full_and_swa_pools_by_the_ratio() -> None:
 def test_transformers_rule_matches_a_real_dynamic_cache() -> None:
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
-    from kvlab.config import RopeSpec
+    from kvlab.config import GQASpec, RopeSpec
     from kvlab.families import to_hf_config
 
-    cfg = tiny(4, windows=(None, 16), kv=2, hd=32, qk_norm=True, rope=RopeSpec(theta=10000.0), activation="silu")
+    cfg = tiny(4, windows=(None, 16), kv=2, hd=32, gqa=GQASpec(qk_norm=True), rope=RopeSpec(theta=10000.0), activation="silu")
     d = to_hf_config(cfg)  # a Qwen3 with layer_types full / sliding
     hf_cfg = transformers.AutoConfig.for_model(d.pop("model_type"), **d)
     torch.manual_seed(0)

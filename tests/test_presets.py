@@ -48,7 +48,7 @@ def test_llama_3_1_8b_matches_its_config_json() -> None:
     assert not c.tie_embeddings and c.source == "meta-llama/Llama-3.1-8B config.json"
     for x in c.layers:
         assert (x.num_heads, x.num_kv_heads, x.head_dim, x.intermediate_size) == (32, 8, 128, 14336)
-        assert x.window is None and not x.qk_norm and not x.qkv_bias
+        assert x.window is None and not x.gqa.qk_norm and not x.qkv_bias
         r = x.rope
         assert (r.theta, r.scaling, r.factor, r.low_freq_factor, r.high_freq_factor, r.original_max_positions) == (
             500000.0, "llama3", 8.0, 1.0, 4.0, 8192)
@@ -60,7 +60,7 @@ def test_qwen3_8b_matches_its_config_json() -> None:
     assert not c.tie_embeddings
     for x in c.layers:
         assert (x.num_heads, x.num_kv_heads, x.head_dim, x.intermediate_size) == (32, 8, 128, 12288)
-        assert x.qk_norm and x.window is None and x.rope.theta == 1e6 and x.rope.scaling == "default"
+        assert x.gqa.qk_norm and x.window is None and x.rope.theta == 1e6 and x.rope.scaling == "default"
 
 
 def test_mistral_7b_matches_its_config_json() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import kvlab
-from kvlab.config import ModelConfig, uniform_layers
+from kvlab.config import GQASpec, ModelConfig, uniform_layers
 from kvlab.errors import CheckpointWriteError
 from kvlab.retrofit import (
     Derived,
@@ -234,7 +234,7 @@ def test_cli_recovers_by_distillation_over_seeds(tmp_path, capsys):
 
 def test_window_with_sink_tokens_sets_them_on_window_layers_only():
     out = apply(_model(), "window:8,pattern=1sliding+1global,sinks=2")
-    assert [(x.window, x.sink_tokens) for x in out.model.config.layers] == [(8, 2), (None, 0)] * 2
+    assert [(x.window, x.gqa.sink_tokens) for x in out.model.config.layers] == [(8, 2), (None, 0)] * 2
     ids = _ids(40)
     # the sinks keep the first positions visible: position 20 of a window layer sees keys 0-1 and 13-20
     from kvlab.eval.variant import with_window
@@ -257,16 +257,16 @@ def test_sinks_on_converted_puts_sink_tokens_only_on_layers_that_were_global():
 
     m = _mixed()
     out = apply(m, "window:8,sinks=2,sinks-on=converted")
-    assert [(x.window, x.sink_tokens) for x in out.model.config.layers] == [(8, 0), (8, 2)] * 2
+    assert [(x.window, x.gqa.sink_tokens) for x in out.model.config.layers] == [(8, 0), (8, 2)] * 2
     assert out.report.technique == "window:8,sinks=2,sinks-on=converted" and not out.report.dropped
     # the model the docs' Gemma 3 row was first built as by hand: the all-sliding budget, sinks on layers 1 and 3
     hand = budget(m.config, "sliding", window=8)
-    hand = dataclasses.replace(hand, layers=[dataclasses.replace(x, sink_tokens=2 if i % 2 else 0)
+    hand = dataclasses.replace(hand, layers=[dataclasses.replace(x, gqa=GQASpec(sink_tokens=2 if i % 2 else 0))
                                              for i, x in enumerate(hand.layers)])
     ids = _ids(40)
     assert torch.equal(out.model(ids), convert(m, hand).model(ids))
     every = apply(m, "window:8,sinks=2").model  # sinks on the source's own sliding layers too: another model
-    assert [x.sink_tokens for x in every.config.layers] == [2] * 4
+    assert [x.gqa.sink_tokens for x in every.config.layers] == [2] * 4
     assert not torch.allclose(out.model(ids), every(ids))
     # measured cache == calculator == 4 rings of 8 positions + 2 sink positions on the 2 converted layers,
     # each position 2 KV heads x 16 channels x (K, V) x 4 bytes
@@ -279,8 +279,8 @@ def test_sinks_on_converted_puts_sink_tokens_only_on_layers_that_were_global():
 def test_sinks_on_converted_needs_a_layer_the_conversion_makes_sliding():
     with pytest.raises(RetrofitError, match="no layer of .* becomes sliding"):
         apply(_mixed(), "window:8,pattern=1sliding+1global,sinks=2,sinks-on=converted")  # layers 0, 2 already slid
-    assert [x.sink_tokens for x in apply(_mixed(), "window:8,pattern=1sliding+1global,sinks=2").model.config.layers] \
-        == [2, 0, 2, 0]
+    layers = apply(_mixed(), "window:8,pattern=1sliding+1global,sinks=2").model.config.layers
+    assert [x.gqa.sink_tokens for x in layers] == [2, 0, 2, 0]
 
 
 def test_cli_exports_a_window_pattern_that_transformers_runs_identically(tmp_path, capsys):

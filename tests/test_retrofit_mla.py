@@ -7,7 +7,7 @@ import torch
 from helpers import random_model
 
 import kvlab
-from kvlab.config import LayerSpec, MLASpec, ModelConfig, RopeSpec
+from kvlab.config import GQASpec, LayerSpec, MLASpec, ModelConfig, RopeSpec
 from kvlab.model import Model
 from kvlab.retrofit import RetrofitError, apply, to_mla
 from kvlab.retrofit.mla import factorise, select_pairs
@@ -181,7 +181,8 @@ def test_bad_options_are_named(kw, match) -> None:
 
 @pytest.mark.parametrize("layer, match", [
     ({"window": 8}, r"layers\[1\] sets window"),
-    ({"qk_norm": True}, r"layers\[1\] sets qk_norm"),
+    ({"gqa": GQASpec(qk_norm=True)}, r"layers\[1\] sets gqa\.qk_norm"),
+    ({"gqa": GQASpec(v_norm=True, k_eq_v=True)}, r"layers\[1\] sets gqa\.v_norm, gqa\.k_eq_v"),
     ({"rope": None}, r"layers\[1\]\.rope is absent"),
     ({"head_dim": 8}, r"layers\[1\] has other heads"),
 ])

@@ -48,7 +48,7 @@ def gemma_like(pattern: str = "SSFSFSF", shared: int = 3, ple: int | None = 8, m
         f = kind == "F"
         width = 48 * (2 if wide and i >= first else 1)
         spec = LayerSpec(num_heads=4, num_kv_heads=1 if f else 2, intermediate_size=width,
-                         qk_norm=True, v_norm=True, k_eq_v=f, sandwich_norm=True, layer_scalar=True, attn_scale=1.0,
+                         gqa={"qk_norm": True, "v_norm": True, "k_eq_v": f}, sandwich_norm=True, layer_scalar=True, attn_scale=1.0,
                          activation="gelu_tanh", **(FULL if f else SLIDE))
         if moe and i % 2:
             spec.mlp = "dense+moe"

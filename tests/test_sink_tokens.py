@@ -1,4 +1,4 @@
-"""Sink tokens on sliding-window layers (``LayerSpec.sink_tokens``, StreamingLLM: Xiao et al. 2023, arXiv
+"""Sink tokens on sliding-window layers (``GQASpec.sink_tokens``, StreamingLLM: Xiao et al. 2023, arXiv
 2309.17453): the model equals an oracle whose attention mask is written out position by position, the sinks reach
 past the window, the store holds S + window positions (one view read per decode step), the price counts them, and
 bad input is a named error. The contract suite (tests/test_contract.py) runs the gqa example with sink tokens too.
@@ -15,7 +15,7 @@ from test_contract import random_model
 import kvlab
 from kvlab import kinds
 from kvlab.budget import budget
-from kvlab.config import LayerSpec, ModelConfig
+from kvlab.config import GQASpec, LayerSpec, ModelConfig
 from kvlab.eval.variant import VariantError, with_window
 from kvlab.layers import core
 from kvlab.sharing import share_adjacent
@@ -25,7 +25,7 @@ W, S = 4, 2
 
 def cfg_with(window: int | None = W, sink_tokens: int = S, layers: int = 3, **kw) -> ModelConfig:
     specs = [LayerSpec(num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=40, window=window,
-                       sink_tokens=sink_tokens, **kw) for _ in range(layers)]
+                       gqa=GQASpec(sink_tokens=sink_tokens), **kw) for _ in range(layers)]
     return ModelConfig(vocab_size=61, hidden_size=32, layers=specs, max_positions=256)
 
 
@@ -59,7 +59,7 @@ def test_model_equals_an_explicit_mask_oracle(monkeypatch):
     cache.set_padding(torch.tensor(pad))
     inc = torch.cat([model(ids[:, s:s + 3], cache=cache) for s in range(0, 12, 3)]
                     + [model(ids[:, s:s + 1], cache=cache) for s in range(12, n)], 1)
-    plain = dataclasses.replace(model.config, layers=[dataclasses.replace(x, window=None, sink_tokens=0)
+    plain = dataclasses.replace(model.config, layers=[dataclasses.replace(x, window=None, gqa=GQASpec())
                                                       for x in model.config.layers])
     ref_model = kvlab.Model.from_config(plain).eval()
     ref_model.load_state_dict(model.state_dict())
@@ -149,12 +149,12 @@ def test_quantized_sinks_on_a_padded_batch_stay_close():
 def test_label_budget_and_variant():
     cfg = budget(cfg_with(window=None, sink_tokens=0, layers=4), pattern="1 global : 3 sliding", window=W,
                  sink_tokens=S)
-    assert [x.sink_tokens for x in cfg.layers] == [0, S, S, S]
+    assert [x.gqa.sink_tokens for x in cfg.layers] == [0, S, S, S]
     assert kinds.layer_label(cfg.layers[1]) == f"window {W} + {S} sink tokens"
     assert kinds.layer_label(cfg.layers[0]) == "full"
     model = random_model(cfg_with(window=None, sink_tokens=0))
     v = with_window(model, W, sink_tokens=S)
-    assert [(x.window, x.sink_tokens) for x in v.config.layers] == [(W, S)] * 3
+    assert [(x.window, x.gqa.sink_tokens) for x in v.config.layers] == [(W, S)] * 3
     assert v.config.name.endswith(f"(window {W} + {S} sink tokens)")
     ids = torch.randint(0, 61, (1, 24))
     ref = kvlab.Model.from_config(cfg_with()).eval()
@@ -170,11 +170,12 @@ def test_label_budget_and_variant():
 
 
 @pytest.mark.parametrize("fields,match", [
-    ({"sink_tokens": -1}, r"layers\[0\]\.sink_tokens=-1: must be a non-negative integer"),
-    ({"sink_tokens": True}, r"layers\[0\]\.sink_tokens=True: must be an integer"),
-    ({"sink_tokens": 2.0}, r"layers\[0\]\.sink_tokens=2\.0: must be an integer"),
-    ({"sink_tokens": 4, "window": None}, r"layers\[0\]\.sink_tokens=4: needs a window"),
-    ({"sink_tokens": 4, "attention": "cca", "window": 4}, r"layers\[0\]\.sink_tokens=4: not supported by cca"),
+    ({"gqa": {"sink_tokens": -1}}, r"layers\[0\]\.gqa\.sink_tokens=-1: must be a non-negative integer"),
+    ({"gqa": {"sink_tokens": True}}, r"layers\[0\]\.gqa\.sink_tokens=True: must be an integer"),
+    ({"gqa": {"sink_tokens": 2.0}}, r"layers\[0\]\.gqa\.sink_tokens=2\.0: must be an integer"),
+    ({"gqa": {"sink_tokens": 4}, "window": None}, r"layers\[0\]\.gqa\.sink_tokens=4: needs a window"),
+    ({"gqa": {"sink_tokens": 4}, "attention": "cca", "window": 4},
+     r"layers\[0\]\.gqa=GQASpec\(.*sink_tokens=4\): not supported by cca \(an option of gqa\)"),
 ])
 def test_bad_sink_tokens_are_named_errors(fields, match):
     kw = {"num_heads": 4, "num_kv_heads": 2, "head_dim": 8, "intermediate_size": 8, "window": 4, **fields}
@@ -183,12 +184,12 @@ def test_bad_sink_tokens_are_named_errors(fields, match):
 
 
 def test_a_shared_layer_needs_its_producers_sink_tokens():
-    layers = [LayerSpec(num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=8, window=4, sink_tokens=s)
-              for s in (2, 0)]
-    with pytest.raises(ValueError, match=r"layers\[1\]\.sink_tokens=0 differs from layers\[0\]\.sink_tokens=2"):
+    layers = [LayerSpec(num_heads=4, num_kv_heads=2, head_dim=8, intermediate_size=8, window=4,
+                        gqa=GQASpec(sink_tokens=s)) for s in (2, 0)]
+    with pytest.raises(ValueError, match=r"layers\[1\]\.gqa\.sink_tokens=0 differs from layers\[0\]\.gqa\.sink_tokens=2"):
         ModelConfig(vocab_size=11, hidden_size=32, layers=[layers[0], dataclasses.replace(layers[1], kv_source=0)])
     cfg = ModelConfig(vocab_size=11, hidden_size=32, layers=layers)
-    with pytest.raises(ValueError, match=r"share_adjacent\(group=2\): .*layers\[1\]\.sink_tokens=0 differs"):
+    with pytest.raises(ValueError, match=r"share_adjacent\(group=2\): .*layers\[1\]\.gqa\.sink_tokens=0 differs"):
         share_adjacent(cfg)
 
 

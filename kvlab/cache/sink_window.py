@@ -1,4 +1,4 @@
-"""The store of a sliding-window ``gqa`` layer with sink tokens (``LayerSpec.sink_tokens``; StreamingLLM's attention
+"""The store of a sliding-window ``gqa`` layer with sink tokens (``GQASpec.sink_tokens``; StreamingLLM's attention
 sinks, Xiao et al. 2023, arXiv 2309.17453): each row's first ``S`` real positions, written once and always attended,
 plus the ring of the last ``window`` positions ``>= S``.
 
@@ -32,7 +32,7 @@ class SinkWindowKV(KVStore):
     ``[B, L]`` per row when a padded batch's sinks are among them (``-1``: empty or held elsewhere)."""
 
     def __init__(self, spec, batch: int, max_length: int | None, dtype: torch.dtype, device, quant=None) -> None:
-        s, w = spec.sink_tokens, spec.window
+        s, w = spec.gqa.sink_tokens, spec.window
         self.sinks, self.window, self.max_length = s, w, max_length
         self.sink_cap = min(s, max_length) if max_length else s
         ring_len = max_length - s if max_length else None  # positions the ring will ever see

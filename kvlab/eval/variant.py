@@ -8,6 +8,7 @@ the weights are the reference's own tensors, not copies, so a variant costs no m
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
 import itertools
 
@@ -47,7 +48,7 @@ def share_weights(config: ModelConfig, model: Model) -> Model:
 def with_window(model: Model, window: int | None, sink_tokens: int = 0) -> Model:
     """Every layer's attention limited to a sliding ``window`` (None: every layer global), same weights;
     ``sink_tokens``: each window layer also keeps its first that many positions visible (StreamingLLM's attention
-    sinks, arXiv 2309.17453; ``LayerSpec.sink_tokens``)."""
+    sinks, arXiv 2309.17453; ``GQASpec.sink_tokens``)."""
     if window is not None and (not isinstance(window, int) or window < 1):
         raise VariantError(f"window={window!r}: must be a positive integer or None (all layers global)")
     if not isinstance(sink_tokens, int) or isinstance(sink_tokens, bool) or sink_tokens < 0:
@@ -59,11 +60,12 @@ def with_window(model: Model, window: int | None, sink_tokens: int = 0) -> Model
         if "window" not in kinds.get(spec.attention).options:
             raise VariantError(f"a window variant needs layers with a sliding-window option; layer kind "
                                f"{spec.attention!r} has none")
-        if sink_tokens and "sink_tokens" not in kinds.get(spec.attention).options:
+        if sink_tokens and spec.gqa is None:
             raise VariantError(f"sink_tokens={sink_tokens}: layer kind {spec.attention!r} has no sink-token option "
-                               f"(kinds with one: {', '.join(kinds.owners('sink_tokens'))})")
+                               f"(GQASpec.sink_tokens: kinds {', '.join(kinds.with_spec(kinds.GQASpec))})")
         spec.window = window
-        spec.sink_tokens = sink_tokens
+        if spec.gqa is not None:
+            spec.gqa = dataclasses.replace(spec.gqa, sink_tokens=sink_tokens)
     label = "all global" if window is None else f"window {window}" + (f" + {sink_tokens} sink tokens"
                                                                       if sink_tokens else "")
     cfg.name = f"{cfg.name} ({label})"

@@ -23,7 +23,8 @@ import math
 import sys
 from typing import Any
 
-from ..config import LayerSpec, ModelConfig, RopeSpec
+from ..config import GQASpec, LayerSpec, ModelConfig, RopeSpec
+from ..kinds.gqa import options_of
 from .base import (
     ACTIVATIONS,
     Family,
@@ -118,7 +119,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     layers = [LayerSpec(
         num_heads=c["num_attention_heads"], num_kv_heads=c["num_key_value_heads"] or c["num_attention_heads"],
         head_dim=c["head_dim"], intermediate_size=c["intermediate_size"],
-        window=c["sliding_window"] if t == "sliding_attention" else None, qk_norm=True, qkv_bias=bias, o_bias=bias,
+        window=c["sliding_window"] if t == "sliding_attention" else None, gqa=GQASpec(qk_norm=True), qkv_bias=bias, o_bias=bias,
         attn_scale=float(qpas) ** -0.5, rope=RopeSpec(**vars(ropes[t])), activation=ACTIVATIONS[act],
         sandwich_norm=True) for t in types]
     return ModelConfig(
@@ -178,7 +179,7 @@ def map_cg_weights(hf_state: HFState, config: ModelConfig) -> dict[str, Tensor]:
 def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
     """Gemma3TextConfig keys of ``cfg``'s shape (``1 + w`` sandwich and q/k norms, one window, per-type RoPE)."""
     layers = cfg.layers
-    ok = cfg.norm_offset and all(x.sandwich_norm and x.qk_norm and x.rope is not None for x in layers)
+    ok = cfg.norm_offset and all(x.sandwich_norm and options_of(x).qk_norm and x.rope is not None for x in layers)
     if not ok or cfg.embed_scale is None or len({(x.num_kv_heads, x.head_dim, x.attn_scale) for x in layers}) != 1:
         raise ValueError(f"{ARCH}: {cfg.name} is not Gemma 3 shaped (1 + w sandwich and q/k norms, RoPE everywhere, "
                          "one head layout and query scale)")

@@ -22,7 +22,8 @@ import math
 import sys
 from typing import Any
 
-from ..config import LayerSpec, ModelConfig, MoESpec, RopeSpec
+from ..config import GQASpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
+from ..kinds.gqa import options_of
 from ..sharing import share_last
 from .base import ACTIVATIONS, Family, HFState, Tensor, _template, drop_tied_head, hf_config, text_part
 
@@ -128,8 +129,8 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         layers.append(LayerSpec(
             num_heads=c["num_attention_heads"], num_kv_heads=o.get("num_key_value_heads", c["num_key_value_heads"]),
             head_dim=o.get("head_dim", c["head_dim"]), intermediate_size=c["intermediate_size"] * wide,
-            window=None if full else c["sliding_window"], qk_norm=True, v_norm=True,
-            k_eq_v=bool(c["attention_k_eq_v"]) and full, qkv_bias=bias, o_bias=bias, attn_scale=1.0,
+            window=None if full else c["sliding_window"],
+            gqa=GQASpec(qk_norm=True, v_norm=True, k_eq_v=bool(c["attention_k_eq_v"]) and full), qkv_bias=bias, o_bias=bias, attn_scale=1.0,
             rope=_rope(ropes.get(t), t, arch), activation=act, sandwich_norm=True, layer_scalar=True,
             mlp="dense+moe" if moe else "dense", moe=MoESpec(**vars(moe)) if moe else None))
     ple = c["hidden_size_per_layer_input"] or None
@@ -251,7 +252,7 @@ def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
         "num_kv_shared_layers": len(layers) - shared,
         "use_double_wide_mlp": any(x.intermediate_size == 2 * base_mlp for x in layers[shared:]),
         "hidden_size_per_layer_input": cfg.ple_dim or 0, "vocab_size_per_layer_input": cfg.ple_rows or cfg.vocab_size,
-        "attention_k_eq_v": any(x.k_eq_v for x in layers), "final_logit_softcapping": cfg.final_logit_softcap,
+        "attention_k_eq_v": any(options_of(x).k_eq_v for x in layers), "final_logit_softcapping": cfg.final_logit_softcap,
         "rope_parameters": {**({S: rope(sliding[0])} if sliding else {}), **({F: rope(full[0])} if full else {})},
         "enable_moe_block": moe is not None,
     }

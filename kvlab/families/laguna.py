@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..config import LayerSpec, ModelConfig, MoESpec, RopeSpec
+from ..config import GQASpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from .base import (
     Family,
     HFState,
@@ -142,7 +142,7 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
         rope = ropes[types[i]]
         layers.append(LayerSpec(
             num_heads=heads[i], num_kv_heads=kv, head_dim=hd,
-            window=int(window) if types[i] == "sliding_attention" else None, qk_norm=True, qkv_bias=bias,
+            window=int(window) if types[i] == "sliding_attention" else None, gqa=GQASpec(qk_norm=True), qkv_bias=bias,
             o_bias=bias, output_gate="softplus", gate_per_head=per_head,
             rope=RopeSpec(**vars(rope)), activation=act, mlp="moe" if moe else "dense",
             intermediate_size=0 if moe else c["intermediate_size"], moe=moe))

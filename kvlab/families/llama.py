@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from ..config import LayerSpec, ModelConfig, MoESpec
+from ..config import GQASpec, LayerSpec, ModelConfig, MoESpec
 from .base import (
     Family,
     HFState,
@@ -49,7 +49,7 @@ def decoder_config(cfg: dict[str, Any], arch: str, *, windows: list[int | None] 
         layers.append(LayerSpec(
             num_heads=cfg["num_attention_heads"], num_kv_heads=kv_heads(cfg), head_dim=head_dim(cfg),
             intermediate_size=0 if m else cfg["intermediate_size"], window=windows[i] if windows else None,
-            qk_norm=qk_norm, qkv_bias=qkv_bias, o_bias=o_bias, rope=dataclasses.replace(rope), activation=act,
+            gqa=GQASpec(qk_norm=qk_norm), qkv_bias=qkv_bias, o_bias=o_bias, rope=dataclasses.replace(rope), activation=act,
             mlp="moe" if m else "dense", mlp_bias=mlp_bias, moe=m))
     return ModelConfig(vocab_size=cfg["vocab_size"], hidden_size=cfg["hidden_size"], layers=layers,
                        max_positions=cfg["max_position_embeddings"], norm_eps=float(cfg["rms_norm_eps"]),

@@ -12,6 +12,7 @@ from . import cca, compressed, gqa, mla
 from .base import DEEPSEEK_V4, PAGED, PAGED_STATE, AttnCost, Buffer, Kind, causal_positions, field_error, positive_int
 from .cca import CCASpec
 from .compressed import CompressSpec
+from .gqa import GQASpec
 from .mla import MLASpec
 
 
@@ -28,8 +29,8 @@ def _deepseek_v4(name: str, label: str, validate, examples: tuple, colour: str) 
 KINDS: dict[str, Kind] = {k.name: k for k in (
     Kind(name="gqa", label="GQA / MQA / MHA", page="docs/attention.md", options=gqa.OPTIONS, validate=gqa.validate,
          price=gqa.price, assumption=gqa.ASSUMPTION, module="kvlab.layers.attention:Attention",
-         store="kvlab.cache.gqa:gqa_store", can_share=True, examples=gqa.EXAMPLES,
-         buffers=gqa.buffers, serving=PAGED, retrofits=frozenset({"window", "prune-heads", "mla"})),
+         store="kvlab.cache.gqa:gqa_store", spec_field="gqa", spec_type=GQASpec, moved=gqa.MOVED, can_share=True,
+         examples=gqa.EXAMPLES, buffers=gqa.buffers, serving=PAGED, retrofits=frozenset({"window", "prune-heads", "mla"})),
     Kind(name="cca", tag="cca", label="CCA (compressed convolutional)", page="docs/cca.md", options=cca.OPTIONS,
          validate=cca.validate, price=cca.price, assumption=cca.ASSUMPTION, module="kvlab.layers.cca:CCAttention",
          store="kvlab.cache.cca:cca_store", spec_field="cca", spec_type=CCASpec, moved=cca.MOVED,
@@ -72,8 +73,8 @@ def layer_label(layer) -> str:
     """``"full"``, ``"window 512"``, ``"window 512 + 4 sink tokens"``, ``"cca full"``, ``"csa window 128"``: a layer's
     kind for per-layer tables."""
     base = "full" if layer.window is None else f"window {layer.window}"
-    if getattr(layer, "sink_tokens", 0):
-        base += f" + {layer.sink_tokens} sink tokens"
+    if gqa.sink_tokens(layer):
+        base += f" + {gqa.sink_tokens(layer)} sink tokens"
     tag = get(layer.attention).tag
     return f"{tag} {base}" if tag else base
 
@@ -98,6 +99,11 @@ def owners(option: str) -> list[str]:
     return [k.name for k in KINDS.values() if option in k.options]
 
 
-__all__ = ["DEFAULT", "KINDS", "AttnCost", "Buffer", "CCASpec", "CompressSpec", "Kind", "MLASpec", "causal_positions",
-           "field_error", "get", "kind_options", "layer_label", "owners", "positive_int", "register", "takes", "taking",
-           "unregister"]
+def with_spec(spec_type: type) -> list[str]:
+    """The kinds whose sub-spec is ``spec_type`` (``GQASpec`` -> ``["gqa"]``), for messages."""
+    return [k.name for k in KINDS.values() if k.spec_type is spec_type]
+
+
+__all__ = ["DEFAULT", "KINDS", "AttnCost", "Buffer", "CCASpec", "CompressSpec", "GQASpec", "Kind", "MLASpec",
+           "causal_positions", "field_error", "get", "kind_options", "layer_label", "owners", "positive_int", "register",
+           "takes", "taking", "unregister", "with_spec"]

@@ -100,7 +100,8 @@ class Kind:
     options: the LayerSpec fields this kind reads beyond the shared ones (heads, head dims, MLP, rope...);
         a field of another kind set to a non-default value is an error naming the field and its owner.
     spec_field / spec_type: the kind's own sub-spec (``LayerSpec.mla`` -> MLASpec), or None. A layer of the kind
-        given none gets ``spec_type()`` when every option of the sub-spec has a default (CCASpec).
+        given none gets ``spec_type()`` when every option of the sub-spec has a default (GQASpec, CCASpec); a layer
+        of another kind drops such a sub-spec while it holds only defaults (a layer switched to another kind).
     moved: flat LayerSpec fields of older kvlab versions that now live in the sub-spec (``{"conv_kernels": "cca"}``):
         a saved config dict that still has one loads (the value moves into the sub-spec; on a layer of another
         kind, a non-default value is the usual "not supported" error).

@@ -1,6 +1,6 @@
 """Grouped-query attention: MHA, GQA (arXiv 2305.13245) and MQA (arXiv 1911.02150).
 
-Options: q/k RMSNorm, weightless v RMSNorm, V = K projection (``k_eq_v``), sliding window
+Options: q/k RMSNorm, weightless v RMSNorm, V = K projection (the layer's GQASpec), sliding window
 (Longformer/Mistral), learned sink logits (gpt-oss), a sigmoid or softplus output gate computed from
 the attention input, and reading another layer's K/V (cross-layer sharing). Attention runs in
 ``scaled_dot_product_attention``.
@@ -29,16 +29,16 @@ class Attention(nn.Module):
     def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
         super().__init__()
         self.spec = spec
-        h, hkv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim
+        h, hkv, d, dv, g = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.gqa
         self.q_proj = nn.Linear(hidden, h * d, bias=spec.qkv_bias)
         if spec.stores_kv:
             self.k_proj = nn.Linear(hidden, hkv * d, bias=spec.qkv_bias)
-            if not spec.k_eq_v:
+            if not g.k_eq_v:
                 self.v_proj = nn.Linear(hidden, hkv * dv, bias=spec.qkv_bias)
-            if spec.v_norm:
+            if g.v_norm:
                 self.v_norm = RMSNorm(dv, eps, scale=False)
         self.o_proj = nn.Linear(h * dv, hidden, bias=spec.o_bias)
-        if spec.qk_norm:
+        if g.qk_norm:
             self.q_norm = RMSNorm(d, eps, norm_offset)
             if spec.stores_kv:
                 self.k_norm = RMSNorm(d, eps, norm_offset)
@@ -52,10 +52,10 @@ class Attention(nn.Module):
         s = self.spec
         b, t, _ = x.shape
         k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = k if s.k_eq_v else self.v_proj(x).view(b, t, s.num_kv_heads, s.value_dim).transpose(1, 2)
-        if s.v_norm:
+        v = k if s.gqa.k_eq_v else self.v_proj(x).view(b, t, s.num_kv_heads, s.value_dim).transpose(1, 2)
+        if s.gqa.v_norm:
             v = self.v_norm(v)
-        if s.qk_norm:
+        if s.gqa.qk_norm:
             k = self.k_norm(k)
         if rope is not None:
             k = apply_rope(k, *rope)
@@ -66,7 +66,7 @@ class Attention(nn.Module):
         b, t, _ = x.shape
         rope = step.rope.get(index)
         q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
-        if s.qk_norm:
+        if s.gqa.qk_norm:
             q = self.q_norm(q)
         if rope is not None:
             q = apply_rope(q, *rope)

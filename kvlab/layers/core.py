@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kinds.gqa import sink_tokens
 from .blocked import attend_blocked, dense, is_blocked, prepare, values_in_keys
 from .sinks import softmax_with_sink
 
@@ -189,7 +190,7 @@ def attend_out(attn: nn.Module, x: torch.Tensor, step: Step, q: torch.Tensor, k:
     """Masked attention of ``q`` over ``k``/``v`` at positions ``kpos`` (the step's shared mask), then the
     output gate and projection of ``attn``."""
     s = attn.spec
-    mask, causal = step.mask(kpos, s.window, s.sink_tokens)
+    mask, causal = step.mask(kpos, s.window, sink_tokens(s))
     out = attend(q, k, v, mask, s.scale, causal=causal, sinks=attn.sinks if s.sinks else None)
     return project_out(attn, x, out)
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from kvlab.config import ModelConfig, RopeSpec, uniform_layers
+from kvlab.config import GQASpec, ModelConfig, RopeSpec, uniform_layers
 from kvlab.presets.registry import preset
 
 LLAMA31_8B = "meta-llama/Llama-3.1-8B config.json"
@@ -28,7 +28,7 @@ def qwen3_8b() -> ModelConfig:
     """Qwen3 8B: 36 layers, GQA 32/8 x 128 with QK-norm, theta 1e6, untied head; 8.19B params (6.95B non-emb)."""
     return ModelConfig(vocab_size=151936, hidden_size=4096, max_positions=40960, norm_eps=1e-6,
                        layers=uniform_layers(36, num_heads=32, num_kv_heads=8, head_dim=128,
-                                             intermediate_size=12288, qk_norm=True,
+                                             intermediate_size=12288, gqa=GQASpec(qk_norm=True),
                                              rope=RopeSpec(theta=1000000.0)),
                        name="qwen3-8b", source=QWEN3_8B)
 

@@ -15,7 +15,7 @@ sliding layers' count; the average, 60, is not a multiple of the 8 KV heads).
 from __future__ import annotations
 
 from kvlab.budget import budget
-from kvlab.config import LayerSpec, ModelConfig, MoESpec, RopeSpec
+from kvlab.config import GQASpec, LayerSpec, ModelConfig, MoESpec, RopeSpec
 from kvlab.presets.registry import preset
 
 LAGUNA_XS2 = ("poolside/Laguna-XS.2 config.json (LagunaForCausalLM; transformers 5.23 LagunaConfig defaults: "
@@ -52,7 +52,7 @@ def laguna_xs2() -> ModelConfig:
                                           shared_experts=1, shared_size=512)
         layers.append(LayerSpec(
             num_heads=GLOBAL_HEADS if is_global else SLIDING_HEADS, num_kv_heads=8, head_dim=128,
-            window=None if is_global else WINDOW, qk_norm=True, output_gate="softplus", gate_per_head=True,
+            window=None if is_global else WINDOW, gqa=GQASpec(qk_norm=True), output_gate="softplus", gate_per_head=True,
             rope=_global_rope() if is_global else _sliding_rope(),
             mlp="moe" if moe else "dense", intermediate_size=0 if moe else 8192, moe=moe))
     return ModelConfig(vocab_size=100352, hidden_size=2048, layers=layers, max_positions=131072, norm_eps=1e-6,

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from .. import kinds
 from ..config import ModelConfig
 from ..families import FAMILIES, to_hf_config
 from ..families.base import Family, hf_config, llama_names
@@ -87,7 +88,7 @@ def _llama_name(k: str) -> str | None:
 
 
 def _gqa(cfg: ModelConfig) -> tuple[dict[str, Any], Any]:
-    sinks = [i for i, x in enumerate(cfg.layers) if getattr(x, "sink_tokens", 0)]
+    sinks = [i for i, x in enumerate(cfg.layers) if kinds.gqa.sink_tokens(x)]
     if sinks:
         raise ExportError(f"export: layers {sinks} keep sink tokens in their sliding window (StreamingLLM); no "
                           "transformers architecture has that attention (it would need a sliding-window mask that "
@@ -97,8 +98,9 @@ def _gqa(cfg: ModelConfig) -> tuple[dict[str, Any], Any]:
         return d, FAMILIES[d["architectures"][0]]
     except ValueError as e:
         first = str(e)
-    plain = all(x.attention == "gqa" and x.kv_source is None and not (x.qk_norm or x.qkv_bias or x.o_bias or x.sinks
-                or x.output_gate or x.v_norm or x.k_eq_v or x.sandwich_norm or x.layer_scalar or x.mlp != "dense")
+    plain = all(x.attention == "gqa" and x.kv_source is None and x.gqa == kinds.GQASpec()
+                and not (x.qkv_bias or x.o_bias or x.sinks or x.output_gate or x.sandwich_norm or x.layer_scalar
+                         or x.mlp != "dense")
                 and x.rope is not None and repr(x.rope) == repr(cfg.layers[0].rope) for x in cfg.layers)
     windows = {x.window for x in cfg.layers if x.window is not None}
     same_shape = len({(x.num_heads, x.num_kv_heads, x.head_dim, x.value_dim, x.intermediate_size, x.activation)

@@ -70,9 +70,11 @@ def _check(model: Model, rank: int, rope_dims: int | None, select: str, svd: str
         if not kinds.takes(x.attention, "mla"):
             raise RetrofitError(f"{where} is a {x.attention!r} layer; the MLA retrofit converts {kinds.taking('mla')} "
                                 "layers")
+        g = kinds.gqa.options_of(x)
         bad = [n for n, v in (("kv_source", x.kv_source is not None), ("window", x.window is not None),
-                              ("sinks", x.sinks), ("qk_norm", x.qk_norm), ("qkv_bias", x.qkv_bias),
-                              ("output_gate", x.output_gate is not None), ("v_norm", x.v_norm), ("k_eq_v", x.k_eq_v))
+                              ("sinks", x.sinks), ("gqa.qk_norm", g.qk_norm), ("qkv_bias", x.qkv_bias),
+                              ("output_gate", x.output_gate is not None), ("gqa.v_norm", g.v_norm),
+                              ("gqa.k_eq_v", g.k_eq_v), ("gqa.sink_tokens", g.sink_tokens))
                if v]
         if bad:
             raise RetrofitError(f"{where} sets {', '.join(bad)}; the MLA retrofit factorises a plain linear K/V "

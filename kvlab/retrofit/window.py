@@ -48,8 +48,9 @@ def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens
             raise RetrofitError(f"window: sinks-on=converted: no layer of {cfg.name} becomes sliding (every layer the "
                                 "pattern makes sliding already was), so no layer would get the sink tokens; use "
                                 "sinks-on=all or a pattern that windows a global layer")
-        new = dataclasses.replace(new, layers=[dataclasses.replace(x, sink_tokens=sink_tokens) if s else x
-                                               for x, s in zip(new.layers, sink)])
+        new = dataclasses.replace(new, layers=[
+            dataclasses.replace(x, gqa=dataclasses.replace(x.gqa, sink_tokens=sink_tokens)) if s else x
+            for x, s in zip(new.layers, sink)])
     what = f"window:{window}" + (f",pattern={pattern.replace(' ', '').replace(':', '+')}" if pattern else "") + \
         (f",sinks={sink_tokens}" if sink_tokens else "") + \
         (",sinks-on=converted" if sink_tokens and sinks_on == "converted" else "")

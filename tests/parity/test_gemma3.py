@@ -71,7 +71,7 @@ def test_config_reads_every_feature(pair: tuple[Any, kvlab.Model]) -> None:
         assert spec.rope.theta == c.rope_parameters[kind]["rope_theta"]
         assert spec.rope.scaling == c.rope_parameters[kind]["rope_type"]
         assert spec.attn_scale == pytest.approx(c.query_pre_attn_scalar ** -0.5)
-        assert spec.qk_norm and spec.sandwich_norm and spec.qkv_bias == c.attention_bias
+        assert spec.gqa.qk_norm and spec.sandwich_norm and spec.qkv_bias == c.attention_bias
     assert model.num_parameters() == sum(p.numel() for p in hf.parameters())  # tied head counted once
     assert model.num_parameters() == kvlab.costs(cfg, context=64).params_total
 

@@ -85,9 +85,9 @@ def test_config_reads_every_feature(pair: tuple[Any, kvlab.Model]) -> None:
         assert spec.window == (None if full else c.sliding_window)
         assert spec.head_dim == (32 if full else 16)
         assert (spec.kv_source is not None) == (modes[i] == "reuse")
-        assert spec.k_eq_v == (full and c.attention_k_eq_v)
+        assert spec.gqa.k_eq_v == (full and c.attention_k_eq_v)
         assert spec.rope.scaling == ("proportional" if full else "default")
-        assert spec.sandwich_norm and spec.layer_scalar and spec.v_norm and spec.attn_scale == 1.0
+        assert spec.sandwich_norm and spec.layer_scalar and spec.gqa.v_norm and spec.gqa.qk_norm and spec.attn_scale == 1.0
     # the sharing layers hold no K/V weights, and their double-wide MLPs are twice as wide
     for i, layer in enumerate(model.layers):
         assert hasattr(layer.attn, "k_proj") == (cfg.layers[i].kv_source is None)
@@ -176,8 +176,8 @@ def test_hub_style_config_with_global_head_dim() -> None:
     d.update(global_head_dim=32, num_global_key_value_heads=1)
     cfg = config_from_hf(d)
     full = [x for x in cfg.layers if x.window is None]
-    assert all(x.head_dim == 32 and x.num_kv_heads == 1 and x.k_eq_v for x in full)
-    assert all(x.head_dim == 16 and x.num_kv_heads == 2 and not x.k_eq_v for x in cfg.layers if x.window)
+    assert all(x.head_dim == 32 and x.num_kv_heads == 1 and x.gqa.k_eq_v for x in full)
+    assert all(x.head_dim == 16 and x.num_kv_heads == 2 and not x.gqa.k_eq_v for x in cfg.layers if x.window)
 
 
 @pytest.mark.parametrize("name", ["gemma-4-e2b", "gemma-4-e4b", "gemma-4-26b-a4b", "gemma-4-31b"])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kvlab.config import LayerSpec, ModelConfig, RopeSpec
+from kvlab.config import GQASpec, LayerSpec, ModelConfig, RopeSpec
 from kvlab.model import Model
 from kvlab.retrofit import to_mla, to_shared, to_window
 from kvlab.retrofit.export import ExportError, export_hf
@@ -18,7 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 def llama(kv_heads: int = 2, partial: float = 1.0, qk_norm: bool = False, layers: int = 4) -> Model:
     cfg = ModelConfig(vocab_size=67, hidden_size=48, max_positions=96, tie_embeddings=True, norm_eps=1e-5, layers=[
-        LayerSpec(num_heads=4, num_kv_heads=kv_heads, head_dim=16, intermediate_size=40, qk_norm=qk_norm,
+        LayerSpec(num_heads=4, num_kv_heads=kv_heads, head_dim=16, intermediate_size=40, gqa=GQASpec(qk_norm=qk_norm),
                   rope=RopeSpec(theta=500.0, partial=partial)) for _ in range(layers)])
     model = Model.from_config(cfg, seed=3, std=0.2)
     with torch.no_grad():  # norms that differ from ones, so their export matters
