@@ -364,3 +364,37 @@ def test_config_round_trips_through_json(tmp_path) -> None:
     cfg.save(tmp_path / "c.json")
     back = ModelConfig.load(tmp_path / "c.json")
     assert back == cfg and isinstance(back.layers[0].mla, MLASpec) and back.layers[1].moe.n_group == 4
+
+
+def test_cpu_decode_step_reads_the_latent_cache_without_copying_it(monkeypatch):
+    """On the CPU, SDPA with keys and values of different widths (MLA's absorbed decode: latent + rotary keys, latent
+    values) runs its math fallback, which multiplies a copy of all of K by ``sqrt(scale)`` each call. A decode step
+    never hands SDPA such K/V (it attends by two matmuls, kvlab/layers/core.py), and its logits equal the SDPA
+    path's."""
+    from test_contract import tiny
+
+    from kvlab.layers import core
+
+    with torch.no_grad():
+        model = random_model(tiny("mla", 0))
+    ids = torch.randint(0, 61, (2, 14), generator=torch.Generator().manual_seed(5))
+    caches = [model.new_cache(2, max_length=16) for _ in range(2)]
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape[-2], k.shape[-1], v.shape[-1]))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    with torch.inference_mode():
+        for c in caches:
+            model(ids[:, :12], cache=c)
+        monkeypatch.setattr(core.F, "scaled_dot_product_attention", spy)
+        calls.clear()
+        out = [model(ids[:, s:s + 1], cache=caches[0]) for s in (12, 13)]
+        assert not [c for c in calls if c[1] != c[2]]  # no decode-step SDPA call with K and V of different widths
+        monkeypatch.setattr(core, "_math_fallback", lambda q, k, v: False)  # the SDPA path, for its values
+        ref = [model(ids[:, s:s + 1], cache=caches[1]) for s in (12, 13)]
+        assert [c for c in calls if c[1] != c[2]]  # the model does hand SDPA different widths on that path
+    for a, b in zip(out, ref, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

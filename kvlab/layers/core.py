@@ -127,6 +127,14 @@ def _matmul_decode(q: torch.Tensor) -> bool:
     return not (torch.compiler.is_compiling() and q.dtype in (torch.bfloat16, torch.float16))
 
 
+def _math_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """On the CPU, SDPA with keys and values of different widths (MLA's absorbed decode: latent + rotary keys
+    against latent values) runs its math fallback, which multiplies a copy of all of K by ``sqrt(scale)`` every call:
+    one more read and write of the whole latent cache per layer (profiled: ``aten::mul`` of ``[1, 1, 288, L]``, 18.4
+    of 79.7 ms a DeepSeek V3-small step at 16K, docs/performance.md). Two matmuls scale the scores instead."""
+    return not q.is_cuda and k.shape[-1] != v.shape[-1]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``; k/v may be blocked readers of a quantized
@@ -158,10 +166,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     qf = q.reshape(b, hkv, g * t, d)
     if mask is not None:
         mask = mask[:, :, None].expand(mask.shape[0], 1, g, t, L).reshape(mask.shape[0], 1, g * t, L)
-    if sinks is None and not _matmul_decode(q):
+    if sinks is None and not _matmul_decode(q) and not _math_fallback(q, k, v):
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=scale)
         return out.reshape(b, h, t, v.shape[-1])
-    # sinks, or an eager / fp32 decode step on a GPU: two matmuls reading K and V once each
+    # sinks, an eager / fp32 decode step on a GPU, or K and V of different widths on the CPU: two matmuls reading K
+    # and V once each
     s = (qf @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
     if mask is not None:
         s = s + mask
