@@ -303,3 +303,51 @@ def test_cli_exports_a_window_pattern_that_transformers_runs_identically(tmp_pat
     # the output directory holds another conversion: refused, not silently reused
     assert main(["retrofit", str(src), "--to", "window:4", "--out", str(out), "--no-eval", "--no-progress"]) == 2
     assert "holds the conversion 'window:8,pattern=1sliding+1global', not 'window:4'" in capsys.readouterr().err
+
+
+def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
+    """``torchrun -m kvlab retrofit ... --recover N --fsdp`` on 2 gloo processes (batch 2 each, student and teacher
+    sharded) gives the one-process run's (batch 4) recovered weights, loss and measured rows; process 0 alone writes
+    and reports: one JSON object on stdout, each notice once."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kvlab.cli import main
+    from tests.helpers import save_text_checkpoint
+
+    src = save_text_checkpoint(tmp_path / "src")
+    argv = ["retrofit", str(src), "--to", "share-last:1", "--recover", "2", "--seq-len", "32", "--lr", "1e-3",
+            "--length", "64", "--decode-context", "0", "--no-progress", "--json"]
+    assert main([*argv, "--batch", "4", "--out", str(tmp_path / "one")]) == 0
+    one = json.loads(capsys.readouterr().out)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                        "kvlab", *argv, "--batch", "2", "--fsdp", "--out", str(tmp_path / "two")], env=env,
+                       capture_output=True, text=True, timeout=240, check=False)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert len(r.stdout.strip().splitlines()) == 1  # one JSON object, from process 0
+    assert r.stderr.count("== share-last:1") == 1 and r.stderr.count("recovered ") == 1
+    two = json.loads(r.stdout)
+    assert two["processes"] == 2 and one["processes"] == 1
+    (b1, a1), (b2, a2) = one["rows"], two["rows"]
+    assert a2["recovery"]["processes"] == 2 and a2["recovery"]["fsdp"] and not a1["recovery"]["fsdp"]
+    assert b2["kl"] == b1["kl"] and a1["kl"] != b1["kl"]  # the same conversion; recovery changed it
+    for k in ("kl", "ppl", "top1"):
+        assert a2[k] == pytest.approx(a1[k], rel=1e-5, abs=1e-5)
+    assert a2["recovery"]["final_loss"] == pytest.approx(a1["recovery"]["final_loss"], rel=1e-5, abs=1e-5)
+    w1, w2 = (kvlab.load(tmp_path / d / "recovered-seed0").state_dict() for d in ("one", "two"))
+    assert set(w1) == set(w2)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-5)
+    assert a2["cache"]["measured"] == a2["cache"]["calculated"]
+
+
+def test_cli_fsdp_needs_torchrun_and_a_recovery(tmp_path, capsys):
+    from kvlab.cli import main
+
+    assert main(["retrofit", "smollm2-135m", "--to", "share-last:6", "--recover", "2", "--fsdp",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--fsdp shards the recovery over the processes of torchrun" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()

@@ -4,12 +4,18 @@ original, and measure what it costs (perplexity, KL, needle) against what it sav
 One conversion (``--to``) writes ``OUT/converted`` (a kvlab checkpoint with the tokenizer and ``retrofit.json``),
 ``OUT/recovered-seed<S>`` per recovery seed (a train run directory), and ``OUT/report.json``. ``--sweep`` runs a
 list of conversions into ``OUT/<technique>/`` and writes one table (``OUT/table.md``) and the frontier plot.
+
+Under ``torchrun`` the recovery runs data-parallel over the processes (or FSDP2-sharded with ``--fsdp``): process 0
+converts and saves while the others wait, every process trains, then process 0 alone measures and writes the
+outputs and reports; the others print nothing.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import re
 import statistics
 import sys
@@ -29,7 +35,8 @@ HELP = "convert a pretrained model to a technique, recover it by distillation, m
 EXAMPLE = ("kvlab retrofit smollm2-135m --to share-last:6 --out out/share6 --recover 200\n"
            "  kvlab retrofit smollm2-135m --to window:512,sinks=4 --out out/win512\n"
            "  kvlab retrofit smollm2-135m --to mla:rank=256,rope=32 --out out/mla --recover 200 --export hf\n"
-           "  kvlab retrofit smollm2-135m --sweep share-last:6 window:512 prune-heads:0.67 --out out/sweep --recover 100")
+           "  kvlab retrofit smollm2-135m --sweep share-last:6 window:512 prune-heads:0.67 --out out/sweep --recover 100\n"
+           "  torchrun --nproc_per_node 8 -m kvlab retrofit MODEL --to share-last:6 --out out/s6 --recover 2000 --fsdp")
 
 DEFAULT_SWEEP = ("share-last:6", "share-adjacent:2", "window:512", "window:512,sinks=4",
                  "window:512,pattern=3sliding+1global,sinks=4", "prune-heads:0.67")
@@ -47,10 +54,12 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    help="distillation steps against the original after converting (0: none)")
     q.add_argument("--seeds", default="0", help="recovery seeds, comma-separated (spread over seeds is reported)")
     q.add_argument("--seq-len", type=int, default=256, help="recovery sequence length (tokens)")
-    q.add_argument("--batch", type=int, default=4, help="recovery batch size")
+    q.add_argument("--batch", type=int, default=4, help="recovery batch size (per process under torchrun)")
     q.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
     q.add_argument("--lm-weight", type=float, default=0.0, help="weight of the LM loss beside the KL (default 0)")
     q.add_argument("--resume", action="store_true", help="continue interrupted recoveries from their checkpoints")
+    q.add_argument("--fsdp", action="store_true", help="under torchrun, shard student and teacher of the recovery "
+                   "with FSDP2 (without it the processes train data-parallel); process 0 converts and measures alone")
     q.add_argument("--length", default="2k", help="positions of the KL / perplexity window (default 2k)")
     q.add_argument("--needle", default="", help="needle lengths, e.g. 1k,2k (default: none)")
     q.add_argument("--depths", default="0.1,0.5,0.9", help="needle depths (default 0.1,0.5,0.9)")
@@ -133,21 +142,27 @@ def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[An
     return conv.model, target
 
 
-def recover_one(setup: Setup, student: Path, out: Path, seed: int, out_stream) -> tuple[Any, dict[str, Any]]:
+def recover_one(args: argparse.Namespace, tok: Any, student: Path, out: Path, seed: int, out_stream,
+                world: Any) -> dict[str, Any]:
+    """One recovery run (every process under torchrun); what process 0 reports of it."""
     from kvlab.train.distill import recover
 
-    a = setup.args
+    a = args
     run = out / f"recovered-seed{seed}"
     r = recover(student, a.model, run, steps=a.recover, seq_len=a.seq_len, batch_size=a.batch, lr=a.lr,
-                lm_weight=a.lm_weight, seed=seed, resume=a.resume or run.exists(), progress=not a.no_progress)
+                lm_weight=a.lm_weight, seed=seed, resume=a.resume or run.exists(), progress=not a.no_progress,
+                fsdp=a.fsdp)
+    if not world.main:
+        return {}
     s = r.summary
     from kvlab.tokenizer import save_tokenizer
 
-    save_tokenizer(setup.tok, run)  # the run directory carries the tokenizer: kvlab eval / chat run on it
+    save_tokenizer(tok, run)  # the run directory carries the tokenizer: kvlab eval / chat run on it
     print(f"recovered {student.parent.name} seed {seed}: {s.get('steps')} steps, final loss {s.get('final_loss'):.4f}, "
-          f"{s.get('wall_s', 0):.0f} s", file=out_stream)
-    return kvlab.load(run, device=a.device).eval(), {"steps": s.get("steps"), "final_loss": s.get("final_loss"),
-                                                     "wall_s": s.get("wall_s"), "run": str(run)}
+          f"{s.get('wall_s', 0):.0f} s" + (f", {s['processes']} processes" if s.get("processes", 1) > 1 else ""),
+          file=out_stream)
+    return {"steps": s.get("steps"), "final_loss": s.get("final_loss"), "wall_s": s.get("wall_s"), "run": str(run),
+            "processes": s.get("processes"), "fsdp": bool(s.get("fsdp"))}
 
 
 def measure_one(setup: Setup, model: Any) -> dict[str, Any]:
@@ -171,26 +186,60 @@ def export_one(setup: Setup, model: Any, target: Path, out_stream) -> None:
     print(f"exported {target} (transformers)", file=out_stream)
 
 
-def run_technique(setup: Setup, technique: str, out: Path, out_stream) -> list[dict[str, Any]]:
-    """Rows for one technique: converted, then each recovery seed."""
-    a = setup.args
-    model, path = convert_one(setup, technique, out, out_stream)
-    if path is not None:
-        export_one(setup, model, out / "hf", out_stream)
-    rows = []
-    if not a.no_eval:
-        rows.append({"technique": technique, "recovery_steps": 0, "checkpoint": str(path) if path else None,
-                     **measure_one(setup, model)})
+def run_technique(setup: Setup | None, args: argparse.Namespace, technique: str, out: Path, out_stream,
+                  world: Any) -> list[dict[str, Any]]:
+    """Rows for one technique: converted, then each recovery seed. Process 0 converts (the others wait for its
+    checkpoint's path), every process recovers, process 0 measures (``setup`` is None on the others)."""
+    a = args
+    model = path = None
+    failed = None
+    if world.main:
+        try:
+            model, path = convert_one(setup, technique, out, out_stream)
+            if path is not None:
+                export_one(setup, model, out / "hf", out_stream)
+        except Exception as e:  # noqa: BLE001  (re-raised by _shared: the others must not wait for a checkpoint)
+            failed = e
+    shared = _shared(world, failed, {"path": str(path) if path else None})
+    path = Path(shared["path"]) if shared["path"] else None
     if path is None and a.recover:
-        print(f"{technique}: a cache format changes no weights: nothing to recover", file=out_stream)
-        return rows
-    for seed in _seeds(a.seeds) if a.recover else []:
-        rec, info = recover_one(setup, path, out, seed, out_stream)
+        if world.main:
+            print(f"{technique}: a cache format changes no weights: nothing to recover", file=out_stream)
+        a = argparse.Namespace(**{**vars(a), "recover": 0})
+    infos = {seed: recover_one(a, setup.tok if setup else None, path, out, seed, out_stream, world)
+             for seed in (_seeds(a.seeds) if a.recover else [])}
+    if not world.main:
+        return []
+    rows = [] if a.no_eval else [{"technique": technique, "recovery_steps": 0,
+                                  "checkpoint": str(path) if path else None, **measure_one(setup, model)}]
+    for seed, info in infos.items():
+        rec = kvlab.load(info["run"], device=a.device).eval()
         export_one(setup, rec, out / f"recovered-seed{seed}-hf", out_stream)
         if not a.no_eval:
-            rows.append({"technique": technique, "recovery_steps": a.recover, "seed": seed, "recovery": info,
+                rows.append({"technique": technique, "recovery_steps": a.recover, "seed": seed, "recovery": info,
                          "checkpoint": info["run"], **measure_one(setup, rec)})
     return rows
+
+
+class _Quiet(Exception):
+    """Process 0 failed and reported it; another process of the same torchrun ends with the same status, silently."""
+
+
+def _shared(world: Any, failed: Exception | None, value: Any) -> Any:
+    """Process 0's ``value`` on every process, after work that process 0 did alone; its error ``failed`` ends every
+    process (exit code 2) instead of leaving the others waiting. Under torchrun process 0 prints the error line before
+    the others learn of it: torchrun stops the whole group as soon as one process ends."""
+    if failed is not None and world.size > 1:
+        from kvlab.cli import describe_error
+
+        print(f"kvlab: error: {describe_error(failed)}", file=sys.stderr, flush=True)
+    shared = world.broadcast_json({"value": value if failed is None else None,
+                                   "error": None if failed is None else str(failed)})
+    if failed is not None and world.size == 1:
+        raise failed
+    if shared["error"] is not None:
+        raise _Quiet(shared["error"])
+    return shared["value"]
 
 
 def format_rows(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> str:
@@ -225,9 +274,8 @@ def spread(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from kvlab.train.lock import RunLock
+    from kvlab.train.dist import setup as dist_setup
 
-    out_stream = report(args)
     if args.recover < 0:
         raise ValueError(f"--recover {args.recover}: must be >= 0 steps")
     techniques = [args.to] if args.to is not None else list(args.sweep or DEFAULT_SWEEP)
@@ -237,14 +285,52 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--export writes one conversion: use it with --to, not --sweep")
     _seeds(args.seeds)
     depth_list(args.depths)
+    torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if args.fsdp and not (torchrun and args.recover):
+        raise ValueError("--fsdp shards the recovery over the processes of torchrun: launch it with torchrun "
+                         "--nproc_per_node N (N >= 2) and --recover STEPS, or drop --fsdp")
+    # process 0 converts (and measures) alone while the others wait: a generous timeout for their first collective
+    world = dist_setup("auto", timeout_s=4 * 3600) if torchrun else dist_setup("cpu")
+    try:
+        return _run(args, techniques, world)
+    except _Quiet:
+        return 2
+    finally:
+        world.close()
+
+
+def _run(args: argparse.Namespace, techniques: list[str], world: Any) -> int:
+    """The conversions, recoveries and measurements of :func:`run`, on one process of ``world``."""
+    from contextlib import nullcontext
+
+    from kvlab.train.lock import RunLock
+
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if world.main:
+        out_stream = report(args)
+        out.mkdir(parents=True, exist_ok=True)
+    else:  # only process 0 reports
+        out_stream = io.StringIO()
+        args = argparse.Namespace(**{**vars(args), "no_progress": True})
     t0 = time.perf_counter()
-    with RunLock(out):
-        setup = Setup(args)
-        print(f"model: {args.model} ({setup.model.config.name}, {setup.model.num_parameters():,} parameters); text: "
-              f"{setup.corpus.describe(len(setup.ids))}", file=out_stream)
+    with RunLock(out) if world.main else nullcontext():
+        setup = failed = None
+        if world.main:
+            try:
+                setup = Setup(args)
+            except Exception as e:  # noqa: BLE001  (re-raised by _shared)
+                failed = e
+        _shared(world, failed, None)
+        if setup is not None:
+            print(f"model: {args.model} ({setup.model.config.name}, {setup.model.num_parameters():,} parameters); "
+                  f"text: {setup.corpus.describe(len(setup.ids))}", file=out_stream)
         rows: list[dict[str, Any]] = []
+        for t in techniques:
+            print(f"\n== {t}", file=out_stream)
+            rows += run_technique(setup, args, t, out if args.to is not None else out / slug(t), out_stream, world)
+            sys.stderr.flush()
+        if setup is None:
+            return 0
         if args.needle and not args.no_eval:  # the original's own retrieval on the same grid, for comparison
             from kvlab.eval.needle import needle_test
 
@@ -253,12 +339,8 @@ def run(args: argparse.Namespace) -> int:
             r = needle_test(setup.model, setup.tok, setup.corpus.text, needle, depths, 1, 0, not args.no_progress)
             setup.ground["original_needle"] = {"lengths": needle, "depths": depths, "accuracy": r.accuracy,
                                                "overall": r.overall}
-        for t in techniques:
-            print(f"\n== {t}", file=out_stream)
-            rows += run_technique(setup, t, out if args.to is not None else out / slug(t), out_stream)
-            sys.stderr.flush()
         result = {**setup.ground, "techniques": techniques, "rows": rows, "spread": spread(rows),
-                  "wall_s": time.perf_counter() - t0}
+                  "processes": world.size, "wall_s": time.perf_counter() - t0}
         if rows:
             rows[0]["original_needle"] = setup.ground.get("original_needle")
             print("\n" + format_rows(rows, rows[0]), file=out_stream)

@@ -8,8 +8,11 @@ step. The result is the gradient of one process that saw the whole batch, so N p
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -57,6 +60,20 @@ class World:
             g.copy_(flat[offset: offset + g.numel()].view_as(g))
             offset += g.numel()
 
+    def broadcast_json(self, obj: Any, src: int = 0) -> Any:
+        """``obj`` (anything ``json`` writes) as process ``src`` holds it, on every process: JSON bytes in a uint8
+        tensor (no pickle), its length first."""
+        if self.size == 1:
+            return obj
+        data = json.dumps(obj).encode() if self.rank == src else b""
+        n = torch.tensor([len(data)], dtype=torch.int64, device=self.device)
+        dist.broadcast(n, src=src)
+        buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=self.device)
+        if self.rank == src:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        dist.broadcast(buf, src=src)
+        return json.loads(bytes(buf.cpu().tolist()).decode())
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()
@@ -66,11 +83,13 @@ class World:
             dist.destroy_process_group()
 
 
-def setup(device: str = "auto") -> World:
+def setup(device: str = "auto", timeout_s: float | None = None) -> World:
     """The process group from torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``), if any.
 
     ``device``: ``auto`` (``cuda:LOCAL_RANK`` when CUDA is available, else CPU), ``cpu`` or ``cuda``.
-    Backend: nccl for CUDA devices, gloo on CPU.
+    Backend: nccl for CUDA devices, gloo on CPU. ``timeout_s``: how long a collective waits for the other processes
+    (torch's default when None); a caller whose process 0 works alone for long (a conversion) sets it.
+    A group that already exists is used as it is (and left open by :meth:`World.close`).
     """
     if device not in ("auto", "cpu", "cuda"):
         raise ValueError(f"device={device!r}: allowed auto, cpu, cuda")
@@ -85,7 +104,8 @@ def setup(device: str = "auto") -> World:
         torch.cuda.set_device(dev)
     here = False
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
+                                **({"timeout": timedelta(seconds=timeout_s)} if timeout_s else {}))
         here = True
     if size > 1:
         rank, size = dist.get_rank(), dist.get_world_size()

@@ -13,6 +13,7 @@ The text is tokenized once per (tokenizer, files) and kept in memory.
 
 from __future__ import annotations
 
+import functools
 import platform
 from dataclasses import dataclass
 from typing import Any
@@ -37,8 +38,10 @@ TRAIN_MODULES = (
 TRAIN_TEXT = "stdlib-train-docstrings"
 
 
+@functools.cache
 def training_corpus() -> Corpus:
-    """The docstrings of :data:`TRAIN_MODULES` (those this Python has as source), concatenated in order."""
+    """The docstrings of :data:`TRAIN_MODULES` (those this Python has as source), concatenated in order (parsed once
+    per process)."""
     parts, used = [], []
     for m in TRAIN_MODULES:
         try:
