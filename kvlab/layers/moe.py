@@ -22,6 +22,9 @@ from .mlp import GatedMLP, activation
 from .norm import RMSNorm
 from .router import RouterMLP
 
+GROUPED_MM = getattr(F, "grouped_mm", None)  # torch >= 2.10
+GROUPED_MAX = 16  # eager: grouped matmuls up to this many (token, choice) pairs per expert, the loop beyond
+
 
 def hash_table(vocab: int, top_k: int, num_experts: int) -> torch.Tensor:
     """A default token -> experts table ``[vocab, top_k]`` (int64): ``top_k`` distinct experts per token, spread by
@@ -44,11 +47,14 @@ def group_limit(choice: torch.Tensor, n_group: int, topk_group: int) -> torch.Te
 class Experts(nn.Module):
     """E gated experts stored as 3-D weights: gate/up ``[E, I, H]``, down ``[E, H, I]``.
 
-    ``limit``: clamp the gate pre-activation to ``<= limit`` and the up one to ``[-limit, limit]`` (DeepSeek V4)."""
+    ``limit``: clamp the gate pre-activation to ``<= limit`` and the up one to ``[-limit, limit]`` (DeepSeek V4).
+    ``skip``: the router may choose index ``num``, an expert that computes nothing (ZAYA1)."""
 
-    def __init__(self, num: int, hidden: int, width: int, act: str, limit: float | None = None) -> None:
+    def __init__(self, num: int, hidden: int, width: int, act: str, limit: float | None = None,
+                 skip: bool = False) -> None:
         super().__init__()
         self.limit = limit
+        self.skip = skip
         self.gate_proj = nn.Parameter(torch.empty(num, width, hidden))
         self.up_proj = nn.Parameter(torch.empty(num, width, hidden))
         self.down_proj = nn.Parameter(torch.empty(num, hidden, width))
@@ -59,12 +65,17 @@ class Experts(nn.Module):
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x ``[N, H]``, idx/weights ``[N, k]`` -> ``[N, H]``.
 
-        No host read for a decode step: few choices (``N k <= E``) gather each token's k experts' weights and
-        apply them as a batched matmul, reading exactly the chosen experts; up to ``4 E`` choices run every expert
-        on every token (each expert's weights read once, as the loop would, at most ``4 E / k`` times the FLOPs) and
-        combine with the routing weights. More (a prefill): a loop over the experts that got tokens (one host
-        read of the counts)."""
+        Eager inference on CPU, up to ``GROUPED_MAX E`` choices (a decode step, a batch of them, a short chunk):
+        :meth:`grouped` (the chosen experts' weights read in place, no host read). Otherwise (compiled, where
+        ``grouped_mm`` traces for bf16 only; autograd; CUDA): few choices (``N k <= E``) gather each token's k
+        experts' weights and apply them as a batched matmul, reading exactly the chosen experts; up to ``4 E``
+        choices run every expert on every token (each expert's weights read once, as the loop would, at most
+        ``4 E / k`` times the FLOPs) and combine with the routing weights. More (a prefill): a loop over the
+        experts that got tokens (one host read of the counts; on the CPU as fast as ``grouped_mm`` or faster from
+        512 tokens on, its per-expert slices staying in cache: docs/performance.md)."""
         num = self.gate_proj.shape[0]
+        if idx.numel() <= GROUPED_MAX * num and self.can_group(x):
+            return self.grouped(x, idx, weights)
         if idx.numel() <= num:
             return self.gathered(x, idx, weights)
         if idx.numel() <= 4 * num:
@@ -90,6 +101,36 @@ class Experts(nn.Module):
             start += n
         return out
 
+    def can_group(self, x: torch.Tensor) -> bool:
+        """Whether :meth:`grouped` serves this call: eager (``grouped_mm``'s compile-time shape function takes bf16
+        only), CPU (CUDA's kernel wants bf16 on SM80+), no autograd (its backward rejects expanded gradients)."""
+        return (not torch.compiler.is_compiling() and x.device.type == "cpu" and GROUPED_MM is not None
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.requires_grad)))
+
+    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Grouped matmuls over the (token, choice) pairs sorted by expert (``torch.nn.functional.grouped_mm``, as
+        transformers' ``grouped_mm`` experts): each chosen expert's weights are read where they lie, once, no copy;
+        the group ends are device tensors (``searchsorted`` of the sorted experts), so nothing is read back. A skip
+        expert (index ``E``) sorts last, past the last group: its rows are left unwritten by the kernel and zeroed
+        here. The k outputs of a token are put back in choice order and summed as :meth:`gathered` sums them."""
+        n, k = idx.shape
+        num = self.gate_proj.shape[0]
+        flat = idx.reshape(-1)
+        expert, order = flat.sort(stable=True)  # [N k]
+        ends = torch.searchsorted(expert, torch.arange(num, device=x.device, dtype=expert.dtype), right=True,
+                                  out_int32=True)  # [E] cumulative counts
+        h = x[order // k]  # [N k, H] (token rows, sorted by expert)
+        g = GROUPED_MM(h, self.gate_proj.transpose(1, 2), offs=ends)  # [N k, I]
+        u = GROUPED_MM(h, self.up_proj.transpose(1, 2), offs=ends)
+        if self.limit is not None:
+            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
+        d = GROUPED_MM(self.act(g) * u, self.down_proj.transpose(1, 2), offs=ends)  # [N k, H]
+        w = weights.reshape(-1)[order]
+        if self.skip:
+            kept = expert < num
+            d, w = d.masked_fill(~kept[:, None], 0.0), w.masked_fill(~kept, 0.0)
+        d = d * w[:, None].to(d.dtype)
+        return torch.empty_like(d).index_copy_(0, order, d).view(n, k, -1).sum(1)
 
     def dense(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every expert on every token ``[E, N, .]``, combined by the routing weights scattered to ``[N, E]`` (a
@@ -148,7 +189,8 @@ class MoE(nn.Module):
             self._root = hidden ** -0.5
         if spec.expert_scale:
             self.expert_scale = nn.Parameter(torch.ones(spec.num_experts))
-        self.experts = Experts(spec.num_experts, hidden, spec.expert_size, act, spec.swiglu_limit)
+        self.experts = Experts(spec.num_experts, hidden, spec.expert_size, act, spec.swiglu_limit,
+                               spec.skip_expert)
         self.shared = GatedMLP(hidden, spec.shared_width, act, limit=spec.swiglu_limit) if spec.shared_experts else None
 
     def router_state(self, x: torch.Tensor, carry: dict | None, shape: tuple) -> torch.Tensor:
