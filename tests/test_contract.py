@@ -349,3 +349,26 @@ def test_a_new_kind_is_one_table_entry(key_only):
 def test_a_kind_name_is_registered_once(key_only):
     with pytest.raises(ValueError, match="already in the table"):
         kinds.register(KEY_ONLY)
+
+
+def test_a_chunk_builds_one_mask_for_all_full_cache_layers(monkeypatch):
+    """Every full-cache layer of one call attends to the same positions, so the step builds their mask once (a
+    ``[1, 1, 512, 16K]`` fp32 mask is 32 MiB: one per layer was most of a 16K prefill's memory above the cache)."""
+    from kvlab.layers import core
+
+    model = random_model(tiny("gqa", 0, layers=4))
+    built = []
+    build = core.build_mask
+
+    def spy(*args, **kwargs):
+        built.append(1)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(core, "build_mask", spy)
+    ids = torch.randint(0, 61, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        cache = model.new_cache(1, max_length=24)
+        model(ids[:, :8], cache=cache)
+        built.clear()
+        model(ids[:, 8:16], cache=cache)
+    assert len(built) == 1

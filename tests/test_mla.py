@@ -398,3 +398,39 @@ def test_cpu_decode_step_reads_the_latent_cache_without_copying_it(monkeypatch):
         assert [c for c in calls if c[1] != c[2]]  # the model does hand SDPA different widths on that path
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_cpu_prefill_hands_sdpa_keys_and_values_of_one_width(monkeypatch):
+    """A multi-query chunk in the expanded form zero-pads the values to the key width (written straight from the
+    up-projection, kvlab/layers/mla.py), so SDPA on the CPU takes its flash kernel rather than the math fallback;
+    the logits equal the unpadded path's (taken with autograd on, where the padded buffers are not used)."""
+    from test_contract import tiny
+
+    from kvlab.layers import core
+
+    with torch.no_grad():
+        model = random_model(tiny("mla", 0))
+    modes(model, "expand")
+    ids = torch.randint(0, 61, (2, 14), generator=torch.Generator().manual_seed(5))
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, k, v, *args, **kwargs):
+        calls.append((q.shape[-2], k.shape[-1], v.shape[-1]))
+        return sdpa(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(core.F, "scaled_dot_product_attention", spy)
+
+    def chunked():
+        cache = model.new_cache(2, max_length=16)
+        return torch.cat([model(ids[:, s:s + 5], cache=cache) for s in range(0, 14, 5)], 1)
+
+    with torch.inference_mode():
+        out = chunked()
+    assert calls and all(c[0] > 1 and c[1] == c[2] for c in calls)
+    calls.clear()
+    monkeypatch.setattr(core, "_narrow_values", lambda q, k, v: False)
+    with torch.enable_grad():
+        ref = chunked()
+    assert calls and all(c[1] != c[2] for c in calls)  # the unpadded path: values narrower than keys
+    torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=1e-5)

@@ -18,13 +18,26 @@ from .quant import QuantRows
 _ARANGE: dict[torch.device, torch.Tensor] = {}
 
 
+_VIEWS: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def positions(n: int, device) -> torch.Tensor:
-    """``arange(n)`` as a view of a shared, grown-on-demand tensor (no allocation per decode step)."""
+    """``arange(n)`` as a view of a shared, grown-on-demand tensor (no allocation per decode step).
+
+    The same view object for consecutive calls with the same ``n``: every full-cache layer of one forward call gets
+    the one tensor, so :meth:`kvlab.layers.core.Step.mask` (keyed by the tensor's identity) builds one mask per call,
+    not one per layer (a ``[1, 1, 512, 16K]`` fp32 mask is 32 MiB; qwen3-100m's 12 layers held 12 of them through a
+    16K prefill chunk, docs/performance.md)."""
     device = torch.device(device)
     r = _ARANGE.get(device)
     if r is None or r.shape[0] < n:
         r = _ARANGE[device] = torch.arange(max(n, 2 * (0 if r is None else r.shape[0]), 1024), device=device)
-    return r[:n]
+    if torch.compiler.is_compiling():  # no Python-side state written from a traced step
+        return r[:n]
+    hit = _VIEWS.get(device)
+    if hit is None or hit[0] is not r or hit[1].shape[0] != n:
+        hit = _VIEWS[device] = (r, r[:n])
+    return hit[1]
 
 
 _RINGS: dict[tuple[torch.device, int], tuple[int, torch.Tensor]] = {}

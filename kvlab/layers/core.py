@@ -135,6 +135,16 @@ def _math_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     return not q.is_cuda and k.shape[-1] != v.shape[-1]
 
 
+def _narrow_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Several queries on the CPU with values narrower than the keys (MLA's expanded prefill: 96-channel keys, 64-channel
+    values in V3-small): SDPA's flash kernel needs one width, so without help it takes the math fallback, which
+    materialises the ``[B, H, T, L]`` scores and a safe softmax over them (``bmm``, ``where``, ``isneginf``, ``all``:
+    most of a V3-small prefill chunk at 4K, docs/performance.md). Zero-padded values keep the flash kernel (the padded
+    output channels are zeros and dropped): about 2x less time for the attention of a 512-query chunk at 16K, and no
+    score matrix."""
+    return not q.is_cuda and v.shape[-1] < k.shape[-1] and q.shape[-1] == k.shape[-1]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``; k/v may be blocked readers of a quantized
@@ -158,8 +168,12 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     hkv, L = k.shape[1], k.shape[2]
     g = h // hkv
     if sinks is None and t > 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                              enable_gqa=g > 1)
+        dv = v.shape[-1]
+        if _narrow_values(q, k, v):
+            v = F.pad(v, (0, d - dv))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
+                                             enable_gqa=g > 1)
+        return out[..., :dv] if out.shape[-1] != dv else out
     if causal:
         mask = torch.zeros(t, L, dtype=q.dtype, device=q.device).masked_fill_(
             ~torch.ones(t, L, dtype=torch.bool, device=q.device).tril(L - t), float("-inf"))[None, None]

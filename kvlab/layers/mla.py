@@ -157,10 +157,38 @@ class MLAttention(nn.Module):
         m, h = self.spec.mla, self.spec.num_heads
         b, L, _ = lat.shape
         c_kv, k_pe = lat.split([m.kv_lora_rank, m.qk_rope_head_dim], dim=-1)
+        q = torch.cat((q_nope, q_pe), dim=-1)
+        if self.padded_values(q):
+            k, v = self.up_project_padded(c_kv, k_pe)
+            return attend(q, k, v, mask, self.scale, causal=causal)[..., :m.v_head_dim]
         kv = self.kv_b_proj(c_kv).view(b, L, h, m.qk_nope_head_dim + m.v_head_dim).transpose(1, 2)
         k_nope, v = kv.split([m.qk_nope_head_dim, m.v_head_dim], dim=-1)
         k = torch.cat((k_nope, k_pe[:, None].expand(b, h, L, m.qk_rope_head_dim)), dim=-1)
-        return attend(torch.cat((q_nope, q_pe), dim=-1), k, v, mask, self.scale, causal=causal)
+        return attend(q, k, v, mask, self.scale, causal=causal)
+
+    def padded_values(self, q: torch.Tensor) -> bool:
+        """Whether :meth:`expanded` up-projects into K/V of one width (values zero-padded to ``qk_head_dim``): several
+        queries on the CPU without autograd (the ``out=`` matmuls carry no gradient), values narrower than keys.
+        SDPA's CPU flash kernel needs one width; without it, the math fallback (kvlab/layers/core.py)."""
+        m = self.spec.mla
+        return (q.shape[2] > 1 and not q.is_cuda and m.v_head_dim < m.qk_head_dim
+                and not (torch.is_grad_enabled() and self.kv_b_proj.weight.requires_grad))
+
+    def up_project_padded(self, c_kv: torch.Tensor, k_pe: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``c_kv [B, L, r]``, ``k_pe [B, L, d_rope]`` -> K ``[k_nope, k_pe]`` and V ``[v, 0]``, both
+        ``[B, H, L, qk_head_dim]``: the up-projection written per head straight into the two buffers (no
+        concatenation or padding copy of the per-head K/V; measured, docs/performance.md)."""
+        m, h = self.spec.mla, self.spec.num_heads
+        b, L, _ = c_kv.shape
+        dn, dv, d = m.qk_nope_head_dim, m.v_head_dim, m.qk_head_dim
+        w = self.kv_b_proj.weight.view(h, dn + dv, m.kv_lora_rank)
+        k = c_kv.new_empty(b, h, L, d)
+        v = c_kv.new_empty(b, h, L, d)
+        torch.matmul(c_kv[:, None], w[:, :dn].transpose(1, 2), out=k[..., :dn])
+        torch.matmul(c_kv[:, None], w[:, dn:].transpose(1, 2), out=v[..., :dv])
+        k[..., dn:] = k_pe[:, None]
+        v[..., dv:] = 0
+        return k, v
 
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, mask: torch.Tensor | None,
                  causal: bool) -> torch.Tensor:
