@@ -16,6 +16,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -64,8 +65,9 @@ def main() -> None:
         print(f"{fmt:24s} overall {r.overall:.1%}  same answers as unquantized {row['same_as_unquantized']:.0%}  "
               f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"ground": ground, "results": results}, f, indent=1)
+            tmp = Path(args.json + ".tmp")  # replaced whole: a run stopped mid-write keeps the last cache's file
+            tmp.write_text(json.dumps({"ground": ground, "results": results}, indent=1))
+            tmp.replace(args.json)
     head = ["cache", "length", *(f"depth {d:.0%}" for d in depths)]
     rows = [[r["format"] if i == 0 else "", f"{n:,}", *(f"{a:.0%}" for a in acc)]
             for r in results for i, (n, acc) in enumerate(zip(r["lengths"], r["accuracy"]))]

@@ -135,8 +135,9 @@ def main() -> None:
         print(f"{n_ref.numel()}/{sum(sizes)} tokens: " + ", ".join(f"{r['format']} KL {r['kl_mean']:.5f}"
                                                                    for r in rows[1:]), file=sys.stderr, flush=True)
         if args.json:
-            with open(args.json, "w") as fh:
-                json.dump({"ground": ground, "rows": rows}, fh, indent=1)
+            tmp = Path(args.json + ".tmp")  # replaced whole: a run stopped mid-write keeps the last chunk's file
+            tmp.write_text(json.dumps({"ground": ground, "rows": rows}, indent=1))
+            tmp.replace(args.json)
     print(f"reference: ppl {rows[0]['ppl']:.4f} on {rows[0]['tokens']} tokens in {len(sizes)} window(s) of {window} "
           f"({rows[0]['seconds']:.0f} s)", file=sys.stderr)
     for r in rows[1:]:
