@@ -9,6 +9,7 @@ calculated bytes (they must be equal), parameters, and decode tokens/s (kvlab/be
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -83,11 +84,21 @@ def measure(reference: Model, variant: Model, ids: Sequence[int], prefix: Sequen
     return row
 
 
+def _short_bytes(v: float) -> str:
+    """An axis label for a byte count: ``128 MiB``, ``1 GiB``, ``1.5 GiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if v < 1024:
+            return f"{v:g} {unit}"
+        v /= 1024
+    return f"{v:g} TiB"
+
+
 def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """KV bytes at 32K (x, log) against KL divergence from the original (y, log) for every row; a conversion's
     point before recovery (hollow) is joined to its points after recovery (filled) by an arrow; the original
     model's KV bytes is the dashed line."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -113,7 +124,13 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
                             arrowprops={"arrowstyle": "->", "color": color, "alpha": 0.6})
     if rows:
         ax.axvline(rows[0]["ref_kv_bytes"]["32768"], ls="--", color="gray", lw=1, label="original model's KV")
-    ax.set_xscale("log")
+    ax.set_xscale("log", base=2)  # ticks at powers of two, written as bytes (MiB, GiB), the data's range inside them
+    xs = [r["kv_bytes"]["32768"] for r in rows] + ([rows[0]["ref_kv_bytes"]["32768"]] if rows else [])
+    if xs and min(xs) > 0:
+        ax.set_xlim(2 ** math.floor(math.log2(min(xs)) - 0.05), 2 ** math.ceil(math.log2(max(xs)) + 0.05))
+    ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2, numticks=8))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _short_bytes(v)))
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yscale("log")
     ax.set_xlabel("KV cache at 32K context, batch 1 (bytes, calculator; = measured cache)")
     ax.set_ylabel("KL divergence from the original (nats/token)")
