@@ -230,6 +230,8 @@ def test_cli_recovers_by_distillation_over_seeds(tmp_path, capsys):
     assert main(argv) == 0
     again = json.loads(capsys.readouterr().out)
     assert [r["kl"] for r in again["rows"]] == pytest.approx([r["kl"] for r in res["rows"]], rel=1e-6)
+    # the last step's loss from the run's log, not the (empty) resumed call's
+    assert [r["recovery"]["final_loss"] for r in again["rows"][1:]] == [r["recovery"]["final_loss"] for r in after]
 
 
 def test_window_with_sink_tokens_sets_them_on_window_layers_only():

@@ -149,19 +149,23 @@ def recover_one(args: argparse.Namespace, tok: Any, student: Path, out: Path, se
 
     a = args
     run = out / f"recovered-seed{seed}"
+    # one decision for every process, taken before any of them starts (process 0 creates the run directory)
+    resume = world.broadcast_json(a.resume or run.exists())
     r = recover(student, a.model, run, steps=a.recover, seq_len=a.seq_len, batch_size=a.batch, lr=a.lr,
-                lm_weight=a.lm_weight, seed=seed, resume=a.resume or run.exists(), progress=not a.no_progress,
-                fsdp=a.fsdp)
+                lm_weight=a.lm_weight, seed=seed, resume=resume, progress=not a.no_progress, fsdp=a.fsdp)
     if not world.main:
         return {}
     s = r.summary
     from kvlab.tokenizer import save_tokenizer
 
     save_tokenizer(tok, run)  # the run directory carries the tokenizer: kvlab eval / chat run on it
-    print(f"recovered {student.parent.name} seed {seed}: {s.get('steps')} steps, final loss {s.get('final_loss'):.4f}, "
+    # the loss of the run's last step (from its log: a resumed run that had nothing left to do trained no step now)
+    final = s["losses"][-1] if s.get("losses") else s.get("final_loss")
+    done = f", {s['steps_this_run']} this run" if s.get("resumed_from") else ""
+    print(f"recovered {student.parent.name} seed {seed}: {s.get('steps')} steps{done}, final loss {final:.4f}, "
           f"{s.get('wall_s', 0):.0f} s" + (f", {s['processes']} processes" if s.get("processes", 1) > 1 else ""),
           file=out_stream)
-    return {"steps": s.get("steps"), "final_loss": s.get("final_loss"), "wall_s": s.get("wall_s"), "run": str(run),
+    return {"steps": s.get("steps"), "final_loss": final, "wall_s": s.get("wall_s"), "run": str(run),
             "processes": s.get("processes"), "fsdp": bool(s.get("fsdp"))}
 
 
