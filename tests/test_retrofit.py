@@ -181,6 +181,9 @@ def test_cli_converts_measures_and_writes_the_table(tmp_path, capsys):
     rows = {r["technique"]: r for r in res["rows"]}
     assert set(rows) == {"share-last:1", "window:16,pattern=1sliding+1global", "kv-quant:int4-g8"}
     assert res["original_needle"]["lengths"] == [200] and all(r["needle"]["depths"] == [0.5] for r in rows.values())
+    # decode speed of every row and of the original, at the same context in the same process
+    assert res["original_decode"]["context"] == 32 and res["original_decode"]["tok_s"] > 0
+    assert all(r["decode"]["context"] == 32 and r["decode"]["tok_s"] > 0 for r in rows.values())
     for r in rows.values():
         assert r["cache"]["match"] and r["cache"]["measured"] == r["cache"]["calculated"] > 0
         assert r["kl"] > 0 and r["eval_tokens"] == 127
@@ -189,6 +192,8 @@ def test_cli_converts_measures_and_writes_the_table(tmp_path, capsys):
     q = rows["kv-quant:int4-g8"]  # 4-bit codes + one fp32 scale per 8 values... priced as the cache holds them
     assert q["kv_bytes"]["4096"] < q["ref_kv_bytes"]["4096"] / 3 and q["checkpoint"] is None
     assert (out / "table.md").read_text().count("\n") == 6 and (out / "frontier.png").stat().st_size > 0
+    original = (out / "table.md").read_text().splitlines()[2].split("|")
+    assert original[1].strip() == "original" and float(original[11]) > 0  # its decode tok/s
     back = kvlab.load(out / "share-last-1" / "converted")
     assert back.config.layers[1].kv_source == 0
     # the converted checkpoint carries the tokenizer: every verb runs on it

@@ -251,9 +251,10 @@ def format_rows(rows: list[dict[str, Any]], ref: dict[str, Any] | None) -> str:
             "needle", "decode tok/s"]
     body = []
     if ref is not None:
-        on = ref.get("original_needle")
+        on, od = ref.get("original_needle"), ref.get("original_decode")
         body.append(["original", "-", *(fmt_bytes(ref["ref_kv_bytes"][k]) for k in ("4096", "32768", "131072")),
-                     "1.00x", f"{ref['ref_ppl']:.3f}", "0", "100%", f"{on['overall']:.0%}" if on else "", ""])
+                     "1.00x", f"{ref['ref_ppl']:.3f}", "0", "100%", f"{on['overall']:.0%}" if on else "",
+                     f"{od['tok_s']:.1f}" if od else ""])
     for r in rows:
         rec = f"{r['recovery_steps']} steps, seed {r['seed']}" if r.get("recovery_steps") else "none"
         needle = f"{r['needle']['overall']:.0%}" if "needle" in r else ""
@@ -343,10 +344,15 @@ def _run(args: argparse.Namespace, techniques: list[str], world: Any) -> int:
             r = needle_test(setup.model, setup.tok, setup.corpus.text, needle, depths, 1, 0, not args.no_progress)
             setup.ground["original_needle"] = {"lengths": needle, "depths": depths, "accuracy": r.accuracy,
                                                "overall": r.overall}
+        if args.decode_context != "0" and not args.no_eval:  # the original's decode speed, in the same process
+            from kvlab.retrofit.report import decode_speed
+
+            setup.ground["original_decode"] = decode_speed(setup.model, parse_context(args.decode_context))
         result = {**setup.ground, "techniques": techniques, "rows": rows, "spread": spread(rows),
                   "processes": world.size, "wall_s": time.perf_counter() - t0}
         if rows:
             rows[0]["original_needle"] = setup.ground.get("original_needle")
+            rows[0]["original_decode"] = setup.ground.get("original_decode")
             print("\n" + format_rows(rows, rows[0]), file=out_stream)
             for s in result["spread"]:
                 print(f"{s['technique']}: seeds {s['seeds']}: KL {s['kl_mean']:.4f} ± {s['kl_sd']:.4f} (sd), "
@@ -371,7 +377,8 @@ def _markdown(rows: list[dict[str, Any]]) -> str:
              "top-1 | needle | decode tok/s |"), "|---|---|---|---|---|---|---|---|---|---|---|",
              (f"| original | - | {fmt_bytes(ref['ref_kv_bytes']['4096'])} | {fmt_bytes(ref['ref_kv_bytes']['32768'])} | "
              f"{fmt_bytes(ref['ref_kv_bytes']['131072'])} | 1.00x | {ref['ref_ppl']:.2f} | 0 | 100% | "
-             f"{format(ref['original_needle']['overall'], '.0%') if ref.get('original_needle') else ''} | |")]
+             f"{format(ref['original_needle']['overall'], '.0%') if ref.get('original_needle') else ''} | "
+             f"{format(ref['original_decode']['tok_s'], '.1f') if ref.get('original_decode') else ''} |")]
     for r in rows:
         rec = f"{r['recovery_steps']} steps (seed {r['seed']})" if r.get("recovery_steps") else "none"
         needle = f"{r['needle']['overall']:.0%}" if "needle" in r else ""

@@ -52,8 +52,7 @@ def measure(reference: Model, variant: Model, ids: Sequence[int], prefix: Sequen
     """One report row for ``variant`` against ``reference`` (see the module docstring). ``ids``: text tokens;
     ``length``: positions per KL window (BOS ``prefix`` included); needle retrieval when ``needle_lengths`` (needs
     ``tok`` and ``text``); decode speed at ``decode_context`` (0: skipped)."""
-    from ..bench import bench_kvlab  # the benchmark and evaluations (psutil, tokenizers) when a row is measured
-    from ..eval.kl import kl_divergence
+    from ..eval.kl import kl_divergence  # the evaluations (tokenizers) when a row is measured
     from ..eval.needle import needle_test
 
     t0 = time.perf_counter()
@@ -77,11 +76,19 @@ def measure(reference: Model, variant: Model, ids: Sequence[int], prefix: Sequen
     row["cache"] = {"context": len(prefix) + n, "measured": measured, "calculated": calculated,
                     "match": measured == calculated}
     if decode_context:
-        ctx = min(decode_context, variant.config.max_positions - decode_tokens)
-        b = bench_kvlab(variant, [ctx], decode_tokens, _dtype_name(variant), progress=False)[0]
-        row["decode"] = {"context": ctx, "tok_s": b["decode_tok_s"]}
+        row["decode"] = decode_speed(variant, decode_context, decode_tokens)
     row["seconds"] = time.perf_counter() - t0
     return row
+
+
+def decode_speed(model: Model, context: int = 1024, tokens: int = 16) -> dict[str, Any]:
+    """Greedy decode tokens/s of ``model`` (batch 1) after a prefill of ``context`` positions (capped at the model's
+    positions), kvlab's benchmark: ``{"context", "tok_s"}``."""
+    from ..bench import bench_kvlab
+
+    ctx = min(context, model.config.max_positions - tokens)
+    b = bench_kvlab(model, [ctx], tokens, _dtype_name(model), progress=False)[0]
+    return {"context": ctx, "tok_s": b["decode_tok_s"]}
 
 
 def _short_bytes(v: float) -> str:
