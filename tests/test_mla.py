@@ -235,6 +235,24 @@ def test_sparse_chunked_prefill_then_decode_equal_full_forward(chunk: int, ties:
 
 
 @torch.no_grad()
+def test_sparse_indexer_scores_in_blocks_of_heads_as_all_at_once(monkeypatch) -> None:
+    """A long chunk scores the indexer heads a block at a time (bounded memory); the choice is the one-block one."""
+    from kvlab.layers.mla import DSAIndexer
+
+    model = random_model(sparse_config(4))
+    ids, _, mask = padded_batch(7)
+    ref = model(ids, attention_mask=mask)
+    idx = model.layers[0].attn.indexer
+    q, keys, w = torch.randn(3, 16, 9, 8), torch.randn(3, 23, 8), torch.randn(3, 9, 16)
+    one = idx.weighted_scores(q, keys, w)
+    monkeypatch.setattr(DSAIndexer, "SCORE_BYTES", 4 * 3 * 9 * 23 * 5)  # blocks of 5 heads: 5, 5, 5, 1
+    torch.testing.assert_close(idx.weighted_scores(q, keys, w), one, atol=1e-5, rtol=1e-5)
+    expect = (torch.relu(q @ keys.transpose(-1, -2)[:, None] / 8 ** 0.5) * w.transpose(1, 2)[..., None]).sum(1)
+    torch.testing.assert_close(one, expect, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(ids, attention_mask=mask), ref, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
 def test_sparse_with_top_k_above_the_length_is_dense_mla_and_small_top_k_is_not() -> None:
     sparse = random_model(sparse_config(64))
     dense_cfg = sparse_config(64).replace_layers(

@@ -236,6 +236,25 @@ class DSAIndexer(nn.Module):
         dr = self.m.qk_rope_head_dim
         return torch.cat((rotate_all(x[..., :dr], cos, sin, False), x[..., dr:]), dim=-1)
 
+    SCORE_BYTES = 64 * 2**20  # the most one block of per-head scores [B, h, T, L] (fp32) may take
+
+    def weighted_scores(self, q: torch.Tensor, keys: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """``sum_h w_h relu(q_h . k / sqrt(index_head_dim))``: q ``[B, Hi, T, Di]``, keys ``[B, L, Di]``, w ``[B, T, Hi]``
+        -> ``[B, T, L]`` (fp32), over blocks of heads whose scores take at most :attr:`SCORE_BYTES` (a decode step
+        and short chunks: one block). Scored all at once, a V3.2 chunk of 512 queries held three ``[1, 64, 512, L]`` fp32
+        tensors (scores, scaled, relu: 1.5 GiB at 4K keys, 6 GiB at 16K); in blocks, 159-175 MiB at 4K, 1.5-1.8x faster
+        (benchmarks/dsa_indexer_memory.py, docs/performance.md)."""
+        m = self.m
+        b, hi, t, _ = q.shape
+        kt = keys.float().transpose(-1, -2)[:, None]  # [B, 1, Di, L]
+        per = hi if t == 1 else max(1, self.SCORE_BYTES // (4 * b * t * kt.shape[-1]))  # heads per block
+        total = None
+        for h0 in range(0, hi, per):
+            rel = (q[:, h0:h0 + per].float() @ kt).mul_(m.index_head_dim ** -0.5).relu_()  # [B, h, T, L]
+            part = torch.einsum("bhtl,bth->btl", rel, w[..., h0:h0 + per])
+            total = part if total is None else total.add_(part)
+        return total
+
     @torch.no_grad()
     def select(self, x: torch.Tensor, q_lat: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, step: Step,
                store, kpos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,15 +265,14 @@ class DSAIndexer(nn.Module):
         k = self.rope(self.k_norm(self.wk(x))[:, None], cos, sin)[:, 0]  # [B, T, Di]
         keys = store.append_index(k, step.start) if store is not None else k  # [B, L, Di]
         q = self.rope(self.wq_b(q_lat).view(b, t, m.index_heads, m.index_head_dim).transpose(1, 2), cos, sin)
+        w = self.weights_proj(x).float() * m.index_heads ** -0.5  # [B, T, Hi]
         if is_blocked(keys):  # a quantized decode step: the keys scored block by block
             qk = scores(q.float().transpose(1, 2), with_heads(keys)).transpose(1, 2)  # [B, Hi, 1, L]
+            total = torch.einsum("bhtl,bth->btl", torch.relu(qk * m.index_head_dim ** -0.5), w)  # [B, T, L]
         else:
-            qk = q.float() @ keys.float().transpose(-1, -2)[:, None]
-        rel = torch.relu(qk * m.index_head_dim ** -0.5)
-        w = self.weights_proj(x).float() * m.index_heads ** -0.5  # [B, T, Hi]
-        total = torch.einsum("bhtl,bth->btl", rel, w)  # [B, T, L]
+            total = self.weighted_scores(q, keys, w)
         ok = visible_mask(step.qpos, kpos, None, step.pad)  # causal and padding: [B|1, T, L]
-        total = total.masked_fill(~ok, float("-inf"))
+        total = total.masked_fill_(~ok, float("-inf"))
         top = stable_topk(total, min(m.index_topk, kpos.shape[0]))[1]  # ties: the earlier key, as a whole forward
         top = top.expand(b, *top.shape[1:])
         return top, ok.expand(b, *ok.shape[1:]).gather(-1, top)
