@@ -124,11 +124,11 @@ class _Clock:
     """Wall-clock laps for ``generate``'s ``stats`` (synchronising a GPU only when asked for them)."""
 
     def __init__(self, device: torch.device, on: bool) -> None:
-        self.sync = on and device.type == "cuda"
+        self.device = device if on and device.type == "cuda" else None
         self.t = time.perf_counter()
 
     def lap(self) -> float:
-        if self.sync:
-            torch.cuda.synchronize()
+        if self.device is not None:
+            torch.cuda.synchronize(self.device)
         t, self.t = self.t, time.perf_counter()
         return self.t - t
