@@ -4,9 +4,12 @@ choices gather the chosen experts' weights; up to ``4 E`` choices run every expe
 
 The expert shapes of ``benchmarks/*.json`` (experts, top-k, hidden, expert width) with 8 layers' worth of experts
 cycled, so a step reads its weights from memory as a model's step does, not from the cache; random routing;
-``--trials`` interleaved trials of both paths, the best of each kept (the machine is shared). Usage::
+``--trials`` interleaved trials of both paths, the best of each kept (the machine is shared). ``--compiled``: both
+paths compiled (inductor, ``fullgraph``; bf16 only, ``grouped_mm`` does not trace in fp32), as a compiled decode
+step would run them. Usage::
 
     PYTHONPATH=$PWD .venv/bin/python benchmarks/moe_paths.py --tokens 1,8,64,512,4096 --dtypes float32,bfloat16
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/moe_paths.py --tokens 1,8 --dtypes bfloat16 --compiled
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ SHAPES = {"laguna-small": (8, 2, 512, 256), "deepseek-v4-small": (8, 2, 512, 512
 
 def other(ex: Experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``Experts.forward`` as it runs without grouped matmuls (compiled, autograd, CUDA)."""
+    if torch.compiler.is_compiling():  # forward takes the other paths there
+        return ex(x, idx, w)
     ex.can_group = lambda x: False
     try:
         return ex(x, idx, w)
@@ -49,8 +54,14 @@ def main() -> None:
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--compiled", action="store_true", help="both paths compiled (bf16 only)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    paths = [other, grouped]
+    if args.compiled:
+        if args.dtypes != "bfloat16":
+            ap.error("--compiled: grouped_mm traces in bf16 only (--dtypes bfloat16)")
+        paths = [torch.compile(f, fullgraph=True, dynamic=False) for f in paths]
     print("| shape | dtype | tokens | choices / expert | without grouped_mm (us) | grouped (us) | ratio | max diff |\n"
           "|---|---|---|---|---|---|---|---|", flush=True)
     with torch.inference_mode():
@@ -64,15 +75,16 @@ def main() -> None:
                     idx = torch.stack([torch.randperm(num, generator=g)[:k] for _ in range(n)])
                     w = torch.rand(n, k, generator=g)
                     reps = max(1, 64 // n)
-                    best = {other: float("inf"), grouped: float("inf")}
+                    best = dict.fromkeys(paths, float("inf"))
                     for fn in best:
                         timed(fn, layers, x, idx, w, 1)
                     for _ in range(args.trials):
                         for fn, b in best.items():
                             best[fn] = min(b, timed(fn, layers, x, idx, w, reps))
-                    diff = (other(layers[0], x, idx, w).float() - grouped(layers[0], x, idx, w).float()).abs().max()
-                    print(f"| {name} | {dname} | {n} | {n * k / num:g} | {best[other]:.0f} | {best[grouped]:.0f} | "
-                          f"{best[other] / best[grouped]:.2f}x | {diff:.1e} |", flush=True)
+                    a, b = (best[f] for f in paths)
+                    diff = (paths[0](layers[0], x, idx, w).float() - paths[1](layers[0], x, idx, w).float()).abs().max()
+                    print(f"| {name} | {dname} | {n} | {n * k / num:g} | {a:.0f} | {b:.0f} | {a / b:.2f}x | {diff:.1e} |",
+                          flush=True)
 
 
 if __name__ == "__main__":
