@@ -66,7 +66,9 @@ class Experts(nn.Module):
         """x ``[N, H]``, idx/weights ``[N, k]`` -> ``[N, H]``.
 
         Eager inference on CPU, up to ``GROUPED_MAX E`` choices (a decode step, a batch of them, a short chunk):
-        :meth:`grouped` (the chosen experts' weights read in place, no host read). Otherwise (compiled, where
+        :meth:`grouped` (the chosen experts' weights read in place, no host read), but for bf16 between ``E`` and
+        ``4 E`` choices, where :meth:`dense`'s batched matmuls beat this torch's bf16 grouped GEMVs (1.15-1.19x at
+        8 tokens of the benchmark shapes: benchmarks/moe_paths.py, docs/performance.md). Otherwise (compiled, where
         ``grouped_mm`` traces for bf16 only; autograd; CUDA): few choices (``N k <= E``) gather each token's k
         experts' weights and apply them as a batched matmul, reading exactly the chosen experts; up to ``4 E``
         choices run every expert on every token (each expert's weights read once, as the loop would, at most
@@ -74,7 +76,8 @@ class Experts(nn.Module):
         experts that got tokens (one host read of the counts; on the CPU as fast as ``grouped_mm`` or faster from
         512 tokens on, its per-expert slices staying in cache: docs/performance.md)."""
         num = self.gate_proj.shape[0]
-        if idx.numel() <= GROUPED_MAX * num and self.can_group(x):
+        dense_bf16 = x.dtype == torch.bfloat16 and num < idx.numel() <= 4 * num
+        if idx.numel() <= GROUPED_MAX * num and not dense_bf16 and self.can_group(x):
             return self.grouped(x, idx, weights)
         if idx.numel() <= num:
             return self.gathered(x, idx, weights)
