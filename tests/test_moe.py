@@ -105,3 +105,16 @@ def test_grouped_experts_match_per_choice_reference(n, k, skip, limit):
     torch.testing.assert_close(ex16.grouped(x.bfloat16(), idx, w).float(), ref16, atol=2e-2, rtol=2e-2)
     with torch.no_grad():  # bf16 between E and 4 E choices (n=8): every expert run (dense)
         torch.testing.assert_close(ex16(x.bfloat16(), idx, w).float(), ref16, atol=2e-2, rtol=2e-2)
+
+
+def test_experts_under_autocast_take_the_autocast_matmuls():
+    """Under bf16 autocast (kvlab train's eval and teacher: no grad, fp32 weights, bf16 activations) the experts
+    run autocast's matmuls (bf16 out), not grouped_mm (which takes x in the weights' dtype only)."""
+    torch.manual_seed(0)
+    ex = Experts(4, 16, 8, "silu")
+    x, idx, w = torch.randn(3, 16), torch.tensor([[0, 2], [2, 3], [0, 1]]), torch.rand(3, 2)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        for xin in (x, x.bfloat16()):
+            out = ex(xin, idx, w)
+            assert out.dtype == torch.bfloat16
+            torch.testing.assert_close(out.float(), per_choice(ex, x, idx, w), atol=3e-2, rtol=3e-2)
