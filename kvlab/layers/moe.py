@@ -23,6 +23,7 @@ from .norm import RMSNorm
 from .router import RouterMLP
 
 GROUPED_MM = getattr(F, "grouped_mm", None)  # torch >= 2.10
+GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # what ``grouped_mm`` takes (not float64)
 GROUPED_MAX = 16  # eager: grouped matmuls up to this many (token, choice) pairs per expert, the loop beyond
 
 
@@ -107,9 +108,10 @@ class Experts(nn.Module):
     def can_group(self, x: torch.Tensor) -> bool:
         """Whether :meth:`grouped` serves this call: eager (``grouped_mm``'s compile-time shape function takes bf16
         only), CPU (CUDA's kernel wants bf16 on SM80+), no autograd (its backward rejects expanded gradients), no
-        autocast (``grouped_mm`` is not autocast: it takes x in the weights' dtype only)."""
+        autocast (``grouped_mm`` is not autocast: it takes x in the weights' dtype only), no float64 (it refuses it)."""
         return (not torch.compiler.is_compiling() and x.device.type == "cpu" and GROUPED_MM is not None
-                and x.dtype == self.gate_proj.dtype and not torch.is_autocast_enabled(x.device.type)
+                and x.dtype == self.gate_proj.dtype and x.dtype in GROUPED_DTYPES
+                and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.requires_grad)))
 
     def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
