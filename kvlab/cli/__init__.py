@@ -16,7 +16,7 @@ import sys
 import traceback
 
 from kvlab.cli import ablate, bench, calc, chat, compare, evaluate, fit, generate, inspect, presets, retrofit, train
-from kvlab.cli.common import setup_threads
+from kvlab.cli.common import describe_error, setup_threads
 from kvlab.preflight import forced
 
 VERBS = [calc, compare, inspect, fit, generate, chat, evaluate, bench, train, ablate, retrofit, presets]
@@ -74,18 +74,6 @@ def main(argv: list[str] | None = None) -> int:
         if not debug and not isinstance(e, ValueError):
             print(f"kvlab: (run with --debug or {DEBUG_ENV}=1 for the traceback)", file=sys.stderr)
         return 2
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for an exception: a ValueError's own message (kvlab's named errors); a file-system error with the
-    path and its reason; anything else with its type, as it is not an input kvlab expected."""
-    if isinstance(e, ValueError):
-        return str(e)
-    if isinstance(e, OSError) and e.strerror:
-        return f"{e.filename!r}: {e.strerror}" if e.filename else e.strerror
-    if isinstance(e, MemoryError):
-        return "out of memory (the memory preflight let this through: lower the batch or the context)"
-    return f"{type(e).__name__}: {e}"
 
 
 if __name__ == "__main__":

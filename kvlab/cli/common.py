@@ -232,3 +232,15 @@ def preflight_checkpoint(spec: str, batch: int, context: int, dtype: Any, device
         return
     cfg = resolve_spec(spec)
     check_memory(cfg, batch, min(context, cfg.max_positions), dtype, device, weights=True, what=str(spec))
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an exception: a ValueError's own message (kvlab's named errors); a file-system error with the
+    path and its reason; anything else with its type, as it is not an input kvlab expected."""
+    if isinstance(e, ValueError):
+        return str(e)
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.filename!r}: {e.strerror}" if e.filename else e.strerror
+    if isinstance(e, MemoryError):
+        return "out of memory (the memory preflight let this through: lower the batch or the context)"
+    return f"{type(e).__name__}: {e}"

@@ -20,11 +20,12 @@ import re
 import statistics
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import kvlab
-from kvlab.cli.common import add_json, device_arg, emit_json, output_dir, output_file, report
+from kvlab.cli.common import add_json, describe_error, device_arg, emit_json, output_dir, output_file, report
 from kvlab.cli.evaluate import parse_depths as depth_list
 from kvlab.cli.generate import MODEL_HELP
 from kvlab.retrofit import TECHNIQUES, apply, parse
@@ -234,8 +235,6 @@ def _shared(world: Any, failed: Exception | None, value: Any) -> Any:
     process (exit code 2) instead of leaving the others waiting. Under torchrun process 0 prints the error line before
     the others learn of it: torchrun stops the whole group as soon as one process ends."""
     if failed is not None and world.size > 1:
-        from kvlab.cli import describe_error
-
         print(f"kvlab: error: {describe_error(failed)}", file=sys.stderr, flush=True)
     shared = world.broadcast_json({"value": value if failed is None else None,
                                    "error": None if failed is None else str(failed)})
@@ -306,8 +305,6 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, techniques: list[str], world: Any) -> int:
     """The conversions, recoveries and measurements of :func:`run`, on one process of ``world``."""
-    from contextlib import nullcontext
-
     from kvlab.train.lock import RunLock
 
     out = Path(args.out)
