@@ -221,7 +221,7 @@ def run_technique(setup: Setup | None, args: argparse.Namespace, technique: str,
         rec = kvlab.load(info["run"], device=a.device).eval()
         export_one(setup, rec, out / f"recovered-seed{seed}-hf", out_stream)
         if not a.no_eval:
-                rows.append({"technique": technique, "recovery_steps": a.recover, "seed": seed, "recovery": info,
+            rows.append({"technique": technique, "recovery_steps": a.recover, "seed": seed, "recovery": info,
                          "checkpoint": info["run"], **measure_one(setup, rec)})
     return rows
 
