@@ -312,10 +312,24 @@ def test_cli_exports_a_window_pattern_that_transformers_runs_identically(tmp_pat
     assert "holds the conversion 'window:8,pattern=1sliding+1global', not 'window:4'" in capsys.readouterr().err
 
 
+_TWO_RUNS = """\
+import json, sys
+import torch.distributed as dist
+from kvlab.cli import main
+dist.init_process_group("gloo")  # one group for both commands (each leaves a group it did not create open)
+argv = json.loads(sys.argv[1])
+for extra in json.loads(sys.argv[2]):
+    if main([*argv, *extra]) != 0:
+        sys.exit(2)
+dist.destroy_process_group()
+"""
+
+
 def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
-    """``torchrun -m kvlab retrofit ... --recover N --fsdp`` on 2 gloo processes (batch 2 each, student and teacher
-    sharded) gives the one-process run's (batch 4) recovered weights, loss and measured rows; process 0 alone writes
-    and reports: one JSON object on stdout, each notice once."""
+    """``torchrun -m kvlab retrofit ... --recover N`` on 2 gloo processes (batch 2 each), plain data parallel and with
+    ``--fsdp`` (student and teacher sharded), gives the one-process run's (batch 4) recovered weights, loss and measured
+    rows; process 0 alone writes and reports: one JSON object per command on stdout, each notice once. Both commands
+    run in one torchrun launch (a driver calling the CLI's ``main`` twice, as ``python -m kvlab`` calls it once)."""
     import os
     import subprocess
     import sys
@@ -329,26 +343,35 @@ def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
             "--length", "64", "--decode-context", "0", "--no-progress", "--json"]
     assert main([*argv, "--batch", "4", "--out", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out)
+    driver = tmp_path / "two_runs.py"
+    driver.write_text(_TWO_RUNS)
+    runs = {"dp": [], "fsdp": ["--fsdp"]}
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                        "kvlab", *argv, "--batch", "2", "--fsdp", "--out", str(tmp_path / "two")], env=env,
-                       capture_output=True, text=True, timeout=240, check=False)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(driver), json.dumps([*argv, "--batch", "2"]),
+                        json.dumps([[*extra, "--out", str(tmp_path / name)] for name, extra in runs.items()])],
+                       env=env, capture_output=True, text=True, timeout=240, check=False)
     assert r.returncode == 0, r.stderr[-3000:]
-    assert len(r.stdout.strip().splitlines()) == 1  # one JSON object, from process 0
-    assert r.stderr.count("== share-last:1") == 1 and r.stderr.count("recovered ") == 1
-    two = json.loads(r.stdout)
-    assert two["processes"] == 2 and one["processes"] == 1
-    (b1, a1), (b2, a2) = one["rows"], two["rows"]
-    assert a2["recovery"]["processes"] == 2 and a2["recovery"]["fsdp"] and not a1["recovery"]["fsdp"]
-    assert b2["kl"] == b1["kl"] and a1["kl"] != b1["kl"]  # the same conversion; recovery changed it
-    for k in ("kl", "ppl", "top1"):
-        assert a2[k] == pytest.approx(a1[k], rel=1e-5, abs=1e-5)
-    assert a2["recovery"]["final_loss"] == pytest.approx(a1["recovery"]["final_loss"], rel=1e-5, abs=1e-5)
-    w1, w2 = (kvlab.load(tmp_path / d / "recovered-seed0").state_dict() for d in ("one", "two"))
-    assert set(w1) == set(w2)
-    for k in w1:
-        torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-5)
-    assert a2["cache"]["measured"] == a2["cache"]["calculated"]
+    lines = r.stdout.strip().splitlines()
+    assert len(lines) == 2  # one JSON object per command, from process 0
+    assert r.stderr.count("== share-last:1") == 2 and r.stderr.count("recovered ") == 2
+    (b1, a1) = one["rows"]
+    w1 = kvlab.load(tmp_path / "one" / "recovered-seed0").state_dict()
+    assert one["processes"] == 1 and not a1["recovery"]["fsdp"] and a1["kl"] != b1["kl"]  # recovery changed it
+    for (name, extra), line in zip(runs.items(), lines):
+        two = json.loads(line)
+        assert two["processes"] == 2
+        b2, a2 = two["rows"]
+        assert a2["recovery"]["processes"] == 2 and a2["recovery"]["fsdp"] == bool(extra), name
+        assert b2["kl"] == b1["kl"]  # the same conversion
+        for k in ("kl", "ppl", "top1"):
+            assert a2[k] == pytest.approx(a1[k], rel=1e-5, abs=1e-5), (name, k)
+        assert a2["recovery"]["final_loss"] == pytest.approx(a1["recovery"]["final_loss"], rel=1e-5, abs=1e-5)
+        w2 = kvlab.load(tmp_path / name / "recovered-seed0").state_dict()
+        assert set(w1) == set(w2)
+        for k in w1:
+            torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-5, msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
+        assert a2["cache"]["measured"] == a2["cache"]["calculated"]
 
 
 def test_cli_fsdp_needs_torchrun_and_a_recovery(tmp_path, capsys):
