@@ -42,6 +42,39 @@ def test_same_config_carries_every_tensor_exactly():
     assert torch.equal(out.model(ids), m(ids))
 
 
+def test_a_changed_config_initialises_what_the_source_lacks_by_the_models_rule_and_drops_what_it_replaces():
+    m = _model(layers=2)
+    l0, l1 = m.config.layers
+    cfg = dataclasses.replace(m.config, layers=[dataclasses.replace(l0, intermediate_size=96, gqa=GQASpec(qk_norm=True)),
+                                                l1])
+    out = convert(m, cfg, seed=3)
+    r = out.report
+    mlp = [f"layers.0.mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    assert r.initialised == {"layers.0.attn.q_norm.weight": "ones", "layers.0.attn.k_norm.weight": "ones",
+                             **dict.fromkeys(mlp, "normal(0, 0.02)")}
+    assert sorted(r.dropped) == sorted(mlp)  # the source's MLP of the other width
+    new, src = out.model.state_dict(), m.state_dict()
+    assert sorted(r.carried) == sorted(set(new) - set(r.initialised))
+    assert all(torch.equal(new[n], src[n]) for n in r.carried)
+    assert torch.equal(new["layers.0.attn.q_norm.weight"], torch.ones(16))
+    drawn = torch.cat([new[n].flatten() for n in mlp])
+    assert abs(drawn.std().item() - 0.02) < 0.002 and abs(drawn.mean().item()) < 0.002
+    # seeded: the same seed draws the same tensors, another seed others
+    assert torch.equal(convert(m, cfg, seed=3).model.state_dict()[mlp[0]], new[mlp[0]])
+    assert not torch.equal(convert(m, cfg, seed=4).model.state_dict()[mlp[0]], new[mlp[0]])
+
+
+def test_sharing_across_layers_of_different_head_dims_names_both_layers():
+    a = uniform_layers(2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64)
+    b = uniform_layers(2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=64)
+    m = random_model(ModelConfig(vocab_size=97, hidden_size=64, layers=[a[0], b[0], a[1], b[1]], max_positions=256))
+    with pytest.raises(RetrofitError, match=r"layers\[1\] would read the K/V of layers\[0\], but "
+                                            r"layers\[1\]\.head_dim=32 differs from layers\[0\]\.head_dim=16"):
+        apply(m, "share-adjacent:2")
+    with pytest.raises(RetrofitError, match=r"share_last\(n=1\): layers\[3\] would read the K/V of layers\[2\]"):
+        apply(m, "share-last:1")
+
+
 def test_share_last_drops_exactly_the_consumers_kv_and_keeps_the_rest():
     m = _model()
     out = to_shared(m, last=2)
