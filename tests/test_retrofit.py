@@ -252,12 +252,12 @@ def test_cli_recovers_by_distillation_over_seeds(tmp_path, capsys):
     out = tmp_path / "rf"
     argv = ["retrofit", str(src), "--to", "share-last:1", "--out", str(out), "--recover", "3", "--seeds", "0,1",
             "--seq-len", "32", "--batch", "2", "--lr", "1e-3", "--length", "96", "--decode-context", "0",
-            "--no-progress", "--json"]
+            "--dtype", "bf16", "--no-progress", "--json"]
     assert main(argv) == 0
     res = json.loads(capsys.readouterr().out)
     before, *after = res["rows"]
     assert before["recovery_steps"] == 0 and [r["seed"] for r in after] == [0, 1]
-    assert all(r["recovery"]["steps"] == 3 for r in after)
+    assert all(r["recovery"]["steps"] == 3 and r["recovery"]["dtype"] == "bf16" for r in after)  # bf16 autocast
     assert after[0]["kl"] != after[1]["kl"] and after[0]["kl"] != before["kl"]  # trained, and seeds differ
     assert res["spread"][0]["seeds"] == [0, 1] and res["spread"][0]["kl_sd"] > 0
     run = out / "recovered-seed0"

@@ -57,6 +57,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--seq-len", type=int, default=256, help="recovery sequence length (tokens)")
     q.add_argument("--batch", type=int, default=4, help="recovery batch size (per process under torchrun)")
     q.add_argument("--lr", type=float, default=1e-4, help="recovery learning rate")
+    q.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32",
+                   help="recovery precision: fp32, or bf16 autocast with fp32 master weights (default fp32)")
     q.add_argument("--lm-weight", type=float, default=0.0, help="weight of the LM loss beside the KL (default 0)")
     q.add_argument("--resume", action="store_true", help="continue interrupted recoveries from their checkpoints")
     q.add_argument("--fsdp", action="store_true", help="under torchrun, shard student and teacher of the recovery "
@@ -153,7 +155,8 @@ def recover_one(args: argparse.Namespace, tok: Any, student: Path, out: Path, se
     # one decision for every process, taken before any of them starts (process 0 creates the run directory)
     resume = world.broadcast_json(a.resume or run.exists())
     r = recover(student, a.model, run, steps=a.recover, seq_len=a.seq_len, batch_size=a.batch, lr=a.lr,
-                lm_weight=a.lm_weight, seed=seed, resume=resume, progress=not a.no_progress, fsdp=a.fsdp)
+                lm_weight=a.lm_weight, seed=seed, resume=resume, progress=not a.no_progress, fsdp=a.fsdp,
+                dtype=a.dtype)
     if not world.main:
         return {}
     s = r.summary
@@ -167,7 +170,7 @@ def recover_one(args: argparse.Namespace, tok: Any, student: Path, out: Path, se
           f"{s.get('wall_s', 0):.0f} s" + (f", {s['processes']} processes" if s.get("processes", 1) > 1 else ""),
           file=out_stream)
     return {"steps": s.get("steps"), "final_loss": final, "wall_s": s.get("wall_s"), "run": str(run),
-            "processes": s.get("processes"), "fsdp": bool(s.get("fsdp"))}
+            "processes": s.get("processes"), "fsdp": bool(s.get("fsdp")), "dtype": s.get("dtype")}
 
 
 def measure_one(setup: Setup, model: Any) -> dict[str, Any]:

@@ -375,7 +375,8 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
     summary = {
         "out": str(out), "model": cfg.model.name, "params": n_params, "task": type(cfg.task).__name__.lower(),
         "steps": stop, "steps_this_run": steps_run, "resumed_from": start, "processes": world.size,
-        "fsdp": s.fsdp, "global_batch": global_batch, "seq_len": cfg.task.seq_len, "final_loss": loss_value,
+        "fsdp": s.fsdp, "dtype": s.dtype, "global_batch": global_batch, "seq_len": cfg.task.seq_len,
+        "final_loss": loss_value,
         "losses": [r["loss"] for r in history] if world.main else losses,
         "eval": evals[-1] if evals else None, "wall_s": wall,
         "tokens_per_s": steps_run * tokens_per_step / wall if wall > 0 and steps_run else None,
