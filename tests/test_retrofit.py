@@ -75,6 +75,42 @@ def test_sharing_across_layers_of_different_head_dims_names_both_layers():
         apply(m, "share-last:1")
 
 
+# one case per technique of the table (a new technique must add its own: checked below)
+EVERY = {"share-last": "share-last:1", "share-adjacent": "share-adjacent:2",
+         "window": "window:8,pattern=1sliding+1global,sinks=2", "prune-heads": "prune-heads:0.5",
+         "kv-quant": "kv-quant:int4-g8", "mla": "mla:rank=16,rope=8"}
+
+
+def test_every_technique_of_the_table_has_a_contract_case():
+    from kvlab.retrofit import TECHNIQUES
+
+    assert set(EVERY) == set(TECHNIQUES)
+
+
+@pytest.mark.parametrize("technique", EVERY.values())
+def test_every_conversion_saves_loads_decodes_and_holds_the_calculated_bytes(technique, tmp_path):
+    """The contract of a conversion on a tiny random model: the converted model runs, a prefill + token-by-token decode
+    through its cache gives its full forward's logits, its cache holds what the calculator prices, and it saves as a
+    checkpoint that loads to the same logits (a KV format changes no weights: nothing to save)."""
+    from kvlab.retrofit.report import cache_bytes
+
+    ids = _ids(24, 1)
+    out = apply(_model(), technique, ids=_ids(64, 1)[0].tolist())
+    m = out.model
+    full = m(ids)
+    assert torch.isfinite(full).all()
+    measured, calculated = cache_bytes(m, ids[0].tolist())
+    assert measured == calculated > 0
+    if getattr(m, "kv_quant", None) is not None:  # a lossy cache format: its decode is tests/test_quant_decode.py's
+        return
+    cache = m.new_cache(1, 24)
+    steps = [m(ids[:, :16], cache=cache)] + [m(ids[:, t:t + 1], cache=cache) for t in range(16, 24)]
+    torch.testing.assert_close(torch.cat(steps, 1), full, atol=1e-4, rtol=0)
+    back = kvlab.load(kvlab.save(m, tmp_path / "ck"))
+    assert back.config.layers == m.config.layers
+    assert torch.equal(back(ids), full)
+
+
 def test_share_last_drops_exactly_the_consumers_kv_and_keeps_the_rest():
     m = _model()
     out = to_shared(m, last=2)
