@@ -123,6 +123,16 @@ class _Pool:
             self.partial_gate[rows, li] = torch.where(keep, block_gate[:, -1], self.partial_gate[rows, li])
         return decode_read(self.rows, n)
 
+    def hold_step(self, lead: int, kv: torch.Tensor, gate: torch.Tensor, n: int):
+        """An eager decode step without padding whose token does not complete its block (every row at position
+        ``start``, ``lead = start % m < m - 1``, a Python int): the token's raw ``kv`` / ``gate [B, 1, f d]`` join the
+        partial block at slot ``lead``, nothing is pooled. What :meth:`commit_step` writes for such a step, without
+        the masks. Returns the first ``n`` entries held (as :meth:`commit_step`)."""
+        self.reserve(n)
+        self.partial_kv[:, lead] = kv[:, 0]
+        self.partial_gate[:, lead] = gate[:, 0]
+        return decode_read(self.rows, n)
+
     def state(self) -> list[torch.Tensor]:
         return [self.partial_kv, self.partial_gate] + ([self.prev_kv, self.prev_gate] if self.overlap else [])
 

@@ -164,15 +164,22 @@ class Compressor(nn.Module):
         rest = lead + (t - skip) - counts * m  # raw rows left in each row's new partial block
         return pool_state.commit_rows(nb0, counts, new, kv, gate, rest)
 
-    def step(self, x: torch.Tensor, pos: torch.Tensor, pool_state, rope, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, x: torch.Tensor, pos: torch.Tensor, pool_state, rope, n: int,
+             start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode token per row: ``x [B, 1, hidden]`` at row positions ``pos [B]`` (a row's own position: the
         call's start less its left padding; negative: still padding, nothing is written).
 
         Every row's candidate entry (its partial block plus this token, pooled) is computed, and written only where
         the token completes the row's block (a mask, not a branch). Returns the first ``n`` entries held ``[B, n,
-        d]`` (``n``: the most any row has) and how many of them each row sees ``[B]``."""
+        d]`` (``n``: the most any row has) and how many of them each row sees ``[B]``.
+
+        ``start``: every row at this position (no padding) in an eager step: a token that does not complete its
+        block (``m - 1`` steps of ``m``) only joins the partial block (``_Pool.hold_step``), no candidate pooled
+        (a branch on a Python int, so compiled steps, which keep one graph for every position, take the masks)."""
         m = self.ratio
         kv, gate = self.kv_proj(x), self.gate_proj(x)  # [B, 1, f d]
+        if start is not None and start % m != m - 1:
+            return pool_state.hold_step(start % m, kv, gate, n), pos.add(1).div_(m, rounding_mode="floor")
         active = pos >= 0
         lead = pos.remainder(m)  # rows of the block already held
         w = torch.div(pos, m, rounding_mode="floor")  # the block this token belongs to
@@ -285,9 +292,10 @@ class CompressedAttention(nn.Module):
             entries = ikeys = nvis = None
             if self.compressor is not None:
                 n = (start + 1) // c.ratio  # entries the row with the least padding holds
-                entries, nvis = self.compressor.step(x, rowpos, pool, rope, n)
+                at = start if pad is None and not torch.compiler.is_compiling() else None  # eager: skip the pooling
+                entries, nvis = self.compressor.step(x, rowpos, pool, rope, n, at)
                 if self.csa:
-                    ikeys = ix.step(x, rowpos, ipool, rope, n)[0]
+                    ikeys = ix.step(x, rowpos, ipool, rope, n, at)[0]
             out = self._attend_step(q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw)
         elif self.compressor is None:  # swa: the window branch alone
             out = self._attend(q, kw, kpos, qpos, start, None, None, None, None, pad)
