@@ -381,15 +381,14 @@ def test_cli_exports_a_window_pattern_that_transformers_runs_identically(tmp_pat
     assert "holds the conversion 'window:8,pattern=1sliding+1global', not 'window:4'" in capsys.readouterr().err
 
 
-_TWO_RUNS = """\
+_COMMANDS = """\
 import json, sys
 import torch.distributed as dist
 from kvlab.cli import main
-dist.init_process_group("gloo")  # one group for both commands (each leaves a group it did not create open)
-argv = json.loads(sys.argv[1])
-for extra in json.loads(sys.argv[2]):
-    if main([*argv, *extra]) != 0:
-        sys.exit(2)
+dist.init_process_group("gloo")  # one group for every command (each leaves a group it did not create open)
+for argv, expected in json.loads(sys.argv[1]):
+    if main(argv) != expected:
+        sys.exit(3)
 dist.destroy_process_group()
 """
 
@@ -397,8 +396,9 @@ dist.destroy_process_group()
 def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
     """``torchrun -m kvlab retrofit ... --recover N`` on 2 gloo processes (batch 2 each), plain data parallel and with
     ``--fsdp`` (student and teacher sharded), gives the one-process run's (batch 4) recovered weights, loss and measured
-    rows; process 0 alone writes and reports: one JSON object per command on stdout, each notice once. Both commands
-    run in one torchrun launch (a driver calling the CLI's ``main`` twice, as ``python -m kvlab`` calls it once)."""
+    rows; process 0 alone writes and reports: one JSON object per command on stdout, each notice once; a conversion that
+    fails on process 0 ends every process with exit code 2 and one error line. The commands run in one torchrun launch
+    (a driver calling the CLI's ``main`` for each, as ``python -m kvlab`` calls it once)."""
     import os
     import subprocess
     import sys
@@ -412,18 +412,22 @@ def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
             "--length", "64", "--decode-context", "0", "--no-progress", "--json"]
     assert main([*argv, "--batch", "4", "--out", str(tmp_path / "one")]) == 0
     one = json.loads(capsys.readouterr().out)
-    driver = tmp_path / "two_runs.py"
-    driver.write_text(_TWO_RUNS)
+    driver = tmp_path / "commands.py"
+    driver.write_text(_COMMANDS)
     runs = {"dp": [], "fsdp": ["--fsdp"]}
+    commands = [[[*argv, "--batch", "2", *extra, "--out", str(tmp_path / name)], 0] for name, extra in runs.items()]
+    # a conversion that fails on process 0 (the tiny model has 2 layers) ends every process with exit code 2
+    bad = [a if a != "share-last:1" else "share-last:5" for a in argv]
+    commands.append([[*bad, "--batch", "2", "--out", str(tmp_path / "bad")], 2])
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                        str(driver), json.dumps([*argv, "--batch", "2"]),
-                        json.dumps([[*extra, "--out", str(tmp_path / name)] for name, extra in runs.items()])],
-                       env=env, capture_output=True, text=True, timeout=240, check=False)
-    assert r.returncode == 0, r.stderr[-3000:]
+                        str(driver), json.dumps(commands)], env=env, capture_output=True, text=True, timeout=240,
+                       check=False)
+    assert r.returncode == 0, r.stderr[-3000:]  # every process's every command returned what was expected
     lines = r.stdout.strip().splitlines()
-    assert len(lines) == 2  # one JSON object per command, from process 0
+    assert len(lines) == 2  # one JSON object per successful command, from process 0
     assert r.stderr.count("== share-last:1") == 2 and r.stderr.count("recovered ") == 2
+    assert r.stderr.count("kvlab: error: ") == 1 and "at most 1 can share" in r.stderr and "Traceback" not in r.stderr
     (b1, a1) = one["rows"]
     w1 = kvlab.load(tmp_path / "one" / "recovered-seed0").state_dict()
     assert one["processes"] == 1 and not a1["recovery"]["fsdp"] and a1["kl"] != b1["kl"]  # recovery changed it
