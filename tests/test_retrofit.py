@@ -298,6 +298,7 @@ def test_cli_recovers_by_distillation_over_seeds(tmp_path, capsys):
     assert res["spread"][0]["seeds"] == [0, 1] and res["spread"][0]["kl_sd"] > 0
     run = out / "recovered-seed0"
     assert kvlab.load(run).config.layers[1].kv_source == 0  # the recovered model keeps the technique
+    assert [p.name for p in run.glob("ckpt-*")] == ["ckpt-0000003"]  # saved every step, only the newest kept
     assert main(["eval", str(run), "--window", "64", "--json", "--no-progress"]) == 0  # carries the tokenizer
     capsys.readouterr()
     # a second invocation resumes: converted model reused, finished recoveries not retrained

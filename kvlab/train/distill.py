@@ -21,7 +21,7 @@ def distill_config(student: str | Path, teacher: str | Path, *, steps: int = 200
                    batch_size: int = 4, lr: float = 1e-4, kl_weight: float = 1.0, lm_weight: float = 0.0,
                    temperature: float = 1.0, seed: int = 0, dtype: str = "fp32", threads: int | None = None,
                    text_files: list[str] | None = None, tokenizer: str | Path | None = None,
-                   eval_batches: int = 4, fsdp: bool = False) -> dict[str, Any]:
+                   eval_batches: int = 4, fsdp: bool = False, keep: int = 1) -> dict[str, Any]:
     """The ``kvlab train`` config (a dict, as in a TOML file) of one recovery run; see :func:`recover`."""
     for name, v in (("student", student), ("teacher", teacher)):
         if not isinstance(v, (str, Path)):
@@ -29,9 +29,10 @@ def distill_config(student: str | Path, teacher: str | Path, *, steps: int = 200
     task: dict[str, Any] = {"kind": "text", "seq_len": seq_len, "tokenizer": str(tokenizer or teacher)}
     if text_files:
         task["files"] = [str(f) for f in text_files]
-    # a checkpoint every quarter of the run: an interrupted recovery (kvlab retrofit --resume) loses at most that
+    # a checkpoint every quarter of the run: an interrupted recovery (kvlab retrofit --resume) loses at most that;
+    # only the newest ``keep`` are kept (each holds the weights and two AdamW moments: 3x the fp32 model on disk)
     train: dict[str, Any] = {"steps": steps, "batch_size": batch_size, "lr": lr, "seed": seed, "dtype": dtype,
-                             "eval_batches": eval_batches, "save_every": max(1, steps // 4)}
+                             "eval_batches": eval_batches, "save_every": max(1, steps // 4), "keep": keep}
     if threads is not None:
         train["threads"] = threads
     if fsdp:
@@ -45,7 +46,7 @@ def recover(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
             batch_size: int = 4, lr: float = 1e-4, kl_weight: float = 1.0, lm_weight: float = 0.0,
             temperature: float = 1.0, seed: int = 0, resume: bool = False, progress: bool = True,
             dtype: str = "fp32", threads: int | None = None, text_files: list[str] | None = None,
-            tokenizer: str | Path | None = None, fsdp: bool = False) -> TrainResult:
+            tokenizer: str | Path | None = None, fsdp: bool = False, keep: int = 1) -> TrainResult:
     """Distil ``teacher`` into ``student`` for ``steps`` AdamW steps; the run directory ``out`` loads with kvlab.load.
 
     ``student`` / ``teacher``: anything ``kvlab.load`` accepts (a kvlab checkpoint directory of a converted model, a
@@ -54,12 +55,13 @@ def recover(student: str | Path, teacher: str | Path, out: str | Path, *, steps:
     into windows of ``seq_len`` positions, ``batch_size`` per step. ``lr``: peak of a warmup (10% of the steps, at
     most 100) + cosine schedule. ``dtype``: ``fp32`` or ``bf16`` (autocast; fp32 master weights). ``resume``:
     continue ``out`` exactly. ``fsdp``: under ``torchrun``, shard student and teacher with FSDP2 (every process calls
-    ``recover``; kvlab/train/fsdp.py). Returns the :class:`~kvlab.train.trainer.TrainResult` (trained student, summary with
-    the per-step ``kl`` / ``lm`` and the final ``eval`` incl. ``eval_kl`` against the teacher).
+    ``recover``; kvlab/train/fsdp.py). ``keep``: how many of the newest checkpoints stay on disk (writes are atomic:
+    one is enough to resume). Returns the :class:`~kvlab.train.trainer.TrainResult` (trained student, summary with the
+    per-step ``kl`` / ``lm`` and the final ``eval`` incl. ``eval_kl`` against the teacher).
     """
     raw = distill_config(student, teacher, steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr,
                          kl_weight=kl_weight, lm_weight=lm_weight, temperature=temperature, seed=seed, dtype=dtype,
-                         threads=threads, text_files=text_files, tokenizer=tokenizer, fsdp=fsdp)
+                         threads=threads, text_files=text_files, tokenizer=tokenizer, fsdp=fsdp, keep=keep)
     return train(parse_config(raw), out=out, resume=resume, progress=progress)
 
 
