@@ -12,8 +12,9 @@ from helpers import random_model
 import kvlab
 from kvlab.config import CompressSpec, LayerSpec, ModelConfig
 from kvlab.kinds.compressed import visible_sum
-from kvlab.layers.compressed import CompressedAttention
+from kvlab.layers.compressed import CompressedAttention, rope_tables, rotate_tail
 from kvlab.layers.core import Step
+from kvlab.layers.rope import rotate_part
 
 
 @pytest.fixture(autouse=True)
@@ -340,3 +341,18 @@ def test_compare_shows_components_and_flops_fraction(capsys):
     assert f"({100 * v4.flops_per_token / ref.flops_per_token:.1f}%)" in text
     for row in ("KV: c_kv", "KV: index_keys", "attn FLOPs: indexer", "KV: compressed", "attn FLOPs: window"):
         assert row in text
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotate_tail_is_the_real_rotation(dtype):
+    """The eager complex form of the trailing interleaved rotation against the real one (``rotate_part``, what compiled
+    steps use): equal to the bit on a strided [B, H, T, D] view, forwards and back (the conjugate table)."""
+    g = torch.Generator().manual_seed(0)
+    inv = 1.0 / (10000 ** (torch.arange(0, 64, 2).float() / 64))
+    cos, sin = rope_tables(inv, 1.3, torch.tensor([0, 7, 5000]))
+    x = torch.randn(2, 3, 8, 128, generator=g).transpose(1, 2).to(dtype)  # [2, 8, 3, 128], not contiguous
+    for s in (sin, -sin):
+        want = rotate_part(x, cos, s, "interleaved", at="tail", dtype=torch.float32)
+        got = rotate_tail(x, torch.complex(cos, s))
+        assert got.dtype == dtype
+        assert torch.equal(got, want)

@@ -31,6 +31,7 @@ Arithmetic follows transformers' ``DeepseekV4Attention`` (module names too, but 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
-from .blocked import Cat, dense, gather, scores, with_heads
+from .blocked import Cat, dense, gather, is_blocked, scores, with_heads
 from .core import attend, softmax_with_sink, stable_topk, visible_keys, visible_mask
 from .norm import RMSNorm
 from .rope import inv_freq_and_scale, rotate_part
@@ -55,7 +56,20 @@ def rope_tables(inv: torch.Tensor, scale: float, positions: torch.Tensor) -> tup
 def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate the trailing ``2 * cos.shape[-1]`` channels of ``x [..., N, D]`` in interleaved pairs (DeepSeek V4), in
     fp32 (kvlab/layers/rope.py)."""
-    return rotate_part(x, cos, sin, "interleaved", at="tail", dtype=torch.float32)
+    if torch.compiler.is_compiling():
+        return rotate_part(x, cos, sin, "interleaved", at="tail", dtype=torch.float32)
+    return rotate_tail(x, torch.complex(cos, sin))
+
+
+def rotate_tail(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+    """:func:`apply_rope_tail` with the table as one complex tensor ``rot = cos + i sin [..., rot / 2]`` (eager): each
+    interleaved pair is a complex number multiplied by ``rot``, the same products and sums as ``rotate_part``'s
+    (equal to the bit, tests/test_compressed.py) in 2 operators that compute instead of 9. Not compiled (inductor
+    has no complex kernels: compiled steps take :func:`apply_rope_tail`'s real form)."""
+    n, d = 2 * rot.shape[-1], x.shape[-1]
+    z = torch.view_as_complex(x[..., d - n:].float().unflatten(-1, (-1, 2)))
+    r = torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
+    return r if n == d else torch.cat((x[..., :d - n], r), dim=-1)
 
 
 class Compressor(nn.Module):
@@ -236,6 +250,7 @@ class CompressedAttention(nn.Module):
         if self.csa:
             self.compressor.indexer = CSAIndexer(hidden, c.q_lora_rank, c.index_heads, c.index_head_dim, c.ratio, eps,
                                               norm_offset)
+        self._rope_key = (None if spec.rope is None else dataclasses.astuple(spec.rope), d)
         if spec.rope is not None:
             inv, scale = inv_freq_and_scale(spec.rope, d)
             self._rope = (inv, scale)
@@ -252,14 +267,33 @@ class CompressedAttention(nn.Module):
             inv = hit if hit is not None else self._inv_by_device.setdefault(device, inv.to(device))
         return inv, scale
 
-    def _rot(self, x: torch.Tensor, tables: tuple[torch.Tensor, torch.Tensor] | None,
-             inverse: bool = False) -> torch.Tensor:
-        """Rotate ``x`` with this call's ``tables`` (cos, sin at the rotary positions; None: no rotation)."""
+    def _tables(self, step, pos: torch.Tensor, rope: tuple[torch.Tensor, float]) -> tuple | None:
+        """This call's rotary tables at ``pos`` (cos, sin and, eager, ``cos + i sin`` and its conjugate), or None (no
+        rotation); built once per call for every layer of the same rotary settings (``step.shared``)."""
+        if not rope[0].numel():
+            return None
+        key = ("compressed-rope", self._rope_key)
+        hit = step.shared.get(key)
+        if hit is None:
+            cos, sin = rope_tables(*rope, pos)
+            if torch.compiler.is_compiling():
+                hit = (cos, sin, None, None)
+            else:
+                rot = torch.complex(cos, sin)
+                hit = (cos, sin, rot, torch.complex(cos, -sin))
+            step.shared[key] = hit
+        return hit
+
+    def _rot(self, x: torch.Tensor, tables: tuple | None, inverse: bool = False) -> torch.Tensor:
+        """Rotate ``x`` with this call's ``tables`` (:meth:`_tables`; None: no rotation)."""
         if tables is None:
             return x
-        cos, sin = tables
+        cos, sin, rot, back = tables
         if cos.dim() == 3 and x.dim() == 4:  # per-row positions [B, T] against [B, H, T, D]
             cos, sin = cos[:, None], sin[:, None]
+            rot, back = (None, None) if rot is None else (rot[:, None], back[:, None])
+        if rot is not None:
+            return rotate_tail(x, back if inverse else rot)
         return apply_rope_tail(x, cos, -sin if inverse else sin)
 
     def forward(self, x: torch.Tensor, step, index: int, store=None) -> torch.Tensor:
@@ -269,7 +303,7 @@ class CompressedAttention(nn.Module):
         start, qpos, pad = step.start, step.qpos, step.pad
         pos = qpos if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)  # rotary positions
         rope = self._rope_on(x.device)
-        tab = rope_tables(*rope, pos) if rope[0].numel() else None  # once for q, kv, indexer, output
+        tab = self._tables(step, pos, rope)  # once for q, kv, indexer, output (and the layers of the same rope)
         cq = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(cq).view(b, t, h, d).transpose(1, 2)
         q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
@@ -411,10 +445,15 @@ class CompressedAttention(nn.Module):
             else:
                 parts.append(with_heads(entries))
                 seen.append(vis)
-        keys = Cat(parts, -2) if len(parts) > 1 else parts[0]
+        if len(parts) == 1:
+            keys = parts[0]
+        elif any(is_blocked(p) for p in parts):
+            keys = Cat(parts, -2)  # a quantized cache: read part by part, block by block
+        else:  # plain tensors: one copy of the window and the entries (a few hundred rows), one softmax over both
+            keys = torch.cat(parts, dim=-2)
         visible = torch.cat(seen, dim=-1)[:, :, None]  # [B, 1, 1, L + N]
         mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
         return attend(q, keys, keys, mask, s.scale, sinks=self.sinks if s.sinks else None)
 
 
-__all__ = ["CSAIndexer", "CompressedAttention", "Compressor", "apply_rope_tail", "rope_tables"]
+__all__ = ["CSAIndexer", "CompressedAttention", "Compressor", "apply_rope_tail", "rope_tables", "rotate_tail"]

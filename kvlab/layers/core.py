@@ -25,7 +25,8 @@ class Step:
     start: absolute index of the first new position; qpos ``[T]`` absolute indices; pad ``[B]``
     left-pad counts or None; rope: rope tables by layer; kv: the (k, v, kpos) each producing layer
     attended to, for the layers that share them; masks: built masks by key set; carry: per-token
-    tensors ``[B, T, ...]`` a layer passes to the next (e.g. the MoE router state, ``router_carry``).
+    tensors ``[B, T, ...]`` a layer passes to the next (e.g. the MoE router state, ``router_carry``); shared:
+    what the layers of one call build once from its positions and share (rotary tables of the same settings), by key.
     """
 
     start: int
@@ -36,10 +37,12 @@ class Step:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     masks: dict[tuple, tuple[torch.Tensor | None, bool]] = field(default_factory=dict)
     carry: dict[str, torch.Tensor] = field(default_factory=dict)
+    shared: dict = field(default_factory=dict)
 
     def last_position(self) -> Step:
         """The same step for its last query only (K/V already produced stay readable)."""
         return dataclasses.replace(self, start=self.start + self.qpos.shape[0] - 1, qpos=self.qpos[-1:], masks={},
+                                   shared={},
                                    rope={i: (c[:, -1:], s[:, -1:]) for i, (c, s) in self.rope.items()},
                                    carry={k: v[:, -1:] for k, v in self.carry.items()})
 
