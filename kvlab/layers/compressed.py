@@ -306,7 +306,10 @@ class CompressedAttention(nn.Module):
         tab = self._tables(step, pos, rope)  # once for q, kv, indexer, output (and the layers of the same rope)
         cq = self.q_a_norm(self.q_a_proj(x))
         q = self.q_b_proj(cq).view(b, t, h, d).transpose(1, 2)
-        q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        if q.dtype == torch.float32:  # one operator, the same arithmetic
+            q = F.rms_norm(q, (d,), eps=self.eps)
+        else:
+            q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
         q = self._rot(q, tab)
         kv = self._rot(self.kv_norm(self.kv_proj(x)), tab)[:, None]  # [B, 1, T, D]
         if store is not None:  # a quantized ring's decode step: a blocked reader (kvlab/layers/blocked.py)

@@ -91,6 +91,8 @@ def sinkhorn_by_rows(logits: torch.Tensor, iters: int, eps: float) -> torch.Tens
 
 
 def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype == torch.float32:  # one operator, the same arithmetic to the bit
+        return F.rms_norm(x, (x.shape[-1],), eps=eps)
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
@@ -119,18 +121,29 @@ class HyperConnection(_Fp32Params):
         self.hc_fn = nn.Parameter(torch.zeros((2 + n) * n, n * hidden))
         self.hc_bias = nn.Parameter(torch.zeros((2 + n) * n))
         self.hc_scale = nn.Parameter(torch.ones(3))
+        self._scale_at: dict[torch.device, torch.Tensor] = {}  # which of the 3 scales each of the (2 + n) n maps takes
+
+    def _scales(self) -> torch.Tensor:
+        """The scale of each of the ``(2 + n) n`` outputs ``[(2 + n) n]``: ``hc_scale`` spread by an index built once
+        per device (not a buffer: a model built on the meta device keeps it)."""
+        s = self.hc_scale.float()
+        at = self._scale_at.get(s.device)
+        if at is None:
+            n = self.streams
+            at = self._scale_at.setdefault(s.device, torch.tensor([0] * n + [1] * n + [2] * n * n).to(s.device))
+        return s[at]
 
     def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """pre ``[B, T, n]``, post ``[B, T, n]``, M ``[B, T, n, n]`` (all fp32) from the streams ``[B, T, n, D]``."""
+        """pre ``[B, T, n]``, post ``[B, T, n]``, M ``[B, T, n, n]`` (all fp32) from the streams ``[B, T, n, D]``.
+
+        The three maps' scales and biases are applied to the ``(2 + n) n`` outputs at once, pre and post through one
+        sigmoid: elementwise, the same arithmetic as map by map (an eager decode step is many tiny operators)."""
         n = self.streams
         flat = _unit_rms(x.flatten(2).float(), self.norm_eps)
-        mix = F.linear(flat, self.hc_fn.float())
-        pre_w, post_w, res_w = mix.split([n, n, n * n], dim=-1)
-        pre_b, post_b, res_b = self.hc_bias.float().split([n, n, n * n])
-        s = self.hc_scale.float()
-        pre = torch.sigmoid(pre_w * s[0] + pre_b) + self.eps
-        post = 2 * torch.sigmoid(post_w * s[1] + post_b)
-        m = sinkhorn(res_w.view(*res_w.shape[:-1], n, n) * s[2] + res_b.view(n, n), self.iters, self.eps)
+        z = F.linear(flat, self.hc_fn.float()) * self._scales() + self.hc_bias.float()  # [B, T, (2 + n) n]
+        gates = torch.sigmoid(z[..., :2 * n])
+        pre, post = gates[..., :n] + self.eps, 2 * gates[..., n:]
+        m = sinkhorn(z[..., 2 * n:].unflatten(-1, (n, n)), self.iters, self.eps)
         return pre, post, m
 
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
