@@ -6,7 +6,8 @@ needles (same seed), one model load.
     PYTHONPATH=. .venv/bin/python benchmarks/kv_quant_needle.py smollm2-135m --lengths 1k,2k,4k \\
         --depths 0.1,0.5,0.9 --trials 2 --formats int8-g32,int4-g32-rot --json out/needle.json
 
-Prints, per cache, the accuracy per (length, depth), the overall accuracy and how many answers equal the
+Prints, per cache, the accuracy per (length, depth), the overall accuracy (correct / trials, with its exact 95%
+Clopper-Pearson interval: a few trials per cell bound the accuracy loosely) and how many answers equal the
 unquantized cache's (the same greedy continuation, right or wrong), then one JSON line (also written to --json).
 """
 
@@ -19,6 +20,7 @@ import time
 from pathlib import Path
 
 import torch
+from scipy.stats import binomtest
 
 import kvlab
 from kvlab.cli.common import add_threads, setup_threads
@@ -32,6 +34,13 @@ def agreement(ref: list[dict], other: list[dict]) -> float:
     """Fraction of trials whose greedy continuation equals the reference's (the same prompts, in the same order)."""
     same = [a["generated"].strip() == b["generated"].strip() for a, b in zip(ref, other, strict=True)]
     return sum(same) / len(same)
+
+
+def correct_ci(answers: list[dict], level: float = 0.95) -> dict:
+    """Correct answers out of all trials and the exact (Clopper-Pearson) interval of the accuracy at ``level``."""
+    k, n = sum(bool(a["correct"]) for a in answers), len(answers)
+    ci = binomtest(k, n).proportion_ci(confidence_level=level, method="exact")
+    return {"correct": k, "trials_total": n, "ci_low": float(ci.low), "ci_high": float(ci.high)}
 
 
 def main() -> None:
@@ -59,7 +68,7 @@ def main() -> None:
         m = model if fmt == "none" else with_kv_quant(model, fmt)
         t0 = time.time()
         r = needle_test(m, tok, corpus.text, lengths, depths, args.trials, args.seed)
-        row = {"format": fmt, **r.as_dict(), "seconds": time.time() - t0}
+        row = {"format": fmt, **r.as_dict(), **correct_ci(r.answers), "seconds": time.time() - t0}
         row["same_as_unquantized"] = agreement(results[0]["answers"], r.answers) if results else 1.0
         results.append(row)
         print(f"{fmt:24s} overall {r.overall:.1%}  same answers as unquantized {row['same_as_unquantized']:.0%}  "
@@ -74,10 +83,12 @@ def main() -> None:
     print(f"needle retrieval, {args.model}, {corpus.name}: exact match, {args.trials} trial(s) per cell, seed "
           f"{args.seed}")
     print(table(head, rows))
-    print(table(["cache", "overall", "same answers as unquantized", "seconds"],
-                [[r["format"], f"{r['overall']:.1%}", f"{r['same_as_unquantized']:.0%}", f"{r['seconds']:.0f}"]
+    print(table(["cache", "overall", "correct", "95% CI", "same answers as unquantized", "seconds"],
+                [[r["format"], f"{r['overall']:.1%}", f"{r['correct']}/{r['trials_total']}",
+                  f"{r['ci_low']:.0%}-{r['ci_high']:.0%}", f"{r['same_as_unquantized']:.0%}", f"{r['seconds']:.0f}"]
                  for r in results]))
     print(json.dumps({"ground": ground, "summary": [{k: r[k] for k in ("format", "overall", "accuracy",
+                                                                        "correct", "trials_total", "ci_low", "ci_high",
                                                                         "same_as_unquantized", "seconds")}
                                                      for r in results]}))
 
