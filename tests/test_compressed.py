@@ -356,3 +356,6 @@ def test_rotate_tail_is_the_real_rotation(dtype):
         got = rotate_tail(x, torch.complex(cos, s))
         assert got.dtype == dtype
         assert torch.equal(got, want)
+        mine = x.clone()
+        assert torch.equal(rotate_tail(mine, torch.complex(cos, s), in_place=True), want)
+        assert torch.equal(mine, want) == (dtype == torch.float32)  # fp32: rotated where it lies

@@ -61,12 +61,16 @@ def apply_rope_tail(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return rotate_tail(x, torch.complex(cos, sin))
 
 
-def rotate_tail(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
+def rotate_tail(x: torch.Tensor, rot: torch.Tensor, in_place: bool = False) -> torch.Tensor:
     """:func:`apply_rope_tail` with the table as one complex tensor ``rot = cos + i sin [..., rot / 2]`` (eager): each
     interleaved pair is a complex number multiplied by ``rot``, the same products and sums as ``rotate_part``'s
     (equal to the bit, tests/test_compressed.py) in 2 operators that compute instead of 9. Not compiled (inductor
-    has no complex kernels: compiled steps take :func:`apply_rope_tail`'s real form)."""
+    has no complex kernels: compiled steps take :func:`apply_rope_tail`'s real form). ``in_place``: ``x`` is a fresh
+    tensor of the caller's, rotated where it lies when fp32 and outside autograd (no copy, no concatenation)."""
     n, d = 2 * rot.shape[-1], x.shape[-1]
+    if in_place and x.dtype == torch.float32 and not (torch.is_grad_enabled() and x.requires_grad):
+        torch.view_as_complex(x[..., d - n:].unflatten(-1, (-1, 2))).mul_(rot)
+        return x
     z = torch.view_as_complex(x[..., d - n:].float().unflatten(-1, (-1, 2)))
     r = torch.view_as_real(z * rot).flatten(-2).to(x.dtype)
     return r if n == d else torch.cat((x[..., :d - n], r), dim=-1)
@@ -293,7 +297,7 @@ class CompressedAttention(nn.Module):
             cos, sin = cos[:, None], sin[:, None]
             rot, back = (None, None) if rot is None else (rot[:, None], back[:, None])
         if rot is not None:
-            return rotate_tail(x, back if inverse else rot)
+            return rotate_tail(x, back if inverse else rot, in_place=True)  # every x here is this call's own
         return apply_rope_tail(x, cos, -sin if inverse else sin)
 
     def forward(self, x: torch.Tensor, step, index: int, store=None) -> torch.Tensor:

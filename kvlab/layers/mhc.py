@@ -137,7 +137,8 @@ class HyperConnection(_Fp32Params):
         """pre ``[B, T, n]``, post ``[B, T, n]``, M ``[B, T, n, n]`` (all fp32) from the streams ``[B, T, n, D]``.
 
         The three maps' scales and biases are applied to the ``(2 + n) n`` outputs at once, pre and post through one
-        sigmoid: elementwise, the same arithmetic as map by map (an eager decode step is many tiny operators)."""
+        sigmoid: elementwise, the same arithmetic as map by map (an eager decode step is many tiny operators), to a
+        unit in the last place (torch's vectorised and strided sigmoid may differ by one)."""
         n = self.streams
         flat = _unit_rms(x.flatten(2).float(), self.norm_eps)
         z = F.linear(flat, self.hc_fn.float()) * self._scales() + self.hc_bias.float()  # [B, T, (2 + n) n]
