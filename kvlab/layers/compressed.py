@@ -337,7 +337,8 @@ class CompressedAttention(nn.Module):
                 entries, nvis = self.compressor.step(x, rowpos, pool, rope, n, at)
                 if self.csa:
                     ikeys = ix.step(x, rowpos, ipool, rope, n, at)[0]
-            out = self._attend_step(q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw)
+            every = pad is None and start >= s.window - 1 and not torch.compiler.is_compiling()
+            out = self._attend_step(q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw, every)
         elif self.compressor is None:  # swa: the window branch alone
             out = self._attend(q, kw, kpos, qpos, start, None, None, None, None, pad)
         elif pad is None:
@@ -427,28 +428,34 @@ class CompressedAttention(nn.Module):
             out[:, :, a:e] = o
         return out
 
-    def _attend_step(self, q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw) -> torch.Tensor:
+    def _attend_step(self, q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw, every: bool = False) -> torch.Tensor:
         """One decode query per row ``q [B, H, 1, D]`` over the whole window ring ``kw [B, 1, L, D]`` (in place, at
         slot positions ``kpos [L]``; left padding ``pad [B]`` masked) and the first ``nvis [B]`` of the compressed
         ``entries [B, N, D]`` of each row (CSA: the indexer's top-k of them, gathered). The ring, the entries and the
         indexer keys may be a quantized cache's readers: attended (and scored) block by block, the chosen entries
-        alone dequantized (kvlab/layers/blocked.py); one softmax over both branches, V = K. No host read."""
+        alone dequantized (kvlab/layers/blocked.py); one softmax over both branches, V = K. No host read.
+
+        ``every``: every key is visible (an eager step without padding once the ring is full: it holds exactly the
+        window, and every row sees all ``n`` entries), so no mask is built (a branch on Python values the caller
+        knows; compiled steps keep the masks, one graph for every position)."""
         s, c = self.spec, self.cspec
         b = q.shape[0]
-        ok = visible_mask(qpos, kpos, s.window, pad)  # [B|1, 1, L]
-        parts, seen = [kw], [ok.expand(b, 1, ok.shape[-1])]
+        if not every:
+            ok = visible_mask(qpos, kpos, s.window, pad)  # [B|1, 1, L]
+        parts, seen = [kw], [None if every else ok.expand(b, 1, ok.shape[-1])]
         n = 0 if entries is None else entries.shape[-2]
         if n:
-            vis = (torch.arange(n, device=q.device)[None] < nvis[:, None])[:, None]  # [B, 1, N]
+            vis = None if every else (torch.arange(n, device=q.device)[None] < nvis[:, None])[:, None]  # [B, 1, N]
             if self.csa:
                 ix = self.compressor.indexer
                 qi = iq.float().transpose(1, 2)  # [B, 1, HI, dI]
                 isc = F.relu(scores(qi, with_heads(ikeys)).transpose(1, 2) * ix.dim ** -0.5)  # [B, HI, 1, N]
-                isc = (isc * iw.transpose(1, 2)[..., None]).sum(dim=1).masked_fill(~vis, float("-inf"))
+                isc = (isc * iw.transpose(1, 2)[..., None]).sum(dim=1)
+                isc = isc if every else isc.masked_fill(~vis, float("-inf"))
                 k = min(c.index_topk, n)
                 val, idx = stable_topk(isc, k) if k < n else (isc, torch.arange(n, device=q.device).expand_as(isc))
                 parts.append(gather(entries, idx.reshape(b, k))[:, None])  # [B, 1, k, D]: only those dequantized
-                seen.append(val > float("-inf"))
+                seen.append(None if every else val > float("-inf"))
             else:
                 parts.append(with_heads(entries))
                 seen.append(vis)
@@ -458,8 +465,10 @@ class CompressedAttention(nn.Module):
             keys = Cat(parts, -2)  # a quantized cache: read part by part, block by block
         else:  # plain tensors: one copy of the window and the entries (a few hundred rows), one softmax over both
             keys = torch.cat(parts, dim=-2)
-        visible = torch.cat(seen, dim=-1)[:, :, None]  # [B, 1, 1, L + N]
-        mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
+        mask = None
+        if not every:
+            visible = torch.cat(seen, dim=-1)[:, :, None]  # [B, 1, 1, L + N]
+            mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
         return attend(q, keys, keys, mask, s.scale, sinks=self.sinks if s.sinks else None)
 
 
