@@ -87,16 +87,18 @@ def fmt_context(n: int) -> str:
     return str(n)
 
 
-def fmt_bytes(n: float, exact: bool = False) -> str:
-    """Binary units with 2 decimals (``5.06 GiB``); ``exact`` appends the byte count."""
+def fmt_bytes(n: float, exact: bool = False, short: bool = False) -> str:
+    """Binary units with 2 decimals (``5.06 GiB``); ``exact`` appends the byte count; ``short`` drops trailing
+    zeros for axis labels (``128 MiB``, ``1.5 GiB``)."""
     sign = "-" if n < 0 else ""
     a = abs(n)
+    spec = "g" if short else ".2f"
     if a < 1024:
-        text = f"{sign}{a:.0f} B" if a == int(a) else f"{sign}{a:.2f} B"
+        text = f"{sign}{a:.0f} B" if a == int(a) else f"{sign}{a:{spec}} B"
         return text
     for unit, scale in (("TiB", 1024**4), ("GiB", 1024**3), ("MiB", 1024**2), ("KiB", 1024)):
         if a >= scale:
-            text = f"{sign}{a / scale:.2f} {unit}"
+            text = f"{sign}{a / scale:{spec}} {unit}"
             break
     if exact:
         text += f" ({int(n):,} B)"

@@ -64,6 +64,9 @@ def test_fmt_bytes():
     assert fmt_bytes(2**40) == "1.00 TiB"
     assert fmt_bytes(4294967296, exact=True) == "4.00 GiB (4,294,967,296 B)"
     assert fmt_bytes(-2048) == "-2.00 KiB"
+    assert fmt_bytes(128 * 1024**2, short=True) == "128 MiB"
+    assert fmt_bytes(1.5 * 1024**3, short=True) == "1.5 GiB"
+    assert fmt_bytes(512, short=True) == "512 B"
 
 
 def test_fmt_count_and_flops():

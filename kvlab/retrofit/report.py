@@ -19,6 +19,7 @@ import torch
 
 from ..costs import costs
 from ..model import Model
+from ..units import fmt_bytes
 
 CONTEXTS = (4096, 32768, 131072)
 
@@ -91,15 +92,6 @@ def decode_speed(model: Model, context: int = 1024, tokens: int = 16) -> dict[st
     return {"context": ctx, "tok_s": b["decode_tok_s"]}
 
 
-def _short_bytes(v: float) -> str:
-    """An axis label for a byte count: ``128 MiB``, ``1 GiB``, ``1.5 GiB``."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if v < 1024:
-            return f"{v:g} {unit}"
-        v /= 1024
-    return f"{v:g} TiB"
-
-
 def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """KV bytes at 32K (x, log) against KL divergence from the original (y, log) for every row; a conversion's
     point before recovery (hollow) is joined to its points after recovery (filled) by an arrow; the original
@@ -136,7 +128,7 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
     if xs and min(xs) > 0:
         ax.set_xlim(2 ** math.floor(math.log2(min(xs)) - 0.05), 2 ** math.ceil(math.log2(max(xs)) + 0.05))
     ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=2, numticks=8))
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: _short_bytes(v)))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: fmt_bytes(v, short=True)))
     ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_yscale("log")
     ax.set_xlabel("KV cache at 32K context, batch 1 (bytes, calculator; = measured cache)")
