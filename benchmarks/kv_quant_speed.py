@@ -7,7 +7,9 @@ would cost minutes (``kvlab bench --kv-dtype`` runs the real prefill). Then deco
 quantized cache is stepped both ways on the same cache: ``before`` (every step dequantizes whole buffers with
 :func:`read_before`, ``QuantRows.read`` as it was at commit eb7aabd, before the blocked decode; MLA, CSA/HCA/SWA
 and sink-token windows read every buffer so until commit 5eebaba) and ``blocked N KiB``
-(dequantized block by block inside attention, kvlab/layers/blocked.py, blocks of N KiB; kvlab's default 4096).
+(dequantized block by block inside attention, kvlab/layers/blocked.py, blocks of N KiB; kvlab's default 4096)
+and, with ``--fused``, ``fused`` (int8 / int4 codes attended by one torch.compile kernel, kvlab/layers/fused.py,
+where it applies; elsewhere the blocked path).
 
     python benchmarks/kv_quant_speed.py benchmarks/qwen3-100m.json benchmarks/gemma4-e2b-small.json \\
         --context 4k,16k --decode-tokens 24 [--blocks 1024,4096] [--profile int8] [--json out.json]
@@ -26,6 +28,7 @@ import torch
 
 from kvlab.bench import machine_info
 from kvlab.cache import quant
+from kvlab.layers import fused
 from kvlab.model import Model
 from kvlab.resolve import resolve_spec
 from kvlab.units import fmt_context, parse_contexts, table
@@ -106,7 +109,7 @@ def fill(cache, cfg, ctx: int, dtype: torch.dtype) -> None:
 
 
 def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], profile: str | None,
-              blocks: list[int]) -> list[dict]:
+              blocks: list[int], before: bool = True, with_fused: bool = False) -> list[dict]:
     cfg = resolve_spec(spec)
     models = {torch.float32: Model.from_config(cfg, dtype=torch.float32, seed=0).eval()}
     if "bf16" in formats:
@@ -125,8 +128,11 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                 else:
                     cache = models[torch.float32].new_cache(1, max_length, kv_quant=f)
                     fill(cache, cfg, ctx, torch.float32)
-                    runs.append((f, "before", models[torch.float32], cache))
+                    if before:
+                        runs.append((f, "before", models[torch.float32], cache))
                     runs += [(f, f"blocked {b >> 10} KiB", models[torch.float32], cache) for b in blocks]
+                    if with_fused:
+                        runs.append((f, "fused", models[torch.float32], cache))
             times: dict[tuple[str, str], list[float]] = {(r[0], r[1]): [] for r in runs}
             tok = torch.tensor([[1]])
             block, view = quant.DECODE_BLOCK_BYTES, quant.QuantRows.view
@@ -134,10 +140,12 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                 for label, path, model, cache in runs:
                     quant.DECODE_BLOCK_BYTES = int(path.split()[1]) << 10 if path.startswith("blocked") else block
                     quant.QuantRows.view = view_before if path == "before" else view
+                    fused.ENABLED = path == "fused"
                     t1 = time.perf_counter()
                     model.decode_step(tok, cache)
                     dt_s = time.perf_counter() - t1
                     quant.QuantRows.view = view
+                    fused.ENABLED = False
                     if i >= 2:
                         times[(label, path)].append(dt_s)
             quant.DECODE_BLOCK_BYTES = block
@@ -177,6 +185,10 @@ def main() -> None:
     ap.add_argument("--blocks", default=str(quant.DECODE_BLOCK_BYTES >> 10),
                     help="comma-separated block sizes in KiB to step quantized caches with (default: kvlab's)")
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
+    ap.add_argument("--no-before", action="store_true", help="skip the whole-buffer 'before' path")
+    ap.add_argument("--fused", action="store_true",
+                    help="also step quantized caches with kvlab/layers/fused.py (torch.compile; its first steps, "
+                         "compiling, fall in the warm-up rounds)")
     ap.add_argument("--json", help="write the rows to this file")
     a = ap.parse_args()
     formats = [f.strip() for f in a.formats.split(",")]
@@ -186,7 +198,7 @@ def main() -> None:
     rows = []
     for s in a.shapes:
         rows += run_shape(s, parse_contexts(a.context), a.decode_tokens, formats, a.profile,
-                          [int(b) << 10 for b in a.blocks.split(",")])
+                          [int(b) << 10 for b in a.blocks.split(",")], not a.no_before, a.fused)
     print(table(["model", "context", "KV cache", "decode path", "tok/s", "step ms (median)", "min-max ms",
                  "vs fp32", "cache"],
                 [[r["model"], fmt_context(r["context"]), r["kv"], r["path"], f"{r['decode_tok_s']:.2f}",

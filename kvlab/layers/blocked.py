@@ -25,6 +25,8 @@ import torch
 
 from kvlab.cache.quant import rotate
 
+from . import fused
+
 
 class BlockedKV(Protocol):
     """What :func:`attend_blocked` reads K or V through (kvlab/cache/quant.py ``QuantView``)."""
@@ -362,6 +364,10 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
     g = h // hkv
     sk = None if sinks is None else sinks.float().view(1, hkv, g, 1)
     qf = q.reshape(b, hkv, g, d).float()
+    if fused.applies(k, v, g):  # opt-in: int8 / int4 codes attended by one compiled kernel (kvlab/layers/fused.py)
+        out = fused.attend(qf.contiguous(), k, v, mask, scale, sk)
+        if out is not None:
+            return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
     out = (_attend_one_pass(qf, k, mask, scale, sk) if values_in_keys(k, v)
            else _attend_online(qf.contiguous(), k, v, mask, scale, sk))
     return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
