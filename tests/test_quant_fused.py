@@ -61,6 +61,15 @@ def test_fused_equals_blocked(small_blocks, monkeypatch, fmt, with_sinks):
 def test_fused_leaves_other_buffers_to_the_blocked_path(small_blocks, monkeypatch, fmt):
     monkeypatch.setattr(fused, "ENABLED", True)
     k, v = _readers(fmt)
-    assert not fused.applies(k, v, G)
-    assert fused.applies(*_readers("int8-g8"), G)
-    assert not fused.applies(*_readers("int8-g1"), G)  # 3 heads x 16 groups: too wide to fold
+    assert not fused.applies(k, v)
+    assert fused.applies(*_readers("int8-g8"))
+
+
+def test_fused_leaves_wide_layers_to_the_blocked_path(small_blocks, monkeypatch):
+    """3 query heads x 16 scale groups per KV head do not fold (``blocked.FOLD_ROWS``): the blocked path runs."""
+    monkeypatch.setattr(fused, "ENABLED", True)
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    k, v = _readers("int8-g1")
+    q = torch.randn(B, HKV * G, 1, D, generator=torch.Generator().manual_seed(3))
+    blocked.attend_blocked(q, k, v, None, D ** -0.5)
+    assert fused._COMPILED == {}

@@ -18,6 +18,7 @@ import warnings
 
 import torch
 
+from kvlab.cache.quant import QuantView
 from kvlab.cache.storage import positions
 
 ENABLED = False  # opt-in: set True (benchmarks/kv_quant_speed.py --paths fused) to attend int8 / int4 codes fused
@@ -53,17 +54,14 @@ def _attend(qf: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tens
     return (p[..., None] * _values(vc, vs, int4)[:, :, None]).sum(-2) / den
 
 
-def applies(k, v, g: int) -> bool:
+def applies(k, v) -> bool:
     """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``) this kernel reads: int8 / int4
-    symmetric codes with per-token scales, no residual window, rotation or exact tail, thin enough to fold."""
-    from kvlab.cache.quant import QuantView
-
-    from .blocked import _folds
-
+    symmetric codes with per-token scales, no residual window, rotation or exact tail (the caller checks that the
+    scales fold: ``blocked._folds``)."""
     if not (ENABLED and isinstance(k, QuantView) and isinstance(v, QuantView) and k.n == v.n and not k.heads):
         return False
     return all(x.rows.spec.fmt in ("int8", "int4") and x.rows.spec.symmetric and not x.rows.residual_slots
-               and not x.rows.block and _folds(x, g) for x in (k, v)) and k.rows.spec.fmt == v.rows.spec.fmt
+               and not x.rows.block and x.foldable for x in (k, v)) and k.rows.spec.fmt == v.rows.spec.fmt
 
 
 def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None
