@@ -21,7 +21,7 @@ import torch
 from kvlab.cache.quant import QuantView
 from kvlab.cache.storage import positions
 
-ENABLED = False  # opt-in: set True (benchmarks/kv_quant_speed.py --paths fused) to attend int8 / int4 codes fused
+ENABLED = False  # opt-in: set True (benchmarks/kv_quant_speed.py --fused) to attend int8 / int4 codes fused
 BACKEND = "inductor"  # tests use "eager": the same function, no code generation
 BUCKET = 1024  # positions are attended in multiples of this (the rest masked): one graph per bucket, not per step
 _COMPILED: dict[tuple, object] = {}
