@@ -26,26 +26,17 @@ import torch.nn.functional as F
 from kvlab.cache.quant import QuantRows
 from kvlab.costs.quant import Buffer, parse_quant
 from kvlab.layers.core import attend
+from kvlab.layers.fused import values
 from kvlab.units import parse_context, table
-
-
-def _values(codes: torch.Tensor, scales: torch.Tensor, int4: bool) -> torch.Tensor:
-    """Codes ``[B, Hkv, L, D or D/2]`` and per-token scales ``[B, Hkv, L, groups]`` -> values ``[B, Hkv, L, D]``
-    (an expression for inductor to fuse into its consumer, never materialised when compiled)."""
-    if int4:  # low nibble = even channel, stored + 8
-        codes = torch.stack((codes & 15, codes >> 4), -1).flatten(-2).float() - 8
-    b, h, n, d = codes.shape
-    ng = scales.shape[-1]
-    return (codes.float().view(b, h, n, ng, d // ng) * scales.float()[..., None]).view(b, h, n, d)
 
 
 def fused(qf: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tensor, vs: torch.Tensor, scale: float,
           int4: bool) -> torch.Tensor:
     """``qf [B, Hkv, G, D]`` float32 against quantized K/V (codes and per-token scales) -> ``[B, Hkv, G, D]``."""
-    k = _values(kc, ks, int4)
+    k = values(kc, ks, int4)
     s = (qf[:, :, :, None, :] * k[:, :, None]).sum(-1) * scale  # [B, Hkv, G, L]: reduction over D, no bmm
     p = torch.softmax(s, -1)
-    v = _values(vc, vs, int4)
+    v = values(vc, vs, int4)
     return (p[..., None] * v[:, :, None]).sum(-2)
 
 

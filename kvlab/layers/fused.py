@@ -18,7 +18,7 @@ import warnings
 
 import torch
 
-from kvlab.cache.quant import QuantView
+from kvlab.cache.quant import QuantView, unpack4
 from kvlab.cache.storage import positions
 
 ENABLED = False  # opt-in: set True (benchmarks/kv_quant_speed.py --fused) to attend int8 / int4 codes fused
@@ -27,10 +27,10 @@ BUCKET = 1024  # positions are attended in multiples of this (the rest masked): 
 _COMPILED: dict[tuple, object] = {}
 
 
-def _values(codes: torch.Tensor, scales: torch.Tensor, int4: bool) -> torch.Tensor:
+def values(codes: torch.Tensor, scales: torch.Tensor, int4: bool) -> torch.Tensor:
     """Codes ``[B, Hkv, L, D]`` (int4: ``D / 2`` bytes, low nibble = even channel, stored + 8) and per-token scales
     ``[B, Hkv, L, groups]`` -> values ``[B, Hkv, L, D]`` float32 (an expression fused into its consumer)."""
-    c = torch.stack((codes & 15, codes >> 4), -1).flatten(-2).float() - 8 if int4 else codes.float()
+    c = unpack4(codes).float() - 8 if int4 else codes.float()
     b, h, n, d = c.shape
     ng = scales.shape[-1]
     return (c.view(b, h, n, ng, d // ng) * scales.float()[..., None]).view(b, h, n, d)
@@ -40,7 +40,7 @@ def _attend(qf: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tens
             mask: torch.Tensor | None, sinks: torch.Tensor | None, scale: float, int4: bool) -> torch.Tensor:
     """``qf [B, Hkv, G, D]`` float32, codes and scales of K and V, ``mask [B|1, 1, 1, L]`` additive or None, ``sinks
     [1, Hkv, G, 1]`` or None -> ``[B, Hkv, G, D]`` float32."""
-    s = (qf[:, :, :, None, :] * _values(kc, ks, int4)[:, :, None]).sum(-1) * scale  # [B, Hkv, G, L]
+    s = (qf[:, :, :, None, :] * values(kc, ks, int4)[:, :, None]).sum(-1) * scale  # [B, Hkv, G, L]
     if mask is not None:
         s = s + mask
     m = s.amax(-1, keepdim=True)
@@ -51,7 +51,7 @@ def _attend(qf: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tens
     den = p.sum(-1, keepdim=True)
     if sinks is not None:
         den = den + (sinks - m).exp()
-    return (p[..., None] * _values(vc, vs, int4)[:, :, None]).sum(-2) / den
+    return (p[..., None] * values(vc, vs, int4)[:, :, None]).sum(-2) / den
 
 
 def applies(k, v) -> bool:
@@ -103,4 +103,4 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
         return None
 
 
-__all__ = ["BACKEND", "ENABLED", "applies", "attend"]
+__all__ = ["BACKEND", "ENABLED", "applies", "attend", "values"]
