@@ -455,3 +455,92 @@ def test_cli_fsdp_needs_torchrun_and_a_recovery(tmp_path, capsys):
                  "--out", str(tmp_path / "x")]) == 2
     assert "--fsdp shards the recovery over the processes of torchrun" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def _interrupt_at(monkeypatch, step: int) -> None:
+    """A Ctrl-C arriving while the trainer prepares step ``step`` (0-based), as a user or a scheduler stops it."""
+    from kvlab.train import trainer
+
+    real = trainer.micro_batches
+
+    def batches(cfg, world, s):
+        if s == step:
+            raise KeyboardInterrupt
+        return real(cfg, world, s)
+
+    monkeypatch.setattr(trainer, "micro_batches", batches)
+
+
+def test_cli_resumes_an_interrupted_recovery_to_the_uninterrupted_result(tmp_path, capsys, monkeypatch):
+    """``kvlab retrofit ... --recover 8`` stopped during step 6 (its last checkpoint at step 4: one every quarter),
+    then the same command with ``--resume``: the recovered weights, every step's loss and the measured rows are those of
+    one uninterrupted run; the step lost to the interrupt is trained again, not logged twice."""
+    from kvlab.cli import main
+    from tests.helpers import save_text_checkpoint
+
+    src = save_text_checkpoint(tmp_path / "src")
+    argv = ["retrofit", str(src), "--to", "share-last:1", "--recover", "8", "--seq-len", "32", "--batch", "2",
+            "--lr", "1e-3", "--length", "64", "--decode-context", "0", "--no-progress", "--json"]
+    assert main([*argv, "--out", str(tmp_path / "whole")]) == 0
+    whole = json.loads(capsys.readouterr().out)
+    cut = tmp_path / "cut"
+    with monkeypatch.context() as m:
+        _interrupt_at(m, 5)
+        assert main([*argv, "--out", str(cut)]) == 130
+    assert "kvlab: interrupted" in capsys.readouterr().err
+    run = cut / "recovered-seed0"
+    assert [p.name for p in run.glob("ckpt-*")] == ["ckpt-0000004"] and not (cut / "report.json").exists()
+    assert main([*argv, "--out", str(cut), "--resume"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    rec = resumed["rows"][1]["recovery"]
+    assert rec["steps"] == 8 and rec["final_loss"] == whole["rows"][1]["recovery"]["final_loss"]
+    logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (tmp_path / "whole" / "recovered-seed0" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == list(range(1, 9))
+    assert [(r["loss"], r["kl"]) for r in logged] == [(r["loss"], r["kl"]) for r in want]
+    a, b = kvlab.load(tmp_path / "whole" / "recovered-seed0").state_dict(), kvlab.load(run).state_dict()
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    for k in ("kl", "ppl", "top1"):
+        assert [r[k] for r in resumed["rows"]] == [r[k] for r in whole["rows"]], k
+    assert whole["rows"][1]["kl"] != whole["rows"][0]["kl"]  # the recovery trained something
+
+
+def test_cli_resume_names_what_it_cannot_continue(tmp_path, capsys, monkeypatch):
+    """``--resume`` with nothing to continue, or on a run directory of another conversion, is a named error (exit 2)
+    before any model loads; so is ``--resume`` without ``--recover``."""
+    from kvlab.cli import main
+    from tests.helpers import save_text_checkpoint
+
+    src = save_text_checkpoint(tmp_path / "src")
+    out = tmp_path / "rf"
+    argv = ["retrofit", str(src), "--recover", "4", "--seq-len", "32", "--batch", "2", "--length", "64",
+            "--decode-context", "0", "--no-progress", "--out", str(out)]
+    assert main([*argv, "--to", "share-last:1", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "kvlab: error: --resume: " in err and "recovered-seed0" in err and "no recovery checkpoint" in err
+    assert "Traceback" not in err and not out.exists()
+    with monkeypatch.context() as m:  # an interrupted share-last:1 recovery (checkpoint at step 2)
+        _interrupt_at(m, 2)
+        assert main([*argv, "--to", "share-last:1"]) == 130
+    capsys.readouterr()
+    import kvlab.cli.retrofit as cli
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model before refusing")
+
+    with monkeypatch.context() as m:
+        m.setattr(cli, "Setup", no_load)
+        assert main([*argv, "--to", "window:16", "--resume"]) == 2
+        err = capsys.readouterr().err
+        assert "holds the conversion 'share-last:1', not 'window:16'" in err and "Traceback" not in err
+        assert main([*argv, "--to", "share-last:1", "--resume", "--seeds", "1"]) == 2  # seed 0's run, not seed 1's
+        assert "recovered-seed1" in capsys.readouterr().err
+        assert main([*argv[:2], "--to", "share-last:1", "--resume", "--out", str(out)]) == 2
+        assert "--resume continues interrupted recoveries: give --recover" in capsys.readouterr().err
+    # the saved conversion deleted (it is reproducible): the recovery checkpoint itself refuses another conversion
+    import shutil
+
+    shutil.rmtree(out / "converted")
+    assert main([*argv, "--to", "window:16", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: the config differs from the checkpoint's in: model.layers" in err and "Traceback" not in err

@@ -13,6 +13,7 @@ outputs and reports; the others print nothing.
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import json
 import os
@@ -106,33 +107,72 @@ class Setup:
             raise ValueError(f"{str(args.model)!r} has no tokenizer: kvlab retrofit measures on real text with the "
                              "model's own tokenizer")
         self.corpus = default_corpus()
-        self.ids = self.tok.encode(self.corpus.text, special=False)
         self.prefix = self.tok.encode("", special=True)
         self.length = parse_context(args.length)
         if not args.no_eval and self.length > self.model.config.max_positions:
             raise ValueError(f"--length {args.length}: exceeds the model's max_positions="
                              f"{self.model.config.max_positions}")
-        # head importance is measured on the training text (disjoint from the evaluation corpus), never on what is scored
-        from kvlab.train.text import training_corpus
-
-        self.calibration = self.tok.encode(training_corpus().text[:200_000], special=False)[:4096]
         self.ground = {"model": str(args.model), "model_name": self.model.config.name, "text": self.corpus.name,
                        "provenance": self.corpus.provenance, "text_sha256": self.corpus.sha256,
                        "eval_window": self.length, "dtype": "float32"}
+
+    @functools.cached_property
+    def ids(self) -> list[int]:
+        """The evaluation text's token ids (tokenized when first measured: not at all with ``--no-eval``)."""
+        return self.tok.encode(self.corpus.text, special=False)
+
+    @functools.cached_property
+    def calibration(self) -> list[int]:
+        """What conversions that measure first (head importance, MLA's activation SVD) measure on: the training text,
+        disjoint from the evaluation corpus, never what is scored."""
+        from kvlab.train.text import training_corpus
+
+        return self.tok.encode(training_corpus().text[:200_000], special=False)[:4096]
+
+
+def saved_conversion(out: Path) -> str | None:
+    """The technique string of the conversion saved in ``out/converted``, or None when there is none."""
+    f = out / "converted" / "retrofit.json"
+    return json.loads(f.read_text()).get("requested") if f.is_file() else None
+
+
+def check_out(args: argparse.Namespace, techniques: list[str]) -> None:
+    """Before anything loads: every technique's output directory holds no other conversion, and ``--resume`` has a
+    recovery checkpoint to continue (of at least one technique and seed)."""
+    out = Path(args.out)
+    dirs = {t: out if args.to is not None else out / slug(t) for t in techniques}
+    for t, d in dirs.items():
+        saved = saved_conversion(d)
+        if saved is not None and saved != t:
+            raise ValueError(f"{str(d / 'converted')!r} holds the conversion {saved!r}, not {t!r}: choose another "
+                             "--out" + (" (--resume continues the same command)" if args.resume else ""))
+    if not args.resume:
+        return
+    if not args.recover:
+        raise ValueError("--resume continues interrupted recoveries: give --recover STEPS (and the other options) "
+                         "of the interrupted command")
+    from kvlab.native import latest
+
+    runs = [d / f"recovered-seed{s}" for d in dirs.values() for s in _seeds(args.seeds)]
+    if not any(latest(r) for r in runs):
+        raise ValueError(f"--resume: no recovery checkpoint to continue in {str(out)!r} (looked for "
+                         f"{', '.join(repr(str(r / 'latest.json')) for r in runs[:4])}{', ...' if len(runs) > 4 else ''}"
+                         "): run the command without --resume to start (a saved conversion there is reused)")
 
 
 def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[Any, Path | None]:
     """Convert, save to ``out/converted`` (or reuse a saved one when resuming); the converted model and its path
     (None for a cache format: same weights, nothing to save)."""
     target = out / "converted"
-    if target.is_dir() and (target / "retrofit.json").is_file():
-        saved = json.loads((target / "retrofit.json").read_text()).get("requested")
+    saved = saved_conversion(out)
+    if saved is not None:
         if saved != technique:
             raise ValueError(f"{str(target)!r} holds the conversion {saved!r}, not {technique!r}: choose another --out")
         print(f"{technique}: reusing {target}", file=out_stream)
         return kvlab.load(target, device=setup.args.device).eval(), target
     t0 = time.perf_counter()
-    conv = apply(setup.model, technique, ids=setup.calibration)
+    t, _ = parse(technique)
+    conv = apply(setup.model, technique, ids=setup.calibration if t.needs_text or t.takes_text else None)
     if getattr(conv.model, "kv_quant", None) is not None:  # a cache format: nothing new to save
         print(f"{conv.report.summary()}; {conv.report.notes[0]}", file=out_stream)
         return conv.model, None
@@ -292,6 +332,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--export writes one conversion: use it with --to, not --sweep")
     _seeds(args.seeds)
     depth_list(args.depths)
+    check_out(args, techniques)
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if args.fsdp and not (torchrun and args.recover):
         raise ValueError("--fsdp shards the recovery over the processes of torchrun: launch it with torchrun "
@@ -328,7 +369,7 @@ def _run(args: argparse.Namespace, techniques: list[str], world: Any) -> int:
         _shared(world, failed, None)
         if setup is not None:
             print(f"model: {args.model} ({setup.model.config.name}, {setup.model.num_parameters():,} parameters); "
-                  f"text: {setup.corpus.describe(len(setup.ids))}", file=out_stream)
+                  f"text: {setup.corpus.describe(None if args.no_eval else len(setup.ids))}", file=out_stream)
         rows: list[dict[str, Any]] = []
         for t in techniques:
             print(f"\n== {t}", file=out_stream)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -290,11 +291,14 @@ def resumable(out: str | Path) -> tuple[tuple[Path, int] | None, list[str]]:
     return None, notes
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
-                    ) -> dict[str, Any]:
-    """Load a checkpoint directory into ``model`` (and ``optimizer``) after verifying it; returns its JSON state."""
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                    check: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Load a checkpoint directory into ``model`` (and ``optimizer``) after verifying it; returns its JSON state.
+    ``check(state)`` runs before any tensor is read (it raises when the checkpoint does not fit the run)."""
     path = Path(path)
     state = verify_checkpoint(path)
+    if check is not None:
+        check(state)
     weights = _load(path / MODEL)
     current = model.state_dict()  # a sharded model's DTensors: each process takes its shard of the whole tensors
     model.load_state_dict({k: like(v, current[k]) if k in current else v for k, v in weights.items()}, strict=True)

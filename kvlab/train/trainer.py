@@ -269,14 +269,15 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
         if s.steps < found[1]:
             raise ValueError(f"--resume: train.steps={s.steps} is below the step {found[1]} of the checkpoint "
                              f"{str(found[0])!r}; pass --steps {found[1]} or more")
-        state = load_checkpoint(found[0], model, opt)
-        changed = _diff(state["fingerprint"], cfg.fingerprint())
-        if changed:
-            raise ValueError(f"--resume: the config differs from the checkpoint's in: {'; '.join(changed)}")
-        if state["global_batch"] != global_batch:
-            raise ValueError(f"--resume: global batch {global_batch} (batch_size x grad_accum x processes) differs "
-                             f"from the checkpoint's {state['global_batch']}")
-        start = state["step"]
+        def fits(state: dict[str, Any]) -> None:  # before the tensors load: another model would not fit them
+            changed = _diff(state["fingerprint"], cfg.fingerprint())
+            if changed:
+                raise ValueError(f"--resume: the config differs from the checkpoint's in: {'; '.join(changed)}")
+            if state["global_batch"] != global_batch:
+                raise ValueError(f"--resume: global batch {global_batch} (batch_size x grad_accum x processes) "
+                                 f"differs from the checkpoint's {state['global_batch']}")
+
+        start = load_checkpoint(found[0], model, opt, check=fits)["step"]
     if world.main:
         out.mkdir(parents=True, exist_ok=True)
         if start:
