@@ -18,39 +18,24 @@ import statistics
 import time
 
 import torch
+from kv_layer import add_layer_args, layer_tensors, quantized
 from torch.profiler import ProfilerActivity, profile
 
-from kvlab.cache.quant import QuantRows
-from kvlab.costs.quant import Buffer, parse_quant
 from kvlab.layers.core import attend
-from kvlab.units import parse_context, table
+from kvlab.units import table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--context", default="16k")
-    ap.add_argument("--kv-heads", type=int, default=4)
-    ap.add_argument("--heads", type=int, default=12)
-    ap.add_argument("--dim", type=int, default=64)
+    add_layer_args(ap, calls=15)
     ap.add_argument("--formats", default="int8-g32,int4-g32")
-    ap.add_argument("--calls", type=int, default=15, help="timed calls per cache after one warm-up")
-    ap.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     ap.add_argument("--profile", help="a format whose calls torch.profiler lists")
     a = ap.parse_args()
-    if a.threads:
-        torch.set_num_threads(a.threads)
-    n, hkv, d = parse_context(a.context), a.kv_heads, a.dim
-    gen = torch.Generator().manual_seed(0)
-    k, v = torch.randn(1, hkv, n, d, generator=gen), torch.randn(1, hkv, n, d, generator=gen)
-    q = torch.randn(1, a.heads, 1, d, generator=gen)
+    q, k, v = layer_tensors(a)
+    n, hkv, d = k.shape[2], a.kv_heads, a.dim
     kv = {"fp32": (k, v)}
     for fmt in a.formats.split(","):
-        rows = [QuantRows(Buffer("kv", name, hkv, 0, d, key=name == "k"), parse_quant(fmt), (1, hkv), torch.float32,
-                          "cpu") for name in "kv"]
-        for r, x in zip(rows, (k, v), strict=True):
-            r.resize(n, 0)
-            r.write(0, x)
-        kv[fmt] = tuple(r.view(n) for r in rows)
+        kv[fmt] = tuple(r.view(n) for r in quantized(fmt, k, v))
     times: dict[str, list[float]] = {name: [] for name in kv}
     with torch.inference_mode():
         for i in range(a.calls + 1):

@@ -174,16 +174,19 @@ class Model(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed.weight if self.config.tie_embeddings else self.lm_head.weight
 
-    def new_cache(self, batch_size: int = 1, max_length: int | None = None, kv_quant=None) -> Cache:
+    def new_cache(self, batch_size: int = 1, max_length: int | None = None, kv_quant=None, fused: bool = False
+                  ) -> Cache:
         """Storage sized by each layer's spec; preallocated to ``max_length`` when given, after a memory preflight
         (InsufficientMemoryError when it cannot fit, unless inside ``kvlab.preflight.forced()``); ``kv_quant``:
-        quantized K/V (``"int8"``, ``"int4-g32-r64"``, a QuantSpec...; kvlab/costs/quant.py)."""
+        quantized K/V (``"int8"``, ``"int4-g32-r64"``, a QuantSpec...; kvlab/costs/quant.py); ``fused``: decode
+        attention over its int8 / int4 codes by one compiled kernel (kvlab/layers/fused.py, docs/kv-quantization.md)."""
         p = self.embed.weight
         if isinstance(max_length, int) and 0 < max_length <= self.config.max_positions and isinstance(batch_size, int) \
                 and batch_size > 0:
             check_memory(self.config, batch_size, max_length, p.dtype, p.device, what=f"{self.config.name} cache",
                          kv_quant=kv_quant)
-        return Cache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device, kv_quant=kv_quant)
+        return Cache(self.config, batch_size, max_length, dtype=p.dtype, device=p.device, kv_quant=kv_quant,
+                     fused=fused)
 
     def check_ids(self, input_ids: torch.Tensor) -> None:
         """A ValueError unless every id lies in ``[0, vocab_size)`` (two host reads: done where input enters)."""

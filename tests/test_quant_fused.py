@@ -1,6 +1,8 @@
-"""The opt-in fused quantized attention (kvlab/layers/fused.py) against kvlab's blocked path over the same buffers:
-int8 and int4 codes, a left-padded batch, sink logits, several blocks. Traced with the ``eager`` backend (the same
-function inductor compiles; benchmarks/kv_quant_fused.py checks inductor's output against the blocked path)."""
+"""The fused quantized attention (kvlab/layers/fused.py) against kvlab's blocked path over the same buffers and
+against attention over the whole dequantized buffers: int8 in both layouts (thin heads, rows), int4 with its
+nibbles split (an even group) and dequantized in the loop (an odd one), scales that do not fold, a left-padded batch,
+sink logits, padded slots, several p.v chunks. Traced with the ``eager`` backend (the same functions inductor
+compiles; benchmarks/kv_quant_fused.py checks inductor's output against the blocked path)."""
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from kvlab.cache.quant import QuantRows
 from kvlab.costs.quant import Buffer, parse_quant
 from kvlab.layers import blocked, fused
 
-B, HKV, G, D, N = 2, 2, 3, 16, 40
+B, HKV, G, D, N = 2, 2, 3, 16, 37
 
 
 def _readers(fmt: str):
@@ -18,58 +20,101 @@ def _readers(fmt: str):
     out = []
     for name in "kv":
         r = QuantRows(Buffer("kv", name, HKV, 0, D, key=name == "k"), parse_quant(fmt), (B, HKV), torch.float32, "cpu")
-        r.resize(N + 4, 0)
+        r.resize(N + 7, 0)
         r.write(0, torch.randn(B, HKV, 30, D, generator=gen))  # written in two chunks, as a prefill then steps
         r.write(30, torch.randn(B, HKV, N - 30, D, generator=gen))
+        r.fused = True
         out.append(r.view(N))
     return out
 
 
 @pytest.fixture
-def small_blocks(monkeypatch):
+def small(monkeypatch):
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * D * B * HKV * 8)  # 8 positions a block: 5 blocks
     monkeypatch.setattr(fused, "BACKEND", "eager")
+    monkeypatch.setattr(fused, "BUCKET", 8)  # 37 positions attended as 40, the last 3 slots masked
+    monkeypatch.setattr(fused, "CHUNK", 4)  # p.v summed over 10 chunks of 4 positions
+    monkeypatch.setattr(fused, "_COMPILED", {})
 
 
-@pytest.mark.parametrize("fmt", ["int8-g8", "int4-g8", "int4-g16-s32"])
-@pytest.mark.parametrize("with_sinks", [False, True])
-def test_fused_equals_blocked(small_blocks, monkeypatch, fmt, with_sinks):
+def _check(monkeypatch, fmt, with_sinks, want_layout):
     k, v = _readers(fmt)
+    assert fused.layout(D, k.rows.spec.fmt == "int4", k.rows.group) == want_layout
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(B, HKV * G, 1, D, generator=gen)
     mask = torch.zeros(B, 1, 1, N)
     mask[0, ..., :7] = float("-inf")  # row 0 left-padded by 7 positions
     sinks = torch.randn(HKV * G, generator=gen) if with_sinks else None
-    ref = blocked.attend_blocked(q, k, v, mask, D ** -0.5, sinks)
-    monkeypatch.setattr(fused, "_COMPILED", {})
-    monkeypatch.setattr(fused, "ENABLED", True)
     out = blocked.attend_blocked(q, k, v, mask, D ** -0.5, sinks)
-    assert len(fused._COMPILED) == 1, "the fused kernel did not run"
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    dense = torch.softmax  # the same against every buffer dequantized whole (ties both paths to read())
-    kd, vd = k.dense().repeat_interleave(G, 1), v.dense().repeat_interleave(G, 1)
+    assert len(fused._COMPILED) == 1 and next(iter(fused._COMPILED))[1] == want_layout, "the fused kernel did not run"
+    monkeypatch.setattr(fused, "ENABLED", False)
+    k.rows.fused = False
+    ref = blocked.attend_blocked(q, k, v, mask, D ** -0.5, sinks)
+    assert len(fused._COMPILED) == 1
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    kd, vd = k.dense().repeat_interleave(G, 1), v.dense().repeat_interleave(G, 1)  # the buffers dequantized whole
     s = (q @ kd.transpose(-1, -2)) * D ** -0.5 + mask
     if sinks is None:
-        want = dense(s, -1) @ vd
+        want = torch.softmax(s, -1) @ vd
     else:
         sk = sinks.view(1, -1, 1, 1).expand(B, -1, 1, 1)
-        want = (dense(torch.cat((s, sk), -1), -1)[..., :-1]) @ vd
-    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-6)
+        want = torch.softmax(torch.cat((s, sk), -1), -1)[..., :-1] @ vd
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert (out - vd.mean(-2, keepdim=True)).abs().max() > 1e-2  # not a uniform average: the scores matter
 
 
-@pytest.mark.parametrize("fmt", ["int8-g8-r4", "int4-g8-rot", "int8-g8-kc", "fp8-g8"])
-def test_fused_leaves_other_buffers_to_the_blocked_path(small_blocks, monkeypatch, fmt):
-    monkeypatch.setattr(fused, "ENABLED", True)
+@pytest.mark.parametrize("with_sinks", [False, True])
+@pytest.mark.parametrize("fmt,wide,want", [
+    ("int8-g8", False, "heads"), ("int8-g8", True, "rows"), ("int8-g1", True, "rows"),  # g1: 16 groups x 3 heads
+    ("int4-g8", False, "rows4"), ("int4-g16-s32", False, "rows4"), ("int4-g1", False, "rows")])
+def test_fused_equals_blocked_and_dequantized(small, monkeypatch, fmt, wide, want, with_sinks):
+    monkeypatch.setattr(fused, "WIDE", D if wide else 4 * D)
+    _check(monkeypatch, fmt, with_sinks, want)
+
+
+def test_chunk_for():
+    assert [fused.chunk_for(n) for n in (1024, 2048, 384, 1000, 4104, 17)] == [256, 256, 128, 1000, 4104, 17]
+
+
+@pytest.mark.parametrize("fmt", ["int8-g8-r4", "int4-g8-rot", "int8-g8-kc", "fp8-g8", "int8-g8-asym"])
+def test_fused_leaves_other_buffers_to_the_blocked_path(small, fmt):
     k, v = _readers(fmt)
     assert not fused.applies(k, v)
-    assert fused.applies(*_readers("int8-g8"))
+    k, v = _readers("int8-g8")
+    assert fused.applies(k, v)
+    k.rows.fused = False  # a cache made without fused=True
+    assert not fused.applies(k, v)
 
 
-def test_fused_leaves_wide_layers_to_the_blocked_path(small_blocks, monkeypatch):
-    """3 query heads x 16 scale groups per KV head do not fold (``blocked.FOLD_ROWS``): the blocked path runs."""
-    monkeypatch.setattr(fused, "ENABLED", True)
-    monkeypatch.setattr(fused, "_COMPILED", {})
-    k, v = _readers("int8-g1")
-    q = torch.randn(B, HKV * G, 1, D, generator=torch.Generator().manual_seed(3))
-    blocked.attend_blocked(q, k, v, None, D ** -0.5)
-    assert fused._COMPILED == {}
+def test_fused_cache_decode_equals_blocked(small, monkeypatch):
+    """``model.new_cache(..., fused=True)``: a left-padded batch decoded through a tiny model (a KV head read by a
+    shared layer too) gives the blocked cache's logits, eager and inside a compiled decode step (the kernel traced
+    into the step's graph over the whole preallocated buffer); the shared layer reads the producer's codes."""
+    from helpers import random_model, tiny_config
+
+    model = random_model(tiny_config(shared=True, layers=2))
+    ids = torch.randint(0, 97, (2, 22), generator=torch.Generator().manual_seed(4))
+    calls = []
+    attend = fused.attend
+    monkeypatch.setattr(fused, "attend", lambda *a: calls.append(torch.compiler.is_compiling()) or attend(*a))
+    caches = [model.new_cache(2, max_length=30, kv_quant="int8-g8", fused=f) for f in (True, False, True)]
+    with torch.inference_mode():
+        for c in caches:
+            c.set_padding(torch.tensor([0, 5]))
+            model(ids[:, :20], cache=c)
+        step = torch.compile(model.decode_step, fullgraph=True, backend="eager", dynamic=False)
+        for s in range(20, 22):
+            fast, ref = model(ids[:, s:s + 1], cache=caches[0]), model(ids[:, s:s + 1], cache=caches[1])
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(step(ids[:, s:s + 1], caches[2]), ref, rtol=1e-5, atol=1e-5)
+    assert False in calls and True in calls, "the fused kernel did not run, eager and compiled"
+
+
+def test_fused_cache_bad_input():
+    from helpers import random_model, tiny_config
+
+    model = random_model(tiny_config(shared=False, layers=1))
+    with pytest.raises(ValueError, match="fused='yes': must be True or False"):
+        model.new_cache(1, 8, kv_quant="int8", fused="yes")
+    with pytest.raises(ValueError, match="fused=True: the cache holds no quantized buffer"):
+        model.new_cache(1, 8, fused=True)

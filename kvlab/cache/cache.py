@@ -7,7 +7,27 @@ import torch
 from .. import kinds
 from ..config import ModelConfig
 from ..costs.quant import check_layers, for_layer, resolve_kv_quant
+from .quant import QuantRows
 from .storage import KVStore
+
+
+def quant_rows(x, seen: set[int] | None = None) -> list[QuantRows]:
+    """Every :class:`~kvlab.cache.quant.QuantRows` a store holds (in its attributes, lists, dicts and parts)."""
+    seen = set() if seen is None else seen
+    if id(x) in seen:
+        return []
+    seen.add(id(x))
+    if isinstance(x, QuantRows):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        items = list(x)
+    elif isinstance(x, dict):
+        items = list(x.values())
+    elif type(x).__module__.startswith("kvlab.cache"):
+        items = list(vars(x).values())
+    else:
+        return []
+    return [r for y in items for r in quant_rows(y, seen)]
 
 
 class Cache:
@@ -18,10 +38,13 @@ class Cache:
     ``pad`` holds each row's number of left-padding positions. ``kv_quant``: quantized K/V buffers (a format
     name such as ``"int4-g32-r64"``, a preset, a :class:`~kvlab.costs.quant.QuantSpec` or a mapping component ->
     format and layer index -> overrides; kvlab/costs/quant.py), priced by ``kvlab.costs(..., kv_quant=...)`` byte for byte.
+    ``fused``: a decode step attends the int8 / int4 buffers that allow it (symmetric, per-token scales, no residual
+    window or rotation) with one compiled kernel over the codes (kvlab/layers/fused.py; a compile per layer shape
+    and 1,024 positions, seconds each) instead of block by block; the others stay blocked.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kv_quant=None) -> None:
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kv_quant=None, fused: bool = False) -> None:
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r}: must be a positive integer")
         if max_length is not None:
@@ -48,6 +71,15 @@ class Cache:
                 self.layers.append(factory(spec, batch_size, max_length, dtype, device, quant=quant))
             else:
                 self.layers.append(factory(spec, batch_size, max_length, dtype, device))
+        if not isinstance(fused, bool):
+            raise ValueError(f"fused={fused!r}: must be True or False")  # noqa: TRY004 (bad input: a ValueError)
+        self.fused = fused
+        if fused:
+            rows = [r for store in self.layers for r in quant_rows(store)]
+            if not rows:
+                raise ValueError("fused=True: the cache holds no quantized buffer (give kv_quant='int8', 'int4', ...)")
+            for r in rows:
+                r.fused = True
 
     def set_padding(self, pad: torch.Tensor | None) -> None:
         """Left-padding counts ``[B]`` of the rows (before the first write)."""

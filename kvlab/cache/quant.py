@@ -132,6 +132,7 @@ class QuantRows:
         self.residual_slots = min(lay["slots"], max_length) if max_length else lay["slots"]
         self.block = self.dq & -self.dq if spec.rotate and buf.key else 0  # largest power of two dividing dq
         self.n = 0  # positions written (whole-batch writes)
+        self.fused = False  # attend its codes with kvlab/layers/fused.py (a cache made with fused=True)
         sd = _SCALE_DTYPES[spec.scale_dtype]
         code_dim = self.dq * spec.bits // 8
         code_dtype = torch.int8 if spec.fmt == "int8" and spec.symmetric else torch.uint8  # fp8: its bytes

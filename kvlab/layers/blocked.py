@@ -364,7 +364,7 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
     g = h // hkv
     sk = None if sinks is None else sinks.float().view(1, hkv, g, 1)
     qf = q.reshape(b, hkv, g, d).float()
-    if fused.applies(k, v) and _folds(k, g) and _folds(v, g):  # opt-in: int8 / int4 codes attended by one compiled kernel (kvlab/layers/fused.py)
+    if fused.applies(k, v):  # a cache made with fused=True: int8 / int4 codes attended by one compiled kernel
         out = fused.attend(qf.contiguous(), k, v, mask, scale, sk)
         if out is not None:
             return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
