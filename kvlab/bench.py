@@ -32,7 +32,7 @@ import torch
 from tqdm import tqdm
 
 from kvlab import threads as threads_mod
-from kvlab.compiled import CompiledStep, check_backend
+from kvlab.compiled import CompiledStep, check_backend, graphs_compiled
 from kvlab.config import ModelConfig
 from kvlab.costs import costs
 from kvlab.costs.quant import QuantError, quant_name, resolve_kv_quant
@@ -225,14 +225,17 @@ def kv_formats(kv_dtypes: list[str] | None, dtype: str) -> list[tuple[str, str, 
 
 def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str, batch: int = 1,
                 prefill_chunk: int = 512, seed: int = 0, bandwidth: float | None = None,
-                progress: bool = True, kv_quant: str | None = None, compile: str | None = None
-                ) -> list[dict[str, Any]]:
+                progress: bool = True, kv_quant: str | None = None, compile: str | None = None,
+                fused: bool = False) -> list[dict[str, Any]]:
     """Prefill + decode ``model`` at each context; figures per context (see the module docstring); ``kv_quant``:
     a quantized cache format (kvlab/costs/quant.py), priced with it. Each step is ``model.decode_step`` (the ids
     were checked on entry, as in ``generate``). ``compile``: a torch.compile backend (kvlab/compiled.py): each
     context then has two rows, eager and compiled (``compiled``), decoded in turns on two caches of the same
     size; the compiled row's first step (a compile, at a new cache size) is reported apart as ``first_step_s``,
-    with ``compiles``, the graphs it compiled; the RSS figures are the pair's."""
+    with ``compiles``, the graphs it compiled; the RSS figures are the pair's. ``fused`` (a quantized ``kv_quant``):
+    each of those lanes again on a cache made with ``fused=True`` (kvlab/layers/fused.py; a row's ``fused`` says
+    which), all decoded in turns; an eager fused lane's first step (its kernels' compiles) is reported apart too."""
+    fused = bool(fused and kv_quant)
     last_only = "last_only" in inspect.signature(model.forward).parameters
     compiled = CompiledStep(model, compile) if compile else None
     eager = getattr(model, "decode_step", None)
@@ -252,27 +255,31 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
         ids = torch.randint(0, model.config.vocab_size, (batch, ctx), generator=gen).to(device)
         gc.collect()
         with torch.inference_mode(), rss_sampler() as mem, device_memory(device) as dmem:
-            caches, lanes = [], []
-            for step in [eager] + ([compiled] if compiled else []):
-                cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant)
+            caches, lanes, kinds, graphs = [], [], [], [0] * 4  # graphs compiled by each lane's decode steps
+            for step, fuse in [(s, f) for s in [eager] + ([compiled] if compiled else []) for f in (False, True)
+                               if f <= fused]:
+                cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant, fused=fuse)
 
                 def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
                     return model(x, cache=cache, last_only=last) if last_only else model(x, cache=cache)
 
-                def one(x: torch.Tensor, cache: Any = cache, fwd: Forward = fwd, step: Any = step) -> torch.Tensor:
-                    return step(x, cache) if step is not None else fwd(x, False)
+                def one(x: torch.Tensor, cache: Any = cache, fwd: Forward = fwd, step: Any = step,
+                        lane: int = len(lanes), graphs: list[int] = graphs) -> torch.Tensor:
+                    before = graphs_compiled()
+                    out = step(x, cache) if step is not None else fwd(x, False)
+                    graphs[lane] += graphs_compiled() - before
+                    return out
 
                 caches.append(cache)
-                lanes.append((fwd, one, step is compiled))
-            before = compiled.compiles if compiled else 0
-            how = " eager + compiled" if compiled else ""
+                lanes.append((fwd, one, step is compiled or fuse))
+                kinds.append((step is compiled, fuse))
+            how = (" eager + compiled" if compiled else "") + (" (blocked + fused)" if fused else "")
             timed = _timed_lanes(lanes, ids, prefill_chunk, decode_tokens,
                                  f"kvlab {kv_quant or dtype}{how} {fmt_context(ctx)}", progress)
             measured = [c.nbytes() for c in caches]
             del lanes, caches
-        for r, nbytes, is_compiled in zip(timed, measured, (False, True)):
-            r.update(compiled=is_compiled, backend=compile if is_compiled else None,
-                     compiles=compiled.compiles - before if is_compiled else 0)
+        for r, nbytes, (is_compiled, fuse), n_graphs in zip(timed, measured, kinds, graphs):
+            r.update(compiled=is_compiled, backend=compile if is_compiled else None, fused=fuse, compiles=n_graphs)
             rows.append(_figures(r, model.config, ctx, max_length, decode_tokens, dtype, batch, kv_quant, nbytes,
                                  mem, bandwidth, dmem))
     return rows
@@ -397,13 +404,15 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
               weight_budget: int = DEFAULT_WEIGHT_BUDGET, bandwidth_bytes: int = 256 * 1024**2,
               progress: bool = True, log: Callable[[str], None] | None = None,
               kv_dtypes: list[str] | None = None, compile: bool | str = False,
-              device: str | torch.device = "cpu") -> dict[str, Any]:
+              device: str | torch.device = "cpu", fused: bool = False) -> dict[str, Any]:
     """Run the benchmark; returns ``{"model", "config", "scaled", "results", "transformers", "ratios", ...}``.
 
     ``kv_dtypes``: one run per K/V cache format (:func:`kv_formats`), ``results`` holding a row per format and
     context (each names its ``kv_dtype``, ``kv_quant`` and model ``dtype``). ``compile``: each format is run
     eager, then with the decode step compiled (kvlab/compiled.py; a row's ``compiled`` says which), and
-    ``compile_speedup`` pairs them. ``device``: where the models run (``cpu``, ``cuda``, ``cuda:N``)."""
+    ``compile_speedup`` pairs them. ``device``: where the models run (``cpu``, ``cuda``, ``cuda:N``). ``fused``: each
+    quantized format's lanes also on a cache made with ``fused=True`` (kvlab/layers/fused.py), decoded in turns with
+    the blocked ones; ``fused_speedup`` pairs them (a ValueError when no format is quantized)."""
     log = log or (lambda msg: print(msg, file=sys.stderr))
     dtype = parse_dtype(dtype)
     if vs not in (None, "transformers"):
@@ -412,6 +421,8 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
     backend = check_backend(compile)
     if vs == "transformers" and formats != [(dtype, dtype, None)]:
         raise ValueError("--vs transformers compares the unquantized cache in --dtype: drop --kv-dtype")
+    if fused and not any(q for _label, _d, q in formats):
+        raise ValueError("--fused attends quantized caches: give a quantized --kv-dtype (int8, int4, ...)")
     if decode_tokens < 1 or batch < 1 or prefill_chunk < 1:
         raise ValueError("decode tokens, batch and prefill chunk must be positive integers")
 
@@ -470,7 +481,7 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
             else:
                 m = model
             rows += bench_kvlab(m, contexts, decode_tokens, d, batch, prefill_chunk, bandwidth=bw,
-                                progress=progress, kv_quant=q, compile=backend)
+                                progress=progress, kv_quant=q, compile=backend, fused=fused)
             del m
             gc.collect()
         result: dict[str, Any] = {
@@ -482,6 +493,8 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
         }
         if backend:
             result["compile_speedup"] = compile_speedup(rows)
+        if fused:
+            result["fused_speedup"] = fused_speedup(rows)
         del model
         gc.collect()
         if vs == "transformers":
@@ -511,18 +524,35 @@ def run_bench(spec: str | Path | ModelConfig, contexts: list[int], decode_tokens
 def compile_speedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Eager and compiled rows of the same cache format and context side by side: decode tok/s, bandwidth use,
     the compiled / eager ratio and the first compiled step (the compile)."""
-    eager = {(x["kv_dtype"], x["context"]): x for x in rows if not x["compiled"]}
+    eager = {(x["kv_dtype"], x["context"], x.get("fused", False)): x for x in rows if not x["compiled"]}
     out = []
     for c in rows:
-        e = eager.get((c["kv_dtype"], c["context"])) if c["compiled"] else None
+        e = eager.get((c["kv_dtype"], c["context"], c.get("fused", False))) if c["compiled"] else None
         if e is None:
             continue
         out.append({"kv_dtype": c["kv_dtype"], "dtype": c["dtype"], "context": c["context"],
+                    "fused": c.get("fused", False),
                     "eager_decode_tok_s": e["decode_tok_s"], "compiled_decode_tok_s": c["decode_tok_s"],
                     "speedup": c["decode_tok_s"] / e["decode_tok_s"],
                     "eager_bandwidth_utilisation": e.get("bandwidth_utilisation"),
                     "compiled_bandwidth_utilisation": c.get("bandwidth_utilisation"),
                     "first_step_s": c["first_step_s"], "compiles": c["compiles"]})
+    return out
+
+
+def fused_speedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Blocked and fused rows (``--fused``) of the same cache format, context and step (eager or compiled) side by
+    side: decode tok/s, the fused / blocked ratio and the fused lane's first step (its compiles)."""
+    blocked = {(x["kv_dtype"], x["context"], x["compiled"]): x for x in rows if not x.get("fused")}
+    out = []
+    for f in rows:
+        b = blocked.get((f["kv_dtype"], f["context"], f["compiled"])) if f.get("fused") else None
+        if b is None:
+            continue
+        out.append({"kv_dtype": f["kv_dtype"], "context": f["context"], "compiled": f["compiled"],
+                    "blocked_decode_tok_s": b["decode_tok_s"], "fused_decode_tok_s": f["decode_tok_s"],
+                    "speedup": f["decode_tok_s"] / b["decode_tok_s"], "first_step_s": f["first_step_s"],
+                    "compiles": f["compiles"]})
     return out
 
 
@@ -543,8 +573,8 @@ def format_card(r: dict[str, Any]) -> str:
                                                                                            "ru_maxrss_bytes")
     rows = []
     for x in r["results"]:
-        step = ("compiled" if x.get("compiled") else "eager") + (f" (+{x['first_step_s']:.1f} s)"
-                                                                 if x.get("compiles") else "")
+        step = ("compiled" if x.get("compiled") else "eager") + (" fused" if x.get("fused") else "") + (
+            f" (+{x['first_step_s']:.1f} s)" if x.get("compiles") else "")
         rows.append([x.get("kv_dtype", r["dtype"]), x.get("dtype", r["dtype"]), fmt_context(x["context"]), step,
                      f"{x['prefill_tok_s']:.1f}", f"{x['decode_tok_s']:.2f}",
                      f"{x['decode_step_median_s'] * 1e3:.2f}", fmt_bytes(x["cache_bytes_measured"]),
@@ -556,7 +586,8 @@ def format_card(r: dict[str, Any]) -> str:
                          "cache calculated", "equal", "bytes/step / step", "of copy bw",
                          "GPU mem added" if gpu else "RSS added", "peak GPU mem" if gpu else "peak RSS"], rows)]
     if r.get("compile_speedup"):
-        sp = [[q["kv_dtype"], fmt_context(q["context"]), f"{q['eager_decode_tok_s']:.2f}",
+        sp = [[q["kv_dtype"] + (" fused" if q.get("fused") else ""), fmt_context(q["context"]),
+               f"{q['eager_decode_tok_s']:.2f}",
                f"{q['compiled_decode_tok_s']:.2f}", f"{q['speedup']:.2f}x",
                f"{100 * (q['eager_bandwidth_utilisation'] or float('nan')):.0f}%",
                f"{100 * (q['compiled_bandwidth_utilisation'] or float('nan')):.0f}%",
@@ -564,6 +595,13 @@ def format_card(r: dict[str, Any]) -> str:
         lines += ["", f"eager and compiled decode (torch.compile, {r['compile']}), same run:",
                   table(["KV cache", "context", "eager tok/s", "compiled tok/s", "compiled/eager", "eager of copy bw",
                          "compiled of copy bw", "first compiled step", "graphs compiled"], sp)]
+    if r.get("fused_speedup"):
+        fs = [[q["kv_dtype"], fmt_context(q["context"]), "compiled" if q["compiled"] else "eager",
+               f"{q['blocked_decode_tok_s']:.2f}", f"{q['fused_decode_tok_s']:.2f}", f"{q['speedup']:.2f}x",
+               f"{q['first_step_s']:.1f} s", str(q["compiles"])] for q in r["fused_speedup"]]
+        lines += ["", "quantized attention block by block and fused (kvlab/layers/fused.py), same run:",
+                  table(["KV cache", "context", "decode step", "blocked tok/s", "fused tok/s", "fused/blocked",
+                         "first fused step", "graphs compiled"], fs)]
     if "transformers" in r:
         hf_rows = []
         ratio = "device_mem_delta" if gpu else "rss_delta"
@@ -587,5 +625,7 @@ def format_card(r: dict[str, Any]) -> str:
                    " read after torch.cuda.synchronize (the harness's, not the step's)."
                    " decode step: eager, or compiled (+ the first step's seconds when it compiled a graph: at a new"
                    " cache size; that step is left out of the median); a context's eager and compiled steps run in"
-                   " turns, on two caches (so they meet the same load; RSS figures are the pair's).")]
+                   " turns, on two caches (so they meet the same load; RSS figures are the pair's); fused: the"
+                   " cache made with fused=True (int8/int4 codes attended by one compiled kernel; its first step,"
+                   " the kernels' compiles, left out of the median).")]
     return "\n".join(lines)

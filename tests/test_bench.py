@@ -188,3 +188,30 @@ def test_bench_card_pairs_transformers_rows_by_context(capsys, tmp_path, monkeyp
     hf_table = card.split("kvlab/transformers ratios:")[1]
     rows = [line.split()[0] for line in hf_table.strip().splitlines()[2:4]]
     assert rows == ["16", "24"], hf_table
+
+
+def test_bench_fused_beside_blocked(capsys, tmp_path, monkeypatch):
+    """``--fused``: each quantized format decoded block by block and fused (kvlab/layers/fused.py, traced by the
+    eager backend here), in turns; the fused lane's first step (its kernel's compile) is reported apart and counted;
+    fused_speedup pairs the rows; a float cache has no fused lane, and --fused without a quantized one is refused."""
+    from kvlab.cache import quant
+    from kvlab.layers import fused
+
+    monkeypatch.setattr(fused, "BACKEND", "eager")
+    monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * KV_HEADS * HEAD_DIM * 8)  # 8 positions a block
+    path = tmp_path / "tiny.json"
+    tiny().save(path)
+    rc = main(["bench", str(path), "--context", "40", "--decode-tokens", "3", "--prefill-chunk", "16",
+               "--bandwidth-mib", "8", "--no-progress", "--kv-dtype", "fp32,int8", "--fused", "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and "fused/blocked" in err
+    r = json.loads(out)
+    assert [(x["kv_dtype"], x["fused"]) for x in r["results"]] == [("float32", False), ("int8", False), ("int8", True)]
+    blocked, fast = r["results"][1:]
+    assert fast["compiles"] >= 1 and blocked["compiles"] == 0 and len(fast["decode_steps_s"]) == 3
+    assert blocked["cache_bytes_measured"] == fast["cache_bytes_measured"] and fast["cache_bytes_match"]
+    (q,) = r["fused_speedup"]
+    assert q["speedup"] == fast["decode_tok_s"] / blocked["decode_tok_s"] and not q["compiled"]
+    assert main(["bench", str(path), "--context", "40", "--fused", "--no-progress"]) == 2
+    assert "kvlab: error: --fused attends quantized caches" in capsys.readouterr().err

@@ -23,6 +23,7 @@ EXAMPLE = ("kvlab bench llama-3.1-8b --context 1k,4k --decode-tokens 32 --json\n
            "  kvlab bench benchmarks/qwen3-100m.json --context 4k,16k --kv-dtype fp32,bf16,int8,int4\n"
            "  kvlab bench ./ckpt --context 4k --vs transformers\n"
            "  kvlab bench benchmarks/qwen3-100m.json --context 1k,16k --kv-dtype fp32,bf16 --compile\n"
+           "  kvlab bench benchmarks/qwen3-100m.json --context 16k --kv-dtype fp32,int8,int4 --fused\n"
            "  kvlab bench benchmarks/qwen3-100m.json --context 16k --device cuda --compile --vs transformers")
 
 
@@ -38,6 +39,9 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--kv-quant", help="quantized cache formats, comma-separated (appended to --kv-dtype's)")
     q.add_argument("--compile", action="store_true", help="also run the decode step through torch.compile "
                    "(inductor) and print eager and compiled side by side, with the compile time")
+    q.add_argument("--fused", action="store_true", help="also decode each quantized cache with fused attention "
+                   "(new_cache(fused=True): int8/int4 codes attended by one torch.compile kernel, compiled on the first "
+                   "step, reported apart) and print blocked and fused side by side")
     q.add_argument("--vs", choices=["transformers"], help="run the same loop in transformers and print ratios")
     q.add_argument("--max-weight-gib", type=positive_number("--max-weight-gib"), default=4.0,
                    help="scale a preset down until its weights fit in this many GiB (default 4)")
@@ -62,7 +66,8 @@ def run(args: argparse.Namespace) -> int:
     r = run_bench(args.model, parse_contexts(args.context), decode_tokens=args.decode_tokens, dtype=args.dtype,
                   threads=args.threads, vs=args.vs, batch=args.batch, prefill_chunk=args.prefill_chunk,
                   weight_budget=int(args.max_weight_gib * 1024**3), bandwidth_bytes=args.bandwidth_mib * 1024**2,
-                  progress=not args.no_progress, kv_dtypes=kv_list(args), compile=args.compile, device=args.device)
+                  progress=not args.no_progress, kv_dtypes=kv_list(args), compile=args.compile, device=args.device,
+                  fused=args.fused)
     print(format_card(r), file=report(args))
     if args.json:
         emit_json(r)
