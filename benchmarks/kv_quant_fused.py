@@ -6,10 +6,10 @@ K and V of one layer (``B x Hkv x L x D``, unit normal, seed 0) are written once
 quantized buffers (kvlab/cache/quant.py ``QuantRows``, int8 / int4 per token, group ``g``, fp16 scales, no residual);
 then, round-robin after a warm-up: fp32 ``scaled_dot_product_attention``; kvlab's ``attend`` over the buffers'
 readers, blocked (``attend_blocked``: codes cast into a float32 block, matrix products); and the same ``attend`` with the buffers marked
-fused (as ``new_cache(..., fused=True)`` marks them), once per kernel layout (:func:`kvlab.layers.fused.layout`):
-``heads`` (one sweep over the positions per query head; the kernel before wide heads were handled) and ``rows``
-(each code row read once for all query heads of its KV head; int4: its nibbles split, ``rows4``). The layout kvlab
-picks for the shape is starred. Each fused output is checked against the blocked path (max abs diff).
+fused (as ``new_cache(..., fused=True)`` marks them), once per score layout (:func:`kvlab.layers.fused.layout`):
+``heads`` (one sweep over the positions per query head) and ``rows`` (the query heads innermost: each key row read
+once for all of them); ``4``: int4's nibbles split. The layout kvlab picks for the shape is starred. Each fused
+output is checked against the blocked path (max abs diff).
 
     PYTHONPATH=. .venv/bin/python benchmarks/kv_quant_fused.py --context 16k --threads 1
     PYTHONPATH=. .venv/bin/python benchmarks/kv_quant_fused.py --context 16k --threads 1 --kv-heads 1 --heads 8 --dim 512
@@ -50,7 +50,7 @@ def main() -> None:
             blocked = attend(q, kview, vview, None, scale)
             paths[f"{fmt} blocked"] = lambda kv=kview, vv=vview: attend(q, kv, vv, None, scale)
             best = chosen(d, bits == 4, a.group)
-            for how in ("heads", "rows4" if bits == 4 and a.group % 2 == 0 else "rows"):
+            for how in [x + ("4" if bits == 4 and a.group % 2 == 0 else "") for x in ("heads", "rows")]:
                 rows = [r.__class__.__new__(r.__class__) for r in (kr, vr)]  # the same buffers, marked fused
                 for r, src in zip(rows, (kr, vr), strict=True):
                     r.__dict__.update(src.__dict__, fused=True)

@@ -1,14 +1,23 @@
-"""A decode step's attention over int8 / int4 K/V codes fused by ``torch.compile`` (opt-in: :data:`ENABLED`).
+"""A decode step's attention over int8 / int4 K/V codes fused by ``torch.compile`` (per cache:
+``model.new_cache(..., kv_quant="int8", fused=True)``; ``kvlab bench --fused``).
 
 Written as elementwise products and sums so inductor (C++ on the CPU) emits loops that read each code (an int4
 byte: two nibbles) and its per-token scale, multiply by the query and reduce, with no float32 copy of the codes:
-``s = sum_d q_d c_d s_g(d)``, the softmax (padding mask, sink logits), ``o_d = sum_l p_l c_ld s_lg(d)``.
-Measured per call (benchmarks/kv_quant_fused.py, docs/kv-quantization.md "Decode speed"): faster than fp32 SDPA
-with int8 codes on thin layers (qwen3-100m: 4 KV heads x 3 query heads x 64 channels), slower than kvlab's blocked
-path on wide ones (Gemma 4: 8 query heads x 512 channels), so it applies only where the scales fold
-(``blocked.FOLD_ROWS``). It reads the whole buffer at once: only for buffers without a residual window or rotation.
-Compiled with static sizes, once per shape and :data:`BUCKET` of positions (the slots past the written ones
-masked); a compile failure (no C++ compiler) turns it off for the process and the blocked path runs.
+``s = sum_d q_d c_d s_g(d)``, the softmax (padding mask, sink logits), ``o_d = sum_l p_l c_ld s_lg(d)``
+(:func:`_attend`). ``p.v`` is summed over chunks of :data:`CHUNK` positions (a chunk of value rows stays in cache
+while every query head of its KV head reads it); the scores are laid out per query head (thin heads) or, for heads
+of :data:`WIDE` channels or more (Gemma 4: 8 query heads on one 512-channel KV head), with the query heads innermost
+so that each key row is read once for all of them (:func:`layout`); int4 bytes' two nibbles meet the query's even
+and odd channels in one vectorised loop. Any scale group applies (the scales are multiplied in the loop: the
+blocked path's fold condition does not matter here). Measured per call and per step in docs/kv-quantization.md
+"Decode speed".
+
+Only for buffers read whole: int8 / int4 symmetric codes with per-token scales, no residual window or rotation;
+any other buffer of the cache is attended block by block (kvlab/layers/blocked.py). Compiled with static sizes,
+once per shape and :data:`BUCKET` of positions (the slots past the written ones masked; inside a compiled decode
+step, where the position count is a symbol, the whole preallocated buffer, masked); a compile failure (no C++
+compiler) turns it off for the process with a warning and the blocked path runs. :data:`ENABLED` turns it on for
+every cache (the benchmarks' switch; prefer ``fused=True``).
 """
 
 from __future__ import annotations
@@ -21,11 +30,11 @@ import torch
 from kvlab.cache.quant import QuantView, unpack4
 from kvlab.cache.storage import positions
 
-ENABLED = False  # opt-in: set True (benchmarks/kv_quant_speed.py --fused) to attend int8 / int4 codes fused
+ENABLED = False  # True: every cache's int8 / int4 buffers attended fused (benchmarks/kv_quant_speed.py --fused)
 BACKEND = "inductor"  # tests use "eager": the same function, no code generation
 BUCKET = 1024  # positions are attended in multiples of this (the rest masked): one graph per bucket, not per step
-WIDE = 256  # int8 heads of at least this many channels use the row layout (:func:`_attend_rows`)
-CHUNK = 256  # positions per partial p.v sum in the row layout
+WIDE = 256  # heads of at least this many channels: scores with the query heads innermost (:func:`layout`)
+CHUNK = 256  # positions per partial p.v sum
 _COMPILED: dict[tuple, object] = {}
 _FAILED = False  # a compile failed in this process: every cache attends block by block
 
@@ -39,72 +48,61 @@ def values(codes: torch.Tensor, scales: torch.Tensor, int4: bool) -> torch.Tenso
     return (c.view(b, h, n, ng, d // ng) * scales.float()[..., None]).view(b, h, n, d)
 
 
-def _attend_heads(qf: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tensor, vs: torch.Tensor,
-                  mask: torch.Tensor | None, sinks: torch.Tensor | None, scale: float, int4: bool) -> torch.Tensor:
-    """Thin heads: one sweep over the positions per query head. ``qf [B, Hkv, G, D]`` float32, codes and scales of K
-    and V, ``mask [B|1, 1, 1, L]`` additive or None, ``sinks [1, Hkv, G, 1]`` or None -> ``[B, Hkv, G, D]`` float32."""
-    s = (qf[:, :, :, None, :] * values(kc, ks, int4)[:, :, None]).sum(-1) * scale  # [B, Hkv, G, L]
-    if mask is not None:
-        s = s + mask
-    m = s.amax(-1, keepdim=True)
-    if sinks is not None:
-        m = torch.maximum(m, sinks)
-    m = torch.where(m == float("-inf"), 0.0, m)
-    p = (s - m).exp()
-    den = p.sum(-1, keepdim=True)
-    if sinks is not None:
-        den = den + (sinks - m).exp()
-    return (p[..., None] * values(vc, vs, int4)[:, :, None]).sum(-2) / den
-
-
 def _nibbles(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int4 bytes -> their low (even channels) and high (odd channels) codes as float32, stored + 8 (not shifted)."""
     return (c & 15).float(), (c >> 4).float()
 
 
-def _attend_rows(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tensor, vs: torch.Tensor,
-                 mask: torch.Tensor | None, sinks: torch.Tensor | None, scale: float, int4: bool,
-                 chunk: int) -> torch.Tensor:
-    """Wide heads and int4: each code row read once for all ``G`` query heads of its KV head.
+def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tensor, vs: torch.Tensor,
+            mask: torch.Tensor | None, sinks: torch.Tensor | None, scale: float, int4: bool, wide: bool,
+            chunk: int) -> torch.Tensor:
+    """Attention of one query per head over int8 / int4 codes with per-token scales -> ``[B, Hkv, G, D]`` float32.
 
-    Scores are laid out ``[B, Hkv, L, G]`` (the query heads the innermost loop, a key row reused from L1 for all of
-    them); ``p.v`` is summed over ``chunk`` positions at a time into ``[B, Hkv, L / chunk, G, D]`` partial sums (a
-    chunk of value rows stays in cache while every query head reads it), the V scales folded into the
-    probabilities, then the partials summed and divided by the softmax denominator. int4 with an even group:
-    ``q [B, Hkv, G, 2, D / 2]`` (even channels, then odd: :func:`planar`) so that a byte's two nibbles meet their
-    query channels in one vectorised loop, the scores reduced per scale group then weighted by the K scales, the
-    stored offset 8 taken off as ``8 sum(q_group)``; otherwise ``q [B, Hkv, G, D]``. ``mask [B|1, 1, 1, L]``,
-    ``sinks [1, Hkv, G, 1]`` -> ``[B, Hkv, G, D]`` float32."""
+    Scores laid out ``[B, Hkv, G, L]`` (thin heads: one sweep over the positions per query head) or, ``wide``,
+    ``[B, Hkv, L, G]`` (the query heads the innermost loop: a key row read once, reused from L1 by every head);
+    ``p.v`` summed over ``chunk`` positions at a time into ``[B, Hkv, L / chunk, G, D]`` partials (a chunk of value
+    rows stays in cache while every query head reads it; one sweep over positions per output channel block would
+    reread the codes from memory per head), the V scales folded into the probabilities, then the partials summed
+    and divided by the softmax denominator. int4 with an even group: ``q [B, Hkv, G, 2, D / 2]`` (even channels,
+    then odd: :func:`planar`) so that a byte's two nibbles meet their query channels in one vectorised loop, the
+    scores reduced per scale group and weighted by the K scales, the stored offset 8 taken off as
+    ``8 sum(q_group)``; otherwise ``q [B, Hkv, G, D]`` (int4: nibbles interleaved back by :func:`values`).
+    ``mask [B|1, 1, 1, L]`` additive or None, ``sinks [1, Hkv, G, 1]`` or None."""
     n, ng = kc.shape[2], ks.shape[-1]
     nibbles = int4 and q.dim() == 5
     if nibbles:
         b, h, g, _, half = q.shape
         d, gs = 2 * half, half // ng
-        qg = q.view(b, h, 1, g, 2, ng, gs)
-        lo, hi = _nibbles(kc.view(b, h, n, 1, ng, gs))
-        part = (qg[..., 0, :, :] * lo + qg[..., 1, :, :] * hi).sum(-1)  # [B, Hkv, L, G, groups]
-        s = ((part - 8 * qg.sum((-3, -1))) * ks.float()[:, :, :, None, :]).sum(-1)
+        if wide:
+            qg, (lo, hi), ksc = q.view(b, h, 1, g, 2, ng, gs), _nibbles(kc.view(b, h, n, 1, ng, gs)), ks[:, :, :, None]
+        else:
+            qg, (lo, hi), ksc = q.view(b, h, g, 1, 2, ng, gs), _nibbles(kc.view(b, h, 1, n, ng, gs)), ks[:, :, None]
+        part = (qg[..., 0, :, :] * lo + qg[..., 1, :, :] * hi).sum(-1)  # [.., groups]
+        s = ((part - 8 * qg.sum((-3, -1))) * ksc.float()).sum(-1)
     else:
         b, h, g, d = q.shape
-        s = (q[:, :, None, :, :] * values(kc, ks, int4)[:, :, :, None, :]).sum(-1)  # [B, Hkv, L, G]
+        k = values(kc, ks, int4)
+        s = (q[:, :, None] * k[:, :, :, None]).sum(-1) if wide else (q[:, :, :, None] * k[:, :, None]).sum(-1)
+    ax = 2 if wide else 3  # the positions' axis of s
     s = s * scale
     if mask is not None:
-        s = s + mask.reshape(mask.shape[0], 1, n, 1)
-    m = s.amax(2, keepdim=True)  # [B, Hkv, 1, G]
+        s = s + (mask.reshape(mask.shape[0], 1, n, 1) if wide else mask)
+    m = s.amax(ax, keepdim=True)
     if sinks is not None:
-        sinks = sinks.view(1, h, 1, g)
+        sinks = sinks.view(1, h, 1, g) if wide else sinks
         m = torch.maximum(m, sinks)
     m = torch.where(m == float("-inf"), 0.0, m)
     p = (s - m).exp()
-    den = p.sum(2, keepdim=True)
+    den = p.sum(ax, keepdim=True)
     if sinks is not None:
         den = den + (sinks - m).exp()
+    p = (p if wide else p.transpose(-1, -2)).reshape(b, h, n // chunk, chunk, g, 1)  # [B, Hkv, C, chunk, G, 1]
     c = n // chunk
     if int4 and not nibbles:  # an odd group: the values dequantized in the loop, not folded
-        part = (p.view(b, h, c, chunk, g, 1) * values(vc, vs, True).view(b, h, c, chunk, 1, d)).sum(3)
+        part = (p * values(vc, vs, True).view(b, h, c, chunk, 1, d)).sum(3)
     else:
         gs = d // ng // (2 if int4 else 1)
-        pw = (p.view(b, h, c, chunk, g, 1) * vs.float().view(b, h, c, chunk, 1, ng))[..., None]  # [.., G, ng, 1]
+        pw = (p * vs.float().view(b, h, c, chunk, 1, ng))[..., None]  # [B, Hkv, C, chunk, G, groups, 1]
         if int4:
             lo, hi = _nibbles(vc.view(b, h, c, chunk, 1, ng, gs))
             pe, po = (pw * lo).sum(3), (pw * hi).sum(3)  # [B, Hkv, C, G, groups, gs]
@@ -122,11 +120,9 @@ def planar(qf: torch.Tensor) -> torch.Tensor:
 
 
 def layout(d: int, int4: bool, group: int) -> str:
-    """``"rows"`` (:func:`_attend_rows`) for int4 and for heads of at least :data:`WIDE` channels, else
-    ``"heads"`` (:func:`_attend_heads`); ``"rows4"`` where int4's group is even (a byte's nibbles share a scale)."""
-    if int4:
-        return "rows4" if group % 2 == 0 else "rows"
-    return "rows" if d >= WIDE else "heads"
+    """How :func:`_attend` loops: ``"rows"`` (``wide``) for heads of at least :data:`WIDE` channels, else ``"heads"``;
+    ``"4"`` appended for int4 with an even group (nibbles split: :func:`planar`)."""
+    return ("rows" if d >= WIDE else "heads") + ("4" if int4 and group % 2 == 0 else "")
 
 
 def chunk_for(n: int) -> int:
@@ -151,8 +147,8 @@ def applies(k, v) -> bool:
 
 def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None
            ) -> torch.Tensor | None:
-    """The compiled kernel (:func:`layout`: :func:`_attend_heads` or :func:`_attend_rows`) over readers ``k``, ``v``
-    (:func:`applies`) -> ``[B, Hkv, G, D]``; None if compiling failed (the caller then attends block by block)."""
+    """:func:`_attend` compiled (its :func:`layout` for the shape) over readers ``k``, ``v`` (:func:`applies`) ->
+    ``[B, Hkv, G, D]``; None if compiling failed (the caller then attends block by block)."""
     global _FAILED
     n, cap = k.n, min(k.rows.capacity, v.rows.capacity)
     if torch.compiler.is_compiling():  # inside a compiled decode step (n a symbol): the whole preallocated buffer,
@@ -168,21 +164,18 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
         mask = mask.view(1, 1, 1, nb)
     int4 = k.rows.spec.fmt == "int4"
     how = layout(qf.shape[-1], int4, k.rows.group)
-    q = planar(qf) if how == "rows4" else qf
+    q = planar(qf) if how.endswith("4") else qf
     args = [q, k.rows.codes.narrow(-2, 0, nb), k.rows.scales.narrow(-2, 0, nb), v.rows.codes.narrow(-2, 0, nb),
-            v.rows.scales.narrow(-2, 0, nb), mask, sinks, scale, int4]
-    fn = _attend_heads if how == "heads" else _attend_rows
-    if how != "heads":
-        args.append(chunk_for(nb))
+            v.rows.scales.narrow(-2, 0, nb), mask, sinks, scale, int4, how.startswith("rows"), chunk_for(nb)]
     if torch.compiler.is_compiling():
-        return fn(*args)
+        return _attend(*args)
     # one compiled function per layer shape, format and length bucket (torch.compile's recompile limit counts per
     # code object); every size static: with the positions a symbol inductor's loops run ~4x slower than fp32 SDPA
     key = (BACKEND, how, q.shape, args[1].shape, args[1].dtype, args[2].shape, args[2].dtype,
            None if mask is None else mask.shape, sinks is None)
     compiled = _COMPILED.get(key)
     if compiled is None:
-        fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__)
+        fresh = types.FunctionType(_attend.__code__.replace(), _attend.__globals__, "_attend")
         compiled = _COMPILED[key] = torch.compile(fresh, backend=BACKEND, fullgraph=True, dynamic=False)
     try:
         return compiled(*args)
