@@ -62,8 +62,9 @@ def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tenso
     ``[B, Hkv, L, G]`` (the query heads the innermost loop: a key row read once, reused from L1 by every head);
     ``p.v`` summed over ``chunk`` positions at a time into ``[B, Hkv, L / chunk, G, D]`` partials (a chunk of value
     rows stays in cache while every query head reads it; one sweep over positions per output channel block would
-    reread the codes from memory per head), the V scales folded into the probabilities, then the partials summed
-    and divided by the softmax denominator. int4 with an even group: ``q [B, Hkv, G, 2, D / 2]`` (even channels,
+    reread the codes from memory per head; the last ``L mod chunk`` positions one more partial), the V scales
+    folded into the probabilities (:func:`_values_times`), then the partials summed and divided by the softmax
+    denominator. int4 with an even group: ``q [B, Hkv, G, 2, D / 2]`` (even channels,
     then odd: :func:`planar`) so that a byte's two nibbles meet their query channels in one vectorised loop, the
     scores reduced per scale group and weighted by the K scales, the stored offset 8 taken off as
     ``8 sum(q_group)``; otherwise ``q [B, Hkv, G, D]`` (int4: nibbles interleaved back by :func:`values`).
@@ -72,7 +73,7 @@ def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tenso
     nibbles = int4 and q.dim() == 5
     if nibbles:
         b, h, g, _, half = q.shape
-        d, gs = 2 * half, half // ng
+        gs = half // ng
         if wide:
             qg, (lo, hi), ksc = q.view(b, h, 1, g, 2, ng, gs), _nibbles(kc.view(b, h, n, 1, ng, gs)), ks[:, :, :, None]
         else:
@@ -80,7 +81,7 @@ def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tenso
         part = (qg[..., 0, :, :] * lo + qg[..., 1, :, :] * hi).sum(-1)  # [.., groups]
         s = ((part - 8 * qg.sum((-3, -1))) * ksc.float()).sum(-1)
     else:
-        b, h, g, d = q.shape
+        b, h, g, _ = q.shape
         k = values(kc, ks, int4)
         s = (q[:, :, None] * k[:, :, :, None]).sum(-1) if wide else (q[:, :, :, None] * k[:, :, None]).sum(-1)
     ax = 2 if wide else 3  # the positions' axis of s
@@ -96,20 +97,35 @@ def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tenso
     den = p.sum(ax, keepdim=True)
     if sinks is not None:
         den = den + (sinks - m).exp()
-    p = (p if wide else p.transpose(-1, -2)).reshape(b, h, n // chunk, chunk, g, 1)  # [B, Hkv, C, chunk, G, 1]
-    c = n // chunk
+    p = p if wide else p.transpose(-1, -2)  # [B, Hkv, L, G]
+    c, rest = divmod(n, chunk)
+    parts = [(0, c, chunk)] if c else []
+    if rest:  # the last positions, fewer than a chunk: one more partial sum
+        parts.append((c * chunk, 1, rest))
+    out = sum(_values_times(p.narrow(2, at, m * t), vc.narrow(2, at, m * t), vs.narrow(2, at, m * t), int4, nibbles,
+                            m, t).sum(2) for at, m, t in parts)
+    return out / den.view(b, h, g, 1)
+
+
+def _values_times(p: torch.Tensor, vc: torch.Tensor, vs: torch.Tensor, int4: bool, nibbles: bool, c: int, t: int
+                  ) -> torch.Tensor:
+    """Probabilities ``p [B, Hkv, c * t, G]`` times the values of codes ``vc`` and per-token scales ``vs``, summed
+    over each chunk of ``t`` positions -> ``[B, Hkv, c, G, D]``; the scales folded into ``p`` (int4 nibbles split
+    where ``nibbles``, else dequantized in the loop)."""
+    b, h, _, g = p.shape
+    ng = vs.shape[-1]
+    p = p.reshape(b, h, c, t, g, 1)
     if int4 and not nibbles:  # an odd group: the values dequantized in the loop, not folded
-        part = (p * values(vc, vs, True).view(b, h, c, chunk, 1, d)).sum(3)
-    else:
-        gs = d // ng // (2 if int4 else 1)
-        pw = (p * vs.float().view(b, h, c, chunk, 1, ng))[..., None]  # [B, Hkv, C, chunk, G, groups, 1]
-        if int4:
-            lo, hi = _nibbles(vc.view(b, h, c, chunk, 1, ng, gs))
-            pe, po = (pw * lo).sum(3), (pw * hi).sum(3)  # [B, Hkv, C, G, groups, gs]
-            part = (torch.stack((pe, po), -1) - 8 * pw.sum(3)[..., None]).view(b, h, c, g, d)
-        else:
-            part = (pw * vc.float().view(b, h, c, chunk, 1, ng, gs)).sum(3).view(b, h, c, g, d)
-    return part.sum(2) / den.view(b, h, g, 1)
+        v = values(vc, vs, True)
+        return (p * v.view(b, h, c, t, 1, v.shape[-1])).sum(3)
+    d = vc.shape[-1] * (2 if int4 else 1)
+    gs = d // ng // (2 if int4 else 1)
+    pw = (p * vs.float().view(b, h, c, t, 1, ng))[..., None]  # [B, Hkv, c, t, G, groups, 1]
+    if int4:
+        lo, hi = _nibbles(vc.view(b, h, c, t, 1, ng, gs))
+        pe, po = (pw * lo).sum(3), (pw * hi).sum(3)  # [B, Hkv, c, G, groups, gs]
+        return (torch.stack((pe, po), -1) - 8 * pw.sum(3)[..., None]).view(b, h, c, g, d)
+    return (pw * vc.float().view(b, h, c, t, 1, ng, gs)).sum(3).view(b, h, c, g, d)
 
 
 def planar(qf: torch.Tensor) -> torch.Tensor:
@@ -123,14 +139,6 @@ def layout(d: int, int4: bool, group: int) -> str:
     """How :func:`_attend` loops: ``"rows"`` (``wide``) for heads of at least :data:`WIDE` channels, else ``"heads"``;
     ``"4"`` appended for int4 with an even group (nibbles split: :func:`planar`)."""
     return ("rows" if d >= WIDE else "heads") + ("4" if int4 and group % 2 == 0 else "")
-
-
-def chunk_for(n: int) -> int:
-    """Positions per partial ``p.v`` sum: :data:`CHUNK`, halved until it divides ``n``; ``n`` (one chunk) below 16."""
-    t = CHUNK
-    while n % t:
-        t //= 2
-    return t if t >= min(16, CHUNK) else n
 
 
 def applies(k, v) -> bool:
@@ -166,7 +174,7 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
     how = layout(qf.shape[-1], int4, k.rows.group)
     q = planar(qf) if how.endswith("4") else qf
     args = [q, k.rows.codes.narrow(-2, 0, nb), k.rows.scales.narrow(-2, 0, nb), v.rows.codes.narrow(-2, 0, nb),
-            v.rows.scales.narrow(-2, 0, nb), mask, sinks, scale, int4, how.startswith("rows"), chunk_for(nb)]
+            v.rows.scales.narrow(-2, 0, nb), mask, sinks, scale, int4, how.startswith("rows"), CHUNK]
     if torch.compiler.is_compiling():
         return _attend(*args)
     # one compiled function per layer shape, format and length bucket (torch.compile's recompile limit counts per
@@ -188,4 +196,4 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
         return None
 
 
-__all__ = ["BACKEND", "BUCKET", "CHUNK", "ENABLED", "WIDE", "applies", "attend", "chunk_for", "layout", "planar", "values"]
+__all__ = ["BACKEND", "BUCKET", "CHUNK", "ENABLED", "WIDE", "applies", "attend", "layout", "planar", "values"]
