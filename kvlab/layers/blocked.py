@@ -26,6 +26,7 @@ import torch
 from kvlab.cache.quant import rotate
 
 from . import fused
+from .cast import as_fp32
 
 
 class BlockedKV(Protocol):
@@ -162,6 +163,8 @@ def _folds(x, g: int) -> bool:
 def scores(qf: torch.Tensor, k) -> torch.Tensor:
     """``qf [B, Hkv, G, D]`` (float32) against every key of ``k [B, Hkv, L, D]`` (a reader, a :class:`Cat` or a
     tensor), block by block -> ``[B, Hkv, G, L]`` float32 (indexers apply their relu and head weights to it)."""
+    if isinstance(k, torch.Tensor):  # a plain tensor: one block, one product
+        return qf.contiguous() @ as_fp32(k).transpose(-1, -2)
     return _scores(qf.contiguous(), k, k.shape[-2])
 
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..kinds.gqa import sink_tokens
 from .blocked import attend_blocked, dense, is_blocked, prepare, values_in_keys
+from .cast import as_dtype, as_fp32
 from .sinks import softmax_with_sink
 
 
@@ -188,14 +189,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return out.reshape(b, h, t, v.shape[-1])
     # sinks, an eager / fp32 decode step on a GPU, or K and V of different widths on the CPU: two matmuls reading K
     # and V once each
-    s = (qf @ k.transpose(-1, -2)).float() * scale  # [B, Hkv, G*T, L]
+    s = as_fp32(qf @ k.transpose(-1, -2)) * scale  # [B, Hkv, G*T, L]
     if mask is not None:
         s = s + mask
     if sinks is None:
         p = torch.softmax(s, dim=-1)
     else:
         p = softmax_with_sink(s, sinks.view(1, hkv, g, 1, 1).expand(b, hkv, g, t, 1).reshape(b, hkv, g * t, 1))
-    return (p.to(v.dtype) @ v).reshape(b, h, t, v.shape[-1])
+    return (as_dtype(p, v.dtype) @ v).reshape(b, h, t, v.shape[-1])
 
 
 def publish_kv(step: Step, index: int, store, k: torch.Tensor, v: torch.Tensor

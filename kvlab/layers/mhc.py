@@ -23,12 +23,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cast import as_dtype, as_fp32
+
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """``[..., n, n]`` logits -> doubly stochastic (fp32): row softmax + eps, then Sinkhorn-Knopp.
 
-    Eager: six operators per iteration on the whole matrix (five, in place, without autograd:
-    :func:`sinkhorn_in_place`). Compiled (inductor): :func:`sinkhorn_by_rows`, the same
+    Eager: six operators per iteration on the whole matrix (four, in place, without autograd:
+    :func:`sinkhorn_in_place`, within 2e-7 of this form). Compiled (inductor): :func:`sinkhorn_by_rows`, the same
     arithmetic written so that one iteration is one loop (equal to this form to the last bit for ``n <= 4``, V4's 4
     streams, where torch adds a column's ``n`` values in order; within a few ulp for more)."""
     if torch.compiler.is_compiling():
@@ -44,23 +46,22 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 
 def sinkhorn_in_place(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """:func:`sinkhorn` without autograd, in place: 5 operators per iteration instead of 6 and no allocation (an eager
-    decode step runs 16 Sinkhorns of ``[1, 1, 4, 4]``, each a chain of tiny operators: their dispatch is the cost).
-    The matrix lives in a buffer with one more row holding ``eps``, so a column sum over the buffer is ``sum + eps``
-    in one operator, added in the same order (a column sum adds rows in order); a row sum keeps its own ``+ eps``
-    (torch's contiguous row reduction of ``n + 1`` values is not in order). Equal to the autograd form to the last
-    bit for ``n <= 4`` (V4's 4 streams), within float rounding beyond (tests/test_mhc.py)."""
+    """:func:`sinkhorn` without autograd, in place: 4 operators per iteration instead of 6 and no allocation but the
+    sums (an eager decode step runs 16 Sinkhorns of ``[1, 1, 4, 4]``, each a chain of tiny operators: their dispatch
+    is the cost). The matrix lives in a buffer with one more row and one more column holding ``eps``, so a row or
+    column sum over the buffer is ``sum + eps`` in one operator. A column sum adds the rows in order, as the
+    autograd form does; a row sum of ``n + 1`` values does not (torch adds the eps second), so the result is within
+    a unit or two in the last place of the autograd form's (<= 2e-7 for 4 streams: tests/test_mhc.py)."""
     n = logits.shape[-1]
     lead = logits.shape[:-2]
-    ext = torch.full((*lead, n + 1, n), eps, dtype=torch.float32, device=logits.device)  # row n: eps
-    m = ext[..., :n, :]
-    m.copy_(torch.softmax(logits.float(), dim=-1)).add_(eps)
-    rows = m.new_empty(*lead, n, 1)
-    cols = m.new_empty(*lead, 1, n)
-    m.div_(torch.sum(ext, dim=-2, keepdim=True, out=cols))
+    ext = torch.full((*lead, n + 1, n + 1), eps, dtype=torch.float32, device=logits.device)  # row n, column n: eps
+    m = ext[..., :n, :n]
+    torch.softmax(as_fp32(logits), dim=-1, out=m).add_(eps)
+    rows, cols = ext[..., :n, :], ext[..., :, :n]  # each row / column with eps appended
+    m.div_(cols.sum(dim=-2, keepdim=True))
     for _ in range(iters - 1):
-        m.div_(torch.sum(m, dim=-1, keepdim=True, out=rows).add_(eps))
-        m.div_(torch.sum(ext, dim=-2, keepdim=True, out=cols))
+        m.div_(rows.sum(dim=-1, keepdim=True))
+        m.div_(cols.sum(dim=-2, keepdim=True))
     return m
 
 
@@ -126,12 +127,12 @@ class HyperConnection(_Fp32Params):
     def _scales(self) -> torch.Tensor:
         """The scale of each of the ``(2 + n) n`` outputs ``[(2 + n) n]``: ``hc_scale`` spread by an index built once
         per device (not a buffer: a model built on the meta device keeps it)."""
-        s = self.hc_scale.float()
+        s = as_fp32(self.hc_scale)
         at = self._scale_at.get(s.device)
         if at is None:
             n = self.streams
             at = self._scale_at.setdefault(s.device, torch.tensor([0] * n + [1] * n + [2] * n * n).to(s.device))
-        return s[at]
+        return s.index_select(0, at)
 
     def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """pre ``[B, T, n]``, post ``[B, T, n]``, M ``[B, T, n, n]`` (all fp32) from the streams ``[B, T, n, D]``.
@@ -140,8 +141,8 @@ class HyperConnection(_Fp32Params):
         sigmoid: elementwise, the same arithmetic as map by map (an eager decode step is many tiny operators), to a
         unit in the last place (torch's vectorised and strided sigmoid may differ by one)."""
         n = self.streams
-        flat = _unit_rms(x.flatten(2).float(), self.norm_eps)
-        z = F.linear(flat, self.hc_fn.float()) * self._scales() + self.hc_bias.float()  # [B, T, (2 + n) n]
+        flat = _unit_rms(as_fp32(x.flatten(2)), self.norm_eps)
+        z = F.linear(flat, as_fp32(self.hc_fn)) * self._scales() + as_fp32(self.hc_bias)  # [B, T, (2 + n) n]
         gates = torch.sigmoid(z[..., :2 * n])
         pre, post = gates[..., :n] + self.eps, 2 * gates[..., n:]
         m = sinkhorn(z[..., 2 * n:].unflatten(-1, (n, n)), self.iters, self.eps)
@@ -149,13 +150,14 @@ class HyperConnection(_Fp32Params):
 
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         pre, post, m = self.maps(x)
-        return (pre[..., None] * x).sum(dim=2).to(x.dtype), (post, m)
+        mix = (pre[..., None] * x).sum(dim=2)
+        return as_dtype(mix, x.dtype), (post, m)
 
     @staticmethod
     def write(ctx: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         post, m = ctx
-        dtype = x.dtype
-        return post.to(dtype)[..., None] * out[..., None, :] + m.to(dtype).transpose(-1, -2) @ x
+        post, m = as_dtype(post, x.dtype), as_dtype(m, x.dtype)
+        return post[..., None] * out[..., None, :] + m.transpose(-1, -2) @ x
 
 
 class HyperHead(_Fp32Params):
@@ -171,9 +173,9 @@ class HyperHead(_Fp32Params):
         self.hc_scale = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = _unit_rms(x.flatten(2).float(), self.norm_eps)
-        pre = torch.sigmoid(F.linear(flat, self.hc_fn.float()) * self.hc_scale.float() + self.hc_bias.float())
-        return ((pre + self.eps)[..., None] * x).sum(dim=2).to(x.dtype)
+        flat = _unit_rms(as_fp32(x.flatten(2)), self.norm_eps)
+        pre = torch.sigmoid(F.linear(flat, as_fp32(self.hc_fn)) * as_fp32(self.hc_scale) + as_fp32(self.hc_bias))
+        return as_dtype(((pre + self.eps)[..., None] * x).sum(dim=2), x.dtype)
 
 
 def expand(x: torch.Tensor, streams: int) -> torch.Tensor:

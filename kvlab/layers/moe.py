@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoESpec
+from .cast import as_dtype, as_fp32
 from .mlp import GatedMLP, activation
 from .norm import RMSNorm
 from .router import RouterMLP
@@ -126,17 +127,17 @@ class Experts(nn.Module):
         expert, order = flat.sort(stable=True)  # [N k]
         ends = torch.searchsorted(expert, torch.arange(num, device=x.device, dtype=expert.dtype), right=True,
                                   out_int32=True)  # [E] cumulative counts
-        h = x[order // k]  # [N k, H] (token rows, sorted by expert)
+        h = x.index_select(0, order // k)  # [N k, H] (token rows, sorted by expert)
         g = GROUPED_MM(h, self.gate_proj.transpose(1, 2), offs=ends)  # [N k, I]
         u = GROUPED_MM(h, self.up_proj.transpose(1, 2), offs=ends)
         if self.limit is not None:
             g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
         d = GROUPED_MM(self.act(g) * u, self.down_proj.transpose(1, 2), offs=ends)  # [N k, H]
-        w = weights.reshape(-1)[order]
+        w = weights.reshape(-1).index_select(0, order)
         if self.skip:
             kept = expert < num
             d, w = d.masked_fill(~kept[:, None], 0.0), w.masked_fill(~kept, 0.0)
-        d = d * w[:, None].to(d.dtype)
+        d = d * as_dtype(w, d.dtype)[:, None]
         return torch.empty_like(d).index_copy_(0, order, d).view(n, k, -1).sum(1)
 
     def dense(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -224,7 +225,7 @@ class MoE(nn.Module):
         if s.router_hidden is not None:
             logits = self.router(self.router_mlp(x))
         else:
-            logits = x.float() @ self.router.weight.float().T
+            logits = as_fp32(x) @ as_fp32(self.router.weight).T
         if s.scoring == "softmax":
             scores = logits.softmax(-1)
         elif s.scoring == "sigmoid":
@@ -234,9 +235,10 @@ class MoE(nn.Module):
         if s.hash_routing:
             if token_ids is None:
                 raise ValueError("hash_routing: the token ids were not passed to the MoE")
-            idx = self.tid2eid[token_ids.reshape(-1)].long()
+            idx = self.tid2eid.index_select(0, token_ids.reshape(-1))
+            idx = idx if idx.dtype == torch.int64 else idx.long()
         else:
-            choice = scores.float() + self.router_bias.float() if s.bias_correction else scores
+            choice = as_fp32(scores) + as_fp32(self.router_bias) if s.bias_correction else scores
             if s.n_group > 1 and (s.topk_group or s.n_group) < s.n_group:
                 choice = group_limit(choice, s.n_group, s.topk_group)
             idx = choice.topk(s.top_k, dim=-1).indices
