@@ -21,7 +21,7 @@ import torch
 from ..config import LayerSpec
 from ..kinds.compressed import buffers
 from .growth import next_capacity
-from .storage import KVStore, WindowKV, decode_read, rows_for
+from .storage import KVStore, Rows, WindowKV, decode_read, rows_for
 
 
 class _Pool:
@@ -131,6 +131,25 @@ class _Pool:
         self.reserve(n)
         self.partial_kv[:, lead] = kv[:, 0]
         self.partial_gate[:, lead] = gate[:, 0]
+        return decode_read(self.rows, n)
+
+    def complete_step(self, w: int, new: torch.Tensor, block_kv: torch.Tensor, block_gate: torch.Tensor,
+                      n: int):
+        """An eager decode step without padding whose token completes block ``w`` on every row (a Python int):
+        store its entry ``new [B, 1, d]`` and (overlap) the block's first series from ``block_kv`` / ``block_gate
+        [B, m, f d]``; the partial block is left as it is (the next token starts it again). What
+        :meth:`commit_step` writes for such a step, without the masks. Returns the first ``n`` entries held."""
+        d = self.dim
+        self.reserve(n)
+        if isinstance(self.rows, Rows):
+            self.rows.write(w, new)
+        else:  # quantized entries: their per-row write, every row at once
+            b = new.shape[0]
+            self.rows.write_rows(torch.full((b,), w, device=new.device), new,
+                                 torch.ones(b, dtype=torch.bool, device=new.device))
+        if self.overlap:
+            self.prev_kv.copy_(block_kv[..., :d])
+            self.prev_gate.copy_(block_gate[..., :d])
         return decode_read(self.rows, n)
 
     def state(self) -> list[torch.Tensor]:

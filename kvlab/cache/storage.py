@@ -120,6 +120,8 @@ class Rows:
             self.t.narrow(-2, cap, capacity - cap).zero_()  # not yet written: reads as zeros
 
     def write(self, start: int, x: torch.Tensor, rows: slice | None = None) -> None:
+        if not x.shape[-1]:  # zero-width rows (the values of a K = V layer): nothing to store
+            return
         t = self.t if rows is None else self.t[rows]
         n, cap = x.shape[-2], self.capacity
         if not self.ring:

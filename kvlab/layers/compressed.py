@@ -40,6 +40,7 @@ from torch import nn
 
 from ..config import LayerSpec
 from .blocked import Cat, dense, gather, is_blocked, scores, with_heads
+from .cast import as_fp32
 from .core import attend, softmax_with_sink, stable_topk, visible_keys, visible_mask
 from .norm import RMSNorm
 from .rope import inv_freq_and_scale, rotate_part
@@ -49,7 +50,7 @@ _BLOCK_ELEMENTS = 1 << 22  # score elements per query block (bounds the memory o
 
 def rope_tables(inv: torch.Tensor, scale: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin ``[..., rot / 2]`` (fp32, one per rotated pair) at ``positions [...]``."""
-    f = positions.float()[..., None] * inv.to(positions.device)
+    f = positions.float()[..., None] * (inv if inv.device == positions.device else inv.to(positions.device))
     return f.cos() * scale, f.sin() * scale
 
 
@@ -192,12 +193,23 @@ class Compressor(nn.Module):
         d]`` (``n``: the most any row has) and how many of them each row sees ``[B]``.
 
         ``start``: every row at this position (no padding) in an eager step: a token that does not complete its
-        block (``m - 1`` steps of ``m``) only joins the partial block (``_Pool.hold_step``), no candidate pooled
-        (a branch on a Python int, so compiled steps, which keep one graph for every position, take the masks)."""
+        block (``m - 1`` steps of ``m``) only joins the partial block (``_Pool.hold_step``), no candidate pooled;
+        one that does is pooled and stored without masks (``_Pool.complete_step``); the same values (a branch on a
+        Python int, so compiled steps, which keep one graph for every position, take the masks)."""
         m = self.ratio
         kv, gate = self.kv_proj(x), self.gate_proj(x)  # [B, 1, f d]
         if start is not None and start % m != m - 1:
             return pool_state.hold_step(start % m, kv, gate, n), pos.add(1).div_(m, rounding_mode="floor")
+        if start is not None:  # eager, every row completes block start // m: pooled and stored without masks
+            w = start // m
+            block_kv = torch.cat((pool_state.partial_kv, kv), dim=1) if m > 1 else kv  # [B, m, f d]
+            block_gate = torch.cat((pool_state.partial_gate, gate), dim=1) if m > 1 else gate
+            prev = pool_state.previous_block(slice(None)) if self.overlap and w else None
+            new = self.pool(block_kv, block_gate, prev)  # [B, 1, d]
+            cos, sin = rope_tables(*rope, (pos - (m - 1))[:, None])  # the block's first position, w m
+            new = apply_rope_tail(new, cos, sin)
+            entries = pool_state.complete_step(w, new, block_kv, block_gate, n)
+            return entries, pos.add(1).div_(m, rounding_mode="floor")
         active = pos >= 0
         lead = pos.remainder(m)  # rows of the block already held
         w = torch.div(pos, m, rounding_mode="floor")  # the block this token belongs to
@@ -325,7 +337,7 @@ class CompressedAttention(nn.Module):
         iq = iw = None
         if self.csa:
             iq = self._rot(ix.q_b_proj(cq).view(b, t, ix.heads, ix.dim).transpose(1, 2), tab)  # [B, HI, T, dI]
-            iw = ix.weights_proj(x).float() * ix.heads ** -0.5  # [B, T, HI]
+            iw = as_fp32(ix.weights_proj(x)) * ix.heads ** -0.5  # [B, T, HI]
         pool = store.pool if store is not None else None
         ipool = store.index if store is not None and self.csa else None
         if store is not None and t == 1:  # a decode step: tensor operations over the rows, no host read
@@ -448,7 +460,7 @@ class CompressedAttention(nn.Module):
             vis = None if every else (torch.arange(n, device=q.device)[None] < nvis[:, None])[:, None]  # [B, 1, N]
             if self.csa:
                 ix = self.compressor.indexer
-                qi = iq.float().transpose(1, 2)  # [B, 1, HI, dI]
+                qi = as_fp32(iq).transpose(1, 2)  # [B, 1, HI, dI]
                 isc = F.relu(scores(qi, with_heads(ikeys)).transpose(1, 2) * ix.dim ** -0.5)  # [B, HI, 1, N]
                 isc = (isc * iw.transpose(1, 2)[..., None]).sum(dim=1)
                 isc = isc if every else isc.masked_fill(~vis, float("-inf"))
