@@ -386,3 +386,23 @@ def test_eager_compressor_steps_equal_the_masked_step(kv_quant, monkeypatch):
         return torch.cat(logits, 1)
 
     assert torch.equal(decode(False), decode(True))
+
+
+@pytest.mark.parametrize("n", [40, 3000])
+def test_stable_topk_takes_the_earlier_of_tied_scores(n):
+    """Both forms of ``stable_topk`` (a stable sort for short rows, the threshold for long ones) against the
+    definition row by row: the k best by (score descending, index ascending), returned in index order; rows full of
+    ties (zeros and -inf, as relu'd and masked indexer scores) and rows without."""
+    from kvlab.layers.core import SORT_TOPK_MAX, stable_topk
+
+    assert (n <= SORT_TOPK_MAX) == (n == 40)
+    gen = torch.Generator().manual_seed(n)
+    scores = torch.relu(torch.randn(3, 4, n, generator=gen)).round(decimals=1)
+    scores[0, 1, n // 2:] = float("-inf")
+    scores[1] = torch.randn(4, n, generator=gen)
+    for k in (1, 7, n // 2 + 3):
+        val, idx = stable_topk(scores, k)
+        for row, v, i in zip(scores.reshape(-1, n).tolist(), val.reshape(-1, k), idx.reshape(-1, k), strict=True):
+            best = sorted(sorted(range(n), key=lambda j: (-row[j], j))[:k])
+            assert i.tolist() == best
+            assert v.tolist() == [row[j] for j in best]
