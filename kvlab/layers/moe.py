@@ -127,7 +127,8 @@ class Experts(nn.Module):
         expert, order = flat.sort(stable=True)  # [N k]
         ends = torch.searchsorted(expert, torch.arange(num, device=x.device, dtype=expert.dtype), right=True,
                                   out_int32=True)  # [E] cumulative counts
-        h = x.index_select(0, order // k)  # [N k, H] (token rows, sorted by expert)
+        one = n == 1 and k <= 2  # one token (a decode step): its rows in any order sum to the same (two addends)
+        h = x.repeat(k, 1) if one else x.index_select(0, order // k)  # [N k, H] (token rows, sorted by expert)
         g = GROUPED_MM(h, self.gate_proj.transpose(1, 2), offs=ends)  # [N k, I]
         u = GROUPED_MM(h, self.up_proj.transpose(1, 2), offs=ends)
         if self.limit is not None:
@@ -138,6 +139,8 @@ class Experts(nn.Module):
             kept = expert < num
             d, w = d.masked_fill(~kept[:, None], 0.0), w.masked_fill(~kept, 0.0)
         d = d * as_dtype(w, d.dtype)[:, None]
+        if one:
+            return d.sum(0, keepdim=True)
         return torch.empty_like(d).index_copy_(0, order, d).view(n, k, -1).sum(1)
 
     def dense(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
