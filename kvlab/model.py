@@ -12,6 +12,7 @@ from .cache import Cache
 from .config import WEIGHT_DTYPES, LayerSpec, ModelConfig
 from .layers import attention_module
 from .layers.block_parts import feed_forward, outputs, post_norm
+from .layers.cast import as_dtype
 from .layers.core import Step
 from .layers.mhc import HyperHead, expand
 from .layers.moe import MoE, hash_table
@@ -60,10 +61,10 @@ class Block(nn.Module):
         attn_res, mlp_res = self._residuals
         low = self.attn_norm.weight.dtype if self.residual_fp32 else x.dtype  # what the norms read
         xin, ctx = attn_res.read(x)  # with mHC, x holds the streams [B, T, n, D] and xin their learned mix
-        h = self.post_attn_norm(self.attn(self.attn_norm(xin.to(low)), step, index, store))
+        h = self.post_attn_norm(self.attn(self.attn_norm(as_dtype(xin, low)), step, index, store))
         x = attn_res.write(ctx, h, x)
         xin, ctx = mlp_res.read(x)
-        x = mlp_res.write(ctx, self.post_mlp_norm(self._ffn(self, xin.to(low), step.carry)), x)
+        x = mlp_res.write(ctx, self.post_mlp_norm(self._ffn(self, as_dtype(xin, low), step.carry)), x)
         for piece in self._outputs:  # PLE, layer scalar
             x = piece(self, x, ple_input)
         return x
