@@ -15,11 +15,11 @@ from kvlab.layers import blocked, fused
 B, HKV, G, D, N = 2, 2, 3, 16, 37
 
 
-def _readers(fmt: str):
+def _readers(fmt: str, vfmt: str | None = None):
     gen = torch.Generator().manual_seed(1)
     out = []
-    for name in "kv":
-        r = QuantRows(Buffer("kv", name, HKV, 0, D, key=name == "k"), parse_quant(fmt), (B, HKV), torch.float32, "cpu")
+    for name, f in zip("kv", (fmt, vfmt or fmt), strict=True):
+        r = QuantRows(Buffer("kv", name, HKV, 0, D, key=name == "k"), parse_quant(f), (B, HKV), torch.float32, "cpu")
         r.resize(N + 7, 0)
         r.write(0, torch.randn(B, HKV, 30, D, generator=gen))  # written in two chunks, as a prefill then steps
         r.write(30, torch.randn(B, HKV, N - 30, D, generator=gen))
@@ -37,8 +37,8 @@ def small(monkeypatch):
     monkeypatch.setattr(fused, "_COMPILED", {})
 
 
-def _check(monkeypatch, fmt, with_sinks, want_layout):
-    k, v = _readers(fmt)
+def _check(monkeypatch, fmt, vfmt, with_sinks, want_layout):
+    k, v = _readers(fmt, vfmt)
     assert fused.layout(D, k.rows.spec.fmt == "int4", k.rows.group) == want_layout
     gen = torch.Generator().manual_seed(2)
     q = torch.randn(B, HKV * G, 1, D, generator=gen)
@@ -64,13 +64,14 @@ def _check(monkeypatch, fmt, with_sinks, want_layout):
 
 
 @pytest.mark.parametrize("with_sinks", [False, True])
-@pytest.mark.parametrize("fmt,wide,want", [
-    ("int8-g8", False, "heads"), ("int8-g8", True, "rows"), ("int8-g1", True, "rows"),  # g1: 16 groups x 3 heads
-    ("int4-g8", False, "heads4"), ("int4-g16-s32", True, "rows4"), ("int4-g1", False, "heads"),
-    ("int4-g1", True, "rows")])
-def test_fused_equals_blocked_and_dequantized(small, monkeypatch, fmt, wide, want, with_sinks):
+@pytest.mark.parametrize("fmt,vfmt,wide,want", [
+    ("int8-g8", None, False, "heads"), ("int8-g8", None, True, "rows"),
+    ("int8-g1", "int8-g4", True, "rows"),  # g1: 16 groups x 3 heads (the blocked path does not fold them)
+    ("int4-g8", None, False, "heads4"), ("int4-g16-s32", "int4-g1", True, "rows4"), ("int4-g1", "int4-g8", False, "heads"),
+    ("int4-g1", None, True, "rows")])
+def test_fused_equals_blocked_and_dequantized(small, monkeypatch, fmt, vfmt, wide, want, with_sinks):
     monkeypatch.setattr(fused, "WIDE", D if wide else 4 * D)
-    _check(monkeypatch, fmt, with_sinks, want)
+    _check(monkeypatch, fmt, vfmt, with_sinks, want)
 
 
 @pytest.mark.parametrize("fmt", ["int8-g8-r4", "int4-g8-rot", "int8-g8-kc", "fp8-g8", "int8-g8-asym"])

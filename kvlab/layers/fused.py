@@ -55,7 +55,7 @@ def _nibbles(c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tensor, vs: torch.Tensor,
             mask: torch.Tensor | None, sinks: torch.Tensor | None, scale: float, int4: bool, wide: bool,
-            chunk: int) -> torch.Tensor:
+            chunk: int, v_nibbles: bool) -> torch.Tensor:
     """Attention of one query per head over int8 / int4 codes with per-token scales -> ``[B, Hkv, G, D]`` float32.
 
     Scores laid out ``[B, Hkv, G, L]`` (thin heads: one sweep over the positions per query head) or, ``wide``,
@@ -67,7 +67,8 @@ def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tenso
     denominator. int4 with an even group: ``q [B, Hkv, G, 2, D / 2]`` (even channels,
     then odd: :func:`planar`) so that a byte's two nibbles meet their query channels in one vectorised loop, the
     scores reduced per scale group and weighted by the K scales, the stored offset 8 taken off as
-    ``8 sum(q_group)``; otherwise ``q [B, Hkv, G, D]`` (int4: nibbles interleaved back by :func:`values`).
+    ``8 sum(q_group)``; otherwise ``q [B, Hkv, G, D]`` (int4: nibbles interleaved back by :func:`values`);
+    ``v_nibbles``: the same for the values (int4 V with an even group).
     ``mask [B|1, 1, 1, L]`` additive or None, ``sinks [1, Hkv, G, 1]`` or None."""
     n, ng = kc.shape[2], ks.shape[-1]
     nibbles = int4 and q.dim() == 5
@@ -102,8 +103,8 @@ def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tenso
     parts = [(0, c, chunk)] if c else []
     if rest:  # the last positions, fewer than a chunk: one more partial sum
         parts.append((c * chunk, 1, rest))
-    out = sum(_values_times(p.narrow(2, at, m * t), vc.narrow(2, at, m * t), vs.narrow(2, at, m * t), int4, nibbles,
-                            m, t).sum(2) for at, m, t in parts)
+    out = sum(_values_times(p.narrow(2, at, cnt * t), vc.narrow(2, at, cnt * t), vs.narrow(2, at, cnt * t), int4,
+                            v_nibbles, cnt, t).sum(2) for at, cnt, t in parts)
     return out / den.view(b, h, g, 1)
 
 
@@ -174,13 +175,14 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
     how = layout(qf.shape[-1], int4, k.rows.group)
     q = planar(qf) if how.endswith("4") else qf
     args = [q, k.rows.codes.narrow(-2, 0, nb), k.rows.scales.narrow(-2, 0, nb), v.rows.codes.narrow(-2, 0, nb),
-            v.rows.scales.narrow(-2, 0, nb), mask, sinks, scale, int4, how.startswith("rows"), CHUNK]
+            v.rows.scales.narrow(-2, 0, nb), mask, sinks, scale, int4, how.startswith("rows"), CHUNK,
+            int4 and v.rows.group % 2 == 0]
     if torch.compiler.is_compiling():
         return _attend(*args)
     # one compiled function per layer shape, format and length bucket (torch.compile's recompile limit counts per
     # code object); every size static: with the positions a symbol inductor's loops run ~4x slower than fp32 SDPA
-    key = (BACKEND, how, q.shape, args[1].shape, args[1].dtype, args[2].shape, args[2].dtype,
-           None if mask is None else mask.shape, sinks is None)
+    key = (BACKEND, how, q.shape, *((t.shape, t.dtype) for t in args[1:5]), None if mask is None else mask.shape,
+           sinks is None, args[-1])
     compiled = _COMPILED.get(key)
     if compiled is None:
         fresh = types.FunctionType(_attend.__code__.replace(), _attend.__globals__, "_attend")
