@@ -401,7 +401,7 @@ class CompressedAttention(nn.Module):
                 ok = ok & (kp[None, None] >= pad[:, None, None])
             ok = ok | (kp[None] == qp[:, None])  # a (padding) query always sees itself
             sw = (q[:, :, a:e] @ keys.transpose(-1, -2)).float() * s.scale  # [B, H, Q, Lw]
-            sw = sw.masked_fill(~ok[:, None], float("-inf"))
+            sw = sw.masked_fill_(~ok[:, None], float("-inf"))  # sw is this block's own: no copy
             # entries complete at each query (none without a compressor; none for a padding query)
             visible = torch.div(rowq + 1, m, rounding_mode="floor").clamp(min=0) if m else rowq * 0
             nv = min(entries.shape[1], max(0, (q0 - pmin + e) // m)) if m else 0  # the most any row sees
@@ -410,21 +410,24 @@ class CompressedAttention(nn.Module):
                 isc = F.relu(iq[:, :, a:e].float() @ kk.float().transpose(-1, -2)[:, None]) * ix.dim ** -0.5
                 isc = (isc * iw[:, a:e].transpose(1, 2)[..., None]).sum(dim=1)  # [B, Q, nv]
                 future = torch.arange(nv, device=q.device) >= visible[..., None]  # [B|1, Q, nv]
-                isc = isc.masked_fill(future, float("-inf"))
+                isc = isc.masked_fill_(future, float("-inf"))
                 k = min(c.index_topk, nv)
                 if k < nv:  # ties at the boundary: the earlier entry, whatever the length
                     val, idx = stable_topk(isc, k)
                 else:
                     val, idx = isc, torch.arange(nv, device=q.device).expand_as(isc)
                 valid = val > float("-inf")  # [B, Q, k]
-                sel = entries[:, :nv][torch.arange(b, device=q.device)[:, None, None], idx]  # [B, Q, k, D]
+                if b == 1:  # one row: index_select copies the chosen rows faster than advanced indexing (1.6x)
+                    sel = entries[0, :nv].index_select(0, idx.reshape(-1)).view(*idx.shape, -1)  # [B, Q, k, D]
+                else:
+                    sel = entries[:, :nv][torch.arange(b, device=q.device)[:, None, None], idx]
                 sc = torch.einsum("bhqd,bqkd->bhqk", q[:, :, a:e], sel).float() * s.scale
-                sc = sc.masked_fill(~valid[:, None], float("-inf"))
+                sc = sc.masked_fill_(~valid[:, None], float("-inf"))
             elif nv:
                 sel = entries[:, :nv]
                 sc = (q[:, :, a:e] @ sel.transpose(-1, -2)[:, None]).float() * s.scale
                 future = torch.arange(nv, device=q.device) >= visible[..., None]  # [B|1, Q, nv]
-                sc = sc.masked_fill(future[:, None], float("-inf"))
+                sc = sc.masked_fill_(future[:, None], float("-inf"))
             else:
                 sc = None
             scores = sw if sc is None else torch.cat((sw, sc), dim=-1)
@@ -463,7 +466,7 @@ class CompressedAttention(nn.Module):
                 qi = as_fp32(iq).transpose(1, 2)  # [B, 1, HI, dI]
                 isc = F.relu(scores(qi, with_heads(ikeys)).transpose(1, 2) * ix.dim ** -0.5)  # [B, HI, 1, N]
                 isc = (isc * iw.transpose(1, 2)[..., None]).sum(dim=1)
-                isc = isc if every else isc.masked_fill(~vis, float("-inf"))
+                isc = isc if every else isc.masked_fill_(~vis, float("-inf"))
                 k = min(c.index_topk, n)
                 val, idx = stable_topk(isc, k) if k < n else (isc, torch.arange(n, device=q.device).expand_as(isc))
                 parts.append(gather(entries, idx.reshape(b, k))[:, None])  # [B, 1, k, D]: only those dequantized

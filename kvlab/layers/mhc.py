@@ -58,10 +58,10 @@ def sinkhorn_in_place(logits: torch.Tensor, iters: int, eps: float) -> torch.Ten
     m = ext[..., :n, :n]
     torch.softmax(as_fp32(logits), dim=-1, out=m).add_(eps)
     rows, cols = ext[..., :n, :], ext[..., :, :n]  # each row / column with eps appended
-    m.div_(cols.sum(dim=-2, keepdim=True))
+    m.div_(cols.sum(-2, True))  # positional arguments: parsed faster than keywords (a microsecond matters here)
     for _ in range(iters - 1):
-        m.div_(rows.sum(dim=-1, keepdim=True))
-        m.div_(cols.sum(dim=-2, keepdim=True))
+        m.div_(rows.sum(-1, True))
+        m.div_(cols.sum(-2, True))
     return m
 
 
