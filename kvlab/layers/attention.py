@@ -51,12 +51,14 @@ class Attention(nn.Module):
         """K ``[B, Hkv, T, D]`` (normed, rotated) and V ``[B, Hkv, T, Dv]``."""
         s = self.spec
         b, t, _ = x.shape
-        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = k if s.gqa.k_eq_v else self.v_proj(x).view(b, t, s.num_kv_heads, s.value_dim).transpose(1, 2)
+        # normed per head before the transpose, on contiguous rows (after it, each norm copies them first)
+        k = self.k_proj(x).view(b, t, s.num_kv_heads, s.head_dim)
+        v = k if s.gqa.k_eq_v else self.v_proj(x).view(b, t, s.num_kv_heads, s.value_dim)
         if s.gqa.v_norm:
             v = self.v_norm(v)
         if s.gqa.qk_norm:
             k = self.k_norm(k)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
             k = apply_rope(k, *rope)
         return k, v
@@ -65,9 +67,10 @@ class Attention(nn.Module):
         s = self.spec
         b, t, _ = x.shape
         rope = step.rope.get(index)
-        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim)
         if s.gqa.qk_norm:
-            q = self.q_norm(q)
+            q = self.q_norm(q)  # before the transpose: contiguous rows
+        q = q.transpose(1, 2)
         if rope is not None:
             q = apply_rope(q, *rope)
         if s.kv_source is not None:

@@ -27,8 +27,9 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        if dtype == torch.float32 and self.scale and not self.offset and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # fp32: one operator, the same arithmetic
+        if dtype == torch.float32 and self.scale and self.weight.dtype == torch.float32:  # fp32: the weight inside
+            w = 1.0 + self.weight if self.offset else self.weight  # rms_norm's one pass, the same arithmetic
+            return F.rms_norm(x, (x.shape[-1],), w, self.eps)
         h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)  # x / rms(x) in fp32: one operator
         if not self.scale:
             return h.to(dtype)
