@@ -9,7 +9,9 @@ quantized cache is stepped both ways on the same cache: ``before`` (every step d
 and sink-token windows read every buffer so until commit 5eebaba) and ``blocked N KiB``
 (dequantized block by block inside attention, kvlab/layers/blocked.py, blocks of N KiB; kvlab's default 4096)
 and, with ``--fused``, ``fused`` (int8 / int4 codes attended by one torch.compile kernel, kvlab/layers/fused.py,
-where it applies; elsewhere the blocked path).
+where it applies; elsewhere the blocked path); with ``--compile``, each format again through kvlab's compiled decode
+step (kvlab/compiled.py, inductor) on caches of its own (``compiled``; quantized: ``compiled blocked`` and, with
+``--fused``, ``compiled fused``, a cache made with ``fused=True``), its compiles in the warm-up rounds.
 
     python benchmarks/kv_quant_speed.py benchmarks/qwen3-100m.json benchmarks/gemma4-e2b-small.json \\
         --context 4k,16k --decode-tokens 24 [--blocks 1024,4096] [--profile int8] [--json out.json]
@@ -28,6 +30,7 @@ import torch
 
 from kvlab.bench import machine_info
 from kvlab.cache import quant
+from kvlab.compiled import CompiledStep
 from kvlab.layers import fused
 from kvlab.model import Model
 from kvlab.resolve import resolve_spec
@@ -109,11 +112,12 @@ def fill(cache, cfg, ctx: int, dtype: torch.dtype) -> None:
 
 
 def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], profile: str | None,
-              blocks: list[int], before: bool = True, with_fused: bool = False) -> list[dict]:
+              blocks: list[int], before: bool = True, with_fused: bool = False, compile: bool = False) -> list[dict]:
     cfg = resolve_spec(spec)
     models = {torch.float32: Model.from_config(cfg, dtype=torch.float32, seed=0).eval()}
     if "bf16" in formats:
         models[torch.bfloat16] = Model.from_config(cfg, dtype=torch.bfloat16, seed=0).eval()
+    compiled = {dt: CompiledStep(m, "inductor") for dt, m in models.items()} if compile else {}
     rows = []
     for ctx in contexts:
         runs = []  # (label, path, model, cache)
@@ -125,6 +129,10 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                     cache = models[dt].new_cache(1, max_length)
                     fill(cache, cfg, ctx, dt)
                     runs.append((f, "-", models[dt], cache))
+                    if compile:  # its own cache, stepped by the compiled decode step only
+                        cache = models[dt].new_cache(1, max_length)
+                        fill(cache, cfg, ctx, dt)
+                        runs.append((f, "compiled", models[dt], cache))
                 else:
                     cache = models[torch.float32].new_cache(1, max_length, kv_quant=f)
                     fill(cache, cfg, ctx, torch.float32)
@@ -133,6 +141,10 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                     runs += [(f, f"blocked {b >> 10} KiB", models[torch.float32], cache) for b in blocks]
                     if with_fused:
                         runs.append((f, "fused", models[torch.float32], cache))
+                    for fuse in (False, True) if compile and with_fused else (False,) if compile else ():
+                        c = models[torch.float32].new_cache(1, max_length, kv_quant=f, fused=fuse)
+                        fill(c, cfg, ctx, torch.float32)
+                        runs.append((f, "compiled fused" if fuse else "compiled blocked", models[torch.float32], c))
             times: dict[tuple[str, str], list[float]] = {(r[0], r[1]): [] for r in runs}
             tok = torch.tensor([[1]])
             block, view = quant.DECODE_BLOCK_BYTES, quant.QuantRows.view
@@ -141,8 +153,10 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                     quant.DECODE_BLOCK_BYTES = int(path.split()[1]) << 10 if path.startswith("blocked") else block
                     quant.QuantRows.view = view_before if path == "before" else view
                     fused.ENABLED = path == "fused"
+                    step = compiled[next(p.dtype for p in model.parameters())] if path.startswith("compiled") \
+                        else model.decode_step
                     t1 = time.perf_counter()
-                    model.decode_step(tok, cache)
+                    step(tok, cache)
                     dt_s = time.perf_counter() - t1
                     quant.QuantRows.view = view
                     fused.ENABLED = False
@@ -189,6 +203,10 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true",
                     help="also step quantized caches with kvlab/layers/fused.py (torch.compile; its first steps, "
                          "compiling, fall in the warm-up rounds)")
+    ap.add_argument("--compile", action="store_true",
+                    help="also step every format through kvlab's compiled decode step (inductor) on caches of its own: "
+                         "'compiled' / 'compiled blocked' and, with --fused, 'compiled fused' (a cache made with "
+                         "fused=True); the compiles fall in the warm-up rounds")
     ap.add_argument("--json", help="write the rows to this file")
     a = ap.parse_args()
     formats = [f.strip() for f in a.formats.split(",")]
@@ -198,7 +216,7 @@ def main() -> None:
     rows = []
     for s in a.shapes:
         rows += run_shape(s, parse_contexts(a.context), a.decode_tokens, formats, a.profile,
-                          [int(b) << 10 for b in a.blocks.split(",")], not a.no_before, a.fused)
+                          [int(b) << 10 for b in a.blocks.split(",")], not a.no_before, a.fused, a.compile)
     print(table(["model", "context", "KV cache", "decode path", "tok/s", "step ms (median)", "min-max ms",
                  "vs fp32", "cache"],
                 [[r["model"], fmt_context(r["context"]), r["kv"], r["path"], f"{r['decode_tok_s']:.2f}",
