@@ -29,6 +29,7 @@ import kvlab
 from kvlab.cli.common import add_json, describe_error, device_arg, emit_json, output_dir, output_file, report
 from kvlab.cli.evaluate import parse_depths as depth_list
 from kvlab.cli.generate import MODEL_HELP
+from kvlab.native import latest
 from kvlab.retrofit import TECHNIQUES, apply, parse
 from kvlab.units import fmt_bytes, parse_context, parse_contexts, table
 
@@ -151,8 +152,6 @@ def check_out(args: argparse.Namespace, techniques: list[str]) -> None:
     if not args.recover:
         raise ValueError("--resume continues interrupted recoveries: give --recover STEPS (and the other options) "
                          "of the interrupted command")
-    from kvlab.native import latest
-
     runs = [d / f"recovered-seed{s}" for d in dirs.values() for s in _seeds(args.seeds)]
     if not any(latest(r) for r in runs):
         raise ValueError(f"--resume: no recovery checkpoint to continue in {str(out)!r} (looked for "
