@@ -141,6 +141,6 @@ def plot_frontier(rows: Sequence[dict[str, Any]], path: str | Path, title: str) 
     fig.tight_layout()
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
+    fig.savefig(out, dpi=120, bbox_inches="tight")  # the title and the legend beside the axes, whole
     plt.close(fig)
     return out
