@@ -490,10 +490,15 @@ def test_cli_resumes_an_interrupted_recovery_to_the_uninterrupted_result(tmp_pat
     assert "kvlab: interrupted" in capsys.readouterr().err
     run = cut / "recovered-seed0"
     assert [p.name for p in run.glob("ckpt-*")] == ["ckpt-0000004"]
-    assert main([*argv, "--out", str(cut), "--resume"]) == 0
-    assert "recovered cut seed 0: 8 steps, 4 this run" in capsys.readouterr().out
+    assert main([*argv, "--out", str(cut), "--resume", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)  # --no-eval: no rows, the recoveries still reported
+    assert res["rows"] == [] and len(res["recoveries"]) == 1
+    rec = res["recoveries"][0]
+    assert (rec["technique"], rec["seed"], rec["steps"], rec["resumed_from"], rec["steps_this_run"]) == \
+        ("share-last:1", 0, 8, 4, 4)
     logged = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (tmp_path / "whole" / "recovered-seed0" / "log.jsonl").read_text().splitlines()]
+    assert rec["final_loss"] == want[-1]["loss"]
     assert [r["step"] for r in logged] == list(range(1, 9))
     assert [(r["loss"], r["kl"]) for r in logged] == [(r["loss"], r["kl"]) for r in want]
     a, b = kvlab.load(tmp_path / "whole" / "recovered-seed0").state_dict(), kvlab.load(run).state_dict()

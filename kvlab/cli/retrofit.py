@@ -208,7 +208,8 @@ def recover_one(args: argparse.Namespace, tok: Any, student: Path, out: Path, se
     print(f"recovered {student.parent.name} seed {seed}: {s.get('steps')} steps{done}, final loss {final:.4f}, "
           f"{s.get('wall_s', 0):.0f} s" + (f", {s['processes']} processes" if s.get("processes", 1) > 1 else ""),
           file=out_stream)
-    return {"steps": s.get("steps"), "final_loss": final, "wall_s": s.get("wall_s"), "run": str(run),
+    return {"seed": seed, "steps": s.get("steps"), "resumed_from": s.get("resumed_from"),
+            "steps_this_run": s.get("steps_this_run"), "final_loss": final, "wall_s": s.get("wall_s"), "run": str(run),
             "processes": s.get("processes"), "fsdp": bool(s.get("fsdp")), "dtype": s.get("dtype")}
 
 
@@ -234,9 +235,10 @@ def export_one(setup: Setup, model: Any, target: Path, out_stream) -> None:
 
 
 def run_technique(setup: Setup | None, args: argparse.Namespace, technique: str, out: Path, out_stream,
-                  world: Any) -> list[dict[str, Any]]:
-    """Rows for one technique: converted, then each recovery seed. Process 0 converts (the others wait for its
-    checkpoint's path), every process recovers, process 0 measures (``setup`` is None on the others)."""
+                  world: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Rows for one technique (converted, then each recovery seed; none with ``--no-eval``) and its recoveries.
+    Process 0 converts (the others wait for its checkpoint's path), every process recovers, process 0 measures
+    (``setup`` is None on the others)."""
     a = args
     model = path = None
     failed = None
@@ -256,16 +258,18 @@ def run_technique(setup: Setup | None, args: argparse.Namespace, technique: str,
     infos = {seed: recover_one(a, setup.tok if setup else None, path, out, seed, out_stream, world)
              for seed in (_seeds(a.seeds) if a.recover else [])}
     if not world.main:
-        return []
+        return [], []
     rows = [] if a.no_eval else [{"technique": technique, "recovery_steps": 0,
                                   "checkpoint": str(path) if path else None, **measure_one(setup, model)}]
     for seed, info in infos.items():
+        if a.no_eval and a.export is None:
+            continue
         rec = kvlab.load(info["run"], device=a.device).eval()
         export_one(setup, rec, out / f"recovered-seed{seed}-hf", out_stream)
         if not a.no_eval:
             rows.append({"technique": technique, "recovery_steps": a.recover, "seed": seed, "recovery": info,
                          "checkpoint": info["run"], **measure_one(setup, rec)})
-    return rows
+    return rows, [{"technique": technique, **info} for info in infos.values()]
 
 
 class _Quiet(Exception):
@@ -370,9 +374,12 @@ def _run(args: argparse.Namespace, techniques: list[str], world: Any) -> int:
             print(f"model: {args.model} ({setup.model.config.name}, {setup.model.num_parameters():,} parameters); "
                   f"text: {setup.corpus.describe(None if args.no_eval else len(setup.ids))}", file=out_stream)
         rows: list[dict[str, Any]] = []
+        recoveries: list[dict[str, Any]] = []
         for t in techniques:
             print(f"\n== {t}", file=out_stream)
-            rows += run_technique(setup, args, t, out if args.to is not None else out / slug(t), out_stream, world)
+            got, rec = run_technique(setup, args, t, out if args.to is not None else out / slug(t), out_stream, world)
+            rows += got
+            recoveries += rec
             sys.stderr.flush()
         if setup is None:
             return 0
@@ -388,8 +395,8 @@ def _run(args: argparse.Namespace, techniques: list[str], world: Any) -> int:
             from kvlab.retrofit.report import decode_speed
 
             setup.ground["original_decode"] = decode_speed(setup.model, parse_context(args.decode_context))
-        result = {**setup.ground, "techniques": techniques, "rows": rows, "spread": spread(rows),
-                  "processes": world.size, "wall_s": time.perf_counter() - t0}
+        result = {**setup.ground, "techniques": techniques, "rows": rows, "recoveries": recoveries,
+                  "spread": spread(rows), "processes": world.size, "wall_s": time.perf_counter() - t0}
         if rows:
             rows[0]["original_needle"] = setup.ground.get("original_needle")
             rows[0]["original_decode"] = setup.ground.get("original_decode")
