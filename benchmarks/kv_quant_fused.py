@@ -51,17 +51,17 @@ def main() -> None:
             paths[f"{fmt} blocked"] = lambda kv=kview, vv=vview: attend(q, kv, vv, None, scale)
             best = chosen(d, bits == 4, a.group)
             for how in [x + ("4" if bits == 4 and a.group % 2 == 0 else "") for x in ("heads", "rows")]:
-                rows = [r.__class__.__new__(r.__class__) for r in (kr, vr)]  # the same buffers, marked fused
-                for r, src in zip(rows, (kr, vr), strict=True):
-                    r.__dict__.update(src.__dict__, fused=True)
-                kf, vf = rows[0].view(n), rows[1].view(n)
 
-                def call(kf=kf, vf=vf, how=how):
-                    fused.layout = lambda *_: how
+                def call(rows=(kr, vr), views=(kview, vview), how=how):
+                    fused.layout = lambda *_: how  # this layout, whatever kvlab would pick
+                    for r in rows:  # the same buffers, marked as new_cache(..., fused=True) marks them
+                        r.fused = True
                     try:
-                        return attend(q, kf, vf, None, scale)
+                        return attend(q, *views, None, scale)
                     finally:
                         fused.layout = chosen
+                        for r in rows:
+                            r.fused = False
 
                 name = f"{fmt} fused {how}{' *' if how == best else ''}"
                 t0 = time.perf_counter()
