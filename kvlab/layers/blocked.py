@@ -138,7 +138,9 @@ def _ranges(x, n: int, *more) -> list[tuple[int, int]]:
         return [(0, n)] if n > 0 else []
     span = max(y.rows.span for y in readers)
     size = max(span, min(y.block_size() for y in readers) // span * span)
-    return [(lo, min(n, lo + size)) for lo in range(0, n, size)]
+    # the loop counts blocks, not positions: inside a compiled step (n a symbol) dynamo then guards on the number of
+    # blocks (a graph per block count) instead of on n itself (``range(0, n, size)``: a graph per decode step)
+    return [(i * size, min(n, (i + 1) * size)) for i in range(-(-n // size))]
 
 
 def _parts(x) -> list:
@@ -324,8 +326,8 @@ def _key_blocks(k, n: int, at: int = 0):
         return
     parts = k.parts if isinstance(k, Cat) else [k]
     size = min([p.block_size() for p in parts if is_blocked(p)] or [max(n, 1)])
-    for lo in range(0, n, size):
-        hi = min(n, lo + size)
+    for i in range(-(-n // size)):  # blocks, not positions: see _ranges
+        lo, hi = i * size, min(n, (i + 1) * size)
         yield at + lo, at + hi, [p.block(lo, hi, i) if is_blocked(p) else p.narrow(-2, lo, hi - lo).float()
                                  for i, p in enumerate(parts)]
 
