@@ -232,9 +232,11 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
     were checked on entry, as in ``generate``). ``compile``: a torch.compile backend (kvlab/compiled.py): each
     context then has two rows, eager and compiled (``compiled``), decoded in turns on two caches of the same
     size; the compiled row's first step (a compile, at a new cache size) is reported apart as ``first_step_s``,
-    with ``compiles``, the graphs it compiled; the RSS figures are the pair's. ``fused`` (a quantized ``kv_quant``):
-    each of those lanes again on a cache made with ``fused=True`` (kvlab/layers/fused.py; a row's ``fused`` says
-    which), all decoded in turns; an eager fused lane's first step (its kernels' compiles) is reported apart too."""
+    with ``compiles``, the graphs it compiled; the RSS figures are the pair's. A quantized cache's compiled lane is
+    made with ``fused=True`` (kvlab/layers/fused.py: one graph for the whole decode; the blocked compiled step
+    compiles for minutes and runs several times slower, docs/performance.md). ``fused`` (a quantized ``kv_quant``):
+    an eager lane on a cache made with ``fused=True`` too, and a compiled blocked one (a row's ``fused`` says which),
+    all decoded in turns; an eager fused lane's first step (its kernels' compiles) is reported apart too."""
     fused = bool(fused and kv_quant)
     last_only = "last_only" in inspect.signature(model.forward).parameters
     compiled = CompiledStep(model, compile) if compile else None
@@ -256,8 +258,14 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
         gc.collect()
         with torch.inference_mode(), rss_sampler() as mem, device_memory(device) as dmem:
             caches, lanes, kinds, graphs = [], [], [], [0] * 4  # graphs compiled by each lane's decode steps
-            for step, fuse in [(s, f) for s in [eager] + ([compiled] if compiled else []) for f in (False, True)
-                               if f <= fused]:
+            # lanes: eager blocked (and fused with --fused); compiled: a quantized cache fused by default (its
+            # blocked compiled step costs minutes of compiling and ~8x the step; docs/performance.md), blocked too
+            # with --fused
+            pairs = [(eager, False)] + ([(eager, True)] if fused else [])
+            if compiled:
+                pairs += [(compiled, False)] if not kv_quant else [(compiled, False), (compiled, True)] if fused \
+                    else [(compiled, True)]
+            for step, fuse in pairs:
                 cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant, fused=fuse)
 
                 def fwd(x: torch.Tensor, last: bool, cache: Any = cache) -> torch.Tensor:
@@ -527,7 +535,8 @@ def compile_speedup(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     eager = {(x["kv_dtype"], x["context"], x.get("fused", False)): x for x in rows if not x["compiled"]}
     out = []
     for c in rows:
-        e = eager.get((c["kv_dtype"], c["context"], c.get("fused", False))) if c["compiled"] else None
+        e = eager.get((c["kv_dtype"], c["context"], c.get("fused", False))) or eager.get(
+            (c["kv_dtype"], c["context"], False)) if c["compiled"] else None  # compiled fused vs eager blocked
         if e is None:
             continue
         out.append({"kv_dtype": c["kv_dtype"], "dtype": c["dtype"], "context": c["context"],
@@ -627,5 +636,5 @@ def format_card(r: dict[str, Any]) -> str:
                    " cache size; that step is left out of the median); a context's eager and compiled steps run in"
                    " turns, on two caches (so they meet the same load; RSS figures are the pair's); fused: the"
                    " cache made with fused=True (int8/int4 codes attended by one compiled kernel; its first step,"
-                   " the kernels' compiles, left out of the median).")]
+                   " the kernels' compiles, left out of the median); a quantized cache's compiled lane is fused.")]
     return "\n".join(lines)

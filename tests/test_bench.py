@@ -215,3 +215,23 @@ def test_bench_fused_beside_blocked(capsys, tmp_path, monkeypatch):
     assert q["speedup"] == fast["decode_tok_s"] / blocked["decode_tok_s"] and not q["compiled"]
     assert main(["bench", str(path), "--context", "40", "--fused", "--no-progress"]) == 2
     assert "kvlab: error: --fused attends quantized caches" in capsys.readouterr().err
+
+
+def test_bench_compiled_quantized_lane_is_fused(capsys, tmp_path, monkeypatch):
+    """``--kv-dtype int8 --compile``: the compiled lane's cache is made with fused=True (one graph for the decode),
+    paired with the eager blocked lane in compile_speedup."""
+    from kvlab import compiled
+    from kvlab.cache import quant
+    from kvlab.layers import fused
+
+    monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
+    monkeypatch.setattr(fused, "BACKEND", "eager")
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * KV_HEADS * HEAD_DIM * 8)
+    path = tmp_path / "tiny.json"
+    tiny().save(path)
+    rc = main(["bench", str(path), "--context", "40", "--decode-tokens", "2", "--prefill-chunk", "20",
+               "--bandwidth-mib", "8", "--no-progress", "--kv-dtype", "int8", "--compile", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert rc == 0 and [(x["compiled"], x["fused"]) for x in r["results"]] == [(False, False), (True, True)]
+    (q,) = r["compile_speedup"]
+    assert q["fused"] and q["speedup"] == r["results"][1]["decode_tok_s"] / r["results"][0]["decode_tok_s"]
