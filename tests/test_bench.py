@@ -231,7 +231,9 @@ def test_bench_compiled_quantized_lane_is_fused(capsys, tmp_path, monkeypatch):
     tiny().save(path)
     rc = main(["bench", str(path), "--context", "40", "--decode-tokens", "2", "--prefill-chunk", "20",
                "--bandwidth-mib", "8", "--no-progress", "--kv-dtype", "int8", "--compile", "--json"])
-    r = json.loads(capsys.readouterr().out)
-    assert rc == 0 and [(x["compiled"], x["fused"]) for x in r["results"]] == [(False, False), (True, True)]
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    r = json.loads(out)
+    assert [(x["compiled"], x["fused"]) for x in r["results"]] == [(False, False), (True, True)]
     (q,) = r["compile_speedup"]
     assert q["fused"] and q["speedup"] == r["results"][1]["decode_tok_s"] / r["results"][0]["decode_tok_s"]

@@ -103,7 +103,7 @@ def _attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tenso
     if sinks is not None:
         den = den + (sinks - m).exp()
     p = p if wide else p.transpose(-1, -2)  # [B, Hkv, L, G]
-    c, rest = divmod(n, chunk)
+    c, rest = n // chunk, n % chunk  # not divmod: dynamo fails on it in some traces
     parts = [(0, c, chunk)] if c else []
     if rest:  # the last positions, fewer than a chunk: one more partial sum
         parts.append((c * chunk, 1, rest))
