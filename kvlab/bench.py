@@ -263,8 +263,8 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
             # with --fused
             pairs = [(eager, False)] + ([(eager, True)] if fused else [])
             if compiled:
-                pairs += [(compiled, False)] if not kv_quant else [(compiled, False), (compiled, True)] if fused \
-                    else [(compiled, True)]
+                pairs += [(compiled, False)] if fused or not kv_quant else []  # blocked (plain caches: the only one)
+                pairs += [(compiled, True)] if kv_quant else []
             for step, fuse in pairs:
                 cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant, fused=fuse)
 
