@@ -12,12 +12,14 @@ random weights scaled as ``kvlab bench`` scales them, one transformers checkpoin
 3. each lane's step is profiled (torch.profiler, ``--profile-steps`` steps): self CPU time by operator, split into
    weight matmuls (``aten::mm`` / ``addmm``), attention (SDPA, ``bmm``) and the rest.
 
-Bytes read per step and the bandwidth share are the calculator's (kvlab/costs), as in ``kvlab bench``. The load
-average is recorded around every part. The JSON (``--out``) is rewritten after each shape; ``--budget-min`` stops
+``SHAPE:CONTEXT:fp32+bf16`` builds both dtypes of the same checkpoint and decodes all six lanes in turns (fp32's
+then bf16's, each step), so the bf16 / fp32 ratio shares one load too (a table of its own; each dtype's record says
+``interleaved``). Bytes read per step and the bandwidth share are the calculator's (kvlab/costs), as in
+``kvlab bench``. The load average is recorded around every part. The JSON (``--out``) is rewritten after each shape; ``--budget-min`` stops
 before a shape that would start past it (the skipped ones are listed).
 
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/same_load.py benchmarks/qwen3-100m.json:16k \\
-        benchmarks/qwen3-100m.json:4k:bf16 benchmarks/laguna-small.json:16k:eager --out same_load.json
+        benchmarks/qwen3-100m.json:4k:fp32+bf16 benchmarks/laguna-small.json:16k:eager --out same_load.json
     PYTHONPATH=$PWD .venv/bin/python benchmarks/same_load.py --table same_load.json
 """
 
@@ -36,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+DTYPE_FLAGS = {"bf16": ["bfloat16"], "fp32+bf16": ["float32", "bfloat16"]}  # else fp32 alone
 
 
 def _load() -> float:
@@ -60,96 +64,124 @@ def _profile(step: Any, logits: torch.Tensor, steps: int) -> tuple[dict[str, Any
     return _breakdown(prof, steps), logits
 
 
-def run_shape(shape: Path, ctx: int, decode_tokens: int, dtype: str, profile_steps: int, compile: bool = True
-              ) -> dict[str, Any]:
+def _models(cfg: Any, tmp: str, td: torch.dtype, out: dict[str, Any]) -> tuple[Any, Any]:
+    """kvlab's and transformers' model of the checkpoint in ``tmp`` in dtype ``td``, warmed up as kvlab bench does."""
     import transformers as tf
 
-    from kvlab.bench import TORCH_DTYPES, WARMUP, copy_bandwidth, rss_sampler, save_random_hf
+    from kvlab.bench import WARMUP
+    from kvlab.loading import load
+
+    model = load(tmp, dtype=td, device="cpu").eval()
+    hf = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=td).eval()
+    warm = torch.zeros(1, WARMUP, dtype=torch.long)
+    with torch.inference_mode():  # warm-up, as kvlab bench: allocator and kernel set-up
+        c = model.new_cache(1, max_length=WARMUP + 2)
+        model(warm, cache=c)
+        try:
+            hf(input_ids=warm, past_key_values=tf.DynamicCache(config=hf.config), use_cache=True)
+        except RuntimeError as err:  # transformers' grouped_mm experts fail on the CPU for some shapes
+            if "stride" not in str(err):
+                raise
+            hf = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=td, experts_implementation="eager").eval()
+            out["transformers_experts"] = "eager"
+            hf(input_ids=warm, past_key_values=tf.DynamicCache(config=hf.config), use_cache=True)
+    return model, hf
+
+
+def run_shape(shape: Path, ctx: int, decode_tokens: int, dtypes: list[str], profile_steps: int,
+              compile: bool = True) -> list[dict[str, Any]]:
+    """One record per dtype; with several dtypes (fp32 and bf16) every lane of every dtype decodes in turns, so
+    their ratios share one load (each record then names the others in ``interleaved``)."""
+    import transformers as tf
+
+    from kvlab.bench import TORCH_DTYPES, copy_bandwidth, rss_sampler, save_random_hf
     from kvlab.compiled import CompiledStep
     from kvlab.costs import costs
-    from kvlab.loading import load
     from kvlab.resolve import resolve_spec
     from kvlab.shrink import scale_to_fit
 
-    td = TORCH_DTYPES[dtype]
     cfg, notes = scale_to_fit(resolve_spec(str(shape)))
-    out: dict[str, Any] = {"shape": shape.stem, "context": ctx, "dtype": dtype, "decode_tokens": decode_tokens,
-                           "threads": torch.get_num_threads(), "scaled": notes, "load": {"start": _load()}}
+    recs: dict[str, dict[str, Any]] = {}
+    for dtype in dtypes:
+        recs[dtype] = {"shape": shape.stem, "context": ctx, "dtype": dtype, "decode_tokens": decode_tokens,
+                       "threads": torch.get_num_threads(), "scaled": notes, "load": {"start": _load()}}
+        if len(dtypes) > 1:
+            recs[dtype]["interleaved"] = list(dtypes)
     with tempfile.TemporaryDirectory(prefix="same-load-") as tmp:
-        save_random_hf(cfg, tmp)
-        model = load(tmp, dtype=td, device="cpu").eval()
-        hf = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=td).eval()
-        ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
-        warm = torch.zeros(1, WARMUP, dtype=torch.long)
-        with torch.inference_mode():  # warm-up, as kvlab bench: allocator and kernel set-up
-            c = model.new_cache(1, max_length=WARMUP + 2)
-            model(warm, cache=c)
-            try:
-                hf(input_ids=warm, past_key_values=tf.DynamicCache(config=hf.config), use_cache=True)
-            except RuntimeError as err:  # transformers' grouped_mm experts fail on the CPU for some shapes
-                if "stride" not in str(err):
-                    raise
-                hf = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=td, experts_implementation="eager").eval()
-                out["transformers_experts"] = "eager"
-                hf(input_ids=warm, past_key_values=tf.DynamicCache(config=hf.config), use_cache=True)
+        save_random_hf(cfg, tmp)  # one checkpoint: every dtype's models hold the same weights
+        models = {dtype: _models(cfg, tmp, TORCH_DTYPES[dtype], recs[dtype]) for dtype in dtypes}
+    ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
     spare = decode_tokens + 2 * profile_steps + 2
+    lanes: dict[tuple[str, str], Any] = {}  # (dtype, lane) -> step(ids [1, 1]) -> logits
+    logits: dict[tuple[str, str], torch.Tensor] = {}
+    compiled: dict[str, Any] = {}
     with torch.inference_mode():
-        gc.collect()
-        with rss_sampler() as mem:
-            cache = model.new_cache(1, max_length=ctx + spare)
-            t0 = time.perf_counter()
-            for s in range(0, ctx, 512):
-                k_logits = model(ids[:, s:s + 512], cache=cache, last_only=True)
-            k_pre = time.perf_counter() - t0
-        out["kvlab_prefill"] = {"s": k_pre, "tok_s": ctx / k_pre, "rss_delta": mem["peak"] - mem["start"]}
-        out["load"]["after_kvlab_prefill"] = _load()
-        other = copy.deepcopy(cache) if compile else None
-        gc.collect()
-        with rss_sampler() as mem:
-            hcache = tf.DynamicCache(config=hf.config)
-            t0 = time.perf_counter()
-            for s in range(0, ctx, 512):
-                h_logits = hf(input_ids=ids[:, s:s + 512], past_key_values=hcache, use_cache=True,
-                              logits_to_keep=1).logits
-            h_pre = time.perf_counter() - t0
-        out["transformers_prefill"] = {"s": h_pre, "tok_s": ctx / h_pre, "rss_delta": mem["peak"] - mem["start"]}
-        out["load"]["after_prefills"] = _load()
-        compiled = CompiledStep(model, "inductor") if compile else None
-        lanes = {
-            "eager": lambda x: model.decode_step(x, cache),
-            "compiled": lambda x: compiled(x, other),
-            "transformers": lambda x: hf(input_ids=x, past_key_values=hcache, use_cache=True).logits,
-        }
-        if not compile:
-            del lanes["compiled"]
-        logits = {"eager": k_logits, "compiled": k_logits, "transformers": h_logits}
-        times: dict[str, list[float]] = {k: [] for k in lanes}
-        out["copy_bandwidth_before"] = copy_bandwidth()
+        for dtype, (model, hf) in models.items():
+            out = recs[dtype]
+            gc.collect()
+            with rss_sampler() as mem:
+                cache = model.new_cache(1, max_length=ctx + spare)
+                t0 = time.perf_counter()
+                for s in range(0, ctx, 512):
+                    k_logits = model(ids[:, s:s + 512], cache=cache, last_only=True)
+                k_pre = time.perf_counter() - t0
+            out["kvlab_prefill"] = {"s": k_pre, "tok_s": ctx / k_pre, "rss_delta": mem["peak"] - mem["start"]}
+            out["load"]["after_kvlab_prefill"] = _load()
+            other = copy.deepcopy(cache) if compile else None
+            gc.collect()
+            with rss_sampler() as mem:
+                hcache = tf.DynamicCache(config=hf.config)
+                t0 = time.perf_counter()
+                for s in range(0, ctx, 512):
+                    h_logits = hf(input_ids=ids[:, s:s + 512], past_key_values=hcache, use_cache=True,
+                                  logits_to_keep=1).logits
+                h_pre = time.perf_counter() - t0
+            out["transformers_prefill"] = {"s": h_pre, "tok_s": ctx / h_pre,
+                                           "rss_delta": mem["peak"] - mem["start"]}
+            out["load"]["after_prefills"] = _load()
+            lanes[dtype, "eager"] = lambda x, m=model, c=cache: m.decode_step(x, c)
+            if compile:
+                compiled[dtype] = CompiledStep(model, "inductor")
+                lanes[dtype, "compiled"] = lambda x, f=compiled[dtype], c=other: f(x, c)
+            lanes[dtype, "transformers"] = (lambda x, h=hf, c=hcache:
+                                            h(input_ids=x, past_key_values=c, use_cache=True).logits)
+            logits.update({(dtype, "eager"): k_logits, (dtype, "compiled"): k_logits,
+                           (dtype, "transformers"): h_logits})
+        times: dict[tuple[str, str], list[float]] = {k: [] for k in lanes}
+        bw_before = copy_bandwidth()
         for _ in range(decode_tokens):
-            for name, step in lanes.items():
-                nxt = logits[name][:, -1].argmax(-1, keepdim=True)
+            for key, step in lanes.items():
+                nxt = logits[key][:, -1].argmax(-1, keepdim=True)
                 t1 = time.perf_counter()
-                logits[name] = step(nxt)
-                times[name].append(time.perf_counter() - t1)
-        out["copy_bandwidth_after"] = copy_bandwidth()
-        out["load"]["after_decode"] = _load()
-        c = costs(cfg, context=ctx + decode_tokens // 2, dtype=dtype)
-        read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
-        out.update(weight_read_bytes_per_step=c.weight_read_bytes_per_step,
-                   kv_read_bytes_per_step=c.kv_read_bytes_per_step,
-                   compiles=compiled.compiles if compiled else None,
-                   first_compiled_step_s=times["compiled"][0] if compiled else None)
-        for name, st in times.items():
-            timed = st[1:] if name == "compiled" else st
-            med = statistics.median(timed)
-            out[name] = {"steps_s": st, "median_s": med, "tok_s": 1 / med}
-            if name != "transformers":
-                out[name]["achieved_bandwidth"] = read / med
+                logits[key] = step(nxt)
+                times[key].append(time.perf_counter() - t1)
+        bw_after, after_decode = copy_bandwidth(), _load()
+        for dtype, out in recs.items():
+            out.update(copy_bandwidth_before=bw_before, copy_bandwidth_after=bw_after)
+            out["load"]["after_decode"] = after_decode
+            c = costs(cfg, context=ctx + decode_tokens // 2, dtype=dtype)
+            read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
+            step = compiled.get(dtype)
+            out.update(weight_read_bytes_per_step=c.weight_read_bytes_per_step,
+                       kv_read_bytes_per_step=c.kv_read_bytes_per_step,
+                       compiles=step.compiles if step else None,
+                       first_compiled_step_s=times[dtype, "compiled"][0] if step else None)
+            for (dt, name), st in times.items():
+                if dt != dtype:
+                    continue
+                timed = st[1:] if name == "compiled" else st
+                med = statistics.median(timed)
+                out[name] = {"steps_s": st, "median_s": med, "tok_s": 1 / med}
+                if name != "transformers":
+                    out[name]["achieved_bandwidth"] = read / med
         if profile_steps:
-            for name, step in lanes.items():
-                out[name]["profile"], logits[name] = _profile(step, logits[name], profile_steps)
-            out["load"]["after_profile"] = _load()
-    return out  # the models and caches go with this frame
+            for (dtype, name), step in lanes.items():
+                recs[dtype][name]["profile"], logits[dtype, name] = _profile(step, logits[dtype, name],
+                                                                             profile_steps)
+            after_profile = _load()
+            for out in recs.values():
+                out["load"]["after_profile"] = after_profile
+    return list(recs.values())  # the models and caches go with this frame
 
 
 def table(data: dict[str, Any]) -> str:
@@ -198,14 +230,55 @@ def profile_table(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from kvlab import threads as threads_mod
+def dtype_table(data: dict[str, Any]) -> str:
+    """Markdown: bf16 against fp32 per lane, for the shapes whose dtypes decoded in turns (``SHAPE:CTX:fp32+bf16``)."""
+    lines = ["| shape | context | lane | fp32 tok/s | bf16 tok/s | bf16 / fp32 | bf16 of copy bw | fp32 of copy bw |",
+             "|" + "---|" * 8]
+    pairs: dict[tuple[str, int], dict[str, Any]] = {}
+    for r in data["runs"]:
+        if "interleaved" in r:
+            pairs.setdefault((r["shape"], r["context"]), {})[r["dtype"]] = r
+    for (shape, ctx), by in pairs.items():
+        f, b = by.get("float32"), by.get("bfloat16")
+        if not (f and b):
+            continue
+        bw = min(f["copy_bandwidth_before"], f["copy_bandwidth_after"])
+        for lane in ("eager", "compiled", "transformers"):
+            if lane not in f or lane not in b:
+                continue
+            share = [f"{100 * x['achieved_bandwidth'] / bw:.0f}%" if "achieved_bandwidth" in x else "-"
+                     for x in (b[lane], f[lane])]
+            lines.append(f"| {shape} | {ctx} | {lane} | {f[lane]['tok_s']:.2f} | {b[lane]['tok_s']:.2f} | "
+                         f"{b[lane]['tok_s'] / f[lane]['tok_s']:.2f}x | {share[0]} | {share[1]} |")
+    return "\n".join(lines) if len(lines) > 2 else ""
+
+
+def parse_run(run: str) -> tuple[Path, int, list[str], bool]:
+    """``SHAPE:CONTEXT[:bf16|:fp32+bf16][:eager]`` -> (shape, context, dtypes, compiled lane)."""
     from kvlab.units import parse_contexts
 
+    shape, ctx, *flags = run.split(":")
+    bad = [f for f in flags if f not in DTYPE_FLAGS and f != "eager"]
+    if bad:
+        raise ValueError(f"{run}: {bad[0]!r} is not one of {sorted(DTYPE_FLAGS)} or eager")
+    dtypes = [DTYPE_FLAGS[f] for f in flags if f in DTYPE_FLAGS]
+    if len(dtypes) > 1:
+        raise ValueError(f"{run}: give one of {sorted(DTYPE_FLAGS)}, not several")
+    return Path(shape), parse_contexts(ctx)[0], dtypes[0] if dtypes else ["float32"], "eager" not in flags
+
+
+def report(data: dict[str, Any]) -> str:
+    """The run's tables: per shape, bf16 against fp32 (interleaved shapes only), the profiles."""
+    return "\n\n".join(t for t in (table(data), dtype_table(data), profile_table(data)) if t)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kvlab import threads as threads_mod
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("runs", nargs="+", metavar="SHAPE:CONTEXT[:bf16][:eager]",
-                    help="one run each, in this order: a benchmark JSON, a context (16k), bf16 (else fp32), eager "
-                         "(no compiled lane)")
+    ap.add_argument("runs", nargs="+", metavar="SHAPE:CONTEXT[:bf16|:fp32+bf16][:eager]",
+                    help="one run each, in this order: a benchmark JSON, a context (16k), bf16 (else fp32; "
+                         "fp32+bf16: both, their lanes in turns), eager (no compiled lane)")
     ap.add_argument("--decode-tokens", type=int, default=8)
     ap.add_argument("--profile-steps", type=int, default=3)
     ap.add_argument("--threads", type=int)
@@ -215,28 +288,25 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.table:
         data = json.loads(Path(args.runs[0]).read_text())
-        print(table(data) + "\n\n" + profile_table(data))
+        print(report(data))
         return 0
     threads_mod.apply(args.threads)
-    plan = []
-    for run in args.runs:
-        shape, ctx, *flags = run.split(":")
-        bad = [f for f in flags if f not in ("bf16", "eager")]
-        if bad:
-            ap.error(f"{run}: {bad[0]!r} is not bf16 or eager")
-        plan.append((Path(shape), parse_contexts(ctx)[0], "bfloat16" if "bf16" in flags else "float32",
-                     "eager" not in flags))
+    try:
+        plan = [parse_run(run) for run in args.runs]
+    except ValueError as err:
+        ap.error(str(err))
     data: dict[str, Any] = {"runs": [], "skipped": [], "threads": torch.get_num_threads(),
                             "command": " ".join(sys.argv)}
     t0 = time.time()
-    for shape, ctx, dtype, compile in plan:
+    for shape, ctx, dtypes, compile in plan:
+        dtype = "+".join(dtypes)
         if time.time() - t0 > 60 * args.budget_min:
             data["skipped"].append(f"{shape.stem} {dtype} {ctx}")
             continue
         print(f"{shape.stem} {dtype} {ctx} (load {_load():.1f}, {time.time() - t0:.0f} s in) ...", file=sys.stderr,
               flush=True)
         try:
-            data["runs"].append(run_shape(shape, ctx, args.decode_tokens, dtype, args.profile_steps, compile))
+            data["runs"] += run_shape(shape, ctx, args.decode_tokens, dtypes, args.profile_steps, compile)
         except Exception as err:  # noqa: BLE001 - a failed shape is recorded, the others still run
             data["failed"] = data.get("failed", []) + [f"{shape.stem} {dtype} {ctx}: {type(err).__name__}: {err}"]
             print(data["failed"][-1], file=sys.stderr, flush=True)
@@ -245,9 +315,9 @@ def main(argv: list[str] | None = None) -> int:
             gc.collect()
         data["wall_s"] = time.time() - t0
         args.out.write_text(json.dumps(data, indent=1))
-        print(table({"runs": data["runs"][-1:]}).splitlines()[-1], file=sys.stderr, flush=True)
+        print("\n".join(table({"runs": data["runs"][-len(dtypes):]}).splitlines()[2:]), file=sys.stderr, flush=True)
     args.out.write_text(json.dumps(data, indent=1))
-    print(table(data) + "\n\n" + profile_table(data))
+    print(report(data))
     for f in data.get("failed", []):
         print(f"failed: {f}")
     if data["skipped"]:

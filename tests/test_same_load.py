@@ -1,0 +1,43 @@
+"""The same-load benchmark's plan and its bf16 / fp32 table (benchmarks/same_load.py; the runs are outside CI)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "same_load.py"
+
+
+@pytest.fixture(scope="module")
+def same_load():
+    spec = importlib.util.spec_from_file_location("same_load", SCRIPT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_run_names_its_dtypes_and_lanes(same_load):
+    assert same_load.parse_run("b/q.json:16k") == (Path("b/q.json"), 16384, ["float32"], True)
+    assert same_load.parse_run("b/q.json:4k:bf16:eager") == (Path("b/q.json"), 4096, ["bfloat16"], False)
+    assert same_load.parse_run("b/q.json:1k:fp32+bf16") == (Path("b/q.json"), 1024, ["float32", "bfloat16"], True)
+    with pytest.raises(ValueError, match="'fp16' is not one of"):
+        same_load.parse_run("b/q.json:1k:fp16")
+    with pytest.raises(ValueError, match="not several"):
+        same_load.parse_run("b/q.json:1k:bf16:fp32+bf16")
+
+
+def record(dtype, eager_s, tf_s, interleaved=True, bw=10e9, read=1e9):
+    r = {"shape": "q", "context": 4096, "dtype": dtype, "copy_bandwidth_before": bw, "copy_bandwidth_after": 2 * bw,
+         "eager": {"tok_s": 1 / eager_s, "achieved_bandwidth": read / eager_s}, "transformers": {"tok_s": 1 / tf_s}}
+    if interleaved:
+        r["interleaved"] = ["float32", "bfloat16"]
+    return r
+
+
+def test_bf16_against_fp32_only_for_lanes_that_decoded_in_turns(same_load):
+    runs = [record("float32", 0.2, 0.4), record("bfloat16", 0.1, 0.5, read=0.5e9),
+            record("bfloat16", 0.01, 0.01, interleaved=False)]
+    rows = same_load.dtype_table({"runs": runs}).splitlines()[2:]
+    assert rows == ["| q | 4096 | eager | 5.00 | 10.00 | 2.00x | 50% | 50% |",
+                    "| q | 4096 | transformers | 2.50 | 2.00 | 0.80x | - | - |"]
+    assert same_load.dtype_table({"runs": runs[2:]}) == ""
