@@ -15,8 +15,8 @@ random weights scaled as ``kvlab bench`` scales them, one transformers checkpoin
 ``SHAPE:CONTEXT:fp32+bf16`` builds both dtypes of the same checkpoint and decodes all six lanes in turns (fp32's
 then bf16's, each step), so the bf16 / fp32 ratio shares one load too (a table of its own; each dtype's record says
 ``interleaved``). Bytes read per step and the bandwidth share are the calculator's (kvlab/costs), as in
-``kvlab bench``. The load average is recorded around every part. The JSON (``--out``) is rewritten after each shape; ``--budget-min`` stops
-before a shape that would start past it (the skipped ones are listed).
+``kvlab bench``. The load average is recorded around every part. The JSON (``--out``) is rewritten after each
+shape; ``--budget-min`` stops before a shape that would start past it (the skipped ones are listed).
 
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/same_load.py benchmarks/qwen3-100m.json:16k \\
         benchmarks/qwen3-100m.json:4k:fp32+bf16 benchmarks/laguna-small.json:16k:eager --out same_load.json
