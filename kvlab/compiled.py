@@ -22,6 +22,7 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from kvlab.cache.storage import positions
+from kvlab.layers import cpu_attend
 from kvlab.model import Model
 
 SEQ_LEN = "L['cache'].seq_len"  # the decode step's argument ``cache``, its attribute ``seq_len``
@@ -73,6 +74,8 @@ class CompiledStep:
     def __call__(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
         if cache.max_length:  # the shared position vector (kvlab/cache/storage.py) grown for the whole cache now:
             positions(cache.max_length + 1, ids.device)  # its growth mid-decode would change a traced tensor
+        if getattr(cache, "kv_quant", None) and ids.device.type == "cpu":
+            cpu_attend.available()  # the C++ kernel built and loaded before the trace reads whether it is
         before = graphs_compiled()
         t0 = time.perf_counter() if self.first_call_s is None else 0.0
         try:

@@ -25,7 +25,7 @@ import torch
 
 from kvlab.cache.quant import rotate
 
-from . import fused
+from . import cpu_attend, fused
 from .cast import as_fp32
 
 
@@ -370,6 +370,9 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
     g = h // hkv
     sk = None if sinks is None else sinks.float().view(1, hkv, g, 1)
     qf = q.reshape(b, hkv, g, d).float()
+    if cpu_attend.applies(k, v):  # int8 / int4 codes on the CPU: the hand-written kernel (kvlab/layers/cpu_attend.py)
+        out = cpu_attend.attend(qf.contiguous(), k, v, mask, scale, sk)
+        return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
     if fused.applies(k, v):  # a cache made with fused=True: int8 / int4 codes attended by one compiled kernel
         out = fused.attend(qf.contiguous(), k, v, mask, scale, sk)
         if out is not None:

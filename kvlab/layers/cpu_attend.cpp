@@ -1,0 +1,340 @@
+// kvlab: decode attention of one query per head over int8 / int4 symmetric K/V codes with per-token scales
+// (kvlab/layers/cpu_attend.py builds, loads and documents it; kvlab/cache/quant.py holds the layout).
+//
+// Plain C++17 with GCC vector extensions (no intrinsics but F16C's half conversion, no torch headers, no OpenMP):
+// one function, kvlab_quant_attend, called through ctypes with the tensors' data pointers. Per (batch row, KV head,
+// block of at most 8 query heads): pass 1 scores every position (each code converted once, multiplied by its
+// scale, then FMA'd into the accumulators of all the query heads, P positions x GC heads at once in registers,
+// the 16-lane sums reduced 16 at a time by a shuffle tree), pass 2 the softmax (max, exp, denominator, sinks, the
+// UNDER cut), pass 3 p.v over tiles of positions (a tile of value rows stays in L1 while GC accumulators per
+// 16-channel chunk sweep it). int4 rows are read "planar" (per 32 channels: the 16 low nibbles = even channels,
+// then the 16 high = odd channels), the query permuted and the output un-permuted to match; groups that do not
+// cover whole 16 (int8) / 32 (int4) channel chunks are dequantized row by row into a float tile first.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+typedef float v16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+namespace {
+
+inline v16 ld(const float* p) { v16 x; std::memcpy(&x, p, sizeof x); return x; }
+inline void st(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+
+// 16 codes -> float32: int8, or the low (hi = 0) / high (hi = 1) nibbles of 16 bytes (GCC's __builtin_convertvector
+// scalarizes the sign extension, hence the intrinsics)
+inline v16 cvt_i8(const int8_t* p) {
+#if defined(__AVX512F__)
+    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
+                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))))};
+    v16 r; std::memcpy(&r, h, sizeof r); return r;
+#else
+    v16 r; for (int i = 0; i < 16; ++i) r[i] = float(p[i]); return r;
+#endif
+}
+
+inline v16 cvt_nibbles(const uint8_t* p, int hi) {
+#if defined(__AVX512F__) || defined(__AVX2__)
+    __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    x = _mm_and_si128(_mm_srl_epi16(x, _mm_cvtsi32_si128(4 * hi)), _mm_set1_epi8(15));
+#if defined(__AVX512F__)
+    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x));
+#else
+    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(x, 8)))};
+    v16 r; std::memcpy(&r, h, sizeof r); return r;
+#endif
+#else
+    v16 r; for (int i = 0; i < 16; ++i) r[i] = float((p[i] >> (4 * hi)) & 15); return r;
+#endif
+}
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    uint32_t s = uint32_t(h & 0x8000u) << 16, e = (h >> 10) & 31u, m = h & 0x3ffu, bits;
+    if (e == 0) {
+        float f = float(m) * 5.9604644775390625e-8f;  // subnormal (or zero): m * 2^-24
+        return s ? -f : f;
+    }
+    bits = e == 31 ? (s | 0x7f800000u | (m << 13)) : (s | ((e + 112u) << 23) | (m << 13));
+    float f; std::memcpy(&f, &bits, 4); return f;
+#endif
+}
+
+inline float bf16_to_float(uint16_t h) { uint32_t bits = uint32_t(h) << 16; float f; std::memcpy(&f, &bits, 4); return f; }
+
+// scales [count] of dtype kind (0 float32, 1 float16, 2 bfloat16) -> float32
+void scales_to_float(const void* src, int kind, long count, float* out) {
+    if (kind == 0) { std::memcpy(out, src, count * 4); return; }
+    const uint16_t* s = static_cast<const uint16_t*>(src);
+    if (kind == 1) for (long i = 0; i < count; ++i) out[i] = half_to_float(s[i]);
+    else for (long i = 0; i < count; ++i) out[i] = bf16_to_float(s[i]);
+}
+
+// one 16-lane shuffle-add level: items of W lanes (W/2 after) from x then y
+template <int W> inline v16 comb(v16 x, v16 y) {
+    i32x16 lo, hi;
+    for (int j = 0; j < 16; ++j) {
+        int item = j / (W / 2), i = j % (W / 2);
+        lo[j] = item * W + i;
+        hi[j] = item * W + i + W / 2;
+    }
+    return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
+}
+
+// lane j of the result = the sum of the 16 lanes of a[j]
+inline v16 reduce16(v16* a) {
+    v16 b[8], c[4], d[2];
+    for (int k = 0; k < 8; ++k) b[k] = comb<16>(a[2 * k], a[2 * k + 1]);
+    for (int k = 0; k < 4; ++k) c[k] = comb<8>(b[2 * k], b[2 * k + 1]);
+    for (int k = 0; k < 2; ++k) d[k] = comb<4>(c[2 * k], c[2 * k + 1]);
+    return comb<2>(d[0], d[1]);
+}
+
+// a buffer of one (batch row, KV head): codes [cap, rowbytes], scales [cap, ng]
+struct Buf {
+    const uint8_t* codes;
+    const void* scales;
+    int kind, int4, group, ng, rowbytes, fast;
+};
+
+// chunk loaders: loader(l, c) = the 16 values (scaled) of chunk c of row l of the current tile
+struct RowsF32 {  // rows dequantized into a float tile [T, dp]
+    const float* rows; int dp;
+    v16 operator()(int l, int c) const { return ld(rows + long(l) * dp + 16 * c); }
+};
+struct Int8Rows {
+    const int8_t* codes; int rb; const float* sc; int ng; const int* gi;
+    v16 operator()(int l, int c) const {
+        return cvt_i8(codes + long(l) * rb + 16 * c) * sc[l * ng + gi[c]];
+    }
+};
+struct Int4Rows {  // planar: chunk 2b = the low nibbles of bytes 16b..16b+15 (even channels), 2b+1 the high ones
+    const uint8_t* codes; int rb; const float* sc; int ng; const int* gi;
+    v16 operator()(int l, int c) const {
+        float s = sc[l * ng + gi[c]];
+        return cvt_nibbles(codes + long(l) * rb + 8 * (c & ~1), c & 1) * s - 8.0f * s;
+    }
+};
+
+// scores of positions l..l+P-1 (tile rows) for GC heads: S[(at + p) * GC + g]
+template <int GC, int P, class L>
+inline void score_block(const L& f, int l, int nch, const float* q, int dq, float* S, long at) {
+    v16 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = v16{};
+    for (int c = 0; c < nch; ++c) {
+        v16 qv[GC];
+        for (int g = 0; g < GC; ++g) qv[g] = ld(q + g * dq + 16 * c);
+        for (int p = 0; p < P; ++p) {
+            v16 x = f(l + p, c);
+            for (int g = 0; g < GC; ++g) acc[p * GC + g] += qv[g] * x;
+        }
+    }
+    float t[16];
+    st(t, reduce16(acc));
+    for (int i = 0; i < P * GC; ++i) S[at * GC + i] = t[i];
+}
+
+template <int GC, class L>
+void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S, long at) {
+    constexpr int P = 16 / GC;
+    int l = 0;
+    for (; l + P <= m; l += P) score_block<GC, P>(f, l, nch, q, dq, S, at + l);
+    for (; l < m; ++l) score_block<GC, 1>(f, l, nch, q, dq, S, at + l);
+}
+
+// acc[g, chunk c] += sum over the tile's m rows of p[l, g] * value(l, c)
+template <int GC, class L>
+void value_tile(const L& f, int m, int nch, const float* p, float* acc, int dq) {
+    for (int c = 0; c < nch; ++c) {
+        v16 a[GC];
+        for (int g = 0; g < GC; ++g) a[g] = ld(acc + g * dq + 16 * c);
+        for (int l = 0; l < m; ++l) {
+            v16 x = f(l, c);
+            const float* pl = p + l * GC;
+            for (int g = 0; g < GC; ++g) a[g] += x * pl[g];
+        }
+        for (int g = 0; g < GC; ++g) st(acc + g * dq + 16 * c, a[g]);
+    }
+}
+
+// where channel d sits in a row as the kernel reads it (int4 fast: planar per 32 channels)
+inline int slot_of(int d, bool planar) { return planar ? (d & ~31) + (d & 1) * 16 + (d & 31) / 2 : d; }
+
+struct Work {
+    std::vector<float> S, sc, rows, q, acc;
+    std::vector<int> gi, gch;
+};
+
+// dequantize rows lo..lo+m-1 of buffer b into w.rows [m, dq] (natural channel order; pads stay zero)
+void dequant_rows(const Buf& b, long lo, int m, int D, int dq, const float* sc, Work& w) {
+    for (int l = 0; l < m; ++l) {
+        const uint8_t* c = b.codes + (lo + l) * b.rowbytes;
+        float* r = w.rows.data() + long(l) * dq;
+        const float* s = sc + l * b.ng;
+        if (b.int4)
+            for (int d = 0; d < D; ++d) r[d] = (float((d & 1) ? (c[d >> 1] >> 4) : (c[d >> 1] & 15)) - 8.0f) * s[w.gch[d]];
+        else
+            for (int d = 0; d < D; ++d) r[d] = float(int8_t(c[d])) * s[w.gch[d]];
+    }
+}
+
+template <int GC>
+void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, const float* mask, const float* sinks,
+                  float scale, float under, float* out, Work& w) {
+    const int dq = (D + 15) & ~15, nch = dq / 16;
+    const bool kplanar = K.fast && K.int4, vplanar = V.fast && V.int4;
+    const int tile = 64;
+    w.S.resize(size_t(n) * GC);
+    w.q.assign(size_t(GC) * dq, 0.0f);
+    for (int g = 0; g < GC; ++g)
+        for (int d = 0; d < D; ++d) w.q[g * dq + slot_of(d, kplanar)] = q[g * D + d];
+    // pass 1: scores
+    {
+        const Buf& b = K;
+        int vt = tile;
+        w.sc.resize(size_t(vt) * b.ng);
+        w.gi.resize(nch);
+        w.gch.resize(D);
+        for (int d = 0; d < D; ++d) w.gch[d] = d / b.group;
+        for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (32 * (c / 2)) / b.group : (16 * c) / b.group;
+        if (!b.fast) w.rows.assign(size_t(vt) * dq, 0.0f);
+        for (long lo = 0; lo < n; lo += vt) {
+            int m = int(n - lo < vt ? n - lo : vt);
+            scales_to_float(static_cast<const char*>(b.scales) + lo * b.ng * (b.kind ? 2 : 4), b.kind, long(m) * b.ng,
+                            w.sc.data());
+            if (!b.fast) {
+                dequant_rows(b, lo, m, D, dq, w.sc.data(), w);
+                score_tile<GC>(RowsF32{w.rows.data(), dq}, m, nch, w.q.data(), dq, w.S.data(), lo);
+            } else if (b.int4) {
+                score_tile<GC>(Int4Rows{b.codes + lo * b.rowbytes, b.rowbytes, w.sc.data(), b.ng, w.gi.data()}, m, nch,
+                               w.q.data(), dq, w.S.data(), lo);
+            } else {
+                score_tile<GC>(Int8Rows{reinterpret_cast<const int8_t*>(b.codes) + lo * b.rowbytes, b.rowbytes,
+                                        w.sc.data(), b.ng, w.gi.data()}, m, nch, w.q.data(), dq, w.S.data(), lo);
+            }
+        }
+    }
+    // pass 2: softmax numerators in place, the denominator
+    float mx[GC], den[GC];
+    for (int g = 0; g < GC; ++g) mx[g] = -INFINITY;
+    float* S = w.S.data();
+    for (long l = 0; l < n; ++l) {
+        float add = mask ? mask[l] : 0.0f;
+        for (int g = 0; g < GC; ++g) {
+            float s = S[l * GC + g] * scale + add;
+            S[l * GC + g] = s;
+            mx[g] = s > mx[g] ? s : mx[g];
+        }
+    }
+    for (int g = 0; g < GC; ++g) {
+        if (sinks && sinks[g] > mx[g]) mx[g] = sinks[g];
+        if (mx[g] == -INFINITY) mx[g] = 0.0f;
+        den[g] = 0.0f;
+    }
+    for (long l = 0; l < n; ++l)
+        for (int g = 0; g < GC; ++g) {
+            float x = S[l * GC + g] - mx[g];
+            float p = x > -under ? std::exp(x) : 0.0f;
+            S[l * GC + g] = p;
+            den[g] += p;
+        }
+    if (sinks)
+        for (int g = 0; g < GC; ++g) den[g] += std::exp(sinks[g] - mx[g]);
+    // pass 3: p.v
+    w.acc.assign(size_t(GC) * dq, 0.0f);
+    {
+        const Buf& b = V;
+        int vt = b.rowbytes >= 1024 ? 16 : 16384 / b.rowbytes < tile ? tile : 16384 / b.rowbytes;
+        w.sc.resize(size_t(vt) * b.ng);
+        w.gi.resize(nch);
+        w.gch.resize(D);
+        for (int d = 0; d < D; ++d) w.gch[d] = d / b.group;
+        for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (32 * (c / 2)) / b.group : (16 * c) / b.group;
+        if (!b.fast) w.rows.assign(size_t(vt) * dq, 0.0f);
+        for (long lo = 0; lo < n; lo += vt) {
+            int m = int(n - lo < vt ? n - lo : vt);
+            scales_to_float(static_cast<const char*>(b.scales) + lo * b.ng * (b.kind ? 2 : 4), b.kind, long(m) * b.ng,
+                            w.sc.data());
+            const float* p = S + lo * GC;
+            if (!b.fast) {
+                dequant_rows(b, lo, m, D, dq, w.sc.data(), w);
+                value_tile<GC>(RowsF32{w.rows.data(), dq}, m, nch, p, w.acc.data(), dq);
+            } else if (b.int4) {
+                value_tile<GC>(Int4Rows{b.codes + lo * b.rowbytes, b.rowbytes, w.sc.data(), b.ng, w.gi.data()}, m, nch,
+                               p, w.acc.data(), dq);
+            } else {
+                value_tile<GC>(Int8Rows{reinterpret_cast<const int8_t*>(b.codes) + lo * b.rowbytes, b.rowbytes,
+                                        w.sc.data(), b.ng, w.gi.data()}, m, nch, p, w.acc.data(), dq);
+            }
+        }
+    }
+    for (int g = 0; g < GC; ++g)
+        for (int d = 0; d < D; ++d) out[g * D + d] = w.acc[g * dq + slot_of(d, vplanar)] / den[g];
+}
+
+typedef void (*HeadsFn)(const float*, const Buf&, const Buf&, int, int, const float*, const float*, float, float,
+                        float*, Work&);
+const HeadsFn HEADS[9] = {nullptr, attend_heads<1>, attend_heads<2>, attend_heads<3>, attend_heads<4>,
+                          attend_heads<5>, attend_heads<6>, attend_heads<7>, attend_heads<8>};
+
+Buf make_buf(const void* codes, const void* scales, int kind, int int4, int group, int D) {
+    Buf b;
+    b.codes = static_cast<const uint8_t*>(codes);
+    b.scales = scales;
+    b.kind = kind;
+    b.int4 = int4;
+    b.group = group;
+    b.ng = D / group;
+    b.rowbytes = int4 ? D / 2 : D;
+    b.fast = int4 ? (D % 32 == 0 && group % 32 == 0) : (D % 16 == 0 && group % 16 == 0);
+    return b;
+}
+
+}  // namespace
+
+extern "C" {
+
+int kvlab_quant_attend_version(void) { return 1; }
+
+// q [B, H, G, D] float32; out [B, H, G, D] float32; codes [B, H, cap, D or D/2] (int8 / packed int4, stored + 8),
+// scales [B, H, cap, D / group] (kind 0 float32, 1 float16, 2 bfloat16); the first n slots attended.
+// mask: additive float32, row b at mask + b * mask_bstride (0: one row for all), n values; or null.
+// sinks [H, G] float32 or null. Returns 0, or -1 for arguments it does not take.
+int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, int D, int n,
+                       const void* kc, const void* ks, long k_cap, int k_int4, int k_group, int k_kind,
+                       const void* vc, const void* vs, long v_cap, int v_int4, int v_group, int v_kind,
+                       const float* mask, long mask_bstride, const float* sinks, float scale, float under) {
+    if (B < 1 || H < 1 || G < 1 || D < 1 || n < 1 || k_group < 1 || v_group < 1 || D % k_group || D % v_group ||
+        ((k_int4 || v_int4) && D % 2) || n > k_cap || n > v_cap)
+        return -1;
+    thread_local Work w;
+    const long krow = k_int4 ? D / 2 : D, vrow = v_int4 ? D / 2 : D;
+    const int kng = D / k_group, vng = D / v_group;
+    const long kb = k_kind ? 2 : 4, vb = v_kind ? 2 : 4;
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h) {
+            long bh = long(b) * H + h;
+            Buf K = make_buf(static_cast<const uint8_t*>(kc) + bh * k_cap * krow,
+                             static_cast<const char*>(ks) + bh * k_cap * kng * kb, k_kind, k_int4, k_group, D);
+            Buf V = make_buf(static_cast<const uint8_t*>(vc) + bh * v_cap * vrow,
+                             static_cast<const char*>(vs) + bh * v_cap * vng * vb, v_kind, v_int4, v_group, D);
+            const float* mrow = mask ? mask + b * mask_bstride : nullptr;
+            for (int g0 = 0; g0 < G; g0 += 8) {
+                int gc = G - g0 < 8 ? G - g0 : 8;
+                long at = (bh * G + g0) * long(D);
+                HEADS[gc](q + at, K, V, n, D, mrow, sinks ? sinks + h * G + g0 : nullptr, scale, under, out + at, w);
+            }
+        }
+    return 0;
+}
+
+}  // extern "C"

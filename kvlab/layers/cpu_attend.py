@@ -1,0 +1,232 @@
+"""A hand-written C++ kernel (kvlab/layers/cpu_attend.cpp) for a decode step's attention over int8 / int4 K/V codes
+on the CPU: one query per head, symmetric codes with per-token scales (the buffers kvlab/layers/fused.py takes).
+
+Why by hand: inductor's code for :func:`kvlab.layers.fused._attend` converts each code once per query head and sums
+int4's scale groups horizontally, so Gemma 4's wide layer (8 query heads on one 512-channel KV head) ran at 0.84x
+(int8) / 0.55x (int4) of fp32 SDPA at 16K. Here each code is converted once, multiplied by its scale and FMA'd
+into the accumulators of every query head of its KV head (a few positions x up to 8 heads in registers; 16-lane
+sums reduced 16 at a time), the softmax is exact (two passes over the scores: max, then ``exp``; the UNDER cut,
+padding mask and sink logits as in ``_attend``), then ``p.v`` runs over tiles of value rows that stay in L1. int4
+bytes are read "planar" (per 32 channels: low nibbles = even channels, then the high ones), the query permuted and
+the output un-permuted to match. Scale groups that do not cover whole 16 (int8) / 32 (int4) channel chunks (g8,
+g1, ...) are dequantized row by row into a float tile first (correct, slower). Numerics: float32 throughout, the
+same operations as ``_attend`` in another summation order (within 1e-5 of it: tests/test_cpu_attend.py).
+
+Build: plain C++17 (no torch headers, no OpenMP: torch's own libgomp stays the only one in the process), compiled
+at first use with ``$CXX`` (default ``g++``) ``-O3 -march=native`` (no ``-ffast-math``: masked scores are -inf)
+into ``$KVLAB_KERNEL_DIR`` (default ``$XDG_CACHE_HOME/kvlab/kernels``, ``~/.cache/kvlab/kernels``) under a name
+keyed by a hash of the source, the flags, the compiler's version and the CPU's flags (a ``-march=native`` build
+never runs on another CPU), written to a temporary file then renamed (concurrent processes cannot load half a
+file), loaded with ctypes (which releases the GIL during the call). Single-threaded per call (kvlab decodes on
+one thread under load; a call's (batch row, KV head) pairs run one after another). Wrapped as the custom op
+``kvlab::quant_attend`` (with a fake implementation) so a compiled decode step (kvlab/compiled.py, fullgraph) traces
+it as one opaque call over the whole preallocated buffers and the position count.
+
+No compiler, a failed build or load, ``KVLAB_CPU_KERNEL=0``: a warning once, and attention takes the inductor-fused
+path (a cache made with ``fused=True``) or the blocked one, as before. :data:`ENABLED` (the benchmarks' switch)
+turns it off for the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from kvlab.cache.quant import QuantView
+
+SOURCE = Path(__file__).with_name("cpu_attend.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-Wno-psabi")
+ENABLED = os.environ.get("KVLAB_CPU_KERNEL", "0") in ("1", "on", "true", "yes")  # opt-in (KVLAB_CPU_KERNEL=1)
+UNDER = 60.0  # as kvlab/layers/fused.py UNDER: probabilities below exp(-UNDER) of the largest are 0
+_SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_LIB: ctypes.CDLL | None = None
+_LOADED = False  # _LIB is set (a plain bool: what a compiled trace reads)
+_FAILED = False
+_LOCK = threading.Lock()
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ kernel could not be built or loaded (turned into a warning and the fallback path)."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$KVLAB_KERNEL_DIR``, else ``$XDG_CACHE_HOME/kvlab/kernels``, else
+    ``~/.cache/kvlab/kernels``."""
+    if os.environ.get("KVLAB_KERNEL_DIR"):
+        return Path(os.environ["KVLAB_KERNEL_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvlab" / "kernels"
+
+
+def _cpu_flags() -> str:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``), else the platform's processor name: part of the build key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() + platform.processor()
+
+
+def _compiler() -> str:
+    cxx = os.environ.get("CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise KernelBuildError(f"no C++ compiler ({cxx!r} not found; set CXX)")
+    return path
+
+
+def _key(cxx: str) -> str:
+    """The build's key: a hash of the source, the flags, the compiler's version and the CPU's flags."""
+    try:
+        version = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelBuildError(f"{cxx} --version failed: {e}") from e
+    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def build(directory: Path | None = None) -> Path:
+    """The kernel's shared library for this source, compiler, flags and CPU: built once (atomically) into
+    :func:`cache_dir` and reused. Raises :class:`KernelBuildError`."""
+    cxx = _compiler()
+    directory = directory or cache_dir()
+    path = directory / f"cpu_attend-{_key(cxx)}.so"
+    if path.exists():
+        return path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cpu_attend-", suffix=".so.tmp")
+        os.close(fd)
+    except OSError as e:
+        raise KernelBuildError(f"cannot write to {directory}: {e} (set KVLAB_KERNEL_DIR)") from e
+    try:
+        r = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], check=False, capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode:
+            raise KernelBuildError(f"{cxx} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+        os.replace(tmp, path)  # atomic: a concurrent process loads either nothing or the whole file
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelBuildError(f"{cxx} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.kvlab_quant_attend_version() != 1:
+        raise KernelBuildError(f"{path}: not this version of the kernel")
+    p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    lib.kvlab_quant_attend.argtypes = [p, p, i, i, i, i, i, p, p, lg, i, i, i, p, p, lg, i, i, i, p, lg, p, f, f]
+    lib.kvlab_quant_attend.restype = i
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use; None (warned once) when it cannot be built or loaded, or when
+    :data:`ENABLED` is off."""
+    global _LIB, _LOADED, _FAILED
+    if not ENABLED or _FAILED:
+        return None
+    if _LIB is None:
+        with _LOCK:
+            if _LIB is None and not _FAILED:
+                try:
+                    _LIB = _load(build())
+                    _LOADED = True
+                except (KernelBuildError, OSError, AttributeError) as e:
+                    _FAILED = True
+                    warnings.warn(f"kvlab: C++ quantized attention kernel unavailable ({e}); attending with the "
+                                  "fused (torch.compile) or blocked path", stacklevel=2)
+    return _LIB
+
+
+def available() -> bool:
+    """The kernel is on and loaded (built now if needed). Not from inside a compiled trace (a build is a subprocess):
+    there :func:`applies` reads the state an eager call or kvlab/compiled.py left."""
+    return library() is not None
+
+
+def applies(k, v) -> bool:
+    """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``) this kernel takes: on the CPU,
+    int8 / int4 symmetric codes with per-token scales (any group), no residual window, rotation or exact tail,
+    K and V in the same format; and the kernel is loaded (eager: built now if needed)."""
+    if not (isinstance(k, QuantView) and isinstance(v, QuantView) and k.n == v.n and not k.heads and not v.heads):
+        return False
+    if not all(x.rows.spec.fmt in ("int8", "int4") and x.rows.spec.symmetric and not x.rows.residual_slots
+               and not x.rows.block and x.foldable and x.rows.codes.device.type == "cpu"
+               and x.rows.scales.dtype in _SCALE_KIND for x in (k, v)) or k.rows.spec.fmt != v.rows.spec.fmt:
+        return False
+    if torch.compiler.is_compiling():
+        return _LOADED and ENABLED
+    return available()
+
+
+def _quant_attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tensor, vs: torch.Tensor,
+                 mask: torch.Tensor | None, sinks: torch.Tensor | None, n: int, scale: float, k_group: int,
+                 v_group: int, int4: bool) -> torch.Tensor:
+    """``q [B, Hkv, G, D]`` float32 over slots ``0..n-1`` of codes ``kc``, ``vc [B, Hkv, C, D or D / 2]`` and scales
+    ``ks``, ``vs [B, Hkv, C, D / group]`` (float32 / float16 / bfloat16), ``mask [B|1, n]`` additive float32 or None,
+    ``sinks [Hkv * G]`` float32 or None -> ``[B, Hkv, G, D]`` float32."""
+    lib = _LIB if _LIB is not None else library()
+    if lib is None:
+        raise KernelBuildError("kvlab::quant_attend called without its kernel")
+    q, kc, ks, vc, vs = (t.contiguous() for t in (q, kc, ks, vc, vs))
+    b, h, g, d = q.shape
+    out = torch.empty_like(q)
+    if mask is not None:
+        mask = mask.float().contiguous()
+    if sinks is not None:
+        sinks = sinks.float().contiguous()
+    rc = lib.kvlab_quant_attend(
+        q.data_ptr(), out.data_ptr(), b, h, g, d, n,
+        kc.data_ptr(), ks.data_ptr(), kc.shape[-2], int(int4), k_group, _SCALE_KIND[ks.dtype],
+        vc.data_ptr(), vs.data_ptr(), vc.shape[-2], int(int4), v_group, _SCALE_KIND[vs.dtype],
+        None if mask is None else mask.data_ptr(), 0 if mask is None or mask.shape[0] == 1 else mask.shape[-1],
+        None if sinks is None else sinks.data_ptr(), scale, UNDER)
+    if rc:
+        raise ValueError(f"kvlab::quant_attend: arguments refused (q {tuple(q.shape)}, n={n}, k codes "
+                         f"{tuple(kc.shape)}, groups {k_group}/{v_group})")
+    return out
+
+
+quant_attend = torch.library.custom_op("kvlab::quant_attend", _quant_attend, mutates_args=())
+
+
+@quant_attend.register_fake
+def _(q, kc, ks, vc, vs, mask, sinks, n, scale, k_group, v_group, int4):
+    return torch.empty_like(q)
+
+
+def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None
+           ) -> torch.Tensor:
+    """``qf [B, Hkv, G, D]`` float32 over readers ``k``, ``v`` (:func:`applies`) -> ``[B, Hkv, G, D]`` float32.
+    ``mask [B|1, 1, 1, n]`` additive or None; ``sinks [1, Hkv, G, 1]`` float32 or None."""
+    n = k.n
+    if mask is not None:
+        mask = mask.reshape(mask.shape[0], n)
+    if sinks is not None:
+        sinks = sinks.reshape(-1)
+    args = (qf, k.rows.codes, k.rows.scales, v.rows.codes, v.rows.scales, mask, sinks, n, float(scale),
+            k.rows.group, v.rows.group, k.rows.spec.fmt == "int4")
+    # traced: the custom op (one opaque node); eager: the function itself (no dispatcher overhead per call)
+    return quant_attend(*args) if torch.compiler.is_compiling() else _quant_attend(*args)
+
+
+__all__ = ["ENABLED", "KernelBuildError", "applies", "attend", "available", "build", "cache_dir", "library",
+           "quant_attend"]

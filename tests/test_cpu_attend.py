@@ -1,0 +1,172 @@
+"""The hand-written C++ decode kernel (kvlab/layers/cpu_attend.py) against the fused path's eager oracle
+(kvlab/layers/fused.py ``_attend``, no code generation) and attention over the whole dequantized buffers: int8 and
+int4, wide and thin heads, more than 8 query heads per KV head (two head blocks), groups read straight from the
+codes (int8 g16 / g32, int4 g32) and groups dequantized row by row first (g8, g1, int4 g16), float16 / bfloat16 /
+float32 scales, a left-padded batch, sink logits, a position count that is a multiple of no tile; then through a
+tiny model's decode, eager and inside a compiled step (the custom op traced), and the fallback without a compiler.
+The kernel is built once per machine into the user's cache directory (a few seconds the first time)."""
+
+import warnings
+
+import pytest
+import torch
+
+from kvlab.cache import quant
+from kvlab.cache.quant import QuantRows
+from kvlab.costs.quant import Buffer, parse_quant
+from kvlab.layers import blocked, cpu_attend, fused
+
+
+def _readers(fmt: str, vfmt: str | None, b: int, hkv: int, d: int, n: int):
+    gen = torch.Generator().manual_seed(1)
+    out = []
+    for name, f in zip("kv", (fmt, vfmt or fmt), strict=True):
+        r = QuantRows(Buffer("kv", name, hkv, 0, d, key=name == "k"), parse_quant(f), (b, hkv), torch.float32, "cpu")
+        r.resize(n + 5, 0)  # slots past n hold zeros: not read
+        r.write(0, torch.randn(b, hkv, n - 3, d, generator=gen) * 2)  # a prefill, then steps
+        r.write(n - 3, torch.randn(b, hkv, 3, d, generator=gen) * 2)
+        out.append(r.view(n))
+    return out
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.setattr(cpu_attend, "ENABLED", True)
+    if not cpu_attend.available():
+        pytest.fail("the C++ kernel did not build (a C++ compiler is a test requirement)")
+
+
+def _count_calls(monkeypatch) -> list[int]:
+    """Count the library's calls (a proxy in front of the loaded library: what the custom op calls at run time)."""
+    calls: list[int] = []
+    lib = cpu_attend._LIB
+
+    class Counting:
+        def kvlab_quant_attend(self, *a):
+            calls.append(a[6])  # the position count
+            return lib.kvlab_quant_attend(*a)
+
+    monkeypatch.setattr(cpu_attend, "_LIB", Counting())
+    return calls
+
+
+@pytest.mark.parametrize("extras", ["plain", "mask+sinks"])
+@pytest.mark.parametrize("fmt,vfmt,hkv,g,d", [
+    ("int8", None, 2, 3, 64),  # thin (qwen3's 3 query heads per KV head), straight from the codes
+    ("int4", None, 1, 8, 128),  # wide rows read planar
+    ("int8-g16-sbf16", "int8-g32-s32", 1, 11, 32),  # two head blocks (8 + 3), bfloat16 / float32 scales
+    ("int8-g8", "int8-g1", 2, 2, 16),  # groups under a 16-channel chunk: dequantized row by row
+    ("int4-g16", "int4-g32", 2, 5, 64),  # int4 keys row by row, values planar
+    ("int4-g2", None, 1, 1, 8),  # one query head, 8 channels (a padded chunk)
+])
+def test_kernel_equals_oracle(kernel, fmt, vfmt, hkv, g, d, extras):
+    b, n = 2, 203
+    k, v = _readers(fmt, vfmt, b, hkv, d, n)
+    gen = torch.Generator().manual_seed(2)
+    qf = torch.randn(b, hkv, g, d, generator=gen)
+    mask = sinks = None
+    if extras != "plain":
+        mask = torch.zeros(b, 1, 1, n)
+        mask[1, ..., :9] = float("-inf")  # row 1 left-padded by 9 positions
+        sinks = torch.randn(1, hkv, g, 1, generator=gen)
+    scale = d ** -0.5
+    out = cpu_attend.attend(qf, k, v, mask, scale, sinks)
+    int4 = k.rows.spec.fmt == "int4"
+    sl = [x.narrow(-2, 0, n) for x in (k.rows.codes, k.rows.scales, v.rows.codes, v.rows.scales)]
+    ref = fused._attend(qf, *sl, mask, sinks, scale, int4, False, 64, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    kd, vd = k.dense(), v.dense()  # the buffers dequantized whole, plain softmax attention
+    s = (qf @ kd.transpose(-1, -2)) * scale + (0 if mask is None else mask.view(b, 1, 1, n))
+    if sinks is not None:
+        s = torch.cat((s, sinks.expand(b, -1, -1, -1)), -1)
+    want = torch.softmax(s, -1)[..., :n] @ vd
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert (out - vd.mean(-2, keepdim=True)).abs().max() > 1e-2  # not a uniform average: the scores matter
+
+
+def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
+    """``attend_blocked`` over int8 readers runs the kernel (on by :data:`cpu_attend.ENABLED`, whatever ``fused``) and
+    gives the blocked path's result; a buffer it does not take (a residual window) stays blocked."""
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)  # 8 positions a block
+    calls = _count_calls(monkeypatch)
+    k, v = _readers("int8-g8", None, 2, 2, 16, 37)
+    q = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(2, 1, 1, 37)
+    mask[0, ..., :4] = float("-inf")
+    sinks = torch.randn(6, generator=torch.Generator().manual_seed(4))
+    out = blocked.attend_blocked(q, k, v, mask, 0.25, sinks)
+    assert calls == [37]
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)
+    ref = blocked.attend_blocked(q, k, v, mask, 0.25, sinks)
+    assert calls == [37]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    monkeypatch.setattr(cpu_attend, "ENABLED", True)
+    assert not cpu_attend.applies(*_readers("int8-g8-r4", None, 2, 2, 16, 37))
+    assert not cpu_attend.applies(*_readers("int8-g8-rot", None, 2, 2, 16, 37))
+    assert not cpu_attend.applies(*_readers("fp8-g8", None, 2, 2, 16, 37))
+
+
+def test_cache_decode_eager_and_compiled(kernel, monkeypatch):
+    """A left-padded batch decoded through a tiny model with sinks (a KV head read by a shared layer too): the
+    kernel's logits equal the blocked cache's, eager and inside a compiled decode step (the custom op traced into
+    the step's graph, over the whole preallocated buffers and the position count)."""
+    from helpers import random_model, tiny_config
+
+    from kvlab.compiled import CompiledStep
+
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)
+    model = random_model(tiny_config(shared=True, layers=2, sinks=True))
+    ids = torch.randint(0, 97, (2, 22), generator=torch.Generator().manual_seed(4))
+    calls = _count_calls(monkeypatch)
+    caches = [model.new_cache(2, max_length=30, kv_quant=f) for f in ("int4-g8", "int4-g8", "int4-g8")]
+    with torch.inference_mode():
+        for c in caches:
+            c.set_padding(torch.tensor([0, 5]))
+            model(ids[:, :20], cache=c)
+        step = CompiledStep(model, "aot_eager")  # kvlab's compiled lane: the position count a symbol
+        for s in range(20, 22):
+            before = len(calls)
+            fast = model(ids[:, s:s + 1], cache=caches[0])
+            assert len(calls) == before + 2  # both layers (the shared one reads the producer's codes)
+            monkeypatch.setattr(cpu_attend, "ENABLED", False)
+            ref = model(ids[:, s:s + 1], cache=caches[1])
+            monkeypatch.setattr(cpu_attend, "ENABLED", True)
+            torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+            third = step(ids[:, s:s + 1], caches[2])
+            assert len(calls) == before + 4  # the compiled step ran the kernel too
+            torch.testing.assert_close(third, ref, rtol=1e-5, atol=1e-5)
+    assert step.compiles == 1  # two steps, one graph: the position count is the op's symbolic argument
+
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """No C++ compiler: one warning, the kernel off, attention on the blocked path (never garbage)."""
+    monkeypatch.setattr(cpu_attend, "ENABLED", True)
+    monkeypatch.setattr(cpu_attend, "_LIB", None)
+    monkeypatch.setattr(cpu_attend, "_LOADED", False)
+    monkeypatch.setattr(cpu_attend, "_FAILED", False)
+    monkeypatch.setenv("CXX", "kvlab-no-such-compiler")
+    monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)
+    k, v = _readers("int8-g8", None, 2, 2, 16, 37)
+    q = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(3))
+    with pytest.warns(UserWarning, match="kernel unavailable .*no C\\+\\+ compiler"):
+        assert not cpu_attend.applies(k, v)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        out = blocked.attend_blocked(q, k, v, None, 0.25)
+    kd, vd = k.dense().repeat_interleave(3, 1), v.dense().repeat_interleave(3, 1)
+    torch.testing.assert_close(out, torch.softmax(q @ kd.transpose(-1, -2) * 0.25, -1) @ vd, rtol=1e-5, atol=1e-5)
+    assert list(tmp_path.iterdir()) == []  # nothing half-written left behind
+
+
+def test_build_is_cached_and_keyed(kernel, monkeypatch):
+    """The library is built once per source, flags, compiler and CPU (a ``-march=native`` build never loads on
+    another CPU): the same file again; another CPU's flags, another name."""
+    path = cpu_attend.build()
+    assert path.exists() and path.parent == cpu_attend.cache_dir()
+    mtime = path.stat().st_mtime_ns
+    assert cpu_attend.build() == path and path.stat().st_mtime_ns == mtime
+    cxx = cpu_attend._compiler()
+    assert path.name == f"cpu_attend-{cpu_attend._key(cxx)}.so"
+    monkeypatch.setattr(cpu_attend, "_cpu_flags", lambda: "flags\t: another cpu")
+    assert path.name != f"cpu_attend-{cpu_attend._key(cxx)}.so"
