@@ -1,6 +1,6 @@
-"""kvlab's fused dequantize-attend decode call (kvlab/layers/fused.py, compiled by inductor) against its blocked
-quantized attention and fp32 SDPA, one attention call at a time (not part of CI; docs/kv-quantization.md
-"Decode speed").
+"""kvlab's hand-written C++ decode kernel (kvlab/layers/cpu_attend.py) and its fused dequantize-attend call
+(kvlab/layers/fused.py, compiled by inductor) against its blocked quantized attention and fp32 SDPA, one attention
+call at a time (not part of CI; docs/kv-quantization.md "Decode speed").
 
 K and V of one layer (``B x Hkv x L x D``, unit normal, seed 0) are written once into fp32 tensors and into kvlab's
 quantized buffers (kvlab/cache/quant.py ``QuantRows``, int8 / int4 per token, group ``g``, fp16 scales, no residual);
@@ -8,8 +8,9 @@ then, round-robin after a warm-up: fp32 ``scaled_dot_product_attention``; kvlab'
 readers, blocked (``attend_blocked``: codes cast into a float32 block, matrix products); and the same ``attend`` with the buffers marked
 fused (as ``new_cache(..., fused=True)`` marks them), once per score layout (:func:`kvlab.layers.fused.layout`):
 ``heads`` (one sweep over the positions per query head) and ``rows`` (the query heads innermost: each key row read
-once for all of them); ``4``: int4's nibbles split. The layout kvlab picks for the shape is starred. Each fused
-output is checked against the blocked path (max abs diff).
+once for all of them); ``4``: int4's nibbles split. The layout kvlab picks for the shape is starred. ``C++``: the
+same ``attend`` with the hand-written kernel on (``cpu_attend.ENABLED``; off for every other path). Each fused and
+C++ output is checked against the blocked path (max abs diff).
 
     PYTHONPATH=. .venv/bin/python benchmarks/kv_quant_fused.py --context 16k --threads 1
     PYTHONPATH=. .venv/bin/python benchmarks/kv_quant_fused.py --context 16k --threads 1 --kv-heads 1 --heads 8 --dim 512
@@ -27,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from kv_layer import add_layer_args, layer_tensors, quantized
 
-from kvlab.layers import fused
+from kvlab.layers import cpu_attend, fused
 from kvlab.layers.blocked import attend_blocked as attend
 from kvlab.units import table
 
@@ -42,6 +43,10 @@ def main() -> None:
     g, scale = a.heads // hkv, d ** -0.5
     paths = {"fp32 SDPA": lambda: F.scaled_dot_product_attention(q.view(1, hkv, g, d), k, v, scale=scale)}
     info, chosen = {}, fused.layout
+    cpu_attend.ENABLED = True
+    if not cpu_attend.available():
+        raise SystemExit("the C++ kernel did not build")
+    cpu_attend.ENABLED = False  # on only inside the C++ path's calls
     with torch.inference_mode():
         for bits in (8, 4):
             fmt = f"int{bits}-g{a.group}"
@@ -50,6 +55,19 @@ def main() -> None:
             blocked = attend(q, kview, vview, None, scale)
             paths[f"{fmt} blocked"] = lambda kv=kview, vv=vview: attend(q, kv, vv, None, scale)
             best = chosen(d, bits == 4, a.group)
+
+            def native(views=(kview, vview)):
+                cpu_attend.ENABLED = True
+                try:
+                    return attend(q, *views, None, scale)
+                finally:
+                    cpu_attend.ENABLED = False
+
+            t0 = time.perf_counter()
+            out = native()
+            info[f"{fmt} C++"] = {"first_call_s": time.perf_counter() - t0,
+                                  "max_abs_diff_vs_blocked": (out - blocked).abs().max().item()}
+            paths[f"{fmt} C++"] = native
             for how in [x + ("4" if bits == 4 and a.group % 2 == 0 else "") for x in ("heads", "rows")]:
 
                 def call(rows=(kr, vr), views=(kview, vview), how=how):
@@ -82,7 +100,7 @@ def main() -> None:
     print(table(["path", "ms per call (median)", "min", "vs fp32"],
                 [[r["path"], f"{r['ms_median']:.2f}", f"{r['ms_min']:.2f}", f"{r['vs_fp32']:.2f}x"] for r in rows]))
     for name, x in info.items():
-        print(f"{name}: first call (compile) {x['first_call_s']:.1f} s, max |fused - blocked| "
+        print(f"{name}: first call (compile) {x['first_call_s']:.1f} s, max |{name} - blocked| "
               f"{x['max_abs_diff_vs_blocked']:.2e}")
     print(json.dumps({"context": n, "kv_heads": hkv, "heads": a.heads, "dim": d, "group": a.group,
                       "threads": torch.get_num_threads(), "load": os.getloadavg(), "rows": rows, "compile": info}))
