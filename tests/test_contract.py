@@ -19,6 +19,8 @@ from torch import nn
 
 from kvlab import kinds
 from kvlab.archplot import architecture_figure, colours
+from kvlab.cache.cache import quant_rows
+from kvlab.cache.quant import QuantRows
 from kvlab.cache.storage import KVStore, positions
 from kvlab.config import LayerSpec, ModelConfig
 from kvlab.costs import costs
@@ -84,6 +86,24 @@ def check_chunked_equals_full(cfg: ModelConfig, chunk: int, max_length: int | No
     assert cache.seq_len == n
 
 
+def _held_quant_rows(x, seen: set[int] | None = None) -> list[QuantRows]:
+    """Every QuantRows object reachable from a store through its attributes, lists and dicts (the oracle for
+    ``store.rows()``: a store that forgot one in ``rows()`` would not have it fused)."""
+    seen = set() if seen is None else seen
+    if id(x) in seen:
+        return []
+    seen.add(id(x))
+    if isinstance(x, QuantRows):
+        return [x]
+    if isinstance(x, (list, tuple, dict)):
+        items = list(x.values() if isinstance(x, dict) else x)
+    elif type(x).__module__.startswith("kvlab.cache"):
+        items = list(vars(x).values())
+    else:
+        return []
+    return [r for y in items for r in _held_quant_rows(y, seen)]
+
+
 def check_measured_equals_calculated(cfg: ModelConfig, max_length: int, batch: int = 2, kv_quant=None) -> None:
     model = random_model(cfg)
     cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant)
@@ -96,6 +116,8 @@ def check_measured_equals_calculated(cfg: ModelConfig, max_length: int, batch: i
         assert store.nbytes() == lc.kv_bytes, f"layer {i}"
         assert store.components() == lc.kv_components, f"layer {i}"
         assert store.state_nbytes() == lc.kv_state_bytes, f"layer {i}"
+        found = {id(r) for r in quant_rows(store)}  # the store protocol's rows() (what fused=True marks) ...
+        assert found == {id(r) for r in _held_quant_rows(store)}, f"layer {i}"  # ... is every QuantRows it holds
     assert cache.nbytes() == c.kv_cache_bytes
     assert sum(p.numel() for p in model.parameters()) == c.params_total
 

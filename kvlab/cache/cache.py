@@ -11,23 +11,9 @@ from .quant import QuantRows
 from .storage import KVStore
 
 
-def quant_rows(x, seen: set[int] | None = None) -> list[QuantRows]:
-    """Every :class:`~kvlab.cache.quant.QuantRows` a store holds (in its attributes, lists, dicts and parts)."""
-    seen = set() if seen is None else seen
-    if id(x) in seen:
-        return []
-    seen.add(id(x))
-    if isinstance(x, QuantRows):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        items = list(x)
-    elif isinstance(x, dict):
-        items = list(x.values())
-    elif type(x).__module__.startswith("kvlab.cache"):
-        items = list(vars(x).values())
-    else:
-        return []
-    return [r for y in items for r in quant_rows(y, seen)]
+def quant_rows(store: KVStore | None) -> list[QuantRows]:
+    """The quantized buffers of a layer's store (``None``: a layer reading another's K/V holds none)."""
+    return [] if store is None else [r for r in store.rows() if isinstance(r, QuantRows)]
 
 
 class Cache:

@@ -33,6 +33,9 @@ class CCAStore(KVStore):
     def tensors(self) -> list[torch.Tensor]:
         return [*self.inner.tensors(), self.conv, self.v_prev]
 
+    def rows(self) -> list:
+        return self.inner.rows()  # the conv tail and the delayed value row stay plain tensors
+
     def token_nbytes(self) -> int:
         """Bytes of the per-position K/V."""
         return self.inner.nbytes()

@@ -189,6 +189,10 @@ class CompressedStore(KVStore):
             out += [*self.index.rows.tensors(), *self.index.state()]
         return out
 
+    def rows(self) -> list:
+        """The window's buffers, the compressed entries' and the indexer keys' (the partial blocks are plain)."""
+        return [*self.window.rows(), *(p.rows for p in (self.pool, self.index) if p is not None)]
+
     def state_nbytes(self) -> int:
         """The compressors' partial and overlap blocks (constant per sequence)."""
         pools = [p for p in (self.pool, self.index) if p is not None]

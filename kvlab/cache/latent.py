@@ -122,6 +122,9 @@ class QuantLatentStore(LatentStore):
     def tensors(self) -> list[torch.Tensor]:
         return [t for p in self.parts.values() for t in p.tensors()]
 
+    def rows(self) -> list:
+        return list(self.parts.values())
+
     def components(self) -> dict[str, int]:
         return {k: sum(t.numel() * t.element_size() for t in p.tensors()) for k, p in self.parts.items()}
 

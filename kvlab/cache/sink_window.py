@@ -82,6 +82,9 @@ class SinkWindowKV(KVStore):
             return list(self.joined)
         return self.sink.tensors() + (self.ring.tensors() if self.ring else [])
 
+    def rows(self) -> list:
+        return self.sink.rows() + (self.ring.rows() if self.ring else [])
+
     # -- positions ---------------------------------------------------------------------------------------------
     def slot_positions(self, n: int, device, sinks: int | None = None, ring: int | None = None) -> torch.Tensor:
         """Position held by each of the first ``sinks`` sink slots then ``ring`` ring slots (default: all) after

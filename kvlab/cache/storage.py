@@ -67,13 +67,19 @@ def _ring_positions(cap: int, n: int, device) -> torch.Tensor:
 class KVStore:
     """The store protocol every kind's store follows: ``append`` new entries and return what the current queries
     attend to; ``tensors()`` (what it holds), ``nbytes()``, ``components()`` and ``state_nbytes()`` (what the
-    calculator prices, byte for byte). A layer never writes a store's tensors itself."""
+    calculator prices, byte for byte); ``rows()`` (its per-position buffers). A layer never writes a store's tensors
+    itself."""
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
 
     def tensors(self) -> list[torch.Tensor]:
         raise NotImplementedError
+
+    def rows(self) -> list[Rows | QuantRows]:
+        """Its per-position buffers (:class:`Rows`, or :class:`~kvlab.cache.quant.QuantRows` under ``kv_quant``;
+        a cache made with ``fused=True`` marks the quantized ones). A store of plain tensors only: none."""
+        return []
 
     def components(self) -> dict[str, int]:
         """Bytes by named part, as the kind's price reports them (``AttnCost.components``); empty: one part."""
@@ -210,6 +216,9 @@ class _Buffers:
     def tensors(self) -> list[torch.Tensor]:
         return [*self.rows_k.tensors(), *self.rows_v.tensors()]
 
+    def rows(self) -> list[Rows | QuantRows]:
+        return [self.rows_k, self.rows_v]
+
 
 class FullKV(KVStore):
     """K/V for every position: ``[B, Hkv, max_length, D]``, preallocated or grown by doubling."""
@@ -224,6 +233,9 @@ class FullKV(KVStore):
 
     def tensors(self) -> list[torch.Tensor]:
         return self.buf.tensors()
+
+    def rows(self) -> list[Rows | QuantRows]:
+        return self.buf.rows()
 
     def append(self, k, v, start):
         end = start + k.shape[2]
@@ -253,6 +265,9 @@ class WindowKV(KVStore):
 
     def tensors(self) -> list[torch.Tensor]:
         return self.buf.tensors()
+
+    def rows(self) -> list[Rows | QuantRows]:
+        return self.buf.rows()
 
     def slot_positions(self, n: int, device) -> torch.Tensor:
         """Absolute position held by each slot after ``n`` positions were written (``-1``: empty); see
