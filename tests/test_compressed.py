@@ -361,12 +361,13 @@ def test_rotate_tail_is_the_real_rotation(dtype):
         assert torch.equal(mine, want) == (dtype == torch.float32)  # fp32: rotated where it lies
 
 
-@pytest.mark.parametrize("kv_quant", [None, "int8"])
+@pytest.mark.parametrize("kv_quant", [None, "int8", {"*": "int8", "compressed": "int4-g4-r2", "index_keys": "int4-g4-r3"}],
+                         ids=["plain", "int8", "int4-residual"])
 def test_eager_compressor_steps_equal_the_masked_step(kv_quant, monkeypatch):
     """An eager decode step without padding branches on its position: a token that does not complete its block only
     joins the partial block, one that does is pooled and stored without masks. Against the masked step every row
     takes otherwise (what a compiled step runs), over 20 steps crossing block ends of ratios 3 and 4: the same
-    logits to the bit, plain and int8 caches."""
+    logits to the bit, plain, int8 and int4 with a residual window."""
     from kvlab.layers.compressed import Compressor
 
     cfg = config()

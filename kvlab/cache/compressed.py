@@ -21,7 +21,7 @@ import torch
 from ..config import LayerSpec
 from ..kinds.compressed import buffers
 from .growth import next_capacity
-from .storage import KVStore, Rows, WindowKV, decode_read, rows_for
+from .storage import KVStore, WindowKV, decode_read, rows_for
 
 
 class _Pool:
@@ -141,12 +141,7 @@ class _Pool:
         :meth:`commit_step` writes for such a step, without the masks. Returns the first ``n`` entries held."""
         d = self.dim
         self.reserve(n)
-        if isinstance(self.rows, Rows):
-            self.rows.write(w, new)
-        else:  # quantized entries: their per-row write, every row at once
-            b = new.shape[0]
-            self.rows.write_rows(torch.full((b,), w, device=new.device), new,
-                                 torch.ones(b, dtype=torch.bool, device=new.device))
+        self.rows.write(w, new)  # every row at block w (plain or quantized entries alike)
         if self.overlap:
             self.prev_kv.copy_(block_kv[..., :d])
             self.prev_gate.copy_(block_gate[..., :d])

@@ -183,6 +183,19 @@ class Compressor(nn.Module):
         rest = lead + (t - skip) - counts * m  # raw rows left in each row's new partial block
         return pool_state.commit_rows(nb0, counts, new, kv, gate, rest)
 
+    def block_entry(self, kv: torch.Tensor, gate: torch.Tensor, pool_state, prev, rope,
+                    first: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The entry of a block this decode token completes: the partial block's raw rows plus the token's ``kv`` /
+        ``gate [B, 1, f d]`` as ``block_kv`` / ``block_gate [B, m, f d]``, pooled (``prev``: the previous block's
+        series a, overlap) and rotated at the block's first position ``first [B]``. Returns ``(entry [B, 1, d],
+        block_kv, block_gate)``; the eager and the masked step share it."""
+        if self.ratio > 1:
+            kv = torch.cat((pool_state.partial_kv, kv), dim=1)
+            gate = torch.cat((pool_state.partial_gate, gate), dim=1)
+        new = self.pool(kv, gate, prev)
+        cos, sin = rope_tables(*rope, first[:, None])
+        return apply_rope_tail(new, cos, sin), kv, gate
+
     def step(self, x: torch.Tensor, pos: torch.Tensor, pool_state, rope, n: int,
              start: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """One decode token per row: ``x [B, 1, hidden]`` at row positions ``pos [B]`` (a row's own position: the
@@ -202,30 +215,19 @@ class Compressor(nn.Module):
             return pool_state.hold_step(start % m, kv, gate, n), pos.add(1).div_(m, rounding_mode="floor")
         if start is not None:  # eager, every row completes block start // m: pooled and stored without masks
             w = start // m
-            block_kv = torch.cat((pool_state.partial_kv, kv), dim=1) if m > 1 else kv  # [B, m, f d]
-            block_gate = torch.cat((pool_state.partial_gate, gate), dim=1) if m > 1 else gate
             prev = pool_state.previous_block(slice(None)) if self.overlap and w else None
-            new = self.pool(block_kv, block_gate, prev)  # [B, 1, d]
-            cos, sin = rope_tables(*rope, (pos - (m - 1))[:, None])  # the block's first position, w m
-            new = apply_rope_tail(new, cos, sin)
+            new, block_kv, block_gate = self.block_entry(kv, gate, pool_state, prev, rope, pos - (m - 1))
             entries = pool_state.complete_step(w, new, block_kv, block_gate, n)
             return entries, pos.add(1).div_(m, rounding_mode="floor")
         active = pos >= 0
         lead = pos.remainder(m)  # rows of the block already held
         w = torch.div(pos, m, rounding_mode="floor")  # the block this token belongs to
         complete = active & (lead == m - 1)
-        if m > 1:
-            block_kv = torch.cat((pool_state.partial_kv, kv), dim=1)  # [B, m, f d]: valid where complete
-            block_gate = torch.cat((pool_state.partial_gate, gate), dim=1)
-        else:
-            block_kv, block_gate = kv, gate
         prev = None
         if self.overlap:  # the previous block's series a, none before a row's first block
             has = (w > 0)[:, None, None]
             prev = (torch.where(has, pool_state.prev_kv, 0.0), torch.where(has, pool_state.prev_gate, float("-inf")))
-        new = self.pool(block_kv, block_gate, prev)  # [B, 1, d]
-        cos, sin = rope_tables(*rope, (w * m)[:, None])
-        new = apply_rope_tail(new, cos, sin)
+        new, block_kv, block_gate = self.block_entry(kv, gate, pool_state, prev, rope, w * m)  # valid where complete
         entries = pool_state.commit_step(w, lead, active, complete, new, kv, block_kv, block_gate, n)
         return entries, torch.div(pos + 1, m, rounding_mode="floor").clamp(min=0)
 
