@@ -16,6 +16,7 @@ from kvlab.retrofit import (
     Derived,
     RetrofitError,
     apply,
+    check,
     convert,
     head_importance,
     prune_heads,
@@ -237,6 +238,54 @@ def test_bad_conversions_are_named_errors(technique, message):
         apply(_model(), technique, ids=list(range(20)))
 
 
+@pytest.mark.parametrize("technique, message", [
+    ("share-last:4", r"at most 3 can share"),
+    ("window:256", r"window=256 is not smaller than the model's max_positions=256"),
+    ("prune-heads:3", r"layers\[0\] would keep 3 of its 4 query heads; with 2 KV heads it can keep \[2, 4\]"),
+    ("mla:rank=65,rope=8", r"mla: rank=65 must be an integer in \[1, 64\]: the joint K/V width is 2 KV heads"),
+    ("kv-quant:int8+4=int4", r"kv-quant: .*layer 4 unknown: the model has 4 layers"),
+])
+def test_check_finds_from_the_config_alone_what_the_conversion_refuses(technique, message):
+    """``check(config, technique)``: the conversion's own error, from the config (no weights: a meta-device model
+    would not do); every technique of the contract table passes it on the tiny model it converts."""
+    m = _model()
+    with pytest.raises(RetrofitError, match=message):
+        check(m.config, technique)
+    with pytest.raises(RetrofitError, match=message):
+        apply(m, technique, ids=list(range(20)))
+    for t in EVERY.values():
+        check(m.config, t)
+
+
+def test_check_names_both_layers_of_a_sharing_across_head_dims():
+    a = uniform_layers(2, num_heads=4, num_kv_heads=2, head_dim=16, intermediate_size=64)
+    b = uniform_layers(2, num_heads=4, num_kv_heads=2, head_dim=32, intermediate_size=64)
+    cfg = ModelConfig(vocab_size=97, hidden_size=64, layers=[a[0], b[0], a[1], b[1]], max_positions=256)
+    with pytest.raises(RetrofitError, match=r"layers\[1\]\.head_dim=32 differs from layers\[0\]\.head_dim=16"):
+        check(cfg, "share-adjacent:2")
+
+
+def test_cli_refuses_a_conversion_that_cannot_apply_before_any_model_loads(tmp_path, capsys, monkeypatch):
+    """Every technique of a sweep is checked against the model's config (read from the checkpoint's config file)
+    before the first conversion: a bad last technique refuses the whole command, nothing loaded, converted or
+    written."""
+    import kvlab.cli.retrofit as cli
+    from kvlab.cli import main
+
+    src = kvlab.save(_model(), tmp_path / "src")  # 4 layers, 2 KV heads x 16 channels, 256 positions
+
+    def no_load(*a, **k):
+        raise AssertionError("loaded a model before refusing")
+
+    monkeypatch.setattr(cli, "Setup", no_load)
+    out = tmp_path / "rf"
+    assert main(["retrofit", str(src), "--sweep", "share-last:1", "window:16", "mla:rank=65,rope=8", "--out",
+                 str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "kvlab: error: mla: rank=65 must be an integer in [1, 64]" in err and "Traceback" not in err
+    assert not out.exists()
+
+
 def test_cli_converts_measures_and_writes_the_table(tmp_path, capsys):
     from kvlab.cli import main
     from tests.helpers import save_text_checkpoint
@@ -398,7 +447,8 @@ def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
     """``torchrun -m kvlab retrofit ... --recover N`` on 2 gloo processes (batch 2 each), plain data parallel and with
     ``--fsdp`` (student and teacher sharded), gives the one-process run's (batch 4) recovered weights, loss and measured
     rows; process 0 alone writes and reports: one JSON object per command on stdout, each notice once; a conversion that
-    fails on process 0 ends every process with exit code 2 and one error line. The commands run in one torchrun launch
+    cannot apply, and a failure on process 0 alone, end every process with exit code 2 and one error line each. The
+    commands run in one torchrun launch
     (a driver calling the CLI's ``main`` for each, as ``python -m kvlab`` calls it once)."""
     import os
     import subprocess
@@ -417,9 +467,12 @@ def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
     driver.write_text(_COMMANDS)
     runs = {"dp": [], "fsdp": ["--fsdp"]}
     commands = [[[*argv, "--batch", "2", *extra, "--out", str(tmp_path / name)], 0] for name, extra in runs.items()]
-    # a conversion that fails on process 0 (the tiny model has 2 layers) ends every process with exit code 2
+    # a conversion that cannot apply (the tiny model has 2 layers) is refused by every process before any loads,
+    # one error line (process 0's); a failure on process 0 alone (its evaluation window) ends every process too
     bad = [a if a != "share-last:1" else "share-last:5" for a in argv]
     commands.append([[*bad, "--batch", "2", "--out", str(tmp_path / "bad")], 2])
+    long = [a if a != "64" else "4k" for a in argv]
+    commands.append([[*long, "--batch", "2", "--out", str(tmp_path / "long")], 2])
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(driver), json.dumps(commands)], env=env, capture_output=True, text=True, timeout=240,
@@ -428,7 +481,8 @@ def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
     lines = r.stdout.strip().splitlines()
     assert len(lines) == 2  # one JSON object per successful command, from process 0
     assert r.stderr.count("== share-last:1") == 2 and r.stderr.count("recovered ") == 2
-    assert r.stderr.count("kvlab: error: ") == 1 and "at most 1 can share" in r.stderr and "Traceback" not in r.stderr
+    assert r.stderr.count("kvlab: error: ") == 2 and "Traceback" not in r.stderr
+    assert "at most 1 can share" in r.stderr and "--length 4k: exceeds the model's max_positions=1024" in r.stderr
     (b1, a1) = one["rows"]
     w1 = kvlab.load(tmp_path / "one" / "recovered-seed0").state_dict()
     assert one["processes"] == 1 and not a1["recovery"]["fsdp"] and a1["kl"] != b1["kl"]  # recovery changed it

@@ -30,7 +30,8 @@ from kvlab.cli.common import add_json, describe_error, device_arg, emit_json, ou
 from kvlab.cli.evaluate import parse_depths as depth_list
 from kvlab.cli.generate import MODEL_HELP
 from kvlab.native import latest
-from kvlab.retrofit import TECHNIQUES, apply, parse
+from kvlab.resolve import resolve_spec
+from kvlab.retrofit import TECHNIQUES, RetrofitError, apply, check, parse
 from kvlab.units import fmt_bytes, parse_context, parse_contexts, table
 
 NAME = "retrofit"
@@ -157,6 +158,18 @@ def check_out(args: argparse.Namespace, techniques: list[str]) -> None:
         raise ValueError(f"--resume: no recovery checkpoint to continue in {str(out)!r} (looked for "
                          f"{', '.join(repr(str(r / 'latest.json')) for r in runs[:4])}{', ...' if len(runs) > 4 else ''}"
                          "): run the command without --resume to start (a saved conversion there is reused)")
+
+
+def preflight(model: str, techniques: list[str]) -> None:
+    """Before any weight loads: every conversion's RetrofitError that the model's config alone decides (a rank above
+    the K/V width, sharing across head dims, a window not smaller than the positions, ...), read from the config
+    (a GGUF header, a config.json). A model argument whose config cannot be read here is left to the loader's error."""
+    try:
+        cfg = resolve_spec(model)
+    except (ValueError, OSError):
+        return
+    for t in techniques:
+        check(cfg, t)
 
 
 def convert_one(setup: Setup, technique: str, out: Path, out_stream) -> tuple[Any, Path | None]:
@@ -337,6 +350,12 @@ def run(args: argparse.Namespace) -> int:
     depth_list(args.depths)
     check_out(args, techniques)
     torchrun = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    try:
+        preflight(args.model, techniques)
+    except RetrofitError:
+        if int(os.environ.get("RANK", "0")) != 0:
+            return 2  # every process finds the same error; process 0 alone reports it
+        raise
     if args.fsdp and not (torchrun and args.recover):
         raise ValueError("--fsdp shards the recovery over the processes of torchrun: launch it with torchrun "
                          "--nproc_per_node N (N >= 2) and --recover STEPS, or drop --fsdp")

@@ -18,12 +18,13 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .. import kinds
+from ..config import ModelConfig
 from ..model import Model
 from .core import Converted, Derived, RetrofitError, convert
 
 
-def _gqa_layers(model: Model, what: str) -> None:
-    for i, x in enumerate(model.config.layers):
+def _gqa_layers(config: ModelConfig, what: str) -> None:
+    for i, x in enumerate(config.layers):
         if not kinds.takes(x.attention, "prune-heads"):
             raise RetrofitError(f"{what}: layers[{i}] is a {x.attention!r} layer; head pruning applies to "
                                 f"{kinds.taking('prune-heads')} layers")
@@ -33,7 +34,7 @@ def _gqa_layers(model: Model, what: str) -> None:
 def head_importance(model: Model, ids: torch.Tensor | Sequence[int], chunk: int = 1024) -> torch.Tensor:
     """``[num_layers, max_heads]`` fp32 mean contribution norm of every query head over ``ids`` (``[T]`` or
     ``[B, T]``), read in windows of ``chunk`` tokens; entries past a layer's head count are NaN."""
-    _gqa_layers(model, "head importance")
+    _gqa_layers(model.config, "head importance")
     cfg = model.config
     ids = torch.as_tensor(ids, dtype=torch.long, device=model.embed.weight.device)
     ids = ids[None] if ids.dim() == 1 else ids
@@ -69,10 +70,10 @@ def head_importance(model: Model, ids: torch.Tensor | Sequence[int], chunk: int 
     return out
 
 
-def _keep_counts(model: Model, keep: float | Mapping[str, int | float] | Sequence[int]) -> list[int]:
+def _keep_counts(config: ModelConfig, keep: float | Mapping[str, int | float] | Sequence[int]) -> list[int]:
     """Query heads kept per layer: an int (heads), a float in (0, 1] (fraction), a {"global": .., "sliding": ..}
     map of either (a kind left out keeps all), or a per-layer list of ints."""
-    cfg = model.config
+    cfg = config
     if isinstance(keep, Sequence) and not isinstance(keep, str):
         if len(keep) != cfg.num_layers:
             raise RetrofitError(f"prune heads: keep has {len(keep)} entries, the model has {cfg.num_layers} layers")
@@ -100,12 +101,18 @@ def _keep_counts(model: Model, keep: float | Mapping[str, int | float] | Sequenc
     return out
 
 
+def check_prune(config: ModelConfig, keep: float | Mapping[str, int | float] | Sequence[int]) -> list[int]:
+    """The query heads each layer keeps, from the config alone: RetrofitError naming the layer that cannot keep them
+    (equal GQA groups) or cannot be pruned."""
+    _gqa_layers(config, "prune heads")
+    return _keep_counts(config, keep)
+
+
 def prune_heads(model: Model, keep: float | Mapping[str, int | float] | Sequence[int],
                 scores: torch.Tensor | None = None, ids: torch.Tensor | Sequence[int] | None = None) -> Converted:
     """``model`` keeping, per layer, ``keep`` query heads (see :func:`_keep_counts`), chosen by ``scores``
     (``[layers, heads]``, higher = more important) or by :func:`head_importance` measured on ``ids``."""
-    _gqa_layers(model, "prune heads")
-    counts = _keep_counts(model, keep)
+    counts = check_prune(model.config, keep)
     if scores is None:
         if ids is None:
             raise RetrofitError("prune heads: give scores=[layers, heads] or ids= (text to measure importance on)")

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import kinds
-from ..config import LayerSpec, MLASpec, RopeSpec
+from ..config import LayerSpec, MLASpec, ModelConfig, RopeSpec
 from ..errors import RetrofitError
 from ..model import Model
 from .core import Converted, Derived, convert
@@ -55,15 +55,15 @@ class RopePairs:
     rope: RopeSpec
 
 
-def _check(model: Model, rank: int, rope_dims: int | None, select: str, svd: str, ids) -> tuple[int, int]:
-    """Every layer a plain gqa layer of one shape and rope; (rot, rope_dims). RetrofitError before any work."""
-    cfg = model.config
+def _check(cfg: ModelConfig, rank: int, rope_dims: int | None, select: str, svd: str, text: bool) -> tuple[int, int]:
+    """Every layer a plain gqa layer of one shape and rope; (rot, rope_dims). RetrofitError before any work; ``text``:
+    calibration text will be given."""
     first = cfg.layers[0]
     if select not in SELECT:
         raise RetrofitError(f"mla: select={select!r}; allowed: {', '.join(SELECT)}")
     if svd not in SVD:
         raise RetrofitError(f"mla: svd={svd!r}; allowed: {', '.join(SVD)}")
-    if svd == "activations" and ids is None:
+    if svd == "activations" and not text:
         raise RetrofitError("mla: svd='activations' measures the inputs on text: give ids=...")
     for i, x in enumerate(cfg.layers):
         where = f"mla: layers[{i}]"
@@ -215,6 +215,13 @@ def _shared_key(kg: torch.Tensor, rows: list[int]) -> torch.Tensor:
     return u if u.sum() >= 0 else -u
 
 
+def check_mla(config: ModelConfig, rank: int, rope_dims: int | None = None, select: str = "high",
+              svd: str = "auto") -> None:
+    """RetrofitError (naming the layer and option) unless the MLA conversion applies to a model of ``config``, from the
+    config alone; calibration text is taken as given (``kvlab retrofit`` gives it)."""
+    _check(config, rank, rope_dims, select, svd, True)
+
+
 @torch.no_grad()
 def to_mla(model: Model, rank: int, rope_dims: int | None = None, select: str = "high",
            svd: str = "auto", ids: torch.Tensor | Sequence[int] | None = None) -> Converted:
@@ -224,7 +231,7 @@ def to_mla(model: Model, rank: int, rope_dims: int | None = None, select: str = 
     K/V error on ``ids``' attention inputs), ``auto`` (activations when ``ids`` are given); ``ids``: real text the
     scores, shared-key directions and activation SVD are measured on (without it: the weights alone, ``E[x x^T] =
     I``). Checks everything before any work (RetrofitError naming the layer and option)."""
-    rot, rope_dims = _check(model, rank, rope_dims, select, svd, ids)
+    rot, rope_dims = _check(model.config, rank, rope_dims, select, svd, ids is not None)
     aware = svd == "activations" or (svd == "auto" and ids is not None)
     cfg = model.config
     x0 = cfg.layers[0]

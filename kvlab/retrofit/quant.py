@@ -8,15 +8,26 @@ and measures the quantized cache.
 
 from __future__ import annotations
 
+from ..config import ModelConfig
+from ..costs import costs
 from ..costs.quant import quant_name, resolve_kv_quant
 from ..model import Model
 from .core import Converted, Report, RetrofitError
+
+
+def check_kv_quant(config: ModelConfig, fmt: str) -> None:
+    """RetrofitError unless the cache format applies to every layer of ``config`` (the calculator prices it)."""
+    try:
+        costs(config, context=1, kv_quant=resolve_kv_quant(fmt))
+    except ValueError as e:
+        raise RetrofitError(f"kv-quant: {e}") from e
 
 
 def to_kv_quant(model: Model, fmt: str) -> Converted:
     """``model`` whose caches are quantized as ``fmt`` (same weights, no copy)."""
     from ..eval.variant import with_kv_quant  # kvlab.eval reads text (tokenizers): only when converting
 
+    check_kv_quant(model.config, fmt)  # a layer the format names that the model lacks: refused now, not at new_cache
     try:
         q = resolve_kv_quant(fmt)
         out = with_kv_quant(model, q)

@@ -20,6 +20,7 @@ from ..kinds.base import resolve
 from ..names import did_you_mean
 
 if TYPE_CHECKING:
+    from ..config import ModelConfig
     from ..model import Model
     from .core import Converted
 
@@ -42,6 +43,7 @@ class Technique:
     needs_text: bool = False
     takes_text: bool = False  # apply accepts ids= (measures on text when given)
     whole_value: bool = False  # everything after the colon is the value, read as is (kv-quant:int4-g32+0=int8)
+    check: str | Callable[..., Any] | None = None  # function(config, **kwargs): the conversion's errors, config only
 
     def function(self) -> Callable[..., Converted]:
         return resolve(self.apply) if isinstance(self.apply, str) else self.apply
@@ -133,21 +135,24 @@ def _read_mla(value: str | None, opts: dict[str, str]) -> dict:
 
 TECHNIQUES: dict[str, Technique] = {t.name: t for t in (
     Technique("share-last", "the last N layers read an earlier layer's K/V (Gemma 4 pattern)", "share-last:6",
-              _read_share_last, "kvlab.retrofit.sharing:to_shared"),
+              _read_share_last, "kvlab.retrofit.sharing:to_shared", check="kvlab.retrofit.sharing:check_shared"),
     Technique("share-adjacent", "every G adjacent layers share one layer's K/V (CLA)", "share-adjacent:2",
-              _read_share_adjacent, "kvlab.retrofit.sharing:to_shared"),
+              _read_share_adjacent, "kvlab.retrofit.sharing:to_shared", check="kvlab.retrofit.sharing:check_shared"),
     Technique("window", "sliding window W on every layer or on a pattern's sliding layers, optional sink tokens "
               "(StreamingLLM) on every window layer or, with sinks-on=converted, only on the layers that were global",
               "window:512,pattern=3sliding+1global,sinks=4", _read_window,
-              "kvlab.retrofit.window:to_window"),
+              "kvlab.retrofit.window:to_window", check="kvlab.retrofit.window:check_window"),
     Technique("prune-heads", "keep the most important query heads per layer (count or fraction; per kind with "
               "global=/sliding=)", "prune-heads:0.5", _read_prune, "kvlab.retrofit.heads:prune_heads",
-              needs_text=True, takes_text=True),
+              needs_text=True, takes_text=True,
+              check="kvlab.retrofit.heads:check_prune"),
     Technique("kv-quant", "quantized K/V cache, same weights (a run-time cache format; kvlab calc --help lists them)",
-              "kv-quant:int4-g32-r64", _read_kv_quant, "kvlab.retrofit.quant:to_kv_quant", whole_value=True),
+              "kv-quant:int4-g32-r64", _read_kv_quant, "kvlab.retrofit.quant:to_kv_quant", whole_value=True,
+              check="kvlab.retrofit.quant:check_kv_quant"),
     Technique("mla", "GQA/MHA -> DeepSeek MLA: partial RoPE (rope= kept rotary channels) and a joint SVD of "
               "K/V at latent rank (MHA2MLA / TransMLA; calibrated on the text when given)",
-              "mla:rank=128,rope=32", _read_mla, "kvlab.retrofit.mla:to_mla", takes_text=True),
+              "mla:rank=128,rope=32", _read_mla, "kvlab.retrofit.mla:to_mla", takes_text=True,
+              check="kvlab.retrofit.mla:check_mla"),
 )}
 
 
@@ -181,6 +186,15 @@ def parse(text: str) -> tuple[Technique, dict[str, Any]]:
         else:
             raise RetrofitError(f"technique {text!r}: a second value {part!r}; options are KEY=VALUE")
     return t, t.read(value, opts)
+
+
+def check(config: ModelConfig, technique: str) -> None:
+    """A RetrofitError, naming the layer and the option, unless ``technique`` applies to a model of ``config``: every
+    check a conversion makes before its work, from the config alone (no weights; ``kvlab retrofit`` runs it for every
+    technique before any model loads)."""
+    t, kwargs = parse(technique)
+    if t.check is not None:
+        (resolve(t.check) if isinstance(t.check, str) else t.check)(config, **kwargs)
 
 
 def apply(model: Model, technique: str, ids: Any = None) -> Converted:

@@ -13,16 +13,16 @@ import dataclasses
 
 from .. import kinds
 from ..budget import budget
+from ..config import ModelConfig
 from ..model import Model
 from .core import Converted, RetrofitError, convert
 
 
-def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens: int = 0,
-              sinks_on: str = "all") -> Converted:
-    """``model`` with sliding windows of ``window`` positions on the layers ``pattern`` makes sliding
-    (``"1 global : 3 sliding"``; None: every layer) and ``sink_tokens`` first positions kept visible on every window
-    layer (``sinks_on="all"``) or only on those that were global in ``model`` (``"converted"``)."""
-    cfg = model.config
+def window_config(config: ModelConfig, window: int, pattern: str | None = None, sink_tokens: int = 0,
+                  sinks_on: str = "all") -> tuple[ModelConfig, list[bool], str]:
+    """From the config alone: the windowed config, which layers got sink tokens, and the technique's name
+    (RetrofitError naming the option or the layer that cannot take a window)."""
+    cfg = config
     if not isinstance(window, int) or isinstance(window, bool) or window < 1:
         raise RetrofitError(f"window: window={window!r} must be a positive integer")
     if window >= cfg.max_positions:
@@ -41,6 +41,7 @@ def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens
         new = budget(cfg, pattern or "sliding", window=window)
     except (TypeError, ValueError) as e:
         raise RetrofitError(f"window: {e}") from e
+    sink = [False] * len(new.layers)
     if sink_tokens:
         sink = [x.window is not None and (sinks_on == "all" or old.window is None)
                 for x, old in zip(new.layers, cfg.layers)]
@@ -55,6 +56,21 @@ def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens
         (f",sinks={sink_tokens}" if sink_tokens else "") + \
         (",sinks-on=converted" if sink_tokens and sinks_on == "converted" else "")
     new.name = f"{cfg.name} ({what})"
+    return new, sink, what
+
+
+def check_window(config: ModelConfig, window: int, pattern: str | None = None, sink_tokens: int = 0,
+                 sinks_on: str = "all") -> None:
+    """RetrofitError unless the window conversion applies to a model of ``config`` (no weights needed)."""
+    window_config(config, window, pattern, sink_tokens, sinks_on)
+
+
+def to_window(model: Model, window: int, pattern: str | None = None, sink_tokens: int = 0,
+              sinks_on: str = "all") -> Converted:
+    """``model`` with sliding windows of ``window`` positions on the layers ``pattern`` makes sliding
+    (``"1 global : 3 sliding"``; None: every layer) and ``sink_tokens`` first positions kept visible on every window
+    layer (``sinks_on="all"``) or only on those that were global in ``model`` (``"converted"``)."""
+    new, sink, what = window_config(model.config, window, pattern, sink_tokens, sinks_on)
     out = convert(model, new, technique=what)
     where = f" on layers {[i for i, s in enumerate(sink) if s]}, global before" if sink_tokens and \
         sinks_on == "converted" else ""
