@@ -205,20 +205,34 @@ def test_head_importance_is_the_contribution_norm():
     assert torch.equal(after[0], base[0])
 
 
-def test_saved_conversion_loads_with_every_verb(tmp_path):
+@pytest.mark.parametrize("technique", ["share-last:1", "mla:rank=16,rope=8"])
+def test_saved_conversion_loads_with_every_verb(tmp_path, capsys, technique):
+    """A saved conversion is a kvlab checkpoint: kvlab.load gives the converted model's logits, and the verbs that
+    take a model run on it (generate, calc, inspect, bench with its measured cache equal to the calculator's; eval and
+    chat need a tokenizer: tests/test_retrofit.py's CLI tests run eval on one that has it)."""
     m = _model()
-    out = apply(m, "share-last:1")
+    out = apply(m, technique)
     d = kvlab.save(out.model, tmp_path / "ck", extra={"retrofit.json": out.report.to_dict()})
     back = kvlab.load(d)
     ids = _ids()
     assert torch.equal(back(ids), out.model(ids))
-    assert back.config.layers[-1].kv_source == 2
-    assert json.loads((d / "retrofit.json").read_text())["technique"] == "share-last:1"
+    assert back.config.layers == out.model.config.layers
+    assert json.loads((d / "retrofit.json").read_text())["technique"] == technique
     with pytest.raises(CheckpointWriteError, match="already exists"):
         kvlab.save(out.model, d)
     from kvlab.cli import main
 
+    capsys.readouterr()
     assert main(["generate", str(d), "--ids", "1,2,3", "--max-new-tokens", "2", "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)["output_ids"]
+    assert got == kvlab.generate(back, torch.tensor([[1, 2, 3]]), max_new_tokens=2)[0, 3:].tolist()
+    want = kvlab.costs(back.config, context=32, dtype="float32").kv_cache_bytes
+    for verb in ("calc", "inspect"):
+        assert main([verb, str(d), "--context", "32", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["kv_cache_bytes"] == want
+    assert main(["bench", str(d), "--context", "8", "--decode-tokens", "2", "--bandwidth-mib", "1", "--no-progress",
+                 "--json"]) == 0
+    assert all(r["cache_bytes_match"] for r in json.loads(capsys.readouterr().out)["results"])
 
 
 @pytest.mark.parametrize("technique, message", [
