@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -568,6 +569,9 @@ def test_cli_resumes_an_interrupted_recovery_to_the_uninterrupted_result(tmp_pat
     want = [json.loads(x) for x in (tmp_path / "whole" / "recovered-seed0" / "log.jsonl").read_text().splitlines()]
     assert rec["final_loss"] == want[-1]["loss"]
     assert [r["step"] for r in logged] == list(range(1, 9))
+    # every step trained at the schedule's rate (8 steps: no warmup; cosine from --lr 1e-3 to 10% of it), resumed too
+    assert [r["lr"] for r in logged] == pytest.approx([1e-4 + 9e-4 * 0.5 * (1 + math.cos(math.pi * k / 8))
+                                                       for k in range(8)], rel=1e-9)
     assert [(r["loss"], r["kl"]) for r in logged] == [(r["loss"], r["kl"]) for r in want]
     a, b = kvlab.load(tmp_path / "whole" / "recovered-seed0").state_dict(), kvlab.load(run).state_dict()
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -112,6 +112,18 @@ def test_grad_accumulation_equals_the_larger_batch(tmp_path):
     torch.testing.assert_close(torch.tensor(b), torch.tensor(a), atol=1e-5, rtol=1e-5)
 
 
+def test_schedule_is_linear_warmup_then_cosine_to_the_floor():
+    """``lr_at``: warmup 10% of the steps (here 2 of 20) rising linearly to ``lr``, then a cosine from ``lr`` at step 2
+    to ``lr * min_lr_ratio`` at step 20 (the closed form written out)."""
+    from kvlab.train.config import TrainSettings
+
+    s = TrainSettings(steps=20, lr=2.0, min_lr_ratio=0.1)
+    assert s.warmup == 2
+    want = [1.0, 2.0] + [0.2 + 1.8 * 0.5 * (1 + math.cos(math.pi * (k - 2) / 18)) for k in range(2, 20)]
+    assert [s.lr_at(k) for k in range(20)] == pytest.approx(want, rel=1e-12)
+    assert s.lr_at(20) == pytest.approx(0.2) and s.lr_at(11) == pytest.approx(1.1)  # the floor; half-way
+
+
 def test_bf16_autocast_trains(tmp_path):
     r = train(tiny_run(tiny_config(shared=False, layers=1).to_dict(), steps=8, dtype="bf16"), out=tmp_path,
               progress=False)
