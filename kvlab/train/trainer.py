@@ -238,7 +238,7 @@ def _train(cfg: TrainConfig, out: Path, resume: bool, progress: bool, max_steps:
     torch.manual_seed(s.seed)
     if cfg.init is not None:  # fp32 master weights of the model to start from
         model = init_model(cfg.init, world.device).train()
-        if model.config.to_dict() != cfg.model.to_dict():
+        if model.config != cfg.model:  # the shape; not the dtype (a GGUF header has none, master weights are fp32)
             raise ValueError(f"model.init={cfg.init!r} changed since the config was read: its ModelConfig differs")
     else:
         model = Model.from_config(cfg.model, seed=s.seed, std=s.init_std).to(world.device).train()

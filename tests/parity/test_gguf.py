@@ -174,3 +174,26 @@ def test_generate_cli_runs_a_gguf(tmp_path: Path, capsys: pytest.CaptureFixture[
     got = json.loads(capsys.readouterr().out)["output_ids"]
     want = hf.generate(torch.tensor([[1, 2, 3]]), do_sample=False, max_new_tokens=5, min_new_tokens=5)[0, 3:]
     assert got == want.tolist()
+
+
+def test_training_starts_from_a_gguf(tmp_path: Path) -> None:
+    """``[model] init = "<file>.gguf"``: kvlab train starts from the GGUF's dequantised weights (its first loss is the
+    loaded model's loss on the first batch) under the GGUF's own config, and the run loads like any model."""
+    import torch.nn.functional as F
+
+    from kvlab.train import parse_config, train
+
+    path = from_hf(hf_model("llama"), tmp_path / "tiny.gguf")
+    cfg = parse_config({"model": {"init": str(path)}, "task": {"kind": "copy", "seq_len": 16, "vocab": 16, "span": 6},
+                        "train": {"steps": 2, "batch_size": 2, "lr": 3e-3, "warmup_steps": 1, "threads": 1,
+                                  "eval_batches": 1}})
+    r = train(cfg, out=tmp_path / "run", progress=False)
+    loaded = kvlab.load(path, dtype=torch.float32)
+    batch, target, _ = cfg.task.batch(cfg.train.seed, "train", 0, cfg.train.batch_size)
+    with torch.no_grad():
+        ref = F.cross_entropy(loaded(batch).reshape(-1, loaded.config.vocab_size), target.reshape(-1)).item()
+    assert r.summary["losses"][0] == pytest.approx(ref, rel=1e-5)
+    assert r.summary["losses"][1] != pytest.approx(ref, rel=1e-4)  # the weights moved
+    assert r.model.config.layers == loaded.config.layers
+    back = kvlab.load(tmp_path / "run")
+    assert all(torch.equal(back.state_dict()[k], v) for k, v in r.model.state_dict().items())
