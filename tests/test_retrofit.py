@@ -94,7 +94,7 @@ def test_every_conversion_saves_loads_decodes_and_holds_the_calculated_bytes(tec
     """The contract of a conversion on a tiny random model: the converted model runs, a prefill + token-by-token decode
     through its cache gives its full forward's logits, its cache holds what the calculator prices, and it saves as a
     checkpoint that loads to the same logits (a KV format changes no weights: nothing to save)."""
-    from kvlab.retrofit.report import cache_bytes
+    from kvlab.retrofit.report import allocated_bytes, cache_bytes
 
     ids = _ids(24, 1)
     out = apply(_model(), technique, ids=_ids(64, 1)[0].tolist())
@@ -103,6 +103,11 @@ def test_every_conversion_saves_loads_decodes_and_holds_the_calculated_bytes(tec
     assert torch.isfinite(full).all()
     measured, calculated = cache_bytes(m, ids[0].tolist())
     assert measured == calculated > 0
+    # the cache allocated for longer contexts (up to the model's 256 positions; none past them) is what is priced
+    allocated = allocated_bytes(m, (64, 256, 1024))
+    assert list(allocated) == ["64", "256"]
+    assert all(a["allocated"] == a["calculated"] > 0 for a in allocated.values())
+    assert allocated["256"]["calculated"] > allocated["64"]["calculated"]
     if getattr(m, "kv_quant", None) is not None:  # a lossy cache format: its decode is tests/test_quant_decode.py's
         return
     cache = m.new_cache(1, 24)
@@ -319,6 +324,7 @@ def test_cli_converts_measures_and_writes_the_table(tmp_path, capsys):
     assert all(r["decode"]["context"] == 32 and r["decode"]["tok_s"] > 0 for r in rows.values())
     for r in rows.values():
         assert r["cache"]["match"] and r["cache"]["measured"] == r["cache"]["calculated"] > 0
+        assert r["cache"]["allocated"] == {}  # 4K and longer: past the tiny model's 1,024 positions
         assert r["kl"] > 0 and r["eval_tokens"] == 127
     win = rows["window:16,pattern=1sliding+1global"]
     assert win["kv_bytes"]["32768"] == win["ref_kv_bytes"]["32768"] // 2 + 16 * (2 * 8 * 2) * 4  # 1 ring of 16

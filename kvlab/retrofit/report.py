@@ -4,7 +4,8 @@ Quality: perplexity and KL divergence of the converted model against the origina
 (kvlab/eval/kl.py: llama.cpp's convention, through each model's own cache), top-1 agreement, and needle retrieval
 accuracy by length and depth (kvlab/eval/needle.py). Savings: KV-cache bytes at 4K / 32K / 128K from the
 calculator, the measured cache of the converted model after a prefill of the evaluation window next to the
-calculated bytes (they must be equal), parameters, and decode tokens/s (kvlab/bench.py's timed loop, same process).
+calculated bytes, and the cache it allocates at each of 4K / 32K / 128K within its positions (all must be equal),
+parameters, and decode tokens/s (kvlab/bench.py's timed loop, same process).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import Any
 
 import torch
 
+from ..cache import Cache
 from ..costs import costs
 from ..model import Model
 from ..units import fmt_bytes
@@ -44,6 +46,17 @@ def cache_bytes(model: Model, ids: Sequence[int]) -> tuple[int, int]:
     model(torch.tensor([list(ids)], device=model.embed.weight.device), cache=cache)
     calc = costs(model.config, context=n, dtype=_dtype_name(model), kv_quant=getattr(model, "kv_quant", None))
     return cache.nbytes(), calc.kv_cache_bytes
+
+
+def allocated_bytes(model: Model, contexts: Sequence[int] = CONTEXTS) -> dict[str, dict[str, int]]:
+    """``{context: {"allocated", "calculated"}}``: the bytes of the cache the model allocates for each context (batch
+    1, its dtype and cache format, preallocated on the meta device: no memory used) beside the calculator's, for the
+    contexts within the model's positions (a cache longer than them is refused)."""
+    q = getattr(model, "kv_quant", None)
+    dtype = model.embed.weight.dtype
+    return {str(n): {"allocated": Cache(model.config, 1, n, dtype=dtype, device="meta", kv_quant=q).nbytes(),
+                     "calculated": costs(model.config, context=n, dtype=_dtype_name(model), kv_quant=q).kv_cache_bytes}
+            for n in contexts if n <= model.config.max_positions}
 
 
 def measure(reference: Model, variant: Model, ids: Sequence[int], prefix: Sequence[int] = (), length: int = 2048,
@@ -74,8 +87,10 @@ def measure(reference: Model, variant: Model, ids: Sequence[int], prefix: Sequen
         row["needle"] = {"lengths": list(needle_lengths), "depths": list(needle_depths), "trials": trials,
                          "seed": seed, "accuracy": r.accuracy, "overall": r.overall}
     measured, calculated = cache_bytes(variant, list(prefix) + list(ids[:n]))
-    row["cache"] = {"context": len(prefix) + n, "measured": measured, "calculated": calculated,
-                    "match": measured == calculated}
+    allocated = allocated_bytes(variant)
+    match = measured == calculated and all(a["allocated"] == a["calculated"] for a in allocated.values())
+    row["cache"] = {"context": len(prefix) + n, "measured": measured, "calculated": calculated, "allocated": allocated,
+                    "match": match}
     if decode_context:
         row["decode"] = decode_speed(variant, decode_context, decode_tokens)
     row["seconds"] = time.perf_counter() - t0
