@@ -9,9 +9,11 @@ quantized cache is stepped both ways on the same cache: ``before`` (every step d
 and sink-token windows read every buffer so until commit 5eebaba) and ``blocked N KiB``
 (dequantized block by block inside attention, kvlab/layers/blocked.py, blocks of N KiB; kvlab's default 4096)
 and, with ``--fused``, ``fused`` (int8 / int4 codes attended by one torch.compile kernel, kvlab/layers/fused.py,
-where it applies; elsewhere the blocked path); with ``--compile``, each format again through kvlab's compiled decode
+where it applies; elsewhere the blocked path); with ``--cpp``, ``C++`` (the hand-written kernel,
+kvlab/layers/cpu_attend.py, kvlab's default where it applies; off on every other path); with ``--compile``, each format again through kvlab's compiled decode
 step (kvlab/compiled.py, inductor) on caches of its own (``compiled``; quantized: ``compiled blocked`` and, with
-``--fused``, ``compiled fused``, a cache made with ``fused=True``), its compiles in the warm-up rounds.
+``--fused``, ``compiled fused``, a cache made with ``fused=True``; with ``--cpp``, ``compiled C++``), its compiles
+in the warm-up rounds.
 
     python benchmarks/kv_quant_speed.py benchmarks/qwen3-100m.json benchmarks/gemma4-e2b-small.json \\
         --context 4k,16k --decode-tokens 24 [--blocks 1024,4096] [--profile int8] [--json out.json]
@@ -31,7 +33,7 @@ import torch
 from kvlab.bench import machine_info
 from kvlab.cache import quant
 from kvlab.compiled import CompiledStep
-from kvlab.layers import fused
+from kvlab.layers import cpu_attend, fused
 from kvlab.model import Model
 from kvlab.resolve import resolve_spec
 from kvlab.units import fmt_context, parse_contexts, table
@@ -112,7 +114,8 @@ def fill(cache, cfg, ctx: int, dtype: torch.dtype) -> None:
 
 
 def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], profile: str | None,
-              blocks: list[int], before: bool = True, with_fused: bool = False, compile: bool = False) -> list[dict]:
+              blocks: list[int], before: bool = True, with_fused: bool = False, compile: bool = False,
+              cpp: bool = False) -> list[dict]:
     cfg = resolve_spec(spec)
     models = {torch.float32: Model.from_config(cfg, dtype=torch.float32, seed=0).eval()}
     if "bf16" in formats:
@@ -141,18 +144,22 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                     runs += [(f, f"blocked {b >> 10} KiB", models[torch.float32], cache) for b in blocks]
                     if with_fused:
                         runs.append((f, "fused", models[torch.float32], cache))
-                    for fuse in (False, True) if compile and with_fused else (False,) if compile else ():
-                        c = models[torch.float32].new_cache(1, max_length, kv_quant=f, fused=fuse)
+                    if cpp:
+                        runs.append((f, "C++", models[torch.float32], cache))
+                    lanes = ["compiled blocked"] + ["compiled fused"] * with_fused + ["compiled C++"] * cpp
+                    for lane in lanes if compile else ():
+                        c = models[torch.float32].new_cache(1, max_length, kv_quant=f, fused=lane == "compiled fused")
                         fill(c, cfg, ctx, torch.float32)
-                        runs.append((f, "compiled fused" if fuse else "compiled blocked", models[torch.float32], c))
+                        runs.append((f, lane, models[torch.float32], c))
             times: dict[tuple[str, str], list[float]] = {(r[0], r[1]): [] for r in runs}
             tok = torch.tensor([[1]])
-            block, view = quant.DECODE_BLOCK_BYTES, quant.QuantRows.view
+            block, view, native = quant.DECODE_BLOCK_BYTES, quant.QuantRows.view, cpu_attend.ENABLED
             for i in range(steps + 2):  # round-robin; the first two rounds are warm-up
                 for label, path, model, cache in runs:
                     quant.DECODE_BLOCK_BYTES = int(path.split()[1]) << 10 if path.startswith("blocked") else block
                     quant.QuantRows.view = view_before if path == "before" else view
                     fused.ENABLED = path == "fused"
+                    cpu_attend.ENABLED = path.endswith("C++")
                     step = compiled[next(p.dtype for p in model.parameters())] if path.startswith("compiled") \
                         else model.decode_step
                     t1 = time.perf_counter()
@@ -162,7 +169,7 @@ def run_shape(spec: str, contexts: list[int], steps: int, formats: list[str], pr
                     fused.ENABLED = False
                     if i >= 2:
                         times[(label, path)].append(dt_s)
-            quant.DECODE_BLOCK_BYTES = block
+            quant.DECODE_BLOCK_BYTES, cpu_attend.ENABLED = block, native
             if profile:
                 from torch.profiler import ProfilerActivity
                 from torch.profiler import profile as prof
@@ -203,6 +210,9 @@ def main() -> None:
     ap.add_argument("--fused", action="store_true",
                     help="also step quantized caches with kvlab/layers/fused.py (torch.compile; its first steps, "
                          "compiling, fall in the warm-up rounds)")
+    ap.add_argument("--cpp", action="store_true",
+                    help="also step quantized caches with the hand-written C++ kernel (kvlab/layers/cpu_attend.py), "
+                         "and with --compile a 'compiled C++' lane; every other path runs with it off")
     ap.add_argument("--compile", action="store_true",
                     help="also step every format through kvlab's compiled decode step (inductor) on caches of its own: "
                          "'compiled' / 'compiled blocked' and, with --fused, 'compiled fused' (a cache made with "
@@ -216,7 +226,7 @@ def main() -> None:
     rows = []
     for s in a.shapes:
         rows += run_shape(s, parse_contexts(a.context), a.decode_tokens, formats, a.profile,
-                          [int(b) << 10 for b in a.blocks.split(",")], not a.no_before, a.fused, a.compile)
+                          [int(b) << 10 for b in a.blocks.split(",")], not a.no_before, a.fused, a.compile, a.cpp)
     print(table(["model", "context", "KV cache", "decode path", "tok/s", "step ms (median)", "min-max ms",
                  "vs fp32", "cache"],
                 [[r["model"], fmt_context(r["context"]), r["kv"], r["path"], f"{r['decode_tok_s']:.2f}",

@@ -18,10 +18,18 @@ from kvlab.cache.quant import QuantRows, QuantView
 from kvlab.cli import main
 from kvlab.config import ModelConfig
 from kvlab.costs.quant import Buffer, QuantError, layout, parse_quant
+from kvlab.layers import cpu_attend
 from kvlab.layers.blocked import Cat, attend_blocked, values_in_keys
 from kvlab.layers.core import attend
 from tests.helpers import fake_quantized_decode
 from tests.test_contract import CASES, random_model, tiny
+
+
+@pytest.fixture(autouse=True)
+def _blocked_path(monkeypatch):
+    """The blocked path under test: the C++ kernel, which takes int8 / int4 GQA buffers first when on, is off here
+    (tests/test_cpu_attend.py tests it against this path)."""
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)
 
 
 @pytest.fixture(autouse=True)

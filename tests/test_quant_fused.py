@@ -10,7 +10,7 @@ import torch
 from kvlab.cache import quant
 from kvlab.cache.quant import QuantRows
 from kvlab.costs.quant import Buffer, parse_quant
-from kvlab.layers import blocked, fused
+from kvlab.layers import blocked, cpu_attend, fused
 
 B, HKV, G, D, N = 2, 2, 3, 16, 37
 
@@ -35,6 +35,7 @@ def small(monkeypatch):
     monkeypatch.setattr(fused, "BUCKET", 8)  # 37 positions attended as 40, the last 3 slots masked
     monkeypatch.setattr(fused, "CHUNK", 16)  # p.v summed over 2 chunks of 16 positions and the last 8
     monkeypatch.setattr(fused, "_COMPILED", {})
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)  # the C++ kernel (first when on) off: the fused path tested
 
 
 def _check(monkeypatch, fmt, vfmt, with_sinks, want_layout):

@@ -45,7 +45,7 @@ from kvlab.cache.quant import QuantView
 
 SOURCE = Path(__file__).with_name("cpu_attend.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-Wno-psabi")
-ENABLED = os.environ.get("KVLAB_CPU_KERNEL", "0") in ("1", "on", "true", "yes")  # opt-in (KVLAB_CPU_KERNEL=1)
+ENABLED = os.environ.get("KVLAB_CPU_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_CPU_KERNEL=0: off
 UNDER = 60.0  # as kvlab/layers/fused.py UNDER: probabilities below exp(-UNDER) of the largest are 0
 _SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LIB: ctypes.CDLL | None = None
