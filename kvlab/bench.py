@@ -37,6 +37,7 @@ from kvlab.config import ModelConfig
 from kvlab.costs import costs
 from kvlab.costs.quant import QuantError, quant_name, resolve_kv_quant
 from kvlab.families import to_hf_config
+from kvlab.layers import cpu_attend
 from kvlab.loading import load
 from kvlab.model import Model
 from kvlab.models import resolve_file
@@ -232,11 +233,14 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
     were checked on entry, as in ``generate``). ``compile``: a torch.compile backend (kvlab/compiled.py): each
     context then has two rows, eager and compiled (``compiled``), decoded in turns on two caches of the same
     size; the compiled row's first step (a compile, at a new cache size) is reported apart as ``first_step_s``,
-    with ``compiles``, the graphs it compiled; the RSS figures are the pair's. A quantized cache's compiled lane is
-    made with ``fused=True`` (kvlab/layers/fused.py: one graph for the whole decode; the blocked compiled step
-    compiles for minutes and runs several times slower, docs/performance.md). ``fused`` (a quantized ``kv_quant``):
-    an eager lane on a cache made with ``fused=True`` too, and a compiled blocked one (a row's ``fused`` says which),
-    all decoded in turns; an eager fused lane's first step (its kernels' compiles) is reported apart too."""
+    with ``compiles``, the graphs it compiled; the RSS figures are the pair's. On the CPU a quantized cache's int8 /
+    int4 buffers are attended by the C++ kernel (kvlab/layers/cpu_attend.py; a row's ``cpp_kernel``), eager and
+    compiled (a custom op in the graph); where it is unavailable (a GPU, no compiler) the compiled lane is made with
+    ``fused=True`` (kvlab/layers/fused.py: one graph for the whole decode; the blocked compiled step compiles for
+    minutes and runs several times slower, docs/performance.md). ``fused`` (a quantized ``kv_quant``): an eager lane
+    on a cache made with ``fused=True`` (the torch.compile kernel) too, and the other compiled one (a row's
+    ``fused`` says which), all decoded in turns; an eager fused lane's first step (its kernels' compiles) is
+    reported apart too."""
     fused = bool(fused and kv_quant)
     last_only = "last_only" in inspect.signature(model.forward).parameters
     compiled = CompiledStep(model, compile) if compile else None
@@ -258,13 +262,16 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
         gc.collect()
         with torch.inference_mode(), rss_sampler() as mem, device_memory(device) as dmem:
             caches, lanes, kinds, graphs = [], [], [], [0] * 4  # graphs compiled by each lane's decode steps
-            # lanes: eager blocked (and fused with --fused); compiled: a quantized cache fused by default (its
-            # blocked compiled step costs minutes of compiling and ~8x the step; docs/performance.md), blocked too
-            # with --fused
+            # lanes: eager (and fused with --fused); compiled: without the C++ kernel a quantized cache fused (its
+            # blocked compiled step costs minutes of compiling and ~8x the step; docs/performance.md), the other
+            # one too with --fused
+            # the C++ kernel (kvlab/layers/cpu_attend.py) attends a plain quantized cache on the CPU: then the
+            # compiled lane is that cache (the kernel a custom op in the graph) and --fused adds a fused one
+            cpp = bool(kv_quant) and device.type == "cpu" and cpu_attend.available()
             pairs = [(eager, False)] + ([(eager, True)] if fused else [])
             if compiled:
-                pairs += [(compiled, False)] if fused or not kv_quant else []  # blocked (plain caches: the only one)
-                pairs += [(compiled, True)] if kv_quant else []
+                pairs += [(compiled, False)] if fused or not kv_quant or cpp else []  # plain caches: the only one
+                pairs += [(compiled, True)] if kv_quant and (fused or not cpp) else []
             for step, fuse in pairs:
                 cache = model.new_cache(batch, max_length=max_length, kv_quant=kv_quant, fused=fuse)
 
@@ -280,14 +287,15 @@ def bench_kvlab(model: Any, contexts: list[int], decode_tokens: int, dtype: str,
 
                 caches.append(cache)
                 lanes.append((fwd, one, step is compiled or fuse))
-                kinds.append((step is compiled, fuse))
+                kinds.append((step is compiled, fuse, bool(kv_quant) and cpu_attend.takes(cache)))
             how = (" eager + compiled" if compiled else "") + (" (blocked + fused)" if fused else "")
             timed = _timed_lanes(lanes, ids, prefill_chunk, decode_tokens,
                                  f"kvlab {kv_quant or dtype}{how} {fmt_context(ctx)}", progress)
             measured = [c.nbytes() for c in caches]
             del lanes, caches
-        for r, nbytes, (is_compiled, fuse), n_graphs in zip(timed, measured, kinds, graphs):
-            r.update(compiled=is_compiled, backend=compile if is_compiled else None, fused=fuse, compiles=n_graphs)
+        for r, nbytes, (is_compiled, fuse, cpp), n_graphs in zip(timed, measured, kinds, graphs):
+            r.update(compiled=is_compiled, backend=compile if is_compiled else None, fused=fuse, cpp_kernel=cpp,
+                     compiles=n_graphs)
             rows.append(_figures(r, model.config, ctx, max_length, decode_tokens, dtype, batch, kv_quant, nbytes,
                                  mem, bandwidth, dmem))
     return rows

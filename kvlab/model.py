@@ -179,8 +179,10 @@ class Model(nn.Module):
                   ) -> Cache:
         """Storage sized by each layer's spec; preallocated to ``max_length`` when given, after a memory preflight
         (InsufficientMemoryError when it cannot fit, unless inside ``kvlab.preflight.forced()``); ``kv_quant``:
-        quantized K/V (``"int8"``, ``"int4-g32-r64"``, a QuantSpec...; kvlab/costs/quant.py); ``fused``: decode
-        attention over its int8 / int4 codes by one compiled kernel (kvlab/layers/fused.py, docs/kv-quantization.md)."""
+        quantized K/V (``"int8"``, ``"int4-g32-r64"``, a QuantSpec...; kvlab/costs/quant.py; on the CPU its int8 / int4
+        per-token buffers are attended by a C++ kernel, kvlab/layers/cpu_attend.py); ``fused``: decode attention over
+        those codes by the torch.compile kernel instead (kvlab/layers/fused.py: a GPU, or to compare;
+        docs/kv-quantization.md)."""
         p = self.embed.weight
         if isinstance(max_length, int) and 0 < max_length <= self.config.max_positions and isinstance(batch_size, int) \
                 and batch_size > 0:

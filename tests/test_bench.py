@@ -217,12 +217,16 @@ def test_bench_fused_beside_blocked(capsys, tmp_path, monkeypatch):
     assert "kvlab: error: --fused attends quantized caches" in capsys.readouterr().err
 
 
-def test_bench_compiled_quantized_lane_is_fused(capsys, tmp_path, monkeypatch):
-    """``--kv-dtype int8 --compile``: the compiled lane's cache is made with fused=True (one graph for the decode),
-    paired with the eager blocked lane in compile_speedup."""
+@pytest.mark.parametrize("cpp", [True, False])
+def test_bench_compiled_quantized_lane(capsys, tmp_path, monkeypatch, cpp):
+    """``--kv-dtype int8 --compile``: the compiled lane's cache is the plain one where the C++ kernel attends it (a
+    custom op in the graph; both rows say ``cpp_kernel``), else made with fused=True (one graph for the decode);
+    paired with the eager lane in compile_speedup."""
     from kvlab import compiled
     from kvlab.cache import quant
-    from kvlab.layers import fused
+    from kvlab.layers import cpu_attend, fused
+
+    monkeypatch.setattr(cpu_attend, "ENABLED", cpp)
 
     monkeypatch.setattr(compiled, "DEFAULT_BACKEND", "eager")
     monkeypatch.setattr(fused, "BACKEND", "eager")
@@ -234,6 +238,7 @@ def test_bench_compiled_quantized_lane_is_fused(capsys, tmp_path, monkeypatch):
     out, err = capsys.readouterr()
     assert rc == 0, err
     r = json.loads(out)
-    assert [(x["compiled"], x["fused"]) for x in r["results"]] == [(False, False), (True, True)]
+    assert [(x["compiled"], x["fused"], x["cpp_kernel"]) for x in r["results"]] == [
+        (False, False, cpp), (True, not cpp, cpp)]
     (q,) = r["compile_speedup"]
-    assert q["fused"] and q["speedup"] == r["results"][1]["decode_tok_s"] / r["results"][0]["decode_tok_s"]
+    assert q["fused"] is not cpp and q["speedup"] == r["results"][1]["decode_tok_s"] / r["results"][0]["decode_tok_s"]

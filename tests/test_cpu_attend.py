@@ -85,8 +85,9 @@ def test_kernel_equals_oracle(kernel, fmt, vfmt, hkv, g, d, extras):
 
 
 def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
-    """``attend_blocked`` over int8 readers runs the kernel (on by :data:`cpu_attend.ENABLED`, whatever ``fused``) and
-    gives the blocked path's result; a buffer it does not take (a residual window) stays blocked."""
+    """``attend_blocked`` over int8 readers runs the kernel (on by :data:`cpu_attend.ENABLED`) and gives the blocked
+    path's result; buffers it does not take (of a ``fused=True`` cache, a residual window, rotated keys, fp8) are
+    left to the other paths."""
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)  # 8 positions a block
     calls = _count_calls(monkeypatch)
     k, v = _readers("int8-g8", None, 2, 2, 16, 37)
@@ -101,6 +102,8 @@ def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     assert calls == [37]
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     monkeypatch.setattr(cpu_attend, "ENABLED", True)
+    k.rows.fused = True  # a cache made with fused=True asks for the torch.compile kernel
+    assert not cpu_attend.applies(k, v)
     assert not cpu_attend.applies(*_readers("int8-g8-r4", None, 2, 2, 16, 37))
     assert not cpu_attend.applies(*_readers("int8-g8-rot", None, 2, 2, 16, 37))
     assert not cpu_attend.applies(*_readers("fp8-g8", None, 2, 2, 16, 37))

@@ -41,8 +41,8 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
                    "(inductor) and print eager and compiled side by side, with the compile time")
     q.add_argument("--fused", action="store_true", help="also decode each quantized cache with fused attention "
                    "(new_cache(fused=True): int8/int4 codes attended by one torch.compile kernel, compiled on the first "
-                   "step, reported apart) and print blocked and fused side by side (with --compile a quantized cache's "
-                   "compiled lane is fused anyway; --fused adds a compiled blocked one)")
+                   "step, reported apart) and print the default (on the CPU: kvlab's C++ kernel) and fused side by "
+                   "side (with --compile, both compiled lanes)")
     q.add_argument("--vs", choices=["transformers"], help="run the same loop in transformers and print ratios")
     q.add_argument("--max-weight-gib", type=positive_number("--max-weight-gib"), default=4.0,
                    help="scale a preset down until its weights fit in this many GiB (default 4)")

@@ -43,6 +43,8 @@ import torch
 
 from kvlab.cache.quant import QuantView
 
+from . import fused
+
 SOURCE = Path(__file__).with_name("cpu_attend.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-Wno-psabi")
 ENABLED = os.environ.get("KVLAB_CPU_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_CPU_KERNEL=0: off
@@ -165,8 +167,11 @@ def available() -> bool:
 def applies(k, v) -> bool:
     """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``) this kernel takes: on the CPU,
     int8 / int4 symmetric codes with per-token scales (any group), no residual window, rotation or exact tail,
-    K and V in the same format; and the kernel is loaded (eager: built now if needed)."""
+    K and V in the same format, not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
+    kvlab/layers/fused.py; nor with ``fused.ENABLED``); and the kernel is loaded (eager: built now if needed)."""
     if not (isinstance(k, QuantView) and isinstance(v, QuantView) and k.n == v.n and not k.heads and not v.heads):
+        return False
+    if fused.ENABLED or k.rows.fused or v.rows.fused:
         return False
     if not all(x.rows.spec.fmt in ("int8", "int4") and x.rows.spec.symmetric and not x.rows.residual_slots
                and not x.rows.block and x.foldable and x.rows.codes.device.type == "cpu"
@@ -213,6 +218,18 @@ def _(q, kc, ks, vc, vs, mask, sinks, n, scale, k_group, v_group, int4):
     return torch.empty_like(q)
 
 
+def takes(cache) -> bool:
+    """A decode step over ``cache`` (kvlab/cache/cache.py) attends some buffer with this kernel: on the CPU, not
+    made with ``fused=True``, one of its quantized buffers int8 / int4 symmetric per token without residual or
+    rotation, and the kernel loaded (built now if needed). What ``kvlab bench`` reports per row (``cpp_kernel``)."""
+    from kvlab.cache.cache import quant_rows
+
+    rows = [r for store in cache.layers for r in quant_rows(store)]
+    ok = [r for r in rows if r.spec.fmt in ("int8", "int4") and r.spec.symmetric and not r.residual_slots
+          and not r.block and r.foldable and not r.fused and r.codes.device.type == "cpu"]
+    return bool(ok) and available()
+
+
 def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None
            ) -> torch.Tensor:
     """``qf [B, Hkv, G, D]`` float32 over readers ``k``, ``v`` (:func:`applies`) -> ``[B, Hkv, G, D]`` float32.
@@ -229,4 +246,4 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
 
 
 __all__ = ["ENABLED", "KernelBuildError", "applies", "attend", "available", "build", "cache_dir", "library",
-           "quant_attend"]
+           "quant_attend", "takes"]

@@ -1,6 +1,10 @@
 """A decode step's attention over int8 / int4 K/V codes fused by ``torch.compile`` (per cache:
 ``model.new_cache(..., kv_quant="int8", fused=True)``; ``kvlab bench --fused``).
 
+On the CPU the default for these buffers is the hand-written C++ kernel (kvlab/layers/cpu_attend.py: 2-4x faster
+per call than this one at 16K, docs/kv-quantization.md "Decode speed"); ``fused=True`` asks for this kernel
+instead (a GPU, where inductor emits Triton; or to compare), and it is the fallback where the C++ kernel is off.
+
 Written as elementwise products and sums so inductor (C++ on the CPU) emits loops that read each code (an int4
 byte: two nibbles) and its per-token scale, multiply by the query and reduce, with no float32 copy of the codes:
 ``s = sum_d q_d c_d s_g(d)``, the softmax (padding mask, sink logits), ``o_d = sum_l p_l c_ld s_lg(d)``
