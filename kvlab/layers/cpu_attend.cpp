@@ -1,12 +1,13 @@
 // kvlab: decode attention of one query per head over int8 / int4 symmetric K/V codes with per-token scales
 // (kvlab/layers/cpu_attend.py builds, loads and documents it; kvlab/cache/quant.py holds the layout).
 //
-// Plain C++17 with GCC vector extensions (no intrinsics but F16C's half conversion, no torch headers, no OpenMP):
+// Plain C++17 with GCC vector extensions (intrinsics only to convert codes and half scales; no torch headers, no
+// OpenMP):
 // one function, kvlab_quant_attend, called through ctypes with the tensors' data pointers. Per (batch row, KV head,
 // block of at most 8 query heads): pass 1 scores every position (each code converted once, multiplied by its
 // scale, then FMA'd into the accumulators of all the query heads, P positions x GC heads at once in registers,
-// the 16-lane sums reduced 16 at a time by a shuffle tree), pass 2 the softmax (max, exp, denominator, sinks, the
-// UNDER cut), pass 3 p.v over tiles of positions (a tile of value rows stays in L1 while GC accumulators per
+// the 16-lane sums reduced 16 at a time by a shuffle tree), pass 2 the softmax (max, a vectorised exp 16 at a time,
+// denominator, sinks, the UNDER cut), pass 3 p.v over tiles of positions (a tile of value rows stays in L1 while GC accumulators per
 // 16-channel chunk sweep it). int4 rows are read "planar" (per 32 channels: the 16 low nibbles = even channels,
 // then the 16 high = odd channels), the query permuted and the output un-permuted to match; groups that do not
 // cover whole 16 (int8) / 32 (int4) channel chunks are dequantized row by row into a float tile first.
@@ -77,6 +78,24 @@ void scales_to_float(const void* src, int kind, long count, float* out) {
     const uint16_t* s = static_cast<const uint16_t*>(src);
     if (kind == 1) for (long i = 0; i < count; ++i) out[i] = half_to_float(s[i]);
     else for (long i = 0; i < count; ++i) out[i] = bf16_to_float(s[i]);
+}
+
+// exp of 16 floats (x <= 0 here; Cephes' expf polynomial, relative error ~1e-7; x below -87 gives garbage: the
+// caller keeps only x > -UNDER)
+inline v16 vexp(v16 x) {
+    const v16 t = x * 1.44269504088896341f;
+    const v16 n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r * r + r + 1.0f;
+    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
+    v16 two_n;
+    std::memcpy(&two_n, &e, sizeof two_n);
+    return p * two_n;
 }
 
 // one 16-lane shuffle-add level: items of W lanes (W/2 after) from x then y
@@ -240,13 +259,30 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
         if (mx[g] == -INFINITY) mx[g] = 0.0f;
         den[g] = 0.0f;
     }
-    for (long l = 0; l < n; ++l)
-        for (int g = 0; g < GC; ++g) {
-            float x = S[l * GC + g] - mx[g];
+    {  // 16 at a time: the heads' maxima repeat every GC vectors (lane j of vector i is head (16 i + j) mod GC)
+        v16 mv[GC], dv[GC];
+        for (int k = 0; k < GC; ++k) {
+            for (int j = 0; j < 16; ++j) mv[k][j] = mx[(16 * k + j) % GC];
+            dv[k] = v16{};
+        }
+        const long total = long(n) * GC;
+        long i = 0;
+        for (int k = 0; i + 16 <= total; i += 16, k = k + 1 == GC ? 0 : k + 1) {
+            v16 x = ld(S + i) - mv[k];
+            v16 p = x > -under ? vexp(x) : v16{};
+            st(S + i, p);
+            dv[k] += p;
+        }
+        for (int k = 0; k < GC; ++k)
+            for (int j = 0; j < 16; ++j) den[(16 * k + j) % GC] += dv[k][j];
+        for (; i < total; ++i) {
+            int g = int(i % GC);
+            float x = S[i] - mx[g];
             float p = x > -under ? std::exp(x) : 0.0f;
-            S[l * GC + g] = p;
+            S[i] = p;
             den[g] += p;
         }
+    }
     if (sinks)
         for (int g = 0; g < GC; ++g) den[g] += std::exp(sinks[g] - mx[g]);
     // pass 3: p.v
