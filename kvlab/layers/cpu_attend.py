@@ -167,7 +167,7 @@ def available() -> bool:
 def applies(k, v) -> bool:
     """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``) this kernel takes: on the CPU,
     int8 / int4 symmetric codes with per-token scales (any group), no residual window, rotation or exact tail,
-    K and V in the same format, not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
+    contiguous (never a copy per step), K and V in the same format, not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
     kvlab/layers/fused.py; nor with ``fused.ENABLED``); and the kernel is loaded (eager: built now if needed)."""
     if not (isinstance(k, QuantView) and isinstance(v, QuantView) and k.n == v.n and not k.heads and not v.heads):
         return False
@@ -175,7 +175,8 @@ def applies(k, v) -> bool:
         return False
     if not all(x.rows.spec.fmt in ("int8", "int4") and x.rows.spec.symmetric and not x.rows.residual_slots
                and not x.rows.block and x.foldable and x.rows.codes.device.type == "cpu"
-               and x.rows.scales.dtype in _SCALE_KIND for x in (k, v)) or k.rows.spec.fmt != v.rows.spec.fmt:
+               and x.rows.scales.dtype in _SCALE_KIND and x.rows.codes.is_contiguous() and x.rows.scales.is_contiguous()
+               for x in (k, v)) or k.rows.spec.fmt != v.rows.spec.fmt:
         return False
     if torch.compiler.is_compiling():
         return _LOADED and ENABLED
