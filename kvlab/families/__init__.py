@@ -61,19 +61,34 @@ def config_from_hf(cfg: dict[str, Any]) -> ModelConfig:
     return config
 
 
-def _same(a: ModelConfig, b: ModelConfig) -> bool:
-    def key(c: ModelConfig) -> dict[str, Any]:
-        return {k: v for k, v in c.to_dict().items() if k not in ("name", "source", "family", "dtype")}
+def _shape(c: ModelConfig) -> dict[str, Any]:
+    return {k: v for k, v in c.to_dict().items() if k not in ("name", "source", "family", "dtype")}
 
-    return key(a) == key(b)
+
+def _same(a: ModelConfig, b: ModelConfig) -> bool:
+    return _shape(a) == _shape(b)
+
+
+def _first_difference(got: Any, want: Any, path: str = "") -> str:
+    """Where two ``to_dict`` trees first differ: ``"layers[5].rope.theta: 10000.0, not 1000000.0"``."""
+    if isinstance(got, dict) and isinstance(want, dict):
+        for k in list(want) + [k for k in got if k not in want]:
+            if got.get(k) != want.get(k):
+                return _first_difference(got.get(k), want.get(k), f"{path}.{k}" if path else str(k))
+    if isinstance(got, list) and isinstance(want, list) and len(got) == len(want):
+        for i, (g, w) in enumerate(zip(got, want)):
+            if g != w:
+                return _first_difference(g, w, f"{path}[{i}]")
+    return f"{path}: {got!r}, not {want!r}"
 
 
 def _written_by(family: Family, config: ModelConfig) -> dict[str, Any]:
     assert family.to_hf_config is not None
     d = family.to_hf_config(config)
-    if not _same(family.config_from_hf(d), config):
+    back = family.config_from_hf(d)
+    if not _same(back, config):
         raise ValueError(f"{family.architecture} cannot hold {config.name}'s shape (it reads its config.json back "
-                         "as a different model)")
+                         f"as a different model: {_first_difference(_shape(back), _shape(config))})")
     return d
 
 

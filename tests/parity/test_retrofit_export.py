@@ -104,3 +104,38 @@ def test_what_no_architecture_expresses_is_named(tmp_path) -> None:
         (tmp_path / "b").mkdir()
         (tmp_path / "b" / "x").write_text("")
         export_hf(src, tmp_path / "b")
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("global_theta", [1e4, 1e6])
+def test_gemma3_with_every_layer_windowed_exports_as_gemma3_when_its_ropes_agree(tmp_path, global_theta) -> None:
+    """Gemma 3 (5 sliding : 1 global) with its global layer windowed too (the docs' ``window:512`` row, at the model's
+    own window): its own family, every ``layer_types`` entry sliding — when the global layer's RoPE equals the sliding
+    layers' (transformers gives a layer the RoPE of its type); with Gemma's 10K / 1M (Gemma 3 270M's) it cannot, and
+    the error names the field."""
+    import kvlab
+    from tests.parity.hf_tiny import random_hf
+
+    rope = {"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "default", "rope_theta": global_theta}}
+    cfg = transformers.Gemma3TextConfig(vocab_size=67, hidden_size=48, intermediate_size=40, num_hidden_layers=6,
+                                        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                        query_pre_attn_scalar=16, sliding_window=6, max_position_embeddings=96,
+                                        rope_parameters=rope)
+    random_hf(cfg, "Gemma3ForCausalLM", seed=2).save_pretrained(tmp_path / "src")
+    src = kvlab.load(tmp_path / "src")
+    assert [x.window for x in src.config.layers] == [6] * 5 + [None]
+    out = to_window(src, 6)
+    if global_theta != 1e4:
+        with pytest.raises(ExportError, match=r"Gemma3ForCausalLM cannot hold .* layers\[5\]\.rope\.theta: 10000\.0, "
+                                              r"not 1000000\.0"):
+            export_hf(out.model, tmp_path / "hf")
+        return
+    export_hf(out.model, tmp_path / "hf")
+    layer_types = json.loads((tmp_path / "hf" / "config.json").read_text())["layer_types"]
+    assert layer_types == ["sliding_attention"] * 6
+    ids = ids_()
+    got, name = hf_logits(tmp_path / "hf", ids)
+    assert name == "Gemma3ForCausalLM"
+    torch.testing.assert_close(got, out.model(ids), atol=1e-4, rtol=0)
+    assert (got - hf_logits(tmp_path / "src", ids)[0]).abs().max() > 1e-3  # the global layer's window matters at 40
