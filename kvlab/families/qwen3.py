@@ -72,5 +72,14 @@ def to_hf_config(config: ModelConfig) -> dict[str, Any]:
     return hf_config(config, ARCH, "qwen3", layer_types=types, use_sliding_window=w is not None, sliding_window=w)
 
 
+def qwen2_to_hf_config(config: ModelConfig) -> dict[str, Any]:
+    """Qwen2Config keys of ``config``'s shape (biases on q, k, v; sliding layers named in ``layer_types``)."""
+    w = single_window(config, QWEN2)
+    types = ["sliding_attention" if x.window else "full_attention" for x in config.layers]
+    d = hf_config(config, QWEN2, "qwen2", layer_types=types, use_sliding_window=w is not None, sliding_window=w)
+    d.pop("attention_bias")  # Qwen2 always has them (on q, k, v), and no key for them
+    return d
+
+
 FAMILY = Family(ARCH, config_from_hf, map_weights, NAMES, to_hf_config=to_hf_config)
-QWEN2_FAMILY = Family(QWEN2, qwen2_config_from_hf, map_weights, QWEN2_NAMES)
+QWEN2_FAMILY = Family(QWEN2, qwen2_config_from_hf, map_weights, QWEN2_NAMES, to_hf_config=qwen2_to_hf_config)

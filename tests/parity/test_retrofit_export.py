@@ -139,3 +139,23 @@ def test_gemma3_with_every_layer_windowed_exports_as_gemma3_when_its_ropes_agree
     assert name == "Gemma3ForCausalLM"
     torch.testing.assert_close(got, out.model(ids), atol=1e-4, rtol=0)
     assert (got - hf_logits(tmp_path / "src", ids)[0]).abs().max() > 1e-3  # the global layer's window matters at 40
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("pattern", ["1 global : 1 sliding", None])
+def test_a_windowed_qwen2_exports_as_qwen2(tmp_path, pattern) -> None:
+    """Qwen2 (biases on q, k, v) with a window pattern or every layer windowed: its own family, ``layer_types``."""
+    import kvlab
+    from tests.parity.hf_tiny import tiny_hf
+
+    tiny_hf("Qwen2ForCausalLM", seed=1).save_pretrained(tmp_path / "src")
+    out = to_window(kvlab.load(tmp_path / "src"), 8, pattern)
+    export_hf(out.model, tmp_path / "hf")
+    layer_types = json.loads((tmp_path / "hf" / "config.json").read_text())["layer_types"]
+    assert layer_types == (["full_attention", "sliding_attention", "full_attention"] if pattern
+                           else ["sliding_attention"] * 3)
+    ids = torch.randint(0, 128, (2, 40), generator=torch.Generator().manual_seed(0))
+    got, name = hf_logits(tmp_path / "hf", ids)
+    assert name == "Qwen2ForCausalLM"
+    torch.testing.assert_close(got, out.model(ids), atol=1e-4, rtol=0)
+    assert (got - hf_logits(tmp_path / "src", ids)[0]).abs().max() > 1e-3  # the windows matter at 40 positions
