@@ -164,6 +164,17 @@ def test_recover_writes_a_run_that_every_verb_loads(models, tmp_path):
                  "--window", "64", "--json", "--no-progress"]) == 0
 
 
+def test_recovery_shows_its_progress_on_stderr(models, tmp_path, capsys):
+    """``progress=True`` (``kvlab retrofit`` without ``--no-progress``): a tqdm bar over the steps on standard error,
+    with the loss; nothing on standard output; ``progress=False`` shows none."""
+    kw = {"steps": 2, "seq_len": 32, "batch_size": 2, "lr": 3e-3, "threads": 1, "text_files": [models["text"]]}
+    recover(models["student"], models["teacher"], tmp_path / "a", progress=True, **kw)
+    out, err = capsys.readouterr()
+    assert out == "" and "train: 100%" in err and "2/2" in err and "loss=" in err
+    recover(models["student"], models["teacher"], tmp_path / "b", progress=False, **kw)
+    assert "train:" not in capsys.readouterr().err
+
+
 def _torchrun(argv: list[str]) -> dict:
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
                         "kvlab", *argv, "--json", "--no-progress"], env=ENV, capture_output=True, text=True,
