@@ -173,3 +173,31 @@ def test_build_is_cached_and_keyed(kernel, monkeypatch):
     assert path.name == f"cpu_attend-{cpu_attend._key(cxx)}.so"
     monkeypatch.setattr(cpu_attend, "_cpu_flags", lambda: "flags\t: another cpu")
     assert path.name != f"cpu_attend-{cpu_attend._key(cxx)}.so"
+
+
+@pytest.mark.parametrize("with_sinks", [False, True])
+@pytest.mark.parametrize("fmt,hkv,g,d", [("int8", 2, 3, 64), ("int4", 1, 8, 128)])
+def test_positions_split_over_threads(kernel, monkeypatch, fmt, hkv, g, d, with_sinks):
+    """With 3 torch threads and parts of at least 16 positions, 203 positions run as 3 parts on 3 threads (each
+    part's maximum, denominator and p.v merged after); row 1's first part is all padding (a part with nothing
+    visible). Equal to the oracle within 1e-5 and to the one-thread call."""
+    b, n = 2, 203
+    k, v = _readers(fmt, None, b, hkv, d, n)
+    gen = torch.Generator().manual_seed(5)
+    qf = torch.randn(b, hkv, g, d, generator=gen)
+    mask = torch.zeros(b, 1, 1, n)
+    mask[1, ..., :80] = float("-inf")  # more than the first part (67 positions)
+    sinks = torch.randn(1, hkv, g, 1, generator=gen) if with_sinks else None
+    monkeypatch.setattr(cpu_attend, "MIN_PART", 16)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        out = cpu_attend.attend(qf, k, v, mask, d ** -0.5, sinks)
+    finally:
+        torch.set_num_threads(threads)
+    one = cpu_attend.attend(qf, k, v, mask, d ** -0.5, sinks)
+    sl = [x.narrow(-2, 0, n) for x in (k.rows.codes, k.rows.scales, v.rows.codes, v.rows.scales)]
+    ref = fused._attend(qf, *sl, mask, sinks, d ** -0.5, fmt == "int4", False, 64, False)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out, one, rtol=1e-5, atol=1e-5)
+    assert not torch.equal(out, one)  # the split ran: parts rescaled and summed in another order (seeded: fixed)

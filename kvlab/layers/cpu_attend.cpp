@@ -14,6 +14,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -206,11 +207,14 @@ void dequant_rows(const Buf& b, long lo, int m, int D, int dq, const float* sc, 
     }
 }
 
+// positions 0..n-1 of K, V (a part of the buffer) for GC heads: raw[g] the largest logit (sinks included; -inf if
+// none), den[g] the sum of exp(logit - max) (max 0 where raw is -inf; the sinks not added), acc[g, slot] the
+// unnormalised p.v in the value rows' channel order (planar for int4 read straight)
 template <int GC>
 void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, const float* mask, const float* sinks,
-                  float scale, float under, float* out, Work& w) {
+                  float scale, float under, float* raw, float* den, float* acc, Work& w) {
     const int dq = (D + 15) & ~15, nch = dq / 16;
-    const bool kplanar = K.fast && K.int4, vplanar = V.fast && V.int4;
+    const bool kplanar = K.fast && K.int4;
     const int tile = 64;
     w.S.resize(size_t(n) * GC);
     w.q.assign(size_t(GC) * dq, 0.0f);
@@ -243,7 +247,7 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
         }
     }
     // pass 2: softmax numerators in place, the denominator
-    float mx[GC], den[GC];
+    float mx[GC];
     for (int g = 0; g < GC; ++g) mx[g] = -INFINITY;
     float* S = w.S.data();
     for (long l = 0; l < n; ++l) {
@@ -256,6 +260,7 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
     }
     for (int g = 0; g < GC; ++g) {
         if (sinks && sinks[g] > mx[g]) mx[g] = sinks[g];
+        raw[g] = mx[g];
         if (mx[g] == -INFINITY) mx[g] = 0.0f;
         den[g] = 0.0f;
     }
@@ -283,8 +288,6 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
             den[g] += p;
         }
     }
-    if (sinks)
-        for (int g = 0; g < GC; ++g) den[g] += std::exp(sinks[g] - mx[g]);
     // pass 3: p.v
     w.acc.assign(size_t(GC) * dq, 0.0f);
     {
@@ -313,12 +316,11 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
             }
         }
     }
-    for (int g = 0; g < GC; ++g)
-        for (int d = 0; d < D; ++d) out[g * D + d] = w.acc[g * dq + slot_of(d, vplanar)] / den[g];
+    std::memcpy(acc, w.acc.data(), sizeof(float) * GC * dq);
 }
 
 typedef void (*HeadsFn)(const float*, const Buf&, const Buf&, int, int, const float*, const float*, float, float,
-                        float*, Work&);
+                        float*, float*, float*, Work&);
 const HeadsFn HEADS[9] = {nullptr, attend_heads<1>, attend_heads<2>, attend_heads<3>, attend_heads<4>,
                           attend_heads<5>, attend_heads<6>, attend_heads<7>, attend_heads<8>};
 
@@ -339,37 +341,83 @@ Buf make_buf(const void* codes, const void* scales, int kind, int int4, int grou
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 1; }
+int kvlab_quant_attend_version(void) { return 2; }
 
 // q [B, H, G, D] float32; out [B, H, G, D] float32; codes [B, H, cap, D or D/2] (int8 / packed int4, stored + 8),
 // scales [B, H, cap, D / group] (kind 0 float32, 1 float16, 2 bfloat16); the first n slots attended.
 // mask: additive float32, row b at mask + b * mask_bstride (0: one row for all), n values; or null.
-// sinks [H, G] float32 or null. Returns 0, or -1 for arguments it does not take.
+// sinks [H, G] float32 or null. threads > 1: the positions split into up to that many parts of at least min_part
+// (flash-decoding: each part's max, denominator and p.v, merged after). Returns 0, or -1 for arguments it does
+// not take.
 int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, int D, int n,
                        const void* kc, const void* ks, long k_cap, int k_int4, int k_group, int k_kind,
                        const void* vc, const void* vs, long v_cap, int v_int4, int v_group, int v_kind,
-                       const float* mask, long mask_bstride, const float* sinks, float scale, float under) {
+                       const float* mask, long mask_bstride, const float* sinks, float scale, float under,
+                       int threads, int min_part) {
     if (B < 1 || H < 1 || G < 1 || D < 1 || n < 1 || k_group < 1 || v_group < 1 || D % k_group || D % v_group ||
-        ((k_int4 || v_int4) && D % 2) || n > k_cap || n > v_cap)
+        ((k_int4 || v_int4) && D % 2) || n > k_cap || n > v_cap || threads < 1 || min_part < 1)
         return -1;
-    thread_local Work w;
     const long krow = k_int4 ? D / 2 : D, vrow = v_int4 ? D / 2 : D;
     const int kng = D / k_group, vng = D / v_group;
     const long kb = k_kind ? 2 : 4, vb = v_kind ? 2 : 4;
+    const int dq = (D + 15) & ~15;
+    int parts = n / min_part < threads ? n / min_part : threads;
+    parts = parts < 1 ? 1 : parts > 64 ? 64 : parts;
+    struct Job { long bh; int b, h, g0, gc; };
+    std::vector<Job> jobs;
     for (int b = 0; b < B; ++b)
-        for (int h = 0; h < H; ++h) {
-            long bh = long(b) * H + h;
-            Buf K = make_buf(static_cast<const uint8_t*>(kc) + bh * k_cap * krow,
-                             static_cast<const char*>(ks) + bh * k_cap * kng * kb, k_kind, k_int4, k_group, D);
-            Buf V = make_buf(static_cast<const uint8_t*>(vc) + bh * v_cap * vrow,
-                             static_cast<const char*>(vs) + bh * v_cap * vng * vb, v_kind, v_int4, v_group, D);
-            const float* mrow = mask ? mask + b * mask_bstride : nullptr;
-            for (int g0 = 0; g0 < G; g0 += 8) {
-                int gc = G - g0 < 8 ? G - g0 : 8;
-                long at = (bh * G + g0) * long(D);
-                HEADS[gc](q + at, K, V, n, D, mrow, sinks ? sinks + h * G + g0 : nullptr, scale, under, out + at, w);
+        for (int h = 0; h < H; ++h)
+            for (int g0 = 0; g0 < G; g0 += 8) jobs.push_back({long(b) * H + h, b, h, g0, G - g0 < 8 ? G - g0 : 8});
+    const long per = 16 + 8L * dq;  // raw[8], den[8], acc[8, dq] of one job and part
+    std::vector<float> res(jobs.size() * parts * per);
+    auto work = [&](int t) {
+        thread_local Work w;
+        const long p0 = long(n) * t / parts, p1 = long(n) * (t + 1) / parts;
+        for (size_t j = 0; j < jobs.size(); ++j) {
+            const Job& x = jobs[j];
+            Buf K = make_buf(static_cast<const uint8_t*>(kc) + (x.bh * k_cap + p0) * krow,
+                             static_cast<const char*>(ks) + (x.bh * k_cap + p0) * kng * kb, k_kind, k_int4, k_group, D);
+            Buf V = make_buf(static_cast<const uint8_t*>(vc) + (x.bh * v_cap + p0) * vrow,
+                             static_cast<const char*>(vs) + (x.bh * v_cap + p0) * vng * vb, v_kind, v_int4, v_group, D);
+            const float* mrow = mask ? mask + x.b * mask_bstride + p0 : nullptr;
+            float* r = res.data() + (j * parts + t) * per;
+            HEADS[x.gc](q + (x.bh * G + x.g0) * long(D), K, V, int(p1 - p0), D, mrow,
+                        sinks ? sinks + x.h * G + x.g0 : nullptr, scale, under, r, r + 8, r + 16, w);
+        }
+    };
+    std::vector<std::thread> pool;
+    try {
+        for (int t = 1; t < parts; ++t) pool.emplace_back(work, t);
+    } catch (...) {  // no thread: the parts not started run here
+    }
+    work(0);
+    for (int t = int(pool.size()) + 1; t < parts; ++t) work(t);
+    for (auto& th : pool) th.join();
+    for (size_t j = 0; j < jobs.size(); ++j) {  // merge the parts: rescale to the largest maximum
+        const Job& x = jobs[j];
+        const bool vplanar = v_int4 && D % 32 == 0 && v_group % 32 == 0;
+        for (int g = 0; g < x.gc; ++g) {
+            float m = -INFINITY;
+            for (int t = 0; t < parts; ++t) {
+                float r = res[(j * parts + t) * per + g];
+                m = r > m ? r : m;
+            }
+            const float safe = m == -INFINITY ? 0.0f : m;
+            float den = sinks ? std::exp(sinks[x.h * G + x.g0 + g] - safe) : 0.0f, f[64];
+            for (int t = 0; t < parts; ++t) {
+                const float* r = res.data() + (j * parts + t) * per;
+                f[t] = r[g] == -INFINITY ? 0.0f : parts == 1 ? 1.0f : std::exp(r[g] - safe);
+                den += r[8 + g] * f[t];
+            }
+            float* o = out + ((x.bh * G + x.g0 + g) * long(D));
+            for (int d = 0; d < D; ++d) {
+                const int sl = slot_of(d, vplanar);
+                float a = 0.0f;
+                for (int t = 0; t < parts; ++t) a += res[(j * parts + t) * per + 16 + g * dq + sl] * f[t];
+                o[d] = a / den;
             }
         }
+    }
     return 0;
 }
 

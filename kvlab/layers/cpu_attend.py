@@ -17,8 +17,11 @@ at first use with ``$CXX`` (default ``g++``) ``-O3 -march=native`` (no ``-ffast-
 into ``$KVLAB_KERNEL_DIR`` (default ``$XDG_CACHE_HOME/kvlab/kernels``, ``~/.cache/kvlab/kernels``) under a name
 keyed by a hash of the source, the flags, the compiler's version and the CPU's flags (a ``-march=native`` build
 never runs on another CPU), written to a temporary file then renamed (concurrent processes cannot load half a
-file), loaded with ctypes (which releases the GIL during the call). Single-threaded per call (kvlab decodes on
-one thread under load; a call's (batch row, KV head) pairs run one after another). Wrapped as the custom op
+file), loaded with ctypes (which releases the GIL during the call). One thread per call by default (kvlab decodes on
+one thread under load); with more torch threads (``torch.get_num_threads()``, read at each call) a call splits its
+positions into that many parts of at least :data:`MIN_PART` on ``std::thread``s (flash-decoding: each part's
+maximum, denominator and ``p.v``, rescaled and merged after; one part gives the single-threaded result exactly).
+Wrapped as the custom op
 ``kvlab::quant_attend`` (with a fake implementation) so a compiled decode step (kvlab/compiled.py, fullgraph) traces
 it as one opaque call over the whole preallocated buffers and the position count.
 
@@ -46,9 +49,10 @@ from kvlab.cache.quant import QuantView
 from . import fused
 
 SOURCE = Path(__file__).with_name("cpu_attend.cpp")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-Wno-psabi")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-Wno-psabi")
 ENABLED = os.environ.get("KVLAB_CPU_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_CPU_KERNEL=0: off
 UNDER = 60.0  # as kvlab/layers/fused.py UNDER: probabilities below exp(-UNDER) of the largest are 0
+MIN_PART = 2048  # positions per thread at least: a call splits its positions over torch.get_num_threads() threads
 _SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _LIB: ctypes.CDLL | None = None
 _LOADED = False  # _LIB is set (a plain bool: what a compiled trace reads)
@@ -131,10 +135,10 @@ def build(directory: Path | None = None) -> Path:
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    if lib.kvlab_quant_attend_version() != 1:
+    if lib.kvlab_quant_attend_version() != 2:
         raise KernelBuildError(f"{path}: not this version of the kernel")
     p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    lib.kvlab_quant_attend.argtypes = [p, p, i, i, i, i, i, p, p, lg, i, i, i, p, p, lg, i, i, i, p, lg, p, f, f]
+    lib.kvlab_quant_attend.argtypes = [p, p, i, i, i, i, i, p, p, lg, i, i, i, p, p, lg, i, i, i, p, lg, p, f, f, i, i]
     lib.kvlab_quant_attend.restype = i
     return lib
 
@@ -204,7 +208,7 @@ def _quant_attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch
         kc.data_ptr(), ks.data_ptr(), kc.shape[-2], int(int4), k_group, _SCALE_KIND[ks.dtype],
         vc.data_ptr(), vs.data_ptr(), vc.shape[-2], int(int4), v_group, _SCALE_KIND[vs.dtype],
         None if mask is None else mask.data_ptr(), 0 if mask is None or mask.shape[0] == 1 else mask.shape[-1],
-        None if sinks is None else sinks.data_ptr(), scale, UNDER)
+        None if sinks is None else sinks.data_ptr(), scale, UNDER, torch.get_num_threads(), MIN_PART)
     if rc:
         raise ValueError(f"kvlab::quant_attend: arguments refused (q {tuple(q.shape)}, n={n}, k codes "
                          f"{tuple(kc.shape)}, groups {k_group}/{v_group})")
