@@ -214,8 +214,8 @@ def test_head_importance_is_the_contribution_norm():
 @pytest.mark.parametrize("technique", ["share-last:1", "mla:rank=16,rope=8"])
 def test_saved_conversion_loads_with_every_verb(tmp_path, capsys, technique):
     """A saved conversion is a kvlab checkpoint: kvlab.load gives the converted model's logits, and the verbs that
-    take a model run on it (generate, calc, inspect, bench with its measured cache equal to the calculator's; eval and
-    chat need a tokenizer: tests/test_retrofit.py's CLI tests run eval on one that has it)."""
+    take a model run on it (generate, calc, inspect, compare, fit, bench with its measured cache equal to the
+    calculator's; eval and chat need a tokenizer: tests/test_retrofit.py's CLI tests run eval on one that has it)."""
     m = _model()
     out = apply(m, technique)
     d = kvlab.save(out.model, tmp_path / "ck", extra={"retrofit.json": out.report.to_dict()})
@@ -239,6 +239,14 @@ def test_saved_conversion_loads_with_every_verb(tmp_path, capsys, technique):
     assert main(["bench", str(d), "--context", "8", "--decode-tokens", "2", "--bandwidth-mib", "1", "--no-progress",
                  "--json"]) == 0
     assert all(r["cache_bytes_match"] for r in json.loads(capsys.readouterr().out)["results"])
+    src = kvlab.save(m, tmp_path / "src")  # compare: the source beside its conversion, priced as the calculator does
+    assert main(["compare", str(src), str(d), "--context", "32", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["models"]
+    assert [r["kv_cache_bytes"] for r in rows] == [[kvlab.costs(m.config, context=32, dtype="float32").kv_cache_bytes],
+                                                   [want]]
+    assert main(["fit", str(d), "--memory", "1GiB", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["fit"]["fits"]["kv_bytes"] == kvlab.costs(
+        back.config, context=256, dtype="float32").kv_cache_bytes  # the whole 256 positions fit
 
 
 @pytest.mark.parametrize("technique, message", [
