@@ -35,6 +35,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -82,8 +83,6 @@ def _cpu_flags() -> str:
                     return line
     except OSError:
         pass
-    import platform
-
     return platform.machine() + platform.processor()
 
 
