@@ -1,16 +1,17 @@
 // kvlab: decode attention of one query per head over int8 / int4 symmetric K/V codes with per-token scales
 // (kvlab/layers/cpu_attend.py builds, loads and documents it; kvlab/cache/quant.py holds the layout).
 //
-// Plain C++17 with GCC vector extensions (intrinsics only to convert codes and half scales; no torch headers, no
-// OpenMP):
-// one function, kvlab_quant_attend, called through ctypes with the tensors' data pointers. Per (batch row, KV head,
-// block of at most 8 query heads): pass 1 scores every position (each code converted once, multiplied by its
-// scale, then FMA'd into the accumulators of all the query heads, P positions x GC heads at once in registers,
-// the 16-lane sums reduced 16 at a time by a shuffle tree), pass 2 the softmax (max, a vectorised exp 16 at a time,
-// denominator, sinks, the UNDER cut), pass 3 p.v over tiles of positions (a tile of value rows stays in L1 while GC accumulators per
-// 16-channel chunk sweep it). int4 rows are read "planar" (per 32 channels: the 16 low nibbles = even channels,
-// then the 16 high = odd channels), the query permuted and the output un-permuted to match; groups that do not
-// cover whole 16 (int8) / 32 (int4) channel chunks are dequantized row by row into a float tile first.
+// Plain C++17 with GCC vector extensions of W floats (16 with AVX-512, else 8; intrinsics only to convert codes and
+// half scales; no torch headers, no OpenMP): one function, kvlab_quant_attend, called through ctypes with the
+// tensors' data pointers. Per (batch row, KV head, block of at most 8 query heads, part of the positions): pass 1
+// scores every position (each code converted once, multiplied by its scale, then FMA'd into the accumulators of
+// all the query heads, W / GC positions x GC heads at once in registers, the W-lane sums reduced W at a time by a
+// shuffle tree), pass 2 the softmax (max, a vectorised exp W at a time, denominator, the UNDER cut), pass 3 p.v
+// over tiles of positions (a tile of value rows stays in L1 while GC accumulators per W-channel chunk sweep it);
+// the parts (threads) merged at the end with the sinks. int4 rows are read "planar" (per 2W channels: the W low
+// nibbles = even channels, then the W high = odd channels), the query permuted and the output un-permuted to
+// match; groups that do not cover whole W (int8) / 2W (int4) channel chunks are dequantized row by row into a
+// float tile first.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -20,40 +21,44 @@
 #include <immintrin.h>
 #endif
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+// W floats a vector: 16 with AVX-512, else 8 (AVX2; 16-float vectors split in two by GCC spill on 16 registers)
+#if defined(__AVX512F__)
+#define KVLAB_W 16
+#else
+#define KVLAB_W 8
+#endif
+constexpr int W = KVLAB_W;
+typedef float vf __attribute__((vector_size(4 * KVLAB_W)));
+typedef int32_t vi __attribute__((vector_size(4 * KVLAB_W)));
 
 namespace {
 
-inline v16 ld(const float* p) { v16 x; std::memcpy(&x, p, sizeof x); return x; }
-inline void st(float* p, v16 x) { std::memcpy(p, &x, sizeof x); }
+inline vf ld(const float* p) { vf x; std::memcpy(&x, p, sizeof x); return x; }
+inline void st(float* p, vf x) { std::memcpy(p, &x, sizeof x); }
 
-// 16 codes -> float32: int8, or the low (hi = 0) / high (hi = 1) nibbles of 16 bytes (GCC's __builtin_convertvector
+// W codes -> float32: int8, or the low (hi = 0) / high (hi = 1) nibbles of W bytes (GCC's __builtin_convertvector
 // scalarizes the sign extension, hence the intrinsics)
-inline v16 cvt_i8(const int8_t* p) {
+inline vf cvt_i8(const int8_t* p) {
 #if defined(__AVX512F__)
-    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 #elif defined(__AVX2__)
-    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))),
-                   _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8))))};
-    v16 r; std::memcpy(&r, h, sizeof r); return r;
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
 #else
-    v16 r; for (int i = 0; i < 16; ++i) r[i] = float(p[i]); return r;
+    vf r; for (int i = 0; i < W; ++i) r[i] = float(p[i]); return r;
 #endif
 }
 
-inline v16 cvt_nibbles(const uint8_t* p, int hi) {
-#if defined(__AVX512F__) || defined(__AVX2__)
+inline vf cvt_nibbles(const uint8_t* p, int hi) {
+#if defined(__AVX512F__)
     __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
     x = _mm_and_si128(_mm_srl_epi16(x, _mm_cvtsi32_si128(4 * hi)), _mm_set1_epi8(15));
-#if defined(__AVX512F__)
-    return (v16)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x));
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(x));
+#elif defined(__AVX2__)
+    __m128i x = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p));
+    x = _mm_and_si128(_mm_srl_epi16(x, _mm_cvtsi32_si128(4 * hi)), _mm_set1_epi8(15));
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x));
 #else
-    __m256 h[2] = {_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(x)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(x, 8)))};
-    v16 r; std::memcpy(&r, h, sizeof r); return r;
-#endif
-#else
-    v16 r; for (int i = 0; i < 16; ++i) r[i] = float((p[i] >> (4 * hi)) & 15); return r;
+    vf r; for (int i = 0; i < W; ++i) r[i] = float((p[i] >> (4 * hi)) & 15); return r;
 #endif
 }
 
@@ -81,43 +86,46 @@ void scales_to_float(const void* src, int kind, long count, float* out) {
     else for (long i = 0; i < count; ++i) out[i] = bf16_to_float(s[i]);
 }
 
-// exp of 16 floats (x <= 0 here; Cephes' expf polynomial, relative error ~1e-7; x below -87 gives garbage: the
+// exp of W floats (x <= 0 here; Cephes' expf polynomial, relative error ~1e-7; x below -87 gives garbage: the
 // caller keeps only x > -UNDER)
-inline v16 vexp(v16 x) {
-    const v16 t = x * 1.44269504088896341f;
-    const v16 n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
-    const v16 r = x - n * 0.693359375f + n * 2.12194440e-4f;
-    v16 p = r * 1.9875691500e-4f + 1.3981999507e-3f;
+inline vf vexp(vf x) {
+    const vf t = x * 1.44269504088896341f;
+    const vf n = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
+    const vf r = x - n * 0.693359375f + n * 2.12194440e-4f;
+    vf p = r * 1.9875691500e-4f + 1.3981999507e-3f;
     p = p * r + 8.3334519073e-3f;
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
     p = p * r * r + r + 1.0f;
-    i32x16 e = (__builtin_convertvector(n, i32x16) + 127) << 23;
-    v16 two_n;
+    vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+    vf two_n;
     std::memcpy(&two_n, &e, sizeof two_n);
     return p * two_n;
 }
 
-// one 16-lane shuffle-add level: items of W lanes (W/2 after) from x then y
-template <int W> inline v16 comb(v16 x, v16 y) {
-    i32x16 lo, hi;
-    for (int j = 0; j < 16; ++j) {
-        int item = j / (W / 2), i = j % (W / 2);
-        lo[j] = item * W + i;
-        hi[j] = item * W + i + W / 2;
+// one shuffle-add level: items of L lanes (L/2 after) from x then y
+template <int L> inline vf comb(vf x, vf y) {
+    vi lo, hi;
+    for (int j = 0; j < W; ++j) {
+        int item = j / (L / 2), i = j % (L / 2);
+        lo[j] = item * L + i;
+        hi[j] = item * L + i + L / 2;
     }
     return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
 }
 
-// lane j of the result = the sum of the 16 lanes of a[j]
-inline v16 reduce16(v16* a) {
-    v16 b[8], c[4], d[2];
-    for (int k = 0; k < 8; ++k) b[k] = comb<16>(a[2 * k], a[2 * k + 1]);
-    for (int k = 0; k < 4; ++k) c[k] = comb<8>(b[2 * k], b[2 * k + 1]);
-    for (int k = 0; k < 2; ++k) d[k] = comb<4>(c[2 * k], c[2 * k + 1]);
-    return comb<2>(d[0], d[1]);
-}
+// a[0..N-1] of items N lanes wide -> a[0..N/2-1] of items N/2 wide, down to one vector
+template <int N> struct Reduce {
+    static inline void run(vf* a) {
+        for (int k = 0; k < N / 2; ++k) a[k] = comb<N>(a[2 * k], a[2 * k + 1]);
+        Reduce<N / 2>::run(a);
+    }
+};
+template <> struct Reduce<1> { static inline void run(vf*) {} };
+
+// lane j of the result = the sum of the W lanes of a[j] (a[] is overwritten)
+inline vf reduce_lanes(vf* a) { Reduce<W>::run(a); return a[0]; }
 
 // a buffer of one (batch row, KV head): codes [cap, rowbytes], scales [cap, ng]
 struct Buf {
@@ -126,46 +134,46 @@ struct Buf {
     int kind, int4, group, ng, rowbytes, fast;
 };
 
-// chunk loaders: loader(l, c) = the 16 values (scaled) of chunk c of row l of the current tile
+// chunk loaders: loader(l, c) = the W values (scaled) of chunk c of row l of the current tile
 struct RowsF32 {  // rows dequantized into a float tile [T, dp]
     const float* rows; int dp;
-    v16 operator()(int l, int c) const { return ld(rows + long(l) * dp + 16 * c); }
+    vf operator()(int l, int c) const { return ld(rows + long(l) * dp + W * c); }
 };
 struct Int8Rows {
     const int8_t* codes; int rb; const float* sc; int ng; const int* gi;
-    v16 operator()(int l, int c) const {
-        return cvt_i8(codes + long(l) * rb + 16 * c) * sc[l * ng + gi[c]];
+    vf operator()(int l, int c) const {
+        return cvt_i8(codes + long(l) * rb + W * c) * sc[l * ng + gi[c]];
     }
 };
-struct Int4Rows {  // planar: chunk 2b = the low nibbles of bytes 16b..16b+15 (even channels), 2b+1 the high ones
+struct Int4Rows {  // planar: chunk 2b = the low nibbles of bytes Wb..Wb+W-1 (even channels), 2b+1 the high ones
     const uint8_t* codes; int rb; const float* sc; int ng; const int* gi;
-    v16 operator()(int l, int c) const {
+    vf operator()(int l, int c) const {
         float s = sc[l * ng + gi[c]];
-        return cvt_nibbles(codes + long(l) * rb + 8 * (c & ~1), c & 1) * s - 8.0f * s;
+        return cvt_nibbles(codes + long(l) * rb + W / 2 * (c & ~1), c & 1) * s - 8.0f * s;
     }
 };
 
 // scores of positions l..l+P-1 (tile rows) for GC heads: S[(at + p) * GC + g]
 template <int GC, int P, class L>
 inline void score_block(const L& f, int l, int nch, const float* q, int dq, float* S, long at) {
-    v16 acc[16];
-    for (int i = 0; i < 16; ++i) acc[i] = v16{};
+    vf acc[W];
+    for (int i = 0; i < W; ++i) acc[i] = vf{};
     for (int c = 0; c < nch; ++c) {
-        v16 qv[GC];
-        for (int g = 0; g < GC; ++g) qv[g] = ld(q + g * dq + 16 * c);
+        vf qv[GC];
+        for (int g = 0; g < GC; ++g) qv[g] = ld(q + g * dq + W * c);
         for (int p = 0; p < P; ++p) {
-            v16 x = f(l + p, c);
+            vf x = f(l + p, c);
             for (int g = 0; g < GC; ++g) acc[p * GC + g] += qv[g] * x;
         }
     }
-    float t[16];
-    st(t, reduce16(acc));
+    float t[W];
+    st(t, reduce_lanes(acc));
     for (int i = 0; i < P * GC; ++i) S[at * GC + i] = t[i];
 }
 
 template <int GC, class L>
 void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S, long at) {
-    constexpr int P = 16 / GC;
+    constexpr int P = W / GC;
     int l = 0;
     for (; l + P <= m; l += P) score_block<GC, P>(f, l, nch, q, dq, S, at + l);
     for (; l < m; ++l) score_block<GC, 1>(f, l, nch, q, dq, S, at + l);
@@ -175,19 +183,19 @@ void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S, lo
 template <int GC, class L>
 void value_tile(const L& f, int m, int nch, const float* p, float* acc, int dq) {
     for (int c = 0; c < nch; ++c) {
-        v16 a[GC];
-        for (int g = 0; g < GC; ++g) a[g] = ld(acc + g * dq + 16 * c);
+        vf a[GC];
+        for (int g = 0; g < GC; ++g) a[g] = ld(acc + g * dq + W * c);
         for (int l = 0; l < m; ++l) {
-            v16 x = f(l, c);
+            vf x = f(l, c);
             const float* pl = p + l * GC;
             for (int g = 0; g < GC; ++g) a[g] += x * pl[g];
         }
-        for (int g = 0; g < GC; ++g) st(acc + g * dq + 16 * c, a[g]);
+        for (int g = 0; g < GC; ++g) st(acc + g * dq + W * c, a[g]);
     }
 }
 
 // where channel d sits in a row as the kernel reads it (int4 fast: planar per 32 channels)
-inline int slot_of(int d, bool planar) { return planar ? (d & ~31) + (d & 1) * 16 + (d & 31) / 2 : d; }
+inline int slot_of(int d, bool planar) { return planar ? (d & ~(2 * W - 1)) + (d & 1) * W + (d & (2 * W - 1)) / 2 : d; }
 
 struct Work {
     std::vector<float> S, sc, rows, q, acc;
@@ -213,7 +221,7 @@ void dequant_rows(const Buf& b, long lo, int m, int D, int dq, const float* sc, 
 template <int GC>
 void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, const float* mask, const float* sinks,
                   float scale, float under, float* raw, float* den, float* acc, Work& w) {
-    const int dq = (D + 15) & ~15, nch = dq / 16;
+    const int dq = (D + W - 1) / W * W, nch = dq / W;
     const bool kplanar = K.fast && K.int4;
     const int tile = 64;
     w.S.resize(size_t(n) * GC);
@@ -228,7 +236,7 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
         w.gi.resize(nch);
         w.gch.resize(D);
         for (int d = 0; d < D; ++d) w.gch[d] = d / b.group;
-        for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (32 * (c / 2)) / b.group : (16 * c) / b.group;
+        for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (2 * W * (c / 2)) / b.group : (W * c) / b.group;
         if (!b.fast) w.rows.assign(size_t(vt) * dq, 0.0f);
         for (long lo = 0; lo < n; lo += vt) {
             int m = int(n - lo < vt ? n - lo : vt);
@@ -264,22 +272,22 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
         if (mx[g] == -INFINITY) mx[g] = 0.0f;
         den[g] = 0.0f;
     }
-    {  // 16 at a time: the heads' maxima repeat every GC vectors (lane j of vector i is head (16 i + j) mod GC)
-        v16 mv[GC], dv[GC];
+    {  // W at a time: the heads' maxima repeat every GC vectors (lane j of vector i is head (W i + j) mod GC)
+        vf mv[GC], dv[GC];
         for (int k = 0; k < GC; ++k) {
-            for (int j = 0; j < 16; ++j) mv[k][j] = mx[(16 * k + j) % GC];
-            dv[k] = v16{};
+            for (int j = 0; j < W; ++j) mv[k][j] = mx[(W * k + j) % GC];
+            dv[k] = vf{};
         }
         const long total = long(n) * GC;
         long i = 0;
-        for (int k = 0; i + 16 <= total; i += 16, k = k + 1 == GC ? 0 : k + 1) {
-            v16 x = ld(S + i) - mv[k];
-            v16 p = x > -under ? vexp(x) : v16{};
+        for (int k = 0; i + W <= total; i += W, k = k + 1 == GC ? 0 : k + 1) {
+            vf x = ld(S + i) - mv[k];
+            vf p = x > -under ? vexp(x) : vf{};
             st(S + i, p);
             dv[k] += p;
         }
         for (int k = 0; k < GC; ++k)
-            for (int j = 0; j < 16; ++j) den[(16 * k + j) % GC] += dv[k][j];
+            for (int j = 0; j < W; ++j) den[(W * k + j) % GC] += dv[k][j];
         for (; i < total; ++i) {
             int g = int(i % GC);
             float x = S[i] - mx[g];
@@ -297,7 +305,7 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
         w.gi.resize(nch);
         w.gch.resize(D);
         for (int d = 0; d < D; ++d) w.gch[d] = d / b.group;
-        for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (32 * (c / 2)) / b.group : (16 * c) / b.group;
+        for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (2 * W * (c / 2)) / b.group : (W * c) / b.group;
         if (!b.fast) w.rows.assign(size_t(vt) * dq, 0.0f);
         for (long lo = 0; lo < n; lo += vt) {
             int m = int(n - lo < vt ? n - lo : vt);
@@ -333,7 +341,7 @@ Buf make_buf(const void* codes, const void* scales, int kind, int int4, int grou
     b.group = group;
     b.ng = D / group;
     b.rowbytes = int4 ? D / 2 : D;
-    b.fast = int4 ? (D % 32 == 0 && group % 32 == 0) : (D % 16 == 0 && group % 16 == 0);
+    b.fast = int4 ? (D % (2 * W) == 0 && group % (2 * W) == 0) : (D % W == 0 && group % W == 0);
     return b;
 }
 
@@ -360,7 +368,7 @@ int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, int D, i
     const long krow = k_int4 ? D / 2 : D, vrow = v_int4 ? D / 2 : D;
     const int kng = D / k_group, vng = D / v_group;
     const long kb = k_kind ? 2 : 4, vb = v_kind ? 2 : 4;
-    const int dq = (D + 15) & ~15;
+    const int dq = (D + W - 1) / W * W;
     int parts = n / min_part < threads ? n / min_part : threads;
     parts = parts < 1 ? 1 : parts > 64 ? 64 : parts;
     struct Job { long bh; int b, h, g0, gc; };
@@ -395,7 +403,7 @@ int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, int D, i
     for (auto& th : pool) th.join();
     for (size_t j = 0; j < jobs.size(); ++j) {  // merge the parts: rescale to the largest maximum
         const Job& x = jobs[j];
-        const bool vplanar = v_int4 && D % 32 == 0 && v_group % 32 == 0;
+        const bool vplanar = v_int4 && D % (2 * W) == 0 && v_group % (2 * W) == 0;
         for (int g = 0; g < x.gc; ++g) {
             float m = -INFINITY;
             for (int t = 0; t < parts; ++t) {

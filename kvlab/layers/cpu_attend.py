@@ -4,12 +4,14 @@ on the CPU: one query per head, symmetric codes with per-token scales (the buffe
 Why by hand: inductor's code for :func:`kvlab.layers.fused._attend` converts each code once per query head and sums
 int4's scale groups horizontally, so Gemma 4's wide layer (8 query heads on one 512-channel KV head) ran at 0.84x
 (int8) / 0.55x (int4) of fp32 SDPA at 16K. Here each code is converted once, multiplied by its scale and FMA'd
-into the accumulators of every query head of its KV head (a few positions x up to 8 heads in registers; 16-lane
-sums reduced 16 at a time), the softmax is exact (two passes over the scores: max, then ``exp``; the UNDER cut,
-padding mask and sink logits as in ``_attend``), then ``p.v`` runs over tiles of value rows that stay in L1. int4
-bytes are read "planar" (per 32 channels: low nibbles = even channels, then the high ones), the query permuted and
-the output un-permuted to match. Scale groups that do not cover whole 16 (int8) / 32 (int4) channel chunks (g8,
-g1, ...) are dequantized row by row into a float tile first (correct, slower). Numerics: float32 throughout, the
+into the accumulators of every query head of its KV head (a few positions x up to 8 heads in registers; the
+vector lanes' sums reduced a vector at a time), the softmax is exact (two passes over the scores: max, then
+``exp``; the UNDER cut, padding mask and sink logits as in ``_attend``), then ``p.v`` runs over tiles of value rows
+that stay in L1. int4
+bytes are read "planar" (per 2W channels: low nibbles = even channels, then the high ones), the query permuted and
+the output un-permuted to match. Vectors of W = 16 floats with AVX-512, 8 otherwise (AVX2: 16-float vectors split
+in two spilled registers and ran 10x slower). Scale groups that do not cover whole W (int8) / 2W (int4) channel
+chunks (g8, g1, ...) are dequantized row by row into a float tile first (correct, slower). Numerics: float32 throughout, the
 same operations as ``_attend`` in another summation order (within 1e-5 of it: tests/test_cpu_attend.py).
 
 Build: plain C++17 (no torch headers, no OpenMP: torch's own libgomp stays the only one in the process), compiled
