@@ -47,6 +47,7 @@ from pathlib import Path
 
 import torch
 
+from kvlab.cache.cache import quant_rows
 from kvlab.cache.quant import QuantView
 
 from . import fused
@@ -228,8 +229,6 @@ def takes(cache) -> bool:
     """A decode step over ``cache`` (kvlab/cache/cache.py) attends some buffer with this kernel: on the CPU, not
     made with ``fused=True``, one of its quantized buffers int8 / int4 symmetric per token without residual or
     rotation, and the kernel loaded (built now if needed). What ``kvlab bench`` reports per row (``cpp_kernel``)."""
-    from kvlab.cache.cache import quant_rows
-
     rows = [r for store in cache.layers for r in quant_rows(store)]
     ok = [r for r in rows if r.spec.fmt in ("int8", "int4") and r.spec.symmetric and not r.residual_slots
           and not r.block and r.foldable and not r.fused and r.codes.device.type == "cpu"]
