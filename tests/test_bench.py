@@ -205,7 +205,7 @@ def test_bench_fused_beside_blocked(capsys, tmp_path, monkeypatch):
     rc = main(["bench", str(path), "--context", "40", "--decode-tokens", "3", "--prefill-chunk", "16",
                "--bandwidth-mib", "8", "--no-progress", "--kv-dtype", "fp32,int8", "--fused", "--json"])
     out, err = capsys.readouterr()
-    assert rc == 0 and "fused/blocked" in err
+    assert rc == 0 and "fused/default" in err
     r = json.loads(out)
     assert [(x["kv_dtype"], x["fused"]) for x in r["results"]] == [("float32", False), ("int8", False), ("int8", True)]
     blocked, fast = r["results"][1:]
