@@ -42,7 +42,7 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
              stop_tokens: Iterable[int] | None = None, attention_mask: torch.Tensor | None = None,
              lengths: Iterable[int] | None = None, prefill_chunk: int = 512, pad_token_id: int = 0,
              callback: Callable[[torch.Tensor], None] | None = None, compile: bool | str = False,
-             stats: dict[str, Any] | None = None) -> torch.Tensor:
+             stats: dict[str, Any] | None = None, kv_quant: Any = None) -> torch.Tensor:
     """Continue ``input_ids [B, T]`` by up to ``max_new_tokens``; returns ``[B, T + n]``.
 
     Batches of unequal lengths are left-padded: give ``attention_mask`` (1 = token) or ``lengths``
@@ -55,7 +55,8 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
     yet; one graph for the whole decode, built on the first step and kept on the model); greedy tokens are eager's.
     A backend name (``"eager"``, ``"aot_eager"``) traces without generating code. ``stats``, a dict, is filled
     with ``prefill_s``, ``decode_s`` (all steps), ``decode_steps``, ``first_step_s`` (the first decode step: the
-    compile when compiled) and ``compiles`` (graphs compiled by this call).
+    compile when compiled) and ``compiles`` (graphs compiled by this call). ``kv_quant``: the cache's K/V quantized
+    (``"int8"``, ``"int4-g32-r64"``, a per-layer mapping...: ``Model.new_cache``; docs/kv-quantization.md).
     """
     cfg = model.config
     if input_ids.dim() == 1:
@@ -84,7 +85,7 @@ def generate(model: Model, input_ids: torch.Tensor, max_new_tokens: int = 32, te
                          compiles=0)
         return input_ids.clone()
     model.check_ids(input_ids)  # once, where input enters: the steps below read nothing back
-    cache = model.new_cache(b, max_length=t + max_new_tokens)
+    cache = model.new_cache(b, max_length=t + max_new_tokens, kv_quant=kv_quant)
     cache.set_padding(pad)
     step = compiled_step(model, backend) if backend else model.decode_step
     compiles = step.compiles if backend else 0

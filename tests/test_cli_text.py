@@ -161,3 +161,43 @@ def test_eval_at_lengths(capsys, ckpt):
     assert got[1]["ppl"] == pytest.approx(perplexity(model, ids[:200], 200).ppl, rel=1e-6)
     rc, _, err = run(capsys, "eval", ckpt, "--at", "100", "--variant", "global")
     assert rc == 2 and "--at measures one window" in err
+
+
+def test_generate_and_chat_decode_through_a_quantized_cache(capsys, monkeypatch, ckpt):
+    """``--kv-quant`` / ``--kv-dtype`` on generate and chat: the cache kvlab.generate builds holds the format asked for
+    (its bytes are the calculator's, not the unquantized cache's), the tokens are ``kvlab.generate(...,
+    kv_quant=...)``'s, and a bad format or a float --kv-dtype other than --dtype is a named error (exit 2)."""
+    from kvlab.costs import costs
+    from kvlab.model import Model
+
+    built = []
+    new_cache = Model.new_cache
+
+    def spy(self, *args, **kwargs):
+        cache = new_cache(self, *args, **kwargs)
+        built.append((cache.nbytes(), costs(self.config, context=cache.max_length, dtype="float32",
+                                            kv_quant=kwargs.get("kv_quant")).kv_cache_bytes, cache.max_length))
+        return cache
+
+    monkeypatch.setattr(Model, "new_cache", spy)
+    model = kvlab.load(str(ckpt), dtype=torch.float32)
+    ids = load_tokenizer(ckpt).encode_chat([{"role": "user", "content": QUESTION}])
+    want = kvlab.generate(model, torch.tensor([ids]), max_new_tokens=6, kv_quant="int4-g4-r2")[0, len(ids):].tolist()
+    rc, out, err = run(capsys, "generate", ckpt, "--chat", QUESTION, "--max-new-tokens", "6", "--stop", "none",
+                       "--kv-quant", "int4-g4-r2", "--json")
+    assert rc == 0, err
+    got = json.loads(out)
+    assert got["output_ids"] == want and got["kv_quant"] == "int4-g4-r2"
+    plain = costs(model.config, context=len(ids) + 6, dtype="float32").kv_cache_bytes
+    held, priced, length = built[-1]
+    assert length == len(ids) + 6 and held == priced and held < plain / 3  # int4 codes + fp16 scales + 2 exact
+    monkeypatch.setattr("sys.stdin", io.StringIO(QUESTION + "\n"))
+    rc, out, err = run(capsys, "chat", ckpt, "--max-new-tokens", "2", "--stop", "none", "--kv-dtype", "int8", "--json")
+    assert rc == 0, err
+    held, priced, length = built[-1]
+    assert held == priced == costs(model.config, context=length, dtype="float32", kv_quant="int8").kv_cache_bytes
+    rc, _, err = run(capsys, "generate", ckpt, "--ids", "1,2", "--kv-quant", "int4-g3")
+    assert rc == 2 and "kvlab: error: layers[0].kv_quant[k].group=3: must divide the 8 quantized channels" in err
+    rc, _, err = run(capsys, "chat", ckpt, "--kv-dtype", "bf16")
+    assert rc == 2 and "kvlab: error: --kv-dtype bf16: kvlab chat's cache holds the model's dtype (--dtype fp32)" in err
+    assert "Traceback" not in err

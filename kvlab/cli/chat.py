@@ -12,7 +12,7 @@ import time
 
 import kvlab
 from kvlab.cli.common import add_dtype_and_json, emit_json
-from kvlab.cli.generate import MODEL_HELP, add_sampling_arguments, load, stop_ids
+from kvlab.cli.generate import MODEL_HELP, add_sampling_arguments, kv_quant_of, load, stop_ids
 
 NAME = "chat"
 HELP = "talk with a model turn by turn (one message per line of stdin; its chat template; the history is kept)"
@@ -31,6 +31,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kvlab.tokenizer import TextStream
 
+    kv_quant = kv_quant_of(args, "chat")
     model, tok = load(args)
     if tok is None:
         raise ValueError(f"{str(args.model)!r} has no tokenizer.json: kvlab chat needs the model's tokenizer")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
         t0 = time.perf_counter()
         out = kvlab.generate(model, torch.tensor([ids], device=args.device), max_new_tokens=max_new,
                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                             stop_tokens=stops, callback=stream)
+                             stop_tokens=stops, callback=stream, kv_quant=kv_quant)
         dt = time.perf_counter() - t0
         gen = out[0, len(ids):].tolist()
         reply = tok.decode(gen[:-1] if gen and gen[-1] in stops else gen)

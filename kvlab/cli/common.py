@@ -225,13 +225,14 @@ def add_force(parser: argparse.ArgumentParser) -> None:
                         help="allocate even when the memory preflight says it will not fit")
 
 
-def preflight_checkpoint(spec: str, batch: int, context: int, dtype: Any, device: str) -> None:
-    """The memory preflight of loading checkpoint directory ``spec`` and caching ``batch`` x ``context`` positions,
-    before anything is read (other model kinds are checked when their cache is built)."""
+def preflight_checkpoint(spec: str, batch: int, context: int, dtype: Any, device: str, kv_quant: Any = None) -> None:
+    """The memory preflight of loading checkpoint directory ``spec`` and caching ``batch`` x ``context`` positions
+    (quantized as ``kv_quant``), before anything is read (other model kinds are checked when their cache is built)."""
     if not is_checkpoint(spec):
         return
     cfg = resolve_spec(spec)
-    check_memory(cfg, batch, min(context, cfg.max_positions), dtype, device, weights=True, what=str(spec))
+    check_memory(cfg, batch, min(context, cfg.max_positions), dtype, device, weights=True, what=str(spec),
+                 kv_quant=kv_quant)
 
 
 def describe_error(e: BaseException) -> str:

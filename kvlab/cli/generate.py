@@ -8,12 +8,23 @@ import sys
 import time
 
 import kvlab
-from kvlab.cli.common import add_dtype_and_json, add_force, add_threads, device_arg, emit_json, preflight_checkpoint
+from kvlab.cli.common import (
+    add_dtype_and_json,
+    add_force,
+    add_kv_dtype,
+    add_threads,
+    device_arg,
+    emit_json,
+    one_kv_format,
+    preflight_checkpoint,
+)
+from kvlab.costs.quant import quant_name, resolve_kv_quant
 from kvlab.units import parse_dtype
 
 NAME = "generate"
 HELP = "generate text from a model (checkpoint directory, .gguf file or named model; greedy at temperature 0)"
-EXAMPLE = 'kvlab generate smollm2-135m --chat "What is the capital of France?" --stream'
+EXAMPLE = ('kvlab generate smollm2-135m --chat "What is the capital of France?" --stream\n'
+           '  kvlab generate smollm2-135m --prompt "def fib(n):" --kv-quant int4-g32-r64-kc-asym   # quantized K/V')
 MODEL_HELP = "checkpoint directory (config.json + safetensors [+ tokenizer.json]), .gguf file or named model"
 
 
@@ -27,8 +38,20 @@ def add_sampling_arguments(q: argparse.ArgumentParser) -> None:
     q.add_argument("--stop", help="stop token ids, comma-separated (default: the model's end-of-turn / EOS ids; "
                                   "'none' to run to --max-new-tokens)")
     q.add_argument("--device", type=device_arg, default="cpu")
+    add_kv_dtype(q)
     add_threads(q)
     add_force(q)
+
+
+def kv_quant_of(args: argparse.Namespace, verb: str) -> str | None:
+    """The cache's ``kv_quant`` from ``--kv-quant`` / ``--kv-dtype`` (one format; checked now, before any weight is
+    read). A float ``--kv-dtype`` must be ``--dtype``: a kvlab cache holds the model's dtype."""
+    kv_dtype, kv_quant = one_kv_format(args, verb)
+    if kv_dtype is not None and kv_dtype != parse_dtype(args.dtype):
+        raise ValueError(f"--kv-dtype {args.kv_dtype}: kvlab {verb}'s cache holds the model's dtype (--dtype "
+                         f"{args.dtype}); give --dtype {args.kv_dtype} for a {args.kv_dtype} cache, or a quantized "
+                         "format (--kv-quant int8, int4-g32-r64...)")
+    return kv_quant
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -117,11 +140,12 @@ def run(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens is None:
         args.max_new_tokens = 256 if args.chat is not None else 32
+    kv_quant = kv_quant_of(args, "generate")
     tok = tokenizer_of(args)
     ids = _prompt_ids(args, tok)
     # the memory preflight (weights + cache), before any weight is read
     preflight_checkpoint(args.model, 1, len(ids) + args.max_new_tokens, TORCH_DTYPES[parse_dtype(args.dtype)],
-                         args.device)
+                         args.device, kv_quant=kv_quant)
     model = load_model(args)
     if len(ids) + args.max_new_tokens > model.config.max_positions:
         raise ValueError(f"prompt of {len(ids)} tokens + --max-new-tokens {args.max_new_tokens} exceeds the model's "
@@ -140,13 +164,14 @@ def run(args: argparse.Namespace) -> int:
     stats: dict = {}
     out = kvlab.generate(model, input_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                          top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops, callback=callback,
-                         compile=args.compile, stats=stats)
+                         compile=args.compile, stats=stats, kv_quant=kv_quant)
     dt = time.perf_counter() - t0
     gen = out[0, len(ids):].tolist()
     shown = gen[:-1] if gen and gen[-1] in stops else gen  # the stop token ends the text, it is not part of it
     text = tok.decode(shown) if tok is not None else None
     if args.json:
         emit_json({"prompt_ids": ids, "output_ids": gen, "text": text, "stopped": len(shown) < len(gen),
+                   "kv_quant": quant_name(resolve_kv_quant(kv_quant)),
                    "seconds": dt, "tokens_per_s": len(gen) / dt if dt > 0 else None, **speed(stats)})
         return 0
     if stream:
@@ -159,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
     steady = (f"; {'compiled' if args.compile else 'eager'} decode {sp['decode_tok_s']:.1f} tok/s after a first step "
               f"of {sp['first_step_s']:.2f} s" + (f"; {sp['compiles']} graph(s) compiled" if args.compile else "")
               if sp["decode_tok_s"] is not None else "")
-    print(f"[{len(gen)} tokens in {dt:.2f} s, {len(gen) / dt:.1f} tok/s{steady}]", file=sys.stderr)
+    kv = f"; K/V cache {quant_name(resolve_kv_quant(kv_quant))}" if kv_quant else ""
+    print(f"[{len(gen)} tokens in {dt:.2f} s, {len(gen) / dt:.1f} tok/s{steady}{kv}]", file=sys.stderr)
     return 0
 
 
