@@ -77,8 +77,9 @@ class LatentStore(KVStore):
         """
         end = start + c_kv.shape[1]
         self._reserve(start, end)
-        self.latent[:, start:end, :self.rank] = c_kv
-        self.latent[:, start:end, self.rank:] = k_pe
+        # one write of whole rows: two writes into the channel halves, traced with a symbolic ``start``, made inductor
+        # copy the whole buffer (and copy it back) in every compiled step (docs/performance.md)
+        self.latent.narrow(1, start, end - start).copy_(torch.cat((c_kv, k_pe), dim=-1))
         held = self.latent[:, :end]
         return held, held, positions(end, c_kv.device)
 

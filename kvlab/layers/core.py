@@ -189,7 +189,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return out.reshape(b, h, t, v.shape[-1])
     # sinks, an eager / fp32 decode step on a GPU, or K and V of different widths on the CPU: two matmuls reading K
     # and V once each
-    s = as_fp32(qf @ k.transpose(-1, -2)) * scale  # [B, Hkv, G*T, L]
+    if torch.compiler.is_compiling() and not q.is_cuda:  # inductor (CPU) copied a transposed K [D, L] for qf @ K^T
+        s = (k @ qf.transpose(-1, -2)).transpose(-1, -2)  # every step (MLA's latent at 16K: docs/performance.md)
+    else:
+        s = qf @ k.transpose(-1, -2)
+    s = as_fp32(s) * scale  # [B, Hkv, G*T, L]
     if mask is not None:
         s = s + mask
     if sinks is None:
