@@ -11,7 +11,7 @@ from helpers import save_text_checkpoint
 
 import kvlab
 from kvlab.cli import main
-from kvlab.eval import kl_divergence, perplexity, with_window
+from kvlab.eval import kl_divergence, perplexity, with_kv_quant, with_window
 from kvlab.tokenizer import load_tokenizer
 
 QUESTION = "What is the capital of France?"
@@ -110,6 +110,15 @@ def test_eval_perplexity_and_variant_kl_equal_the_library(capsys, ckpt, tmp_path
     assert kl["mean_kl"] > 0
     rc, out, err = run(capsys, "eval", ckpt, "--text", f, "--tokens", "200", "--window", "200")
     assert rc == 0 and f"{perplexity(model, ids[:200], 200).ppl:.4f}" in out and "stdlib" not in out
+    # --kv-quant FORMAT (or --kv-dtype FORMAT) is --variant kv=FORMAT: the quantized cache against the unquantized
+    rc, out, err = run(capsys, "eval", ckpt, "--text", f, "--tokens", "200", "--window", "200", "--kv-dtype", "int4-g4",
+                       "--json")
+    assert rc == 0, err
+    kl = json.loads(out)["kl"]["mean_kl"]
+    assert kl > 0 and kl == pytest.approx(kl_divergence(model, with_kv_quant(model, "int4-g4"), ids[:200], 200).mean_kl,
+                                          rel=1e-5)
+    rc, _, err = run(capsys, "eval", ckpt, "--kv-quant", "int8", "--variant", "global")
+    assert rc == 2 and "kvlab: error: --kv-quant int8 with --variant: give one" in err
 
 
 def test_eval_needle_table_json_and_plot(capsys, ckpt, tmp_path):

@@ -14,15 +14,24 @@ from pathlib import Path
 from typing import Any
 
 import kvlab
-from kvlab.cli.common import add_dtype_and_json, add_threads, device_arg, emit_json, output_file, report
-from kvlab.cli.generate import MODEL_HELP
+from kvlab.cli.common import (
+    add_dtype_and_json,
+    add_kv_dtype,
+    add_threads,
+    device_arg,
+    emit_json,
+    output_file,
+    report,
+)
+from kvlab.cli.generate import MODEL_HELP, kv_quant_of
 from kvlab.units import fmt_context, parse_context, parse_contexts, parse_dtype, table
 
 NAME = "eval"
 HELP = "perplexity, KL divergence against a variant, and needle retrieval on real text, through the cache"
 EXAMPLE = ("kvlab eval gemma-3-270m --at 1k,2k,4k   |   kvlab eval gemma-3-270m --window 4k --variant global   "
            "|   kvlab eval smollm2-135m --window 2k --variant window=512 --sink-tokens 4   "
-           "|   kvlab eval smollm2-135m --needle --lengths 1k,2k --plot out/needle.png")
+           "|   kvlab eval smollm2-135m --needle --lengths 1k,2k --plot out/needle.png   "
+           "|   kvlab eval smollm2-135m --tokens 1k --kv-quant int4-g32-r64-kc-asym")
 
 
 def add_arguments(q: argparse.ArgumentParser) -> None:
@@ -40,6 +49,7 @@ def add_arguments(q: argparse.ArgumentParser) -> None:
     who.add_argument("--variant", help="the same weights with other attention windows: 'window=N' (every layer "
                                        "slides over N positions) or 'global' (no window anywhere); or a quantized "
                                        "K/V cache: 'kv=FORMAT' (e.g. kv=int4-g32-r64-rot; see kvlab calc --help)")
+    add_kv_dtype(q)  # --kv-quant FORMAT (or --kv-dtype FORMAT) is --variant kv=FORMAT
     q.add_argument("--sink-tokens", type=int, default=0, metavar="S",
                    help="with --variant window=N: each window layer also keeps the first S positions visible "
                         "(StreamingLLM's attention sinks; default 0)")
@@ -83,6 +93,13 @@ def run(args: argparse.Namespace) -> int:
     from kvlab.eval import kl_divergence, load_corpus, needle_test, perplexity, perplexity_at, plot_needle
     from kvlab.tokenizer import load_tokenizer
 
+    kv_quant = kv_quant_of(args, "eval")
+    if kv_quant is not None:  # the quantized cache is the variant, measured against the unquantized one
+        if args.vs is not None or args.variant is not None:
+            raise ValueError(f"--kv-quant {kv_quant} with {'--vs' if args.vs is not None else '--variant'}: give one "
+                             f"(--kv-quant {kv_quant} is --variant kv={kv_quant}, the quantized cache against the "
+                             "unquantized one)")
+        args.variant = f"kv={kv_quant}"
     if args.sink_tokens < 0:
         raise ValueError(f"--sink-tokens {args.sink_tokens}: must be a non-negative integer")
     if args.sink_tokens and not (args.variant or "").strip().lower().startswith("window="):
