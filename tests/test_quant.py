@@ -42,14 +42,18 @@ def test_int4_packing_round_trips_every_byte_and_code():
     assert torch.equal(unpack4(packed), codes)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "int4-asym", "fp4"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "int4-asym", "fp4", "fp8", "fp8_e5m2"])
 def test_values_on_the_grid_round_trip_exactly(fmt):
     """Values that are codes times a power-of-two scale come back bit for bit (int4: -8..7 x 0.25)."""
     spec = parse_quant(fmt)
     grid = {"int4": [-7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7, 7],  # scale = absmax / 7
             "int8": [-127, -100, -50, -8, -1, 0, 1, 2, 3, 7, 50, 99, 120, 127, -5, 64],  # absmax / 127
             "int4-asym": list(range(16)),  # (max - min) / 15, zero = min
-            "fp4": [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6, 6]}[fmt]  # absmax / 6
+            "fp4": [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6, 6],  # absmax / 6
+            # e4m3 (3 mantissa bits, max 448) and e5m2 (2 bits, max 57344) values: absmax / 448, / 57344
+            "fp8": [-448, -240, -13, -1.125, -0.015625, 0, 0.001953125, 0.5, 1, 1.875, 3.5, 26, 104, 320, 448, -2],
+            "fp8_e5m2": [-57344, -40960, -96, -1.75, -0.0078125, 0, 1.52587890625e-05, 0.5, 1, 1.25, 3, 24, 112,
+                         20480, 57344, -2]}[fmt]
     x = torch.tensor(grid, dtype=torch.float32)[None, None] * 0.25
     c, s, z = quantize(x, spec, -1)
     back = dequantize(c, s, z, spec, -1)
@@ -92,6 +96,26 @@ def test_bad_combinations_name_the_layer_option_and_what_is_allowed():
         random_model(cfg).new_cache(1, 16, kv_quant="int4-g8")
     with pytest.raises(ValueError, match=r"kv_quant\['q'\]: allowed components"):
         costs(cfg, context=64, kv_quant={"q": "int8"})
+
+
+def test_int4_on_an_odd_channel_count_or_group_is_a_named_error():
+    """int4 / fp4 pack two channels per byte: an odd channel count (V of 7 channels here) or an odd group of channels
+    is refused naming the layer, the buffer, the option and what is allowed, by the calculator and the cache alike
+    (never a silent fallback); the allowed alternative (that buffer in int8) is priced and held byte for byte."""
+    cfg = tiny("gqa", 2)
+    for layer in cfg.layers:
+        layer.v_head_dim = 7
+    odd = (r"layers\[0\]\.kv_quant\[v\]: int4 packs two channels per byte and this buffer has 7 quantized channels, "
+           r"an odd count \(allowed here: int8, fp8 or fp8_e5m2, e\.g\. v=int8 for this buffer alone\)")
+    with pytest.raises(QuantError, match=odd):
+        costs(cfg, context=16, kv_quant="int4")
+    with pytest.raises(QuantError, match=odd):
+        random_model(cfg).new_cache(1, 16, kv_quant="int4")
+    with pytest.raises(QuantError, match=r"layers\[0\]\.kv_quant\[k\]\.group=1: fp4 packs two channels per byte, so "
+                                         r"a group of channels must be even \(allowed: 2, 4, 8\)"):
+        costs(cfg, context=16, kv_quant="fp4-g1+v=int8")
+    cache = random_model(cfg).new_cache(1, 16, kv_quant="int4-g4+v=int8")
+    assert cache.nbytes() == costs(cfg, context=16, dtype="float32", kv_quant="int4-g4+v=int8").kv_cache_bytes
 
 
 def test_layer_overrides_lay_over_the_mapping_priced_and_held_alike():

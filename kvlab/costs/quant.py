@@ -319,9 +319,14 @@ def check(spec: QuantSpec, buf: Buffer, where: str) -> None:
         divisors = [g for g in range(1, dq + 1) if dq % g == 0]
         raise QuantError(f"{where}.kv_quant[{buf.name}].group={spec.group}: must divide the {dq} quantized channels "
                          f"(allowed: {', '.join(map(str, divisors))}, or at least {dq}: one group per row)")
-    if spec.bits == 4 and (dq % 2 or (span == 1 and group % 2)):
-        raise QuantError(f"{where}.kv_quant[{buf.name}]: {spec.fmt} packs two channels per byte: the {dq} quantized "
-                         f"channels (and a group of {group}) must be even")
+    if spec.bits == 4 and dq % 2:
+        raise QuantError(f"{where}.kv_quant[{buf.name}]: {spec.fmt} packs two channels per byte and this buffer has "
+                         f"{dq} quantized channels, an odd count (allowed here: int8, fp8 or fp8_e5m2, e.g. "
+                         f"{buf.name}=int8 for this buffer alone)")
+    if spec.bits == 4 and span == 1 and group % 2:
+        evens = [g for g in range(2, dq + 1, 2) if dq % g == 0]
+        raise QuantError(f"{where}.kv_quant[{buf.name}].group={spec.group}: {spec.fmt} packs two channels per byte, "
+                         f"so a group of channels must be even (allowed: {', '.join(map(str, evens))})")
     if buf.ring is not None:
         if lay["slots"] > buf.ring:
             raise QuantError(f"{where}.kv_quant[{buf.name}].residual={spec.residual}: the residual"
