@@ -387,11 +387,11 @@ def test_config_round_trips_through_json(tmp_path) -> None:
 def test_cpu_decode_step_reads_the_latent_cache_without_copying_it(monkeypatch):
     """On the CPU, SDPA with keys and values of different widths (MLA's absorbed decode: latent + rotary keys, latent
     values) runs its math fallback, which multiplies a copy of all of K by ``sqrt(scale)`` each call. A decode step
-    never hands SDPA such K/V (it attends by two matmuls, kvlab/layers/core.py), and its logits equal the SDPA
-    path's."""
+    hands SDPA the whole latent as keys and values (one width: its flash kernel), and its logits equal those of
+    values ``c_kv`` alone (attended by two matmuls, kvlab/layers/core.py)."""
     from test_contract import tiny
 
-    from kvlab.layers import core
+    from kvlab.layers import core, mla
 
     with torch.no_grad():
         model = random_model(tiny("mla", 0))
@@ -410,10 +410,11 @@ def test_cpu_decode_step_reads_the_latent_cache_without_copying_it(monkeypatch):
         monkeypatch.setattr(core.F, "scaled_dot_product_attention", spy)
         calls.clear()
         out = [model(ids[:, s:s + 1], cache=caches[0]) for s in (12, 13)]
-        assert not [c for c in calls if c[1] != c[2]]  # no decode-step SDPA call with K and V of different widths
-        monkeypatch.setattr(core, "_math_fallback", lambda q, k, v: False)  # the SDPA path, for its values
+        assert calls and all(kd == vd for _, kd, vd in calls)  # SDPA, K and V of one width (the whole latent)
+        monkeypatch.setattr(mla, "whole_latent_values", lambda keys: False)  # values c_kv alone: two matmuls
+        calls.clear()
         ref = [model(ids[:, s:s + 1], cache=caches[1]) for s in (12, 13)]
-        assert [c for c in calls if c[1] != c[2]]  # the model does hand SDPA different widths on that path
+        assert not calls
     for a, b in zip(out, ref, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 

@@ -132,10 +132,10 @@ def _matmul_decode(q: torch.Tensor) -> bool:
 
 
 def _math_fallback(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """On the CPU, SDPA with keys and values of different widths (MLA's absorbed decode: latent + rotary keys
-    against latent values) runs its math fallback, which multiplies a copy of all of K by ``sqrt(scale)`` every call:
-    one more read and write of the whole latent cache per layer (profiled: ``aten::mul`` of ``[1, 1, 288, L]``, 18.4
-    of 79.7 ms a DeepSeek V3-small step at 16K, docs/performance.md). Two matmuls scale the scores instead."""
+    """On the CPU, SDPA with keys and values of different widths runs its math fallback, which multiplies a copy of
+    all of K by ``sqrt(scale)`` every call: one more read and write of all of K (profiled on MLA's absorbed decode,
+    ``aten::mul`` of ``[1, 1, 288, L]``, 18.4 of 79.7 ms a DeepSeek V3-small step at 16K, docs/performance.md; MLA now
+    passes its whole latent as the values). Two matmuls scale the scores instead."""
     return not q.is_cuda and k.shape[-1] != v.shape[-1]
 
 
@@ -189,11 +189,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         return out.reshape(b, h, t, v.shape[-1])
     # sinks, an eager / fp32 decode step on a GPU, or K and V of different widths on the CPU: two matmuls reading K
     # and V once each
-    if torch.compiler.is_compiling() and not q.is_cuda:  # inductor (CPU) copied a transposed K [D, L] for qf @ K^T
-        s = (k @ qf.transpose(-1, -2)).transpose(-1, -2)  # every step (MLA's latent at 16K: docs/performance.md)
-    else:
-        s = qf @ k.transpose(-1, -2)
-    s = as_fp32(s) * scale  # [B, Hkv, G*T, L]
+    s = as_fp32(qf @ k.transpose(-1, -2)) * scale  # [B, Hkv, G*T, L]
     if mask is not None:
         s = s + mask
     if sinks is None:

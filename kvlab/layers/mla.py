@@ -73,6 +73,15 @@ def rotate_all(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     return rotate(x, c, s, "deinterleave" if interleave else "half")
 
 
+def whole_latent_values(keys) -> bool:
+    """Whether the absorbed attention takes the whole latent ``[c_kv, k_pe]`` as its values too (their rotary
+    channels' outputs dropped): on the CPU, a plain tensor. SDPA's CPU flash kernel needs keys and values of one width,
+    and reads each latent row once for both products; values ``c_kv`` alone (narrower) took two matmuls reading the
+    latent twice, 2.5x slower at 16K (docs/performance.md). A GPU decode step attends by two matmuls anyway, and a
+    quantized cache's readers are attended block by block."""
+    return not is_blocked(keys) and not keys.is_cuda
+
+
 class MLAttention(nn.Module):
     """One MLA layer described by a :class:`LayerSpec` (``attention='mla'``); x ``[B, T, hidden]`` -> same."""
 
@@ -199,8 +208,11 @@ class MLAttention(nn.Module):
         w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
         keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: c_kv and k_pe read block by block)
-        out = attend(torch.cat((q_lat, q_pe), dim=-1), keys, channels(keys, 0, m.kv_lora_rank), mask, self.scale,
-                     causal=causal)  # [B, H, T, r]
+        q = torch.cat((q_lat, q_pe), dim=-1)
+        if whole_latent_values(keys):
+            out = attend(q, keys, keys, mask, self.scale, causal=causal)[..., :m.kv_lora_rank]
+        else:
+            out = attend(q, keys, channels(keys, 0, m.kv_lora_rank), mask, self.scale, causal=causal)  # [B, H, T, r]
         return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
 
 
