@@ -17,14 +17,14 @@ from kvlab.costs.quant import Buffer, parse_quant
 from kvlab.layers import blocked, cpu_attend, fused
 
 
-def _readers(fmt: str, vfmt: str | None, b: int, hkv: int, d: int, n: int):
+def _readers(fmt: str, vfmt: str | None, b: int, hkv: int, d: int, n: int, dv: int | None = None):
     gen = torch.Generator().manual_seed(1)
     out = []
-    for name, f in zip("kv", (fmt, vfmt or fmt), strict=True):
-        r = QuantRows(Buffer("kv", name, hkv, 0, d, key=name == "k"), parse_quant(f), (b, hkv), torch.float32, "cpu")
+    for name, f, c in zip("kv", (fmt, vfmt or fmt), (d, dv or d), strict=True):
+        r = QuantRows(Buffer("kv", name, hkv, 0, c, key=name == "k"), parse_quant(f), (b, hkv), torch.float32, "cpu")
         r.resize(n + 5, 0)  # slots past n hold zeros: not read
-        r.write(0, torch.randn(b, hkv, n - 3, d, generator=gen) * 2)  # a prefill, then steps
-        r.write(n - 3, torch.randn(b, hkv, 3, d, generator=gen) * 2)
+        r.write(0, torch.randn(b, hkv, n - 3, c, generator=gen) * 2)  # a prefill, then steps
+        r.write(n - 3, torch.randn(b, hkv, 3, c, generator=gen) * 2)
         out.append(r.view(n))
     return out
 
@@ -86,8 +86,8 @@ def test_kernel_equals_oracle(kernel, fmt, vfmt, hkv, g, d, extras):
 
 def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     """``attend_blocked`` over int8 readers runs the kernel (on by :data:`cpu_attend.ENABLED`) and gives the blocked
-    path's result; buffers it does not take (of a ``fused=True`` cache, a residual window, rotated keys, fp8) are
-    left to the other paths."""
+    path's result; buffers it does not take (of a ``fused=True`` cache, zero points, KIVI keys, fp8) are left to the
+    other paths."""
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)  # 8 positions a block
     calls = _count_calls(monkeypatch)
     k, v = _readers("int8-g8", None, 2, 2, 16, 37)
@@ -104,15 +104,20 @@ def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     monkeypatch.setattr(cpu_attend, "ENABLED", True)
     k.rows.fused = True  # a cache made with fused=True asks for the torch.compile kernel
     assert not cpu_attend.applies(k, v)
-    assert not cpu_attend.applies(*_readers("int8-g8-r4", None, 2, 2, 16, 37))
-    assert not cpu_attend.applies(*_readers("int8-g8-rot", None, 2, 2, 16, 37))
+    assert not cpu_attend.applies(*_readers("int8-g8-asym", None, 2, 2, 16, 37))
+    assert not cpu_attend.applies(*_readers("int8-g8-kc", None, 2, 2, 16, 37))
     assert not cpu_attend.applies(*_readers("fp8-g8", None, 2, 2, 16, 37))
+    k, v = _readers("int8-g8", None, 2, 2, 16, 37, dv=24)  # values of their own width (v_head_dim)
+    assert not cpu_attend.applies(k, v)
+    out = blocked.attend_blocked(q, k, v, mask, 0.25, sinks)
+    assert out.shape == (2, 6, 1, 24) and calls == [37]
 
 
 def test_cache_decode_eager_and_compiled(kernel, monkeypatch):
-    """A left-padded batch decoded through a tiny model with sinks (a KV head read by a shared layer too): the
-    kernel's logits equal the blocked cache's, eager and inside a compiled decode step (the custom op traced into
-    the step's graph, over the whole preallocated buffers and the position count)."""
+    """A left-padded batch decoded through a tiny model with sinks (a KV head read by a shared layer too; int4 keys
+    rotated, a residual window of 4): the kernel's logits equal the blocked cache's, eager and inside a compiled
+    decode step (the custom op traced into the step's graph, over the whole preallocated buffers and the position
+    count)."""
     from helpers import random_model, tiny_config
 
     from kvlab.compiled import CompiledStep
@@ -121,7 +126,7 @@ def test_cache_decode_eager_and_compiled(kernel, monkeypatch):
     model = random_model(tiny_config(shared=True, layers=2, sinks=True))
     ids = torch.randint(0, 97, (2, 22), generator=torch.Generator().manual_seed(4))
     calls = _count_calls(monkeypatch)
-    caches = [model.new_cache(2, max_length=30, kv_quant=f) for f in ("int4-g8", "int4-g8", "int4-g8")]
+    caches = [model.new_cache(2, max_length=30, kv_quant="int4-g8-r4-rot") for _ in range(3)]
     with torch.inference_mode():
         for c in caches:
             c.set_padding(torch.tensor([0, 5]))
@@ -201,3 +206,51 @@ def test_positions_split_over_threads(kernel, monkeypatch, fmt, hkv, g, d, with_
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out, one, rtol=1e-5, atol=1e-5)
     assert not torch.equal(out, one)  # the split ran: parts rescaled and summed in another order (seeded: fixed)
+
+
+@pytest.mark.parametrize("fmt,hkv,g,d", [("int4-g32-rot", 1, 8, 128), ("int8-g16-rot", 2, 3, 48)])
+def test_rotated_keys(kernel, monkeypatch, fmt, hkv, g, d):
+    """Keys stored rotated (block Hadamard, ``-rot``; 48 channels: blocks of 16): the kernel scores the rotated query
+    against them, and equals the blocked path and softmax attention over the dequantized (rotated back) buffers."""
+    b, n = 2, 203
+    k, v = _readers(fmt, None, b, hkv, d, n)
+    assert k.rows.block and not v.rows.block and cpu_attend.applies(k, v)
+    gen = torch.Generator().manual_seed(6)
+    q = torch.randn(b, hkv * g, 1, d, generator=gen)
+    mask = torch.zeros(b, 1, 1, n)
+    mask[0, ..., :11] = float("-inf")
+    sinks = torch.randn(hkv * g, generator=gen)
+    calls = _count_calls(monkeypatch)
+    out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
+    assert calls == [n]
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)
+    torch.testing.assert_close(out, blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks), rtol=1e-5, atol=1e-5)
+    kd, vd = k.dense().repeat_interleave(g, 1), v.dense().repeat_interleave(g, 1)
+    s = torch.cat(((q @ kd.transpose(-1, -2)) * d ** -0.5 + mask, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
+    torch.testing.assert_close(out, torch.softmax(s, -1)[..., :n] @ vd, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt,hkv,g,d,residual", [
+    ("int8-g16", 2, 3, 64, 16),  # 187 positions from the codes, the last 16 exact
+    ("int4-g32-rot", 1, 8, 128, 200),  # 3 positions from the codes: all padding in row 1 (the kernel sees nothing)
+])
+def test_residual_window(kernel, monkeypatch, fmt, hkv, g, d, residual):
+    """A residual window (``-rN``: the last N positions exact, kvlab/cache/quant.py): the kernel attends the quantized
+    positions, the exact ones are merged after (the kernel's maximum and denominator rescaled); equal to the blocked
+    path and to attention over the dequantized buffers (the residual laid over) with a padding mask and sinks."""
+    b, n = 2, 203
+    k, v = _readers(f"{fmt}-r{residual}", None, b, hkv, d, n)
+    assert k.rows.residual_slots and cpu_attend.applies(k, v)
+    gen = torch.Generator().manual_seed(7)
+    q = torch.randn(b, hkv * g, 1, d, generator=gen)
+    mask = torch.zeros(b, 1, 1, n)
+    mask[1, ..., :9] = float("-inf")
+    sinks = torch.randn(hkv * g, generator=gen)
+    calls = _count_calls(monkeypatch)
+    out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
+    assert calls == [n - residual]  # the kernel read the quantized positions only
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)
+    torch.testing.assert_close(out, blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks), rtol=1e-5, atol=1e-5)
+    kd, vd = k.dense().repeat_interleave(g, 1), v.dense().repeat_interleave(g, 1)
+    s = torch.cat(((q @ kd.transpose(-1, -2)) * d ** -0.5 + mask, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
+    torch.testing.assert_close(out, torch.softmax(s, -1)[..., :n] @ vd, rtol=1e-5, atol=1e-5)

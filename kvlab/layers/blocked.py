@@ -18,8 +18,8 @@ is over blocks (a handful) and parts (two), never tokens or heads. Computed in f
 
 :func:`attend_blocked` first hands int8 / int4 GQA/CCA buffers with per-token scales to a hand-written C++ kernel on
 the CPU (kvlab/layers/cpu_attend.py, the default), or, for a cache made with ``fused=True``, to the torch.compile
-kernel (kvlab/layers/fused.py); everything else (fp8 / fp4, KIVI keys, residual windows, rotation, MLA and CSA/HCA
-readers, a GPU without ``fused``) is attended block by block as above.
+kernel (kvlab/layers/fused.py); everything else (fp8 / fp4, KIVI keys, zero points, residual windows of rings, MLA
+and CSA/HCA readers, a GPU without ``fused``) is attended block by block as above.
 """
 
 from __future__ import annotations

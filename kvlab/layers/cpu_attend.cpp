@@ -349,19 +349,20 @@ Buf make_buf(const void* codes, const void* scales, int kind, int int4, int grou
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 2; }
+int kvlab_quant_attend_version(void) { return 3; }
 
 // q [B, H, G, D] float32; out [B, H, G, D] float32; codes [B, H, cap, D or D/2] (int8 / packed int4, stored + 8),
 // scales [B, H, cap, D / group] (kind 0 float32, 1 float16, 2 bfloat16); the first n slots attended.
 // mask: additive float32, row b at mask + b * mask_bstride (0: one row for all), n values; or null.
-// sinks [H, G] float32 or null. threads > 1: the positions split into up to that many parts of at least min_part
+// sinks [H, G] float32 or null. stats [B, H, G, 2] or null: each head's largest logit (sinks included; -inf if
+// none) and softmax denominator (relative to that maximum, 0 where it is -inf; sinks included). threads > 1: the positions split into up to that many parts of at least min_part
 // (flash-decoding: each part's max, denominator and p.v, merged after). Returns 0, or -1 for arguments it does
 // not take.
 int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, int D, int n,
                        const void* kc, const void* ks, long k_cap, int k_int4, int k_group, int k_kind,
                        const void* vc, const void* vs, long v_cap, int v_int4, int v_group, int v_kind,
                        const float* mask, long mask_bstride, const float* sinks, float scale, float under,
-                       int threads, int min_part) {
+                       int threads, int min_part, float* stats) {
     if (B < 1 || H < 1 || G < 1 || D < 1 || n < 1 || k_group < 1 || v_group < 1 || D % k_group || D % v_group ||
         ((k_int4 || v_int4) && D % 2) || n > k_cap || n > v_cap || threads < 1 || min_part < 1)
         return -1;
@@ -416,6 +417,10 @@ int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, int D, i
                 const float* r = res.data() + (j * parts + t) * per;
                 f[t] = r[g] == -INFINITY ? 0.0f : parts == 1 ? 1.0f : std::exp(r[g] - safe);
                 den += r[8 + g] * f[t];
+            }
+            if (stats) {  // what a caller merging more positions needs: the maximum (-inf: none) and denominator
+                stats[(x.bh * G + x.g0 + g) * 2] = m;
+                stats[(x.bh * G + x.g0 + g) * 2 + 1] = den;
             }
             float* o = out + ((x.bh * G + x.g0 + g) * long(D));
             for (int d = 0; d < D; ++d) {
