@@ -5,33 +5,33 @@ torch and merged with the kernel's part by its maximum and denominator).
 
 Why by hand: inductor's code for :func:`kvlab.layers.fused._attend` converts each code once per query head and sums
 int4's scale groups horizontally, so Gemma 4's wide layer (8 query heads on one 512-channel KV head) ran at 0.84x
-(int8) / 0.55x (int4) of fp32 SDPA at 16K. Here each code is converted once, multiplied by its scale and FMA'd
-into the accumulators of every query head of its KV head (a few positions x up to 8 heads in registers; the
-vector lanes' sums reduced a vector at a time), the softmax is exact (two passes over the scores: max, then
-``exp``; the UNDER cut, padding mask and sink logits as in ``_attend``), then ``p.v`` runs over tiles of value rows
-that stay in L1. int4
-bytes are read "planar" (per 2W channels: low nibbles = even channels, then the high ones), the query permuted and
-the output un-permuted to match. Vectors of W = 16 floats with AVX-512, 8 otherwise (AVX2: 16-float vectors split
-in two spilled registers and ran 10x slower). Scale groups that do not cover whole W (int8) / 2W (int4) channel
-chunks (g8, g1, ...) are dequantized row by row into a float tile first (correct, slower). Numerics: float32 throughout, the
-same operations as ``_attend`` in another summation order (within 1e-5 of it: tests/test_cpu_attend.py).
+(int8) / 0.55x (int4) of fp32 SDPA at 16K (this kernel: 2.0x / 2.3x; docs/kv-quantization.md "Decode speed").
+Here each code is converted once, multiplied by its scale and FMA'd into the accumulators of every query head of
+its KV head (a few positions x up to 8 heads in registers; the vector lanes' sums reduced a vector at a time), the
+softmax is exact (two passes over the scores: max, then ``exp``; the UNDER cut, padding mask and sink logits as in
+``_attend``), then ``p.v`` runs over tiles of value rows that stay in L1. int4 bytes are read "planar" (per 2W
+channels: low nibbles = even channels, then the high ones), the query permuted and the output un-permuted to
+match. Vectors of W = 16 floats with AVX-512, 8 otherwise (AVX2: 16-float vectors split in two spilled registers
+and ran 10x slower). Scale groups that do not cover whole W (int8) / 2W (int4) channel chunks (g8, g1, ...) are
+dequantized row by row into a float tile first (correct, slower). Numerics: float32 throughout, the same
+operations as ``_attend`` in another summation order (within 1e-5 of it: tests/test_cpu_attend.py).
 
 Build: plain C++17 (no torch headers, no OpenMP: torch's own libgomp stays the only one in the process), compiled
 at first use with ``$CXX`` (default ``g++``) ``-O3 -march=native`` (no ``-ffast-math``: masked scores are -inf)
 into ``$KVLAB_KERNEL_DIR`` (default ``$XDG_CACHE_HOME/kvlab/kernels``, ``~/.cache/kvlab/kernels``) under a name
 keyed by a hash of the source, the flags, the compiler's version and the CPU's flags (a ``-march=native`` build
 never runs on another CPU), written to a temporary file then renamed (concurrent processes cannot load half a
-file), loaded with ctypes (which releases the GIL during the call). One thread per call by default (kvlab decodes on
-one thread under load); with more torch threads (``torch.get_num_threads()``, read at each call) a call splits its
-positions into that many parts of at least :data:`MIN_PART` on ``std::thread``s (flash-decoding: each part's
+file), loaded with ctypes (which releases the GIL during the call). One thread per call by default (kvlab decodes
+on one thread under load); with more torch threads (``torch.get_num_threads()``, read at each call) a call splits
+its positions into that many parts of at least :data:`MIN_PART` on ``std::thread``s (flash-decoding: each part's
 maximum, denominator and ``p.v``, rescaled and merged after; one part gives the single-threaded result exactly).
-Wrapped as the custom op
-``kvlab::quant_attend`` (with a fake implementation) so a compiled decode step (kvlab/compiled.py, fullgraph) traces
-it as one opaque call over the whole preallocated buffers and the position count.
+Wrapped as the custom op ``kvlab::quant_attend`` (with a fake implementation) so a compiled decode step
+(kvlab/compiled.py, fullgraph) traces it as one opaque call over the whole preallocated buffers and the position
+count.
 
-No compiler, a failed build or load, ``KVLAB_CPU_KERNEL=0``: a warning once, and attention takes the inductor-fused
-path (a cache made with ``fused=True``) or the blocked one, as before. :data:`ENABLED` (the benchmarks' switch)
-turns it off for the process.
+No compiler, a failed build or load: a warning once, and attention takes the inductor-fused path (a cache made with
+``fused=True``) or the blocked one, as before. ``KVLAB_CPU_KERNEL=0`` (or :data:`ENABLED` False, the benchmarks'
+switch) turns it off silently.
 """
 
 from __future__ import annotations
