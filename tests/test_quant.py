@@ -347,6 +347,11 @@ def test_compare_takes_several_formats_and_bad_ones_are_named(capsys):
     data = json.loads(capsys.readouterr().out)
     assert [m["kv_quant"] for m in data["models"]] == ["none", "int8-g32", "fp8-g64"]
     assert data["models"][1]["kv_cache_bytes"][0] == costs("llama-3.1-8b", context=8192, kv_quant="int8").kv_cache_bytes
+    assert main(["compare", "llama-3.1-8b", "--context", "8k", "--kv-quant", "int4-g32"]) == 0
+    out = capsys.readouterr().out  # the bytes a decode step reads follow the format, beside the unquantized row
+    read = out.split("K/V bytes read per decoded token")[1].split("\n\n")[0]
+    for q in (None, "int4-g32"):
+        assert fmt_bytes(costs("llama-3.1-8b", context=8192, kv_quant=q).kv_read_bytes_per_step) in read
     assert main(["calc", "llama-3.1-8b", "--kv-quant", "int4-g7"]) == 2
     assert "kvlab: error: layers[0].kv_quant[k].group=7: must divide the 128 quantized channels" in \
         capsys.readouterr().err

@@ -166,6 +166,9 @@ def run(args: argparse.Namespace) -> int:
     print(table(heads, rows, left=1))
     print(f"\nratio to {data['models'][0]['name']}")
     print(table(heads, ratios, left=1))
+    print("\nK/V bytes read per decoded token (at that context; quantized rows: codes, scales, residual)")
+    print(table(heads, [[m["name"], fmt_count(m["params_total"])] + [fmt_bytes(b) for b in m["kv_read_bytes_per_step"]]
+                        for m in data["models"]], left=1))
     print("\nattention FLOPs per decoded token (at that context)")
     print(table(heads, [[m["name"], fmt_count(m["params_total"])] + [fmt_flops(f) for f in m["attn_flops_per_token"]]
                         for m in data["models"]], left=1))
