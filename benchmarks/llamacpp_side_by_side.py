@@ -17,7 +17,9 @@ taking turns within every round (the order rotates) with the same thread count; 
 step time. Achieved GB/s = (weight bytes + K/V bytes read per step) / median step: llama.cpp's weight bytes are
 its file's tensor bytes (the embedding matrix counted once as the output head when tied, else one row), kvlab's
 from ``kvlab.costs``; K/V bytes from ``kvlab.costs`` of the same layer description at the middle context, with
-llama.cpp's cache types priced per value (f16: 2 B; q8_0: 34 B per 32; q4_0: 18 B per 32).
+llama.cpp's cache types priced per value (f16: 2 B; q8_0: 34 B per 32; q4_0: 18 B per 32). ``--speed-kv-quant
+int8-g32,int4-g32`` times kvlab's quantized caches too (fp32 model; their K/V bytes from ``kvlab.costs`` with
+``kv_quant``), beside ``--speed-kv f16,q8_0,q4_0``: the same cache formats in both engines.
 The last line of standard output is one JSON object (also written to ``--json``); the tables go to stderr.
 """
 
@@ -184,9 +186,9 @@ def quality(args, name: str, path: Path, seq: list[int], first: int, model) -> l
 
 # -- speed -------------------------------------------------------------------------------------------------------
 class KvlabEngine:
-    def __init__(self, model, label: str, dtype: str, max_length: int) -> None:
-        self.model, self.label, self.dtype = model, label, dtype
-        self.cache = model.new_cache(1, max_length=max_length)
+    def __init__(self, model, label: str, dtype: str, max_length: int, kv_quant: str | None = None) -> None:
+        self.model, self.label, self.dtype, self.kv_quant = model, label, dtype, kv_quant
+        self.cache = model.new_cache(1, max_length=max_length, kv_quant=kv_quant)
 
     def prefill(self, ids: list[int]) -> None:
         import torch
@@ -232,6 +234,8 @@ def speed(args, path: Path, seq_all: list[int], model, w_llama: int) -> list[dic
     for d in args.speed_dtypes:
         m = model if d == "fp32" else kvlab.load(args.model, dtype={"bf16": torch.bfloat16}[d]).eval()
         engines.append(KvlabEngine(m, f"kvlab {d}", {"fp32": "float32", "bf16": "bfloat16"}[d], need + 8))
+    for q in args.speed_kv_quant:  # kvlab's quantized caches (fp32 model), timed beside llama.cpp's q8_0 / q4_0
+        engines.append(KvlabEngine(model, f"kvlab fp32, {q} KV", "float32", need + 8, kv_quant=q))
     rows = []
     for e in engines:
         t0 = time.perf_counter()
@@ -259,7 +263,7 @@ def speed(args, path: Path, seq_all: list[int], model, w_llama: int) -> list[dic
             weights = w_llama
             kv = round(c.kv_read_bytes_per_step * LLAMA_KV[e.kv][1] / 2)
         else:
-            c = costs(e.model.config, context=mid, dtype=e.dtype)
+            c = costs(e.model.config, context=mid, dtype=e.dtype, kv_quant=e.kv_quant)
             weights, kv = c.weight_read_bytes_per_step, c.kv_read_bytes_per_step
         rows.append({"engine": e.label, "prefill_tok_s": len(prompt) / e.prefill_s, "decode_tok_s": 1 / med,
                      "step_ms_median": med * 1e3, "step_ms_p10": 1e3 * statistics.quantiles(e.steps, n=10)[0],
@@ -300,6 +304,8 @@ def main() -> None:
                     help="llama.cpp cache types for quality; the first is llama.cpp's reference")
     ap.add_argument("--speed-kv", default="f16,q8_0,f16-nofa", help="llama.cpp cache types timed")
     ap.add_argument("--speed-dtypes", default="fp32,bf16", help="kvlab dtypes timed (fp32, bf16)")
+    ap.add_argument("--speed-kv-quant", default="", help="kvlab quantized caches timed too (fp32 model), e.g. "
+                    "int8-g32,int4-g32 beside --speed-kv f16,q8_0,q4_0 (default: none)")
     ap.add_argument("--prompt", type=int, default=1024, help="prompt tokens before the timed decode")
     ap.add_argument("--decode", type=int, default=24, help="decode steps per engine per round")
     ap.add_argument("--rounds", type=int, default=6)
@@ -316,6 +322,14 @@ def main() -> None:
     args.kv_quant = [x for x in args.kv_quant.split(",") if x]
     args._llama_quality, args._llama_speed = parse_kv(args.llama_kv), parse_kv(args.speed_kv)
     args.speed_dtypes = [x for x in args.speed_dtypes.split(",") if x]
+    args.speed_kv_quant = [x for x in args.speed_kv_quant.split(",") if x]
+    from kvlab.costs.quant import QuantError, resolve_kv_quant
+
+    for q in args.kv_quant + args.speed_kv_quant:
+        try:
+            resolve_kv_quant(q)
+        except QuantError as e:
+            raise SystemExit(f"kvlab cache format {q!r}: {e}") from None
     if bad := [d for d in args.speed_dtypes if d not in ("fp32", "bf16")]:
         raise SystemExit(f"--speed-dtypes {bad[0]!r}: fp32 or bf16")
 

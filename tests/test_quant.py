@@ -325,6 +325,26 @@ def test_decode_of_every_kind_equals_fake_quantized_storage(kind, example, text,
     assert moved > 1e-3  # the quantization is really there
 
 
+@pytest.mark.parametrize("text", ["int8-g4-r2-kc", "int4-g4-r1-kc-asym-rot"])
+@pytest.mark.parametrize("kind,example", [("gqa", 1), ("gqa", 4), ("cca", 1)])
+def test_keys_per_channel_on_a_ring_equal_fake_quantized_storage(kind, example, text, monkeypatch):
+    """KIVI keys on a window ring, at the model level: the window examples above refuse keys per channel in groups
+    of 4 positions by name (windows 5 and 4); with a window of 8 (two whole groups of positions per ring) a left-padded
+    batch decoded 30 positions (the ring wrapping three times, groups of positions flushed out of the residual and
+    evicted whole) gives each step the logits of exact storage read through the same quantize-dequantize."""
+    cfg = tiny(kind, example)
+    cfg = ModelConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, layers=cfg.layers[:1],
+                      max_positions=cfg.max_positions)
+    cfg.layers[0].window = 8
+    model = random_model(cfg)
+    monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 1)
+    moved = 0.0
+    for _, got, want, exact in fake_storage_decode(model, text, monkeypatch):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+        moved = max(moved, float((got - exact).abs().max()))
+    assert moved > 1e-3
+
+
 def test_calc_shows_quantized_bytes_beside_unquantized(capsys):
     from kvlab.cli import main
 
