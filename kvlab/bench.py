@@ -644,7 +644,9 @@ def format_card(r: dict[str, Any]) -> str:
                    " read after torch.cuda.synchronize (the harness's, not the step's)."
                    " decode step: eager, or compiled (+ the first step's seconds when it compiled a graph: at a new"
                    " cache size; that step is left out of the median); a context's eager and compiled steps run in"
-                   " turns, on two caches (so they meet the same load; RSS figures are the pair's); fused: the"
-                   " cache made with fused=True (int8/int4 codes attended by one compiled kernel; its first step,"
-                   " the kernels' compiles, left out of the median); a quantized cache's compiled lane is fused.")]
+                   " turns, on two caches (so they meet the same load; RSS figures are the pair's). On the CPU a"
+                   " quantized cache's int8/int4 codes are attended by kvlab's C++ kernel (JSON: cpp_kernel), eager"
+                   " and compiled; fused: the cache made with fused=True (the codes attended by one torch.compile"
+                   " kernel; its first step, the kernels' compiles, left out of the median), the compiled lane of a"
+                   " quantized cache where the C++ kernel is unavailable.")]
     return "\n".join(lines)
