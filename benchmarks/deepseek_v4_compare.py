@@ -5,10 +5,12 @@ indexer keys, MLA latent...) and the attention FLOPs per decoded token (window, 
 latent), then V4's totals as a percentage of V3.2's under two storage assumptions:
 
 - ``bf16``: every cached value in bf16 (what kvlab allocates with a bf16 cache, and what transformers holds);
-- ``deepseek``: the formats DeepSeek's kernels use (V4 report / FlashMLA): V4 compressed entries in FP8 except the
-  64 rotary channels in bf16, indexer keys in FP4; V3.2 latent in FP8 (+ 4 fp32 scales) with k_pe in bf16
-  (656 B per token per layer), indexer keys in FP8 + one fp32 scale (132 B). Sliding windows and compressor state
-  stay bf16. Indexer FLOPs are FLOPs whatever their precision.
+- ``deepseek``: the formats DeepSeek's kernels use, as kvlab's named ``kv_quant`` presets (kvlab/costs/quant.py
+  ``PRESETS``, priced byte for byte as a cache holds them): ``deepseek-v4`` for V4 (entries, window ring and
+  compressed, in FP8 with a power-of-two scale per 64 channels and the 64 rotary channels in bf16: 583 B of
+  FlashMLA's 584-byte entry; indexer keys in MXFP4, 68 B per key), ``flashmla-fp8`` for V3 / V3.2 (latent in FP8 +
+  4 fp32 scales with k_pe in bf16: 656 B per token per layer; indexer keys in FP8 + one fp32 scale, 132 B).
+  Compressor state (partial and overlap blocks) stays bf16. Indexer FLOPs are FLOPs whatever their precision.
 
 Writes ``docs/img/deepseek-v4-kv-flops.png`` (KV bytes and attention FLOPs per decoded token vs context) and prints
 one JSON line last.
@@ -34,26 +36,14 @@ CONTEXTS = [2**k for k in range(12, 21)]  # 4K .. 1M
 PUBLISHED = {"deepseek-v4-pro": (0.10, 0.27), "deepseek-v4-flash": (0.07, 0.10)}  # (KV, FLOPs) vs V3.2 at 1M
 
 
+FORMATS = {"deepseek-v3": "flashmla-fp8", "deepseek-v3.2": "flashmla-fp8", "deepseek-v4-flash": "deepseek-v4",
+           "deepseek-v4-pro": "deepseek-v4"}  # each model's deployed K/V storage, as a kvlab kv_quant preset
+
+
 def deepseek_format_bytes(name: str, c: Costs) -> int:
-    """KV bytes of preset ``name`` in DeepSeek's storage formats (see the module docstring): its bf16 costs ``c``
-    (batch 1), with the compressed entries, the MLA latent and the indexer keys re-priced."""
-    context = c.context
-    total = 0
-    for layer, lc in zip(kvlab.presets.get_preset(name).layers, c.per_layer):
-        parts = dict(lc.kv_components)
-        if layer.attention == "mla":
-            m = layer.mla
-            parts["c_kv"] = context * (m.kv_lora_rank + 4 * 4)  # fp8 + 4 fp32 scales (FlashMLA: 656 B with k_pe)
-            if "index_keys" in parts:
-                parts["index_keys"] = context * (m.index_head_dim + 4)  # fp8 + one fp32 scale
-        elif "compressed" in parts:
-            rot = int(layer.head_dim * layer.rope.partial)
-            n = context // layer.compress.ratio
-            parts["compressed"] = n * ((layer.head_dim - rot) + 2 * rot)  # fp8 nope + bf16 rope
-            if "index_keys" in parts:
-                parts["index_keys"] = n * layer.compress.index_head_dim // 2  # fp4
-        total += sum(parts.values())
-    return total
+    """KV bytes of preset ``name`` (batch 1, at ``c``'s context and dtype) in DeepSeek's storage formats: the
+    calculator with the model's ``kv_quant`` preset (:data:`FORMATS`)."""
+    return kvlab.costs(name, context=c.context, dtype=c.dtype, kv_quant=FORMATS[name]).kv_cache_bytes
 
 
 def main() -> None:

@@ -42,11 +42,13 @@ def test_int4_packing_round_trips_every_byte_and_code():
     assert torch.equal(unpack4(packed), codes)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8", "int4-asym", "fp4", "fp8", "fp8_e5m2"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "int4-asym", "fp4", "fp8", "fp8_e5m2", "fp8-se8m0", "fp4-se8m0"])
 def test_values_on_the_grid_round_trip_exactly(fmt):
     """Values that are codes times a power-of-two scale come back bit for bit (int4: -8..7 x 0.25)."""
     spec = parse_quant(fmt)
-    grid = {"int4": [-7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7, 7],  # scale = absmax / 7
+    grid = {"fp8-se8m0": [-448, -240, -13, -1.125, 0, 0.5, 1, 3.5, 26, 104, 320, 448, -2, 7, 9, 11],  # 2^-2: exact
+            "fp4-se8m0": [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6, 6],
+            "int4": [-7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7, 7],  # scale = absmax / 7
             "int8": [-127, -100, -50, -8, -1, 0, 1, 2, 3, 7, 50, 99, 120, 127, -5, 64],  # absmax / 127
             "int4-asym": list(range(16)),  # (max - min) / 15, zero = min
             "fp4": [-6, -4, -3, -2, -1.5, -1, -0.5, 0, 0.5, 1, 1.5, 2, 3, 4, 6, 6],  # absmax / 6
@@ -379,19 +381,41 @@ def test_compare_takes_several_formats_and_bad_ones_are_named(capsys):
 
 def test_deepseek_storage_presets_reproduce_the_v4_model_card():
     """DeepSeek's own storage formats: V3.2's FlashMLA FP8 cache is 656 B per token per layer (+ 132 B of FP8
-    indexer keys); V4 keeps entries in FP8 with the 64 rotary channels in bf16 and indexer keys in FP4. At 1M the
-    model card puts V4's KV at 10% (Pro) and 7% (Flash) of V3.2's; both in their deployed formats kvlab gets
-    10.7% and 7.7% (the Pro layer schedule is transformers' default, not the released one)."""
+    indexer keys); V4's (FlashMLA "MODEL1") keeps entries in FP8 with a power-of-two scale per 64 channels and the 64
+    rotary channels in bf16 (448 + 7 + 128 B, padded to 584 there), indexer keys in MXFP4 (64 + 4 B). At 1M the model
+    card puts V4's KV at 10% (Pro) and 7% (Flash) of V3.2's; both in their deployed formats kvlab gets 10.1% and 7.3%
+    (the Pro layer schedule is transformers' default)."""
     ctx = 1 << 20
     v32 = costs("deepseek-v3.2", context=ctx, kv_quant="flashmla-fp8")
     assert v32.per_layer[0].kv_components["c_kv"] + v32.per_layer[0].kv_components["k_pe"] == 656 * ctx
     assert v32.per_layer[0].kv_components["index_keys"] == 132 * ctx
     for model, card in (("deepseek-v4-pro", 0.10), ("deepseek-v4-flash", 0.07)):
         v4 = costs(model, context=ctx, kv_quant="deepseek-v4")
-        comp = next(x.kv_components for x in v4.per_layer if x.kind.startswith("csa"))  # 448 fp8 + 7 fp32 + 64 bf16
-        assert comp["compressed"] == (ctx // 4) * (448 + 7 * 4 + 64 * 2)
-        assert comp["index_keys"] == (ctx // 4) * (64 + 4 * 4)
-        assert abs(v4.kv_cache_bytes / v32.kv_cache_bytes - card) < 0.01
+        comp = next(x.kv_components for x in v4.per_layer if x.kind.startswith("csa"))
+        assert comp["compressed"] == (ctx // 4) * (448 + 7 + 64 * 2)  # fp8 codes, e8m0 scales, bf16 rotary
+        assert comp["index_keys"] == (ctx // 4) * (64 + 4)  # fp4 codes, one e8m0 scale per 32
+        assert abs(v4.kv_cache_bytes / v32.kv_cache_bytes - card) < 0.005
+
+
+def test_e8m0_scales_are_powers_of_two_that_never_clip_and_only_for_fp_codes():
+    """``se8m0``: each scale the power of two at or above absmax / max (stored as one byte), so a group's largest
+    value still fits the format; an all-zero group reads back zeros; integer codes refuse it by name."""
+    spec = parse_quant("fp8-g4-se8m0")
+    assert spec.scale_dtype == "e8m0" and spec.name == "fp8-g4-se8m0"
+    x = torch.tensor([[3.0, -1.0, 0.5, 0.25], [0.0, 0.0, 0.0, 0.0], [1e-3, 2e-3, -5e-4, 0.0]])
+    c, s, z = quantize(x, spec, -1)
+    assert s.dtype == torch.uint8 and z is None
+    sf = quant.scale_values(s, spec)
+    assert torch.equal(sf, torch.exp2(torch.log2(sf).round()))  # powers of two
+    assert bool((sf * 448 >= x.abs().amax(-1)).all()) and bool((sf * 224 < x.abs().amax(-1)).logical_or(
+        x.abs().amax(-1) == 0).all())  # the smallest such power
+    back = dequantize(c, s, z, spec, -1)
+    assert torch.equal(back[1], torch.zeros(4)) and float((back - x).abs().max()) < 0.07 * 3
+    with pytest.raises(QuantError, match=r"scale_dtype='e8m0': power-of-two scales are for fp8 / fp8_e5m2 / fp4 "
+                                         r"codes \(OCP MX\); int8 takes float16, bfloat16 or float32 scales"):
+        parse_quant("int8-se8m0")
+    assert costs("llama-3.1-8b", context=4096, kv_quant="fp8-g32-se8m0").kv_cache_bytes * 64 == costs(
+        "llama-3.1-8b", context=4096).kv_cache_bytes * 33  # 8 + 8/32 bits against 16
 
 
 def test_a_kv_quant_variant_shares_the_weights_and_quantizes_its_cache():

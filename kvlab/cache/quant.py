@@ -28,7 +28,13 @@ from .growth import grown
 _QMAX = {"fp8": 448.0, "fp8_e5m2": 57344.0, "fp4": 6.0}
 _FP8 = {"fp8": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 _FP4 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)  # e2m1 magnitudes
-_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+# storage dtype of scales; e8m0 (a power-of-two scale's 8-bit exponent, torch.float8_e8m0fnu) kept as its bytes
+_SCALE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "e8m0": torch.uint8}
+
+
+def scale_values(s: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Stored scales (or zero points) -> float32 (e8m0: the bytes read as ``torch.float8_e8m0fnu``, 2^(e - 127))."""
+    return s.view(torch.float8_e8m0fnu).float() if spec.scale_dtype == "e8m0" else s.float()
 
 
 @functools.lru_cache(maxsize=16)
@@ -80,8 +86,12 @@ def quantize(x: torch.Tensor, spec: QuantSpec, axis: int) -> tuple[torch.Tensor,
         return c, s.squeeze(axis), z.squeeze(axis)
     amax = x.abs().amax(axis, keepdim=True)
     qmax = _QMAX.get(spec.fmt, 2 ** (spec.bits - 1) - 1)
-    s = (amax / qmax).to(sd)
-    inv = torch.where(s.float() > 0, 1 / s.float(), 0)
+    if spec.scale_dtype == "e8m0":  # the power of two at or above absmax / max (no value clips); 2^-127 for zeros
+        sf = torch.exp2(torch.ceil(torch.log2((amax / qmax).clamp_(min=2.0 ** -127))))
+        s, inv = sf.to(torch.float8_e8m0fnu).view(torch.uint8), 1 / sf
+    else:
+        s = (amax / qmax).to(sd)
+        inv = torch.where(s.float() > 0, 1 / s.float(), 0)
     y = x * inv
     if spec.fmt in _FP8:
         c = y.clamp_(-qmax, qmax).to(_FP8[spec.fmt])
@@ -108,7 +118,7 @@ def code_values(c: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 def dequantize(c: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, spec: QuantSpec, axis: int) -> torch.Tensor:
     """Codes (unpacked) and their scales (``axis`` squeezed) -> float32 values."""
-    v = code_values(c, spec) * s.float().unsqueeze(axis)
+    v = code_values(c, spec) * scale_values(s, spec).unsqueeze(axis)
     return v if z is None else v + z.float().unsqueeze(axis)
 
 
@@ -288,7 +298,8 @@ class QuantRows:
 
             def per_position(t):
                 t = t if rows is None else t[rows]
-                return t.narrow(-2, g0, g1 - g0).float().repeat_interleave(self.span, -2).narrow(-2, a, m)
+                return scale_values(t.narrow(-2, g0, g1 - g0), self.spec).repeat_interleave(self.span, -2).narrow(
+                    -2, a, m)
 
             q.mul_(per_position(self.scales))
             if self.zeros is not None:
@@ -349,11 +360,11 @@ class QuantRows:
         v = code_values(c, spec)
         if self.span > 1:  # one scale per channel for each group of span positions
             g = torch.div(idx, self.span, rounding_mode="floor")
-            v = v * pick(self.scales, g).float()
+            v = v * scale_values(pick(self.scales, g), spec)
             if self.zeros is not None:
                 v = v + pick(self.zeros, g).float()
         else:
-            vg = v.view(b, k, dq // self.group, self.group) * pick(self.scales, idx).float()[..., None]
+            vg = v.view(b, k, dq // self.group, self.group) * scale_values(pick(self.scales, idx), spec)[..., None]
             if self.zeros is not None:
                 vg = vg + pick(self.zeros, idx).float()[..., None]
             v = vg.view(b, k, dq)
@@ -386,7 +397,8 @@ class QuantRows:
     def _token_scales(self, lo: int, hi: int, rows: slice | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scales and zero points (None) of slots ``lo..hi-1``, float32 ``[*lead, m, Dq / group]`` (fresh tensors)."""
         def sl(t):
-            return (t if rows is None else t[rows]).narrow(-2, lo, hi - lo).to(torch.float32, copy=True)
+            t = (t if rows is None else t[rows]).narrow(-2, lo, hi - lo)
+            return scale_values(t, self.spec) if self.spec.scale_dtype == "e8m0" else t.to(torch.float32, copy=True)
 
         return sl(self.scales), None if self.zeros is None else sl(self.zeros)
 
@@ -501,4 +513,5 @@ class QuantView:
         return self._out(self.rows.read(self.n))
 
 
-__all__ = ["DECODE_BLOCK_BYTES", "QuantRows", "QuantView", "code_values", "dequantize", "hadamard", "pack4", "quantize", "rotate", "unpack4"]
+__all__ = ["DECODE_BLOCK_BYTES", "QuantRows", "QuantView", "code_values", "dequantize", "hadamard", "pack4", "quantize",
+           "rotate", "scale_values", "unpack4"]

@@ -32,6 +32,9 @@ from .dtypes import dtype_bytes
 # format -> (bits per code, kind); fp formats have no zero points
 FORMATS: dict[str, tuple[int, str]] = {"int8": (8, "int"), "int4": (4, "int"), "fp8": (8, "fp"),
                                        "fp8_e5m2": (8, "fp"), "fp4": (4, "fp")}
+# bytes of one scale (or zero point) by scale dtype; e8m0: a power-of-two scale stored as its 8-bit exponent (the OCP
+# MX formats' E8M0: MXFP4 / MXFP8, DeepSeek V4's FlashMLA FP8 cache), for fp codes only
+SCALE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "e8m0": 1}
 # buffer names a kv_quant mapping may override (besides "*"), by the kinds that hold them
 COMPONENTS = ("k", "v", "c_kv", "k_pe", "index_keys", "window", "compressed")
 
@@ -48,7 +51,9 @@ class QuantSpec:
     group: channels sharing a scale (per token; capped at the row's channels), or positions sharing one per channel
         (``k_per_channel``). residual: the most recent positions kept in full precision (KIVI's R).
     k_per_channel: keys quantized per channel in groups of ``group`` positions (KIVI); values stay per token.
-    scale_dtype: dtype of the scales and zero points. symmetric: int codes around zero (no zero point).
+    scale_dtype: dtype of the scales and zero points: float16, bfloat16, float32, or e8m0 (fp codes: a power-of-two
+        scale, one byte, rounded up from absmax / max so no value clips; OCP MX, DeepSeek V4's cache). symmetric: int
+        codes around zero (no zero point).
     rotate: keys rotated by a block Hadamard matrix before quantizing, undone exactly after dequantizing
         (equivalently on the query side: ``q.k = (qH).(kH)``; QuaRot arXiv 2404.00456, llama.cpp's 2026 rotation).
     rope_exact: the rotary channels (MLA's ``k_pe``, CSA/HCA/SWA's rotated tail) kept in the cache dtype.
@@ -72,13 +77,19 @@ class QuantSpec:
                 raise QuantError(f"kv_quant {name}={v!r}: must be a positive integer")
         if not isinstance(self.residual, int) or isinstance(self.residual, bool) or self.residual < 0:
             raise QuantError(f"kv_quant residual={self.residual!r}: must be a non-negative integer")
-        try:
-            name, _ = dtype_bytes(self.scale_dtype)
-        except ValueError:
-            raise QuantError(f"kv_quant scale_dtype={self.scale_dtype!r}: allowed: float16, bfloat16, float32"
-                             ) from None
-        if name not in ("float16", "bfloat16", "float32"):
-            raise QuantError(f"kv_quant scale_dtype={self.scale_dtype!r}: allowed: float16, bfloat16, float32")
+        allowed = "float16, bfloat16, float32, e8m0 (fp codes)"
+        if isinstance(self.scale_dtype, str) and self.scale_dtype.lower() in ("e8m0", "ue8m0", "float8_e8m0fnu"):
+            name = "e8m0"
+        else:
+            try:
+                name, _ = dtype_bytes(self.scale_dtype)
+            except ValueError:
+                raise QuantError(f"kv_quant scale_dtype={self.scale_dtype!r}: allowed: {allowed}") from None
+            if name not in SCALE_BYTES:
+                raise QuantError(f"kv_quant scale_dtype={self.scale_dtype!r}: allowed: {allowed}")
+        if name == "e8m0" and self.kind != "fp":
+            raise QuantError(f"kv_quant scale_dtype='e8m0': power-of-two scales are for fp8 / fp8_e5m2 / fp4 codes "
+                             f"(OCP MX); {self.fmt} takes float16, bfloat16 or float32 scales")
         object.__setattr__(self, "scale_dtype", name)
         if not self.symmetric and self.kind == "fp":
             raise QuantError(f"kv_quant symmetric=False: {self.fmt} codes are signed floats (no zero point); "
@@ -101,14 +112,17 @@ class QuantSpec:
         parts += ["rot"] if self.rotate else []
         parts += ["asym"] if not self.symmetric else []
         parts += ["rope"] if self.rope_exact else []
-        parts += [{"bfloat16": "sbf16", "float32": "s32"}[self.scale_dtype]] if self.scale_dtype != "float16" else []
+        parts += [SCALE_NAMES[self.scale_dtype]] if self.scale_dtype != "float16" else []
         return "-".join(parts)
+
+
+SCALE_NAMES = {"float16": "s16", "bfloat16": "sbf16", "float32": "s32", "e8m0": "se8m0"}
 
 
 def parse_quant(text: str) -> QuantSpec:
     """``"int4-g32-r64-kc-rot"`` -> QuantSpec: a format then options: ``gN`` group, ``rN`` residual, ``kc`` K per
     channel, ``rot`` Hadamard rotation of K, ``asym`` zero points, ``rope`` rotary channels exact, ``s16`` /
-    ``sbf16`` / ``s32`` scale dtype."""
+    ``sbf16`` / ``s32`` / ``se8m0`` scale dtype."""
     if not isinstance(text, str) or not text:
         raise QuantError(f"kv_quant={text!r}: a format name such as int8, int4-g32-r64, fp8 or a preset "
                          f"({', '.join(PRESETS)})")
@@ -116,8 +130,7 @@ def parse_quant(text: str) -> QuantSpec:
     fmt = {"q8": "int8", "q4": "int4", "fp8_e4m3": "fp8", "e4m3": "fp8", "e5m2": "fp8_e5m2"}.get(fmt, fmt)
     kw: dict[str, Any] = {"fmt": fmt}
     flags = {"kc": ("k_per_channel", True), "rot": ("rotate", True), "asym": ("symmetric", False),
-             "rope": ("rope_exact", True), "s16": ("scale_dtype", "float16"), "sbf16": ("scale_dtype", "bfloat16"),
-             "s32": ("scale_dtype", "float32")}
+             "rope": ("rope_exact", True), **{v: ("scale_dtype", k) for k, v in SCALE_NAMES.items()}}
     for o in opts:
         if o in flags:
             kw[flags[o][0]] = flags[o][1]
@@ -125,18 +138,19 @@ def parse_quant(text: str) -> QuantSpec:
             kw["group" if o[0] == "g" else "residual"] = int(o[1:])
         else:
             raise QuantError(f"kv_quant={text!r}: option {o!r} unknown; allowed: gN (group), rN (residual), "
-                             "kc, rot, asym, rope, s16, sbf16, s32")
+                             "kc, rot, asym, rope, s16, sbf16, s32, se8m0")
     return QuantSpec(**kw)
 
 
 # named storage presets: component -> spec ("*": every other buffer)
 PRESETS: dict[str, dict[str, QuantSpec | None]] = {
     # DeepSeek V4 (model card / inference code): K/V entries in FP8 with the 64 rotary channels kept in bf16,
-    # the lightning indexer's keys in FP4 (e2m1 with a scale per 32 values)
-    # (the 448 non-rotary channels of a 512 entry in groups of 64 with fp32 scales; FP4 keys with an fp32 scale per
-    # 32 values, a close stand-in for MXFP4's 1-byte power-of-two scales: 12 B more per indexer key)
-    "deepseek-v4": {"*": QuantSpec("fp8", group=64, rope_exact=True, scale_dtype="float32"),
-                    "index_keys": QuantSpec("fp4", group=32, scale_dtype="float32")},
+    # the lightning indexer's keys in FP4. FlashMLA's V4 ("MODEL1") FP8 cache: the 448 non-rotary channels of a 512
+    # entry in FP8 e4m3 with a power-of-two (E8M0) scale per 64, the 64 rotary in bf16: 448 + 128 + 7 B (FlashMLA
+    # pads the entry to 584 B; the pad byte is not priced); indexer keys in MXFP4 (e2m1, an E8M0 scale per 32
+    # values): 64 + 4 B per 128-channel key
+    "deepseek-v4": {"*": QuantSpec("fp8", group=64, rope_exact=True, scale_dtype="e8m0"),
+                    "index_keys": QuantSpec("fp4", group=32, scale_dtype="e8m0")},
     # DeepSeek V3.2's FlashMLA FP8 cache: c_kv in FP8 with an fp32 scale per 128 channels (512 + 16 B), k_pe in the
     # cache dtype (bf16: 128 B) = 656 B per token; the indexer keys in FP8 with one fp32 scale (132 B)
     "flashmla-fp8": {"c_kv": QuantSpec("fp8", group=128, scale_dtype="float32"), "k_pe": None,
@@ -344,7 +358,7 @@ def buffer_bytes(spec: QuantSpec | None, buf: Buffer, batch: int, elt: int) -> i
         return n * buf.capacity * buf.dim * elt
     lay = layout(spec, buf)
     c, dq, span = buf.capacity, lay["dq"], lay["span"]
-    se = dtype_bytes(spec.scale_dtype)[1] * (1 if spec.symmetric else 2)
+    se = SCALE_BYTES[spec.scale_dtype] * (1 if spec.symmetric else 2)
     scales = (math.ceil(c / span) * dq) if span > 1 else c * (dq // lay["group"])
     residual = min(lay["slots"], c)
     return n * (c * dq * spec.bits // 8 + scales * se + residual * dq * elt + c * lay["tail"] * elt)
@@ -356,7 +370,7 @@ def bytes_per_token(spec: QuantSpec | None, buf: Buffer, elt: int) -> Fraction:
         return Fraction(buf.rows * buf.dim * elt)
     lay = layout(spec, buf)
     dq = lay["dq"]
-    se = dtype_bytes(spec.scale_dtype)[1] * (1 if spec.symmetric else 2)
+    se = SCALE_BYTES[spec.scale_dtype] * (1 if spec.symmetric else 2)
     scales = Fraction(dq, lay["span"]) if lay["span"] > 1 else Fraction(dq // lay["group"])
     return buf.rows * (Fraction(dq * spec.bits, 8) + scales * se + lay["tail"] * elt)
 
@@ -419,6 +433,6 @@ def check_layers(config: Any, q: dict, context: int) -> None:
                     check(spec, b, where)
 
 
-__all__ = ["COMPONENTS", "FORMATS", "PRESETS", "Buffer", "QuantError", "QuantSpec", "bits_per_value", "buffer_bytes",
+__all__ = ["COMPONENTS", "FORMATS", "PRESETS", "SCALE_BYTES", "SCALE_NAMES", "Buffer", "QuantError", "QuantSpec", "bits_per_value", "buffer_bytes",
            "bytes_per_token", "check", "check_layers", "for_buffer", "for_layer", "layer_buffers", "layout",
            "parse_kv_quant", "parse_quant", "quant_name", "quantized_price", "resolve_kv_quant"]

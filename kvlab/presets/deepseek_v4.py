@@ -64,7 +64,7 @@ def deepseek_v4_flash() -> ModelConfig:
 
 @preset("deepseek-v4-pro", PRO_SOURCE)
 def deepseek_v4_pro() -> ModelConfig:
-    """V4-Pro: 31 HCA + 30 CSA layers (transformers' default schedule), mHC, 384 experts."""
+    """V4-Pro: 32 HCA + 29 CSA layers (transformers' default schedule), mHC, 384 experts."""
     cfg = config_from_hf(pro_config_json())
     cfg.name, cfg.source = "deepseek-v4-pro", PRO_SOURCE
     return cfg
