@@ -22,6 +22,7 @@ from kvlab.costs.quant import (
     quant_name,
     resolve_kv_quant,
 )
+from kvlab.layers import cpu_attend
 from kvlab.units import fmt_bytes
 from tests.helpers import fake, fake_quantized_decode, fake_storage_decode
 from tests.test_contract import CASES, random_model, tiny
@@ -287,7 +288,12 @@ def test_decode_equals_a_fake_quantized_full_forward(kind, example, text, layers
     layer reading another layer's cache included). A position quantized on arrival (no residual, per token) is
     quantized for every later query, so three layers compare; with a residual or keys per channel a position is
     exact for the queries just after it and quantized for later ones, which one full forward can only reproduce
-    for the first layer's K/V (computed from the embeddings): one layer."""
+    for the first layer's K/V (computed from the embeddings): one layer. Three layers compare only with the oracle's
+    own operations (dequantize, SDPA): a later layer quantizes K/V computed from the attention before it, and a
+    summation-order change there (the C++ kernel's, ~1e-7) flips an int4 rounding (3e-7 of noise on the attention
+    output moved a CCA logit by 1.4e-3); so those run with the kernel off, one layer with it on."""
+    if layers > 1:
+        monkeypatch.setattr(cpu_attend, "ENABLED", False)
     cfg = tiny(kind, example)
     if layers == 1:
         cfg = ModelConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, layers=cfg.layers[:1],
