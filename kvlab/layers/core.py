@@ -153,7 +153,8 @@ def _narrow_values(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            causal: bool = False, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, T, D]``, k/v ``[B, Hkv, L, D]`` -> ``[B, H, T, Dv]``; k/v may be blocked readers of a quantized
-    cache (a decode step: attended block by block, kvlab/layers/blocked.py).
+    cache (a decode step: int8 / int4 codes on the CPU by the C++ kernel, kvlab/layers/cpu_attend.py, at any length;
+    otherwise attended block by block, kvlab/layers/blocked.py).
 
     ``mask`` is additive ``[B|1, 1, T, L]`` (0 = attend, -inf = masked). ``causal`` (with mask None) means the T
     queries are the last T keys. ``sinks [H]`` adds a per-head logit to the softmax denominator.
