@@ -218,6 +218,23 @@ void dequant_rows(const Buf& b, long lo, int m, int D, int dq, const float* sc, 
 // positions 0..n-1 of K, V (a part of the buffer) for GC heads: raw[g] the largest logit (sinks included; -inf if
 // none), den[g] the sum of exp(logit - max) (max 0 where raw is -inf; the sinks not added), acc[g, slot] the
 // unnormalised p.v in the value rows' channel order (planar for int4 read straight)
+// a pass over buffer b in tiles of vt rows: its scale-group index per channel (gch) and per chunk (gi), the tile's
+// scales (sc) and, for groups that do not cover whole chunks, a float tile (rows)
+void prepare_tiles(const Buf& b, int vt, int nch, int D, int dq, Work& w) {
+    w.sc.resize(size_t(vt) * b.ng);
+    w.gi.resize(nch);
+    w.gch.resize(D);
+    for (int d = 0; d < D; ++d) w.gch[d] = d / b.group;
+    for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (2 * W * (c / 2)) / b.group : (W * c) / b.group;
+    if (!b.fast) w.rows.assign(size_t(vt) * dq, 0.0f);
+}
+
+// the scales of rows lo..lo+m-1 of buffer b as float32 into w.sc
+void tile_scales(const Buf& b, long lo, int m, Work& w) {
+    scales_to_float(static_cast<const char*>(b.scales) + lo * b.ng * (b.kind ? 2 : 4), b.kind, long(m) * b.ng,
+                    w.sc.data());
+}
+
 template <int GC>
 void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, const float* mask, const float* sinks,
                   float scale, float under, float* raw, float* den, float* acc, Work& w) {
@@ -232,16 +249,10 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
     {
         const Buf& b = K;
         int vt = tile;
-        w.sc.resize(size_t(vt) * b.ng);
-        w.gi.resize(nch);
-        w.gch.resize(D);
-        for (int d = 0; d < D; ++d) w.gch[d] = d / b.group;
-        for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (2 * W * (c / 2)) / b.group : (W * c) / b.group;
-        if (!b.fast) w.rows.assign(size_t(vt) * dq, 0.0f);
+        prepare_tiles(b, vt, nch, D, dq, w);
         for (long lo = 0; lo < n; lo += vt) {
             int m = int(n - lo < vt ? n - lo : vt);
-            scales_to_float(static_cast<const char*>(b.scales) + lo * b.ng * (b.kind ? 2 : 4), b.kind, long(m) * b.ng,
-                            w.sc.data());
+            tile_scales(b, lo, m, w);
             if (!b.fast) {
                 dequant_rows(b, lo, m, D, dq, w.sc.data(), w);
                 score_tile<GC>(RowsF32{w.rows.data(), dq}, m, nch, w.q.data(), dq, w.S.data(), lo);
@@ -301,16 +312,10 @@ void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, cons
     {
         const Buf& b = V;
         int vt = b.rowbytes >= 1024 ? 16 : 16384 / b.rowbytes < tile ? tile : 16384 / b.rowbytes;
-        w.sc.resize(size_t(vt) * b.ng);
-        w.gi.resize(nch);
-        w.gch.resize(D);
-        for (int d = 0; d < D; ++d) w.gch[d] = d / b.group;
-        for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (2 * W * (c / 2)) / b.group : (W * c) / b.group;
-        if (!b.fast) w.rows.assign(size_t(vt) * dq, 0.0f);
+        prepare_tiles(b, vt, nch, D, dq, w);
         for (long lo = 0; lo < n; lo += vt) {
             int m = int(n - lo < vt ? n - lo : vt);
-            scales_to_float(static_cast<const char*>(b.scales) + lo * b.ng * (b.kind ? 2 : 4), b.kind, long(m) * b.ng,
-                            w.sc.data());
+            tile_scales(b, lo, m, w);
             const float* p = S + lo * GC;
             if (!b.fast) {
                 dequant_rows(b, lo, m, D, dq, w.sc.data(), w);
