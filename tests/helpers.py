@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
 
 import torch
 
 from kvlab.config import LayerSpec, ModelConfig, MoESpec, uniform_layers
 from kvlab.model import Model
+
+
+def load_benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ (outside the package; run outside CI) imported as a module, for tests of its pieces."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def tiny_config(shared: bool = True, moe: bool = False, layers: int = 3, **overrides) -> ModelConfig:

@@ -208,6 +208,20 @@ def test_positions_split_over_threads(kernel, monkeypatch, fmt, hkv, g, d, with_
     assert not torch.equal(out, one)  # the split ran: parts rescaled and summed in another order (seeded: fixed)
 
 
+def _equals_blocked_and_dense(out, q, k, v, mask, scale, sinks, monkeypatch) -> None:
+    """``out`` (``attend_blocked`` with the kernel on, ``q [B, H, 1, D]``) equals the blocked path with the kernel off
+    and softmax attention over the readers dequantized whole (K/V heads repeated for their query heads), with the
+    additive ``mask [B, 1, 1, n]`` and the sink logits ``[H]``."""
+    b, h, _, _ = q.shape
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)
+    torch.testing.assert_close(out, blocked.attend_blocked(q, k, v, mask, scale, sinks), rtol=1e-5, atol=1e-5)
+    kd, vd = k.dense(), v.dense()
+    g = h // kd.shape[1]
+    kd, vd = kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1)
+    s = torch.cat(((q @ kd.transpose(-1, -2)) * scale + mask, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
+    torch.testing.assert_close(out, torch.softmax(s, -1)[..., :kd.shape[-2]] @ vd, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt,hkv,g,d", [("int4-g32-rot", 1, 8, 128), ("int8-g16-rot", 2, 3, 48)])
 def test_rotated_keys(kernel, monkeypatch, fmt, hkv, g, d):
     """Keys stored rotated (block Hadamard, ``-rot``; 48 channels: blocks of 16): the kernel scores the rotated query
@@ -223,11 +237,7 @@ def test_rotated_keys(kernel, monkeypatch, fmt, hkv, g, d):
     calls = _count_calls(monkeypatch)
     out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
     assert calls == [n]
-    monkeypatch.setattr(cpu_attend, "ENABLED", False)
-    torch.testing.assert_close(out, blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks), rtol=1e-5, atol=1e-5)
-    kd, vd = k.dense().repeat_interleave(g, 1), v.dense().repeat_interleave(g, 1)
-    s = torch.cat(((q @ kd.transpose(-1, -2)) * d ** -0.5 + mask, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
-    torch.testing.assert_close(out, torch.softmax(s, -1)[..., :n] @ vd, rtol=1e-5, atol=1e-5)
+    _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)
 
 
 @pytest.mark.parametrize("fmt,hkv,g,d,residual", [
@@ -249,8 +259,4 @@ def test_residual_window(kernel, monkeypatch, fmt, hkv, g, d, residual):
     calls = _count_calls(monkeypatch)
     out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
     assert calls == [n - residual]  # the kernel read the quantized positions only
-    monkeypatch.setattr(cpu_attend, "ENABLED", False)
-    torch.testing.assert_close(out, blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks), rtol=1e-5, atol=1e-5)
-    kd, vd = k.dense().repeat_interleave(g, 1), v.dense().repeat_interleave(g, 1)
-    s = torch.cat(((q @ kd.transpose(-1, -2)) * d ** -0.5 + mask, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
-    torch.testing.assert_close(out, torch.softmax(s, -1)[..., :n] @ vd, rtol=1e-5, atol=1e-5)
+    _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)

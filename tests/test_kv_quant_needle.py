@@ -1,20 +1,15 @@
 """The needle benchmark's accuracy interval (benchmarks/kv_quant_needle.py): exact Clopper-Pearson bounds."""
 
-import importlib.util
 from math import comb
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "kv_quant_needle.py"
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def needle_script():
-    spec = importlib.util.spec_from_file_location("kv_quant_needle", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("kv_quant_needle")
 
 
 def tail(k: int, n: int, p: float, upper: bool) -> float:

@@ -1,19 +1,15 @@
 """The same-load benchmark's plan and its bf16 / fp32 table (benchmarks/same_load.py; the runs are outside CI)."""
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "same_load.py"
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def same_load():
-    spec = importlib.util.spec_from_file_location("same_load", SCRIPT)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("same_load")
 
 
 def test_a_run_names_its_dtypes_and_lanes(same_load):
