@@ -63,11 +63,15 @@ class Cache:
             raise ValueError(f"fused={fused!r}: must be True or False")  # noqa: TRY004 (bad input: a ValueError)
         self.fused = fused
         if fused:
-            rows = [r for store in self.layers for r in quant_rows(store)]
+            rows = self.quant_rows()
             if not rows:
                 raise ValueError("fused=True: the cache holds no quantized buffer (give kv_quant='int8', 'int4', ...)")
             for r in rows:
                 r.fused = True
+
+    def quant_rows(self) -> list[QuantRows]:
+        """Every quantized buffer the cache holds (each layer's store's, :meth:`KVStore.rows`)."""
+        return [r for store in self.layers for r in quant_rows(store)]
 
     def set_padding(self, pad: torch.Tensor | None) -> None:
         """Left-padding counts ``[B]`` of the rows (before the first write)."""

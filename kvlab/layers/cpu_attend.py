@@ -49,7 +49,6 @@ from pathlib import Path
 
 import torch
 
-from kvlab.cache.cache import quant_rows
 from kvlab.cache.quant import QuantView, rotate
 
 from . import fused
@@ -249,7 +248,7 @@ def takes(cache) -> bool:
     """A decode step over ``cache`` (kvlab/cache/cache.py) attends some buffer with this kernel: on the CPU, not
     made with ``fused=True``, one of its quantized buffers int8 / int4 symmetric per token (a residual window: not
     a ring), and the kernel loaded (built now if needed). What ``kvlab bench`` reports per row (``cpp_kernel``)."""
-    rows = [r for store in cache.layers for r in quant_rows(store)]
+    rows = cache.quant_rows()
     ok = [r for r in rows if r.spec.fmt in ("int8", "int4") and r.spec.symmetric and not (r.residual_slots and r.ring)
           and r.foldable and not r.fused and r.codes.device.type == "cpu"]
     return bool(ok) and available()
