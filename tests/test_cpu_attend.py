@@ -14,7 +14,7 @@ import torch
 from kvlab.cache import quant
 from kvlab.cache.quant import QuantRows
 from kvlab.costs.quant import Buffer, parse_quant
-from kvlab.layers import blocked, cpu_attend, fused
+from kvlab.layers import blocked, cpp_build, cpu_attend, fused
 
 
 def _readers(fmt: str, vfmt: str | None, b: int, hkv: int, d: int, n: int, dv: int | None = None):
@@ -176,7 +176,7 @@ def test_build_is_cached_and_keyed(kernel, monkeypatch):
     assert cpu_attend.build() == path and path.stat().st_mtime_ns == mtime
     cxx = cpu_attend._compiler()
     assert path.name == f"cpu_attend-{cpu_attend._key(cxx)}.so"
-    monkeypatch.setattr(cpu_attend, "_cpu_flags", lambda: "flags\t: another cpu")
+    monkeypatch.setattr(cpp_build, "cpu_flags", lambda: "flags\t: another cpu")
     assert path.name != f"cpu_attend-{cpu_attend._key(cxx)}.so"
 
 

@@ -16,8 +16,8 @@ and ran 10x slower). Scale groups that do not cover whole W (int8) / 2W (int4) c
 dequantized row by row into a float tile first (correct, slower). Numerics: float32 throughout, the same
 operations as ``_attend`` in another summation order (within 1e-5 of it: tests/test_cpu_attend.py).
 
-Build: plain C++17 (no torch headers, no OpenMP: torch's own libgomp stays the only one in the process), compiled
-at first use with ``$CXX`` (default ``g++``) ``-O3 -march=native`` (no ``-ffast-math``: masked scores are -inf)
+Build (kvlab/layers/cpp_build.py): plain C++17 (no torch headers, no OpenMP: torch's own libgomp stays the only one in
+the process), compiled at first use with ``$CXX`` (default ``g++``) ``-O3 -march=native`` (no ``-ffast-math``: masked scores are -inf)
 into ``$KVLAB_KERNEL_DIR`` (default ``$XDG_CACHE_HOME/kvlab/kernels``, ``~/.cache/kvlab/kernels``) under a name
 keyed by a hash of the source, the flags, the compiler's version and the CPU's flags (a ``-march=native`` build
 never runs on another CPU), written to a temporary file then renamed (concurrent processes cannot load half a
@@ -37,12 +37,7 @@ switch) turns it off silently.
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 import warnings
 from pathlib import Path
@@ -51,7 +46,8 @@ import torch
 
 from kvlab.cache.quant import QuantView, rotate
 
-from . import fused
+from . import cpp_build, fused
+from .cpp_build import KernelBuildError, cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_attend.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-Wno-psabi")
@@ -65,75 +61,19 @@ _FAILED = False
 _LOCK = threading.Lock()
 
 
-class KernelBuildError(RuntimeError):
-    """The C++ kernel could not be built or loaded (turned into a warning and the fallback path)."""
-
-
-def cache_dir() -> Path:
-    """Where built kernels are kept: ``$KVLAB_KERNEL_DIR``, else ``$XDG_CACHE_HOME/kvlab/kernels``, else
-    ``~/.cache/kvlab/kernels``."""
-    if os.environ.get("KVLAB_KERNEL_DIR"):
-        return Path(os.environ["KVLAB_KERNEL_DIR"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "kvlab" / "kernels"
-
-
-def _cpu_flags() -> str:
-    """The CPU's feature flags (Linux ``/proc/cpuinfo``), else the platform's processor name: part of the build key."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return line
-    except OSError:
-        pass
-    return platform.machine() + platform.processor()
-
-
 def _compiler() -> str:
-    cxx = os.environ.get("CXX", "g++")
-    path = shutil.which(cxx)
-    if path is None:
-        raise KernelBuildError(f"no C++ compiler ({cxx!r} not found; set CXX)")
-    return path
+    return cpp_build.compiler()
 
 
 def _key(cxx: str) -> str:
-    """The build's key: a hash of the source, the flags, the compiler's version and the CPU's flags."""
-    try:
-        version = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as e:
-        raise KernelBuildError(f"{cxx} --version failed: {e}") from e
-    parts = [SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()]
-    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+    """The build's key (kvlab/layers/cpp_build.py: the source, the flags, the compiler's version, the CPU's flags)."""
+    return cpp_build.key(cxx, SOURCE, FLAGS)
 
 
 def build(directory: Path | None = None) -> Path:
     """The kernel's shared library for this source, compiler, flags and CPU: built once (atomically) into
-    :func:`cache_dir` and reused. Raises :class:`KernelBuildError`."""
-    cxx = _compiler()
-    directory = directory or cache_dir()
-    path = directory / f"cpu_attend-{_key(cxx)}.so"
-    if path.exists():
-        return path
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".cpu_attend-", suffix=".so.tmp")
-        os.close(fd)
-    except OSError as e:
-        raise KernelBuildError(f"cannot write to {directory}: {e} (set KVLAB_KERNEL_DIR)") from e
-    try:
-        r = subprocess.run([cxx, *FLAGS, "-o", tmp, str(SOURCE)], check=False, capture_output=True, text=True,
-                           timeout=300)
-        if r.returncode:
-            raise KernelBuildError(f"{cxx} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
-        os.replace(tmp, path)  # atomic: a concurrent process loads either nothing or the whole file
-    except (OSError, subprocess.SubprocessError) as e:
-        raise KernelBuildError(f"{cxx} failed: {e}") from e
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    :func:`cache_dir` and reused (kvlab/layers/cpp_build.py). Raises :class:`KernelBuildError`."""
+    return cpp_build.build(SOURCE, FLAGS, directory)
 
 
 def _load(path: Path) -> ctypes.CDLL:

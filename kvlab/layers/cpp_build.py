@@ -1,0 +1,93 @@
+"""Building kvlab's hand-written C++ kernels (kvlab/layers/cpu_attend.py, kvlab/layers/mhc_kernel.py) at first use.
+
+Plain C++17 (no torch headers, no OpenMP), compiled with ``$CXX`` (default ``g++``) into ``$KVLAB_KERNEL_DIR``
+(default ``$XDG_CACHE_HOME/kvlab/kernels``, ``~/.cache/kvlab/kernels``) under a name keyed by a hash of the source,
+the flags, the compiler's version and the CPU's flags (a ``-march=native`` build never runs on another CPU), written
+to a temporary file then renamed (concurrent processes cannot load half a file). Each kernel's module loads the
+library with ctypes, warns once and falls back to torch when :func:`build` raises :class:`KernelBuildError`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+class KernelBuildError(RuntimeError):
+    """A C++ kernel could not be built or loaded (turned into a warning and the fallback path)."""
+
+
+def cache_dir() -> Path:
+    """Where built kernels are kept: ``$KVLAB_KERNEL_DIR``, else ``$XDG_CACHE_HOME/kvlab/kernels``, else
+    ``~/.cache/kvlab/kernels``."""
+    if os.environ.get("KVLAB_KERNEL_DIR"):
+        return Path(os.environ["KVLAB_KERNEL_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "kvlab" / "kernels"
+
+
+def cpu_flags() -> str:
+    """The CPU's feature flags (Linux ``/proc/cpuinfo``), else the platform's processor name: part of the build key."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def compiler() -> str:
+    """The C++ compiler's path (``$CXX``, default ``g++``). Raises :class:`KernelBuildError`."""
+    cxx = os.environ.get("CXX", "g++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise KernelBuildError(f"no C++ compiler ({cxx!r} not found; set CXX)")
+    return path
+
+
+def key(cxx: str, source: Path, flags: tuple[str, ...]) -> str:
+    """The build's key: a hash of the source, the flags, the compiler's version and the CPU's flags."""
+    try:
+        version = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelBuildError(f"{cxx} --version failed: {e}") from e
+    parts = [source.read_bytes(), " ".join(flags).encode(), version.encode(), cpu_flags().encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
+
+
+def build(source: Path, flags: tuple[str, ...], directory: Path | None = None) -> Path:
+    """The shared library of ``source`` for this compiler, ``flags`` and CPU: built once (atomically) into
+    :func:`cache_dir` (or ``directory``) as ``<source's stem>-<key>.so`` and reused. Raises :class:`KernelBuildError`."""
+    cxx = compiler()
+    directory = directory or cache_dir()
+    path = directory / f"{source.stem}-{key(cxx, source, flags)}.so"
+    if path.exists():
+        return path
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{source.stem}-", suffix=".so.tmp")
+        os.close(fd)
+    except OSError as e:
+        raise KernelBuildError(f"cannot write to {directory}: {e} (set KVLAB_KERNEL_DIR)") from e
+    try:
+        r = subprocess.run([cxx, *flags, "-o", tmp, str(source)], check=False, capture_output=True, text=True,
+                           timeout=300)
+        if r.returncode:
+            raise KernelBuildError(f"{cxx} failed (exit {r.returncode}): {r.stderr.strip()[-500:]}")
+        os.replace(tmp, path)  # atomic: a concurrent process loads either nothing or the whole file
+    except (OSError, subprocess.SubprocessError) as e:
+        raise KernelBuildError(f"{cxx} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+__all__ = ["KernelBuildError", "build", "cache_dir", "compiler", "cpu_flags", "key"]
