@@ -37,13 +37,14 @@ def kernel(monkeypatch):
 
 
 def _count_calls(monkeypatch) -> list[int]:
-    """Count the library's calls (a proxy in front of the loaded library: what the custom op calls at run time)."""
+    """Count the library's calls (a proxy in front of the loaded library: what the custom op calls at run time): the
+    positions each call attends, over all its segments."""
     calls: list[int] = []
     lib = cpu_attend._LIB
 
     class Counting:
         def kvlab_quant_attend(self, *a):
-            calls.append(a[6])  # the position count
+            calls.append(sum(seg.n for seg in a[5][:a[6]]))
             return lib.kvlab_quant_attend(*a)
 
     monkeypatch.setattr(cpu_attend, "_LIB", Counting())
@@ -86,8 +87,8 @@ def test_kernel_equals_oracle(kernel, fmt, vfmt, hkv, g, d, extras):
 
 def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     """``attend_blocked`` over int8 readers runs the kernel (on by :data:`cpu_attend.ENABLED`) and gives the blocked
-    path's result; buffers it does not take (of a ``fused=True`` cache, zero points, KIVI keys, fp8) are left to the
-    other paths."""
+    path's result, values of their own width and format too; buffers it does not take (of a ``fused=True`` cache,
+    zero points, KIVI keys, fp8) are left to the other paths."""
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)  # 8 positions a block
     calls = _count_calls(monkeypatch)
     k, v = _readers("int8-g8", None, 2, 2, 16, 37)
@@ -107,10 +108,11 @@ def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     assert not cpu_attend.applies(*_readers("int8-g8-asym", None, 2, 2, 16, 37))
     assert not cpu_attend.applies(*_readers("int8-g8-kc", None, 2, 2, 16, 37))
     assert not cpu_attend.applies(*_readers("fp8-g8", None, 2, 2, 16, 37))
-    k, v = _readers("int8-g8", None, 2, 2, 16, 37, dv=24)  # values of their own width (v_head_dim)
-    assert not cpu_attend.applies(k, v)
+    k, v = _readers("int8-g8", "int4-g8", 2, 2, 16, 37, dv=24)  # values of their own width (v_head_dim) and format
     out = blocked.attend_blocked(q, k, v, mask, 0.25, sinks)
-    assert out.shape == (2, 6, 1, 24) and calls == [37]
+    assert out.shape == (2, 6, 1, 24) and calls == [37, 37]
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)
+    torch.testing.assert_close(out, blocked.attend_blocked(q, k, v, mask, 0.25, sinks), rtol=1e-5, atol=1e-5)
 
 
 def test_cache_decode_eager_and_compiled(kernel, monkeypatch):
@@ -211,15 +213,19 @@ def test_positions_split_over_threads(kernel, monkeypatch, fmt, hkv, g, d, with_
 def _equals_blocked_and_dense(out, q, k, v, mask, scale, sinks, monkeypatch) -> None:
     """``out`` (``attend_blocked`` with the kernel on, ``q [B, H, 1, D]``) equals the blocked path with the kernel off
     and softmax attention over the readers dequantized whole (K/V heads repeated for their query heads), with the
-    additive ``mask [B, 1, 1, n]`` and the sink logits ``[H]``."""
+    additive ``mask [B, 1, 1, n]`` and the sink logits ``[H]`` (or None)."""
     b, h, _, _ = q.shape
     monkeypatch.setattr(cpu_attend, "ENABLED", False)
     torch.testing.assert_close(out, blocked.attend_blocked(q, k, v, mask, scale, sinks), rtol=1e-5, atol=1e-5)
     kd, vd = k.dense(), v.dense()
     g = h // kd.shape[1]
     kd, vd = kd.repeat_interleave(g, 1), vd.repeat_interleave(g, 1)
-    s = torch.cat(((q @ kd.transpose(-1, -2)) * scale + mask, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
-    torch.testing.assert_close(out, torch.softmax(s, -1)[..., :kd.shape[-2]] @ vd, rtol=1e-5, atol=1e-5)
+    s = (q @ kd.transpose(-1, -2)) * scale + mask
+    if sinks is not None:
+        s = torch.cat((s, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
+    want = torch.softmax(s, -1)[..., :kd.shape[-2]] @ vd
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert (out - vd.mean(-2, keepdim=True)).abs().max() > 1e-2  # not a uniform average: the scores matter
 
 
 @pytest.mark.parametrize("fmt,hkv,g,d", [("int4-g32-rot", 1, 8, 128), ("int8-g16-rot", 2, 3, 48)])
@@ -260,3 +266,74 @@ def test_residual_window(kernel, monkeypatch, fmt, hkv, g, d, residual):
     out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
     assert calls == [n - residual]  # the kernel read the quantized positions only
     _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)
+
+
+def _latent(fmt: str, pe_fmt: str | None, b: int, n: int, r: int, dr: int):
+    """MLA's latent as a decode step reads it (kvlab/cache/latent.py): keys ``[c_kv, k_pe]``, two buffers of lead
+    ``[B]`` quantized apart and joined along channels (``[B, 1, n, r + dr]``), values ``c_kv`` (the first)."""
+    gen = torch.Generator().manual_seed(8)
+    views = []
+    for name, f, c in (("c_kv", fmt, r), ("k_pe", pe_fmt or fmt, dr)):
+        rows = QuantRows(Buffer(name, name, 1, 0, c), parse_quant(f), (b,), torch.float32, "cpu")
+        rows.resize(n + 5, 0)
+        rows.write(0, torch.randn(b, n - 3, c, generator=gen) * 2)
+        rows.write(n - 3, torch.randn(b, 3, c, generator=gen) * 2)
+        views.append(rows.view(n, heads=True))
+    return blocked.Cat(views, -1), views[0]
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("fmt,pe_fmt,h,r,dr,residual", [
+    ("int8", None, 8, 64, 16, 0),  # both straight from the codes
+    ("int4", None, 8, 128, 32, 0),  # both planar
+    ("int8-g16", "int4-g8", 5, 64, 16, 0),  # a rotary key of another format, dequantized row by row
+    ("int4-g8", "int8-g1", 11, 32, 8, 0),  # both row by row, two head blocks (8 + 3)
+    ("int8-g16-r16", "int4-g16-r16", 8, 64, 16, 16),  # a residual window in both: the last 16 positions exact
+])
+def test_mla_latent(kernel, monkeypatch, fmt, pe_fmt, h, r, dr, residual, threads):
+    """MLA's absorbed decode (kvlab/layers/mla.py): keys ``[c_kv, k_pe]`` from two code buffers with scales of their
+    own (scores = q_c . c_kv + q_pe . k_pe), values ``c_kv`` read from the first; int8 and int4, groups straight from
+    the codes and row by row, a left-padded batch, 203 positions (a multiple of no tile), one thread and positions
+    split over three. Equal to the blocked path and to softmax attention over the latent dequantized whole."""
+    b, n = 2, 203
+    keys, values = _latent(fmt, pe_fmt, b, n, r, dr)
+    assert cpu_attend.applies(keys, values)
+    gen = torch.Generator().manual_seed(9)
+    q = torch.randn(b, h, 1, r + dr, generator=gen)
+    mask = torch.zeros(b, 1, 1, n)
+    mask[1, ..., :9] = float("-inf")
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(cpu_attend, "MIN_PART", 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = blocked.attend_blocked(q, keys, values, mask, (r + dr) ** -0.5)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [n - residual] and out.shape == (b, h, 1, r)
+    _equals_blocked_and_dense(out, q, keys, values, mask, (r + dr) ** -0.5, None, monkeypatch)
+
+
+@pytest.mark.parametrize("text", ["int8", "int4-g4-r3"])
+def test_mla_decode_takes_the_kernel(kernel, monkeypatch, text):
+    """A tiny MLA model (tests/test_contract.py's example) decoding a left-padded batch through a quantized latent:
+    every layer's absorbed step runs the kernel, with the logits of the same steps with the kernel off."""
+    from helpers import random_model
+    from test_contract import tiny
+
+    model = random_model(tiny("mla", 0))
+    layers = len(model.config.layers)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(10))
+    calls = _count_calls(monkeypatch)
+    caches = [model.new_cache(2, max_length=16, kv_quant=text) for _ in range(2)]
+    with torch.inference_mode():
+        for c in caches:
+            c.set_padding(torch.tensor([0, 3]))
+            model(ids[:, :12], cache=c)
+        for s in range(12, 16):
+            before = len(calls)
+            fast = model(ids[:, s:s + 1], cache=caches[0])
+            assert len(calls) == before + layers
+            monkeypatch.setattr(cpu_attend, "ENABLED", False)
+            torch.testing.assert_close(fast, model(ids[:, s:s + 1], cache=caches[1]), rtol=1e-5, atol=1e-5)
+            monkeypatch.setattr(cpu_attend, "ENABLED", True)

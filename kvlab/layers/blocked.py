@@ -16,10 +16,10 @@ keys ``[c_kv, k_pe]``, two buffers quantized apart); :func:`scores` is the block
 CSA's keys), :func:`gather` dequantizes only the rows a top-k chose. Tensor operations only, no host read; the loop
 is over blocks (a handful) and parts (two), never tokens or heads. Computed in float32 whatever the cache dtype.
 
-:func:`attend_blocked` first hands int8 / int4 GQA/CCA buffers with per-token scales to a hand-written C++ kernel on
-the CPU (kvlab/layers/cpu_attend.py, the default), or, for a cache made with ``fused=True``, to the torch.compile
-kernel (kvlab/layers/fused.py); everything else (fp8 / fp4, KIVI keys, zero points, residual windows of rings, MLA
-and CSA/HCA readers, a GPU without ``fused``) is attended block by block as above.
+:func:`attend_blocked` first hands int8 / int4 buffers with per-token scales (GQA/CCA K and V, MLA's latent) to a
+hand-written C++ kernel on the CPU (kvlab/layers/cpu_attend.py, the default), or, for a cache made with
+``fused=True``, to the torch.compile kernel (kvlab/layers/fused.py); everything else (fp8 / fp4, KIVI keys, zero
+points, residual windows of rings, CSA/HCA readers, a GPU without ``fused``) is attended block by block as above.
 """
 
 from __future__ import annotations

@@ -2,16 +2,18 @@
 // (kvlab/layers/cpu_attend.py builds, loads and documents it; kvlab/cache/quant.py holds the layout).
 //
 // Plain C++17 with GCC vector extensions of W floats (16 with AVX-512, else 8; intrinsics only to convert codes and
-// half scales; no torch headers, no OpenMP): one function, kvlab_quant_attend, called through ctypes with the
-// tensors' data pointers. Per (batch row, KV head, block of at most 8 query heads, part of the positions): pass 1
-// scores every position (each code converted once, multiplied by its scale, then FMA'd into the accumulators of
-// all the query heads, W / GC positions x GC heads at once in registers, the W-lane sums reduced W at a time by a
-// shuffle tree), pass 2 the softmax (max, a vectorised exp W at a time, denominator, the UNDER cut), pass 3 p.v
-// over tiles of positions (a tile of value rows stays in L1 while GC accumulators per W-channel chunk sweep it);
-// the parts (threads) merged at the end with the sinks. int4 rows are read "planar" (per 2W channels: the W low
-// nibbles = even channels, then the W high = odd channels), the query permuted and the output un-permuted to
-// match; groups that do not cover whole W (int8) / 2W (int4) channel chunks are dequantized row by row into a
-// float tile first.
+// half scales; no torch headers, no OpenMP): one function, kvlab_quant_attend, called through ctypes with a
+// descriptor per segment of positions (Seg: one or two key buffers side by side along channels, the values a buffer
+// of their own or one of the key parts). Per (batch row, KV head, block of at most 8 query heads, piece of a
+// segment's positions), in tiles of rows that stay in L1: the tile's scores (each code converted once, multiplied by
+// its scale, then FMA'd into the accumulators of all the query heads, W / GC positions x GC heads at once in
+// registers, the W-lane sums reduced W at a time by a shuffle tree; summed over the key parts), its softmax
+// numerators against the running maximum (a vectorised exp W at a time, the UNDER cut; what was summed before
+// rescaled when the maximum grows), then its p.v over the same rows (GC accumulators per W-channel chunk: a key
+// part that is also the values is read once from memory). The pieces (threads, segments) are merged at the end
+// with the sinks. int4 rows are read "planar" (per 2W channels: the W low nibbles = even channels, then the W high
+// = odd channels), the query permuted and the output un-permuted to match; groups that do not cover whole W (int8)
+// / 2W (int4) channel chunks are dequantized row by row into a float tile first.
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -127,12 +129,48 @@ template <> struct Reduce<1> { static inline void run(vf*) {} };
 // lane j of the result = the sum of the W lanes of a[j] (a[] is overwritten)
 inline vf reduce_lanes(vf* a) { Reduce<W>::run(a); return a[0]; }
 
-// a buffer of one (batch row, KV head): codes [cap, rowbytes], scales [cap, ng]
-struct Buf {
-    const uint8_t* codes;
-    const void* scales;
-    int kind, int4, group, ng, rowbytes, fast;
+// what cpu_attend.py passes (ctypes mirrors _Src, _Seg): one code buffer, and one segment of positions
+struct Src {
+    const void* codes;   // [B, H, cap, D or D / 2]: int8, or int4 two a byte (low nibble = even channel), stored + 8
+    const void* scales;  // [B, H, cap, D / group]
+    long cap;
+    int D, int4, group, kind;  // kind of the scales: float32 (0), float16 (1), bfloat16 (2)
 };
+struct Seg {
+    const int64_t* index;  // [B, n] the slot of each position (a top-k's rows), or null (slot = position)
+    long n;
+    Src k[2];  // key parts: their channels side by side in the query (k[0].D channels, then k[1].D)
+    int nk;
+    Src v;       // the values, when v_from < 0
+    int v_from;  // else the values are key part v_from (MLA's c_kv; K = V): each tile read once for both products
+};
+
+// a code buffer of one (batch row, KV head, piece of positions)
+struct Buf {
+    const uint8_t* codes;  // the piece's first row (no index) or the buffer's (an index)
+    const char* scales;
+    const int64_t* index;  // the piece's slots, or null
+    int kind, int4, group, ng, rowbytes, sbytes, D, nch, fast, planar;
+};
+
+Buf make_buf(const Src& s, long bh, long p0, const int64_t* index) {
+    Buf b;
+    b.kind = s.kind;
+    b.int4 = s.int4;
+    b.group = s.group;
+    b.D = s.D;
+    b.ng = s.D / s.group;
+    b.rowbytes = s.int4 ? s.D / 2 : s.D;
+    b.sbytes = b.ng * (s.kind ? 2 : 4);
+    b.nch = (s.D + W - 1) / W;
+    b.fast = s.int4 ? (s.D % (2 * W) == 0 && s.group % (2 * W) == 0) : (s.D % W == 0 && s.group % W == 0);
+    b.planar = b.fast && s.int4;
+    const long row0 = bh * s.cap + (index ? 0 : p0);
+    b.codes = static_cast<const uint8_t*>(s.codes) + row0 * b.rowbytes;
+    b.scales = static_cast<const char*>(s.scales) + row0 * b.sbytes;
+    b.index = index ? index + p0 : nullptr;
+    return b;
+}
 
 // chunk loaders: loader(l, c) = the W values (scaled) of chunk c of row l of the current tile
 struct RowsF32 {  // rows dequantized into a float tile [T, dp]
@@ -153,9 +191,9 @@ struct Int4Rows {  // planar: chunk 2b = the low nibbles of bytes Wb..Wb+W-1 (ev
     }
 };
 
-// scores of positions l..l+P-1 (tile rows) for GC heads: S[(at + p) * GC + g]
+// adds the scores of tile rows l..l+P-1 for GC heads: S[(l + p) * GC + g] (q: GC rows dq apart)
 template <int GC, int P, class L>
-inline void score_block(const L& f, int l, int nch, const float* q, int dq, float* S, long at) {
+inline void score_block(const L& f, int l, int nch, const float* q, int dq, float* S) {
     vf acc[W];
     for (int i = 0; i < W; ++i) acc[i] = vf{};
     for (int c = 0; c < nch; ++c) {
@@ -168,15 +206,15 @@ inline void score_block(const L& f, int l, int nch, const float* q, int dq, floa
     }
     float t[W];
     st(t, reduce_lanes(acc));
-    for (int i = 0; i < P * GC; ++i) S[at * GC + i] = t[i];
+    for (int i = 0; i < P * GC; ++i) S[l * GC + i] += t[i];
 }
 
 template <int GC, class L>
-void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S, long at) {
+void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S) {
     constexpr int P = W / GC;
     int l = 0;
-    for (; l + P <= m; l += P) score_block<GC, P>(f, l, nch, q, dq, S, at + l);
-    for (; l < m; ++l) score_block<GC, 1>(f, l, nch, q, dq, S, at + l);
+    for (; l + P <= m; l += P) score_block<GC, P>(f, l, nch, q, dq, S);
+    for (; l < m; ++l) score_block<GC, 1>(f, l, nch, q, dq, S);
 }
 
 // acc[g, chunk c] += sum over the tile's m rows of p[l, g] * value(l, c)
@@ -194,244 +232,297 @@ void value_tile(const L& f, int m, int nch, const float* p, float* acc, int dq) 
     }
 }
 
-// where channel d sits in a row as the kernel reads it (int4 fast: planar per 32 channels)
+// where channel d sits in a row as the kernel reads it (int4 fast: planar per 2W channels)
 inline int slot_of(int d, bool planar) { return planar ? (d & ~(2 * W - 1)) + (d & 1) * W + (d & (2 * W - 1)) / 2 : d; }
 
-struct Work {
-    std::vector<float> S, sc, rows, q, acc;
-    std::vector<int> gi, gch;
+// one buffer's rows of the current tile: their codes (rowbytes apart; gathered here for an index) and float scales
+struct Tile {
+    std::vector<float> sc;
+    std::vector<int> gi, gch;  // scale group of each chunk / channel
+    std::vector<uint8_t> codes, scales;  // the gathered rows
+    const uint8_t* at;
 };
 
-// dequantize rows lo..lo+m-1 of buffer b into w.rows [m, dq] (natural channel order; pads stay zero)
-void dequant_rows(const Buf& b, long lo, int m, int D, int dq, const float* sc, Work& w) {
-    for (int l = 0; l < m; ++l) {
-        const uint8_t* c = b.codes + (lo + l) * b.rowbytes;
-        float* r = w.rows.data() + long(l) * dq;
-        const float* s = sc + l * b.ng;
-        if (b.int4)
-            for (int d = 0; d < D; ++d) r[d] = (float((d & 1) ? (c[d >> 1] >> 4) : (c[d >> 1] & 15)) - 8.0f) * s[w.gch[d]];
-        else
-            for (int d = 0; d < D; ++d) r[d] = float(int8_t(c[d])) * s[w.gch[d]];
+struct Work {
+    std::vector<float> S, q, acc, rows;
+    Tile t[3];  // key parts, then the values when they are not a key part
+};
+
+void prepare_tile(const Buf& b, int T, Tile& t) {
+    t.sc.resize(size_t(T) * b.ng);
+    t.gi.resize(b.nch);
+    t.gch.resize(b.D);
+    for (int d = 0; d < b.D; ++d) t.gch[d] = d / b.group;
+    for (int c = 0; c < b.nch; ++c) t.gi[c] = b.int4 ? (2 * W * (c / 2)) / b.group : (W * c) / b.group;
+    if (b.index) {
+        t.codes.resize(size_t(T) * b.rowbytes);
+        t.scales.resize(size_t(T) * b.sbytes);
     }
 }
 
-// positions 0..n-1 of K, V (a part of the buffer) for GC heads: raw[g] the largest logit (sinks included; -inf if
-// none), den[g] the sum of exp(logit - max) (max 0 where raw is -inf; the sinks not added), acc[g, slot] the
-// unnormalised p.v in the value rows' channel order (planar for int4 read straight)
-// a pass over buffer b in tiles of vt rows: its scale-group index per channel (gch) and per chunk (gi), the tile's
-// scales (sc) and, for groups that do not cover whole chunks, a float tile (rows)
-void prepare_tiles(const Buf& b, int vt, int nch, int D, int dq, Work& w) {
-    w.sc.resize(size_t(vt) * b.ng);
-    w.gi.resize(nch);
-    w.gch.resize(D);
-    for (int d = 0; d < D; ++d) w.gch[d] = d / b.group;
-    for (int c = 0; c < nch; ++c) w.gi[c] = b.int4 ? (2 * W * (c / 2)) / b.group : (W * c) / b.group;
-    if (!b.fast) w.rows.assign(size_t(vt) * dq, 0.0f);
+// rows lo..lo+m-1 of buffer b into tile t (a copy of the chosen rows for an index; their scales as float32)
+void load_tile(const Buf& b, long lo, int m, Tile& t) {
+    if (!b.index) {
+        t.at = b.codes + lo * b.rowbytes;
+        scales_to_float(b.scales + lo * b.sbytes, b.kind, long(m) * b.ng, t.sc.data());
+        return;
+    }
+    for (int l = 0; l < m; ++l) {
+        const long slot = b.index[lo + l];
+        std::memcpy(t.codes.data() + long(l) * b.rowbytes, b.codes + slot * b.rowbytes, b.rowbytes);
+        std::memcpy(t.scales.data() + long(l) * b.sbytes, b.scales + slot * b.sbytes, b.sbytes);
+    }
+    t.at = t.codes.data();
+    scales_to_float(t.scales.data(), b.kind, long(m) * b.ng, t.sc.data());
 }
 
-// the scales of rows lo..lo+m-1 of buffer b as float32 into w.sc
-void tile_scales(const Buf& b, long lo, int m, Work& w) {
-    scales_to_float(static_cast<const char*>(b.scales) + lo * b.ng * (b.kind ? 2 : 4), b.kind, long(m) * b.ng,
-                    w.sc.data());
+// f(loader) with the loader of tile t's rows: straight from the codes, or (groups that do not cover whole chunks)
+// dequantized row by row into the float tile `rows` first
+template <class F>
+void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&& f) {
+    if (b.fast && b.int4) {
+        f(Int4Rows{t.at, b.rowbytes, t.sc.data(), b.ng, t.gi.data()});
+    } else if (b.fast) {
+        f(Int8Rows{reinterpret_cast<const int8_t*>(t.at), b.rowbytes, t.sc.data(), b.ng, t.gi.data()});
+    } else {
+        const int dp = b.nch * W;
+        rows.resize(size_t(m) * dp);
+        for (int l = 0; l < m; ++l) {
+            const uint8_t* c = t.at + long(l) * b.rowbytes;
+            float* r = rows.data() + long(l) * dp;
+            const float* s = t.sc.data() + l * b.ng;
+            if (b.int4)
+                for (int d = 0; d < b.D; ++d)
+                    r[d] = (float((d & 1) ? (c[d >> 1] >> 4) : (c[d >> 1] & 15)) - 8.0f) * s[t.gch[d]];
+            else
+                for (int d = 0; d < b.D; ++d) r[d] = float(int8_t(c[d])) * s[t.gch[d]];
+            for (int d = b.D; d < dp; ++d) r[d] = 0.0f;
+        }
+        f(RowsF32{rows.data(), dp});
+    }
 }
 
+// n positions of one piece for GC heads (q [GC, Dq], natural channel order), in tiles of T rows, each read once for
+// its scores (key parts K[0..nk-1], summed) and right after, while in L1, for its values (V; the tile of key part
+// vsrc when vsrc < nk), the softmax online (flash-decoding within the piece). Out: raw[g] the largest logit (-inf:
+// none visible), den[g] the sum of exp(logit - raw) (0 if none), out[g, Dv] the unnormalised p.v (natural order).
 template <int GC>
-void attend_heads(const float* q, const Buf& K, const Buf& V, int n, int D, const float* mask, const float* sinks,
-                  float scale, float under, float* raw, float* den, float* acc, Work& w) {
-    const int dq = (D + W - 1) / W * W, nch = dq / W;
-    const bool kplanar = K.fast && K.int4;
-    const int tile = 64;
-    w.S.resize(size_t(n) * GC);
-    w.q.assign(size_t(GC) * dq, 0.0f);
-    for (int g = 0; g < GC; ++g)
-        for (int d = 0; d < D; ++d) w.q[g * dq + slot_of(d, kplanar)] = q[g * D + d];
-    // pass 1: scores
-    {
-        const Buf& b = K;
-        int vt = tile;
-        prepare_tiles(b, vt, nch, D, dq, w);
-        for (long lo = 0; lo < n; lo += vt) {
-            int m = int(n - lo < vt ? n - lo : vt);
-            tile_scales(b, lo, m, w);
-            if (!b.fast) {
-                dequant_rows(b, lo, m, D, dq, w.sc.data(), w);
-                score_tile<GC>(RowsF32{w.rows.data(), dq}, m, nch, w.q.data(), dq, w.S.data(), lo);
-            } else if (b.int4) {
-                score_tile<GC>(Int4Rows{b.codes + lo * b.rowbytes, b.rowbytes, w.sc.data(), b.ng, w.gi.data()}, m, nch,
-                               w.q.data(), dq, w.S.data(), lo);
-            } else {
-                score_tile<GC>(Int8Rows{reinterpret_cast<const int8_t*>(b.codes) + lo * b.rowbytes, b.rowbytes,
-                                        w.sc.data(), b.ng, w.gi.data()}, m, nch, w.q.data(), dq, w.S.data(), lo);
+void attend_heads(const float* q, int Dq, const Buf* K, int nk, const Buf& V, int vsrc, long n, const float* mask,
+                  float scale, float under, float* raw, float* den, float* out, Work& w) {
+    int off[2], dqt = 0, bytes = 0;
+    for (int i = 0; i < nk; ++i) {
+        off[i] = dqt;
+        dqt += K[i].nch * W;
+        bytes += K[i].rowbytes;
+    }
+    if (vsrc == nk) bytes += V.rowbytes;
+    const int dvp = V.nch * W;
+    int T = 16384 / bytes;
+    T = T < 16 ? 16 : T > 128 ? 128 : T / 8 * 8;
+    w.S.resize(size_t(T) * GC);
+    w.q.assign(size_t(GC) * dqt, 0.0f);
+    for (int i = 0, at = 0; i < nk; at += K[i].D, ++i)
+        for (int g = 0; g < GC; ++g)
+            for (int d = 0; d < K[i].D; ++d) w.q[g * dqt + off[i] + slot_of(d, K[i].planar)] = q[g * Dq + at + d];
+    w.acc.assign(size_t(GC) * dvp, 0.0f);
+    for (int i = 0; i < nk; ++i) prepare_tile(K[i], T, w.t[i]);
+    if (vsrc == nk) prepare_tile(V, T, w.t[nk]);
+    float mx[GC], dn[GC];
+    for (int g = 0; g < GC; ++g) mx[g] = -INFINITY, dn[g] = 0.0f;
+    float* S = w.S.data();
+    for (long lo = 0; lo < n; lo += T) {
+        const int m = int(n - lo < T ? n - lo : T);
+        for (int i = 0; i < nk; ++i) load_tile(K[i], lo, m, w.t[i]);
+        if (vsrc == nk) load_tile(V, lo, m, w.t[nk]);
+        // scores, summed over the key parts
+        std::fill(S, S + m * GC, 0.0f);
+        for (int i = 0; i < nk; ++i)
+            with_rows(K[i], w.t[i], m, w.rows,
+                      [&](const auto& f) { score_tile<GC>(f, m, K[i].nch, w.q.data() + off[i], dqt, S); });
+        // logits, the running maximum (what was summed so far rescaled when it grows)
+        float tm[GC];
+        for (int g = 0; g < GC; ++g) tm[g] = -INFINITY;
+        for (int l = 0; l < m; ++l) {
+            const float add = mask ? mask[lo + l] : 0.0f;
+            for (int g = 0; g < GC; ++g) {
+                const float s = S[l * GC + g] * scale + add;
+                S[l * GC + g] = s;
+                tm[g] = s > tm[g] ? s : tm[g];
             }
         }
-    }
-    // pass 2: softmax numerators in place, the denominator
-    float mx[GC];
-    for (int g = 0; g < GC; ++g) mx[g] = -INFINITY;
-    float* S = w.S.data();
-    for (long l = 0; l < n; ++l) {
-        float add = mask ? mask[l] : 0.0f;
         for (int g = 0; g < GC; ++g) {
-            float s = S[l * GC + g] * scale + add;
-            S[l * GC + g] = s;
-            mx[g] = s > mx[g] ? s : mx[g];
+            if (!(tm[g] > mx[g])) continue;
+            if (mx[g] != -INFINITY) {
+                const float c = std::exp(mx[g] - tm[g]);
+                dn[g] *= c;
+                for (int d = 0; d < dvp; ++d) w.acc[g * dvp + d] *= c;
+            }
+            mx[g] = tm[g];
         }
+        // numerators in place, W at a time: the heads' maxima repeat every GC vectors (lane j of vector k is head
+        // (W k + j) mod GC); below exp(-under) of the maximum: 0
+        {
+            vf mv[GC], dv[GC];
+            for (int k = 0; k < GC; ++k) {
+                for (int j = 0; j < W; ++j) {
+                    const float x = mx[(W * k + j) % GC];
+                    mv[k][j] = x == -INFINITY ? 0.0f : x;
+                }
+                dv[k] = vf{};
+            }
+            const long total = long(m) * GC;
+            long i = 0;
+            for (int k = 0; i + W <= total; i += W, k = k + 1 == GC ? 0 : k + 1) {
+                vf x = ld(S + i) - mv[k];
+                vf p = x > -under ? vexp(x) : vf{};
+                st(S + i, p);
+                dv[k] += p;
+            }
+            for (int k = 0; k < GC; ++k)
+                for (int j = 0; j < W; ++j) dn[(W * k + j) % GC] += dv[k][j];
+            for (; i < total; ++i) {
+                const int g = int(i % GC);
+                const float x = S[i] - (mx[g] == -INFINITY ? 0.0f : mx[g]);
+                const float p = x > -under ? std::exp(x) : 0.0f;
+                S[i] = p;
+                dn[g] += p;
+            }
+        }
+        // p.v over the same rows
+        with_rows(V, w.t[vsrc], m, w.rows, [&](const auto& f) { value_tile<GC>(f, m, V.nch, S, w.acc.data(), dvp); });
     }
     for (int g = 0; g < GC; ++g) {
-        if (sinks && sinks[g] > mx[g]) mx[g] = sinks[g];
         raw[g] = mx[g];
-        if (mx[g] == -INFINITY) mx[g] = 0.0f;
-        den[g] = 0.0f;
+        den[g] = dn[g];
+        for (int d = 0; d < V.D; ++d) out[g * V.D + d] = w.acc[g * dvp + slot_of(d, V.planar)];
     }
-    {  // W at a time: the heads' maxima repeat every GC vectors (lane j of vector i is head (W i + j) mod GC)
-        vf mv[GC], dv[GC];
-        for (int k = 0; k < GC; ++k) {
-            for (int j = 0; j < W; ++j) mv[k][j] = mx[(W * k + j) % GC];
-            dv[k] = vf{};
-        }
-        const long total = long(n) * GC;
-        long i = 0;
-        for (int k = 0; i + W <= total; i += W, k = k + 1 == GC ? 0 : k + 1) {
-            vf x = ld(S + i) - mv[k];
-            vf p = x > -under ? vexp(x) : vf{};
-            st(S + i, p);
-            dv[k] += p;
-        }
-        for (int k = 0; k < GC; ++k)
-            for (int j = 0; j < W; ++j) den[(W * k + j) % GC] += dv[k][j];
-        for (; i < total; ++i) {
-            int g = int(i % GC);
-            float x = S[i] - mx[g];
-            float p = x > -under ? std::exp(x) : 0.0f;
-            S[i] = p;
-            den[g] += p;
-        }
-    }
-    // pass 3: p.v
-    w.acc.assign(size_t(GC) * dq, 0.0f);
-    {
-        const Buf& b = V;
-        int vt = b.rowbytes >= 1024 ? 16 : 16384 / b.rowbytes < tile ? tile : 16384 / b.rowbytes;
-        prepare_tiles(b, vt, nch, D, dq, w);
-        for (long lo = 0; lo < n; lo += vt) {
-            int m = int(n - lo < vt ? n - lo : vt);
-            tile_scales(b, lo, m, w);
-            const float* p = S + lo * GC;
-            if (!b.fast) {
-                dequant_rows(b, lo, m, D, dq, w.sc.data(), w);
-                value_tile<GC>(RowsF32{w.rows.data(), dq}, m, nch, p, w.acc.data(), dq);
-            } else if (b.int4) {
-                value_tile<GC>(Int4Rows{b.codes + lo * b.rowbytes, b.rowbytes, w.sc.data(), b.ng, w.gi.data()}, m, nch,
-                               p, w.acc.data(), dq);
-            } else {
-                value_tile<GC>(Int8Rows{reinterpret_cast<const int8_t*>(b.codes) + lo * b.rowbytes, b.rowbytes,
-                                        w.sc.data(), b.ng, w.gi.data()}, m, nch, p, w.acc.data(), dq);
-            }
-        }
-    }
-    std::memcpy(acc, w.acc.data(), sizeof(float) * GC * dq);
 }
 
-typedef void (*HeadsFn)(const float*, const Buf&, const Buf&, int, int, const float*, const float*, float, float,
-                        float*, float*, float*, Work&);
+typedef void (*HeadsFn)(const float*, int, const Buf*, int, const Buf&, int, long, const float*, float, float, float*,
+                        float*, float*, Work&);
 const HeadsFn HEADS[9] = {nullptr, attend_heads<1>, attend_heads<2>, attend_heads<3>, attend_heads<4>,
                           attend_heads<5>, attend_heads<6>, attend_heads<7>, attend_heads<8>};
 
-Buf make_buf(const void* codes, const void* scales, int kind, int int4, int group, int D) {
-    Buf b;
-    b.codes = static_cast<const uint8_t*>(codes);
-    b.scales = scales;
-    b.kind = kind;
-    b.int4 = int4;
-    b.group = group;
-    b.ng = D / group;
-    b.rowbytes = int4 ? D / 2 : D;
-    b.fast = int4 ? (D % (2 * W) == 0 && group % (2 * W) == 0) : (D % W == 0 && group % W == 0);
-    return b;
+bool src_ok(const Src& s) {
+    return s.codes && s.scales && s.cap >= 0 && s.D >= 1 && s.group >= 1 && s.D % s.group == 0 &&
+           !(s.int4 && s.D % 2) && s.kind >= 0 && s.kind <= 2;
+}
+
+// the segment's sources: its key parts, then its values' own buffer (if any)
+int sources(const Seg& s, const Src** out) {
+    int k = 0;
+    for (; k < s.nk; ++k) out[k] = &s.k[k];
+    if (s.v_from < 0) out[k++] = &s.v;
+    return k;
 }
 
 }  // namespace
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 3; }
+int kvlab_quant_attend_version(void) { return 4; }
 
-// q [B, H, G, D] float32; out [B, H, G, D] float32; codes [B, H, cap, D or D/2] (int8 / packed int4, stored + 8),
-// scales [B, H, cap, D / group] (kind 0 float32, 1 float16, 2 bfloat16); the first n slots attended.
-// mask: additive float32, row b at mask + b * mask_bstride (0: one row for all), n values; or null.
-// sinks [H, G] float32 or null. stats [B, H, G, 2] or null: each head's largest logit (sinks included; -inf if
-// none) and softmax denominator (relative to that maximum, 0 where it is -inf; sinks included). threads > 1: the positions split into up to that many parts of at least min_part
-// (flash-decoding: each part's max, denominator and p.v, merged after). Returns 0, or -1 for arguments it does
-// not take.
-int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, int D, int n,
-                       const void* kc, const void* ks, long k_cap, int k_int4, int k_group, int k_kind,
-                       const void* vc, const void* vs, long v_cap, int v_int4, int v_group, int v_kind,
-                       const float* mask, long mask_bstride, const float* sinks, float scale, float under,
-                       int threads, int min_part, float* stats) {
-    if (B < 1 || H < 1 || G < 1 || D < 1 || n < 1 || k_group < 1 || v_group < 1 || D % k_group || D % v_group ||
-        ((k_int4 || v_int4) && D % 2) || n > k_cap || n > v_cap || threads < 1 || min_part < 1)
-        return -1;
-    const long krow = k_int4 ? D / 2 : D, vrow = v_int4 ? D / 2 : D;
-    const int kng = D / k_group, vng = D / v_group;
-    const long kb = k_kind ? 2 : 4, vb = v_kind ? 2 : 4;
-    const int dq = (D + W - 1) / W * W;
-    int parts = n / min_part < threads ? n / min_part : threads;
-    parts = parts < 1 ? 1 : parts > 64 ? 64 : parts;
+// q [B, H, G, Dq] float32 (Dq: the channels of a segment's key parts together), out [B, H, G, Dv] float32 (Dv: its
+// values' channels): attention over the positions of segments segs[0..nseg-1] one after the other (each its own
+// buffers; Dq and Dv the same in all). mask: additive float32 over those positions, row b at mask + b *
+// mask_bstride (0: one row for all), or null. sinks [H, G] float32 or null. stats [B, H, G, 2] or null: each head's
+// largest logit (sinks included; -inf if none) and softmax denominator (relative to it, sinks included; 0 if none).
+// threads > 1: a segment's positions split into up to that many pieces of at least min_part (flash-decoding: each
+// piece's max, denominator and p.v, merged after). Returns 0, or -1 for arguments it does not take.
+int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, const Seg* segs, int nseg, const float* mask,
+                       long mask_bstride, const float* sinks, float scale, float under, int threads, int min_part,
+                       float* stats) {
+    if (B < 1 || H < 1 || G < 1 || nseg < 1 || nseg > 16 || threads < 1 || min_part < 1) return -1;
+    int Dq = -1, Dv = -1;
+    long total = 0;
+    for (int i = 0; i < nseg; ++i) {
+        const Seg& s = segs[i];
+        if (s.nk < 1 || s.nk > 2 || s.v_from < -1 || s.v_from >= s.nk || s.n < 0) return -1;
+        const Src* src[3];
+        const int ns = sources(s, src);
+        int dq = 0;
+        for (int k = 0; k < s.nk; ++k) dq += s.k[k].D;
+        const int dv = s.v_from < 0 ? s.v.D : s.k[s.v_from].D;
+        if ((Dq >= 0 && (dq != Dq || dv != Dv))) return -1;
+        Dq = dq, Dv = dv;
+        for (int k = 0; k < ns; ++k) {
+            if (!src_ok(*src[k])) return -1;
+            if (!s.index && s.n > src[k]->cap) return -1;
+            if (s.index)
+                for (long j = 0; j < long(B) * s.n; ++j)
+                    if (s.index[j] < 0 || s.index[j] >= src[k]->cap) return -1;
+        }
+        total += s.n;
+    }
+    if (total < 1) return -1;
+    struct Piece { int s; long p0, p1, at; };  // at: the segment's first position in the mask
+    std::vector<Piece> pieces;
+    for (int i = 0, at = 0; i < nseg; at += int(segs[i].n), ++i) {
+        const long n = segs[i].n;
+        if (!n) continue;
+        long parts = n / min_part < threads ? n / min_part : threads;
+        parts = parts < 1 ? 1 : parts > 64 ? 64 : parts;
+        for (long t = 0; t < parts; ++t) pieces.push_back({i, n * t / parts, n * (t + 1) / parts, at});
+    }
+    const int np = int(pieces.size()), nth = threads < np ? threads : np;
     struct Job { long bh; int b, h, g0, gc; };
     std::vector<Job> jobs;
     for (int b = 0; b < B; ++b)
         for (int h = 0; h < H; ++h)
             for (int g0 = 0; g0 < G; g0 += 8) jobs.push_back({long(b) * H + h, b, h, g0, G - g0 < 8 ? G - g0 : 8});
-    const long per = 16 + 8L * dq;  // raw[8], den[8], acc[8, dq] of one job and part
-    std::vector<float> res(jobs.size() * parts * per);
+    const long per = 16 + 8L * Dv;  // raw[8], den[8], out[8, Dv] of one job and piece
+    std::vector<float> res(jobs.size() * np * per);
     auto work = [&](int t) {
         thread_local Work w;
-        const long p0 = long(n) * t / parts, p1 = long(n) * (t + 1) / parts;
-        for (size_t j = 0; j < jobs.size(); ++j) {
-            const Job& x = jobs[j];
-            Buf K = make_buf(static_cast<const uint8_t*>(kc) + (x.bh * k_cap + p0) * krow,
-                             static_cast<const char*>(ks) + (x.bh * k_cap + p0) * kng * kb, k_kind, k_int4, k_group, D);
-            Buf V = make_buf(static_cast<const uint8_t*>(vc) + (x.bh * v_cap + p0) * vrow,
-                             static_cast<const char*>(vs) + (x.bh * v_cap + p0) * vng * vb, v_kind, v_int4, v_group, D);
-            const float* mrow = mask ? mask + x.b * mask_bstride + p0 : nullptr;
-            float* r = res.data() + (j * parts + t) * per;
-            HEADS[x.gc](q + (x.bh * G + x.g0) * long(D), K, V, int(p1 - p0), D, mrow,
-                        sinks ? sinks + x.h * G + x.g0 : nullptr, scale, under, r, r + 8, r + 16, w);
+        for (int i = t; i < np; i += nth) {
+            const Piece& pc = pieces[i];
+            const Seg& s = segs[pc.s];
+            for (size_t j = 0; j < jobs.size(); ++j) {
+                const Job& x = jobs[j];
+                const int64_t* idx = s.index ? s.index + x.b * s.n : nullptr;
+                Buf K[2], V;
+                for (int k = 0; k < s.nk; ++k) K[k] = make_buf(s.k[k], x.bh, pc.p0, idx);
+                V = s.v_from < 0 ? make_buf(s.v, x.bh, pc.p0, idx) : K[s.v_from];
+                const float* mrow = mask ? mask + x.b * mask_bstride + pc.at + pc.p0 : nullptr;
+                float* r = res.data() + (j * np + i) * per;
+                HEADS[x.gc](q + (x.bh * G + x.g0) * long(Dq), Dq, K, s.nk, V, s.v_from < 0 ? s.nk : s.v_from,
+                            pc.p1 - pc.p0, mrow, scale, under, r, r + 8, r + 16, w);
+            }
         }
     };
     std::vector<std::thread> pool;
     try {
-        for (int t = 1; t < parts; ++t) pool.emplace_back(work, t);
+        for (int t = 1; t < nth; ++t) pool.emplace_back(work, t);
     } catch (...) {  // no thread: the parts not started run here
     }
     work(0);
-    for (int t = int(pool.size()) + 1; t < parts; ++t) work(t);
+    for (int t = int(pool.size()) + 1; t < nth; ++t) work(t);
     for (auto& th : pool) th.join();
-    for (size_t j = 0; j < jobs.size(); ++j) {  // merge the parts: rescale to the largest maximum
+    std::vector<float> f(np);
+    for (size_t j = 0; j < jobs.size(); ++j) {  // merge the pieces: rescaled to the largest maximum
         const Job& x = jobs[j];
-        const bool vplanar = v_int4 && D % (2 * W) == 0 && v_group % (2 * W) == 0;
         for (int g = 0; g < x.gc; ++g) {
-            float m = -INFINITY;
-            for (int t = 0; t < parts; ++t) {
-                float r = res[(j * parts + t) * per + g];
+            const float sink = sinks ? sinks[x.h * G + x.g0 + g] : -INFINITY;
+            float m = sink;
+            for (int t = 0; t < np; ++t) {
+                const float r = res[(j * np + t) * per + g];
                 m = r > m ? r : m;
             }
             const float safe = m == -INFINITY ? 0.0f : m;
-            float den = sinks ? std::exp(sinks[x.h * G + x.g0 + g] - safe) : 0.0f, f[64];
-            for (int t = 0; t < parts; ++t) {
-                const float* r = res.data() + (j * parts + t) * per;
-                f[t] = r[g] == -INFINITY ? 0.0f : parts == 1 ? 1.0f : std::exp(r[g] - safe);
+            float den = sinks ? std::exp(sink - safe) : 0.0f;
+            for (int t = 0; t < np; ++t) {
+                const float* r = res.data() + (j * np + t) * per;
+                f[t] = r[g] == -INFINITY ? 0.0f : std::exp(r[g] - safe);
                 den += r[8 + g] * f[t];
             }
             if (stats) {  // what a caller merging more positions needs: the maximum (-inf: none) and denominator
                 stats[(x.bh * G + x.g0 + g) * 2] = m;
                 stats[(x.bh * G + x.g0 + g) * 2 + 1] = den;
             }
-            float* o = out + ((x.bh * G + x.g0 + g) * long(D));
-            for (int d = 0; d < D; ++d) {
-                const int sl = slot_of(d, vplanar);
+            float* o = out + (x.bh * G + x.g0 + g) * long(Dv);
+            for (int d = 0; d < Dv; ++d) {
                 float a = 0.0f;
-                for (int t = 0; t < parts; ++t) a += res[(j * parts + t) * per + 16 + g * dq + sl] * f[t];
+                for (int t = 0; t < np; ++t) a += res[(j * np + t) * per + 16 + g * Dv + d] * f[t];
                 o[d] = a / den;
             }
         }

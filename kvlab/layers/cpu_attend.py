@@ -1,15 +1,21 @@
 """A hand-written C++ kernel (kvlab/layers/cpu_attend.cpp) for a decode step's attention over int8 / int4 K/V codes
 on the CPU: one query per head, symmetric codes with per-token scales (the buffers kvlab/layers/fused.py takes; also
-rotated keys, the query rotated instead, and a full buffer's residual window, its exact positions attended in
-torch and merged with the kernel's part by its maximum and denominator).
+rotated keys, the query rotated instead, values of their own width and format, and a full buffer's residual window,
+its exact positions attended in torch and merged with the kernel's part by its maximum and denominator).
+
+What it reads is a small descriptor per segment of positions: one or two key buffers whose channels sit side by
+side (scores = ``q_a.k_a + q_b.k_b``, each with its own scales and format) and the values, a buffer of their own or
+one of the key parts. Forms: separate K and V (GQA, CCA); MLA's latent, keys ``[c_kv, k_pe]`` (two buffers quantized
+apart) and values ``c_kv``, each tile of ``c_kv`` read once for both products (kvlab/layers/mla.py).
 
 Why by hand: inductor's code for :func:`kvlab.layers.fused._attend` converts each code once per query head and sums
 int4's scale groups horizontally, so Gemma 4's wide layer (8 query heads on one 512-channel KV head) ran at 0.84x
 (int8) / 0.55x (int4) of fp32 SDPA at 16K (this kernel: 2.0x / 2.3x; docs/kv-quantization.md "Decode speed").
 Here each code is converted once, multiplied by its scale and FMA'd into the accumulators of every query head of
-its KV head (a few positions x up to 8 heads in registers; the vector lanes' sums reduced a vector at a time), the
-softmax is exact (two passes over the scores: max, then ``exp``; the UNDER cut, padding mask and sink logits as in
-``_attend``), then ``p.v`` runs over tiles of value rows that stay in L1. int4 bytes are read "planar" (per 2W
+its KV head (a few positions x up to 8 heads in registers; the vector lanes' sums reduced a vector at a time), in
+tiles of rows that stay in L1: a tile's scores, then its softmax numerators against the running maximum (the sums
+so far rescaled when it grows: exact, flash-decoding within a call; the UNDER cut, padding mask and sink logits as
+in ``_attend``), then its ``p.v`` over the same rows. int4 bytes are read "planar" (per 2W
 channels: low nibbles = even channels, then the high ones), the query permuted and the output un-permuted to
 match. Vectors of W = 16 floats with AVX-512, 8 otherwise (AVX2: 16-float vectors split in two spilled registers
 and ran 10x slower). Scale groups that do not cover whole W (int8) / 2W (int4) channel chunks (g8, g1, ...) are
@@ -27,7 +33,7 @@ its positions into that many parts of at least :data:`MIN_PART` on ``std::thread
 maximum, denominator and ``p.v``, rescaled and merged after; one part gives the single-threaded result exactly).
 Wrapped as the custom op ``kvlab::quant_attend`` (with a fake implementation) so a compiled decode step
 (kvlab/compiled.py, fullgraph) traces it as one opaque call over the whole preallocated buffers and the position
-count.
+counts (the descriptor: a list of ints, the counts symbolic).
 
 No compiler, a failed build or load: a warning once, and attention takes the inductor-fused path (a cache made with
 ``fused=True``) or the blocked one, as before. ``KVLAB_CPU_KERNEL=0`` (or :data:`ENABLED` False, the benchmarks'
@@ -76,12 +82,26 @@ def build(directory: Path | None = None) -> Path:
     return cpp_build.build(SOURCE, FLAGS, directory)
 
 
+class _Src(ctypes.Structure):
+    """One code buffer as the kernel reads it (``Src`` in cpu_attend.cpp): codes ``[B, H, cap, D or D / 2]``, scales
+    ``[B, H, cap, D / group]``."""
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("cap", ctypes.c_long), ("dim", ctypes.c_int),
+                ("int4", ctypes.c_int), ("group", ctypes.c_int), ("kind", ctypes.c_int)]
+
+
+class _Seg(ctypes.Structure):
+    """One segment of positions (``Seg`` in cpu_attend.cpp): an optional slot index ``[B, n]``, one or two key parts
+    (channels side by side), the values (a buffer of their own, or key part ``v_from``)."""
+    _fields_ = [("index", ctypes.c_void_p), ("n", ctypes.c_long), ("k", _Src * 2), ("nk", ctypes.c_int), ("v", _Src),
+                ("v_from", ctypes.c_int)]
+
+
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    if lib.kvlab_quant_attend_version() != 3:
+    if lib.kvlab_quant_attend_version() != 4:
         raise KernelBuildError(f"{path}: not this version of the kernel")
     p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    lib.kvlab_quant_attend.argtypes = [p, p, i, i, i, i, i, p, p, lg, i, i, i, p, p, lg, i, i, i, p, lg, p, f, f, i, i, p]
+    lib.kvlab_quant_attend.argtypes = [p, p, i, i, i, ctypes.POINTER(_Seg), i, p, lg, p, f, f, i, i, p]
     lib.kvlab_quant_attend.restype = i
     return lib
 
@@ -111,22 +131,77 @@ def available() -> bool:
     return library() is not None
 
 
+def _joined(x, axis: int) -> list | None:
+    """The parts of ``x`` when it is readers joined along ``axis`` (kvlab/layers/blocked.py ``Cat``, not imported
+    here: that module imports this one), else None."""
+    return list(x.parts) if getattr(x, "axis", None) == axis and hasattr(x, "parts") else None
+
+
+def _segments(k, v) -> list[tuple[list, QuantView | None]] | None:
+    """The kernel's segments of positions for keys ``k`` and values ``v``: ``(key parts, values)`` each, the values
+    None when they are the first key part (read once per tile for both products), or None for a form the kernel
+    does not take. Forms: separate K and V buffers (GQA, CCA); keys two buffers side by side along channels and
+    values the first (MLA: ``[c_kv, k_pe]``, ``c_kv``)."""
+    keys = _joined(k, -1) or [k]
+    if not all(isinstance(x, QuantView) for x in keys) or len(keys) > 2:
+        return None
+    if v is keys[0] and len(keys) == 2:
+        return [(keys, None)]
+    if isinstance(v, QuantView) and len(keys) == 1:
+        return [(keys, v)]
+    return None
+
+
+def _sources(seg: tuple[list, QuantView | None]) -> list[QuantView]:
+    """A segment's buffers: its key parts, then its values' own."""
+    keys, v = seg
+    return keys if v is None else [*keys, v]
+
+
+def _buffer_ok(x: QuantView, values: bool) -> bool:
+    """A reader the kernel reads: int8 / int4 symmetric codes with per-token scales on the CPU, contiguous (never a
+    copy per step), not of a cache made with ``fused=True``, no residual window it cannot take, keys rotated only
+    where they are not the values too."""
+    r = x.rows
+    return (r.spec.fmt in ("int8", "int4") and r.spec.symmetric and x.foldable and not r.fused
+            and r.codes.device.type == "cpu" and r.scales.dtype in _SCALE_KIND and r.codes.is_contiguous()
+            and r.scales.is_contiguous() and _residual_ok(x) and not (values and r.block)
+            and len(x.lead) == (1 if x.heads else 2))
+
+
+def _heads(x: QuantView) -> tuple[int, int]:
+    """Batch rows and heads of a reader (lead ``[B]``: one head)."""
+    return (x.lead[0], 1) if x.heads else x.lead
+
+
+def _plan(k, v) -> list[tuple[list, QuantView | None]] | None:
+    """:func:`_segments` if the kernel takes every buffer of them, else None."""
+    if fused.ENABLED:
+        return None
+    segs = _segments(k, v)
+    if segs is None:
+        return None
+    for seg in segs:
+        srcs = _sources(seg)
+        values = srcs[-1] if seg[1] is not None else srcs[0]
+        if not all(_buffer_ok(x, x is values) for x in srcs):
+            return None
+        first = srcs[0]
+        if any(x.n != first.n or _quantized(x) != _quantized(first) or _heads(x) != _heads(first) for x in srcs):
+            return None  # one position count, one residual split, one batch and head count (no set: n may be symbolic)
+    if len(segs) > 1 and any(x.rows.residual_slots for seg in segs for x in _sources(seg)):
+        return None
+    return segs
+
+
 def applies(k, v) -> bool:
-    """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``) this kernel takes: on the CPU,
-    int8 / int4 symmetric codes with per-token scales (any group), keys rotated or not (the query is rotated
-    instead: ``q.Hk = Hq.k``), a residual window only on a non-ring buffer (its exact positions merged after:
-    :func:`attend`), no exact tail, contiguous (never a copy per step), K and V in the
-    same format and channel count (``v_head_dim`` = ``head_dim``), not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
+    """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``; MLA's keys two of them joined
+    along channels, its values the first) this kernel takes: on the CPU, int8 / int4 symmetric codes with per-token
+    scales (any group), keys rotated or not (the query is rotated instead: ``q.Hk = Hq.k``), a residual window only
+    on a non-ring buffer (its exact positions merged after: :func:`attend`), no exact tail, contiguous (never a copy
+    per step), not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
     kvlab/layers/fused.py; nor with ``fused.ENABLED``); and the kernel is loaded (eager: built now if needed)."""
-    if not (isinstance(k, QuantView) and isinstance(v, QuantView) and k.n == v.n and not k.heads and not v.heads):
-        return False
-    if fused.ENABLED or k.rows.fused or v.rows.fused:
-        return False
-    if not all(x.rows.spec.fmt in ("int8", "int4") and x.rows.spec.symmetric and _residual_ok(x)
-               and x.foldable and x.rows.codes.device.type == "cpu"
-               and x.rows.scales.dtype in _SCALE_KIND and x.rows.codes.is_contiguous() and x.rows.scales.is_contiguous()
-               for x in (k, v)) or k.rows.spec.fmt != v.rows.spec.fmt or _quantized(k) != _quantized(v) \
-            or k.rows.dq != v.rows.dq:  # one channel count for K and V (a value head dim of its own: blocked)
+    if _plan(k, v) is None:
         return False
     if torch.compiler.is_compiling():
         return _LOADED and ENABLED
@@ -145,43 +220,67 @@ def _residual_ok(x) -> bool:
     return not r.residual_slots or (not r.ring and x.written == x.n and r.quantized_end(x.written) > 0)
 
 
-def _quant_attend(q: torch.Tensor, kc: torch.Tensor, ks: torch.Tensor, vc: torch.Tensor, vs: torch.Tensor,
-                 mask: torch.Tensor | None, sinks: torch.Tensor | None, n: int, scale: float, k_group: int,
-                 v_group: int, int4: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [B, Hkv, G, D]`` float32 over slots ``0..n-1`` of codes ``kc``, ``vc [B, Hkv, C, D or D / 2]`` and scales
-    ``ks``, ``vs [B, Hkv, C, D / group]`` (float32 / float16 / bfloat16), ``mask [B|1, L]`` additive float32 (its
-    first ``n`` columns read) or None, ``sinks [Hkv * G]`` float32 or None -> ``[B, Hkv, G, D]`` float32 and each
-    head's ``[B, Hkv, G, 2]`` largest logit (-inf: nothing visible) and softmax denominator (sinks included)."""
+_DESC = 12  # ints per segment in the op's ``desc``: n, key parts, values' source, (buffer, group, int4) x 3 sources
+
+
+def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], mask: torch.Tensor | None,
+                 sinks: torch.Tensor | None, desc: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [B, Hkv, G, Dq]`` float32 over segments of positions described by ``desc`` (per segment: ``n``, its key
+    parts ``nk``, its values' source (a key part, or -1: the buffer after them), then ``(buffer, group, int4)`` of
+    each buffer: indices into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]``
+    (float32 / float16 / bfloat16; lead ``[B]`` for one head) -> ``[B, Hkv, G, Dv]`` float32 and each head's
+    ``[B, Hkv, G, 2]`` largest logit (-inf: nothing visible) and softmax denominator (sinks included). ``mask
+    [B|1, L]`` additive float32 over the segments' positions one after the other (the first ``sum n`` columns
+    read) or None, ``sinks [Hkv * G]`` float32 or None."""
     lib = _LIB if _LIB is not None else library()
     if lib is None:
         raise KernelBuildError("kvlab::quant_attend called without its kernel")
-    q, kc, ks, vc, vs = (t.contiguous() for t in (q, kc, ks, vc, vs))
-    b, h, g, d = q.shape
-    out = torch.empty_like(q)
+    q = q.contiguous()
+    b, h, g, _ = q.shape
+    segs = (_Seg * (len(desc) // _DESC))()
+    for seg, at in zip(segs, range(0, len(desc), _DESC), strict=True):
+        n, nk, v_from = desc[at:at + 3]
+        seg.n, seg.nk, seg.v_from = n, nk, v_from
+        for j in range(nk + (v_from < 0)):
+            i, group, int4 = desc[at + 3 + 3 * j:at + 6 + 3 * j]
+            c, s = codes[i], scales[i]
+            if c.numel() != b * h * c.shape[-2] * c.shape[-1] or not (c.is_contiguous() and s.is_contiguous()):
+                raise ValueError(f"kvlab::quant_attend: buffer {i} of shape {tuple(c.shape)} does not match q "
+                                 f"{tuple(q.shape)}")
+            src = seg.k[j] if j < nk else seg.v
+            src.codes, src.scales, src.cap = c.data_ptr(), s.data_ptr(), c.shape[-2]
+            src.dim, src.int4, src.group, src.kind = c.shape[-1] * (2 if int4 else 1), int4, group, _SCALE_KIND[s.dtype]
+    dv = _value_dim(codes, desc)
+    out = q.new_empty(b, h, g, dv)
     stats = q.new_empty(b, h, g, 2)
     if mask is not None:
         mask = mask.float().contiguous()
     if sinks is not None:
         sinks = sinks.float().contiguous()
     rc = lib.kvlab_quant_attend(
-        q.data_ptr(), out.data_ptr(), b, h, g, d, n,
-        kc.data_ptr(), ks.data_ptr(), kc.shape[-2], int(int4), k_group, _SCALE_KIND[ks.dtype],
-        vc.data_ptr(), vs.data_ptr(), vc.shape[-2], int(int4), v_group, _SCALE_KIND[vs.dtype],
+        q.data_ptr(), out.data_ptr(), b, h, g, segs, len(segs),
         None if mask is None else mask.data_ptr(), 0 if mask is None or mask.shape[0] == 1 else mask.shape[-1],
         None if sinks is None else sinks.data_ptr(), scale, UNDER, torch.get_num_threads(), MIN_PART,
         stats.data_ptr())
     if rc:
-        raise ValueError(f"kvlab::quant_attend: arguments refused (q {tuple(q.shape)}, n={n}, k codes "
-                         f"{tuple(kc.shape)}, groups {k_group}/{v_group})")
+        raise ValueError(f"kvlab::quant_attend: arguments refused (q {tuple(q.shape)}, segments {desc}, codes "
+                         f"{[tuple(c.shape) for c in codes]})")
     return out, stats
+
+
+def _value_dim(codes: list[torch.Tensor], desc: list[int]) -> int:
+    """The values' channels (``Dv``) of the first segment in ``desc`` (:func:`_quant_attend`)."""
+    nk, v_from = desc[1], desc[2]
+    at = 3 + 3 * (v_from if v_from >= 0 else nk)
+    return codes[desc[at]].shape[-1] * (2 if desc[at + 2] else 1)
 
 
 quant_attend = torch.library.custom_op("kvlab::quant_attend", _quant_attend, mutates_args=())
 
 
 @quant_attend.register_fake
-def _(q, kc, ks, vc, vs, mask, sinks, n, scale, k_group, v_group, int4):
-    return torch.empty_like(q), q.new_empty(*q.shape[:-1], 2)
+def _(q, codes, scales, mask, sinks, desc, scale):
+    return q.new_empty(*q.shape[:-1], _value_dim(codes, desc)), q.new_empty(*q.shape[:-1], 2)
 
 
 def takes(cache) -> bool:
@@ -194,34 +293,71 @@ def takes(cache) -> bool:
     return bool(ok) and available()
 
 
+def _op_args(segs: list[tuple[list, QuantView | None]], counts: list[int]
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """The op's ``codes``, ``scales`` (each buffer once) and ``desc`` for segments ``segs`` of ``counts`` positions."""
+    codes, scales, desc, seen = [], [], [], {}
+    for (keys, v), n in zip(segs, counts, strict=True):
+        desc += [n, len(keys), 0 if v is None else -1]
+        for x in _sources((keys, v)):
+            r = x.rows
+            if id(r) not in seen:
+                seen[id(r)] = len(codes)
+                codes.append(r.codes)
+                scales.append(r.scales)
+            desc += [seen[id(r)], r.group, int(r.spec.fmt == "int4")]
+        desc += [0] * (3 * (3 - len(_sources((keys, v)))))  # the unused source slots (fixed length per segment)
+    return codes, scales, desc
+
+
+def _query(qf: torch.Tensor, keys: list[QuantView]) -> torch.Tensor:
+    """``qf [B, Hkv, G, Dq]`` with each key part's channels rotated as its keys were stored (``q.Hk = Hq.k``)."""
+    if not any(x.rows.block for x in keys):
+        return qf
+    parts, at = [], 0
+    for x in keys:
+        part = qf[..., at:at + x.rows.dq]
+        parts.append(rotate(part, x.rows.block) if x.rows.block else part)
+        at += x.rows.dq
+    return torch.cat(parts, -1)
+
+
 def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None
            ) -> torch.Tensor:
-    """``qf [B, Hkv, G, D]`` float32 over readers ``k``, ``v`` (:func:`applies`) -> ``[B, Hkv, G, D]`` float32.
+    """``qf [B, Hkv, G, Dq]`` float32 over readers ``k``, ``v`` (:func:`applies`) -> ``[B, Hkv, G, Dv]`` float32.
     ``mask [B|1, 1, 1, n]`` additive or None; ``sinks [1, Hkv, G, 1]`` float32 or None. A residual window's exact
-    positions (``p0..n-1``) are attended here in float32 and merged with the kernel's part (its maximum and
-    denominator rescaled, as two flash-decoding parts)."""
-    n, p0 = k.n, _quantized(k)
+    positions (``p0..n-1``, one segment) are attended here in float32 and merged with the kernel's part (its maximum
+    and denominator rescaled, as two flash-decoding parts)."""
+    segs = _plan(k, v)
+    counts = [_quantized(keys[0]) for keys, _ in segs]
+    n = sum(keys[0].n for keys, _ in segs)
     if mask is not None:
         mask = mask.reshape(mask.shape[0], n)
     if sinks is not None:
         sinks = sinks.reshape(-1)
-    qk = rotate(qf, k.rows.block) if k.rows.block else qf  # keys stored rotated: q.Hk = Hq.k
-    args = (qk, k.rows.codes, k.rows.scales, v.rows.codes, v.rows.scales, mask, sinks, p0, float(scale),
-            k.rows.group, v.rows.group, k.rows.spec.fmt == "int4")
+    codes, scales, desc = _op_args(segs, counts)
+    args = (_query(qf, segs[0][0]), codes, scales, mask, sinks, desc, float(scale))
     # traced: the custom op (one opaque node); eager: the function itself (no dispatcher overhead per call)
     out, stats = quant_attend(*args) if torch.compiler.is_compiling() else _quant_attend(*args)
-    if p0 == n:
+    if counts[0] == n:
         return out
-    return _with_residual(qf, k, v, mask, scale, p0, n, out, stats)
+    return _with_residual(qf, segs[0], mask, scale, counts[0], n, out, stats)
 
 
-def _with_residual(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, p0: int, n: int,
-                   out: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
+def _with_residual(qf: torch.Tensor, seg: tuple[list, QuantView | None], mask: torch.Tensor | None, scale: float,
+                   p0: int, n: int, out: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """The kernel's output over positions ``0..p0-1`` (``out``, ``stats``: maximum, denominator) merged with the
-    residual window's exact positions ``p0..n-1`` (``rows.res``, slot = position mod its size; unrotated keys)."""
-    slots = k.rows._slots(p0, n, qf.device, k.rows.residual_slots)
-    kt = k.rows.res.index_select(-2, slots).float()  # [B, Hkv, T, D]
-    vt = v.rows.res.index_select(-2, slots).float()
+    residual window's exact positions ``p0..n-1`` (``rows.res`` of each buffer of the one segment ``seg``, slot =
+    position mod its size; unrotated keys)."""
+    keys, v = seg
+
+    def exact(x: QuantView) -> torch.Tensor:  # [B, Hkv, T, D]
+        r = x.rows
+        t = r.res.index_select(-2, r._slots(p0, n, qf.device, r.residual_slots)).float()
+        return t.unsqueeze(1) if x.heads else t
+
+    kt = torch.cat([exact(x) for x in keys], -1) if len(keys) > 1 else exact(keys[0])
+    vt = exact(keys[0] if v is None else v)
     s = (qf @ kt.transpose(-1, -2)) * scale  # [B, Hkv, G, T]
     if mask is not None:
         s = s + mask[:, p0:n].reshape(mask.shape[0], 1, 1, n - p0)

@@ -78,7 +78,8 @@ def whole_latent_values(keys) -> bool:
     channels' outputs dropped): on the CPU, a plain tensor. SDPA's CPU flash kernel needs keys and values of one width,
     and reads each latent row once for both products; values ``c_kv`` alone (narrower) took two matmuls reading the
     latent twice, 2.5x slower at 16K (docs/performance.md). A GPU decode step attends by two matmuls anyway, and a
-    quantized cache's readers are attended block by block."""
+    quantized cache's readers go to the C++ kernel (int8 / int4 per token on the CPU, kvlab/layers/cpu_attend.py: keys
+    from both buffers, values from ``c_kv``, each tile read once) or are attended block by block."""
     return not is_blocked(keys) and not keys.is_cuda
 
 
@@ -207,7 +208,7 @@ class MLAttention(nn.Module):
         w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
         w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
-        keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: c_kv and k_pe read block by block)
+        keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: readers of c_kv and k_pe)
         q = torch.cat((q_lat, q_pe), dim=-1)
         if whole_latent_values(keys):
             out = attend(q, keys, keys, mask, self.scale, causal=causal)[..., :m.kv_lora_rank]
