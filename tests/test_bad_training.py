@@ -23,7 +23,8 @@ from kvlab.train import checkpointing as ck
 from kvlab.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+       "PYTHONFAULTHANDLER": "1"}  # a process that aborts prints where (a rare gloo teardown abort)
 
 
 def run_config(steps: int = 4, **train_kw) -> dict:

@@ -27,7 +27,8 @@ from kvlab.train.init import InitError
 from kvlab.train.text import TRAIN_MODULES, training_corpus
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+       "PYTHONFAULTHANDLER": "1"}  # a process that aborts prints where (a rare gloo teardown abort)
 
 
 @pytest.fixture(scope="module")

@@ -502,7 +502,7 @@ def test_cli_recovery_under_torchrun_equals_one_process(tmp_path, capsys):
     commands.append([[*bad, "--batch", "2", "--out", str(tmp_path / "bad")], 2])
     long = [a if a != "64" else "4k" for a in argv]
     commands.append([[*long, "--batch", "2", "--out", str(tmp_path / "long")], 2])
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(driver), json.dumps(commands)], env=env, capture_output=True, text=True, timeout=240,
                        check=False)

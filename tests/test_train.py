@@ -25,7 +25,8 @@ from kvlab.train import parse_config, train
 from kvlab.train.trainer import _read_log
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+       "PYTHONFAULTHANDLER": "1"}  # a process that aborts prints where (a rare gloo teardown abort)
 
 
 def tiny_run(model: dict, steps: int = 25, task: dict | None = None, **train_kw) -> dict:
