@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -34,96 +37,205 @@ def measure(shapes: list[Path], contexts: list[int], dtypes: list[str], vs: str 
     for shape in shapes:
         for d in dtypes:
             print(f"{shape.stem} {d} eager + compiled ...", file=sys.stderr, flush=True)
+            g = ground()
             r = run_bench(str(shape), contexts, decode_tokens=decode_tokens, dtype=DTYPES[d], threads=threads,
                           progress=False, compile=True, log=lambda m: print(m, file=sys.stderr))
-            data["runs"].append({"shape": shape.stem, "what": f"kvlab {d}", **r})
+            data["runs"].append({"shape": shape.stem, "what": f"kvlab {d}", **r, "ground": ground(g)})
             out.write_text(json.dumps(data, indent=1))
         if vs == "transformers":
-            from kvlab.bench import bench_transformers, save_random_hf
+            from kvlab.bench import bench_transformers, copy_bandwidth, save_random_hf
             from kvlab.resolve import resolve_spec
             from kvlab.shrink import scale_to_fit
 
             print(f"{shape.stem} transformers fp32 ...", file=sys.stderr, flush=True)
             import tempfile
 
+            g = ground()
             cfg, _ = scale_to_fit(resolve_spec(str(shape)))
             with tempfile.TemporaryDirectory(prefix="roofline-") as tmp:
                 save_random_hf(cfg, tmp)
+                bw = copy_bandwidth()
                 hf = bench_transformers(tmp, contexts, decode_tokens, "float32", progress=False)
-            data["runs"].append({"shape": shape.stem, "what": "transformers fp32", "results": hf})
+            data["runs"].append({"shape": shape.stem, "what": "transformers fp32", "copy_bandwidth_bytes_s": bw,
+                                 "results": hf, "ground": ground(g)})
             out.write_text(json.dumps(data, indent=1))
     return data
 
 
+def ground(start: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where a run stands: the command, the commit, UTC start / end and the load average (1 min) at each;
+    ``start``: the dict this returned before the run, completed with the end."""
+    now = {"utc": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), "load": round(os.getloadavg()[0], 2)}
+    if start is not None:
+        return {**{k: v for k, v in start.items() if k != "t"}, "end_utc": now["utc"], "end_load": now["load"],
+                "wall_s": round(time.time() - start["t"], 1)}
+    git = ["git", "-C", str(HERE.parent)]
+    commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False)
+    dirty = subprocess.run([*git, "status", "--porcelain", "kvlab"], capture_output=True, text=True, check=False)
+    return {"command": " ".join(sys.argv), "commit": commit.stdout.strip() + (" (kvlab/ modified)"
+            if dirty.stdout.strip() else ""), "start_utc": now["utc"], "start_load": now["load"], "t": time.time()}
+
+
+def chunks(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The invocations behind ``data`` in order (one per command and commit), each with its runs' grounds."""
+    out: dict[tuple[str, str], dict[str, Any]] = {}
+    for r in data["runs"]:
+        g = r.get("ground")
+        key = (g["command"], g["commit"]) if g else ("(not recorded)", "")
+        c = out.setdefault(key, {"command": key[0], "commit": key[1], "grounds": []})
+        if g:
+            c["grounds"].append(g)
+    return list(out.values())
+
+
+def points(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per shape, lane (eager, compiled, transformers), dtype and context, the latest run winning:
+    decode tok/s, achieved GB/s (the calculated bytes a step reads / the median step; transformers' step is
+    priced with kvlab's bytes of the same shape, context and dtype), the copy bandwidth of its run (a
+    transformers run without one: its invocation's kvlab run's), prefill tok/s and the chunk (invocation) index."""
+    index = {(c["command"], c["commit"]): i for i, c in enumerate(chunks(data), 1)}
+    rows: dict[tuple[str, str, str, int], dict[str, Any]] = {}
+
+    def chunk(r: dict[str, Any]) -> int:
+        g = r.get("ground")
+        return index[(g["command"], g["commit"]) if g else ("(not recorded)", "")]
+
+    kvlab_bw = {chunk(r): r["copy_bandwidth_bytes_s"] for r in data["runs"] if "copy_bandwidth_bytes_s" in r}
+    for r in data["runs"]:
+        if r["what"].startswith("transformers"):
+            continue
+        for x in r["results"]:
+            lane = "compiled" if x["compiled"] else "eager"
+            rows[(r["shape"], lane, r["dtype"], x["context"])] = {
+                "shape": r["shape"], "lane": lane, "dtype": r["dtype"], "context": x["context"],
+                "decode_tok_s": x["decode_tok_s"], "bytes_read_per_step": x["bytes_read_per_step"],
+                "achieved_bandwidth": x["achieved_bandwidth"], "copy_bandwidth": r["copy_bandwidth_bytes_s"],
+                "prefill_tok_s": x["prefill_tok_s"], "first_step_s": x.get("first_step_s") if x["compiled"] else None,
+                "chunk": chunk(r)}
+    for r in data["runs"]:
+        if not r["what"].startswith("transformers"):
+            continue
+        dtype = DTYPES[r["what"].split()[-1]]
+        for x in r["results"]:
+            ref = rows.get((r["shape"], "eager", dtype, x["context"]))
+            read = ref["bytes_read_per_step"] if ref else None
+            rows[(r["shape"], "transformers", dtype, x["context"])] = {
+                "shape": r["shape"], "lane": "transformers", "dtype": dtype, "context": x["context"],
+                "decode_tok_s": x["decode_tok_s"], "bytes_read_per_step": read,
+                "achieved_bandwidth": read * x["decode_tok_s"] if read else None,
+                "copy_bandwidth": r.get("copy_bandwidth_bytes_s") or kvlab_bw.get(chunk(r)),
+                "prefill_tok_s": x["prefill_tok_s"], "first_step_s": None, "chunk": chunk(r)}
+    return sorted(rows.values(), key=lambda q: (q["context"]))
+
+
 def plot(data: dict[str, Any], img_dir: Path) -> list[Path]:
-    """One figure per shape: decode tok/s (with the bandwidth limit: copy bandwidth / bytes read per step) and
-    achieved GB/s (with the copy bandwidth) against context; prefill tok/s."""
+    """One figure per shape: decode tok/s (with the limit: each run's copy bandwidth / the bytes a step reads),
+    achieved GB/s (with each run's copy bandwidth) and prefill tok/s against context; kvlab eager (solid) and
+    compiled (dashed) per dtype, transformers (black)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     img_dir.mkdir(parents=True, exist_ok=True)
+    pts = points(data)
     paths = []
-    for shape in dict.fromkeys(r["shape"] for r in data["runs"]):
-        runs = [r for r in data["runs"] if r["shape"] == shape]
-        fig, (ax_tok, ax_bw, ax_pre) = plt.subplots(1, 3, figsize=(15, 4.2))
-        kvlab_runs = [r for r in runs if not r["what"].startswith("transformers")]
-        for r in runs:
-            if r["what"].startswith("transformers"):
-                xs = [x["context"] for x in r["results"]]
-                ax_tok.plot(xs, [x["decode_tok_s"] for x in r["results"]], "k:s", label=r["what"])
-                ax_pre.plot(xs, [x["prefill_tok_s"] for x in r["results"]], "k:s", label=r["what"])
-                continue
-            color = f"C{kvlab_runs.index(r)}"
-            bw = r["copy_bandwidth_bytes_s"]
-            for compiled, style in ((False, "-o"), (True, "--^")):
-                rows = [x for x in r["results"] if x["compiled"] == compiled]
-                xs = [x["context"] for x in rows]
-                label = f"{r['what']} {'compiled' if compiled else 'eager'}"
-                ax_tok.plot(xs, [x["decode_tok_s"] for x in rows], style, color=color, label=label)
-                ax_bw.plot(xs, [x["achieved_bandwidth"] / 1e9 for x in rows], style, color=color, label=label)
-                if not compiled:
-                    ax_pre.plot(xs, [x["prefill_tok_s"] for x in rows], style, color=color, label=r["what"])
-                    ax_tok.plot(xs, [bw / x["bytes_read_per_step"] for x in rows], ":", color=color, alpha=0.6,
-                                label=f"{r['what']} limit: copy bw {bw / 1e9:.1f} GB/s / bytes per step")
-                    ax_bw.axhline(bw / 1e9, color=color, ls=":", alpha=0.6, label=f"copy bw ({r['what']} run)")
+    for shape in dict.fromkeys(q["shape"] for q in pts):
+        fig, (ax_tok, ax_bw, ax_pre) = plt.subplots(1, 3, figsize=(16, 4.6))
+        mine = [q for q in pts if q["shape"] == shape]
+        dtypes = list(dict.fromkeys(q["dtype"] for q in mine))
+        for i, dtype in enumerate(dtypes):
+            color = f"C{i}"
+            for lane, style in (("eager", "-o"), ("compiled", "--^"), ("transformers", ":s")):
+                rows = [q for q in mine if q["dtype"] == dtype and q["lane"] == lane]
+                if not rows:
+                    continue
+                c = "k" if lane == "transformers" else color
+                label = f"{'transformers' if lane == 'transformers' else 'kvlab ' + lane} {dtype}"
+                xs = [q["context"] for q in rows]
+                ax_tok.plot(xs, [q["decode_tok_s"] for q in rows], style, color=c, label=label,
+                            alpha=0.6 if lane == "transformers" and i else 1.0)
+                bw_rows = [q for q in rows if q["achieved_bandwidth"]]
+                ax_bw.plot([q["context"] for q in bw_rows], [q["achieved_bandwidth"] / 1e9 for q in bw_rows], style,
+                           color=c, label=label, alpha=0.6 if lane == "transformers" and i else 1.0)
+                if lane != "compiled":
+                    ax_pre.plot(xs, [q["prefill_tok_s"] for q in rows], style, color=c, label=label)
+                if lane == "eager":
+                    ax_tok.plot(xs, [q["copy_bandwidth"] / q["bytes_read_per_step"] for q in rows], ":", color=color,
+                                lw=2.5, alpha=0.45, label=f"limit {dtype}: copy bw / bytes per step")
+                    ax_bw.plot(xs, [q["copy_bandwidth"] / 1e9 for q in rows], ":", color=color, lw=2.5, alpha=0.45,
+                               label=f"copy bw ({dtype} runs)")
         for ax, title, unit in ((ax_tok, "decode", "tok/s"), (ax_bw, "decode: achieved read bandwidth", "GB/s"),
-                                (ax_pre, "prefill", "tok/s")):
+                                (ax_pre, "prefill (chunks of 512)", "tok/s")):
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({q["context"] for q in mine}))
+            ax.set_xticklabels([fmt_ctx(c) for c in sorted({q["context"] for q in mine})])
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel(unit)
+            ax.set_ylim(bottom=0)
             ax.set_title(f"{shape}: {title}")
             ax.grid(alpha=0.3)
-        ax_tok.legend(fontsize=7)
-        ax_bw.legend(fontsize=7)
-        ax_pre.legend(fontsize=7)
+            ax.legend(fontsize=7)
         fig.tight_layout()
         p = img_dir / f"roofline-{shape}.png"
-        fig.savefig(p, dpi=110)
+        fig.savefig(p, dpi=100)
         plt.close(fig)
         paths.append(p)
     return paths
 
 
+def fmt_ctx(n: int) -> str:
+    """1024 -> 1K; a context just under a power of two (32752) -> ~32K."""
+    k = n / 1024
+    return f"{k:.0f}K" if n % 1024 == 0 else f"~{k:.0f}K"
+
+
 def table(data: dict[str, Any]) -> str:
-    """A markdown table: one line per shape, dtype and context; eager and compiled side by side."""
-    lines = [("| shape | dtype | context | eager tok/s | compiled tok/s | compiled/eager | eager of copy bw | "
-             "compiled of copy bw | first compiled step | transformers tok/s | prefill tok/s (eager) |"),
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    hf = {(r["shape"], x["context"]): x for r in data["runs"] if r["what"].startswith("transformers")
-          for x in r["results"]}
-    for r in data["runs"]:
-        if r["what"].startswith("transformers"):
+    """Markdown: one line per shape, dtype and context (eager, compiled and transformers side by side; GB/s the
+    calculated bytes a step reads / its median step; "of copy bw" against the copy bandwidth of that lane's run),
+    then the chunks (invocations) with their commands, commits, times and load."""
+    pts = points(data)
+    lines = [("| shape | dtype | context | tok/s eager / compiled / tf | GB/s eager / compiled / tf | copy bw GB/s | "
+              "of copy bw eager / compiled / tf | eager / tf | compiled / tf | prefill tok/s kvlab / tf | "
+              "first compiled step | chunk |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    keys = dict.fromkeys((q["shape"], q["dtype"], q["context"]) for q in sorted(pts, key=lambda q: (
+        [c for c in dict.fromkeys(r["shape"] for r in data["runs"])].index(q["shape"]), q["dtype"] != "float32",
+        q["context"])))
+    for shape, dtype, ctx in keys:
+        lane = {q["lane"]: q for q in pts if (q["shape"], q["dtype"], q["context"]) == (shape, dtype, ctx)}
+        e, c, t = (lane.get(k) for k in ("eager", "compiled", "transformers"))
+
+        def f(q: dict[str, Any] | None, key: str, scale: float = 1.0, fmt: str = ".2f") -> str:
+            return format(q[key] / scale, fmt) if q and q.get(key) is not None else "-"
+
+        def share(q: dict[str, Any] | None) -> str:
+            ok = q and q.get("achieved_bandwidth") and q.get("copy_bandwidth")
+            return f"{100 * q['achieved_bandwidth'] / q['copy_bandwidth']:.0f}%" if ok else "-"
+
+        def ratio(a: dict[str, Any] | None, b: dict[str, Any] | None) -> str:
+            return f"{a['decode_tok_s'] / b['decode_tok_s']:.2f}x" if a and b else "-"
+
+        bws = sorted({f(q, "copy_bandwidth", 1e9, ".1f") for q in (e, c, t) if q and q.get("copy_bandwidth")})
+        lines.append(
+            f"| {shape} | {dtype} | {fmt_ctx(ctx)} | {f(e, 'decode_tok_s')} / {f(c, 'decode_tok_s')} / "
+            f"{f(t, 'decode_tok_s')} | {f(e, 'achieved_bandwidth', 1e9, '.1f')} / "
+            f"{f(c, 'achieved_bandwidth', 1e9, '.1f')} / {f(t, 'achieved_bandwidth', 1e9, '.1f')} | "
+            f"{', '.join(bws) or '-'} | {share(e)} / {share(c)} / {share(t)} | {ratio(e, t)} | {ratio(c, t)} | "
+            f"{f(e, 'prefill_tok_s', fmt='.0f')} / {f(t, 'prefill_tok_s', fmt='.0f')} | "
+            f"{f(c, 'first_step_s', fmt='.0f')} s | "
+            f"{', '.join(str(n) for n in sorted({q['chunk'] for q in (e, c, t) if q}))} |")
+    lines += ["", "| chunk | command | commit | UTC | wall | load (1 min) |", "|---|---|---|---|---|---|"]
+    for i, ch in enumerate(chunks(data), 1):
+        gs = ch["grounds"]
+        if not gs:
+            lines.append(f"| {i} | (not recorded) | - | - | - | - |")
             continue
-        for q in r.get("compile_speedup", []):
-            e = next(x for x in r["results"] if not x["compiled"] and x["context"] == q["context"])
-            h = hf.get((r["shape"], q["context"])) if r["dtype"] == "float32" else None
-            lines.append(f"| {r['shape']} | {r['dtype']} | {q['context']} | {q['eager_decode_tok_s']:.2f} | "
-                         f"{q['compiled_decode_tok_s']:.2f} | {q['speedup']:.2f}x | "
-                         f"{100 * q['eager_bandwidth_utilisation']:.0f}% | "
-                         f"{100 * q['compiled_bandwidth_utilisation']:.0f}% | {q['first_step_s']:.0f} s | "
-                         f"{format(h['decode_tok_s'], '.2f') if h else '-'} | {e['prefill_tok_s']:.1f} |")
+        wall = sum(g["wall_s"] for g in gs)
+        loads = [g[k] for g in gs for k in ("start_load", "end_load")]
+        cmd = ch["command"].replace("benchmarks/roofline.py ", "")
+        lines.append(f"| {i} | `{cmd}` | {ch['commit']} | {gs[0]['start_utc'][5:16]}-{gs[-1]['end_utc'][11:16]} | "
+                     f"{wall:.0f} s | {min(loads):.1f}-{max(loads):.1f} |")
     return "\n".join(lines)
 
 
