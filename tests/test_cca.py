@@ -7,11 +7,12 @@ import dataclasses
 import pytest
 import torch
 from helpers import random_model, train_steps
+from torch import nn
 
 import kvlab
 from kvlab.cache.cca import CCAStore
 from kvlab.config import CCASpec, LayerSpec, ModelConfig, MoESpec
-from kvlab.layers.cca import CCAttention
+from kvlab.layers.cca import CCAttention, causal_conv
 from kvlab.layers.core import Step
 from kvlab.model import Model
 
@@ -293,3 +294,19 @@ def test_config_round_trips_through_json(tmp_path):
     cfg.save(tmp_path / "c.json")
     back = ModelConfig.load(tmp_path / "c.json")
     assert back == cfg and back.layers[0].cca == CCASpec(conv_kernels=(3, 2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [1, 2, 3])
+@pytest.mark.parametrize("groups", [12, 3, 1])  # depthwise, one group per head, dense
+@torch.no_grad()
+def test_causal_conv_as_shifted_products_equals_conv1d(k, groups, dtype):
+    conv = nn.Conv1d(12, 12, k, groups=groups)
+    x = torch.randn(2, 12, 9, generator=torch.Generator().manual_seed(k))
+    want = conv(x)  # fp32 reference
+    got = causal_conv(x.to(dtype), conv.to(dtype))
+    assert got.dtype == dtype and got.shape == (2, 12, 10 - k)
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    conv.float().bias = None
+    torch.testing.assert_close(causal_conv(x, conv), conv(x), atol=1e-5, rtol=1e-5)
