@@ -23,19 +23,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import mhc_kernel
 from .cast import as_dtype, as_fp32
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """``[..., n, n]`` logits -> doubly stochastic (fp32): row softmax + eps, then Sinkhorn-Knopp.
 
-    Eager: six operators per iteration on the whole matrix (four, in place, without autograd:
-    :func:`sinkhorn_in_place`, within 2e-7 of this form). Compiled (inductor): :func:`sinkhorn_by_rows`, the same
+    Eager: six operators per iteration on the whole matrix; without autograd on the CPU one C++ loop
+    (kvlab/layers/mhc_kernel.py, within 3e-7 of this form), else four operators, in place
+    (:func:`sinkhorn_in_place`, within 3e-7). Compiled (inductor): :func:`sinkhorn_by_rows`, the same
     arithmetic written so that one iteration is one loop (equal to this form to the last bit for ``n <= 4``, V4's 4
     streams, where torch adds a column's ``n`` values in order; within a few ulp for more)."""
     if torch.compiler.is_compiling():
         return sinkhorn_by_rows(logits, iters, eps)
     if not (torch.is_grad_enabled() and logits.requires_grad):
+        if mhc_kernel.applies(logits, logits.shape[-1]):
+            return mhc_kernel.sinkhorn(logits, iters, eps)
         return sinkhorn_in_place(logits, iters, eps)
     m = torch.softmax(logits.float(), dim=-1) + eps
     m = m / (m.sum(dim=-2, keepdim=True) + eps)
@@ -139,10 +143,15 @@ class HyperConnection(_Fp32Params):
 
         The three maps' scales and biases are applied to the ``(2 + n) n`` outputs at once, pre and post through one
         sigmoid: elementwise, the same arithmetic as map by map (an eager decode step is many tiny operators), to a
-        unit in the last place (torch's vectorised and strided sigmoid may differ by one)."""
+        unit in the last place (torch's vectorised and strided sigmoid may differ by one). Without autograd on the CPU
+        all of it after ``W x`` is one C++ call, eager and traced (kvlab/layers/mhc_kernel.py, within 1e-6)."""
         n = self.streams
         flat = _unit_rms(as_fp32(x.flatten(2)), self.norm_eps)
-        z = F.linear(flat, as_fp32(self.hc_fn)) * self._scales() + as_fp32(self.hc_bias)  # [B, T, (2 + n) n]
+        lin = F.linear(flat, as_fp32(self.hc_fn))  # [B, T, (2 + n) n]
+        if mhc_kernel.applies(lin, n):  # one C++ call for the rest (kvlab/layers/mhc_kernel.py)
+            out = mhc_kernel.maps(lin, as_fp32(self.hc_scale), as_fp32(self.hc_bias), n, self.iters, self.eps)
+            return out[..., :n], out[..., n:2 * n], out[..., 2 * n:].unflatten(-1, (n, n))
+        z = lin * self._scales() + as_fp32(self.hc_bias)
         gates = torch.sigmoid(z[..., :2 * n])
         pre, post = gates[..., :n] + self.eps, 2 * gates[..., n:]
         m = sinkhorn(z[..., 2 * n:].unflatten(-1, (n, n)), self.iters, self.eps)

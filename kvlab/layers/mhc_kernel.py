@@ -1,0 +1,142 @@
+"""mHC's maps and Sinkhorn-Knopp (kvlab/layers/mhc.py; DeepSeek V4) as one hand-written C++ loop per matrix
+(kvlab/layers/mhc_kernel.cpp) on the CPU.
+
+Why: an eager decode step runs 16 hyper-connections, each a Sinkhorn of one ``4 x 4`` matrix (20 iterations of a
+row and a column normalisation) and the maps' scale, bias and sigmoids: in torch about 90 tiny operators each, whose
+dispatch is the cost (about 1,450 of the step's 2,760 operators). Here one call computes, per token,
+``pre = sigmoid(s0 z + b) + eps``, ``post = 2 sigmoid(s1 z + b)`` and ``M = Sinkhorn(softmax_rows(s2 z + b) + eps)``
+from ``z = W x`` (:func:`maps`), or the Sinkhorn alone (:func:`sinkhorn`). Numerics: float32, the same operations in
+the same order as the torch form (sums in order, true divisions, no FMA contraction); ``exp`` is the C library's,
+not torch's vectorised one, so sigmoid and softmax may differ by an ulp or two, and the result is within 1e-6 of
+the torch form (tests/test_mhc_kernel.py).
+
+Build: kvlab/layers/cpp_build.py (``$CXX``, ``-O3 -march=native``, into the per-user kernel cache, at first use).
+Wrapped as the custom ops ``kvlab::sinkhorn`` and ``kvlab::mhc_maps`` (with fake implementations), so a traced graph
+keeps each as one opaque call; eager calls the function itself (no dispatcher overhead). No compiler, a failed build
+or load: a warning once, and mHC runs its torch form. ``KVLAB_MHC_KERNEL=0`` (or :data:`ENABLED` False) turns it off
+silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from . import cpp_build
+from .cpp_build import KernelBuildError
+
+SOURCE = Path(__file__).with_name("mhc_kernel.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
+ENABLED = os.environ.get("KVLAB_MHC_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_MHC_KERNEL=0: off
+MAX_STREAMS = 64  # the kernel's limit on n (a column sum's scratch)
+_LIB: ctypes.CDLL | None = None
+_LOADED = False  # _LIB is set (a plain bool: what a compiled trace reads)
+_FAILED = False
+_LOCK = threading.Lock()
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.kvlab_mhc_version() != 1:
+        raise KernelBuildError(f"{path}: not this version of the kernel")
+    p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
+    lib.kvlab_sinkhorn.argtypes = [p, p, lg, i, i, f]
+    lib.kvlab_sinkhorn.restype = i
+    lib.kvlab_mhc_maps.argtypes = [p, p, p, p, lg, i, i, f]
+    lib.kvlab_mhc_maps.restype = i
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use; None (warned once) when it cannot be built or loaded, or when
+    :data:`ENABLED` is off."""
+    global _LIB, _LOADED, _FAILED
+    if not ENABLED or _FAILED:
+        return None
+    if _LIB is None:
+        with _LOCK:
+            if _LIB is None and not _FAILED:
+                try:
+                    _LIB = _load(cpp_build.build(SOURCE, FLAGS))
+                    _LOADED = True
+                except (KernelBuildError, OSError, AttributeError) as e:
+                    _FAILED = True
+                    warnings.warn(f"kvlab: C++ mHC kernel unavailable ({e}); mHC runs its torch form", stacklevel=2)
+    return _LIB
+
+
+def applies(x: torch.Tensor, n: int) -> bool:
+    """The kernel takes this call: ``x`` on the CPU, ``n <= MAX_STREAMS``, no gradient asked for, and the kernel on
+    and loaded (eager: built now if needed; inside a compiled trace: as an eager call left it)."""
+    if x.device.type != "cpu" or n > MAX_STREAMS or (torch.is_grad_enabled() and x.requires_grad):
+        return False
+    if torch.compiler.is_compiling():
+        return _LOADED and ENABLED
+    return ENABLED and library() is not None
+
+
+def _lib() -> ctypes.CDLL:
+    lib = _LIB if _LIB is not None else library()
+    if lib is None:
+        raise KernelBuildError("kvlab::mhc called without its kernel")
+    return lib
+
+
+def _sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """``[..., n, n]`` logits -> doubly stochastic ``[..., n, n]`` float32 (kvlab/layers/mhc.py ``sinkhorn``)."""
+    n = logits.shape[-1]
+    out = logits.float().contiguous().clone()
+    if _lib().kvlab_sinkhorn(out.data_ptr(), out.data_ptr(), out.numel() // max(n * n, 1), n, iters, eps):
+        raise ValueError(f"kvlab::sinkhorn: arguments refused (logits {tuple(logits.shape)}, iters={iters}; "
+                         f"n <= {MAX_STREAMS}, iters >= 1)")
+    return out
+
+
+def _maps(lin: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, n: int, iters: int, eps: float
+          ) -> torch.Tensor:
+    """``lin [..., (2 + n) n]`` (``W x``), ``scale [3]``, ``bias [(2 + n) n]`` float32 -> ``[..., (2 + n) n]``:
+    pre ``[..., :n]``, post ``[..., n:2n]``, M ``[..., 2n:]`` (row-major ``n x n``)."""
+    lin, scale, bias = lin.float().contiguous(), scale.float().contiguous(), bias.float().contiguous()
+    width = (2 + n) * n
+    if lin.shape[-1] != width or scale.numel() != 3 or bias.numel() != width:
+        raise ValueError(f"kvlab::mhc_maps: lin's last dim and bias must be (2 + n) n = {width} and scale 3 values, "
+                         f"got {tuple(lin.shape)}, {tuple(bias.shape)}, {tuple(scale.shape)}")
+    out = torch.empty_like(lin)
+    if _lib().kvlab_mhc_maps(lin.data_ptr(), scale.data_ptr(), bias.data_ptr(), out.data_ptr(), lin.numel() // width,
+                             n, iters, eps):
+        raise ValueError(f"kvlab::mhc_maps: arguments refused (n={n}, iters={iters}; n <= {MAX_STREAMS}, "
+                         "iters >= 1)")
+    return out
+
+
+sinkhorn_op = torch.library.custom_op("kvlab::sinkhorn", _sinkhorn, mutates_args=())
+maps_op = torch.library.custom_op("kvlab::mhc_maps", _maps, mutates_args=())
+
+
+@sinkhorn_op.register_fake
+def _(logits, iters, eps):
+    return torch.empty_like(logits, dtype=torch.float32)
+
+
+@maps_op.register_fake
+def _(lin, scale, bias, n, iters, eps):
+    return torch.empty_like(lin, dtype=torch.float32)
+
+
+def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+    """The kernel's Sinkhorn (:func:`applies` first): traced, the custom op; eager, the function itself."""
+    return sinkhorn_op(logits, iters, eps) if torch.compiler.is_compiling() else _sinkhorn(logits, iters, eps)
+
+
+def maps(lin: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, n: int, iters: int, eps: float) -> torch.Tensor:
+    """The kernel's maps (:func:`applies` first): traced, the custom op; eager, the function itself."""
+    args = (lin, scale, bias, n, iters, eps)
+    return maps_op(*args) if torch.compiler.is_compiling() else _maps(*args)
+
+
+__all__ = ["ENABLED", "applies", "library", "maps", "sinkhorn"]
