@@ -14,7 +14,7 @@ import torch
 from kvlab.cache import quant
 from kvlab.cache.quant import QuantRows
 from kvlab.costs.quant import Buffer, parse_quant
-from kvlab.layers import blocked, cpp_build, cpu_attend, fused
+from kvlab.layers import blocked, core, cpp_build, cpu_attend, fused
 
 
 def _readers(fmt: str, vfmt: str | None, b: int, hkv: int, d: int, n: int, dv: int | None = None):
@@ -314,14 +314,17 @@ def test_mla_latent(kernel, monkeypatch, fmt, pe_fmt, h, r, dr, residual, thread
     _equals_blocked_and_dense(out, q, keys, values, mask, (r + dr) ** -0.5, None, monkeypatch)
 
 
-@pytest.mark.parametrize("text", ["int8", "int4-g4-r3"])
-def test_mla_decode_takes_the_kernel(kernel, monkeypatch, text):
-    """A tiny MLA model (tests/test_contract.py's example) decoding a left-padded batch through a quantized latent:
-    every layer's absorbed step runs the kernel, with the logits of the same steps with the kernel off."""
+@pytest.mark.parametrize("kind,text", [("mla", "int8"), ("mla", "int4-g4-r3"), ("csa", "int8"), ("csa", "int4-g4"),
+                                       ("hca", "int4"), ("swa", "int8-g4")])
+def test_decode_takes_the_kernel(kernel, monkeypatch, kind, text):
+    """A tiny model of each kind the kernel reads as keys from two buffers or K = V (tests/test_contract.py's
+    examples: MLA's latent; DeepSeek V4's window ring with CSA's top-k entries, HCA's entries, SWA alone) decoding a
+    left-padded batch through a quantized cache: every layer's step runs the kernel, with the logits of the same
+    steps with the kernel off."""
     from helpers import random_model
     from test_contract import tiny
 
-    model = random_model(tiny("mla", 0))
+    model = random_model(tiny(kind, 0))
     layers = len(model.config.layers)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(10))
     calls = _count_calls(monkeypatch)
@@ -337,3 +340,55 @@ def test_mla_decode_takes_the_kernel(kernel, monkeypatch, text):
             monkeypatch.setattr(cpu_attend, "ENABLED", False)
             torch.testing.assert_close(fast, model(ids[:, s:s + 1], cache=caches[1]), rtol=1e-5, atol=1e-5)
             monkeypatch.setattr(cpu_attend, "ENABLED", True)
+
+
+def _kv_rows(fmt: str, lead: tuple[int, ...], d: int, cap: int, written: int, ring: bool, gen) -> QuantRows:
+    """A K = V buffer (DeepSeek V4's window ring, ``ring``, or compressed entries) of ``cap`` slots, ``written``
+    positions written in chunks of 50 (a ring wraps)."""
+    rows = QuantRows(Buffer("kv", "compressed", 1, 0, d, ring=cap if ring else None), parse_quant(fmt), lead,
+                     torch.float32, "cpu")
+    rows.resize(cap, 0)
+    for at in range(0, written, 50):
+        rows.write(at, torch.randn(*lead, min(50, written - at), d, generator=gen) * 2)
+    return rows
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("form", ["ring", "ring+entries", "ring+picked"])
+@pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4", 3), ("int8-g16-sbf16", 5), ("int4-g8", 8)])
+def test_values_in_keys(kernel, monkeypatch, fmt, g, form, threads):
+    """K = V (DeepSeek V4's CSA/HCA/SWA, kvlab/layers/compressed.py): one buffer read once per tile for the scores
+    and the values; a window ring (64 slots after 203 positions: wrapped), then the compressed entries (HCA: all 77)
+    or the 29 of them a top-k picked in each row (CSA: their codes read through the index), one segment each; a
+    left-padded batch, sinks, one thread and positions split over three. Equal to the blocked path (the picked rows
+    dequantized) and to softmax attention over the buffers dequantized whole."""
+    b, d = 2, 64
+    gen = torch.Generator().manual_seed(11)
+    ring = _kv_rows(fmt, (b, 1), d, 64, 203, True, gen).view(64)
+    keys = ring
+    if form != "ring":
+        entries = _kv_rows(fmt, (b,), d, 77, 77, False, gen).view(77)
+        idx = torch.stack([torch.randperm(77, generator=gen)[:29] for _ in range(b)])
+        keys = blocked.Cat([ring, entries.with_heads() if form == "ring+entries" else entries.pick(idx)], -2)
+    n = keys.shape[-2]
+    assert cpu_attend.applies(keys, keys)
+    q = torch.randn(b, g, 1, d, generator=gen)
+    mask = torch.zeros(b, 1, 1, n)
+    mask[1, ..., :9] = float("-inf")  # row 1's padding
+    mask[1, ..., n - 3:] = float("-inf")
+    sinks = torch.randn(g, generator=gen)
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(cpu_attend, "MIN_PART", 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = core.attend(q, keys, keys, mask, d ** -0.5, sinks=sinks)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [n] and out.shape == (b, g, 1, d)
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)
+    torch.testing.assert_close(out, core.attend(q, keys, keys, mask, d ** -0.5, sinks=sinks), rtol=1e-5, atol=1e-5)
+    kd = keys.dense().expand(b, g, n, d)
+    s = torch.cat(((q @ kd.transpose(-1, -2)) * d ** -0.5 + mask, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
+    torch.testing.assert_close(out, torch.softmax(s, -1)[..., :n] @ kd, rtol=1e-5, atol=1e-5)
+    assert (out - kd.mean(-2, keepdim=True)).abs().max() > 1e-2

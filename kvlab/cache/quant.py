@@ -508,10 +508,37 @@ class QuantView:
         """Slots ``idx [B, k]`` of each row dequantized, ``[B, k, D]`` in the cache dtype (:meth:`QuantRows.gather`)."""
         return self.rows.gather(idx, self.written)
 
+    def pick(self, idx: torch.Tensor) -> QuantPick:
+        """Slots ``idx [B, k]`` of each row (a buffer of lead ``[B]``) as ``[B, 1, k, D]``, nothing read yet."""
+        return QuantPick(self.with_heads(), idx)
+
     def dense(self) -> torch.Tensor:
         """All ``n`` slots dequantized, in the cache dtype."""
         return self._out(self.rows.read(self.n))
 
 
-__all__ = ["DECODE_BLOCK_BYTES", "QuantRows", "QuantView", "code_values", "dequantize", "hadamard", "pack4", "quantize",
+class QuantPick:
+    """The slots ``idx [B, k]`` a top-k chose in each row of a buffer of lead ``[B]`` (CSA's compressed entries), read
+    as ``[B, 1, k, D]``: the C++ kernel (kvlab/layers/cpu_attend.py) reads their codes through the index; any other
+    reader gets them dequantized whole (:meth:`dense`: only those rows, a few, as one block)."""
+
+    def __init__(self, view: QuantView, idx: torch.Tensor) -> None:
+        self.view, self.idx = view, idx
+        self.n = idx.shape[1]
+        self.shape = (idx.shape[0], 1, self.n, view.dim)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.view.dtype
+
+    def block_size(self) -> int:
+        """All ``k`` rows: a top-k is read whole."""
+        return max(1, self.n)
+
+    def dense(self) -> torch.Tensor:
+        """The chosen rows dequantized, ``[B, 1, k, D]`` in the cache dtype (:meth:`QuantRows.gather`)."""
+        return self.view.gather(self.idx)[:, None]
+
+
+__all__ = ["DECODE_BLOCK_BYTES", "QuantPick", "QuantRows", "QuantView", "code_values", "dequantize", "hadamard", "pack4", "quantize",
            "rotate", "scale_values", "unpack4"]

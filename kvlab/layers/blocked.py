@@ -13,13 +13,15 @@ of multiplying every code (rotated keys: the query is rotated, ``q.Hk = Hq.k``);
 Every kind reads its cache through the same readers: a :class:`Cat` joins readers or tensors along positions (CSA/HCA:
 the window ring then the compressed entries; a sink-token window: the sinks then the ring) or along channels (MLA:
 keys ``[c_kv, k_pe]``, two buffers quantized apart); :func:`scores` is the blocked ``q.k`` alone (indexers: DSA's and
-CSA's keys), :func:`gather` dequantizes only the rows a top-k chose. Tensor operations only, no host read; the loop
+CSA's keys), :func:`gather` dequantizes only the rows a top-k chose (:func:`pick`: later, or never when the C++
+kernel reads their codes). Tensor operations only, no host read; the loop
 is over blocks (a handful) and parts (two), never tokens or heads. Computed in float32 whatever the cache dtype.
 
-:func:`attend_blocked` first hands int8 / int4 buffers with per-token scales (GQA/CCA K and V, MLA's latent) to a
-hand-written C++ kernel on the CPU (kvlab/layers/cpu_attend.py, the default), or, for a cache made with
-``fused=True``, to the torch.compile kernel (kvlab/layers/fused.py); everything else (fp8 / fp4, KIVI keys, zero
-points, residual windows of rings, CSA/HCA readers, a GPU without ``fused``) is attended block by block as above.
+:func:`attend_blocked` first hands int8 / int4 buffers with per-token scales (GQA/CCA K and V, MLA's latent,
+CSA/HCA/SWA's rings and entries) to a hand-written C++ kernel on the CPU (kvlab/layers/cpu_attend.py, the default),
+or, for a cache made with ``fused=True``, to the torch.compile kernel (kvlab/layers/fused.py); everything else
+(fp8 / fp4, KIVI keys, zero points, residual windows of rings, a GPU without ``fused``) is attended block by block
+as above (a top-k's :func:`pick` of rows dequantized whole first).
 """
 
 from __future__ import annotations
@@ -133,6 +135,13 @@ def gather(x, idx: torch.Tensor) -> torch.Tensor:
     if is_blocked(x):
         return x.gather(idx)
     return x.gather(1, idx[..., None].expand(*idx.shape, x.shape[-1]))
+
+
+def pick(x, idx: torch.Tensor):
+    """Rows ``idx [B, k]`` of ``x [B, L, D]`` as ``[B, 1, k, D]``: a reader's as a lazy pick (kvlab/cache/quant.py
+    ``QuantPick``: the C++ kernel reads their codes through the index, other paths dequantize those rows whole), a
+    tensor's gathered."""
+    return x.pick(idx) if is_blocked(x) else gather(x, idx)[:, None]
 
 
 def _ranges(x, n: int, *more) -> list[tuple[int, int]]:
@@ -387,5 +396,5 @@ def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: floa
     return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
 
 
-__all__ = ["BlockedKV", "Cat", "attend_blocked", "channels", "dense", "gather", "is_blocked", "one_block", "prepare",
-           "scores", "values_in_keys", "with_heads"]
+__all__ = ["BlockedKV", "Cat", "attend_blocked", "channels", "dense", "gather", "is_blocked", "one_block", "pick",
+           "prepare", "scores", "values_in_keys", "with_heads"]

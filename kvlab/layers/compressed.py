@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
-from .blocked import Cat, dense, gather, is_blocked, scores, with_heads
+from .blocked import Cat, dense, is_blocked, pick, scores, with_heads
 from .cast import as_fp32
 from .core import attend, softmax_with_sink, stable_topk, visible_keys, visible_mask
 from .norm import RMSNorm
@@ -448,9 +448,11 @@ class CompressedAttention(nn.Module):
     def _attend_step(self, q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw, every: bool = False) -> torch.Tensor:
         """One decode query per row ``q [B, H, 1, D]`` over the whole window ring ``kw [B, 1, L, D]`` (in place, at
         slot positions ``kpos [L]``; left padding ``pad [B]`` masked) and the first ``nvis [B]`` of the compressed
-        ``entries [B, N, D]`` of each row (CSA: the indexer's top-k of them, gathered). The ring, the entries and the
-        indexer keys may be a quantized cache's readers: attended (and scored) block by block, the chosen entries
-        alone dequantized (kvlab/layers/blocked.py); one softmax over both branches, V = K. No host read.
+        ``entries [B, N, D]`` of each row (CSA: the indexer's top-k of them, picked). The ring, the entries and the
+        indexer keys may be a quantized cache's readers: int8 / int4 per token attended from their codes by the C++
+        kernel (kvlab/layers/cpu_attend.py; the picked entries read through their slots), others block by block with
+        the chosen entries alone dequantized (kvlab/layers/blocked.py); one softmax over both branches, V = K. No
+        host read.
 
         ``every``: every key is visible (an eager step without padding once the ring is full: it holds exactly the
         window, and every row sees all ``n`` entries), so no mask is built (a branch on Python values the caller
@@ -471,7 +473,7 @@ class CompressedAttention(nn.Module):
                 isc = isc if every else isc.masked_fill_(~vis, float("-inf"))
                 k = min(c.index_topk, n)
                 val, idx = stable_topk(isc, k) if k < n else (isc, torch.arange(n, device=q.device).expand_as(isc))
-                parts.append(gather(entries, idx.reshape(b, k))[:, None])  # [B, 1, k, D]: only those dequantized
+                parts.append(pick(entries, idx.reshape(b, k)))  # [B, 1, k, D]: only those rows read
                 seen.append(None if every else val > float("-inf"))
             else:
                 parts.append(with_heads(entries))

@@ -4,9 +4,12 @@ rotated keys, the query rotated instead, values of their own width and format, a
 its exact positions attended in torch and merged with the kernel's part by its maximum and denominator).
 
 What it reads is a small descriptor per segment of positions: one or two key buffers whose channels sit side by
-side (scores = ``q_a.k_a + q_b.k_b``, each with its own scales and format) and the values, a buffer of their own or
-one of the key parts. Forms: separate K and V (GQA, CCA); MLA's latent, keys ``[c_kv, k_pe]`` (two buffers quantized
-apart) and values ``c_kv``, each tile of ``c_kv`` read once for both products (kvlab/layers/mla.py).
+side (scores = ``q_a.k_a + q_b.k_b``, each with its own scales and format), the values (a buffer of their own or
+one of the key parts) and optionally the slots of a top-k's rows. Forms: separate K and V (GQA, CCA); MLA's latent,
+keys ``[c_kv, k_pe]`` (two buffers quantized apart) and values ``c_kv``, each tile of ``c_kv`` read once for both
+products (kvlab/layers/mla.py); K = V (DeepSeek V4's CSA/HCA/SWA, kvlab/layers/compressed.py): the window ring,
+then the compressed entries (HCA) or the rows CSA's indexer picked of them (read through their slots), a segment
+each, one softmax over all.
 
 Why by hand: inductor's code for :func:`kvlab.layers.fused._attend` converts each code once per query head and sums
 int4's scale groups horizontally, so Gemma 4's wide layer (8 query heads on one 512-channel KV head) ran at 0.84x
@@ -47,10 +50,11 @@ import os
 import threading
 import warnings
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-from kvlab.cache.quant import QuantView, rotate
+from kvlab.cache.quant import QuantPick, QuantView, rotate
 
 from . import cpp_build, fused
 from .cpp_build import KernelBuildError, cache_dir
@@ -137,25 +141,44 @@ def _joined(x, axis: int) -> list | None:
     return list(x.parts) if getattr(x, "axis", None) == axis and hasattr(x, "parts") else None
 
 
-def _segments(k, v) -> list[tuple[list, QuantView | None]] | None:
-    """The kernel's segments of positions for keys ``k`` and values ``v``: ``(key parts, values)`` each, the values
-    None when they are the first key part (read once per tile for both products), or None for a form the kernel
-    does not take. Forms: separate K and V buffers (GQA, CCA); keys two buffers side by side along channels and
-    values the first (MLA: ``[c_kv, k_pe]``, ``c_kv``)."""
+class _Segment(NamedTuple):
+    """Positions the kernel reads from one set of buffers: key parts (channels side by side), the values (None: the
+    first key part, read once per tile for both products), the slots of a top-k's rows ``[B, n]`` (or None: slot =
+    position) and the position count."""
+    keys: list[QuantView]
+    values: QuantView | None
+    index: torch.Tensor | None
+    n: int
+
+    def sources(self) -> list[QuantView]:
+        """The segment's buffers: its key parts, then its values' own."""
+        return self.keys if self.values is None else [*self.keys, self.values]
+
+
+def _segments(k, v) -> list[_Segment] | None:
+    """The kernel's segments of positions for keys ``k`` and values ``v``, or None for a form it does not take.
+    Forms: separate K and V buffers (GQA, CCA); keys two buffers side by side along channels and values the first
+    (MLA: ``[c_kv, k_pe]``, ``c_kv``); K = V (CSA/HCA/SWA: one buffer, or readers joined along positions -- the
+    window ring, then the compressed entries or the rows a top-k picked of them, kvlab/cache/quant.py
+    ``QuantPick``), a segment each."""
+    if v is k:
+        out = []
+        for x in _joined(k, -2) or [k]:
+            if isinstance(x, QuantPick):
+                out.append(_Segment([x.view], None, x.idx, x.n))
+            elif isinstance(x, QuantView):
+                out.append(_Segment([x], None, None, x.n))
+            else:
+                return None
+        return out
     keys = _joined(k, -1) or [k]
     if not all(isinstance(x, QuantView) for x in keys) or len(keys) > 2:
         return None
     if v is keys[0] and len(keys) == 2:
-        return [(keys, None)]
+        return [_Segment(keys, None, None, keys[0].n)]
     if isinstance(v, QuantView) and len(keys) == 1:
-        return [(keys, v)]
+        return [_Segment(keys, v, None, keys[0].n)]
     return None
-
-
-def _sources(seg: tuple[list, QuantView | None]) -> list[QuantView]:
-    """A segment's buffers: its key parts, then its values' own."""
-    keys, v = seg
-    return keys if v is None else [*keys, v]
 
 
 def _buffer_ok(x: QuantView, values: bool) -> bool:
@@ -174,7 +197,7 @@ def _heads(x: QuantView) -> tuple[int, int]:
     return (x.lead[0], 1) if x.heads else x.lead
 
 
-def _plan(k, v) -> list[tuple[list, QuantView | None]] | None:
+def _plan(k, v) -> list[_Segment] | None:
     """:func:`_segments` if the kernel takes every buffer of them, else None."""
     if fused.ENABLED:
         return None
@@ -182,21 +205,22 @@ def _plan(k, v) -> list[tuple[list, QuantView | None]] | None:
     if segs is None:
         return None
     for seg in segs:
-        srcs = _sources(seg)
-        values = srcs[-1] if seg[1] is not None else srcs[0]
+        srcs = seg.sources()
+        values = seg.values or seg.keys[0]
         if not all(_buffer_ok(x, x is values) for x in srcs):
             return None
         first = srcs[0]
         if any(x.n != first.n or _quantized(x) != _quantized(first) or _heads(x) != _heads(first) for x in srcs):
             return None  # one position count, one residual split, one batch and head count (no set: n may be symbolic)
-    if len(segs) > 1 and any(x.rows.residual_slots for seg in segs for x in _sources(seg)):
-        return None
+    if (len(segs) > 1 or segs[0].index is not None) and any(x.rows.residual_slots for g in segs for x in g.sources()):
+        return None  # a residual window: one segment read straight
     return segs
 
 
 def applies(k, v) -> bool:
     """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``; MLA's keys two of them joined
-    along channels, its values the first) this kernel takes: on the CPU, int8 / int4 symmetric codes with per-token
+    along channels, its values the first; K = V readers joined along positions, a top-k's pick among them) this
+    kernel takes: on the CPU, int8 / int4 symmetric codes with per-token
     scales (any group), keys rotated or not (the query is rotated instead: ``q.Hk = Hq.k``), a residual window only
     on a non-ring buffer (its exact positions merged after: :func:`attend`), no exact tail, contiguous (never a copy
     per step), not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
@@ -220,18 +244,20 @@ def _residual_ok(x) -> bool:
     return not r.residual_slots or (not r.ring and x.written == x.n and r.quantized_end(x.written) > 0)
 
 
-_DESC = 12  # ints per segment in the op's ``desc``: n, key parts, values' source, (buffer, group, int4) x 3 sources
+_DESC = 13  # ints per segment in the op's ``desc``: n, key parts, values' source, index, (buffer, group, int4) x 3
 
 
-def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], mask: torch.Tensor | None,
-                 sinks: torch.Tensor | None, desc: list[int], scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], index: list[torch.Tensor],
+                 mask: torch.Tensor | None, sinks: torch.Tensor | None, desc: list[int], scale: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [B, Hkv, G, Dq]`` float32 over segments of positions described by ``desc`` (per segment: ``n``, its key
-    parts ``nk``, its values' source (a key part, or -1: the buffer after them), then ``(buffer, group, int4)`` of
-    each buffer: indices into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]``
-    (float32 / float16 / bfloat16; lead ``[B]`` for one head) -> ``[B, Hkv, G, Dv]`` float32 and each head's
-    ``[B, Hkv, G, 2]`` largest logit (-inf: nothing visible) and softmax denominator (sinks included). ``mask
-    [B|1, L]`` additive float32 over the segments' positions one after the other (the first ``sum n`` columns
-    read) or None, ``sinks [Hkv * G]`` float32 or None."""
+    parts ``nk``, its values' source (a key part, or -1: the buffer after them), its slots (an index into ``index``:
+    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, int4)`` of each buffer: indices into ``codes
+    [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 / bfloat16; lead ``[B]`` for
+    one head) -> ``[B, Hkv, G, Dv]`` float32 and each head's ``[B, Hkv, G, 2]`` largest logit (-inf: nothing
+    visible) and softmax denominator (sinks included). ``mask [B|1, L]`` additive float32 over the segments'
+    positions one after the other (the first ``sum n`` columns read) or None, ``sinks [Hkv * G]`` float32 or
+    None."""
     lib = _LIB if _LIB is not None else library()
     if lib is None:
         raise KernelBuildError("kvlab::quant_attend called without its kernel")
@@ -239,10 +265,16 @@ def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch
     b, h, g, _ = q.shape
     segs = (_Seg * (len(desc) // _DESC))()
     for seg, at in zip(segs, range(0, len(desc), _DESC), strict=True):
-        n, nk, v_from = desc[at:at + 3]
+        n, nk, v_from, slots = desc[at:at + 4]
         seg.n, seg.nk, seg.v_from = n, nk, v_from
+        if slots >= 0:
+            idx = index[slots]
+            if idx.dtype != torch.int64 or not idx.is_contiguous() or tuple(idx.shape) != (b, n):
+                raise ValueError(f"kvlab::quant_attend: index {slots} {tuple(idx.shape)} {idx.dtype}: [{b}, {n}] "
+                                 "contiguous int64 allowed")
+            seg.index = idx.data_ptr()
         for j in range(nk + (v_from < 0)):
-            i, group, int4 = desc[at + 3 + 3 * j:at + 6 + 3 * j]
+            i, group, int4 = desc[at + 4 + 3 * j:at + 7 + 3 * j]
             c, s = codes[i], scales[i]
             if c.numel() != b * h * c.shape[-2] * c.shape[-1] or not (c.is_contiguous() and s.is_contiguous()):
                 raise ValueError(f"kvlab::quant_attend: buffer {i} of shape {tuple(c.shape)} does not match q "
@@ -271,7 +303,7 @@ def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch
 def _value_dim(codes: list[torch.Tensor], desc: list[int]) -> int:
     """The values' channels (``Dv``) of the first segment in ``desc`` (:func:`_quant_attend`)."""
     nk, v_from = desc[1], desc[2]
-    at = 3 + 3 * (v_from if v_from >= 0 else nk)
+    at = 4 + 3 * (v_from if v_from >= 0 else nk)
     return codes[desc[at]].shape[-1] * (2 if desc[at + 2] else 1)
 
 
@@ -279,7 +311,7 @@ quant_attend = torch.library.custom_op("kvlab::quant_attend", _quant_attend, mut
 
 
 @quant_attend.register_fake
-def _(q, codes, scales, mask, sinks, desc, scale):
+def _(q, codes, scales, index, mask, sinks, desc, scale):
     return q.new_empty(*q.shape[:-1], _value_dim(codes, desc)), q.new_empty(*q.shape[:-1], 2)
 
 
@@ -293,21 +325,24 @@ def takes(cache) -> bool:
     return bool(ok) and available()
 
 
-def _op_args(segs: list[tuple[list, QuantView | None]], counts: list[int]
-             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[int]]:
-    """The op's ``codes``, ``scales`` (each buffer once) and ``desc`` for segments ``segs`` of ``counts`` positions."""
-    codes, scales, desc, seen = [], [], [], {}
-    for (keys, v), n in zip(segs, counts, strict=True):
-        desc += [n, len(keys), 0 if v is None else -1]
-        for x in _sources((keys, v)):
+def _op_args(segs: list[_Segment], counts: list[int]
+             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
+    """The op's ``codes``, ``scales`` (each buffer once), ``index`` and ``desc`` for segments ``segs`` of ``counts``
+    positions."""
+    codes, scales, index, desc, seen = [], [], [], [], {}
+    for seg, n in zip(segs, counts, strict=True):
+        desc += [n, len(seg.keys), 0 if seg.values is None else -1, -1 if seg.index is None else len(index)]
+        if seg.index is not None:
+            index.append(seg.index.contiguous())
+        for x in seg.sources():
             r = x.rows
             if id(r) not in seen:
                 seen[id(r)] = len(codes)
                 codes.append(r.codes)
                 scales.append(r.scales)
             desc += [seen[id(r)], r.group, int(r.spec.fmt == "int4")]
-        desc += [0] * (3 * (3 - len(_sources((keys, v)))))  # the unused source slots (fixed length per segment)
-    return codes, scales, desc
+        desc += [0] * (3 * (3 - len(seg.sources())))  # the unused source slots (fixed length per segment)
+    return codes, scales, index, desc
 
 
 def _query(qf: torch.Tensor, keys: list[QuantView]) -> torch.Tensor:
@@ -329,27 +364,27 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
     positions (``p0..n-1``, one segment) are attended here in float32 and merged with the kernel's part (its maximum
     and denominator rescaled, as two flash-decoding parts)."""
     segs = _plan(k, v)
-    counts = [_quantized(keys[0]) for keys, _ in segs]
-    n = sum(keys[0].n for keys, _ in segs)
+    counts = [seg.n if seg.index is not None else _quantized(seg.keys[0]) for seg in segs]
+    n = sum(seg.n for seg in segs)
     if mask is not None:
         mask = mask.reshape(mask.shape[0], n)
     if sinks is not None:
         sinks = sinks.reshape(-1)
-    codes, scales, desc = _op_args(segs, counts)
-    args = (_query(qf, segs[0][0]), codes, scales, mask, sinks, desc, float(scale))
+    codes, scales, index, desc = _op_args(segs, counts)
+    args = (_query(qf, segs[0].keys), codes, scales, index, mask, sinks, desc, float(scale))
     # traced: the custom op (one opaque node); eager: the function itself (no dispatcher overhead per call)
     out, stats = quant_attend(*args) if torch.compiler.is_compiling() else _quant_attend(*args)
-    if counts[0] == n:
+    if sum(counts) == n:
         return out
-    return _with_residual(qf, segs[0], mask, scale, counts[0], n, out, stats)
+    return _with_residual(qf, segs[0], mask, scale, counts[0], n, out, stats)  # one segment (:func:`_plan`)
 
 
-def _with_residual(qf: torch.Tensor, seg: tuple[list, QuantView | None], mask: torch.Tensor | None, scale: float,
+def _with_residual(qf: torch.Tensor, seg: _Segment, mask: torch.Tensor | None, scale: float,
                    p0: int, n: int, out: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """The kernel's output over positions ``0..p0-1`` (``out``, ``stats``: maximum, denominator) merged with the
     residual window's exact positions ``p0..n-1`` (``rows.res`` of each buffer of the one segment ``seg``, slot =
     position mod its size; unrotated keys)."""
-    keys, v = seg
+    keys, v = seg.keys, seg.values
 
     def exact(x: QuantView) -> torch.Tensor:  # [B, Hkv, T, D]
         r = x.rows
