@@ -88,7 +88,7 @@ def test_kernel_equals_oracle(kernel, fmt, vfmt, hkv, g, d, extras):
 def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     """``attend_blocked`` over int8 readers runs the kernel (on by :data:`cpu_attend.ENABLED`) and gives the blocked
     path's result, values of their own width and format too; buffers it does not take (of a ``fused=True`` cache,
-    zero points, KIVI keys, fp8) are left to the other paths."""
+    KIVI keys, fp8) are left to the other paths."""
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)  # 8 positions a block
     calls = _count_calls(monkeypatch)
     k, v = _readers("int8-g8", None, 2, 2, 16, 37)
@@ -105,7 +105,6 @@ def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     monkeypatch.setattr(cpu_attend, "ENABLED", True)
     k.rows.fused = True  # a cache made with fused=True asks for the torch.compile kernel
     assert not cpu_attend.applies(k, v)
-    assert not cpu_attend.applies(*_readers("int8-g8-asym", None, 2, 2, 16, 37))
     assert not cpu_attend.applies(*_readers("int8-g8-kc", None, 2, 2, 16, 37))
     assert not cpu_attend.applies(*_readers("fp8-g8", None, 2, 2, 16, 37))
     k, v = _readers("int8-g8", "int4-g8", 2, 2, 16, 37, dv=24)  # values of their own width (v_head_dim) and format
@@ -246,6 +245,30 @@ def test_rotated_keys(kernel, monkeypatch, fmt, hkv, g, d):
     _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)
 
 
+@pytest.mark.parametrize("fmt,vfmt,hkv,g,d", [
+    ("int8-asym", None, 2, 3, 64),  # uint8 codes straight from the buffer
+    ("int4-g32-asym-rot", "int4-g32-asym", 1, 8, 128),  # planar, rotated keys
+    ("int8-g8-asym-s32", "int4-g8-asym", 2, 5, 48),  # groups row by row
+    ("int4-g16-asym-r16", "int8-g16-r16", 1, 4, 64),  # a residual window; symmetric values
+])
+def test_zero_points(kernel, monkeypatch, fmt, vfmt, hkv, g, d):
+    """Asymmetric codes (``-asym``: value = code x scale + zero per group, uint8 / unshifted int4 codes): the kernel
+    adds each group's zero point to the converted codes; equal to the blocked path (which folds the zeros into
+    ``q.z`` and ``p.z``) and to softmax attention over the dequantized buffers, with a padding mask and sinks."""
+    b, n = 2, 203
+    k, v = _readers(fmt, vfmt, b, hkv, d, n)
+    assert k.rows.zeros is not None and cpu_attend.applies(k, v)
+    gen = torch.Generator().manual_seed(12)
+    q = torch.randn(b, hkv * g, 1, d, generator=gen)
+    mask = torch.zeros(b, 1, 1, n)
+    mask[1, ..., :9] = float("-inf")
+    sinks = torch.randn(hkv * g, generator=gen)
+    calls = _count_calls(monkeypatch)
+    out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
+    assert calls == [n - k.rows.residual_slots]
+    _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)
+
+
 @pytest.mark.parametrize("fmt,hkv,g,d,residual", [
     ("int8-g16", 2, 3, 64, 16),  # 187 positions from the codes, the last 16 exact
     ("int4-g32-rot", 1, 8, 128, 200),  # 3 positions from the codes: all padding in row 1 (the kernel sees nothing)
@@ -289,6 +312,7 @@ def _latent(fmt: str, pe_fmt: str | None, b: int, n: int, r: int, dr: int):
     ("int8-g16", "int4-g8", 5, 64, 16, 0),  # a rotary key of another format, dequantized row by row
     ("int4-g8", "int8-g1", 11, 32, 8, 0),  # both row by row, two head blocks (8 + 3)
     ("int8-g16-r16", "int4-g16-r16", 8, 64, 16, 16),  # a residual window in both: the last 16 positions exact
+    ("int4-asym", "int8-g8-asym", 8, 128, 32, 0),  # zero points
 ])
 def test_mla_latent(kernel, monkeypatch, fmt, pe_fmt, h, r, dr, residual, threads):
     """MLA's absorbed decode (kvlab/layers/mla.py): keys ``[c_kv, k_pe]`` from two code buffers with scales of their
@@ -355,7 +379,8 @@ def _kv_rows(fmt: str, lead: tuple[int, ...], d: int, cap: int, written: int, ri
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("form", ["ring", "ring+entries", "ring+picked"])
-@pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4", 3), ("int8-g16-sbf16", 5), ("int4-g8", 8)])
+@pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4", 3), ("int8-g16-sbf16", 5), ("int4-g8", 8),
+                                   ("int4-g32-asym", 8)])
 def test_values_in_keys(kernel, monkeypatch, fmt, g, form, threads):
     """K = V (DeepSeek V4's CSA/HCA/SWA, kvlab/layers/compressed.py): one buffer read once per tile for the scores
     and the values; a window ring (64 slots after 203 positions: wrapped), then the compressed entries (HCA: all 77)

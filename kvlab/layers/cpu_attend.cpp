@@ -50,6 +50,16 @@ inline vf cvt_i8(const int8_t* p) {
 #endif
 }
 
+inline vf cvt_u8(const uint8_t* p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+#elif defined(__AVX2__)
+    return (vf)_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+#else
+    vf r; for (int i = 0; i < W; ++i) r[i] = float(p[i]); return r;
+#endif
+}
+
 inline vf cvt_nibbles(const uint8_t* p, int hi) {
 #if defined(__AVX512F__)
     __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
@@ -131,8 +141,10 @@ inline vf reduce_lanes(vf* a) { Reduce<W>::run(a); return a[0]; }
 
 // what cpu_attend.py passes (ctypes mirrors _Src, _Seg): one code buffer, and one segment of positions
 struct Src {
-    const void* codes;   // [B, H, cap, D or D / 2]: int8, or int4 two a byte (low nibble = even channel), stored + 8
+    const void* codes;   // [B, H, cap, D or D / 2]: int8 (uint8 with zero points), or int4 two a byte (low nibble =
+                         // even channel; stored + 8 without zero points)
     const void* scales;  // [B, H, cap, D / group]
+    const void* zeros;   // [B, H, cap, D / group] of the scales' kind (value = code * scale + zero), or null
     long cap;
     int D, int4, group, kind;  // kind of the scales: float32 (0), float16 (1), bfloat16 (2)
 };
@@ -149,6 +161,7 @@ struct Seg {
 struct Buf {
     const uint8_t* codes;  // the piece's first row (no index) or the buffer's (an index)
     const char* scales;
+    const char* zeros;     // or null: symmetric codes
     const int64_t* index;  // the piece's slots, or null
     int kind, int4, group, ng, rowbytes, sbytes, D, nch, fast, planar;
 };
@@ -168,6 +181,7 @@ Buf make_buf(const Src& s, long bh, long p0, const int64_t* index) {
     const long row0 = bh * s.cap + (index ? 0 : p0);
     b.codes = static_cast<const uint8_t*>(s.codes) + row0 * b.rowbytes;
     b.scales = static_cast<const char*>(s.scales) + row0 * b.sbytes;
+    b.zeros = s.zeros ? static_cast<const char*>(s.zeros) + row0 * b.sbytes : nullptr;
     b.index = index ? index + p0 : nullptr;
     return b;
 }
@@ -177,17 +191,25 @@ struct RowsF32 {  // rows dequantized into a float tile [T, dp]
     const float* rows; int dp;
     vf operator()(int l, int c) const { return ld(rows + long(l) * dp + W * c); }
 };
-struct Int8Rows {
-    const int8_t* codes; int rb; const float* sc; int ng; const int* gi;
+struct Int8Rows {  // symmetric: int8 codes times their scale
+    const uint8_t* codes; int rb; const float* sc; const float* zs; int ng; const int* gi;
     vf operator()(int l, int c) const {
-        return cvt_i8(codes + long(l) * rb + W * c) * sc[l * ng + gi[c]];
+        return cvt_i8(reinterpret_cast<const int8_t*>(codes) + long(l) * rb + W * c) * sc[l * ng + gi[c]];
     }
 };
-struct Int4Rows {  // planar: chunk 2b = the low nibbles of bytes Wb..Wb+W-1 (even channels), 2b+1 the high ones
-    const uint8_t* codes; int rb; const float* sc; int ng; const int* gi;
+struct UInt8Rows {  // zero points: uint8 codes times their scale plus their zero
+    const uint8_t* codes; int rb; const float* sc; const float* zs; int ng; const int* gi;
     vf operator()(int l, int c) const {
-        float s = sc[l * ng + gi[c]];
-        return cvt_nibbles(codes + long(l) * rb + W / 2 * (c & ~1), c & 1) * s - 8.0f * s;
+        const int at = l * ng + gi[c];
+        return cvt_u8(codes + long(l) * rb + W * c) * sc[at] + zs[at];
+    }
+};
+struct Int4Rows {  // planar: chunk 2b = the low nibbles of bytes Wb..Wb+W-1 (even channels), 2b+1 the high ones; the
+                   // zero -8 scale for symmetric codes (stored + 8)
+    const uint8_t* codes; int rb; const float* sc; const float* zs; int ng; const int* gi;
+    vf operator()(int l, int c) const {
+        const int at = l * ng + gi[c];
+        return cvt_nibbles(codes + long(l) * rb + W / 2 * (c & ~1), c & 1) * sc[at] + zs[at];
     }
 };
 
@@ -237,9 +259,9 @@ inline int slot_of(int d, bool planar) { return planar ? (d & ~(2 * W - 1)) + (d
 
 // one buffer's rows of the current tile: their codes (rowbytes apart; gathered here for an index) and float scales
 struct Tile {
-    std::vector<float> sc;
+    std::vector<float> sc, zs;  // scales and zero points [T, ng] (int4 symmetric: -8 scale; int8 symmetric: unused)
     std::vector<int> gi, gch;  // scale group of each chunk / channel
-    std::vector<uint8_t> codes, scales;  // the gathered rows
+    std::vector<uint8_t> codes, scales, zeros;  // the gathered rows
     const uint8_t* at;
 };
 
@@ -250,6 +272,7 @@ struct Work {
 
 void prepare_tile(const Buf& b, int T, Tile& t) {
     t.sc.resize(size_t(T) * b.ng);
+    t.zs.resize(size_t(T) * b.ng);
     t.gi.resize(b.nch);
     t.gch.resize(b.D);
     for (int d = 0; d < b.D; ++d) t.gch[d] = d / b.group;
@@ -257,23 +280,31 @@ void prepare_tile(const Buf& b, int T, Tile& t) {
     if (b.index) {
         t.codes.resize(size_t(T) * b.rowbytes);
         t.scales.resize(size_t(T) * b.sbytes);
+        t.zeros.resize(b.zeros ? size_t(T) * b.sbytes : 0);
     }
 }
 
-// rows lo..lo+m-1 of buffer b into tile t (a copy of the chosen rows for an index; their scales as float32)
+// rows lo..lo+m-1 of buffer b into tile t (a copy of the chosen rows for an index; scales and zeros as float32)
 void load_tile(const Buf& b, long lo, int m, Tile& t) {
-    if (!b.index) {
-        t.at = b.codes + lo * b.rowbytes;
-        scales_to_float(b.scales + lo * b.sbytes, b.kind, long(m) * b.ng, t.sc.data());
-        return;
+    const long count = long(m) * b.ng;
+    const char *sc = b.scales + lo * b.sbytes, *zs = b.zeros ? b.zeros + lo * b.sbytes : nullptr;
+    t.at = b.codes + lo * b.rowbytes;
+    if (b.index) {
+        for (int l = 0; l < m; ++l) {
+            const long slot = b.index[lo + l];
+            std::memcpy(t.codes.data() + long(l) * b.rowbytes, b.codes + slot * b.rowbytes, b.rowbytes);
+            std::memcpy(t.scales.data() + long(l) * b.sbytes, b.scales + slot * b.sbytes, b.sbytes);
+            if (b.zeros) std::memcpy(t.zeros.data() + long(l) * b.sbytes, b.zeros + slot * b.sbytes, b.sbytes);
+        }
+        t.at = t.codes.data();
+        sc = reinterpret_cast<const char*>(t.scales.data());
+        zs = b.zeros ? reinterpret_cast<const char*>(t.zeros.data()) : nullptr;
     }
-    for (int l = 0; l < m; ++l) {
-        const long slot = b.index[lo + l];
-        std::memcpy(t.codes.data() + long(l) * b.rowbytes, b.codes + slot * b.rowbytes, b.rowbytes);
-        std::memcpy(t.scales.data() + long(l) * b.sbytes, b.scales + slot * b.sbytes, b.sbytes);
-    }
-    t.at = t.codes.data();
-    scales_to_float(t.scales.data(), b.kind, long(m) * b.ng, t.sc.data());
+    scales_to_float(sc, b.kind, count, t.sc.data());
+    if (zs)
+        scales_to_float(zs, b.kind, count, t.zs.data());
+    else if (b.int4)
+        for (long i = 0; i < count; ++i) t.zs[i] = -8.0f * t.sc[i];
 }
 
 // f(loader) with the loader of tile t's rows: straight from the codes, or (groups that do not cover whole chunks)
@@ -281,19 +312,26 @@ void load_tile(const Buf& b, long lo, int m, Tile& t) {
 template <class F>
 void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&& f) {
     if (b.fast && b.int4) {
-        f(Int4Rows{t.at, b.rowbytes, t.sc.data(), b.ng, t.gi.data()});
+        f(Int4Rows{t.at, b.rowbytes, t.sc.data(), t.zs.data(), b.ng, t.gi.data()});
+    } else if (b.fast && b.zeros) {
+        f(UInt8Rows{t.at, b.rowbytes, t.sc.data(), t.zs.data(), b.ng, t.gi.data()});
     } else if (b.fast) {
-        f(Int8Rows{reinterpret_cast<const int8_t*>(t.at), b.rowbytes, t.sc.data(), b.ng, t.gi.data()});
+        f(Int8Rows{t.at, b.rowbytes, t.sc.data(), t.zs.data(), b.ng, t.gi.data()});
     } else {
         const int dp = b.nch * W;
         rows.resize(size_t(m) * dp);
         for (int l = 0; l < m; ++l) {
             const uint8_t* c = t.at + long(l) * b.rowbytes;
             float* r = rows.data() + long(l) * dp;
-            const float* s = t.sc.data() + l * b.ng;
-            if (b.int4)
+            const float *s = t.sc.data() + l * b.ng, *z = t.zs.data() + l * b.ng;
+            if (b.int4 && !b.zeros)
                 for (int d = 0; d < b.D; ++d)
                     r[d] = (float((d & 1) ? (c[d >> 1] >> 4) : (c[d >> 1] & 15)) - 8.0f) * s[t.gch[d]];
+            else if (b.int4)
+                for (int d = 0; d < b.D; ++d)
+                    r[d] = float((d & 1) ? (c[d >> 1] >> 4) : (c[d >> 1] & 15)) * s[t.gch[d]] + z[t.gch[d]];
+            else if (b.zeros)
+                for (int d = 0; d < b.D; ++d) r[d] = float(c[d]) * s[t.gch[d]] + z[t.gch[d]];
             else
                 for (int d = 0; d < b.D; ++d) r[d] = float(int8_t(c[d])) * s[t.gch[d]];
             for (int d = b.D; d < dp; ++d) r[d] = 0.0f;

@@ -1,7 +1,8 @@
 """A hand-written C++ kernel (kvlab/layers/cpu_attend.cpp) for a decode step's attention over int8 / int4 K/V codes
-on the CPU: one query per head, symmetric codes with per-token scales (the buffers kvlab/layers/fused.py takes; also
-rotated keys, the query rotated instead, values of their own width and format, and a full buffer's residual window,
-its exact positions attended in torch and merged with the kernel's part by its maximum and denominator).
+on the CPU: one query per head, codes with per-token scales (the buffers kvlab/layers/fused.py takes; also zero
+points, ``-asym``; rotated keys, the query rotated instead; values of their own width and format; and a full
+buffer's residual window, its exact positions attended in torch and merged with the kernel's part by its maximum
+and denominator).
 
 What it reads is a small descriptor per segment of positions: one or two key buffers whose channels sit side by
 side (scores = ``q_a.k_a + q_b.k_b``, each with its own scales and format), the values (a buffer of their own or
@@ -88,9 +89,9 @@ def build(directory: Path | None = None) -> Path:
 
 class _Src(ctypes.Structure):
     """One code buffer as the kernel reads it (``Src`` in cpu_attend.cpp): codes ``[B, H, cap, D or D / 2]``, scales
-    ``[B, H, cap, D / group]``."""
-    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("cap", ctypes.c_long), ("dim", ctypes.c_int),
-                ("int4", ctypes.c_int), ("group", ctypes.c_int), ("kind", ctypes.c_int)]
+    and zero points (or null) ``[B, H, cap, D / group]``."""
+    _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("cap", ctypes.c_long),
+                ("dim", ctypes.c_int), ("int4", ctypes.c_int), ("group", ctypes.c_int), ("kind", ctypes.c_int)]
 
 
 class _Seg(ctypes.Structure):
@@ -182,14 +183,14 @@ def _segments(k, v) -> list[_Segment] | None:
 
 
 def _buffer_ok(x: QuantView, values: bool) -> bool:
-    """A reader the kernel reads: int8 / int4 symmetric codes with per-token scales on the CPU, contiguous (never a
-    copy per step), not of a cache made with ``fused=True``, no residual window it cannot take, keys rotated only
-    where they are not the values too."""
+    """A reader the kernel reads: int8 / int4 codes with per-token scales (and zero points or not) on the CPU,
+    contiguous (never a copy per step), not of a cache made with ``fused=True``, no residual window it cannot take,
+    keys rotated only where they are not the values too."""
     r = x.rows
-    return (r.spec.fmt in ("int8", "int4") and r.spec.symmetric and x.foldable and not r.fused
+    return (r.spec.fmt in ("int8", "int4") and x.foldable and not r.fused
             and r.codes.device.type == "cpu" and r.scales.dtype in _SCALE_KIND and r.codes.is_contiguous()
-            and r.scales.is_contiguous() and _residual_ok(x) and not (values and r.block)
-            and len(x.lead) == (1 if x.heads else 2))
+            and r.scales.is_contiguous() and (r.zeros is None or r.zeros.is_contiguous()) and _residual_ok(x)
+            and not (values and r.block) and len(x.lead) == (1 if x.heads else 2))
 
 
 def _heads(x: QuantView) -> tuple[int, int]:
@@ -220,7 +221,7 @@ def _plan(k, v) -> list[_Segment] | None:
 def applies(k, v) -> bool:
     """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``; MLA's keys two of them joined
     along channels, its values the first; K = V readers joined along positions, a top-k's pick among them) this
-    kernel takes: on the CPU, int8 / int4 symmetric codes with per-token
+    kernel takes: on the CPU, int8 / int4 codes (zero points or not) with per-token
     scales (any group), keys rotated or not (the query is rotated instead: ``q.Hk = Hq.k``), a residual window only
     on a non-ring buffer (its exact positions merged after: :func:`attend`), no exact tail, contiguous (never a copy
     per step), not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
@@ -244,17 +245,19 @@ def _residual_ok(x) -> bool:
     return not r.residual_slots or (not r.ring and x.written == x.n and r.quantized_end(x.written) > 0)
 
 
-_DESC = 13  # ints per segment in the op's ``desc``: n, key parts, values' source, index, (buffer, group, int4) x 3
+_DESC = 16  # ints per segment in the op's ``desc``: n, key parts, values' source, index, then 3 sources' (buffer,
+# group, int4, zero points)
 
 
-def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], index: list[torch.Tensor],
-                 mask: torch.Tensor | None, sinks: torch.Tensor | None, desc: list[int], scale: float
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor],
+                 index: list[torch.Tensor], mask: torch.Tensor | None, sinks: torch.Tensor | None, desc: list[int],
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [B, Hkv, G, Dq]`` float32 over segments of positions described by ``desc`` (per segment: ``n``, its key
     parts ``nk``, its values' source (a key part, or -1: the buffer after them), its slots (an index into ``index``:
-    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, int4)`` of each buffer: indices into ``codes
-    [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 / bfloat16; lead ``[B]`` for
-    one head) -> ``[B, Hkv, G, Dv]`` float32 and each head's ``[B, Hkv, G, 2]`` largest logit (-inf: nothing
+    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, int4, zero points)`` of each buffer: indices
+    into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 / bfloat16; lead
+    ``[B]`` for one head) and into ``zeros`` (the same shape and dtype as the scales; -1: symmetric codes) ->
+    ``[B, Hkv, G, Dv]`` float32 and each head's ``[B, Hkv, G, 2]`` largest logit (-inf: nothing
     visible) and softmax denominator (sinks included). ``mask [B|1, L]`` additive float32 over the segments'
     positions one after the other (the first ``sum n`` columns read) or None, ``sinks [Hkv * G]`` float32 or
     None."""
@@ -274,13 +277,18 @@ def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch
                                  "contiguous int64 allowed")
             seg.index = idx.data_ptr()
         for j in range(nk + (v_from < 0)):
-            i, group, int4 = desc[at + 4 + 3 * j:at + 7 + 3 * j]
+            i, group, int4, z = desc[at + 4 + 4 * j:at + 8 + 4 * j]
             c, s = codes[i], scales[i]
             if c.numel() != b * h * c.shape[-2] * c.shape[-1] or not (c.is_contiguous() and s.is_contiguous()):
                 raise ValueError(f"kvlab::quant_attend: buffer {i} of shape {tuple(c.shape)} does not match q "
                                  f"{tuple(q.shape)}")
             src = seg.k[j] if j < nk else seg.v
             src.codes, src.scales, src.cap = c.data_ptr(), s.data_ptr(), c.shape[-2]
+            if z >= 0:
+                if zeros[z].shape != s.shape or zeros[z].dtype != s.dtype or not zeros[z].is_contiguous():
+                    raise ValueError(f"kvlab::quant_attend: zero points {z} {tuple(zeros[z].shape)} do not match the "
+                                     f"scales {tuple(s.shape)} {s.dtype}")
+                src.zeros = zeros[z].data_ptr()
             src.dim, src.int4, src.group, src.kind = c.shape[-1] * (2 if int4 else 1), int4, group, _SCALE_KIND[s.dtype]
     dv = _value_dim(codes, desc)
     out = q.new_empty(b, h, g, dv)
@@ -303,7 +311,7 @@ def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch
 def _value_dim(codes: list[torch.Tensor], desc: list[int]) -> int:
     """The values' channels (``Dv``) of the first segment in ``desc`` (:func:`_quant_attend`)."""
     nk, v_from = desc[1], desc[2]
-    at = 4 + 3 * (v_from if v_from >= 0 else nk)
+    at = 4 + 4 * (v_from if v_from >= 0 else nk)
     return codes[desc[at]].shape[-1] * (2 if desc[at + 2] else 1)
 
 
@@ -311,25 +319,24 @@ quant_attend = torch.library.custom_op("kvlab::quant_attend", _quant_attend, mut
 
 
 @quant_attend.register_fake
-def _(q, codes, scales, index, mask, sinks, desc, scale):
+def _(q, codes, scales, zeros, index, mask, sinks, desc, scale):
     return q.new_empty(*q.shape[:-1], _value_dim(codes, desc)), q.new_empty(*q.shape[:-1], 2)
 
 
 def takes(cache) -> bool:
     """A decode step over ``cache`` (kvlab/cache/cache.py) attends some buffer with this kernel: on the CPU, not
-    made with ``fused=True``, one of its quantized buffers int8 / int4 symmetric per token (a residual window: not
-    a ring), and the kernel loaded (built now if needed). What ``kvlab bench`` reports per row (``cpp_kernel``)."""
+    made with ``fused=True``, one of its quantized buffers int8 / int4 per token (a residual window: not a ring),
+    and the kernel loaded (built now if needed). What ``kvlab bench`` reports per row (``cpp_kernel``)."""
     rows = cache.quant_rows()
-    ok = [r for r in rows if r.spec.fmt in ("int8", "int4") and r.spec.symmetric and not (r.residual_slots and r.ring)
+    ok = [r for r in rows if r.spec.fmt in ("int8", "int4") and not (r.residual_slots and r.ring)
           and r.foldable and not r.fused and r.codes.device.type == "cpu"]
     return bool(ok) and available()
 
 
-def _op_args(segs: list[_Segment], counts: list[int]
-             ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor], list[int]]:
-    """The op's ``codes``, ``scales`` (each buffer once), ``index`` and ``desc`` for segments ``segs`` of ``counts``
-    positions."""
-    codes, scales, index, desc, seen = [], [], [], [], {}
+def _op_args(segs: list[_Segment], counts: list[int]) -> tuple[list[torch.Tensor], ...]:
+    """The op's ``codes``, ``scales``, ``zeros`` (each buffer once), ``index`` and ``desc`` for segments ``segs`` of
+    ``counts`` positions."""
+    codes, scales, zeros, index, desc, seen = [], [], [], [], [], {}
     for seg, n in zip(segs, counts, strict=True):
         desc += [n, len(seg.keys), 0 if seg.values is None else -1, -1 if seg.index is None else len(index)]
         if seg.index is not None:
@@ -337,12 +344,15 @@ def _op_args(segs: list[_Segment], counts: list[int]
         for x in seg.sources():
             r = x.rows
             if id(r) not in seen:
-                seen[id(r)] = len(codes)
+                seen[id(r)] = (len(codes), -1 if r.zeros is None else len(zeros))
                 codes.append(r.codes)
                 scales.append(r.scales)
-            desc += [seen[id(r)], r.group, int(r.spec.fmt == "int4")]
-        desc += [0] * (3 * (3 - len(seg.sources())))  # the unused source slots (fixed length per segment)
-    return codes, scales, index, desc
+                if r.zeros is not None:
+                    zeros.append(r.zeros)
+            i, z = seen[id(r)]
+            desc += [i, r.group, int(r.spec.fmt == "int4"), z]
+        desc += [0] * (4 * (3 - len(seg.sources())))  # the unused source slots (fixed length per segment)
+    return codes, scales, zeros, index, desc
 
 
 def _query(qf: torch.Tensor, keys: list[QuantView]) -> torch.Tensor:
@@ -370,8 +380,8 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
         mask = mask.reshape(mask.shape[0], n)
     if sinks is not None:
         sinks = sinks.reshape(-1)
-    codes, scales, index, desc = _op_args(segs, counts)
-    args = (_query(qf, segs[0].keys), codes, scales, index, mask, sinks, desc, float(scale))
+    codes, scales, zeros, index, desc = _op_args(segs, counts)
+    args = (_query(qf, segs[0].keys), codes, scales, zeros, index, mask, sinks, desc, float(scale))
     # traced: the custom op (one opaque node); eager: the function itself (no dispatcher overhead per call)
     out, stats = quant_attend(*args) if torch.compiler.is_compiling() else _quant_attend(*args)
     if sum(counts) == n:
