@@ -17,7 +17,7 @@ from helpers import tiny_config
 
 from kvlab.compiled import CompiledStep
 from kvlab.layers import mhc_kernel
-from kvlab.layers.mhc import HyperConnection, sinkhorn, sinkhorn_in_place
+from kvlab.layers.mhc import READ_ROWS, HyperConnection, sinkhorn, sinkhorn_in_place
 from kvlab.model import Model
 
 
@@ -41,6 +41,14 @@ def _count_calls(monkeypatch) -> list[str]:
         def kvlab_mhc_maps(self, *a):
             calls.append("maps")
             return lib.kvlab_mhc_maps(*a)
+
+        def kvlab_mhc_read(self, *a):
+            calls.append("read")
+            return lib.kvlab_mhc_read(*a)
+
+        def kvlab_mhc_write(self, *a):
+            calls.append("write")
+            return lib.kvlab_mhc_write(*a)
 
     monkeypatch.setattr(mhc_kernel, "_LIB", Counting())
     return calls
@@ -88,35 +96,46 @@ def _hyper_connection(n: int, d: int, iters: int, seed: int, eps: float = 1e-6) 
     return hc
 
 
-@pytest.mark.parametrize("n,d,b,t,iters,eps", [(4, 32, 1, 1, 20, 1e-6), (4, 16, 2, 7, 20, 0.01),
-                                               (3, 8, 1, 5, 7, 1e-6), (2, 8, 3, 1, 1, 0.01), (6, 4, 1, 3, 20, 1e-6)])
-def test_maps_equal_torch_form(kernel, monkeypatch, n, d, b, t, iters, eps):
-    """A hyper-connection's pre, post and M from the kernel (one call) within 1e-6 of the torch form's (the kernel
-    off); its read and write too."""
+@pytest.mark.parametrize("n,d,b,t,iters,eps", [(4, 512, 1, 1, 20, 1e-6), (4, 16, 2, 7, 20, 0.01),
+                                               (3, 8, 1, 5, 7, 1e-6), (2, 8, 3, 1, 1, 0.01), (6, 4, 1, 3, 20, 1e-6),
+                                               (4, 33, 2, 9, 20, 1e-6), (3, 8, 1, 40, 5, 0.01)])
+def test_read_and_write_equal_torch_form(kernel, monkeypatch, n, d, b, t, iters, eps):
+    """A hyper-connection's maps, read and write by the kernel within float rounding of the torch form's (the
+    kernel off): pre, post and M within 1e-6 (``W x`` summed in another order), f's input and the written streams
+    within 1e-5 relative. Up to READ_ROWS tokens the read is one call (norm, ``W x``, maps, mix), more take torch's
+    ``W x`` and the kernel's maps; the write is one call either way."""
     hc = _hyper_connection(n, d, iters, seed=n * 10 + t, eps=eps)
     x = torch.randn(b, t, n, d, generator=torch.Generator().manual_seed(1)) * 2
+    out = torch.randn(b, t, d, generator=torch.Generator().manual_seed(2))
     calls = _count_calls(monkeypatch)
     with torch.no_grad():
         ours = hc.maps(x)
         mix, ctx = hc.read(x)
+        written = hc.write(ctx, out, x)
         monkeypatch.setattr(mhc_kernel, "ENABLED", False)
         ref = hc.maps(x)
         ref_mix, ref_ctx = hc.read(x)
-    assert calls == ["maps", "maps"]
+        ref_written = hc.write(ref_ctx, out, x)
+    assert calls == ["maps", "read" if b * t <= READ_ROWS else "maps", "write"]
     for a, r in zip(ours, ref, strict=True):
         assert a.shape == r.shape and a.dtype == torch.float32
         torch.testing.assert_close(a, r, atol=1e-6, rtol=0)
-    torch.testing.assert_close(mix, ref_mix, atol=1e-5, rtol=1e-6)
-    out = torch.randn(b, t, d)
-    torch.testing.assert_close(hc.write(ctx, out, x), hc.write(ref_ctx, out, x), atol=1e-5, rtol=1e-6)
+    for a, r in zip(ctx, ref_ctx, strict=True):  # the kernel's context unpacks as (post, M)
+        torch.testing.assert_close(a, r, atol=1e-6, rtol=0)
+    assert mix.shape == ref_mix.shape and written.shape == ref_written.shape == x.shape
+    torch.testing.assert_close(mix, ref_mix, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(written, ref_written, atol=1e-5, rtol=1e-5)
 
 
 def test_maps_with_autograd_take_the_torch_form(kernel, monkeypatch):
     """Training (a gradient asked for): the torch form, and the gradient reaches ``hc_fn``."""
     hc = _hyper_connection(4, 8, 20, seed=0)
     calls = _count_calls(monkeypatch)
-    pre, post, m = hc.maps(torch.randn(1, 3, 4, 8))
-    (pre.sum() + post.sum() + m[..., 0].sum()).backward()
+    x = torch.randn(1, 3, 4, 8)
+    pre, post, m = hc.maps(x)
+    mix, ctx = hc.read(x)
+    y = hc.write(ctx, torch.randn(1, 3, 8), x)
+    (pre.sum() + post.sum() + m[..., 0].sum() + mix.sum() + y.sum()).backward()
     assert calls == [] and hc.hc_fn.grad is not None
 
 
@@ -132,8 +151,8 @@ def _model(streams: int = 4) -> Model:
 
 
 def test_model_decode_eager_and_compiled(kernel, monkeypatch):
-    """A tiny mHC model's prefill and decode steps: one kernel call per hyper-connection, eager and inside a
-    compiled step (the custom op traced, fullgraph); logits within float rounding of the torch form's."""
+    """A tiny mHC model's prefill and decode steps: a read and a write call per hyper-connection eager, the maps
+    inside a compiled step (the custom op traced, fullgraph); logits within float rounding of the torch form's."""
     model = _model()
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     hcs = sum(isinstance(m, HyperConnection) for m in model.modules())
@@ -142,7 +161,7 @@ def test_model_decode_eager_and_compiled(kernel, monkeypatch):
         cache = model.new_cache(1, 16)
         logits = [model(ids[:, :6], cache=cache)[:, -1]]
         logits += [model(ids[:, i:i + 1], cache=cache)[:, -1] for i in (6, 7)]
-        assert calls == ["maps"] * (3 * hcs)
+        assert calls == ["read", "write"] * (3 * hcs)  # prefill (6 tokens) and steps: one read, one write each
         step = CompiledStep(model, "eager")  # dynamo traces the custom op; no inductor compile (seconds)
         compiled_cache = model.new_cache(1, 16)
         model(ids[:, :6], cache=compiled_cache)
@@ -167,6 +186,15 @@ def test_bad_arguments_are_refused(kernel):
         mhc_kernel.maps(torch.zeros(1, 24), torch.ones(2), torch.zeros(24), 4, 20, 1e-6)
     with pytest.raises(ValueError, match="kvlab::sinkhorn: arguments refused .*iters >= 1"):
         mhc_kernel.sinkhorn(torch.zeros(4, 4), 0, 1e-6)
+    x = torch.zeros(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="kvlab mhc read: x float32 .*w \\[\\(2 \\+ n\\) n, n D\\]"):
+        mhc_kernel.read(x, torch.zeros(24, 31), torch.ones(3), torch.zeros(24), 20, 1e-6, 1e-6)
+    with pytest.raises(ValueError, match="kvlab mhc read: x float32"):
+        mhc_kernel.read(x.double(), torch.zeros(24, 32), torch.ones(3), torch.zeros(24), 20, 1e-6, 1e-6)
+    with pytest.raises(ValueError, match="kvlab mhc write: packed .*out \\[..., D\\]"):
+        mhc_kernel.write(torch.zeros(1, 2, 24), torch.zeros(1, 2, 7), x)
+    with pytest.raises(ValueError, match="kvlab mhc write: packed \\[..., \\(2 \\+ n\\) n\\]"):
+        mhc_kernel.write(torch.zeros(1, 2, 23), torch.zeros(1, 2, 8), x)
     n = mhc_kernel.MAX_STREAMS + 1
     assert not mhc_kernel.applies(torch.zeros(n, n), n)
     with torch.no_grad():
@@ -190,6 +218,9 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once only
             again = hc.maps(x)
+            mix, ctx = hc.read(x)
+            assert isinstance(ctx, tuple)  # the torch form's context
+            torch.testing.assert_close(mix, (pre[..., None] * x).sum(2), atol=0, rtol=0)
             logits = torch.randn(3, 4, 4)
             assert torch.equal(sinkhorn(logits, 20, 1e-6), sinkhorn_in_place(logits, 20, 1e-6))
     assert mhc_kernel._LIB is None and not mhc_kernel.applies(x, 4)

@@ -101,6 +101,9 @@ def _unit_rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.float().square().mean(-1, keepdim=True) + eps).to(x.dtype)
 
 
+READ_ROWS = 16  # tokens a read takes through the C++ kernel's own W x (decode); more: torch's matrix product
+
+
 class _Fp32Params(nn.Module):
     """A module whose floating parameters stay fp32 when the model is cast (``model.to(bfloat16)``)."""
 
@@ -157,16 +160,53 @@ class HyperConnection(_Fp32Params):
         m = sinkhorn(z[..., 2 * n:].unflatten(-1, (n, n)), self.iters, self.eps)
         return pre, post, m
 
+    def _kernel_takes(self, x: torch.Tensor) -> bool:
+        """An eager float32 call without autograd on the CPU with the C++ kernel loaded (kvlab/layers/mhc_kernel.py)."""
+        return (x.dtype == torch.float32 and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.hc_fn.requires_grad))
+                and mhc_kernel.applies(x, self.streams))
+
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """``x [B, T, n, D]`` -> f's input ``sum_j pre_j X_j [B, T, D]`` and ``(post, M)`` for :meth:`write`. Eager,
+        float32, on the CPU without autograd: up to :data:`READ_ROWS` tokens in one C++ call (norm, ``W x``, maps,
+        mix), more with torch's ``W x`` and the kernel's maps; the context then carries the packed maps too, and
+        :meth:`write` is one call."""
+        n = self.streams
+        if self._kernel_takes(x):
+            if x.shape[0] * x.shape[1] <= READ_ROWS:
+                mix, packed = mhc_kernel.read(x, self.hc_fn, self.hc_scale, self.hc_bias, self.iters, self.eps,
+                                              self.norm_eps)
+            else:
+                flat = _unit_rms(x.flatten(2), self.norm_eps)
+                packed = mhc_kernel.maps(F.linear(flat, as_fp32(self.hc_fn)), as_fp32(self.hc_scale),
+                                         as_fp32(self.hc_bias), n, self.iters, self.eps)
+                mix = (packed[..., :n, None] * x).sum(dim=2)
+            return mix, _Maps(packed, n)
         pre, post, m = self.maps(x)
         mix = (pre[..., None] * x).sum(dim=2)
         return as_dtype(mix, x.dtype), (post, m)
 
     @staticmethod
     def write(ctx: tuple[torch.Tensor, torch.Tensor], out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(ctx, _Maps) and out.dtype == torch.float32:  # read by the kernel: one call
+            return mhc_kernel.write(ctx.packed, out, x)
         post, m = ctx
         post, m = as_dtype(post, x.dtype), as_dtype(m, x.dtype)
         return post[..., None] * out[..., None, :] + m.transpose(-1, -2) @ x
+
+
+class _Maps:
+    """The context of a read by the C++ kernel: its packed maps ``packed [B, T, (2 + n) n]`` (pre, post, M
+    row-major), which :meth:`HyperConnection.write` passes it; unpacks as the torch form's ``(post, M)``."""
+
+    __slots__ = ("n", "packed")
+
+    def __init__(self, packed: torch.Tensor, n: int) -> None:
+        self.packed, self.n = packed, n
+
+    def __iter__(self):
+        n = self.n
+        return iter((self.packed[..., n:2 * n], self.packed[..., 2 * n:].unflatten(-1, (n, n))))
 
 
 class HyperHead(_Fp32Params):

@@ -42,13 +42,17 @@ _LOCK = threading.Lock()
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    if lib.kvlab_mhc_version() != 1:
+    if lib.kvlab_mhc_version() != 2:
         raise KernelBuildError(f"{path}: not this version of the kernel")
     p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.kvlab_sinkhorn.argtypes = [p, p, lg, i, i, f]
     lib.kvlab_sinkhorn.restype = i
     lib.kvlab_mhc_maps.argtypes = [p, p, p, p, lg, i, i, f]
     lib.kvlab_mhc_maps.restype = i
+    lib.kvlab_mhc_read.argtypes = [p, p, p, p, p, p, lg, i, lg, i, f, f]
+    lib.kvlab_mhc_read.restype = i
+    lib.kvlab_mhc_write.argtypes = [p, p, p, p, lg, i, lg]
+    lib.kvlab_mhc_write.restype = i
     return lib
 
 
@@ -114,6 +118,42 @@ def _maps(lin: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, n: int, it
     return out
 
 
+def read(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+         norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hyper-connection's read in one call (eager; :func:`applies` first): streams ``x [..., n, D]`` float32,
+    ``w [(2 + n) n, n D]``, ``scale [3]``, ``bias [(2 + n) n]`` -> the sub-layer's input ``sum_j pre_j x_j [..., D]``
+    and the maps ``[..., (2 + n) n]`` (as :func:`maps` of ``W rms(flatten(x))``; W's rows summed in 32 partial sums,
+    not torch's matrix-vector order: within float rounding)."""
+    n, d = x.shape[-2], x.shape[-1]
+    width = (2 + n) * n
+    if x.dtype != torch.float32 or w.shape != (width, n * d) or scale.numel() != 3 or bias.numel() != width:
+        raise ValueError(f"kvlab mhc read: x float32 [..., n, D], w [(2 + n) n, n D], scale [3], bias [(2 + n) n], got "
+                         f"{x.dtype} {tuple(x.shape)}, {tuple(w.shape)}, {tuple(scale.shape)}, {tuple(bias.shape)}")
+    x, w, scale, bias = x.contiguous(), w.float().contiguous(), scale.float().contiguous(), bias.float().contiguous()
+    mix = x.new_empty(*x.shape[:-2], d)
+    out = x.new_empty(*x.shape[:-2], width)
+    if _lib().kvlab_mhc_read(x.data_ptr(), w.data_ptr(), scale.data_ptr(), bias.data_ptr(), mix.data_ptr(),
+                             out.data_ptr(), mix.numel() // d, n, d, iters, eps, norm_eps):
+        raise ValueError(f"kvlab mhc read: arguments refused (n={n}, iters={iters}; n <= {MAX_STREAMS}, iters >= 1)")
+    return mix, out
+
+
+def write(packed: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A hyper-connection's write in one call (eager): ``x'_k = post_k out + sum_j M_jk x_j [..., n, D]`` from the
+    packed maps ``[..., (2 + n) n]`` (:func:`read`, :func:`maps`), the sub-layer's ``out [..., D]`` and the streams
+    ``x [..., n, D]``, all float32."""
+    n, d = x.shape[-2], x.shape[-1]
+    if not (x.dtype == out.dtype == packed.dtype == torch.float32) or out.shape != (*x.shape[:-2], d) \
+            or packed.shape != (*x.shape[:-2], (2 + n) * n):
+        raise ValueError(f"kvlab mhc write: packed [..., (2 + n) n], out [..., D], x [..., n, D] float32, got "
+                         f"{tuple(packed.shape)}, {out.dtype} {tuple(out.shape)}, {x.dtype} {tuple(x.shape)}")
+    packed, out, x = packed.contiguous(), out.contiguous(), x.contiguous()
+    y = torch.empty_like(x)
+    if _lib().kvlab_mhc_write(packed.data_ptr(), out.data_ptr(), x.data_ptr(), y.data_ptr(), out.numel() // d, n, d):
+        raise ValueError(f"kvlab mhc write: arguments refused (n={n}; n <= {MAX_STREAMS})")
+    return y
+
+
 sinkhorn_op = torch.library.custom_op("kvlab::sinkhorn", _sinkhorn, mutates_args=())
 maps_op = torch.library.custom_op("kvlab::mhc_maps", _maps, mutates_args=())
 
@@ -139,4 +179,4 @@ def maps(lin: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, n: int, ite
     return maps_op(*args) if torch.compiler.is_compiling() else _maps(*args)
 
 
-__all__ = ["ENABLED", "applies", "library", "maps", "sinkhorn"]
+__all__ = ["ENABLED", "applies", "library", "maps", "read", "sinkhorn", "write"]
