@@ -23,6 +23,7 @@ import torch
 from kvlab.costs.quant import QuantSpec, layout
 from kvlab.kinds import Buffer
 
+from . import quant_kernel
 from .growth import grown
 
 _QMAX = {"fp8": 448.0, "fp8_e5m2": 57344.0, "fp4": 6.0}
@@ -208,6 +209,11 @@ class QuantRows:
             self._put(self.scales, first, s, rows, groups)
             if z is not None:
                 self._put(self.zeros, first, z, rows, groups)
+        elif rows is None and quant_kernel.takes(self.spec.fmt, x, self.codes, self.scales, self.zeros):
+            # one C++ call: quantized and written at the slots (the same bytes as below)
+            quant_kernel.quantize_into(x[..., live - lo:, :], self.codes, self.scales, self.zeros, self.group,
+                                       self.spec.bits, live, self.ring)
+            return
         else:
             g = x.reshape(*x.shape[:-1], self.dq // self.group, self.group)
             c, s, z = quantize(g, self.spec, -1)

@@ -1,0 +1,89 @@
+"""Quantize-on-write as one hand-written C++ call (kvlab/cache/quant_kernel.cpp) on the CPU: int8 / int4 codes with
+one scale (and zero point, ``-asym``) per token and group of channels, written straight into a
+:class:`~kvlab.cache.quant.QuantRows`' codes and scales at their slots (a ring's wrap-around included).
+
+Why: an eager decode step writes one position per layer, and kvlab/cache/quant.py's torch form of that write is
+about 25 small operators (maximum, scale rounded to its dtype, reciprocal, round, clamp, pack, the slots of a ring,
+two ``index_copy_``), whose dispatch is the cost: ~0.2 ms a write, 1.6 ms of a deepseek-v4-small step (8 window
+rings; docs/kv-quantization.md). Numerics: the same float32 operations in the same order as ``quantize`` (true
+division, the scale rounded to its dtype to nearest even, then ``1 / scale``, round half to even, clamp), so the
+bytes written are those of the torch form (tests/test_quant_kernel.py).
+
+Eager calls only (inside a compiled step inductor fuses the torch form). Build: kvlab/layers/cpp_build.py (``$CXX``,
+``-O3 -march=native``, the per-user kernel cache, at first use). No compiler, a failed build or load: a warning
+once, and the torch form. ``KVLAB_QUANT_KERNEL=0`` (or :data:`ENABLED` False) turns it off silently.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from kvlab.layers import cpp_build
+from kvlab.layers.cpp_build import KernelBuildError
+
+SOURCE = Path(__file__).with_name("quant_kernel.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
+ENABLED = os.environ.get("KVLAB_QUANT_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_QUANT_KERNEL=0: off
+MAX_DIM = 4096  # channels per row the kernel takes (its row scratch)
+_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_LIB: ctypes.CDLL | None = None
+_FAILED = False
+_LOCK = threading.Lock()
+
+
+def _load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    if lib.kvlab_quantize_version() != 1:
+        raise KernelBuildError(f"{path}: not this version of the kernel")
+    p, i, lg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
+    lib.kvlab_quantize_rows.argtypes = [p, lg, lg, i, i, i, i, p, p, p, lg, lg, i]
+    lib.kvlab_quantize_rows.restype = i
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel, built on first use; None (warned once) when it cannot be built or loaded, or when
+    :data:`ENABLED` is off."""
+    global _LIB, _FAILED
+    if not ENABLED or _FAILED:
+        return None
+    if _LIB is None:
+        with _LOCK:
+            if _LIB is None and not _FAILED:
+                try:
+                    _LIB = _load(cpp_build.build(SOURCE, FLAGS))
+                except (KernelBuildError, OSError, AttributeError) as e:
+                    _FAILED = True
+                    warnings.warn(f"kvlab: C++ quantize kernel unavailable ({e}); quantizing in torch", stacklevel=2)
+    return _LIB
+
+
+def takes(fmt: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> bool:
+    """The kernel writes these: an eager call on the CPU, int8 / int4 codes, float32 / float16 / bfloat16 scales,
+    contiguous buffers, at most :data:`MAX_DIM` channels; and the kernel on and loaded (built now if needed)."""
+    return (ENABLED and fmt in ("int8", "int4") and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and x.shape[-1] <= MAX_DIM and scales.dtype in _KIND and codes.is_contiguous() and scales.is_contiguous()
+            and (zeros is None or zeros.is_contiguous()) and library() is not None)
+
+
+def quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
+                  bits: int, first: int, ring: bool) -> None:
+    """Quantize ``x [*lead, m, D]`` (float32; :func:`takes` first) into ``codes [*lead, C, D or D / 2]``,
+    ``scales`` / ``zeros [*lead, C, D / group]`` (None: symmetric) at slots ``first..first+m-1`` (mod ``C`` in a
+    ring), as kvlab/cache/quant.py ``quantize`` would."""
+    x = x.float().contiguous()
+    m, d, cap = x.shape[-2], x.shape[-1], codes.shape[-2]
+    lead = x.numel() // max(1, m * d)
+    if _LIB.kvlab_quantize_rows(x.data_ptr(), lead, m, d, group, bits, _KIND[scales.dtype], codes.data_ptr(),
+                                scales.data_ptr(), None if zeros is None else zeros.data_ptr(), cap, first, int(ring)):
+        raise ValueError(f"kvlab quantize_rows: arguments refused (x {tuple(x.shape)}, group {group}, bits {bits}, "
+                         f"{cap} slots from {first}, ring={ring})")
+
+
+__all__ = ["ENABLED", "library", "quantize_into", "takes"]
