@@ -47,6 +47,9 @@ def _count_calls(monkeypatch) -> list[int]:
             calls.append(sum(seg.n for seg in a[5][:a[6]]))
             return lib.kvlab_quant_attend(*a)
 
+        def __getattr__(self, name):  # the library's other functions (kvlab_quant_scores) as they are
+            return getattr(lib, name)
+
     monkeypatch.setattr(cpu_attend, "_LIB", Counting())
     return calls
 
@@ -417,3 +420,26 @@ def test_values_in_keys(kernel, monkeypatch, fmt, g, form, threads):
     s = torch.cat(((q @ kd.transpose(-1, -2)) * d ** -0.5 + mask, sinks.view(1, -1, 1, 1).expand(b, -1, 1, 1)), -1)
     torch.testing.assert_close(out, torch.softmax(s, -1)[..., :n] @ kd, rtol=1e-5, atol=1e-5)
     assert (out - kd.mean(-2, keepdim=True)).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("form", ["one", "joined", "picked"])
+@pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4", 11), ("int8-g8-asym", 3), ("int4-g16-sbf16", 8)])
+def test_indexer_scores(kernel, monkeypatch, fmt, g, form):
+    """An indexer's raw scores ``q.k`` (DSA's and CSA's keys, kvlab/layers/blocked.py ``scores``) read from the codes:
+    one buffer of 203 keys, two joined along positions (77 + 203) or 29 rows a top-k picked, 8 / 11 (two head
+    blocks) / 3 query heads; equal to the blocked path and to the product with the keys dequantized whole."""
+    b, d = 2, 64
+    gen = torch.Generator().manual_seed(14)
+    k = _kv_rows(fmt, (b,), d, 203, 203, False, gen).view(203).with_heads()
+    if form == "joined":
+        k = blocked.Cat([_kv_rows(fmt, (b,), d, 77, 77, False, gen).view(77).with_heads(), k], -2)
+    elif form == "picked":
+        k = k.pick(torch.stack([torch.randperm(203, generator=gen)[:29] for _ in range(b)]))
+    q = torch.randn(b, 1, g, d, generator=gen)
+    out = blocked.scores(q, k)
+    assert cpu_attend.scores(q, k) is not None and out.shape == (b, 1, g, k.shape[-2])
+    want = q @ k.dense().transpose(-1, -2)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-4)
+    monkeypatch.setattr(cpu_attend, "ENABLED", False)
+    if form != "picked":  # the blocked path reads readers (a pick is dequantized before any other path reads it)
+        torch.testing.assert_close(out, blocked.scores(q, k), rtol=1e-5, atol=1e-4)

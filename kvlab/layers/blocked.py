@@ -178,10 +178,12 @@ def _folds(x, g: int) -> bool:
 
 def scores(qf: torch.Tensor, k) -> torch.Tensor:
     """``qf [B, Hkv, G, D]`` (float32) against every key of ``k [B, Hkv, L, D]`` (a reader, a :class:`Cat` or a
-    tensor), block by block -> ``[B, Hkv, G, L]`` float32 (indexers apply their relu and head weights to it)."""
+    tensor), block by block (int8 / int4 codes on the CPU: by the C++ kernel) -> ``[B, Hkv, G, L]`` float32
+    (indexers apply their relu and head weights to it)."""
     if isinstance(k, torch.Tensor):  # a plain tensor: one block, one product
         return qf.contiguous() @ as_fp32(k).transpose(-1, -2)
-    return _scores(qf.contiguous(), k, k.shape[-2])
+    out = cpu_attend.scores(qf.contiguous(), k)  # int8 / int4 codes on the CPU: the C++ kernel, None where it does not
+    return out if out is not None else _scores(qf.contiguous(), k, k.shape[-2])
 
 
 def _scores(qf: torch.Tensor, k, n: int) -> torch.Tensor:
@@ -373,19 +375,21 @@ def _attend_one_pass(qf: torch.Tensor, k, mask: torch.Tensor | None, scale: floa
 
 
 def attend_blocked(q: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float,
-                   sinks: torch.Tensor | None = None) -> torch.Tensor:
+                   sinks: torch.Tensor | None = None, plan: list | None = None) -> torch.Tensor:
     """q ``[B, H, 1, D]``, k / v ``[B, Hkv, L, D]`` (blocked readers or tensors) -> ``[B, H, 1, Dv]`` in q's dtype.
 
     ``mask``: additive ``[B|1, 1, 1, L]`` or None; ``sinks [H]``: a per-head logit in the softmax denominator.
     One pass over the blocks with an online softmax: values in the keys (:func:`values_in_keys`) read with them,
-    separate values (GQA, CCA) block by block right after their keys."""
+    separate values (GQA, CCA) block by block right after their keys. ``plan``: ``cpu_attend.plan(k, v)`` if the
+    caller has it (the C++ kernel's segments)."""
     b, h, t, d = q.shape
     hkv = k.shape[1]
     g = h // hkv
     sk = None if sinks is None else sinks.float().view(1, hkv, g, 1)
     qf = q.reshape(b, hkv, g, d).float()
-    if cpu_attend.applies(k, v):  # int8 / int4 codes on the CPU: the hand-written kernel (kvlab/layers/cpu_attend.py)
-        out = cpu_attend.attend(qf.contiguous(), k, v, mask, scale, sk)
+    plan = plan or cpu_attend.plan(k, v)
+    if plan:  # int8 / int4 codes on the CPU: the hand-written kernel (kvlab/layers/cpu_attend.py)
+        out = cpu_attend.attend(qf.contiguous(), k, v, mask, scale, sk, plan)
         return out.reshape(b, h, t, out.shape[-1]).to(q.dtype)
     if fused.applies(k, v):  # a cache made with fused=True: int8 / int4 codes attended by one compiled kernel
         out = fused.attend(qf.contiguous(), k, v, mask, scale, sk)

@@ -163,8 +163,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     """
     b, h, t, d = q.shape
     if is_blocked(k) or is_blocked(v):  # a quantized cache or joined parts (kvlab/layers/blocked.py)
-        if t == 1 and cpu_attend.applies(k, v):  # int8 / int4 codes on the CPU: the C++ kernel, whatever the length
-            return attend_blocked(q, k, v, mask, scale, sinks)
+        plan = cpu_attend.plan(k, v) if t == 1 else None
+        if plan:  # int8 / int4 codes on the CPU: the C++ kernel, whatever the length
+            return attend_blocked(q, k, v, mask, scale, sinks, plan)
         if t == 1:  # what fits one block read whole; anything left a reader: attended block by block
             kp = prepare(k)
             v = kp if v is k else kp.parts[0] if values_in_keys(k, v) else prepare(v)  # K = V: read once

@@ -344,39 +344,66 @@ void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&&
 // its scores (key parts K[0..nk-1], summed) and right after, while in L1, for its values (V; the tile of key part
 // vsrc when vsrc < nk), the softmax online (flash-decoding within the piece). Out: raw[g] the largest logit (-inf:
 // none visible), den[g] the sum of exp(logit - raw) (0 if none), out[g, Dv] the unnormalised p.v (natural order).
+// key parts K[0..nk-1] (channels side by side) for GC query heads: the query q [GC, Dq] laid out in w.q as the parts'
+// rows are read (each part padded to whole W chunks, int4 planar; part i at off[i]; dqt wide), their tiles prepared
+// for tiles of T rows of code bytes (plus `more` bytes a row read alongside) that fit L1
+template <int GC>
+struct KeyParts {
+    const Buf* K;
+    int nk, off[2], dqt = 0, T;
+    KeyParts(const float* q, int Dq, const Buf* k, int n, int more, Work& w) : K(k), nk(n) {
+        int bytes = more;
+        for (int i = 0; i < nk; ++i) {
+            off[i] = dqt;
+            dqt += K[i].nch * W;
+            bytes += K[i].rowbytes;
+        }
+        T = 16384 / bytes;
+        T = T < 16 ? 16 : T > 128 ? 128 : T / 8 * 8;
+        w.S.resize(size_t(T) * GC);
+        w.q.assign(size_t(GC) * dqt, 0.0f);
+        for (int i = 0, at = 0; i < nk; at += K[i].D, ++i)
+            for (int g = 0; g < GC; ++g)
+                for (int d = 0; d < K[i].D; ++d) w.q[g * dqt + off[i] + slot_of(d, K[i].planar)] = q[g * Dq + at + d];
+        for (int i = 0; i < nk; ++i) prepare_tile(K[i], T, w.t[i]);
+    }
+    // rows lo..lo+m-1: their tiles loaded, S[l * GC + g] = q_g . k_l summed over the parts
+    void score(long lo, int m, float* S, Work& w) const {
+        for (int i = 0; i < nk; ++i) load_tile(K[i], lo, m, w.t[i]);
+        std::fill(S, S + m * GC, 0.0f);
+        for (int i = 0; i < nk; ++i)
+            with_rows(K[i], w.t[i], m, w.rows,
+                      [&](const auto& f) { score_tile<GC>(f, m, K[i].nch, w.q.data() + off[i], dqt, S); });
+    }
+};
+
+// the raw scores q_g . k of n positions for GC heads: out[g * stride + l]
+template <int GC>
+void score_heads(const float* q, int Dq, const Buf* K, int nk, long n, float* out, long stride, Work& w) {
+    const KeyParts<GC> kp(q, Dq, K, nk, 0, w);
+    float* S = w.S.data();
+    for (long lo = 0; lo < n; lo += kp.T) {
+        const int m = int(n - lo < kp.T ? n - lo : kp.T);
+        kp.score(lo, m, S, w);
+        for (int l = 0; l < m; ++l)
+            for (int g = 0; g < GC; ++g) out[g * stride + lo + l] = S[l * GC + g];
+    }
+}
+
 template <int GC>
 void attend_heads(const float* q, int Dq, const Buf* K, int nk, const Buf& V, int vsrc, long n, const float* mask,
                   float scale, float under, float* raw, float* den, float* out, Work& w) {
-    int off[2], dqt = 0, bytes = 0;
-    for (int i = 0; i < nk; ++i) {
-        off[i] = dqt;
-        dqt += K[i].nch * W;
-        bytes += K[i].rowbytes;
-    }
-    if (vsrc == nk) bytes += V.rowbytes;
-    const int dvp = V.nch * W;
-    int T = 16384 / bytes;
-    T = T < 16 ? 16 : T > 128 ? 128 : T / 8 * 8;
-    w.S.resize(size_t(T) * GC);
-    w.q.assign(size_t(GC) * dqt, 0.0f);
-    for (int i = 0, at = 0; i < nk; at += K[i].D, ++i)
-        for (int g = 0; g < GC; ++g)
-            for (int d = 0; d < K[i].D; ++d) w.q[g * dqt + off[i] + slot_of(d, K[i].planar)] = q[g * Dq + at + d];
+    const KeyParts<GC> kp(q, Dq, K, nk, vsrc == nk ? V.rowbytes : 0, w);
+    const int T = kp.T, dvp = V.nch * W;
     w.acc.assign(size_t(GC) * dvp, 0.0f);
-    for (int i = 0; i < nk; ++i) prepare_tile(K[i], T, w.t[i]);
     if (vsrc == nk) prepare_tile(V, T, w.t[nk]);
     float mx[GC], dn[GC];
     for (int g = 0; g < GC; ++g) mx[g] = -INFINITY, dn[g] = 0.0f;
     float* S = w.S.data();
     for (long lo = 0; lo < n; lo += T) {
         const int m = int(n - lo < T ? n - lo : T);
-        for (int i = 0; i < nk; ++i) load_tile(K[i], lo, m, w.t[i]);
+        kp.score(lo, m, S, w);  // scores, summed over the key parts
         if (vsrc == nk) load_tile(V, lo, m, w.t[nk]);
-        // scores, summed over the key parts
-        std::fill(S, S + m * GC, 0.0f);
-        for (int i = 0; i < nk; ++i)
-            with_rows(K[i], w.t[i], m, w.rows,
-                      [&](const auto& f) { score_tile<GC>(f, m, K[i].nch, w.q.data() + off[i], dqt, S); });
         // logits, the running maximum (what was summed so far rescaled when it grows)
         float tm[GC];
         for (int g = 0; g < GC; ++g) tm[g] = -INFINITY;
@@ -440,6 +467,9 @@ typedef void (*HeadsFn)(const float*, int, const Buf*, int, const Buf&, int, lon
                         float*, float*, Work&);
 const HeadsFn HEADS[9] = {nullptr, attend_heads<1>, attend_heads<2>, attend_heads<3>, attend_heads<4>,
                           attend_heads<5>, attend_heads<6>, attend_heads<7>, attend_heads<8>};
+typedef void (*ScoreFn)(const float*, int, const Buf*, int, long, float*, long, Work&);
+const ScoreFn SCORES[9] = {nullptr, score_heads<1>, score_heads<2>, score_heads<3>, score_heads<4>, score_heads<5>,
+                           score_heads<6>, score_heads<7>, score_heads<8>};
 
 bool src_ok(const Src& s) {
     return s.codes && s.scales && s.cap >= 0 && s.D >= 1 && s.group >= 1 && s.D % s.group == 0 &&
@@ -454,11 +484,38 @@ int sources(const Seg& s, const Src** out) {
     return k;
 }
 
+// the segments' descriptors checked: their positions in all (-1: arguments refused), the key and value channels
+long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv) {
+    if (B < 1 || H < 1 || G < 1 || nseg < 1 || nseg > 16) return -1;
+    *Dq = *Dv = -1;
+    long total = 0;
+    for (int i = 0; i < nseg; ++i) {
+        const Seg& s = segs[i];
+        if (s.nk < 1 || s.nk > 2 || s.v_from < -1 || s.v_from >= s.nk || s.n < 0) return -1;
+        const Src* src[3];
+        const int ns = sources(s, src);
+        int dq = 0;
+        for (int k = 0; k < s.nk; ++k) dq += s.k[k].D;
+        const int dv = s.v_from < 0 ? s.v.D : s.k[s.v_from].D;
+        if (*Dq >= 0 && (dq != *Dq || dv != *Dv)) return -1;
+        *Dq = dq, *Dv = dv;
+        for (int k = 0; k < ns; ++k) {
+            if (!src_ok(*src[k])) return -1;
+            if (!s.index && s.n > src[k]->cap) return -1;
+            if (s.index)
+                for (long j = 0; j < long(B) * s.n; ++j)
+                    if (s.index[j] < 0 || s.index[j] >= src[k]->cap) return -1;
+        }
+        total += s.n;
+    }
+    return total;
+}
+
 }  // namespace
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 4; }
+int kvlab_quant_attend_version(void) { return 5; }
 
 // q [B, H, G, Dq] float32 (Dq: the channels of a segment's key parts together), out [B, H, G, Dv] float32 (Dv: its
 // values' channels): attention over the positions of segments segs[0..nseg-1] one after the other (each its own
@@ -470,29 +527,9 @@ int kvlab_quant_attend_version(void) { return 4; }
 int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, const Seg* segs, int nseg, const float* mask,
                        long mask_bstride, const float* sinks, float scale, float under, int threads, int min_part,
                        float* stats) {
-    if (B < 1 || H < 1 || G < 1 || nseg < 1 || nseg > 16 || threads < 1 || min_part < 1) return -1;
-    int Dq = -1, Dv = -1;
-    long total = 0;
-    for (int i = 0; i < nseg; ++i) {
-        const Seg& s = segs[i];
-        if (s.nk < 1 || s.nk > 2 || s.v_from < -1 || s.v_from >= s.nk || s.n < 0) return -1;
-        const Src* src[3];
-        const int ns = sources(s, src);
-        int dq = 0;
-        for (int k = 0; k < s.nk; ++k) dq += s.k[k].D;
-        const int dv = s.v_from < 0 ? s.v.D : s.k[s.v_from].D;
-        if ((Dq >= 0 && (dq != Dq || dv != Dv))) return -1;
-        Dq = dq, Dv = dv;
-        for (int k = 0; k < ns; ++k) {
-            if (!src_ok(*src[k])) return -1;
-            if (!s.index && s.n > src[k]->cap) return -1;
-            if (s.index)
-                for (long j = 0; j < long(B) * s.n; ++j)
-                    if (s.index[j] < 0 || s.index[j] >= src[k]->cap) return -1;
-        }
-        total += s.n;
-    }
-    if (total < 1) return -1;
+    int Dq, Dv;
+    const long total = check(B, H, G, segs, nseg, &Dq, &Dv);
+    if (total < 1 || threads < 1 || min_part < 1) return -1;
     struct Piece { int s; long p0, p1, at; };  // at: the segment's first position in the mask
     std::vector<Piece> pieces;
     for (int i = 0, at = 0; i < nseg; at += int(segs[i].n), ++i) {
@@ -565,6 +602,30 @@ int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, const Se
             }
         }
     }
+    return 0;
+}
+
+// the raw scores q . k (no scale, mask or softmax; an indexer's, kvlab/layers/blocked.py ``scores``): q [B, H, G, Dq]
+// float32 against the key parts of segments segs[0..nseg-1] -> out [B, H, G, sum n] float32, the segments' positions
+// one after the other. One thread. Returns 0, or -1 for arguments it does not take.
+int kvlab_quant_scores(const float* q, float* out, int B, int H, int G, const Seg* segs, int nseg) {
+    int Dq, Dv;
+    const long total = check(B, H, G, segs, nseg, &Dq, &Dv);
+    if (total < 1) return -1;
+    static thread_local Work w;
+    for (int b = 0; b < B; ++b)
+        for (int h = 0; h < H; ++h)
+            for (int g0 = 0; g0 < G; g0 += 8) {
+                const long bh = long(b) * H + h;
+                const int gc = G - g0 < 8 ? G - g0 : 8;
+                for (long i = 0, at = 0; i < nseg; at += segs[i].n, ++i) {
+                    const Seg& s = segs[i];
+                    Buf K[2];
+                    for (int k = 0; k < s.nk; ++k) K[k] = make_buf(s.k[k], bh, 0, s.index ? s.index + b * s.n : nullptr);
+                    SCORES[gc](q + (bh * G + g0) * long(Dq), Dq, K, s.nk, s.n, out + (bh * G + g0) * total + at, total,
+                               w);
+                }
+            }
     return 0;
 }
 

@@ -103,11 +103,13 @@ class _Seg(ctypes.Structure):
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    if lib.kvlab_quant_attend_version() != 4:
+    if lib.kvlab_quant_attend_version() != 5:
         raise KernelBuildError(f"{path}: not this version of the kernel")
     p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.kvlab_quant_attend.argtypes = [p, p, i, i, i, ctypes.POINTER(_Seg), i, p, lg, p, f, f, i, i, p]
     lib.kvlab_quant_attend.restype = i
+    lib.kvlab_quant_scores.argtypes = [p, p, i, i, i, ctypes.POINTER(_Seg), i]
+    lib.kvlab_quant_scores.restype = i
     return lib
 
 
@@ -218,19 +220,23 @@ def _plan(k, v) -> list[_Segment] | None:
     return segs
 
 
-def applies(k, v) -> bool:
-    """``k``, ``v`` are whole-buffer readers (kvlab/cache/quant.py ``QuantView``; MLA's keys two of them joined
-    along channels, its values the first; K = V readers joined along positions, a top-k's pick among them) this
-    kernel takes: on the CPU, int8 / int4 codes (zero points or not) with per-token
+def plan(k, v) -> list[_Segment] | None:
+    """The kernel's segments of positions for readers ``k``, ``v`` (kvlab/cache/quant.py ``QuantView``; MLA's keys
+    two of them joined along channels, its values the first; K = V readers joined along positions, a top-k's pick
+    among them) when it takes them, else None: on the CPU, int8 / int4 codes (zero points or not) with per-token
     scales (any group), keys rotated or not (the query is rotated instead: ``q.Hk = Hq.k``), a residual window only
     on a non-ring buffer (its exact positions merged after: :func:`attend`), no exact tail, contiguous (never a copy
     per step), not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
     kvlab/layers/fused.py; nor with ``fused.ENABLED``); and the kernel is loaded (eager: built now if needed)."""
-    if _plan(k, v) is None:
-        return False
-    if torch.compiler.is_compiling():
-        return _LOADED and ENABLED
-    return available()
+    segs = _plan(k, v)
+    if segs is None or not (_LOADED and ENABLED if torch.compiler.is_compiling() else available()):
+        return None
+    return segs
+
+
+def applies(k, v) -> bool:
+    """The kernel takes readers ``k``, ``v`` (:func:`plan` is not None)."""
+    return plan(k, v) is not None
 
 
 def _quantized(x) -> int:
@@ -249,23 +255,18 @@ _DESC = 16  # ints per segment in the op's ``desc``: n, key parts, values' sourc
 # group, int4, zero points)
 
 
-def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor],
-                 index: list[torch.Tensor], mask: torch.Tensor | None, sinks: torch.Tensor | None, desc: list[int],
-                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """``q [B, Hkv, G, Dq]`` float32 over segments of positions described by ``desc`` (per segment: ``n``, its key
-    parts ``nk``, its values' source (a key part, or -1: the buffer after them), its slots (an index into ``index``:
-    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, int4, zero points)`` of each buffer: indices
-    into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 / bfloat16; lead
-    ``[B]`` for one head) and into ``zeros`` (the same shape and dtype as the scales; -1: symmetric codes) ->
-    ``[B, Hkv, G, Dv]`` float32 and each head's ``[B, Hkv, G, 2]`` largest logit (-inf: nothing
-    visible) and softmax denominator (sinks included). ``mask [B|1, L]`` additive float32 over the segments'
-    positions one after the other (the first ``sum n`` columns read) or None, ``sinks [Hkv * G]`` float32 or
-    None."""
+def _lib() -> ctypes.CDLL:
     lib = _LIB if _LIB is not None else library()
     if lib is None:
         raise KernelBuildError("kvlab::quant_attend called without its kernel")
-    q = q.contiguous()
-    b, h, g, _ = q.shape
+    return lib
+
+
+def _descriptors(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor],
+                 index: list[torch.Tensor], desc: list[int]) -> ctypes.Array:
+    """The kernel's segment descriptors (``Seg``) for ``desc`` (:func:`_quant_attend`), each buffer checked against
+    ``q [B, Hkv, G, Dq]``."""
+    b, h = q.shape[:2]
     segs = (_Seg * (len(desc) // _DESC))()
     for seg, at in zip(segs, range(0, len(desc), _DESC), strict=True):
         n, nk, v_from, slots = desc[at:at + 4]
@@ -290,6 +291,25 @@ def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch
                                      f"scales {tuple(s.shape)} {s.dtype}")
                 src.zeros = zeros[z].data_ptr()
             src.dim, src.int4, src.group, src.kind = c.shape[-1] * (2 if int4 else 1), int4, group, _SCALE_KIND[s.dtype]
+    return segs
+
+
+def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor],
+                 index: list[torch.Tensor], mask: torch.Tensor | None, sinks: torch.Tensor | None, desc: list[int],
+                 scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``q [B, Hkv, G, Dq]`` float32 over segments of positions described by ``desc`` (per segment: ``n``, its key
+    parts ``nk``, its values' source (a key part, or -1: the buffer after them), its slots (an index into ``index``:
+    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, int4, zero points)`` of each buffer: indices
+    into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 / bfloat16; lead
+    ``[B]`` for one head) and into ``zeros`` (the same shape and dtype as the scales; -1: symmetric codes) ->
+    ``[B, Hkv, G, Dv]`` float32 and each head's ``[B, Hkv, G, 2]`` largest logit (-inf: nothing
+    visible) and softmax denominator (sinks included). ``mask [B|1, L]`` additive float32 over the segments'
+    positions one after the other (the first ``sum n`` columns read) or None, ``sinks [Hkv * G]`` float32 or
+    None."""
+    lib = _lib()
+    q = q.contiguous()
+    b, h, g, _ = q.shape
+    segs = _descriptors(q, codes, scales, zeros, index, desc)
     dv = _value_dim(codes, desc)
     out = q.new_empty(b, h, g, dv)
     stats = q.new_empty(b, h, g, 2)
@@ -321,6 +341,40 @@ quant_attend = torch.library.custom_op("kvlab::quant_attend", _quant_attend, mut
 @quant_attend.register_fake
 def _(q, codes, scales, zeros, index, mask, sinks, desc, scale):
     return q.new_empty(*q.shape[:-1], _value_dim(codes, desc)), q.new_empty(*q.shape[:-1], 2)
+
+
+def _quant_scores(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.Tensor], zeros: list[torch.Tensor],
+                 index: list[torch.Tensor], desc: list[int]) -> torch.Tensor:
+    """The raw scores ``q.k`` of ``q [B, Hkv, G, Dq]`` float32 against the keys of the segments in ``desc`` (as
+    :func:`_quant_attend`) -> ``[B, Hkv, G, sum n]`` float32."""
+    q = q.contiguous()
+    segs = _descriptors(q, codes, scales, zeros, index, desc)
+    out = q.new_empty(*q.shape[:-1], sum(desc[0::_DESC]))
+    if _lib().kvlab_quant_scores(q.data_ptr(), out.data_ptr(), *q.shape[:-1], segs, len(segs)):
+        raise ValueError(f"kvlab::quant_scores: arguments refused (q {tuple(q.shape)}, segments {desc}, codes "
+                         f"{[tuple(c.shape) for c in codes]})")
+    return out
+
+
+quant_scores = torch.library.custom_op("kvlab::quant_scores", _quant_scores, mutates_args=())
+
+
+@quant_scores.register_fake
+def _(q, codes, scales, zeros, index, desc):
+    return q.new_empty(*q.shape[:-1], sum(desc[0::_DESC]))
+
+
+def scores(qf: torch.Tensor, k) -> torch.Tensor | None:
+    """The raw scores ``q.k`` of ``qf [B, Hkv, G, D]`` (float32) against every key of reader ``k`` (a ``QuantView``,
+    readers joined along positions: an indexer's keys, kvlab/layers/blocked.py ``scores``) -> ``[B, Hkv, G, L]``
+    float32, read from the codes; None where the kernel does not take ``k`` (as :func:`applies`, and no residual
+    window)."""
+    segs = plan(k, k)
+    if segs is None or any(x.rows.residual_slots for seg in segs for x in seg.sources()):
+        return None
+    codes, scales, zeros, index, desc = _op_args(segs, [seg.n for seg in segs])
+    args = (_query(qf, segs[0].keys), codes, scales, zeros, index, desc)
+    return quant_scores(*args) if torch.compiler.is_compiling() else _quant_scores(*args)
 
 
 def takes(cache) -> bool:
@@ -367,13 +421,13 @@ def _query(qf: torch.Tensor, keys: list[QuantView]) -> torch.Tensor:
     return torch.cat(parts, -1)
 
 
-def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None
-           ) -> torch.Tensor:
+def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sinks: torch.Tensor | None,
+           segs: list[_Segment] | None = None) -> torch.Tensor:
     """``qf [B, Hkv, G, Dq]`` float32 over readers ``k``, ``v`` (:func:`applies`) -> ``[B, Hkv, G, Dv]`` float32.
     ``mask [B|1, 1, 1, n]`` additive or None; ``sinks [1, Hkv, G, 1]`` float32 or None. A residual window's exact
     positions (``p0..n-1``, one segment) are attended here in float32 and merged with the kernel's part (its maximum
-    and denominator rescaled, as two flash-decoding parts)."""
-    segs = _plan(k, v)
+    and denominator rescaled, as two flash-decoding parts). ``segs``: :func:`plan` of ``k``, ``v`` if known."""
+    segs = segs or _plan(k, v)
     counts = [seg.n if seg.index is not None else _quantized(seg.keys[0]) for seg in segs]
     n = sum(seg.n for seg in segs)
     if mask is not None:
@@ -417,5 +471,5 @@ def _with_residual(qf: torch.Tensor, seg: _Segment, mask: torch.Tensor | None, s
     return num / (den + p.sum(-1))[..., None]
 
 
-__all__ = ["ENABLED", "KernelBuildError", "applies", "attend", "available", "build", "cache_dir", "library",
-           "quant_attend", "takes"]
+__all__ = ["ENABLED", "KernelBuildError", "applies", "attend", "available", "build", "cache_dir", "library", "plan",
+           "quant_attend", "quant_scores", "scores", "takes"]
