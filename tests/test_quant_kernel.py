@@ -4,6 +4,8 @@ rotated keys, a ring wrapping and a full buffer; ties (values exactly halfway be
 and a group whose float16 scale overflows included. Built for this CPU and for plain x86-64 (its float16 rounding
 in software)."""
 
+import warnings
+
 import pytest
 import torch
 
@@ -17,12 +19,10 @@ from kvlab.layers import cpp_build
 def kernel(request, monkeypatch, tmp_path):
     """The kernel on, built with ``-march=native`` (the default) or ``-march=x86-64`` (no F16C: float16 in software)."""
     monkeypatch.setattr(quant_kernel, "ENABLED", True)
-    monkeypatch.setattr(quant_kernel, "_LIB", None)
-    monkeypatch.setattr(quant_kernel, "_FAILED", False)
     if request.param != "native":
-        monkeypatch.setattr(quant_kernel, "FLAGS", tuple(f"-march={request.param}" if f.startswith("-march") else f
-                                                         for f in quant_kernel.FLAGS))
         monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path))
+        monkeypatch.setattr(quant_kernel, "KERNEL", quant_kernel.kernel(tuple(
+            f"-march={request.param}" if f.startswith("-march") else f for f in quant_kernel.FLAGS)))
     if quant_kernel.library() is None:
         pytest.fail("the C++ quantize kernel did not build (a C++ compiler is a test requirement)")
     assert cpp_build.cache_dir() == tmp_path or request.param == "native"
@@ -75,3 +75,19 @@ def test_same_bytes_as_torch(kernel, monkeypatch, fmt, ring):
         if a is not None:
             assert torch.equal(a.view(torch.uint8), e.view(torch.uint8)), name
     assert fast.scales.isinf().any() == (fast.scales.dtype == torch.float16 and not ring)  # the overflowing row
+
+
+def test_no_compiler_warns_once_and_quantizes_in_torch(monkeypatch, tmp_path):
+    """No C++ compiler: one warning, then every write in torch (the same bytes as ever)."""
+    monkeypatch.setattr(quant_kernel, "ENABLED", True)
+    monkeypatch.setenv("CXX", "kvlab-no-such-compiler")
+    monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path))
+    monkeypatch.setattr(quant_kernel, "KERNEL", quant_kernel.kernel())
+    r = QuantRows(Buffer("kv", "k", 1, 0, 16), parse_quant("int8"), (1, 1), torch.float32, "cpu")
+    r.resize(4, 0)
+    with pytest.warns(UserWarning, match="quant_kernel.cpp unavailable .*no C\\+\\+ compiler.*quantizing in torch"):
+        r.write(0, torch.ones(1, 1, 2, 16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        r.write(2, torch.ones(1, 1, 2, 16))
+    assert quant_kernel.library() is None and torch.equal(r.codes, torch.full((1, 1, 4, 16), 127, dtype=torch.int8))

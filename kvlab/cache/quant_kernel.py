@@ -18,50 +18,34 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
-import warnings
 from pathlib import Path
 
 import torch
 
 from kvlab.layers import cpp_build
-from kvlab.layers.cpp_build import KernelBuildError
 
 SOURCE = Path(__file__).with_name("quant_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
 ENABLED = os.environ.get("KVLAB_QUANT_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_QUANT_KERNEL=0: off
 MAX_DIM = 4096  # channels per row the kernel takes (its row scratch)
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_LIB: ctypes.CDLL | None = None
-_FAILED = False
-_LOCK = threading.Lock()
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.kvlab_quantize_version() != 1:
-        raise KernelBuildError(f"{path}: not this version of the kernel")
-    p, i, lg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
-    lib.kvlab_quantize_rows.argtypes = [p, lg, lg, i, i, i, i, p, p, p, lg, lg, i]
-    lib.kvlab_quantize_rows.restype = i
-    return lib
+def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
+    """The kernel's library for ``flags`` (built and loaded at first use)."""
+    return cpp_build.Library(SOURCE, flags, ("kvlab_quantize_version", 1),
+                             {"kvlab_quantize_rows": ([_P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _L, _L, _I], _I)},
+                             "quantizing in torch")
+
+
+KERNEL = kernel()
 
 
 def library() -> ctypes.CDLL | None:
-    """The loaded kernel, built on first use; None (warned once) when it cannot be built or loaded, or when
+    """The loaded kernel (built on first use); None when it cannot be built or loaded (warned once) or when
     :data:`ENABLED` is off."""
-    global _LIB, _FAILED
-    if not ENABLED or _FAILED:
-        return None
-    if _LIB is None:
-        with _LOCK:
-            if _LIB is None and not _FAILED:
-                try:
-                    _LIB = _load(cpp_build.build(SOURCE, FLAGS))
-                except (KernelBuildError, OSError, AttributeError) as e:
-                    _FAILED = True
-                    warnings.warn(f"kvlab: C++ quantize kernel unavailable ({e}); quantizing in torch", stacklevel=2)
-    return _LIB
+    return KERNEL.get() if ENABLED else None
 
 
 def takes(fmt: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> bool:
@@ -80,10 +64,10 @@ def quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, ze
     x = x.float().contiguous()
     m, d, cap = x.shape[-2], x.shape[-1], codes.shape[-2]
     lead = x.numel() // max(1, m * d)
-    if _LIB.kvlab_quantize_rows(x.data_ptr(), lead, m, d, group, bits, _KIND[scales.dtype], codes.data_ptr(),
+    if KERNEL.lib.kvlab_quantize_rows(x.data_ptr(), lead, m, d, group, bits, _KIND[scales.dtype], codes.data_ptr(),
                                 scales.data_ptr(), None if zeros is None else zeros.data_ptr(), cap, first, int(ring)):
         raise ValueError(f"kvlab quantize_rows: arguments refused (x {tuple(x.shape)}, group {group}, bits {bits}, "
                          f"{cap} slots from {first}, ring={ring})")
 
 
-__all__ = ["ENABLED", "library", "quantize_into", "takes"]
+__all__ = ["ENABLED", "KERNEL", "kernel", "library", "quantize_into", "takes"]

@@ -1,20 +1,25 @@
-"""Building kvlab's hand-written C++ kernels (kvlab/layers/cpu_attend.py, kvlab/layers/mhc_kernel.py) at first use.
+"""Building kvlab's hand-written C++ kernels (kvlab/layers/cpu_attend.py, kvlab/layers/mhc_kernel.py,
+kvlab/cache/quant_kernel.py) at first use.
 
 Plain C++17 (no torch headers, no OpenMP), compiled with ``$CXX`` (default ``g++``) into ``$KVLAB_KERNEL_DIR``
 (default ``$XDG_CACHE_HOME/kvlab/kernels``, ``~/.cache/kvlab/kernels``) under a name keyed by a hash of the source,
 the flags, the compiler's version and the CPU's flags (a ``-march=native`` build never runs on another CPU), written
 to a temporary file then renamed (concurrent processes cannot load half a file). Each kernel's module loads the
-library with ctypes, warns once and falls back to torch when :func:`build` raises :class:`KernelBuildError`.
+library with ctypes, warns once and falls back to torch when :func:`build` raises :class:`KernelBuildError`
+(:class:`Library` does all of it for a kernel).
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+import warnings
 from pathlib import Path
 
 
@@ -90,4 +95,40 @@ def build(source: Path, flags: tuple[str, ...], directory: Path | None = None) -
     return path
 
 
-__all__ = ["KernelBuildError", "build", "cache_dir", "compiler", "cpu_flags", "key"]
+class Library:
+    """A kernel's shared library, built (:func:`build`) and loaded with ctypes at the first :meth:`get`, once
+    (thread-safe): ``version`` is ``(function, number)`` the library must return, ``signatures`` each function's
+    ``(argtypes, restype)``. A failed build or load: one warning (``fallback`` says what runs instead), then None."""
+
+    def __init__(self, source: Path, flags: tuple[str, ...], version: tuple[str, int],
+                 signatures: dict[str, tuple[list, type]], fallback: str) -> None:
+        self.source, self.flags, self.version, self.signatures, self.fallback = source, flags, version, signatures, fallback
+        self.lib: ctypes.CDLL | None = None
+        self.failed = False
+        self._lock = threading.Lock()
+
+    def _load(self) -> ctypes.CDLL:
+        path = build(self.source, self.flags)
+        lib = ctypes.CDLL(str(path))
+        name, number = self.version
+        if getattr(lib, name)() != number:
+            raise KernelBuildError(f"{path}: not this version of the kernel")
+        for fn, (args, res) in self.signatures.items():
+            getattr(lib, fn).argtypes, getattr(lib, fn).restype = args, res
+        return lib
+
+    def get(self) -> ctypes.CDLL | None:
+        """The loaded library (built now if needed), or None (warned once) when that failed."""
+        if self.lib is None and not self.failed:
+            with self._lock:
+                if self.lib is None and not self.failed:
+                    try:
+                        self.lib = self._load()
+                    except (KernelBuildError, OSError, AttributeError) as e:
+                        self.failed = True
+                        warnings.warn(f"kvlab: C++ kernel {self.source.name} unavailable ({e}); {self.fallback}",
+                                      stacklevel=3)
+        return self.lib
+
+
+__all__ = ["KernelBuildError", "Library", "build", "cache_dir", "compiler", "cpu_flags", "key"]
