@@ -91,7 +91,7 @@ def test_kernel_equals_oracle(kernel, fmt, vfmt, hkv, g, d, extras):
 def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     """``attend_blocked`` over int8 readers runs the kernel (on by :data:`cpu_attend.ENABLED`) and gives the blocked
     path's result, values of their own width and format too; buffers it does not take (of a ``fused=True`` cache,
-    KIVI keys, fp8) are left to the other paths."""
+    fp8) are left to the other paths."""
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)  # 8 positions a block
     calls = _count_calls(monkeypatch)
     k, v = _readers("int8-g8", None, 2, 2, 16, 37)
@@ -108,7 +108,6 @@ def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     monkeypatch.setattr(cpu_attend, "ENABLED", True)
     k.rows.fused = True  # a cache made with fused=True asks for the torch.compile kernel
     assert not cpu_attend.applies(k, v)
-    assert not cpu_attend.applies(*_readers("int8-g8-kc", None, 2, 2, 16, 37))
     assert not cpu_attend.applies(*_readers("fp8-g8", None, 2, 2, 16, 37))
     k, v = _readers("int8-g8", "int4-g8", 2, 2, 16, 37, dv=24)  # values of their own width (v_head_dim) and format
     out = blocked.attend_blocked(q, k, v, mask, 0.25, sinks)
@@ -269,6 +268,39 @@ def test_zero_points(kernel, monkeypatch, fmt, vfmt, hkv, g, d):
     calls = _count_calls(monkeypatch)
     out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
     assert calls == [n - k.rows.residual_slots]
+    _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("fmt,hkv,g,d", [
+    ("int8-g8-kc", 2, 3, 64),  # keys per channel in groups of 8 positions (the last partial group exact)
+    ("int4-g32-r32-kc-asym", 1, 8, 128),  # KIVI's recipe: planar int4, zero points, a residual of 32
+    ("int4-g16-kc-sbf16-rot", 2, 4, 64),  # rotated, bfloat16 scales
+    ("int8-g4-kc", 1, 4, 36),  # 36 channels: dequantized row by row
+])
+def test_keys_per_channel(kernel, monkeypatch, fmt, hkv, g, d, threads):
+    """KIVI keys (``-kc``: one scale, and zero, per channel for each group of positions; values per token): the kernel
+    reads each position group's scale row once per tile; the positions after the last whole group (and a residual
+    window) are merged after, read as blocks. Equal to the blocked path and to softmax attention over the dequantized
+    buffers, with a padding mask and sinks; one thread, and three (parts of the positions that start inside a
+    group)."""
+    b, n = 2, 203
+    k, v = _readers(fmt, None, b, hkv, d, n)
+    assert k.rows.span > 1 and v.rows.span == 1 and cpu_attend.applies(k, v)
+    gen = torch.Generator().manual_seed(15)
+    q = torch.randn(b, hkv * g, 1, d, generator=gen)
+    mask = torch.zeros(b, 1, 1, n)
+    mask[1, ..., :9] = float("-inf")
+    sinks = torch.randn(hkv * g, generator=gen)
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(cpu_attend, "MIN_PART", 16)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
+    finally:
+        torch.set_num_threads(before)
+    assert calls == [min(cpu_attend._quantized(k), cpu_attend._quantized(v))] and calls[0] < n
     _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)
 
 

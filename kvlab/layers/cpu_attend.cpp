@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstring>
 #include <thread>
+#include <type_traits>
 #include <vector>
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -143,10 +144,11 @@ inline vf reduce_lanes(vf* a) { Reduce<W>::run(a); return a[0]; }
 struct Src {
     const void* codes;   // [B, H, cap, D or D / 2]: int8 (uint8 with zero points), or int4 two a byte (low nibble =
                          // even channel; stored + 8 without zero points)
-    const void* scales;  // [B, H, cap, D / group]
-    const void* zeros;   // [B, H, cap, D / group] of the scales' kind (value = code * scale + zero), or null
+    const void* scales;  // [B, H, cap, D / group]; keys per channel (span > 1): [B, H, cap / span, D], one scale a
+                         // channel for each group of span slots (KIVI)
+    const void* zeros;   // the scales' shape and kind (value = code * scale + zero), or null
     long cap;
-    int D, int4, group, kind;  // kind of the scales: float32 (0), float16 (1), bfloat16 (2)
+    int D, int4, group, kind, span;  // kind of the scales: float32 (0), float16 (1), bfloat16 (2)
 };
 struct Seg {
     const int64_t* index;  // [B, n] the slot of each position (a top-k's rows), or null (slot = position)
@@ -163,7 +165,8 @@ struct Buf {
     const char* scales;
     const char* zeros;     // or null: symmetric codes
     const int64_t* index;  // the piece's slots, or null
-    int kind, int4, group, ng, rowbytes, sbytes, D, nch, fast, planar;
+    long p0;               // the piece's first slot (keys per channel: their scale rows are the buffer's)
+    int kind, int4, group, ng, rowbytes, sbytes, D, nch, fast, planar, span;
 };
 
 Buf make_buf(const Src& s, long bh, long p0, const int64_t* index) {
@@ -172,17 +175,22 @@ Buf make_buf(const Src& s, long bh, long p0, const int64_t* index) {
     b.int4 = s.int4;
     b.group = s.group;
     b.D = s.D;
-    b.ng = s.D / s.group;
+    b.span = s.span;
+    b.ng = s.span > 1 ? s.D : s.D / s.group;
     b.rowbytes = s.int4 ? s.D / 2 : s.D;
     b.sbytes = b.ng * (s.kind ? 2 : 4);
     b.nch = (s.D + W - 1) / W;
-    b.fast = s.int4 ? (s.D % (2 * W) == 0 && s.group % (2 * W) == 0) : (s.D % W == 0 && s.group % W == 0);
+    const int g = s.span > 1 ? 2 * W : s.group;  // per channel: any chunk
+    b.fast = s.int4 ? (s.D % (2 * W) == 0 && g % (2 * W) == 0) : (s.D % W == 0 && g % W == 0);
     b.planar = b.fast && s.int4;
     const long row0 = bh * s.cap + (index ? 0 : p0);
+    // per token: the piece's rows; per channel: the buffer's scale rows, slot / span
+    const long srow0 = s.span > 1 ? bh * ((s.cap + s.span - 1) / s.span) : row0;
     b.codes = static_cast<const uint8_t*>(s.codes) + row0 * b.rowbytes;
-    b.scales = static_cast<const char*>(s.scales) + row0 * b.sbytes;
-    b.zeros = s.zeros ? static_cast<const char*>(s.zeros) + row0 * b.sbytes : nullptr;
+    b.scales = static_cast<const char*>(s.scales) + srow0 * b.sbytes;
+    b.zeros = s.zeros ? static_cast<const char*>(s.zeros) + srow0 * b.sbytes : nullptr;
     b.index = index ? index + p0 : nullptr;
+    b.p0 = index ? 0 : p0;
     return b;
 }
 
@@ -191,25 +199,33 @@ struct RowsF32 {  // rows dequantized into a float tile [T, dp]
     const float* rows; int dp;
     vf operator()(int l, int c) const { return ld(rows + long(l) * dp + W * c); }
 };
-struct Int8Rows {  // symmetric: int8 codes times their scale
-    const uint8_t* codes; int rb; const float* sc; const float* zs; int ng; const int* gi;
+// scales (and zeros) of tile row l, chunk c: one float per token and group of channels, or (keys per channel) a
+// vector of W, the row's position group's scale row (in the kernel's channel order)
+struct TokenScales {
+    const float *sc, *zs; int ng; const int* gi;
+    float s(int l, int c) const { return sc[l * ng + gi[c]]; }
+    float z(int l, int c) const { return zs[l * ng + gi[c]]; }
+};
+struct ChannelScales {
+    const float *sc, *zs; int dp; const int* grow;
+    vf s(int l, int c) const { return ld(sc + long(grow[l]) * dp + W * c); }
+    vf z(int l, int c) const { return ld(zs + long(grow[l]) * dp + W * c); }
+};
+template <class S> struct Int8Rows {  // symmetric: int8 codes times their scale
+    const uint8_t* codes; int rb; S k;
     vf operator()(int l, int c) const {
-        return cvt_i8(reinterpret_cast<const int8_t*>(codes) + long(l) * rb + W * c) * sc[l * ng + gi[c]];
+        return cvt_i8(reinterpret_cast<const int8_t*>(codes) + long(l) * rb + W * c) * k.s(l, c);
     }
 };
-struct UInt8Rows {  // zero points: uint8 codes times their scale plus their zero
-    const uint8_t* codes; int rb; const float* sc; const float* zs; int ng; const int* gi;
-    vf operator()(int l, int c) const {
-        const int at = l * ng + gi[c];
-        return cvt_u8(codes + long(l) * rb + W * c) * sc[at] + zs[at];
-    }
+template <class S> struct UInt8Rows {  // zero points: uint8 codes times their scale plus their zero
+    const uint8_t* codes; int rb; S k;
+    vf operator()(int l, int c) const { return cvt_u8(codes + long(l) * rb + W * c) * k.s(l, c) + k.z(l, c); }
 };
-struct Int4Rows {  // planar: chunk 2b = the low nibbles of bytes Wb..Wb+W-1 (even channels), 2b+1 the high ones; the
-                   // zero -8 scale for symmetric codes (stored + 8)
-    const uint8_t* codes; int rb; const float* sc; const float* zs; int ng; const int* gi;
+template <class S> struct Int4Rows {  // planar: chunk 2b = the low nibbles of bytes Wb..Wb+W-1 (even channels), 2b+1
+                                      // the high ones; the zero -8 scale for symmetric codes (stored + 8)
+    const uint8_t* codes; int rb; S k;
     vf operator()(int l, int c) const {
-        const int at = l * ng + gi[c];
-        return cvt_nibbles(codes + long(l) * rb + W / 2 * (c & ~1), c & 1) * sc[at] + zs[at];
+        return cvt_nibbles(codes + long(l) * rb + W / 2 * (c & ~1), c & 1) * k.s(l, c) + k.z(l, c);
     }
 };
 
@@ -259,8 +275,9 @@ inline int slot_of(int d, bool planar) { return planar ? (d & ~(2 * W - 1)) + (d
 
 // one buffer's rows of the current tile: their codes (rowbytes apart; gathered here for an index) and float scales
 struct Tile {
-    std::vector<float> sc, zs;  // scales and zero points [T, ng] (int4 symmetric: -8 scale; int8 symmetric: unused)
-    std::vector<int> gi, gch;  // scale group of each chunk / channel
+    std::vector<float> sc, zs;  // scales and zero points [T, ng] (int4 symmetric: -8 scale; int8 symmetric: unused);
+                                // per channel: the tile's scale rows [rows, dp] in the kernel's channel order
+    std::vector<int> gi, gch, grow;  // scale group of each chunk / channel; per channel: each row's scale row
     std::vector<uint8_t> codes, scales, zeros;  // the gathered rows
     const uint8_t* at;
 };
@@ -271,11 +288,13 @@ struct Work {
 };
 
 void prepare_tile(const Buf& b, int T, Tile& t) {
-    t.sc.resize(size_t(T) * b.ng);
-    t.zs.resize(size_t(T) * b.ng);
+    const size_t per = b.span > 1 ? size_t(b.nch) * W : b.ng;
+    t.sc.resize(T * per);
+    t.zs.resize(T * per);
+    t.grow.resize(T);
     t.gi.resize(b.nch);
     t.gch.resize(b.D);
-    for (int d = 0; d < b.D; ++d) t.gch[d] = d / b.group;
+    for (int d = 0; d < b.D; ++d) t.gch[d] = b.span > 1 ? d : d / b.group;
     for (int c = 0; c < b.nch; ++c) t.gi[c] = b.int4 ? (2 * W * (c / 2)) / b.group : (W * c) / b.group;
     if (b.index) {
         t.codes.resize(size_t(T) * b.rowbytes);
@@ -284,15 +303,45 @@ void prepare_tile(const Buf& b, int T, Tile& t) {
     }
 }
 
+// the scale rows of tile rows 0..m-1 (keys per channel): each position group's row once, as float32 in the kernel's
+// channel order (zero pads), t.grow[l] its place
+void channel_scales(const Buf& b, long lo, int m, Tile& t) {
+    const int dp = b.nch * W;
+    long last = -1;
+    int rows = 0;
+    float tmp[4096];
+    for (int l = 0; l < m; ++l) {
+        const long gr = (b.index ? b.index[lo + l] : b.p0 + lo + l) / b.span;
+        if (gr != last) {
+            float* sc = t.sc.data() + long(rows) * dp;
+            float* zs = t.zs.data() + long(rows) * dp;
+            std::fill(sc, sc + dp, 0.0f);
+            std::fill(zs, zs + dp, 0.0f);
+            scales_to_float(b.scales + gr * b.sbytes, b.kind, b.D, tmp);
+            for (int d = 0; d < b.D; ++d) sc[slot_of(d, b.planar)] = tmp[d];
+            if (b.zeros) {
+                scales_to_float(b.zeros + gr * b.sbytes, b.kind, b.D, tmp);
+                for (int d = 0; d < b.D; ++d) zs[slot_of(d, b.planar)] = tmp[d];
+            } else if (b.int4) {
+                for (int d = 0; d < dp; ++d) zs[d] = -8.0f * sc[d];
+            }
+            last = gr;
+            ++rows;
+        }
+        t.grow[l] = rows - 1;
+    }
+}
+
 // rows lo..lo+m-1 of buffer b into tile t (a copy of the chosen rows for an index; scales and zeros as float32)
 void load_tile(const Buf& b, long lo, int m, Tile& t) {
     const long count = long(m) * b.ng;
-    const char *sc = b.scales + lo * b.sbytes, *zs = b.zeros ? b.zeros + lo * b.sbytes : nullptr;
+    const char *sc = b.scales + lo * b.sbytes, *zs = b.zeros ? b.zeros + lo * b.sbytes : nullptr;  // per token
     t.at = b.codes + lo * b.rowbytes;
     if (b.index) {
         for (int l = 0; l < m; ++l) {
             const long slot = b.index[lo + l];
             std::memcpy(t.codes.data() + long(l) * b.rowbytes, b.codes + slot * b.rowbytes, b.rowbytes);
+            if (b.span > 1) continue;
             std::memcpy(t.scales.data() + long(l) * b.sbytes, b.scales + slot * b.sbytes, b.sbytes);
             if (b.zeros) std::memcpy(t.zeros.data() + long(l) * b.sbytes, b.zeros + slot * b.sbytes, b.sbytes);
         }
@@ -300,6 +349,7 @@ void load_tile(const Buf& b, long lo, int m, Tile& t) {
         sc = reinterpret_cast<const char*>(t.scales.data());
         zs = b.zeros ? reinterpret_cast<const char*>(t.zeros.data()) : nullptr;
     }
+    if (b.span > 1) return channel_scales(b, lo, m, t);
     scales_to_float(sc, b.kind, count, t.sc.data());
     if (zs)
         scales_to_float(zs, b.kind, count, t.zs.data());
@@ -311,19 +361,27 @@ void load_tile(const Buf& b, long lo, int m, Tile& t) {
 // dequantized row by row into the float tile `rows` first
 template <class F>
 void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&& f) {
-    if (b.fast && b.int4) {
-        f(Int4Rows{t.at, b.rowbytes, t.sc.data(), t.zs.data(), b.ng, t.gi.data()});
-    } else if (b.fast && b.zeros) {
-        f(UInt8Rows{t.at, b.rowbytes, t.sc.data(), t.zs.data(), b.ng, t.gi.data()});
+    auto codes = [&](const auto& k) {  // the loader of b's code type with scales k
+        using S = std::decay_t<decltype(k)>;
+        if (b.int4)
+            f(Int4Rows<S>{t.at, b.rowbytes, k});
+        else if (b.zeros)
+            f(UInt8Rows<S>{t.at, b.rowbytes, k});
+        else
+            f(Int8Rows<S>{t.at, b.rowbytes, k});
+    };
+    if (b.fast && b.span > 1) {
+        codes(ChannelScales{t.sc.data(), t.zs.data(), b.nch * W, t.grow.data()});
     } else if (b.fast) {
-        f(Int8Rows{t.at, b.rowbytes, t.sc.data(), t.zs.data(), b.ng, t.gi.data()});
+        codes(TokenScales{t.sc.data(), t.zs.data(), b.ng, t.gi.data()});
     } else {
         const int dp = b.nch * W;
         rows.resize(size_t(m) * dp);
         for (int l = 0; l < m; ++l) {
             const uint8_t* c = t.at + long(l) * b.rowbytes;
             float* r = rows.data() + long(l) * dp;
-            const float *s = t.sc.data() + l * b.ng, *z = t.zs.data() + l * b.ng;
+            const long at = b.span > 1 ? long(t.grow[l]) * dp : long(l) * b.ng;  // per channel: gch[d] = d
+            const float *s = t.sc.data() + at, *z = t.zs.data() + at;
             if (b.int4 && !b.zeros)
                 for (int d = 0; d < b.D; ++d)
                     r[d] = (float((d & 1) ? (c[d >> 1] >> 4) : (c[d >> 1] & 15)) - 8.0f) * s[t.gch[d]];
@@ -472,8 +530,8 @@ const ScoreFn SCORES[9] = {nullptr, score_heads<1>, score_heads<2>, score_heads<
                            score_heads<6>, score_heads<7>, score_heads<8>};
 
 bool src_ok(const Src& s) {
-    return s.codes && s.scales && s.cap >= 0 && s.D >= 1 && s.group >= 1 && s.D % s.group == 0 &&
-           !(s.int4 && s.D % 2) && s.kind >= 0 && s.kind <= 2;
+    return s.codes && s.scales && s.cap >= 0 && s.D >= 1 && s.D <= 4096 && s.group >= 1 && s.D % s.group == 0 &&
+           !(s.int4 && s.D % 2) && s.kind >= 0 && s.kind <= 2 && s.span >= 1;
 }
 
 // the segment's sources: its key parts, then its values' own buffer (if any)
@@ -515,7 +573,7 @@ long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv) {
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 5; }
+int kvlab_quant_attend_version(void) { return 6; }
 
 // q [B, H, G, Dq] float32 (Dq: the channels of a segment's key parts together), out [B, H, G, Dv] float32 (Dv: its
 // values' channels): attention over the positions of segments segs[0..nseg-1] one after the other (each its own

@@ -89,9 +89,10 @@ def build(directory: Path | None = None) -> Path:
 
 class _Src(ctypes.Structure):
     """One code buffer as the kernel reads it (``Src`` in cpu_attend.cpp): codes ``[B, H, cap, D or D / 2]``, scales
-    and zero points (or null) ``[B, H, cap, D / group]``."""
+    and zero points (or null) ``[B, H, cap, D / group]`` (keys per channel: ``[B, H, cap / span, D]``)."""
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("cap", ctypes.c_long),
-                ("dim", ctypes.c_int), ("int4", ctypes.c_int), ("group", ctypes.c_int), ("kind", ctypes.c_int)]
+                ("dim", ctypes.c_int), ("int4", ctypes.c_int), ("group", ctypes.c_int), ("kind", ctypes.c_int),
+                ("span", ctypes.c_int)]
 
 
 class _Seg(ctypes.Structure):
@@ -103,7 +104,7 @@ class _Seg(ctypes.Structure):
 
 def _load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
-    if lib.kvlab_quant_attend_version() != 5:
+    if lib.kvlab_quant_attend_version() != 6:
         raise KernelBuildError(f"{path}: not this version of the kernel")
     p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
     lib.kvlab_quant_attend.argtypes = [p, p, i, i, i, ctypes.POINTER(_Seg), i, p, lg, p, f, f, i, i, p]
@@ -185,11 +186,12 @@ def _segments(k, v) -> list[_Segment] | None:
 
 
 def _buffer_ok(x: QuantView, values: bool) -> bool:
-    """A reader the kernel reads: int8 / int4 codes with per-token scales (and zero points or not) on the CPU,
+    """A reader the kernel reads: int8 / int4 codes with per-token scales or keys per channel (KIVI; and zero points
+    or not) on the CPU,
     contiguous (never a copy per step), not of a cache made with ``fused=True``, no residual window it cannot take,
     keys rotated only where they are not the values too."""
     r = x.rows
-    return (r.spec.fmt in ("int8", "int4") and x.foldable and not r.fused
+    return (r.spec.fmt in ("int8", "int4") and (x.foldable or (r.span > 1 and not r.tail_dim)) and not r.fused
             and r.codes.device.type == "cpu" and r.scales.dtype in _SCALE_KIND and r.codes.is_contiguous()
             and r.scales.is_contiguous() and (r.zeros is None or r.zeros.is_contiguous()) and _residual_ok(x)
             and not (values and r.block) and len(x.lead) == (1 if x.heads else 2))
@@ -213,8 +215,8 @@ def _plan(k, v) -> list[_Segment] | None:
         if not all(_buffer_ok(x, x is values) for x in srcs):
             return None
         first = srcs[0]
-        if any(x.n != first.n or _quantized(x) != _quantized(first) or _heads(x) != _heads(first) for x in srcs):
-            return None  # one position count, one residual split, one batch and head count (no set: n may be symbolic)
+        if any(x.n != first.n or _heads(x) != _heads(first) for x in srcs):
+            return None  # one position count, one batch and head count (no set: n may be symbolic)
     if (len(segs) > 1 or segs[0].index is not None) and any(x.rows.residual_slots for g in segs for x in g.sources()):
         return None  # a residual window: one segment read straight
     return segs
@@ -251,8 +253,8 @@ def _residual_ok(x) -> bool:
     return not r.residual_slots or (not r.ring and x.written == x.n and r.quantized_end(x.written) > 0)
 
 
-_DESC = 16  # ints per segment in the op's ``desc``: n, key parts, values' source, index, then 3 sources' (buffer,
-# group, int4, zero points)
+_DESC = 19  # ints per segment in the op's ``desc``: n, key parts, values' source, index, then 3 sources' (buffer,
+# group, int4, zero points, span)
 
 
 def _lib() -> ctypes.CDLL:
@@ -278,19 +280,23 @@ def _descriptors(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.
                                  "contiguous int64 allowed")
             seg.index = idx.data_ptr()
         for j in range(nk + (v_from < 0)):
-            i, group, int4, z = desc[at + 4 + 4 * j:at + 8 + 4 * j]
+            i, group, int4, z, span = desc[at + 4 + 5 * j:at + 9 + 5 * j]
             c, s = codes[i], scales[i]
             if c.numel() != b * h * c.shape[-2] * c.shape[-1] or not (c.is_contiguous() and s.is_contiguous()):
                 raise ValueError(f"kvlab::quant_attend: buffer {i} of shape {tuple(c.shape)} does not match q "
                                  f"{tuple(q.shape)}")
+            d = c.shape[-1] * (2 if int4 else 1)
+            if s.shape[-1] != (d if span > 1 else d // group) or (span > 1 and s.shape[-2] != -(-c.shape[-2] // span)):
+                raise ValueError(f"kvlab::quant_attend: scales {i} {tuple(s.shape)} do not match codes "
+                                 f"{tuple(c.shape)} (group {group}, span {span})")
             src = seg.k[j] if j < nk else seg.v
-            src.codes, src.scales, src.cap = c.data_ptr(), s.data_ptr(), c.shape[-2]
+            src.codes, src.scales, src.cap, src.span = c.data_ptr(), s.data_ptr(), c.shape[-2], span
             if z >= 0:
                 if zeros[z].shape != s.shape or zeros[z].dtype != s.dtype or not zeros[z].is_contiguous():
                     raise ValueError(f"kvlab::quant_attend: zero points {z} {tuple(zeros[z].shape)} do not match the "
                                      f"scales {tuple(s.shape)} {s.dtype}")
                 src.zeros = zeros[z].data_ptr()
-            src.dim, src.int4, src.group, src.kind = c.shape[-1] * (2 if int4 else 1), int4, group, _SCALE_KIND[s.dtype]
+            src.dim, src.int4, src.group, src.kind = d, int4, group, _SCALE_KIND[s.dtype]
     return segs
 
 
@@ -299,9 +305,10 @@ def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [B, Hkv, G, Dq]`` float32 over segments of positions described by ``desc`` (per segment: ``n``, its key
     parts ``nk``, its values' source (a key part, or -1: the buffer after them), its slots (an index into ``index``:
-    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, int4, zero points)`` of each buffer: indices
-    into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 / bfloat16; lead
-    ``[B]`` for one head) and into ``zeros`` (the same shape and dtype as the scales; -1: symmetric codes) ->
+    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, int4, zero points, span)`` of each buffer:
+    indices into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 /
+    bfloat16; lead ``[B]`` for one head; keys per channel, ``span > 1``: ``[B, Hkv, C / span, D]``) and into
+    ``zeros`` (the same shape and dtype as the scales; -1: symmetric codes) ->
     ``[B, Hkv, G, Dv]`` float32 and each head's ``[B, Hkv, G, 2]`` largest logit (-inf: nothing
     visible) and softmax denominator (sinks included). ``mask [B|1, L]`` additive float32 over the segments'
     positions one after the other (the first ``sum n`` columns read) or None, ``sinks [Hkv * G]`` float32 or
@@ -331,7 +338,7 @@ def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch
 def _value_dim(codes: list[torch.Tensor], desc: list[int]) -> int:
     """The values' channels (``Dv``) of the first segment in ``desc`` (:func:`_quant_attend`)."""
     nk, v_from = desc[1], desc[2]
-    at = 4 + 4 * (v_from if v_from >= 0 else nk)
+    at = 4 + 5 * (v_from if v_from >= 0 else nk)
     return codes[desc[at]].shape[-1] * (2 if desc[at + 2] else 1)
 
 
@@ -404,8 +411,8 @@ def _op_args(segs: list[_Segment], counts: list[int]) -> tuple[list[torch.Tensor
                 if r.zeros is not None:
                     zeros.append(r.zeros)
             i, z = seen[id(r)]
-            desc += [i, r.group, int(r.spec.fmt == "int4"), z]
-        desc += [0] * (4 * (3 - len(seg.sources())))  # the unused source slots (fixed length per segment)
+            desc += [i, r.group, int(r.spec.fmt == "int4"), z, r.span]
+        desc += [0] * (5 * (3 - len(seg.sources())))  # the unused source slots (fixed length per segment)
     return codes, scales, zeros, index, desc
 
 
@@ -428,7 +435,7 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
     positions (``p0..n-1``, one segment) are attended here in float32 and merged with the kernel's part (its maximum
     and denominator rescaled, as two flash-decoding parts). ``segs``: :func:`plan` of ``k``, ``v`` if known."""
     segs = segs or _plan(k, v)
-    counts = [seg.n if seg.index is not None else _quantized(seg.keys[0]) for seg in segs]
+    counts = [seg.n if seg.index is not None else min(_quantized(x) for x in seg.sources()) for seg in segs]
     n = sum(seg.n for seg in segs)
     if mask is not None:
         mask = mask.reshape(mask.shape[0], n)
@@ -445,18 +452,14 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
 
 def _with_residual(qf: torch.Tensor, seg: _Segment, mask: torch.Tensor | None, scale: float,
                    p0: int, n: int, out: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
-    """The kernel's output over positions ``0..p0-1`` (``out``, ``stats``: maximum, denominator) merged with the
-    residual window's exact positions ``p0..n-1`` (``rows.res`` of each buffer of the one segment ``seg``, slot =
-    position mod its size; unrotated keys)."""
+    """The kernel's output over positions ``0..p0-1`` (``out``, ``stats``: maximum, denominator) merged with positions
+    ``p0..n-1`` read as blocks (float32 ``[B, Hkv, T, D]``, kvlab/cache/quant.py ``QuantView.block``: a residual
+    window's positions exact, any other -- KIVI keys' partial group before values' codes -- dequantized; keys
+    rotated back) of the buffers of the one segment ``seg``."""
     keys, v = seg.keys, seg.values
-
-    def exact(x: QuantView) -> torch.Tensor:  # [B, Hkv, T, D]
-        r = x.rows
-        t = r.res.index_select(-2, r._slots(p0, n, qf.device, r.residual_slots)).float()
-        return t.unsqueeze(1) if x.heads else t
-
-    kt = torch.cat([exact(x) for x in keys], -1) if len(keys) > 1 else exact(keys[0])
-    vt = exact(keys[0] if v is None else v)
+    parts = [x.block(p0, n, i) for i, x in enumerate(keys)]  # each in its own scratch slot
+    kt = torch.cat(parts, -1) if len(parts) > 1 else parts[0]
+    vt = kt[..., :keys[0].dim] if v is None else v.block(p0, n, 2)
     s = (qf @ kt.transpose(-1, -2)) * scale  # [B, Hkv, G, T]
     if mask is not None:
         s = s + mask[:, p0:n].reshape(mask.shape[0], 1, 1, n - p0)
