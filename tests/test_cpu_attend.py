@@ -6,6 +6,7 @@ float32 scales, a left-padded batch, sink logits, a position count that is a mul
 tiny model's decode, eager and inside a compiled step (the custom op traced), and the fallback without a compiler.
 The kernel is built once per machine into the user's cache directory (a few seconds the first time)."""
 
+import contextlib
 import warnings
 
 import pytest
@@ -229,6 +230,27 @@ def _equals_blocked_and_dense(out, q, k, v, mask, scale, sinks, monkeypatch) -> 
     assert (out - vd.mean(-2, keepdim=True)).abs().max() > 1e-2  # not a uniform average: the scores matter
 
 
+def _inputs(b: int, h: int, d: int, n: int, seed: int, pad: tuple[int, int]):
+    """A decode query ``[b, h, 1, d]``, an additive mask ``[b, 1, 1, n]`` hiding the first ``pad[1]`` positions of
+    row ``pad[0]`` (its left padding) and sink logits ``[h]``."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(b, h, 1, d, generator=gen)
+    mask = torch.zeros(b, 1, 1, n)
+    mask[pad[0], ..., :pad[1]] = float("-inf")
+    return q, mask, torch.randn(h, generator=gen)
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """torch's thread count ``n`` (what the kernel splits positions over) inside the block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("fmt,hkv,g,d", [("int4-g32-rot", 1, 8, 128), ("int8-g16-rot", 2, 3, 48)])
 def test_rotated_keys(kernel, monkeypatch, fmt, hkv, g, d):
     """Keys stored rotated (block Hadamard, ``-rot``; 48 channels: blocks of 16): the kernel scores the rotated query
@@ -236,11 +258,7 @@ def test_rotated_keys(kernel, monkeypatch, fmt, hkv, g, d):
     b, n = 2, 203
     k, v = _readers(fmt, None, b, hkv, d, n)
     assert k.rows.block and not v.rows.block and cpu_attend.applies(k, v)
-    gen = torch.Generator().manual_seed(6)
-    q = torch.randn(b, hkv * g, 1, d, generator=gen)
-    mask = torch.zeros(b, 1, 1, n)
-    mask[0, ..., :11] = float("-inf")
-    sinks = torch.randn(hkv * g, generator=gen)
+    q, mask, sinks = _inputs(b, hkv * g, d, n, 6, (0, 11))
     calls = _count_calls(monkeypatch)
     out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
     assert calls == [n]
@@ -260,11 +278,7 @@ def test_zero_points(kernel, monkeypatch, fmt, vfmt, hkv, g, d):
     b, n = 2, 203
     k, v = _readers(fmt, vfmt, b, hkv, d, n)
     assert k.rows.zeros is not None and cpu_attend.applies(k, v)
-    gen = torch.Generator().manual_seed(12)
-    q = torch.randn(b, hkv * g, 1, d, generator=gen)
-    mask = torch.zeros(b, 1, 1, n)
-    mask[1, ..., :9] = float("-inf")
-    sinks = torch.randn(hkv * g, generator=gen)
+    q, mask, sinks = _inputs(b, hkv * g, d, n, 12, (1, 9))
     calls = _count_calls(monkeypatch)
     out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
     assert calls == [n - k.rows.residual_slots]
@@ -287,19 +301,11 @@ def test_keys_per_channel(kernel, monkeypatch, fmt, hkv, g, d, threads):
     b, n = 2, 203
     k, v = _readers(fmt, None, b, hkv, d, n)
     assert k.rows.span > 1 and v.rows.span == 1 and cpu_attend.applies(k, v)
-    gen = torch.Generator().manual_seed(15)
-    q = torch.randn(b, hkv * g, 1, d, generator=gen)
-    mask = torch.zeros(b, 1, 1, n)
-    mask[1, ..., :9] = float("-inf")
-    sinks = torch.randn(hkv * g, generator=gen)
+    q, mask, sinks = _inputs(b, hkv * g, d, n, 15, (1, 9))
     calls = _count_calls(monkeypatch)
     monkeypatch.setattr(cpu_attend, "MIN_PART", 16)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with _threads(threads):
         out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
-    finally:
-        torch.set_num_threads(before)
     assert calls == [min(cpu_attend._quantized(k), cpu_attend._quantized(v))] and calls[0] < n
     _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)
 
@@ -357,18 +363,11 @@ def test_mla_latent(kernel, monkeypatch, fmt, pe_fmt, h, r, dr, residual, thread
     b, n = 2, 203
     keys, values = _latent(fmt, pe_fmt, b, n, r, dr)
     assert cpu_attend.applies(keys, values)
-    gen = torch.Generator().manual_seed(9)
-    q = torch.randn(b, h, 1, r + dr, generator=gen)
-    mask = torch.zeros(b, 1, 1, n)
-    mask[1, ..., :9] = float("-inf")
+    q, mask, _ = _inputs(b, h, r + dr, n, 9, (1, 9))
     calls = _count_calls(monkeypatch)
     monkeypatch.setattr(cpu_attend, "MIN_PART", 16)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with _threads(threads):
         out = blocked.attend_blocked(q, keys, values, mask, (r + dr) ** -0.5)
-    finally:
-        torch.set_num_threads(before)
     assert calls == [n - residual] and out.shape == (b, h, 1, r)
     _equals_blocked_and_dense(out, q, keys, values, mask, (r + dr) ** -0.5, None, monkeypatch)
 
@@ -432,19 +431,12 @@ def test_values_in_keys(kernel, monkeypatch, fmt, g, form, threads):
         keys = blocked.Cat([ring, entries.with_heads() if form == "ring+entries" else entries.pick(idx)], -2)
     n = keys.shape[-2]
     assert cpu_attend.applies(keys, keys)
-    q = torch.randn(b, g, 1, d, generator=gen)
-    mask = torch.zeros(b, 1, 1, n)
-    mask[1, ..., :9] = float("-inf")  # row 1's padding
+    q, mask, sinks = _inputs(b, g, d, n, 11, (1, 9))  # row 1's padding
     mask[1, ..., n - 3:] = float("-inf")
-    sinks = torch.randn(g, generator=gen)
     calls = _count_calls(monkeypatch)
     monkeypatch.setattr(cpu_attend, "MIN_PART", 16)
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(threads)
+    with _threads(threads):
         out = core.attend(q, keys, keys, mask, d ** -0.5, sinks=sinks)
-    finally:
-        torch.set_num_threads(before)
     assert calls == [n] and out.shape == (b, g, 1, d)
     monkeypatch.setattr(cpu_attend, "ENABLED", False)
     torch.testing.assert_close(out, core.attend(q, keys, keys, mask, d ** -0.5, sinks=sinks), rtol=1e-5, atol=1e-5)
