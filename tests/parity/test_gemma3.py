@@ -98,7 +98,9 @@ def test_chunked_prefill_then_decode_equals_full_forward(pair: tuple[Any, kvlab.
     cache = model.new_cache(1, max_length=ids.shape[1])
     parts = [model(ids[:, s:s + 5], cache=cache) for s in range(0, 15, 5)]
     parts += [model(ids[:, s:s + 1], cache=cache) for s in range(15, ids.shape[1])]
-    assert (torch.cat(parts, 1) - full).abs().max().item() <= 1e-4
+    # 1e-4 plus 2e-5 of the logit: one position of this random model is ill-conditioned (its logits are 2.6e-5 from
+    # the float64 forward's, chunked 7.8e-5; 1.04e-4 apart on an AVX2 machine, needing 5e-6 of the logit)
+    torch.testing.assert_close(torch.cat(parts, 1), full, atol=1e-4, rtol=2e-5)
 
 
 @torch.no_grad()
