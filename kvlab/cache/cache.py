@@ -24,11 +24,13 @@ class Cache:
     ``pad`` holds each row's number of left-padding positions. ``kv_quant``: quantized K/V buffers (a format
     name such as ``"int4-g32-r64"``, a preset, a :class:`~kvlab.costs.quant.QuantSpec` or a mapping component ->
     format and layer index -> overrides; kvlab/costs/quant.py), priced by ``kvlab.costs(..., kv_quant=...)`` byte for byte.
-    A decode step attends the int8 / int4 buffers that allow it (symmetric, per-token scales; rotated keys and the
-    residual window of a full buffer too) on the CPU with a hand-written C++ kernel over the codes (kvlab/layers/cpu_attend.py; built
-    once per machine); ``fused``: with the torch.compile kernel instead (kvlab/layers/fused.py, no rotation; a
-    compile per layer shape and 1,024 positions, seconds each; on a GPU, or with the C++ kernel unavailable, instead
-    of block by block); the other buffers are attended block by block.
+    A decode step attends the int8 / int4 buffers that allow it (per-token scales or KIVI keys per channel, zero
+    points or not; rotated keys and the residual window of a full buffer too; GQA/CCA K and V, MLA's latent,
+    CSA/HCA/SWA's rings and entries) on the CPU with a hand-written C++ kernel over the codes
+    (kvlab/layers/cpu_attend.py; built once per machine), and quantizes their writes in C++
+    (kvlab/cache/quant_kernel.py); ``fused``: with the torch.compile kernel instead (kvlab/layers/fused.py, no
+    rotation; a compile per layer shape and 1,024 positions, seconds each; on a GPU, or with the C++ kernel
+    unavailable, instead of block by block); the other buffers are attended block by block.
     """
 
     def __init__(self, config: ModelConfig, batch_size: int, max_length: int | None = None,
