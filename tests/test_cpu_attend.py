@@ -467,3 +467,32 @@ def test_indexer_scores(kernel, monkeypatch, fmt, g, form):
     monkeypatch.setattr(cpu_attend, "ENABLED", False)
     if form != "picked":  # the blocked path reads readers (a pick is dequantized before any other path reads it)
         torch.testing.assert_close(out, blocked.scores(q, k), rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind,text", [("mla", "int8"), ("csa", "int4-g4-asym")])
+def test_compiled_step_takes_the_kernel(kernel, monkeypatch, kind, text):
+    """Inside a compiled decode step (kvlab/compiled.py) MLA's latent and CSA's ring and picked entries go through the
+    custom ops (``kvlab::quant_attend``, and ``kvlab::quant_scores`` for CSA's indexer): every layer calls the
+    kernel, the logits equal the eager step's, and two steps share one graph."""
+    from helpers import random_model
+    from test_contract import tiny
+
+    from kvlab.compiled import CompiledStep
+
+    model = random_model(tiny(kind, 0))
+    layers = len(model.config.layers)
+    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(16))
+    caches = [model.new_cache(2, max_length=16, kv_quant=text) for _ in range(2)]
+    calls = _count_calls(monkeypatch)
+    with torch.inference_mode():
+        for c in caches:
+            c.set_padding(torch.tensor([0, 3]))
+            model(ids[:, :12], cache=c)
+        step = CompiledStep(model, "eager")
+        for s in range(12, 14):
+            want = model(ids[:, s:s + 1], cache=caches[0])
+            before = len(calls)
+            got = step(ids[:, s:s + 1], caches[1])
+            assert len(calls) == before + layers
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert step.compiles == 1
