@@ -1,6 +1,7 @@
 """The real GGUF files of the installed model packages (kvlab/models.py) against transformers 5.23's own GGUF loading
 (``from_pretrained(dir, gguf_file=...)``, fp32): logits within 1e-4 on a few dozen tokens (Gemma 3 270M: also on
-600 tokens, past its 512-token window, through kvlab's chunked prefill), greedy generations identical.
+600 tokens, past its 512-token window, through kvlab's chunked prefill: 1e-4 plus 5e-6 of the logit), greedy generations
+identical.
 
 Each model is loaded once per module by both libraries (transformers' Gemma 3 load is the slow part: about a minute
 on a busy 2-core machine). Print the figures with ``pytest -q -s tests/parity/test_gguf_real.py``.
@@ -61,7 +62,9 @@ def test_past_the_window_through_the_cache(pair: tuple[str, Any, kvlab.Model]) -
     got = torch.cat([model(ids[:, s:s + 256], cache=cache) for s in range(0, n, 256)], 1)
     diff = (got - want).abs().max().item()
     print(f"\n{name}: max |logit diff| vs transformers GGUF, {n} tokens (chunked prefill of 256), fp32: {diff:.3g}")
-    assert diff <= 1e-4
+    # 1e-4 plus 5e-6 of the logit (~40 ulps): Gemma's logits reach 128 here, where transformers' own fp32 forward is
+    # 3.9e-4 from its float64 one; chunked and whole differ by 1.3e-4 on an AVX2 machine (needing 6.8e-7 of the logit)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=5e-6)
 
 
 @torch.no_grad()
