@@ -31,7 +31,7 @@ def kernel(monkeypatch):
 def _count_calls(monkeypatch) -> list[str]:
     """Count the library's calls (a proxy in front of the loaded library: what the custom ops call at run time)."""
     calls: list[str] = []
-    lib = mhc_kernel._LIB
+    lib = mhc_kernel.KERNEL.lib
 
     class Counting:
         def kvlab_sinkhorn(self, *a):
@@ -50,7 +50,7 @@ def _count_calls(monkeypatch) -> list[str]:
             calls.append("write")
             return lib.kvlab_mhc_write(*a)
 
-    monkeypatch.setattr(mhc_kernel, "_LIB", Counting())
+    monkeypatch.setattr(mhc_kernel.KERNEL, "lib", Counting())
     return calls
 
 
@@ -205,15 +205,13 @@ def test_bad_arguments_are_refused(kernel):
 def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
     """No C++ compiler: one warning, the kernel off, mHC in its torch form (the same maps), nothing left behind."""
     monkeypatch.setattr(mhc_kernel, "ENABLED", True)
-    monkeypatch.setattr(mhc_kernel, "_LIB", None)
-    monkeypatch.setattr(mhc_kernel, "_LOADED", False)
-    monkeypatch.setattr(mhc_kernel, "_FAILED", False)
+    monkeypatch.setattr(mhc_kernel, "KERNEL", mhc_kernel.kernel())  # not built yet
     monkeypatch.setenv("CXX", "kvlab-no-such-compiler")
     monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path))
     hc = _hyper_connection(4, 8, 20, seed=3)
     x = torch.randn(1, 2, 4, 8)
     with torch.no_grad():
-        with pytest.warns(UserWarning, match="C\\+\\+ mHC kernel unavailable .*no C\\+\\+ compiler"):
+        with pytest.warns(UserWarning, match="C\\+\\+ kernel mhc_kernel.cpp unavailable .*no C\\+\\+ compiler.*mHC runs its torch form"):
             pre, post, m = hc.maps(x)
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # warned once only
@@ -223,7 +221,7 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
             torch.testing.assert_close(mix, (pre[..., None] * x).sum(2), atol=0, rtol=0)
             logits = torch.randn(3, 4, 4)
             assert torch.equal(sinkhorn(logits, 20, 1e-6), sinkhorn_in_place(logits, 20, 1e-6))
-    assert mhc_kernel._LIB is None and not mhc_kernel.applies(x, 4)
+    assert mhc_kernel.KERNEL.lib is None and not mhc_kernel.applies(x, 4)
     for a, r in zip((pre, post, m), again, strict=True):
         assert torch.equal(a, r)
     torch.testing.assert_close(m.sum(-2), torch.ones(1, 2, 4), atol=1e-5, rtol=0)

@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
-import warnings
 from pathlib import Path
 
 import torch
@@ -34,44 +32,26 @@ SOURCE = Path(__file__).with_name("mhc_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
 ENABLED = os.environ.get("KVLAB_MHC_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_MHC_KERNEL=0: off
 MAX_STREAMS = 64  # the kernel's limit on n (a column sum's scratch)
-_LIB: ctypes.CDLL | None = None
-_LOADED = False  # _LIB is set (a plain bool: what a compiled trace reads)
-_FAILED = False
-_LOCK = threading.Lock()
+_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.kvlab_mhc_version() != 2:
-        raise KernelBuildError(f"{path}: not this version of the kernel")
-    p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    lib.kvlab_sinkhorn.argtypes = [p, p, lg, i, i, f]
-    lib.kvlab_sinkhorn.restype = i
-    lib.kvlab_mhc_maps.argtypes = [p, p, p, p, lg, i, i, f]
-    lib.kvlab_mhc_maps.restype = i
-    lib.kvlab_mhc_read.argtypes = [p, p, p, p, p, p, lg, i, lg, i, f, f]
-    lib.kvlab_mhc_read.restype = i
-    lib.kvlab_mhc_write.argtypes = [p, p, p, p, lg, i, lg]
-    lib.kvlab_mhc_write.restype = i
-    return lib
+def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
+    """The kernel's library for ``flags`` (built and loaded at first use)."""
+    return cpp_build.Library(SOURCE, flags, ("kvlab_mhc_version", 2), {
+        "kvlab_sinkhorn": ([_P, _P, _L, _I, _I, _F], _I),
+        "kvlab_mhc_maps": ([_P, _P, _P, _P, _L, _I, _I, _F], _I),
+        "kvlab_mhc_read": ([_P, _P, _P, _P, _P, _P, _L, _I, _L, _I, _F, _F], _I),
+        "kvlab_mhc_write": ([_P, _P, _P, _P, _L, _I, _L], _I),
+    }, "mHC runs its torch form")
+
+
+KERNEL = kernel()
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, built on first use; None (warned once) when it cannot be built or loaded, or when
     :data:`ENABLED` is off."""
-    global _LIB, _LOADED, _FAILED
-    if not ENABLED or _FAILED:
-        return None
-    if _LIB is None:
-        with _LOCK:
-            if _LIB is None and not _FAILED:
-                try:
-                    _LIB = _load(cpp_build.build(SOURCE, FLAGS))
-                    _LOADED = True
-                except (KernelBuildError, OSError, AttributeError) as e:
-                    _FAILED = True
-                    warnings.warn(f"kvlab: C++ mHC kernel unavailable ({e}); mHC runs its torch form", stacklevel=2)
-    return _LIB
+    return KERNEL.get() if ENABLED else None
 
 
 def applies(x: torch.Tensor, n: int) -> bool:
@@ -80,12 +60,12 @@ def applies(x: torch.Tensor, n: int) -> bool:
     if x.device.type != "cpu" or n > MAX_STREAMS or (torch.is_grad_enabled() and x.requires_grad):
         return False
     if torch.compiler.is_compiling():
-        return _LOADED and ENABLED
+        return KERNEL.lib is not None and ENABLED
     return ENABLED and library() is not None
 
 
 def _lib() -> ctypes.CDLL:
-    lib = _LIB if _LIB is not None else library()
+    lib = KERNEL.lib if KERNEL.lib is not None else library()
     if lib is None:
         raise KernelBuildError("kvlab::mhc called without its kernel")
     return lib
