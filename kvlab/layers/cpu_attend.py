@@ -186,10 +186,9 @@ def _segments(k, v) -> list[_Segment] | None:
 
 
 def _buffer_ok(x: QuantView, values: bool) -> bool:
-    """A reader the kernel reads: int8 / int4 codes with per-token scales or keys per channel (KIVI; and zero points
-    or not) on the CPU,
-    contiguous (never a copy per step), not of a cache made with ``fused=True``, no residual window it cannot take,
-    keys rotated only where they are not the values too."""
+    """A reader the kernel reads: int8 / int4 codes with per-token scales or keys per channel (KIVI; zero points or
+    not) on the CPU, contiguous (never a copy per step), not of a cache made with ``fused=True``, no residual window
+    it cannot take, keys rotated only where they are not the values too."""
     r = x.rows
     return (r.spec.fmt in ("int8", "int4") and (x.foldable or (r.span > 1 and not r.tail_dim)) and not r.fused
             and r.codes.device.type == "cpu" and r.scales.dtype in _SCALE_KIND and r.codes.is_contiguous()
@@ -226,7 +225,7 @@ def plan(k, v) -> list[_Segment] | None:
     """The kernel's segments of positions for readers ``k``, ``v`` (kvlab/cache/quant.py ``QuantView``; MLA's keys
     two of them joined along channels, its values the first; K = V readers joined along positions, a top-k's pick
     among them) when it takes them, else None: on the CPU, int8 / int4 codes (zero points or not) with per-token
-    scales (any group), keys rotated or not (the query is rotated instead: ``q.Hk = Hq.k``), a residual window only
+    scales (any group) or keys per channel (KIVI), keys rotated or not (the query is rotated instead: ``q.Hk = Hq.k``), a residual window only
     on a non-ring buffer (its exact positions merged after: :func:`attend`), no exact tail, contiguous (never a copy
     per step), not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
     kvlab/layers/fused.py; nor with ``fused.ENABLED``); and the kernel is loaded (eager: built now if needed)."""
