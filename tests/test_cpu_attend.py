@@ -41,7 +41,7 @@ def _count_calls(monkeypatch) -> list[int]:
     """Count the library's calls (a proxy in front of the loaded library: what the custom op calls at run time): the
     positions each call attends, over all its segments."""
     calls: list[int] = []
-    lib = cpu_attend._LIB
+    lib = cpu_attend.KERNEL.lib
 
     class Counting:
         def kvlab_quant_attend(self, *a):
@@ -51,7 +51,7 @@ def _count_calls(monkeypatch) -> list[int]:
         def __getattr__(self, name):  # the library's other functions (kvlab_quant_scores) as they are
             return getattr(lib, name)
 
-    monkeypatch.setattr(cpu_attend, "_LIB", Counting())
+    monkeypatch.setattr(cpu_attend.KERNEL, "lib", Counting())
     return calls
 
 
@@ -153,15 +153,13 @@ def test_cache_decode_eager_and_compiled(kernel, monkeypatch):
 def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
     """No C++ compiler: one warning, the kernel off, attention on the blocked path (never garbage)."""
     monkeypatch.setattr(cpu_attend, "ENABLED", True)
-    monkeypatch.setattr(cpu_attend, "_LIB", None)
-    monkeypatch.setattr(cpu_attend, "_LOADED", False)
-    monkeypatch.setattr(cpu_attend, "_FAILED", False)
+    monkeypatch.setattr(cpu_attend, "KERNEL", cpu_attend.kernel())  # not built yet
     monkeypatch.setenv("CXX", "kvlab-no-such-compiler")
     monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path))
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)
     k, v = _readers("int8-g8", None, 2, 2, 16, 37)
     q = torch.randn(2, 6, 1, 16, generator=torch.Generator().manual_seed(3))
-    with pytest.warns(UserWarning, match="kernel unavailable .*no C\\+\\+ compiler"):
+    with pytest.warns(UserWarning, match="C\\+\\+ kernel cpu_attend.cpp unavailable .*no C\\+\\+ compiler.*blocked path"):
         assert not cpu_attend.applies(k, v)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once only
@@ -178,10 +176,10 @@ def test_build_is_cached_and_keyed(kernel, monkeypatch):
     assert path.exists() and path.parent == cpu_attend.cache_dir()
     mtime = path.stat().st_mtime_ns
     assert cpu_attend.build() == path and path.stat().st_mtime_ns == mtime
-    cxx = cpu_attend._compiler()
-    assert path.name == f"cpu_attend-{cpu_attend._key(cxx)}.so"
+    cxx = cpp_build.compiler()
+    assert path.name == f"cpu_attend-{cpp_build.key(cxx, cpu_attend.SOURCE, cpu_attend.FLAGS)}.so"
     monkeypatch.setattr(cpp_build, "cpu_flags", lambda: "flags\t: another cpu")
-    assert path.name != f"cpu_attend-{cpu_attend._key(cxx)}.so"
+    assert path.name != f"cpu_attend-{cpp_build.key(cxx, cpu_attend.SOURCE, cpu_attend.FLAGS)}.so"
 
 
 @pytest.mark.parametrize("with_sinks", [False, True])

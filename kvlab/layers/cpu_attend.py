@@ -48,8 +48,6 @@ from __future__ import annotations
 
 import ctypes
 import os
-import threading
-import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -66,19 +64,6 @@ ENABLED = os.environ.get("KVLAB_CPU_KERNEL", "1") not in ("0", "off", "false", "
 UNDER = 60.0  # as kvlab/layers/fused.py UNDER: probabilities below exp(-UNDER) of the largest are 0
 MIN_PART = 2048  # positions per thread at least: a call splits its positions over torch.get_num_threads() threads
 _SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
-_LIB: ctypes.CDLL | None = None
-_LOADED = False  # _LIB is set (a plain bool: what a compiled trace reads)
-_FAILED = False
-_LOCK = threading.Lock()
-
-
-def _compiler() -> str:
-    return cpp_build.compiler()
-
-
-def _key(cxx: str) -> str:
-    """The build's key (kvlab/layers/cpp_build.py: the source, the flags, the compiler's version, the CPU's flags)."""
-    return cpp_build.key(cxx, SOURCE, FLAGS)
 
 
 def build(directory: Path | None = None) -> Path:
@@ -102,35 +87,22 @@ class _Seg(ctypes.Structure):
                 ("v_from", ctypes.c_int)]
 
 
-def _load(path: Path) -> ctypes.CDLL:
-    lib = ctypes.CDLL(str(path))
-    if lib.kvlab_quant_attend_version() != 6:
-        raise KernelBuildError(f"{path}: not this version of the kernel")
-    p, i, lg, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-    lib.kvlab_quant_attend.argtypes = [p, p, i, i, i, ctypes.POINTER(_Seg), i, p, lg, p, f, f, i, i, p]
-    lib.kvlab_quant_attend.restype = i
-    lib.kvlab_quant_scores.argtypes = [p, p, i, i, i, ctypes.POINTER(_Seg), i]
-    lib.kvlab_quant_scores.restype = i
-    return lib
+def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
+    """The kernel's library for ``flags`` (built and loaded at first use, kvlab/layers/cpp_build.py)."""
+    p, i, lg, f, seg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.POINTER(_Seg)
+    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 6), {
+        "kvlab_quant_attend": ([p, p, i, i, i, seg, i, p, lg, p, f, f, i, i, p], i),
+        "kvlab_quant_scores": ([p, p, i, i, i, seg, i], i),
+    }, "attending with the fused (torch.compile) or blocked path")
+
+
+KERNEL = kernel()
 
 
 def library() -> ctypes.CDLL | None:
     """The loaded kernel, built on first use; None (warned once) when it cannot be built or loaded, or when
     :data:`ENABLED` is off."""
-    global _LIB, _LOADED, _FAILED
-    if not ENABLED or _FAILED:
-        return None
-    if _LIB is None:
-        with _LOCK:
-            if _LIB is None and not _FAILED:
-                try:
-                    _LIB = _load(build())
-                    _LOADED = True
-                except (KernelBuildError, OSError, AttributeError) as e:
-                    _FAILED = True
-                    warnings.warn(f"kvlab: C++ quantized attention kernel unavailable ({e}); attending with the "
-                                  "fused (torch.compile) or blocked path", stacklevel=2)
-    return _LIB
+    return KERNEL.get() if ENABLED else None
 
 
 def available() -> bool:
@@ -230,7 +202,7 @@ def plan(k, v) -> list[_Segment] | None:
     per step), not of a cache made with ``fused=True`` (that asks for the torch.compile kernel,
     kvlab/layers/fused.py; nor with ``fused.ENABLED``); and the kernel is loaded (eager: built now if needed)."""
     segs = _plan(k, v)
-    if segs is None or not (_LOADED and ENABLED if torch.compiler.is_compiling() else available()):
+    if segs is None or not (KERNEL.lib is not None and ENABLED if torch.compiler.is_compiling() else available()):
         return None
     return segs
 
@@ -257,7 +229,7 @@ _DESC = 19  # ints per segment in the op's ``desc``: n, key parts, values' sourc
 
 
 def _lib() -> ctypes.CDLL:
-    lib = _LIB if _LIB is not None else library()
+    lib = KERNEL.lib if KERNEL.lib is not None else library()
     if lib is None:
         raise KernelBuildError("kvlab::quant_attend called without its kernel")
     return lib
@@ -473,5 +445,5 @@ def _with_residual(qf: torch.Tensor, seg: _Segment, mask: torch.Tensor | None, s
     return num / (den + p.sum(-1))[..., None]
 
 
-__all__ = ["ENABLED", "KernelBuildError", "applies", "attend", "available", "build", "cache_dir", "library", "plan",
+__all__ = ["ENABLED", "KERNEL", "KernelBuildError", "applies", "attend", "available", "build", "cache_dir", "library", "plan",
            "quant_attend", "quant_scores", "scores", "takes"]
