@@ -80,12 +80,13 @@ def per_choice(ex: Experts, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor)
     return out
 
 
-@pytest.mark.parametrize("n,k,skip,limit", [(1, 2, False, None), (3, 2, False, 0.5), (5, 1, True, None),
-                                            (8, 2, True, None), (40, 3, True, 0.5)])
+@pytest.mark.parametrize("n,k,skip,limit", [(1, 2, False, None), (1, 3, True, 0.5), (3, 2, False, 0.5),
+                                            (5, 1, True, None), (8, 2, True, None), (40, 3, True, 0.5)])
 def test_grouped_experts_match_per_choice_reference(n, k, skip, limit):
     """Grouped matmuls (the eager decode path) against a loop over each token's choices: experts chosen by no token,
     a skip expert (rows past the last group, never written by grouped_mm), the SwiGLU limit, a decode step (n=1),
-    a batch of them, a short chunk; and forward's other paths (gather / dense / loop: taken with autograd on) agree."""
+    a batch of them, a short chunk; and forward's other paths (gather / dense / loop: taken with autograd on) agree,
+    also with a routed scale and a base added (the shared experts' output: one ``addmm`` for one token)."""
     torch.manual_seed(n)
     num = 6
     ex = Experts(num, 16, 8, "silu", limit=limit, skip=skip)
@@ -100,6 +101,11 @@ def test_grouped_experts_match_per_choice_reference(n, k, skip, limit):
     with torch.no_grad():
         torch.testing.assert_close(ex(x, idx, w), ref, atol=1e-5, rtol=1e-5)  # the grouped path
     torch.testing.assert_close(ex(x, idx, w).detach(), ref, atol=1e-5, rtol=1e-5)  # autograd on: the others
+    base = torch.randn(n, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ex(x, idx, w, 1.5, base), base + 1.5 * ref, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ex(x, idx, w, 1.5), 1.5 * ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ex(x, idx, w, 1.5, base).detach(), base + 1.5 * ref, atol=1e-5, rtol=1e-5)
     ex16 = ex.to(torch.bfloat16)
     ref16 = per_choice(ex16, x.bfloat16(), idx, w).float()
     torch.testing.assert_close(ex16.grouped(x.bfloat16(), idx, w).float(), ref16, atol=2e-2, rtol=2e-2)

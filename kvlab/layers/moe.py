@@ -63,9 +63,12 @@ class Experts(nn.Module):
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(p, std=0.02)
         self.act = activation(act)
+        self._groups = torch.arange(num)  # the expert indices [E] (grouped's searchsorted), not a parameter
 
-    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x ``[N, H]``, idx/weights ``[N, k]`` -> ``[N, H]``.
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, scale: float = 1.0,
+                base: torch.Tensor | None = None) -> torch.Tensor:
+        """x ``[N, H]``, idx/weights ``[N, k]`` -> ``[N, H]``: ``base + scale * sum_k weights_k expert_k(x)``
+        (``base`` ``[N, H]``, e.g. the shared experts' output; none: 0).
 
         Eager inference on CPU, up to ``GROUPED_MAX E`` choices (a decode step, a batch of them, a short chunk):
         :meth:`grouped` (the chosen experts' weights read in place, no host read), but for bf16 between ``E`` and
@@ -80,7 +83,14 @@ class Experts(nn.Module):
         num = self.gate_proj.shape[0]
         dense_bf16 = x.dtype == torch.bfloat16 and num < idx.numel() <= 4 * num
         if idx.numel() <= GROUPED_MAX * num and not dense_bf16 and self.can_group(x):
-            return self.grouped(x, idx, weights)
+            return self.grouped(x, idx, weights, scale, base)
+        out = self.routed(x, idx, weights if scale == 1.0 else weights * scale)
+        return out if base is None else out + base
+
+    def routed(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_k weights_k expert_k(x)`` ``[N, H]`` by :meth:`gathered`, :meth:`dense` or the loop over experts
+        (see :meth:`forward`)."""
+        num = self.gate_proj.shape[0]
         if idx.numel() <= num:
             return self.gathered(x, idx, weights)
         if idx.numel() <= 4 * num:
@@ -115,33 +125,44 @@ class Experts(nn.Module):
                 and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.requires_grad)))
 
-    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def grouped(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, scale: float = 1.0,
+                base: torch.Tensor | None = None) -> torch.Tensor:
         """Grouped matmuls over the (token, choice) pairs sorted by expert (``torch.nn.functional.grouped_mm``, as
         transformers' ``grouped_mm`` experts): each chosen expert's weights are read where they lie, once, no copy;
         the group ends are device tensors (``searchsorted`` of the sorted experts), so nothing is read back. A skip
         expert (index ``E``) sorts last, past the last group: its rows are left unwritten by the kernel and zeroed
-        here. The k outputs of a token are put back in choice order and summed as :meth:`gathered` sums them."""
+        here. The k outputs of a token are put back in choice order and summed as :meth:`gathered` sums them; one
+        token (a decode step) combines its k rows, weights and ``base`` in one ``addmm`` (``scale`` its alpha)."""
         n, k = idx.shape
         num = self.gate_proj.shape[0]
         flat = idx.reshape(-1)
         expert, order = flat.sort(stable=True)  # [N k]
-        ends = torch.searchsorted(expert, torch.arange(num, device=x.device, dtype=expert.dtype), right=True,
-                                  out_int32=True)  # [E] cumulative counts
-        one = n == 1 and k <= 2  # one token (a decode step): its rows in any order sum to the same (two addends)
+        if self._groups.device != x.device or self._groups.dtype != expert.dtype:
+            self._groups = torch.arange(num, device=x.device, dtype=expert.dtype)
+        ends = torch.searchsorted(expert, self._groups, right=True, out_int32=True)  # [E] cumulative counts
+        one = n == 1  # one token (a decode step): every row is x
         h = x.repeat(k, 1) if one else x.index_select(0, order // k)  # [N k, H] (token rows, sorted by expert)
         g = GROUPED_MM(h, self.gate_proj.transpose(1, 2), offs=ends)  # [N k, I]
         u = GROUPED_MM(h, self.up_proj.transpose(1, 2), offs=ends)
         if self.limit is not None:
-            g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
-        d = GROUPED_MM(self.act(g) * u, self.down_proj.transpose(1, 2), offs=ends)  # [N k, H]
+            g, u = g.clamp_(max=self.limit), u.clamp_(min=-self.limit, max=self.limit)
+        d = GROUPED_MM(self.act(g).mul_(u), self.down_proj.transpose(1, 2), offs=ends)  # [N k, H]
+        if one:  # [1, k] weights in the rows' (expert) order
+            w = weights.index_select(1, order)
+            if self.skip:
+                kept = expert < num
+                d, w = d.masked_fill(~kept[:, None], 0.0), w.masked_fill(~kept[None], 0.0)
+            w = as_dtype(w, d.dtype)
+            if base is None:
+                return torch.mm(w, d).mul_(scale) if scale != 1.0 else torch.mm(w, d)
+            return torch.addmm(base, w, d, alpha=scale)
         w = weights.reshape(-1).index_select(0, order)
         if self.skip:
             kept = expert < num
             d, w = d.masked_fill(~kept[:, None], 0.0), w.masked_fill(~kept, 0.0)
-        d = d * as_dtype(w, d.dtype)[:, None]
-        if one:
-            return d.sum(0, keepdim=True)
-        return torch.empty_like(d).index_copy_(0, order, d).view(n, k, -1).sum(1)
+        d = d * as_dtype(w if scale == 1.0 else w * scale, d.dtype)[:, None]
+        out = torch.empty_like(d).index_copy_(0, order, d).view(n, k, -1).sum(1)
+        return out if base is None else out + base
 
     def dense(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Every expert on every token ``[E, N, .]``, combined by the routing weights scattered to ``[N, E]`` (a
@@ -222,19 +243,24 @@ class MoE(nn.Module):
         With ``router_hidden``, ``x`` is the router state ``[N, R]`` and the router MLP runs in the weights'
         dtype (as ZAYA1); a chosen skip expert has index ``num_experts``.
         """
+        idx, w = self.choose(x, token_ids)
+        return idx, w * self.spec.routed_scaling
+
+    def choose(self, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`route` before the routed scaling (which :meth:`forward` leaves to the experts' combine)."""
         s = self.spec
         if s.router_norm:
             x = self.router_in_norm(x) * self.router_scale * self._root
         if s.router_hidden is not None:
             logits = self.router(self.router_mlp(x))
         else:
-            logits = as_fp32(x) @ as_fp32(self.router.weight).T
+            logits = F.linear(as_fp32(x), as_fp32(self.router.weight))
         if s.scoring == "softmax":
             scores = logits.softmax(-1)
         elif s.scoring == "sigmoid":
             scores = logits.sigmoid()
         else:  # sqrtsoftplus (DeepSeek V4)
-            scores = F.softplus(logits).sqrt()
+            scores = F.softplus(logits).sqrt_()
         if s.hash_routing:
             if token_ids is None:
                 raise ValueError("hash_routing: the token ids were not passed to the MoE")
@@ -251,7 +277,7 @@ class MoE(nn.Module):
         if s.expert_scale:
             scale = self.expert_scale.float()
             w = w * (torch.cat((scale, scale.new_ones(1))) if s.skip_expert else scale)[idx]
-        return idx, w * s.routed_scaling
+        return idx, w
 
     def forward(self, x: torch.Tensor, router_input: torch.Tensor | None = None,
                 carry: dict | None = None) -> torch.Tensor:
@@ -262,8 +288,6 @@ class MoE(nn.Module):
         rin = flat if router_input is None else router_input.reshape(-1, shape[-1])
         if self.spec.router_hidden is not None:
             rin = self.router_state(rin, carry, shape)
-        idx, w = self.route(rin, carry.get("input_ids") if carry is not None and self.spec.hash_routing else None)
-        out = self.experts(flat, idx, w)
-        if self.shared is not None:
-            out = out + self.shared(flat)
-        return out.reshape(shape)
+        idx, w = self.choose(rin, carry.get("input_ids") if carry is not None and self.spec.hash_routing else None)
+        shared = self.shared(flat) if self.shared is not None else None
+        return self.experts(flat, idx, w, self.spec.routed_scaling, shared).reshape(shape)
