@@ -3,7 +3,8 @@ transformers beside, the copy bandwidth as the limit; one plot per benchmark sha
 
 For each shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) it calls
 ``kvlab.bench.run_bench`` (the library function behind ``kvlab bench``) once per dtype with ``compile=True``
-(each context eager, then compiled) and, with ``--vs transformers``, once more for transformers' loop in fp32.
+(each context eager, then compiled; ``--eager-only``: no compiled lane) and, with ``--vs transformers``, once more
+for transformers' loop in fp32.
 The JSON (``--out``) is rewritten after every run, so a partial run keeps what it measured; ``--plot-only``
 redraws the plots from it. ``--profile SHAPE`` instead profiles one eager and one compiled decode step
 (torch.profiler) at the first context and prints where the time goes.
@@ -30,16 +31,16 @@ DTYPES = {"fp32": "float32", "bf16": "bfloat16"}
 
 
 def measure(shapes: list[Path], contexts: list[int], dtypes: list[str], vs: str | None, decode_tokens: int,
-            threads: int | None, out: Path) -> dict[str, Any]:
+            threads: int | None, out: Path, compile: bool = True) -> dict[str, Any]:
     from kvlab.bench import run_bench
 
     data: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {"runs": []}
     for shape in shapes:
         for d in dtypes:
-            print(f"{shape.stem} {d} eager + compiled ...", file=sys.stderr, flush=True)
+            print(f"{shape.stem} {d} eager{' + compiled' if compile else ''} ...", file=sys.stderr, flush=True)
             g = ground()
             r = run_bench(str(shape), contexts, decode_tokens=decode_tokens, dtype=DTYPES[d], threads=threads,
-                          progress=False, compile=True, log=lambda m: print(m, file=sys.stderr))
+                          progress=False, compile=compile, log=lambda m: print(m, file=sys.stderr))
             data["runs"].append({"shape": shape.stem, "what": f"kvlab {d}", **r, "ground": ground(g)})
             out.write_text(json.dumps(data, indent=1))
         if vs == "transformers":
@@ -307,6 +308,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--decode-tokens", type=int, default=16)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--vs", choices=["transformers"])
+    ap.add_argument("--eager-only", action="store_true",
+                    help="no compiled lane (one prefill per context instead of two, no compile)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "img" / "roofline.json")
     ap.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plots and the table from a JSON")
     ap.add_argument("--profile", type=Path, metavar="SHAPE", help="profile one eager and one compiled step")
@@ -326,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             ap.error(f"--dtypes {bad[0]!r}: one of {list(DTYPES)}")
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        data = measure(shapes, contexts, dtypes, args.vs, args.decode_tokens, args.threads, args.out)
+        data = measure(shapes, contexts, dtypes, args.vs, args.decode_tokens, args.threads, args.out,
+                       compile=not args.eager_only)
         img_dir = args.out.parent
     for p in plot(data, img_dir):
         print(f"wrote {p}", file=sys.stderr)
