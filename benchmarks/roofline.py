@@ -224,7 +224,7 @@ def table(data: dict[str, Any]) -> str:
             f"{f(c, 'achieved_bandwidth', 1e9, '.1f')} / {f(t, 'achieved_bandwidth', 1e9, '.1f')} | "
             f"{', '.join(bws) or '-'} | {share(e)} / {share(c)} / {share(t)} | {ratio(e, t)} | {ratio(c, t)} | "
             f"{f(e, 'prefill_tok_s', fmt='.0f')} / {f(t, 'prefill_tok_s', fmt='.0f')} | "
-            f"{f(c, 'first_step_s', fmt='.0f')} s | "
+            f"{f(c, 'first_step_s', fmt='.0f') + ' s' if c else '-'} | "
             f"{', '.join(str(n) for n in sorted({q['chunk'] for q in (e, c, t) if q}))} |")
     lines += ["", "| chunk | command | commit | UTC | wall | load (1 min) |", "|---|---|---|---|---|---|"]
     for i, ch in enumerate(chunks(data), 1):

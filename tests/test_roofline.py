@@ -15,10 +15,10 @@ def ground(command, start="2026-12-01 10:00:00", end="2026-12-01 10:02:00", wall
             "end_load": loads[1], "wall_s": wall}
 
 
-def kvlab_run(command, contexts, bw, step_s, dtype="float32", read=1e9):
+def kvlab_run(command, contexts, bw, step_s, dtype="float32", read=1e9, lanes=(False, True)):
     rows = []
     for ctx in contexts:
-        for compiled in (False, True):
+        for compiled in lanes:
             s = step_s / (1.25 if compiled else 1.0)
             rows.append({"context": ctx, "compiled": compiled, "decode_tok_s": 1 / s, "bytes_read_per_step": read,
                          "achieved_bandwidth": read / s, "prefill_tok_s": 100.0,
@@ -59,6 +59,8 @@ def test_the_table_gives_shares_ratios_and_each_chunks_ground(roofline):
     bf16 = next(line for line in text.splitlines() if "| bfloat16 | 16K |" in line)
     assert "/ - |" in bf16 and "| 20% / 25% / - |" in bf16  # no transformers lane in bf16
     assert "| 1 | `a` | abc1234 | 12-01 10:00-10:02 | 240 s | 1.0-2.0 |" in text  # kvlab + transformers runs
+    eager_only = roofline.table({"runs": [kvlab_run("d", [4096], 10e9, 0.2, lanes=(False,))]})
+    assert "| 5.00 / - / - | 5.0 / - / - | 10.0 | 50% / - / - | - | - | 100 / - | - | 1 |" in eager_only
     assert roofline.fmt_ctx(32752) == "~32K" and roofline.fmt_ctx(16384) == "16K"
 
 
