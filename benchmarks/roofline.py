@@ -162,9 +162,9 @@ def plot(data: dict[str, Any], img_dir: Path) -> list[Path]:
                 if lane != "compiled":
                     ax_pre.plot(xs, [q["prefill_tok_s"] for q in rows], style, color=c, label=label)
                 if lane == "eager":
-                    ax_tok.plot(xs, [q["copy_bandwidth"] / q["bytes_read_per_step"] for q in rows], ":", color=color,
+                    ax_tok.plot(xs, [q["copy_bandwidth"] / q["bytes_read_per_step"] for q in rows], ":x", color=color,
                                 lw=2.5, alpha=0.45, label=f"limit {dtype}: copy bw / bytes per step")
-                    ax_bw.plot(xs, [q["copy_bandwidth"] / 1e9 for q in rows], ":", color=color, lw=2.5, alpha=0.45,
+                    ax_bw.plot(xs, [q["copy_bandwidth"] / 1e9 for q in rows], ":x", color=color, lw=2.5, alpha=0.45,
                                label=f"copy bw ({dtype} runs)")
         for ax, title, unit in ((ax_tok, "decode", "tok/s"), (ax_bw, "decode: achieved read bandwidth", "GB/s"),
                                 (ax_pre, "prefill (chunks of 512)", "tok/s")):
