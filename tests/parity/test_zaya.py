@@ -94,14 +94,14 @@ def test_logits_match(pair: tuple[Any, kvlab.Model], monkeypatch: pytest.MonkeyP
     ids, mask = left_padded_batch(hf.config.vocab_size, LENGTHS)
     want = hf_logits(hf, ids, mask)  # positions as transformers' generate uses them
     chosen: list[torch.Tensor] = []
-    route = MoE.route
+    choose = MoE.choose  # the experts each token goes to (MoE.forward's call; MoE.route adds the routed scaling)
 
     def spy(self: MoE, x: torch.Tensor, token_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        idx, w = route(self, x, token_ids)
+        idx, w = choose(self, x, token_ids)
         chosen.append(idx)
         return idx, w
 
-    monkeypatch.setattr(MoE, "route", spy)
+    monkeypatch.setattr(MoE, "choose", spy)
     got = model(ids, attention_mask=mask)
     skip = torch.cat(chosen) == hf.config.num_experts
     assert 0 < skip.float().mean() < 0.5  # the skip expert is exercised, and not everywhere
