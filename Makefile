@@ -27,9 +27,10 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
+# two pytest processes (pytest-xdist), one per test file at a time: a file's module fixtures (the real models) load once
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile
 
 clean:
 	rm -rf out build dist *.egg-info
