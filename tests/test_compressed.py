@@ -12,6 +12,7 @@ from helpers import random_model
 import kvlab
 from kvlab.config import CompressSpec, LayerSpec, ModelConfig
 from kvlab.kinds.compressed import visible_sum
+from kvlab.layers import compressed as compressed_mod
 from kvlab.layers.compressed import CompressedAttention, rope_tables, rotate_tail
 from kvlab.layers.core import Step
 from kvlab.layers.rope import rotate_part
@@ -126,6 +127,31 @@ def test_equals_naive_causal_oracle(which, ties):
     x = torch.randn(2, 23, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
     got = att(x, Step(start=0, qpos=torch.arange(23), pad=None), which)
     torch.testing.assert_close(got, naive(att, x), atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("which", [0, 1, 2, 3])
+def test_query_blocks_of_one_window(which, monkeypatch):
+    """A chunk's queries attend in blocks of one window (kvlab.layers.compressed._MIN_BLOCK lowered so the tiny
+    windows split a chunk): each block reads only the rows its window reaches (the ring held before the call while
+    it can still be seen, then this call's rows from the block's first query less the window); equal to the
+    oracle, and a chunked prefill (chunks of 9 after 7: the ring, then a gap to the rows) to the whole forward."""
+    monkeypatch.setattr(compressed_mod, "_MIN_BLOCK", 1)
+    cfg = config()
+    model = random_model(cfg, seed=which)
+    att = model.layers[which].attn
+    x = torch.randn(2, 23, cfg.hidden_size, generator=torch.Generator().manual_seed(5))
+    got = att(x, Step(start=0, qpos=torch.arange(23), pad=None), which)
+    torch.testing.assert_close(got, naive(att, x), atol=2e-5, rtol=1e-4)
+    ids = torch.randint(0, cfg.vocab_size, (2, 25), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(2, max_length=25)
+    outs = [model(ids[:, a:b], cache=cache) for a, b in ((0, 7), (7, 16), (16, 25))]
+    torch.testing.assert_close(torch.cat(outs, 1), model(ids), atol=1e-5, rtol=0)
+    pad = torch.tensor([0, 6])  # left-padded rows, chunks of 9: each equals the row alone
+    cache = model.new_cache(2, max_length=27)
+    cache.set_padding(pad)
+    out = torch.cat([model(ids[:, a:a + 9], cache=cache) for a in range(0, 25, 9)], 1)
+    for r, p in enumerate(pad.tolist()):
+        torch.testing.assert_close(out[r, p:], model(ids[r:r + 1, p:])[0], atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("mhc", [None, 2])

@@ -46,6 +46,8 @@ from .norm import RMSNorm
 from .rope import inv_freq_and_scale, rotate_part
 
 _BLOCK_ELEMENTS = 1 << 22  # score elements per query block (bounds the memory of one block)
+_WINDOW_BLOCKS = 1  # queries per block, in windows: a block of Q queries scores Q + window - 1 window rows
+_MIN_BLOCK = 32  # queries per block at least (a short window does not split a chunk into tiny blocks)
 
 
 def rope_tables(inv: torch.Tensor, scale: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -383,20 +385,21 @@ class CompressedAttention(nn.Module):
         out = torch.empty(b, h, t, d, dtype=q.dtype, device=q.device)
         n_all = entries.shape[1] if entries is not None else 0
         per_query = h * (2 * s.window + (c.index_topk if self.csa else n_all)) + (ix.heads * n_all if self.csa else 0)
-        blk = max(1, min(t, _BLOCK_ELEMENTS // max(1, b * per_query)))
+        blk = max(1, min(t, _BLOCK_ELEMENTS // max(1, b * per_query), max(_MIN_BLOCK, _WINDOW_BLOCKS * s.window)))
         pmin = 0 if pad is None else int(pad.min())  # the least padded row (a prefill call's host read)
         for a in range(0, t, blk):
             e = min(t, a + blk)
             qp = qpos[a:e]
             lo = max(0, a - s.window + 1)
-            # window rows: the previously held ring (only while it can still be seen) and this call's rows
-            if ring and lo and a < max(1, s.window - 1):  # a gap between the ring and this block's rows
+            # window rows: the previously held ring (only while it can still be seen: every ring row is before this
+            # call's first position, out of the window of a query window - 1 or more past it) and this call's rows
+            if not ring or a >= s.window - 1:
+                keys, kp = kw[:, :, ring + lo:ring + e], kpos[ring + lo:ring + e]
+            elif lo:  # a gap between the ring and this block's rows
                 keys = torch.cat((kw[:, :, :ring], kw[:, :, ring + lo:ring + e]), dim=2)
                 kp = torch.cat((kpos[:ring], kpos[ring + lo:ring + e]))
-            elif ring:  # the ring and the rows up to this block's last: one view, no copy
+            else:  # the ring and the rows up to this block's last: one view, no copy
                 keys, kp = kw[:, :, :ring + e], kpos[:ring + e]
-            else:
-                keys, kp = kw[:, :, lo:e], kpos[lo:e]
             ok = visible_keys(qp, kp, s.window)[None]  # [B|1, Q, Lw]
             rowq = qp[None] if pad is None else qp[None] - pad[:, None]  # [B|1, Q] the rows' own positions
             if pad is not None:  # a row's padding keys are not written for it
