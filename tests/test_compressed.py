@@ -129,13 +129,17 @@ def test_equals_naive_causal_oracle(which, ties):
     torch.testing.assert_close(got, naive(att, x), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("dense_topk", [0, 1000])
 @pytest.mark.parametrize("which", [0, 1, 2, 3])
-def test_query_blocks_of_one_window(which, monkeypatch):
+def test_query_blocks_of_one_window(which, dense_topk, monkeypatch):
     """A chunk's queries attend in blocks of one window (kvlab.layers.compressed._MIN_BLOCK lowered so the tiny
     windows split a chunk): each block reads only the rows its window reaches (the ring held before the call while
     it can still be seen, then this call's rows from the block's first query less the window); equal to the
-    oracle, and a chunked prefill (chunks of 9 after 7: the ring, then a gap to the rows) to the whole forward."""
+    oracle, and a chunked prefill (chunks of 9 after 7: the ring, then a gap to the rows) to the whole forward.
+    CSA both ways: each query's chosen entries gathered (``_DENSE_TOPK`` 0) and every entry scored, the top-k a
+    mask (1000)."""
     monkeypatch.setattr(compressed_mod, "_MIN_BLOCK", 1)
+    monkeypatch.setattr(compressed_mod, "_DENSE_TOPK", dense_topk)
     cfg = config()
     model = random_model(cfg, seed=which)
     att = model.layers[which].attn

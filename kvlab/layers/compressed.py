@@ -20,10 +20,11 @@ indexer ``I(t, w) = sum_h u_{t,h} relu(qI_{t,h} . KI_w) / sqrt(dI)``, ``u = W_u 
 (rotated at ``t``), ``KI`` the indexer's own overlapping compressor at ``index_head_dim``. **Causal**: each
 query ranks only the entries complete at its position (the transformers reference does too in its masks).
 
-The queries are processed in blocks: each block reads the window rows it can see, and (CSA) gathers its
-``top-k`` entries, so time and memory are linear in the sequence for a fixed window and ``top-k``
+The queries are processed in blocks of one window: each block reads the window rows it can see, and (CSA) gathers
+each query's ``top-k`` entries, so time and memory are linear in the sequence for a fixed window and ``top-k``
 (the indexer's scores, ``T x T/m`` multiply-adds at ``index_head_dim``, are the only term that grows faster,
-computed block by block). With left padding each row compresses its own tokens, its blocks aligned to its
+computed block by block). While the entries are few (up to ``_DENSE_TOPK`` times ``top-k``) CSA scores every visible
+entry by one matmul and keeps the chosen ones by a mask instead: cheaper than copying ``top-k`` entries per query. With left padding each row compresses its own tokens, its blocks aligned to its
 first token, so a padded row equals the row alone (all rows at once: each row's tokens gathered into place).
 Arithmetic follows transformers' ``DeepseekV4Attention`` (module names too, but ``indexer.scorer.weights_proj``
 -> ``indexer.weights_proj``); ties among indexer scores go to the earlier entry (a stable sort).
@@ -47,7 +48,17 @@ from .rope import inv_freq_and_scale, rotate_part
 
 _BLOCK_ELEMENTS = 1 << 22  # score elements per query block (bounds the memory of one block)
 _WINDOW_BLOCKS = 1  # queries per block, in windows: a block of Q queries scores Q + window - 1 window rows
+_DENSE_TOPK = 6  # CSA scores every visible entry (a mask keeps the top-k) up to this many times top-k, gathers beyond
 _MIN_BLOCK = 32  # queries per block at least (a short window does not split a chunk into tiny blocks)
+
+
+def _rows_matmul(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, Q, K] @ y [B, K, N]`` (one ``y`` per row, shared by its heads) -> ``[B, H, Q, N]`` by one batched
+    matmul over the rows, so a row is multiplied by the same kernel whatever the batch (a batch of one would
+    otherwise fold into one plain matmul, whose sums round differently: a padded row then differs from the row alone
+    in the last bits, which a quantized cache can turn into a different code)."""
+    b, h, q, k = x.shape
+    return torch.bmm(x.reshape(b, h * q, k), y).view(b, h, q, -1)
 
 
 def rope_tables(inv: torch.Tensor, scale: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -384,7 +395,8 @@ class CompressedAttention(nn.Module):
         sinks = self.sinks.float() if s.sinks else None
         out = torch.empty(b, h, t, d, dtype=q.dtype, device=q.device)
         n_all = entries.shape[1] if entries is not None else 0
-        per_query = h * (2 * s.window + (c.index_topk if self.csa else n_all)) + (ix.heads * n_all if self.csa else 0)
+        dense = not self.csa or n_all <= _DENSE_TOPK * c.index_topk  # every entry scored (CSA: top-k as a mask)
+        per_query = h * (2 * s.window + (n_all if dense else c.index_topk)) + (ix.heads * n_all if self.csa else 0)
         blk = max(1, min(t, _BLOCK_ELEMENTS // max(1, b * per_query), max(_MIN_BLOCK, _WINDOW_BLOCKS * s.window)))
         pmin = 0 if pad is None else int(pad.min())  # the least padded row (a prefill call's host read)
         for a in range(0, t, blk):
@@ -422,12 +434,19 @@ class CompressedAttention(nn.Module):
                 else:
                     val, idx = isc, torch.arange(nv, device=q.device).expand_as(isc)
                 valid = val > float("-inf")  # [B, Q, k]
-                if b == 1:  # one row: index_select copies the chosen rows faster than advanced indexing (1.6x)
-                    sel = entries[0, :nv].index_select(0, idx.reshape(-1)).view(*idx.shape, -1)  # [B, Q, k, D]
+                gathered = nv > _DENSE_TOPK * k
+                if not gathered:  # few entries: every one scored by one matmul, the chosen ones kept by a mask
+                    sel = entries[:, :nv]
+                    chosen = torch.zeros(isc.shape, dtype=torch.bool, device=q.device).scatter_(-1, idx, valid)
+                    sc = _rows_matmul(q[:, :, a:e], sel.transpose(-1, -2)).float() * s.scale
+                    sc = sc.masked_fill_(~chosen[:, None], float("-inf"))
                 else:
-                    sel = entries[:, :nv][torch.arange(b, device=q.device)[:, None, None], idx]
-                sc = torch.einsum("bhqd,bqkd->bhqk", q[:, :, a:e], sel).float() * s.scale
-                sc = sc.masked_fill_(~valid[:, None], float("-inf"))
+                    if b == 1:  # one row: index_select copies the chosen rows faster than advanced indexing (1.6x)
+                        sel = entries[0, :nv].index_select(0, idx.reshape(-1)).view(*idx.shape, -1)  # [B, Q, k, D]
+                    else:
+                        sel = entries[:, :nv][torch.arange(b, device=q.device)[:, None, None], idx]
+                    sc = torch.einsum("bhqd,bqkd->bhqk", q[:, :, a:e], sel).float() * s.scale
+                    sc = sc.masked_fill_(~valid[:, None], float("-inf"))
             elif nv:
                 sel = entries[:, :nv]
                 sc = (q[:, :, a:e] @ sel.transpose(-1, -2)[:, None]).float() * s.scale
@@ -441,8 +460,10 @@ class CompressedAttention(nn.Module):
             o = p[..., :lw] @ keys  # V = K
             if sc is not None:
                 pc = p[..., lw:lw + sc.shape[-1]]
-                if self.csa:
+                if self.csa and gathered:
                     o = o + torch.einsum("bhqk,bqkd->bhqd", pc, sel)
+                elif self.csa:
+                    o = o + _rows_matmul(pc, sel)
                 else:
                     o = o + pc @ sel[:, None]
             out[:, :, a:e] = o
