@@ -71,6 +71,11 @@ def _lib() -> ctypes.CDLL:
     return lib
 
 
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    """``t.float().contiguous()`` without a dispatched call when it is already so (a read's fp32 parameters)."""
+    return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
 def _sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """``[..., n, n]`` logits -> doubly stochastic ``[..., n, n]`` float32 (kvlab/layers/mhc.py ``sinkhorn``)."""
     n = logits.shape[-1]
@@ -109,7 +114,7 @@ def read(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
     if x.dtype != torch.float32 or w.shape != (width, n * d) or scale.numel() != 3 or bias.numel() != width:
         raise ValueError(f"kvlab mhc read: x float32 [..., n, D], w [(2 + n) n, n D], scale [3], bias [(2 + n) n], got "
                          f"{x.dtype} {tuple(x.shape)}, {tuple(w.shape)}, {tuple(scale.shape)}, {tuple(bias.shape)}")
-    x, w, scale, bias = x.contiguous(), w.float().contiguous(), scale.float().contiguous(), bias.float().contiguous()
+    x, w, scale, bias = x.contiguous(), _f32(w), _f32(scale), _f32(bias)  # fp32 parameters: no call each
     mix = x.new_empty(*x.shape[:-2], d)
     out = x.new_empty(*x.shape[:-2], width)
     if _lib().kvlab_mhc_read(x.data_ptr(), w.data_ptr(), scale.data_ptr(), bias.data_ptr(), mix.data_ptr(),
