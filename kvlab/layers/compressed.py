@@ -26,6 +26,8 @@ each query's ``top-k`` entries, so time and memory are linear in the sequence fo
 computed block by block). While the entries are few (up to ``_DENSE_TOPK`` times ``top-k``) CSA scores every visible
 entry by one matmul and keeps the chosen ones by a mask instead: cheaper than copying ``top-k`` entries per query. With left padding each row compresses its own tokens, its blocks aligned to its
 first token, so a padded row equals the row alone (all rows at once: each row's tokens gathered into place).
+An eager decode step on a plain float32 CPU cache whose ring is full (no padding) runs the attention, from the
+query's norm to the output's inverse rotation, as one C++ call (kvlab/layers/compressed_kernel.py).
 Arithmetic follows transformers' ``DeepseekV4Attention`` (module names too, but ``indexer.scorer.weights_proj``
 -> ``indexer.weights_proj``); ties among indexer scores go to the earlier entry (a stable sort).
 """
@@ -40,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import LayerSpec
+from . import compressed_kernel
 from .blocked import Cat, dense, is_blocked, pick, scores, with_heads
 from .cast import as_fp32
 from .core import attend, softmax_with_sink, stable_topk, visible_keys, visible_mask
@@ -330,18 +333,13 @@ class CompressedAttention(nn.Module):
     def forward(self, x: torch.Tensor, step, index: int, store=None) -> torch.Tensor:
         s, c = self.spec, self.cspec
         b, t, _ = x.shape
-        h, d = s.num_heads, s.head_dim
+        h = s.num_heads
         start, qpos, pad = step.start, step.qpos, step.pad
         pos = qpos if pad is None else (qpos[None] - pad[:, None]).clamp(min=0)  # rotary positions
         rope = self._rope_on(x.device)
         tab = self._tables(step, pos, rope)  # once for q, kv, indexer, output (and the layers of the same rope)
         cq = self.q_a_norm(self.q_a_proj(x))
-        q = self.q_b_proj(cq).view(b, t, h, d).transpose(1, 2)
-        if q.dtype == torch.float32:  # one operator, the same arithmetic
-            q = F.rms_norm(q, (d,), eps=self.eps)
-        else:
-            q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
-        q = self._rot(q, tab)
+        qb = self.q_b_proj(cq)  # [B, T, H D] before the query's norm and rotation
         kv = self._rot(self.kv_norm(self.kv_proj(x)), tab)[:, None]  # [B, 1, T, D]
         if store is not None:  # a quantized ring's decode step: a blocked reader (kvlab/layers/blocked.py)
             kw, _, kpos = store.append(kv, kv[..., :0], start)
@@ -349,34 +347,63 @@ class CompressedAttention(nn.Module):
         else:
             kw, kpos = kv, qpos
         ix = self.compressor.indexer if self.csa else None
-        iq = iw = None
-        if self.csa:
-            iq = self._rot(ix.q_b_proj(cq).view(b, t, ix.heads, ix.dim).transpose(1, 2), tab)  # [B, HI, T, dI]
-            iw = as_fp32(ix.weights_proj(x)) * ix.heads ** -0.5  # [B, T, HI]
+        iqb = ix.q_b_proj(cq) if self.csa else None  # [B, T, HI dI] before its rotation
+        iwb = ix.weights_proj(x) if self.csa else None  # [B, T, HI] before 1 / sqrt(HI)
         pool = store.pool if store is not None else None
         ipool = store.index if store is not None and self.csa else None
         if store is not None and t == 1:  # a decode step: tensor operations over the rows, no host read
+            eager = pad is None and not torch.compiler.is_compiling()
             rowpos = (torch.full((b,), start, device=x.device) if pad is None else start - pad)
             entries = ikeys = nvis = None
             if self.compressor is not None:
                 n = (start + 1) // c.ratio  # entries the row with the least padding holds
-                at = start if pad is None and not torch.compiler.is_compiling() else None  # eager: skip the pooling
+                at = start if eager else None  # eager: skip the pooling
                 entries, nvis = self.compressor.step(x, rowpos, pool, rope, n, at)
                 if self.csa:
                     ikeys = ix.step(x, rowpos, ipool, rope, n, at)[0]
-            every = pad is None and start >= s.window - 1 and not torch.compiler.is_compiling()
+            every = eager and start >= s.window - 1
+            if every and compressed_kernel.applies(x, kw, entries, ikeys):  # one C++ call (compressed_kernel.py)
+                cos, sin = (None, None) if tab is None else tab[:2]
+                out = compressed_kernel.step(qb, kw, entries, ikeys, iqb, iwb, c.index_topk, cos, sin,
+                                             self.sinks if s.sinks else None, h, self.eps, s.scale)
+                return self._project(out, b, t)
+            q, iq, iw = self._queries(qb, iqb, iwb, tab, b, t)
             out = self._attend_step(q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw, every)
         elif self.compressor is None:  # swa: the window branch alone
+            q, iq, iw = self._queries(qb, iqb, iwb, tab, b, t)
             out = self._attend(q, kw, kpos, qpos, start, None, None, None, None, pad)
         elif pad is None:
+            q, iq, iw = self._queries(qb, iqb, iwb, tab, b, t)
             entries = self.compressor.update(x, start, pool, rope)
             ikeys = ix.update(x, start, ipool, rope) if self.csa else None
             out = self._attend(q, kw, kpos, qpos, start, entries, ikeys, iq, iw)
         else:  # left padding: each row compresses its own tokens, blocks aligned to its first token (all rows at once)
+            q, iq, iw = self._queries(qb, iqb, iwb, tab, b, t)
             entries = self.compressor.update_padded(x, start, pad, pool, rope)
             ikeys = ix.update_padded(x, start, pad, ipool, rope) if self.csa else None
             out = self._attend(q, kw, kpos, qpos, start, entries, ikeys, iq, iw, pad)
-        out = self._rot(out, tab, inverse=True).transpose(1, 2)  # [B, T, H, D]
+        return self._project(self._rot(out, tab, inverse=True).transpose(1, 2), b, t)
+
+    def _queries(self, qb: torch.Tensor, iqb: torch.Tensor | None, iwb: torch.Tensor | None, tab, b: int, t: int
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """The queries ``q [B, H, T, D]`` (each head normed without a weight, rotated) from ``qb [B, T, H D]``; CSA's
+        indexer query ``[B, HI, T, dI]`` (rotated) and head weights ``[B, T, HI]`` (fp32, times ``1 / sqrt(HI)``)."""
+        h, d = self.spec.num_heads, self.spec.head_dim
+        q = qb.view(b, t, h, d).transpose(1, 2)
+        if q.dtype == torch.float32:  # one operator, the same arithmetic
+            q = F.rms_norm(q, (d,), eps=self.eps)
+        else:
+            q = q * torch.rsqrt(q.float().square().mean(-1, keepdim=True) + self.eps).to(q.dtype)
+        q = self._rot(q, tab)
+        if iqb is None:
+            return q, None, None
+        ix = self.compressor.indexer
+        iq = self._rot(iqb.view(b, t, ix.heads, ix.dim).transpose(1, 2), tab)  # [B, HI, T, dI]
+        return q, iq, as_fp32(iwb) * ix.heads ** -0.5
+
+    def _project(self, out: torch.Tensor, b: int, t: int) -> torch.Tensor:
+        """The grouped output projection of the attention output ``[B, T, H, D]`` -> ``[B, T, hidden]``."""
+        h, d, c = self.spec.num_heads, self.spec.head_dim, self.cspec
         g = c.o_groups
         w = self.o_a_proj.weight.view(g, -1, h * d // g)  # [G, rank, in]
         y = torch.einsum("btgi,gri->btgr", out.reshape(b, t, g, -1), w)
