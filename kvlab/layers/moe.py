@@ -6,7 +6,8 @@ a fixed token-id -> experts table instead of a choice (DeepSeek V4's hash-routed
 weights, routed scaling, always-on shared experts, SwiGLU pre-activations clipped at a limit (DeepSeek V4), a
 router that reads the normalised residual stream with a learned scale and per-expert output scales (Gemma 4), a
 router MLP in a narrow router space that can carry the previous layer's router state, and a skip expert that
-computes nothing (ZAYA1).
+computes nothing (ZAYA1). One token in an eager float32 CPU step (a batch-1 decode) runs its chosen experts and the
+shared expert as one C++ call (kvlab/layers/moe_kernel.py).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import MoESpec
+from . import moe_kernel
 from .cast import as_dtype, as_fp32
 from .mlp import GatedMLP, activation
 from .norm import RMSNorm
@@ -62,7 +64,7 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(num, hidden, width))
         for p in (self.gate_proj, self.up_proj, self.down_proj):
             nn.init.normal_(p, std=0.02)
-        self.act = activation(act)
+        self.act, self.act_name = activation(act), act
         self._groups = torch.arange(num)  # the expert indices [E] (grouped's searchsorted), not a parameter
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, scale: float = 1.0,
@@ -289,5 +291,8 @@ class MoE(nn.Module):
         if self.spec.router_hidden is not None:
             rin = self.router_state(rin, carry, shape)
         idx, w = self.choose(rin, carry.get("input_ids") if carry is not None and self.spec.hash_routing else None)
+        if moe_kernel.applies(flat, self.experts, self.shared, self.experts.act_name):  # one token: one C++ call
+            return moe_kernel.step(flat, idx, w, self.experts, self.shared, self.experts.act_name,
+                                   self.spec.routed_scaling).reshape(shape)
         shared = self.shared(flat) if self.shared is not None else None
         return self.experts(flat, idx, w, self.spec.routed_scaling, shared).reshape(shape)

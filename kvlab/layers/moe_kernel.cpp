@@ -1,0 +1,133 @@
+// One token's mixture of experts on the CPU: its k chosen experts (and the shared expert) read where they lie, one
+// call: kvlab/layers/moe_kernel.py. Plain C++17, float32 throughout.
+
+#include <cmath>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum(__m256 v) {
+    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
+    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
+}
+
+// y [rows] = W [rows, cols] (row-major) x [cols], four rows a pass (four streams of the weights at once, 8 lanes)
+void gemv(const float* w, const float* x, float* y, int rows, int cols) {
+    const int body = cols - cols % 8;
+    int i = 0;
+    for (; i + 4 <= rows; i += 4) {
+        const float* w0 = w + static_cast<long>(i) * cols;
+        const float* w1 = w0 + cols;
+        const float* w2 = w1 + cols;
+        const float* w3 = w2 + cols;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (int c = 0; c < body; c += 8) {
+            const __m256 v = _mm256_loadu_ps(x + c);
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), v, a0);
+            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), v, a1);
+            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), v, a2);
+            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), v, a3);
+        }
+        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
+        for (int c = body; c < cols; ++c) {
+            s0 += w0[c] * x[c];
+            s1 += w1[c] * x[c];
+            s2 += w2[c] * x[c];
+            s3 += w3[c] * x[c];
+        }
+        y[i] = s0;
+        y[i + 1] = s1;
+        y[i + 2] = s2;
+        y[i + 3] = s3;
+    }
+    for (; i < rows; ++i) {
+        const float* wr = w + static_cast<long>(i) * cols;
+        __m256 a = _mm256_setzero_ps();
+        for (int c = 0; c < body; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(wr + c), _mm256_loadu_ps(x + c), a);
+        float s = hsum(a);
+        for (int c = body; c < cols; ++c) s += wr[c] * x[c];
+        y[i] = s;
+    }
+}
+#else
+// y [rows] = W [rows, cols] (row-major) x [cols], 8 partial sums a row
+void gemv(const float* w, const float* x, float* y, int rows, int cols) {
+    for (int i = 0; i < rows; ++i) {
+        const float* wr = w + static_cast<long>(i) * cols;
+        float a[8] = {};
+        int c = 0;
+        for (; c + 8 <= cols; c += 8)
+            for (int l = 0; l < 8; ++l) a[l] += wr[c + l] * x[c + l];
+        float s = 0.f;
+        for (int l = 0; l < 8; ++l) s += a[l];
+        for (; c < cols; ++c) s += wr[c] * x[c];
+        y[i] = s;
+    }
+}
+#endif
+
+float act(float v, int kind) {
+    switch (kind) {
+        case 0: return v / (1.f + std::exp(-v));  // silu
+        case 1: {  // gelu, tanh approximation
+            const float inner = 0.7978845608028654f * (v + 0.044715f * v * v * v);
+            return 0.5f * v * (1.f + std::tanh(inner));
+        }
+        default: return 0.5f * v * (1.f + std::erf(v * 0.7071067811865476f));  // gelu
+    }
+}
+
+// h [width] = act(min(g, limit)) * clamp(u, -limit, limit) (no clamps without a limit), g = G x, u = U x; y = D h
+void expert(const float* g_w, const float* u_w, const float* d_w, const float* x, int hidden, int width, int kind,
+            bool clip, float limit, float* g, float* u, float* y) {
+    gemv(g_w, x, g, width, hidden);
+    gemv(u_w, x, u, width, hidden);
+    for (int i = 0; i < width; ++i) {
+        float a = g[i], b = u[i];
+        if (clip) {
+            a = a < limit ? a : limit;
+            b = b < -limit ? -limit : (b > limit ? limit : b);
+        }
+        g[i] = act(a, kind) * b;
+    }
+    gemv(d_w, g, y, hidden, width);
+}
+
+}  // namespace
+
+extern "C" {
+
+int kvlab_moe_version() { return 1; }
+
+// out [H] = shared(x) + alpha sum_j w_j expert_{idx_j}(x) for one token x [H]: experts gate / up [E, I, H], down
+// [E, H, I] (an index >= E, a skip expert, adds nothing), the shared expert's gate / up [S, H], down [H, S] (S = 0:
+// none, 0 instead of its output). act: 0 silu, 1 gelu (tanh), 2 gelu. clip: the SwiGLU limit applies. 0: done.
+int kvlab_moe_step(const float* x, int hidden, const long* idx, const float* w, int k, int num, int width,
+                   const float* gate, const float* up, const float* down, int shared, const float* s_gate,
+                   const float* s_up, const float* s_down, int kind, int clip, float limit, float alpha, float* out) {
+    if (hidden < 1 || k < 0 || num < 1 || width < 1 || shared < 0 || kind < 0 || kind > 2) return 1;
+    const int wide = width > shared ? width : shared;
+    std::vector<float> g(wide), u(wide), y(hidden), acc(hidden, 0.f);
+    const long per = static_cast<long>(width) * hidden;
+    for (int j = 0; j < k; ++j) {
+        const long e = idx[j];
+        if (e < 0 || e >= num) continue;  // a skip expert (ZAYA1)
+        expert(gate + e * per, up + e * per, down + e * per, x, hidden, width, kind, clip, limit, g.data(), u.data(),
+               y.data());
+        const float wj = w[j];
+        for (int c = 0; c < hidden; ++c) acc[c] += wj * y[c];
+    }
+    if (shared)
+        expert(s_gate, s_up, s_down, x, hidden, shared, kind, clip, limit, g.data(), u.data(), out);
+    else
+        for (int c = 0; c < hidden; ++c) out[c] = 0.f;
+    for (int c = 0; c < hidden; ++c) out[c] += alpha * acc[c];
+    return 0;
+}
+
+}  // extern "C"

@@ -1,0 +1,94 @@
+"""One token's routed experts and shared expert (kvlab/layers/moe.py) as one hand-written C++ call
+(kvlab/layers/moe_kernel.cpp) on the CPU: an eager decode step of batch 1.
+
+Why: torch's CPU ``grouped_mm`` (the path :meth:`kvlab.layers.moe.Experts.grouped` takes for a few tokens) loops over
+all E experts' groups per call, each a few dispatched operators even for an expert no token chose (about 2,300 of
+DeepSeek V4's MoE's 3,224 aten events a step, 0.15 ms), and the token's experts took 16 more operators a layer
+around it (the sort, the group ends, the repeat, the clamps, the activation, the combine), the shared expert 7:
+their dispatch, not their bytes, was the cost (docs/performance.md). Here, for the token's k experts (the router's
+indices, read where they lie: no host read, no copy of the weights) and the shared expert: the matrix-vector
+products (four rows a pass), the SwiGLU / GeGLU with the optional clip (``gate <= limit``, ``|up| <= limit``), and
+``shared(x) + alpha sum_j w_j expert_j(x)`` (``alpha`` the routed scaling) — the bytes the grouped path reads, in one
+call. A chosen index ``E`` (ZAYA1's skip expert) adds nothing. Numerics: float32, the products summed in another
+order than torch's GEMV (within 1e-5 of the torch path: tests/test_moe_kernel.py).
+
+Taken when (:func:`applies`): one token, eager (not traced), float32 weights and input on the CPU, contiguous, no
+autograd, no biases on the shared expert. Otherwise, and when the kernel cannot be built (one warning) or
+``KVLAB_MOE_KERNEL=0``, the torch paths. Build: kvlab/layers/cpp_build.py.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import cpp_build
+
+SOURCE = Path(__file__).with_name("moe_kernel.cpp")
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
+ENABLED = os.environ.get("KVLAB_MOE_KERNEL", "1") not in ("0", "off", "false", "no")
+ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}  # the kernel's codes (kvlab/layers/mlp.py's names)
+_P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
+
+def kernel() -> cpp_build.Library:
+    """The kernel's library (built and loaded at first use)."""
+    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_moe_version", 1), {
+        "kvlab_moe_step": ([_P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _F, _F, _P], _I),
+    }, "MoE runs its torch paths")
+
+
+KERNEL = kernel()
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernel (built on first use); None when it cannot be (warned once) or :data:`ENABLED` is off."""
+    return KERNEL.get() if ENABLED else None
+
+
+def _fits(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+
+
+def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: str) -> bool:
+    """The kernel takes this call: one token ``x [1, H]``, eager, no autograd, ``x``, the experts' and the shared
+    expert's weights float32 contiguous on the CPU (no biases), an activation it knows, the kernel on and loaded."""
+    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and _fits(x) and not torch.compiler.is_compiling()):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or experts.gate_proj.requires_grad):
+        return False
+    mats = [experts.gate_proj, experts.up_proj, experts.down_proj]
+    if shared is not None:
+        lin = (shared.gate_proj, shared.up_proj, shared.down_proj)
+        if any(m.bias is not None for m in lin) or shared.limit != experts.limit:
+            return False
+        mats += [m.weight for m in lin]
+    return all(_fits(m) for m in mats) and library() is not None
+
+
+def step(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: nn.Module, shared: nn.Module | None,
+         act: str, alpha: float) -> torch.Tensor:
+    """``x [1, H]``, the router's ``idx [1, k]`` (int64) and ``weights [1, k]`` (before ``alpha``) -> ``[1, H]``:
+    ``shared(x) + alpha sum_j weights_j expert_{idx_j}(x)`` (:func:`applies` first)."""
+    num, width, hidden = experts.gate_proj.shape
+    idx = idx if idx.dtype == torch.int64 and idx.is_contiguous() else idx.long().contiguous()
+    weights = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
+    out = x.new_empty(1, hidden)
+    s = shared.gate_proj.weight if shared is not None else None
+    limit = experts.limit
+    rc = KERNEL.lib.kvlab_moe_step(
+        x.data_ptr(), hidden, idx.data_ptr(), weights.data_ptr(), idx.shape[-1], num, width,
+        experts.gate_proj.data_ptr(), experts.up_proj.data_ptr(), experts.down_proj.data_ptr(),
+        0 if s is None else s.shape[0], None if s is None else s.data_ptr(),
+        None if s is None else shared.up_proj.weight.data_ptr(), None if s is None else shared.down_proj.weight.data_ptr(),
+        ACTIVATIONS[act], limit is not None, 0.0 if limit is None else limit, alpha, out.data_ptr())
+    if rc:
+        raise ValueError(f"kvlab moe step: arguments refused (x {tuple(x.shape)}, idx {tuple(idx.shape)}, experts "
+                         f"{num} x {width} x {hidden}, activation {act!r})")
+    return out
+
+
+__all__ = ["ACTIVATIONS", "ENABLED", "applies", "library", "step"]

@@ -1,0 +1,129 @@
+"""The C++ one-token MoE (kvlab/layers/moe_kernel.py) against the torch paths (the kernel off) and a per-choice
+reference: activations, the SwiGLU clip, the skip expert, shared experts or none; taken only where it applies."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kvlab.config import MoESpec
+from kvlab.layers import moe_kernel
+from kvlab.layers.mlp import activation
+from kvlab.layers.moe import MoE
+
+
+@pytest.fixture(autouse=True)
+def _no_grad():
+    with torch.no_grad():
+        yield
+
+
+@pytest.fixture
+def kernel(monkeypatch):
+    monkeypatch.setattr(moe_kernel, "ENABLED", True)
+    if moe_kernel.library() is None:
+        pytest.fail("the C++ MoE kernel did not build (a C++ compiler is a test requirement)")
+
+
+def _count_calls(monkeypatch) -> list[int]:
+    """Each call's k (a proxy in front of the loaded library)."""
+    calls: list[int] = []
+    lib = moe_kernel.KERNEL.lib
+
+    class Counting:
+        def kvlab_moe_step(self, *a):
+            calls.append(a[4])
+            return lib.kvlab_moe_step(*a)
+
+    monkeypatch.setattr(moe_kernel.KERNEL, "lib", Counting())
+    return calls
+
+
+def reference(moe: MoE, x: torch.Tensor, act: str) -> torch.Tensor:
+    """One token ``x [H]``: the router's choice, then each chosen expert written out (a skip expert adds nothing)."""
+    idx, w = moe.route(x[None])
+    e, f, lim = moe.experts, activation(act), moe.spec.swiglu_limit
+    out = moe.shared(x) if moe.shared is not None else torch.zeros_like(x)
+    for j, we in zip(idx[0].tolist(), w[0]):
+        if j >= e.gate_proj.shape[0]:
+            continue
+        g, u = e.gate_proj[j] @ x, e.up_proj[j] @ x
+        if lim is not None:
+            g, u = g.clamp(max=lim), u.clamp(-lim, lim)
+        out = out + we * (e.down_proj[j] @ (f(g) * u))
+    return out
+
+
+SPECS = {
+    "v4": (MoESpec(num_experts=8, top_k=2, expert_size=24, scoring="sqrtsoftplus", norm_topk=True, routed_scaling=1.5,
+                   shared_experts=1, shared_size=20, swiglu_limit=0.5, bias_correction=True), "silu"),
+    "plain": (MoESpec(num_experts=6, top_k=3, expert_size=12, scoring="softmax", norm_topk=False), "silu"),
+    "gelu-tanh": (MoESpec(num_experts=4, top_k=1, expert_size=8, scoring="sigmoid", shared_experts=2, shared_size=5),
+                  "gelu_tanh"),
+    "gelu": (MoESpec(num_experts=5, top_k=2, expert_size=16, scoring="softmax", routed_scaling=2.0), "gelu"),
+    "skip": (MoESpec(num_experts=4, top_k=2, expert_size=8, scoring="softmax", skip_expert=True), "silu"),
+    "odd": (MoESpec(num_experts=3, top_k=2, expert_size=13, scoring="softmax", shared_experts=1, shared_size=7,
+                    swiglu_limit=1.0), "silu"),
+}
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_one_token_equals_torch_paths(kernel, monkeypatch, name):
+    """20 single tokens through the kernel, the torch path (the kernel off; its grouped matmuls want widths of whole
+    16 bytes, so the odd spec, hidden 37 and widths 13 and 7 for the products' tails, is checked against the reference
+    alone) and the reference: within 1e-5; one kernel call per token. The skip spec's router is biased so the skip
+    expert is chosen for some tokens."""
+    spec, act = SPECS[name]
+    torch.manual_seed(3)
+    hidden = 37 if name == "odd" else 36
+    moe = MoE(hidden, spec, act=act)
+    for p in moe.parameters():
+        p.normal_(0, 0.3)
+    if spec.skip_expert:
+        moe.router.weight[-1] = 0.3 * moe.router.weight[0]
+    x = torch.randn(20, 1, 1, hidden)
+    calls = _count_calls(monkeypatch)
+    got = torch.stack([moe(t) for t in x])
+    assert calls == [spec.top_k] * 20
+    ref = torch.stack([reference(moe, t.reshape(-1), act) for t in x]).view_as(got)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    if name != "odd":
+        monkeypatch.setattr(moe_kernel, "ENABLED", False)
+        torch.testing.assert_close(got, torch.stack([moe(t) for t in x]), atol=1e-5, rtol=1e-5)
+        assert len(calls) == 20
+    if spec.skip_expert:
+        assert any(int(i) == 4 for t in x for i in moe.route(t.reshape(1, -1))[0][0])
+
+
+def test_not_taken_where_it_does_not_apply(kernel, monkeypatch):
+    """Two tokens, bf16, autograd and a biased shared expert keep the torch paths."""
+    spec, act = SPECS["v4"]
+    moe = MoE(16, spec, act=act)
+    calls = _count_calls(monkeypatch)
+    moe(torch.randn(1, 2, 16))
+    moe.to(torch.bfloat16)(torch.randn(1, 1, 16, dtype=torch.bfloat16))
+    moe.float()
+    with torch.enable_grad():
+        moe(torch.randn(1, 1, 16, requires_grad=True))
+    moe.shared.up_proj.bias = torch.nn.Parameter(torch.zeros(spec.shared_width))
+    moe(torch.randn(1, 1, 16))
+    assert calls == []
+
+
+def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
+    """No C++ compiler: one warning, then the torch paths (the same output as with the kernel off), nothing built."""
+    spec, act = SPECS["v4"]
+    torch.manual_seed(4)
+    moe = MoE(16, spec, act=act)
+    x = torch.randn(3, 1, 1, 16)
+    monkeypatch.setattr(moe_kernel, "ENABLED", False)
+    want = [moe(t) for t in x]
+    monkeypatch.setattr(moe_kernel, "ENABLED", True)
+    monkeypatch.setattr(moe_kernel, "KERNEL", moe_kernel.kernel())  # not built yet
+    monkeypatch.setenv("CXX", "kvlab-no-such-compiler")
+    monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path))
+    with pytest.warns(UserWarning, match="moe_kernel.cpp unavailable .*no C\\+\\+ compiler.*torch paths") as rec:
+        got = [moe(t) for t in x]
+    assert len([w for w in rec if "unavailable" in str(w.message)]) == 1
+    assert all(torch.equal(a, b) for a, b in zip(got, want)) and moe_kernel.KERNEL.lib is None
+    assert list(tmp_path.iterdir()) == []
