@@ -129,8 +129,8 @@ class _Pool:
         partial block at slot ``lead``, nothing is pooled. What :meth:`commit_step` writes for such a step, without
         the masks. Returns the first ``n`` entries held (as :meth:`commit_step`)."""
         self.reserve(n)
-        self.partial_kv[:, lead] = kv[:, 0]
-        self.partial_gate[:, lead] = gate[:, 0]
+        self.partial_kv.narrow(1, lead, 1).copy_(kv)
+        self.partial_gate.narrow(1, lead, 1).copy_(gate)
         return decode_read(self.rows, n)
 
     def complete_step(self, w: int, new: torch.Tensor, block_kv: torch.Tensor, block_gate: torch.Tensor,

@@ -219,7 +219,7 @@ class Compressor(nn.Module):
 
         Every row's candidate entry (its partial block plus this token, pooled) is computed, and written only where
         the token completes the row's block (a mask, not a branch). Returns the first ``n`` entries held ``[B, n,
-        d]`` (``n``: the most any row has) and how many of them each row sees ``[B]``.
+        d]`` (``n``: the most any row has) and how many of them each row sees ``[B]`` (None with ``start``: all n).
 
         ``start``: every row at this position (no padding) in an eager step: a token that does not complete its
         block (``m - 1`` steps of ``m``) only joins the partial block (``_Pool.hold_step``), no candidate pooled;
@@ -227,14 +227,13 @@ class Compressor(nn.Module):
         Python int, so compiled steps, which keep one graph for every position, take the masks)."""
         m = self.ratio
         kv, gate = self.kv_proj(x), self.gate_proj(x)  # [B, 1, f d]
-        if start is not None and start % m != m - 1:
-            return pool_state.hold_step(start % m, kv, gate, n), pos.add(1).div_(m, rounding_mode="floor")
+        if start is not None and start % m != m - 1:  # (every row sees n entries: no count returned)
+            return pool_state.hold_step(start % m, kv, gate, n), None
         if start is not None:  # eager, every row completes block start // m: pooled and stored without masks
             w = start // m
             prev = pool_state.previous_block(slice(None)) if self.overlap and w else None
             new, block_kv, block_gate = self.block_entry(kv, gate, pool_state, prev, rope, pos - (m - 1))
-            entries = pool_state.complete_step(w, new, block_kv, block_gate, n)
-            return entries, pos.add(1).div_(m, rounding_mode="floor")
+            return pool_state.complete_step(w, new, block_kv, block_gate, n), None
         active = pos >= 0
         lead = pos.remainder(m)  # rows of the block already held
         w = torch.div(pos, m, rounding_mode="floor")  # the block this token belongs to
@@ -361,6 +360,8 @@ class CompressedAttention(nn.Module):
                 entries, nvis = self.compressor.step(x, rowpos, pool, rope, n, at)
                 if self.csa:
                     ikeys = ix.step(x, rowpos, ipool, rope, n, at)[0]
+                if nvis is None and not (eager and start >= s.window - 1):  # eager: every row sees all n
+                    nvis = torch.full((b,), n, device=x.device)
             every = eager and start >= s.window - 1
             if every and compressed_kernel.applies(x, kw, entries, ikeys):  # one C++ call (compressed_kernel.py)
                 cos, sin = (None, None) if tab is None else tab[:2]
