@@ -354,15 +354,15 @@ class CompressedAttention(nn.Module):
             eager = pad is None and not torch.compiler.is_compiling()
             rowpos = (torch.full((b,), start, device=x.device) if pad is None else start - pad)
             entries = ikeys = nvis = None
+            every = eager and start >= s.window - 1
             if self.compressor is not None:
                 n = (start + 1) // c.ratio  # entries the row with the least padding holds
                 at = start if eager else None  # eager: skip the pooling
                 entries, nvis = self.compressor.step(x, rowpos, pool, rope, n, at)
                 if self.csa:
                     ikeys = ix.step(x, rowpos, ipool, rope, n, at)[0]
-                if nvis is None and not (eager and start >= s.window - 1):  # eager: every row sees all n
+                if nvis is None and not every:  # eager: every row sees all n
                     nvis = torch.full((b,), n, device=x.device)
-            every = eager and start >= s.window - 1
             if every and compressed_kernel.applies(x, kw, entries, ikeys):  # one C++ call (compressed_kernel.py)
                 cos, sin = (None, None) if tab is None else tab[:2]
                 out = compressed_kernel.step(qb, kw, entries, ikeys, iqb, iwb, c.index_topk, cos, sin,
