@@ -494,3 +494,70 @@ def test_compiled_step_takes_the_kernel(kernel, monkeypatch, kind, text):
             assert len(calls) == before + layers
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert step.compiles == 1
+
+
+@pytest.mark.parametrize("max_length", [40, None])
+@pytest.mark.parametrize("kind,text", [("csa", "int8"), ("csa", "int4-g4-asym"), ("hca", "int4"), ("swa", "int8-g4")])
+def test_bound_decode_step(kernel, monkeypatch, kind, text, max_length):
+    """An eager decode step without padding once the window ring is full (every key visible) attends the cache's
+    own buffers through descriptors bound once (kvlab/layers/compressed.py ``_attend_bound``, kvlab/layers/cpu_attend.py
+    ``Bound``; rebuilt when a buffer grows: ``max_length`` None), CSA's indexer scores and top-k in C: one attention
+    call per layer and step, one indexer call per CSA layer once it holds more entries than its top-k, and the logits
+    of the general kernel path (a plan and descriptors per call) and of the blocked path (kernel off)."""
+    from helpers import random_model
+    from test_contract import tiny
+
+    from kvlab.layers.compressed import CompressedAttention
+
+    model = random_model(tiny(kind, 0))
+    layers = len(model.config.layers)
+    ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(17))
+    caches = [model.new_cache(1, max_length=max_length, kv_quant=text) for _ in range(3)]
+    lib, fast = cpu_attend.KERNEL.lib, CompressedAttention._attend_bound
+    calls, index_calls, taken = _count_calls(monkeypatch), [], []
+
+    def counting_bound(self, *a):
+        out = fast(self, *a)
+        taken.append(out is not None)
+        return out
+
+    def counting_index(*a):
+        index_calls.append(a[9])
+        return lib.kvlab_quant_index_scores(*a)
+
+    monkeypatch.setattr(cpu_attend.KERNEL.lib, "kvlab_quant_index_scores", counting_index, raising=False)
+    with torch.inference_mode():
+        for c in caches:
+            model(ids[:, :8], cache=c)
+        for s in range(8, 30):
+            monkeypatch.setattr(CompressedAttention, "_attend_bound", counting_bound)
+            before, taken[:] = len(calls), []
+            got = model(ids[:, s:s + 1], cache=caches[0])
+            assert len(calls) == before + layers and taken == [True] * layers
+            monkeypatch.setattr(CompressedAttention, "_attend_bound", lambda self, *a: None)
+            torch.testing.assert_close(got, model(ids[:, s:s + 1], cache=caches[1]), rtol=1e-5, atol=1e-5)
+            monkeypatch.setattr(cpu_attend, "ENABLED", False)
+            torch.testing.assert_close(got, model(ids[:, s:s + 1], cache=caches[2]), rtol=1e-5, atol=1e-5)
+            monkeypatch.setattr(cpu_attend, "ENABLED", True)
+    spec = model.config.layers[0].compress
+    steps = sum((s + 1) // max(spec.ratio, 1) > spec.index_topk for s in range(8, 30))
+    assert index_calls == ([spec.index_topk] * steps * layers if kind == "csa" else [])
+    assert steps > 10 or kind != "csa"
+
+
+@pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4-g16-sbf16", 3), ("int8-g8-asym", 11)])
+def test_index_topk(kernel, fmt, g):
+    """CSA's indexer in one C call (kvlab/layers/cpu_attend.py ``Bound.index_topk``): the weighted scores ``sum_g w_g
+    relu(s q_g.k)`` equal to torch's over the keys dequantized whole, and the top-k of them equal to
+    ``stable_topk``'s (index order, ties to the earlier): most scores are relu's zeros here, so the k-th best is a
+    tie among many in every row (all heads one query: about half the keys score 0)."""
+    b, d, n, k = 3, 64, 203, 120
+    gen = torch.Generator().manual_seed(18)
+    rows = _kv_rows(fmt, (b,), d, 256, n, False, gen)
+    q = torch.randn(b, 1, 1, d, generator=gen).expand(b, 1, g, d).contiguous()  # one direction: ~half the keys at 0
+    w = torch.rand(b, g, generator=gen) + 0.1
+    scores, idx = cpu_attend.bound((rows,), b).index_topk(q, n, w, d ** -0.5, k)
+    want = (torch.relu(q[:, 0] @ rows.read(n).transpose(-1, -2) * d ** -0.5) * w[..., None]).sum(1)  # [B, n]
+    torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
+    assert ((scores == 0).sum(-1) > n - k).all()  # the boundary is a tie
+    assert torch.equal(idx, core.stable_topk(scores, k)[1])

@@ -144,6 +144,7 @@ class QuantRows:
         self.block = self.dq & -self.dq if spec.rotate and buf.key else 0  # largest power of two dividing dq
         self.n = 0  # positions written (whole-batch writes)
         self.fused = False  # attend its codes with kvlab/layers/fused.py (a cache made with fused=True)
+        self.bound: dict = {}  # the C++ kernel's descriptors bound to this buffer (and others): kvlab/layers/cpu_attend.py
         sd = _SCALE_DTYPES[spec.scale_dtype]
         code_dim = self.dq * spec.bits // 8
         code_dtype = torch.int8 if spec.fmt == "int8" and spec.symmetric else torch.uint8  # fp8: its bytes

@@ -41,8 +41,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..cache.quant import QuantView
 from ..config import LayerSpec
-from . import compressed_kernel
+from . import compressed_kernel, cpu_attend
 from .blocked import Cat, dense, is_blocked, pick, scores, with_heads
 from .cast import as_fp32
 from .core import attend, softmax_with_sink, stable_topk, visible_keys, visible_mask
@@ -511,6 +512,10 @@ class CompressedAttention(nn.Module):
         knows; compiled steps keep the masks, one graph for every position)."""
         s, c = self.spec, self.cspec
         b = q.shape[0]
+        if every and not torch.compiler.is_compiling():
+            out = self._attend_bound(q, kw, entries, ikeys, iq, iw)
+            if out is not None:
+                return out
         if not every:
             ok = visible_mask(qpos, kpos, s.window, pad)  # [B|1, 1, L]
         parts, seen = [kw], [None if every else ok.expand(b, 1, ok.shape[-1])]
@@ -541,6 +546,37 @@ class CompressedAttention(nn.Module):
             visible = torch.cat(seen, dim=-1)[:, :, None]  # [B, 1, 1, L + N]
             mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
         return attend(q, keys, keys, mask, s.scale, sinks=self.sinks if s.sinks else None)
+
+    def _attend_bound(self, q, kw, entries, ikeys, iq, iw) -> torch.Tensor | None:
+        """:meth:`_attend_step` with every key visible (``every``), eager, as one C++ call per layer over the
+        quantized cache's own buffers (kvlab/layers/cpu_attend.py ``Bound``: descriptors built once per cache, no
+        plan, no readers joined, no torch operator between the buffers and the kernel): the window ring, then the
+        entries (HCA) or the rows CSA's indexer picked of them, the indexer's weighted scores another call. None
+        where the kernel does not take the buffers (the general path then)."""
+        s, c = self.spec, self.cspec
+        if not isinstance(kw, QuantView) or not (entries is None or isinstance(entries, QuantView)):
+            return None
+        n = 0 if entries is None else entries.n
+        rows = (kw.rows,) if not n else (kw.rows, entries.rows)
+        bound = cpu_attend.bound(rows, q.shape[0])
+        if bound is None:
+            return None
+        b, h, _, d = q.shape
+        index = None
+        counts = (kw.n,) if not n else (kw.n, n)
+        if n and self.csa:
+            ix = self.compressor.indexer
+            ib = cpu_attend.bound((ikeys.rows,), b) if isinstance(ikeys, QuantView) else None
+            if ib is None:
+                return None
+            k = c.index_topk
+            if k < n:  # the indexer's scores and top-k in C (all n entries otherwise, in order: no index)
+                qi = as_fp32(iq).reshape(b, 1, ix.heads, ix.dim).contiguous()  # [B, 1, HI, dI]
+                index = ib.index_topk(qi, n, as_fp32(iw).reshape(b, ix.heads).contiguous(), ix.dim ** -0.5, k)[1]
+                counts = (kw.n, k)
+        sinks = self.sinks.float().contiguous() if s.sinks else None
+        out = bound.attend(as_fp32(q).reshape(b, 1, h, d).contiguous(), counts, index, sinks, s.scale)
+        return out.reshape(b, h, 1, d).to(q.dtype)
 
 
 __all__ = ["CSAIndexer", "CompressedAttention", "Compressor", "apply_rope_tail", "rope_tables", "rotate_tail"]

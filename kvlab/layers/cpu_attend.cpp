@@ -14,6 +14,7 @@
 // with the sinks. int4 rows are read "planar" (per 2W channels: the W low nibbles = even channels, then the W high
 // = odd channels), the query permuted and the output un-permuted to match; groups that do not cover whole W (int8)
 // / 2W (int4) channel chunks are dequantized row by row into a float tile first.
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -573,7 +574,7 @@ long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv) {
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 6; }
+int kvlab_quant_attend_version(void) { return 7; }
 
 // q [B, H, G, Dq] float32 (Dq: the channels of a segment's key parts together), out [B, H, G, Dv] float32 (Dv: its
 // values' channels): attention over the positions of segments segs[0..nseg-1] one after the other (each its own
@@ -684,6 +685,60 @@ int kvlab_quant_scores(const float* q, float* out, int B, int H, int G, const Se
                                w);
                 }
             }
+    return 0;
+}
+
+// an indexer's weighted scores (DeepSeek V4's CSA, kvlab/layers/compressed.py): out [B, sum n] float32, out[b, l] =
+// sum over heads h and g (in that order) of w[b, h * G + g] * relu(scale * q[b, h, g] . k[b, h, l]), the keys those
+// of segments segs[0..nseg-1] one after the other (as kvlab_quant_scores; w [B, H * G] float32). topk [B, k] int64 or
+// null: each row's k best positions in index order, ties going to the earlier position (kvlab/layers/core.py
+// ``stable_topk``; nan counts as the largest, as in torch's descending sort), 0 < k < sum n. One thread. Returns 0,
+// or -1 for arguments it does not take.
+int kvlab_quant_index_scores(const float* q, float* out, int B, int H, int G, const Seg* segs, int nseg,
+                             const float* w, float scale, int k, int64_t* topk) {
+    int Dq, Dv;
+    const long total = check(B, H, G, segs, nseg, &Dq, &Dv);
+    if (total < 1 || !w || (topk && (k < 1 || k >= total))) return -1;
+    static thread_local std::vector<int64_t> order;
+    static thread_local Work wk;
+    static thread_local std::vector<float> raw;
+    raw.resize(size_t(8) * total);
+    for (int b = 0; b < B; ++b) {
+        float* o = out + long(b) * total;
+        for (long l = 0; l < total; ++l) o[l] = 0.0f;
+        for (int h = 0; h < H; ++h)
+            for (int g0 = 0; g0 < G; g0 += 8) {
+                const long bh = long(b) * H + h;
+                const int gc = G - g0 < 8 ? G - g0 : 8;
+                for (long i = 0, at = 0; i < nseg; at += segs[i].n, ++i) {
+                    const Seg& s = segs[i];
+                    Buf K[2];
+                    for (int k = 0; k < s.nk; ++k) K[k] = make_buf(s.k[k], bh, 0, s.index ? s.index + b * s.n : nullptr);
+                    SCORES[gc](q + (bh * G + g0) * long(Dq), Dq, K, s.nk, s.n, raw.data() + at, total, wk);
+                }
+                for (int g = 0; g < gc; ++g) {
+                    const float wg = w[long(b) * H * G + h * G + g0 + g];
+                    const float* r = raw.data() + long(g) * total;
+                    for (long l = 0; l < total; ++l) {
+                        const float x = r[l] * scale;
+                        o[l] += (x > 0.0f ? x : 0.0f) * wg;
+                    }
+                }
+            }
+        if (topk) {  // the k best (larger first, then the earlier position), put back in index order
+            order.resize(total);
+            for (long l = 0; l < total; ++l) order[l] = l;
+            auto better = [o](int64_t a, int64_t c) {
+                const bool na = std::isnan(o[a]), nc = std::isnan(o[c]);
+                if (na != nc) return na;
+                if (!na && o[a] != o[c]) return o[a] > o[c];
+                return a < c;
+            };
+            std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), better);
+            std::sort(order.begin(), order.begin() + k);
+            std::memcpy(topk + long(b) * k, order.data(), sizeof(int64_t) * k);
+        }
+    }
     return 0;
 }
 

@@ -53,7 +53,7 @@ from typing import NamedTuple
 
 import torch
 
-from kvlab.cache.quant import QuantPick, QuantView, rotate
+from kvlab.cache.quant import QuantPick, QuantRows, QuantView, rotate
 
 from . import cpp_build, fused
 from .cpp_build import KernelBuildError, cache_dir
@@ -90,9 +90,10 @@ class _Seg(ctypes.Structure):
 def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
     """The kernel's library for ``flags`` (built and loaded at first use, kvlab/layers/cpp_build.py)."""
     p, i, lg, f, seg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.POINTER(_Seg)
-    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 6), {
+    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 7), {
         "kvlab_quant_attend": ([p, p, i, i, i, seg, i, p, lg, p, f, f, i, i, p], i),
         "kvlab_quant_scores": ([p, p, i, i, i, seg, i], i),
+        "kvlab_quant_index_scores": ([p, p, i, i, i, seg, i, p, f, i, p], i),
     }, "attending with the fused (torch.compile) or blocked path")
 
 
@@ -421,6 +422,90 @@ def attend(qf: torch.Tensor, k, v, mask: torch.Tensor | None, scale: float, sink
     return _with_residual(qf, segs[0], mask, scale, counts[0], n, out, stats)  # one segment (:func:`_plan`)
 
 
+class Bound:
+    """Segments of K = V positions bound once to their buffers (kvlab/cache/quant.py ``QuantRows`` of one head: lead
+    ``[B, 1]`` or ``[B]``; int8 / int4 codes with per-token scales, no residual window, no rotation): the kernel's
+    descriptors are built once and reused while every buffer holds the same tensors (a resize replaces them:
+    :meth:`current`); a call sets only the position counts and a top-k's slots. What an eager decode step of
+    DeepSeek V4's CSA/HCA/SWA layers calls (kvlab/layers/compressed.py) instead of :func:`plan` and the descriptors
+    per layer and step (~50 us of Python a call, against the kernel's ~16 us over 128 positions)."""
+
+    def __init__(self, rows: tuple[QuantRows, ...]) -> None:
+        self.rows = rows
+        self.held = [(r.codes, r.scales, r.zeros) for r in rows]
+        self.segs = (_Seg * len(rows))()
+        for seg, r in zip(self.segs, rows, strict=True):
+            seg.nk, seg.v_from = 1, 0
+            src = seg.k[0]
+            src.codes, src.scales = r.codes.data_ptr(), r.scales.data_ptr()
+            src.zeros = None if r.zeros is None else r.zeros.data_ptr()
+            src.cap, src.dim, src.int4, src.group = r.capacity, r.dq, int(r.spec.fmt == "int4"), r.group
+            src.kind, src.span = _SCALE_KIND[r.scales.dtype], 1
+
+    def current(self) -> bool:
+        """Every buffer still holds the tensors the descriptors point into."""
+        return all(r.codes is c and r.scales is s and r.zeros is z
+                   for r, (c, s, z) in zip(self.rows, self.held, strict=True))
+
+    def _set(self, counts: tuple[int, ...], index: torch.Tensor | None) -> None:
+        """Positions per segment ``counts``; the last segment read through slots ``index [B, n]`` (int64,
+        contiguous) or straight (None)."""
+        for seg, n in zip(self.segs, counts, strict=True):
+            seg.n, seg.index = n, None
+        if index is not None:
+            self.segs[len(counts) - 1].index = index.data_ptr()
+
+    def attend(self, q: torch.Tensor, counts: tuple[int, ...], index: torch.Tensor | None, sinks: torch.Tensor | None,
+               scale: float) -> torch.Tensor:
+        """``q [B, 1, G, D]`` float32 (contiguous) over ``counts`` positions of each segment (K = V; the last through
+        ``index``), one softmax over all, ``sinks [G]`` float32 (contiguous) or None -> ``[B, 1, G, D]`` float32."""
+        self._set(counts, index)
+        b, h, g, _ = q.shape
+        out = torch.empty(b, h, g, self.rows[0].dq)
+        if _lib().kvlab_quant_attend(q.data_ptr(), out.data_ptr(), b, h, g, self.segs, len(counts), None, 0,
+                                     None if sinks is None else sinks.data_ptr(), scale, UNDER,
+                                     torch.get_num_threads(), MIN_PART, None):
+            raise ValueError(f"kvlab quant_attend: arguments refused (q {tuple(q.shape)}, counts {counts})")
+        return out
+
+    def index_topk(self, q: torch.Tensor, n: int, weights: torch.Tensor, scale: float, k: int
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+        """An indexer's choice (DeepSeek V4's CSA) among the first ``n`` keys of the one bound buffer: the weighted
+        scores ``sum_g weights[b, g] * relu(scale * q[b, 0, g] . k[b, l])`` of ``q [B, 1, G, D]`` float32 and
+        ``weights [B, G]`` float32 (both contiguous), ``[B, n]`` float32, and each row's ``k`` best of them (``0 < k <
+        n``) in index order, ties to the earlier (kvlab/layers/core.py ``stable_topk``'s indices), ``[B, k]`` int64."""
+        self._set((n,), None)
+        b, h, g, _ = q.shape
+        out = torch.empty(b, n)
+        idx = torch.empty(b, k, dtype=torch.int64)
+        if _lib().kvlab_quant_index_scores(q.data_ptr(), out.data_ptr(), b, h, g, self.segs, 1, weights.data_ptr(),
+                                           scale, k, idx.data_ptr()):
+            raise ValueError(f"kvlab quant_index_scores: arguments refused (q {tuple(q.shape)}, n {n}, k {k})")
+        return out, idx
+
+
+def _bound_ok(r: QuantRows, b: int) -> bool:
+    """A buffer :class:`Bound` reads: int8 / int4 per-token codes of one head of ``b`` rows on the CPU, contiguous,
+    no residual window, no rotation, not of a cache made with ``fused=True``."""
+    return (r.spec.fmt in ("int8", "int4") and r.foldable and not r.fused and not r.residual_slots and not r.block
+            and r.codes.device.type == "cpu" and r.scales.dtype in _SCALE_KIND and r.codes.is_contiguous()
+            and r.scales.is_contiguous() and (r.zeros is None or r.zeros.is_contiguous())
+            and r.codes.shape[0] == b and r.codes[0].numel() == r.codes.shape[-2] * r.codes.shape[-1])
+
+
+def bound(rows: tuple[QuantRows, ...], b: int) -> Bound | None:
+    """The :class:`Bound` of buffers ``rows`` for a batch of ``b`` (kept on the first buffer, ``QuantRows.bound``,
+    rebuilt when a buffer was resized), or None where the kernel does not take them (off, not loaded, a cache made
+    with ``fused=True`` or ``fused.ENABLED``, a buffer :func:`_bound_ok` refuses). Eager calls only."""
+    if not ENABLED or fused.ENABLED or (KERNEL.lib is None and library() is None):
+        return None
+    memo = rows[0].bound
+    hit = memo.get((rows, b))
+    if hit is None or (hit and not hit.current()):
+        hit = memo[(rows, b)] = Bound(rows) if all(_bound_ok(r, b) for r in rows) else False
+    return hit or None
+
+
 def _with_residual(qf: torch.Tensor, seg: _Segment, mask: torch.Tensor | None, scale: float,
                    p0: int, n: int, out: torch.Tensor, stats: torch.Tensor) -> torch.Tensor:
     """The kernel's output over positions ``0..p0-1`` (``out``, ``stats``: maximum, denominator) merged with positions
@@ -445,5 +530,6 @@ def _with_residual(qf: torch.Tensor, seg: _Segment, mask: torch.Tensor | None, s
     return num / (den + p.sum(-1))[..., None]
 
 
-__all__ = ["ENABLED", "KERNEL", "KernelBuildError", "applies", "attend", "available", "build", "cache_dir", "library", "plan",
+__all__ = ["ENABLED", "KERNEL", "Bound", "KernelBuildError", "applies", "attend", "available", "bound", "build", "cache_dir",
+           "library", "plan",
            "quant_attend", "quant_scores", "scores", "takes"]
