@@ -499,11 +499,12 @@ def test_compiled_step_takes_the_kernel(kernel, monkeypatch, kind, text):
 @pytest.mark.parametrize("max_length", [40, None])
 @pytest.mark.parametrize("kind,text", [("csa", "int8"), ("csa", "int4-g4-asym"), ("hca", "int4"), ("swa", "int8-g4")])
 def test_bound_decode_step(kernel, monkeypatch, kind, text, max_length):
-    """An eager decode step without padding once the window ring is full (every key visible) attends the cache's
-    own buffers through descriptors bound once (kvlab/layers/compressed.py ``_attend_bound``, kvlab/layers/cpu_attend.py
-    ``Bound``; rebuilt when a buffer grows: ``max_length`` None), CSA's indexer scores and top-k in C: one attention
-    call per layer and step, one indexer call per CSA layer once it holds more entries than its top-k, and the logits
-    of the general kernel path (a plan and descriptors per call) and of the blocked path (kernel off)."""
+    """An eager decode step without padding once the window ring is full (every key visible) is one C++ call per
+    layer over the cache's own buffers, its descriptors bound once (kvlab/layers/compressed.py ``_step_bound``,
+    kvlab/layers/cpu_attend.py ``Bound.v4_step``; rebuilt when a buffer grows: ``max_length`` None): the query's norm
+    and rotation, CSA's indexer scores and top-k, the attention and the inverse rotation in C. Its logits equal those of
+    the attention alone in one bound call (``_attend_bound``, the queries prepared in torch), of the general kernel
+    path (a plan and descriptors per call) and of the blocked path (kernel off)."""
     from helpers import random_model
     from test_contract import tiny
 
@@ -512,37 +513,50 @@ def test_bound_decode_step(kernel, monkeypatch, kind, text, max_length):
     model = random_model(tiny(kind, 0))
     layers = len(model.config.layers)
     ids = torch.randint(0, model.config.vocab_size, (1, 30), generator=torch.Generator().manual_seed(17))
-    caches = [model.new_cache(1, max_length=max_length, kv_quant=text) for _ in range(3)]
-    lib, fast = cpu_attend.KERNEL.lib, CompressedAttention._attend_bound
-    calls, index_calls, taken = _count_calls(monkeypatch), [], []
+    caches = [model.new_cache(1, max_length=max_length, kv_quant=text) for _ in range(4)]
+    lib, step, attend = cpu_attend.KERNEL.lib, CompressedAttention._step_bound, CompressedAttention._attend_bound
+    steps, attends = [], []
 
-    def counting_bound(self, *a):
-        out = fast(self, *a)
-        taken.append(out is not None)
-        return out
+    class Counting:
+        def kvlab_quant_v4_step(self, *a):
+            steps.append(a[16] if a[11] else None)  # CSA: its top-k
+            return lib.kvlab_quant_v4_step(*a)
 
-    def counting_index(*a):
-        index_calls.append(a[9])
-        return lib.kvlab_quant_index_scores(*a)
+        def kvlab_quant_attend(self, *a):
+            attends.append(a[6])
+            return lib.kvlab_quant_attend(*a)
 
-    monkeypatch.setattr(cpu_attend.KERNEL.lib, "kvlab_quant_index_scores", counting_index, raising=False)
+        def __getattr__(self, name):
+            return getattr(lib, name)
+
+    def off(self, *a):
+        return None
+
+    monkeypatch.setattr(cpu_attend.KERNEL, "lib", Counting())
     with torch.inference_mode():
         for c in caches:
             model(ids[:, :8], cache=c)
         for s in range(8, 30):
-            monkeypatch.setattr(CompressedAttention, "_attend_bound", counting_bound)
-            before, taken[:] = len(calls), []
+            steps[:], attends[:] = [], []
             got = model(ids[:, s:s + 1], cache=caches[0])
-            assert len(calls) == before + layers and taken == [True] * layers
-            monkeypatch.setattr(CompressedAttention, "_attend_bound", lambda self, *a: None)
-            torch.testing.assert_close(got, model(ids[:, s:s + 1], cache=caches[1]), rtol=1e-5, atol=1e-5)
+            assert len(steps) == layers and attends == []
+            monkeypatch.setattr(CompressedAttention, "_step_bound", off)
+            alone = model(ids[:, s:s + 1], cache=caches[1])
+            assert len(steps) == layers and len(attends) == layers
+            monkeypatch.setattr(CompressedAttention, "_attend_bound", off)
+            general = model(ids[:, s:s + 1], cache=caches[2])
             monkeypatch.setattr(cpu_attend, "ENABLED", False)
-            torch.testing.assert_close(got, model(ids[:, s:s + 1], cache=caches[2]), rtol=1e-5, atol=1e-5)
+            blocked_ = model(ids[:, s:s + 1], cache=caches[3])
             monkeypatch.setattr(cpu_attend, "ENABLED", True)
+            monkeypatch.setattr(CompressedAttention, "_step_bound", step)
+            monkeypatch.setattr(CompressedAttention, "_attend_bound", attend)
+            for other in (alone, general, blocked_):
+                torch.testing.assert_close(got, other, rtol=1e-5, atol=1e-5)
     spec = model.config.layers[0].compress
-    steps = sum((s + 1) // max(spec.ratio, 1) > spec.index_topk for s in range(8, 30))
-    assert index_calls == ([spec.index_topk] * steps * layers if kind == "csa" else [])
-    assert steps > 10 or kind != "csa"
+    if kind == "csa":  # the indexer in C once the entries outnumber the top-k (fewer: all of them, no index)
+        assert steps.count(spec.index_topk) == layers == len(steps)
+    else:
+        assert steps == [None] * layers
 
 
 @pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4-g16-sbf16", 3), ("int8-g8-asym", 11)])

@@ -369,6 +369,10 @@ class CompressedAttention(nn.Module):
                 out = compressed_kernel.step(qb, kw, entries, ikeys, iqb, iwb, c.index_topk, cos, sin,
                                              self.sinks if s.sinks else None, h, self.eps, s.scale)
                 return self._project(out, b, t)
+            if every:  # a quantized cache: one C++ call over its own buffers (cpu_attend.py Bound)
+                out = self._step_bound(qb, kw, entries, ikeys, iqb, iwb, tab)
+                if out is not None:
+                    return self._project(out, b, t)
             q, iq, iw = self._queries(qb, iqb, iwb, tab, b, t)
             out = self._attend_step(q, kw, kpos, qpos, pad, entries, nvis, ikeys, iq, iw, every)
         elif self.compressor is None:  # swa: the window branch alone
@@ -546,6 +550,38 @@ class CompressedAttention(nn.Module):
             visible = torch.cat(seen, dim=-1)[:, :, None]  # [B, 1, 1, L + N]
             mask = torch.zeros(visible.shape, dtype=q.dtype, device=q.device).masked_fill_(~visible, float("-inf"))
         return attend(q, keys, keys, mask, s.scale, sinks=self.sinks if s.sinks else None)
+
+    def _step_bound(self, qb, kw, entries, ikeys, iqb, iwb, tab) -> torch.Tensor | None:
+        """An eager decode step with every key visible over a quantized cache (int8 / int4 per token) as one C++ call
+        on its own buffers (kvlab/layers/cpu_attend.py ``Bound.v4_step``, descriptors built once per cache): the
+        query's weightless norm and rotation, CSA's indexer (query rotation, weighted scores, top-k), attention with
+        sinks over the window ring then the entries (or those picked) read from their codes, the output rotated back;
+        what kvlab/layers/compressed_kernel.py does on a plain float32 cache. ``qb [B, 1, H D]``, ``iqb [B, 1, HI
+        dI]``, ``iwb [B, 1, HI]`` (before ``1 / sqrt(HI)``) -> ``[B, 1, H, D]``; None where it does not apply (a
+        float32 model, the buffers :func:`cpu_attend.bound` takes), then :meth:`_attend_step`."""
+        s, c = self.spec, self.cspec
+        if (qb.dtype != torch.float32 or not isinstance(kw, QuantView)
+                or not (entries is None or isinstance(entries, QuantView))):
+            return None
+        b = qb.shape[0]
+        n = 0 if entries is None else entries.n
+        bound = cpu_attend.bound((kw.rows,) if not n else (kw.rows, entries.rows), b)
+        if bound is None:
+            return None
+        ib = iq = iw = None
+        ix = self.compressor.indexer if self.csa else None
+        if n and self.csa and c.index_topk < n:
+            if not isinstance(ikeys, QuantView) or iqb.dtype != torch.float32 or iwb.dtype != torch.float32:
+                return None
+            ib = cpu_attend.bound((ikeys.rows,), b)
+            if ib is None:
+                return None
+            iq, iw = iqb.contiguous(), iwb.contiguous()
+        cos, sin = (None, None) if tab is None else (tab[0].contiguous(), tab[1].contiguous())
+        sinks = self.sinks.float().contiguous() if s.sinks else None
+        counts = (kw.n,) if not n else (kw.n, n)
+        return bound.v4_step(qb.contiguous(), counts, cos, sin, ib, iq, iw, 1.0 if ix is None else ix.heads ** -0.5,
+                             c.index_topk, sinks, self.eps, s.scale)
 
     def _attend_bound(self, q, kw, entries, ikeys, iq, iw) -> torch.Tensor | None:
         """:meth:`_attend_step` with every key visible (``every``), eager, as one C++ call per layer over the

@@ -574,7 +574,7 @@ long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv) {
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 7; }
+int kvlab_quant_attend_version(void) { return 8; }
 
 // q [B, H, G, Dq] float32 (Dq: the channels of a segment's key parts together), out [B, H, G, Dv] float32 (Dv: its
 // values' channels): attention over the positions of segments segs[0..nseg-1] one after the other (each its own
@@ -739,6 +739,63 @@ int kvlab_quant_index_scores(const float* q, float* out, int B, int H, int G, co
             std::memcpy(topk + long(b) * k, order.data(), sizeof(int64_t) * k);
         }
     }
+    return 0;
+}
+
+// One eager decode step of DeepSeek V4's CSA / HCA / SWA attention over quantized K = V buffers, every key visible
+// (kvlab/layers/compressed.py ``_step_bound``; kvlab/layers/compressed_kernel.cpp is the same step on a plain float32
+// cache): per row b, the H query heads q [B, H, D] normed without a weight (eps) and their trailing 2 r channels
+// rotated (interleaved pairs times cos + i sin, cos / sin [r]); CSA (hi > 0): the indexer query iq [B, hi, di] rotated
+// the same way, its weighted scores over the keys of segment iseg (w = iw [B, hi] times wscale, as
+// kvlab_quant_index_scores with scale 1 / sqrt(di)) and the topk best (index order, ties to the earlier) written to
+// idx [B, topk] and read by the last segment of segs through them (topk < its n; otherwise all of them, no index);
+// then kvlab_quant_attend over segs (the window ring, then the entries) with sinks, and each output head rotated back
+// (cos - i sin). out [B, H, D] float32. Returns 0, or -1 for arguments it does not take.
+int kvlab_quant_v4_step(const float* q, int B, int H, int D, float eps, const float* cosv, const float* sinv, int r,
+                        Seg* segs, int nseg, const float* iq, int hi, int di, const float* iw, float wscale,
+                        const Seg* iseg, int topk, int64_t* idx, const float* sinks, float scale, float under,
+                        int threads, int min_part, float* out) {
+    if (B < 1 || H < 1 || D < 1 || r < 0 || 2 * r > D || nseg < 1 || nseg > 16 || (hi > 0 && (di < 2 * r || !iq ||
+        !iw || !iseg || !idx || topk < 1)))
+        return -1;
+    static thread_local std::vector<float> qn, iqn, wv, isc;
+    qn.assign(q, q + long(B) * H * D);
+    auto rotate = [&](float* x, int d, float sign) {  // the trailing 2 r channels, interleaved pairs
+        float* t = x + d - 2 * r;
+        for (int j = 0; j < r; ++j) {
+            const float a = t[2 * j], b = t[2 * j + 1], sn = sign * sinv[j];
+            t[2 * j] = a * cosv[j] - b * sn;
+            t[2 * j + 1] = a * sn + b * cosv[j];
+        }
+    };
+    for (long h = 0; h < long(B) * H; ++h) {
+        float* x = qn.data() + h * D;
+        float ss = 0.0f;
+        for (int i = 0; i < D; ++i) ss += x[i] * x[i];
+        const float inv = 1.0f / std::sqrt(ss / float(D) + eps);
+        for (int i = 0; i < D; ++i) x[i] *= inv;
+        if (r) rotate(x, D, 1.0f);
+    }
+    Seg& last = segs[nseg - 1];
+    last.index = nullptr;
+    if (hi > 0 && last.n > topk) {
+        iqn.assign(iq, iq + long(B) * hi * di);
+        if (r)
+            for (long h = 0; h < long(B) * hi; ++h) rotate(iqn.data() + h * di, di, 1.0f);
+        wv.resize(size_t(B) * hi);
+        for (long j = 0; j < long(B) * hi; ++j) wv[j] = iw[j] * wscale;
+        isc.resize(size_t(B) * iseg->n);
+        if (kvlab_quant_index_scores(iqn.data(), isc.data(), B, 1, hi, iseg, 1, wv.data(), 1.0f / std::sqrt(float(di)),
+                                     topk, idx))
+            return -1;
+        last.index = idx;
+        last.n = topk;
+    }
+    if (kvlab_quant_attend(qn.data(), out, B, 1, H, segs, nseg, nullptr, 0, sinks, scale, under, threads, min_part,
+                           nullptr))
+        return -1;
+    if (r)
+        for (long h = 0; h < long(B) * H; ++h) rotate(out + h * D, D, -1.0f);
     return 0;
 }
 

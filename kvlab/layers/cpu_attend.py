@@ -90,10 +90,11 @@ class _Seg(ctypes.Structure):
 def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
     """The kernel's library for ``flags`` (built and loaded at first use, kvlab/layers/cpp_build.py)."""
     p, i, lg, f, seg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.POINTER(_Seg)
-    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 7), {
+    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 8), {
         "kvlab_quant_attend": ([p, p, i, i, i, seg, i, p, lg, p, f, f, i, i, p], i),
         "kvlab_quant_scores": ([p, p, i, i, i, seg, i], i),
         "kvlab_quant_index_scores": ([p, p, i, i, i, seg, i, p, f, i, p], i),
+        "kvlab_quant_v4_step": ([p, i, i, i, f, p, p, i, seg, i, p, i, i, p, f, seg, i, p, p, f, f, i, i, p], i),
     }, "attending with the fused (torch.compile) or blocked path")
 
 
@@ -482,6 +483,40 @@ class Bound:
                                            scale, k, idx.data_ptr()):
             raise ValueError(f"kvlab quant_index_scores: arguments refused (q {tuple(q.shape)}, n {n}, k {k})")
         return out, idx
+
+
+    def v4_step(self, q: torch.Tensor, counts: tuple[int, ...], cos: torch.Tensor | None, sin: torch.Tensor | None,
+                index: Bound | None, iq: torch.Tensor | None, iw: torch.Tensor | None, wscale: float, topk: int,
+                sinks: torch.Tensor | None, eps: float, scale: float) -> torch.Tensor:
+        """One eager decode step of DeepSeek V4's CSA / HCA / SWA attention over the bound buffers (the window ring,
+        then the compressed entries), every key visible, as one C++ call (``kvlab_quant_v4_step``): ``q [B, 1, H
+        D]`` (the query heads before their weightless norm and rotation; float32, contiguous) normed and rotated
+        (``cos`` / ``sin [.., R]``: the trailing ``2 R`` channels, interleaved pairs; None: none); CSA (``index``:
+        the indexer keys' :class:`Bound`): ``iq [B, 1, HI dI]`` rotated, its scores weighted by ``iw [B, 1, HI]``
+        times ``wscale`` and the ``topk`` best entries read through their slots (all when they are no more);
+        softmax with ``sinks [H]`` (float32, contiguous, or None) over the ring and the entries; the output rotated
+        back -> ``[B, 1, H, D]`` float32."""
+        self._set(counts, None)
+        b, d = q.shape[0], self.rows[0].dq
+        h = q.shape[-1] // d
+        out = torch.empty(b, 1, h, d)
+        r = 0 if cos is None else cos.shape[-1]
+        hi = di = 0
+        idx = None
+        if index is not None:
+            index._set((counts[-1],), None)
+            hi, di = iw.shape[-1], iq.shape[-1] // iw.shape[-1]
+            idx = torch.empty(b, topk, dtype=torch.int64)
+        if _lib().kvlab_quant_v4_step(
+                q.data_ptr(), b, h, d, eps, None if cos is None else cos.data_ptr(),
+                None if sin is None else sin.data_ptr(), r, self.segs, len(counts),
+                None if index is None else iq.data_ptr(), hi, di, None if index is None else iw.data_ptr(), wscale,
+                None if index is None else index.segs, topk, None if idx is None else idx.data_ptr(),
+                None if sinks is None else sinks.data_ptr(), scale, UNDER, torch.get_num_threads(), MIN_PART,
+                out.data_ptr()):
+            raise ValueError(f"kvlab quant_v4_step: arguments refused (q {tuple(q.shape)}, counts {counts}, "
+                             f"{r} rotated pairs, index heads {hi} x {di}, top-k {topk})")
+        return out
 
 
 def _bound_ok(r: QuantRows, b: int) -> bool:
