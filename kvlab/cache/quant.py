@@ -212,8 +212,8 @@ class QuantRows:
                 self._put(self.zeros, first, z, rows, groups)
         elif rows is None and quant_kernel.takes(self.spec.fmt, x, self.codes, self.scales, self.zeros):
             # one C++ call: quantized and written at the slots (the same bytes as below)
-            quant_kernel.quantize_into(x[..., live - lo:, :], self.codes, self.scales, self.zeros, self.group,
-                                       self.spec.bits, live, self.ring)
+            quant_kernel.quantize_into(x if live == lo else x[..., live - lo:, :], self.codes, self.scales,
+                                       self.zeros, self.group, self.spec.bits, live, self.ring)
             return
         else:
             g = x.reshape(*x.shape[:-1], self.dq // self.group, self.group)
@@ -233,6 +233,10 @@ class QuantRows:
         t, cap = x.shape[-2], self.capacity
         end = start + t
         live = max(start, end - cap) if self.ring else start
+        if not (self.tail_dim or self.residual_slots):  # every position quantized at once (a decode step's write)
+            self._store_codes(live, live, x if live == start else x[..., live - start:, :], rows)
+            self.n = end
+            return
         if self.tail_dim:
             self._put(self.tail, live, x[..., live - start:, self.dq:], rows, cap)
         xq = x[..., :self.dq]
