@@ -96,11 +96,20 @@ def test_one_token_equals_torch_paths(kernel, monkeypatch, name):
 
 
 def test_not_taken_where_it_does_not_apply(kernel, monkeypatch):
-    """Two tokens, bf16, autograd and a biased shared expert keep the torch paths."""
+    """Two tokens, two torch threads, bf16, autograd and a biased shared expert keep the torch paths."""
     spec, act = SPECS["v4"]
     moe = MoE(16, spec, act=act)
     calls = _count_calls(monkeypatch)
     moe(torch.randn(1, 2, 16))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        moe(torch.randn(1, 1, 16))
+    finally:
+        torch.set_num_threads(threads)
+    moe(torch.randn(1, 1, 16))
+    assert calls == [spec.top_k]
+    calls.clear()
     moe.to(torch.bfloat16)(torch.randn(1, 1, 16, dtype=torch.bfloat16))
     moe.float()
     with torch.enable_grad():

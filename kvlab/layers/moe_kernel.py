@@ -12,8 +12,9 @@ products (four rows a pass), the SwiGLU / GeGLU with the optional clip (``gate <
 call. A chosen index ``E`` (ZAYA1's skip expert) adds nothing. Numerics: float32, the products summed in another
 order than torch's GEMV (within 1e-5 of the torch path: tests/test_moe_kernel.py).
 
-Taken when (:func:`applies`): one token, eager (not traced), float32 weights and input on the CPU, contiguous, no
-autograd, no biases on the shared expert. Otherwise, and when the kernel cannot be built (one warning) or
+Taken when (:func:`applies`): one token, eager (not traced), one torch thread (the kernel runs on one; with more,
+torch's products split their rows over them: not measured against it), float32 weights and input on the CPU,
+contiguous, no autograd, no biases on the shared expert. Otherwise, and when the kernel cannot be built (one warning) or
 ``KVLAB_MOE_KERNEL=0``, the torch paths. Build: kvlab/layers/cpp_build.py.
 """
 
@@ -54,9 +55,10 @@ def _fits(t: torch.Tensor) -> bool:
 
 
 def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: str) -> bool:
-    """The kernel takes this call: one token ``x [1, H]``, eager, no autograd, ``x``, the experts' and the shared
+    """The kernel takes this call: one token ``x [1, H]``, eager, one torch thread, no autograd, ``x``, the experts' and the shared
     expert's weights float32 contiguous on the CPU (no biases), an activation it knows, the kernel on and loaded."""
-    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and _fits(x) and not torch.compiler.is_compiling()):
+    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and _fits(x) and not torch.compiler.is_compiling()
+            and torch.get_num_threads() == 1):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or experts.gate_proj.requires_grad):
         return False
