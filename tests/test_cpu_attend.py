@@ -92,7 +92,7 @@ def test_kernel_equals_oracle(kernel, fmt, vfmt, hkv, g, d, extras):
 def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     """``attend_blocked`` over int8 readers runs the kernel (on by :data:`cpu_attend.ENABLED`) and gives the blocked
     path's result, values of their own width and format too; buffers it does not take (of a ``fused=True`` cache,
-    fp8) are left to the other paths."""
+    fp4) are left to the other paths."""
     monkeypatch.setattr(quant, "DECODE_BLOCK_BYTES", 4 * 16 * 2 * 2 * 8)  # 8 positions a block
     calls = _count_calls(monkeypatch)
     k, v = _readers("int8-g8", None, 2, 2, 16, 37)
@@ -109,7 +109,7 @@ def test_blocked_attention_takes_the_kernel(kernel, monkeypatch):
     monkeypatch.setattr(cpu_attend, "ENABLED", True)
     k.rows.fused = True  # a cache made with fused=True asks for the torch.compile kernel
     assert not cpu_attend.applies(k, v)
-    assert not cpu_attend.applies(*_readers("fp8-g8", None, 2, 2, 16, 37))
+    assert not cpu_attend.applies(*_readers("fp4-g8", None, 2, 2, 16, 37))
     k, v = _readers("int8-g8", "int4-g8", 2, 2, 16, 37, dv=24)  # values of their own width (v_head_dim) and format
     out = blocked.attend_blocked(q, k, v, mask, 0.25, sinks)
     assert out.shape == (2, 6, 1, 24) and calls == [37, 37]
@@ -371,12 +371,13 @@ def test_mla_latent(kernel, monkeypatch, fmt, pe_fmt, h, r, dr, residual, thread
 
 
 @pytest.mark.parametrize("kind,text", [("mla", "int8"), ("mla", "int4-g4-r3"), ("csa", "int8"), ("csa", "int4-g4"),
-                                       ("hca", "int4"), ("swa", "int8-g4")])
+                                       ("hca", "int4"), ("swa", "int8-g4"), ("mla", "fp8-g4"), ("csa", "fp8_e5m2-g4"),
+                                       ("gqa", "fp8-g4")])
 def test_decode_takes_the_kernel(kernel, monkeypatch, kind, text):
     """A tiny model of each kind the kernel reads as keys from two buffers or K = V (tests/test_contract.py's
     examples: MLA's latent; DeepSeek V4's window ring with CSA's top-k entries, HCA's entries, SWA alone) decoding a
-    left-padded batch through a quantized cache: every layer's step runs the kernel, with the logits of the same
-    steps with the kernel off."""
+    left-padded batch through a quantized cache (int8 / int4, and fp8 e4m3 / e5m2 codes: GQA's separate K and V too):
+    every layer's step runs the kernel, with the logits of the same steps with the kernel off."""
     from helpers import random_model
     from test_contract import tiny
 
@@ -412,7 +413,7 @@ def _kv_rows(fmt: str, lead: tuple[int, ...], d: int, cap: int, written: int, ri
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("form", ["ring", "ring+entries", "ring+picked"])
 @pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4", 3), ("int8-g16-sbf16", 5), ("int4-g8", 8),
-                                   ("int4-g32-asym", 8)])
+                                   ("int4-g32-asym", 8), ("fp8", 8), ("fp8_e5m2-g4", 3)])
 def test_values_in_keys(kernel, monkeypatch, fmt, g, form, threads):
     """K = V (DeepSeek V4's CSA/HCA/SWA, kvlab/layers/compressed.py): one buffer read once per tile for the scores
     and the values; a window ring (64 slots after 203 positions: wrapped), then the compressed entries (HCA: all 77)
@@ -445,7 +446,8 @@ def test_values_in_keys(kernel, monkeypatch, fmt, g, form, threads):
 
 
 @pytest.mark.parametrize("form", ["one", "joined", "picked"])
-@pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4", 11), ("int8-g8-asym", 3), ("int4-g16-sbf16", 8)])
+@pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4", 11), ("int8-g8-asym", 3), ("int4-g16-sbf16", 8),
+                                   ("fp8-g16", 8)])
 def test_indexer_scores(kernel, monkeypatch, fmt, g, form):
     """An indexer's raw scores ``q.k`` (DSA's and CSA's keys, kvlab/layers/blocked.py ``scores``) read from the codes:
     one buffer of 203 keys, two joined along positions (77 + 203) or 29 rows a top-k picked, 8 / 11 (two head
@@ -497,7 +499,8 @@ def test_compiled_step_takes_the_kernel(kernel, monkeypatch, kind, text):
 
 
 @pytest.mark.parametrize("max_length", [40, None])
-@pytest.mark.parametrize("kind,text", [("csa", "int8"), ("csa", "int4-g4-asym"), ("hca", "int4"), ("swa", "int8-g4")])
+@pytest.mark.parametrize("kind,text", [("csa", "int8"), ("csa", "int4-g4-asym"), ("hca", "int4"), ("swa", "int8-g4"),
+                                       ("csa", "fp8-g4")])
 def test_bound_decode_step(kernel, monkeypatch, kind, text, max_length):
     """An eager decode step without padding once the window ring is full (every key visible) is one C++ call per
     layer over the cache's own buffers, its descriptors bound once (kvlab/layers/compressed.py ``_step_bound``,
@@ -575,3 +578,25 @@ def test_index_topk(kernel, fmt, g):
     torch.testing.assert_close(scores, want, rtol=1e-5, atol=1e-5)
     assert ((scores == 0).sum(-1) > n - k).all()  # the boundary is a tie
     assert torch.equal(idx, core.stable_topk(scores, k)[1])
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("fmt,vfmt,hkv,g,d", [
+    ("fp8", None, 2, 3, 64),  # e4m3, groups of 32: read straight from the codes through the byte table
+    ("fp8_e5m2-g16-sbf16", "fp8-g32-s32", 1, 11, 128),  # e5m2 keys, e4m3 values, two head blocks
+    ("fp8-g4", "int8-g8", 2, 2, 16),  # groups under a chunk: dequantized row by row; values of another format
+])
+def test_fp8_codes(kernel, monkeypatch, fmt, vfmt, hkv, g, d, threads):
+    """fp8 codes (e4m3 / e5m2 bytes, one scale per token and group) read by the kernel through a 256-entry table of
+    their values (torch's own decoding): equal to the blocked path and to softmax attention over the buffers
+    dequantized whole, with a padding mask and sinks, on one thread and positions split over three."""
+    b, n = 2, 203
+    k, v = _readers(fmt, vfmt, b, hkv, d, n)
+    assert cpu_attend.applies(k, v)
+    q, mask, sinks = _inputs(b, hkv * g, d, n, 19, (1, 7))
+    calls = _count_calls(monkeypatch)
+    monkeypatch.setattr(cpu_attend, "MIN_PART", 16)
+    with _threads(threads):
+        out = blocked.attend_blocked(q, k, v, mask, d ** -0.5, sinks)
+    assert calls == [n]
+    _equals_blocked_and_dense(out, q, k, v, mask, d ** -0.5, sinks, monkeypatch)

@@ -52,6 +52,17 @@ inline vf cvt_i8(const int8_t* p) {
 #endif
 }
 
+// W fp8 codes (float8 e4m3fn / e5m2 bytes) -> float32 through their 256-entry table
+inline vf cvt_fp8(const uint8_t* p, const float* lut) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_i32gather_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), lut, 4);
+#elif defined(__AVX2__)
+    return (vf)_mm256_i32gather_ps(lut, _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))), 4);
+#else
+    vf r; for (int i = 0; i < W; ++i) r[i] = lut[p[i]]; return r;
+#endif
+}
+
 inline vf cvt_u8(const uint8_t* p) {
 #if defined(__AVX512F__)
     return (vf)_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
@@ -150,6 +161,7 @@ struct Src {
     const void* zeros;   // the scales' shape and kind (value = code * scale + zero), or null
     long cap;
     int D, int4, group, kind, span;  // kind of the scales: float32 (0), float16 (1), bfloat16 (2)
+    const float* lut;    // fp8 codes (one byte a channel, symmetric): the float32 value of each byte; else null
 };
 struct Seg {
     const int64_t* index;  // [B, n] the slot of each position (a top-k's rows), or null (slot = position)
@@ -168,12 +180,14 @@ struct Buf {
     const int64_t* index;  // the piece's slots, or null
     long p0;               // the piece's first slot (keys per channel: their scale rows are the buffer's)
     int kind, int4, group, ng, rowbytes, sbytes, D, nch, fast, planar, span;
+    const float* lut;      // fp8: the codes' table, or null
 };
 
 Buf make_buf(const Src& s, long bh, long p0, const int64_t* index) {
     Buf b;
     b.kind = s.kind;
     b.int4 = s.int4;
+    b.lut = s.lut;
     b.group = s.group;
     b.D = s.D;
     b.span = s.span;
@@ -217,6 +231,10 @@ template <class S> struct Int8Rows {  // symmetric: int8 codes times their scale
     vf operator()(int l, int c) const {
         return cvt_i8(reinterpret_cast<const int8_t*>(codes) + long(l) * rb + W * c) * k.s(l, c);
     }
+};
+template <class S> struct Fp8Rows {  // fp8 codes (through their table) times their scale
+    const uint8_t* codes; int rb; S k; const float* lut;
+    vf operator()(int l, int c) const { return cvt_fp8(codes + long(l) * rb + W * c, lut) * k.s(l, c); }
 };
 template <class S> struct UInt8Rows {  // zero points: uint8 codes times their scale plus their zero
     const uint8_t* codes; int rb; S k;
@@ -364,7 +382,9 @@ template <class F>
 void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&& f) {
     auto codes = [&](const auto& k) {  // the loader of b's code type with scales k
         using S = std::decay_t<decltype(k)>;
-        if (b.int4)
+        if (b.lut)
+            f(Fp8Rows<S>{t.at, b.rowbytes, k, b.lut});
+        else if (b.int4)
             f(Int4Rows<S>{t.at, b.rowbytes, k});
         else if (b.zeros)
             f(UInt8Rows<S>{t.at, b.rowbytes, k});
@@ -383,7 +403,9 @@ void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&&
             float* r = rows.data() + long(l) * dp;
             const long at = b.span > 1 ? long(t.grow[l]) * dp : long(l) * b.ng;  // per channel: gch[d] = d
             const float *s = t.sc.data() + at, *z = t.zs.data() + at;
-            if (b.int4 && !b.zeros)
+            if (b.lut)
+                for (int d = 0; d < b.D; ++d) r[d] = b.lut[c[d]] * s[t.gch[d]];
+            else if (b.int4 && !b.zeros)
                 for (int d = 0; d < b.D; ++d)
                     r[d] = (float((d & 1) ? (c[d >> 1] >> 4) : (c[d >> 1] & 15)) - 8.0f) * s[t.gch[d]];
             else if (b.int4)
@@ -532,7 +554,7 @@ const ScoreFn SCORES[9] = {nullptr, score_heads<1>, score_heads<2>, score_heads<
 
 bool src_ok(const Src& s) {
     return s.codes && s.scales && s.cap >= 0 && s.D >= 1 && s.D <= 4096 && s.group >= 1 && s.D % s.group == 0 &&
-           !(s.int4 && s.D % 2) && s.kind >= 0 && s.kind <= 2 && s.span >= 1;
+           !(s.int4 && s.D % 2) && s.kind >= 0 && s.kind <= 2 && s.span >= 1 && !(s.lut && (s.int4 || s.zeros));
 }
 
 // the segment's sources: its key parts, then its values' own buffer (if any)
@@ -574,7 +596,7 @@ long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv) {
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 8; }
+int kvlab_quant_attend_version(void) { return 9; }
 
 // q [B, H, G, Dq] float32 (Dq: the channels of a segment's key parts together), out [B, H, G, Dv] float32 (Dv: its
 // values' channels): attention over the positions of segments segs[0..nseg-1] one after the other (each its own

@@ -64,6 +64,23 @@ ENABLED = os.environ.get("KVLAB_CPU_KERNEL", "1") not in ("0", "off", "false", "
 UNDER = 60.0  # as kvlab/layers/fused.py UNDER: probabilities below exp(-UNDER) of the largest are 0
 MIN_PART = 2048  # positions per thread at least: a call splits its positions over torch.get_num_threads() threads
 _SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_CODES = {"int8": 0, "int4": 1, "fp8": 2, "fp8_e5m2": 3}  # the code formats the kernel reads (fp8: through a table)
+_FP8_DTYPES = {2: torch.float8_e4m3fn, 3: torch.float8_e5m2}
+_FP8_TABLES: dict[int, torch.Tensor] = {}
+
+
+def _fp8_table(code: int) -> torch.Tensor:
+    """The float32 value of each of the 256 bytes of an fp8 format (``_CODES`` 2: e4m3fn, 3: e5m2), as torch decodes
+    them (kept for the process: the kernel reads it by address)."""
+    t = _FP8_TABLES.get(code)
+    if t is None:
+        t = _FP8_TABLES[code] = torch.arange(256, dtype=torch.uint8).view(_FP8_DTYPES[code]).float()
+    return t
+
+
+def _code(spec) -> int:
+    """The kernel's code format of a quantized buffer's spec (``_CODES``), -1 for one it does not read."""
+    return _CODES.get(spec.fmt, -1)
 
 
 def build(directory: Path | None = None) -> Path:
@@ -74,10 +91,11 @@ def build(directory: Path | None = None) -> Path:
 
 class _Src(ctypes.Structure):
     """One code buffer as the kernel reads it (``Src`` in cpu_attend.cpp): codes ``[B, H, cap, D or D / 2]``, scales
-    and zero points (or null) ``[B, H, cap, D / group]`` (keys per channel: ``[B, H, cap / span, D]``)."""
+    and zero points (or null) ``[B, H, cap, D / group]`` (keys per channel: ``[B, H, cap / span, D]``); fp8 codes:
+    ``lut`` the float32 value of each byte (:func:`_fp8_table`), else null."""
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("cap", ctypes.c_long),
                 ("dim", ctypes.c_int), ("int4", ctypes.c_int), ("group", ctypes.c_int), ("kind", ctypes.c_int),
-                ("span", ctypes.c_int)]
+                ("span", ctypes.c_int), ("lut", ctypes.c_void_p)]
 
 
 class _Seg(ctypes.Structure):
@@ -90,7 +108,7 @@ class _Seg(ctypes.Structure):
 def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
     """The kernel's library for ``flags`` (built and loaded at first use, kvlab/layers/cpp_build.py)."""
     p, i, lg, f, seg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.POINTER(_Seg)
-    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 8), {
+    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 9), {
         "kvlab_quant_attend": ([p, p, i, i, i, seg, i, p, lg, p, f, f, i, i, p], i),
         "kvlab_quant_scores": ([p, p, i, i, i, seg, i], i),
         "kvlab_quant_index_scores": ([p, p, i, i, i, seg, i, p, f, i, p], i),
@@ -164,10 +182,17 @@ def _buffer_ok(x: QuantView, values: bool) -> bool:
     not) on the CPU, contiguous (never a copy per step), not of a cache made with ``fused=True``, no residual window
     it cannot take, keys rotated only where they are not the values too."""
     r = x.rows
-    return (r.spec.fmt in ("int8", "int4") and (x.foldable or (r.span > 1 and not r.tail_dim)) and not r.fused
+    return (_readable(r) and (x.foldable or (r.span > 1 and not r.tail_dim)) and not r.fused
             and r.codes.device.type == "cpu" and r.scales.dtype in _SCALE_KIND and r.codes.is_contiguous()
             and r.scales.is_contiguous() and (r.zeros is None or r.zeros.is_contiguous()) and _residual_ok(x)
             and not (values and r.block) and len(x.lead) == (1 if x.heads else 2))
+
+
+def _readable(r: QuantRows) -> bool:
+    """Codes the kernel reads: int8 / int4 (zero points or not), fp8 e4m3 / e5m2 with one scale per token and group
+    of channels."""
+    code = _code(r.spec)
+    return code >= 0 and (code < 2 or (r.span == 1 and r.zeros is None))
 
 
 def _heads(x: QuantView) -> tuple[int, int]:
@@ -227,7 +252,7 @@ def _residual_ok(x) -> bool:
 
 
 _DESC = 19  # ints per segment in the op's ``desc``: n, key parts, values' source, index, then 3 sources' (buffer,
-# group, int4, zero points, span)
+# group, code format (``_CODES``), zero points, span)
 
 
 def _lib() -> ctypes.CDLL:
@@ -253,12 +278,12 @@ def _descriptors(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.
                                  "contiguous int64 allowed")
             seg.index = idx.data_ptr()
         for j in range(nk + (v_from < 0)):
-            i, group, int4, z, span = desc[at + 4 + 5 * j:at + 9 + 5 * j]
+            i, group, code, z, span = desc[at + 4 + 5 * j:at + 9 + 5 * j]
             c, s = codes[i], scales[i]
             if c.numel() != b * h * c.shape[-2] * c.shape[-1] or not (c.is_contiguous() and s.is_contiguous()):
                 raise ValueError(f"kvlab::quant_attend: buffer {i} of shape {tuple(c.shape)} does not match q "
                                  f"{tuple(q.shape)}")
-            d = c.shape[-1] * (2 if int4 else 1)
+            d = c.shape[-1] * (2 if code == 1 else 1)
             if s.shape[-1] != (d if span > 1 else d // group) or (span > 1 and s.shape[-2] != -(-c.shape[-2] // span)):
                 raise ValueError(f"kvlab::quant_attend: scales {i} {tuple(s.shape)} do not match codes "
                                  f"{tuple(c.shape)} (group {group}, span {span})")
@@ -269,7 +294,8 @@ def _descriptors(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch.
                     raise ValueError(f"kvlab::quant_attend: zero points {z} {tuple(zeros[z].shape)} do not match the "
                                      f"scales {tuple(s.shape)} {s.dtype}")
                 src.zeros = zeros[z].data_ptr()
-            src.dim, src.int4, src.group, src.kind = d, int4, group, _SCALE_KIND[s.dtype]
+            src.dim, src.int4, src.group, src.kind = d, int(code == 1), group, _SCALE_KIND[s.dtype]
+            src.lut = _fp8_table(code).data_ptr() if code >= 2 else None
     return segs
 
 
@@ -278,8 +304,8 @@ def _quant_attend(q: torch.Tensor, codes: list[torch.Tensor], scales: list[torch
                  scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``q [B, Hkv, G, Dq]`` float32 over segments of positions described by ``desc`` (per segment: ``n``, its key
     parts ``nk``, its values' source (a key part, or -1: the buffer after them), its slots (an index into ``index``:
-    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, int4, zero points, span)`` of each buffer:
-    indices into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 /
+    ``[B, n]`` int64, or -1: slot = position), then ``(buffer, group, code format, zero points, span)`` of each
+    buffer (the format: ``_CODES``, int8 0, int4 1, fp8 e4m3 2, e5m2 3): indices into ``codes [B, Hkv, C, D or D / 2]`` and ``scales [B, Hkv, C, D / group]`` (float32 / float16 /
     bfloat16; lead ``[B]`` for one head; keys per channel, ``span > 1``: ``[B, Hkv, C / span, D]``) and into
     ``zeros`` (the same shape and dtype as the scales; -1: symmetric codes) ->
     ``[B, Hkv, G, Dv]`` float32 and each head's ``[B, Hkv, G, 2]`` largest logit (-inf: nothing
@@ -312,7 +338,7 @@ def _value_dim(codes: list[torch.Tensor], desc: list[int]) -> int:
     """The values' channels (``Dv``) of the first segment in ``desc`` (:func:`_quant_attend`)."""
     nk, v_from = desc[1], desc[2]
     at = 4 + 5 * (v_from if v_from >= 0 else nk)
-    return codes[desc[at]].shape[-1] * (2 if desc[at + 2] else 1)
+    return codes[desc[at]].shape[-1] * (2 if desc[at + 2] == 1 else 1)
 
 
 quant_attend = torch.library.custom_op("kvlab::quant_attend", _quant_attend, mutates_args=())
@@ -362,7 +388,7 @@ def takes(cache) -> bool:
     made with ``fused=True``, one of its quantized buffers int8 / int4 per token (a residual window: not a ring),
     and the kernel loaded (built now if needed). What ``kvlab bench`` reports per row (``cpp_kernel``)."""
     rows = cache.quant_rows()
-    ok = [r for r in rows if r.spec.fmt in ("int8", "int4") and not (r.residual_slots and r.ring)
+    ok = [r for r in rows if _readable(r) and not (r.residual_slots and r.ring)
           and r.foldable and not r.fused and r.codes.device.type == "cpu"]
     return bool(ok) and available()
 
@@ -384,7 +410,7 @@ def _op_args(segs: list[_Segment], counts: list[int]) -> tuple[list[torch.Tensor
                 if r.zeros is not None:
                     zeros.append(r.zeros)
             i, z = seen[id(r)]
-            desc += [i, r.group, int(r.spec.fmt == "int4"), z, r.span]
+            desc += [i, r.group, _code(r.spec), z, r.span]
         desc += [0] * (5 * (3 - len(seg.sources())))  # the unused source slots (fixed length per segment)
     return codes, scales, zeros, index, desc
 
@@ -440,7 +466,9 @@ class Bound:
             src = seg.k[0]
             src.codes, src.scales = r.codes.data_ptr(), r.scales.data_ptr()
             src.zeros = None if r.zeros is None else r.zeros.data_ptr()
-            src.cap, src.dim, src.int4, src.group = r.capacity, r.dq, int(r.spec.fmt == "int4"), r.group
+            code = _code(r.spec)
+            src.cap, src.dim, src.int4, src.group = r.capacity, r.dq, int(code == 1), r.group
+            src.lut = _fp8_table(code).data_ptr() if code >= 2 else None
             src.kind, src.span = _SCALE_KIND[r.scales.dtype], 1
 
     def current(self) -> bool:
@@ -522,7 +550,7 @@ class Bound:
 def _bound_ok(r: QuantRows, b: int) -> bool:
     """A buffer :class:`Bound` reads: int8 / int4 per-token codes of one head of ``b`` rows on the CPU, contiguous,
     no residual window, no rotation, not of a cache made with ``fused=True``."""
-    return (r.spec.fmt in ("int8", "int4") and r.foldable and not r.fused and not r.residual_slots and not r.block
+    return (_readable(r) and r.foldable and not r.fused and not r.residual_slots and not r.block
             and r.codes.device.type == "cpu" and r.scales.dtype in _SCALE_KIND and r.codes.is_contiguous()
             and r.scales.is_contiguous() and (r.zeros is None or r.zeros.is_contiguous())
             and r.codes.shape[0] == b and r.codes[0].numel() == r.codes.shape[-2] * r.codes.shape[-1])
