@@ -121,9 +121,12 @@ class Experts(nn.Module):
     def can_group(self, x: torch.Tensor) -> bool:
         """Whether :meth:`grouped` serves this call: eager (``grouped_mm``'s compile-time shape function takes bf16
         only), CPU (CUDA's kernel wants bf16 on SM80+), no autograd (its backward rejects expanded gradients), no
-        autocast (``grouped_mm`` is not autocast: it takes x in the weights' dtype only), no float64 (it refuses it)."""
+        autocast (``grouped_mm`` is not autocast: it takes x in the weights' dtype only), no float64 (it refuses it),
+        rows of a multiple of 16 bytes (it refuses other strides: "strides should be multiple of 16 bytes")."""
+        _, width, hidden = self.gate_proj.shape
         return (not torch.compiler.is_compiling() and x.device.type == "cpu" and GROUPED_MM is not None
                 and x.dtype == self.gate_proj.dtype and x.dtype in GROUPED_DTYPES
+                and width * x.element_size() % 16 == 0 and hidden * x.element_size() % 16 == 0
                 and not torch.is_autocast_enabled(x.device.type)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.gate_proj.requires_grad)))
 
