@@ -1,5 +1,6 @@
 """A hand-written C++ kernel (kvlab/layers/cpu_attend.cpp) for a decode step's attention over int8 / int4 K/V codes
-on the CPU: one query per head, codes with per-token scales (the buffers kvlab/layers/fused.py takes; also zero
+(and fp8 e4m3 / e5m2 bytes, read through a table of their values) on the CPU: one query per head, codes with
+per-token scales (the buffers kvlab/layers/fused.py takes; also zero
 points, ``-asym``; rotated keys, the query rotated instead; values of their own width and format; and a full
 buffer's residual window, its exact positions attended in torch and merged with the kernel's part by its maximum
 and denominator).
@@ -385,7 +386,7 @@ def scores(qf: torch.Tensor, k) -> torch.Tensor | None:
 
 def takes(cache) -> bool:
     """A decode step over ``cache`` (kvlab/cache/cache.py) attends some buffer with this kernel: on the CPU, not
-    made with ``fused=True``, one of its quantized buffers int8 / int4 per token (a residual window: not a ring),
+    made with ``fused=True``, one of its quantized buffers int8 / int4 / fp8 per token (a residual window: not a ring),
     and the kernel loaded (built now if needed). What ``kvlab bench`` reports per row (``cpp_kernel``)."""
     rows = cache.quant_rows()
     ok = [r for r in rows if _readable(r) and not (r.residual_slots and r.ring)
