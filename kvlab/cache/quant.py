@@ -213,7 +213,7 @@ class QuantRows:
         elif rows is None and quant_kernel.takes(self.spec.fmt, x, self.codes, self.scales, self.zeros):
             # one C++ call: quantized and written at the slots (the same bytes as below)
             quant_kernel.quantize_into(x if live == lo else x[..., live - lo:, :], self.codes, self.scales,
-                                       self.zeros, self.group, self.spec.bits, live, self.ring)
+                                       self.zeros, self.group, self.spec.bits, live, self.ring, self.spec.fmt)
             return
         else:
             g = x.reshape(*x.shape[:-1], self.dq // self.group, self.group)

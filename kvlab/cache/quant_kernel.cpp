@@ -56,19 +56,42 @@ float put(void* p, long i, int kind, float v) {
     return of_bits(uint32_t(h) << 16);
 }
 
+// |y| <= the format's largest finite value -> its fp8 code (sign bit 0x80), round to nearest even: lut [top + 1] the
+// increasing values of the positive codes 0..top (midpoints of neighbours are exact in float32: fp8 has <= 4
+// significant bits)
+unsigned char fp8_code(float y, const float* lut, int top) {
+    const float a = std::fabs(y);
+    int lo = 0, hi = top;  // the largest i with lut[i] <= a
+    while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (lut[mid] <= a) lo = mid; else hi = mid - 1;
+    }
+    int c = lo;
+    if (c < top) {
+        const float m = 0.5f * (lut[c] + lut[c + 1]);
+        if (a > m || (a == m && (c & 1))) ++c;
+    }
+    return (unsigned char)(c | (std::signbit(y) ? 0x80 : 0));
+}
+
 }  // namespace
 
 extern "C" {
 
-int kvlab_quantize_version(void) { return 1; }
+int kvlab_quantize_version(void) { return 2; }
 
-// x [A, m, D] float32 -> codes [A, cap, D] (int8; uint8 with zero points) or [A, cap, D / 2] (int4 two a byte, low
-// nibble = even channel; symmetric codes stored + 8), scales and zeros [A, cap, D / group] of dtype kind (zeros null:
-// symmetric): x[a, i] goes to slot s0 + i (ring: mod cap) of row a. Returns 0, or -1 for arguments it does not take.
+// x [A, m, D] float32 -> codes [A, cap, D] (int8; uint8 with zero points; fp8 bytes when lut) or [A, cap, D / 2]
+// (int4 two a byte, low nibble = even channel; symmetric codes stored + 8), scales and zeros [A, cap, D / group] of
+// dtype kind (zeros null: symmetric): x[a, i] goes to slot s0 + i (ring: mod cap) of row a. fp8 (lut not null, bits
+// 8, symmetric): value = code x scale, the scale the group's absolute maximum over lut[lut_top] (the largest finite
+// value; lut [lut_top + 1] the values of the positive codes), each value times 1 / scale clamped to it and rounded to
+// the nearest code (even on ties), as torch's cast.
+// Returns 0, or -1 for arguments it does not take.
 int kvlab_quantize_rows(const float* x, long A, long m, int D, int group, int bits, int kind, void* codes, void* scales,
-                        void* zeros, long cap, long s0, int ring) {
+                        void* zeros, long cap, long s0, int ring, const float* lut, int lut_top) {
     if (A < 0 || m < 0 || D < 1 || group < 1 || D % group || (bits != 4 && bits != 8) || (bits == 4 && D % 2) ||
-        kind < 0 || kind > 2 || cap < 1 || s0 < 0 || (!ring && s0 + m > cap))
+        kind < 0 || kind > 2 || cap < 1 || s0 < 0 || (!ring && s0 + m > cap) ||
+        (lut && (bits != 8 || zeros || lut_top < 1 || lut_top > 127)))
         return -1;
     const int ng = D / group, rowbytes = bits == 4 ? D / 2 : D;
     const float top = bits == 4 ? 15.0f : 255.0f, qmax = bits == 4 ? 7.0f : 127.0f;
@@ -92,6 +115,17 @@ int kvlab_quantize_rows(const float* x, long A, long m, int D, int group, int bi
                         float c = std::nearbyint((v[d] - z) * inv);
                         c = c < 0.0f ? 0.0f : c > top ? top : c;
                         o[d] = (unsigned char)(int(c));
+                    }
+                } else if (lut) {  // fp8: value = code x scale, the group's absolute maximum over the largest value
+                    float amax = 0.0f;
+                    for (int d = 0; d < group; ++d) { const float y = std::fabs(v[d]); amax = y > amax ? y : amax; }
+                    const float fmax = lut[lut_top];
+                    const float s = put(scales, row * ng + g, kind, amax / fmax);
+                    const float inv = s > 0.0f ? 1.0f / s : 0.0f;
+                    for (int d = 0; d < group; ++d) {
+                        float y = v[d] * inv;
+                        y = y < -fmax ? -fmax : y > fmax ? fmax : y;
+                        o[d] = fp8_code(y, lut, lut_top);
                     }
                 } else {  // value = code x scale: the group's absolute maximum over qmax
                     float amax = 0.0f;

@@ -29,13 +29,25 @@ FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-er
 ENABLED = os.environ.get("KVLAB_QUANT_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_QUANT_KERNEL=0: off
 MAX_DIM = 4096  # channels per row the kernel takes (its row scratch)
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_FP8 = {"fp8": (torch.float8_e4m3fn, 126), "fp8_e5m2": (torch.float8_e5m2, 123)}  # dtype, the largest finite code
+_TABLES: dict[str, torch.Tensor] = {}
+
+
+def fp8_table(fmt: str) -> torch.Tensor:
+    """The float32 values of an fp8 format's positive codes ``0..top`` (increasing; torch's own decoding), kept for
+    the process (the kernel reads it by address)."""
+    t = _TABLES.get(fmt)
+    if t is None:
+        dtype, top = _FP8[fmt]
+        t = _TABLES[fmt] = torch.arange(top + 1, dtype=torch.uint8).view(dtype).float()
+    return t
 _P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 
 def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
     """The kernel's library for ``flags`` (built and loaded at first use)."""
-    return cpp_build.Library(SOURCE, flags, ("kvlab_quantize_version", 1),
-                             {"kvlab_quantize_rows": ([_P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _L, _L, _I], _I)},
+    return cpp_build.Library(SOURCE, flags, ("kvlab_quantize_version", 2),
+                             {"kvlab_quantize_rows": ([_P, _L, _L, _I, _I, _I, _I, _P, _P, _P, _L, _L, _I, _P, _I], _I)},
                              "quantizing in torch")
 
 
@@ -49,25 +61,29 @@ def library() -> ctypes.CDLL | None:
 
 
 def takes(fmt: str, x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None) -> bool:
-    """The kernel writes these: an eager call on the CPU, int8 / int4 codes, float32 / float16 / bfloat16 scales,
-    contiguous buffers, at most :data:`MAX_DIM` channels; and the kernel on and loaded (built now if needed)."""
-    return (ENABLED and fmt in ("int8", "int4") and not torch.compiler.is_compiling() and x.device.type == "cpu"
-            and x.shape[-1] <= MAX_DIM and scales.dtype in _KIND and codes.is_contiguous() and scales.is_contiguous()
+    """The kernel writes these: an eager call on the CPU, int8 / int4 / fp8 (symmetric) codes, float32 / float16 /
+    bfloat16 scales,
+    contiguous buffers, 1 to :data:`MAX_DIM` channels; and the kernel on and loaded (built now if needed)."""
+    return (ENABLED and fmt in ("int8", "int4", "fp8", "fp8_e5m2") and not torch.compiler.is_compiling() and x.device.type == "cpu"
+            and 0 < x.shape[-1] <= MAX_DIM and scales.dtype in _KIND and codes.is_contiguous() and scales.is_contiguous()
             and (zeros is None or zeros.is_contiguous()) and library() is not None)
 
 
 def quantize_into(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group: int,
-                  bits: int, first: int, ring: bool) -> None:
+                  bits: int, first: int, ring: bool, fmt: str = "int") -> None:
     """Quantize ``x [*lead, m, D]`` (float32; :func:`takes` first) into ``codes [*lead, C, D or D / 2]``,
     ``scales`` / ``zeros [*lead, C, D / group]`` (None: symmetric) at slots ``first..first+m-1`` (mod ``C`` in a
-    ring), as kvlab/cache/quant.py ``quantize`` would."""
+    ring), as kvlab/cache/quant.py ``quantize`` would; ``fmt`` "fp8" / "fp8_e5m2": fp8 bytes (``bits`` 8,
+    symmetric)."""
     x = x.float().contiguous()
     m, d, cap = x.shape[-2], x.shape[-1], codes.shape[-2]
     lead = x.numel() // max(1, m * d)
+    lut = fp8_table(fmt) if fmt in _FP8 else None
     if KERNEL.lib.kvlab_quantize_rows(x.data_ptr(), lead, m, d, group, bits, _KIND[scales.dtype], codes.data_ptr(),
-                                scales.data_ptr(), None if zeros is None else zeros.data_ptr(), cap, first, int(ring)):
+                                scales.data_ptr(), None if zeros is None else zeros.data_ptr(), cap, first, int(ring),
+                                None if lut is None else lut.data_ptr(), 0 if lut is None else lut.numel() - 1):
         raise ValueError(f"kvlab quantize_rows: arguments refused (x {tuple(x.shape)}, group {group}, bits {bits}, "
                          f"{cap} slots from {first}, ring={ring})")
 
 
-__all__ = ["ENABLED", "KERNEL", "kernel", "library", "quantize_into", "takes"]
+__all__ = ["ENABLED", "KERNEL", "fp8_table", "kernel", "library", "quantize_into", "takes"]
