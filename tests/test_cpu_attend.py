@@ -562,6 +562,47 @@ def test_bound_decode_step(kernel, monkeypatch, kind, text, max_length):
         assert steps == [None] * layers
 
 
+@pytest.mark.parametrize("kind", ["csa", "hca", "swa"])
+def test_a_copied_cache_binds_its_own_buffers(kernel, monkeypatch, kind):
+    """``copy.deepcopy`` of a quantized cache whose descriptors are bound (decode steps past the full ring) gives a
+    cache that decodes from its own buffers: the original then diverges and is freed, and the copy's next step equals
+    that of a copy decoded with the kernel off (the blocked path). A copied :class:`cpu_attend.Bound` would point into
+    the original's memory (and ctypes pointers do not pickle)."""
+    import copy
+    import gc
+
+    from helpers import random_model
+    from test_contract import tiny
+
+    built: list[int] = []
+    init = cpu_attend.Bound.__init__
+
+    def counting(self, rows):
+        built.append(len(rows))
+        init(self, rows)
+
+    monkeypatch.setattr(cpu_attend.Bound, "__init__", counting)
+    model = random_model(tiny(kind, 0))
+    ids = torch.randint(0, model.config.vocab_size, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        cache = model.new_cache(1, max_length=64, kv_quant="int8")
+        model(ids[:, :20], cache=cache)
+        for s in range(20, 24):
+            model(ids[:, s:s + 1], cache=cache)
+        assert built, "no descriptors were bound: the test does not reach the bound path"
+        copied, ref = copy.deepcopy(cache), copy.deepcopy(cache)
+        for s in range(24, 30):
+            model(ids[:, 59 - s:60 - s], cache=cache)
+        del cache
+        gc.collect()
+        before = len(built)
+        got = model(ids[:, 24:25], cache=copied)
+        assert len(built) > before  # the copy bound its own buffers
+        monkeypatch.setattr(cpu_attend, "ENABLED", False)
+        want = model(ids[:, 24:25], cache=ref)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("fmt,g", [("int8", 8), ("int4-g16-sbf16", 3), ("int8-g8-asym", 11)])
 def test_index_topk(kernel, fmt, g):
     """CSA's indexer in one C call (kvlab/layers/cpu_attend.py ``Bound.index_topk``): the weighted scores ``sum_g w_g

@@ -472,6 +472,10 @@ class Bound:
             src.lut = _fp8_table(code).data_ptr() if code >= 2 else None
             src.kind, src.span = _SCALE_KIND[r.scales.dtype], 1
 
+    def __deepcopy__(self, memo: dict) -> None:
+        """A copied cache binds its own buffers: the copy of a :class:`Bound` is None (``bound`` then builds one on the
+        copy's first call); its descriptors point into the original's memory (and ctypes pointers do not pickle)."""
+
     def current(self) -> bool:
         """Every buffer still holds the tensors the descriptors point into."""
         return all(r.codes is c and r.scales is s and r.zeros is z
