@@ -3,14 +3,45 @@
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import ModuleType
 
+import pytest
 import torch
 
 from kvlab.config import LayerSpec, ModelConfig, MoESpec, uniform_layers
 from kvlab.model import Model
+
+
+def require_kernel(monkeypatch, module: ModuleType, what: str) -> None:
+    """Turn a C++ kernel's module (kvlab/layers/*_kernel.py, cpu_attend.py: ``ENABLED``, ``library()``) on for the
+    test; fail when it does not build (a C++ compiler is a test requirement)."""
+    monkeypatch.setattr(module, "ENABLED", True)
+    if module.library() is None:
+        pytest.fail(f"the C++ {what} kernel did not build (a C++ compiler is a test requirement)")
+
+
+def count_calls(monkeypatch, module: ModuleType, record: dict[str, Callable[[tuple], object]]) -> list:
+    """A proxy in front of a kernel module's loaded library (``module.KERNEL.lib``): each call of a function named in
+    ``record`` appends ``record[name](args)`` to the returned list, then runs; the library's other functions as
+    they are. What the custom ops call at run time is counted too (they read ``KERNEL.lib``)."""
+    calls: list = []
+    lib = module.KERNEL.lib
+
+    class Counting:
+        def __getattr__(self, name: str):
+            fn = getattr(lib, name)
+            if name not in record:
+                return fn
+
+            def counted(*a):
+                calls.append(record[name](a))
+                return fn(*a)
+            return counted
+
+    monkeypatch.setattr(module.KERNEL, "lib", Counting())
+    return calls
 
 
 def load_benchmark(name: str) -> ModuleType:

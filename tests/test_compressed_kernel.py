@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import random_model
+from helpers import count_calls, random_model, require_kernel
 from test_compressed import config, layer
 
 from kvlab.config import ModelConfig
@@ -22,23 +22,12 @@ def _no_grad():
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(compressed_kernel, "ENABLED", True)
-    if compressed_kernel.library() is None:
-        pytest.fail("the C++ compressed-attention kernel did not build (a C++ compiler is a test requirement)")
+    require_kernel(monkeypatch, compressed_kernel, "compressed-attention")
 
 
 def _count_calls(monkeypatch) -> list[int]:
     """Each call's batch size (a proxy in front of the loaded library)."""
-    calls: list[int] = []
-    lib = compressed_kernel.KERNEL.lib
-
-    class Counting:
-        def kvlab_compressed_step(self, *a):
-            calls.append(a[18])  # B
-            return lib.kvlab_compressed_step(*a)
-
-    monkeypatch.setattr(compressed_kernel.KERNEL, "lib", Counting())
-    return calls
+    return count_calls(monkeypatch, compressed_kernel, {"kvlab_compressed_step": lambda a: a[18]})  # B
 
 
 def _decode(model, ids, steps, kv_quant=None, mask=None):

@@ -11,6 +11,7 @@ import warnings
 
 import pytest
 import torch
+from helpers import count_calls, require_kernel
 
 from kvlab.cache import quant
 from kvlab.cache.quant import QuantRows
@@ -32,27 +33,13 @@ def _readers(fmt: str, vfmt: str | None, b: int, hkv: int, d: int, n: int, dv: i
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(cpu_attend, "ENABLED", True)
-    if not cpu_attend.available():
-        pytest.fail("the C++ kernel did not build (a C++ compiler is a test requirement)")
+    require_kernel(monkeypatch, cpu_attend, "decode-attention")
 
 
 def _count_calls(monkeypatch) -> list[int]:
     """Count the library's calls (a proxy in front of the loaded library: what the custom op calls at run time): the
     positions each call attends, over all its segments."""
-    calls: list[int] = []
-    lib = cpu_attend.KERNEL.lib
-
-    class Counting:
-        def kvlab_quant_attend(self, *a):
-            calls.append(sum(seg.n for seg in a[5][:a[6]]))
-            return lib.kvlab_quant_attend(*a)
-
-        def __getattr__(self, name):  # the library's other functions (kvlab_quant_scores) as they are
-            return getattr(lib, name)
-
-    monkeypatch.setattr(cpu_attend.KERNEL, "lib", Counting())
-    return calls
+    return count_calls(monkeypatch, cpu_attend, {"kvlab_quant_attend": lambda a: sum(seg.n for seg in a[5][:a[6]])})
 
 
 @pytest.mark.parametrize("extras", ["plain", "mask+sinks"])

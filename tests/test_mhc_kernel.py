@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import tiny_config
+from helpers import count_calls, require_kernel, tiny_config
 
 from kvlab.compiled import CompiledStep
 from kvlab.layers import mhc_kernel
@@ -23,35 +23,13 @@ from kvlab.model import Model
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(mhc_kernel, "ENABLED", True)
-    if mhc_kernel.library() is None:
-        pytest.fail("the C++ mHC kernel did not build (a C++ compiler is a test requirement)")
+    require_kernel(monkeypatch, mhc_kernel, "mHC")
 
 
 def _count_calls(monkeypatch) -> list[str]:
     """Count the library's calls (a proxy in front of the loaded library: what the custom ops call at run time)."""
-    calls: list[str] = []
-    lib = mhc_kernel.KERNEL.lib
-
-    class Counting:
-        def kvlab_sinkhorn(self, *a):
-            calls.append("sinkhorn")
-            return lib.kvlab_sinkhorn(*a)
-
-        def kvlab_mhc_maps(self, *a):
-            calls.append("maps")
-            return lib.kvlab_mhc_maps(*a)
-
-        def kvlab_mhc_read(self, *a):
-            calls.append("read")
-            return lib.kvlab_mhc_read(*a)
-
-        def kvlab_mhc_write(self, *a):
-            calls.append("write")
-            return lib.kvlab_mhc_write(*a)
-
-    monkeypatch.setattr(mhc_kernel.KERNEL, "lib", Counting())
-    return calls
+    return count_calls(monkeypatch, mhc_kernel, {f"kvlab_{name}": lambda a, name=name: name.removeprefix("mhc_")
+                                                 for name in ("sinkhorn", "mhc_maps", "mhc_read", "mhc_write")})
 
 
 @pytest.mark.parametrize("shape", [(4, 4), (1, 1, 4, 4), (3, 7, 4, 4), (50, 2, 2), (9, 3, 3), (5, 6, 6), (4, 8, 8),

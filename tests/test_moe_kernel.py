@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import count_calls, require_kernel
 
 from kvlab.config import MoESpec
 from kvlab.layers import moe_kernel
@@ -20,23 +21,12 @@ def _no_grad():
 
 @pytest.fixture
 def kernel(monkeypatch):
-    monkeypatch.setattr(moe_kernel, "ENABLED", True)
-    if moe_kernel.library() is None:
-        pytest.fail("the C++ MoE kernel did not build (a C++ compiler is a test requirement)")
+    require_kernel(monkeypatch, moe_kernel, "MoE")
 
 
 def _count_calls(monkeypatch) -> list[int]:
     """Each call's k (a proxy in front of the loaded library)."""
-    calls: list[int] = []
-    lib = moe_kernel.KERNEL.lib
-
-    class Counting:
-        def kvlab_moe_step(self, *a):
-            calls.append(a[4])
-            return lib.kvlab_moe_step(*a)
-
-    monkeypatch.setattr(moe_kernel.KERNEL, "lib", Counting())
-    return calls
+    return count_calls(monkeypatch, moe_kernel, {"kvlab_moe_step": lambda a: a[4]})
 
 
 def reference(moe: MoE, x: torch.Tensor, act: str) -> torch.Tensor:
