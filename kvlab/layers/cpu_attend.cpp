@@ -592,6 +592,18 @@ long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv) {
     return total;
 }
 
+// the scores of the gc query heads q [gc, Dq] of row b, kv head bh = b * H + h, against the key parts of segments
+// segs[0..nseg-1], their positions one after the other: out [gc, stride] (kvlab_quant_scores, kvlab_quant_index_scores)
+void score_segments(const float* q, int Dq, const Seg* segs, int nseg, int b, long bh, int gc, float* out, long stride,
+                    Work& w) {
+    for (long i = 0, at = 0; i < nseg; at += segs[i].n, ++i) {
+        const Seg& s = segs[i];
+        Buf K[2];
+        for (int k = 0; k < s.nk; ++k) K[k] = make_buf(s.k[k], bh, 0, s.index ? s.index + b * s.n : nullptr);
+        SCORES[gc](q, Dq, K, s.nk, s.n, out + at, stride, w);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -699,13 +711,8 @@ int kvlab_quant_scores(const float* q, float* out, int B, int H, int G, const Se
             for (int g0 = 0; g0 < G; g0 += 8) {
                 const long bh = long(b) * H + h;
                 const int gc = G - g0 < 8 ? G - g0 : 8;
-                for (long i = 0, at = 0; i < nseg; at += segs[i].n, ++i) {
-                    const Seg& s = segs[i];
-                    Buf K[2];
-                    for (int k = 0; k < s.nk; ++k) K[k] = make_buf(s.k[k], bh, 0, s.index ? s.index + b * s.n : nullptr);
-                    SCORES[gc](q + (bh * G + g0) * long(Dq), Dq, K, s.nk, s.n, out + (bh * G + g0) * total + at, total,
-                               w);
-                }
+                score_segments(q + (bh * G + g0) * long(Dq), Dq, segs, nseg, b, bh, gc, out + (bh * G + g0) * total,
+                               total, w);
             }
     return 0;
 }
@@ -732,12 +739,7 @@ int kvlab_quant_index_scores(const float* q, float* out, int B, int H, int G, co
             for (int g0 = 0; g0 < G; g0 += 8) {
                 const long bh = long(b) * H + h;
                 const int gc = G - g0 < 8 ? G - g0 : 8;
-                for (long i = 0, at = 0; i < nseg; at += segs[i].n, ++i) {
-                    const Seg& s = segs[i];
-                    Buf K[2];
-                    for (int k = 0; k < s.nk; ++k) K[k] = make_buf(s.k[k], bh, 0, s.index ? s.index + b * s.n : nullptr);
-                    SCORES[gc](q + (bh * G + g0) * long(Dq), Dq, K, s.nk, s.n, raw.data() + at, total, wk);
-                }
+                score_segments(q + (bh * G + g0) * long(Dq), Dq, segs, nseg, b, bh, gc, raw.data(), total, wk);
                 for (int g = 0; g < gc; ++g) {
                     const float wg = w[long(b) * H * G + h * G + g0 + g];
                     const float* r = raw.data() + long(g) * total;
