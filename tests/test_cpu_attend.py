@@ -169,6 +169,17 @@ def test_build_is_cached_and_keyed(kernel, monkeypatch):
     assert path.name != f"cpu_attend-{cpp_build.key(cxx, cpu_attend.SOURCE, cpu_attend.FLAGS)}.so"
 
 
+@pytest.mark.parametrize("value,on", [(None, True), ("1", True), ("on", True), ("0", False), ("off", False),
+                                      ("False", False), (" no ", False)])
+def test_kernel_switch(monkeypatch, value, on):
+    """A kernel's ``KVLAB_*_KERNEL`` variable: unset or anything else is on; 0 / off / false / no (any case) is off."""
+    if value is None:
+        monkeypatch.delenv("KVLAB_TEST_KERNEL", raising=False)
+    else:
+        monkeypatch.setenv("KVLAB_TEST_KERNEL", value)
+    assert cpp_build.switch("KVLAB_TEST_KERNEL") is on
+
+
 @pytest.mark.parametrize("with_sinks", [False, True])
 @pytest.mark.parametrize("fmt,hkv,g,d", [("int8", 2, 3, 64), ("int4", 1, 8, 128)])
 def test_positions_split_over_threads(kernel, monkeypatch, fmt, hkv, g, d, with_sinks):

@@ -17,7 +17,6 @@ once, and the torch form. ``KVLAB_QUANT_KERNEL=0`` (or :data:`ENABLED` False) tu
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from kvlab.layers import cpp_build
 
 SOURCE = Path(__file__).with_name("quant_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
-ENABLED = os.environ.get("KVLAB_QUANT_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_QUANT_KERNEL=0: off
+ENABLED = cpp_build.switch("KVLAB_QUANT_KERNEL")  # KVLAB_QUANT_KERNEL=0: off
 MAX_DIM = 4096  # channels per row the kernel takes (its row scratch)
 _KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _FP8 = {"fp8": (torch.float8_e4m3fn, 126), "fp8_e5m2": (torch.float8_e5m2, 123)}  # dtype, the largest finite code

@@ -22,7 +22,6 @@ path. Build: kvlab/layers/cpp_build.py.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from . import cpp_build
 
 SOURCE = Path(__file__).with_name("compressed_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-ENABLED = os.environ.get("KVLAB_COMPRESSED_KERNEL", "1") not in ("0", "off", "false", "no")
+ENABLED = cpp_build.switch("KVLAB_COMPRESSED_KERNEL")
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 
 def kernel() -> cpp_build.Library:

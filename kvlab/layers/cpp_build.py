@@ -27,6 +27,12 @@ class KernelBuildError(RuntimeError):
     """A C++ kernel could not be built or loaded (turned into a warning and the fallback path)."""
 
 
+def switch(variable: str) -> bool:
+    """A kernel's on-switch from the environment: on unless ``variable`` is ``0``, ``off``, ``false`` or ``no``
+    (each kernel module keeps the result as its ``ENABLED``, which tests and benchmarks patch)."""
+    return os.environ.get(variable, "1").strip().lower() not in ("0", "off", "false", "no")
+
+
 def cache_dir() -> Path:
     """Where built kernels are kept: ``$KVLAB_KERNEL_DIR``, else ``$XDG_CACHE_HOME/kvlab/kernels``, else
     ``~/.cache/kvlab/kernels``."""
@@ -131,4 +137,4 @@ class Library:
         return self.lib
 
 
-__all__ = ["KernelBuildError", "Library", "build", "cache_dir", "compiler", "cpu_flags", "key"]
+__all__ = ["KernelBuildError", "Library", "build", "cache_dir", "compiler", "cpu_flags", "key", "switch"]

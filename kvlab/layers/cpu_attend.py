@@ -48,7 +48,6 @@ switch) turns it off silently.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -61,7 +60,7 @@ from .cpp_build import KernelBuildError, cache_dir
 
 SOURCE = Path(__file__).with_name("cpu_attend.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-fno-math-errno", "-Wno-psabi")
-ENABLED = os.environ.get("KVLAB_CPU_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_CPU_KERNEL=0: off
+ENABLED = cpp_build.switch("KVLAB_CPU_KERNEL")  # KVLAB_CPU_KERNEL=0: off
 UNDER = 60.0  # as kvlab/layers/fused.py UNDER: probabilities below exp(-UNDER) of the largest are 0
 MIN_PART = 2048  # positions per thread at least: a call splits its positions over torch.get_num_threads() threads
 _SCALE_KIND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}

@@ -20,7 +20,6 @@ silently.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ from .cpp_build import KernelBuildError
 
 SOURCE = Path(__file__).with_name("mhc_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off")
-ENABLED = os.environ.get("KVLAB_MHC_KERNEL", "1") not in ("0", "off", "false", "no")  # KVLAB_MHC_KERNEL=0: off
+ENABLED = cpp_build.switch("KVLAB_MHC_KERNEL")  # KVLAB_MHC_KERNEL=0: off
 MAX_STREAMS = 64  # the kernel's limit on n (a column sum's scratch)
 _P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
 

@@ -21,7 +21,6 @@ contiguous, no autograd, no biases on the shared expert. Otherwise, and when the
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from . import cpp_build
 
 SOURCE = Path(__file__).with_name("moe_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
-ENABLED = os.environ.get("KVLAB_MOE_KERNEL", "1") not in ("0", "off", "false", "no")
+ENABLED = cpp_build.switch("KVLAB_MOE_KERNEL")
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}  # the kernel's codes (kvlab/layers/mlp.py's names)
 _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
