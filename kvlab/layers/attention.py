@@ -58,10 +58,9 @@ class Attention(nn.Module):
             v = self.v_norm(v)
         if s.gqa.qk_norm:
             k = self.k_norm(k)
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
         if rope is not None:
-            k = apply_rope(k, *rope)
-        return k, v
+            k = apply_rope(k, *rope, tokens_first=True)
+        return k.transpose(1, 2), v.transpose(1, 2)
 
     def forward(self, x: torch.Tensor, step: Step, index: int, store=None) -> torch.Tensor:
         s = self.spec
@@ -70,9 +69,9 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, s.num_heads, s.head_dim)
         if s.gqa.qk_norm:
             q = self.q_norm(q)  # before the transpose: contiguous rows
+        if rope is not None:  # before the transpose too: q keeps [B, T, H, D] memory, and so does SDPA's output,
+            q = apply_rope(q, *rope, tokens_first=True)  # which the output projection then reads without a copy
         q = q.transpose(1, 2)
-        if rope is not None:
-            q = apply_rope(q, *rope)
         if s.kv_source is not None:
             k, v, kpos = step.kv[s.kv_source]  # a quantized cache: the producer's readers, walked block by block
         else:

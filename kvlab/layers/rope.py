@@ -127,8 +127,10 @@ def rotate_part(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: s
     return torch.cat((r, x[..., rot:]) if at == "lead" else (x[..., :-rot], r), dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate the first ``rot`` channels of ``x [B, H, T, D]`` (rotate-half layout) with :class:`Rotary`'s tables
-    ``cos``/``sin [B, T, rot]`` (``cat(freqs, freqs)``)."""
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens_first: bool = False) -> torch.Tensor:
+    """Rotate the first ``rot`` channels of ``x [B, H, T, D]`` (``[B, T, H, D]`` with ``tokens_first``; rotate-half
+    layout) with :class:`Rotary`'s tables ``cos``/``sin [B, T, rot]`` (``cat(freqs, freqs)``)."""
     half = cos.shape[-1] // 2
-    return rotate_part(x, cos[:, None, :, :half].to(x.dtype), sin[:, None, :, :half].to(x.dtype))
+    c, s = (cos[:, :, None, :half], sin[:, :, None, :half]) if tokens_first else (cos[:, None, :, :half],
+                                                                                  sin[:, None, :, :half])
+    return rotate_part(x, c.to(x.dtype), s.to(x.dtype))
