@@ -40,6 +40,21 @@ def positions(n: int, device) -> torch.Tensor:
     return hit[1]
 
 
+_SPANS: dict[torch.device, tuple[int, int, torch.Tensor]] = {}
+
+
+def span_positions(lo: int, hi: int, device) -> torch.Tensor:
+    """``arange(lo, hi)``, the same tensor for consecutive calls with the same span: the window layers of one prefill
+    chunk attend to the same positions, so :meth:`kvlab.layers.core.Step.mask` builds their mask once."""
+    device = torch.device(device)
+    if torch.compiler.is_compiling():
+        return torch.arange(lo, hi, device=device)
+    hit = _SPANS.get(device)
+    if hit is None or hit[0] != lo or hit[1] != hi:
+        hit = _SPANS[device] = (lo, hi, torch.arange(lo, hi, device=device))
+    return hit[2]
+
+
 _RINGS: dict[tuple[torch.device, int], tuple[int, torch.Tensor]] = {}
 
 
@@ -249,7 +264,9 @@ class WindowKV(KVStore):
     """A ring buffer of exactly ``min(window, max_length)`` positions (sliding-window layers).
 
     Position ``p`` lives in slot ``p % capacity``. A chunk of several tokens attends to the ring's
-    previous contents concatenated with itself, then its last ``capacity`` positions are written.
+    previous contents in position order (oldest first) concatenated with itself, then its last ``capacity``
+    positions are written: its keys are consecutive positions, which a prefill chunk's attention splits
+    (kvlab/layers/chunk_attend.py).
     """
 
     def __init__(self, batch: int, kv_heads: int, dk: int, dv: int, window: int, max_length: int | None,
@@ -292,10 +309,10 @@ class WindowKV(KVStore):
             k_all, v_all, kpos = k, v, positions(end, k.device)
         else:
             held = min(start, cap)
-            prev = self.slot_positions(start, k.device)[:held] if start < cap else self.slot_positions(start, k.device)
             k_held, v_held = self.buf.read(held)
-            k_all = torch.cat((k_held, k), dim=2)
-            v_all = torch.cat((v_held, v), dim=2)
-            kpos = torch.cat((prev, torch.arange(start, end, device=k.device)))
+            r = start % cap if start >= cap else held  # the oldest slot: the ring read from it on, then from 0
+            k_all = torch.cat((k_held[:, :, r:], k_held[:, :, :r], k), dim=2)
+            v_all = torch.cat((v_held[:, :, r:], v_held[:, :, :r], v), dim=2)
+            kpos = span_positions(start - held, end, k.device)
         self.buf.write(start, k, v)
         return k_all, v_all, kpos
