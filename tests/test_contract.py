@@ -375,7 +375,8 @@ def test_a_kind_name_is_registered_once(key_only):
 
 def test_a_chunk_builds_one_mask_for_all_full_cache_layers(monkeypatch):
     """Every full-cache layer of one call attends to the same positions, so the step builds their mask once (a
-    ``[1, 1, 512, 16K]`` fp32 mask is 32 MiB: one per layer was most of a 16K prefill's memory above the cache)."""
+    ``[1, 1, 512, 16K]`` fp32 mask is 32 MiB: one per layer was most of a 16K prefill's memory above the cache).
+    A left-padded batch: without padding a chunk needs no mask (kvlab/layers/chunk_attend.py)."""
     from kvlab.layers import core
 
     model = random_model(tiny("gqa", 0, layers=4))
@@ -387,10 +388,11 @@ def test_a_chunk_builds_one_mask_for_all_full_cache_layers(monkeypatch):
         return build(*args, **kwargs)
 
     monkeypatch.setattr(core, "build_mask", spy)
-    ids = torch.randint(0, 61, (1, 24), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, 61, (2, 24), generator=torch.Generator().manual_seed(3))
+    pad = (torch.arange(24)[None] >= torch.tensor([[0], [3]])).long()
     with torch.inference_mode():
-        cache = model.new_cache(1, max_length=24)
-        model(ids[:, :8], cache=cache)
+        cache = model.new_cache(2, max_length=24)
+        model(ids[:, :8], cache=cache, attention_mask=pad)
         built.clear()
         model(ids[:, 8:16], cache=cache)
     assert len(built) == 1

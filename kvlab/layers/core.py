@@ -17,6 +17,7 @@ from ..kinds.gqa import sink_tokens
 from . import cpu_attend
 from .blocked import attend_blocked, dense, is_blocked, prepare, values_in_keys
 from .cast import as_dtype, as_fp32
+from .chunk_attend import attend_chunk
 from .sinks import softmax_with_sink
 
 
@@ -222,8 +223,12 @@ def attend_out(attn: nn.Module, x: torch.Tensor, step: Step, q: torch.Tensor, k:
     """Masked attention of ``q`` over ``k``/``v`` at positions ``kpos`` (the step's shared mask), then the
     output gate and projection of ``attn``."""
     s = attn.spec
-    mask, causal = step.mask(kpos, s.window, sink_tokens(s))
-    out = attend(q, k, v, mask, s.scale, causal=causal, sinks=attn.sinks if s.sinks else None)
+    out = None
+    if q.shape[2] > 1 and not s.sinks and not sink_tokens(s):  # a prefill chunk: in pieces where it pays
+        out = attend_chunk(q, k, v, step, kpos, s.window, s.scale)  # (kvlab/layers/chunk_attend.py)
+    if out is None:
+        mask, causal = step.mask(kpos, s.window, sink_tokens(s))
+        out = attend(q, k, v, mask, s.scale, causal=causal, sinks=attn.sinks if s.sinks else None)
     return project_out(attn, x, out)
 
 
