@@ -2,18 +2,19 @@
 // (kvlab/layers/cpu_attend.py builds, loads and documents it; kvlab/cache/quant.py holds the layout).
 //
 // Plain C++17 with GCC vector extensions of W floats (16 with AVX-512, else 8; intrinsics only to convert codes and
-// half scales; no torch headers, no OpenMP): one function, kvlab_quant_attend, called through ctypes with a
-// descriptor per segment of positions (Seg: one or two key buffers side by side along channels, the values a buffer
-// of their own or one of the key parts). Per (batch row, KV head, block of at most 8 query heads, piece of a
-// segment's positions), in tiles of rows that stay in L1: the tile's scores (each code converted once, multiplied by
-// its scale, then FMA'd into the accumulators of all the query heads, W / GC positions x GC heads at once in
-// registers, the W-lane sums reduced W at a time by a shuffle tree; summed over the key parts), its softmax
-// numerators against the running maximum (a vectorised exp W at a time, the UNDER cut; what was summed before
-// rescaled when the maximum grows), then its p.v over the same rows (GC accumulators per W-channel chunk: a key
-// part that is also the values is read once from memory). The pieces (threads, segments) are merged at the end
-// with the sinks. int4 rows are read "planar" (per 2W channels: the W low nibbles = even channels, then the W high
-// = odd channels), the query permuted and the output un-permuted to match; groups that do not cover whole W (int8)
-// / 2W (int4) channel chunks are dequantized row by row into a float tile first.
+// half scales; no torch headers, no OpenMP): one function, kvlab_quant_attend, called through ctypes with a descriptor
+// per segment of positions (Seg: one or two key buffers side by side along channels, the values a buffer of their own
+// or one of the key parts). Per (batch row, KV head, block of at most 8 query heads, piece of a segment's positions),
+// in tiles of rows that stay in L1: the tile's scores (each code converted once, multiplied by its scale, then FMA'd
+// into the accumulators of all the query heads, W / GC positions x GC heads at once in registers, the W-lane sums
+// reduced W at a time (AVX2: two rounds of horizontal adds; else a shuffle tree); summed over the key parts), its
+// softmax numerators against the running maximum (a vectorised exp W at a time, the UNDER cut; what was summed before
+// rescaled when the maximum grows), then its p.v over the same rows (GC accumulators for each of up to 4 W-channel
+// chunks at a time, each probability broadcast once for them: a key part that is also the values is read once from
+// memory). The pieces (threads, segments) are merged at the end with the sinks. int4 rows are read "planar" (per 2W
+// channels: the W low nibbles = even channels, then the W high = odd channels), the query permuted and the output
+// un-permuted to match; groups that do not cover whole W (int8) / 2W (int4) channel chunks are dequantized row by row
+// into a float tile first.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -150,7 +151,17 @@ template <int N> struct Reduce {
 template <> struct Reduce<1> { static inline void run(vf*) {} };
 
 // lane j of the result = the sum of the W lanes of a[j] (a[] is overwritten)
-inline vf reduce_lanes(vf* a) { Reduce<W>::run(a); return a[0]; }
+inline vf reduce_lanes(vf* a) {
+#if !defined(__AVX512F__) && defined(__AVX2__)
+    // 8 vectors: two rounds of horizontal adds, then the 128-bit halves added (9 instructions)
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a[0], (__m256)a[1]), _mm256_hadd_ps((__m256)a[2], (__m256)a[3]));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a[4], (__m256)a[5]), _mm256_hadd_ps((__m256)a[6], (__m256)a[7]));
+    return (vf)_mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+#else
+    Reduce<W>::run(a);
+    return a[0];
+#endif
+}
 
 // what cpu_attend.py passes (ctypes mirrors _Src, _Seg): one code buffer, and one segment of positions
 struct Src {
@@ -274,19 +285,32 @@ void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S) {
     for (; l < m; ++l) score_block<GC, 1>(f, l, nch, q, dq, S);
 }
 
-// acc[g, chunk c] += sum over the tile's m rows of p[l, g] * value(l, c)
+// acc[g, chunk c] += sum over the tile's m rows of p[l, g] * value(l, c): CC chunks at a time (each p[l, g]
+// broadcast once for them; CC x GC independent sums in registers, CC + CC GC + 1 <= 16 vector registers)
+template <int GC, int CC, class L>
+inline void value_chunks(const L& f, int m, int c0, const float* p, float* acc, int dq) {
+    vf a[CC][GC];
+    for (int j = 0; j < CC; ++j)
+        for (int g = 0; g < GC; ++g) a[j][g] = ld(acc + g * dq + W * (c0 + j));
+    for (int l = 0; l < m; ++l) {
+        vf x[CC];
+        for (int j = 0; j < CC; ++j) x[j] = f(l, c0 + j);
+        const float* pl = p + l * GC;
+        for (int g = 0; g < GC; ++g) {
+            const float pg = pl[g];
+            for (int j = 0; j < CC; ++j) a[j][g] += x[j] * pg;
+        }
+    }
+    for (int j = 0; j < CC; ++j)
+        for (int g = 0; g < GC; ++g) st(acc + g * dq + W * (c0 + j), a[j][g]);
+}
+
 template <int GC, class L>
 void value_tile(const L& f, int m, int nch, const float* p, float* acc, int dq) {
-    for (int c = 0; c < nch; ++c) {
-        vf a[GC];
-        for (int g = 0; g < GC; ++g) a[g] = ld(acc + g * dq + W * c);
-        for (int l = 0; l < m; ++l) {
-            vf x = f(l, c);
-            const float* pl = p + l * GC;
-            for (int g = 0; g < GC; ++g) a[g] += x * pl[g];
-        }
-        for (int g = 0; g < GC; ++g) st(acc + g * dq + W * c, a[g]);
-    }
+    constexpr int CC = 15 / (GC + 1) < 1 ? 1 : 15 / (GC + 1) > 4 ? 4 : 15 / (GC + 1);
+    int c = 0;
+    for (; c + CC <= nch; c += CC) value_chunks<GC, CC>(f, m, c, p, acc, dq);
+    for (; c < nch; ++c) value_chunks<GC, 1>(f, m, c, p, acc, dq);
 }
 
 // where channel d sits in a row as the kernel reads it (int4 fast: planar per 2W channels)
