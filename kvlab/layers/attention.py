@@ -3,7 +3,8 @@
 Options: q/k RMSNorm, weightless v RMSNorm, V = K projection (the layer's GQASpec), sliding window
 (Longformer/Mistral), learned sink logits (gpt-oss), a sigmoid or softplus output gate computed from
 the attention input, and reading another layer's K/V (cross-layer sharing). Attention runs in
-``scaled_dot_product_attention``.
+``scaled_dot_product_attention``; an eager decode step over plain float K/V on the CPU in the C++ kernel of
+kvlab/layers/dense_attend.py.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ class Attention(nn.Module):
     """One attention layer described by a :class:`LayerSpec`; x ``[B, T, hidden]`` -> same shape."""
 
     param_init: ClassVar[dict[str, str]] = {"sinks": "zeros"}  # not drawn at random by Model.from_config
+    dense_kernel: ClassVar[bool] = True  # an eager CPU decode step: the C++ kernel (kvlab/layers/dense_attend.py)
 
     def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
         super().__init__()

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kinds.gqa import sink_tokens
-from . import cpu_attend
+from . import cpu_attend, dense_attend
 from .blocked import attend_blocked, dense, is_blocked, prepare, values_in_keys
 from .cast import as_dtype, as_fp32
 from .chunk_attend import attend_chunk
@@ -221,14 +221,20 @@ def publish_kv(step: Step, index: int, store, k: torch.Tensor, v: torch.Tensor
 def attend_out(attn: nn.Module, x: torch.Tensor, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kpos: torch.Tensor) -> torch.Tensor:
     """Masked attention of ``q`` over ``k``/``v`` at positions ``kpos`` (the step's shared mask), then the
-    output gate and projection of ``attn``."""
+    output gate and projection of ``attn``. A module with ``dense_kernel`` True (GQA's, kvlab/layers/attention.py)
+    has an eager decode step over plain float K/V on the CPU attended by the C++ kernel of
+    kvlab/layers/dense_attend.py (where :func:`dense_attend.applies`), else :func:`attend`."""
     s = attn.spec
     out = None
     if q.shape[2] > 1 and not s.sinks and not sink_tokens(s):  # a prefill chunk: in pieces where it pays
         out = attend_chunk(q, k, v, step, kpos, s.window, s.scale)  # (kvlab/layers/chunk_attend.py)
     if out is None:
         mask, causal = step.mask(kpos, s.window, sink_tokens(s))
-        out = attend(q, k, v, mask, s.scale, causal=causal, sinks=attn.sinks if s.sinks else None)
+        sinks = attn.sinks if s.sinks else None
+        if getattr(attn, "dense_kernel", False) and dense_attend.applies(q, k, v):
+            out = dense_attend.attend(q, k, v, mask, s.scale, sinks)
+        else:
+            out = attend(q, k, v, mask, s.scale, causal=causal, sinks=sinks)
     return project_out(attn, x, out)
 
 

@@ -14,7 +14,8 @@
 // memory). The pieces (threads, segments) are merged at the end with the sinks. int4 rows are read "planar" (per 2W
 // channels: the W low nibbles = even channels, then the W high = odd channels), the query permuted and the output
 // un-permuted to match; groups that do not cover whole W (int8) / 2W (int4) channel chunks are dequantized row by row
-// into a float tile first.
+// into a float tile first. Plain float32 / bfloat16 rows (no scales; kvlab_dense_attend, kvlab/layers/dense_attend.py)
+// are read straight, or copied into the zero-padded float tile when their channels are not a multiple of W.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -173,6 +174,8 @@ struct Src {
     long cap;
     int D, int4, group, kind, span;  // kind of the scales: float32 (0), float16 (1), bfloat16 (2)
     const float* lut;    // fp8 codes (one byte a channel, symmetric): the float32 value of each byte; else null
+    int plain;           // 0: codes as above; plain rows of float32 (1) or bfloat16 (2) values [B, H, cap, D], no
+                         // scales (scales, zeros, group, kind, span, lut unused)
 };
 struct Seg {
     const int64_t* index;  // [B, n] the slot of each position (a top-k's rows), or null (slot = position)
@@ -190,7 +193,7 @@ struct Buf {
     const char* zeros;     // or null: symmetric codes
     const int64_t* index;  // the piece's slots, or null
     long p0;               // the piece's first slot (keys per channel: their scale rows are the buffer's)
-    int kind, int4, group, ng, rowbytes, sbytes, D, nch, fast, planar, span;
+    int kind, int4, group, ng, rowbytes, sbytes, D, nch, fast, planar, span, plain;
     const float* lut;      // fp8: the codes' table, or null
 };
 
@@ -202,18 +205,19 @@ Buf make_buf(const Src& s, long bh, long p0, const int64_t* index) {
     b.group = s.group;
     b.D = s.D;
     b.span = s.span;
-    b.ng = s.span > 1 ? s.D : s.D / s.group;
-    b.rowbytes = s.int4 ? s.D / 2 : s.D;
-    b.sbytes = b.ng * (s.kind ? 2 : 4);
+    b.plain = s.plain;
+    b.ng = s.plain ? 1 : s.span > 1 ? s.D : s.D / s.group;
+    b.rowbytes = s.plain ? s.D * (s.plain == 1 ? 4 : 2) : s.int4 ? s.D / 2 : s.D;
+    b.sbytes = s.plain ? 0 : b.ng * (s.kind ? 2 : 4);
     b.nch = (s.D + W - 1) / W;
     const int g = s.span > 1 ? 2 * W : s.group;  // per channel: any chunk
-    b.fast = s.int4 ? (s.D % (2 * W) == 0 && g % (2 * W) == 0) : (s.D % W == 0 && g % W == 0);
-    b.planar = b.fast && s.int4;
+    b.fast = s.plain ? s.D % W == 0 : s.int4 ? (s.D % (2 * W) == 0 && g % (2 * W) == 0) : (s.D % W == 0 && g % W == 0);
+    b.planar = b.fast && s.int4 && !s.plain;
     const long row0 = bh * s.cap + (index ? 0 : p0);
     // per token: the piece's rows; per channel: the buffer's scale rows, slot / span
     const long srow0 = s.span > 1 ? bh * ((s.cap + s.span - 1) / s.span) : row0;
     b.codes = static_cast<const uint8_t*>(s.codes) + row0 * b.rowbytes;
-    b.scales = static_cast<const char*>(s.scales) + srow0 * b.sbytes;
+    b.scales = s.plain ? nullptr : static_cast<const char*>(s.scales) + srow0 * b.sbytes;
     b.zeros = s.zeros ? static_cast<const char*>(s.zeros) + srow0 * b.sbytes : nullptr;
     b.index = index ? index + p0 : nullptr;
     b.p0 = index ? 0 : p0;
@@ -224,6 +228,24 @@ Buf make_buf(const Src& s, long bh, long p0, const int64_t* index) {
 struct RowsF32 {  // rows dequantized into a float tile [T, dp]
     const float* rows; int dp;
     vf operator()(int l, int c) const { return ld(rows + long(l) * dp + W * c); }
+};
+struct PlainF32 {  // plain float32 rows (D a multiple of W)
+    const float* rows; int D;
+    vf operator()(int l, int c) const { return ld(rows + long(l) * D + W * c); }
+};
+// W bfloat16 values -> float32 (the 16 bits shifted into the high half)
+inline vf cvt_bf16(const uint16_t* p) {
+#if defined(__AVX512F__)
+    return (vf)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#elif defined(__AVX2__)
+    return (vf)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16);
+#else
+    vf r; for (int i = 0; i < W; ++i) r[i] = bf16_to_float(p[i]); return r;
+#endif
+}
+struct PlainBf16 {  // plain bfloat16 rows (D a multiple of W)
+    const uint16_t* rows; int D;
+    vf operator()(int l, int c) const { return cvt_bf16(rows + long(l) * D + W * c); }
 };
 // scales (and zeros) of tile row l, chunk c: one float per token and group of channels, or (keys per channel) a
 // vector of W, the row's position group's scale row (in the kernel's channel order)
@@ -331,6 +353,10 @@ struct Work {
 };
 
 void prepare_tile(const Buf& b, int T, Tile& t) {
+    if (b.plain) {  // no scales; an index gathers the rows
+        if (b.index) t.codes.resize(size_t(T) * b.rowbytes);
+        return;
+    }
     const size_t per = b.span > 1 ? size_t(b.nch) * W : b.ng;
     t.sc.resize(T * per);
     t.zs.resize(T * per);
@@ -380,6 +406,14 @@ void load_tile(const Buf& b, long lo, int m, Tile& t) {
     const long count = long(m) * b.ng;
     const char *sc = b.scales + lo * b.sbytes, *zs = b.zeros ? b.zeros + lo * b.sbytes : nullptr;  // per token
     t.at = b.codes + lo * b.rowbytes;
+    if (b.plain) {
+        if (b.index) {
+            for (int l = 0; l < m; ++l)
+                std::memcpy(t.codes.data() + long(l) * b.rowbytes, b.codes + b.index[lo + l] * b.rowbytes, b.rowbytes);
+            t.at = t.codes.data();
+        }
+        return;
+    }
     if (b.index) {
         for (int l = 0; l < m; ++l) {
             const long slot = b.index[lo + l];
@@ -415,7 +449,26 @@ void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&&
         else
             f(Int8Rows<S>{t.at, b.rowbytes, k});
     };
-    if (b.fast && b.span > 1) {
+    if (b.plain && b.fast) {
+        if (b.plain == 1)
+            f(PlainF32{reinterpret_cast<const float*>(t.at), b.D});
+        else
+            f(PlainBf16{reinterpret_cast<const uint16_t*>(t.at), b.D});
+    } else if (b.plain) {  // channels not a multiple of W: copied into the zero-padded float tile
+        const int dp = b.nch * W;
+        rows.resize(size_t(m) * dp);
+        for (int l = 0; l < m; ++l) {
+            float* r = rows.data() + long(l) * dp;
+            if (b.plain == 1) {
+                std::memcpy(r, t.at + long(l) * b.rowbytes, size_t(b.D) * 4);
+            } else {
+                const uint16_t* c = reinterpret_cast<const uint16_t*>(t.at + long(l) * b.rowbytes);
+                for (int d = 0; d < b.D; ++d) r[d] = bf16_to_float(c[d]);
+            }
+            for (int d = b.D; d < dp; ++d) r[d] = 0.0f;
+        }
+        f(RowsF32{rows.data(), dp});
+    } else if (b.fast && b.span > 1) {
         codes(ChannelScales{t.sc.data(), t.zs.data(), b.nch * W, t.grow.data()});
     } else if (b.fast) {
         codes(TokenScales{t.sc.data(), t.zs.data(), b.ng, t.gi.data()});
@@ -577,6 +630,7 @@ const ScoreFn SCORES[9] = {nullptr, score_heads<1>, score_heads<2>, score_heads<
                            score_heads<6>, score_heads<7>, score_heads<8>};
 
 bool src_ok(const Src& s) {
+    if (s.plain) return s.codes && s.cap >= 0 && s.D >= 1 && s.D <= 4096 && s.plain > 0 && s.plain <= 2;
     return s.codes && s.scales && s.cap >= 0 && s.D >= 1 && s.D <= 4096 && s.group >= 1 && s.D % s.group == 0 &&
            !(s.int4 && s.D % 2) && s.kind >= 0 && s.kind <= 2 && s.span >= 1 && !(s.lut && (s.int4 || s.zeros));
 }
@@ -632,7 +686,7 @@ void score_segments(const float* q, int Dq, const Seg* segs, int nseg, int b, lo
 
 extern "C" {
 
-int kvlab_quant_attend_version(void) { return 9; }
+int kvlab_quant_attend_version(void) { return 10; }
 
 // q [B, H, G, Dq] float32 (Dq: the channels of a segment's key parts together), out [B, H, G, Dv] float32 (Dv: its
 // values' channels): attention over the positions of segments segs[0..nseg-1] one after the other (each its own
@@ -720,6 +774,27 @@ int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, const Se
         }
     }
     return 0;
+}
+
+// kvlab_quant_attend over one segment of plain rows (kvlab/layers/dense_attend.py): keys k [B, H, cap_k, Dk] and values
+// v [B, H, cap_v, Dv] of float32 (plain 1) or bfloat16 (plain 2), their first n positions; v == k with the same
+// rows: K = V, each tile read once for both products. The other arguments and the result as kvlab_quant_attend.
+int kvlab_dense_attend(const float* q, float* out, int B, int H, int G, const void* k, const void* v, long cap_k,
+                       long cap_v, long n, int Dk, int Dv, int plain, const float* mask, long mask_bstride,
+                       const float* sinks, float scale, float under, int threads, int min_part) {
+    Seg s{};
+    s.index = nullptr;
+    s.n = n;
+    s.nk = 1;
+    s.k[0] = Src{k, nullptr, nullptr, cap_k, Dk, 0, Dk, 0, 1, nullptr, plain};
+    if (v == k && cap_v == cap_k && Dv == Dk) {
+        s.v_from = 0;
+    } else {
+        s.v = Src{v, nullptr, nullptr, cap_v, Dv, 0, Dv, 0, 1, nullptr, plain};
+        s.v_from = -1;
+    }
+    return kvlab_quant_attend(q, out, B, H, G, &s, 1, mask, mask_bstride, sinks, scale, under, threads, min_part,
+                              nullptr);
 }
 
 // the raw scores q . k (no scale, mask or softmax; an indexer's, kvlab/layers/blocked.py ``scores``): q [B, H, G, Dq]

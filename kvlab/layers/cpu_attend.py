@@ -92,10 +92,11 @@ def build(directory: Path | None = None) -> Path:
 class _Src(ctypes.Structure):
     """One code buffer as the kernel reads it (``Src`` in cpu_attend.cpp): codes ``[B, H, cap, D or D / 2]``, scales
     and zero points (or null) ``[B, H, cap, D / group]`` (keys per channel: ``[B, H, cap / span, D]``); fp8 codes:
-    ``lut`` the float32 value of each byte (:func:`_fp8_table`), else null."""
+    ``lut`` the float32 value of each byte (:func:`_fp8_table`), else null; ``plain`` 0 (plain rows of float32 /
+    bfloat16 values are 1 / 2: kvlab/layers/dense_attend.py, which fills them in C)."""
     _fields_ = [("codes", ctypes.c_void_p), ("scales", ctypes.c_void_p), ("zeros", ctypes.c_void_p), ("cap", ctypes.c_long),
                 ("dim", ctypes.c_int), ("int4", ctypes.c_int), ("group", ctypes.c_int), ("kind", ctypes.c_int),
-                ("span", ctypes.c_int), ("lut", ctypes.c_void_p)]
+                ("span", ctypes.c_int), ("lut", ctypes.c_void_p), ("plain", ctypes.c_int)]
 
 
 class _Seg(ctypes.Structure):
@@ -108,8 +109,9 @@ class _Seg(ctypes.Structure):
 def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
     """The kernel's library for ``flags`` (built and loaded at first use, kvlab/layers/cpp_build.py)."""
     p, i, lg, f, seg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.POINTER(_Seg)
-    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 9), {
+    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 10), {
         "kvlab_quant_attend": ([p, p, i, i, i, seg, i, p, lg, p, f, f, i, i, p], i),
+        "kvlab_dense_attend": ([p, p, i, i, i, p, p, lg, lg, lg, i, i, i, p, lg, p, f, f, i, i], i),
         "kvlab_quant_scores": ([p, p, i, i, i, seg, i], i),
         "kvlab_quant_index_scores": ([p, p, i, i, i, seg, i, p, f, i, p], i),
         "kvlab_quant_v4_step": ([p, i, i, i, f, p, p, i, seg, i, p, i, i, p, f, seg, i, p, p, f, f, i, i, p], i),
