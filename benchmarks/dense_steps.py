@@ -1,0 +1,104 @@
+"""Whole eager decode steps with the dense decode-attention kernel (kvlab/layers/dense_attend.py) on and off, in one
+process, stepping in turns (outside CI).
+
+Per benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) and context: one
+prefill (chunks of 512), its cache copied, then two lanes decode the same tokens in turns, step by step, the kernel
+on (``dense_attend.ENABLED``) in one and off (SDPA) in the other; the copy bandwidth before and after. Reports each
+lane's median step, the off / on ratio per step pair (median), the largest logit difference between the lanes, and
+the share of the copy bandwidth (the calculator's bytes read per step, as ``kvlab bench``). The JSON (``--out``) and
+a last JSON line.
+
+    PYTHONPATH=$PWD nice -n 10 flock /tmp/kvlab-heavy.lock .venv/bin/python benchmarks/dense_steps.py \\
+        benchmarks/laguna-small.json:16k benchmarks/qwen3-100m.json:16k --steps 12 --threads 1 --out <json>
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from kvlab.bench import TORCH_DTYPES, copy_bandwidth, save_random_hf
+from kvlab.costs import costs
+from kvlab.layers import dense_attend
+from kvlab.loading import load
+from kvlab.resolve import resolve_spec
+from kvlab.shrink import scale_to_fit
+from kvlab.units import parse_context, table
+
+
+def run(spec: str, ctx: int, steps: int, dtype: str) -> dict:
+    """One shape and context: the two lanes' step times, their logits' largest difference, the bandwidth shares."""
+    cfg, _ = scale_to_fit(resolve_spec(spec))
+    with tempfile.TemporaryDirectory(prefix="dense-steps-") as tmp:
+        save_random_hf(cfg, tmp)
+        model = load(tmp, dtype=TORCH_DTYPES[dtype], device="cpu").eval()
+    ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
+    load0 = os.getloadavg()[0]
+    with torch.inference_mode():
+        cache = model.new_cache(1, max_length=ctx + steps + 2)
+        for s in range(0, ctx, 512):
+            logits = model(ids[:, s:s + 512], cache=cache, last_only=True)
+        caches = {True: cache, False: copy.deepcopy(cache)}
+        times: dict[bool, list[float]] = {True: [], False: []}
+        diff = 0.0
+        bw0 = copy_bandwidth()
+        for _ in range(steps):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)  # both lanes decode the on lane's tokens
+            out = {}
+            for on in (True, False):
+                dense_attend.ENABLED = on
+                t = time.perf_counter()
+                out[on] = model.decode_step(nxt, caches[on])
+                times[on].append(time.perf_counter() - t)
+            dense_attend.ENABLED = True
+            diff = max(diff, (out[True].float() - out[False].float()).abs().max().item())
+            logits = out[True]
+        bw1 = copy_bandwidth()
+    c = costs(cfg, context=ctx + steps // 2, dtype=dtype)
+    read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
+    on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
+    return {"shape": spec, "context": ctx, "dtype": dtype, "steps": steps, "threads": torch.get_num_threads(),
+            "on_ms": on_s * 1e3, "off_ms": off_s * 1e3,
+            "off_over_on": statistics.median(b / a for a, b in zip(times[True], times[False], strict=True)),
+            "on_steps_s": times[True], "off_steps_s": times[False], "max_logit_diff": diff,
+            "read_bytes_per_step": read, "kv_read_bytes_per_step": c.kv_read_bytes_per_step,
+            "copy_gb_s": [bw0 / 1e9, bw1 / 1e9], "on_of_copy_bw": read / on_s / min(bw0, bw1),
+            "off_of_copy_bw": read / off_s / min(bw0, bw1), "load": [load0, os.getloadavg()[0]]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("runs", nargs="+", metavar="SHAPE:CONTEXT")
+    ap.add_argument("--steps", type=int, default=12, help="decode steps per lane")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out")
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    if dense_attend.library() is None:
+        raise SystemExit("the dense kernel is off (KVLAB_DENSE_KERNEL=0) or did not build")
+    rows = []
+    for r in a.runs:
+        spec, ctx = r.rsplit(":", 1)
+        rows.append(run(spec, parse_context(ctx), a.steps, a.dtype))
+        if a.out:
+            with open(a.out, "w") as f:
+                json.dump({"rows": rows}, f, indent=1)
+    print(table(["shape", "context", "on ms", "off ms", "off / on", "on of copy bw", "off of copy bw", "copy GB/s",
+                 "max |logit diff|", "load"],
+                [[r["shape"], str(r["context"]), f"{r['on_ms']:.2f}", f"{r['off_ms']:.2f}", f"{r['off_over_on']:.2f}x",
+                  f"{r['on_of_copy_bw']:.0%}", f"{r['off_of_copy_bw']:.0%}",
+                  "-".join(f"{x:.1f}" for x in r["copy_gb_s"]), f"{r['max_logit_diff']:.1e}",
+                  "-".join(f"{x:.1f}" for x in r["load"])] for r in rows]))
+    print(json.dumps({"rows": [{k: v for k, v in r.items() if not k.endswith("steps_s")} for r in rows]}))
+
+
+if __name__ == "__main__":
+    main()
