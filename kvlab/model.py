@@ -14,6 +14,7 @@ from .layers import attention_module
 from .layers.block_parts import feed_forward, outputs, post_norm
 from .layers.cast import as_dtype
 from .layers.core import Step
+from .layers.linear import linear
 from .layers.mhc import HyperHead, expand
 from .layers.moe import MoE, hash_table
 from .layers.norm import RMSNorm
@@ -269,7 +270,7 @@ class Model(nn.Module):
             x = x[:, -1:]
         if cfg.mhc_streams is not None:
             x = self.mhc_head(x)
-        logits = self.norm(x.to(self.norm.weight.dtype) if cfg.residual_fp32 else x) @ self.head_weight.T
+        logits = linear(self.norm(x.to(self.norm.weight.dtype) if cfg.residual_fp32 else x), self.head_weight)
         if cfg.final_logit_softcap is not None:
             cap = cfg.final_logit_softcap
             logits = torch.tanh(logits / cap) * cap

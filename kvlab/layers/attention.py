@@ -16,6 +16,7 @@ from torch import nn
 
 from ..config import LayerSpec
 from .core import Step, attend, attend_out, build_mask, project_out, publish_kv
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import apply_rope
 
@@ -32,20 +33,20 @@ class Attention(nn.Module):
         super().__init__()
         self.spec = spec
         h, hkv, d, dv, g = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim, spec.gqa
-        self.q_proj = nn.Linear(hidden, h * d, bias=spec.qkv_bias)
+        self.q_proj = Linear(hidden, h * d, bias=spec.qkv_bias)
         if spec.stores_kv:
-            self.k_proj = nn.Linear(hidden, hkv * d, bias=spec.qkv_bias)
+            self.k_proj = Linear(hidden, hkv * d, bias=spec.qkv_bias)
             if not g.k_eq_v:
-                self.v_proj = nn.Linear(hidden, hkv * dv, bias=spec.qkv_bias)
+                self.v_proj = Linear(hidden, hkv * dv, bias=spec.qkv_bias)
             if g.v_norm:
                 self.v_norm = RMSNorm(dv, eps, scale=False)
-        self.o_proj = nn.Linear(h * dv, hidden, bias=spec.o_bias)
+        self.o_proj = Linear(h * dv, hidden, bias=spec.o_bias)
         if g.qk_norm:
             self.q_norm = RMSNorm(d, eps, norm_offset)
             if spec.stores_kv:
                 self.k_norm = RMSNorm(d, eps, norm_offset)
         if spec.output_gate:
-            self.g_proj = nn.Linear(hidden, h if spec.gate_per_head else h * dv, bias=False)
+            self.g_proj = Linear(hidden, h if spec.gate_per_head else h * dv, bias=False)
         if spec.sinks:
             self.sinks = nn.Parameter(torch.zeros(h))
 

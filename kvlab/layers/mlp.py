@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 def activation(name: str):
     if name == "silu":
@@ -24,9 +26,9 @@ class GatedMLP(nn.Module):
                  limit: float | None = None) -> None:
         super().__init__()
         self.limit = limit  # DeepSeek V4's clipped SwiGLU: gate <= limit, |up| <= limit
-        self.gate_proj = nn.Linear(hidden, width, bias=bias)
-        self.up_proj = nn.Linear(hidden, width, bias=bias)
-        self.down_proj = nn.Linear(width, hidden, bias=bias)
+        self.gate_proj = Linear(hidden, width, bias=bias)
+        self.up_proj = Linear(hidden, width, bias=bias)
+        self.down_proj = Linear(width, hidden, bias=bias)
         self.act = activation(act)
 
     def forward(self, x: torch.Tensor, carry: dict | None = None) -> torch.Tensor:
