@@ -17,7 +17,6 @@ kvlab/layers/cpp_build.py.
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import torch
@@ -26,7 +25,7 @@ from . import cpp_build
 
 SOURCE = Path(__file__).with_name("bf16_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
-ENABLED = os.environ.get("KVLAB_BF16_KERNEL", "1") not in ("0", "off", "false", "no")
+ENABLED = cpp_build.switch("KVLAB_BF16_KERNEL")
 MAX_ROWS = 8  # input rows (tokens x batch) a call takes: a decode step's; beyond, torch's GEMM
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
