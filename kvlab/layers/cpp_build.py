@@ -16,6 +16,7 @@ import ctypes
 import hashlib
 import os
 import platform
+import re
 import shutil
 import subprocess
 import tempfile
@@ -64,13 +65,25 @@ def compiler() -> str:
     return path
 
 
+def headers(source: Path) -> list[Path]:
+    """The headers ``source`` includes from its own folder (``#include "name"`` lines; not followed further)."""
+    found = []
+    for line in source.read_text().splitlines():
+        m = re.match(r'\s*#\s*include\s+"([^"]+)"', line)
+        if m and (source.parent / m.group(1)).is_file():
+            found.append(source.parent / m.group(1))
+    return found
+
+
 def key(cxx: str, source: Path, flags: tuple[str, ...]) -> str:
-    """The build's key: a hash of the source, the flags, the compiler's version and the CPU's flags."""
+    """The build's key: a hash of the source and the headers it includes from its folder, the flags, the compiler's
+    version and the CPU's flags."""
     try:
         version = subprocess.run([cxx, "--version"], check=False, capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelBuildError(f"{cxx} --version failed: {e}") from e
-    parts = [source.read_bytes(), " ".join(flags).encode(), version.encode(), cpu_flags().encode()]
+    parts = [source.read_bytes(), *(h.read_bytes() for h in headers(source)), " ".join(flags).encode(),
+             version.encode(), cpu_flags().encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:20]
 
 
@@ -138,4 +151,4 @@ class Library:
         return self.lib
 
 
-__all__ = ["KernelBuildError", "Library", "build", "cache_dir", "compiler", "cpu_flags", "key", "switch"]
+__all__ = ["KernelBuildError", "Library", "build", "cache_dir", "compiler", "cpu_flags", "headers", "key", "switch"]
