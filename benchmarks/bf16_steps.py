@@ -4,7 +4,8 @@ load (outside CI).
 Per ``SPEC:CONTEXT`` (a ``benchmarks/*.json`` shape with random weights, std 0.02, or an installed model such as
 ``smollm2-135m`` with its own weights): the fp32 model and its bf16 copy prefill the same random ids (chunks of 512),
 the bf16 cache is copied, then three lanes decode ``--steps`` greedy tokens taking turns step by step: fp32, bf16 with
-the kernel off (torch's ``F.linear``), bf16 with it on (``kvlab.layers.bf16_kernel.ENABLED`` switched per step).
+the kernels off (torch's ``F.linear`` and MoE paths), bf16 with them on (``kvlab.layers.bf16_kernel.ENABLED`` and the
+MoE kernel's, kvlab/layers/moe_kernel.py, switched per step; the fp32 lane with its MoE kernel on).
 Reports each lane's median step, on / off, and bf16 / fp32 with the kernel on and off; whether the two bf16 lanes
 chose the same tokens and how far their logits were apart; the copy bandwidth before and after, the load. Prints a
 table, writes JSON (``--out``).
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from kvlab.bench import copy_bandwidth
-from kvlab.layers import bf16_kernel
+from kvlab.layers import bf16_kernel, moe_kernel
 from kvlab.loading import load
 from kvlab.model import Model
 from kvlab.resolve import resolve_spec
@@ -64,14 +65,14 @@ def run(spec: str, context: int, steps: int) -> dict:
     diff = 0.0
     for _ in range(steps):
         for name, (m, on) in lanes.items():
-            bf16_kernel.ENABLED = on
+            bf16_kernel.ENABLED = moe_kernel.ENABLED = on  # (the MoE kernel's bf16 call too; fp32: its default)
             tok = last[name][:, -1].argmax(-1, keepdim=True)
             t = time.perf_counter()
             last[name] = m.decode_step(tok, caches[name])
             times[name].append(time.perf_counter() - t)
             toks[name].append(int(tok))
         diff = max(diff, (last["bf16_on"].float() - last["bf16_off"].float()).abs().max().item())
-    bf16_kernel.ENABLED = True
+    bf16_kernel.ENABLED = moe_kernel.ENABLED = True
     med = {k: statistics.median(v[1:]) * 1e3 for k, v in times.items()}  # the first step apart
     nbytes = {"fp32": sum(p.numel() * 4 for p in fp32.parameters()), "bf16": sum(p.numel() * 2 for p in bf16.parameters())}
     return {"spec": spec, "context": context, "steps": steps, "prefill_s": prefill_s, "median_ms": med,

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from helpers import count_calls, random_model, require_kernel, tiny_config
 
 from kvlab import generate
-from kvlab.layers import bf16_kernel
+from kvlab.layers import bf16_kernel, cpp_build, moe_kernel
 from kvlab.layers.linear import Linear, linear
+from kvlab.layers.moe import MoE
 
 
 @pytest.fixture
@@ -116,28 +117,50 @@ def test_linear_module_kernel_and_autograd(kernel, monkeypatch):
     assert layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("moe", [False, True])
-def test_tiny_model_decodes_in_bf16_with_the_kernel_as_without(kernel, monkeypatch, moe):
-    """A tiny dense model (GQA, a shared-K/V layer) and one with an MoE layer, in bf16: a batch of two decodes 12
-    greedy tokens with the kernel on as with it off (the same tokens), the logits of a decode step within bf16 rounding
-    of the kernel-off ones; a decode step takes the kernel for every projection and the LM head, one row each."""
+@pytest.mark.parametrize("moe,batch", [(False, 2), (True, 2), (True, 1)])
+def test_tiny_model_decodes_in_bf16_with_the_kernel_as_without(kernel, monkeypatch, moe, batch):
+    """A tiny dense model (GQA, a shared-K/V layer) and one with an MoE layer, in bf16: a batch decodes 12 greedy
+    tokens with the kernels on as with them off (the same tokens), the logits of a decode step within bf16 rounding of
+    the kernels-off ones; a decode step takes the bf16 kernel for every projection and the LM head, one row per
+    sequence, but for a batch of one the MoE layer's shared expert, which goes with its experts into the MoE kernel's
+    bf16 call (kvlab/layers/moe_kernel.py)."""
+    require_kernel(monkeypatch, moe_kernel, "MoE")
     torch.manual_seed(0)
     model = random_model(tiny_config(moe=moe), seed=1).to(torch.bfloat16)
-    ids = torch.randint(0, model.config.vocab_size, (2, 7), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(0, model.config.vocab_size, (batch, 7), generator=torch.Generator().manual_seed(3))
+    moe_calls = count_calls(monkeypatch, moe_kernel, {"kvlab_moe_step_bf16": lambda a: a[4]})
     with torch.no_grad():
         on = generate(model, ids, max_new_tokens=12, temperature=0.0)
-        cache = model.new_cache(2, max_length=32)
+        cache = model.new_cache(batch, max_length=32)
         model(ids, cache=cache)
         calls = _count_calls(monkeypatch)
+        moe_calls.clear()
         step_on = model(on[:, 7:8], cache=cache)
         linears = sum(isinstance(m, Linear) for m in model.modules())
-        assert len(calls) == linears + 1 and all(c[0] == 2 for c in calls)  # + the LM head
+        in_moe = sum(3 for m in model.modules() if isinstance(m, MoE) and m.shared is not None) if batch == 1 else 0
+        assert len(calls) == linears + 1 - in_moe and all(c[0] == batch for c in calls)  # + the LM head
         assert (calls[-1][2], calls[-1][1]) == model.head_weight.shape
+        assert len(moe_calls) == (1 if moe and batch == 1 else 0)
         monkeypatch.setattr(bf16_kernel, "ENABLED", False)
+        monkeypatch.setattr(moe_kernel, "ENABLED", False)
         off = generate(model, ids, max_new_tokens=12, temperature=0.0)
-        cache = model.new_cache(2, max_length=32)
+        cache = model.new_cache(batch, max_length=32)
         model(ids, cache=cache)
         step_off = model(on[:, 7:8], cache=cache)
-    assert len(calls) == linears + 1
+    assert len(calls) == linears + 1 - in_moe
     assert torch.equal(on, off)
     torch.testing.assert_close(step_on.float(), step_off.float(), rtol=0.02, atol=0.02)
+
+
+def test_a_changed_header_rebuilds(tmp_path):
+    """The build key covers the headers a kernel includes from its folder (kvlab/layers/bf16.h, shared with the MoE
+    kernel): a changed header gives another key, so another library."""
+    assert cpp_build.headers(bf16_kernel.SOURCE) == [bf16_kernel.SOURCE.with_name("bf16.h")]
+    assert cpp_build.headers(moe_kernel.SOURCE) == [bf16_kernel.SOURCE.with_name("bf16.h")]
+    src, hdr = tmp_path / "k.cpp", tmp_path / "bf16.h"
+    src.write_text(bf16_kernel.SOURCE.read_text())
+    hdr.write_text("// one\n")
+    cxx = cpp_build.compiler()
+    before = cpp_build.key(cxx, src, ())
+    hdr.write_text("// two\n")
+    assert cpp_build.key(cxx, src, ()) != before

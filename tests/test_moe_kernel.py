@@ -26,7 +26,7 @@ def kernel(monkeypatch):
 
 def _count_calls(monkeypatch) -> list[int]:
     """Each call's k (a proxy in front of the loaded library)."""
-    return count_calls(monkeypatch, moe_kernel, {"kvlab_moe_step": lambda a: a[4]})
+    return count_calls(monkeypatch, moe_kernel, {"kvlab_moe_step": lambda a: a[4], "kvlab_moe_step_bf16": lambda a: a[4]})
 
 
 def reference(moe: MoE, x: torch.Tensor, act: str) -> torch.Tensor:
@@ -85,8 +85,37 @@ def test_one_token_equals_torch_paths(kernel, monkeypatch, name):
         assert any(int(i) == 4 for t in x for i in moe.route(t.reshape(1, -1))[0][0])
 
 
+@pytest.mark.parametrize("name", ["v4", "gelu-tanh", "skip", "odd"])
+def test_bf16_one_token_equals_reference_and_torch_paths(kernel, monkeypatch, name):
+    """bf16 experts, shared expert and input (every intermediate float32 in the kernel, the output rounded once):
+    within half a bf16 step (plus float32 slack) of the per-choice reference run in float32 on the same bf16 values,
+    within bf16 rounding of the torch path (which rounds each product to bf16); one kernel call per token."""
+    spec, act = SPECS[name]
+    torch.manual_seed(4)
+    hidden = 37 if name == "odd" else 36
+    moe = MoE(hidden, spec, act=act)
+    for p in moe.parameters():
+        p.normal_(0, 0.3)
+    if spec.skip_expert:
+        moe.router.weight[-1] = 0.3 * moe.router.weight[0]
+    ref_moe = MoE(hidden, spec, act=act)
+    ref_moe.load_state_dict({k: v.bfloat16().float() for k, v in moe.state_dict().items()})
+    moe.to(torch.bfloat16)
+    x = torch.randn(12, 1, 1, hidden).bfloat16()
+    calls = _count_calls(monkeypatch)
+    got = torch.stack([moe(t) for t in x])
+    assert got.dtype == torch.bfloat16 and calls == [spec.top_k] * 12
+    monkeypatch.setattr(moe_kernel, "ENABLED", False)
+    # the float32 reference routes as the bf16 model does (its router reads the same bf16 values in float32)
+    ref = torch.stack([reference(ref_moe, t.reshape(-1).float(), act) for t in x]).view_as(got)
+    torch.testing.assert_close(got.float(), ref, rtol=2 ** -8, atol=1e-4)
+    if name != "odd":  # torch's grouped matmuls want whole 16-byte rows
+        torch.testing.assert_close(got, torch.stack([moe(t) for t in x]), rtol=0.03, atol=0.03)
+    assert len(calls) == 12
+
+
 def test_not_taken_where_it_does_not_apply(kernel, monkeypatch):
-    """Two tokens, two torch threads, bf16, autograd and a biased shared expert keep the torch paths."""
+    """Two tokens, two torch threads, float64, autograd and a biased shared expert keep the torch paths."""
     spec, act = SPECS["v4"]
     moe = MoE(16, spec, act=act)
     calls = _count_calls(monkeypatch)
@@ -100,7 +129,7 @@ def test_not_taken_where_it_does_not_apply(kernel, monkeypatch):
     moe(torch.randn(1, 1, 16))
     assert calls == [spec.top_k]
     calls.clear()
-    moe.to(torch.bfloat16)(torch.randn(1, 1, 16, dtype=torch.bfloat16))
+    moe.double()(torch.randn(1, 1, 16, dtype=torch.float64))
     moe.float()
     with torch.enable_grad():
         moe(torch.randn(1, 1, 16, requires_grad=True))

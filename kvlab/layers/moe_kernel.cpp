@@ -1,11 +1,15 @@
 // One token's mixture of experts on the CPU: its k chosen experts (and the shared expert) read where they lie, one
-// call: kvlab/layers/moe_kernel.py. Plain C++17, float32 throughout.
+// call: kvlab/layers/moe_kernel.py. Plain C++17: float32 weights, or bf16 weights (and input, output) with float32
+// arithmetic throughout.
 
 #include <cmath>
+#include <cstdint>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+
+#include "bf16.h"
 
 namespace {
 
@@ -71,6 +75,11 @@ void gemv(const float* w, const float* x, float* y, int rows, int cols) {
 }
 #endif
 
+// y [rows] = W [rows, cols] (bf16, row-major) x [cols] (float32): kvlab/layers/bf16.h's rows, read in order
+void gemv(const uint16_t* w, const float* x, float* y, int rows, int cols) {
+    for (int i = 0; i < rows; ++i) kvlab_bf16::row<1, 4>(x, w + static_cast<long>(i) * cols, cols, y + i);
+}
+
 float act(float v, int kind) {
     switch (kind) {
         case 0: return v / (1.f + std::exp(-v));  // silu
@@ -83,7 +92,8 @@ float act(float v, int kind) {
 }
 
 // h [width] = act(min(g, limit)) * clamp(u, -limit, limit) (no clamps without a limit), g = G x, u = U x; y = D h
-void expert(const float* g_w, const float* u_w, const float* d_w, const float* x, int hidden, int width, int kind,
+template <class W>
+void expert(const W* g_w, const W* u_w, const W* d_w, const float* x, int hidden, int width, int kind,
             bool clip, float limit, float* g, float* u, float* y) {
     gemv(g_w, x, g, width, hidden);
     gemv(u_w, x, u, width, hidden);
@@ -98,18 +108,10 @@ void expert(const float* g_w, const float* u_w, const float* d_w, const float* x
     gemv(d_w, g, y, hidden, width);
 }
 
-}  // namespace
-
-extern "C" {
-
-int kvlab_moe_version() { return 1; }
-
-// out [H] = shared(x) + alpha sum_j w_j expert_{idx_j}(x) for one token x [H]: experts gate / up [E, I, H], down
-// [E, H, I] (an index >= E, a skip expert, adds nothing), the shared expert's gate / up [S, H], down [H, S] (S = 0:
-// none, 0 instead of its output). act: 0 silu, 1 gelu (tanh), 2 gelu. clip: the SwiGLU limit applies. 0: done.
-int kvlab_moe_step(const float* x, int hidden, const long* idx, const float* w, int k, int num, int width,
-                   const float* gate, const float* up, const float* down, int shared, const float* s_gate,
-                   const float* s_up, const float* s_down, int kind, int clip, float limit, float alpha, float* out) {
+template <class W>
+int step(const float* x, int hidden, const long* idx, const float* w, int k, int num, int width, const W* gate,
+         const W* up, const W* down, int shared, const W* s_gate, const W* s_up, const W* s_down, int kind, int clip,
+         float limit, float alpha, float* out) {
     if (hidden < 1 || k < 0 || num < 1 || width < 1 || shared < 0 || kind < 0 || kind > 2) return 1;
     const int wide = width > shared ? width : shared;
     std::vector<float> g(wide), u(wide), y(hidden), acc(hidden, 0.f);
@@ -127,6 +129,38 @@ int kvlab_moe_step(const float* x, int hidden, const long* idx, const float* w, 
     else
         for (int c = 0; c < hidden; ++c) out[c] = 0.f;
     for (int c = 0; c < hidden; ++c) out[c] += alpha * acc[c];
+    return 0;
+}
+
+}  // namespace
+
+extern "C" {
+
+int kvlab_moe_version() { return 2; }
+
+// out [H] = shared(x) + alpha sum_j w_j expert_{idx_j}(x) for one token x [H]: experts gate / up [E, I, H], down
+// [E, H, I] (an index >= E, a skip expert, adds nothing), the shared expert's gate / up [S, H], down [H, S] (S = 0:
+// none, 0 instead of its output). act: 0 silu, 1 gelu (tanh), 2 gelu. clip: the SwiGLU limit applies. 0: done.
+int kvlab_moe_step(const float* x, int hidden, const long* idx, const float* w, int k, int num, int width,
+                   const float* gate, const float* up, const float* down, int shared, const float* s_gate,
+                   const float* s_up, const float* s_down, int kind, int clip, float limit, float alpha, float* out) {
+    return step(x, hidden, idx, w, k, num, width, gate, up, down, shared, s_gate, s_up, s_down, kind, clip, limit, alpha,
+                out);
+}
+
+// kvlab_moe_step with x, every weight and out in bf16 (the routing weights w float32): float32 arithmetic, out rounded
+// to bf16 (nearest even)
+int kvlab_moe_step_bf16(const uint16_t* x, int hidden, const long* idx, const float* w, int k, int num, int width,
+                        const uint16_t* gate, const uint16_t* up, const uint16_t* down, int shared,
+                        const uint16_t* s_gate, const uint16_t* s_up, const uint16_t* s_down, int kind, int clip,
+                        float limit, float alpha, uint16_t* out) {
+    if (hidden < 1) return 1;
+    std::vector<float> xf(hidden), y(hidden);
+    for (int c = 0; c < hidden; ++c) xf[c] = kvlab_bf16::widen(x[c]);
+    const int rc = step(xf.data(), hidden, idx, w, k, num, width, gate, up, down, shared, s_gate, s_up, s_down, kind,
+                        clip, limit, alpha, y.data());
+    if (rc) return rc;
+    for (int c = 0; c < hidden; ++c) out[c] = kvlab_bf16::narrow(y[c]);
     return 0;
 }
 

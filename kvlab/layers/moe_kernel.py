@@ -10,10 +10,12 @@ indices, read where they lie: no host read, no copy of the weights) and the shar
 products (four rows a pass), the SwiGLU / GeGLU with the optional clip (``gate <= limit``, ``|up| <= limit``), and
 ``shared(x) + alpha sum_j w_j expert_j(x)`` (``alpha`` the routed scaling) — the bytes the grouped path reads, in one
 call. A chosen index ``E`` (ZAYA1's skip expert) adds nothing. Numerics: float32, the products summed in another
-order than torch's GEMV (within 1e-5 of the torch path: tests/test_moe_kernel.py).
+order than torch's GEMV (within 1e-5 of the torch path: tests/test_moe_kernel.py). bf16 weights (and input) are read
+as bf16 (kvlab/layers/bf16.h: widened by a shift, float32 FMAs), every intermediate float32 and only the output
+rounded to bf16 (the torch path rounds each product and the activation to bf16: within bf16 rounding of it).
 
 Taken when (:func:`applies`): one token, eager (not traced), one torch thread (the kernel runs on one; with more,
-torch's products split their rows over them: not measured against it), float32 weights and input on the CPU,
+torch's products split their rows over them: not measured against it), float32 or bf16 weights and input on the CPU,
 contiguous, no autograd, no biases on the shared expert. Otherwise, and when the kernel cannot be built (one warning) or
 ``KVLAB_MOE_KERNEL=0``, the torch paths. Build: kvlab/layers/cpp_build.py.
 """
@@ -36,8 +38,9 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 
 def kernel() -> cpp_build.Library:
     """The kernel's library (built and loaded at first use)."""
-    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_moe_version", 1), {
-        "kvlab_moe_step": ([_P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _F, _F, _P], _I),
+    args = [_P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _F, _F, _P]
+    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_moe_version", 2), {
+        "kvlab_moe_step": (args, _I), "kvlab_moe_step_bf16": (args, _I),
     }, "MoE runs its torch paths")
 
 
@@ -49,15 +52,19 @@ def library() -> ctypes.CDLL | None:
     return KERNEL.get() if ENABLED else None
 
 
-def _fits(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+DTYPES = (torch.float32, torch.bfloat16)  # the weights' (and input's) dtypes the kernel takes
+
+
+def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
 
 
 def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: str) -> bool:
     """The kernel takes this call: one token ``x [1, H]``, eager, one torch thread, no autograd, ``x``, the experts' and the shared
-    expert's weights float32 contiguous on the CPU (no biases), an activation it knows, the kernel on and loaded."""
-    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and _fits(x) and not torch.compiler.is_compiling()
-            and torch.get_num_threads() == 1):
+    expert's weights float32 (or all bf16) contiguous on the CPU (no biases), an activation it knows, the kernel on and
+    loaded."""
+    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and x.dtype in DTYPES and _fits(x, x.dtype)
+            and not torch.compiler.is_compiling() and torch.get_num_threads() == 1):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or experts.gate_proj.requires_grad):
         return False
@@ -67,7 +74,7 @@ def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: 
         if any(m.bias is not None for m in lin) or shared.limit != experts.limit:
             return False
         mats += [m.weight for m in lin]
-    return all(_fits(m) for m in mats) and library() is not None
+    return all(_fits(m, x.dtype) for m in mats) and library() is not None
 
 
 def step(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: nn.Module, shared: nn.Module | None,
@@ -80,7 +87,8 @@ def step(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: nn.
     out = x.new_empty(1, hidden)
     s = shared.gate_proj.weight if shared is not None else None
     limit = experts.limit
-    rc = KERNEL.lib.kvlab_moe_step(
+    call = KERNEL.lib.kvlab_moe_step if x.dtype == torch.float32 else KERNEL.lib.kvlab_moe_step_bf16
+    rc = call(
         x.data_ptr(), hidden, idx.data_ptr(), weights.data_ptr(), idx.shape[-1], num, width,
         experts.gate_proj.data_ptr(), experts.up_proj.data_ptr(), experts.down_proj.data_ptr(),
         0 if s is None else s.shape[0], None if s is None else s.data_ptr(),
