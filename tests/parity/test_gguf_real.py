@@ -1,7 +1,7 @@
 """The real GGUF files of the installed model packages (kvlab/models.py) against transformers 5.23's own GGUF loading
 (``from_pretrained(dir, gguf_file=...)``, fp32): logits within 1e-4 on a few dozen tokens (Gemma 3 270M: also on
-600 tokens, past its 512-token window, through kvlab's chunked prefill: 1e-4 plus 5e-6 of the logit), greedy generations
-identical.
+600 tokens, past its 512-token window, through kvlab's chunked prefill: as close to transformers' float64 forward as
+transformers' fp32 one is), greedy generations identical.
 
 Each model is loaded once per module by both libraries (transformers' Gemma 3 load is the slow part: about a minute
 on a busy 2-core machine). Print the figures with ``pytest -q -s tests/parity/test_gguf_real.py``.
@@ -9,6 +9,7 @@ on a busy 2-core machine). Print the figures with ``pytest -q -s tests/parity/te
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from typing import Any
 
@@ -49,6 +50,12 @@ def test_logits_match_transformers(pair: tuple[str, Any, kvlab.Model]) -> None:
     assert diff <= 1e-4
 
 
+def error(x: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """(max, mean) of ``|x - exact|``, in float64 (one temporary the size of the logits)."""
+    d = (x.double() - exact).abs_()
+    return d.max().item(), d.mean().item()
+
+
 @torch.no_grad()
 def test_past_the_window_through_the_cache(pair: tuple[str, Any, kvlab.Model]) -> None:
     name, hf, model = pair
@@ -58,13 +65,21 @@ def test_past_the_window_through_the_cache(pair: tuple[str, Any, kvlab.Model]) -
     n = max(windows) + 88
     ids = prompt(model.config.vocab_size, n, seed=1)
     want = hf(ids).logits
+    exact = copy.deepcopy(hf).double()(ids).logits  # the ground both fp32 forwards are measured against
     cache = model.new_cache(1, max_length=n)
     got = torch.cat([model(ids[:, s:s + 256], cache=cache) for s in range(0, n, 256)], 1)
     diff = (got - want).abs().max().item()
-    print(f"\n{name}: max |logit diff| vs transformers GGUF, {n} tokens (chunked prefill of 256), fp32: {diff:.3g}")
-    # 1e-4 plus 5e-6 of the logit (~40 ulps): Gemma's logits reach 128 here, where transformers' own fp32 forward is
-    # 3.9e-4 from its float64 one; chunked and whole differ by 1.3e-4 on an AVX2 machine (needing 6.8e-7 of the logit)
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=5e-6)
+    ours, theirs = error(got, exact), error(want, exact)
+    print(f"\n{name}: max |logit diff| vs transformers GGUF, {n} tokens (chunked prefill of 256), fp32: {diff:.3g}; "
+          f"from transformers' float64 forward (max, mean): kvlab {ours[0]:.3g}, {ours[1]:.3g}; transformers fp32 "
+          f"{theirs[0]:.3g}, {theirs[1]:.3g}")
+    # Gemma's logits reach 128 here and transformers' own fp32 forward is 3.9e-4 from its float64 one, so two fp32
+    # forwards that sum in different orders (the chunks, the prefill's attention pieces: kvlab/layers/chunk_attend.py)
+    # differ by more than 1e-4 (1.3e-4 whole vs chunked, 3.1e-4 with the pieces, on an AVX2 machine). The claim is
+    # therefore against the float64 forward: kvlab's fp32 logits are as close to it as transformers' fp32 ones
+    # (max and mean within 1.25x), and within twice transformers' own fp32 error of them.
+    assert ours[0] <= 1.25 * theirs[0] and ours[1] <= 1.25 * theirs[1]
+    torch.testing.assert_close(got, want, atol=2 * theirs[0], rtol=0)
 
 
 @torch.no_grad()
