@@ -229,8 +229,8 @@ struct RowsF32 {  // rows dequantized into a float tile [T, dp]
     const float* rows; int dp;
     vf operator()(int l, int c) const { return ld(rows + long(l) * dp + W * c); }
 };
-struct PlainF32 {  // plain float32 rows (D a multiple of W)
-    const float* rows; int D;
+struct PlainF32 {  // plain float32 rows (D a multiple of W); ahead: see pf
+    const float* rows; int D, ahead;
     vf operator()(int l, int c) const { return ld(rows + long(l) * D + W * c); }
 };
 // W bfloat16 values -> float32 (the 16 bits shifted into the high half)
@@ -243,10 +243,21 @@ inline vf cvt_bf16(const uint16_t* p) {
     vf r; for (int i = 0; i < W; ++i) r[i] = bf16_to_float(p[i]); return r;
 #endif
 }
-struct PlainBf16 {  // plain bfloat16 rows (D a multiple of W)
-    const uint16_t* rows; int D;
+struct PlainBf16 {  // plain bfloat16 rows (D a multiple of W); ahead: see pf
+    const uint16_t* rows; int D, ahead;
     vf operator()(int l, int c) const { return cvt_bf16(rows + long(l) * D + W * c); }
 };
+// plain rows read straight from memory: when row l is first used, row l + ahead (about PF_BYTES further; past the
+// tile, into the next ones) is prefetched, one row at a time, so the reads overlap the compute (a whole tile
+// prefetched at once showed no gain; row by row 1.4-1.9x a call at 16K positions, docs/performance.md). Rows of
+// codes: nothing (their loads are a quarter or less of plain rows').
+constexpr int PF_BYTES = 8192;
+template <class L> inline void pf(const L&, int) {}
+inline void pf_bytes(const void* p, int bytes) {
+    for (int i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 3);
+}
+inline void pf(const PlainF32& f, int l) { pf_bytes(f.rows + long(l + f.ahead) * f.D, f.D * 4); }
+inline void pf(const PlainBf16& f, int l) { pf_bytes(f.rows + long(l + f.ahead) * f.D, f.D * 2); }
 // scales (and zeros) of tile row l, chunk c: one float per token and group of channels, or (keys per channel) a
 // vector of W, the row's position group's scale row (in the kernel's channel order)
 struct TokenScales {
@@ -286,6 +297,7 @@ template <int GC, int P, class L>
 inline void score_block(const L& f, int l, int nch, const float* q, int dq, float* S) {
     vf acc[W];
     for (int i = 0; i < W; ++i) acc[i] = vf{};
+    for (int p = 0; p < P; ++p) pf(f, l + p);
     for (int c = 0; c < nch; ++c) {
         vf qv[GC];
         for (int g = 0; g < GC; ++g) qv[g] = ld(q + g * dq + W * c);
@@ -315,6 +327,7 @@ inline void value_chunks(const L& f, int m, int c0, const float* p, float* acc, 
     for (int j = 0; j < CC; ++j)
         for (int g = 0; g < GC; ++g) a[j][g] = ld(acc + g * dq + W * (c0 + j));
     for (int l = 0; l < m; ++l) {
+        if (c0 == 0) pf(f, l);
         vf x[CC];
         for (int j = 0; j < CC; ++j) x[j] = f(l, c0 + j);
         const float* pl = p + l * GC;
@@ -450,10 +463,11 @@ void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&&
             f(Int8Rows<S>{t.at, b.rowbytes, k});
     };
     if (b.plain && b.fast) {
+        const int ahead = b.index ? 0 : std::max(2, PF_BYTES / b.rowbytes);  // gathered rows: in the tile already
         if (b.plain == 1)
-            f(PlainF32{reinterpret_cast<const float*>(t.at), b.D});
+            f(PlainF32{reinterpret_cast<const float*>(t.at), b.D, ahead});
         else
-            f(PlainBf16{reinterpret_cast<const uint16_t*>(t.at), b.D});
+            f(PlainBf16{reinterpret_cast<const uint16_t*>(t.at), b.D, ahead});
     } else if (b.plain) {  // channels not a multiple of W: copied into the zero-padded float tile
         const int dp = b.nch * W;
         rows.resize(size_t(m) * dp);
