@@ -323,9 +323,9 @@ void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S) {
 // broadcast once for them; CC x GC independent sums in registers, CC + CC GC + 1 <= 16 vector registers)
 template <int GC, int CC, class L>
 inline void value_chunks(const L& f, int m, int c0, const float* p, float* acc, int dq) {
-    vf a[CC][GC];
+    vf a[CC][GC];  // the tile's sums, added to acc at the end (two-level: float32 error of a tile plus tiles)
     for (int j = 0; j < CC; ++j)
-        for (int g = 0; g < GC; ++g) a[j][g] = ld(acc + g * dq + W * (c0 + j));
+        for (int g = 0; g < GC; ++g) a[j][g] = vf{};
     for (int l = 0; l < m; ++l) {
         if (c0 == 0) pf(f, l);
         vf x[CC];
@@ -337,7 +337,7 @@ inline void value_chunks(const L& f, int m, int c0, const float* p, float* acc, 
         }
     }
     for (int j = 0; j < CC; ++j)
-        for (int g = 0; g < GC; ++g) st(acc + g * dq + W * (c0 + j), a[j][g]);
+        for (int g = 0; g < GC; ++g) st(acc + g * dq + W * (c0 + j), ld(acc + g * dq + W * (c0 + j)) + a[j][g]);
 }
 
 template <int GC, class L>
@@ -361,7 +361,7 @@ struct Tile {
 };
 
 struct Work {
-    std::vector<float> S, q, acc, rows;
+    std::vector<float> S, q, acc, sum, rows;  // acc: p.v of the current block of tiles; sum: of the blocks before
     Tile t[3];  // key parts, then the values when they are not a key part
 };
 
@@ -568,11 +568,20 @@ void attend_heads(const float* q, int Dq, const Buf* K, int nk, const Buf& V, in
     const KeyParts<GC> kp(q, Dq, K, nk, vsrc == nk ? V.rowbytes : 0, w);
     const int T = kp.T, dvp = V.nch * W;
     w.acc.assign(size_t(GC) * dvp, 0.0f);
+    w.sum.assign(size_t(GC) * dvp, 0.0f);
     if (vsrc == nk) prepare_tile(V, T, w.t[nk]);
-    float mx[GC], dn[GC];
-    for (int g = 0; g < GC; ++g) mx[g] = -INFINITY, dn[g] = 0.0f;
+    // the sums in three levels (within a tile, a block of BLOCK tiles, the blocks): float32 rounding over a long piece
+    // grows with the longest chain of additions, not the position count
+    constexpr int BLOCK = 32;
+    float mx[GC], dn[GC], dsum[GC];
+    for (int g = 0; g < GC; ++g) mx[g] = -INFINITY, dn[g] = 0.0f, dsum[g] = 0.0f;
+    auto flush = [&]() {
+        for (size_t i = 0; i < w.acc.size(); ++i) w.sum[i] += w.acc[i], w.acc[i] = 0.0f;
+        for (int g = 0; g < GC; ++g) dsum[g] += dn[g], dn[g] = 0.0f;
+    };
     float* S = w.S.data();
-    for (long lo = 0; lo < n; lo += T) {
+    for (long lo = 0, tile = 0; lo < n; lo += T, ++tile) {
+        if (tile && tile % BLOCK == 0) flush();
         const int m = int(n - lo < T ? n - lo : T);
         kp.score(lo, m, S, w);  // scores, summed over the key parts
         if (vsrc == nk) load_tile(V, lo, m, w.t[nk]);
@@ -592,7 +601,8 @@ void attend_heads(const float* q, int Dq, const Buf* K, int nk, const Buf& V, in
             if (mx[g] != -INFINITY) {
                 const float c = std::exp(mx[g] - tm[g]);
                 dn[g] *= c;
-                for (int d = 0; d < dvp; ++d) w.acc[g * dvp + d] *= c;
+                dsum[g] *= c;
+                for (int d = 0; d < dvp; ++d) w.acc[g * dvp + d] *= c, w.sum[g * dvp + d] *= c;
             }
             mx[g] = tm[g];
         }
@@ -628,10 +638,11 @@ void attend_heads(const float* q, int Dq, const Buf* K, int nk, const Buf& V, in
         // p.v over the same rows
         with_rows(V, w.t[vsrc], m, w.rows, [&](const auto& f) { value_tile<GC>(f, m, V.nch, S, w.acc.data(), dvp); });
     }
+    flush();
     for (int g = 0; g < GC; ++g) {
         raw[g] = mx[g];
-        den[g] = dn[g];
-        for (int d = 0; d < V.D; ++d) out[g * V.D + d] = w.acc[g * dvp + slot_of(d, V.planar)];
+        den[g] = dsum[g];
+        for (int d = 0; d < V.D; ++d) out[g * V.D + d] = w.sum[g * dvp + slot_of(d, V.planar)];
     }
 }
 
