@@ -57,20 +57,27 @@ SPECS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SPECS))
-def test_one_token_equals_torch_paths(kernel, monkeypatch, name):
-    """20 single tokens through the kernel, the torch path (the kernel off; its grouped matmuls want widths of whole
-    16 bytes, so the odd spec, hidden 37 and widths 13 and 7 for the products' tails, is checked against the reference
-    alone) and the reference: within 1e-5; one kernel call per token. The skip spec's router is biased so the skip
-    expert is chosen for some tokens."""
+def _moe(name: str, seed: int) -> tuple[MoE, MoESpec, str, int]:
+    """SPECS[name]'s layer with weights drawn from ``seed`` (hidden 37 for the odd spec, else 36; the skip spec's
+    router biased so the skip expert is chosen for some tokens): (moe, spec, activation, hidden)."""
     spec, act = SPECS[name]
-    torch.manual_seed(3)
+    torch.manual_seed(seed)
     hidden = 37 if name == "odd" else 36
     moe = MoE(hidden, spec, act=act)
     for p in moe.parameters():
         p.normal_(0, 0.3)
     if spec.skip_expert:
         moe.router.weight[-1] = 0.3 * moe.router.weight[0]
+    return moe, spec, act, hidden
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_one_token_equals_torch_paths(kernel, monkeypatch, name):
+    """20 single tokens through the kernel, the torch path (the kernel off; its grouped matmuls want widths of whole
+    16 bytes, so the odd spec, hidden 37 and widths 13 and 7 for the products' tails, is checked against the reference
+    alone) and the reference: within 1e-5; one kernel call per token. The skip spec's router is biased so the skip
+    expert is chosen for some tokens."""
+    moe, spec, act, hidden = _moe(name, 3)
     x = torch.randn(20, 1, 1, hidden)
     calls = _count_calls(monkeypatch)
     got = torch.stack([moe(t) for t in x])
@@ -90,14 +97,7 @@ def test_bf16_one_token_equals_reference_and_torch_paths(kernel, monkeypatch, na
     """bf16 experts, shared expert and input (every intermediate float32 in the kernel, the output rounded once):
     within half a bf16 step (plus float32 slack) of the per-choice reference run in float32 on the same bf16 values,
     within bf16 rounding of the torch path (which rounds each product to bf16); one kernel call per token."""
-    spec, act = SPECS[name]
-    torch.manual_seed(4)
-    hidden = 37 if name == "odd" else 36
-    moe = MoE(hidden, spec, act=act)
-    for p in moe.parameters():
-        p.normal_(0, 0.3)
-    if spec.skip_expert:
-        moe.router.weight[-1] = 0.3 * moe.router.weight[0]
+    moe, spec, act, hidden = _moe(name, 4)
     ref_moe = MoE(hidden, spec, act=act)
     ref_moe.load_state_dict({k: v.bfloat16().float() for k, v in moe.state_dict().items()})
     moe.to(torch.bfloat16)
