@@ -4,12 +4,15 @@ with the kernel on and off."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import count_calls, random_model, require_kernel, tiny_config
 
-from kvlab import generate
+from kvlab import generate, kinds
+from kvlab.config import LayerSpec, ModelConfig
 from kvlab.layers import bf16_kernel, cpp_build, moe_kernel
 from kvlab.layers.linear import Linear, linear
 from kvlab.layers.moe import MoE
@@ -150,6 +153,36 @@ def test_tiny_model_decodes_in_bf16_with_the_kernel_as_without(kernel, monkeypat
     assert len(calls) == linears + 1 - in_moe
     assert torch.equal(on, off)
     torch.testing.assert_close(step_on.float(), step_off.float(), rtol=0.02, atol=0.02)
+
+
+@pytest.mark.parametrize("kind", list(kinds.KINDS))
+def test_every_kind_decodes_in_bf16_with_the_kernel_as_without(kernel, monkeypatch, kind):
+    """Every attention kind of the kinds table (its first example, 3 layers), in bf16, a batch of 2: 8 greedy tokens
+    with the kernel on as with it off, and in a decode step every linear layer that runs with bf16 weights (counted by
+    a hook; none is torch's plain ``nn.Linear``) and the LM head take the kernel, one row per sequence."""
+    ex = kinds.KINDS[kind].examples[0]
+    specs = [LayerSpec(attention=kind, intermediate_size=40, **copy.deepcopy(ex)) for _ in range(3)]
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, layers=specs, max_positions=256)
+    model = random_model(cfg, seed=2).to(torch.bfloat16)
+    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5))
+    ran: list[int] = []
+    plain: list[str] = []  # torch's nn.Linear run in the step: none (each layer's projections are kvlab's Linear)
+    for name, m in model.named_modules():
+        if isinstance(m, Linear):
+            m.register_forward_hook(lambda mod, a, o: ran.append(1) if mod.weight.dtype == torch.bfloat16 else None)
+        elif isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(lambda mod, a, o, name=name: plain.append(name))
+    with torch.no_grad():
+        on = generate(model, ids, max_new_tokens=8, temperature=0.0)
+        cache = model.new_cache(2, max_length=32)
+        model(ids, cache=cache)
+        calls = _count_calls(monkeypatch)
+        ran.clear()
+        model(on[:, 9:10], cache=cache)
+        assert ran and not plain and len(calls) == len(ran) + 1 and all(c[0] == 2 for c in calls)
+        monkeypatch.setattr(bf16_kernel, "ENABLED", False)
+        off = generate(model, ids, max_new_tokens=8, temperature=0.0)
+    assert torch.equal(on, off)
 
 
 def test_a_changed_header_rebuilds(tmp_path):

@@ -34,6 +34,7 @@ from torch import nn
 from ..config import LayerSpec
 from ..kinds.cca import conv_channels, conv_tail, value_half
 from .core import Step, attend_out, publish_kv
+from .linear import Linear
 from .rope import apply_rope
 
 
@@ -72,17 +73,17 @@ class CCAttention(nn.Module):
         h, hkv, d, dv = spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.value_dim
         k0, k1 = spec.cca.conv_kernels
         half = value_half(spec)
-        self.q_proj = nn.Linear(hidden, h * d, bias=spec.qkv_bias)
-        self.k_proj = nn.Linear(hidden, hkv * d, bias=spec.qkv_bias)
-        self.v_proj = nn.Linear(hidden, half, bias=spec.qkv_bias)  # current token
-        self.v_shift_proj = nn.Linear(hidden, half, bias=spec.qkv_bias)  # read one token later
+        self.q_proj = Linear(hidden, h * d, bias=spec.qkv_bias)
+        self.k_proj = Linear(hidden, hkv * d, bias=spec.qkv_bias)
+        self.v_proj = Linear(hidden, half, bias=spec.qkv_bias)  # current token
+        self.v_shift_proj = Linear(hidden, half, bias=spec.qkv_bias)  # read one token later
         c = conv_channels(spec)
         self.conv_dw = nn.Conv1d(c, c, k0, groups=c)
         self.conv_grouped = nn.Conv1d(c, c, k1, groups=h + hkv)
         self.key_temp = nn.Parameter(torch.ones(hkv))
-        self.o_proj = nn.Linear(h * dv, hidden, bias=spec.o_bias)
+        self.o_proj = Linear(h * dv, hidden, bias=spec.o_bias)
         if spec.output_gate:
-            self.g_proj = nn.Linear(hidden, h if spec.gate_per_head else h * dv, bias=False)
+            self.g_proj = Linear(hidden, h if spec.gate_per_head else h * dv, bias=False)
         if spec.sinks:
             self.sinks = nn.Parameter(torch.zeros(h))
 

@@ -47,6 +47,7 @@ from . import compressed_kernel, cpu_attend
 from .blocked import Cat, dense, is_blocked, pick, scores, with_heads
 from .cast import as_fp32
 from .core import attend, softmax_with_sink, stable_topk, visible_keys, visible_mask
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import inv_freq_and_scale, rotate_part
 
@@ -103,8 +104,8 @@ class Compressor(nn.Module):
         super().__init__()
         f = 2 if overlap else 1
         self.dim, self.ratio, self.overlap = dim, ratio, overlap
-        self.kv_proj = nn.Linear(hidden, f * dim, bias=False)
-        self.gate_proj = nn.Linear(hidden, f * dim, bias=False)
+        self.kv_proj = Linear(hidden, f * dim, bias=False)
+        self.gate_proj = Linear(hidden, f * dim, bias=False)
         self.position_bias = nn.Parameter(torch.zeros(ratio, f * dim))
         self.kv_norm = RMSNorm(dim, eps, norm_offset)
 
@@ -254,8 +255,8 @@ class CSAIndexer(Compressor):
     def __init__(self, hidden: int, q_rank: int, heads: int, dim: int, ratio: int, eps: float, norm_offset: bool):
         super().__init__(hidden, dim, ratio, True, eps, norm_offset)
         self.heads = heads
-        self.q_b_proj = nn.Linear(q_rank, heads * dim, bias=False)
-        self.weights_proj = nn.Linear(hidden, heads, bias=False)
+        self.q_b_proj = Linear(q_rank, heads * dim, bias=False)
+        self.weights_proj = Linear(hidden, heads, bias=False)
 
 
 class CompressedAttention(nn.Module):
@@ -270,13 +271,13 @@ class CompressedAttention(nn.Module):
         h, d = spec.num_heads, spec.head_dim
         self.csa = spec.compress.indexed
         self.eps = eps
-        self.q_a_proj = nn.Linear(hidden, c.q_lora_rank, bias=False)
+        self.q_a_proj = Linear(hidden, c.q_lora_rank, bias=False)
         self.q_a_norm = RMSNorm(c.q_lora_rank, eps, norm_offset)
-        self.q_b_proj = nn.Linear(c.q_lora_rank, h * d, bias=False)
-        self.kv_proj = nn.Linear(hidden, d, bias=False)
+        self.q_b_proj = Linear(c.q_lora_rank, h * d, bias=False)
+        self.kv_proj = Linear(hidden, d, bias=False)
         self.kv_norm = RMSNorm(d, eps, norm_offset)
-        self.o_a_proj = nn.Linear(h * d // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)  # grouped
-        self.o_b_proj = nn.Linear(c.o_groups * c.o_lora_rank, hidden, bias=False)
+        self.o_a_proj = Linear(h * d // c.o_groups, c.o_groups * c.o_lora_rank, bias=False)  # grouped
+        self.o_b_proj = Linear(c.o_groups * c.o_lora_rank, hidden, bias=False)
         if spec.sinks:
             self.sinks = nn.Parameter(torch.zeros(h))
         # an swa layer (ratio 0) is the same layer without a compressor: window branch only

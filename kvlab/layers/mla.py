@@ -47,6 +47,7 @@ from torch import nn
 from ..config import LayerSpec, MLASpec
 from .blocked import channels, dense, gather, is_blocked, scores, with_heads
 from .core import Step, attend, stable_topk, visible_mask
+from .linear import Linear
 from .norm import RMSNorm
 from .rope import rotate, yarn_mscale
 
@@ -94,15 +95,15 @@ class MLAttention(nn.Module):
         self.spec = spec
         h = spec.num_heads
         if m.q_lora_rank is not None:
-            self.q_a_proj = nn.Linear(hidden, m.q_lora_rank, bias=spec.qkv_bias)
+            self.q_a_proj = Linear(hidden, m.q_lora_rank, bias=spec.qkv_bias)
             self.q_a_layernorm = RMSNorm(m.q_lora_rank, LATENT_NORM_EPS, norm_offset)
-            self.q_b_proj = nn.Linear(m.q_lora_rank, h * m.qk_head_dim, bias=False)
+            self.q_b_proj = Linear(m.q_lora_rank, h * m.qk_head_dim, bias=False)
         else:
-            self.q_proj = nn.Linear(hidden, h * m.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=spec.qkv_bias)
+            self.q_proj = Linear(hidden, h * m.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(hidden, m.kv_lora_rank + m.qk_rope_head_dim, bias=spec.qkv_bias)
         self.kv_a_layernorm = RMSNorm(m.kv_lora_rank, LATENT_NORM_EPS, norm_offset) if m.latent_norm else nn.Identity()
-        self.kv_b_proj = nn.Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(h * m.v_head_dim, hidden, bias=spec.o_bias)
+        self.kv_b_proj = Linear(m.kv_lora_rank, h * (m.qk_nope_head_dim + m.v_head_dim), bias=False)
+        self.o_proj = Linear(h * m.v_head_dim, hidden, bias=spec.o_bias)
         self.scale = softmax_scale(spec)
         self.mode = "auto"
         if m.sparse:
@@ -239,10 +240,10 @@ class DSAIndexer(nn.Module):
     def __init__(self, m: MLASpec, hidden: int) -> None:
         super().__init__()
         self.m = m
-        self.wq_b = nn.Linear(m.q_lora_rank, m.index_heads * m.index_head_dim, bias=False)
-        self.wk = nn.Linear(hidden, m.index_head_dim, bias=False)
+        self.wq_b = Linear(m.q_lora_rank, m.index_heads * m.index_head_dim, bias=False)
+        self.wk = Linear(hidden, m.index_head_dim, bias=False)
         self.k_norm = nn.LayerNorm(m.index_head_dim, eps=1e-6)
-        self.weights_proj = nn.Linear(hidden, m.index_heads, bias=False)
+        self.weights_proj = Linear(hidden, m.index_heads, bias=False)
 
     def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate-half RoPE on the first ``qk_rope_head_dim`` channels of ``x [B, H, T, index_head_dim]``."""
