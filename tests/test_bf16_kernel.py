@@ -155,14 +155,16 @@ def test_tiny_model_decodes_in_bf16_with_the_kernel_as_without(kernel, monkeypat
     torch.testing.assert_close(step_on.float(), step_off.float(), rtol=0.02, atol=0.02)
 
 
-@pytest.mark.parametrize("kind", list(kinds.KINDS))
-def test_every_kind_decodes_in_bf16_with_the_kernel_as_without(kernel, monkeypatch, kind):
-    """Every attention kind of the kinds table (its first example, 3 layers), in bf16, a batch of 2: 8 greedy tokens
+@pytest.mark.parametrize("kind,ple", [(k, False) for k in kinds.KINDS] + [("gqa", True)])
+def test_every_kind_decodes_in_bf16_with_the_kernel_as_without(kernel, monkeypatch, kind, ple):
+    """Every attention kind of the kinds table (its first example, 3 layers; GQA also with per-layer embeddings,
+    Gemma 4's PLE), in bf16, a batch of 2: 8 greedy tokens
     with the kernel on as with it off, and in a decode step every linear layer that runs with bf16 weights (counted by
     a hook; none is torch's plain ``nn.Linear``) and the LM head take the kernel, one row per sequence."""
     ex = kinds.KINDS[kind].examples[0]
     specs = [LayerSpec(attention=kind, intermediate_size=40, **copy.deepcopy(ex)) for _ in range(3)]
-    cfg = ModelConfig(vocab_size=61, hidden_size=32, layers=specs, max_positions=256)
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, layers=specs, max_positions=256,
+                      **({"ple_dim": 4, "ple_vocab_size": 61} if ple else {}))
     model = random_model(cfg, seed=2).to(torch.bfloat16)
     ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(5))
     ran: list[int] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .linear import Linear
 from .mlp import activation
 from .norm import RMSNorm
 
@@ -29,7 +30,7 @@ class PLEInput(nn.Module):
         super().__init__()
         self.layers, self.dim = layers, dim
         self.table = nn.Embedding(rows, layers * dim)
-        self.proj = nn.Linear(hidden, layers * dim, bias=False)
+        self.proj = Linear(hidden, layers * dim, bias=False)
         self.norm = RMSNorm(dim, eps, norm_offset)
         self.table_scale = dim ** 0.5
         self.proj_scale = hidden ** -0.5
@@ -48,8 +49,8 @@ class PLELayer(nn.Module):
 
     def __init__(self, hidden: int, dim: int, act: str, eps: float = 1e-6, norm_offset: bool = False) -> None:
         super().__init__()
-        self.gate = nn.Linear(hidden, dim, bias=False)
-        self.proj = nn.Linear(dim, hidden, bias=False)
+        self.gate = Linear(hidden, dim, bias=False)
+        self.proj = Linear(dim, hidden, bias=False)
         self.norm = RMSNorm(hidden, eps, norm_offset)
         self.act = activation(act)
 
