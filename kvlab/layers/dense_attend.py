@@ -69,7 +69,7 @@ def applies(q: torch.Tensor, k, v) -> bool:
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and k.shape[0] == q.shape[0] and k.shape[-1] == q.shape[-1] and q.shape[1] % k.shape[1] == 0
             and k.shape[:3] == v.shape[:3]
-            and _cap(k) > 0 and _cap(v) > 0 and (KERNEL.lib is not None or library() is not None))
+            and _cap(k) > 0 and _cap(v) > 0 and library() is not None)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -92,12 +92,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
         sinks = sinks.detach().reshape(h)
         if sinks.dtype != torch.float32 or not sinks.is_contiguous():
             sinks = sinks.float().contiguous()
-    out = torch.empty(b, hkv, g, dv)
-    lib = KERNEL.lib if KERNEL.lib is not None else library()
-    if lib.kvlab_dense_attend(qf.data_ptr(), out.data_ptr(), b, hkv, g, k.data_ptr(), v.data_ptr(), _cap(k), _cap(v),
-                              n, d, dv, _PLAIN[k.dtype], None if mask is None else mask.data_ptr(),
-                              n if mb > 1 else 0, None if sinks is None else sinks.data_ptr(), float(scale),
-                              cpu_attend.UNDER, torch.get_num_threads(), cpu_attend.MIN_PART):
+    out = torch.empty(b, hkv, g, dv, dtype=torch.float32)  # the kernel writes float32 whatever the default dtype
+    if KERNEL.lib.kvlab_dense_attend(qf.data_ptr(), out.data_ptr(), b, hkv, g, k.data_ptr(), v.data_ptr(), _cap(k),
+                                     _cap(v), n, d, dv, _PLAIN[k.dtype], None if mask is None else mask.data_ptr(),
+                                     n if mb > 1 else 0, None if sinks is None else sinks.data_ptr(), float(scale),
+                                     cpu_attend.UNDER, torch.get_num_threads(), cpu_attend.MIN_PART):
         raise ValueError(f"kvlab dense_attend: arguments refused (q {tuple(q.shape)}, k {tuple(k.shape)} "
                          f"{k.stride()}, v {tuple(v.shape)} {v.stride()})")
     out = out.view(b, h, 1, dv)
