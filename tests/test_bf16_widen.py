@@ -11,10 +11,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import random_model
+from test_chunk_attend import case, oracle
 
 from kvlab import kinds
 from kvlab.config import LayerSpec, ModelConfig
-from kvlab.layers import bf16_widen
+from kvlab.layers import bf16_widen, chunk_attend
+from kvlab.layers.core import Step
 from kvlab.layers.linear import Linear, linear
 
 
@@ -115,6 +117,22 @@ def test_linear_module_widened_and_autograd(widen, monkeypatch):
     torch.testing.assert_close(got, F.linear(x, layer.weight, layer.bias).detach(), rtol=2 ** -7, atol=1e-5)
     layer(x).float().sum().backward()
     assert len(calls) == 1 and layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("window,start", [(None, 9), (4, 22), (6, 3)])
+def test_chunk_attention_widened(widen, monkeypatch, window, start):
+    """A bf16 prefill chunk's attention in pieces (prefix + causal square; window blocks) runs in float32 on widened
+    copies: bf16 out, ``[B, T, H, D]`` memory, within a bf16 rounding of the float64 softmax of the same bf16 values;
+    with the widened path off, None (the masked bf16 call)."""
+    monkeypatch.setattr(chunk_attend, "MIN_BLOCK", 2)
+    t, held = 13, start if window is None else min(start, window)
+    q, k, v, qpos, kpos = (a.bfloat16() if a.is_floating_point() else a for a in case(2, 4, 2, t, start, held))
+    out = chunk_attend.attend_chunk(q, k, v, Step(start=start, qpos=qpos, pad=None), kpos, window, 0.4)
+    assert out is not None and out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+    ref = oracle(q, k, v, qpos, kpos, window, None, 0.4)
+    torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-4)
+    monkeypatch.setattr(bf16_widen, "ENABLED", False)
+    assert chunk_attend.attend_chunk(q, k, v, Step(start=start, qpos=qpos, pad=None), kpos, window, 0.4) is None
 
 
 @pytest.mark.parametrize("kind,ple", [(k, False) for k in kinds.KINDS] + [("gqa", True)])

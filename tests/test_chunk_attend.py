@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from kvlab.config import LayerSpec, ModelConfig
-from kvlab.layers import chunk_attend
+from kvlab.layers import bf16_widen, chunk_attend
 from kvlab.layers.core import Step, visible_mask
 from kvlab.model import Model
 
@@ -68,7 +68,7 @@ def test_a_window_reaching_every_key_takes_prefix_and_square(monkeypatch):
     torch.testing.assert_close(out.double(), oracle(q, k, v, qpos, kpos, 20, None, 0.5), atol=2e-6, rtol=0)
 
 
-def test_where_the_pieces_do_not_apply_the_masked_call_runs():
+def test_where_the_pieces_do_not_apply_the_masked_call_runs(monkeypatch):
     q, k, v, qpos, kpos = case(2, 4, 2, 5, 8, held=8)
     pad = torch.tensor([0, 3])
     assert chunk_attend.attend_chunk(q, k, v, Step(8, qpos, pad), kpos, None, 0.5) is None  # padding, no window
@@ -76,8 +76,11 @@ def test_where_the_pieces_do_not_apply_the_masked_call_runs():
     assert chunk_attend.attend_chunk(q, k, v, Step(8, qpos, None), rotated, None, 0.5) is None
     assert chunk_attend.attend_chunk(q[:, :, :1], k[:, :, :9], v[:, :, :9], Step(8, qpos[:1], None), kpos[:9], None,
                                      0.5) is None  # a decode step
+    assert chunk_attend.attend_chunk(q.half(), k.half(), v.half(), Step(8, qpos, None), kpos, None,
+                                     0.5) is None  # float16
+    monkeypatch.setattr(bf16_widen, "NATIVE_BF16", True)  # bf16 widened only without native bf16 (tests/test_bf16_widen.py)
     assert chunk_attend.attend_chunk(q.bfloat16(), k.bfloat16(), v.bfloat16(), Step(8, qpos, None), kpos, None,
-                                     0.5) is None  # 16 bits
+                                     0.5) is None
     assert chunk_attend.attend_chunk(q, k, v[..., :4], Step(8, qpos, None), kpos, None, 0.5) is None  # narrower V
     q, k, v, qpos, kpos = case(1, 4, 1, 5, 0, held=0)
     assert chunk_attend.attend_chunk(q, k, v, Step(0, qpos, None), kpos, None, 0.5) is None  # the first chunk

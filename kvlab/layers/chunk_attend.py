@@ -15,8 +15,12 @@ position order, kvlab/cache/storage.py), the masked ``[T, L]`` call (every tile 
   each attending only to the keys its window reaches, under the step's mask sliced to them: Gemma 4's 512-query
   chunk over its 512-slot ring reads 639 key columns a block instead of 1,024 (50 vs 68 ms a call).
 
-Anything else (a GPU, 16-bit, keys and values of different widths, sinks, other key orders, a decode step, autograd
-recording) returns None and takes :func:`kvlab.layers.core.attend`. The host reads (one comparison of ``kpos`` per call) are prefill's.
+bf16 on a CPU without native bf16 arithmetic (kvlab/layers/bf16_widen.py): the same pieces in float32 over widened
+copies of q, K and V (torch's bf16 flash kernel runs its products in emulated bf16: a 512-query chunk over 4K keys of
+Qwen3 100M, 220 ms a layer; docs/performance.md, "bf16 prefill"), the output rounded to bf16 once.
+
+Anything else (a GPU, float16, bf16 with native arithmetic, keys and values of different widths, sinks, other key
+orders, a decode step, autograd recording) returns None and takes :func:`kvlab.layers.core.attend`. The host reads (one comparison of ``kpos`` per call) are prefill's.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from . import bf16_widen
 from .blocked import is_blocked
 
 MIN_BLOCK = 64  # window query blocks: at least this many queries (the flash kernel's tiles lose past that)
@@ -51,17 +56,19 @@ def attend_chunk(q: torch.Tensor, k, v, step, kpos: torch.Tensor, window: int | 
         return None  # a quantized cache's readers; a graph being recorded (the merge writes into its output)
     t, d = q.shape[2], q.shape[3]
     n = k.shape[2]
-    if (t == 1 or n <= t or q.device.type != "cpu" or q.dtype != torch.float32 or kpos.dim() != 1
-            or k.shape[-1] != d or v.shape[-1] != d or k.dtype != q.dtype or v.dtype != q.dtype):
+    dtype = q.dtype
+    if (t == 1 or n <= t or q.device.type != "cpu" or not (dtype == torch.float32 or bf16_widen.widens(q))
+            or kpos.dim() != 1 or k.shape[-1] != d or v.shape[-1] != d or k.dtype != dtype or v.dtype != dtype):
         return None
     end = step.start + t
     if not consecutive(step, kpos, end):
         return None
     first = end - n  # position of key 0
     if step.pad is None and (window is None or (end - window <= first and t <= window)):
-        return prefix_and_square(q, k, v, scale)
+        return prefix_and_square(q.float(), k.float(), v.float(), scale).to(dtype)
     if window is not None:
-        return window_blocks(q, k, v, step, kpos, window, scale, first)
+        out = window_blocks(q.float(), k.float(), v.float(), step, kpos, window, scale, first)
+        return None if out is None else out.to(dtype)
     return None
 
 
@@ -101,6 +108,7 @@ def window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step, kpos:
     out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
     for b0, b1, c0, c1 in spans:
         o = F.scaled_dot_product_attention(q[:, :, b0:b1], k[:, :, c0:c1], v[:, :, c0:c1],
-                                           attn_mask=mask[..., b0:b1, c0:c1], scale=scale, enable_gqa=h != k.shape[1])
+                                           attn_mask=mask[..., b0:b1, c0:c1].to(q.dtype), scale=scale,
+                                           enable_gqa=h != k.shape[1])
         out[:, b0:b1].copy_(o.transpose(1, 2))
     return out.transpose(1, 2)
