@@ -3,7 +3,7 @@
 One benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them, saved once per
 process with the same seed, so every lane loads the same weights) prefills the same ids (seed 0) in chunks of 512:
 kvlab ``model(ids[:, s:s+512], cache=cache, last_only=True)`` into a cache preallocated to the context, transformers
-``DynamicCache`` with ``logits_to_keep=1``, fp32, one thread, after a 16-token warm-up. Each lane runs in its own
+``DynamicCache`` with ``logits_to_keep=1``, fp32 (or ``--dtype bfloat16``: weights and cache), one thread, after a 16-token warm-up. Each lane runs in its own
 process, so its peak RSS rise (sampled every 2 ms over the prefill, the cache's allocation included) owes nothing to
 an earlier lane; the lanes run in turns, ``--repeats`` times. ``--kvlab`` names one or more checkouts (e.g. main's
 and a branch's) whose ``kvlab`` each kvlab lane imports.
@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 
-def lane(shape: str, ctx: int, engine: str) -> dict:
+def lane(shape: str, ctx: int, engine: str, dtype_name: str = "float32") -> dict:
     import gc
     import tempfile
 
@@ -36,15 +36,16 @@ def lane(shape: str, ctx: int, engine: str) -> dict:
     from kvlab.shrink import scale_to_fit
 
     torch.set_num_threads(1)
+    dtype = getattr(torch, dtype_name)
     cfg, _ = scale_to_fit(resolve_spec(shape))
     warm = torch.zeros(1, 16, dtype=torch.long)
     ids = torch.randint(0, cfg.vocab_size, (1, ctx), generator=torch.Generator().manual_seed(0))
     with tempfile.TemporaryDirectory() as tmp:
         save_random_hf(cfg, tmp)
         if engine == "kvlab":
-            model = load(tmp, dtype=torch.float32, device="cpu").eval()
+            model = load(tmp, dtype=dtype, device="cpu").eval()
         else:
-            model = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+            model = tf.AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
 
     def kvlab_prefill(x: torch.Tensor) -> torch.Tensor:
         cache = model.new_cache(1, max_length=x.shape[1])
@@ -79,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kvlab", nargs="+", default=[os.getcwd()], help="checkouts whose kvlab the kvlab lanes import")
     ap.add_argument("--no-transformers", action="store_true")
     ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights and cache")
     ap.add_argument("--lane", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     ctx = parse_contexts(args.context)[0]
     if args.lane:
-        print(json.dumps(lane(args.shape, ctx, args.lane)))
+        print(json.dumps(lane(args.shape, ctx, args.lane, args.dtype)))
         return 0
     shape = str(Path(args.shape).resolve())
     lanes = [(str(Path(k).resolve()), "kvlab") for k in args.kvlab]
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     for rep in range(args.repeats):
         for root, engine in lanes:
             env = dict(os.environ, PYTHONPATH=root)
-            out = subprocess.run([sys.executable, __file__, shape, str(ctx), "--lane", engine], env=env, cwd=root,
+            out = subprocess.run([sys.executable, __file__, shape, str(ctx), "--lane", engine, "--dtype", args.dtype], env=env, cwd=root,
                                  check=True, capture_output=True, text=True).stdout
             r = {"repeat": rep, "engine": engine, "checkout": root, "load": os.getloadavg()[0],
                  **json.loads(out.strip().splitlines()[-1])}
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         print(f"| {r['repeat']} | {r['engine']} | {r['checkout']} | {r['tok_s']:.0f} | {r['peak_rss_rise_mib']:.0f} MiB "
               f"| {r['load']:.1f} |")
-    print(json.dumps({"shape": Path(args.shape).stem, "context": ctx, "runs": rows}))
+    print(json.dumps({"shape": Path(args.shape).stem, "context": ctx, "dtype": args.dtype, "runs": rows}))
     return 0
 
 
