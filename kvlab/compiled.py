@@ -22,7 +22,7 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from kvlab.cache.storage import positions
-from kvlab.layers import cpu_attend
+from kvlab.layers import bf16_kernel, cpu_attend, dense_attend
 from kvlab.model import Model
 
 SEQ_LEN = "L['cache'].seq_len"  # the decode step's argument ``cache``, its attribute ``seq_len``
@@ -67,6 +67,7 @@ class CompiledStep:
         fresh = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                                    fn.__closure__)
         self.backend, self.device = backend, device
+        self.bf16 = any(p.dtype == torch.bfloat16 for p in model.parameters())  # its products may take the bf16 kernel
         self._fn = torch.compile(types.MethodType(fresh, model), backend=backend, fullgraph=True)
         self.first_call_s: float | None = None
         self.compiles = 0
@@ -74,8 +75,8 @@ class CompiledStep:
     def __call__(self, ids: torch.Tensor, cache: Any) -> torch.Tensor:
         if cache.max_length:  # the shared position vector (kvlab/cache/storage.py) grown for the whole cache now:
             positions(cache.max_length + 1, ids.device)  # its growth mid-decode would change a traced tensor
-        if getattr(cache, "kv_quant", None) and ids.device.type == "cpu":
-            cpu_attend.available()  # the C++ kernel built and loaded before the trace reads whether it is
+        if ids.device.type == "cpu":
+            _load_kernels(cache, self.bf16)  # before the trace reads whether they are loaded
         before = graphs_compiled()
         t0 = time.perf_counter() if self.first_call_s is None else 0.0
         try:
@@ -96,6 +97,18 @@ class CompiledStep:
                 torch.cuda.synchronize(self.device)  # once, for the compile time; no sync in the steps after
             self.first_call_s = time.perf_counter() - t0
         return out
+
+
+def _load_kernels(cache: Any, bf16: bool) -> None:
+    """The C++ kernels a CPU decode step over ``cache`` may call, built and loaded (once; then an attribute read) before
+    the trace reads whether they are (a trace neither builds nor loads one): the quantized attention (a ``kv_quant``
+    cache), the plain one (kvlab/layers/dense_attend.py) and, for a model with ``bf16`` weights, the bf16 products
+    (kvlab/layers/bf16_kernel.py). Switched off: nothing; a failed build warns once and the step takes torch's path."""
+    if getattr(cache, "kv_quant", None):
+        cpu_attend.available()
+    dense_attend.library()
+    if bf16:
+        bf16_kernel.library()
 
 
 def compiled_step(model: Any, backend: str = "inductor") -> CompiledStep:

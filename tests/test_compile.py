@@ -13,9 +13,11 @@ import dataclasses
 
 import pytest
 import torch
+from helpers import count_calls, require_kernel
 from test_contract import CASES, random_model, tiny
 
 from kvlab import kinds
+from kvlab.layers import dense_attend
 from kvlab.presets import get_preset
 from kvlab.shrink import tiny as shrink_tiny
 
@@ -26,7 +28,10 @@ PRESETS = ["zaya1-8b", "deepseek-v4-flash", "gemma-4-e2b"]  # MoE (router carry,
 LAYERS = {"zaya1-8b": 4, "deepseek-v4-flash": 6}
 
 
-def check_decode_compiles(cfg, pad: list[int] | None, backend: str = "eager", kv_quant: str | None = None) -> None:
+def check_decode_compiles(cfg, pad: list[int] | None, backend: str = "eager", kv_quant: str | None = None,
+                          calls: list | None = None) -> int:
+    """Two decode steps eager and compiled on copies of one cache, their logits equal; the entries the compiled steps
+    appended to ``calls`` (a kernel's counting list, tests/helpers.py ``count_calls``), if given."""
     with torch.no_grad():
         model = random_model(cfg)
     b, prompt = 3, 20
@@ -39,11 +44,15 @@ def check_decode_compiles(cfg, pad: list[int] | None, backend: str = "eager", kv
         other = copy.deepcopy(cache)
         torch._dynamo.reset()
         step = torch.compile(model.decode_step, fullgraph=True, backend=backend, dynamic=False)
+        inside = 0
         for s in (prompt, prompt + 1):
             eager = model(ids[:, s:s + 1], cache=cache)
+            before = len(calls or ())
             compiled = step(ids[:, s:s + 1], other)
+            inside += len(calls or ()) - before
             torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
         assert other.seq_len == cache.seq_len == prompt + 2
+    return inside
 
 
 @pytest.mark.parametrize("kind,example", CASES)
@@ -81,9 +90,14 @@ def test_quantized_decode_step_is_one_graph(kind, example, kv_quant, monkeypatch
     check_decode_compiles(tiny(kind, example), [0, 6, 11], kv_quant=kv_quant)
 
 
-def test_decode_step_compiled_by_inductor_equals_eager():
-    """The real compiler (inductor, C++ on the CPU) on a windowed GQA layer with sinks."""
-    check_decode_compiles(tiny("gqa", 1), [0, 6, 11], backend="inductor")
+def test_decode_step_compiled_by_inductor_equals_eager(monkeypatch):
+    """The real compiler (inductor, C++ on the CPU) on a windowed GQA layer with sinks; its attention the C++ kernel's
+    op (kvlab/layers/dense_attend.py), once per layer and step, over inductor's views of the cache's buffers (the
+    ring written in place: eager's logits)."""
+    require_kernel(monkeypatch, dense_attend, "dense decode-attention")
+    calls = count_calls(monkeypatch, dense_attend, {"kvlab_dense_attend": lambda a: a[9]})
+    cfg = tiny("gqa", 1)
+    assert check_decode_compiles(cfg, [0, 6, 11], backend="inductor", calls=calls) == 2 * len(cfg.layers)
 
 
 # -- the compiled decode step of generate and the benchmark (kvlab/compiled.py) ----------------------------------

@@ -8,10 +8,13 @@ a 16-bit shift and go into float32 FMAs, several weight rows a pass for all inpu
 sums rounded to bf16 (nearest even) as torch rounds its float32-accumulated products: the same result within one
 bf16 rounding (tests/test_bf16_kernel.py), the weights read where they lie (no copy, no repacking).
 
-Taken when (:func:`applies`): eager (not traced), one torch thread (the kernel runs on one), at most :data:`MAX_ROWS`
-input rows, ``x``, the weight and the bias bf16 on the CPU, the weight (and bias) contiguous, no autograd. Otherwise,
-and when the kernel cannot be built (one warning) or ``KVLAB_BF16_KERNEL=0``, torch's ``F.linear``. Build:
-kvlab/layers/cpp_build.py.
+Taken when (:func:`applies`): one torch thread (the kernel runs on one), at most :data:`MAX_ROWS` input rows, ``x``,
+the weight and the bias bf16 on the CPU, the weight (and bias) contiguous, no autograd. Otherwise, and when the kernel
+cannot be built (one warning) or ``KVLAB_BF16_KERNEL=0``, torch's ``F.linear``. Build: kvlab/layers/cpp_build.py.
+Compiled (kvlab/compiled.py): the custom op ``kvlab::bf16_linear`` (with a fake implementation), one opaque call in
+the traced graph; eager calls the function itself. A trace cannot read the thread count (``torch.get_num_threads``
+breaks the graph) nor build the kernel: it checks the rest (the kernel loaded by an eager call or kvlab/compiled.py),
+and the op checks the thread count at run time (more than one: ``F.linear``, as eager).
 """
 
 from __future__ import annotations
@@ -46,11 +49,10 @@ def library() -> ctypes.CDLL | None:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """The kernel takes ``x [..., in] @ weight [out, in]^T (+ bias [out])``: eager, one torch thread, no autograd, at
-    most :data:`MAX_ROWS` rows of ``x``, all three bf16 on the CPU, the weight and bias contiguous, the kernel loaded."""
+    """The kernel takes ``x [..., in] @ weight [out, in]^T (+ bias [out])``: one torch thread (in a trace: checked by the
+    op at run time), no autograd, at most :data:`MAX_ROWS` rows of ``x``, all three bf16 on the CPU, the weight and
+    bias contiguous, the kernel loaded (in a trace: as an eager call or kvlab/compiled.py left it)."""
     if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not ENABLED:
-        return False
-    if torch.compiler.is_compiling():
         return False
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
         return False
@@ -62,11 +64,36 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
+    if torch.compiler.is_compiling():
+        return KERNEL.lib is not None  # the thread count: the op's, at run time
     return torch.get_num_threads() == 1 and library() is not None
 
 
+def _bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op ``kvlab::bf16_linear``: :func:`_kernel_linear` on one torch thread, ``F.linear`` on more."""
+    if torch.get_num_threads() == 1 and (KERNEL.lib is not None or library() is not None):
+        return _kernel_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+bf16_linear_op = torch.library.custom_op("kvlab::bf16_linear", _bf16_linear, mutates_args=())
+
+
+@bf16_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in]`` -> ``x weight^T + bias`` ``[..., out]`` in bf16, one call (:func:`applies` first)."""
+    """``x [..., in]`` -> ``x weight^T + bias`` ``[..., out]`` in bf16 (:func:`applies` first). Traced: the custom op;
+    eager: one call of the kernel."""
+    if torch.compiler.is_compiling():
+        return bf16_linear_op(x, weight, bias)
+    return _kernel_linear(x, weight, bias)
+
+
+def _kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`linear` by one call of the loaded kernel."""
     x = x.contiguous()
     rows, cols = weight.shape
     n = x.numel() // cols
@@ -78,4 +105,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
-__all__ = ["ENABLED", "MAX_ROWS", "applies", "library", "linear"]
+__all__ = ["ENABLED", "MAX_ROWS", "applies", "bf16_linear_op", "library", "linear"]

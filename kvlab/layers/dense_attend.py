@@ -10,14 +10,19 @@ reads K and V once each but writes the scores. One kernel for codes and plain ro
 the thread split and the merge are the quantized path's (tested there), only the row loader differs.
 
 Taken by the decode step of the layers whose module sets ``dense_kernel`` (GQA's, kvlab/layers/attention.py; through
-kvlab/layers/core.py ``attend_out``) where :func:`applies`: eager, one query, on the CPU, no autograd, keys and
-values plain float32 or bfloat16 tensors ``[B, Hkv, L, D]`` laid out as a store's buffers are (rows back to back,
-heads ``cap`` rows apart, batch rows ``Hkv`` heads apart: a view of the first ``L`` slots of a preallocated or grown
-``[B, Hkv, cap, D]`` buffer, a window ring in place with its rotated positions), mask None or additive
-``[B|1, 1, 1, L]``. Anything else takes the torch path: a compiled trace (the kernel is eager-only, the compiled
-step keeps torch's ops), another layout, a GPU, and the other kinds (MLA, CCA, CSA/HCA/SWA: their own paths, not
-measured with this kernel). ``KVLAB_DENSE_KERNEL=0`` (or :data:`ENABLED` False) turns it off; a failed build warns
-once (kvlab/layers/cpp_build.py) and falls back.
+kvlab/layers/core.py ``attend_out``) where :func:`applies`: one query, on the CPU, no autograd, keys and values plain
+float32 or bfloat16 tensors ``[B, Hkv, L, D]`` laid out as a store's buffers are (rows back to back, heads ``cap``
+rows apart, batch rows ``Hkv`` heads apart: a view of the first ``L`` slots of a preallocated or grown ``[B, Hkv,
+cap, D]`` buffer, a window ring in place with its rotated positions), mask None or additive ``[B|1, 1, 1, L]``.
+Anything else takes the torch path: another layout, a GPU, and the other kinds (MLA, CCA, CSA/HCA/SWA: their own
+paths, not measured with this kernel). ``KVLAB_DENSE_KERNEL=0`` (or :data:`ENABLED` False) turns it off; a failed
+build warns once (kvlab/layers/cpp_build.py) and falls back.
+Compiled (kvlab/compiled.py): wrapped as the custom op ``kvlab::dense_attend`` (with a fake implementation), one
+opaque call in the traced graph; eager calls the function itself (no dispatcher overhead). A trace sees symbolic
+lengths, so it checks only what does not depend on them (and that an eager call or kvlab/compiled.py loaded the
+kernel: no build inside a trace); the op checks the layout of the tensors it is given at run time (inductor keeps
+a custom op's input strides, ``needs_exact_strides``, so it receives the buffer's view) and attends a layout the
+kernel does not read with torch's operations instead (same result, slower).
 Numerics: float32 accumulation, the same operations as SDPA in another summation order (within 1e-5 in fp32:
 tests/test_dense_attend.py); bfloat16 K/V are widened exactly, the output rounded to bfloat16 once.
 """
@@ -60,22 +65,78 @@ def _cap(x: torch.Tensor) -> int:
     return cap
 
 
+def _rows(x: torch.Tensor) -> bool:
+    """``x [B, H, L, D]``'s strides are a buffer's whatever ``L`` (what a trace checks: its ``L`` is a symbol; the
+    op checks :func:`_cap` at run time)."""
+    d = x.shape[3]
+    return x.stride(3) == 1 and x.stride(2) == d and x.stride(1) % d == 0 and x.stride(0) % d == 0
+
+
 def applies(q: torch.Tensor, k, v) -> bool:
     """The kernel takes this attention: one query ``q [B, H, 1, D]`` (float32 / bfloat16, the K/V's dtype) on the CPU,
-    ``k``, ``v`` plain tensors of the layout :func:`_cap` reads, eager, no autograd, the kernel on and loaded."""
-    return (ENABLED and not torch.compiler.is_compiling() and q.shape[2] == 1 and type(k) is torch.Tensor
-            and type(v) is torch.Tensor and q.device.type == "cpu" and k.dtype in _PLAIN and v.dtype == k.dtype
-            and q.dtype == k.dtype and k.device.type == "cpu" and v.device.type == "cpu"
+    ``k``, ``v`` plain tensors of the layout :func:`_cap` reads, no autograd, the kernel on and loaded (inside a
+    compiled trace: as an eager call or kvlab/compiled.py left it, and the layout as far as :func:`_rows` sees)."""
+    if not (ENABLED and q.shape[2] == 1 and type(k) is torch.Tensor and type(v) is torch.Tensor
+            and q.device.type == "cpu" and k.dtype in _PLAIN and v.dtype == k.dtype and q.dtype == k.dtype
+            and k.device.type == "cpu" and v.device.type == "cpu"
             and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
             and k.shape[0] == q.shape[0] and k.shape[-1] == q.shape[-1] and q.shape[1] % k.shape[1] == 0
-            and k.shape[:3] == v.shape[:3]
-            and _cap(k) > 0 and _cap(v) > 0 and library() is not None)
+            and k.shape[:3] == v.shape[:3]):
+        return False
+    if torch.compiler.is_compiling():
+        return KERNEL.lib is not None and _rows(k) and _rows(v)
+    return _cap(k) > 0 and _cap(v) > 0 and library() is not None
+
+
+def _torch_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                  sinks: torch.Tensor | None) -> torch.Tensor:
+    """What the op computes where the kernel does not read the layout it was given: the same attention by torch's
+    operations in float32 (``[B, H, 1, D]`` -> ``[B, H, 1, Dv]`` in q's dtype)."""
+    b, h, _, d = q.shape
+    hkv, n = k.shape[1], k.shape[2]
+    s = (q.float().reshape(b, hkv, h // hkv, d) @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
+    if mask is not None:
+        s = s + mask.float().reshape(mask.shape[0], 1, 1, n)
+    if sinks is not None:
+        s = torch.cat((s, sinks.float().reshape(1, hkv, h // hkv, 1).expand(b, hkv, h // hkv, 1)), -1)
+    p = s.softmax(-1)[..., :n]
+    return (p @ v.float()).reshape(b, h, 1, v.shape[-1]).to(q.dtype)
+
+
+def _dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                  sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """The op ``kvlab::dense_attend``: :func:`attend` where the kernel reads ``k``, ``v``'s layout (:func:`_cap`),
+    else :func:`_torch_attend`."""
+    if _cap(k) and _cap(v) and _lib() is not None:
+        return _kernel_attend(q, k, v, mask, scale, sinks)
+    return _torch_attend(q, k, v, mask, scale, sinks)
+
+
+def _lib():
+    return KERNEL.lib if KERNEL.lib is not None else library()
+
+
+dense_attend_op = torch.library.custom_op("kvlab::dense_attend", _dense_attend, mutates_args=())
+
+
+@dense_attend_op.register_fake
+def _(q, k, v, mask, sinks, scale):
+    return q.new_empty(*q.shape[:-1], v.shape[-1])
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
            sinks: torch.Tensor | None = None) -> torch.Tensor:
     """q ``[B, H, 1, D]``, k / v ``[B, Hkv, L, D | Dv]`` (:func:`applies`) -> ``[B, H, 1, Dv]`` in q's dtype; ``mask``
-    additive ``[B|1, 1, 1, L]`` or None, ``sinks [H]`` logits added to each head's softmax denominator or None."""
+    additive ``[B|1, 1, 1, L]`` or None, ``sinks [H]`` logits added to each head's softmax denominator or None.
+    Traced: the custom op (one opaque node); eager: the kernel's call itself."""
+    if torch.compiler.is_compiling():
+        return dense_attend_op(q, k, v, mask, None if sinks is None else sinks.detach(), float(scale))
+    return _kernel_attend(q, k, v, mask, scale, sinks)
+
+
+def _kernel_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
+                   sinks: torch.Tensor | None) -> torch.Tensor:
+    """:func:`attend` by one call of the loaded kernel (``k``, ``v`` of a layout :func:`_cap` reads)."""
     b, h, _, d = q.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
     g = h // hkv
@@ -103,4 +164,4 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 
-__all__ = ["ENABLED", "KERNEL", "applies", "attend", "library"]
+__all__ = ["ENABLED", "KERNEL", "applies", "attend", "dense_attend_op", "library"]

@@ -1,7 +1,8 @@
 """The linear layer of kvlab's modules: ``nn.Linear`` (same parameters, state-dict names and numerics) whose few-row
-bf16 products on the CPU -- one decode step's -- run as one C++ call (kvlab/layers/bf16_kernel.py), and whose
-many-row bf16 products on a CPU without native bf16 -- a prefill chunk's -- as float32 GEMMs over widened copies
-(kvlab/layers/bf16_widen.py); everything else (fp32, autograd, compiled, other devices), ``F.linear``.
+bf16 products on the CPU -- one decode step's -- run as one C++ call (kvlab/layers/bf16_kernel.py; in a compiled step
+its custom op), and whose many-row bf16 products on a CPU without native bf16 -- a prefill chunk's -- as float32 GEMMs
+over widened copies (kvlab/layers/bf16_widen.py); everything else (fp32, autograd, other devices, many rows in a
+compiled step), ``F.linear``.
 """
 
 from __future__ import annotations
