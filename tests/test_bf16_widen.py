@@ -119,16 +119,23 @@ def test_linear_module_widened_and_autograd(widen, monkeypatch):
     assert len(calls) == 1 and layer.weight.grad is not None and layer.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("window,start", [(None, 9), (4, 22), (6, 3)])
-def test_chunk_attention_widened(widen, monkeypatch, window, start):
-    """A bf16 prefill chunk's attention in pieces (prefix + causal square; window blocks) runs in float32 on widened
-    copies: bf16 out, ``[B, T, H, D]`` memory, within a bf16 rounding of the float64 softmax of the same bf16 values;
-    with the widened path off, None (the masked bf16 call)."""
+@pytest.mark.parametrize("window,start,prefix_blocks", [(None, 9, 1), (None, 30, 4), (4, 22, 1), (6, 3, 1)])
+def test_chunk_attention_widened(widen, monkeypatch, window, start, prefix_blocks):
+    """A bf16 prefill chunk's attention in pieces (prefix + causal square, the prefix whole or in 4 widened blocks of
+    keys merged by their log-sum-exps; window blocks) runs in float32 on widened copies: bf16 out, ``[B, T, H, D]``
+    memory, within a bf16 rounding of the float64 softmax of the same bf16 values; with the widened path off, None
+    (the masked bf16 call)."""
     monkeypatch.setattr(chunk_attend, "MIN_BLOCK", 2)
+    monkeypatch.setattr(chunk_attend, "MIN_WIDE_KEYS", 1)
+    monkeypatch.setattr(chunk_attend, "WIDE_BLOCK_BYTES", 8 * 2 * 2 * 8 * -(-start // prefix_blocks))  # B Hkv D
+    calls = []
+    real = chunk_attend._flash
+    monkeypatch.setattr(chunk_attend, "_flash", lambda *a, **kw: calls.append(a[1].dtype) or real(*a, **kw))
     t, held = 13, start if window is None else min(start, window)
     q, k, v, qpos, kpos = (a.bfloat16() if a.is_floating_point() else a for a in case(2, 4, 2, t, start, held))
     out = chunk_attend.attend_chunk(q, k, v, Step(start=start, qpos=qpos, pad=None), kpos, window, 0.4)
     assert out is not None and out.dtype == torch.bfloat16 and out.transpose(1, 2).is_contiguous()
+    assert calls == ([torch.float32] * (prefix_blocks + 1) if window is None else [])
     ref = oracle(q, k, v, qpos, kpos, window, None, 0.4)
     torch.testing.assert_close(out.double(), ref, rtol=2 ** -8, atol=1e-4)
     monkeypatch.setattr(bf16_widen, "ENABLED", False)

@@ -16,7 +16,7 @@ position order, kvlab/cache/storage.py), the masked ``[T, L]`` call (every tile 
   chunk over its 512-slot ring reads 639 key columns a block instead of 1,024 (50 vs 68 ms a call).
 
 bf16 on a CPU without native bf16 arithmetic (kvlab/layers/bf16_widen.py): the same pieces in float32 over widened
-copies of q, K and V (torch's bf16 flash kernel runs its products in emulated bf16: a 512-query chunk over 4K keys of
+copies of q, K and V (the prefix's K and V in blocks of keys, so the copies stay a few MB) (torch's bf16 flash kernel runs its products in emulated bf16: a 512-query chunk over 4K keys of
 Qwen3 100M, 220 ms a layer; docs/performance.md, "bf16 prefill"), the output rounded to bf16 once.
 
 Anything else (a GPU, float16, bf16 with native arithmetic, keys and values of different widths, sinks, other key
@@ -32,6 +32,8 @@ from . import bf16_widen
 from .blocked import is_blocked
 
 MIN_BLOCK = 64  # window query blocks: at least this many queries (the flash kernel's tiles lose past that)
+WIDE_BLOCK_BYTES = 4 << 20  # bf16 widened: the prefix's K and V widened this many float32 bytes a block at most
+MIN_WIDE_KEYS = 512  # ... but at least this many keys a block
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
@@ -65,28 +67,38 @@ def attend_chunk(q: torch.Tensor, k, v, step, kpos: torch.Tensor, window: int | 
         return None
     first = end - n  # position of key 0
     if step.pad is None and (window is None or (end - window <= first and t <= window)):
-        return prefix_and_square(q.float(), k.float(), v.float(), scale).to(dtype)
+        return prefix_and_square(q, k, v, scale)
     if window is not None:
-        out = window_blocks(q.float(), k.float(), v.float(), step, kpos, window, scale, first)
-        return None if out is None else out.to(dtype)
+        return window_blocks(q, k, v, step, kpos, window, scale, first)
     return None
 
 
 def prefix_and_square(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """Every query sees all keys but the last ``T``, and those causally: the unmasked prefix with the query heads
-    folded into the rows, the causal square, merged by their log-sum-exps."""
+    folded into the rows, the causal square, merged by their log-sum-exps. bf16 (widened): the prefix in blocks of
+    keys of at most :data:`WIDE_BLOCK_BYTES` widened, merged the same way, so the float32 copies stay that small."""
     b, h, t, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     g, p = h // hkv, n - t
+    dtype, wide = q.dtype, q.dtype != torch.float32
+    q = q.float()
     qf = q.reshape(b, hkv, g, t, d).transpose(2, 3).reshape(b, hkv, t * g, d)  # a view for [B, T, H, D] memory, Hkv 1
-    o1, l1 = _flash(qf, k[:, :, :p], v[:, :, :p], scale=scale)[:2]
-    o2, l2 = _flash(q, k[:, :, p:], v[:, :, p:], is_causal=True, scale=scale)[:2]
+    size = max(MIN_WIDE_KEYS, WIDE_BLOCK_BYTES // (8 * b * hkv * d)) if wide else p
+    o1 = l1 = None
+    for a in range(0, p, size):  # float32: one block
+        e = min(a + size, p)
+        o, lse = _flash(qf, k[:, :, a:e].float(), v[:, :, a:e].float(), scale=scale)[:2]
+        if o1 is None:
+            o1, l1 = o, lse
+        else:  # the new block's share of the two
+            o1, l1 = torch.lerp(o1, o, torch.sigmoid(lse - l1)[..., None]), torch.logaddexp(l1, lse)
+    o2, l2 = _flash(q, k[:, :, p:].float(), v[:, :, p:].float(), is_causal=True, scale=scale)[:2]
     out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
     o1 = o1.view(b, hkv, t, g, d).transpose(2, 3)  # [B, Hkv, G, T, D]
     w = torch.sigmoid(l1.view(b, hkv, t, g).transpose(2, 3) - l2.view(b, hkv, g, t))  # the prefix's share
     torch.lerp(o2.view(b, hkv, g, t, d), o1, w[..., None].to(q.dtype),
                out=out.view(b, t, hkv, g, d).permute(0, 2, 3, 1, 4))
-    return out.transpose(1, 2)
+    return (out.to(dtype) if wide else out).transpose(1, 2)
 
 
 def window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step, kpos: torch.Tensor, window: int,
@@ -106,9 +118,9 @@ def window_blocks(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step, kpos:
     if len(spans) == 1 or 4 * sum((b1 - b0) * (c1 - c0) for b0, b1, c0, c1 in spans) > 3 * t * n:
         return None
     out = torch.empty(b, t, h, d, dtype=q.dtype, device=q.device)
-    for b0, b1, c0, c1 in spans:
-        o = F.scaled_dot_product_attention(q[:, :, b0:b1], k[:, :, c0:c1], v[:, :, c0:c1],
-                                           attn_mask=mask[..., b0:b1, c0:c1].to(q.dtype), scale=scale,
+    for b0, b1, c0, c1 in spans:  # bf16: each block's q, K, V widened, its output rounded into ``out``
+        o = F.scaled_dot_product_attention(q[:, :, b0:b1].float(), k[:, :, c0:c1].float(), v[:, :, c0:c1].float(),
+                                           attn_mask=mask[..., b0:b1, c0:c1].float(), scale=scale,
                                            enable_gqa=h != k.shape[1])
         out[:, b0:b1].copy_(o.transpose(1, 2))
     return out.transpose(1, 2)
