@@ -1,9 +1,10 @@
 """Whole eager decode steps with the dense decode-attention kernel (kvlab/layers/dense_attend.py) on and off, in one
-process, stepping in turns (outside CI).
+process, stepping in turns (outside CI); ``--kernel f32``: the float32 weight-product kernel (kvlab/layers/f32_kernel.py)
+on and off instead.
 
 Per benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) and context: one
 prefill (chunks of 512), its cache copied, then two lanes decode the same tokens in turns, step by step, the kernel
-on (``dense_attend.ENABLED``) in one and off (SDPA) in the other; the copy bandwidth before and after. Reports each
+on (``dense_attend.ENABLED``, or the ``--kernel``'s) in one and off (SDPA, or ``F.linear``) in the other; the copy bandwidth before and after. Reports each
 lane's median step, the off / on ratio per step pair (median), the largest logit difference between the lanes, and
 the share of the copy bandwidth (the calculator's bytes read per step, as ``kvlab bench``). The JSON (``--out``) and
 a last JSON line.
@@ -26,14 +27,16 @@ import torch
 
 from kvlab.bench import TORCH_DTYPES, copy_bandwidth, save_random_hf
 from kvlab.costs import costs
-from kvlab.layers import dense_attend
+from kvlab.layers import dense_attend, f32_kernel
 from kvlab.loading import load
 from kvlab.resolve import resolve_spec
 from kvlab.shrink import scale_to_fit
 from kvlab.units import parse_context, table
 
+KERNELS = {"dense": dense_attend, "f32": f32_kernel}  # --kernel: the module whose ENABLED the lanes switch
 
-def run(spec: str, ctx: int, steps: int, dtype: str) -> dict:
+
+def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> dict:
     """One shape and context: the two lanes' step times, their logits' largest difference, the bandwidth shares."""
     cfg, _ = scale_to_fit(resolve_spec(spec))
     with tempfile.TemporaryDirectory(prefix="dense-steps-") as tmp:
@@ -53,18 +56,18 @@ def run(spec: str, ctx: int, steps: int, dtype: str) -> dict:
             nxt = logits[:, -1].argmax(-1, keepdim=True)  # both lanes decode the on lane's tokens
             out = {}
             for on in (True, False):
-                dense_attend.ENABLED = on
+                KERNELS[kernel].ENABLED = on
                 t = time.perf_counter()
                 out[on] = model.decode_step(nxt, caches[on])
                 times[on].append(time.perf_counter() - t)
-            dense_attend.ENABLED = True
+            KERNELS[kernel].ENABLED = True
             diff = max(diff, (out[True].float() - out[False].float()).abs().max().item())
             logits = out[True]
         bw1 = copy_bandwidth()
     c = costs(cfg, context=ctx + steps // 2, dtype=dtype)
     read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
     on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
-    return {"shape": spec, "context": ctx, "dtype": dtype, "steps": steps, "threads": torch.get_num_threads(),
+    return {"shape": spec, "kernel": kernel, "context": ctx, "dtype": dtype, "steps": steps, "threads": torch.get_num_threads(),
             "on_ms": on_s * 1e3, "off_ms": off_s * 1e3,
             "off_over_on": statistics.median(b / a for a, b in zip(times[True], times[False], strict=True)),
             "on_steps_s": times[True], "off_steps_s": times[False], "max_logit_diff": diff,
@@ -79,15 +82,16 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="decode steps per lane")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--kernel", default="dense", choices=sorted(KERNELS), help="the kernel the two lanes switch")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if dense_attend.library() is None:
-        raise SystemExit("the dense kernel is off (KVLAB_DENSE_KERNEL=0) or did not build")
+    if KERNELS[a.kernel].library() is None:
+        raise SystemExit(f"the {a.kernel} kernel is off (its KVLAB_*_KERNEL=0) or did not build")
     rows = []
     for r in a.runs:
         spec, ctx = r.rsplit(":", 1)
-        rows.append(run(spec, parse_context(ctx), a.steps, a.dtype))
+        rows.append(run(spec, parse_context(ctx), a.steps, a.dtype, a.kernel))
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"rows": rows}, f, indent=1)
