@@ -1,4 +1,5 @@
-"""The C++ decode step of CSA / HCA / SWA (kvlab/layers/compressed_kernel.py) against the torch path (the kernel off):
+"""The C++ decode step of CSA / HCA / SWA on a plain fp32 cache (kvlab/layers/compressed_kernel.py: cpu_attend.cpp's
+``kvlab_quant_v4_step`` over plain rows) against the torch path (the kernel off):
 the same logits within float rounding over decode steps that cross block ends, the kernel taken exactly where it
 applies (eager, no padding, a full ring, a plain fp32 cache), and the indexer's choice with ties."""
 
@@ -10,7 +11,7 @@ from helpers import count_calls, random_model, require_kernel
 from test_compressed import config, layer
 
 from kvlab.config import ModelConfig
-from kvlab.layers import compressed_kernel
+from kvlab.layers import compressed_kernel, cpu_attend
 from kvlab.layers.core import stable_topk
 
 
@@ -25,9 +26,15 @@ def kernel(monkeypatch):
     require_kernel(monkeypatch, compressed_kernel, "compressed-attention")
 
 
-def _count_calls(monkeypatch) -> list[int]:
-    """Each call's batch size (a proxy in front of the loaded library)."""
-    return count_calls(monkeypatch, compressed_kernel, {"kvlab_compressed_step": lambda a: a[18]})  # B
+def _count_calls(monkeypatch) -> list[int | None]:
+    """Each call's batch size, None for a call on code segments (a quantized cache's step calls the same function);
+    a proxy in front of the loaded library."""
+    return count_calls(monkeypatch, compressed_kernel,
+                       {"kvlab_quant_v4_step": lambda a: a[1] if a[8][0].k[0].plain else None})  # B
+
+
+def _plain(calls: list[int | None]) -> list[int]:
+    return [c for c in calls if c is not None]
 
 
 def _decode(model, ids, steps, kv_quant=None, mask=None):
@@ -53,7 +60,7 @@ def test_decode_equals_torch_path(kernel, monkeypatch, mhc, batch):
     calls = _count_calls(monkeypatch)
     got = _decode(model, ids, 25)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
-    assert calls == [batch] * (25 * len(cfg.layers))  # every ring full from the prompt on
+    assert _plain(calls) == [batch] * (25 * len(cfg.layers))  # every ring full from the prompt on
 
 
 def test_not_taken_where_it_does_not_apply(kernel, monkeypatch):
@@ -68,14 +75,14 @@ def test_not_taken_where_it_does_not_apply(kernel, monkeypatch):
     _decode(model, ids, 3, mask=mask)
     _decode(model, ids, 3, kv_quant="int8")
     _decode(model.to(torch.bfloat16), ids, 3)
-    assert calls == []
+    assert _plain(calls) == []
     wide = ModelConfig(vocab_size=61, hidden_size=32, layers=[layer("csa", 4, window=9, topk=3)], max_positions=64)
     model = random_model(wide, seed=13)
     monkeypatch.setattr(compressed_kernel, "ENABLED", False)
     want = _decode(model, ids[:, :3], 10)
     monkeypatch.setattr(compressed_kernel, "ENABLED", True)
     torch.testing.assert_close(_decode(model, ids[:, :3], 10), want, atol=1e-5, rtol=0)
-    assert len(calls) == 5  # positions 8..12 of 3..12
+    assert len(_plain(calls)) == 5  # positions 8..12 of 3..12
 
 
 @pytest.mark.parametrize("n,topk", [(40, 7), (40, 40), (40, 64), (300, 16)])
@@ -119,10 +126,10 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(compressed_kernel, "ENABLED", False)
     want = _decode(model, ids, 4)
     monkeypatch.setattr(compressed_kernel, "ENABLED", True)
-    monkeypatch.setattr(compressed_kernel, "KERNEL", compressed_kernel.kernel())  # not built yet
+    monkeypatch.setattr(compressed_kernel, "KERNEL", cpu_attend.kernel())  # not built yet
     monkeypatch.setenv("CXX", "kvlab-no-such-compiler")
     monkeypatch.setenv("KVLAB_KERNEL_DIR", str(tmp_path))
-    with pytest.warns(UserWarning, match="compressed_kernel.cpp unavailable .*no C\\+\\+ compiler.*torch form") as rec:
+    with pytest.warns(UserWarning, match="cpu_attend.cpp unavailable .*no C\\+\\+ compiler") as rec:
         got = _decode(model, ids, 4)
     assert len([w for w in rec if "unavailable" in str(w.message)]) == 1
     assert torch.equal(got, want) and compressed_kernel.KERNEL.lib is None

@@ -1,5 +1,7 @@
 """One eager decode step of DeepSeek V4's CSA / HCA / SWA attention (kvlab/layers/compressed.py) as one hand-written
-C++ call (kvlab/layers/compressed_kernel.cpp) on the CPU, for a plain float32 cache once every key is visible.
+C++ call on the CPU, for a plain float32 cache once every key is visible: ``kvlab_quant_v4_step`` of
+kvlab/layers/cpu_attend.cpp, the step a quantized cache takes (kvlab/layers/cpu_attend.py ``Bound.v4_step``), over
+segments of plain float32 rows (the window ring, then the entries) instead of codes.
 
 Why: between its weight products, a CSA layer's decode step was about 60 small torch operators (the query's norm and
 rotation, the indexer query's rotation, the indexer's scores, relu, head weights and top-k, the gather of the chosen
@@ -8,40 +10,29 @@ rotation), HCA's and SWA's about 25: their dispatch, a few microseconds each, wa
 (docs/performance.md). Here, per row: the query heads normed (``F.rms_norm`` without a weight) and rotated, CSA's
 indexer query rotated and its scores ``sum_h w_h relu(q_h . k_w / sqrt(dI))`` (``w = iw / sqrt(HI)``) ranked (the
 ``index_topk`` best, ties to the earlier entry, in entry order, as ``stable_topk``), one softmax with the head's sink
-over the window ring and the chosen (CSA) or all (HCA) entries, read where they lie (no copy), ``V = K``, and the
-output rotated back. Numerics: float32, the same operations in another summation order (within 1e-5 of the torch
-path, tests/test_compressed_kernel.py); the chosen entries are the torch path's except where two scores differ by
-an ulp.
+over the window ring and the chosen (CSA) or all (HCA) entries, read where they lie (no copy; each row read once for
+all the query heads, in L1 tiles, the softmax online), ``V = K``, and the output rotated back. Numerics: float32, the
+same operations in another summation order (within 1e-5 of the torch path, tests/test_compressed_kernel.py;
+probabilities below ``exp(-cpu_attend.UNDER)`` of the largest are 0); the chosen entries are the torch path's except
+where two scores differ by an ulp.
 
 Taken when (:func:`applies`): an eager step (not traced), one token per row, no padding, the ring full (every key
 visible, the caller's ``every``), the cache's ring, entries and indexer keys plain float32 tensors on the CPU, no
 autograd. Otherwise, and when the kernel cannot be built (one warning) or ``KVLAB_COMPRESSED_KERNEL=0``, the torch
-path. Build: kvlab/layers/cpp_build.py.
+path. Build: kvlab/layers/cpp_build.py (the library of kvlab/layers/cpu_attend.py).
 """
 
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import torch
 
-from . import cpp_build
+from . import cpp_build, cpu_attend
+from .dense_attend import _cap
 
-SOURCE = Path(__file__).with_name("compressed_kernel.cpp")
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno")
-ENABLED = cpp_build.switch("KVLAB_COMPRESSED_KERNEL")
-_P, _I, _L, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float
-
-def kernel() -> cpp_build.Library:
-    """The kernel's library (built and loaded at first use)."""
-    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_compressed_version", 1), {
-        "kvlab_compressed_step": ([_P, _P, _L, _I, _P, _L, _I, _P, _L, _P, _P, _I, _I, _I, _P, _P, _I, _P, _I, _I,
-                                   _I, _F, _F, _P], _I),
-    }, "CSA/HCA/SWA decode steps run their torch form")
-
-
-KERNEL = kernel()
+ENABLED = cpp_build.switch("KVLAB_COMPRESSED_KERNEL")  # KVLAB_COMPRESSED_KERNEL=0: off
+KERNEL = cpu_attend.KERNEL  # the same library as the quantized kernel's
 
 
 def library() -> ctypes.CDLL | None:
@@ -58,6 +49,22 @@ def _plain(t: torch.Tensor | None) -> bool:
 def _f32(t: torch.Tensor) -> torch.Tensor:
     """``t.float().contiguous()`` without a dispatched call when it is already so."""
     return t if t.dtype == torch.float32 and t.is_contiguous() else t.float().contiguous()
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t [B, 1, L, D]`` or ``[B, L, D]`` as ``[B, 1, L, D]`` laid out as the kernel reads plain rows (row ``l`` of
+    batch row ``b`` at ``(b cap + l) D``): itself (a view) when it is, else a contiguous copy."""
+    t = t if t.dim() == 4 else t[:, None]
+    return t if _cap(t) else t.contiguous()
+
+
+def _segment(seg, t: torch.Tensor) -> None:
+    """Fill the kernel's segment descriptor ``seg`` (cpu_attend ``_Seg``) with the plain float32 rows ``t [B, 1, n,
+    D]`` (:func:`_rows`), K = V."""
+    seg.index, seg.n, seg.nk, seg.v_from = None, t.shape[2], 1, 0
+    src = seg.k[0]
+    src.codes, src.scales, src.zeros, src.cap, src.dim = t.data_ptr(), None, None, _cap(t), t.shape[-1]
+    src.int4, src.group, src.kind, src.span, src.lut, src.plain = 0, t.shape[-1], 0, 1, None, 1
 
 
 def applies(x: torch.Tensor, *cache: torch.Tensor | None) -> bool:
@@ -77,29 +84,37 @@ def step(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor | None, ikey
     channels' rotation; None: none), ``sinks [H]`` -> the attention output ``[B, 1, H, D]``, rotated back."""
     b, d = q.shape[0], ring.shape[-1]
     lib = KERNEL.lib if KERNEL.lib is not None else library()
-    q = q.contiguous()
+    q = _f32(q)
     n = 0 if entries is None else entries.shape[1]
+    held = [_rows(ring)] + ([_rows(entries)] if n else [])  # kept alive until the call returns
+    segs = (cpu_attend._Seg * len(held))()
+    for seg, t in zip(segs, held, strict=True):
+        _segment(seg, t)
     hi = di = 0
+    iseg = idx = None
     if ikeys is not None and n:
-        iq, iw = iq.contiguous(), _f32(iw)
+        iq, iw = _f32(iq), _f32(iw)
         hi, di = iw.shape[-1], ikeys.shape[-1]
+        held.append(_rows(ikeys))
+        iseg = (cpu_attend._Seg * 1)()
+        _segment(iseg[0], held[-1])
+        idx = torch.empty(b, topk, dtype=torch.int64)
     r = 0 if cos is None else cos.shape[-1]
-    sinks = None if sinks is None else _f32(sinks)
-    out = q.new_empty(b, 1, heads, d)
-    null = 0
+    cos, sin = (None, None) if cos is None else (_f32(cos), _f32(sin))
+    sinks = None if sinks is None else _f32(sinks.detach())
+    out = torch.empty(b, 1, heads, d, dtype=torch.float32)
 
     def ptr(t):
-        return null if t is None else t.data_ptr()
+        return None if t is None else t.data_ptr()
 
-    rc = lib.kvlab_compressed_step(
-        q.data_ptr(), ring.data_ptr(), ring.stride(0), ring.shape[-2], ptr(entries),
-        entries.stride(0) if n else 0, n, ptr(ikeys) if hi else null, ikeys.stride(0) if hi else 0,
-        ptr(iq) if hi else null, ptr(iw) if hi else null, hi, di, topk, ptr(cos), ptr(sin), r, ptr(sinks), b,
-        heads, d, eps, scale, out.data_ptr())
+    rc = lib.kvlab_quant_v4_step(
+        q.data_ptr(), b, heads, d, eps, ptr(cos), ptr(sin), r, segs, len(segs), ptr(iq) if hi else None, hi, di,
+        ptr(iw) if hi else None, hi ** -0.5 if hi else 1.0, iseg, topk, ptr(idx), ptr(sinks), scale, cpu_attend.UNDER,
+        torch.get_num_threads(), cpu_attend.MIN_PART, out.data_ptr())
     if rc:
         raise ValueError(f"kvlab compressed step: arguments refused (q {tuple(q.shape)}, ring {tuple(ring.shape)}, "
                          f"{n} entries, index heads {hi} x {di}, top-k {topk}, {r} rotated pairs)")
     return out
 
 
-__all__ = ["ENABLED", "applies", "library", "step"]
+__all__ = ["ENABLED", "KERNEL", "applies", "library", "step"]

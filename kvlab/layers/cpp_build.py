@@ -1,6 +1,5 @@
 """Building kvlab's hand-written C++ kernels (kvlab/layers/cpu_attend.py, kvlab/layers/mhc_kernel.py,
-kvlab/layers/compressed_kernel.py, kvlab/layers/moe_kernel.py, kvlab/layers/bf16_kernel.py,
-kvlab/cache/quant_kernel.py) at first use.
+kvlab/layers/moe_kernel.py, kvlab/layers/bf16_kernel.py, kvlab/cache/quant_kernel.py) at first use.
 
 Plain C++17 (no torch headers, no OpenMP), compiled with ``$CXX`` (default ``g++``) into ``$KVLAB_KERNEL_DIR``
 (default ``$XDG_CACHE_HOME/kvlab/kernels``, ``~/.cache/kvlab/kernels``) under a name keyed by a hash of the source,

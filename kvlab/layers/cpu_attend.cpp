@@ -890,10 +890,10 @@ int kvlab_quant_index_scores(const float* q, float* out, int B, int H, int G, co
     return 0;
 }
 
-// One eager decode step of DeepSeek V4's CSA / HCA / SWA attention over quantized K = V buffers, every key visible
-// (kvlab/layers/compressed.py ``_step_bound``; kvlab/layers/compressed_kernel.cpp is the same step on a plain float32
-// cache): per row b, the H query heads q [B, H, D] normed without a weight (eps) and their trailing 2 r channels
-// rotated (interleaved pairs times cos + i sin, cos / sin [r]); CSA (hi > 0): the indexer query iq [B, hi, di] rotated
+// One eager decode step of DeepSeek V4's CSA / HCA / SWA attention over K = V buffers of codes or plain float32 rows,
+// every key visible (kvlab/layers/compressed.py ``_step_bound``, kvlab/layers/compressed_kernel.py): per row b, the H
+// query heads q [B, H, D] normed without a weight (eps) and their trailing 2 r channels rotated (interleaved pairs
+// times cos + i sin, cos / sin [r]); CSA (hi > 0): the indexer query iq [B, hi, di] rotated
 // the same way, its weighted scores over the keys of segment iseg (w = iw [B, hi] times wscale, as
 // kvlab_quant_index_scores with scale 1 / sqrt(di)) and the topk best (index order, ties to the earlier) written to
 // idx [B, topk] and read by the last segment of segs through them (topk < its n; otherwise all of them, no index);
