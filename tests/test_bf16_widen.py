@@ -18,6 +18,7 @@ from kvlab.config import LayerSpec, ModelConfig
 from kvlab.layers import bf16_widen, chunk_attend
 from kvlab.layers.core import Step
 from kvlab.layers.linear import Linear, linear
+from kvlab.layers.moe import GROUPED_MAX, Experts
 
 
 @pytest.fixture
@@ -178,3 +179,23 @@ def test_every_kind_prefills_in_bf16_widened_as_torch(widen, monkeypatch, kind, 
         off = prefill()
     assert not calls
     torch.testing.assert_close(on, off, rtol=0.05, atol=0.05)
+
+
+def test_moe_prefill_loop_widened(widen, monkeypatch):
+    """A prefill's MoE (more than ``GROUPED_MAX E`` choices: the loop over experts) in bf16: each expert with more
+    than 8 tokens has its three products widened, and the output is within bf16 rounding of the loop with torch's bf16
+    products (the widened path off)."""
+    torch.manual_seed(0)
+    ex = Experts(4, 24, 40, "silu").to(torch.bfloat16)
+    n, k = GROUPED_MAX * 4 // 2 + 8, 2  # past GROUPED_MAX E choices
+    x = torch.randn(n, 24).bfloat16()
+    idx = torch.randint(0, 4, (n, k), generator=torch.Generator().manual_seed(1))
+    w = torch.rand(n, k).bfloat16()
+    counts = torch.bincount(idx.reshape(-1), minlength=4).tolist()
+    calls = _spy(monkeypatch)
+    with torch.no_grad():
+        on = ex(x, idx, w)
+        monkeypatch.setattr(bf16_widen, "ENABLED", False)
+        off = ex(x, idx, w)
+    assert sorted(calls) == sorted(c for e in counts if e > 8 for c in ((e, 24, 40), (e, 24, 40), (e, 40, 24)))
+    torch.testing.assert_close(on.float(), off.float(), rtol=0.02, atol=0.02)

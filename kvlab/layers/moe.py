@@ -21,6 +21,7 @@ from torch import nn
 from ..config import MoESpec
 from . import moe_kernel
 from .cast import as_dtype, as_fp32
+from .linear import linear
 from .mlp import GatedMLP, activation
 from .norm import RMSNorm
 from .router import RouterMLP
@@ -81,7 +82,8 @@ class Experts(nn.Module):
         choices run every expert on every token (each expert's weights read once, as the loop would, at most
         ``4 E / k`` times the FLOPs) and combine with the routing weights. More (a prefill): a loop over the
         experts that got tokens (one host read of the counts; on the CPU as fast as ``grouped_mm`` or faster from
-        512 tokens on, its per-expert slices staying in cache: docs/performance.md)."""
+        512 tokens on, its per-expert slices staying in cache: docs/performance.md), each product through
+        :func:`kvlab.layers.linear.linear` (bf16 on a CPU without native bf16: widened to float32 past 8 rows)."""
         num = self.gate_proj.shape[0]
         dense_bf16 = x.dtype == torch.bfloat16 and num < idx.numel() <= 4 * num
         if idx.numel() <= GROUPED_MAX * num and not dense_bf16 and self.can_group(x):
@@ -109,11 +111,11 @@ class Experts(nn.Module):
                 continue
             tok = token_of[start:start + n]
             h = x[tok]
-            g, u = h @ self.gate_proj[e].T, h @ self.up_proj[e].T
+            g, u = linear(h, self.gate_proj[e]), linear(h, self.up_proj[e])  # bf16: widened past 8 rows
             if self.limit is not None:
                 g, u = g.clamp(max=self.limit), u.clamp(min=-self.limit, max=self.limit)
             h = self.act(g) * u
-            h = (h @ self.down_proj[e].T) * w_sorted[start:start + n, None].to(h.dtype)
+            h = linear(h, self.down_proj[e]) * w_sorted[start:start + n, None].to(h.dtype)
             out.index_add_(0, tok, h)
             start += n
         return out
