@@ -1,6 +1,6 @@
 """The C++ decode kernels inside a compiled decode step (kvlab/compiled.py): the attention over a plain K/V cache
-(kvlab/layers/dense_attend.py, the op ``kvlab::dense_attend``) and the bf16 products (kvlab/layers/bf16_kernel.py,
-``kvlab::bf16_linear``) as custom ops. A compiled step calls each kernel as often as the eager step does and gives
+(kvlab/layers/dense_attend.py, the op ``kvlab::dense_attend``) and the bf16 and float32 products
+(kvlab/layers/bf16_kernel.py, ``kvlab::bf16_linear``; kvlab/layers/f32_kernel.py, ``kvlab::f32_linear``) as custom ops. A compiled step calls each kernel as often as the eager step does and gives
 eager's logits; each op's fake implementation agrees with it (``torch.library.opcheck``); the op attends a layout the
 kernel does not read with torch's operations, and runs bf16 products on more than one thread as ``F.linear`` does.
 Inductor's step (which hands the op views of the cache's buffers): tests/test_compile.py."""
@@ -16,19 +16,20 @@ from helpers import count_calls, require_kernel
 from test_contract import random_model, tiny
 
 from kvlab.compiled import CompiledStep
-from kvlab.layers import bf16_kernel, core, dense_attend
+from kvlab.layers import bf16_kernel, core, dense_attend, f32_kernel
 
 
 @pytest.fixture
 def kernels(monkeypatch):
     require_kernel(monkeypatch, dense_attend, "dense decode-attention")
     require_kernel(monkeypatch, bf16_kernel, "bf16")
+    require_kernel(monkeypatch, f32_kernel, "float32 products")
 
 
-def _steps(model, ids: torch.Tensor, prompt: int, backend: str, attend: list, products: list):
+def _steps(model, ids: torch.Tensor, prompt: int, backend: str, attend: list, products: list[list]):
     """A left-padded batch prefilled with ``prompt`` tokens, then decoded eagerly and by the compiled step of
-    ``backend`` on copies of one cache; per step the logits and the kernel calls (``attend``, ``products``: the
-    counting lists) of each."""
+    ``backend`` on copies of one cache; per step the logits and the kernel calls (``attend``, ``products``: counting
+    lists) of each."""
     cache = model.new_cache(ids.shape[0], max_length=ids.shape[1] + 1)
     cache.set_padding(torch.tensor([0, 3, 7]))
     step = CompiledStep(model, backend)
@@ -39,8 +40,8 @@ def _steps(model, ids: torch.Tensor, prompt: int, backend: str, attend: list, pr
         for s in range(prompt, ids.shape[1]):
             row = []
             for fn, c in ((model.decode_step, cache), (step, other)):
-                a, p = len(attend), len(products)
-                row.append((fn(ids[:, s:s + 1], c), len(attend) - a, len(products) - p))
+                a, p = len(attend), sum(map(len, products))
+                row.append((fn(ids[:, s:s + 1], c), len(attend) - a, sum(map(len, products)) - p))
             out.append(row)
     return out
 
@@ -50,18 +51,24 @@ def _steps(model, ids: torch.Tensor, prompt: int, backend: str, attend: list, pr
 @pytest.mark.parametrize("example,dtype,backend", [(0, torch.float32, "eager"), (1, torch.bfloat16, "aot_eager")])
 def test_compiled_step_calls_the_kernels_as_eager_does(kernels, monkeypatch, example, dtype, backend):
     """Three decode steps of a tiny two-layer GQA model (the second reading the first's K/V): the compiled step calls
-    the attention kernel once per layer and step and, in bf16, the bf16 kernel for as many products as eager (none in
-    fp32), and its logits are eager's (the same kernels: within float rounding)."""
+    the attention kernel once per layer and step and the products' kernel of the weights' dtype as often as eager
+    (every linear layer and the head; the other dtype's never), and its logits are eager's (the same kernels: within
+    float rounding)."""
     cfg = tiny("gqa", example, layers=2)
     with torch.no_grad():
         model = random_model(cfg).to(dtype)
     ids = torch.randint(0, cfg.vocab_size, (3, 12), generator=torch.Generator().manual_seed(5))
     attend = count_calls(monkeypatch, dense_attend, {"kvlab_dense_attend": lambda a: a[9]})
-    products = count_calls(monkeypatch, bf16_kernel, {"kvlab_bf16_linear": lambda a: a[1]})
-    for (eager, ea, ep), (compiled, ca, cp) in _steps(model, ids, 9, backend, attend, products):
-        assert ea == ca == len(cfg.layers)
-        assert ep == cp and (ep > 0) == (dtype == torch.bfloat16)  # every linear layer and the head, in bf16
+    bf16 = count_calls(monkeypatch, bf16_kernel, {"kvlab_bf16_linear": lambda a: a[1]})
+    f32 = count_calls(monkeypatch, f32_kernel, {"kvlab_f32_linear": lambda a: a[1]})
+    layers = cfg.layers
+    # per layer q, o, gate, up, down (and the output gate's); k, v of the storing layer; the head
+    linears = len(layers) * (5 + bool(layers[0].output_gate)) + 2 * sum(s.kv_source is None for s in layers) + 1
+    for (eager, ea, ep), (compiled, ca, cp) in _steps(model, ids, 9, backend, attend, [bf16, f32]):
+        assert ea == ca == len(layers)
+        assert ep == cp == linears
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert not (f32 if dtype == torch.bfloat16 else bf16)  # only the weights' dtype's kernel
 
 
 def _inputs(seed: int = 0):
@@ -89,22 +96,26 @@ def test_dense_op_reads_buffers_and_falls_back_on_other_layouts(kernels, monkeyp
     torch.library.opcheck(dense_attend.dense_attend_op, (q.bfloat16(), k.bfloat16(), v.bfloat16(), None, None, 0.25))
 
 
-def test_bf16_op_takes_the_kernel_on_one_thread_only(kernels, monkeypatch):
-    """The op on one torch thread calls the kernel (within one bf16 rounding of ``F.linear``); on two it is
-    ``F.linear`` exactly, as eager is. Its fake agrees (opcheck)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_linear_ops_take_the_kernel_on_one_thread_only(kernels, monkeypatch, dtype):
+    """``kvlab::bf16_linear`` / ``kvlab::f32_linear`` on one torch thread call their kernel (within one rounding of
+    ``F.linear``); on two they are ``F.linear`` exactly, as eager is. Their fakes agree (opcheck)."""
+    module, name = (bf16_kernel, "bf16") if dtype == torch.bfloat16 else (f32_kernel, "f32")
+    op = getattr(module, f"{name}_linear_op")
     gen = torch.Generator().manual_seed(1)
-    x = torch.randn(3, 1, 40, generator=gen).bfloat16()
-    w, b = (torch.randn(24, 40, generator=gen) / 7).bfloat16(), torch.randn(24, generator=gen).bfloat16()
-    calls = count_calls(monkeypatch, bf16_kernel, {"kvlab_bf16_linear": lambda a: a[1]})
+    x = torch.randn(3, 1, 40, generator=gen).to(dtype)
+    w, b = (torch.randn(24, 40, generator=gen) / 7).to(dtype), torch.randn(24, generator=gen).to(dtype)
+    calls = count_calls(monkeypatch, module, {f"kvlab_{name}_linear": lambda a: a[1]})
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = bf16_kernel.bf16_linear_op(x, w, b)
+        one = op(x, w, b)
         assert calls == [3]
         torch.set_num_threads(2)
-        assert torch.equal(bf16_kernel.bf16_linear_op(x, w, b), F.linear(x, w, b)) and calls == [3]
+        assert torch.equal(op(x, w, b), F.linear(x, w, b)) and calls == [3]
         torch.set_num_threads(1)
-        torch.library.opcheck(bf16_kernel.bf16_linear_op, (x, w, None))
+        torch.library.opcheck(op, (x, w, None))
     finally:
         torch.set_num_threads(threads)
-    torch.testing.assert_close(one.float(), F.linear(x, w, b).float(), rtol=1e-2, atol=1e-2)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(one.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)

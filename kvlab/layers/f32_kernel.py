@@ -8,10 +8,11 @@ float32 FMA accumulators for up to :data:`MAX_ROWS` input rows at once, the weig
 repacking). Numerics: float32, the products summed in another order than torch's (within float32 rounding of it:
 tests/test_f32_kernel.py).
 
-Taken when (:func:`applies`): eager (not traced), one torch thread (the kernel runs on one), at most :data:`MAX_ROWS`
-input rows, ``x``, the weight and the bias float32 on the CPU, the weight (and bias) contiguous, no autograd.
-Otherwise, and when the kernel cannot be built (one warning) or ``KVLAB_F32_KERNEL=0``, torch's ``F.linear``. Build:
-kvlab/layers/cpp_build.py.
+Taken when (:func:`applies`): one torch thread (the kernel runs on one), at most :data:`MAX_ROWS` input rows, ``x``,
+the weight and the bias float32 on the CPU, the weight (and bias) contiguous, no autograd. Otherwise, and when the
+kernel cannot be built (one warning) or ``KVLAB_F32_KERNEL=0``, torch's ``F.linear``. Build: kvlab/layers/cpp_build.py.
+Compiled (kvlab/compiled.py): the custom op ``kvlab::f32_linear``, as kvlab/layers/bf16_kernel.py's (the thread count
+checked by the op at run time: a trace cannot read it).
 """
 
 from __future__ import annotations
@@ -46,12 +47,10 @@ def library() -> ctypes.CDLL | None:
 
 
 def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> bool:
-    """The kernel takes ``x [..., in] @ weight [out, in]^T (+ bias [out])``: eager, one torch thread, no autograd, at
-    most :data:`MAX_ROWS` rows of ``x``, all three float32 on the CPU, the weight and bias contiguous, the kernel
-    loaded."""
+    """The kernel takes ``x [..., in] @ weight [out, in]^T (+ bias [out])``: one torch thread (in a trace: checked by
+    the op at run time), no autograd, at most :data:`MAX_ROWS` rows of ``x``, all three float32 on the CPU, the weight
+    and bias contiguous, the kernel loaded (in a trace: as an eager call or kvlab/compiled.py left it)."""
     if x.dtype != torch.float32 or weight.dtype != torch.float32 or not ENABLED:
-        return False
-    if torch.compiler.is_compiling():
         return False
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
         return False
@@ -63,11 +62,36 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
+    if torch.compiler.is_compiling():
+        return KERNEL.lib is not None  # the thread count: the op's, at run time
     return torch.get_num_threads() == 1 and library() is not None
 
 
+def _f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """The op ``kvlab::f32_linear``: :func:`_kernel_linear` on one torch thread, ``F.linear`` on more."""
+    if torch.get_num_threads() == 1 and (KERNEL.lib is not None or library() is not None):
+        return _kernel_linear(x, weight, bias)
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+f32_linear_op = torch.library.custom_op("kvlab::f32_linear", _f32_linear, mutates_args=())
+
+
+@f32_linear_op.register_fake
+def _(x, weight, bias):
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in]`` -> ``x weight^T + bias`` ``[..., out]`` in float32, one call (:func:`applies` first)."""
+    """``x [..., in]`` -> ``x weight^T + bias`` ``[..., out]`` in float32 (:func:`applies` first). Traced: the custom
+    op; eager: one call of the kernel."""
+    if torch.compiler.is_compiling():
+        return f32_linear_op(x, weight, bias)
+    return _kernel_linear(x, weight, bias)
+
+
+def _kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """:func:`linear` by one call of the loaded kernel."""
     x = x.contiguous()
     rows, cols = weight.shape
     n = x.numel() // cols
@@ -79,4 +103,4 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return y
 
 
-__all__ = ["ENABLED", "MAX_ROWS", "applies", "library", "linear"]
+__all__ = ["ENABLED", "MAX_ROWS", "applies", "f32_linear_op", "library", "linear"]

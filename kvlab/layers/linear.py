@@ -1,9 +1,8 @@
 """The linear layer of kvlab's modules: ``nn.Linear`` (same parameters, state-dict names and numerics) whose few-row
-bf16 products on the CPU -- one decode step's -- run as one C++ call (kvlab/layers/bf16_kernel.py; in a compiled step
-its custom op), and whose many-row bf16 products on a CPU without native bf16 -- a prefill chunk's -- as float32 GEMMs
-over widened copies (kvlab/layers/bf16_widen.py); everything else (fp32, autograd, other devices, many rows in a
-compiled step), ``F.linear``. Few-row float32 products on the CPU in an eager step: one C++ call as well
-(kvlab/layers/f32_kernel.py).
+bf16 and float32 products on the CPU -- one decode step's -- run as one C++ call (kvlab/layers/bf16_kernel.py,
+kvlab/layers/f32_kernel.py; in a compiled step their custom ops), and whose many-row bf16 products on a CPU without
+native bf16 -- a prefill chunk's -- as float32 GEMMs over widened copies (kvlab/layers/bf16_widen.py); everything else
+(autograd, other devices, many rows in a compiled step), ``F.linear``.
 """
 
 from __future__ import annotations
