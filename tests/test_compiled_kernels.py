@@ -1,8 +1,10 @@
 """The C++ decode kernels inside a compiled decode step (kvlab/compiled.py): the attention over a plain K/V cache
 (kvlab/layers/dense_attend.py, the op ``kvlab::dense_attend``) and the bf16 and float32 products
-(kvlab/layers/bf16_kernel.py, ``kvlab::bf16_linear``; kvlab/layers/f32_kernel.py, ``kvlab::f32_linear``) as custom ops. A compiled step calls each kernel as often as the eager step does and gives
+(kvlab/layers/bf16_kernel.py, ``kvlab::bf16_linear``; kvlab/layers/f32_kernel.py, ``kvlab::f32_linear``) and one
+token's experts (kvlab/layers/moe_kernel.py, ``kvlab::moe_step``) as custom ops. A compiled step calls each kernel as often as the eager step does and gives
 eager's logits; each op's fake implementation agrees with it (``torch.library.opcheck``); the op attends a layout the
-kernel does not read with torch's operations, and runs bf16 products on more than one thread as ``F.linear`` does.
+kernel does not read with torch's operations, runs products on more than one thread as ``F.linear`` does and experts
+by torch's operations.
 Inductor's step (which hands the op views of the cache's buffers): tests/test_compile.py."""
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import torch
 import torch.nn.functional as F
 from helpers import count_calls, require_kernel
 from test_contract import random_model, tiny
+from test_moe_kernel import SPECS, _moe
 
 from kvlab.compiled import CompiledStep
-from kvlab.layers import bf16_kernel, core, dense_attend, f32_kernel
+from kvlab.layers import bf16_kernel, core, dense_attend, f32_kernel, moe_kernel
 
 
 @pytest.fixture
@@ -119,3 +122,38 @@ def test_linear_ops_take_the_kernel_on_one_thread_only(kernels, monkeypatch, dty
         torch.set_num_threads(threads)
     tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
     torch.testing.assert_close(one.float(), F.linear(x, w, b).float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("name", ["v4", "skip"])  # shared expert, clip and routed scaling; the skip expert
+def test_moe_op_compiled_and_on_two_threads(monkeypatch, name):
+    """One token's MoE layer compiled (dynamo, fullgraph) calls the kernel once per token as eager does, with eager's
+    output; on two threads the op computes by torch's operations without the kernel, within 1e-5 of it (the skip
+    expert chosen for some tokens). Its fake agrees (opcheck)."""
+    require_kernel(monkeypatch, moe_kernel, "MoE")
+    with torch.no_grad():
+        moe, spec, _, hidden = _moe(name, 3)
+    x = torch.randn(12, 1, 1, hidden)
+    calls = count_calls(monkeypatch, moe_kernel, {"kvlab_moe_step": lambda a: a[4]})
+    compiled = torch.compile(moe, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        eager = torch.stack([moe(t) for t in x])
+        assert calls == [spec.top_k] * 12
+        torch.testing.assert_close(torch.stack([compiled(t) for t in x]), eager, rtol=1e-6, atol=1e-6)
+        assert len(calls) == 24
+        idx, w = moe.choose(x.reshape(12, hidden), None)  # before the routed scaling (the op applies it)
+        e, sh = moe.experts, moe.shared
+        lin = (None,) * 3 if sh is None else (sh.gate_proj.weight, sh.up_proj.weight, sh.down_proj.weight)
+        args = [(t.reshape(1, hidden), i[None], wi[None], e.gate_proj, e.up_proj, e.down_proj, *lin,
+                 moe_kernel.ACTIVATIONS[SPECS[name][1]], e.limit, float(spec.routed_scaling))
+                for t, i, wi in zip(x, idx, w, strict=True)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(2)
+        try:
+            two = torch.stack([moe_kernel.moe_step_op(*a) for a in args])
+        finally:
+            torch.set_num_threads(threads)
+        assert len(calls) == 24
+        torch.testing.assert_close(two.view_as(eager), eager, rtol=1e-5, atol=1e-5)
+        if spec.skip_expert:
+            assert (idx == spec.num_experts).any()
+    torch.library.opcheck(moe_kernel.moe_step_op, [a.detach() if torch.is_tensor(a) else a for a in args[0]])

@@ -14,10 +14,13 @@ order than torch's GEMV (within 1e-5 of the torch path: tests/test_moe_kernel.py
 as bf16 (kvlab/layers/bf16.h: widened by a shift, float32 FMAs), every intermediate float32 and only the output
 rounded to bf16 (the torch path rounds each product and the activation to bf16: within bf16 rounding of it).
 
-Taken when (:func:`applies`): one token, eager (not traced), one torch thread (the kernel runs on one; with more,
-torch's products split their rows over them: not measured against it), float32 or bf16 weights and input on the CPU,
-contiguous, no autograd, no biases on the shared expert. Otherwise, and when the kernel cannot be built (one warning) or
-``KVLAB_MOE_KERNEL=0``, the torch paths. Build: kvlab/layers/cpp_build.py.
+Taken when (:func:`applies`): one token, one torch thread (the kernel runs on one; with more, torch's products split
+their rows over them: not measured against it), float32 or bf16 weights and input on the CPU, contiguous, no
+autograd, no biases on the shared expert. Otherwise, and when the kernel cannot be built (one warning) or
+``KVLAB_MOE_KERNEL=0``, the torch paths. Build: kvlab/layers/cpp_build.py. Compiled (kvlab/compiled.py): the custom op
+``kvlab::moe_step`` (with a fake implementation), one opaque call in the traced graph; a trace cannot read the thread
+count, so the op checks it at run time and on more than one thread computes the token's experts by torch's
+operations (:func:`_torch_step`: the chosen experts' weights gathered, as the compiled torch path does).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 from torch import nn
 
 from . import cpp_build
+from .mlp import activation
 
 SOURCE = Path(__file__).with_name("moe_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
@@ -63,8 +67,7 @@ def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: 
     """The kernel takes this call: one token ``x [1, H]``, eager, one torch thread, no autograd, ``x``, the experts' and the shared
     expert's weights float32 (or all bf16) contiguous on the CPU (no biases), an activation it knows, the kernel on and
     loaded."""
-    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and x.dtype in DTYPES and _fits(x, x.dtype)
-            and not torch.compiler.is_compiling() and torch.get_num_threads() == 1):
+    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and x.dtype in DTYPES and _fits(x, x.dtype)):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or experts.gate_proj.requires_grad):
         return False
@@ -74,30 +77,87 @@ def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: 
         if any(m.bias is not None for m in lin) or shared.limit != experts.limit:
             return False
         mats += [m.weight for m in lin]
-    return all(_fits(m, x.dtype) for m in mats) and library() is not None
+    if not all(_fits(m, x.dtype) for m in mats):
+        return False
+    if torch.compiler.is_compiling():
+        return KERNEL.lib is not None  # loaded by an eager call or kvlab/compiled.py; the thread count: the op's
+    return torch.get_num_threads() == 1 and library() is not None
 
 
 def step(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, experts: nn.Module, shared: nn.Module | None,
          act: str, alpha: float) -> torch.Tensor:
     """``x [1, H]``, the router's ``idx [1, k]`` (int64) and ``weights [1, k]`` (before ``alpha``) -> ``[1, H]``:
-    ``shared(x) + alpha sum_j weights_j expert_{idx_j}(x)`` (:func:`applies` first)."""
-    num, width, hidden = experts.gate_proj.shape
+    ``shared(x) + alpha sum_j weights_j expert_{idx_j}(x)`` (:func:`applies` first). Traced: the custom op; eager: one
+    call of the kernel."""
+    lin = (None, None, None) if shared is None else (shared.gate_proj.weight, shared.up_proj.weight,
+                                                     shared.down_proj.weight)
+    args = (x, idx, weights, experts.gate_proj, experts.up_proj, experts.down_proj, *lin, ACTIVATIONS[act],
+            experts.limit, float(alpha))
+    return moe_step_op(*args) if torch.compiler.is_compiling() else _kernel_step(*args)
+
+
+def _kernel_step(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                 down: torch.Tensor, s_gate: torch.Tensor | None, s_up: torch.Tensor | None,
+                 s_down: torch.Tensor | None, act: int, limit: float | None, alpha: float) -> torch.Tensor:
+    """:func:`step` by one call of the loaded kernel: the experts' ``gate``, ``up [E, I, H]``, ``down [E, H, I]``, the
+    shared expert's ``s_gate``, ``s_up [S, H]``, ``s_down [H, S]`` (or None), ``act`` an :data:`ACTIVATIONS` code."""
+    num, width, hidden = gate.shape
     idx = idx if idx.dtype == torch.int64 and idx.is_contiguous() else idx.long().contiguous()
     weights = weights if weights.dtype == torch.float32 and weights.is_contiguous() else weights.float().contiguous()
     out = x.new_empty(1, hidden)
-    s = shared.gate_proj.weight if shared is not None else None
-    limit = experts.limit
     call = KERNEL.lib.kvlab_moe_step if x.dtype == torch.float32 else KERNEL.lib.kvlab_moe_step_bf16
     rc = call(
         x.data_ptr(), hidden, idx.data_ptr(), weights.data_ptr(), idx.shape[-1], num, width,
-        experts.gate_proj.data_ptr(), experts.up_proj.data_ptr(), experts.down_proj.data_ptr(),
-        0 if s is None else s.shape[0], None if s is None else s.data_ptr(),
-        None if s is None else shared.up_proj.weight.data_ptr(), None if s is None else shared.down_proj.weight.data_ptr(),
-        ACTIVATIONS[act], limit is not None, 0.0 if limit is None else limit, alpha, out.data_ptr())
+        gate.data_ptr(), up.data_ptr(), down.data_ptr(), 0 if s_gate is None else s_gate.shape[0],
+        None if s_gate is None else s_gate.data_ptr(), None if s_up is None else s_up.data_ptr(),
+        None if s_down is None else s_down.data_ptr(), act, limit is not None, 0.0 if limit is None else limit, alpha,
+        out.data_ptr())
     if rc:
         raise ValueError(f"kvlab moe step: arguments refused (x {tuple(x.shape)}, idx {tuple(idx.shape)}, experts "
-                         f"{num} x {width} x {hidden}, activation {act!r})")
+                         f"{num} x {width} x {hidden}, activation {act})")
     return out
 
 
-__all__ = ["ACTIVATIONS", "ENABLED", "applies", "library", "step"]
+def _torch_step(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+                down: torch.Tensor, s_gate: torch.Tensor | None, s_up: torch.Tensor | None,
+                s_down: torch.Tensor | None, act: int, limit: float | None, alpha: float) -> torch.Tensor:
+    """:func:`_kernel_step` by torch's operations (the op on more than one thread): the chosen experts' weights
+    gathered (a skip expert's index ``E``: weight 0), products in ``x``'s dtype."""
+    fn = activation(next(name for name, code in ACTIVATIONS.items() if code == act))
+
+    def mlp(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        if limit is not None:
+            g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+        return fn(g) * u
+
+    num = gate.shape[0]
+    i = idx[0]
+    chosen = i.clamp(max=num - 1)
+    h = mlp(gate[chosen] @ x[0], up[chosen] @ x[0])  # [k, I]
+    y = (down[chosen] @ h[..., None])[..., 0]  # [k, H]
+    w = torch.where(i < num, weights[0].float(), 0.0) * alpha
+    out = (y.float() * w[:, None]).sum(0)
+    if s_gate is not None:
+        out = out + (s_down @ mlp(s_gate @ x[0], s_up @ x[0])).float()
+    return out[None].to(x.dtype)
+
+
+def _moe_step(x: torch.Tensor, idx: torch.Tensor, weights: torch.Tensor, gate: torch.Tensor, up: torch.Tensor,
+              down: torch.Tensor, s_gate: torch.Tensor | None, s_up: torch.Tensor | None, s_down: torch.Tensor | None,
+              act: int, limit: float | None, alpha: float) -> torch.Tensor:
+    """The op ``kvlab::moe_step``: :func:`_kernel_step` on one torch thread, :func:`_torch_step` on more."""
+    args = (x, idx, weights, gate, up, down, s_gate, s_up, s_down, act, limit, alpha)
+    if torch.get_num_threads() == 1 and (KERNEL.lib is not None or library() is not None):
+        return _kernel_step(*args)
+    return _torch_step(*args)
+
+
+moe_step_op = torch.library.custom_op("kvlab::moe_step", _moe_step, mutates_args=())
+
+
+@moe_step_op.register_fake
+def _(x, idx, weights, gate, up, down, s_gate, s_up, s_down, act, limit, alpha):
+    return x.new_empty(1, gate.shape[-1])
+
+
+__all__ = ["ACTIVATIONS", "ENABLED", "applies", "library", "moe_step_op", "step"]
