@@ -23,7 +23,7 @@ from . import cpp_build
 
 ENABLED = cpp_build.switch("KVLAB_BF16_WIDEN")
 MIN_ROWS = 8  # at most this many rows: not taken (measured: docs/performance.md, "bf16 prefill")
-BLOCK_FLOATS = 1 << 19  # widened weight floats a block (2 MB)
+BLOCK_FLOATS = 1 << 19  # widened weight floats a block (2 MB; 8 MB ran slower, more memory: docs/performance.md)
 
 
 def _native_bf16() -> bool:
