@@ -1,6 +1,6 @@
 """Whole eager decode steps with the dense decode-attention kernel (kvlab/layers/dense_attend.py) on and off, in one
 process, stepping in turns (outside CI); ``--kernel f32``: the float32 weight-product kernel (kvlab/layers/f32_kernel.py)
-on and off instead.
+on and off instead, ``rows``: the norm / RoPE rows kernel (kvlab/layers/rows_kernel.py), ``f32,rows``: both.
 
 Per benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) and context: one
 prefill (chunks of 512), its cache copied, then two lanes decode the same tokens in turns, step by step, the kernel
@@ -27,13 +27,13 @@ import torch
 
 from kvlab.bench import TORCH_DTYPES, copy_bandwidth, save_random_hf
 from kvlab.costs import costs
-from kvlab.layers import dense_attend, f32_kernel
+from kvlab.layers import dense_attend, f32_kernel, rows_kernel
 from kvlab.loading import load
 from kvlab.resolve import resolve_spec
 from kvlab.shrink import scale_to_fit
 from kvlab.units import parse_context, table
 
-KERNELS = {"dense": dense_attend, "f32": f32_kernel}  # --kernel: the module whose ENABLED the lanes switch
+KERNELS = {"dense": dense_attend, "f32": f32_kernel, "rows": rows_kernel}  # --kernel: whose ENABLED the lanes switch
 
 
 def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> dict:
@@ -56,11 +56,13 @@ def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> d
             nxt = logits[:, -1].argmax(-1, keepdim=True)  # both lanes decode the on lane's tokens
             out = {}
             for on in (True, False):
-                KERNELS[kernel].ENABLED = on
+                for k in kernel.split(","):
+                    KERNELS[k].ENABLED = on
                 t = time.perf_counter()
                 out[on] = model.decode_step(nxt, caches[on])
                 times[on].append(time.perf_counter() - t)
-            KERNELS[kernel].ENABLED = True
+            for k in kernel.split(","):
+                KERNELS[k].ENABLED = True
             diff = max(diff, (out[True].float() - out[False].float()).abs().max().item())
             logits = out[True]
         bw1 = copy_bandwidth()
@@ -82,12 +84,15 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=12, help="decode steps per lane")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--kernel", default="dense", choices=sorted(KERNELS), help="the kernel the two lanes switch")
+    ap.add_argument("--kernel", default="dense", help=f"the kernel(s) the two lanes switch, comma-separated: {sorted(KERNELS)}")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    if KERNELS[a.kernel].library() is None:
-        raise SystemExit(f"the {a.kernel} kernel is off (its KVLAB_*_KERNEL=0) or did not build")
+    for k in a.kernel.split(","):
+        if k not in KERNELS:
+            raise SystemExit(f"--kernel: {k!r} is not one of {sorted(KERNELS)}")
+        if KERNELS[k].library() is None:
+            raise SystemExit(f"the {k} kernel is off (its KVLAB_*_KERNEL=0) or did not build")
     rows = []
     for r in a.runs:
         spec, ctx = r.rsplit(":", 1)

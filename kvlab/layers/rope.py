@@ -12,6 +12,7 @@ import math
 import torch
 
 from ..config import RopeSpec
+from . import rows_kernel
 
 
 def rotary_dim(spec: RopeSpec, head_dim: int) -> int:
@@ -129,7 +130,10 @@ def rotate_part(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, layout: s
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens_first: bool = False) -> torch.Tensor:
     """Rotate the first ``rot`` channels of ``x [B, H, T, D]`` (``[B, T, H, D]`` with ``tokens_first``; rotate-half
-    layout) with :class:`Rotary`'s tables ``cos``/``sin [B, T, rot]`` (``cat(freqs, freqs)``)."""
+    layout) with :class:`Rotary`'s tables ``cos``/``sin [B, T, rot]`` (``cat(freqs, freqs)``). A float32 decode step
+    (eager, CPU): one C++ call (kvlab/layers/rows_kernel.py), the same products and sums."""
+    if x.dtype == torch.float32 and rows_kernel.rope_applies(x, cos, sin, tokens_first):
+        return rows_kernel.rope(x, cos, sin, tokens_first)
     half = cos.shape[-1] // 2
     c, s = (cos[:, :, None, :half], sin[:, :, None, :half]) if tokens_first else (cos[:, None, :, :half],
                                                                                   sin[:, None, :, :half])
