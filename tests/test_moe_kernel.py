@@ -3,6 +3,8 @@ reference: activations, the SwiGLU clip, the skip expert, shared experts or none
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from helpers import count_calls, require_kernel
@@ -26,7 +28,8 @@ def kernel(monkeypatch):
 
 def _count_calls(monkeypatch) -> list[int]:
     """Each call's k (a proxy in front of the loaded library)."""
-    return count_calls(monkeypatch, moe_kernel, {"kvlab_moe_step": lambda a: a[4], "kvlab_moe_step_bf16": lambda a: a[4]})
+    return count_calls(monkeypatch, moe_kernel, {"kvlab_moe_step": lambda a: a[4], "kvlab_moe_step_bf16": lambda a: a[4],
+                                                 "kvlab_moe_route_step": lambda a: a[5]})
 
 
 def reference(moe: MoE, x: torch.Tensor, act: str) -> torch.Tensor:
@@ -54,7 +57,10 @@ SPECS = {
     "skip": (MoESpec(num_experts=4, top_k=2, expert_size=8, scoring="softmax", skip_expert=True), "silu"),
     "odd": (MoESpec(num_experts=3, top_k=2, expert_size=13, scoring="softmax", shared_experts=1, shared_size=7,
                     swiglu_limit=1.0), "silu"),
+    "laguna": (MoESpec(num_experts=8, top_k=2, expert_size=16, scoring="sigmoid", norm_topk=True, bias_correction=True,
+                       routed_scaling=2.5, shared_experts=1, shared_size=16), "silu"),
 }
+ROUTED = {"plain", "gelu-tanh", "gelu", "odd", "laguna"}  # float32 routing in the call too (moe_kernel.route_applies)
 
 
 def _moe(name: str, seed: int) -> tuple[MoE, MoESpec, str, int]:
@@ -112,6 +118,30 @@ def test_bf16_one_token_equals_reference_and_torch_paths(kernel, monkeypatch, na
     if name != "odd":  # torch's grouped matmuls want whole 16-byte rows
         torch.testing.assert_close(got, torch.stack([moe(t) for t in x]), rtol=0.03, atol=0.03)
     assert len(calls) == 12
+
+
+@pytest.mark.parametrize("name", list(SPECS))
+def test_routing_in_the_call_where_it_applies(kernel, monkeypatch, name):
+    """A plain float32 router (softmax or sigmoid, the choice bias, renormalised or not) is computed in the call
+    (``kvlab_moe_route_step``: the same experts as ``MoE.route`` for 20 tokens, within 1e-5 of the reference);
+    sqrt-softplus scores, a skip expert, group limits, hash routing, expert scales and bf16 route in torch first."""
+    moe, spec, act, hidden = _moe(name, 5)
+    names = count_calls(monkeypatch, moe_kernel, {f: (lambda a, f=f: f) for f in (
+        "kvlab_moe_step", "kvlab_moe_route_step")})
+    x = torch.randn(20, 1, 1, hidden)
+    got = torch.stack([moe(t) for t in x])
+    assert names == ["kvlab_moe_route_step" if name in ROUTED else "kvlab_moe_step"] * 20
+    ref = torch.stack([reference(moe, t.reshape(-1), act) for t in x]).view_as(got)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    if name == "laguna":
+        for other in ({"n_group": 2, "topk_group": 1}, {"expert_scale": True}, {"hash_routing": True}):
+            moe.spec = dataclasses.replace(spec, **other)
+            if other.get("expert_scale"):
+                moe.expert_scale = torch.nn.Parameter(torch.ones(spec.num_experts))
+            assert not moe_kernel.route_applies(x[0].reshape(1, -1), moe)
+        moe.spec = spec
+        assert moe_kernel.route_applies(x[0].reshape(1, -1), moe)
+        assert not moe_kernel.route_applies(x[0].reshape(1, -1).bfloat16(), moe.to(torch.bfloat16))
 
 
 def test_not_taken_where_it_does_not_apply(kernel, monkeypatch):

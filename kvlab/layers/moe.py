@@ -7,7 +7,7 @@ weights, routed scaling, always-on shared experts, SwiGLU pre-activations clippe
 router that reads the normalised residual stream with a learned scale and per-expert output scales (Gemma 4), a
 router MLP in a narrow router space that can carry the previous layer's router state, and a skip expert that
 computes nothing (ZAYA1). One token in an eager float32 CPU step (a batch-1 decode) runs its chosen experts and the
-shared expert as one C++ call (kvlab/layers/moe_kernel.py).
+shared expert as one C++ call (kvlab/layers/moe_kernel.py), with a plain router's choice in that call too.
 """
 
 from __future__ import annotations
@@ -295,8 +295,11 @@ class MoE(nn.Module):
         rin = flat if router_input is None else router_input.reshape(-1, shape[-1])
         if self.spec.router_hidden is not None:
             rin = self.router_state(rin, carry, shape)
+        one = moe_kernel.applies(flat, self.experts, self.shared, self.experts.act_name)  # one token: one C++ call
+        if one and router_input is None and moe_kernel.route_applies(flat, self):  # the routing in the call too
+            return moe_kernel.route_step(flat, self).reshape(shape)
         idx, w = self.choose(rin, carry.get("input_ids") if carry is not None and self.spec.hash_routing else None)
-        if moe_kernel.applies(flat, self.experts, self.shared, self.experts.act_name):  # one token: one C++ call
+        if one:
             return moe_kernel.step(flat, idx, w, self.experts, self.shared, self.experts.act_name,
                                    self.spec.routed_scaling).reshape(shape)
         shared = self.shared(flat) if self.shared is not None else None

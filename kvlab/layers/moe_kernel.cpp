@@ -136,7 +136,7 @@ int step(const float* x, int hidden, const long* idx, const float* w, int k, int
 
 extern "C" {
 
-int kvlab_moe_version() { return 2; }
+int kvlab_moe_version() { return 3; }
 
 // out [H] = shared(x) + alpha sum_j w_j expert_{idx_j}(x) for one token x [H]: experts gate / up [E, I, H], down
 // [E, H, I] (an index >= E, a skip expert, adds nothing), the shared expert's gate / up [S, H], down [H, S] (S = 0:
@@ -146,6 +146,47 @@ int kvlab_moe_step(const float* x, int hidden, const long* idx, const float* w, 
                    const float* s_up, const float* s_down, int kind, int clip, float limit, float alpha, float* out) {
     return step(x, hidden, idx, w, k, num, width, gate, up, down, shared, s_gate, s_up, s_down, kind, clip, limit, alpha,
                 out);
+}
+
+// kvlab_moe_step with its routing computed here first, float32 (kvlab/layers/moe.py MoE.choose): logits = R x (router
+// [num, hidden]); scores softmax (scoring 0) or sigmoid (1); the k best of scores + bias (bias [num] or null), ties
+// to the lower index, in descending order; their scores as weights, divided by their sum (+ 1e-20 for sigmoid) with
+// norm_topk. 0: done, 1: bad arguments.
+int kvlab_moe_route_step(const float* x, int hidden, const float* router, const float* bias, int scoring, int k,
+                         int norm_topk, int num, int width, const float* gate, const float* up, const float* down,
+                         int shared, const float* s_gate, const float* s_up, const float* s_down, int kind, int clip,
+                         float limit, float alpha, float* out) {
+    if (hidden < 1 || num < 1 || k < 1 || k > num || scoring < 0 || scoring > 1) return 1;
+    std::vector<float> score(num), choice(num), w(k);
+    std::vector<long> idx(k);
+    gemv(router, x, score.data(), num, hidden);
+    if (scoring == 0) {
+        float m = score[0];
+        for (int e = 1; e < num; ++e) m = score[e] > m ? score[e] : m;
+        float z = 0.f;
+        for (int e = 0; e < num; ++e) z += (score[e] = std::exp(score[e] - m));
+        for (int e = 0; e < num; ++e) score[e] /= z;
+    } else {
+        for (int e = 0; e < num; ++e) score[e] = 1.f / (1.f + std::exp(-score[e]));
+    }
+    for (int e = 0; e < num; ++e) choice[e] = bias ? score[e] + bias[e] : score[e];
+    float sum = 0.f;
+    for (int j = 0; j < k; ++j) {
+        int best = -1;
+        for (int e = 0; e < num; ++e) {
+            bool taken = false;
+            for (int i = 0; i < j; ++i) taken = taken || idx[i] == e;
+            if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
+        }
+        idx[j] = best;
+        sum += (w[j] = score[best]);
+    }
+    if (norm_topk) {
+        const float d = sum + (scoring == 0 ? 0.f : 1e-20f);
+        for (int j = 0; j < k; ++j) w[j] /= d;
+    }
+    return step(x, hidden, idx.data(), w.data(), k, num, width, gate, up, down, shared, s_gate, s_up, s_down, kind, clip,
+                limit, alpha, out);
 }
 
 // kvlab_moe_step with x, every weight and out in bf16 (the routing weights w float32): float32 arithmetic, out rounded
