@@ -1,6 +1,7 @@
 """Whole eager decode steps with the dense decode-attention kernel (kvlab/layers/dense_attend.py) on and off, in one
 process, stepping in turns (outside CI); ``--kernel f32``: the float32 weight-product kernel (kvlab/layers/f32_kernel.py)
-on and off instead, ``rows``: the norm / RoPE rows kernel (kvlab/layers/rows_kernel.py), ``f32,rows``: both.
+on and off instead, ``rows``: the norm / RoPE rows kernel (kvlab/layers/rows_kernel.py), ``route``: the MoE router in
+the MoE kernel's call (kvlab/layers/moe_kernel.py ``ROUTE``), several comma-separated: together.
 
 Per benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) and context: one
 prefill (chunks of 512), its cache copied, then two lanes decode the same tokens in turns, step by step, the kernel
@@ -27,13 +28,15 @@ import torch
 
 from kvlab.bench import TORCH_DTYPES, copy_bandwidth, save_random_hf
 from kvlab.costs import costs
-from kvlab.layers import dense_attend, f32_kernel, rows_kernel
+from kvlab.layers import dense_attend, f32_kernel, moe_kernel, rows_kernel
 from kvlab.loading import load
 from kvlab.resolve import resolve_spec
 from kvlab.shrink import scale_to_fit
 from kvlab.units import parse_context, table
 
-KERNELS = {"dense": dense_attend, "f32": f32_kernel, "rows": rows_kernel}  # --kernel: whose ENABLED the lanes switch
+# --kernel: the module and its switch the lanes set
+KERNELS = {"dense": (dense_attend, "ENABLED"), "f32": (f32_kernel, "ENABLED"), "rows": (rows_kernel, "ENABLED"),
+           "route": (moe_kernel, "ROUTE")}
 
 
 def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> dict:
@@ -57,12 +60,12 @@ def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> d
             out = {}
             for on in (True, False):
                 for k in kernel.split(","):
-                    KERNELS[k].ENABLED = on
+                    setattr(*KERNELS[k], on)
                 t = time.perf_counter()
                 out[on] = model.decode_step(nxt, caches[on])
                 times[on].append(time.perf_counter() - t)
             for k in kernel.split(","):
-                KERNELS[k].ENABLED = True
+                setattr(*KERNELS[k], True)
             diff = max(diff, (out[True].float() - out[False].float()).abs().max().item())
             logits = out[True]
         bw1 = copy_bandwidth()
@@ -91,7 +94,7 @@ def main() -> None:
     for k in a.kernel.split(","):
         if k not in KERNELS:
             raise SystemExit(f"--kernel: {k!r} is not one of {sorted(KERNELS)}")
-        if KERNELS[k].library() is None:
+        if KERNELS[k][0].library() is None:
             raise SystemExit(f"the {k} kernel is off (its KVLAB_*_KERNEL=0) or did not build")
     rows = []
     for r in a.runs:

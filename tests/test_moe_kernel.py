@@ -141,6 +141,10 @@ def test_routing_in_the_call_where_it_applies(kernel, monkeypatch, name):
             assert not moe_kernel.route_applies(x[0].reshape(1, -1), moe)
         moe.spec = spec
         assert moe_kernel.route_applies(x[0].reshape(1, -1), moe)
+        monkeypatch.setattr(moe_kernel, "ROUTE", False)  # the switch: torch's routing, the experts in the call
+        names.clear()
+        torch.testing.assert_close(moe(x[0]), got[0], atol=1e-5, rtol=1e-5)
+        assert names == ["kvlab_moe_step"]
         assert not moe_kernel.route_applies(x[0].reshape(1, -1).bfloat16(), moe.to(torch.bfloat16))
 
 

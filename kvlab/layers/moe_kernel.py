@@ -89,6 +89,7 @@ def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: 
 
 
 SCORINGS = {"softmax": 0, "sigmoid": 1}  # the router scorings the routing call (:func:`route_step`) computes
+ROUTE = True  # False: the routing in torch, the experts in the call (benchmarks/dense_steps.py --kernel route)
 
 
 def route_applies(x: torch.Tensor, moe: nn.Module) -> bool:
@@ -97,7 +98,9 @@ def route_applies(x: torch.Tensor, moe: nn.Module) -> bool:
     MLP, hash table, group limit, expert scales or skip expert), the weights float32 contiguous (call after
     :func:`applies`); eager only (the compiled step routes in torch, the experts in the custom op)."""
     s = moe.spec
-    if torch.compiler.is_compiling() or x.dtype != torch.float32 or s.scoring not in SCORINGS or s.router_norm or s.router_hidden is not None:
+    if not ROUTE or torch.compiler.is_compiling() or x.dtype != torch.float32 or s.scoring not in SCORINGS:
+        return False
+    if s.router_norm or s.router_hidden is not None:
         return False
     if s.hash_routing or s.expert_scale or s.skip_expert or (s.n_group > 1 and (s.topk_group or s.n_group) < s.n_group):
         return False
@@ -205,5 +208,5 @@ def _(x, idx, weights, gate, up, down, s_gate, s_up, s_down, act, limit, alpha):
     return x.new_empty(1, gate.shape[-1])
 
 
-__all__ = ["ACTIVATIONS", "ENABLED", "SCORINGS", "applies", "library", "moe_step_op", "route_applies", "route_step",
-           "step"]
+__all__ = ["ACTIVATIONS", "ENABLED", "ROUTE", "SCORINGS", "applies", "library", "moe_step_op", "route_applies",
+           "route_step", "step"]
