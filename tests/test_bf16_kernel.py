@@ -13,7 +13,7 @@ from helpers import count_calls, random_model, require_kernel, tiny_config
 
 from kvlab import generate, kinds
 from kvlab.config import LayerSpec, ModelConfig
-from kvlab.layers import bf16_kernel, cpp_build, moe_kernel
+from kvlab.layers import bf16_kernel, cpp_build, f32_kernel, moe_kernel
 from kvlab.layers.linear import Linear, linear
 from kvlab.layers.moe import MoE
 
@@ -189,9 +189,10 @@ def test_every_kind_decodes_in_bf16_with_the_kernel_as_without(kernel, monkeypat
 
 def test_a_changed_header_rebuilds(tmp_path):
     """The build key covers the headers a kernel includes from its folder (kvlab/layers/bf16.h, shared with the MoE
-    kernel): a changed header gives another key, so another library."""
+    kernel; f32.h, shared by the f32 and MoE kernels): a changed header gives another key, so another library."""
     assert cpp_build.headers(bf16_kernel.SOURCE) == [bf16_kernel.SOURCE.with_name("bf16.h")]
-    assert cpp_build.headers(moe_kernel.SOURCE) == [bf16_kernel.SOURCE.with_name("bf16.h")]
+    assert cpp_build.headers(moe_kernel.SOURCE) == [bf16_kernel.SOURCE.with_name(n) for n in ("bf16.h", "f32.h")]
+    assert cpp_build.headers(f32_kernel.SOURCE) == [bf16_kernel.SOURCE.with_name("f32.h")]
     src, hdr = tmp_path / "k.cpp", tmp_path / "bf16.h"
     src.write_text(bf16_kernel.SOURCE.read_text())
     hdr.write_text("// one\n")

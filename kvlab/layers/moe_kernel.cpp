@@ -5,75 +5,17 @@
 #include <cmath>
 #include <cstdint>
 #include <vector>
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
 
 #include "bf16.h"
+#include "f32.h"
 
 namespace {
 
-#if defined(__AVX2__) && defined(__FMA__)
-inline float hsum(__m256 v) {
-    __m128 lo = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    lo = _mm_add_ps(lo, _mm_movehl_ps(lo, lo));
-    return _mm_cvtss_f32(_mm_add_ss(lo, _mm_movehdup_ps(lo)));
-}
-
-// y [rows] = W [rows, cols] (row-major) x [cols], four rows a pass (four streams of the weights at once, 8 lanes)
+// y [rows] = W [rows, cols] (row-major) x [cols]: the rows read in order, four accumulators each (kvlab/layers/f32.h:
+// one stream for the hardware prefetcher, 1.2-1.35x four rows a pass from memory, docs/performance.md)
 void gemv(const float* w, const float* x, float* y, int rows, int cols) {
-    const int body = cols - cols % 8;
-    int i = 0;
-    for (; i + 4 <= rows; i += 4) {
-        const float* w0 = w + static_cast<long>(i) * cols;
-        const float* w1 = w0 + cols;
-        const float* w2 = w1 + cols;
-        const float* w3 = w2 + cols;
-        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (int c = 0; c < body; c += 8) {
-            const __m256 v = _mm256_loadu_ps(x + c);
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(w0 + c), v, a0);
-            a1 = _mm256_fmadd_ps(_mm256_loadu_ps(w1 + c), v, a1);
-            a2 = _mm256_fmadd_ps(_mm256_loadu_ps(w2 + c), v, a2);
-            a3 = _mm256_fmadd_ps(_mm256_loadu_ps(w3 + c), v, a3);
-        }
-        float s0 = hsum(a0), s1 = hsum(a1), s2 = hsum(a2), s3 = hsum(a3);
-        for (int c = body; c < cols; ++c) {
-            s0 += w0[c] * x[c];
-            s1 += w1[c] * x[c];
-            s2 += w2[c] * x[c];
-            s3 += w3[c] * x[c];
-        }
-        y[i] = s0;
-        y[i + 1] = s1;
-        y[i + 2] = s2;
-        y[i + 3] = s3;
-    }
-    for (; i < rows; ++i) {
-        const float* wr = w + static_cast<long>(i) * cols;
-        __m256 a = _mm256_setzero_ps();
-        for (int c = 0; c < body; c += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(wr + c), _mm256_loadu_ps(x + c), a);
-        float s = hsum(a);
-        for (int c = body; c < cols; ++c) s += wr[c] * x[c];
-        y[i] = s;
-    }
+    for (int i = 0; i < rows; ++i) kvlab_f32::row<1, 4>(x, w + static_cast<long>(i) * cols, cols, y + i);
 }
-#else
-// y [rows] = W [rows, cols] (row-major) x [cols], 8 partial sums a row
-void gemv(const float* w, const float* x, float* y, int rows, int cols) {
-    for (int i = 0; i < rows; ++i) {
-        const float* wr = w + static_cast<long>(i) * cols;
-        float a[8] = {};
-        int c = 0;
-        for (; c + 8 <= cols; c += 8)
-            for (int l = 0; l < 8; ++l) a[l] += wr[c + l] * x[c + l];
-        float s = 0.f;
-        for (int l = 0; l < 8; ++l) s += a[l];
-        for (; c < cols; ++c) s += wr[c] * x[c];
-        y[i] = s;
-    }
-}
-#endif
 
 // y [rows] = W [rows, cols] (bf16, row-major) x [cols] (float32): kvlab/layers/bf16.h's rows, read in order
 void gemv(const uint16_t* w, const float* x, float* y, int rows, int cols) {
@@ -136,7 +78,7 @@ int step(const float* x, int hidden, const long* idx, const float* w, int k, int
 
 extern "C" {
 
-int kvlab_moe_version() { return 3; }
+int kvlab_moe_version() { return 4; }
 
 // out [H] = shared(x) + alpha sum_j w_j expert_{idx_j}(x) for one token x [H]: experts gate / up [E, I, H], down
 // [E, H, I] (an index >= E, a skip expert, adds nothing), the shared expert's gate / up [S, H], down [H, S] (S = 0:

@@ -47,7 +47,7 @@ def kernel() -> cpp_build.Library:
     """The kernel's library (built and loaded at first use)."""
     args = [_P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _F, _F, _P]
     route = [_P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _F, _F, _P]
-    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_moe_version", 3), {
+    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_moe_version", 4), {
         "kvlab_moe_step": (args, _I), "kvlab_moe_step_bf16": (args, _I), "kvlab_moe_route_step": (route, _I),
     }, "MoE runs its torch paths")
 
