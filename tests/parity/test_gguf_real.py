@@ -3,8 +3,8 @@
 600 tokens, past its 512-token window, through kvlab's chunked prefill: as close to transformers' float64 forward as
 transformers' fp32 one is), greedy generations identical.
 
-Each model is loaded once per module by both libraries (transformers' Gemma 3 load is the slow part: about a minute
-on a busy 2-core machine). Print the figures with ``pytest -q -s tests/parity/test_gguf_real.py``.
+Each model is loaded once per module by both libraries (transformers' Gemma 3 load is the slow part: its GGUF
+metadata parse, done once and faster by tests/real_models.py). Print the figures with ``pytest -q -s tests/parity/test_gguf_real.py``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
+from real_models import parse_each_gguf_once
 
 import kvlab
 from kvlab.models import MODELS, model_file
@@ -29,8 +30,9 @@ def pair(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any, kvlab.Model
         path = model_file(request.param)
     except ValueError as e:  # the package is not installed: `make test` installs it
         pytest.skip(str(e))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                           dtype=torch.float32).eval()
+    with parse_each_gguf_once():  # transformers reads the file twice (config, weights): parse it once, faster
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                               dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
     yield request.param, hf, kvlab.load(request.param)
     del hf
