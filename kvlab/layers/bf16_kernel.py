@@ -14,7 +14,8 @@ cannot be built (one warning) or ``KVLAB_BF16_KERNEL=0``, torch's ``F.linear``. 
 Compiled (kvlab/compiled.py): the custom op ``kvlab::bf16_linear`` (with a fake implementation), one opaque call in
 the traced graph; eager calls the function itself. A trace cannot read the thread count (``torch.get_num_threads``
 breaks the graph) nor build the kernel: it checks the rest (the kernel loaded by an eager call or kvlab/compiled.py),
-and the op checks the thread count at run time (more than one: ``F.linear``, as eager).
+and the op checks the thread count at run time (more than one: ``F.linear``, as eager). The checks, the call and the
+op are kvlab/layers/row_products.py's, shared with the float32 kernel.
 """
 
 from __future__ import annotations
@@ -24,12 +25,12 @@ from pathlib import Path
 
 import torch
 
-from . import cpp_build
+from . import cpp_build, row_products
 
 SOURCE = Path(__file__).with_name("bf16_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
 ENABLED = cpp_build.switch("KVLAB_BF16_KERNEL")
-MAX_ROWS = 8  # input rows (tokens x batch) a call takes: a decode step's; beyond, torch's GEMM
+MAX_ROWS = row_products.MAX_ROWS
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
@@ -52,36 +53,10 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     """The kernel takes ``x [..., in] @ weight [out, in]^T (+ bias [out])``: one torch thread (in a trace: checked by the
     op at run time), no autograd, at most :data:`MAX_ROWS` rows of ``x``, all three bf16 on the CPU, the weight and
     bias contiguous, the kernel loaded (in a trace: as an eager call or kvlab/compiled.py left it)."""
-    if x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16 or not ENABLED:
-        return False
-    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
-        return False
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
-        return False
-    if bias is not None and not (bias.dtype == torch.bfloat16 and bias.device.type == "cpu" and bias.is_contiguous()
-                                 and bias.shape == (weight.shape[0],)):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    if torch.compiler.is_compiling():
-        return KERNEL.lib is not None  # the thread count: the op's, at run time
-    return torch.get_num_threads() == 1 and library() is not None
+    return ENABLED and row_products.takes(x, weight, bias, torch.bfloat16, KERNEL)
 
 
-def _bf16_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The op ``kvlab::bf16_linear``: :func:`_kernel_linear` on one torch thread, ``F.linear`` on more."""
-    if torch.get_num_threads() == 1 and (KERNEL.lib is not None or library() is not None):
-        return _kernel_linear(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-bf16_linear_op = torch.library.custom_op("kvlab::bf16_linear", _bf16_linear, mutates_args=())
-
-
-@bf16_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+bf16_linear_op = row_products.op("kvlab::bf16_linear", library, "kvlab_bf16_linear")  # a compiled step's
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -89,20 +64,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     eager: one call of the kernel."""
     if torch.compiler.is_compiling():
         return bf16_linear_op(x, weight, bias)
-    return _kernel_linear(x, weight, bias)
-
-
-def _kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`linear` by one call of the loaded kernel."""
-    x = x.contiguous()
-    rows, cols = weight.shape
-    n = x.numel() // cols
-    y = x.new_empty(*x.shape[:-1], rows)
-    rc = KERNEL.lib.kvlab_bf16_linear(x.data_ptr(), n, cols, weight.data_ptr(), rows,
-                                      None if bias is None else bias.data_ptr(), y.data_ptr())
-    if rc:
-        raise ValueError(f"kvlab bf16 linear: arguments refused (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
-    return y
+    return row_products.run(KERNEL.lib, "kvlab_bf16_linear", x, weight, bias)
 
 
 __all__ = ["ENABLED", "MAX_ROWS", "applies", "bf16_linear_op", "library", "linear"]

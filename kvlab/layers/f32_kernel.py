@@ -10,9 +10,10 @@ tests/test_f32_kernel.py).
 
 Taken when (:func:`applies`): one torch thread (the kernel runs on one), at most :data:`MAX_ROWS` input rows, ``x``,
 the weight and the bias float32 on the CPU, the weight (and bias) contiguous, no autograd. Otherwise, and when the
-kernel cannot be built (one warning) or ``KVLAB_F32_KERNEL=0``, torch's ``F.linear``. Build: kvlab/layers/cpp_build.py.
-Compiled (kvlab/compiled.py): the custom op ``kvlab::f32_linear``, as kvlab/layers/bf16_kernel.py's (the thread count
-checked by the op at run time: a trace cannot read it).
+kernel cannot be built (one warning) or ``KVLAB_F32_KERNEL=0``, torch's ``F.linear``. Build:
+kvlab/layers/cpp_build.py. Compiled (kvlab/compiled.py): the custom op ``kvlab::f32_linear`` (the thread count
+checked by the op at run time: a trace cannot read it). The checks, the call and the op are
+kvlab/layers/row_products.py's, shared with the bf16 kernel.
 """
 
 from __future__ import annotations
@@ -22,12 +23,12 @@ from pathlib import Path
 
 import torch
 
-from . import cpp_build
+from . import cpp_build, row_products
 
 SOURCE = Path(__file__).with_name("f32_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
 ENABLED = cpp_build.switch("KVLAB_F32_KERNEL")
-MAX_ROWS = 8  # input rows (tokens x batch) a call takes: a decode step's; beyond, torch's GEMM
+MAX_ROWS = row_products.MAX_ROWS
 _P, _I = ctypes.c_void_p, ctypes.c_int
 
 
@@ -50,57 +51,18 @@ def applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = N
     """The kernel takes ``x [..., in] @ weight [out, in]^T (+ bias [out])``: one torch thread (in a trace: checked by
     the op at run time), no autograd, at most :data:`MAX_ROWS` rows of ``x``, all three float32 on the CPU, the weight
     and bias contiguous, the kernel loaded (in a trace: as an eager call or kvlab/compiled.py left it)."""
-    if x.dtype != torch.float32 or weight.dtype != torch.float32 or not ENABLED:
-        return False
-    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
-        return False
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
-        return False
-    if bias is not None and not (bias.dtype == torch.float32 and bias.device.type == "cpu" and bias.is_contiguous()
-                                 and bias.shape == (weight.shape[0],)):
-        return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    if torch.compiler.is_compiling():
-        return KERNEL.lib is not None  # the thread count: the op's, at run time
-    return torch.get_num_threads() == 1 and library() is not None
+    return ENABLED and row_products.takes(x, weight, bias, torch.float32, KERNEL)
 
 
-def _f32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The op ``kvlab::f32_linear``: :func:`_kernel_linear` on one torch thread, ``F.linear`` on more."""
-    if torch.get_num_threads() == 1 and (KERNEL.lib is not None or library() is not None):
-        return _kernel_linear(x, weight, bias)
-    return torch.nn.functional.linear(x, weight, bias)
-
-
-f32_linear_op = torch.library.custom_op("kvlab::f32_linear", _f32_linear, mutates_args=())
-
-
-@f32_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty(*x.shape[:-1], weight.shape[0])
+f32_linear_op = row_products.op("kvlab::f32_linear", library, "kvlab_f32_linear")  # a compiled step's
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x [..., in]`` -> ``x weight^T + bias`` ``[..., out]`` in float32 (:func:`applies` first). Traced: the custom
-    op; eager: one call of the kernel."""
+    """``x [..., in]`` -> ``x weight^T + bias`` ``[..., out]`` in float32 (:func:`applies` first). Traced: the custom op;
+    eager: one call of the kernel."""
     if torch.compiler.is_compiling():
         return f32_linear_op(x, weight, bias)
-    return _kernel_linear(x, weight, bias)
-
-
-def _kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """:func:`linear` by one call of the loaded kernel."""
-    x = x.contiguous()
-    rows, cols = weight.shape
-    n = x.numel() // cols
-    y = x.new_empty(*x.shape[:-1], rows)
-    rc = KERNEL.lib.kvlab_f32_linear(x.data_ptr(), n, cols, weight.data_ptr(), rows,
-                                     None if bias is None else bias.data_ptr(), y.data_ptr())
-    if rc:
-        raise ValueError(f"kvlab f32 linear: arguments refused (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
-    return y
+    return row_products.run(KERNEL.lib, "kvlab_f32_linear", x, weight, bias)
 
 
 __all__ = ["ENABLED", "MAX_ROWS", "applies", "f32_linear_op", "library", "linear"]
