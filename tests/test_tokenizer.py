@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from real_models import parse_each_gguf_once, real_model_path
+from real_models import real_model_path, share_gguf_parsing
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers
 
@@ -49,7 +49,7 @@ GEMMA3_IT_TEMPLATE = """{{ bos_token }}
 
 def _hf(path):
     transformers = pytest.importorskip("transformers")
-    with parse_each_gguf_once():  # transformers reads the file for the config, then the tokenizer: parse it once
+    with share_gguf_parsing():  # transformers' reading of the file done once: tests/real_models.py
         return transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
 
 

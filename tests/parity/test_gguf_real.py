@@ -4,7 +4,7 @@
 transformers' fp32 one is), greedy generations identical.
 
 Each model is loaded once per module by both libraries (transformers' Gemma 3 load is the slow part: its GGUF
-metadata parse, done once and faster by tests/real_models.py). Print the figures with ``pytest -q -s tests/parity/test_gguf_real.py``.
+reading, done once by tests/real_models.py). Print the figures with ``pytest -q -s tests/parity/test_gguf_real.py``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import torch
 import transformers
-from real_models import parse_each_gguf_once
+from real_models import share_gguf_parsing
 
 import kvlab
 from kvlab.models import MODELS, model_file
@@ -30,7 +30,7 @@ def pair(request: pytest.FixtureRequest) -> Iterator[tuple[str, Any, kvlab.Model
         path = model_file(request.param)
     except ValueError as e:  # the package is not installed: `make test` installs it
         pytest.skip(str(e))
-    with parse_each_gguf_once():  # transformers reads the file twice (config, weights): parse it once, faster
+    with share_gguf_parsing():  # transformers' reading of the file done once: tests/real_models.py
         hf = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                dtype=torch.float32).eval()
     hf.generation_config.eos_token_id = None
