@@ -1,34 +1,9 @@
-// One decode step's small per-row float32 operations on the CPU, each as one call: RMSNorm rows and rotate-half RoPE
-// rows (kvlab/layers/rows_kernel.py). Plain C++17.
-
-#include <cmath>
+// One decode step's rotate-half RoPE rows in float32 on the CPU as one call (kvlab/layers/rows_kernel.py). Plain C++17
+// (built with -ffp-contract=off: no FMAs, each product and sum rounded as torch's operators round them).
 
 extern "C" {
 
-int kvlab_rows_version() { return 1; }
-
-// y [rows, dim] = x / sqrt(mean(x^2) + eps) * w (w [dim], or 1 + w with offset; no w: 1), float32 sums. 0: done.
-int kvlab_rms_norm(const float* x, long rows, int dim, const float* w, int offset, float eps, float* y) {
-    if (rows < 1 || dim < 1) return 1;
-    for (long r = 0; r < rows; ++r) {
-        const float* xr = x + r * dim;
-        float* yr = y + r * dim;
-        float acc[8] = {};
-        int c = 0;
-        for (; c + 8 <= dim; c += 8)
-            for (int l = 0; l < 8; ++l) acc[l] += xr[c + l] * xr[c + l];
-        float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-        for (; c < dim; ++c) s += xr[c] * xr[c];
-        const float inv = 1.f / std::sqrt(s / static_cast<float>(dim) + eps);
-        if (!w)
-            for (c = 0; c < dim; ++c) yr[c] = xr[c] * inv;
-        else if (offset)
-            for (c = 0; c < dim; ++c) yr[c] = xr[c] * inv * (1.f + w[c]);
-        else
-            for (c = 0; c < dim; ++c) yr[c] = xr[c] * inv * w[c];
-    }
-    return 0;
-}
+int kvlab_rows_version() { return 2; }
 
 // Rotate-half RoPE of x [B, T, H, dim] (tokens_first) or [B, H, T, dim] into y (same layout): the first rot channels'
 // pairs (i, i + rot/2) rotated by token (b, t)'s cos / sin [B, T, rot] (their first rot/2 entries, the tables being
