@@ -1,6 +1,6 @@
 """Whole eager decode steps with the dense decode-attention kernel (kvlab/layers/dense_attend.py) on and off, in one
 process, stepping in turns (outside CI); ``--kernel f32``: the float32 weight-product kernel (kvlab/layers/f32_kernel.py)
-on and off instead, ``rows``: the norm / RoPE rows kernel (kvlab/layers/rows_kernel.py), ``route``: the MoE router in
+on and off instead, ``rows``: the RoPE rows kernel (kvlab/layers/rows_kernel.py), ``route``: the MoE router in
 the MoE kernel's call (kvlab/layers/moe_kernel.py ``ROUTE``), several comma-separated: together.
 
 Per benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) and context: one
