@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--off-lane", action="store_true", help="also a compiled lane with the kernels off")
     ap.add_argument("--out")
     a = ap.parse_args()
+    bad = [d for d in a.dtypes.split(",") if d not in TORCH_DTYPES]
+    if bad:
+        ap.error(f"--dtypes: {bad[0]!r} is not one of {sorted(TORCH_DTYPES)}")
     torch.set_num_threads(a.threads)
     if any(k.library() is None for k in KERNELS):
         raise SystemExit("a C++ kernel is off (KVLAB_{DENSE,BF16,F32,MOE}_KERNEL=0) or did not build")
