@@ -14,7 +14,9 @@ random weights scaled as ``kvlab bench`` scales them, one transformers checkpoin
 
 ``SHAPE:CONTEXT:fp32+bf16`` builds both dtypes of the same checkpoint and decodes all six lanes in turns (fp32's
 then bf16's, each step), so the bf16 / fp32 ratio shares one load too (a table of its own; each dtype's record says
-``interleaved``). Bytes read per step and the bandwidth share are the calculator's (kvlab/costs), as in
+``interleaved``); with ``--tf-bf16-cache cast`` transformers' bf16 lane decodes from its fp32 lane's prefilled
+cache cast to bf16 instead of a bf16 prefill of its own (on a CPU without native bf16 that prefill takes minutes at
+16K; the decode step it times reads the same bytes), its prefill columns then empty. Bytes read per step and the bandwidth share are the calculator's (kvlab/costs), as in
 ``kvlab bench``. The load average is recorded around every part. The JSON (``--out``) is rewritten after each
 shape; ``--budget-min`` stops before a shape that would start past it (the skipped ones are listed).
 
@@ -88,10 +90,39 @@ def _models(cfg: Any, tmp: str, td: torch.dtype, out: dict[str, Any]) -> tuple[A
     return model, hf
 
 
+def cast_cache(cache: Any, dtype: torch.dtype) -> Any:
+    """A copy of a transformers cache whose floating tensors (K/V, compressor buffers: attributes of its layers,
+    in dicts or lists too) are ``dtype``; tensors that were one object (``values is keys``) stay one."""
+    memo: dict[int, Any] = {}
+
+    def cast(x: Any) -> Any:
+        if id(x) in memo:
+            return memo[id(x)]
+        if isinstance(x, torch.Tensor):
+            y = x.to(dtype) if x.is_floating_point() else x
+        elif isinstance(x, dict):
+            y = {k: cast(v) for k, v in x.items()}
+        elif isinstance(x, (list, tuple)):
+            y = type(x)(cast(v) for v in x)
+        else:
+            return x
+        memo[id(x)] = y
+        return y
+
+    out = copy.deepcopy(cache)
+    for layer in out.layers:
+        for name, value in vars(layer).items():
+            setattr(layer, name, cast(value))
+        if hasattr(layer, "dtype"):
+            layer.dtype = dtype
+    return out
+
+
 def run_shape(shape: Path, ctx: int, decode_tokens: int, dtypes: list[str], profile_steps: int,
-              compile: bool = True) -> list[dict[str, Any]]:
+              compile: bool = True, tf_bf16_cache: str = "prefill") -> list[dict[str, Any]]:
     """One record per dtype; with several dtypes (fp32 and bf16) every lane of every dtype decodes in turns, so
-    their ratios share one load (each record then names the others in ``interleaved``)."""
+    their ratios share one load (each record then names the others in ``interleaved``). ``tf_bf16_cache="cast"``:
+    transformers' bf16 lane decodes from its fp32 lane's prefilled cache cast to bf16 (its bf16 prefill not run)."""
     import transformers as tf
 
     from kvlab.bench import TORCH_DTYPES, copy_bandwidth, rss_sampler, save_random_hf
@@ -115,6 +146,7 @@ def run_shape(shape: Path, ctx: int, decode_tokens: int, dtypes: list[str], prof
     lanes: dict[tuple[str, str], Any] = {}  # (dtype, lane) -> step(ids [1, 1]) -> logits
     logits: dict[tuple[str, str], torch.Tensor] = {}
     compiled: dict[str, Any] = {}
+    fp32_tf: tuple[Any, torch.Tensor] | None = None  # transformers' fp32 cache and logits, for tf_bf16_cache="cast"
     with torch.inference_mode():
         for dtype, (model, hf) in models.items():
             out = recs[dtype]
@@ -129,16 +161,23 @@ def run_shape(shape: Path, ctx: int, decode_tokens: int, dtypes: list[str], prof
             out["load"]["after_kvlab_prefill"] = _load()
             other = copy.deepcopy(cache) if compile else None
             gc.collect()
-            with rss_sampler() as mem:
-                hcache = tf.DynamicCache(config=hf.config)
-                t0 = time.perf_counter()
-                for s in range(0, ctx, 512):
-                    h_logits = hf(input_ids=ids[:, s:s + 512], past_key_values=hcache, use_cache=True,
-                                  logits_to_keep=1).logits
-                h_pre = time.perf_counter() - t0
-            out["transformers_prefill"] = {"s": h_pre, "tok_s": ctx / h_pre,
-                                           "rss_delta": mem["peak"] - mem["start"]}
+            if dtype == "bfloat16" and tf_bf16_cache == "cast":  # the fp32 lane prefilled first (DTYPE_FLAGS order)
+                hcache, h_logits = cast_cache(fp32_tf[0], torch.bfloat16), fp32_tf[1].to(torch.bfloat16)
+                out["transformers_prefill"] = None
+                out["transformers_cache"] = "its fp32 prefill cast to bf16"
+            else:
+                with rss_sampler() as mem:
+                    hcache = tf.DynamicCache(config=hf.config)
+                    t0 = time.perf_counter()
+                    for s in range(0, ctx, 512):
+                        h_logits = hf(input_ids=ids[:, s:s + 512], past_key_values=hcache, use_cache=True,
+                                      logits_to_keep=1).logits
+                    h_pre = time.perf_counter() - t0
+                out["transformers_prefill"] = {"s": h_pre, "tok_s": ctx / h_pre,
+                                               "rss_delta": mem["peak"] - mem["start"]}
             out["load"]["after_prefills"] = _load()
+            if dtype == "float32":
+                fp32_tf = (hcache, h_logits)
             lanes[dtype, "eager"] = lambda x, m=model, c=cache: m.decode_step(x, c)
             if compile:
                 compiled[dtype] = CompiledStep(model, "inductor")
@@ -194,6 +233,9 @@ def table(data: dict[str, Any]) -> str:
         bw = min(r["copy_bandwidth_before"], r["copy_bandwidth_after"])
         e, c, h = r["eager"], r.get("compiled"), r["transformers"]
         kp, hp = r["kvlab_prefill"], r["transformers_prefill"]
+        pre = (f"{kp['tok_s']:.0f} / {hp['tok_s']:.0f} ({kp['tok_s'] / hp['tok_s']:.2f}x) | "
+               f"{kp['rss_delta'] / 2**20:.0f} / {hp['rss_delta'] / 2**20:.0f} MiB" if hp else
+               f"{kp['tok_s']:.0f} / - (tf cache cast) | {kp['rss_delta'] / 2**20:.0f} / - MiB")
         loads = list(r["load"].values())
 
         def rate(x):
@@ -208,9 +250,8 @@ def table(data: dict[str, Any]) -> str:
         first = f"{r['first_compiled_step_s']:.0f} s" if c else "-"
         lines.append(
             f"| {r['shape']} | {r['dtype']} | {r['context']} | {rate(e)} | {rate(c)} | {rate(h)} | {ratio(e, h)} | "
-            f"{ratio(c, h)} | {ratio(c, e)} | {share(e)} | {share(c)} | {kp['tok_s']:.0f} / {hp['tok_s']:.0f} "
-            f"({kp['tok_s'] / hp['tok_s']:.2f}x) | {kp['rss_delta'] / 2**20:.0f} / {hp['rss_delta'] / 2**20:.0f} MiB | "
-            f"{first} | {min(loads):.1f}-{max(loads):.1f} |")
+            f"{ratio(c, h)} | {ratio(c, e)} | {share(e)} | {share(c)} | {pre} | {first} | "
+            f"{min(loads):.1f}-{max(loads):.1f} |")
     return "\n".join(lines)
 
 
@@ -284,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int)
     ap.add_argument("--budget-min", type=float, default=30.0, help="start no run after this many minutes")
     ap.add_argument("--out", type=Path, default=Path("same_load.json"))
+    ap.add_argument("--tf-bf16-cache", choices=("prefill", "cast"), default="prefill",
+                    help="with fp32+bf16: transformers' bf16 lane prefills in bf16 (timed), or decodes from its fp32 "
+                         "lane's cache cast to bf16 (no bf16 transformers prefill: minutes at 16K on a CPU without "
+                         "native bf16)")
     ap.add_argument("--table", action="store_true", help="the runs are one JSON of a finished run: print its tables")
     args = ap.parse_args(argv)
     if args.table:
@@ -295,6 +340,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = [parse_run(run) for run in args.runs]
     except ValueError as err:
         ap.error(str(err))
+    if args.tf_bf16_cache == "cast" and any(dtypes != ["float32", "bfloat16"] for _, _, dtypes, _ in plan):
+        ap.error("--tf-bf16-cache cast casts the fp32 lane's cache: give every run as SHAPE:CONTEXT:fp32+bf16")
     data: dict[str, Any] = {"runs": [], "skipped": [], "threads": torch.get_num_threads(),
                             "command": " ".join(sys.argv)}
     t0 = time.time()
@@ -306,7 +353,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{shape.stem} {dtype} {ctx} (load {_load():.1f}, {time.time() - t0:.0f} s in) ...", file=sys.stderr,
               flush=True)
         try:
-            data["runs"] += run_shape(shape, ctx, args.decode_tokens, dtypes, args.profile_steps, compile)
+            data["runs"] += run_shape(shape, ctx, args.decode_tokens, dtypes, args.profile_steps, compile,
+                                      args.tf_bf16_cache)
         except Exception as err:  # noqa: BLE001 - a failed shape is recorded, the others still run
             data["failed"] = data.get("failed", []) + [f"{shape.stem} {dtype} {ctx}: {type(err).__name__}: {err}"]
             print(data["failed"][-1], file=sys.stderr, flush=True)

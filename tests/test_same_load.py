@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.helpers import load_benchmark
 
@@ -37,3 +38,28 @@ def test_bf16_against_fp32_only_for_lanes_that_decoded_in_turns(same_load):
     assert rows == ["| q | 4096 | eager | 5.00 | 10.00 | 2.00x | 50% | 50% |",
                     "| q | 4096 | transformers | 2.50 | 2.00 | 0.80x | - | - |"]
     assert same_load.dtype_table({"runs": runs[2:]}) == ""
+
+
+def test_a_cast_cache_keeps_the_source_and_one_object_stays_one(same_load):
+    import transformers as tf
+
+    cache = tf.DynamicCache()
+    k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)
+    cache.update(k, v, 0)
+    cache.update(k.clone(), k.clone(), 1)
+    cache.layers[1].values = cache.layers[1].keys  # as DeepSeek V4's cache layers alias them
+    cache.layers[0].extra = {"buf": [torch.ones(3)], "count": torch.tensor(7)}
+    out = same_load.cast_cache(cache, torch.bfloat16)
+    assert out.layers[0].keys.dtype == out.layers[0].values.dtype == torch.bfloat16
+    assert torch.equal(out.layers[0].keys, k.to(torch.bfloat16))
+    assert out.layers[1].values is out.layers[1].keys
+    assert out.layers[0].extra["buf"][0].dtype == torch.bfloat16 and out.layers[0].extra["count"].dtype == torch.long
+    assert cache.layers[0].keys.dtype == torch.float32 and torch.equal(cache.layers[0].keys, k)
+
+
+def test_a_cast_transformers_cache_prints_no_prefill_ratio(same_load):
+    r = record("bfloat16", 0.1, 0.2)
+    r.update(kvlab_prefill={"tok_s": 100.0, "rss_delta": 2**20}, transformers_prefill=None,
+             load={"start": 1.0}, first_compiled_step_s=None)
+    row = same_load.table({"runs": [r]}).splitlines()[2]
+    assert "| 100 / - (tf cache cast) | 1 / - MiB |" in row and "| 2.00x |" in row
