@@ -4,7 +4,7 @@ attention: odd head dims (not a multiple of a vector), group sizes 1 to 11 (two 
 that are a multiple of no tile, views of a larger preallocated buffer, a left-padded mask, sink logits, K = V, values
 wider than the keys, positions split over threads; layouts it does not read fall back; then every kind of the table
 decoding a left-padded batch (window rings past their wrap-around) with the kernel on and off, and the calls counted
-(GQA's layers only)."""
+(GQA's and CCA's layers, MLA's absorbed latent)."""
 
 import pytest
 import torch
@@ -145,7 +145,8 @@ def _decode(model, ids, pad, prefill, max_length):
 def test_every_kind_decodes_alike_on_and_off(kernel, monkeypatch, kind, example, max_length):
     """Every kind's example in a tiny model (the last layer sharing the K/V of another where the kind can): a
     left-padded batch prefilled then decoded 17 tokens (past every window ring's wrap-around) with the kernel on and
-    off; the GQA layers' decode steps call it, once per layer and step; no other kind's."""
+    off; the decode steps of GQA's and CCA's layers and MLA's absorbed latent call it, once per layer and step; no
+    other kind's (CSA/HCA/SWA: kvlab/layers/compressed_kernel.py; DSA: its chosen latents)."""
     cfg = tiny(kind, example)
     ids = torch.randint(0, cfg.vocab_size, (3, 29), generator=torch.Generator().manual_seed(2))
     pad = torch.tensor([0, 6, 11])
@@ -158,7 +159,8 @@ def test_every_kind_decodes_alike_on_and_off(kernel, monkeypatch, kind, example,
     torch.testing.assert_close(on, off, rtol=1e-5, atol=1e-5)
     # sink tokens in a growing cache: two buffers joined as readers, attended block by block
     growing_sinks = kind == "gqa" and cfg.layers[0].gqa.sink_tokens and max_length is None
-    assert len(calls) == (17 * len(cfg.layers) if kind == "gqa" and not growing_sinks else 0)
+    takes = kind in ("gqa", "cca") or (kind == "mla" and not cfg.layers[0].mla.sparse)
+    assert len(calls) == (17 * len(cfg.layers) if takes and not growing_sinks else 0)
 
 
 def test_long_sums_stay_exact(kernel):

@@ -388,10 +388,13 @@ def test_cpu_decode_step_reads_the_latent_cache_without_copying_it(monkeypatch):
     """On the CPU, SDPA with keys and values of different widths (MLA's absorbed decode: latent + rotary keys, latent
     values) runs its math fallback, which multiplies a copy of all of K by ``sqrt(scale)`` each call. A decode step
     hands SDPA the whole latent as keys and values (one width: its flash kernel), and its logits equal those of
-    values ``c_kv`` alone (attended by two matmuls, kvlab/layers/core.py)."""
+    values ``c_kv`` alone (attended by two matmuls, kvlab/layers/core.py). (The C++ decode kernel off: it takes this
+    step where it is built, tests/test_dense_attend.py.)"""
     from test_contract import tiny
 
-    from kvlab.layers import core, mla
+    from kvlab.layers import core, dense_attend, mla
+
+    monkeypatch.setattr(dense_attend, "ENABLED", False)
 
     with torch.no_grad():
         model = random_model(tiny("mla", 0))

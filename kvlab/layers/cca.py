@@ -66,6 +66,7 @@ class CCAttention(nn.Module):
     """One CCA layer described by a :class:`LayerSpec` (``attention='cca'``); x ``[B, T, hidden]`` -> same."""
 
     param_init: ClassVar[dict[str, str]] = {"key_temp": "ones", "sinks": "zeros"}  # not drawn at random by Model.from_config
+    dense_kernel: ClassVar[bool] = True  # an eager CPU decode step: the C++ kernel (kvlab/layers/dense_attend.py)
 
     def __init__(self, spec: LayerSpec, hidden: int, eps: float = 1e-6, norm_offset: bool = False) -> None:
         super().__init__()

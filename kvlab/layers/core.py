@@ -221,7 +221,7 @@ def publish_kv(step: Step, index: int, store, k: torch.Tensor, v: torch.Tensor
 def attend_out(attn: nn.Module, x: torch.Tensor, step: Step, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                kpos: torch.Tensor) -> torch.Tensor:
     """Masked attention of ``q`` over ``k``/``v`` at positions ``kpos`` (the step's shared mask), then the
-    output gate and projection of ``attn``. A module with ``dense_kernel`` True (GQA's, kvlab/layers/attention.py)
+    output gate and projection of ``attn``. A module with ``dense_kernel`` True (GQA's and CCA's)
     has an eager decode step over plain float K/V on the CPU attended by the C++ kernel of
     kvlab/layers/dense_attend.py (where :func:`dense_attend.applies`), else :func:`attend`."""
     s = attn.spec

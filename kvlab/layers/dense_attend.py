@@ -9,13 +9,14 @@ against 12.4-13.7 on the dense families at 16K, docs/performance.md "Left of iss
 reads K and V once each but writes the scores. One kernel for codes and plain rows: the tiles, the online softmax,
 the thread split and the merge are the quantized path's (tested there), only the row loader differs.
 
-Taken by the decode step of the layers whose module sets ``dense_kernel`` (GQA's, kvlab/layers/attention.py; through
-kvlab/layers/core.py ``attend_out``) where :func:`applies`: one query, on the CPU, no autograd, keys and values plain
+Taken by the decode step of the layers whose module sets ``dense_kernel`` (GQA's, kvlab/layers/attention.py, and
+CCA's, kvlab/layers/cca.py; through kvlab/layers/core.py ``attend_out``) and by MLA's absorbed attention over a plain
+latent (kvlab/layers/mla.py: keys and values the whole ``[c_kv, k_pe]`` rows, one KV head) where :func:`applies`: one query, on the CPU, no autograd, keys and values plain
 float32 or bfloat16 tensors ``[B, Hkv, L, D]`` laid out as a store's buffers are (rows back to back, heads ``cap``
 rows apart, batch rows ``Hkv`` heads apart: a view of the first ``L`` slots of a preallocated or grown ``[B, Hkv,
 cap, D]`` buffer, a window ring in place with its rotated positions), mask None or additive ``[B|1, 1, 1, L]``.
-Anything else takes the torch path: another layout, a GPU, and the other kinds (MLA, CCA, CSA/HCA/SWA: their own
-paths, not measured with this kernel). ``KVLAB_DENSE_KERNEL=0`` (or :data:`ENABLED` False) turns it off; a failed
+Anything else takes the torch path: another layout, a GPU, and the other kinds (CSA/HCA/SWA: their own C++ step,
+kvlab/layers/compressed_kernel.py; DSA: its chosen latents gathered). ``KVLAB_DENSE_KERNEL=0`` (or :data:`ENABLED` False) turns it off; a failed
 build warns once (kvlab/layers/cpp_build.py) and falls back.
 Compiled (kvlab/compiled.py): wrapped as the custom op ``kvlab::dense_attend`` (with a fake implementation), one
 opaque call in the traced graph; eager calls the function itself (no dispatcher overhead). A trace sees symbolic

@@ -45,6 +45,7 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, MLASpec
+from . import dense_attend
 from .blocked import channels, dense, gather, is_blocked, scores, with_heads
 from .core import Step, attend, stable_topk, visible_mask
 from .linear import Linear
@@ -211,7 +212,9 @@ class MLAttention(nn.Module):
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
         keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: readers of c_kv and k_pe)
         q = torch.cat((q_lat, q_pe), dim=-1)
-        if whole_latent_values(keys):
+        if whole_latent_values(keys) and dense_attend.applies(q, keys, keys):  # a CPU decode step: the C++ kernel
+            out = dense_attend.attend(q, keys, keys, mask, self.scale)[..., :m.kv_lora_rank]  # (each row read once)
+        elif whole_latent_values(keys):
             out = attend(q, keys, keys, mask, self.scale, causal=causal)[..., :m.kv_lora_rank]
         else:
             out = attend(q, keys, channels(keys, 0, m.kv_lora_rank), mask, self.scale, causal=causal)  # [B, H, T, r]
