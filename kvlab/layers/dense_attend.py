@@ -48,20 +48,20 @@ def _cap(x: torch.Tensor) -> int:
     """Slots per head of ``x [B, H, L, D]`` as the kernel addresses it (element ``((b H + h) cap + l) D + d``), or 0
     when ``x`` is not laid out so (size-1 axes: any stride)."""
     b, h, n, d = x.shape
-    st = x.stride()
-    if (d > 1 and st[3] != 1) or (n > 1 and st[2] != d):
+    s0, s1, s2, s3 = x.stride()
+    if (d > 1 and s3 != 1) or (n > 1 and s2 != d):
         return 0
     if h > 1:
-        cap = st[1] // d
-        if st[1] != cap * d:
+        cap = s1 // d
+        if s1 != cap * d:
             return 0
     elif b > 1:
-        cap = st[0] // d
-        if st[0] != cap * d:
+        cap = s0 // d
+        if s0 != cap * d:
             return 0
     else:
         cap = n
-    if cap < n or (b > 1 and st[0] != h * cap * d):
+    if cap < n or (b > 1 and s0 != h * cap * d):
         return 0
     return cap
 
@@ -76,17 +76,22 @@ def _rows(x: torch.Tensor) -> bool:
 def applies(q: torch.Tensor, k, v) -> bool:
     """The kernel takes this attention: one query ``q [B, H, 1, D]`` (float32 / bfloat16, the K/V's dtype) on the CPU,
     ``k``, ``v`` plain tensors of the layout :func:`_cap` reads, no autograd, the kernel on and loaded (inside a
-    compiled trace: as an eager call or kvlab/compiled.py left it, and the layout as far as :func:`_rows` sees)."""
-    if not (ENABLED and q.shape[2] == 1 and type(k) is torch.Tensor and type(v) is torch.Tensor
-            and q.device.type == "cpu" and k.dtype in _PLAIN and v.dtype == k.dtype and q.dtype == k.dtype
-            and k.device.type == "cpu" and v.device.type == "cpu"
-            and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-            and k.shape[0] == q.shape[0] and k.shape[-1] == q.shape[-1] and q.shape[1] % k.shape[1] == 0
-            and k.shape[:3] == v.shape[:3]):
+    compiled trace: as an eager call or kvlab/compiled.py left it, and the layout as far as :func:`_rows` sees).
+    Once per attention call: cheap attribute reads only (``is_cpu``, not ``device.type``: a device object each)."""
+    if not (ENABLED and type(k) is torch.Tensor and type(v) is torch.Tensor and k.dtype in _PLAIN
+            and v.dtype == k.dtype and q.dtype == k.dtype):
+        return False
+    qs, ks, vs = q.shape, k.shape, v.shape
+    if not (qs[2] == 1 and ks[0] == qs[0] and ks[-1] == qs[-1] and qs[1] % ks[1] == 0 and vs[0] == ks[0]
+            and vs[1] == ks[1] and vs[2] == ks[2]):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
     if torch.compiler.is_compiling():
-        return KERNEL.lib is not None and _rows(k) and _rows(v)
-    return _cap(k) > 0 and _cap(v) > 0 and library() is not None
+        return (q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
+                and KERNEL.lib is not None and _rows(k) and _rows(v))
+    return (q.is_cpu and k.is_cpu and v.is_cpu and _cap(k) > 0 and _cap(v) > 0
+            and (KERNEL.lib is not None or library() is not None))
 
 
 def _torch_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
@@ -137,31 +142,31 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
 def _kernel_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                    sinks: torch.Tensor | None) -> torch.Tensor:
-    """:func:`attend` by one call of the loaded kernel (``k``, ``v`` of a layout :func:`_cap` reads)."""
+    """:func:`attend` by one call of the loaded kernel (``k``, ``v`` of a layout :func:`_cap` reads). ``q [B, H, 1, D]``
+    contiguous is ``[B, Hkv, G, D]`` as the kernel reads it, the output ``[B, H, 1, Dv]`` its ``[B, Hkv, G, Dv]``, a
+    contiguous mask ``[B|1, 1, 1, L]`` its ``[B|1, L]``: their pointers passed as they are (no view per call)."""
     b, h, _, d = q.shape
     hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
-    g = h // hkv
-    qf = q.reshape(b, hkv, g, d)
-    if qf.dtype != torch.float32 or not qf.is_contiguous():
-        qf = qf.float().contiguous()
+    qf = q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous()
     mb = 0
     if mask is not None:
         mb = mask.shape[0]
-        mask = mask.reshape(mb, n)
+        if mask.numel() != mb * n:
+            raise ValueError(f"kvlab dense_attend: mask {tuple(mask.shape)} is not [B|1, 1, 1, {n}]")
         if mask.dtype != torch.float32 or not mask.is_contiguous():
             mask = mask.float().contiguous()
     if sinks is not None:
         sinks = sinks.detach().reshape(h)
         if sinks.dtype != torch.float32 or not sinks.is_contiguous():
             sinks = sinks.float().contiguous()
-    out = torch.empty(b, hkv, g, dv, dtype=torch.float32)  # the kernel writes float32 whatever the default dtype
-    if KERNEL.lib.kvlab_dense_attend(qf.data_ptr(), out.data_ptr(), b, hkv, g, k.data_ptr(), v.data_ptr(), _cap(k),
-                                     _cap(v), n, d, dv, _PLAIN[k.dtype], None if mask is None else mask.data_ptr(),
-                                     n if mb > 1 else 0, None if sinks is None else sinks.data_ptr(), float(scale),
-                                     cpu_attend.UNDER, torch.get_num_threads(), cpu_attend.MIN_PART):
+    out = torch.empty(b, h, 1, dv, dtype=torch.float32)  # the kernel writes float32 whatever the default dtype
+    if KERNEL.lib.kvlab_dense_attend(qf.data_ptr(), out.data_ptr(), b, hkv, h // hkv, k.data_ptr(), v.data_ptr(),
+                                     _cap(k), _cap(v), n, d, dv, _PLAIN[k.dtype],
+                                     None if mask is None else mask.data_ptr(), n if mb > 1 else 0,
+                                     None if sinks is None else sinks.data_ptr(), float(scale), cpu_attend.UNDER,
+                                     torch.get_num_threads(), cpu_attend.MIN_PART):
         raise ValueError(f"kvlab dense_attend: arguments refused (q {tuple(q.shape)}, k {tuple(k.shape)} "
                          f"{k.stride()}, v {tuple(v.shape)} {v.stride()})")
-    out = out.view(b, h, 1, dv)
     return out if q.dtype == torch.float32 else out.to(q.dtype)
 
 

@@ -25,9 +25,28 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtyp
           kernel: Library) -> bool:
     """``x [..., in] @ weight [out, in]^T (+ bias [out])`` goes to ``kernel``: all three ``dtype`` on the CPU, the
     weight 2-D and contiguous, the bias contiguous ``[out]``, 1 to :data:`MAX_ROWS` rows of ``x``, no autograd, one
-    torch thread and the kernel loaded (built now if needed; in a trace: loaded already, the threads the op's)."""
+    torch thread and the kernel loaded (built now if needed; in a trace: loaded already, the threads the op's).
+    Eager, once per product: cheap attribute reads only (``is_cpu``, not ``device.type``: a device object each)."""
     if x.dtype != dtype or weight.dtype != dtype:
         return False
+    if torch.compiler.is_compiling():
+        return _traced(x, weight, bias, dtype) and kernel.lib is not None
+    if not (x.is_cpu and weight.is_cpu) or weight.ndim != 2 or not weight.is_contiguous():
+        return False
+    n, cols = x.numel(), weight.shape[1]
+    if x.ndim == 0 or x.shape[-1] != cols or n > MAX_ROWS * cols or n == 0:
+        return False
+    if bias is not None and not (bias.dtype == dtype and bias.is_cpu and bias.is_contiguous() and bias.ndim == 1
+                                 and bias.shape[0] == weight.shape[0]):
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                    or (bias is not None and bias.requires_grad)):
+        return False
+    return torch.get_num_threads() == 1 and (kernel.lib is not None or kernel.get() is not None)
+
+
+def _traced(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """:func:`takes`'s checks as a trace reads them (``device.type``: what dynamo knows of a fake tensor)."""
     if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
         return False
     if x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
@@ -35,22 +54,17 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtyp
     if bias is not None and not (bias.dtype == dtype and bias.device.type == "cpu" and bias.is_contiguous()
                                  and bias.shape == (weight.shape[0],)):
         return False
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                    or (bias is not None and bias.requires_grad)):
-        return False
-    if torch.compiler.is_compiling():
-        return kernel.lib is not None
-    return torch.get_num_threads() == 1 and kernel.get() is not None
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                             or (bias is not None and bias.requires_grad)))
 
 
 def run(lib: ctypes.CDLL, fn: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``x [..., in]`` -> ``x weight^T + bias`` ``[..., out]`` in x's dtype by one call of ``lib``'s function ``fn``."""
     x = x.contiguous()
     rows, cols = weight.shape
-    n = x.numel() // cols
     y = x.new_empty(*x.shape[:-1], rows)
-    if getattr(lib, fn)(x.data_ptr(), n, cols, weight.data_ptr(), rows, None if bias is None else bias.data_ptr(),
-                        y.data_ptr()):
+    if getattr(lib, fn)(x.data_ptr(), x.numel() // cols, cols, weight.data_ptr(), rows,
+                        None if bias is None else bias.data_ptr(), y.data_ptr()):
         raise ValueError(f"{fn}: arguments refused (x {tuple(x.shape)}, weight {tuple(weight.shape)})")
     return y
 

@@ -47,31 +47,31 @@ def library() -> ctypes.CDLL | None:
 
 
 def _plain(t: torch.Tensor) -> bool:
-    return t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
-
-
-def _eager(*ts: torch.Tensor | None) -> bool:
-    if not ENABLED or torch.compiler.is_compiling():
-        return False
-    return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts))
+    return t.dtype == torch.float32 and t.is_cpu and t.is_contiguous()
 
 
 def rope_applies(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens_first: bool) -> bool:
     """The kernel takes the rotation of ``x [B, T, H, D]`` (``[B, H, T, D]`` without ``tokens_first``) by tables
-    ``cos``/``sin [B, T, rot]`` (rot even, at most D)."""
-    if x.dim() != 4 or not (_plain(x) and _plain(cos) and _plain(sin)) or not _eager(x):
+    ``cos``/``sin [B, T, rot]`` (rot even, at most D). Once per rotation: cheap attribute reads only."""
+    if not ENABLED or x.ndim != 4 or torch.compiler.is_compiling():
+        return False
+    if cos.ndim != 3 or not (_plain(x) and _plain(cos) and _plain(sin)):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
         return False
     b, t = x.shape[0], x.shape[1] if tokens_first else x.shape[2]
-    rot = cos.shape[-1]
-    if cos.shape != (b, t, rot) or sin.shape != cos.shape or rot % 2 or not 2 <= rot <= x.shape[-1]:
+    cs, ss = cos.shape, sin.shape
+    rot = cs[-1]
+    if cs[0] != b or cs[1] != t or cs != ss or rot % 2 or not 2 <= rot <= x.shape[-1]:
         return False
-    return b * t <= MAX_TOKENS and library() is not None
+    return b * t <= MAX_TOKENS and (KERNEL.lib is not None or library() is not None)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, tokens_first: bool) -> torch.Tensor:
     """``x`` with its first ``rot`` channels rotated (rotate-half pairs), one call (:func:`rope_applies` first)."""
-    b, d = x.shape[0], x.shape[-1]
-    t, h = (x.shape[1], x.shape[2]) if tokens_first else (x.shape[2], x.shape[1])
+    b, t, h, d = x.shape
+    if not tokens_first:
+        t, h = h, t
     y = torch.empty_like(x)
     rc = KERNEL.lib.kvlab_rope(x.data_ptr(), b, t, h, d, int(tokens_first), cos.data_ptr(), sin.data_ptr(),
                                cos.shape[-1], y.data_ptr())
