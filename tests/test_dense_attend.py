@@ -114,13 +114,15 @@ def test_positions_split_over_threads(kernel):
 
 def test_other_layouts_are_refused(kernel):
     """What the kernel does not read is refused (the torch path then): values inside wider rows (MLA's latent), keys
-    transposed in memory, a query of several positions, another dtype, autograd."""
+    transposed in memory, a query of several positions, another dtype, autograd; a mask of other positions, an error."""
     q, k, v, _, _ = _inputs(1, 4, 1, 16, 16, 40, 40, torch.float32, seed=6)
     wide = torch.randn(1, 1, 40, 24)
     for qq, kk, vv in [(q, wide[..., :16], wide[..., :16]), (q, k.transpose(-1, -2).contiguous().transpose(-1, -2), v),
                        (torch.randn(1, 4, 3, 16), k, v), (q, k.double(), v.double())]:
         assert not dense_attend.applies(qq, kk, vv)
     assert dense_attend.applies(q, k, v)
+    with pytest.raises(ValueError, match="mask"):  # its pointer is passed as it is: a mask of other positions is refused
+        dense_attend.attend(q, k, v, torch.zeros(1, 1, 1, 41), 0.25)
     with torch.enable_grad():
         assert not dense_attend.applies(q.requires_grad_(), k, v)
 
