@@ -22,7 +22,7 @@ import torch
 from torch.fx.experimental import _config as fx_config
 
 from kvlab.cache.storage import positions
-from kvlab.layers import bf16_kernel, cpu_attend, dense_attend, f32_kernel, moe_kernel
+from kvlab.layers import bf16_kernel, compressed_kernel, cpu_attend, dense_attend, f32_kernel, mhc_kernel, moe_kernel
 from kvlab.model import Model
 
 SEQ_LEN = "L['cache'].seq_len"  # the decode step's argument ``cache``, its attribute ``seq_len``
@@ -68,7 +68,11 @@ class CompiledStep:
                                    fn.__closure__)
         self.backend, self.device = backend, device
         self.dtypes = {p.dtype for p in model.parameters()}  # its products may take the bf16 / float32 kernel
-        self.moe = any(s.moe is not None for s in model.config.layers)  # a batch-1 step: the MoE kernel
+        layers = model.config.layers
+        self.kernels = tuple(k for k, used in (  # what the step's blocks may call besides attention and products
+            (moe_kernel, any(s.moe is not None for s in layers)),  # a batch-1 step: the MoE kernel
+            (mhc_kernel, model.config.mhc_streams is not None),  # hyper-connections' reads and writes
+            (compressed_kernel, any(s.compress is not None for s in layers))) if used)  # CSA / HCA / SWA
         self._fn = torch.compile(types.MethodType(fresh, model), backend=backend, fullgraph=True)
         self.first_call_s: float | None = None
         self.compiles = 0
@@ -77,7 +81,7 @@ class CompiledStep:
         if cache.max_length:  # the shared position vector (kvlab/cache/storage.py) grown for the whole cache now:
             positions(cache.max_length + 1, ids.device)  # its growth mid-decode would change a traced tensor
         if ids.device.type == "cpu":
-            _load_kernels(cache, self.dtypes, self.moe)  # before the trace reads whether they are loaded
+            _load_kernels(cache, self.dtypes, self.kernels)  # before the trace reads whether they are loaded
         before = graphs_compiled()
         t0 = time.perf_counter() if self.first_call_s is None else 0.0
         try:
@@ -100,20 +104,21 @@ class CompiledStep:
         return out
 
 
-def _load_kernels(cache: Any, dtypes: set[torch.dtype], moe: bool) -> None:
+def _load_kernels(cache: Any, dtypes: set[torch.dtype], kernels: tuple = ()) -> None:
     """The C++ kernels a CPU decode step over ``cache`` may call, built and loaded (once; then an attribute read) before
     the trace reads whether they are (a trace neither builds nor loads one): the quantized attention (a ``kv_quant``
     cache), the plain one (kvlab/layers/dense_attend.py) and the products of the weights' ``dtypes`` (bf16:
-    kvlab/layers/bf16_kernel.py, float32: kvlab/layers/f32_kernel.py) and, with ``moe`` layers, the experts'
-    (kvlab/layers/moe_kernel.py). Switched off: nothing; a failed build warns once and the step takes torch's path."""
+    kvlab/layers/bf16_kernel.py, float32: kvlab/layers/f32_kernel.py) and the other ``kernels`` the model's blocks
+    call (modules with ``library()``: kvlab/layers/moe_kernel.py, mhc_kernel.py, compressed_kernel.py). Switched
+    off: nothing; a failed build warns once and the step takes torch's path."""
     if getattr(cache, "kv_quant", None):
         cpu_attend.available()
     dense_attend.library()
     for dtype, kernel in ((torch.bfloat16, bf16_kernel), (torch.float32, f32_kernel)):
         if dtype in dtypes:
             kernel.library()
-    if moe:
-        moe_kernel.library()
+    for kernel in kernels:
+        kernel.library()
 
 
 def compiled_step(model: Any, backend: str = "inductor") -> CompiledStep:

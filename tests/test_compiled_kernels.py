@@ -1,10 +1,12 @@
 """The C++ decode kernels inside a compiled decode step (kvlab/compiled.py): the attention over a plain K/V cache
 (kvlab/layers/dense_attend.py, the op ``kvlab::dense_attend``) and the bf16 and float32 products
 (kvlab/layers/bf16_kernel.py, ``kvlab::bf16_linear``; kvlab/layers/f32_kernel.py, ``kvlab::f32_linear``) and one
-token's experts (kvlab/layers/moe_kernel.py, ``kvlab::moe_step``) as custom ops. A compiled step calls each kernel as often as the eager step does and gives
-eager's logits; each op's fake implementation agrees with it (``torch.library.opcheck``); the op attends a layout the
+token's experts (kvlab/layers/moe_kernel.py, ``kvlab::moe_step``) as custom ops, and DeepSeek V4's hyper-connection
+reads and writes (kvlab/layers/mhc_kernel.py, ``kvlab::mhc_read``, ``kvlab::mhc_write``) and CSA / HCA / SWA step
+(kvlab/layers/compressed_kernel.py, ``kvlab::v4_step``). A compiled step calls each kernel as often as the eager step
+does and gives eager's logits; each op's fake implementation agrees with it (``torch.library.opcheck``); the op attends a layout the
 kernel does not read with torch's operations, runs products on more than one thread as ``F.linear`` does and experts
-by torch's operations.
+by torch's operations; the V4 step's op reads rows laid out otherwise from a copy.
 Inductor's step (which hands the op views of the cache's buffers): tests/test_compile.py."""
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import count_calls, require_kernel
+from test_compressed import config as compressed_config
+from test_compressed import layer as compressed_layer
 from test_contract import random_model, tiny
 from test_moe_kernel import SPECS, _moe
 
 from kvlab.compiled import CompiledStep
-from kvlab.layers import bf16_kernel, core, dense_attend, f32_kernel, moe_kernel
+from kvlab.layers import bf16_kernel, compressed_kernel, core, dense_attend, f32_kernel, mhc_kernel, moe_kernel
 
 
 @pytest.fixture
@@ -157,3 +161,73 @@ def test_moe_op_compiled_and_on_two_threads(monkeypatch, name):
         if spec.skip_expert:
             assert (idx == spec.num_experts).any()
     torch.library.opcheck(moe_kernel.moe_step_op, [a.detach() if torch.is_tensor(a) else a for a in args[0]])
+
+
+# -- DeepSeek V4: the hyper-connections' reads and writes, the CSA / HCA / SWA step ------------------------------------
+V4_KERNELS = {"kvlab_mhc_read": "read", "kvlab_mhc_write": "write", "kvlab_quant_v4_step": "attend"}
+
+
+@pytest.fixture
+def v4_calls(monkeypatch):
+    """The mHC and compressed-attention kernels on; a list their calls append their kind to (read / write / attend)."""
+    require_kernel(monkeypatch, mhc_kernel, "mHC")
+    require_kernel(monkeypatch, compressed_kernel, "compressed-attention")
+    calls = count_calls(monkeypatch, mhc_kernel, {k: lambda a, k=k: V4_KERNELS[k] for k in list(V4_KERNELS)[:2]})
+    calls2 = count_calls(monkeypatch, compressed_kernel, {"kvlab_quant_v4_step": lambda a: "attend"})
+    return calls, calls2
+
+
+def test_compiled_v4_step_calls_the_kernels_as_eager_does(v4_calls):
+    """Two decode steps of a tiny DeepSeek V4 layer (mHC of 2 streams around a CSA layer, its ring full, its indexer
+    choosing all 2 entries, then 2 of 3): the compiled step (dynamo, fullgraph; one graph for both) calls the
+    hyper-connections' read and write kernels (2 each a layer) and the compressed attention's (one a layer) as often
+    as eager, with eager's logits. (HCA and SWA: the same op without the indexer, without entries: opcheck below.)"""
+    cfg = compressed_config([compressed_layer("csa", 3)], mhc=2)
+    with torch.no_grad():
+        model = random_model(cfg, seed=3)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9), generator=torch.Generator().manual_seed(3))
+    cache = model.new_cache(2, max_length=10)
+    step = CompiledStep(model, "eager")
+    mhc, attend = v4_calls
+    with torch.inference_mode():
+        model(ids[:, :7], cache=cache)  # window 5 and 3: full from position 4 on
+        other = copy.deepcopy(cache)
+        for s in (7, 8):
+            counts = []
+            for fn, c in ((model.decode_step, cache), (step, other)):
+                mhc.clear()
+                attend.clear()
+                counts.append((fn(ids[:, s:s + 1], c), sorted(mhc), len(attend)))
+            (eager, em, ea), (compiled, cm, ca) = counts
+            assert em == cm == ["read"] * 2 + ["write"] * 2 and ea == ca == 1
+            torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert step.compiles == 1
+
+
+def test_v4_ops_fakes_and_other_layouts(v4_calls):
+    """``kvlab::mhc_read``, ``kvlab::mhc_write`` and ``kvlab::v4_step`` agree with their fakes (opcheck); the step's op
+    over a buffer's views of the ring and the entries calls the kernel on them, over a ring laid out otherwise (rows
+    not back to back) on a copy: the same output."""
+    gen = torch.Generator().manual_seed(4)
+    n, d = 2, 8
+    x = torch.randn(1, 1, n, d, generator=gen)
+    w, scale, bias = torch.randn((2 + n) * n, n * d, generator=gen) / 4, torch.rand(3, generator=gen), torch.zeros(8)
+    mix, packed = mhc_kernel.read_op(x, w, scale, bias, 3, 1e-6, 1e-6)
+    torch.library.opcheck(mhc_kernel.read_op, (x, w, scale, bias, 3, 1e-6, 1e-6))
+    torch.library.opcheck(mhc_kernel.write_op, (packed, mix, x))
+    b, h, hd = 2, 4, 16
+    ring = torch.randn(b, 1, 5, hd, generator=gen)
+    entries = torch.randn(b, 12, hd, generator=gen)[:, :9]  # 9 of 12 slots written: a preallocated buffer's view
+    ikeys = torch.randn(b, 12, 8, generator=gen)[:, :9]
+    args = (torch.randn(b, 1, h * hd, generator=gen), ring, entries, ikeys, torch.randn(b, 1, 2 * 8, generator=gen),
+            torch.rand(b, 1, 2, generator=gen), 4, torch.rand(1, 4, generator=gen), torch.rand(1, 4, generator=gen),
+            torch.randn(h, generator=gen), h, 1e-6, 0.25)
+    _, attend = v4_calls
+    want = compressed_kernel.v4_step_op(*args)
+    assert attend == ["attend"] and want.shape == (b, 1, h, hd)
+    strided = ring.transpose(2, 3).contiguous().transpose(2, 3)  # each row's channels 5 apart
+    assert torch.equal(compressed_kernel.v4_step_op(*args[:1], strided, *args[2:]), want)
+    torch.library.opcheck(compressed_kernel.v4_step_op, args)  # CSA
+    torch.library.opcheck(compressed_kernel.v4_step_op, (*args[:3], None, None, None, 0, *args[7:]))  # HCA
+    torch.library.opcheck(compressed_kernel.v4_step_op, (*args[:2], None, None, None, None, 0, None, None, None,
+                                                        *args[-3:]))  # SWA, no rotation, no sinks

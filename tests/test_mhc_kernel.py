@@ -129,8 +129,8 @@ def _model(streams: int = 4) -> Model:
 
 
 def test_model_decode_eager_and_compiled(kernel, monkeypatch):
-    """A tiny mHC model's prefill and decode steps: a read and a write call per hyper-connection eager, the maps
-    inside a compiled step (the custom op traced, fullgraph); logits within float rounding of the torch form's."""
+    """A tiny mHC model's prefill and decode steps: a read and a write call per hyper-connection, eager and inside a
+    compiled step (the custom ops traced, fullgraph); logits within float rounding of the torch form's."""
     model = _model()
     ids = torch.randint(0, model.config.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     hcs = sum(isinstance(m, HyperConnection) for m in model.modules())
@@ -145,7 +145,7 @@ def test_model_decode_eager_and_compiled(kernel, monkeypatch):
         model(ids[:, :6], cache=compiled_cache)
         del calls[:]
         compiled = [step(ids[:, i:i + 1], compiled_cache)[:, -1] for i in (6, 7)]
-        assert calls == ["maps"] * (2 * hcs)  # the graph calls the kernel (custom op), not a torch form
+        assert calls == ["read", "write"] * (2 * hcs)  # the graph calls the kernels (custom ops), not a torch form
         monkeypatch.setattr(mhc_kernel, "ENABLED", False)
         ref_cache = model.new_cache(1, 16)
         ref = [model(ids[:, :6], cache=ref_cache)[:, -1]]

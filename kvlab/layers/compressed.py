@@ -26,8 +26,8 @@ each query's ``top-k`` entries, so time and memory are linear in the sequence fo
 computed block by block). While the entries are few (up to ``_DENSE_TOPK`` times ``top-k``) CSA scores every visible
 entry by one matmul and keeps the chosen ones by a mask instead: cheaper than copying ``top-k`` entries per query. With left padding each row compresses its own tokens, its blocks aligned to its
 first token, so a padded row equals the row alone (all rows at once: each row's tokens gathered into place).
-An eager decode step on a plain float32 CPU cache whose ring is full (no padding) runs the attention, from the
-query's norm to the output's inverse rotation, as one C++ call (kvlab/layers/compressed_kernel.py).
+A decode step on a plain float32 CPU cache whose ring is full (no padding) runs the attention, from the query's norm
+to the output's inverse rotation, as one C++ call (kvlab/layers/compressed_kernel.py; compiled: its custom op).
 Arithmetic follows transformers' ``DeepseekV4Attention`` (module names too, but ``indexer.scorer.weights_proj``
 -> ``indexer.weights_proj``); ties among indexer scores go to the earlier entry (a stable sort).
 """
@@ -356,7 +356,8 @@ class CompressedAttention(nn.Module):
             eager = pad is None and not torch.compiler.is_compiling()
             rowpos = (torch.full((b,), start, device=x.device) if pad is None else start - pad)
             entries = ikeys = nvis = None
-            every = eager and start >= s.window - 1
+            full = pad is None and start >= s.window - 1  # every key visible (traced: the ring's own regime)
+            every = eager and full
             if self.compressor is not None:
                 n = (start + 1) // c.ratio  # entries the row with the least padding holds
                 at = start if eager else None  # eager: skip the pooling
@@ -365,7 +366,7 @@ class CompressedAttention(nn.Module):
                     ikeys = ix.step(x, rowpos, ipool, rope, n, at)[0]
                 if nvis is None and not every:  # eager: every row sees all n
                     nvis = torch.full((b,), n, device=x.device)
-            if every and compressed_kernel.applies(x, kw, entries, ikeys):  # one C++ call (compressed_kernel.py)
+            if full and compressed_kernel.applies(x, kw, entries, ikeys):  # one C++ call (compressed_kernel.py)
                 cos, sin = (None, None) if tab is None else tab[:2]
                 out = compressed_kernel.step(qb, kw, entries, ikeys, iqb, iwb, c.index_topk, cos, sin,
                                              self.sinks if s.sinks else None, h, self.eps, s.scale)

@@ -16,10 +16,14 @@ same operations in another summation order (within 1e-5 of the torch path, tests
 probabilities below ``exp(-cpu_attend.UNDER)`` of the largest are 0); the chosen entries are the torch path's except
 where two scores differ by an ulp.
 
-Taken when (:func:`applies`): an eager step (not traced), one token per row, no padding, the ring full (every key
-visible, the caller's ``every``), the cache's ring, entries and indexer keys plain float32 tensors on the CPU, no
-autograd. Otherwise, and when the kernel cannot be built (one warning) or ``KVLAB_COMPRESSED_KERNEL=0``, the torch
-path. Build: kvlab/layers/cpp_build.py (the library of kvlab/layers/cpu_attend.py).
+Taken when (:func:`applies`): one token per row, no padding, the ring full (every key visible, the caller's
+``full``), the cache's ring, entries and indexer keys plain float32 tensors on the CPU, no autograd. Otherwise, and
+when the kernel cannot be built (one warning) or ``KVLAB_COMPRESSED_KERNEL=0``, the torch path. Build:
+kvlab/layers/cpp_build.py (the library of kvlab/layers/cpu_attend.py). Compiled (kvlab/compiled.py): the custom op
+``kvlab::v4_step`` (with a fake implementation), one opaque call in the traced graph; the trace checks what does not
+depend on the entries' count (a symbol), the op reads the rows where they lie when laid out as the kernel reads them
+(inductor hands it the buffers' views) and copies them first otherwise (the same result); the kernel splits its work
+over torch's thread count read at run time.
 """
 
 from __future__ import annotations
@@ -41,9 +45,15 @@ def library() -> ctypes.CDLL | None:
 
 
 def _plain(t: torch.Tensor | None) -> bool:
-    """A float32 CPU tensor whose last axis is contiguous and whose rows (axis -2) are back to back."""
-    return t is None or (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu"
-                         and t.stride(-1) == 1 and (t.dim() < 2 or t.shape[-2] < 2 or t.stride(-2) == t.shape[-1]))
+    """A float32 CPU tensor whose last axis is contiguous and whose rows (axis -2) are back to back (in a trace: a
+    buffer's view whatever its number of rows, a symbol; the op checks the layout it is given at run time)."""
+    if t is None:
+        return True
+    if not (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1):
+        return False
+    if torch.compiler.is_compiling():
+        return t.dim() < 2 or t.stride(-2) == t.shape[-1]
+    return t.dim() < 2 or t.shape[-2] < 2 or t.stride(-2) == t.shape[-1]
 
 
 def _f32(t: torch.Tensor) -> torch.Tensor:
@@ -69,16 +79,28 @@ def _segment(seg, t: torch.Tensor) -> None:
 
 def applies(x: torch.Tensor, *cache: torch.Tensor | None) -> bool:
     """The kernel takes this step: ``x`` (the layer's input) and the ``cache`` tensors (ring, entries, indexer keys;
-    None: absent) plain float32 on the CPU, eager, no autograd, the kernel on and loaded."""
-    return (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu" and not torch.compiler.is_compiling()
-            and not (torch.is_grad_enabled() and x.requires_grad) and all(_plain(t) for t in cache)
-            and library() is not None)
+    None: absent) plain float32 on the CPU, no autograd, the kernel on and loaded (inside a compiled trace: as an
+    eager call or kvlab/compiled.py left it)."""
+    if not (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not (torch.is_grad_enabled() and x.requires_grad) and all(_plain(t) for t in cache)):
+        return False
+    return KERNEL.lib is not None if torch.compiler.is_compiling() else library() is not None
 
 
 def step(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor | None, ikeys: torch.Tensor | None,
          iq: torch.Tensor | None, iw: torch.Tensor | None, topk: int, cos: torch.Tensor | None,
          sin: torch.Tensor | None, sinks: torch.Tensor | None, heads: int, eps: float, scale: float) -> torch.Tensor:
-    """``q [B, 1, H D]`` (before its weightless norm and rotation), the ring ``[B, 1, L, D]``, ``entries [B, n, D]``
+    """:func:`_step` (:func:`applies` first). Traced: the custom op ``kvlab::v4_step`` (one opaque call; its inputs
+    the views of the cache's buffers); eager: the function itself."""
+    sinks = None if sinks is None else sinks.detach()
+    args = (q, ring, entries, ikeys, iq, iw, topk, cos, sin, sinks, heads, float(eps), float(scale))
+    return v4_step_op(*args) if torch.compiler.is_compiling() else _step(*args)
+
+
+def _step(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor | None, ikeys: torch.Tensor | None,
+          iq: torch.Tensor | None, iw: torch.Tensor | None, topk: int, cos: torch.Tensor | None,
+          sin: torch.Tensor | None, sinks: torch.Tensor | None, heads: int, eps: float, scale: float) -> torch.Tensor:
+    """One call of the kernel: ``q [B, 1, H D]`` (before its weightless norm and rotation), the ring ``[B, 1, L, D]``, ``entries [B, n, D]``
     (None: an SWA layer), CSA's ``ikeys [B, n, dI]``, ``iq [B, 1, HI dI]`` (before its rotation) and ``iw [B, 1,
     HI]`` (the head weights before ``1 / sqrt(HI)``; None: HCA), ``cos`` / ``sin [R]`` (the trailing ``2 R``
     channels' rotation; None: none), ``sinks [H]`` -> the attention output ``[B, 1, H, D]``, rotated back."""
@@ -117,4 +139,12 @@ def step(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor | None, ikey
     return out
 
 
-__all__ = ["ENABLED", "KERNEL", "applies", "library", "step"]
+v4_step_op = torch.library.custom_op("kvlab::v4_step", _step, mutates_args=())
+
+
+@v4_step_op.register_fake
+def _(q, ring, entries, ikeys, iq, iw, topk, cos, sin, sinks, heads, eps, scale):
+    return q.new_empty(q.shape[0], 1, heads, ring.shape[-1], dtype=torch.float32)
+
+
+__all__ = ["ENABLED", "KERNEL", "applies", "library", "step", "v4_step_op"]

@@ -161,16 +161,17 @@ class HyperConnection(_Fp32Params):
         return pre, post, m
 
     def _kernel_takes(self, x: torch.Tensor) -> bool:
-        """An eager float32 call without autograd on the CPU with the C++ kernel loaded (kvlab/layers/mhc_kernel.py)."""
-        return (x.dtype == torch.float32 and not torch.compiler.is_compiling()
+        """A float32 call without autograd on the CPU with the C++ kernel loaded (kvlab/layers/mhc_kernel.py; traced:
+        its custom ops)."""
+        return (x.dtype == torch.float32
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.hc_fn.requires_grad))
                 and mhc_kernel.applies(x, self.streams))
 
     def read(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """``x [B, T, n, D]`` -> f's input ``sum_j pre_j X_j [B, T, D]`` and ``(post, M)`` for :meth:`write`. Eager,
-        float32, on the CPU without autograd: up to :data:`READ_ROWS` tokens in one C++ call (norm, ``W x``, maps,
-        mix), more with torch's ``W x`` and the kernel's maps; the context then carries the packed maps too, and
-        :meth:`write` is one call."""
+        """``x [B, T, n, D]`` -> f's input ``sum_j pre_j X_j [B, T, D]`` and ``(post, M)`` for :meth:`write`. Float32
+        on the CPU without autograd: up to :data:`READ_ROWS` tokens in one C++ call (norm, ``W x``, maps, mix), more
+        with torch's ``W x`` and the kernel's maps; the context then carries the packed maps too, and :meth:`write`
+        is one call (compiled: the ops ``kvlab::mhc_read`` / ``kvlab::mhc_write``, the same calls)."""
         n = self.streams
         if self._kernel_takes(x):
             if x.shape[0] * x.shape[1] <= READ_ROWS:

@@ -11,8 +11,10 @@ not torch's vectorised one, so sigmoid and softmax may differ by an ulp or two, 
 the torch form (tests/test_mhc_kernel.py).
 
 Build: kvlab/layers/cpp_build.py (``$CXX``, ``-O3 -march=native``, into the per-user kernel cache, at first use).
-Wrapped as the custom ops ``kvlab::sinkhorn`` and ``kvlab::mhc_maps`` (with fake implementations), so a traced graph
-keeps each as one opaque call; eager calls the function itself (no dispatcher overhead). No compiler, a failed build
+Wrapped as the custom ops ``kvlab::sinkhorn``, ``kvlab::mhc_maps``, ``kvlab::mhc_read`` and ``kvlab::mhc_write`` (with
+fake implementations), so a traced graph (kvlab/compiled.py) keeps each as one opaque call; eager calls the function
+itself (no dispatcher overhead). The kernel runs on one thread whatever torch's count, so the ops need no thread
+check; they take any layout (a copy where the kernel needs contiguous rows). No compiler, a failed build
 or load: a warning once, and mHC runs its torch form. ``KVLAB_MHC_KERNEL=0`` (or :data:`ENABLED` False) turns it off
 silently.
 """
@@ -55,7 +57,7 @@ def library() -> ctypes.CDLL | None:
 
 def applies(x: torch.Tensor, n: int) -> bool:
     """The kernel takes this call: ``x`` on the CPU, ``n <= MAX_STREAMS``, no gradient asked for, and the kernel on
-    and loaded (eager: built now if needed; inside a compiled trace: as an eager call left it)."""
+    and loaded (eager: built now if needed; inside a compiled trace: as an eager call or kvlab/compiled.py left it)."""
     if x.device.type != "cpu" or n > MAX_STREAMS or (torch.is_grad_enabled() and x.requires_grad):
         return False
     if torch.compiler.is_compiling():
@@ -102,9 +104,9 @@ def _maps(lin: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, n: int, it
     return out
 
 
-def read(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
-         norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """A hyper-connection's read in one call (eager; :func:`applies` first): streams ``x [..., n, D]`` float32,
+def _read(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+          norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hyper-connection's read in one call (:func:`applies` first; the op ``kvlab::mhc_read``): streams ``x [..., n, D]`` float32,
     ``w [(2 + n) n, n D]``, ``scale [3]``, ``bias [(2 + n) n]`` -> the sub-layer's input ``sum_j pre_j x_j [..., D]``
     and the maps ``[..., (2 + n) n]`` (as :func:`maps` of ``W rms(flatten(x))``; W's rows summed in 32 partial sums,
     not torch's matrix-vector order: within float rounding)."""
@@ -122,8 +124,8 @@ def read(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tens
     return mix, out
 
 
-def write(packed: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """A hyper-connection's write in one call (eager): ``x'_k = post_k out + sum_j M_jk x_j [..., n, D]`` from the
+def _write(packed: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A hyper-connection's write in one call (the op ``kvlab::mhc_write``): ``x'_k = post_k out + sum_j M_jk x_j [..., n, D]`` from the
     packed maps ``[..., (2 + n) n]`` (:func:`read`, :func:`maps`), the sub-layer's ``out [..., D]`` and the streams
     ``x [..., n, D]``, all float32."""
     n, d = x.shape[-2], x.shape[-1]
@@ -140,6 +142,8 @@ def write(packed: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Ten
 
 sinkhorn_op = torch.library.custom_op("kvlab::sinkhorn", _sinkhorn, mutates_args=())
 maps_op = torch.library.custom_op("kvlab::mhc_maps", _maps, mutates_args=())
+read_op = torch.library.custom_op("kvlab::mhc_read", _read, mutates_args=())
+write_op = torch.library.custom_op("kvlab::mhc_write", _write, mutates_args=())
 
 
 @sinkhorn_op.register_fake
@@ -150,6 +154,17 @@ def _(logits, iters, eps):
 @maps_op.register_fake
 def _(lin, scale, bias, n, iters, eps):
     return torch.empty_like(lin, dtype=torch.float32)
+
+
+@read_op.register_fake
+def _(x, w, scale, bias, iters, eps, norm_eps):
+    n = x.shape[-2]
+    return x.new_empty(*x.shape[:-2], x.shape[-1]), x.new_empty(*x.shape[:-2], (2 + n) * n)
+
+
+@write_op.register_fake
+def _(packed, out, x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
@@ -163,4 +178,19 @@ def maps(lin: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, n: int, ite
     return maps_op(*args) if torch.compiler.is_compiling() else _maps(*args)
 
 
-__all__ = ["ENABLED", "applies", "library", "maps", "read", "sinkhorn", "write"]
+def read(x: torch.Tensor, w: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor, iters: int, eps: float,
+         norm_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """A hyper-connection's read in one call (:func:`applies` first): ``x [..., n, D]`` -> ``(sum_j pre_j x_j [...,
+    D], maps [..., (2 + n) n])`` (:func:`_read`). Traced: the custom op; eager: the function itself."""
+    args = (x, w, scale, bias, iters, eps, norm_eps)
+    return read_op(*args) if torch.compiler.is_compiling() else _read(*args)
+
+
+def write(packed: torch.Tensor, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A hyper-connection's write in one call: ``(maps [..., (2 + n) n], out [..., D], x [..., n, D])`` -> the streams
+    ``[..., n, D]`` (:func:`_write`). Traced: the custom op; eager: the function itself."""
+    return write_op(packed, out, x) if torch.compiler.is_compiling() else _write(packed, out, x)
+
+
+__all__ = ["ENABLED", "applies", "library", "maps", "maps_op", "read", "read_op", "sinkhorn", "sinkhorn_op", "write",
+           "write_op"]
