@@ -34,23 +34,24 @@ def kernels(monkeypatch):
 
 
 def _steps(model, ids: torch.Tensor, prompt: int, backend: str, attend: list, products: list[list]):
-    """A left-padded batch prefilled with ``prompt`` tokens, then decoded eagerly and by the compiled step of
-    ``backend`` on copies of one cache; per step the logits and the kernel calls (``attend``, ``products``: counting
-    lists) of each."""
+    """A left-padded batch prefilled with ``prompt`` tokens, then decoded eagerly (by a copy of ``model``, which does
+    the prefill too) and by the compiled step of ``backend`` (``model``'s first call) on copies of one cache; per step
+    the logits and the kernel calls (``attend``, ``products``: counting lists) of each, and the graphs compiled."""
+    twin = copy.deepcopy(model)
     cache = model.new_cache(ids.shape[0], max_length=ids.shape[1] + 1)
     cache.set_padding(torch.tensor([0, 3, 7]))
     step = CompiledStep(model, backend)
     out = []
     with torch.inference_mode():
-        model(ids[:, :prompt], cache=cache)
+        twin(ids[:, :prompt], cache=cache)
         other = copy.deepcopy(cache)
         for s in range(prompt, ids.shape[1]):
             row = []
-            for fn, c in ((model.decode_step, cache), (step, other)):
+            for fn, c in ((twin.decode_step, cache), (step, other)):
                 a, p = len(attend), sum(map(len, products))
                 row.append((fn(ids[:, s:s + 1], c), len(attend) - a, sum(map(len, products)) - p))
             out.append(row)
-    return out
+    return out, step.compiles
 
 
 # full layers in fp32 (dynamo's graph); in bf16 a window ring (wrapped) with sinks, q/k norms and an output gate,
@@ -60,7 +61,7 @@ def test_compiled_step_calls_the_kernels_as_eager_does(kernels, monkeypatch, exa
     """Three decode steps of a tiny two-layer GQA model (the second reading the first's K/V): the compiled step calls
     the attention kernel once per layer and step and the products' kernel of the weights' dtype as often as eager
     (every linear layer and the head; the other dtype's never), and its logits are eager's (the same kernels: within
-    float rounding)."""
+    float rounding). The compiled step is the model's first call (eager runs a copy) and compiles one graph."""
     cfg = tiny("gqa", example, layers=2)
     with torch.no_grad():
         model = random_model(cfg).to(dtype)
@@ -71,10 +72,12 @@ def test_compiled_step_calls_the_kernels_as_eager_does(kernels, monkeypatch, exa
     layers = cfg.layers
     # per layer q, o, gate, up, down (and the output gate's); k, v of the storing layer; the head
     linears = len(layers) * (5 + bool(layers[0].output_gate)) + 2 * sum(s.kv_source is None for s in layers) + 1
-    for (eager, ea, ep), (compiled, ca, cp) in _steps(model, ids, 9, backend, attend, [bf16, f32]):
+    steps, compiles = _steps(model, ids, 9, backend, attend, [bf16, f32])
+    for (eager, ea, ep), (compiled, ca, cp) in steps:
         assert ea == ca == len(layers)
         assert ep == cp == linears
         torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert compiles == 1  # its first call writes no lazily built state (rotary tables) whose guard would recompile
     assert not (f32 if dtype == torch.bfloat16 else bf16)  # only the weights' dtype's kernel
 
 

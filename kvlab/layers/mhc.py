@@ -129,7 +129,9 @@ class HyperConnection(_Fp32Params):
         self.hc_fn = nn.Parameter(torch.zeros((2 + n) * n, n * hidden))
         self.hc_bias = nn.Parameter(torch.zeros((2 + n) * n))
         self.hc_scale = nn.Parameter(torch.ones(3))
-        self._scale_at: dict[torch.device, torch.Tensor] = {}  # which of the 3 scales each of the (2 + n) n maps takes
+        at = torch.tensor([0] * n + [1] * n + [2] * n * n, device="cpu")  # which of the 3 scales each map takes
+        self._scale_at: dict[torch.device, torch.Tensor] = {at.device: at}  # per device used (CPU's from the start:
+        # a compiled step's first call then writes no Python state, whose guard would recompile at its second call)
 
     def _scales(self) -> torch.Tensor:
         """The scale of each of the ``(2 + n) n`` outputs ``[(2 + n) n]``: ``hc_scale`` spread by an index built once
@@ -137,8 +139,7 @@ class HyperConnection(_Fp32Params):
         s = as_fp32(self.hc_scale)
         at = self._scale_at.get(s.device)
         if at is None:
-            n = self.streams
-            at = self._scale_at.setdefault(s.device, torch.tensor([0] * n + [1] * n + [2] * n * n).to(s.device))
+            at = self._scale_at.setdefault(s.device, self._scale_at[torch.device("cpu")].to(s.device))
         return s.index_select(0, at)
 
     def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

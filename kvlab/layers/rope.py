@@ -83,7 +83,10 @@ class Rotary:
         self.spec = spec
         self.rot_dim = rotary_dim(spec, head_dim)
         self._inv, self.scale = inv_freq_and_scale(spec, head_dim)
-        self._by_device: dict[torch.device, torch.Tensor] = {}
+        # the frequencies on each device used, copied once (a copy from the host syncs); on their own device from the
+        # start: a compiled step's first call (before any eager one) then writes no Python state (a guard on it failed
+        # at its second call: one recompile)
+        self._by_device: dict[torch.device, torch.Tensor] = {self._inv.device: self._inv}
 
     def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         inv = self._by_device.get(positions.device)
