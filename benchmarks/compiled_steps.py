@@ -1,6 +1,7 @@
 """Eager and compiled decode steps (kvlab/compiled.py, inductor) of one model in one process, stepping in turns, with
 the C++ decode kernels in both (kvlab/layers/dense_attend.py, kvlab/layers/bf16_kernel.py,
-kvlab/layers/f32_kernel.py, kvlab/layers/moe_kernel.py: custom ops when compiled); ``--off-lane`` adds a compiled lane with the kernels off (torch's SDPA and F.linear: the compiled step as it
+kvlab/layers/f32_kernel.py, kvlab/layers/moe_kernel.py, DeepSeek V4's kvlab/layers/mhc_kernel.py and
+kvlab/layers/compressed_kernel.py: custom ops when compiled); ``--off-lane`` adds a compiled lane with the kernels off (torch's SDPA and F.linear: the compiled step as it
 was before the ops). Outside CI.
 
 Per dtype and context: the shape's random weights (scaled as ``kvlab bench`` scales them), a cache of ``context``
@@ -31,13 +32,13 @@ from kv_quant_speed import fill
 from kvlab.bench import TORCH_DTYPES, copy_bandwidth, save_random_hf
 from kvlab.compiled import CompiledStep
 from kvlab.costs import costs
-from kvlab.layers import bf16_kernel, dense_attend, f32_kernel, moe_kernel
+from kvlab.layers import bf16_kernel, compressed_kernel, dense_attend, f32_kernel, mhc_kernel, moe_kernel
 from kvlab.loading import load
 from kvlab.resolve import resolve_spec
 from kvlab.shrink import scale_to_fit
 from kvlab.units import parse_context, table
 
-KERNELS = (dense_attend, bf16_kernel, f32_kernel, moe_kernel)
+KERNELS = (dense_attend, bf16_kernel, f32_kernel, moe_kernel, mhc_kernel, compressed_kernel)
 
 
 def _kernels(on: bool) -> None:
@@ -116,7 +117,7 @@ def main() -> None:
         ap.error(f"--dtypes: {bad[0]!r} is not one of {sorted(TORCH_DTYPES)}")
     torch.set_num_threads(a.threads)
     if any(k.library() is None for k in KERNELS):
-        raise SystemExit("a C++ kernel is off (KVLAB_{DENSE,BF16,F32,MOE}_KERNEL=0) or did not build")
+        raise SystemExit("a C++ kernel is off (KVLAB_{DENSE,BF16,F32,MOE,MHC,COMPRESSED}_KERNEL=0) or did not build")
     cfg, _ = scale_to_fit(resolve_spec(a.shape))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], check=False, capture_output=True,
                             text=True).stdout.strip()
