@@ -356,8 +356,7 @@ class CompressedAttention(nn.Module):
             eager = pad is None and not torch.compiler.is_compiling()
             rowpos = (torch.full((b,), start, device=x.device) if pad is None else start - pad)
             entries = ikeys = nvis = None
-            full = pad is None and start >= s.window - 1  # every key visible (traced: the ring's own regime)
-            every = eager and full
+            every = eager and start >= s.window - 1  # every key visible: the ring full, no padding
             if self.compressor is not None:
                 n = (start + 1) // c.ratio  # entries the row with the least padding holds
                 at = start if eager else None  # eager: skip the pooling
@@ -366,7 +365,10 @@ class CompressedAttention(nn.Module):
                     ikeys = ix.step(x, rowpos, ipool, rope, n, at)[0]
                 if nvis is None and not every:  # eager: every row sees all n
                     nvis = torch.full((b,), n, device=x.device)
-            if full and compressed_kernel.applies(x, kw, entries, ikeys):  # one C++ call (compressed_kernel.py)
+            # one C++ call (compressed_kernel.py); traced without padding: where the kernel applies, a guard on the
+            # position (the ring's own regime) decides
+            if (every or (pad is None and not eager)) and compressed_kernel.applies(x, kw, entries, ikeys) \
+                    and start >= s.window - 1:
                 cos, sin = (None, None) if tab is None else tab[:2]
                 out = compressed_kernel.step(qb, kw, entries, ikeys, iqb, iwb, c.index_topk, cos, sin,
                                              self.sinks if s.sinks else None, h, self.eps, s.scale)
