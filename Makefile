@@ -27,10 +27,11 @@ demo: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check .
 
-# two pytest processes (pytest-xdist), one per test file at a time: a file's module fixtures (the real models) load once
+# two pytest processes (pytest-xdist), one per test file at a time: a file's module fixtures (the real models) load once;
+# the files in tests/conftest.py's order (the slowest first), not xdist's (the most tests first)
 test: $(STAMP)
 	$(PY) -m ruff check .
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 clean:
 	rm -rf out build dist *.egg-info
