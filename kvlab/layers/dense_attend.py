@@ -11,13 +11,14 @@ the thread split and the merge are the quantized path's (tested there), only the
 
 Taken by the decode step of the layers whose module sets ``dense_kernel`` (GQA's, kvlab/layers/attention.py, and
 CCA's, kvlab/layers/cca.py; through kvlab/layers/core.py ``attend_out``) and by MLA's absorbed attention over a plain
-latent (kvlab/layers/mla.py: keys and values the whole ``[c_kv, k_pe]`` rows, one KV head) where :func:`applies`: one query, on the CPU, no autograd, keys and values plain
-float32 or bfloat16 tensors ``[B, Hkv, L, D]`` laid out as a store's buffers are (rows back to back, heads ``cap``
-rows apart, batch rows ``Hkv`` heads apart: a view of the first ``L`` slots of a preallocated or grown ``[B, Hkv,
-cap, D]`` buffer, a window ring in place with its rotated positions), mask None or additive ``[B|1, 1, 1, L]``.
+latent (kvlab/layers/mla.py: keys and values the whole ``[c_kv, k_pe]`` rows, one KV head) where :func:`applies`:
+one query, on the CPU, no autograd, keys and values plain float32 or bfloat16 tensors ``[B, Hkv, L, D]`` laid out
+as a store's buffers are (rows back to back, heads ``cap`` rows apart, batch rows ``Hkv`` heads apart: a view of the
+first ``L`` slots of a preallocated or grown ``[B, Hkv, cap, D]`` buffer, a window ring in place with its rotated
+positions), mask None or additive ``[B|1, 1, 1, L]``.
 Anything else takes the torch path: another layout, a GPU, and the other kinds (CSA/HCA/SWA: their own C++ step,
-kvlab/layers/compressed_kernel.py; DSA: its chosen latents gathered). ``KVLAB_DENSE_KERNEL=0`` (or :data:`ENABLED` False) turns it off; a failed
-build warns once (kvlab/layers/cpp_build.py) and falls back.
+kvlab/layers/compressed_kernel.py; DSA: its chosen latents gathered). ``KVLAB_DENSE_KERNEL=0`` (or :data:`ENABLED`
+False) turns it off; a failed build warns once (kvlab/layers/cpp_build.py) and falls back.
 Compiled (kvlab/compiled.py): wrapped as the custom op ``kvlab::dense_attend`` (with a fake implementation), one
 opaque call in the traced graph; eager calls the function itself (no dispatcher overhead). A trace sees symbolic
 lengths, so it checks only what does not depend on them (and that an eager call or kvlab/compiled.py loaded the
