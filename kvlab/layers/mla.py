@@ -212,10 +212,11 @@ class MLAttention(nn.Module):
         q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
         keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: readers of c_kv and k_pe)
         q = torch.cat((q_lat, q_pe), dim=-1)
-        if whole_latent_values(keys) and dense_attend.applies(q, keys, keys):  # a CPU decode step: the C++ kernel
-            out = dense_attend.attend(q, keys, keys, mask, self.scale)[..., :m.kv_lora_rank]  # (each row read once)
-        elif whole_latent_values(keys):
-            out = attend(q, keys, keys, mask, self.scale, causal=causal)[..., :m.kv_lora_rank]
+        if whole_latent_values(keys):
+            if dense_attend.applies(q, keys, keys):  # a CPU decode step: the C++ kernel (each row read once)
+                out = dense_attend.attend(q, keys, keys, mask, self.scale)[..., :m.kv_lora_rank]
+            else:
+                out = attend(q, keys, keys, mask, self.scale, causal=causal)[..., :m.kv_lora_rank]
         else:
             out = attend(q, keys, channels(keys, 0, m.kv_lora_rank), mask, self.scale, causal=causal)  # [B, H, T, r]
         return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
