@@ -365,10 +365,9 @@ class CompressedAttention(nn.Module):
                     ikeys = ix.step(x, rowpos, ipool, rope, n, at)[0]
                 if nvis is None and not every:  # eager: every row sees all n
                     nvis = torch.full((b,), n, device=x.device)
-            # one C++ call (compressed_kernel.py); traced without padding: where the kernel applies, a guard on the
-            # position (the ring's own regime) decides
-            if (every or (pad is None and not eager)) and compressed_kernel.applies(x, kw, entries, ikeys) \
-                    and start >= s.window - 1:
+            # one C++ call (compressed_kernel.py) where the ring is full and there is no padding; the position read
+            # last: traced, a guard (the ring's own regime) only where the kernel applies
+            if pad is None and compressed_kernel.applies(x, kw, entries, ikeys) and start >= s.window - 1:
                 cos, sin = (None, None) if tab is None else tab[:2]
                 out = compressed_kernel.step(qb, kw, entries, ikeys, iqb, iwb, c.index_topk, cos, sin,
                                              self.sinks if s.sinks else None, h, self.eps, s.scale)
