@@ -14,12 +14,15 @@ graphs need the position as a device tensor (not done; no GPU here to measure it
 
 from __future__ import annotations
 
+import functools
 import time
 import types
 from typing import Any
 
 import torch
 from torch.fx.experimental import _config as fx_config
+from torch.fx.experimental import proxy_tensor
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from kvlab.cache.storage import positions
 from kvlab.layers import bf16_kernel, compressed_kernel, cpu_attend, dense_attend, f32_kernel, mhc_kernel, moe_kernel
@@ -29,6 +32,22 @@ SEQ_LEN = "L['cache'].seq_len"  # the decode step's argument ``cache``, its attr
 DEFAULT_BACKEND = "inductor"  # what compile=True means (tests set "eager": the same trace, no code generation)
 RECOMPILE_LIMIT = 32  # graphs per model: one per cache size and window regime, never one per step
 BACKENDS = ("inductor", "aot_eager", "eager")  # eager / aot_eager: the trace without code generation (tests)
+
+
+class _NoContiguityQuery:
+    """While a step compiles: AOT autograd's trace (make_fx ``set_meta``) does not record whether each graph tensor
+    is contiguous (``tensor_meta.memory_format``; inductor reads the fake tensor ``val``, not that). Asked of a view
+    ``[.., n, ..]`` of a cache buffer ``[.., cap, ..]`` with ``n`` the position symbol, the question added the guard
+    ``n != cap`` (the view is contiguous exactly at ``n = cap``, with more than one batch row or head before the
+    position axis), so the step that filled a buffer's last slot compiled once more; and ``n != 1``."""
+
+    quiet = functools.partial(_extract_tensor_metadata, include_contiguity=False)
+
+    def __enter__(self) -> None:
+        proxy_tensor._extract_tensor_metadata = self.quiet
+
+    def __exit__(self, *exc: object) -> None:
+        proxy_tensor._extract_tensor_metadata = _extract_tensor_metadata
 
 
 class CompileError(ValueError):
@@ -88,7 +107,7 @@ class CompiledStep:
             # the position count is a symbol from the first trace on (else: a constant, then a second compile);
             # no duck sizing: a count that happens to equal a buffer's size must not become a guard
             with torch.compiler.config.patch(dynamic_sources=SEQ_LEN), fx_config.patch(use_duck_shape=False), \
-                    torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
+                    torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT), _NoContiguityQuery():
                 out = self._fn(ids, cache)
         except Exception as e:
             if not type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
