@@ -49,7 +49,7 @@ def _plain(t: torch.Tensor | None) -> bool:
     buffer's view whatever its number of rows, a symbol; the op checks the layout it is given at run time)."""
     if t is None:
         return True
-    if not (type(t) is torch.Tensor and t.dtype == torch.float32 and t.device.type == "cpu" and t.stride(-1) == 1):
+    if not (type(t) is torch.Tensor and t.dtype == torch.float32 and t.is_cpu and t.stride(-1) == 1):
         return False
     if torch.compiler.is_compiling():
         return t.dim() < 2 or t.stride(-2) == t.shape[-1]
@@ -81,7 +81,7 @@ def applies(x: torch.Tensor, *cache: torch.Tensor | None) -> bool:
     """The kernel takes this step: ``x`` (the layer's input) and the ``cache`` tensors (ring, entries, indexer keys;
     None: absent) plain float32 on the CPU, no autograd, the kernel on and loaded (inside a compiled trace: as an
     eager call or kvlab/compiled.py left it)."""
-    if not (ENABLED and x.dtype == torch.float32 and x.device.type == "cpu"
+    if not (ENABLED and x.dtype == torch.float32 and x.is_cpu
             and not (torch.is_grad_enabled() and x.requires_grad) and all(_plain(t) for t in cache)):
         return False
     return KERNEL.lib is not None if torch.compiler.is_compiling() else library() is not None

@@ -7,6 +7,12 @@ the flags, the compiler's version and the CPU's flags (a ``-march=native`` build
 to a temporary file then renamed (concurrent processes cannot load half a file). Each kernel's module loads the
 library with ctypes, warns once and falls back to torch when :func:`build` raises :class:`KernelBuildError`
 (:class:`Library` does all of it for a kernel).
+
+The wrappers' device check, eager and traced alike: ``t.is_cpu``. Eager, an attribute read (~65 ns; ``t.device.type``
+builds a device object, ~1 us, a few a kernel call); in a trace dynamo answers it from the fake tensor's device, with
+no guard more than ``device.type``'s (torch 2.13: the same guard list for a step's input, and for a parameter or an
+intermediate tensor, fullgraph). Written inline, not through a helper function: a Python call per tensor costs more
+than the read itself (a 1-row product's check 2.26 -> 2.37 us through one, docs/performance.md).
 """
 
 from __future__ import annotations

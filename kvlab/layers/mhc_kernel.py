@@ -58,7 +58,7 @@ def library() -> ctypes.CDLL | None:
 def applies(x: torch.Tensor, n: int) -> bool:
     """The kernel takes this call: ``x`` on the CPU, ``n <= MAX_STREAMS``, no gradient asked for, and the kernel on
     and loaded (eager: built now if needed; inside a compiled trace: as an eager call or kvlab/compiled.py left it)."""
-    if x.device.type != "cpu" or n > MAX_STREAMS or (torch.is_grad_enabled() and x.requires_grad):
+    if not x.is_cpu or n > MAX_STREAMS or (torch.is_grad_enabled() and x.requires_grad):
         return False
     if torch.compiler.is_compiling():
         return KERNEL.lib is not None and ENABLED

@@ -64,28 +64,23 @@ DTYPES = (torch.float32, torch.bfloat16)  # the weights' (and input's) dtypes th
 
 
 def _fits(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    return t.dtype == dtype and t.is_cpu and t.is_contiguous()
-
-
-def _fits_traced(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    return t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()  # dynamo reads a fake tensor's device
+    return t.dtype == dtype and t.is_cpu and t.is_contiguous()  # eager and traced alike (kvlab/layers/cpp_build.py)
 
 
 def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: str) -> bool:
     """The kernel takes this call: one token ``x [1, H]``, eager, one torch thread, no autograd, ``x``, the experts' and the shared
     expert's weights float32 (or all bf16) contiguous on the CPU (no biases), an activation it knows, the kernel on and
     loaded. Once per MoE call: cheap attribute reads only."""
-    fits = _fits_traced if torch.compiler.is_compiling() else _fits
-    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and x.dtype in DTYPES and fits(x, x.dtype)):
+    if not (ENABLED and x.shape[0] == 1 and act in ACTIVATIONS and x.dtype in DTYPES and _fits(x, x.dtype)):
         return False
     gate = experts.gate_proj
     if torch.is_grad_enabled() and (x.requires_grad or gate.requires_grad):
         return False
-    if not (fits(gate, x.dtype) and fits(experts.up_proj, x.dtype) and fits(experts.down_proj, x.dtype)):
+    if not (_fits(gate, x.dtype) and _fits(experts.up_proj, x.dtype) and _fits(experts.down_proj, x.dtype)):
         return False
     if shared is not None:
         lin = (shared.gate_proj, shared.up_proj, shared.down_proj)
-        if any(m.bias is not None or not fits(m.weight, x.dtype) for m in lin) or shared.limit != experts.limit:
+        if any(m.bias is not None or not _fits(m.weight, x.dtype) for m in lin) or shared.limit != experts.limit:
             return False
     if torch.compiler.is_compiling():
         return KERNEL.lib is not None  # loaded by an eager call or kvlab/compiled.py; the thread count: the op's

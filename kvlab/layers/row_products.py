@@ -4,8 +4,9 @@ x W^T + b`` for at most :data:`MAX_ROWS` input rows (a decode step's tokens) of 
 the custom op a compiled step calls.
 
 A trace cannot read the thread count (``torch.get_num_threads`` breaks the graph) nor build a kernel: in a trace
-:func:`takes` checks the rest (the kernel loaded by an eager call or kvlab/compiled.py) and the op checks the thread
-count at run time (more than one: ``F.linear``, as eager).
+:func:`takes` checks the rest, the same checks (the device by ``is_cpu``: kvlab/layers/cpp_build.py), and the kernel
+loaded by an eager call or kvlab/compiled.py; the op checks the thread count at run time (more than one:
+``F.linear``, as eager).
 """
 
 from __future__ import annotations
@@ -26,11 +27,9 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtyp
     """``x [..., in] @ weight [out, in]^T (+ bias [out])`` goes to ``kernel``: all three ``dtype`` on the CPU, the
     weight 2-D and contiguous, the bias contiguous ``[out]``, 1 to :data:`MAX_ROWS` rows of ``x``, no autograd, one
     torch thread and the kernel loaded (built now if needed; in a trace: loaded already, the threads the op's).
-    Eager, once per product: cheap attribute reads only (``is_cpu``, not ``device.type``: a device object each)."""
+    Eager, once per product: cheap attribute reads only (``is_cpu``: kvlab/layers/cpp_build.py)."""
     if x.dtype != dtype or weight.dtype != dtype:
         return False
-    if torch.compiler.is_compiling():
-        return _traced(x, weight, bias, dtype) and kernel.lib is not None
     if not (x.is_cpu and weight.is_cpu) or weight.ndim != 2 or not weight.is_contiguous():
         return False
     n, cols = x.numel(), weight.shape[1]
@@ -42,20 +41,9 @@ def takes(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtyp
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
                                     or (bias is not None and bias.requires_grad)):
         return False
+    if torch.compiler.is_compiling():
+        return kernel.lib is not None
     return torch.get_num_threads() == 1 and (kernel.lib is not None or kernel.get() is not None)
-
-
-def _traced(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dtype: torch.dtype) -> bool:
-    """:func:`takes`'s checks as a trace reads them (``device.type``: what dynamo knows of a fake tensor)."""
-    if x.device.type != "cpu" or weight.device.type != "cpu" or weight.dim() != 2 or not weight.is_contiguous():
-        return False
-    if x.dim() == 0 or x.shape[-1] != weight.shape[1] or x.numel() > MAX_ROWS * x.shape[-1] or x.numel() == 0:
-        return False
-    if bias is not None and not (bias.dtype == dtype and bias.device.type == "cpu" and bias.is_contiguous()
-                                 and bias.shape == (weight.shape[0],)):
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                             or (bias is not None and bias.requires_grad)))
 
 
 def run(lib: ctypes.CDLL, fn: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
