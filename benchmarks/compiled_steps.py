@@ -52,7 +52,8 @@ def run(model, cfg, ctx: int, steps: int, dtype: str, off_lane: bool) -> dict:
     load0 = os.getloadavg()[0]
     with torch.inference_mode():  # the token too: a tensor made outside it would be guarded as another kind
         tok = torch.tensor([[1]])
-        cache = model.new_cache(1, max_length=ctx + steps + 8)  # never full: a view of the whole buffer recompiles
+        cache = model.new_cache(1, max_length=ctx + steps + 8)  # 8 spare positions (a full plain cache
+        # recompiled before 22fac03: docs/performance.md "the last slot"; kept so figures stay comparable)
         fill(cache, cfg, ctx, TORCH_DTYPES[dtype])
         model.decode_step(tok, cache)  # eager first: the step's lazily built tables exist before any trace
         caches = {lane: copy.deepcopy(cache) for lane in lanes}
