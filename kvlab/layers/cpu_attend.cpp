@@ -229,8 +229,8 @@ struct RowsF32 {  // rows dequantized into a float tile [T, dp]
     const float* rows; int dp;
     vf operator()(int l, int c) const { return ld(rows + long(l) * dp + W * c); }
 };
-struct PlainF32 {  // plain float32 rows (D a multiple of W); ahead: see pf
-    const float* rows; int D, ahead;
+struct PlainF32 {  // plain float32 rows (D a multiple of W)
+    const float* rows; int D;
     vf operator()(int l, int c) const { return ld(rows + long(l) * D + W * c); }
 };
 // W bfloat16 values -> float32 (the 16 bits shifted into the high half)
@@ -243,21 +243,30 @@ inline vf cvt_bf16(const uint16_t* p) {
     vf r; for (int i = 0; i < W; ++i) r[i] = bf16_to_float(p[i]); return r;
 #endif
 }
-struct PlainBf16 {  // plain bfloat16 rows (D a multiple of W); ahead: see pf
-    const uint16_t* rows; int D, ahead;
+struct PlainBf16 {  // plain bfloat16 rows (D a multiple of W)
+    const uint16_t* rows; int D;
     vf operator()(int l, int c) const { return cvt_bf16(rows + long(l) * D + W * c); }
 };
-// plain rows read straight from memory: when row l is first used, row l + ahead (about PF_BYTES further; past the
-// tile, into the next ones) is prefetched, one row at a time, so the reads overlap the compute (a whole tile
-// prefetched at once showed no gain; row by row 1.4-1.9x a call at 16K positions, docs/performance.md). Rows of
-// codes: nothing (their loads are a quarter or less of plain rows').
-constexpr int PF_BYTES = 8192;
-template <class L> inline void pf(const L&, int) {}
-inline void pf_bytes(const void* p, int bytes) {
-    for (int i = 0; i < bytes; i += 64) __builtin_prefetch(static_cast<const char*>(p) + i, 0, 3);
-}
-inline void pf(const PlainF32& f, int l) { pf_bytes(f.rows + long(l + f.ahead) * f.D, f.D * 4); }
-inline void pf(const PlainBf16& f, int l) { pf_bytes(f.rows + long(l + f.ahead) * f.D, f.D * 2); }
+// plain rows read straight from memory: the bytes read next prefetched while a pass computes, a few lines at each
+// of its n steps (its rows or chunk groups), so that reads stay in flight all along the compute (attend_heads says
+// which bytes; 1.1-1.5x a call at 16K over prefetching row l + 8 KiB at row l, docs/performance.md). Codes: nothing
+// (their loads are a quarter or less of plain rows').
+struct Ahead {
+    const char *at = nullptr, *end = nullptr;
+    long per = 0;  // lines a step
+    Ahead() = default;
+    Ahead(const void* p, long bytes, long n) {
+        const uintptr_t a = reinterpret_cast<uintptr_t>(p), start = a & ~uintptr_t(63);
+        at = reinterpret_cast<const char*>(start);
+        end = static_cast<const char*>(p) + bytes;
+        per = (long((a + bytes - start + 63) / 64) + n - 1) / n;
+    }
+    template <class L> void step(long k = 1) {
+        if (!std::is_same_v<L, PlainF32> && !std::is_same_v<L, PlainBf16> && !std::is_same_v<L, RowsF32>) return;
+        const char* stop = at + 64 * k * per < end ? at + 64 * k * per : end;
+        for (; at < stop; at += 64) __builtin_prefetch(at, 0, 3);
+    }
+};
 // scales (and zeros) of tile row l, chunk c: one float per token and group of channels, or (keys per channel) a
 // vector of W, the row's position group's scale row (in the kernel's channel order)
 struct TokenScales {
@@ -297,7 +306,6 @@ template <int GC, int P, class L>
 inline void score_block(const L& f, int l, int nch, const float* q, int dq, float* S) {
     vf acc[W];
     for (int i = 0; i < W; ++i) acc[i] = vf{};
-    for (int p = 0; p < P; ++p) pf(f, l + p);
     for (int c = 0; c < nch; ++c) {
         vf qv[GC];
         for (int g = 0; g < GC; ++g) qv[g] = ld(q + g * dq + W * c);
@@ -306,17 +314,21 @@ inline void score_block(const L& f, int l, int nch, const float* q, int dq, floa
             for (int g = 0; g < GC; ++g) acc[p * GC + g] += qv[g] * x;
         }
     }
-    float t[W];
-    st(t, reduce_lanes(acc));
-    for (int i = 0; i < P * GC; ++i) S[l * GC + i] += t[i];
+    if (P * GC == W) {  // the W sums one vector of S (the same additions as one at a time)
+        st(S + l * GC, ld(S + l * GC) + reduce_lanes(acc));
+    } else {
+        float t[W];
+        st(t, reduce_lanes(acc));
+        for (int i = 0; i < P * GC; ++i) S[l * GC + i] += t[i];
+    }
 }
 
 template <int GC, class L>
-void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S) {
+void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S, Ahead ahead) {
     constexpr int P = W / GC;
     int l = 0;
-    for (; l + P <= m; l += P) score_block<GC, P>(f, l, nch, q, dq, S);
-    for (; l < m; ++l) score_block<GC, 1>(f, l, nch, q, dq, S);
+    for (; l + P <= m; l += P) ahead.step<L>(P), score_block<GC, P>(f, l, nch, q, dq, S);
+    for (; l < m; ++l) ahead.step<L>(), score_block<GC, 1>(f, l, nch, q, dq, S);
 }
 
 // acc[g, chunk c] += sum over the tile's m rows of p[l, g] * value(l, c): CC chunks at a time (each p[l, g]
@@ -326,8 +338,8 @@ inline void value_chunks(const L& f, int m, int c0, const float* p, float* acc, 
     vf a[CC][GC];  // the tile's sums, added to acc at the end (two-level: float32 error of a tile plus tiles)
     for (int j = 0; j < CC; ++j)
         for (int g = 0; g < GC; ++g) a[j][g] = vf{};
+#pragma GCC unroll 2
     for (int l = 0; l < m; ++l) {
-        if (c0 == 0) pf(f, l);
         vf x[CC];
         for (int j = 0; j < CC; ++j) x[j] = f(l, c0 + j);
         const float* pl = p + l * GC;
@@ -340,12 +352,13 @@ inline void value_chunks(const L& f, int m, int c0, const float* p, float* acc, 
         for (int g = 0; g < GC; ++g) st(acc + g * dq + W * (c0 + j), ld(acc + g * dq + W * (c0 + j)) + a[j][g]);
 }
 
+template <int GC> constexpr int VC = 15 / (GC + 1) < 1 ? 1 : 15 / (GC + 1) > 4 ? 4 : 15 / (GC + 1);
 template <int GC, class L>
-void value_tile(const L& f, int m, int nch, const float* p, float* acc, int dq) {
-    constexpr int CC = 15 / (GC + 1) < 1 ? 1 : 15 / (GC + 1) > 4 ? 4 : 15 / (GC + 1);
+void value_tile(const L& f, int m, int nch, const float* p, float* acc, int dq, Ahead ahead) {
+    constexpr int CC = VC<GC>;
     int c = 0;
-    for (; c + CC <= nch; c += CC) value_chunks<GC, CC>(f, m, c, p, acc, dq);
-    for (; c < nch; ++c) value_chunks<GC, 1>(f, m, c, p, acc, dq);
+    for (; c + CC <= nch; c += CC) ahead.step<L>(), value_chunks<GC, CC>(f, m, c, p, acc, dq);
+    for (; c < nch; ++c) ahead.step<L>(), value_chunks<GC, 1>(f, m, c, p, acc, dq);
 }
 
 // where channel d sits in a row as the kernel reads it (int4 fast: planar per 2W channels)
@@ -463,11 +476,10 @@ void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&&
             f(Int8Rows<S>{t.at, b.rowbytes, k});
     };
     if (b.plain && b.fast) {
-        const int ahead = b.index ? 0 : std::max(2, PF_BYTES / b.rowbytes);  // gathered rows: in the tile already
         if (b.plain == 1)
-            f(PlainF32{reinterpret_cast<const float*>(t.at), b.D, ahead});
+            f(PlainF32{reinterpret_cast<const float*>(t.at), b.D});
         else
-            f(PlainBf16{reinterpret_cast<const uint16_t*>(t.at), b.D, ahead});
+            f(PlainBf16{reinterpret_cast<const uint16_t*>(t.at), b.D});
     } else if (b.plain) {  // channels not a multiple of W: copied into the zero-padded float tile
         const int dp = b.nch * W;
         rows.resize(size_t(m) * dp);
@@ -539,13 +551,14 @@ struct KeyParts {
                 for (int d = 0; d < K[i].D; ++d) w.q[g * dqt + off[i] + slot_of(d, K[i].planar)] = q[g * Dq + at + d];
         for (int i = 0; i < nk; ++i) prepare_tile(K[i], T, w.t[i]);
     }
-    // rows lo..lo+m-1: their tiles loaded, S[l * GC + g] = q_g . k_l summed over the parts
-    void score(long lo, int m, float* S, Work& w) const {
+    // rows lo..lo+m-1: their tiles loaded, S[l * GC + g] = q_g . k_l summed over the parts (ahead prefetched along)
+    void score(long lo, int m, float* S, Work& w, Ahead ahead = Ahead()) const {
         for (int i = 0; i < nk; ++i) load_tile(K[i], lo, m, w.t[i]);
         std::fill(S, S + m * GC, 0.0f);
         for (int i = 0; i < nk; ++i)
-            with_rows(K[i], w.t[i], m, w.rows,
-                      [&](const auto& f) { score_tile<GC>(f, m, K[i].nch, w.q.data() + off[i], dqt, S); });
+            with_rows(K[i], w.t[i], m, w.rows, [&](const auto& f) {
+                score_tile<GC>(f, m, K[i].nch, w.q.data() + off[i], dqt, S, i ? Ahead() : ahead);
+            });
     }
 };
 
@@ -583,18 +596,46 @@ void attend_heads(const float* q, int Dq, const Buf* K, int nk, const Buf& V, in
     for (long lo = 0, tile = 0; lo < n; lo += T, ++tile) {
         if (tile && tile % BLOCK == 0) flush();
         const int m = int(n - lo < T ? n - lo : T);
-        kp.score(lo, m, S, w);  // scores, summed over the key parts
+        // what the next reads are, prefetched while this tile computes (plain rows in place: codes are a quarter or
+        // less of the bytes and gathered rows are copied): the score pass fetches the tile's values (their own
+        // buffer), the value pass the next tile's keys (K = V: half the next tile's keys each)
+        Ahead sa, va;
+        const long mn = n - lo - m < T ? n - lo - m : T;  // the next tile's rows
+        const bool kpf = nk == 1 && K[0].plain && !K[0].index && mn > 0;
+        const int groups = V.nch / VC<GC> + V.nch % VC<GC>;  // the value pass's steps
+        if (vsrc == nk && V.plain && !V.index) {
+            sa = Ahead(V.codes + lo * V.rowbytes, long(m) * V.rowbytes, m);
+            if (kpf) va = Ahead(K[0].codes + (lo + m) * K[0].rowbytes, mn * K[0].rowbytes, groups);
+        } else if (kpf) {
+            const long half = mn / 2;
+            sa = Ahead(K[0].codes + (lo + m) * K[0].rowbytes, half * K[0].rowbytes, m);
+            va = Ahead(K[0].codes + (lo + m + half) * K[0].rowbytes, (mn - half) * K[0].rowbytes, groups);
+        }
+        kp.score(lo, m, S, w, sa);  // scores, summed over the key parts
         if (vsrc == nk) load_tile(V, lo, m, w.t[nk]);
         // logits, the running maximum (what was summed so far rescaled when it grows)
         float tm[GC];
         for (int g = 0; g < GC; ++g) tm[g] = -INFINITY;
-        for (int l = 0; l < m; ++l) {
-            const float add = mask ? mask[lo + l] : 0.0f;
-            for (int g = 0; g < GC; ++g) {
-                const float s = S[l * GC + g] * scale + add;
-                S[l * GC + g] = s;
-                tm[g] = s > tm[g] ? s : tm[g];
+        long i = 0;
+        if (!mask) {  // W at a time (lane j of vector k: head (W k + j) mod GC, as the numerators below), no mask: + 0
+            vf mv[GC];
+            for (int k = 0; k < GC; ++k) mv[k] = vf{} - INFINITY;
+            for (int k = 0; i + W <= long(m) * GC; i += W, k = k + 1 == GC ? 0 : k + 1) {
+                const vf s = ld(S + i) * scale + vf{};
+                st(S + i, s);
+                mv[k] = s > mv[k] ? s : mv[k];
             }
+            for (int k = 0; k < GC; ++k)
+                for (int j = 0; j < W; ++j) {
+                    float& t = tm[(W * k + j) % GC];
+                    t = mv[k][j] > t ? mv[k][j] : t;
+                }
+        }
+        for (; i < long(m) * GC; ++i) {
+            const int g = int(i % GC);
+            const float s = S[i] * scale + (mask ? mask[lo + i / GC] : 0.0f);
+            S[i] = s;
+            tm[g] = s > tm[g] ? s : tm[g];
         }
         for (int g = 0; g < GC; ++g) {
             if (!(tm[g] > mx[g])) continue;
@@ -636,7 +677,8 @@ void attend_heads(const float* q, int Dq, const Buf* K, int nk, const Buf& V, in
             }
         }
         // p.v over the same rows
-        with_rows(V, w.t[vsrc], m, w.rows, [&](const auto& f) { value_tile<GC>(f, m, V.nch, S, w.acc.data(), dvp); });
+        with_rows(V, w.t[vsrc], m, w.rows,
+                  [&](const auto& f) { value_tile<GC>(f, m, V.nch, S, w.acc.data(), dvp, va); });
     }
     flush();
     for (int g = 0; g < GC; ++g) {
