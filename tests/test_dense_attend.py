@@ -88,12 +88,18 @@ def test_bfloat16_cache(kernel, d):
                                rtol=2e-2, atol=2e-2)
 
 
-def test_keys_as_values_read_once(kernel):
-    """K = V (the same tensor): one buffer, each tile read once for both products."""
-    q, k, v, mask, _ = _inputs(2, 8, 2, 32, 32, 150, 160, torch.float32, seed=4, same=True)
+@pytest.mark.parametrize("h,d,dv", [(8, 32, 24), (8, 40, 32), (3, 40, 20)])
+def test_keys_as_values_read_once(kernel, h, d, dv):
+    """K = V (the same tensor): one buffer, each tile read once for both products; ``value_channels`` (MLA's
+    ``c_kv`` of its latent rows): the values the rows' first channels, the same numbers as all of them cut."""
+    q, k, v, mask, _ = _inputs(2, h, 1, d, d, 150, 160, torch.float32, seed=4, same=True)
     assert v is not k and v.data_ptr() == k.data_ptr()
     out = _kernel(q, k, k, mask, 0.2)
     torch.testing.assert_close(out, _reference(q, k, k, mask, 0.2, None), rtol=1e-5, atol=1e-5)
+    first = dense_attend.attend(q, k, k, mask, 0.2, value_channels=dv)
+    assert first.shape == (2, h, 1, dv) and torch.equal(first, out[..., :dv])
+    with pytest.raises(ValueError, match="value_channels"):
+        dense_attend.attend(q, k, v, mask, 0.2, value_channels=dv)
 
 
 def test_positions_split_over_threads(kernel):

@@ -229,7 +229,7 @@ struct RowsF32 {  // rows dequantized into a float tile [T, dp]
     const float* rows; int dp;
     vf operator()(int l, int c) const { return ld(rows + long(l) * dp + W * c); }
 };
-struct PlainF32 {  // plain float32 rows (D a multiple of W)
+struct PlainF32 {  // plain float32 rows D apart (their channels read: a multiple of W)
     const float* rows; int D;
     vf operator()(int l, int c) const { return ld(rows + long(l) * D + W * c); }
 };
@@ -243,7 +243,7 @@ inline vf cvt_bf16(const uint16_t* p) {
     vf r; for (int i = 0; i < W; ++i) r[i] = bf16_to_float(p[i]); return r;
 #endif
 }
-struct PlainBf16 {  // plain bfloat16 rows (D a multiple of W)
+struct PlainBf16 {  // plain bfloat16 rows D apart (their channels read: a multiple of W)
     const uint16_t* rows; int D;
     vf operator()(int l, int c) const { return cvt_bf16(rows + long(l) * D + W * c); }
 };
@@ -477,9 +477,9 @@ void with_rows(const Buf& b, const Tile& t, int m, std::vector<float>& rows, F&&
     };
     if (b.plain && b.fast) {
         if (b.plain == 1)
-            f(PlainF32{reinterpret_cast<const float*>(t.at), b.D});
+            f(PlainF32{reinterpret_cast<const float*>(t.at), b.rowbytes / 4});
         else
-            f(PlainBf16{reinterpret_cast<const uint16_t*>(t.at), b.D});
+            f(PlainBf16{reinterpret_cast<const uint16_t*>(t.at), b.rowbytes / 2});
     } else if (b.plain) {  // channels not a multiple of W: copied into the zero-padded float tile
         const int dp = b.nch * W;
         rows.resize(size_t(m) * dp);
@@ -711,7 +711,7 @@ int sources(const Seg& s, const Src** out) {
 }
 
 // the segments' descriptors checked: their positions in all (-1: arguments refused), the key and value channels
-long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv) {
+long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv, int vdim = 0) {
     if (B < 1 || H < 1 || G < 1 || nseg < 1 || nseg > 16) return -1;
     *Dq = *Dv = -1;
     long total = 0;
@@ -722,7 +722,8 @@ long check(int B, int H, int G, const Seg* segs, int nseg, int* Dq, int* Dv) {
         const int ns = sources(s, src);
         int dq = 0;
         for (int k = 0; k < s.nk; ++k) dq += s.k[k].D;
-        const int dv = s.v_from < 0 ? s.v.D : s.k[s.v_from].D;
+        if (vdim && (s.v_from < 0 || !s.k[s.v_from].plain || vdim > s.k[s.v_from].D)) return -1;
+        const int dv = s.v_from < 0 ? s.v.D : vdim ? vdim : s.k[s.v_from].D;
         if (*Dq >= 0 && (dq != *Dq || dv != *Dv)) return -1;
         *Dq = dq, *Dv = dv;
         for (int k = 0; k < ns; ++k) {
@@ -749,12 +750,8 @@ void score_segments(const float* q, int Dq, const Seg* segs, int nseg, int b, lo
     }
 }
 
-}  // namespace
-
-extern "C" {
-
-int kvlab_quant_attend_version(void) { return 10; }
-
+// kvlab_quant_attend; vdim > 0 (kvlab_dense_attend): the values are the first vdim channels of key part v_from (plain
+// rows; MLA's c_kv of its whole latent rows), the rest of those rows not read for them
 // q [B, H, G, Dq] float32 (Dq: the channels of a segment's key parts together), out [B, H, G, Dv] float32 (Dv: its
 // values' channels): attention over the positions of segments segs[0..nseg-1] one after the other (each its own
 // buffers; Dq and Dv the same in all). mask: additive float32 over those positions, row b at mask + b *
@@ -762,11 +759,11 @@ int kvlab_quant_attend_version(void) { return 10; }
 // largest logit (sinks included; -inf if none) and softmax denominator (relative to it, sinks included; 0 if none).
 // threads > 1: a segment's positions split into up to that many pieces of at least min_part (flash-decoding: each
 // piece's max, denominator and p.v, merged after). Returns 0, or -1 for arguments it does not take.
-int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, const Seg* segs, int nseg, const float* mask,
-                       long mask_bstride, const float* sinks, float scale, float under, int threads, int min_part,
-                       float* stats) {
+int attend(const float* q, float* out, int B, int H, int G, const Seg* segs, int nseg, const float* mask,
+           long mask_bstride, const float* sinks, float scale, float under, int threads, int min_part, float* stats,
+           int vdim) {
     int Dq, Dv;
-    const long total = check(B, H, G, segs, nseg, &Dq, &Dv);
+    const long total = check(B, H, G, segs, nseg, &Dq, &Dv, vdim);
     if (total < 1 || threads < 1 || min_part < 1) return -1;
     struct Piece { int s; long p0, p1, at; };  // at: the segment's first position in the mask
     std::vector<Piece> pieces;
@@ -796,6 +793,11 @@ int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, const Se
                 Buf K[2], V;
                 for (int k = 0; k < s.nk; ++k) K[k] = make_buf(s.k[k], x.bh, pc.p0, idx);
                 V = s.v_from < 0 ? make_buf(s.v, x.bh, pc.p0, idx) : K[s.v_from];
+                if (vdim) {  // the values: the first vdim channels of the key part's plain rows
+                    V.D = vdim;
+                    V.nch = (vdim + W - 1) / W;
+                    V.fast = vdim % W == 0;
+                }
                 const float* mrow = mask ? mask + x.b * mask_bstride + pc.at + pc.p0 : nullptr;
                 float* r = res.data() + (j * np + i) * per;
                 HEADS[x.gc](q + (x.bh * G + x.g0) * long(Dq), Dq, K, s.nk, V, s.v_from < 0 ? s.nk : s.v_from,
@@ -843,9 +845,22 @@ int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, const Se
     return 0;
 }
 
+}  // namespace
+
+extern "C" {
+
+int kvlab_quant_attend_version(void) { return 11; }
+
+int kvlab_quant_attend(const float* q, float* out, int B, int H, int G, const Seg* segs, int nseg, const float* mask,
+                       long mask_bstride, const float* sinks, float scale, float under, int threads, int min_part,
+                       float* stats) {
+    return attend(q, out, B, H, G, segs, nseg, mask, mask_bstride, sinks, scale, under, threads, min_part, stats, 0);
+}
+
 // kvlab_quant_attend over one segment of plain rows (kvlab/layers/dense_attend.py): keys k [B, H, cap_k, Dk] and values
 // v [B, H, cap_v, Dv] of float32 (plain 1) or bfloat16 (plain 2), their first n positions; v == k with the same
-// rows: K = V, each tile read once for both products. The other arguments and the result as kvlab_quant_attend.
+// rows (cap_v == cap_k, Dv <= Dk): K = V, each tile read once for both products, the values the rows' first Dv
+// channels (all of them: Dv == Dk). The other arguments and the result as kvlab_quant_attend.
 int kvlab_dense_attend(const float* q, float* out, int B, int H, int G, const void* k, const void* v, long cap_k,
                        long cap_v, long n, int Dk, int Dv, int plain, const float* mask, long mask_bstride,
                        const float* sinks, float scale, float under, int threads, int min_part) {
@@ -854,14 +869,15 @@ int kvlab_dense_attend(const float* q, float* out, int B, int H, int G, const vo
     s.n = n;
     s.nk = 1;
     s.k[0] = Src{k, nullptr, nullptr, cap_k, Dk, 0, Dk, 0, 1, nullptr, plain};
-    if (v == k && cap_v == cap_k && Dv == Dk) {
+    int vdim = 0;
+    if (v == k && cap_v == cap_k && Dv <= Dk) {
         s.v_from = 0;
+        vdim = Dv < Dk ? Dv : 0;
     } else {
         s.v = Src{v, nullptr, nullptr, cap_v, Dv, 0, Dv, 0, 1, nullptr, plain};
         s.v_from = -1;
     }
-    return kvlab_quant_attend(q, out, B, H, G, &s, 1, mask, mask_bstride, sinks, scale, under, threads, min_part,
-                              nullptr);
+    return attend(q, out, B, H, G, &s, 1, mask, mask_bstride, sinks, scale, under, threads, min_part, nullptr, vdim);
 }
 
 // the raw scores q . k (no scale, mask or softmax; an indexer's, kvlab/layers/blocked.py ``scores``): q [B, H, G, Dq]

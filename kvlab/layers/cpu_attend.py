@@ -109,7 +109,7 @@ class _Seg(ctypes.Structure):
 def kernel(flags: tuple[str, ...] = FLAGS) -> cpp_build.Library:
     """The kernel's library for ``flags`` (built and loaded at first use, kvlab/layers/cpp_build.py)."""
     p, i, lg, f, seg = ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_float, ctypes.POINTER(_Seg)
-    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 10), {
+    return cpp_build.Library(SOURCE, flags, ("kvlab_quant_attend_version", 11), {
         "kvlab_quant_attend": ([p, p, i, i, i, seg, i, p, lg, p, f, f, i, i, p], i),
         "kvlab_dense_attend": ([p, p, i, i, i, p, p, lg, lg, lg, i, i, i, p, lg, p, f, f, i, i], i),
         "kvlab_quant_scores": ([p, p, i, i, i, seg, i], i),

@@ -11,7 +11,8 @@ the thread split and the merge are the quantized path's (tested there), only the
 
 Taken by the decode step of the layers whose module sets ``dense_kernel`` (GQA's, kvlab/layers/attention.py, and
 CCA's, kvlab/layers/cca.py; through kvlab/layers/core.py ``attend_out``) and by MLA's absorbed attention over a plain
-latent (kvlab/layers/mla.py: keys and values the whole ``[c_kv, k_pe]`` rows, one KV head) where :func:`applies`:
+latent (kvlab/layers/mla.py: keys the whole ``[c_kv, k_pe]`` rows, values their ``c_kv`` channels, one KV head,
+each row read once) where :func:`applies`:
 one query, on the CPU, no autograd, keys and values plain float32 or bfloat16 tensors ``[B, Hkv, L, D]`` laid out
 as a store's buffers are (rows back to back, heads ``cap`` rows apart, batch rows ``Hkv`` heads apart: a view of the
 first ``L`` slots of a preallocated or grown ``[B, Hkv, cap, D]`` buffer, a window ring in place with its rotated
@@ -98,7 +99,7 @@ def applies(q: torch.Tensor, k, v) -> bool:
 def _torch_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
                   sinks: torch.Tensor | None) -> torch.Tensor:
     """What the op computes where the kernel does not read the layout it was given: the same attention by torch's
-    operations in float32 (``[B, H, 1, D]`` -> ``[B, H, 1, Dv]`` in q's dtype)."""
+    operations in float32 (``[B, H, 1, D]`` -> ``[B, H, 1, Dv]`` in q's dtype, ``v [B, Hkv, L, Dv]``)."""
     b, h, _, d = q.shape
     hkv, n = k.shape[1], k.shape[2]
     s = (q.float().reshape(b, hkv, h // hkv, d) @ k.float().transpose(-1, -2)) * scale  # [B, Hkv, G, L]
@@ -111,12 +112,12 @@ def _torch_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
 
 
 def _dense_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
-                  sinks: torch.Tensor | None, scale: float) -> torch.Tensor:
+                  sinks: torch.Tensor | None, scale: float, value_channels: int = 0) -> torch.Tensor:
     """The op ``kvlab::dense_attend``: :func:`attend` where the kernel reads ``k``, ``v``'s layout (:func:`_cap`),
     else :func:`_torch_attend`."""
     if _cap(k) and _cap(v) and _lib() is not None:
-        return _kernel_attend(q, k, v, mask, scale, sinks)
-    return _torch_attend(q, k, v, mask, scale, sinks)
+        return _kernel_attend(q, k, v, mask, scale, sinks, value_channels)
+    return _torch_attend(q, k, v[..., :value_channels] if value_channels else v, mask, scale, sinks)
 
 
 def _lib():
@@ -127,27 +128,35 @@ dense_attend_op = torch.library.custom_op("kvlab::dense_attend", _dense_attend, 
 
 
 @dense_attend_op.register_fake
-def _(q, k, v, mask, sinks, scale):
-    return q.new_empty(*q.shape[:-1], v.shape[-1])
+def _(q, k, v, mask, sinks, scale, value_channels=0):
+    return q.new_empty(*q.shape[:-1], value_channels or v.shape[-1])
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-           sinks: torch.Tensor | None = None) -> torch.Tensor:
+           sinks: torch.Tensor | None = None, value_channels: int = 0) -> torch.Tensor:
     """q ``[B, H, 1, D]``, k / v ``[B, Hkv, L, D | Dv]`` (:func:`applies`) -> ``[B, H, 1, Dv]`` in q's dtype; ``mask``
     additive ``[B|1, 1, 1, L]`` or None, ``sinks [H]`` logits added to each head's softmax denominator or None.
-    Traced: the custom op (one opaque node); eager: the kernel's call itself."""
+    ``value_channels`` > 0 (v is k: MLA's whole latent rows, kvlab/layers/mla.py): the values are the first that
+    many channels of the rows, the others not read for them (the output ``[B, H, 1, value_channels]``: the same
+    numbers as ``attend(...)[..., :value_channels]``). Traced: the custom op (one opaque node); eager: the kernel's
+    call itself."""
     if torch.compiler.is_compiling():
-        return dense_attend_op(q, k, v, mask, None if sinks is None else sinks.detach(), float(scale))
-    return _kernel_attend(q, k, v, mask, scale, sinks)
+        return dense_attend_op(q, k, v, mask, None if sinks is None else sinks.detach(), float(scale),
+                               int(value_channels))
+    if value_channels and not (v is k and 0 < value_channels <= k.shape[-1]):
+        raise ValueError(f"kvlab dense_attend: value_channels={value_channels} takes v = k and 1..{k.shape[-1]} "
+                         f"channels")
+    return _kernel_attend(q, k, v, mask, scale, sinks, value_channels)
 
 
 def _kernel_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
-                   sinks: torch.Tensor | None) -> torch.Tensor:
+                   sinks: torch.Tensor | None, value_channels: int = 0) -> torch.Tensor:
     """:func:`attend` by one call of the loaded kernel (``k``, ``v`` of a layout :func:`_cap` reads). ``q [B, H, 1, D]``
     contiguous is ``[B, Hkv, G, D]`` as the kernel reads it, the output ``[B, H, 1, Dv]`` its ``[B, Hkv, G, Dv]``, a
-    contiguous mask ``[B|1, 1, 1, L]`` its ``[B|1, L]``: their pointers passed as they are (no view per call)."""
+    contiguous mask ``[B|1, 1, 1, L]`` its ``[B|1, L]``: their pointers passed as they are (no view per call).
+    ``value_channels`` > 0: ``v`` is ``k`` and the values its first that many channels (Dv)."""
     b, h, _, d = q.shape
-    hkv, n, dv = k.shape[1], k.shape[2], v.shape[-1]
+    hkv, n, dv = k.shape[1], k.shape[2], value_channels or v.shape[-1]
     qf = q if q.dtype == torch.float32 and q.is_contiguous() else q.float().contiguous()
     mb = 0
     if mask is not None:

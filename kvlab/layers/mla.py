@@ -214,7 +214,7 @@ class MLAttention(nn.Module):
         q = torch.cat((q_lat, q_pe), dim=-1)
         if whole_latent_values(keys):
             if dense_attend.applies(q, keys, keys):  # a CPU decode step: the C++ kernel (each row read once)
-                out = dense_attend.attend(q, keys, keys, mask, self.scale)[..., :m.kv_lora_rank]
+                out = dense_attend.attend(q, keys, keys, mask, self.scale, value_channels=m.kv_lora_rank)
             else:
                 out = attend(q, keys, keys, mask, self.scale, causal=causal)[..., :m.kv_lora_rank]
         else:
