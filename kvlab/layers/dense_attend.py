@@ -79,7 +79,7 @@ def applies(q: torch.Tensor, k, v) -> bool:
     """The kernel takes this attention: one query ``q [B, H, 1, D]`` (float32 / bfloat16, the K/V's dtype) on the CPU,
     ``k``, ``v`` plain tensors of the layout :func:`_cap` reads, no autograd, the kernel on and loaded (inside a
     compiled trace: as an eager call or kvlab/compiled.py left it, and the layout as far as :func:`_rows` sees).
-    Once per attention call: cheap attribute reads only (``is_cpu``, not ``device.type``: a device object each)."""
+    Once per attention call: cheap attribute reads only (``is_cpu``, eager and traced: kvlab/layers/cpp_build.py)."""
     if not (ENABLED and type(k) is torch.Tensor and type(v) is torch.Tensor and k.dtype in _PLAIN
             and v.dtype == k.dtype and q.dtype == k.dtype):
         return False
@@ -89,11 +89,11 @@ def applies(q: torch.Tensor, k, v) -> bool:
         return False
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return False
+    if not (q.is_cpu and k.is_cpu and v.is_cpu):
+        return False
     if torch.compiler.is_compiling():
-        return (q.device.type == "cpu" and k.device.type == "cpu" and v.device.type == "cpu"
-                and KERNEL.lib is not None and _rows(k) and _rows(v))
-    return (q.is_cpu and k.is_cpu and v.is_cpu and _cap(k) > 0 and _cap(v) > 0
-            and (KERNEL.lib is not None or library() is not None))
+        return KERNEL.lib is not None and _rows(k) and _rows(v)
+    return _cap(k) > 0 and _cap(v) > 0 and (KERNEL.lib is not None or library() is not None)
 
 
 def _torch_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float,
