@@ -6,7 +6,7 @@
 // per segment of positions (Seg: one or two key buffers side by side along channels, the values a buffer of their own
 // or one of the key parts). Per (batch row, KV head, block of at most 8 query heads, piece of a segment's positions),
 // in tiles of rows that stay in L1: the tile's scores (each code converted once, multiplied by its scale, then FMA'd
-// into the accumulators of all the query heads, W / GC positions x GC heads at once in registers, the W-lane sums
+// into the accumulators of all the query heads, W / GC positions (plain rows at 5-6 heads, W = 8: 2) x GC heads at once in registers, the W-lane sums
 // reduced W at a time (AVX2: two rounds of horizontal adds; else a shuffle tree); summed over the key parts), its
 // softmax numerators against the running maximum (a vectorised exp W at a time, the UNDER cut; what was summed before
 // rescaled when the maximum grows), then its p.v over the same rows (GC accumulators for each of up to 4 W-channel
@@ -301,31 +301,69 @@ template <class S> struct Int4Rows {  // planar: chunk 2b = the low nibbles of b
     }
 };
 
-// adds the scores of tile rows l..l+P-1 for GC heads: S[(l + p) * GC + g] (q: GC rows dq apart)
+// lanes j < 4: the sum of the W lanes of a[j], the same tree as reduce_lanes (AVX2)
+#if !defined(__AVX512F__) && defined(__AVX2__)
+inline __m128 reduce_lanes4(const vf* a) {
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps((__m256)a[0], (__m256)a[1]), _mm256_hadd_ps((__m256)a[2], (__m256)a[3]));
+    return _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+}
+#endif
+
+// adds the scores of tile rows l..l+P-1 for GC heads: S[(l + p) * GC + g] (q: GC rows dq apart); P GC <= 2 W sums,
+// the first W reduced as one vector, the rest (P GC > W) as a second
 template <int GC, int P, class L>
 inline void score_block(const L& f, int l, int nch, const float* q, int dq, float* S) {
-    vf acc[W];
-    for (int i = 0; i < W; ++i) acc[i] = vf{};
+    constexpr int N = P * GC, NA = N > W ? 2 * W : W;
+    vf acc[NA];
+    for (int i = 0; i < NA; ++i) acc[i] = vf{};
     for (int c = 0; c < nch; ++c) {
-        vf qv[GC];
-        for (int g = 0; g < GC; ++g) qv[g] = ld(q + g * dq + W * c);
-        for (int p = 0; p < P; ++p) {
-            vf x = f(l + p, c);
-            for (int g = 0; g < GC; ++g) acc[p * GC + g] += qv[g] * x;
+        if constexpr (N > W) {  // each q chunk loaded once for the P rows
+            vf x[P];
+            for (int p = 0; p < P; ++p) x[p] = f(l + p, c);
+            for (int g = 0; g < GC; ++g) {
+                const vf qv = ld(q + g * dq + W * c);
+                for (int p = 0; p < P; ++p) acc[p * GC + g] += qv * x[p];
+            }
+        } else {  // the q chunks of the GC heads in registers, a row at a time
+            vf qv[GC];
+            for (int g = 0; g < GC; ++g) qv[g] = ld(q + g * dq + W * c);
+            for (int p = 0; p < P; ++p) {
+                const vf x = f(l + p, c);
+                for (int g = 0; g < GC; ++g) acc[p * GC + g] += qv[g] * x;
+            }
         }
     }
-    if (P * GC == W) {  // the W sums one vector of S (the same additions as one at a time)
-        st(S + l * GC, ld(S + l * GC) + reduce_lanes(acc));
+    float* s = S + l * GC;
+    if (N >= W) {  // the W sums one vector of S (the same additions as one at a time)
+        st(s, ld(s) + reduce_lanes(acc));
+        if (N > W) {
+#if !defined(__AVX512F__) && defined(__AVX2__)
+            if (N - W == 4) {
+                _mm_storeu_ps(s + W, _mm_add_ps(_mm_loadu_ps(s + W), reduce_lanes4(acc + W)));
+                return;
+            }
+#endif
+            float t[W];
+            st(t, reduce_lanes(acc + W));
+            for (int i = 0; i < N - W; ++i) s[W + i] += t[i];
+        }
     } else {
         float t[W];
         st(t, reduce_lanes(acc));
-        for (int i = 0; i < P * GC; ++i) S[l * GC + i] += t[i];
+        for (int i = 0; i < N; ++i) s[i] += t[i];
     }
 }
 
+// rows a score block: W / GC where that is 2 or more; plain rows at 5-6 heads (AVX2) 2: 2 GC accumulators, the q
+// loads shared by both rows (6 heads x 64 channels: 320 instructions a position instead of 358, 1.03x a call at 4K,
+// level at 16K where the reads bound it: docs/performance.md); else 1
+template <class L> constexpr bool plain_rows = std::is_same_v<L, PlainF32> || std::is_same_v<L, PlainBf16> ||
+                                               std::is_same_v<L, RowsF32>;
+template <int GC, class L> constexpr int score_rows = W / GC >= 2 ? W / GC : plain_rows<L> && 2 * GC <= 12 ? 2 : 1;
+
 template <int GC, class L>
 void score_tile(const L& f, int m, int nch, const float* q, int dq, float* S, Ahead ahead) {
-    constexpr int P = W / GC;
+    constexpr int P = score_rows<GC, L>;
     int l = 0;
     for (; l + P <= m; l += P) ahead.step<L>(P), score_block<GC, P>(f, l, nch, q, dq, S);
     for (; l < m; ++l) ahead.step<L>(), score_block<GC, 1>(f, l, nch, q, dq, S);
