@@ -1,7 +1,8 @@
 """Whole eager decode steps with the dense decode-attention kernel (kvlab/layers/dense_attend.py) on and off, in one
 process, stepping in turns (outside CI); ``--kernel f32``: the float32 weight-product kernel (kvlab/layers/f32_kernel.py)
 on and off instead, ``rows``: the RoPE rows kernel (kvlab/layers/rows_kernel.py), ``route``: the MoE router in
-the MoE kernel's call (kvlab/layers/moe_kernel.py ``ROUTE``), several comma-separated: together.
+the MoE kernel's call (kvlab/layers/moe_kernel.py ``ROUTE``), ``compressed``: DeepSeek V4's CSA / HCA / SWA step
+(kvlab/layers/compressed_kernel.py), several comma-separated: together.
 
 Per benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) and context: one
 prefill (chunks of 512), its cache copied, then two lanes decode the same tokens in turns, step by step, the kernel
@@ -28,7 +29,7 @@ import torch
 
 from kvlab.bench import TORCH_DTYPES, copy_bandwidth, save_random_hf
 from kvlab.costs import costs
-from kvlab.layers import dense_attend, f32_kernel, moe_kernel, rows_kernel
+from kvlab.layers import compressed_kernel, dense_attend, f32_kernel, moe_kernel, rows_kernel
 from kvlab.loading import load
 from kvlab.resolve import resolve_spec
 from kvlab.shrink import scale_to_fit
@@ -36,7 +37,7 @@ from kvlab.units import parse_context, table
 
 # --kernel: the module and its switch the lanes set
 KERNELS = {"dense": (dense_attend, "ENABLED"), "f32": (f32_kernel, "ENABLED"), "rows": (rows_kernel, "ENABLED"),
-           "route": (moe_kernel, "ROUTE")}
+           "route": (moe_kernel, "ROUTE"), "compressed": (compressed_kernel, "ENABLED")}
 
 
 def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> dict:

@@ -26,7 +26,7 @@ each query's ``top-k`` entries, so time and memory are linear in the sequence fo
 computed block by block). While the entries are few (up to ``_DENSE_TOPK`` times ``top-k``) CSA scores every visible
 entry by one matmul and keeps the chosen ones by a mask instead: cheaper than copying ``top-k`` entries per query. With left padding each row compresses its own tokens, its blocks aligned to its
 first token, so a padded row equals the row alone (all rows at once: each row's tokens gathered into place).
-A decode step on a plain float32 CPU cache whose ring is full (no padding) runs the attention, from the query's norm
+A decode step on a plain float32 or bfloat16 CPU cache whose ring is full (no padding) runs the attention, from the query's norm
 to the output's inverse rotation, as one C++ call (kvlab/layers/compressed_kernel.py; compiled: its custom op).
 Arithmetic follows transformers' ``DeepseekV4Attention`` (module names too, but ``indexer.scorer.weights_proj``
 -> ``indexer.weights_proj``); ties among indexer scores go to the earlier entry (a stable sort).
@@ -559,7 +559,7 @@ class CompressedAttention(nn.Module):
         on its own buffers (kvlab/layers/cpu_attend.py ``Bound.v4_step``, descriptors built once per cache): the
         query's weightless norm and rotation, CSA's indexer (query rotation, weighted scores, top-k), attention with
         sinks over the window ring then the entries (or those picked) read from their codes, the output rotated back;
-        what kvlab/layers/compressed_kernel.py does on a plain float32 cache. ``qb [B, 1, H D]``, ``iqb [B, 1, HI
+        what kvlab/layers/compressed_kernel.py does on a plain float32 or bfloat16 cache. ``qb [B, 1, H D]``, ``iqb [B, 1, HI
         dI]``, ``iwb [B, 1, HI]`` (before ``1 / sqrt(HI)``) -> ``[B, 1, H, D]``; None where it does not apply (a
         float32 model, the buffers :func:`cpu_attend.bound` takes), then :meth:`_attend_step`."""
         s, c = self.spec, self.cspec

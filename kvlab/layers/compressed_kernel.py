@@ -1,7 +1,7 @@
 """One eager decode step of DeepSeek V4's CSA / HCA / SWA attention (kvlab/layers/compressed.py) as one hand-written
-C++ call on the CPU, for a plain float32 cache once every key is visible: ``kvlab_quant_v4_step`` of
+C++ call on the CPU, for a plain float32 or bfloat16 cache once every key is visible: ``kvlab_quant_v4_step`` of
 kvlab/layers/cpu_attend.cpp, the step a quantized cache takes (kvlab/layers/cpu_attend.py ``Bound.v4_step``), over
-segments of plain float32 rows (the window ring, then the entries) instead of codes.
+segments of plain rows (the window ring, then the entries) instead of codes.
 
 Why: between its weight products, a CSA layer's decode step was about 60 small torch operators (the query's norm and
 rotation, the indexer query's rotation, the indexer's scores, relu, head weights and top-k, the gather of the chosen
@@ -17,7 +17,8 @@ probabilities below ``exp(-cpu_attend.UNDER)`` of the largest are 0); the chosen
 where two scores differ by an ulp.
 
 Taken when (:func:`applies`): one token per row, no padding, the ring full (every key visible, the caller's
-``full``), the cache's ring, entries and indexer keys plain float32 tensors on the CPU, no autograd. Otherwise, and
+``full``), the cache's ring, entries and indexer keys plain tensors of the layer input's dtype (float32 or bfloat16:
+each row widened to float32 as it is read, the output cast back) on the CPU, no autograd. Otherwise, and
 when the kernel cannot be built (one warning) or ``KVLAB_COMPRESSED_KERNEL=0``, the torch path. Build:
 kvlab/layers/cpp_build.py (the library of kvlab/layers/cpu_attend.py). Compiled (kvlab/compiled.py): the custom op
 ``kvlab::v4_step`` (with a fake implementation), one opaque call in the traced graph; the trace checks what does not
@@ -37,6 +38,7 @@ from .dense_attend import _cap
 
 ENABLED = cpp_build.switch("KVLAB_COMPRESSED_KERNEL")  # KVLAB_COMPRESSED_KERNEL=0: off
 KERNEL = cpu_attend.KERNEL  # the same library as the quantized kernel's
+PLAIN = {torch.float32: 1, torch.bfloat16: 2}  # the row dtypes the kernel reads -> its segments' ``plain`` code
 
 
 def library() -> ctypes.CDLL | None:
@@ -44,12 +46,12 @@ def library() -> ctypes.CDLL | None:
     return KERNEL.get() if ENABLED else None
 
 
-def _plain(t: torch.Tensor | None) -> bool:
-    """A float32 CPU tensor whose last axis is contiguous and whose rows (axis -2) are back to back (in a trace: a
+def _plain(t: torch.Tensor | None, dtype: torch.dtype) -> bool:
+    """A ``dtype`` CPU tensor whose last axis is contiguous and whose rows (axis -2) are back to back (in a trace: a
     buffer's view whatever its number of rows, a symbol; the op checks the layout it is given at run time)."""
     if t is None:
         return True
-    if not (type(t) is torch.Tensor and t.dtype == torch.float32 and t.is_cpu and t.stride(-1) == 1):
+    if not (type(t) is torch.Tensor and t.dtype == dtype and t.is_cpu and t.stride(-1) == 1):
         return False
     if torch.compiler.is_compiling():
         return t.dim() < 2 or t.stride(-2) == t.shape[-1]
@@ -69,20 +71,20 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _segment(seg, t: torch.Tensor) -> None:
-    """Fill the kernel's segment descriptor ``seg`` (cpu_attend ``_Seg``) with the plain float32 rows ``t [B, 1, n,
-    D]`` (:func:`_rows`), K = V."""
+    """Fill the kernel's segment descriptor ``seg`` (cpu_attend ``_Seg``) with the plain float32 / bfloat16 rows ``t
+    [B, 1, n, D]`` (:func:`_rows`), K = V."""
     seg.index, seg.n, seg.nk, seg.v_from = None, t.shape[2], 1, 0
     src = seg.k[0]
     src.codes, src.scales, src.zeros, src.cap, src.dim = t.data_ptr(), None, None, _cap(t), t.shape[-1]
-    src.int4, src.group, src.kind, src.span, src.lut, src.plain = 0, t.shape[-1], 0, 1, None, 1
+    src.int4, src.group, src.kind, src.span, src.lut, src.plain = 0, t.shape[-1], 0, 1, None, PLAIN[t.dtype]
 
 
 def applies(x: torch.Tensor, *cache: torch.Tensor | None) -> bool:
     """The kernel takes this step: ``x`` (the layer's input) and the ``cache`` tensors (ring, entries, indexer keys;
-    None: absent) plain float32 on the CPU, no autograd, the kernel on and loaded (inside a compiled trace: as an
-    eager call or kvlab/compiled.py left it)."""
-    if not (ENABLED and x.dtype == torch.float32 and x.is_cpu
-            and not (torch.is_grad_enabled() and x.requires_grad) and all(_plain(t) for t in cache)):
+    None: absent) plain float32, or all bfloat16, on the CPU, no autograd, the kernel on and loaded (inside a compiled
+    trace: as an eager call or kvlab/compiled.py left it)."""
+    if not (ENABLED and x.dtype in PLAIN and x.is_cpu
+            and not (torch.is_grad_enabled() and x.requires_grad) and all(_plain(t, x.dtype) for t in cache)):
         return False
     return KERNEL.lib is not None if torch.compiler.is_compiling() else library() is not None
 
@@ -103,8 +105,9 @@ def _step(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor | None, ike
     """One call of the kernel: ``q [B, 1, H D]`` (before its weightless norm and rotation), the ring ``[B, 1, L, D]``, ``entries [B, n, D]``
     (None: an SWA layer), CSA's ``ikeys [B, n, dI]``, ``iq [B, 1, HI dI]`` (before its rotation) and ``iw [B, 1,
     HI]`` (the head weights before ``1 / sqrt(HI)``; None: HCA), ``cos`` / ``sin [R]`` (the trailing ``2 R``
-    channels' rotation; None: none), ``sinks [H]`` -> the attention output ``[B, 1, H, D]``, rotated back."""
-    b, d = q.shape[0], ring.shape[-1]
+    channels' rotation; None: none), ``sinks [H]`` -> the attention output ``[B, 1, H, D]``, rotated back, in q's
+    dtype (computed in float32: a bfloat16 cache's rows widened as read, the queries widened first)."""
+    b, d, dtype = q.shape[0], ring.shape[-1], q.dtype
     lib = KERNEL.lib if KERNEL.lib is not None else library()
     q = _f32(q)
     n = 0 if entries is None else entries.shape[1]
@@ -136,7 +139,7 @@ def _step(q: torch.Tensor, ring: torch.Tensor, entries: torch.Tensor | None, ike
     if rc:
         raise ValueError(f"kvlab compressed step: arguments refused (q {tuple(q.shape)}, ring {tuple(ring.shape)}, "
                          f"{n} entries, index heads {hi} x {di}, top-k {topk}, {r} rotated pairs)")
-    return out
+    return out if dtype == torch.float32 else out.to(dtype)
 
 
 v4_step_op = torch.library.custom_op("kvlab::v4_step", _step, mutates_args=())
@@ -144,7 +147,7 @@ v4_step_op = torch.library.custom_op("kvlab::v4_step", _step, mutates_args=())
 
 @v4_step_op.register_fake
 def _(q, ring, entries, ikeys, iq, iw, topk, cos, sin, sinks, heads, eps, scale):
-    return q.new_empty(q.shape[0], 1, heads, ring.shape[-1], dtype=torch.float32)
+    return q.new_empty(q.shape[0], 1, heads, ring.shape[-1])
 
 
-__all__ = ["ENABLED", "KERNEL", "applies", "library", "step", "v4_step_op"]
+__all__ = ["ENABLED", "KERNEL", "PLAIN", "applies", "library", "step", "v4_step_op"]
