@@ -123,19 +123,21 @@ def test_decode_step_compiled_by_inductor_equals_eager(monkeypatch):
 # -- the compiled decode step of generate and the benchmark (kvlab/compiled.py) ----------------------------------
 def test_generate_compiled_by_inductor_gives_eager_tokens_and_compiles_once():
     """``generate(compile=True)``: inductor's C++ kernels; greedy tokens equal eager's (a left-padded batch); the
-    23 decode steps compile one graph (the position count is a symbol, not a constant per step); a second call
-    on the same shapes compiles none."""
+    23 decode steps compile one graph (the position count is a symbol, not a constant per step), also where the
+    window rings (5 slots, full from the 10-token prompt on) are written at slot 0 (the first step, then every fifth:
+    the write's slot is a tensor index in a trace, else inductor's in-place pass guards on its view's offset being 0);
+    a second call on the same shapes compiles none."""
     from kvlab.engine import generate
 
     with torch.no_grad():
-        model = random_model(tiny("gqa", 0))
-    ids = torch.randint(0, 61, (2, 9), generator=torch.Generator().manual_seed(3))
-    eager = generate(model, ids, max_new_tokens=24, lengths=[9, 5])
+        model = random_model(tiny("gqa", 1))
+    ids = torch.randint(0, 61, (2, 10), generator=torch.Generator().manual_seed(3))
+    eager = generate(model, ids, max_new_tokens=24, lengths=[10, 5])
     stats: dict = {}
-    assert torch.equal(generate(model, ids, max_new_tokens=24, lengths=[9, 5], compile=True, stats=stats), eager)
+    assert torch.equal(generate(model, ids, max_new_tokens=24, lengths=[10, 5], compile=True, stats=stats), eager)
     assert stats["compiled"] and stats["compiles"] == 1 and stats["decode_steps"] == 23
     again: dict = {}
-    assert torch.equal(generate(model, ids, max_new_tokens=24, lengths=[9, 5], compile=True, stats=again), eager)
+    assert torch.equal(generate(model, ids, max_new_tokens=24, lengths=[10, 5], compile=True, stats=again), eager)
     assert again["compiles"] == 0
 
 

@@ -147,6 +147,9 @@ class Rows:
         n, cap = x.shape[-2], self.capacity
         if not self.ring:
             t.narrow(-2, start, n).copy_(x)
+        elif n == 1 and torch.compiler.is_compiling():  # the slot as a tensor index: a view at the traced slot made
+            # inductor's in-place pass guard on its offset being 0 (slot 0 or not: a second graph once the ring wraps)
+            t.index_copy_(t.dim() - 2, torch.full((1,), start % cap, dtype=torch.long, device=x.device), x)
         elif n == 1:
             t.select(-2, start % cap).copy_(x.select(-2, 0))
         else:
