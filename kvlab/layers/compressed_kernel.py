@@ -34,11 +34,10 @@ import ctypes
 import torch
 
 from . import cpp_build, cpu_attend
-from .dense_attend import _cap
+from .dense_attend import _PLAIN, _cap
 
 ENABLED = cpp_build.switch("KVLAB_COMPRESSED_KERNEL")  # KVLAB_COMPRESSED_KERNEL=0: off
 KERNEL = cpu_attend.KERNEL  # the same library as the quantized kernel's
-PLAIN = {torch.float32: 1, torch.bfloat16: 2}  # the row dtypes the kernel reads -> its segments' ``plain`` code
 
 
 def library() -> ctypes.CDLL | None:
@@ -76,14 +75,14 @@ def _segment(seg, t: torch.Tensor) -> None:
     seg.index, seg.n, seg.nk, seg.v_from = None, t.shape[2], 1, 0
     src = seg.k[0]
     src.codes, src.scales, src.zeros, src.cap, src.dim = t.data_ptr(), None, None, _cap(t), t.shape[-1]
-    src.int4, src.group, src.kind, src.span, src.lut, src.plain = 0, t.shape[-1], 0, 1, None, PLAIN[t.dtype]
+    src.int4, src.group, src.kind, src.span, src.lut, src.plain = 0, t.shape[-1], 0, 1, None, _PLAIN[t.dtype]
 
 
 def applies(x: torch.Tensor, *cache: torch.Tensor | None) -> bool:
     """The kernel takes this step: ``x`` (the layer's input) and the ``cache`` tensors (ring, entries, indexer keys;
     None: absent) plain float32, or all bfloat16, on the CPU, no autograd, the kernel on and loaded (inside a compiled
     trace: as an eager call or kvlab/compiled.py left it)."""
-    if not (ENABLED and x.dtype in PLAIN and x.is_cpu
+    if not (ENABLED and x.dtype in _PLAIN and x.is_cpu
             and not (torch.is_grad_enabled() and x.requires_grad) and all(_plain(t, x.dtype) for t in cache)):
         return False
     return KERNEL.lib is not None if torch.compiler.is_compiling() else library() is not None
@@ -150,4 +149,4 @@ def _(q, ring, entries, ikeys, iq, iw, topk, cos, sin, sinks, heads, eps, scale)
     return q.new_empty(q.shape[0], 1, heads, ring.shape[-1])
 
 
-__all__ = ["ENABLED", "KERNEL", "PLAIN", "applies", "library", "step", "v4_step_op"]
+__all__ = ["ENABLED", "KERNEL", "applies", "library", "step", "v4_step_op"]

@@ -38,7 +38,7 @@ from . import cpp_build, cpu_attend
 
 ENABLED = cpp_build.switch("KVLAB_DENSE_KERNEL")  # KVLAB_DENSE_KERNEL=0: off
 KERNEL = cpu_attend.KERNEL  # the same library as the quantized kernel's
-_PLAIN = {torch.float32: 1, torch.bfloat16: 2}
+_PLAIN = {torch.float32: 1, torch.bfloat16: 2}  # row dtypes the kernel reads -> ``plain`` code (compressed_kernel.py too)
 
 
 def library():
