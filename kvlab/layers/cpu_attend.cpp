@@ -6,14 +6,15 @@
 // per segment of positions (Seg: one or two key buffers side by side along channels, the values a buffer of their own
 // or one of the key parts). Per (batch row, KV head, block of at most 8 query heads, piece of a segment's positions),
 // in tiles of rows that stay in L1: the tile's scores (each code converted once, multiplied by its scale, then FMA'd
-// into the accumulators of all the query heads, W / GC positions (plain rows at 5-6 heads, W = 8: 2) x GC heads at once in registers, the W-lane sums
-// reduced W at a time (AVX2: two rounds of horizontal adds; else a shuffle tree); summed over the key parts), its
-// softmax numerators against the running maximum (a vectorised exp W at a time, the UNDER cut; what was summed before
-// rescaled when the maximum grows), then its p.v over the same rows (GC accumulators for each of up to 4 W-channel
-// chunks at a time, each probability broadcast once for them: a key part that is also the values is read once from
-// memory). The pieces (threads, segments) are merged at the end with the sinks. int4 rows are read "planar" (per 2W
-// channels: the W low nibbles = even channels, then the W high = odd channels), the query permuted and the output
-// un-permuted to match; groups that do not cover whole W (int8) / 2W (int4) channel chunks are dequantized row by row
+// into the accumulators of all the query heads, W / GC positions (plain rows at 5-6 heads, W = 8: 2) x GC heads at once
+// in registers, the W-lane sums reduced W at a time (AVX2: two rounds of horizontal adds; else a shuffle tree); summed
+// over the key parts), its softmax numerators against the running maximum (a vectorised exp W at a time, the UNDER cut;
+// what was summed before rescaled when the maximum grows), then its p.v over the same rows (GC accumulators for each of
+// up to 4 W-channel chunks at a time, each probability broadcast once for them: a key part that is also the values is
+// read once from memory). The pieces (threads, segments) are merged at the end with the sinks.
+// int4 rows are read "planar" (per 2W channels: the W low nibbles = even channels, then the W high = odd channels), the
+// query permuted and the output un-permuted to match; groups that do not cover whole W (int8) / 2W (int4) channel
+// chunks are dequantized row by row
 // into a float tile first. Plain float32 / bfloat16 rows (no scales; kvlab_dense_attend, kvlab/layers/dense_attend.py)
 // are read straight, or copied into the zero-padded float tile when their channels are not a multiple of W.
 #include <algorithm>
@@ -251,6 +252,8 @@ struct PlainBf16 {  // plain bfloat16 rows D apart (their channels read: a multi
 // of its n steps (its rows or chunk groups), so that reads stay in flight all along the compute (attend_heads says
 // which bytes; 1.1-1.5x a call at 16K over prefetching row l + 8 KiB at row l, docs/performance.md). Codes: nothing
 // (their loads are a quarter or less of plain rows').
+template <class L> constexpr bool plain_rows = std::is_same_v<L, PlainF32> || std::is_same_v<L, PlainBf16> ||
+                                               std::is_same_v<L, RowsF32>;  // loaders of float rows (not codes)
 struct Ahead {
     const char *at = nullptr, *end = nullptr;
     long per = 0;  // lines a step
@@ -262,7 +265,7 @@ struct Ahead {
         per = (long((a + bytes - start + 63) / 64) + n - 1) / n;
     }
     template <class L> void step(long k = 1) {
-        if (!std::is_same_v<L, PlainF32> && !std::is_same_v<L, PlainBf16> && !std::is_same_v<L, RowsF32>) return;
+        if (!plain_rows<L>) return;
         const char* stop = at + 64 * k * per < end ? at + 64 * k * per : end;
         for (; at < stop; at += 64) __builtin_prefetch(at, 0, 3);
     }
@@ -357,8 +360,6 @@ inline void score_block(const L& f, int l, int nch, const float* q, int dq, floa
 // rows a score block: W / GC where that is 2 or more; plain rows at 5-6 heads (AVX2) 2: 2 GC accumulators, the q
 // loads shared by both rows (6 heads x 64 channels: 320 instructions a position instead of 358, 1.03x a call at 4K,
 // level at 16K where the reads bound it: docs/performance.md); else 1
-template <class L> constexpr bool plain_rows = std::is_same_v<L, PlainF32> || std::is_same_v<L, PlainBf16> ||
-                                               std::is_same_v<L, RowsF32>;
 template <int GC, class L> constexpr int score_rows = W / GC >= 2 ? W / GC : plain_rows<L> && 2 * GC <= 12 ? 2 : 1;
 
 template <int GC, class L>
