@@ -6,12 +6,15 @@ For each shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` 
 (each context eager, then compiled; ``--eager-only``: no compiled lane) and, with ``--vs transformers``, once more
 for transformers' loop in fp32.
 The JSON (``--out``) is rewritten after every run, so a partial run keeps what it measured; ``--plot-only``
-redraws the plots from it. ``--profile SHAPE`` instead profiles one eager and one compiled decode step
+redraws the plots from it. ``--add-same-load JSON`` appends the runs of ``benchmarks/same_load.py`` (kvlab eager,
+compiled and transformers decoding in turns, one process per shape: the 16K points of issue 17's table) to
+``--out`` as chunks of their own, then redraws. ``--profile SHAPE`` instead profiles one eager and one compiled decode step
 (torch.profiler) at the first context and prints where the time goes.
 
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/roofline.py benchmarks/qwen3-100m.json \\
         --context 1k,4k --dtypes fp32,bf16 --vs transformers --out docs/img/roofline.json
     PYTHONPATH=$PWD .venv/bin/python benchmarks/roofline.py --plot-only docs/img/roofline.json
+    PYTHONPATH=$PWD .venv/bin/python benchmarks/roofline.py --add-same-load same_load.json --out docs/img/roofline.json
     PYTHONPATH=$PWD .venv/bin/python benchmarks/roofline.py --profile benchmarks/qwen3-100m.json --context 4k
 """
 
@@ -75,6 +78,38 @@ def ground(start: dict[str, Any] | None = None) -> dict[str, Any]:
     dirty = subprocess.run([*git, "status", "--porcelain", "kvlab"], capture_output=True, text=True, check=False)
     return {"command": " ".join(sys.argv), "commit": commit.stdout.strip() + (" (kvlab/ modified)"
             if dirty.stdout.strip() else ""), "start_utc": now["utc"], "start_load": now["load"], "t": time.time()}
+
+
+def from_same_load(data: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records of a ``benchmarks/same_load.py`` JSON as this file's runs: per record one kvlab run (its eager
+    and compiled lanes; the copy bandwidth the lower of the two measured around the decode, as its table divides by)
+    and one transformers run (prefill ``None`` where its bf16 lane decoded from its fp32 cache cast), with the
+    record's ground (a record without one: the file's command, commit unrecorded)."""
+    runs = []
+    for r in data["runs"]:
+        g = r.get("ground") or {"command": data.get("command", "(not recorded)"), "commit": "(not recorded)",
+                                "start_utc": "-", "end_utc": "-", "start_load": min(r["load"].values()),
+                                "end_load": max(r["load"].values()), "wall_s": 0.0}
+        g = {**g, "command": g["command"].replace("benchmarks/same_load.py", "same_load.py")}
+        bw = min(r["copy_bandwidth_before"], r["copy_bandwidth_after"])
+        read = r["weight_read_bytes_per_step"] + r["kv_read_bytes_per_step"]
+        pre = r["kvlab_prefill"]["tok_s"]
+        results = []
+        for lane in ("eager", "compiled"):
+            x = r.get(lane)
+            if x:
+                results.append({"context": r["context"], "compiled": lane == "compiled", "decode_tok_s": x["tok_s"],
+                                "bytes_read_per_step": read, "achieved_bandwidth": read / x["median_s"],
+                                "prefill_tok_s": pre, "first_step_s": r.get("first_compiled_step_s")})
+        short = "fp32" if r["dtype"] == "float32" else "bf16"
+        runs.append({"shape": r["shape"], "what": f"kvlab {short}", "dtype": r["dtype"], "copy_bandwidth_bytes_s": bw,
+                     "results": results, "ground": g})
+        t, tp = r.get("transformers"), r.get("transformers_prefill")
+        if t:
+            runs.append({"shape": r["shape"], "what": f"transformers {short}", "copy_bandwidth_bytes_s": bw,
+                         "results": [{"context": r["context"], "decode_tok_s": t["tok_s"],
+                                      "prefill_tok_s": tp["tok_s"] if tp else None}], "ground": g})
+    return runs
 
 
 def chunks(data: dict[str, Any]) -> list[dict[str, Any]]:
@@ -159,8 +194,10 @@ def plot(data: dict[str, Any], img_dir: Path) -> list[Path]:
                 bw_rows = [q for q in rows if q["achieved_bandwidth"]]
                 ax_bw.plot([q["context"] for q in bw_rows], [q["achieved_bandwidth"] / 1e9 for q in bw_rows], style,
                            color=c, label=label, alpha=0.6 if lane == "transformers" and i else 1.0)
-                if lane != "compiled":
-                    ax_pre.plot(xs, [q["prefill_tok_s"] for q in rows], style, color=c, label=label)
+                pre = [q for q in rows if q["prefill_tok_s"] is not None]
+                if lane != "compiled" and pre:
+                    ax_pre.plot([q["context"] for q in pre], [q["prefill_tok_s"] for q in pre], style, color=c,
+                                label=label)
                 if lane == "eager":
                     ax_tok.plot(xs, [q["copy_bandwidth"] / q["bytes_read_per_step"] for q in rows], ":x", color=color,
                                 lw=2.5, alpha=0.45, label=f"limit {dtype}: copy bw / bytes per step")
@@ -312,6 +349,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="no compiled lane (one prefill per context instead of two, no compile)")
     ap.add_argument("--out", type=Path, default=HERE.parent / "docs" / "img" / "roofline.json")
     ap.add_argument("--plot-only", type=Path, metavar="JSON", help="redraw the plots and the table from a JSON")
+    ap.add_argument("--add-same-load", type=Path, nargs="+", metavar="JSON",
+                    help="append these benchmarks/same_load.py runs to --out, then redraw")
     ap.add_argument("--profile", type=Path, metavar="SHAPE", help="profile one eager and one compiled step")
     args = ap.parse_args(argv)
     contexts = parse_contexts(args.context)
@@ -322,6 +361,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot_only:
         data = json.loads(args.plot_only.read_text())
         img_dir = args.plot_only.parent
+    elif args.add_same_load:
+        data = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
+        for f in args.add_same_load:
+            data["runs"] += from_same_load(json.loads(f.read_text()))
+        args.out.write_text(json.dumps(data, indent=1))
+        img_dir = args.out.parent
     else:
         shapes = [Path(s) for s in args.shapes] or sorted(HERE.glob("*.json"))
         dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]

@@ -2,7 +2,9 @@
 
 ``kvlab bench --vs transformers --compile`` runs transformers' loop after kvlab's, minutes later, so on a shared
 machine its kvlab / transformers ratio carries the load's swings. Here, per benchmark shape (``benchmarks/*.json``,
-random weights scaled as ``kvlab bench`` scales them, one transformers checkpoint loaded by both) and context:
+random weights scaled as ``kvlab bench`` scales them, one transformers checkpoint loaded by both) and context (each
+record with its ground: command, commit, UTC and load, as benchmarks/roofline.py's, whose ``--add-same-load`` plots
+it beside the roofline's runs):
 
 1. kvlab prefills the context (chunks of 512, eager), timed, peak RSS over the prefill; its cache is copied for the
    compiled lane (the same state, no second prefill); transformers prefills the same ids, timed, peak RSS;
@@ -40,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from benchmarks.roofline import ground
 
 DTYPE_FLAGS = {"bf16": ["bfloat16"], "fp32+bf16": ["float32", "bfloat16"]}  # else fp32 alone
 
@@ -353,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{shape.stem} {dtype} {ctx} (load {_load():.1f}, {time.time() - t0:.0f} s in) ...", file=sys.stderr,
               flush=True)
         try:
-            data["runs"] += run_shape(shape, ctx, args.decode_tokens, dtypes, args.profile_steps, compile,
-                                      args.tf_bf16_cache)
+            start = ground()
+            runs = run_shape(shape, ctx, args.decode_tokens, dtypes, args.profile_steps, compile, args.tf_bf16_cache)
+            data["runs"] += [{**r, "ground": ground(start)} for r in runs]
         except Exception as err:  # noqa: BLE001 - a failed shape is recorded, the others still run
             data["failed"] = data.get("failed", []) + [f"{shape.stem} {dtype} {ctx}: {type(err).__name__}: {err}"]
             print(data["failed"][-1], file=sys.stderr, flush=True)

@@ -72,3 +72,37 @@ def test_one_plot_per_shape(roofline, tmp_path):
     paths = roofline.plot(data, tmp_path)
     assert [p.name for p in paths] == ["roofline-s.png", "roofline-t.png"]
     assert all(p.stat().st_size > 10_000 for p in paths)
+
+
+def same_load_record(dtype, tf_prefill=True, ground_=None):
+    r = {"shape": "s", "context": 16384, "dtype": dtype, "load": {"start": 1.5, "after_decode": 2.5},
+         "copy_bandwidth_before": 10e9, "copy_bandwidth_after": 8e9, "weight_read_bytes_per_step": 6e8,
+         "kv_read_bytes_per_step": 2e8, "kvlab_prefill": {"tok_s": 200.0}, "first_compiled_step_s": 40.0,
+         "eager": {"median_s": 0.2, "tok_s": 5.0}, "compiled": {"median_s": 0.16, "tok_s": 6.25},
+         "transformers": {"median_s": 0.5, "tok_s": 2.0},
+         "transformers_prefill": {"tok_s": 100.0} if tf_prefill else None}
+    if ground_:
+        r["ground"] = ground_
+    return r
+
+
+def test_same_load_runs_join_the_roofline_as_chunks_of_their_own(roofline, tmp_path):
+    """benchmarks/same_load.py's records (three lanes in turns) become an eager + compiled run and a transformers
+    run: GB/s the calculated bytes over the median step, the lower copy bandwidth of the two around the decode, no
+    transformers prefill where its bf16 lane decoded from a cast cache; a record's ground names its chunk."""
+    sl = {"command": "benchmarks/same_load.py s.json:16k:fp32+bf16",
+          "runs": [same_load_record("float32", ground_=ground("benchmarks/same_load.py s.json:16k:fp32+bf16")),
+                   same_load_record("bfloat16", tf_prefill=False)]}
+    data = {"runs": [kvlab_run("a", [1024], 10e9, 0.2)] + roofline.from_same_load(sl)}
+    pts = {(q["lane"], q["dtype"], q["context"]): q for q in roofline.points(data)}
+    e, c, t = (pts[lane, "float32", 16384] for lane in ("eager", "compiled", "transformers"))
+    assert e["achieved_bandwidth"] == pytest.approx(8e8 / 0.2) and c["achieved_bandwidth"] == pytest.approx(5e9)
+    assert e["copy_bandwidth"] == t["copy_bandwidth"] == 8e9 and c["first_step_s"] == 40.0
+    assert t["achieved_bandwidth"] == pytest.approx(8e8 * 2.0) and t["prefill_tok_s"] == 100.0
+    assert pts["transformers", "bfloat16", 16384]["prefill_tok_s"] is None
+    assert pts["eager", "float32", 1024]["chunk"] == 1 and e["chunk"] == 2 and pts["eager", "bfloat16", 16384][
+        "chunk"] == 3  # the bf16 record has no ground of its own: the file's command, commit unrecorded
+    text = roofline.table(data)
+    assert "| 4.0 / 5.0 / 1.6 | 8.0 | 50% / 62% / 20% | 2.50x | 3.12x | 200 / 100 |" in text
+    assert "| 3 | `same_load.py s.json:16k:fp32+bf16` | (not recorded) |" in text
+    assert [p.name for p in roofline.plot(data, tmp_path)] == ["roofline-s.png"]
