@@ -2,7 +2,8 @@
 process, stepping in turns (outside CI); ``--kernel f32``: the float32 weight-product kernel (kvlab/layers/f32_kernel.py)
 on and off instead, ``rows``: the RoPE rows kernel (kvlab/layers/rows_kernel.py), ``route``: the MoE router in
 the MoE kernel's call (kvlab/layers/moe_kernel.py ``ROUTE``), ``compressed``: DeepSeek V4's CSA / HCA / SWA step
-(kvlab/layers/compressed_kernel.py), several comma-separated: together.
+(kvlab/layers/compressed_kernel.py), ``grouped``: the per-head / per-group products of MLA's absorbed decode and
+DeepSeek V4's output groups (kvlab/layers/f32_kernel.py ``GROUPED``), several comma-separated: together.
 
 Per benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) and context: one
 prefill (chunks of 512), its cache copied, then two lanes decode the same tokens in turns, step by step, the kernel
@@ -26,6 +27,7 @@ import tempfile
 import time
 
 import torch
+from kv_quant_speed import fill
 
 from kvlab.bench import TORCH_DTYPES, copy_bandwidth, save_random_hf
 from kvlab.costs import costs
@@ -37,10 +39,11 @@ from kvlab.units import parse_context, table
 
 # --kernel: the module and its switch the lanes set
 KERNELS = {"dense": (dense_attend, "ENABLED"), "f32": (f32_kernel, "ENABLED"), "rows": (rows_kernel, "ENABLED"),
-           "route": (moe_kernel, "ROUTE"), "compressed": (compressed_kernel, "ENABLED")}
+           "route": (moe_kernel, "ROUTE"), "compressed": (compressed_kernel, "ENABLED"),
+           "grouped": (f32_kernel, "GROUPED")}
 
 
-def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> dict:
+def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense", fill_cache: bool = False) -> dict:
     """One shape and context: the two lanes' step times, their logits' largest difference, the bandwidth shares."""
     cfg, _ = scale_to_fit(resolve_spec(spec))
     with tempfile.TemporaryDirectory(prefix="dense-steps-") as tmp:
@@ -50,7 +53,10 @@ def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> d
     load0 = os.getloadavg()[0]
     with torch.inference_mode():
         cache = model.new_cache(1, max_length=ctx + steps + 2)
-        for s in range(0, ctx, 512):
+        if fill_cache:  # random K/V, no prefill (benchmarks/kv_quant_speed.py)
+            fill(cache, cfg, ctx, TORCH_DTYPES[dtype])
+            logits = model.decode_step(ids[:, -1:], cache)
+        for s in range(0, 0 if fill_cache else ctx, 512):
             logits = model(ids[:, s:s + 512], cache=cache, last_only=True)
         caches = {True: cache, False: copy.deepcopy(cache)}
         times: dict[bool, list[float]] = {True: [], False: []}
@@ -73,7 +79,7 @@ def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense") -> d
     c = costs(cfg, context=ctx + steps // 2, dtype=dtype)
     read = c.weight_read_bytes_per_step + c.kv_read_bytes_per_step
     on_s, off_s = statistics.median(times[True]), statistics.median(times[False])
-    return {"shape": spec, "kernel": kernel, "context": ctx, "dtype": dtype, "steps": steps, "threads": torch.get_num_threads(),
+    return {"shape": spec, "kernel": kernel, "fill": fill_cache, "context": ctx, "dtype": dtype, "steps": steps, "threads": torch.get_num_threads(),
             "on_ms": on_s * 1e3, "off_ms": off_s * 1e3,
             "off_over_on": statistics.median(b / a for a, b in zip(times[True], times[False], strict=True)),
             "on_steps_s": times[True], "off_steps_s": times[False], "max_logit_diff": diff,
@@ -89,6 +95,7 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--kernel", default="dense", help=f"the kernel(s) the two lanes switch, comma-separated: {sorted(KERNELS)}")
+    ap.add_argument("--fill", action="store_true", help="a cache of random K/V instead of a prefill (faster at 16K)")
     ap.add_argument("--out")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -100,7 +107,7 @@ def main() -> None:
     rows = []
     for r in a.runs:
         spec, ctx = r.rsplit(":", 1)
-        rows.append(run(spec, parse_context(ctx), a.steps, a.dtype, a.kernel))
+        rows.append(run(spec, parse_context(ctx), a.steps, a.dtype, a.kernel, a.fill))
         if a.out:
             with open(a.out, "w") as f:
                 json.dump({"rows": rows}, f, indent=1)
