@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from helpers import count_calls, random_model, require_kernel, tiny_config
 
-from kvlab import generate
+from kvlab import generate, kinds
+from kvlab.config import LayerSpec, ModelConfig
 from kvlab.layers import f32_kernel, moe_kernel
 from kvlab.layers.linear import Linear, linear
 from kvlab.layers.moe import MoE
@@ -131,3 +132,66 @@ def test_tiny_model_decodes_with_the_kernel_as_without(kernel, monkeypatch, moe,
         step_off = model(on[:, 7:8], cache=cache)
     assert torch.equal(on, off)
     torch.testing.assert_close(step_on, step_off, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("trans", [False, True])
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_grouped_equals_einsum(kernel, n, trans):
+    """Per-group products (``kvlab_f32_grouped``) of odd sizes (37 inputs: the 8-wide body and a tail), the groups'
+    weights a strided slice of a bigger tensor (MLA's ``W_uk`` / ``W_uv`` of ``kv_b_proj``), ``x`` a strided view and
+    ``out`` a strided slice: within float32 rounding of the float64 ``einsum``; nothing outside ``out`` written."""
+    g = torch.Generator().manual_seed(n)
+    full = torch.randn(3, 13 + 6, 37, generator=g)
+    w = full[:, 6:]  # [3, 13, 37], groups 19 x 37 apart
+    k = 13 if trans else 37
+    x = torch.randn(n, 3, k + 5, generator=g)[..., 2:2 + k]
+    buf = torch.zeros(n, 3, (37 if trans else 13) + 4)
+    out = buf[..., 1:-3]
+    got = f32_kernel.grouped(x, w, trans=trans, out=out)
+    want = torch.einsum("ngr,grc->ngc" if trans else "ngc,grc->ngr", x.double(), w.double())
+    assert got.data_ptr() == out.data_ptr()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert buf[..., :1].abs().sum() == 0 and buf[..., -3:].abs().sum() == 0
+    torch.testing.assert_close(f32_kernel.grouped(x, w, trans=trans), got, rtol=0, atol=0)
+
+
+def test_grouped_taken_only_where_it_applies(kernel, monkeypatch):
+    """bf16, 9 rows, weight rows not contiguous, groups that do not match, autograd, two threads, the switch off."""
+    x, w = torch.randn(2, 3, 16), torch.randn(3, 5, 16)
+    assert f32_kernel.grouped_applies(x, w)
+    assert not f32_kernel.grouped_applies(x.bfloat16(), w.bfloat16())
+    assert not f32_kernel.grouped_applies(torch.randn(9, 3, 16), w)
+    assert not f32_kernel.grouped_applies(x, torch.randn(3, 16, 5).transpose(1, 2))
+    assert not f32_kernel.grouped_applies(torch.randn(2, 4, 16), w)
+    assert not f32_kernel.grouped_applies(x.requires_grad_(), w)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not f32_kernel.grouped_applies(x.detach(), w)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(f32_kernel, "GROUPED", False)
+    assert not f32_kernel.grouped_applies(x.detach(), w)
+
+
+@pytest.mark.parametrize("kind", ["mla", "csa"])
+def test_decode_step_grouped_as_einsum(kernel, monkeypatch, kind):
+    """A float32 decode step of tiny MLA layers (absorbed: ``W_uk`` into the query, ``W_uv`` on the latent output)
+    and CSA layers (the grouped output projection): two / one grouped calls a layer, logits within 1e-5 of the
+    ``einsum`` path (``GROUPED`` off, no call)."""
+    spec = kinds.KINDS[kind].examples[0]
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, max_positions=64,
+                      layers=[LayerSpec(attention=kind, intermediate_size=40, **spec) for _ in range(2)])
+    model = random_model(cfg, seed=2)
+    ids = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(1))
+    steps = {}
+    calls = count_calls(monkeypatch, f32_kernel, {"kvlab_f32_grouped": lambda a: a[5]})
+    with torch.no_grad():
+        for on in (True, False):
+            monkeypatch.setattr(f32_kernel, "GROUPED", on)
+            cache = model.new_cache(1, max_length=16)
+            model(ids[:, :8], cache=cache)
+            calls.clear()
+            steps[on] = model(ids[:, 8:], cache=cache)
+            assert calls == ([1, 0] if kind == "mla" else [0]) * 2 * on  # W_uk (trans), then W_uv
+    torch.testing.assert_close(steps[True], steps[False], rtol=1e-5, atol=1e-5)

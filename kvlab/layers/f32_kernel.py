@@ -28,14 +28,16 @@ from . import cpp_build, row_products
 SOURCE = Path(__file__).with_name("f32_kernel.cpp")
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=fast")
 ENABLED = cpp_build.switch("KVLAB_F32_KERNEL")
+GROUPED = True  # False: :func:`grouped`'s callers keep their einsum (benchmarks/dense_steps.py --kernel grouped)
 MAX_ROWS = row_products.MAX_ROWS
-_P, _I = ctypes.c_void_p, ctypes.c_int
+_P, _I, _L = ctypes.c_void_p, ctypes.c_int, ctypes.c_long
 
 
 def kernel() -> cpp_build.Library:
     """The kernel's library (built and loaded at first use)."""
-    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_f32_version", 1), {
+    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_f32_version", 2), {
         "kvlab_f32_linear": ([_P, _I, _I, _P, _I, _P, _P], _I),
+        "kvlab_f32_grouped": ([_P, _L, _L, _I, _I, _I, _P, _I, _I, _L, _P, _L, _L], _I),
     }, "float32 products run as torch's F.linear")
 
 
@@ -65,4 +67,43 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return row_products.run(KERNEL.lib, "kvlab_f32_linear", x, weight, bias)
 
 
-__all__ = ["ENABLED", "MAX_ROWS", "applies", "f32_linear_op", "library", "linear"]
+def grouped_applies(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """:func:`grouped` takes ``x [N, G, K]`` and ``w [G, R, C]``: eager (a compiled step keeps its ``einsum``), one
+    torch thread, no autograd, both float32 on the CPU, 1 to :data:`MAX_ROWS` rows, each row of ``x`` and of ``w``
+    contiguous (the groups and rows at any stride), the kernel on and loaded. Cheap attribute reads only."""
+    if not (ENABLED and GROUPED and x.dtype == torch.float32 and w.dtype == torch.float32 and x.ndim == 3 and w.ndim == 3):
+        return False
+    if not (x.is_cpu and w.is_cpu) or torch.compiler.is_compiling() or not 1 <= x.shape[0] <= MAX_ROWS:
+        return False
+    if x.stride(2) != 1 or w.stride(2) != 1 or w.stride(1) != w.shape[2] or x.shape[1] != w.shape[0]:
+        return False
+    if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad):
+        return False
+    return torch.get_num_threads() == 1 and (KERNEL.lib is not None or library() is not None)
+
+
+def grouped(x: torch.Tensor, w: torch.Tensor, trans: bool = False, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One matrix-vector product per group by one call (:func:`grouped_applies` first): ``x [N, G, C]``, ``w [G, R, C]``
+    -> ``einsum("ngc,grc->ngr")`` ``[N, G, R]``; ``trans``: ``x [N, G, R]`` -> ``einsum("ngr,grc->ngc")`` ``[N, G, C]``
+    (each output summed over ``r`` in order). MLA's absorbed decode (``W_uk`` folded into the query, ``W_uv`` on the
+    latent output, per head: kvlab/layers/mla.py) and DeepSeek V4's grouped output projection
+    (kvlab/layers/compressed.py): the weights read in place, where ``einsum``'s batched product read a head's strided
+    slice at about a fifth of the copy bandwidth (docs/performance.md). ``out``: written there (its last axis
+    contiguous, any other strides), else a new contiguous tensor. Float32 FMAs, another summation order than torch's."""
+    n, g, k = x.shape
+    rows, cols = w.shape[1], w.shape[2]
+    if k != (rows if trans else cols):
+        raise ValueError(f"kvlab f32 grouped: x {tuple(x.shape)} does not fit w {tuple(w.shape)} (trans={trans})")
+    width = cols if trans else rows
+    if out is None:
+        out = x.new_empty(n, g, width)
+    elif out.shape != (n, g, width) or out.stride(2) != 1:
+        raise ValueError(f"kvlab f32 grouped: out {tuple(out.shape)} {out.stride()} is not [{n}, {g}, {width}] with "
+                         f"its last axis contiguous")
+    if KERNEL.lib.kvlab_f32_grouped(x.data_ptr(), x.stride(0), x.stride(1), n, g, int(trans), w.data_ptr(), rows,
+                                    cols, w.stride(0), out.data_ptr(), out.stride(0), out.stride(1)):
+        raise ValueError(f"kvlab f32 grouped: arguments refused (x {tuple(x.shape)}, w {tuple(w.shape)})")
+    return out
+
+
+__all__ = ["ENABLED", "MAX_ROWS", "applies", "f32_linear_op", "grouped", "grouped_applies", "library", "linear"]

@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from ..config import LayerSpec, MLASpec
-from . import dense_attend
+from . import dense_attend, f32_kernel
 from .blocked import channels, dense, gather, is_blocked, scores, with_heads
 from .core import Step, attend, stable_topk, visible_mask
 from .linear import Linear
@@ -207,18 +207,27 @@ class MLAttention(nn.Module):
         """Attention in the latent space: keys ``[c_kv, k_pe]``, values ``c_kv`` (views of ``lat``, shared by all
         heads), ``W_uk`` folded into the query and ``W_uv`` applied to the output -> ``[B, H, T, Dv]``."""
         m, h = self.spec.mla, self.spec.num_heads
-        w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, m.kv_lora_rank)
+        r = m.kv_lora_rank
+        w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, r)
         w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
-        q_lat = torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk)
         keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: readers of c_kv and k_pe)
-        q = torch.cat((q_lat, q_pe), dim=-1)
+        one = q_nope.shape[2] == 1 and f32_kernel.grouped_applies(q_nope[:, :, 0], w_uk)
+        if one:  # one query a row (a decode step), eager fp32: W_uk by one C++ call, written into q's latent part
+            b = q_nope.shape[0]
+            q = q_nope.new_empty(b, h, 1, r + m.qk_rope_head_dim)
+            f32_kernel.grouped(q_nope[:, :, 0], w_uk, trans=True, out=q[:, :, 0, :r])
+            q[..., r:] = q_pe
+        else:
+            q = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe), dim=-1)
         if whole_latent_values(keys):
             if dense_attend.applies(q, keys, keys):  # a CPU decode step: the C++ kernel (each row read once)
-                out = dense_attend.attend(q, keys, keys, mask, self.scale, value_channels=m.kv_lora_rank)
+                out = dense_attend.attend(q, keys, keys, mask, self.scale, value_channels=r)
             else:
-                out = attend(q, keys, keys, mask, self.scale, causal=causal)[..., :m.kv_lora_rank]
+                out = attend(q, keys, keys, mask, self.scale, causal=causal)[..., :r]
         else:
-            out = attend(q, keys, channels(keys, 0, m.kv_lora_rank), mask, self.scale, causal=causal)  # [B, H, T, r]
+            out = attend(q, keys, channels(keys, 0, r), mask, self.scale, causal=causal)  # [B, H, T, r]
+        if one and out.dtype == torch.float32 and out.is_contiguous():  # W_uv likewise: [B, H, 1, Dv]
+            return f32_kernel.grouped(out[:, :, 0], w_uv)[:, :, None]
         return torch.einsum("bhtr,hvr->bhtv", out, w_uv)
 
 
