@@ -59,8 +59,10 @@ SPECS = {
                     swiglu_limit=1.0), "silu"),
     "laguna": (MoESpec(num_experts=8, top_k=2, expert_size=16, scoring="sigmoid", norm_topk=True, bias_correction=True,
                        routed_scaling=2.5, shared_experts=1, shared_size=16), "silu"),
+    "v3": (MoESpec(num_experts=8, top_k=2, expert_size=16, scoring="sigmoid", norm_topk=True, bias_correction=True,
+                   routed_scaling=2.5, shared_experts=1, shared_size=16, n_group=4, topk_group=2), "silu"),
 }
-ROUTED = {"plain", "gelu-tanh", "gelu", "odd", "laguna"}  # float32 routing in the call too (moe_kernel.route_applies)
+ROUTED = {"plain", "gelu-tanh", "gelu", "odd", "laguna", "v3", "v4"}  # float32 routing in the call too (route_applies)
 
 
 def _moe(name: str, seed: int) -> tuple[MoE, MoESpec, str, int]:
@@ -122,9 +124,10 @@ def test_bf16_one_token_equals_reference_and_torch_paths(kernel, monkeypatch, na
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_routing_in_the_call_where_it_applies(kernel, monkeypatch, name):
-    """A plain float32 router (softmax or sigmoid, the choice bias, renormalised or not) is computed in the call
-    (``kvlab_moe_route_step``: the same experts as ``MoE.route`` for 20 tokens, within 1e-5 of the reference);
-    sqrt-softplus scores, a skip expert, group limits, hash routing, expert scales and bf16 route in torch first."""
+    """A plain float32 router (softmax, sigmoid or sqrt-softplus, the choice bias, DeepSeek V3's group limit,
+    renormalised or not) is computed in the call (``kvlab_moe_route_step``: the same experts as ``MoE.route`` for 20
+    tokens, within 1e-5 of the reference); a skip expert, hash routing without a token id, expert scales and bf16
+    route in torch first."""
     moe, spec, act, hidden = _moe(name, 5)
     names = count_calls(monkeypatch, moe_kernel, {f: (lambda a, f=f: f) for f in (
         "kvlab_moe_step", "kvlab_moe_route_step")})
@@ -134,7 +137,7 @@ def test_routing_in_the_call_where_it_applies(kernel, monkeypatch, name):
     ref = torch.stack([reference(moe, t.reshape(-1), act) for t in x]).view_as(got)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     if name == "laguna":
-        for other in ({"n_group": 2, "topk_group": 1}, {"expert_scale": True}, {"hash_routing": True}):
+        for other in ({"expert_scale": True}, {"hash_routing": True}):
             moe.spec = dataclasses.replace(spec, **other)
             if other.get("expert_scale"):
                 moe.expert_scale = torch.nn.Parameter(torch.ones(spec.num_experts))
@@ -189,3 +192,39 @@ def test_no_compiler_warns_once_and_falls_back(monkeypatch, tmp_path):
     assert len([w for w in rec if "unavailable" in str(w.message)]) == 1
     assert all(torch.equal(a, b) for a, b in zip(got, want)) and moe_kernel.KERNEL.lib is None
     assert list(tmp_path.iterdir()) == []
+
+
+def test_group_limit_in_the_call_keeps_the_best_groups(kernel, monkeypatch):
+    """DeepSeek V3's group limit in the call: a router whose best two experts lie in one group while the group of the
+    next best sums higher chooses from the best groups only, as ``MoE.route`` does (a mutation that drops the limit, or
+    scores a group by its best alone, picks other experts)."""
+    moe, spec, act, hidden = _moe("v3", 7)
+    moe.spec = dataclasses.replace(spec, n_group=4, topk_group=1)
+    moe.router_bias.zero_()
+    x = torch.randn(1, 1, hidden)
+    logits = torch.tensor([3.0, -4.0, 2.0, 1.9, -1.0, -1.0, -1.0, -1.0])  # group 0: 3 + -4; group 1: 2 + 1.9
+    moe.router.weight.copy_(torch.linalg.lstsq(x.reshape(1, -1), logits[None]).solution.T)
+    idx, _ = moe.route(x.reshape(1, -1))
+    assert sorted(idx[0].tolist()) == [2, 3]
+    names = count_calls(monkeypatch, moe_kernel, {"kvlab_moe_route_step": lambda a: "route"})
+    torch.testing.assert_close(moe(x), reference(moe, x.reshape(-1), act).view_as(x), atol=1e-5, rtol=1e-5)
+    assert names == ["route"]
+
+
+def test_hash_routing_in_the_call(kernel, monkeypatch):
+    """DeepSeek V4's hash-routed layer: with the token's id (``carry['input_ids']``) the call takes the table's experts
+    and their sqrt-softplus weights, equal within 1e-5 to torch's routing (``ROUTE`` off) for 20 tokens."""
+    moe, spec, act, hidden = _moe("v4", 8)
+    moe = MoE(hidden, dataclasses.replace(spec, hash_routing=True), act=act, vocab=50)
+    for p in moe.parameters():
+        p.normal_(0, 0.3)
+    names = count_calls(monkeypatch, moe_kernel, {f: (lambda a, f=f: f) for f in (
+        "kvlab_moe_step", "kvlab_moe_route_step")})
+    x = torch.randn(20, 1, 1, hidden)
+    ids = torch.randint(0, 50, (20, 1, 1))
+    got = torch.stack([moe(t, carry={"input_ids": i}) for t, i in zip(x, ids, strict=True)])
+    assert names == ["kvlab_moe_route_step"] * 20
+    monkeypatch.setattr(moe_kernel, "ROUTE", False)
+    want = torch.stack([moe(t, carry={"input_ids": i}) for t, i in zip(x, ids, strict=True)])
+    assert names[20:] == ["kvlab_moe_step"] * 20
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -296,9 +296,10 @@ class MoE(nn.Module):
         if self.spec.router_hidden is not None:
             rin = self.router_state(rin, carry, shape)
         one = moe_kernel.applies(flat, self.experts, self.shared, self.experts.act_name)  # one token: one C++ call
-        if one and router_input is None and moe_kernel.route_applies(flat, self):  # the routing in the call too
-            return moe_kernel.route_step(flat, self).reshape(shape)
-        idx, w = self.choose(rin, carry.get("input_ids") if carry is not None and self.spec.hash_routing else None)
+        tid = carry.get("input_ids") if carry is not None and self.spec.hash_routing else None
+        if one and router_input is None and moe_kernel.route_applies(flat, self, tid):  # the routing in the call too
+            return moe_kernel.route_step(flat, self, tid).reshape(shape)
+        idx, w = self.choose(rin, tid)
         if one:
             return moe_kernel.step(flat, idx, w, self.experts, self.shared, self.experts.act_name,
                                    self.spec.routed_scaling).reshape(shape)

@@ -78,7 +78,7 @@ int step(const float* x, int hidden, const long* idx, const float* w, int k, int
 
 extern "C" {
 
-int kvlab_moe_version() { return 4; }
+int kvlab_moe_version() { return 5; }
 
 // out [H] = shared(x) + alpha sum_j w_j expert_{idx_j}(x) for one token x [H]: experts gate / up [E, I, H], down
 // [E, H, I] (an index >= E, a skip expert, adds nothing), the shared expert's gate / up [S, H], down [H, S] (S = 0:
@@ -91,14 +91,19 @@ int kvlab_moe_step(const float* x, int hidden, const long* idx, const float* w, 
 }
 
 // kvlab_moe_step with its routing computed here first, float32 (kvlab/layers/moe.py MoE.choose): logits = R x (router
-// [num, hidden]); scores softmax (scoring 0) or sigmoid (1); the k best of scores + bias (bias [num] or null), ties
-// to the lower index, in descending order; their scores as weights, divided by their sum (+ 1e-20 for sigmoid) with
-// norm_topk. 0: done, 1: bad arguments.
+// [num, hidden]); scores softmax (scoring 0), sigmoid (1) or sqrt(softplus) (2: DeepSeek V4; softplus the logit itself
+// above 20, as torch's); the k best of scores + bias (bias [num] or null), ties to the lower index, in descending
+// order; with n_group > 1 only among the topk_group best of n_group equal groups of experts, a group scored by the sum
+// of its two best (DeepSeek V3's group limit: the others' choices -inf); with table (long [vocab, k]) and token
+// (long [1]) non-null, the experts table[token] instead of a choice (DeepSeek V4's hash routing). The chosen experts'
+// scores as weights, divided by their sum (+ 1e-20 but for softmax) with norm_topk. 0: done, 1: bad arguments.
 int kvlab_moe_route_step(const float* x, int hidden, const float* router, const float* bias, int scoring, int k,
-                         int norm_topk, int num, int width, const float* gate, const float* up, const float* down,
-                         int shared, const float* s_gate, const float* s_up, const float* s_down, int kind, int clip,
-                         float limit, float alpha, float* out) {
-    if (hidden < 1 || num < 1 || k < 1 || k > num || scoring < 0 || scoring > 1) return 1;
+                         int norm_topk, int n_group, int topk_group, const long* table, const long* token, int num,
+                         int width, const float* gate, const float* up, const float* down, int shared,
+                         const float* s_gate, const float* s_up, const float* s_down, int kind, int clip, float limit,
+                         float alpha, float* out) {
+    if (hidden < 1 || num < 1 || k < 1 || k > num || scoring < 0 || scoring > 2) return 1;
+    if (n_group > 1 && (num % n_group || topk_group < 1 || topk_group > n_group)) return 1;
     std::vector<float> score(num), choice(num), w(k);
     std::vector<long> idx(k);
     gemv(router, x, score.data(), num, hidden);
@@ -108,21 +113,50 @@ int kvlab_moe_route_step(const float* x, int hidden, const float* router, const 
         float z = 0.f;
         for (int e = 0; e < num; ++e) z += (score[e] = std::exp(score[e] - m));
         for (int e = 0; e < num; ++e) score[e] /= z;
-    } else {
+    } else if (scoring == 1) {
         for (int e = 0; e < num; ++e) score[e] = 1.f / (1.f + std::exp(-score[e]));
+    } else {
+        for (int e = 0; e < num; ++e) score[e] = std::sqrt(score[e] > 20.f ? score[e] : std::log1p(std::exp(score[e])));
     }
-    for (int e = 0; e < num; ++e) choice[e] = bias ? score[e] + bias[e] : score[e];
-    float sum = 0.f;
-    for (int j = 0; j < k; ++j) {
-        int best = -1;
-        for (int e = 0; e < num; ++e) {
-            bool taken = false;
-            for (int i = 0; i < j; ++i) taken = taken || idx[i] == e;
-            if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
+    if (table && token) {
+        for (int j = 0; j < k; ++j) {
+            idx[j] = table[token[0] * k + j];
+            if (idx[j] < 0 || idx[j] >= num) return 1;
         }
-        idx[j] = best;
-        sum += (w[j] = score[best]);
+    } else {
+        for (int e = 0; e < num; ++e) choice[e] = bias ? score[e] + bias[e] : score[e];
+        if (n_group > 1 && topk_group < n_group) {
+            const int size = num / n_group;
+            std::vector<float> best(n_group);
+            std::vector<char> keep(n_group, 0);
+            for (int g = 0; g < n_group; ++g) {  // the sum of the group's two best (its best alone in a group of one)
+                const float* c = choice.data() + g * size;
+                int a = 0;
+                for (int e = 1; e < size; ++e) a = c[e] > c[a] ? e : a;
+                int b = -1;
+                for (int e = 0; e < size; ++e) b = e != a && (b < 0 || c[e] > c[b]) ? e : b;
+                best[g] = b < 0 ? c[a] : c[a] + c[b];
+            }
+            for (int j = 0; j < topk_group; ++j) {
+                int top = -1;
+                for (int g = 0; g < n_group; ++g) top = !keep[g] && (top < 0 || best[g] > best[top]) ? g : top;
+                keep[top] = 1;
+            }
+            for (int e = 0; e < num; ++e)
+                if (!keep[e / size]) choice[e] = -INFINITY;
+        }
+        for (int j = 0; j < k; ++j) {
+            int best = -1;
+            for (int e = 0; e < num; ++e) {
+                bool taken = false;
+                for (int i = 0; i < j; ++i) taken = taken || idx[i] == e;
+                if (!taken && (best < 0 || choice[e] > choice[best])) best = e;
+            }
+            idx[j] = best;
+        }
     }
+    float sum = 0.f;
+    for (int j = 0; j < k; ++j) sum += (w[j] = score[idx[j]]);
     if (norm_topk) {
         const float d = sum + (scoring == 0 ? 0.f : 1e-20f);
         for (int j = 0; j < k; ++j) w[j] /= d;

@@ -17,8 +17,9 @@ rounded to bf16 (the torch path rounds each product and the activation to bf16: 
 Taken when (:func:`applies`): one token, one torch thread (the kernel runs on one; with more, torch's products split
 their rows over them: not measured against it), float32 or bf16 weights and input on the CPU, contiguous, no
 autograd, no biases on the shared expert. Otherwise, and when the kernel cannot be built (one warning) or
-``KVLAB_MOE_KERNEL=0``, the torch paths. A plain float32 router (:func:`route_applies`: softmax or sigmoid scores, an
-optional choice bias, top-k, renormalised or not) is computed in the same call in an eager step (:func:`route_step`):
+``KVLAB_MOE_KERNEL=0``, the torch paths. A plain float32 router (:func:`route_applies`: softmax, sigmoid or
+sqrt-softplus scores, an optional choice bias, DeepSeek V3's group limit or DeepSeek V4's hash table, top-k,
+renormalised or not) is computed in the same call in an eager step (:func:`route_step`):
 its logits, scores, choice and weights as ``MoE.choose`` computes them, the ties of the choice to the lower index,
 instead of about ten small torch operators a layer. Build: kvlab/layers/cpp_build.py. Compiled (kvlab/compiled.py): the custom op
 ``kvlab::moe_step`` (with a fake implementation), one opaque call in the traced graph; a trace cannot read the thread
@@ -46,8 +47,8 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
 def kernel() -> cpp_build.Library:
     """The kernel's library (built and loaded at first use)."""
     args = [_P, _I, _P, _P, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _F, _F, _P]
-    route = [_P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _F, _F, _P]
-    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_moe_version", 4), {
+    route = [_P, _I, _P, _P, _I, _I, _I, _I, _I, _P, _P, _I, _I, _P, _P, _P, _I, _P, _P, _P, _I, _I, _F, _F, _P]
+    return cpp_build.Library(SOURCE, FLAGS, ("kvlab_moe_version", 5), {
         "kvlab_moe_step": (args, _I), "kvlab_moe_step_bf16": (args, _I), "kvlab_moe_route_step": (route, _I),
     }, "MoE runs its torch paths")
 
@@ -87,21 +88,23 @@ def applies(x: torch.Tensor, experts: nn.Module, shared: nn.Module | None, act: 
     return torch.get_num_threads() == 1 and (KERNEL.lib is not None or library() is not None)
 
 
-SCORINGS = {"softmax": 0, "sigmoid": 1}  # the router scorings the routing call (:func:`route_step`) computes
+SCORINGS = {"softmax": 0, "sigmoid": 1, "sqrtsoftplus": 2}  # the router scorings the routing call computes
 ROUTE = True  # False: the routing in torch, the experts in the call (benchmarks/dense_steps.py --kernel route)
 
 
-def route_applies(x: torch.Tensor, moe: nn.Module) -> bool:
+def route_applies(x: torch.Tensor, moe: nn.Module, token_ids: torch.Tensor | None = None) -> bool:
     """:func:`route_step` takes ``moe``'s (kvlab/layers/moe.py ``MoE``) routing of ``x [1, H]`` too: float32, a plain
-    router (its linear weight, no bias, the optional choice bias; softmax or sigmoid scores; no router norm, router
-    MLP, hash table, group limit, expert scales or skip expert), the weights float32 contiguous (call after
+    router (its linear weight, no bias, the optional choice bias; softmax, sigmoid or sqrt-softplus scores; DeepSeek
+    V3's group limit; DeepSeek V4's hash table with the token's id ``token_ids`` (one int64 on the CPU) and an int64
+    table; no router norm, router MLP, expert scales or skip expert), the weights float32 contiguous (call after
     :func:`applies`); eager only (the compiled step routes in torch, the experts in the custom op)."""
     s = moe.spec
     if not ROUTE or torch.compiler.is_compiling() or x.dtype != torch.float32 or s.scoring not in SCORINGS:
         return False
-    if s.router_norm or s.router_hidden is not None:
+    if s.router_norm or s.router_hidden is not None or s.expert_scale or s.skip_expert:
         return False
-    if s.hash_routing or s.expert_scale or s.skip_expert or (s.n_group > 1 and (s.topk_group or s.n_group) < s.n_group):
+    if s.hash_routing and not (token_ids is not None and token_ids.numel() == 1 and _fits(token_ids, torch.int64)
+                               and _fits(moe.tid2eid, torch.int64)):
         return False
     r = moe.router
     if r.bias is not None or not _fits(r.weight, torch.float32) or r.weight.shape[0] != moe.experts.gate_proj.shape[0]:
@@ -109,7 +112,7 @@ def route_applies(x: torch.Tensor, moe: nn.Module) -> bool:
     return not s.bias_correction or _fits(moe.router_bias, torch.float32)
 
 
-def route_step(x: torch.Tensor, moe: nn.Module) -> torch.Tensor:
+def route_step(x: torch.Tensor, moe: nn.Module, token_ids: torch.Tensor | None = None) -> torch.Tensor:
     """``x [1, H]`` -> ``moe(x)`` ``[1, H]``: the router's choice (``MoE.choose``) and :func:`step`'s sum in one call
     (:func:`applies` and :func:`route_applies` first)."""
     s, experts, shared = moe.spec, moe.experts, moe.shared
@@ -117,9 +120,12 @@ def route_step(x: torch.Tensor, moe: nn.Module) -> torch.Tensor:
     out = x.new_empty(1, hidden)
     g = shared.gate_proj.weight if shared is not None else None
     limit = experts.limit
+    groups = s.n_group if s.n_group > 1 and (s.topk_group or s.n_group) < s.n_group else 1
+    hashed = s.hash_routing
     rc = KERNEL.lib.kvlab_moe_route_step(
         x.data_ptr(), hidden, moe.router.weight.data_ptr(), moe.router_bias.data_ptr() if s.bias_correction else None,
-        SCORINGS[s.scoring], s.top_k, int(s.norm_topk), num, width,
+        SCORINGS[s.scoring], s.top_k, int(s.norm_topk), groups, s.topk_group or groups,
+        moe.tid2eid.data_ptr() if hashed else None, token_ids.data_ptr() if hashed else None, num, width,
         experts.gate_proj.data_ptr(), experts.up_proj.data_ptr(), experts.down_proj.data_ptr(),
         0 if g is None else g.shape[0], None if g is None else g.data_ptr(),
         None if g is None else shared.up_proj.weight.data_ptr(), None if g is None else shared.down_proj.weight.data_ptr(),
@@ -127,7 +133,7 @@ def route_step(x: torch.Tensor, moe: nn.Module) -> torch.Tensor:
         out.data_ptr())
     if rc:
         raise ValueError(f"kvlab moe route step: arguments refused (x {tuple(x.shape)}, experts {num} x {width} x "
-                         f"{hidden}, top_k {s.top_k}, scoring {s.scoring!r})")
+                         f"{hidden}, top_k {s.top_k}, scoring {s.scoring!r}, n_group {s.n_group})")
     return out
 
 
