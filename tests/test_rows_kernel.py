@@ -1,18 +1,20 @@
-"""The C++ RoPE rows of a decode step (kvlab/layers/rows_kernel.py, through kvlab/layers/rope.py) against a float64
-reference and torch's operators; taken only where they apply; a tiny model with q/k norms and partial RoPE decoding
-with the kernel on and off (the same logits, bit for bit)."""
+"""The C++ rows of a decode step (kvlab/layers/rows_kernel.py: RoPE through kvlab/layers/rope.py, MLA's rotations
+written in place, RMS norm through kvlab/layers/norm.py) against a float64 reference and torch's operators; taken
+only where they apply; tiny models (q/k norms and partial RoPE; MLA) decoding with the kernel on and off (the same
+logits, bit for bit)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import count_calls, random_model, require_kernel, tiny_config
 
 from kvlab import generate
 from kvlab.config import RopeSpec
 from kvlab.kinds.gqa import GQASpec
 from kvlab.layers import rows_kernel
-from kvlab.layers.rope import Rotary, apply_rope, rotate_part
+from kvlab.layers.rope import Rotary, apply_rope, rotate, rotate_part
 
 
 @pytest.fixture
@@ -93,3 +95,67 @@ def test_tiny_model_decodes_with_the_kernel_as_without(kernel, monkeypatch, batc
         step_off = model(on[:, 6:7], cache=cache)
     assert torch.equal(on, off)
     assert torch.equal(step_on, step_off)
+
+
+@pytest.mark.parametrize("dim", [8, 9, 37, 128, 384, 512, 1000, 2048, 5000])
+def test_rms_norm_equals_torch_to_the_bit(kernel, monkeypatch, dim):
+    """1, 3 and 8 rows of sizes around torch's sum kernel's chunks (8-wide vectors, 4 interleaved, 16 a chunk: a
+    scalar tail, leftover vectors, one and several chunks), values from 1e-3 to 1e3, with a weight, none, and the Gemma
+    offset: equal to ``F.rms_norm`` to the bit (a mutation of the summation order, e.g. the leftover vectors into
+    another accumulator or the lanes summed first, fails it), one call each."""
+    if not rows_kernel.NORM:
+        pytest.skip("torch's CPU capability is not AVX2: the norm stays torch's")
+    g = torch.Generator().manual_seed(dim)
+    calls = count_calls(monkeypatch, rows_kernel, {"kvlab_rms_norm": lambda a: a[1]})
+    for rows in (1, 3, 8):
+        for _ in range(20):
+            x = torch.randn(rows, dim, generator=g) * 10 ** (6 * torch.rand(1, generator=g).item() - 3)
+            w = torch.randn(dim, generator=g)
+            assert rows_kernel.norm_applies(x, w)
+            assert torch.equal(rows_kernel.rms_norm(x, w, 1e-6), F.rms_norm(x, (dim,), w, 1e-6))
+            assert torch.equal(rows_kernel.rms_norm(x, None, 1e-5), F.rms_norm(x, (dim,), None, 1e-5))
+            assert torch.equal(rows_kernel.rms_norm(x, w, 1e-6, offset=True), F.rms_norm(x, (dim,), 1.0 + w, 1e-6))
+    assert calls == [1] * 60 + [3] * 60 + [8] * 60
+
+
+def test_rms_norm_taken_only_where_it_applies(kernel, monkeypatch):
+    """Fewer than 8 channels, more rows than a decode step, bf16, a weight of another size, autograd, two threads, the
+    switch off: torch's norm."""
+    x, w = torch.randn(2, 16), torch.randn(16)
+    assert rows_kernel.norm_applies(x, w) == rows_kernel.NORM
+    monkeypatch.setattr(rows_kernel, "NORM", True)
+    assert rows_kernel.norm_applies(x, w) and rows_kernel.norm_applies(x, None)
+    assert not rows_kernel.norm_applies(torch.randn(2, 7), None)
+    assert not rows_kernel.norm_applies(torch.randn(9, 16), w)
+    assert not rows_kernel.norm_applies(x.bfloat16(), w)
+    assert not rows_kernel.norm_applies(x, torch.randn(17))
+    assert not rows_kernel.norm_applies(x.t().contiguous().t()[:, :8], None)
+    assert not rows_kernel.norm_applies(x.requires_grad_(), w)
+    x = x.detach()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert not rows_kernel.norm_applies(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    monkeypatch.setattr(rows_kernel, "NORM", False)
+    assert not rows_kernel.norm_applies(x, w)
+
+
+@pytest.mark.parametrize("layout", ["deinterleave", "half"])
+def test_rope_pairs_equal_rotate_to_the_bit(kernel, layout):
+    """Rows at a stride (a projection's heads) rotated into strided rows (a query's or cache row's rotary channels),
+    per-row tables and one table for the batch: equal to :func:`kvlab.layers.rope.rotate` to the bit, nothing else
+    written."""
+    g = torch.Generator().manual_seed(0)
+    rot = Rotary(RopeSpec(theta=10000.0), 16)
+    for tb in (1, 2):
+        cos, sin = rot(torch.tensor([[7], [3000]])[:tb])  # [tb, 1, 16]
+        x = torch.randn(2, 3, 40, generator=g)[..., 5:21]  # [2, 3, 16], rows 40 apart
+        buf = torch.zeros(2, 3, 30)
+        out = buf[..., 10:26]
+        assert rows_kernel.pairs_applies(x, cos[:, 0], sin[:, 0], out)
+        rows_kernel.rope_pairs(x, cos[:, 0], sin[:, 0], layout, out)
+        want = rotate(x, cos[:, :, :8].expand(2, 1, 8), sin[:, :, :8].expand(2, 1, 8), layout)
+        assert torch.equal(out, want)
+        assert buf[..., :10].abs().sum() == 0 and buf[..., 26:].abs().sum() == 0

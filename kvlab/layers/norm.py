@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import rows_kernel
+
 
 class RMSNorm(nn.Module):
     """``x / rms(x) * w`` over the last dim; ``offset=True`` applies ``1 + w`` (weights stored as w).
@@ -13,7 +15,8 @@ class RMSNorm(nn.Module):
     Computed in fp32 whatever the input dtype. Without the offset the normalised value is cast back
     to the input dtype before the weight is applied (Llama/Qwen order), unless the weight itself is kept in
     fp32 (DeepSeek V4 loads its norms so); with the offset the product is taken in fp32 and cast last (Gemma
-    order). ``scale=False``: no learned weight (Gemma 4's v norm).
+    order). ``scale=False``: no learned weight (Gemma 4's v norm). A float32 decode step's rows (eager, CPU): one C++
+    call (kvlab/layers/rows_kernel.py), equal to the bit.
     """
 
     def __init__(self, dim: int, eps: float = 1e-6, offset: bool = False, scale: bool = True) -> None:
@@ -27,6 +30,8 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
+        if dtype == torch.float32 and rows_kernel.norm_applies(x, self.weight if self.scale else None):
+            return rows_kernel.rms_norm(x, self.weight if self.scale else None, self.eps, self.offset)  # decode rows
         if dtype == torch.float32 and self.scale and self.weight.dtype == torch.float32:  # fp32: the weight inside
             w = 1.0 + self.weight if self.offset else self.weight  # rms_norm's one pass, the same arithmetic
             return F.rms_norm(x, (x.shape[-1],), w, self.eps)
