@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from helpers import count_calls, random_model, require_kernel, tiny_config
 
-from kvlab import generate
-from kvlab.config import RopeSpec
+from kvlab import generate, kinds
+from kvlab.config import LayerSpec, ModelConfig, RopeSpec
 from kvlab.kinds.gqa import GQASpec
 from kvlab.layers import rows_kernel
 from kvlab.layers.rope import Rotary, apply_rope, rotate, rotate_part
@@ -159,3 +159,29 @@ def test_rope_pairs_equal_rotate_to_the_bit(kernel, layout):
         want = rotate(x, cos[:, :, :8].expand(2, 1, 8), sin[:, :, :8].expand(2, 1, 8), layout)
         assert torch.equal(out, want)
         assert buf[..., :10].abs().sum() == 0 and buf[..., 26:].abs().sum() == 0
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_mla_decode_rows_as_torch(kernel, monkeypatch, batch):
+    """Tiny MLA layers (interleaved rotary, as DeepSeek V3): a decode step writes its latent row and rotated query by
+    the kernel (two rotations a layer, norms in the call) with the logits and cache of the kernel off, bit for bit,
+    over 6 greedy tokens."""
+    spec = kinds.KINDS["mla"].examples[0]
+    cfg = ModelConfig(vocab_size=61, hidden_size=32, max_positions=64,
+                      layers=[LayerSpec(attention="mla", intermediate_size=40, **spec) for _ in range(2)])
+    model = random_model(cfg, seed=3)
+    assert all(m.spec.mla.rope_interleave for m in model.modules() if hasattr(m, "decode_rows"))
+    ids = torch.randint(0, 61, (batch, 5), generator=torch.Generator().manual_seed(2))
+    outs, caches = {}, {}
+    with torch.no_grad():
+        for on in (True, False):
+            monkeypatch.setattr(rows_kernel, "ENABLED", on)
+            calls = count_calls(monkeypatch, rows_kernel, {"kvlab_rope_pairs": lambda a: "pairs"})
+            outs[on] = generate(model, ids, max_new_tokens=6, temperature=0.0)
+            cache = model.new_cache(batch, max_length=16)
+            model(ids, cache=cache)
+            calls.clear()
+            caches[on] = (model(outs[on][:, 5:6], cache=cache), cache.layers[0].latent[:, :6].clone())
+            assert calls == ["pairs"] * 4 * on
+    assert torch.equal(outs[True], outs[False])
+    assert torch.equal(caches[True][0], caches[False][0]) and torch.equal(caches[True][1], caches[False][1])

@@ -83,6 +83,13 @@ class LatentStore(KVStore):
         held = self.latent[:, :end]
         return held, held, positions(end, c_kv.device)
 
+    def row(self, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Position ``start``'s row ``[B, 1, r + d_rope]`` (a view, for the caller to write: a decode step's ``c_kv``
+        and rotated ``k_pe``, kvlab/layers/mla.py), the latent held through it ``[B, start + 1, r + d_rope]`` and the
+        positions ``[start + 1]``: :meth:`append`'s returns without its write."""
+        self._reserve(start, start + 1)
+        return self.latent[:, start:start + 1], self.latent[:, :start + 1], positions(start + 1, self.latent.device)
+
     def append_index(self, keys: torch.Tensor, start: int) -> torch.Tensor:
         """Store indexer keys ``[B, T, d_index]`` at ``start..``; returns all held ``[B, end, d_index]``."""
         if self.index_keys is None:

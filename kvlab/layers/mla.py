@@ -44,8 +44,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..cache.latent import LatentStore
 from ..config import LayerSpec, MLASpec
-from . import dense_attend, f32_kernel
+from . import dense_attend, f32_kernel, rows_kernel
 from .blocked import channels, dense, gather, is_blocked, scores, with_heads
 from .core import Step, attend, stable_topk, visible_mask
 from .linear import Linear
@@ -131,6 +132,11 @@ class MLAttention(nn.Module):
         q_nope, q_pe = q.split([m.qk_nope_head_dim, m.qk_rope_head_dim], dim=-1)
         c_kv, k_pe = self.latent(x)
         cos, sin = step.rope[index]
+        if (t == 1 and type(store) is LatentStore and not m.sparse
+                and (self.mode == "absorb" or (self.mode == "auto" and self.absorb_is_cheaper(1)))):
+            out = self.decode_rows(q_nope, q_pe, c_kv, k_pe, cos, sin, step, store)
+            if out is not None:
+                return self.o_proj(out.reshape(b, t, s.num_heads * m.v_head_dim))
         q_pe = rotate_all(q_pe, cos, sin, m.rope_interleave)
         k_pe = rotate_all(k_pe[:, None], cos, sin, m.rope_interleave)[:, 0]
         if store is not None:  # one buffer [B, L, r + d_rope]: c_kv and k_pe are views of it (quantized, a decode
@@ -202,6 +208,33 @@ class MLAttention(nn.Module):
         v[..., dv:] = 0
         return k, v
 
+    def decode_rows(self, q_nope: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                    cos: torch.Tensor, sin: torch.Tensor, step: Step, store: LatentStore) -> torch.Tensor | None:
+        """A float32 eager CPU decode step on a plain latent cache (one token a row), absorbed, with the rows written in
+        place: ``c_kv`` and ``k_pe`` rotated by one C++ call (kvlab/layers/rows_kernel.py) straight into the cache's
+        row, the query's latent part ``q_nope W_uk`` (kvlab/layers/f32_kernel.py) and its rotated ``q_pe`` straight into
+        the query ``[B, H, 1, r + d_rope]``; the same numbers as :meth:`forward`'s torch operations (the rotations to
+        the bit). ``[B, H, 1, v_head_dim]``, or None (nothing written) where the calls do not apply."""
+        m, h = self.spec.mla, self.spec.num_heads
+        r, dr = m.kv_lora_rank, m.qk_rope_head_dim
+        w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, r)
+        cs, sn = cos[:, 0], sin[:, 0]  # [B|1, d_rope]
+        qn, qp = q_nope[:, :, 0], q_pe[:, :, 0]  # [B, H, .] views of the projection
+        b = qn.shape[0]
+        q = qn.new_empty(b, h, 1, r + dr)
+        layout = "deinterleave" if m.rope_interleave else "half"
+        if not (f32_kernel.grouped_applies(qn, w[:, :m.qk_nope_head_dim]) and c_kv.dtype == torch.float32
+                and rows_kernel.pairs_applies(qp, cs, sn, q[:, :, 0, r:]) and rows_kernel.pairs_applies(
+                    k_pe, cs, sn, k_pe) and store.latent.dtype == torch.float32 and not store.latent.is_cuda):
+            return None
+        row, held, kpos = store.row(step.start)
+        row[..., :r].copy_(c_kv)
+        rows_kernel.rope_pairs(k_pe, cs, sn, layout, row[..., r:])
+        f32_kernel.grouped(qn, w[:, :m.qk_nope_head_dim], trans=True, out=q[:, :, 0, :r])
+        rows_kernel.rope_pairs(qp, cs, sn, layout, q[:, :, 0, r:])
+        mask, causal = step.mask(kpos, None)
+        return self.latent_attention(q, held, mask, causal, w[:, m.qk_nope_head_dim:], True)
+
     def absorbed(self, q_nope: torch.Tensor, q_pe: torch.Tensor, lat: torch.Tensor, mask: torch.Tensor | None,
                  causal: bool) -> torch.Tensor:
         """Attention in the latent space: keys ``[c_kv, k_pe]``, values ``c_kv`` (views of ``lat``, shared by all
@@ -210,7 +243,6 @@ class MLAttention(nn.Module):
         r = m.kv_lora_rank
         w = self.kv_b_proj.weight.view(h, m.qk_nope_head_dim + m.v_head_dim, r)
         w_uk, w_uv = w[:, :m.qk_nope_head_dim], w[:, m.qk_nope_head_dim:]
-        keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: readers of c_kv and k_pe)
         one = q_nope.shape[2] == 1 and f32_kernel.grouped_applies(q_nope[:, :, 0], w_uk)
         if one:  # one query a row (a decode step), eager fp32: W_uk by one C++ call, written into q's latent part
             b = q_nope.shape[0]
@@ -219,6 +251,14 @@ class MLAttention(nn.Module):
             q[..., r:] = q_pe
         else:
             q = torch.cat((torch.einsum("bhtd,hdr->bhtr", q_nope, w_uk), q_pe), dim=-1)
+        return self.latent_attention(q, lat, mask, causal, w_uv, one)
+
+    def latent_attention(self, q: torch.Tensor, lat, mask: torch.Tensor | None, causal: bool, w_uv: torch.Tensor,
+                         one: bool) -> torch.Tensor:
+        """The absorbed query ``q [B, H, T, r + d_rope]`` over the latents ``lat``, then ``W_uv`` (``w_uv [H, Dv, r]``;
+        ``one``: a decode step's, by one C++ call where the output allows) -> ``[B, H, T, Dv]``."""
+        r = self.spec.mla.kv_lora_rank
+        keys = with_heads(lat)  # [B, 1, L, r + d_rope] (a quantized decode step: readers of c_kv and k_pe)
         if whole_latent_values(keys):
             if dense_attend.applies(q, keys, keys):  # a CPU decode step: the C++ kernel (each row read once)
                 out = dense_attend.attend(q, keys, keys, mask, self.scale, value_channels=r)
