@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from . import hugepages
 from .checkpoint import read_config, read_tensors
 from .config import ModelConfig
 from .errors import CheckpointError
@@ -100,7 +101,7 @@ def load_gguf_state(path: str | Path | GGUFFile, config: ModelConfig | None = No
 def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Model:
     """``kvlab.load``: a Model with its weights, from a HF-layout checkpoint directory (safetensors only), a ``.gguf``
     file, a named installed model (``smollm2-135m``, ``gemma-3-270m``: kvlab/models.py) or a kvlab run / checkpoint
-    directory written by ``kvlab train`` (kvlab/native.py)."""
+    directory written by ``kvlab train`` (kvlab/native.py). Its big CPU weights in huge pages (kvlab/hugepages.py)."""
     path = resolve_file(path)
     native = None if is_gguf(path) else native_checkpoint(path)
     if is_gguf(path):
@@ -113,7 +114,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32, device: str | tor
         state = load_state(path, config, dtype=dtype, device=device)
     model = _skeleton(config)
     model.load_state_dict(state, strict=True, assign=True)
-    return model.to(device).eval()
+    return hugepages.adopt(model.to(device)).eval()  # big CPU weights in huge pages (a decode step streams them)
 
 
 __all__ = ["check_state", "expected_shapes", "load", "load_gguf_state", "load_state"]

@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import hugepages
 from .cache import Cache
 from .config import WEIGHT_DTYPES, LayerSpec, ModelConfig
 from .layers import attention_module
@@ -146,7 +147,8 @@ class Model(nn.Module):
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                     seed: int | None = 0, std: float = 0.02) -> Model:
-        """A randomly initialised model (normal(0, std) weights, unit norms)."""
+        """A randomly initialised model (normal(0, std) weights, unit norms; big CPU weights in huge pages:
+        kvlab/hugepages.py)."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         with torch.device("meta"):
             model = cls(config)
@@ -162,7 +164,7 @@ class Model(nn.Module):
             for mod in model.modules():
                 if isinstance(mod, MoE) and mod.spec.hash_routing:
                     mod.tid2eid.copy_(hash_table(config.vocab_size, mod.spec.top_k, mod.spec.num_experts))
-        return model.to(dtype)
+        return hugepages.adopt(model.to(dtype))
 
     def _apply(self, fn: Any, recurse: bool = True) -> Model:
         """``.to()``, ``.half()``, ``.float()``...: then ``config.dtype`` names the dtype the weights are in, so

@@ -1,15 +1,19 @@
-"""Growing a store's buffers: doubling capacity, keeping what is held (every store without a ``max_length``)."""
+"""Growing a store's buffers: doubling capacity, keeping what is held (every store without a ``max_length``); a
+buffer of 2 MiB or more on the CPU in huge pages (kvlab/hugepages.py)."""
 
 from __future__ import annotations
 
 import torch
 
+from .. import hugepages
+
 
 def grown(t: torch.Tensor, dim: int, capacity: int, keep: int) -> torch.Tensor:
-    """A new tensor like ``t`` with ``capacity`` slots along ``dim``, its first ``keep`` copied from ``t``."""
+    """A new tensor like ``t`` with ``capacity`` slots along ``dim``, its first ``keep`` copied from ``t`` (the rest
+    uninitialised; in huge pages where :func:`kvlab.hugepages.empty` gives them)."""
     shape = list(t.shape)
     shape[dim] = capacity
-    out = t.new_empty(shape)
+    out = hugepages.empty(shape, t.dtype, t.device)
     if keep:
         out.narrow(dim, 0, keep).copy_(t.narrow(dim, 0, keep))
     return out
