@@ -7,9 +7,10 @@ DeepSeek V4's output groups (kvlab/layers/f32_kernel.py ``GROUPED``), several co
 ``--huge cache|weights|all``: every kernel on in both lanes, which differ in memory instead: the "on" lane's K/V
 cache and/or weights in transparent huge pages (kvlab/hugepages.py: the prefilled cache and the loaded model as kvlab
 makes them), the "off" lane's a copy of them in torch's ordinary allocations (``copy.deepcopy``: 4 KiB pages under
-THP ``madvise``), and the copy bandwidth in both kinds of memory (``copy_gb_s``: 4 KiB pages, as runs G-J;
-``copy_gb_s_huge``: huge pages). Either way each lane's share of its cache / weight bytes in huge pages is reported
-(``AnonHugePages``; a kernel A/B's second cache is a copy in the same kind of memory as the first).
+THP ``madvise``), the lane that steps first alternating from step to step; and the copy bandwidth in both kinds of
+memory (``copy_gb_s``: 4 KiB pages, as runs G-J; ``copy_gb_s_huge``: huge pages). Either way each lane's share of its
+cache / weight bytes in huge pages is reported (``AnonHugePages``; a kernel A/B's second cache is a copy in the same
+kind of memory as the first).
 
 Per benchmark shape (``benchmarks/*.json``, random weights scaled as ``kvlab bench`` scales them) and context: one
 prefill (chunks of 512), its cache copied, then two lanes decode the same tokens in turns, step by step, the kernel
@@ -133,10 +134,10 @@ def run(spec: str, ctx: int, steps: int, dtype: str, kernel: str = "dense", fill
         diff = 0.0
         bw0 = copy_bandwidth()
         hb0 = huge_copy_bandwidth() if huge else None
-        for _ in range(steps):
+        for i in range(steps):
             nxt = logits[:, -1].argmax(-1, keepdim=True)  # both lanes decode the on lane's tokens
             out = {}
-            for on in (True, False):
+            for on in (True, False) if huge is None or i % 2 == 0 else (False, True):  # --huge: turns alternate
                 for k in switch:
                     setattr(*KERNELS[k], on)
                 t = time.perf_counter()

@@ -48,7 +48,7 @@ def empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype, d
     """``torch.empty(shape, dtype, device)``, in huge pages where it can be (see the module): the tensor starts at a
     2 MiB boundary of memory advised ``MADV_HUGEPAGE`` (zeros: a fresh mapping, untouched until written)."""
     device = torch.device(device)
-    nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(shape) * dtype.itemsize
     if (not ENABLED or device.type != "cpu" or nbytes < MIN_BYTES or torch.compiler.is_compiling()
             or not available()):
         return torch.empty(shape, dtype=dtype, device=device)
