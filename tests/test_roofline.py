@@ -50,15 +50,17 @@ def test_chunks_merge_and_the_latest_run_of_a_point_wins(roofline):
 
 
 def test_the_table_gives_shares_ratios_and_each_chunks_ground(roofline):
-    data = {"runs": [kvlab_run("a", [1024], 10e9, 0.2), tf_run("a", [1024], 0.4, bw=10e9),
-                     kvlab_run("c", [16384], 10e9, 0.25, dtype="bfloat16", read=5e8)]}
+    tf = tf_run("a", [1024], 0.4, bw=10e9)
+    tf["ground"] = ground("a", start="2026-12-01 10:02:00", end="2026-12-01 10:04:00")  # after kvlab's run
+    data = {"runs": [kvlab_run("a", [1024], 10e9, 0.2), tf, kvlab_run("c", [16384], 10e9, 0.25, dtype="bfloat16",
+                                                                       read=5e8)]}
     text = roofline.table(data)
     fp32 = next(line for line in text.splitlines() if "| float32 | 1K |" in line)
     # eager 5 GB/s of 10 (50%), compiled 1.25x faster (62%), transformers half as fast (25%)
     assert "| 50% / 62% / 25% | 2.00x | 2.50x |" in fp32
     bf16 = next(line for line in text.splitlines() if "| bfloat16 | 16K |" in line)
     assert "/ - |" in bf16 and "| 20% / 25% / - |" in bf16  # no transformers lane in bf16
-    assert "| 1 | `a` | abc1234 | 12-01 10:00-10:02 | 240 s | 1.0-2.0 |" in text  # kvlab + transformers runs
+    assert "| 1 | `a` | abc1234 | 12-01 10:00-10:04 | 240 s | 1.0-2.0 |" in text  # kvlab + transformers runs
     eager_only = roofline.table({"runs": [kvlab_run("d", [4096], 10e9, 0.2, lanes=(False,))]})
     assert "| 5.00 / - / - | 5.0 / - / - | 10.0 | 50% / - / - | - | - | 100 / - | - | 1 |" in eager_only
     assert roofline.fmt_ctx(32752) == "~32K" and roofline.fmt_ctx(16384) == "16K"
@@ -104,5 +106,6 @@ def test_same_load_runs_join_the_roofline_as_chunks_of_their_own(roofline, tmp_p
         "chunk"] == 3  # the bf16 record has no ground of its own: the file's command, commit unrecorded
     text = roofline.table(data)
     assert "| 4.0 / 5.0 / 1.6 | 8.0 | 50% / 62% / 20% | 2.50x | 3.12x | 200 / 100 |" in text
+    assert "| 2 | `same_load.py s.json:16k:fp32+bf16` | abc1234 | 12-01 10:00-10:02 | 120 s |" in text  # one wall
     assert "| 3 | `same_load.py s.json:16k:fp32+bf16` | (not recorded) |" in text
     assert [p.name for p in roofline.plot(data, tmp_path)] == ["roofline-s.png"]
