@@ -6,7 +6,8 @@ random weights scaled as ``kvlab bench`` scales them, one transformers checkpoin
 record with its ground: command, commit, UTC and load, as benchmarks/roofline.py's, whose ``--add-same-load`` plots
 it beside the roofline's runs):
 
-1. kvlab prefills the context (chunks of 512, eager), timed, peak RSS over the prefill; its cache is copied for the
+1. after a 16-token warm-up forward of each engine (so neither prefill pays the process's first-call costs), kvlab
+   prefills the context (chunks of 512, eager), timed, peak RSS over the prefill; its cache is copied for the
    compiled lane (the same state, no second prefill); transformers prefills the same ids, timed, peak RSS;
 2. the copy bandwidth is measured; then three lanes decode ``--decode-tokens`` greedy tokens taking turns step by
    step: kvlab eager (``Model.decode_step``), kvlab compiled (kvlab/compiled.py, inductor; its first step, the
@@ -154,6 +155,9 @@ def run_shape(shape: Path, ctx: int, decode_tokens: int, dtypes: list[str], prof
     with torch.inference_mode():
         for dtype, (model, hf) in models.items():
             out = recs[dtype]
+            model(ids[:, :16], cache=model.new_cache(1, max_length=16), last_only=True)  # warm-up (as transformers')
+            hf(input_ids=ids[:, :16], past_key_values=tf.DynamicCache(config=hf.config), use_cache=True,
+               logits_to_keep=1)
             gc.collect()
             with rss_sampler() as mem:
                 cache = model.new_cache(1, max_length=ctx + spare)
