@@ -31,6 +31,7 @@ import psutil
 import torch
 from tqdm import tqdm
 
+from kvlab import hugepages
 from kvlab import threads as threads_mod
 from kvlab.compiled import CompiledStep, check_backend, graphs_compiled
 from kvlab.config import ModelConfig
@@ -134,7 +135,7 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, Any]:
     return {"device": str(dev), **gpu, "torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "machine": platform.machine(), "processor": platform.processor(), "threads": torch.get_num_threads(),
             "threads_chosen": _threads_line(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-            "cpu_count": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
+            "huge_pages": hugepages.describe() if dev.type == "cpu" else None, "cpu_count": os.cpu_count(), "physical_cores": psutil.cpu_count(logical=False),
             "memory_total_bytes": vm.total}
 
 
@@ -583,6 +584,7 @@ def format_card(r: dict[str, Any]) -> str:
              (f"machine: {m.get('device_name', m.get('device', 'cpu'))}, "
               f"torch {m['torch']}, {m.get('threads_chosen') or str(m['threads']) + ' threads'}, "
               f"{m['cpu_count']} CPUs, OMP_WAIT_POLICY {m.get('omp_wait_policy') or 'unset'}, "
+              + (f"huge pages {m['huge_pages']}, " if m.get("huge_pages") else "") +
               f"copy bandwidth {fmt_rate(r['copy_bandwidth_bytes_s'], 'B/s')}")]
     for n in r["scaled"]:
         lines.append(f"scaled: {n}")

@@ -27,21 +27,33 @@ HUGE = 2 << 20  # one huge page (x86-64, arm64 with 4 KiB base pages)
 MIN_BYTES = HUGE  # smaller buffers: torch.empty (a huge page would be mostly empty)
 ENABLED = os.environ.get("KVLAB_HUGEPAGES", "1") != "0"
 _THP = "/sys/kernel/mm/transparent_hugepage/enabled"
-_available: bool | None = None
+_mode: str | None = None  # THP's mode, read once ("" where unreadable)
+
+
+def thp_mode() -> str:
+    """The kernel's THP mode (``always``, ``madvise``, ``never``); empty where it cannot be read (not Linux)."""
+    global _mode
+    if _mode is None:
+        try:
+            with open(_THP) as f:
+                m = re.search(r"\[(\w+)\]", f.read())
+        except OSError:
+            m = None
+        _mode = m[1] if m else ""
+    return _mode
 
 
 def available() -> bool:
     """Whether huge pages can be asked for here: Linux with ``MADV_HUGEPAGE`` and THP ``always`` or ``madvise``."""
-    global _available
-    if _available is None:
-        try:
-            with open(_THP) as f:
-                mode = re.search(r"\[(\w+)\]", f.read())
-        except OSError:
-            mode = None
-        _available = (sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE")
-                      and mode is not None and mode[1] in ("always", "madvise"))
-    return _available
+    return sys.platform.startswith("linux") and hasattr(mmap, "MADV_HUGEPAGE") and thp_mode() in ("always", "madvise")
+
+
+def describe() -> str:
+    """Where big CPU buffers go, for a benchmark card: ``on (THP madvise)``, ``off (KVLAB_HUGEPAGES=0)`` or
+    ``unavailable``."""
+    if not available():
+        return "unavailable"
+    return f"on (THP {thp_mode()})" if ENABLED else "off (KVLAB_HUGEPAGES=0)"
 
 
 def empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype, device="cpu") -> torch.Tensor:
@@ -104,4 +116,4 @@ def huge_bytes(t: torch.Tensor) -> int:
     return total
 
 
-__all__ = ["ENABLED", "HUGE", "MIN_BYTES", "adopt", "available", "empty", "huge_bytes", "like"]
+__all__ = ["ENABLED", "HUGE", "MIN_BYTES", "adopt", "available", "describe", "empty", "huge_bytes", "like", "thp_mode"]

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from kvlab import hugepages
 from kvlab.bench import copy_bandwidth, run_bench
 from kvlab.cli import main
 from kvlab.config import GQASpec, ModelConfig, MoESpec, uniform_layers
@@ -42,8 +43,11 @@ def test_bench_cli_json_measured_equals_calculated(capsys, tmp_path):
     assert row["cache_bytes_match"] is True
     assert len(row["decode_steps_s"]) == 4 and row["decode_tok_s"] > 0 and row["prefill_tok_s"] > 0
     assert 0 < row["bandwidth_utilisation"] and r["copy_bandwidth_bytes_s"] > 0
-    assert row["ru_maxrss_bytes"] >= row["rss_peak_bytes"] > 0
+    # the kernel's peak (getrusage) comes from RSS counters that can lag the RSS the sampler reads from /proc by a few
+    # hundred KiB (Linux 6.18: 115-368 KiB behind, after huge pages were mapped and freed earlier in the process)
+    assert row["ru_maxrss_bytes"] * 1.01 >= row["rss_peak_bytes"] > 0
     assert r["machine"]["torch"] and r["machine"]["threads"] >= 1 and r["machine"]["cpu_count"] >= 1
+    assert f"huge pages {hugepages.describe()}, " in err and r["machine"]["huge_pages"] == hugepages.describe()
     assert r["scaled"] == []
 
 

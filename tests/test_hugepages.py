@@ -33,6 +33,14 @@ def _mapping(addr: int) -> dict[str, str]:
     return out
 
 
+def test_the_card_says_where_big_buffers_go(monkeypatch):
+    monkeypatch.setattr(hugepages, "_mode", "madvise")
+    monkeypatch.setattr(hugepages, "ENABLED", False)
+    assert hugepages.describe() == ("off (KVLAB_HUGEPAGES=0)" if hugepages.available() else "unavailable")
+    monkeypatch.setattr(hugepages, "ENABLED", True)
+    assert hugepages.describe() == ("on (THP madvise)" if hugepages.available() else "unavailable")
+
+
 def _thp_defrag() -> str:
     with open("/sys/kernel/mm/transparent_hugepage/defrag") as f:
         return re.search(r"\[(\S+)\]", f.read())[1]
@@ -65,7 +73,8 @@ def test_small_other_device_or_off_fall_back_to_torch_empty(monkeypatch):
     off = hugepages.empty((1024, 1024), torch.float32)
     assert off.untyped_storage().nbytes() == 1024 * 1024 * 4
     monkeypatch.setattr(hugepages, "ENABLED", True)
-    monkeypatch.setattr(hugepages, "_available", False)  # another OS, or THP never
+    monkeypatch.setattr(hugepages, "_mode", "never")  # THP never (another OS: no mode at all)
+    assert not hugepages.available() and hugepages.describe() == "unavailable"
     assert hugepages.empty((1024, 1024), torch.float32).untyped_storage().nbytes() == 1024 * 1024 * 4
     m = Model.from_config(tiny_config(), seed=0)
     before = {n: p.data_ptr() for n, p in m.named_parameters()}
