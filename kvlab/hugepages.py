@@ -3,13 +3,14 @@ streams the K/V cache and the weights.
 
 Linux gives an ordinary allocation huge pages only when THP is ``always``; under ``madvise`` (a common default)
 memory must be advised before its first touch. :func:`empty` maps a private anonymous region 2 MiB longer than the
-tensor (untouched slack, to align its start), returns a tensor at its first 2 MiB boundary and advises
-``MADV_HUGEPAGE`` the whole huge pages the tensor covers (its tail, under 2 MiB, stays in small pages: at most 4 KiB
-more memory than ``torch.empty``); the region is unmapped when the tensor's storage is freed. Anything else falls back to ``torch.empty``, silently:
-a buffer under :data:`MIN_BYTES`, a device other than the CPU, a traced step, another OS, THP ``never``, or
-``KVLAB_HUGEPAGES=0`` in the environment (read at import; :data:`ENABLED` is the switch).
+tensor (untouched slack, to align its start), advises ``MADV_HUGEPAGE`` the whole huge pages the tensor covers from
+its first 2 MiB boundary (its tail, under 2 MiB, stays in small pages: at most 4 KiB more memory than
+``torch.empty``) and returns the tensor there (its storage exactly its bytes, holding the region, unmapped when the
+storage is freed). Anything else falls back to ``torch.empty``, silently: a buffer under :data:`MIN_BYTES`, a device
+other than the CPU, a traced step, another OS, THP ``never``, or ``KVLAB_HUGEPAGES=0`` in the environment (read at
+import; :data:`ENABLED` is the switch).
 
-Used by the cache stores' buffers (kvlab/cache/growth.py) and the loaded weights (kvlab/loading.py).
+Used by the cache stores' buffers (kvlab/cache/growth.py) and the weights (kvlab/loading.py, ``Model.from_config``).
 """
 
 from __future__ import annotations
@@ -66,12 +67,12 @@ def empty(shape: tuple[int, ...] | list[int] | torch.Size, dtype: torch.dtype, d
         return torch.empty(shape, dtype=dtype, device=device)
     try:
         m = mmap.mmap(-1, nbytes + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # room to align the start
-        raw = torch.frombuffer(m, dtype=torch.uint8)  # holds the mapping until the storage is freed
-        at = -raw.data_ptr() % HUGE
+        at = -torch.frombuffer(m, dtype=torch.uint8, count=1).data_ptr() % HUGE
         m.madvise(mmap.MADV_HUGEPAGE, at, nbytes // HUGE * HUGE)  # whole huge pages; the tail in small ones
+        raw = torch.frombuffer(m, dtype=torch.uint8, count=nbytes, offset=at)  # holds the mapping while it lives
     except (OSError, ValueError):
         return torch.empty(shape, dtype=dtype, device=device)
-    return raw[at:at + nbytes].view(dtype).view(shape)
+    return raw.view(dtype).view(shape)
 
 
 def like(t: torch.Tensor) -> torch.Tensor:
@@ -94,6 +95,8 @@ def adopt(module: nn.Module) -> nn.Module:
         seen.add(id(t))
         if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
             continue  # a view of a larger storage (another tensor may share it): left where it is
+        if t.data_ptr() % HUGE == 0:
+            continue  # already from empty() (or aligned as if)
         t.data = like(t.data)
     return module
 

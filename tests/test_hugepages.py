@@ -51,6 +51,7 @@ def test_big_buffer_is_aligned_advised_and_backed_by_huge_pages(monkeypatch):
     monkeypatch.setattr(hugepages, "ENABLED", True)
     t = hugepages.empty((3, 1024, 1024), torch.float32)  # 12 MiB
     assert t.shape == (3, 1024, 1024) and t.dtype == torch.float32 and t.is_contiguous()
+    assert t.untyped_storage().nbytes() == 12 << 20  # the slack before the boundary is no part of it (torch.save)
     assert t.data_ptr() % hugepages.HUGE == 0
     assert "hg" in _mapping(t.data_ptr())["VmFlags"].split()
     t.fill_(1.0)
@@ -64,22 +65,28 @@ def test_big_buffer_is_aligned_advised_and_backed_by_huge_pages(monkeypatch):
 
 
 def test_small_other_device_or_off_fall_back_to_torch_empty(monkeypatch):
+    maps = []
+    real = hugepages.mmap.mmap
+    monkeypatch.setattr(hugepages.mmap, "mmap", lambda *a, **k: maps.append(a) or real(*a, **k))
     monkeypatch.setattr(hugepages, "ENABLED", True)
+    monkeypatch.setattr(hugepages, "_mode", "madvise")
     small = hugepages.empty((16, 16), torch.float32)
-    assert small.untyped_storage().nbytes() == 16 * 16 * 4  # torch.empty: no mapping around it
     meta = hugepages.empty((1024, 1024), torch.float32, device="meta")
-    assert meta.device.type == "meta" and meta.shape == (1024, 1024)
+    assert small.shape == (16, 16) and meta.device.type == "meta" and meta.shape == (1024, 1024)
+    assert maps == []  # under MIN_BYTES, another device: torch.empty
     monkeypatch.setattr(hugepages, "ENABLED", False)
-    off = hugepages.empty((1024, 1024), torch.float32)
-    assert off.untyped_storage().nbytes() == 1024 * 1024 * 4
+    assert hugepages.empty((1024, 1024), torch.float32).shape == (1024, 1024) and maps == []
     monkeypatch.setattr(hugepages, "ENABLED", True)
     monkeypatch.setattr(hugepages, "_mode", "never")  # THP never (another OS: no mode at all)
     assert not hugepages.available() and hugepages.describe() == "unavailable"
-    assert hugepages.empty((1024, 1024), torch.float32).untyped_storage().nbytes() == 1024 * 1024 * 4
+    assert hugepages.empty((1024, 1024), torch.float32).shape == (1024, 1024) and maps == []
     m = Model.from_config(tiny_config(), seed=0)
     before = {n: p.data_ptr() for n, p in m.named_parameters()}
     hugepages.adopt(m)
-    assert {n: p.data_ptr() for n, p in m.named_parameters()} == before
+    assert {n: p.data_ptr() for n, p in m.named_parameters()} == before and maps == []
+    if hugepages.sys.platform.startswith("linux") and hasattr(hugepages.mmap, "MADV_HUGEPAGE"):
+        monkeypatch.setattr(hugepages, "_mode", "madvise")  # the counter sees the mapped path
+        assert hugepages.empty((1024, 1024), torch.float32).untyped_storage().nbytes() == 4 << 20 and len(maps) == 1
 
 
 @needs_thp
@@ -93,6 +100,8 @@ def test_cache_and_weights_in_huge_pages_decode_the_same(monkeypatch, max_length
         monkeypatch.setattr(hugepages, "ENABLED", on)
         m = Model.from_config(cfg, seed=0).eval()
         assert (m.embed.weight.data_ptr() % hugepages.HUGE == 0) == on
+        ptrs = [p.data_ptr() for p in m.parameters()]
+        assert [p.data_ptr() for p in hugepages.adopt(m).parameters()] == ptrs  # nothing moved twice (or when off)
         cache = m.new_cache(2, max_length=max_length)
         with torch.inference_mode():
             logits = [m(ids, cache=cache)[:, -1]]
