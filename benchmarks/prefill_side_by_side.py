@@ -5,8 +5,10 @@ process with the same seed, so every lane loads the same weights) prefills the s
 kvlab ``model(ids[:, s:s+512], cache=cache, last_only=True)`` into a cache preallocated to the context, transformers
 ``DynamicCache`` with ``logits_to_keep=1``, fp32 (or ``--dtype bfloat16``: weights and cache), one thread, after a 16-token warm-up. Each lane runs in its own
 process, so its peak RSS rise (sampled every 2 ms over the prefill, the cache's allocation included) owes nothing to
-an earlier lane; the lanes run in turns, ``--repeats`` times. ``--kvlab`` names one or more checkouts (e.g. main's
-and a branch's) whose ``kvlab`` each kvlab lane imports.
+an earlier lane; the lanes run in turns, ``--repeats`` times. Besides the wall time, the prefill's process CPU time
+(``time.process_time``): where the machine's load exceeds its cores, the wall time includes waits for a core and the
+CPU time does not (contention for caches and memory bandwidth stays in both); the medians of both close the table.
+``--kvlab`` names one or more checkouts (e.g. main's and a branch's) whose ``kvlab`` each kvlab lane imports.
 
     PYTHONPATH=$PWD nice -n 10 .venv/bin/python benchmarks/prefill_side_by_side.py benchmarks/qwen3-100m.json 16k \\
         --kvlab /tmp/main-checkout $PWD --repeats 2
@@ -17,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import time
@@ -64,11 +67,11 @@ def lane(shape: str, ctx: int, engine: str, dtype_name: str = "float32") -> dict
         run(warm)
         gc.collect()
         with rss_sampler() as mem:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             logits = run(ids)
-            dt = time.perf_counter() - t0
-    return {"s": dt, "tok_s": ctx / dt, "peak_rss_rise_mib": (mem["peak"] - mem["start"]) / 2**20,
-            "last_logits_sum": logits[0, -1].double().sum().item()}
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"s": dt, "tok_s": ctx / dt, "cpu_s": cpu, "cpu_tok_s": ctx / cpu,
+            "peak_rss_rise_mib": (mem["peak"] - mem["start"]) / 2**20, "last_logits_sum": logits[0, -1].double().sum().item()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,12 +103,17 @@ def main(argv: list[str] | None = None) -> int:
             r = {"repeat": rep, "engine": engine, "checkout": root, "load": os.getloadavg()[0],
                  **json.loads(out.strip().splitlines()[-1])}
             rows.append(r)
-            print(f"{engine} {root} rep {rep}: {r['tok_s']:.0f} tok/s, {r['peak_rss_rise_mib']:.0f} MiB",
+            print(f"{engine} {root} rep {rep}: {r['tok_s']:.0f} tok/s ({r['cpu_tok_s']:.0f} per CPU second), "
+                  f"{r['peak_rss_rise_mib']:.0f} MiB",
                   file=sys.stderr, flush=True)
-    print("| repeat | lane | checkout | tok/s | peak RSS rise | load |\n|---|---|---|---|---|---|")
+    print("| repeat | lane | checkout | tok/s | tok per CPU s | peak RSS rise | load |\n|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['repeat']} | {r['engine']} | {r['checkout']} | {r['tok_s']:.0f} | {r['peak_rss_rise_mib']:.0f} MiB "
-              f"| {r['load']:.1f} |")
+        print(f"| {r['repeat']} | {r['engine']} | {r['checkout']} | {r['tok_s']:.0f} | {r['cpu_tok_s']:.0f} "
+              f"| {r['peak_rss_rise_mib']:.0f} MiB | {r['load']:.1f} |")
+    for key, what in (("tok_s", "tok/s"), ("cpu_tok_s", "tok per CPU s")):
+        med = {(root, engine): statistics.median(r[key] for r in rows if (r["checkout"], r["engine"]) == (root, engine))
+               for root, engine in lanes}
+        print(f"median {what}: " + ", ".join(f"{engine} {Path(root).name} {m:.0f}" for (root, engine), m in med.items()))
     print(json.dumps({"shape": Path(args.shape).stem, "context": ctx, "dtype": args.dtype, "runs": rows}))
     return 0
 
