@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,7 +91,8 @@ def from_same_load(data: dict[str, Any]) -> list[dict[str, Any]]:
         g = r.get("ground") or {"command": data.get("command", "(not recorded)"), "commit": "(not recorded)",
                                 "start_utc": "-", "end_utc": "-", "start_load": min(r["load"].values()),
                                 "end_load": max(r["load"].values()), "wall_s": 0.0}
-        g = {**g, "command": g["command"].replace("benchmarks/same_load.py", "same_load.py")}
+        g = {**g, "command": re.sub(r"--out \S+", "--out <json>", g["command"].replace("benchmarks/same_load.py",
+                                                                                        "same_load.py"))}
         bw = min(r["copy_bandwidth_before"], r["copy_bandwidth_after"])
         read = r["weight_read_bytes_per_step"] + r["kv_read_bytes_per_step"]
         pre = r["kvlab_prefill"]["tok_s"]
