@@ -43,7 +43,7 @@ from torch import nn
 
 from ..cache.quant import QuantView
 from ..config import LayerSpec
-from . import compressed_kernel, cpu_attend, f32_kernel
+from . import compressed_kernel, cpu_attend
 from .blocked import Cat, dense, is_blocked, pick, scores, with_heads
 from .cast import as_fp32
 from .core import attend, softmax_with_sink, stable_topk, visible_keys, visible_mask
@@ -415,9 +415,9 @@ class CompressedAttention(nn.Module):
         h, d, c = self.spec.num_heads, self.spec.head_dim, self.cspec
         g = c.o_groups
         w = self.o_a_proj.weight.view(g, -1, h * d // g)  # [G, rank, in]
-        x = out.reshape(b * t, g, -1)
-        if f32_kernel.grouped_applies(x, w):  # a decode step, eager fp32: one C++ call
-            return self.o_b_proj(f32_kernel.grouped(x, w).view(b, t, -1))
+        # einsum on every path, not f32_kernel.grouped: its other summation order made the bound decode step and the
+        # general paths differ in near-tied indexer top-k choices (tests/test_cpu_attend.py test_bound_decode_step,
+        # csa-int4-g4-asym, 6e-5), and it measured level (1.00x) on this projection (docs/performance.md)
         y = torch.einsum("btgi,gri->btgr", out.reshape(b, t, g, -1), w)
         return self.o_b_proj(y.reshape(b, t, -1))
 

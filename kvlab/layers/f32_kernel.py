@@ -86,8 +86,8 @@ def grouped(x: torch.Tensor, w: torch.Tensor, trans: bool = False, out: torch.Te
     """One matrix-vector product per group by one call (:func:`grouped_applies` first): ``x [N, G, C]``, ``w [G, R, C]``
     -> ``einsum("ngc,grc->ngr")`` ``[N, G, R]``; ``trans``: ``x [N, G, R]`` -> ``einsum("ngr,grc->ngc")`` ``[N, G, C]``
     (each output summed over ``r`` in order). MLA's absorbed decode (``W_uk`` folded into the query, ``W_uv`` on the
-    latent output, per head: kvlab/layers/mla.py) and DeepSeek V4's grouped output projection
-    (kvlab/layers/compressed.py): the weights read in place, where ``einsum``'s batched product read a head's strided
+    latent output, per head: kvlab/layers/mla.py; DeepSeek V4's grouped output projection keeps its einsum): the
+    weights read in place, where ``einsum``'s batched product read a head's strided
     slice at about a fifth of the copy bandwidth (docs/performance.md). ``out``: written there (its last axis
     contiguous, any other strides), else a new contiguous tensor. Float32 FMAs, another summation order than torch's."""
     n, g, k = x.shape
