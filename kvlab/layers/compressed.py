@@ -415,9 +415,9 @@ class CompressedAttention(nn.Module):
         h, d, c = self.spec.num_heads, self.spec.head_dim, self.cspec
         g = c.o_groups
         w = self.o_a_proj.weight.view(g, -1, h * d // g)  # [G, rank, in]
-        # einsum on every path, not f32_kernel.grouped: its other summation order made the bound decode step and the
-        # general paths differ in near-tied indexer top-k choices (tests/test_cpu_attend.py test_bound_decode_step,
-        # csa-int4-g4-asym, 6e-5), and it measured level (1.00x) on this projection (docs/performance.md)
+        # einsum on every path, not f32_kernel.grouped: with it, the bound decode step and the general paths differed
+        # in near-tied indexer top-k choices (tests/test_cpu_attend.py test_bound_decode_step, csa-int4-g4-asym, 6e-5;
+        # which path diverged not pinned), and it measured level (1.00x) on this projection (docs/performance.md)
         y = torch.einsum("btgi,gri->btgr", out.reshape(b, t, g, -1), w)
         return self.o_b_proj(y.reshape(b, t, -1))
 
