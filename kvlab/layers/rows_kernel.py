@@ -90,13 +90,12 @@ def norm_applies(x: torch.Tensor, weight: torch.Tensor | None) -> bool:
     """:func:`rms_norm` takes ``x [..., dim]`` (weight ``[dim]`` or None): eager, no autograd, float32 contiguous on
     the CPU (the weight too), at least 8 channels, at most :data:`MAX_TOKENS` rows, one torch thread (torch may split a
     long row over threads), torch's capability AVX2 (:data:`NORM`). Once per norm: cheap attribute reads only."""
-    if not (ENABLED and NORM and x.dtype == torch.float32 and x.is_cpu and x.is_contiguous() and x.ndim):
+    if not (ENABLED and NORM and _plain(x) and x.ndim):
         return False
     d = x.shape[-1]
     if d < 8 or x.numel() > MAX_TOKENS * d or torch.compiler.is_compiling():
         return False
-    if weight is not None and not (weight.dtype == torch.float32 and weight.is_cpu and weight.is_contiguous()
-                                   and weight.shape == (d,)):
+    if weight is not None and not (_plain(weight) and weight.shape == (d,)):
         return False
     if torch.is_grad_enabled() and (x.requires_grad or (weight is not None and weight.requires_grad)):
         return False
