@@ -367,7 +367,10 @@ def main(argv: list[str] | None = None) -> int:
     elif args.add_same_load:
         data = json.loads(args.out.read_text()) if args.out.is_file() else {"runs": []}
         for f in args.add_same_load:
-            data["runs"] += from_same_load(json.loads(f.read_text()))
+            try:
+                data["runs"] += from_same_load(json.loads(f.read_text()))
+            except (OSError, ValueError, KeyError, TypeError) as err:
+                ap.error(f"--add-same-load {f}: not a benchmarks/same_load.py JSON ({type(err).__name__}: {err})")
         args.out.write_text(json.dumps(data, indent=1))
         img_dir = args.out.parent
     else:

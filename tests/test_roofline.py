@@ -109,3 +109,15 @@ def test_same_load_runs_join_the_roofline_as_chunks_of_their_own(roofline, tmp_p
     assert "| 2 | `same_load.py s.json:16k:fp32+bf16` | abc1234 | 12-01 10:00-10:02 | 120 s |" in text  # one wall
     assert "| 3 | `same_load.py s.json:16k:fp32+bf16` | (not recorded) |" in text
     assert [p.name for p in roofline.plot(data, tmp_path)] == ["roofline-s.png"]
+
+
+def test_add_same_load_refuses_a_file_that_is_not_a_same_load_json(roofline, tmp_path, capsys):
+    """A missing file, a non-JSON file or a JSON of other records: one named error, ``--out`` not written."""
+    out = tmp_path / "roofline.json"
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"runs": [{"shape": "s"}]}')
+    for f in (tmp_path / "missing.json", bad):
+        with pytest.raises(SystemExit):
+            roofline.main(["--add-same-load", str(f), "--out", str(out)])
+        assert f"--add-same-load {f}: not a benchmarks/same_load.py JSON" in capsys.readouterr().err
+    assert not out.exists()
